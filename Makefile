@@ -1,0 +1,51 @@
+# The README's first two commands: `make demo` and `make test`. Both start with `install`, so a fresh
+# machine needs nothing else.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := nftables libnftables1 conntrack iproute2 iperf3 netcat-openbsd iputils-ping procps curl
+STAMP := $(VENV)/.installed
+
+.PHONY: install system-packages test unit kernel lint demo fuzz-dataplane bench clean
+
+install: system-packages $(STAMP)
+
+# Installs the kernel tooling when running as root and something is missing; never touches firewall state.
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "warning: missing system packages:$$missing (run as root to install)"; fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check src tests bench
+
+test: install lint
+	$(BIN)/pytest -q tests
+
+unit: install
+	$(BIN)/pytest -q tests/unit
+
+kernel: install
+	$(BIN)/pytest -q tests/kernel tests/e2e
+
+demo: install
+	$(BIN)/python -m omniwall.demo
+
+fuzz-dataplane: install
+	$(BIN)/python -m omniwall.lab.fuzz --probes 100000
+
+bench: install
+	$(BIN)/python bench/compile.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

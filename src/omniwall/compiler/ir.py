@@ -1,0 +1,370 @@
+"""Per-host desired state: the contract between the compiler, the sim evaluator and every backend.
+
+A `HostDesiredState` is everything one host's kernel needs, and nothing more: its vNICs with their ordered
+egress/ingress rule lists, the rules those lists name, and the address sets the rules reference. It is
+frozen, deterministic (sorted), JSON-serialisable, and carries the store revision it reflects.
+
+Semantics (docs/semantics.md is the long form):
+- Rules at a hop are ordered: categories (emergency, infrastructure, environment, application), then policy
+  priority, then policy name, then rule order. The vNIC's `egress`/`ingress` tuples are already in that
+  order. First match wins; `pass` jumps to the first rule of the next category; no match: `default_action`.
+- A rule matches a packet when src is in `src_set` (None = any address), dst in `dst_set` (None = any),
+  and the packet matches one of `services` (empty = any protocol, any port).
+- `monitor=True` (owner tenant in monitor mode): a drop/reject is logged as "would drop" and the packet is
+  allowed at this hop. `default_monitor` is the same for the vNIC's default action.
+- `stateful=False`: packets matching the rule at its placement are not tracked (see docs/semantics.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+IR_VERSION = 1
+
+ActionName = Literal["allow", "drop", "reject", "pass"]
+DefaultAction = Literal["allow", "drop", "reject"]
+ProtoName = Literal["tcp", "udp", "icmp", "icmpv6", "any"]
+CATEGORIES: tuple[str, ...] = ("emergency", "infrastructure", "environment", "application")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceMatch:
+    protocol: ProtoName
+    ports: tuple[tuple[int, int], ...] = ()  # destination port ranges (tcp/udp); empty = every port
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IRRule:
+    id: int  # stable, 1..2**31-1; the ct mark of connections it admits and the nft rule comment
+    tenant: str  # owner tenant
+    policy: str  # policy name
+    rule: str  # rule name
+    category: str  # one of CATEGORIES
+    action: ActionName
+    src_set: str | None  # name of an IRSet, None = any
+    dst_set: str | None
+    services: tuple[ServiceMatch, ...] = ()
+    stateful: bool = True
+    log: bool = False
+    monitor: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.tenant}/{self.policy}/{self.rule}"
+
+
+@dataclass(frozen=True, slots=True)
+class IRSet:
+    """Addresses of a group (or a union of a rule side's peers). Host addresses and CIDRs apart, because
+    the kernel keeps /32 and /128 in fast hash sets and prefixes in slow-to-change interval sets."""
+
+    name: str
+    addresses: tuple[str, ...] = ()  # sorted, IPv4 and IPv6 host addresses
+    cidrs: tuple[str, ...] = ()  # sorted, networks (never /32 or /128: those go to `addresses`)
+
+
+@dataclass(frozen=True, slots=True)
+class IRVnic:
+    ifname: str  # host-side interface name (the key)
+    workload: str  # "tenant/name"
+    tenant: str
+    addresses: tuple[str, ...]  # the only source addresses it may send from (anti-spoofing)
+    egress: tuple[int, ...] = ()  # rule ids, in evaluation order (packets the workload sends)
+    ingress: tuple[int, ...] = ()  # rule ids, in evaluation order (packets to the workload)
+    default_action: DefaultAction = "drop"
+    default_monitor: bool = False
+    mac: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HostDesiredState:
+    host: str
+    revision: int
+    vnics: tuple[IRVnic, ...] = ()  # sorted by ifname
+    rules: tuple[IRRule, ...] = ()  # sorted by id; every rule some vNIC references, no others
+    sets: tuple[IRSet, ...] = ()  # sorted by name; every set some rule references, no others
+    version: int = IR_VERSION
+
+    # ---- lookups (cheap; built on demand, not stored)
+    def rule_map(self) -> dict[int, IRRule]:
+        return {r.id: r for r in self.rules}
+
+    def set_map(self) -> dict[str, IRSet]:
+        return {s.name: s for s in self.sets}
+
+    def vnic_map(self) -> dict[str, IRVnic]:
+        return {v.ifname: v for v in self.vnics}
+
+    # ---- JSON
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> HostDesiredState:
+        if data.get("version", IR_VERSION) != IR_VERSION:
+            raise ValueError(f"unsupported IR version {data.get('version')}, expected {IR_VERSION}")
+        return HostDesiredState(
+            host=data["host"],
+            revision=int(data["revision"]),
+            vnics=tuple(vnic_from_json(v) for v in data.get("vnics", ())),
+            rules=tuple(rule_from_json(r) for r in data.get("rules", ())),
+            sets=tuple(set_from_json(s) for s in data.get("sets", ())),
+            version=IR_VERSION,
+        )
+
+    @staticmethod
+    def loads(text: str) -> HostDesiredState:
+        return HostDesiredState.from_json(json.loads(text))
+
+
+def service_from_json(d: dict[str, Any]) -> ServiceMatch:
+    return ServiceMatch(
+        protocol=d["protocol"],
+        ports=tuple((int(a), int(b)) for a, b in d.get("ports", ())),
+        icmp_type=d.get("icmp_type"),
+        icmp_code=d.get("icmp_code"),
+    )
+
+
+def rule_from_json(d: dict[str, Any]) -> IRRule:
+    return IRRule(
+        id=int(d["id"]),
+        tenant=d["tenant"],
+        policy=d["policy"],
+        rule=d["rule"],
+        category=d["category"],
+        action=d["action"],
+        src_set=d.get("src_set"),
+        dst_set=d.get("dst_set"),
+        services=tuple(service_from_json(s) for s in d.get("services", ())),
+        stateful=bool(d.get("stateful", True)),
+        log=bool(d.get("log", False)),
+        monitor=bool(d.get("monitor", False)),
+    )
+
+
+def set_from_json(d: dict[str, Any]) -> IRSet:
+    return IRSet(name=d["name"], addresses=tuple(d.get("addresses", ())), cidrs=tuple(d.get("cidrs", ())))
+
+
+def vnic_from_json(d: dict[str, Any]) -> IRVnic:
+    return IRVnic(
+        ifname=d["ifname"],
+        workload=d["workload"],
+        tenant=d["tenant"],
+        addresses=tuple(d.get("addresses", ())),
+        egress=tuple(int(i) for i in d.get("egress", ())),
+        ingress=tuple(int(i) for i in d.get("ingress", ())),
+        default_action=d.get("default_action", "drop"),
+        default_monitor=bool(d.get("default_monitor", False)),
+        mac=d.get("mac"),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ deltas
+# Felix style: Update/Remove pairs. A delta applied to its base state gives exactly the target state.
+# Order is the contract: set updates, then rule updates, then vNIC updates; removals in reverse
+# (vNICs, then rules, then sets), so the kernel never references something missing.
+
+
+@dataclass(frozen=True, slots=True)
+class SetUpdate:
+    """Create the set, or change its members. `added`/`removed` are element deltas against the base;
+    `full` is the whole new content (backends may use either)."""
+
+    full: IRSet
+    added_addresses: tuple[str, ...] = ()
+    removed_addresses: tuple[str, ...] = ()
+    added_cidrs: tuple[str, ...] = ()
+    removed_cidrs: tuple[str, ...] = ()
+    created: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SetRemove:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class RuleUpdate:
+    rule: IRRule
+
+
+@dataclass(frozen=True, slots=True)
+class RuleRemove:
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class VnicUpdate:
+    """The vNIC is new, or its address list, rule lists or defaults changed, or a rule it references
+    changed (its chains must be re-rendered)."""
+
+    vnic: IRVnic
+
+
+@dataclass(frozen=True, slots=True)
+class VnicRemove:
+    ifname: str
+
+
+@dataclass(frozen=True, slots=True)
+class HostDelta:
+    host: str
+    from_revision: int
+    to_revision: int
+    set_updates: tuple[SetUpdate, ...] = ()
+    rule_updates: tuple[RuleUpdate, ...] = ()
+    vnic_updates: tuple[VnicUpdate, ...] = ()
+    vnic_removes: tuple[VnicRemove, ...] = ()
+    rule_removes: tuple[RuleRemove, ...] = ()
+    set_removes: tuple[SetRemove, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.set_updates
+            or self.rule_updates
+            or self.vnic_updates
+            or self.vnic_removes
+            or self.rule_removes
+            or self.set_removes
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def delta_from_json(d: dict[str, Any]) -> HostDelta:
+    return HostDelta(
+        host=d["host"],
+        from_revision=int(d["from_revision"]),
+        to_revision=int(d["to_revision"]),
+        set_updates=tuple(
+            SetUpdate(
+                full=set_from_json(u["full"]),
+                added_addresses=tuple(u.get("added_addresses", ())),
+                removed_addresses=tuple(u.get("removed_addresses", ())),
+                added_cidrs=tuple(u.get("added_cidrs", ())),
+                removed_cidrs=tuple(u.get("removed_cidrs", ())),
+                created=bool(u.get("created", False)),
+            )
+            for u in d.get("set_updates", ())
+        ),
+        rule_updates=tuple(RuleUpdate(rule_from_json(u["rule"])) for u in d.get("rule_updates", ())),
+        vnic_updates=tuple(VnicUpdate(vnic_from_json(u["vnic"])) for u in d.get("vnic_updates", ())),
+        vnic_removes=tuple(VnicRemove(u["ifname"]) for u in d.get("vnic_removes", ())),
+        rule_removes=tuple(RuleRemove(int(u["id"])) for u in d.get("rule_removes", ())),
+        set_removes=tuple(SetRemove(u["name"]) for u in d.get("set_removes", ())),
+    )
+
+
+def diff(old: HostDesiredState, new: HostDesiredState) -> HostDelta:
+    """The smallest delta taking `old` to `new`."""
+    old_sets, new_sets = old.set_map(), new.set_map()
+    set_updates = []
+    for name, s in sorted(new_sets.items()):
+        prev = old_sets.get(name)
+        if prev is None:
+            set_updates.append(SetUpdate(full=s, added_addresses=s.addresses, added_cidrs=s.cidrs, created=True))
+        elif prev != s:
+            pa, na, pc, nc = set(prev.addresses), set(s.addresses), set(prev.cidrs), set(s.cidrs)
+            set_updates.append(
+                SetUpdate(
+                    full=s,
+                    added_addresses=tuple(sorted(na - pa)),
+                    removed_addresses=tuple(sorted(pa - na)),
+                    added_cidrs=tuple(sorted(nc - pc)),
+                    removed_cidrs=tuple(sorted(pc - nc)),
+                )
+            )
+    set_removes = tuple(SetRemove(n) for n in sorted(old_sets.keys() - new_sets.keys()))
+
+    old_rules, new_rules = old.rule_map(), new.rule_map()
+    changed_rules = {i for i, r in new_rules.items() if old_rules.get(i) != r}
+    rule_updates = tuple(RuleUpdate(new_rules[i]) for i in sorted(changed_rules))
+    rule_removes = tuple(RuleRemove(i) for i in sorted(old_rules.keys() - new_rules.keys()))
+
+    old_vnics, new_vnics = old.vnic_map(), new.vnic_map()
+    vnic_updates = []
+    for name, v in sorted(new_vnics.items()):
+        prev = old_vnics.get(name)
+        touched = prev is None or prev != v
+        if not touched:
+            touched = any(i in changed_rules for i in v.egress) or any(i in changed_rules for i in v.ingress)
+        if touched:
+            vnic_updates.append(VnicUpdate(v))
+    vnic_removes = tuple(VnicRemove(n) for n in sorted(old_vnics.keys() - new_vnics.keys()))
+
+    return HostDelta(
+        host=new.host,
+        from_revision=old.revision,
+        to_revision=new.revision,
+        set_updates=tuple(set_updates),
+        rule_updates=rule_updates,
+        vnic_updates=tuple(vnic_updates),
+        vnic_removes=vnic_removes,
+        rule_removes=rule_removes,
+        set_removes=set_removes,
+    )
+
+
+def apply_delta(base: HostDesiredState, delta: HostDelta) -> HostDesiredState:
+    """Pure: the state `delta` leads to from `base`. Raises ValueError when the delta is for another base."""
+    if delta.from_revision != base.revision:
+        raise ValueError(f"delta starts at revision {delta.from_revision}, base is at {base.revision}")
+    sets = base.set_map()
+    for u in delta.set_updates:
+        sets[u.full.name] = u.full
+    for r in delta.set_removes:
+        sets.pop(r.name, None)
+    rules = base.rule_map()
+    for ru in delta.rule_updates:
+        rules[ru.rule.id] = ru.rule
+    for rr in delta.rule_removes:
+        rules.pop(rr.id, None)
+    vnics = base.vnic_map()
+    for vu in delta.vnic_updates:
+        vnics[vu.vnic.ifname] = vu.vnic
+    for vr in delta.vnic_removes:
+        vnics.pop(vr.ifname, None)
+    return HostDesiredState(
+        host=base.host,
+        revision=delta.to_revision,
+        vnics=tuple(v for _, v in sorted(vnics.items())),
+        rules=tuple(r for _, r in sorted(rules.items())),
+        sets=tuple(s for _, s in sorted(sets.items())),
+    )
+
+
+def empty_state(host: str, revision: int = 0) -> HostDesiredState:
+    return HostDesiredState(host=host, revision=revision)
+
+
+__all__ = [
+    "CATEGORIES",
+    "IR_VERSION",
+    "HostDelta",
+    "HostDesiredState",
+    "IRRule",
+    "IRSet",
+    "IRVnic",
+    "RuleRemove",
+    "RuleUpdate",
+    "ServiceMatch",
+    "SetRemove",
+    "SetUpdate",
+    "VnicRemove",
+    "VnicUpdate",
+    "apply_delta",
+    "delta_from_json",
+    "diff",
+    "empty_state",
+]

@@ -1,0 +1,41 @@
+"""Resource schema (API and YAML share it) and whole-set validation."""
+
+from omniwall.model.resources import (
+    CATEGORY_ORDER,
+    KINDS,
+    Action,
+    Application,
+    Category,
+    Direction,
+    Group,
+    Host,
+    Metadata,
+    Mode,
+    Policy,
+    Protocol,
+    Resource,
+    Rule,
+    Service,
+    Tenant,
+    Workload,
+)
+
+__all__ = [
+    "CATEGORY_ORDER",
+    "KINDS",
+    "Action",
+    "Application",
+    "Category",
+    "Direction",
+    "Group",
+    "Host",
+    "Metadata",
+    "Mode",
+    "Policy",
+    "Protocol",
+    "Resource",
+    "Rule",
+    "Service",
+    "Tenant",
+    "Workload",
+]
