@@ -42,7 +42,7 @@ demo: install
 	$(BIN)/python -m omniwall.demo
 
 fuzz-dataplane: install
-	$(BIN)/python -m omniwall.lab.fuzz --probes 100000
+	$(BIN)/python -m omniwall.fuzz --probes 100000
 
 bench: install
 	$(BIN)/python bench/compile.py

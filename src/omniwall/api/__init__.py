@@ -1,1 +1,1 @@
-"""api"""
+"""REST v1 (FastAPI): resources, apply/dry-run, history/rollback, audit, tokens; authn/authz."""

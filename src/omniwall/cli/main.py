@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from omniwall.agent import cli as agent_cmd
 from omniwall.cli import k8s_cmd, lab_cmd, policy_cmds, server_cmds
 
 app = typer.Typer(
@@ -17,7 +18,8 @@ app = typer.Typer(
 policy_cmds.register(app)  # validate, compile, explain
 k8s_cmd.register(app)  # import k8s
 lab_cmd.register(app)  # lab up/down/exec/matrix
-server_cmds.register(app)  # manager, agent, apply, get, ... (manager/agent issue)
+server_cmds.register(app)  # manager, token, apply, diff, get, delete, history, rollback, status
+agent_cmd.register(app)  # agent
 
 if __name__ == "__main__":
     app()

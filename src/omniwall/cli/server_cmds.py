@@ -1,9 +1,444 @@
-"""Placeholder: replaced by the module's owner."""
+"""Manager-side commands: `manager`, `token`, and the API client commands (`apply`, `diff`, `get`,
+`delete`, `history`, `rollback`, `status`, `audit`).
+
+Client commands find the manager and token from `--server`/`--token`, else `OMNIWALL_SERVER`/
+`OMNIWALL_TOKEN`, else `~/.config/omniwall/config.yaml` (`server:`, `token:` or `token_file:`, `ca:`).
+An HTTP error prints the server's message (and each validation error) to stderr and exits 1.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
 import typer
+import yaml
+
+DEFAULT_SERVER = "http://127.0.0.1:8443"
+CONFIG_PATH = Path("~/.config/omniwall/config.yaml")
+
+ServerOpt = typer.Option(None, "--server", help="manager URL (env OMNIWALL_SERVER)")
+TokenOpt = typer.Option(None, "--token", help="bearer token (env OMNIWALL_TOKEN)")
+TenantOpt = typer.Option(None, "--tenant", "-t", help="tenant of the object (default: the token's tenant)")
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------------------- client
+
+
+def _config() -> dict[str, Any]:
+    path = Path(os.environ.get("OMNIWALL_CONFIG", str(CONFIG_PATH))).expanduser()
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        _fail(f"{path}: {err}")
+    if not isinstance(data, dict):
+        _fail(f"{path}: expected a mapping with server/token")
+    return data
+
+
+class Api:
+    def __init__(self, server: str | None, token: str | None) -> None:
+        have_server = server or os.environ.get("OMNIWALL_SERVER")
+        have_token = token or os.environ.get("OMNIWALL_TOKEN")
+        cfg = {} if have_server and have_token else _config()
+        self.server = (
+            server or os.environ.get("OMNIWALL_SERVER") or cfg.get("server") or DEFAULT_SERVER
+        ).rstrip("/")
+        tok = token or os.environ.get("OMNIWALL_TOKEN") or cfg.get("token")
+        if not tok and cfg.get("token_file"):
+            try:
+                tok = Path(str(cfg["token_file"])).expanduser().read_text().strip()
+            except OSError as err:
+                _fail(f"token_file: {err}")
+        if not tok:
+            _fail(
+                "no token: pass --token, set OMNIWALL_TOKEN, or put token: in ~/.config/omniwall/config.yaml"
+            )
+        verify: bool | str = os.environ.get("OMNIWALL_CA") or cfg.get("ca") or True
+        self.http = httpx.Client(
+            base_url=self.server, headers={"Authorization": f"Bearer {tok}"}, timeout=60.0, verify=verify
+        )
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            resp = self.http.request(method, path, **kw)
+        except httpx.HTTPError as err:
+            _fail(f"cannot reach the manager at {self.server}: {err}")
+        if resp.status_code >= 400:
+            _http_error(resp)
+        return resp.json()
+
+
+def _http_error(resp: httpx.Response) -> NoReturn:
+    try:
+        body = resp.json()
+    except ValueError:
+        _fail(f"HTTP {resp.status_code}: {resp.text.strip()[:500]}")
+    msg = body.get("message") or body.get("detail") or resp.reason_phrase
+    lines = [f"error: {msg} (HTTP {resp.status_code})"]
+    for e in body.get("errors", []) or []:
+        lines.append(f"  {e.get('document', '')}: {e.get('path', '')}: {e.get('reason', '')}")
+    typer.echo("\n".join(lines), err=True)
+    raise typer.Exit(1)
+
+
+def _kind_path(kind: str) -> str:
+    from omniwall.manager.objects import KIND_PLURAL, kind_of
+
+    try:
+        return KIND_PLURAL[kind_of(kind)]
+    except ValueError as err:
+        _fail(str(err))
+
+
+def _read_files(files: list[str]) -> str:
+    parts = []
+    for f in files:
+        try:
+            parts.append(sys.stdin.read() if f == "-" else Path(f).read_text())
+        except OSError as err:
+            _fail(f"{f}: {err.strerror or err}")
+    return "\n---\n".join(p for p in parts if p.strip())
+
+
+def _params(tenant: str | None, **more: Any) -> dict[str, Any]:
+    out = {k: v for k, v in more.items() if v is not None}
+    if tenant:
+        out["tenant"] = tenant
+    return out
+
+
+def _table(items: list[dict[str, Any]]) -> str:
+    rows = [("KIND", "TENANT", "NAME", "REVISION", "UPDATED")]
+    for d in items:
+        md = d.get("metadata", {})
+        rows.append(
+            (
+                d.get("kind", ""),
+                md.get("tenant", ""),
+                md.get("name", ""),
+                str(md.get("revision", "")),
+                md.get("updated", ""),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _print_diff(result: dict[str, Any]) -> None:
+    for c in result.get("changes", []):
+        typer.echo(f"{c['action']:9} {c['kind']}/{c['tenant']}/{c['name']}")
+        if c.get("diff"):
+            typer.echo(c["diff"].rstrip("\n"))
+    impact = result.get("impact")
+    if impact:
+        if impact.get("error"):
+            typer.echo(f"impact: not computed ({impact['error']})")
+        t = {"hosts": 0, **impact.get("totals", {})}
+        typer.echo(
+            f"impact: {t['hosts']} host(s), {t.get('vnics', 0)} vNIC(s); "
+            f"rules +{t.get('rulesAdded', 0)} ~{t.get('rulesChanged', 0)} -{t.get('rulesRemoved', 0)}; "
+            f"set elements +{t.get('setElementsAdded', 0)} -{t.get('setElementsRemoved', 0)}"
+        )
+        for h in impact.get("hosts", []):
+            typer.echo(f"  {h['host']}: vNICs {', '.join(h['vnics']) or '-'}")
+
+
+# ------------------------------------------------------------------------------------------- commands
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command("manager")
+    def manager_cmd(
+        db: str = typer.Option(
+            os.environ.get("OMNIWALL_DB", "omniwall.db"), "--db", help="SQLite store path"
+        ),
+        listen: str = typer.Option("127.0.0.1:8443", "--listen", help="HOST:PORT"),
+        tls_cert: str | None = typer.Option(None, "--tls-cert"),
+        tls_key: str | None = typer.Option(None, "--tls-key"),
+    ) -> None:
+        """Run the manager (REST API, store, compiler, host feeds)."""
+        import logging
+
+        from omniwall.manager.server import serve
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            serve(db, listen, tls_cert, tls_key)
+        except (ValueError, OSError) as err:
+            _fail(str(err))
+
+    token_app = typer.Typer(
+        help="API tokens: create, list, revoke (on the db directly with --db).", no_args_is_help=True
+    )
+    app.add_typer(token_app, name="token")
+
+    @token_app.command("create")
+    def token_create(
+        role: str = typer.Option(
+            ..., "--role", help="provider-admin, tenant-admin, tenant-viewer, auditor, agent"
+        ),
+        tenant: str | None = typer.Option(None, "--tenant", help="tenant roles: the tenant"),
+        host: str | None = typer.Option(None, "--host", help="agent role: the host"),
+        name: str = typer.Option("", "--name"),
+        db: str | None = typer.Option(None, "--db", help="operate on this store file instead of the API"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """Create a token; prints the secret once."""
+        if db:
+            from omniwall.manager.tokens import TokenBook, TokenError
+            from omniwall.store import open_store
+
+            try:
+                secret, rec = TokenBook(open_store(db)).create(
+                    role, name=name, tenant=tenant, host=host, created_by="cli"
+                )
+            except TokenError as err:
+                _fail(str(err))
+            typer.echo(secret)
+            typer.echo(f"# id {rec.id}, role {rec.role}", err=True)
+            return
+        body = {
+            k: v for k, v in {"role": role, "tenant": tenant, "host": host, "name": name or None}.items() if v
+        }
+        out = Api(server, token).call("POST", "/v1/tokens", json=body)
+        typer.echo(out["token"])
+        typer.echo(f"# id {out['id']}, role {out['role']}", err=True)
+
+    @token_app.command("list")
+    def token_list(
+        db: str | None = typer.Option(None, "--db"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """List tokens (never their secrets)."""
+        if db:
+            from omniwall.manager.tokens import TokenBook
+            from omniwall.store import open_store
+
+            items = [t.public() for t in TokenBook(open_store(db)).list()]
+        else:
+            items = Api(server, token).call("GET", "/v1/tokens")["items"]
+        for t in items:
+            scope = t.get("tenant") or t.get("host") or "-"
+            typer.echo(f"{t['id']}  {t['role']:15} {scope:15} {t['name']}  {t['created']}")
+
+    @token_app.command("revoke")
+    def token_revoke(
+        token_id: str = typer.Argument(..., help="token id (the middle part of ow.<id>.<secret>)"),
+        db: str | None = typer.Option(None, "--db"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """Revoke a token."""
+        if db:
+            from omniwall.manager.tokens import TokenBook
+            from omniwall.store import open_store
+
+            if not TokenBook(open_store(db)).revoke(token_id):
+                _fail(f"token {token_id} not found")
+        else:
+            Api(server, token).call("DELETE", f"/v1/tokens/{token_id}")
+        typer.echo(f"revoked {token_id}")
+
+    @app.command("apply")
+    def apply_cmd(
+        files: list[str] = typer.Option(..., "-f", "--file", help="YAML/JSON file(s); - for stdin"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="show the diff and impact, write nothing"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """Create or update every object in the files, all or nothing."""
+        text = _read_files(files)
+        out = Api(server, token).call(
+            "POST",
+            "/v1/apply",
+            params={"dryRun": "true"} if dry_run else None,
+            content=text.encode(),
+            headers={"Content-Type": "application/yaml", "X-Omniwall-Source": ",".join(files)},
+        )
+        if dry_run:
+            _print_diff(out)
+            typer.echo(f"dry run at revision {out['revision']}: nothing written")
+            return
+        for c in out["changes"]:
+            past = {"create": "created", "update": "updated", "unchanged": "unchanged"}.get(
+                c["action"], c["action"]
+            )
+            typer.echo(f"{c['kind']}/{c['tenant']}/{c['name']} {past}")
+        typer.echo(f"revision {out['revision']}")
+
+    @app.command("diff")
+    def diff_cmd(
+        files: list[str] = typer.Option(..., "-f", "--file", help="YAML/JSON file(s); - for stdin"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """What `apply` would change: object diffs and data-plane impact (exit 0 either way)."""
+        text = _read_files(files)
+        out = Api(server, token).call(
+            "POST",
+            "/v1/apply",
+            params={"dryRun": "true"},
+            content=text.encode(),
+            headers={"Content-Type": "application/yaml", "X-Omniwall-Source": ",".join(files)},
+        )
+        _print_diff(out)
+
+    @app.command("get")
+    def get_cmd(
+        kind: str = typer.Argument(..., help="kind, e.g. policies, workload, Host"),
+        name: str | None = typer.Argument(None),
+        output: str = typer.Option("table", "-o", "--output", help="yaml | json | table"),
+        tenant: str | None = TenantOpt,
+        selector: str | None = typer.Option(None, "-l", "--selector", help="label selector, e.g. tier=web"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """Show one object or a list."""
+        if output not in ("yaml", "json", "table"):
+            _fail(f"-o {output!r}: expected yaml, json or table")
+        api, path = Api(server, token), _kind_path(kind)
+        if name:
+            items = [api.call("GET", f"/v1/{path}/{name}", params=_params(tenant))]
+        else:
+            items, cont = [], None
+            while True:
+                page = api.call(
+                    "GET",
+                    f"/v1/{path}",
+                    params=_params(tenant, labelSelector=selector, limit=500, **{"continue": cont}),
+                )
+                items += page["items"]
+                cont = page.get("continue")
+                if not cont:
+                    break
+        if output == "json":
+            typer.echo(json.dumps(items[0] if name else items, indent=2))
+        elif output == "yaml":
+            typer.echo(yaml.safe_dump_all(items, sort_keys=False).rstrip())
+        else:
+            typer.echo(_table(items))
+
+    @app.command("delete")
+    def delete_cmd(
+        kind: str = typer.Argument(...),
+        name: str = typer.Argument(...),
+        tenant: str | None = TenantOpt,
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """Delete an object (an Application takes what it owns along)."""
+        out = Api(server, token).call("DELETE", f"/v1/{_kind_path(kind)}/{name}", params=_params(tenant))
+        for d in out["deleted"]:
+            typer.echo(f"{d['kind']}/{d['tenant']}/{d['name']} deleted")
+        typer.echo(f"revision {out['revision']}")
+
+    @app.command("history")
+    def history_cmd(
+        kind: str = typer.Argument(...),
+        name: str = typer.Argument(...),
+        tenant: str | None = TenantOpt,
+        output: str = typer.Option("table", "-o", "--output", help="yaml | json | table"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """Every retained revision of an object."""
+        out = Api(server, token).call("GET", f"/v1/{_kind_path(kind)}/{name}/history", params=_params(tenant))
+        if output == "json":
+            typer.echo(json.dumps(out, indent=2))
+        elif output == "yaml":
+            typer.echo(yaml.safe_dump(out, sort_keys=False).rstrip())
+        else:
+            typer.echo("REVISION  CHANGE  UPDATED")
+            for it in out["items"]:
+                upd = (it.get("object") or {}).get("metadata", {}).get("updated", "")
+                typer.echo(f"{it['revision']:<9} {it['type']:7} {upd}")
+
+    @app.command("rollback")
+    def rollback_cmd(
+        kind: str = typer.Argument(...),
+        name: str = typer.Argument(...),
+        to_revision: int = typer.Option(
+            ..., "--to-revision", help="restore the object as it was at this revision"
+        ),
+        tenant: str | None = TenantOpt,
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """Restore an object as it was at a revision (a new write, audited as rollback)."""
+        out = Api(server, token).call(
+            "POST",
+            f"/v1/{_kind_path(kind)}/{name}/rollback",
+            params=_params(tenant),
+            json={"revision": to_revision},
+        )
+        typer.echo(f"rolled back to revision {out['rolledBackTo']}; now at revision {out['revision']}")
+
+    @app.command("status")
+    def status_cmd(server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
+        """Manager revision and each host's agent: connected, desired vs realized revision, last error."""
+        out = Api(server, token).call("GET", "/v1/status")
+        typer.echo(f"revision {out['revision']}")
+        if out.get("compileError"):
+            typer.echo(f"compile error: {out['compileError']}")
+        hosts = out.get("hosts")
+        if hosts is None:
+            return
+        typer.echo("HOST            CONNECTED  DESIRED  REALIZED  LAST SEEN                 ERROR")
+        for h, s in hosts.items():
+            typer.echo(
+                f"{h:15} {'yes' if s['connected'] else 'no':10} {s['desiredRevision']:<8} "
+                f"{s['realizedRevision']:<9} {s.get('lastSeen') or '-':25} "
+                f"{s.get('lastError') or ''}".rstrip()
+            )
+
+    @app.command("compact")
+    def compact_cmd(
+        keep: int = typer.Option(1000, "--keep", help="keep the history of the last N revisions"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """Drop store history older than the last N revisions (object values stay; audit log stays)."""
+        api = Api(server, token)
+        current = api.call("GET", "/v1/status")["revision"]
+        target = current - keep
+        if target < 1:
+            typer.echo(f"revision {current}: nothing older than {keep} revisions to compact")
+            return
+        out = api.call("POST", "/v1/compact", json={"revision": target})
+        typer.echo(f"history before revision {out['compacted']} dropped (current revision {out['revision']})")
+
+    @app.command("audit")
+    def audit_cmd(
+        tenant: str | None = TenantOpt,
+        actor: str | None = typer.Option(None, "--actor"),
+        kind: str | None = typer.Option(None, "--kind"),
+        name: str | None = typer.Option(None, "--name"),
+        since: str | None = typer.Option(None, "--since", help="ISO 8601 time"),
+        until: str | None = typer.Option(None, "--until", help="ISO 8601 time"),
+        limit: int = typer.Option(100, "--limit"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """The audit log: who changed what, when, at which revision."""
+        params = _params(tenant, actor=actor, kind=kind, name=name, since=since, until=until, limit=limit)
+        out = Api(server, token).call("GET", "/v1/audit", params=params)
+        for e in out["items"]:
+            typer.echo(
+                f"{e['time']}  r{e['revision']:<6} {e['actor']:16} {e['action']:8} "
+                f"{e['kind']}/{e['tenant']}/{e['name']}"
+                + (f"  [{', '.join(e['changed'])}]" if e.get("changed") else "")
+            )

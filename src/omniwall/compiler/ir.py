@@ -273,7 +273,9 @@ def diff(old: HostDesiredState, new: HostDesiredState) -> HostDelta:
     for name, s in sorted(new_sets.items()):
         prev = old_sets.get(name)
         if prev is None:
-            set_updates.append(SetUpdate(full=s, added_addresses=s.addresses, added_cidrs=s.cidrs, created=True))
+            set_updates.append(
+                SetUpdate(full=s, added_addresses=s.addresses, added_cidrs=s.cidrs, created=True)
+            )
         elif prev != s:
             pa, na, pc, nc = set(prev.addresses), set(s.addresses), set(prev.cidrs), set(s.cidrs)
             set_updates.append(

@@ -11,7 +11,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from omniwall import PROVIDER_TENANT
 
@@ -336,7 +336,12 @@ class Rule(Strict):
     def _v_services(cls, v: list[str]) -> list[str]:
         for s in v:
             if is_inline_service(s):
-                parse_inline_service(s)
+                try:
+                    parse_inline_service(s)
+                except ValidationError as e:
+                    # A nested model's error would otherwise show up under a bogus path (services.ports).
+                    reasons = "; ".join(str(x["msg"]).removeprefix("Value error, ") for x in e.errors())
+                    raise ValueError(f"{s!r}: {reasons}") from None
         return v
 
 

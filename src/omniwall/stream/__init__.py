@@ -1,1 +1,1 @@
-"""stream"""
+"""Per-host feed: NDJSON wire format (`wire`), manager endpoint (`endpoint`), agent client (`client`)."""

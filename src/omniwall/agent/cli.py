@@ -1,0 +1,93 @@
+"""`omniwall agent`: run the host agent. Mounted by `omniwall.cli.main` through `register(app)`.
+
+Also runnable alone, `python -m omniwall.agent.cli --manager ... --host ...` (the kernel tests do that).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from omniwall.agent.main import DEFAULT_STATE_DIR, run_agent
+
+BACKENDS = ("nft", "sim")
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"--token-file: cannot read {path}: {e.strerror or e}") from e
+    if not token:
+        raise ValueError(f"--token-file: {path} is empty")
+    return token
+
+
+def agent(
+    manager: Annotated[str, typer.Option("--manager", help="Manager base URL, e.g. http://10.0.0.1:8080")],
+    host: Annotated[str, typer.Option("--host", help="This host's name, as registered in the manager")],
+    token_file: Annotated[Path, typer.Option("--token-file", help="File holding this host's agent token")],
+    netns: Annotated[
+        str | None, typer.Option("--netns", help="Network namespace of the host (lab); default: this one")
+    ] = None,
+    backend: Annotated[
+        str, typer.Option("--backend", help="Data plane: nft (kernel) or sim (in memory)")
+    ] = "nft",
+    state_dir: Annotated[
+        Path,
+        typer.Option("--state-dir", help="Agent state directory (the sim backend keeps its state there)"),
+    ] = DEFAULT_STATE_DIR,
+    counters_interval: Annotated[
+        float, typer.Option("--counters-interval", help="Seconds between rule counter reports")
+    ] = 5.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step")] = False,
+) -> None:
+    """Run the host agent: realize this host's desired state in the kernel, report back, fail static."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per status POST is noise
+    try:
+        if backend not in BACKENDS:
+            raise ValueError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+        if not manager.startswith(("http://", "https://")):
+            raise ValueError(f"--manager: {manager!r} is not an http(s) URL")
+        token = read_token(token_file)
+        run_agent(
+            manager,
+            host,
+            token,
+            netns=netns,
+            backend=backend,
+            state_dir=state_dir,
+            counters_interval=counters_interval,
+        )
+    except (ValueError, OSError, ImportError) as e:
+        typer.echo(f"omniwall agent: {e}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:  # no traceback for the operator; the log above has the details
+        typer.echo(f"omniwall agent: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("agent")(agent)
+
+
+def main() -> None:
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(agent)
+    app()
+
+
+if __name__ == "__main__":
+    main()

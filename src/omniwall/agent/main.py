@@ -1,0 +1,267 @@
+"""The agent process: wires the feed, the reconciler, the reporter and the address watcher to one backend.
+
+Lifecycle:
+- start: adopt the kernel state (`backend.realized()`), report its revision, resume the feed from it.
+  Nothing is written before the manager has spoken (Felix restart doctrine).
+- connected: every snapshot/delta goes through the reconciler; each realized revision is acked.
+- manager away: reconnect with jittered backoff; the kernel keeps the last realized state (fail-static).
+- SIGTERM/SIGINT: stop the loops and exit; the kernel state stays (a stopped agent must not open the
+  firewall, and the next one adopts it).
+
+Everything runs on one asyncio loop and the backend is called synchronously from it: its writes are short
+transactions, and one thread means the reconciler needs no locks. Many `Agent`s can share one loop (the
+fan-out benchmark runs 1,000 with sim backends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+
+from omniwall.agent.addresses import AddressWatcher
+from omniwall.agent.feed import Backoff, Delta, FeedError, FeedRejected, Snapshot, read_feed
+from omniwall.agent.reconciler import Outcome, Reconciler
+from omniwall.agent.reporter import Addresses, Reporter
+from omniwall.dataplane.backend import Backend
+
+log = logging.getLogger("omniwall.agent")
+
+DEFAULT_STATE_DIR = Path("/var/lib/omniwall/agent")
+
+
+class Agent:
+    def __init__(
+        self,
+        manager_url: str,
+        host: str,
+        token: str,
+        backend: Backend,
+        *,
+        netns: str | None = None,
+        client: httpx.AsyncClient | None = None,
+        watch_addresses: bool = True,
+        counters_interval: float = 5.0,
+        idle_timeout: float = 60.0,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.manager_url = manager_url
+        self.host = host
+        self.token = token
+        self.backend = backend
+        self.netns = netns
+        self.idle_timeout = idle_timeout
+        self.backoff = backoff or Backoff()
+        self.reconciler = Reconciler(backend, host)
+        self._own_client = client is None
+        self.client = client or httpx.AsyncClient()
+        self.reporter = Reporter(
+            self.client,
+            manager_url,
+            host,
+            token,
+            counters_source=backend.counters if backend.capabilities.counters else None,
+            counters_interval=counters_interval,
+        )
+        self.watcher = (
+            AddressWatcher(self._vnic_names, self._on_addresses, netns=netns) if watch_addresses else None
+        )
+        self.connected = asyncio.Event()  # set while a feed connection delivers messages
+        self.connects = 0  # successful connections (tests, bench)
+        self._want_snapshot = False
+        self._retry = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    # ---- public
+    async def run(self) -> None:
+        """Run until `stop()`. Never tears the data plane down."""
+        adopted = self.reconciler.adopt()
+        if adopted is not None:
+            log.info("adopted realized state at revision %d (%d vNICs)", adopted.revision, len(adopted.vnics))
+        self.reporter.set_realized(self.reconciler.realized_revision, None)
+        tasks = [
+            asyncio.create_task(self._feed_loop(), name="feed"),
+            asyncio.create_task(self._retry_loop(), name="retry"),
+            asyncio.create_task(self.reporter.run(), name="reporter"),
+        ]
+        if self.watcher is not None:
+            tasks.append(asyncio.create_task(self._watch_addresses(), name="addresses"))
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is stop:
+                    continue
+                err = None if t.cancelled() else t.exception()
+                if err is not None:
+                    raise err
+                raise RuntimeError(f"agent loop {t.get_name()!r} ended unexpectedly")
+        finally:
+            for t in (stop, *tasks):
+                t.cancel()
+            await asyncio.gather(stop, *tasks, return_exceptions=True)
+            if self._own_client:
+                await self.client.aclose()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ---- loops
+    async def _feed_loop(self) -> None:
+        while True:
+            from_revision = 0 if self._want_snapshot else self.reconciler.resume_revision
+            try:
+                feed = read_feed(
+                    self.client, self.manager_url, self.host, self.token, from_revision, self.idle_timeout
+                )
+                # aclosing: leaving the loop early (resync) must close the HTTP stream now, not at GC time
+                async with contextlib.aclosing(feed) as messages:
+                    async for msg in messages:
+                        if not self.connected.is_set():
+                            self.connected.set()
+                            self.connects += 1
+                            self.backoff.reset()
+                            log.info("feed connected (from=%d)", from_revision)
+                        if isinstance(msg, Snapshot):
+                            self._want_snapshot = False
+                            self._after(self.reconciler.on_snapshot(msg.state))
+                        elif isinstance(msg, Delta):
+                            outcome = self.reconciler.on_delta(msg.delta)
+                            if outcome.kind == "resync":
+                                self._want_snapshot = True
+                                break  # reconnect at once with from=0
+                            self._after(outcome)
+                if self._want_snapshot:
+                    self.connected.clear()
+                    if from_revision != 0:
+                        continue  # at once; a manager that sends gaps even after from=0 gets the backoff
+                    await asyncio.sleep(self.backoff.next())
+                    continue
+            except FeedRejected as e:
+                log.error("%s", e)
+            except FeedError as e:
+                log.warning(
+                    "%s; keeping the realized state (revision %d)", e, self.reconciler.realized_revision
+                )
+            self.connected.clear()
+            await asyncio.sleep(self.backoff.next())
+
+    async def _retry_loop(self) -> None:
+        backoff = Backoff(base=1.0, cap=30.0)
+        while True:
+            await self._retry.wait()
+            await asyncio.sleep(backoff.next())
+            outcome = self.reconciler.retry()
+            self._report(outcome)
+            if self.reconciler.in_sync:
+                self._retry.clear()
+                backoff.reset()
+
+    async def _watch_addresses(self) -> None:
+        assert self.watcher is not None
+        backoff = Backoff(base=1.0, cap=60.0)
+        while True:
+            try:
+                await self.watcher.run()
+            except Exception as e:  # netlink trouble must not take enforcement down with it
+                log.warning("address watcher failed (%s: %s); restarting it", type(e).__name__, e)
+            await asyncio.sleep(backoff.next())
+
+    # ---- helpers
+    def _after(self, outcome: Outcome) -> None:
+        self._report(outcome)
+        if not self.reconciler.in_sync:
+            self._retry.set()
+        elif outcome.wrote and self.watcher is not None:
+            self.watcher.poke()  # the vNIC list may have changed
+
+    def _report(self, outcome: Outcome) -> None:
+        self.reporter.set_realized(outcome.realized_revision, self.reconciler.error)
+
+    def _vnic_names(self) -> list[str]:
+        state = self.reconciler.desired or self.reconciler.realized
+        return [v.ifname for v in state.vnics] if state is not None else []
+
+    def _on_addresses(self, addresses: Addresses) -> None:
+        self.reporter.set_addresses(addresses)
+
+
+def make_backend(kind: str, host: str, netns: str | None, state_dir: Path | None) -> Backend:
+    """`nft`: the kernel (H5's NftBackend, in `netns`); `sim`: in memory, persisted under `state_dir`."""
+    if kind == "sim":
+        from omniwall.dataplane.sim_backend import SimBackend
+
+        state_file = state_dir / f"sim-{host}.json" if state_dir is not None else None
+        if state_file is not None:
+            state_file.parent.mkdir(parents=True, exist_ok=True)
+        return SimBackend(host=host, state_file=state_file)
+    if kind == "nft":
+        from omniwall.dataplane.nft.backend import NftBackend
+
+        # No --netns means "this host": the one case where programming the agent's own namespace is the
+        # point (the backend refuses it otherwise, to protect test machines).
+        return NftBackend(netns=netns, allow_initial_netns=netns is None)
+    raise ValueError(f"backend: unknown kind {kind!r} (expected nft or sim)")
+
+
+async def run_agent_async(agent: Agent) -> None:
+    """Run `agent` until SIGTERM/SIGINT (when on the main thread) or `agent.stop()`.
+
+    Plain `signal.signal` rather than `loop.add_signal_handler`: the latter routes signals through a
+    wake-up fd that forked children inherit, so a library that forks a helper and SIGTERMs it (pyroute2
+    does, for namespaces) would stop the agent. Here a signal only counts in this very process."""
+    loop = asyncio.get_running_loop()
+    pid = os.getpid()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if os.getpid() == pid:
+            loop.call_soon_threadsafe(agent.stop)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        await agent.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("agent stopped; the data plane keeps revision %d", agent.reconciler.realized_revision)
+
+
+def run_agent(
+    manager_url: str,
+    host: str,
+    token: str,
+    netns: str | None = None,
+    backend: Backend | str | None = None,
+    state_dir: Path | str | None = DEFAULT_STATE_DIR,
+    **agent_options: object,
+) -> None:
+    """Blocking entry point: build the backend (default nft), run the agent until SIGTERM/SIGINT."""
+    sdir = Path(state_dir) if state_dir is not None else None
+    be = (
+        make_backend(backend or "nft", host, netns, sdir)
+        if backend is None or isinstance(backend, str)
+        else backend
+    )
+    agent_kwargs: dict = dict(agent_options)
+
+    async def main() -> None:
+        await run_agent_async(Agent(manager_url, host, token, be, netns=netns, **agent_kwargs))
+
+    try:
+        asyncio.run(main())
+    finally:
+        close = getattr(be, "close", None)  # releases handles only; the kernel state stays
+        if callable(close):
+            close()
+
+
+__all__ = ["DEFAULT_STATE_DIR", "Agent", "make_backend", "run_agent", "run_agent_async"]

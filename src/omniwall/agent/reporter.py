@@ -1,0 +1,138 @@
+"""Status reports to the manager: realized revision (the ack), last error, rule counters, vNIC addresses.
+
+    POST /v1/hosts/{host}/status   Authorization: Bearer <host token>
+    {"realized_revision": R, "error": str|null,
+     "counters": [{"rule_id", "packets", "bytes"}],     (only when changed since last sent)
+     "addresses": {"<ifname>": ["<ip>", ...]}}           (only when changed since last sent)
+
+One loop per agent. A change of revision, error or addresses is sent at once; counters are read every
+`counters_interval` seconds and sent only when they moved, so a thousand idle agents cost the manager
+nothing. A failed POST is retried with backoff; the manager being away never blocks the data plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from omniwall.agent.feed import Backoff
+from omniwall.dataplane.backend import RuleCounters
+
+log = logging.getLogger("omniwall.agent")
+
+Addresses = dict[str, list[str]]
+
+
+def status_url(manager_url: str, host: str) -> str:
+    return f"{manager_url.rstrip('/')}/v1/hosts/{quote(host, safe='')}/status"
+
+
+class Reporter:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        manager_url: str,
+        host: str,
+        token: str,
+        counters_source: Callable[[], list[RuleCounters]] | None = None,
+        counters_interval: float = 5.0,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.client = client
+        self.url = status_url(manager_url, host)
+        self.token = token
+        self.counters_source = counters_source
+        self.counters_interval = counters_interval
+        self.backoff = backoff or Backoff(base=0.5, cap=15.0)
+        # what we want the manager to know
+        self.revision = 0
+        self.error: str | None = None
+        self.addresses: Addresses | None = None
+        # what it acknowledged (HTTP 2xx)
+        self._sent_revision: int | None = None
+        self._sent_error: str | None = None
+        self._sent_addresses: Addresses | None = None
+        self._sent_counters: list[dict[str, int]] | None = None
+        self._dirty = asyncio.Event()
+        self.posts = 0  # successful POSTs (tests, bench)
+
+    def set_realized(self, revision: int, error: str | None) -> None:
+        if (revision, error) != (self.revision, self.error):
+            self.revision, self.error = revision, error
+            self._dirty.set()
+        elif self._sent_revision is None:
+            self._dirty.set()  # first report after start, even when it says "0, no error"
+
+    def set_addresses(self, addresses: Addresses) -> None:
+        if addresses != self.addresses:
+            self.addresses = addresses
+            self._dirty.set()
+
+    def build(self, counters: list[dict[str, int]] | None) -> dict[str, Any] | None:
+        """The next payload, or None when the manager already knows all of it."""
+        body: dict[str, Any] = {"realized_revision": self.revision, "error": self.error}
+        changed = (self.revision, self.error) != (self._sent_revision, self._sent_error)
+        if self.addresses is not None and self.addresses != self._sent_addresses:
+            body["addresses"] = self.addresses
+            changed = True
+        if counters is not None and counters != self._sent_counters:
+            body["counters"] = counters
+            changed = True
+        return body if changed else None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_counters = loop.time()
+        while True:
+            wait = max(0.0, next_counters - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), timeout=wait)
+            self._dirty.clear()
+            counters = None
+            if self.counters_source is not None and loop.time() >= next_counters:
+                next_counters = loop.time() + self.counters_interval
+                counters = self._read_counters()
+            body = self.build(counters)
+            if body is None:
+                continue
+            if await self._post(body):
+                self.backoff.reset()
+                self._sent_revision, self._sent_error = body["realized_revision"], body["error"]
+                self._sent_addresses = body.get("addresses", self._sent_addresses)
+                self._sent_counters = body.get("counters", self._sent_counters)
+            else:
+                await asyncio.sleep(self.backoff.next())
+                self._dirty.set()
+
+    def _read_counters(self) -> list[dict[str, int]] | None:
+        assert self.counters_source is not None
+        try:
+            return [
+                {"rule_id": c.rule_id, "packets": c.packets, "bytes": c.bytes} for c in self.counters_source()
+            ]
+        except Exception as e:
+            log.warning("reading rule counters failed: %s", e)
+            return None
+
+    async def _post(self, body: dict[str, Any]) -> bool:
+        try:
+            resp = await self.client.post(
+                self.url, json=body, headers={"Authorization": f"Bearer {self.token}"}, timeout=10.0
+            )
+        except httpx.HTTPError as e:
+            log.info("status report failed: %s: %s", type(e).__name__, e)
+            return False
+        if resp.status_code >= 300:
+            log.warning("status report refused: HTTP %d: %s", resp.status_code, resp.text[:200])
+            return False
+        self.posts += 1
+        return True
+
+
+__all__ = ["Addresses", "Reporter", "status_url"]

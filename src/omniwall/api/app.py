@@ -1,0 +1,43 @@
+"""The manager's HTTP application: REST v1 + OpenAPI (`/openapi.json`, docs at `/docs`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from omniwall import __version__
+from omniwall.manager.service import Manager
+from omniwall.stream import endpoint as stream_endpoint
+
+from . import admin, apply, errors, resources
+
+
+def create_app(manager: Manager, *, watch: bool = True) -> FastAPI:
+    """`watch`: follow store writes made by other processes (replicas, `omniwall token --db`)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if watch:
+            manager.start_watch()
+        try:
+            yield
+        finally:
+            manager.stop_watch()
+
+    app = FastAPI(
+        title="Omniwall manager",
+        version=__version__,
+        description="Distributed firewall policy: resources, apply/diff, audit, per-host feeds. "
+        "Every call but /healthz needs `Authorization: Bearer <token>`.",
+        lifespan=lifespan,
+    )
+    app.state.manager = manager
+    errors.install(app)
+    app.include_router(admin.router())
+    app.include_router(apply.router())
+    # Host feed routes first: /v1/hosts/{host}/feed must not be taken for a Host named "feed".
+    app.include_router(stream_endpoint.router())
+    app.include_router(resources.router())
+    return app

@@ -1,0 +1,87 @@
+"""One error shape for every non-2xx answer: `{"error": code, "message": text, ...details}`.
+
+422 bodies list each problem as `{"document", "path", "reason"}`; 403 bodies name the `permission`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from omniwall.manager.contracts import InvalidResources, Problem
+from omniwall.manager.service import Conflict, NotFound
+from omniwall.store import CompactedError
+
+CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    410: "gone",
+    413: "too_large",
+    422: "invalid",
+    500: "internal",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        return {"error": CODES.get(self.status, "error"), "message": self.message, **self.details}
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, f"{what} not found")
+
+
+def invalid(problems: list[Problem], message: str | None = None) -> ApiError:
+    msg = message or f"{len(problems)} validation error(s); nothing was written"
+    return ApiError(422, msg, errors=[p.to_json() for p in problems])
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, err: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.exception_handler(InvalidResources)
+    async def _invalid(_: Request, err: InvalidResources) -> JSONResponse:
+        e = invalid(err.problems)
+        return JSONResponse(e.body(), status_code=422)
+
+    @app.exception_handler(Conflict)
+    async def _conflict(_: Request, err: Conflict) -> JSONResponse:
+        return JSONResponse(ApiError(409, str(err)).body(), status_code=409)
+
+    @app.exception_handler(NotFound)
+    async def _nf(_: Request, err: NotFound) -> JSONResponse:
+        return JSONResponse(ApiError(404, str(err)).body(), status_code=404)
+
+    @app.exception_handler(CompactedError)
+    async def _gone(_: Request, err: CompactedError) -> JSONResponse:
+        return JSONResponse(ApiError(410, str(err)).body(), status_code=410)
+
+    @app.exception_handler(RequestValidationError)
+    async def _req(_: Request, err: RequestValidationError) -> JSONResponse:
+        problems = [
+            Problem("request", ".".join(str(p) for p in e.get("loc", ())), e.get("msg", "invalid"))
+            for e in err.errors()
+        ]
+        return JSONResponse(invalid(problems, "invalid request").body(), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)

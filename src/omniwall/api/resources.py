@@ -1,0 +1,252 @@
+"""REST v1 for every resource kind: list, create, get, update, delete, history, rollback.
+
+Routes are generated per kind (`/v1/workloads`, `/v1/policies/{name}`, ...) so the OpenAPI document names
+each one. Objects are addressed by name plus `?tenant=` (default: the caller's tenant, else `infra`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pydantic
+from fastapi import APIRouter, Body, Depends, Query, Request
+
+from omniwall.manager.contracts import InvalidResources, Problem, problems_from_pydantic
+from omniwall.manager.objects import PLURALS, key_of, parse_resource, resource_key, with_metadata
+from omniwall.manager.service import Manager
+from omniwall.model.resources import _Resource
+
+from .auth import (
+    Perm,
+    Principal,
+    authenticate,
+    check_visible,
+    check_write,
+    manager_of,
+    owns_key,
+    read_tenant,
+    require,
+    scope_document,
+    visible,
+)
+from .errors import ApiError, not_found
+from .filters import decode_continue, encode_continue, field_selector, label_selector
+
+MAX_LIMIT = 1000
+
+
+def render(m: Manager, r: _Resource) -> dict[str, Any]:
+    """An object as the API shows it: the resource, plus `status` for Hosts."""
+    d = r.model_dump(mode="json", exclude_none=True)
+    if r.kind == "Host":  # type: ignore[attr-defined]
+        d["status"] = m.host_status(r.metadata.name)
+    return d
+
+
+def parse_body(body: Any, kind: str, name: str | None = None) -> _Resource:
+    if not isinstance(body, dict):
+        raise InvalidResources([Problem("request body", ".", "must be a JSON object (one resource)")])
+    body = dict(body)
+    body.setdefault("kind", kind)
+    doc = f"{body.get('kind')}/{(body.get('metadata') or {}).get('name', name or '?')}"
+    if body.get("kind") != kind:
+        raise InvalidResources(
+            [Problem(doc, "kind", f"this endpoint takes {kind} objects, not {body.get('kind')!r}")]
+        )
+    try:
+        r = parse_resource(body)
+    except pydantic.ValidationError as err:
+        raise InvalidResources(problems_from_pydantic(err, doc)) from err
+    if name is not None and r.metadata.name != name:
+        raise InvalidResources([Problem(doc, "metadata.name", f"must equal the name in the URL ({name!r})")])
+    return r
+
+
+def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
+    tag = [kind]
+
+    def list_objects(
+        request: Request,
+        p: Principal = Depends(authenticate),
+        tenant: str | None = Query(None, description="only this tenant's objects"),
+        labelSelector: str | None = Query(None, description="e.g. tier=web,env in (prod,stage)"),
+        fieldSelector: str | None = Query(None, description="e.g. spec.host=h1,metadata.name!=x"),
+        limit: int = Query(MAX_LIMIT, ge=1, le=MAX_LIMIT),
+        continue_: str | None = Query(None, alias="continue"),
+    ) -> dict[str, Any]:
+        require(p, Perm.READ)
+        m = manager_of(request)
+        lsel, fsel = label_selector(labelSelector), field_selector(fieldSelector)
+        after = decode_continue(continue_)
+        items: list[dict[str, Any]] = []
+        next_token = None
+        rev = m.revision
+        for r in m.list(kind):
+            key = resource_key(r)
+            if after is not None and key <= after:
+                continue
+            if tenant is not None and r.metadata.tenant != tenant and kind not in ("Tenant",):
+                continue
+            if kind == "Tenant" and tenant is not None and r.metadata.name != tenant:
+                continue
+            if not visible(p, r, m.catalog):
+                continue
+            d = render(m, r)
+            if not (lsel(d) and fsel(d)):
+                continue
+            if len(items) == limit:
+                next_token = encode_continue(resource_key_of(items[-1], kind))
+                break
+            items.append(d)
+        return {
+            "apiVersion": "omniwall.io/v1",
+            "kind": f"{kind}List",
+            "revision": rev,
+            "items": items,
+            "continue": next_token,
+        }
+
+    def create_object(
+        request: Request, body: Any = Body(...), p: Principal = Depends(authenticate)
+    ) -> dict[str, Any]:
+        m = manager_of(request)
+        r = scope_document(p, parse_body(body, kind))
+        check_write(p, kind, r.metadata.tenant, r.metadata.name, r)
+        plan = m.plan_apply([r], mode="create")
+        m.commit(plan, p.actor)
+        return render(m, _get(m, kind, r.metadata.tenant, r.metadata.name))
+
+    def get_object(
+        request: Request, name: str, tenant: str | None = Query(None), p: Principal = Depends(authenticate)
+    ) -> dict[str, Any]:
+        m = manager_of(request)
+        t = read_tenant(p, tenant)
+        r = check_visible(p, m.get(kind, t, name), m.catalog, f"{kind}/{t}/{name}")
+        return render(m, r)
+
+    def update_object(
+        request: Request,
+        name: str,
+        body: Any = Body(...),
+        tenant: str | None = Query(None),
+        p: Principal = Depends(authenticate),
+    ) -> dict[str, Any]:
+        m = manager_of(request)
+        r = parse_body(body, kind, name)
+        if tenant is not None and "tenant" not in (
+            (body.get("metadata") or {}) if isinstance(body, dict) else {}
+        ):
+            r = with_metadata(r, tenant=tenant)
+        r = scope_document(p, r)
+        check_write(p, kind, r.metadata.tenant, name, r)
+        plan = m.plan_apply([r], mode="update")
+        m.commit(plan, p.actor)
+        return render(m, _get(m, kind, r.metadata.tenant, name))
+
+    def delete_object(
+        request: Request,
+        name: str,
+        tenant: str | None = Query(None),
+        revision: int | None = Query(None, description="delete only if the object is at this revision"),
+        p: Principal = Depends(authenticate),
+    ) -> dict[str, Any]:
+        m = manager_of(request)
+        t = read_tenant(p, tenant)
+        check_write(p, kind, t, name, m.get(kind, t, name))
+        plan = m.plan_delete(kind, t, name, revision=revision)
+        rev = m.commit(plan, p.actor)
+        return {"revision": rev, "deleted": [c.summary() for c in plan.writes]}
+
+    def object_history(
+        request: Request, name: str, tenant: str | None = Query(None), p: Principal = Depends(authenticate)
+    ) -> dict[str, Any]:
+        require(p, Perm.READ)
+        m = manager_of(request)
+        t = read_tenant(p, tenant)
+        if not owns_key(p, kind, t, name):
+            raise not_found(f"{kind}/{t}/{name}")
+        hist = m.history(kind, t, name)
+        if not hist:
+            raise not_found(f"{kind}/{t}/{name}")
+        items = [
+            {
+                "revision": e.revision,
+                "type": e.type,
+                "object": o.model_dump(mode="json", exclude_none=True) if o else None,
+            }
+            for e, o in hist
+        ]
+        return {"kind": kind, "tenant": t, "name": name, "items": items}
+
+    def rollback_object(
+        request: Request,
+        name: str,
+        body: dict[str, int] = Body(..., examples=[{"revision": 12}]),
+        tenant: str | None = Query(None),
+        p: Principal = Depends(authenticate),
+    ) -> dict[str, Any]:
+        m = manager_of(request)
+        t = read_tenant(p, tenant)
+        target = body.get("revision")
+        if not isinstance(target, int) or target < 1:
+            raise InvalidResources([Problem("request body", "revision", "must be a revision number >= 1")])
+        check_write(p, kind, t, name, m.get(kind, t, name))
+        old = m.value_at(kind, t, name, target)
+        if old is None:
+            raise InvalidResources(
+                [Problem(f"{kind}/{t}/{name}", "revision", f"the object did not exist at revision {target}")]
+            )
+        check_write(p, kind, t, name, old)
+        plan = m.plan_apply([with_metadata(old, revision=None)], mode="apply", verb="rollback")
+        rev = m.commit(plan, p.actor)
+        cur = _get(m, kind, t, name)
+        return {"revision": rev, "rolledBackTo": target, "object": render(m, cur)}
+
+    handlers: list[tuple[str, str, Callable[..., Any], str]] = [
+        ("GET", f"/v1/{plural}", list_objects, f"list {plural}"),
+        ("POST", f"/v1/{plural}", create_object, f"create a {kind}"),
+        ("GET", f"/v1/{plural}/{{name}}", get_object, f"read a {kind}"),
+        (
+            "PUT",
+            f"/v1/{plural}/{{name}}",
+            update_object,
+            f"replace a {kind} (409 if metadata.revision is stale)",
+        ),
+        ("DELETE", f"/v1/{plural}/{{name}}", delete_object, f"delete a {kind}"),
+        ("GET", f"/v1/{plural}/{{name}}/history", object_history, f"every retained revision of a {kind}"),
+        (
+            "POST",
+            f"/v1/{plural}/{{name}}/rollback",
+            rollback_object,
+            f"restore a {kind} as it was at a revision",
+        ),
+    ]
+    for method, path, fn, summary in handlers:
+        router.add_api_route(
+            path,
+            fn,
+            methods=[method],
+            tags=tag,
+            summary=summary,
+            name=f"{method.lower()}_{plural}{path.count('/')}",
+        )
+
+
+def _get(m: Manager, kind: str, tenant: str, name: str) -> _Resource:
+    r = m.get(kind, tenant, name)
+    if r is None:  # deleted concurrently between commit and read
+        raise ApiError(409, f"{kind}/{tenant}/{name} changed concurrently; read it again")
+    return r
+
+
+def resource_key_of(d: dict[str, Any], kind: str) -> str:
+    md = d.get("metadata", {})
+    return key_of(kind, md.get("tenant", ""), md.get("name", ""))
+
+
+def router() -> APIRouter:
+    r = APIRouter()
+    for plural, kind in PLURALS.items():
+        _routes_for(r, plural, kind)
+    return r

@@ -1,0 +1,232 @@
+"""One host's current desired state, kept as maps, updated in place and turned into a HostDelta.
+
+The host tracks which of its vNICs reference which rules (reference counts) and which of its rules
+reference which sets, so that a rule is present exactly while some vNIC lists it and a set exactly while
+some present rule names it. Deltas are assembled from what was touched, in the order `ir.diff` uses, and
+equal `ir.diff(old, new)`; the full `HostDesiredState` is only built when asked for (and cached).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from omniwall.compiler.ir import (
+    HostDelta,
+    HostDesiredState,
+    IRRule,
+    IRSet,
+    IRVnic,
+    RuleRemove,
+    RuleUpdate,
+    SetRemove,
+    SetUpdate,
+    VnicRemove,
+    VnicUpdate,
+)
+from omniwall.compiler.sets import created_update
+
+ClaimKey = tuple[tuple[str, str], int]  # (workload key, vNIC index): the lowest wins a duplicate ifname
+
+
+def rule_sets(r: IRRule | None) -> tuple[str, ...]:
+    if r is None:
+        return ()
+    if r.src_set is not None and r.dst_set is not None and r.src_set != r.dst_set:
+        return (r.src_set, r.dst_set)
+    s = r.src_set if r.src_set is not None else r.dst_set
+    return () if s is None else (s,)
+
+
+@dataclass
+class Globals:
+    """What a host needs from the compiler while updating."""
+
+    rule_by_id: Mapping[int, IRRule]
+    set_current: Callable[[str], IRSet]
+    rule_hosts: dict[int, set[str]]
+    set_hosts: dict[str, set[str]]
+
+
+@dataclass
+class HostState:
+    name: str
+    revision: int
+    claims: dict[str, dict[ClaimKey, IRVnic]] = field(default_factory=dict)
+    by_wid: dict[int, list[tuple[str, ClaimKey]]] = field(default_factory=dict)
+    vnics: dict[str, IRVnic] = field(default_factory=dict)
+    rule_refs: dict[int, int] = field(default_factory=dict)
+    rules: dict[int, IRRule] = field(default_factory=dict)
+    set_refs: dict[str, int] = field(default_factory=dict)
+    sets: dict[str, IRSet] = field(default_factory=dict)
+    _cached: HostDesiredState | None = None
+
+    def state(self) -> HostDesiredState:
+        if self._cached is None or self._cached.revision != self.revision:
+            self._cached = HostDesiredState(
+                host=self.name,
+                revision=self.revision,
+                vnics=tuple(v for _, v in sorted(self.vnics.items())),
+                rules=tuple(r for _, r in sorted(self.rules.items())),
+                sets=tuple(s for _, s in sorted(self.sets.items())),
+            )
+        return self._cached
+
+    def update(
+        self,
+        g: Globals,
+        workloads: Mapping[int, Iterable[tuple[ClaimKey, IRVnic]]],
+        changed_rules: Iterable[int],
+        changed_sets: Mapping[str, SetUpdate],
+        revision: int,
+        emit: bool = True,
+    ) -> HostDelta | None:
+        """Replace the vNICs of `workloads` (wid -> its vNICs here, empty when gone), take the new global
+        IR of `changed_rules` and the new content of `changed_sets`. Returns the delta (None when nothing
+        changed, or when `emit` is false)."""
+        self._cached = None
+        touched_if: set[str] = set()
+        for wid, entries in workloads.items():
+            for ifname, ck in self.by_wid.pop(wid, ()):
+                c = self.claims[ifname]
+                del c[ck]
+                if not c:
+                    del self.claims[ifname]
+                touched_if.add(ifname)
+            mine = []
+            for ck, v in entries:
+                self.claims.setdefault(v.ifname, {})[ck] = v
+                mine.append((v.ifname, ck))
+                touched_if.add(v.ifname)
+            if mine:
+                self.by_wid[wid] = mine
+
+        touched_rules = {i for i in changed_rules if i in self.rules}
+        ir_changed = set(touched_rules)
+        vnic_updates: dict[str, IRVnic] = {}
+        vnic_removes: list[str] = []
+        refs = self.rule_refs
+        for ifname in touched_if:
+            c = self.claims.get(ifname)
+            new = c[min(c)] if c else None
+            old = self.vnics.get(ifname)
+            if new == old:
+                continue
+            if old is not None:
+                for i in old.egress + old.ingress:
+                    n = refs[i] - 1
+                    if n:
+                        refs[i] = n
+                    else:
+                        del refs[i]
+                        touched_rules.add(i)
+            if new is not None:
+                for i in new.egress + new.ingress:
+                    n = refs.get(i, 0)
+                    refs[i] = n + 1
+                    if not n:
+                        touched_rules.add(i)
+                self.vnics[ifname] = new
+                vnic_updates[ifname] = new
+            else:
+                del self.vnics[ifname]
+                vnic_removes.append(ifname)
+
+        rule_updates: list[IRRule] = []
+        rule_removes: list[int] = []
+        touched_sets = {s for s in changed_sets if s in self.sets}
+        srefs = self.set_refs
+        for i in touched_rules:
+            old_r = self.rules.get(i)
+            new_r = g.rule_by_id.get(i) if i in refs else None
+            if old_r is new_r:
+                continue
+            for s in rule_sets(old_r):
+                n = srefs[s] - 1
+                if n:
+                    srefs[s] = n
+                else:
+                    del srefs[s]
+                    touched_sets.add(s)
+            for s in rule_sets(new_r):
+                n = srefs.get(s, 0)
+                srefs[s] = n + 1
+                if not n:
+                    touched_sets.add(s)
+            if new_r is None:
+                del self.rules[i]
+                rule_removes.append(i)
+                hs = g.rule_hosts.get(i)
+                if hs is not None:
+                    hs.discard(self.name)
+                    if not hs:
+                        del g.rule_hosts[i]
+            else:
+                self.rules[i] = new_r
+                if old_r is None:
+                    g.rule_hosts.setdefault(i, set()).add(self.name)
+                if old_r != new_r:
+                    rule_updates.append(new_r)
+
+        set_updates: list[SetUpdate] = []
+        set_removes: list[str] = []
+        for s in touched_sets:
+            old_s = self.sets.get(s)
+            if s in srefs:
+                new_s = g.set_current(s)
+                if old_s is new_s:
+                    continue
+                self.sets[s] = new_s
+                if old_s is None:
+                    g.set_hosts.setdefault(s, set()).add(self.name)
+                    set_updates.append(created_update(new_s))
+                elif old_s != new_s:
+                    upd = changed_sets.get(s)
+                    set_updates.append(
+                        upd if upd is not None and upd.full is new_s else _set_diff(old_s, new_s)
+                    )
+            elif old_s is not None:
+                del self.sets[s]
+                set_removes.append(s)
+                hs = g.set_hosts.get(s)
+                if hs is not None:
+                    hs.discard(self.name)
+                    if not hs:
+                        del g.set_hosts[s]
+
+        if not emit:
+            return None
+        # A vNIC whose rule changed (same id, new content) must be re-rendered.
+        ir_updated = {r.id for r in rule_updates if r.id in ir_changed}
+        if ir_updated:
+            for ifname, v in self.vnics.items():
+                if ifname not in vnic_updates and (
+                    any(i in ir_updated for i in v.egress) or any(i in ir_updated for i in v.ingress)
+                ):
+                    vnic_updates[ifname] = v
+        if not (set_updates or rule_updates or vnic_updates or vnic_removes or rule_removes or set_removes):
+            return None
+        delta = HostDelta(
+            host=self.name,
+            from_revision=self.revision,
+            to_revision=revision,
+            set_updates=tuple(sorted(set_updates, key=lambda u: u.full.name)),
+            rule_updates=tuple(RuleUpdate(r) for r in sorted(rule_updates, key=lambda r: r.id)),
+            vnic_updates=tuple(VnicUpdate(v) for _, v in sorted(vnic_updates.items())),
+            vnic_removes=tuple(VnicRemove(n) for n in sorted(vnic_removes)),
+            rule_removes=tuple(RuleRemove(i) for i in sorted(rule_removes)),
+            set_removes=tuple(SetRemove(n) for n in sorted(set_removes)),
+        )
+        self.revision = revision
+        return delta
+
+
+def _set_diff(old: IRSet, new: IRSet) -> SetUpdate:
+    pa, na, pc, nc = set(old.addresses), set(new.addresses), set(old.cidrs), set(new.cidrs)
+    return SetUpdate(
+        full=new,
+        added_addresses=tuple(sorted(na - pa)),
+        removed_addresses=tuple(sorted(pa - na)),
+        added_cidrs=tuple(sorted(nc - pc)),
+        removed_cidrs=tuple(sorted(pc - nc)),
+    )

@@ -1,0 +1,231 @@
+"""The label index: every selector in use, with its member set of workloads, kept current as workloads
+come, go and change their labels or attributes.
+
+- Selectors are indexed by the keys they mention. When a workload's facts change, only the selectors that
+  mention a changed key are re-evaluated for that workload (never all workloads x all selectors); a
+  selector that mentions no key (`all()`) only reacts to workloads being added or removed.
+- Scope: a tenant group's selector matches only that tenant's workloads (scope = the tenant); a provider
+  group's selector matches every workload (scope = None).
+- First evaluation of a selector over its scope uses an inverted index (key, value) -> workloads to find
+  candidates when the selector requires `key == value` / `key in {...}` somewhere in a top-level
+  conjunction; candidates are then confirmed with `Selector.matches`, so semantics stay the selector
+  module's. Other selectors are evaluated once per distinct projection of the workloads' facts onto the
+  selector's keys (the result depends on nothing else).
+- A selector that does not parse (validation normally prevents it) matches nothing: fail closed.
+
+Workloads are small integers (`wid`s) handed out by the caller; member sets are sets of wids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from omniwall.selectors import Selector, parse
+from omniwall.selectors.ast import And, In
+from omniwall.selectors.ast import fact_values as _fact_values
+
+Scope = str | None  # tenant, or None = every tenant (provider)
+Change = tuple[int, int, bool]  # (selector id, wid, now a member)
+
+
+@dataclass(slots=True)
+class _Sel:
+    sid: int
+    scope: Scope
+    text: str
+    selector: Selector | None  # None: did not parse, matches nothing
+    keys: frozenset[str]
+    members: set[int] = field(default_factory=set)
+    refs: int = 0
+
+
+def _hashable(value: object) -> object:
+    if isinstance(value, list | tuple | set | frozenset):
+        return tuple(value)
+    return value
+
+
+def _required_values(selector: Selector) -> tuple[str, tuple[str, ...]] | None:
+    """(key, values) such that every match has one of `values` for `key`, if the selector says so at the
+    top level (`k == v`, `k in {..}`, or one of those in a top-level `&&`). Relies on the AST when the
+    selector module exposes it; without it, None (no shortcut, still correct)."""
+    expr = getattr(selector, "expr", None)
+    items = expr.items if isinstance(expr, And) else (expr,)
+    best: tuple[str, tuple[str, ...]] | None = None
+    for e in items:
+        if isinstance(e, In) and not e.negated and (best is None or len(e.values) < len(best[1])):
+            best = (e.key, e.values)
+    return best
+
+
+class LabelIndex:
+    def __init__(self) -> None:
+        self._sels: dict[int, _Sel] = {}
+        self._sid_of: dict[tuple[Scope, str], int] = {}
+        self._next_sid = 1
+        self._by_key: dict[str, set[int]] = {}
+        self._keyless: set[int] = set()
+        self._facts: dict[int, Mapping[str, object]] = {}
+        self._tenant: dict[int, str] = {}
+        self._tenant_wids: dict[str, set[int]] = {}
+        self._wid_sids: dict[int, set[int]] = {}
+        self._inverted: dict[tuple[str, str], set[int]] = {}
+
+    # ------------------------------------------------------------------------------------ lookups
+    def members(self, sid: int) -> set[int]:
+        return self._sels[sid].members
+
+    def sids_of(self, wid: int) -> set[int]:
+        return self._wid_sids.get(wid, set())
+
+    def __len__(self) -> int:
+        return len(self._sels)
+
+    # ------------------------------------------------------------------------------------ selectors
+    def acquire(self, scope: Scope, text: str) -> int:
+        """The id of selector `text` in `scope`, evaluated over the scope's workloads on first use."""
+        sid = self._sid_of.get((scope, text))
+        if sid is not None:
+            self._sels[sid].refs += 1
+            return sid
+        try:
+            selector: Selector | None = parse(text)
+        except ValueError:
+            selector = None
+        sid = self._next_sid
+        self._next_sid += 1
+        keys = selector.keys if selector is not None else frozenset()
+        s = _Sel(sid, scope, text, selector, keys, refs=1)
+        self._sels[sid] = s
+        self._sid_of[(scope, text)] = sid
+        if selector is not None:
+            if keys:
+                for k in keys:
+                    self._by_key.setdefault(k, set()).add(sid)
+            else:
+                self._keyless.add(sid)
+            s.members = self._evaluate(s)
+            for wid in s.members:
+                self._wid_sids.setdefault(wid, set()).add(sid)
+        return sid
+
+    def release(self, sid: int) -> None:
+        s = self._sels[sid]
+        s.refs -= 1
+        if s.refs > 0:
+            return
+        del self._sels[sid]
+        del self._sid_of[(s.scope, s.text)]
+        for k in s.keys:
+            ks = self._by_key[k]
+            ks.discard(sid)
+            if not ks:
+                del self._by_key[k]
+        self._keyless.discard(sid)
+        for wid in s.members:
+            self._wid_sids[wid].discard(sid)
+
+    def _scope_wids(self, scope: Scope) -> Iterable[int]:
+        if scope is None:
+            return self._facts.keys()
+        return self._tenant_wids.get(scope, ())
+
+    def _evaluate(self, s: _Sel) -> set[int]:
+        assert s.selector is not None
+        sel = s.selector
+        req = _required_values(sel)
+        if req is not None:
+            key, values = req
+            cands: set[int] = set()
+            for v in values:
+                cands |= self._inverted.get((key, v), set())
+            if s.scope is not None:
+                cands &= self._tenant_wids.get(s.scope, set())
+            return {w for w in cands if sel.matches(self._facts[w])}
+        keys = sorted(s.keys)
+        memo: dict[tuple[object, ...], bool] = {}
+        out: set[int] = set()
+        for w in self._scope_wids(s.scope):
+            facts = self._facts[w]
+            proj = tuple(_hashable(facts.get(k)) for k in keys)
+            hit = memo.get(proj)
+            if hit is None:
+                hit = memo[proj] = sel.matches(facts)
+            if hit:
+                out.add(w)
+        return out
+
+    # ------------------------------------------------------------------------------------ workloads
+    def _index(self, wid: int, facts: Mapping[str, object], add: bool) -> None:
+        for k in facts:
+            for v in _fact_values(facts, k) or ():
+                if add:
+                    self._inverted.setdefault((k, v), set()).add(wid)
+                else:
+                    ws = self._inverted.get((k, v))
+                    if ws is not None:
+                        ws.discard(wid)
+                        if not ws:
+                            del self._inverted[(k, v)]
+
+    def _set(self, sid: int, wid: int, member: bool, out: list[Change]) -> None:
+        s = self._sels[sid]
+        if member == (wid in s.members):
+            return
+        if member:
+            s.members.add(wid)
+            self._wid_sids.setdefault(wid, set()).add(sid)
+        else:
+            s.members.discard(wid)
+            self._wid_sids[wid].discard(sid)
+        out.append((sid, wid, member))
+
+    def _in_scope(self, s: _Sel, tenant: str) -> bool:
+        return s.scope is None or s.scope == tenant
+
+    def add_workload(self, wid: int, tenant: str, facts: Mapping[str, object]) -> list[Change]:
+        """A new workload: evaluated against every selector of its scope (its tenant's and the provider's)."""
+        self._facts[wid] = facts
+        self._tenant[wid] = tenant
+        self._tenant_wids.setdefault(tenant, set()).add(wid)
+        self._index(wid, facts, True)
+        out: list[Change] = []
+        for s in list(self._sels.values()):
+            if s.selector is not None and self._in_scope(s, tenant) and s.selector.matches(facts):
+                self._set(s.sid, wid, True, out)
+        return out
+
+    def update_workload(self, wid: int, facts: Mapping[str, object]) -> list[Change]:
+        """Facts changed: re-evaluate only the selectors that mention a changed key."""
+        old = self._facts[wid]
+        changed = {k for k in old.keys() | facts.keys() if old.get(k) != facts.get(k)}
+        if not changed:
+            self._facts[wid] = facts
+            return []
+        self._index(wid, old, False)
+        self._facts[wid] = facts
+        self._index(wid, facts, True)
+        tenant = self._tenant[wid]
+        cands: set[int] = set()
+        for k in changed:
+            cands |= self._by_key.get(k, set())
+        out: list[Change] = []
+        for sid in sorted(cands):
+            s = self._sels[sid]
+            if s.selector is not None and self._in_scope(s, tenant):
+                self._set(sid, wid, s.selector.matches(facts), out)
+        return out
+
+    def remove_workload(self, wid: int) -> list[Change]:
+        out: list[Change] = []
+        for sid in sorted(self._wid_sids.get(wid, ())):
+            self._set(sid, wid, False, out)
+        self._wid_sids.pop(wid, None)
+        facts = self._facts.pop(wid, None)
+        if facts is not None:
+            self._index(wid, facts, False)
+        tenant = self._tenant.pop(wid, None)
+        if tenant is not None:
+            self._tenant_wids[tenant].discard(wid)
+        return out

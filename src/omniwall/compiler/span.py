@@ -1,0 +1,91 @@
+"""Span: which rules sit on a workload's vNICs, in evaluation order (docs/semantics.md §3).
+
+A rule's span is either groups (its appliedTo groups, or its source groups on egress and destination
+groups on ingress) or `any` (every vNIC of its tenant; every vNIC when the provider owns it). A workload's
+egress/ingress lists therefore depend only on its tenant and on the set of span groups containing it: the
+lists are cached under that signature, and workloads sharing app/tier/env share one computation (and one
+tuple). The cache is dropped whenever any rule's placement changes; stored per-vNIC lists stay valid
+because the caller re-computes exactly the workloads a placement change reaches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from omniwall import PROVIDER_TENANT
+from omniwall.compiler.order import OrderKey
+from omniwall.compiler.rules import EGRESS, INGRESS, CompiledRule
+
+Key = tuple[str, str]
+RuleKey = tuple[str, str, str]
+Lists = tuple[tuple[int, ...], tuple[int, ...]]  # (egress ids, ingress ids), in evaluation order
+
+
+class SpanIndex:
+    def __init__(self) -> None:
+        self.by_group: dict[Key, dict[RuleKey, frozenset[str]]] = {}
+        # scope None: provider `any` rules (every vNIC); scope tenant: that tenant's `any` rules
+        self.any_by_scope: dict[str | None, dict[RuleKey, frozenset[str]]] = {}
+        self._cache: dict[tuple[str, frozenset[Key]], Lists] = {}
+
+    def add(self, cr: CompiledRule) -> None:
+        for g, dirs in cr.span_groups:
+            self.by_group.setdefault(g, {})[cr.key] = dirs
+        if cr.any_dirs:
+            scope = None if cr.tenant == PROVIDER_TENANT else cr.tenant
+            self.any_by_scope.setdefault(scope, {})[cr.key] = cr.any_dirs
+        self._cache.clear()
+
+    def remove(self, cr: CompiledRule) -> None:
+        for g, _ in cr.span_groups:
+            rules = self.by_group.get(g)
+            if rules is not None:
+                rules.pop(cr.key, None)
+                if not rules:
+                    del self.by_group[g]
+        if cr.any_dirs:
+            scope = None if cr.tenant == PROVIDER_TENANT else cr.tenant
+            rules = self.any_by_scope.get(scope)
+            if rules is not None:
+                rules.pop(cr.key, None)
+                if not rules:
+                    del self.any_by_scope[scope]
+        self._cache.clear()
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def lists(
+        self,
+        tenant: str,
+        groups: Iterable[Key],
+        order_of: Callable[[RuleKey], OrderKey],
+        id_of: Callable[[RuleKey], int],
+    ) -> Lists:
+        by_group = self.by_group
+        sig = (tenant, frozenset(g for g in groups if g in by_group))
+        hit = self._cache.get(sig)
+        if hit is not None:
+            return hit
+        dirs: dict[RuleKey, set[str]] = {}
+        sources = [self.any_by_scope.get(None, {})]
+        if tenant != PROVIDER_TENANT:
+            sources.append(self.any_by_scope.get(tenant, {}))
+        sources.extend(by_group[g] for g in sig[1])
+        for rules in sources:
+            for rk, d in rules.items():
+                # A tenant rule is installed only at that tenant's vNICs.
+                if rk[0] != tenant and rk[0] != PROVIDER_TENANT:
+                    continue
+                have = dirs.get(rk)
+                if have is None:
+                    dirs[rk] = set(d)
+                else:
+                    have |= d
+        ordered = sorted(dirs, key=order_of)
+        out = (
+            tuple(id_of(rk) for rk in ordered if EGRESS in dirs[rk]),
+            tuple(id_of(rk) for rk in ordered if INGRESS in dirs[rk]),
+        )
+        self._cache[sig] = out
+        return out

@@ -1,0 +1,213 @@
+"""A small raw-netlink NFLOG reader (pyroute2 has none): bind to a group, parse prefix and headers.
+
+The nft rules log with prefix `ow:<rule id>:<action> ` (action: drop, reject, would-drop; rule id 0 =
+a vNIC's default action). `NflogReader(group, netns)` opens its socket inside `netns` (NFLOG delivers
+in the namespace that logged) and `read(timeout)` returns parsed `NflogRecord`s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import re
+import select
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from omniwall.dataplane.netns import in_netns
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_ULOG = 4
+NFULNL_MSG_PACKET = 0
+NFULNL_MSG_CONFIG = 1
+NFULA_CFG_CMD = 1
+NFULA_CFG_MODE = 2
+NFULNL_CFG_CMD_BIND = 1
+NFULNL_CFG_CMD_UNBIND = 2
+NFULNL_COPY_PACKET = 2
+NFULA_PACKET_HDR = 1
+NFULA_MARK = 2
+NFULA_IFINDEX_INDEV = 4
+NFULA_IFINDEX_OUTDEV = 5
+NFULA_PAYLOAD = 9
+NFULA_PREFIX = 10
+NLM_F_REQUEST = 1
+NLM_F_ACK = 4
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+
+_PREFIX = re.compile(r"ow:(\d+):([a-z-]+)")
+
+
+@dataclass(frozen=True, slots=True)
+class NflogRecord:
+    prefix: str
+    rule_id: int | None  # None when the prefix is not ours
+    action: str | None  # drop, reject, would-drop
+    family: int  # 4 or 6
+    src: str
+    dst: str
+    protocol: int
+    sport: int = 0
+    dport: int = 0
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    indev: int = 0
+    outdev: int = 0
+    mark: int = 0
+
+
+def parse_prefix(prefix: str) -> tuple[int, str] | None:
+    m = _PREFIX.match(prefix.strip())
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def _attrs(buf: bytes) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    off = 0
+    while off + 4 <= len(buf):
+        ln, typ = struct.unpack_from("=HH", buf, off)
+        if ln < 4:
+            break
+        out[typ & 0x3FFF] = buf[off + 4 : off + ln]
+        off += (ln + 3) & ~3
+    return out
+
+
+def parse_payload(payload: bytes) -> dict[str, object]:
+    """Network + transport headers of a logged packet."""
+    if not payload:
+        return {}
+    ver = payload[0] >> 4
+    if ver == 4 and len(payload) >= 20:
+        ihl = (payload[0] & 0xF) * 4
+        proto = payload[9]
+        src, dst = str(ipaddress.IPv4Address(payload[12:16])), str(ipaddress.IPv4Address(payload[16:20]))
+        l4 = payload[ihl:]
+        family = 4
+    elif ver == 6 and len(payload) >= 40:
+        proto = payload[6]
+        src, dst = str(ipaddress.IPv6Address(payload[8:24])), str(ipaddress.IPv6Address(payload[24:40]))
+        l4 = payload[40:]
+        family = 6
+    else:
+        return {}
+    out: dict[str, object] = {"family": family, "src": src, "dst": dst, "protocol": proto}
+    if proto in (6, 17) and len(l4) >= 4:
+        out["sport"], out["dport"] = struct.unpack_from("!HH", l4, 0)
+    elif proto in (1, 58) and len(l4) >= 2:
+        out["icmp_type"], out["icmp_code"] = l4[0], l4[1]
+    return out
+
+
+def _msg(
+    msg_type: int, flags: int, seq: int, family: int, res_id: int, attrs: list[tuple[int, bytes]]
+) -> bytes:
+    body = struct.pack("!BBH", family, 0, res_id)  # nfgenmsg: family, version, res_id (big endian)
+    for typ, data in attrs:
+        nla = struct.pack("=HH", 4 + len(data), typ) + data
+        body += nla + b"\0" * ((4 - len(nla) % 4) % 4)
+    return struct.pack("=IHHII", 16 + len(body), msg_type, flags, seq, 0) + body
+
+
+class NflogReader:
+    def __init__(self, group: int, netns: str | None = None, copy_range: int = 256) -> None:
+        self.group = group
+        with in_netns(netns):
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.sock.bind((0, 0))
+        self._seq = 0
+        cfg = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
+        try:
+            self._request(cfg, [(NFULA_CFG_CMD, struct.pack("B", NFULNL_CFG_CMD_BIND))])
+            self._request(cfg, [(NFULA_CFG_MODE, struct.pack("!IBB", copy_range, NFULNL_COPY_PACKET, 0))])
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _request(self, msg_type: int, attrs: list[tuple[int, bytes]]) -> None:
+        self._seq += 1
+        self.sock.send(
+            _msg(msg_type, NLM_F_REQUEST | NLM_F_ACK, self._seq, socket.AF_UNSPEC, self.group, attrs)
+        )
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            data = self.sock.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                ln, typ, _f, seq, _pid = struct.unpack_from("=IHHII", data, off)
+                if typ == NLMSG_ERROR and seq == self._seq:
+                    (err,) = struct.unpack_from("=i", data, off + 16)
+                    if err != 0:
+                        raise OSError(-err, f"nflog config: {os.strerror(-err)}")
+                    return
+                off += (ln + 3) & ~3
+        raise TimeoutError("nflog config: no ack")
+
+    def read(self, timeout: float = 1.0, want: int = 1) -> list[NflogRecord]:
+        """Records received within `timeout` seconds (returns early once `want` are in)."""
+        out: list[NflogRecord] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < want:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                break
+            data = self.sock.recv(1 << 16)
+            out.extend(self._parse(data))
+        return out
+
+    def _parse(self, data: bytes) -> list[NflogRecord]:
+        recs = []
+        off = 0
+        while off + 16 <= len(data):
+            ln, typ, _f, _seq, _pid = struct.unpack_from("=IHHII", data, off)
+            if ln < 16:
+                break
+            if typ == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
+                a = _attrs(data[off + 20 : off + ln])
+                prefix = a.get(NFULA_PREFIX, b"").split(b"\0")[0].decode(errors="replace")
+                hdr = parse_payload(a.get(NFULA_PAYLOAD, b""))
+                pp = parse_prefix(prefix)
+                recs.append(
+                    NflogRecord(
+                        prefix=prefix,
+                        rule_id=pp[0] if pp else None,
+                        action=pp[1] if pp else None,
+                        family=int(hdr.get("family", 0)),  # type: ignore[call-overload]
+                        src=str(hdr.get("src", "")),
+                        dst=str(hdr.get("dst", "")),
+                        protocol=int(hdr.get("protocol", 0)),  # type: ignore[call-overload]
+                        sport=int(hdr.get("sport", 0)),  # type: ignore[call-overload]
+                        dport=int(hdr.get("dport", 0)),  # type: ignore[call-overload]
+                        icmp_type=hdr.get("icmp_type"),  # type: ignore[arg-type]
+                        icmp_code=hdr.get("icmp_code"),  # type: ignore[arg-type]
+                        indev=struct.unpack("!I", a[NFULA_IFINDEX_INDEV])[0]
+                        if NFULA_IFINDEX_INDEV in a
+                        else 0,
+                        outdev=struct.unpack("!I", a[NFULA_IFINDEX_OUTDEV])[0]
+                        if NFULA_IFINDEX_OUTDEV in a
+                        else 0,
+                        mark=struct.unpack("!I", a[NFULA_MARK])[0] if NFULA_MARK in a else 0,
+                    )
+                )
+            off += (ln + 3) & ~3
+        return recs
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            cfg = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
+            self._request(cfg, [(NFULA_CFG_CMD, struct.pack("B", NFULNL_CFG_CMD_UNBIND))])
+        self.sock.close()
+
+    def __enter__(self) -> NflogReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["NflogReader", "NflogRecord", "parse_payload", "parse_prefix"]

@@ -1,0 +1,78 @@
+"""Kernel object names in `table inet omniwall`, derived deterministically from ifnames and set names.
+
+A name that is not a plain identifier, or too long, is sanitized and suffixed with a hash of the
+original (never silently truncated, so two different inputs never collide).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+FAMILY = "inet"
+TABLE = "omniwall"
+MAX_NAME = 64  # the kernel allows 255; short names keep listings readable
+
+# base chains
+RAW_CHAIN = "raw_pre"  # prerouting, priority -300: anti-spoofing + notrack for stateless rules
+FWD_CHAIN = "fwd"  # forward, priority 0: conntrack shortcut + per-vNIC dispatch
+# bookkeeping chains (no hook, never jumped to)
+STATE_CHAIN = "_state"  # the realized IR (minus set elements), compressed, in rule comments
+REV_CHAIN = "_rev"  # the realized revision, one rule comment
+# dispatch maps
+MAP_EGRESS = "m_egress"  # iifname : jump e_<if>
+MAP_INGRESS = "m_ingress"  # oifname : jump i_<if>
+MAP_RAW_EGRESS = "m_raw_egress"  # iifname : jump re_<if>
+MAP_RAW_INGRESS4 = "m_raw_ingress4"  # ip daddr : jump ri_<if>  (the vNIC's own addresses)
+MAP_RAW_INGRESS6 = "m_raw_ingress6"  # ip6 daddr : jump ri_<if>
+
+_PLAIN = re.compile(r"[A-Za-z0-9_]+")
+
+
+def safe(name: str, maxlen: int = MAX_NAME - 8) -> str:
+    if _PLAIN.fullmatch(name) and len(name) <= maxlen:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", name)[: maxlen - 11]
+    return f"{cleaned}_{digest}"
+
+
+def vnic_chain(direction: str, ifname: str, segment: int | str = 0) -> str:
+    """Entry chain (segment 0) `e_<if>`/`i_<if>`, later category segments `e_<if>_1`..., tail `e_<if>_d`."""
+    prefix = "e" if direction == "egress" else "i"
+    base = f"{prefix}_{safe(ifname)}"
+    return base if segment == 0 else f"{base}_{segment}"
+
+
+def raw_chain(direction: str, ifname: str) -> str:
+    return f"{'re' if direction == 'egress' else 'ri'}_{safe(ifname)}"
+
+
+def addr_set(setname: str, family: int) -> str:
+    """Hash set of host addresses (ipv4_addr / ipv6_addr)."""
+    return f"a{family}_{safe(setname)}"
+
+
+def cidr_set(setname: str, family: int) -> str:
+    """Interval set of networks, only present when the IR set has networks of that family."""
+    return f"c{family}_{safe(setname)}"
+
+
+__all__ = [
+    "FAMILY",
+    "FWD_CHAIN",
+    "MAP_EGRESS",
+    "MAP_INGRESS",
+    "MAP_RAW_EGRESS",
+    "MAP_RAW_INGRESS4",
+    "MAP_RAW_INGRESS6",
+    "RAW_CHAIN",
+    "REV_CHAIN",
+    "STATE_CHAIN",
+    "TABLE",
+    "addr_set",
+    "cidr_set",
+    "raw_chain",
+    "safe",
+    "vnic_chain",
+]

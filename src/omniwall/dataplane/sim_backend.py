@@ -1,0 +1,151 @@
+"""An in-memory `Backend`: holds one host's realized state in a Python object instead of a kernel.
+
+Used by the agent's unit tests and by the 1,000-agent fan-out benchmark, where a kernel per agent is out
+of the question. It is a *strict* fake (Faucet's FakeOFTable is the model): it refuses what the kernel
+backend would refuse — a delta for another base revision, a vNIC naming a rule that is not there, a rule
+naming a missing set — and a refused write leaves the old state intact, all or nothing.
+
+Test hooks (not part of `Backend`): `calls` records every write the backend was asked to make, `writes`
+counts the ones that changed something, `fail_next()` makes the next writes raise, `add_traffic()` bumps
+rule counters. With `state_file`, the realized state survives the process (as a kernel table survives
+its agent), so restart adoption can be tested without root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from omniwall.compiler.ir import HostDelta, HostDesiredState, apply_delta
+from omniwall.dataplane.backend import Capabilities, ConnEntry, RuleCounters
+
+
+class SimBackendError(RuntimeError):
+    """A write the sim backend refused (or was told to fail)."""
+
+
+def check_references(state: HostDesiredState) -> None:
+    """Raise SimBackendError when the state names a rule or a set it does not hold."""
+    rules = state.rule_map()
+    sets = state.set_map()
+    for v in state.vnics:
+        for rid in (*v.egress, *v.ingress):
+            if rid not in rules:
+                raise SimBackendError(f"vnic {v.ifname}: rule {rid} is not in the state")
+    for r in state.rules:
+        for name in (r.src_set, r.dst_set):
+            if name is not None and name not in sets:
+                raise SimBackendError(f"rule {r.id}: set {name!r} is not in the state")
+
+
+class SimBackend:
+    capabilities = Capabilities(kernel=False, conntrack=True, counters=True)
+
+    def __init__(self, host: str = "", state_file: Path | str | None = None) -> None:
+        self.host = host
+        self.state_file = Path(state_file) if state_file is not None else None
+        self._state: HostDesiredState | None = None
+        self._counters: dict[int, tuple[int, int]] = {}
+        self._conns: list[ConnEntry] = []
+        self._fail: list[str] = []
+        self.calls: list[tuple[object, ...]] = []  # ("sync", revision) / ("apply", from, to) / ("teardown",)
+        self.writes = 0  # writes that changed the state
+        if self.state_file is not None and self.state_file.exists():
+            self._state = HostDesiredState.loads(self.state_file.read_text())
+
+    # ---- test hooks
+    def fail_next(self, count: int = 1, message: str = "injected failure") -> None:
+        """Make the next `count` writes (sync or apply) raise SimBackendError."""
+        self._fail.extend([message] * count)
+
+    def add_traffic(self, rule_id: int, packets: int = 1, nbytes: int = 100) -> None:
+        p, b = self._counters.get(rule_id, (0, 0))
+        self._counters[rule_id] = (p + packets, b + nbytes)
+
+    # ---- Backend
+    def realized(self) -> HostDesiredState | None:
+        return self._state
+
+    def sync(self, state: HostDesiredState) -> None:
+        self.calls.append(("sync", state.revision))
+        self._maybe_fail()
+        check_references(state)
+        if state == self._state:
+            return  # minimal writes: none
+        self._commit(state)
+
+    def apply(self, delta: HostDelta) -> None:
+        self.calls.append(("apply", delta.from_revision, delta.to_revision))
+        self._maybe_fail()
+        if self._state is None:
+            raise SimBackendError("apply: nothing realized yet, a full sync is needed first")
+        try:
+            target = apply_delta(self._state, delta)
+        except ValueError as e:
+            raise SimBackendError(f"apply: {e}") from e
+        check_references(target)
+        self._commit(target)
+
+    def counters(self) -> list[RuleCounters]:
+        if self._state is None:
+            return []
+        return [
+            RuleCounters(
+                rule_id=r.id,
+                packets=self._counters.get(r.id, (0, 0))[0],
+                bytes=self._counters.get(r.id, (0, 0))[1],
+            )
+            for r in self._state.rules
+        ]
+
+    def connections(self, ifname: str | None = None) -> list[ConnEntry]:
+        if ifname is None:
+            return list(self._conns)
+        vnic = self._state.vnic_map().get(ifname) if self._state else None
+        if vnic is None:
+            return []
+        return self.export_connections(list(vnic.addresses))
+
+    def export_connections(self, addresses: list[str]) -> list[ConnEntry]:
+        wanted = set(addresses)
+        return [c for c in self._conns if c.src in wanted or c.dst in wanted]
+
+    def import_connections(self, entries: list[ConnEntry]) -> int:
+        new = [e for e in entries if e not in self._conns]
+        self._conns.extend(new)
+        return len(new)
+
+    def flush_connections(self, entries: list[ConnEntry]) -> int:
+        before = len(self._conns)
+        gone = set(map(id, [c for c in self._conns if c in entries]))
+        self._conns = [c for c in self._conns if id(c) not in gone]
+        return before - len(self._conns)
+
+    def teardown(self) -> None:
+        self.calls.append(("teardown",))
+        self._state = None
+        self._counters.clear()
+        self._conns.clear()
+        if self.state_file is not None:
+            self.state_file.unlink(missing_ok=True)
+
+    # ---- internals
+    def _maybe_fail(self) -> None:
+        if self._fail:
+            raise SimBackendError(self._fail.pop(0))
+
+    def _commit(self, state: HostDesiredState) -> None:
+        self._state = state
+        self.writes += 1
+        # a removed rule takes its counters with it, as an nft rule does
+        kept = {r.id for r in state.rules}
+        self._counters = {k: v for k, v in self._counters.items() if k in kept}
+        if self.state_file is not None:
+            # write-then-rename: a crash leaves the old file or the new one, never half of one
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state.to_json(), sort_keys=True))
+            os.replace(tmp, self.state_file)
+
+
+__all__ = ["SimBackend", "SimBackendError", "check_references"]

@@ -1,0 +1,421 @@
+"""Random but valid resource sets for the differential test (kernel vs sim), reproducible from a seed.
+
+A scenario has two halves:
+- the **inventory** (`generate_inventory(seed)`): 2-3 Hosts and 4-8 Workloads (some owned by the
+  provider) with labels and attributes, one vNIC each with an IPv4 and an IPv6 address, and responders
+  on every fuzz port. It is what a lab is built from, so it stays fixed while policies change;
+- the **policy** (`generate_policy(inventory, seed)`): Tenants (default drop/allow/reject, some in
+  monitor mode), Groups (selectors, static workloads, nested groups, CIDRs, shared provider groups),
+  Services (tcp/udp ports, lists and ranges, icmp types/codes, any) and Policies in every category, with
+  every action, directions, appliedTo (policy and rule), stateless policies, disabled and logged rules.
+
+`generate(seed)` is both halves with the same seed. Every set passes `omniwall.model.validate.validate`
+(references only point at objects that exist and are visible; nested groups only point at groups made
+earlier, so there are no cycles).
+
+Ports: every service range either avoids the kernel's ephemeral range (32768-60999) or covers all of
+it, so the sim's fixed source port (`EPHEMERAL_SPORT`) and the kernel's random one always give the same
+verdict, also for stateless reply rules.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from omniwall import PROVIDER_TENANT
+from omniwall.model.resources import Resource
+
+TCP_PORTS: tuple[int, ...] = (80, 443, 8080, 8081)
+UDP_PORTS: tuple[int, ...] = (53, 5000, 5001)
+SERVERS: tuple[str, ...] = ("tcp/80", "tcp/443", "tcp/8080-8081", "udp/53", "udp/5000-5001")
+EPHEMERAL_SPORT = 40000  # inside the kernel's ephemeral range; see the module docstring
+
+V4_NET = ipaddress.ip_network("10.88.0.0/16")
+V6_NET = ipaddress.ip_network("fd00:88::/32")
+TENANTS = ("t1", "t2", "t3")
+
+# Inline services: probes hit some and miss others (range edges around the fuzz ports).
+TCP_SERVICES = (
+    "tcp/80",
+    "tcp/443",
+    "tcp/8080",
+    "tcp/8081",
+    "tcp/80,443",
+    "tcp/79-80",
+    "tcp/81-442",
+    "tcp/8000-8080",
+    "tcp/8081-8090",
+    "tcp/1-65535",
+    "tcp/1024-65535",  # covers the whole ephemeral range: a stateless reply rule
+    "tcp/22",
+)
+UDP_SERVICES = (
+    "udp/53",
+    "udp/5000",
+    "udp/5001",
+    "udp/53,5001",
+    "udp/4999-5000",
+    "udp/5001-5100",
+    "udp/1-65535",
+    "udp/1024-65535",
+    "udp/123",
+)
+ICMP_SERVICES = (
+    "icmp",
+    "icmp/8",
+    "icmp/0",  # echo reply: a stateless reply rule
+    "icmp/8/0",
+    "icmp/8/1",  # never an echo request (code 0)
+    "icmp/3/4",
+    "icmpv6",
+    "icmpv6/128",
+    "icmpv6/129",
+    "icmpv6/1/3",
+)
+ANY_SERVICE = ("any",)
+
+ROLES = ("web", "app", "db", "cache")
+ENVS = ("prod", "dev")
+ZONES = ("a", "b")
+USERS = ("alice", "bob", "carol")
+
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(Resource)
+
+
+def resource(data: dict[str, Any]) -> Any:
+    return _ADAPTER.validate_python(data)
+
+
+@dataclass(frozen=True)
+class WorkloadInfo:
+    tenant: str
+    name: str
+    host: str
+    ip4: str
+    ip6: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.tenant}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    seed: int
+    hosts: tuple[str, ...]
+    workloads: tuple[WorkloadInfo, ...]
+    tenants: tuple[str, ...]  # tenants other than the provider (some may have no workloads)
+    resources: tuple[Any, ...]  # Hosts and Workloads
+
+    def workloads_of(self, tenant: str) -> list[WorkloadInfo]:
+        return [w for w in self.workloads if w.tenant == tenant]
+
+
+def _ips(i: int) -> tuple[str, str]:
+    """Two subnets (10.88.1.0/24 and 10.88.2.0/24, same for v6), so CIDRs can pick out a part."""
+    subnet = 1 + i % 2
+    return f"10.88.{subnet}.{10 + i}", f"fd00:88:{subnet}::{10 + i:x}"
+
+
+def generate_inventory(
+    seed: int, *, workloads: int | tuple[int, int] = (4, 8), hosts: int | tuple[int, int] = (2, 3)
+) -> Inventory:
+    rng = random.Random(f"inventory/{seed}")
+    n_hosts = hosts if isinstance(hosts, int) else rng.randint(*hosts)
+    n_wl = workloads if isinstance(workloads, int) else rng.randint(*workloads)
+    host_names = tuple(f"h{i + 1}" for i in range(n_hosts))
+    tenants = tuple(TENANTS[: rng.randint(1, len(TENANTS))])
+    out: list[Any] = [resource({"kind": "Host", "metadata": {"name": h}}) for h in host_names]
+    infos = []
+    for i in range(n_wl):
+        # At least one workload per tenant for the first tenants; some provider workloads.
+        tenant = tenants[i] if i < len(tenants) else rng.choice([*tenants, *tenants, PROVIDER_TENANT])
+        name = f"w{i + 1}"
+        host = host_names[i % n_hosts] if i < n_hosts else rng.choice(host_names)
+        ip4, ip6 = _ips(i)
+        labels = {"role": rng.choice(ROLES)}
+        if rng.random() < 0.8:
+            labels["env"] = rng.choice(ENVS)
+        attributes: dict[str, Any] = {}
+        if rng.random() < 0.7:
+            attributes["zone"] = rng.choice(ZONES)
+        if rng.random() < 0.6:
+            attributes["level"] = rng.randint(1, 3)
+        if rng.random() < 0.6:
+            attributes["users"] = sorted(rng.sample(USERS, rng.randint(1, 2)))
+        if rng.random() < 0.5:
+            attributes["pci"] = rng.random() < 0.5
+        infos.append(WorkloadInfo(tenant, name, host, ip4, ip6, labels))
+        out.append(
+            resource(
+                {
+                    "kind": "Workload",
+                    "metadata": {"name": name, "tenant": tenant, "labels": labels},
+                    "spec": {
+                        "host": host,
+                        "vnics": [{"name": "eth0", "ips": [ip4, ip6]}],
+                        "attributes": attributes,
+                        "lab": {"servers": list(SERVERS)},
+                    },
+                }
+            )
+        )
+    return Inventory(seed, host_names, tuple(infos), tenants, tuple(out))
+
+
+# ------------------------------------------------------------------------------------------- policy
+
+
+def _atom(rng: random.Random) -> str:
+    kind = rng.randrange(10)
+    if kind == 0:
+        return f'role == "{rng.choice(ROLES)}"'
+    if kind == 1:
+        return f'role != "{rng.choice(ROLES)}"'
+    if kind == 2:
+        vals = ", ".join(f'"{v}"' for v in rng.sample(ROLES, 2))
+        return f"role {'in' if rng.random() < 0.6 else 'not in'} {{{vals}}}"
+    if kind == 3:
+        return f'env == "{rng.choice(ENVS)}"'
+    if kind == 4:
+        return f"has({rng.choice(('env', 'zone', 'users', 'pci', 'level'))})"
+    if kind == 5:
+        return f'zone == "{rng.choice(ZONES)}"'
+    if kind == 6:
+        return f"level == {rng.randint(1, 3)}"
+    if kind == 7:
+        return f'users in {{"{rng.choice(USERS)}"}}'
+    if kind == 8:
+        return f"pci == {rng.choice(('true', 'false'))}"
+    return f'label("role") == "{rng.choice(ROLES)}"'
+
+
+def _selector(rng: random.Random, depth: int = 0) -> str:
+    r = rng.random()
+    if depth >= 2 or r < 0.45:
+        return "all()" if rng.random() < 0.05 else _atom(rng)
+    if r < 0.55:
+        return f"!({_selector(rng, depth + 1)})"
+    op = " && " if rng.random() < 0.5 else " || "
+    return f"({_selector(rng, depth + 1)}{op}{_selector(rng, depth + 1)})"
+
+
+def _cidr(rng: random.Random, inv: Inventory, literal: bool = False) -> str:
+    """A CIDR (or address) that covers one workload and maybe more, or nothing in the inventory."""
+    if rng.random() < 0.1:
+        return rng.choice(("192.0.2.0/24", "2001:db8::/32", "10.99.0.0/16"))
+    w = rng.choice(inv.workloads)
+    if rng.random() < 0.5:
+        if literal and rng.random() < 0.5:
+            return w.ip4
+        plen = rng.choice((32, 31, 30, 28, 24, 16, 8, 0))
+        return str(ipaddress.ip_network(f"{w.ip4}/{plen}", strict=False))
+    if literal and rng.random() < 0.5:
+        return w.ip6
+    plen = rng.choice((128, 127, 124, 64, 48, 32, 0))
+    return str(ipaddress.ip_network(f"{w.ip6}/{plen}", strict=False))
+
+
+@dataclass
+class _Names:
+    """What exists so far and who may reference it."""
+
+    groups: list[tuple[str, str]] = field(default_factory=list)  # (tenant, name), in creation order
+    shared: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # provider group -> shareWith
+    services: list[tuple[str, str]] = field(default_factory=list)
+
+    def group_refs(self, tenant: str) -> list[str]:
+        """References `tenant` may make to the groups made so far."""
+        out = []
+        for owner, name in self.groups:
+            if owner == tenant:
+                out.append(name)
+            elif tenant == PROVIDER_TENANT:
+                out.append(f"{owner}/{name}")
+            elif owner == PROVIDER_TENANT:
+                share = self.shared.get((owner, name), [])
+                if "*" in share or tenant in share:
+                    out.append(f"{PROVIDER_TENANT}/{name}")
+        return out
+
+    def service_refs(self, tenant: str) -> list[str]:
+        out = []
+        for owner, name in self.services:
+            if owner == tenant:
+                out.append(name)
+            elif owner == PROVIDER_TENANT:
+                out.append(f"{PROVIDER_TENANT}/{name}")
+        return out
+
+
+def _group(rng: random.Random, inv: Inventory, names: _Names, tenant: str, name: str) -> Any:
+    spec: dict[str, Any] = {}
+    parts = rng.sample(("selector", "workloads", "groups", "cidrs"), rng.choice((1, 1, 1, 2, 2, 3)))
+    if "selector" in parts:
+        spec["selector"] = _selector(rng)
+    own = [w.name for w in inv.workloads_of(tenant)]
+    if "workloads" in parts and own:
+        spec["workloads"] = sorted(rng.sample(own, rng.randint(1, min(2, len(own)))))
+    refs = names.group_refs(tenant)
+    if "groups" in parts and refs:
+        spec["groups"] = sorted(rng.sample(refs, rng.randint(1, min(2, len(refs)))))
+    if "cidrs" in parts or not spec:
+        spec["cidrs"] = sorted({_cidr(rng, inv) for _ in range(rng.randint(1, 2))})
+    if tenant == PROVIDER_TENANT:
+        share = rng.choice((["*"], ["*"], [], [rng.choice(inv.tenants)]))
+        if share:
+            spec["shareWith"] = share
+        names.shared[(tenant, name)] = share
+    names.groups.append((tenant, name))
+    return resource({"kind": "Group", "metadata": {"name": name, "tenant": tenant}, "spec": spec})
+
+
+def _service(rng: random.Random, names: _Names, tenant: str, name: str) -> Any:
+    kind = rng.randrange(6)
+    if kind == 0:
+        spec: dict[str, Any] = {"protocol": "tcp", "ports": rng.sample([80, 443, 8080, "8000-8080", 22], 2)}
+    elif kind == 1:
+        spec = {"protocol": "udp", "ports": [rng.choice([53, 5000, "5000-5001", "1024-65535"])]}
+    elif kind == 2:
+        spec = {"protocol": rng.choice(("tcp", "udp"))}  # every port
+    elif kind == 3:
+        spec = {"protocol": "icmp", "icmpType": rng.choice((8, 0, 3))}
+        if rng.random() < 0.3:
+            spec["icmpCode"] = rng.choice((0, 1))
+    elif kind == 4:
+        spec = {"protocol": "icmpv6", "icmpType": rng.choice((128, 129))}
+    else:
+        spec = {"protocol": "any"}
+    names.services.append((tenant, name))
+    return resource({"kind": "Service", "metadata": {"name": name, "tenant": tenant}, "spec": spec})
+
+
+def _peers(rng: random.Random, inv: Inventory, names: _Names, tenant: str) -> list[str]:
+    if rng.random() < 0.4:
+        return ["any"]
+    refs = names.group_refs(tenant)
+    out: list[str] = []
+    for _ in range(rng.choice((1, 1, 2))):
+        if refs and rng.random() < 0.75:
+            out.append(rng.choice(refs))
+        else:
+            out.append(_cidr(rng, inv, literal=True))
+    return sorted(set(out))
+
+
+def _services(rng: random.Random, names: _Names, tenant: str) -> list[str]:
+    if rng.random() < 0.3:
+        return []
+    out = []
+    named = names.service_refs(tenant)
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        r = rng.random()
+        if named and r < 0.2:
+            out.append(rng.choice(named))
+        elif r < 0.5:
+            out.append(rng.choice(TCP_SERVICES))
+        elif r < 0.7:
+            out.append(rng.choice(UDP_SERVICES))
+        elif r < 0.95:
+            out.append(rng.choice(ICMP_SERVICES))
+        else:
+            out.append("any")
+    return list(dict.fromkeys(out))
+
+
+def _applied_to(rng: random.Random, names: _Names, tenant: str, n: int) -> list[str]:
+    refs = names.group_refs(tenant)
+    return sorted(rng.sample(refs, min(n, len(refs)))) if refs else []
+
+
+def _policy(rng: random.Random, inv: Inventory, names: _Names, tenant: str, name: str) -> Any:
+    if tenant == PROVIDER_TENANT:
+        category = rng.choice(("emergency", "infrastructure", "infrastructure", "environment", "application"))
+    else:
+        category = rng.choice(("environment", "application", "application"))
+    spec: dict[str, Any] = {
+        "category": category,
+        "priority": rng.choice((100, 500, 1000, 1000, 2000)),
+        "stateful": rng.random() >= 0.2,
+    }
+    if rng.random() < 0.25:
+        spec["appliedTo"] = _applied_to(rng, names, tenant, rng.randint(1, 2))
+    rules = []
+    for j in range(rng.randint(1, 5)):
+        rule: dict[str, Any] = {
+            "name": f"r{j + 1}",
+            "sources": _peers(rng, inv, names, tenant),
+            "destinations": _peers(rng, inv, names, tenant),
+            "action": rng.choices(("allow", "drop", "reject", "pass"), (40, 20, 20, 15))[0],
+        }
+        services = _services(rng, names, tenant)
+        if services:
+            rule["services"] = services
+        direction = rng.choices(("both", "in", "out"), (60, 20, 20))[0]
+        if direction != "both":
+            rule["direction"] = direction
+        if rng.random() < 0.15:
+            rule["appliedTo"] = _applied_to(rng, names, tenant, 1)
+        if rng.random() < 0.2:
+            rule["log"] = True
+        if rng.random() < 0.1:
+            rule["disabled"] = True
+        rules.append(rule)
+    spec["rules"] = rules
+    return resource({"kind": "Policy", "metadata": {"name": name, "tenant": tenant}, "spec": spec})
+
+
+def generate_policy(inv: Inventory, seed: int | str) -> list[Any]:
+    """Tenants, Groups, Services and Policies over `inv` (which they never change)."""
+    rng = random.Random(f"policy/{inv.seed}/{seed}")
+    out: list[Any] = []
+    tenants = [PROVIDER_TENANT, *inv.tenants]
+    for t in tenants:
+        spec: dict[str, Any] = {
+            "defaultAction": rng.choices(("drop", "allow", "reject"), (50, 30, 20))[0],
+        }
+        if rng.random() < (0.1 if t == PROVIDER_TENANT else 0.2):
+            spec["mode"] = "monitor"
+        if rng.random() < 0.9:  # an undeclared tenant gets the defaults (drop, enforce)
+            out.append(resource({"kind": "Tenant", "metadata": {"name": t}, "spec": spec}))
+    names = _Names()
+    for i in range(rng.randint(0, 2)):
+        out.append(_service(rng, names, rng.choice(tenants), f"s{i + 1}"))
+    # One sequence across tenants, so a tenant group can nest a provider group made before it, and back.
+    for i in range(rng.randint(3, 8)):
+        out.append(_group(rng, inv, names, rng.choice(tenants), f"g{i + 1}"))
+    for i in range(rng.randint(1, 6)):
+        out.append(_policy(rng, inv, names, rng.choice(tenants), f"p{i + 1}"))
+    return out
+
+
+def generate(seed: int, **inventory_args: Any) -> list[Any]:
+    """A whole scenario: inventory and policy from one seed."""
+    inv = generate_inventory(seed, **inventory_args)
+    return [*inv.resources, *generate_policy(inv, 0)]
+
+
+def policy_only(resources: Sequence[Any]) -> list[Any]:
+    """The resources of a scenario that are not inventory (what a round re-programs)."""
+    return [r for r in resources if r.kind not in ("Host", "Workload")]
+
+
+__all__ = [
+    "EPHEMERAL_SPORT",
+    "SERVERS",
+    "TCP_PORTS",
+    "UDP_PORTS",
+    "Inventory",
+    "WorkloadInfo",
+    "generate",
+    "generate_inventory",
+    "generate_policy",
+    "policy_only",
+]

@@ -1,0 +1,104 @@
+"""Per-host desired states, the deltas between their versions, and wake-ups for the feeds waiting on them.
+
+A host's state gets a new revision only when its content changes: a write that does not touch a host
+leaves its state (and revision) alone, so its agent receives nothing. The last `max_log` deltas of each
+host are kept, so an agent reconnecting with a recent revision gets deltas, an older one a snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from dataclasses import replace
+
+from omniwall.compiler.ir import HostDelta, HostDesiredState, diff, empty_state
+
+
+class Broadcaster:
+    """Wakes every subscribed asyncio task (on whatever loop it runs) from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subs: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+
+    def subscribe(self) -> asyncio.Event:
+        ev = asyncio.Event()
+        with self._lock:
+            self._subs[id(ev)] = (asyncio.get_running_loop(), ev)
+        return ev
+
+    def unsubscribe(self, ev: asyncio.Event) -> None:
+        with self._lock:
+            self._subs.pop(id(ev), None)
+
+    def notify(self) -> None:
+        with self._lock:
+            subs = list(self._subs.values())
+        for loop, ev in subs:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # loop closed: the subscriber is gone
+                self.unsubscribe(ev)
+
+
+class DesiredStates:
+    def __init__(self, max_log: int = 256) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[str, HostDesiredState] = {}
+        self._log: dict[str, deque[HostDelta]] = {}
+        self._max_log = max_log
+        self.changed = Broadcaster()
+
+    def update(
+        self, new: dict[str, HostDesiredState], revision: int, *, only: set[str] | None = None
+    ) -> list[HostDelta]:
+        """Take freshly compiled states at `revision`; returns the deltas of the hosts whose state changed.
+        `only`: just these hosts were recompiled (the others are unchanged); otherwise `new` is complete
+        and hosts missing from it disappeared: they get an empty state (their agents clear their tables)."""
+        deltas: list[HostDelta] = []
+        with self._lock:
+            hosts = only if only is not None else set(new) | set(self._states)
+            for host in sorted(hosts):
+                target = new.get(host) or empty_state(host, revision)
+                target = replace(target, revision=revision)
+                prev = self._states.get(host)
+                if prev is not None and replace(target, revision=prev.revision) == prev:
+                    continue
+                if prev is not None:
+                    d = diff(prev, target)
+                    log = self._log.setdefault(host, deque(maxlen=self._max_log))
+                    log.append(d)
+                    deltas.append(d)
+                self._states[host] = target
+        if deltas:
+            self.changed.notify()
+        return deltas
+
+    def snapshot(self, host: str) -> HostDesiredState | None:
+        with self._lock:
+            return self._states.get(host)
+
+    def all(self) -> dict[str, HostDesiredState]:
+        with self._lock:
+            return dict(self._states)
+
+    def revision(self, host: str) -> int:
+        with self._lock:
+            s = self._states.get(host)
+            return s.revision if s else 0
+
+    def deltas_since(self, host: str, from_revision: int) -> list[HostDelta] | None:
+        """The deltas taking revision `from_revision` to the current state; [] when current; None when
+        `from_revision` is unknown or too old (the caller sends a snapshot instead)."""
+        with self._lock:
+            state = self._states.get(host)
+            if state is None or from_revision <= 0:
+                return None
+            if from_revision == state.revision:
+                return []
+            log = list(self._log.get(host, ()))
+        for i, d in enumerate(log):
+            if d.from_revision == from_revision:
+                return log[i:]
+        return None

@@ -1,0 +1,49 @@
+"""Run the manager: open the store, bootstrap the first admin token, serve the API with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omniwall.store import open_store
+
+from .service import Manager
+from .tokens import token_file_for
+
+log = logging.getLogger(__name__)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT`, `:PORT` or `[v6]:PORT` -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--listen {listen!r}: expected HOST:PORT, like 127.0.0.1:8443")
+    return (host.strip("[]") or "0.0.0.0"), int(port)
+
+
+def build(db: str) -> tuple[Manager, Path | None]:
+    store = open_store(db)
+    manager = Manager(store)
+    written = manager.tokens.bootstrap(token_file_for(db))
+    return manager, written
+
+
+def serve(db: str, listen: str, tls_cert: str | None = None, tls_key: str | None = None) -> None:
+    import uvicorn
+
+    from omniwall.api.app import create_app
+
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    host, port = parse_listen(listen)
+    manager, _ = build(db)
+    app = create_app(manager)
+    log.info(
+        "manager on %s://%s:%d, store %s at revision %d",
+        "https" if tls_cert else "http",
+        host,
+        port,
+        db,
+        manager.revision,
+    )
+    uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="info")

@@ -1,0 +1,155 @@
+"""API bearer tokens: roles, creation, verification, revocation, first-run bootstrap.
+
+A token is `ow.<id>.<secret>`. The store keeps only sha256(secret) under `tokens/<id>`; verification
+looks the id up and compares digests in constant time. A random 256-bit secret needs no slow KDF.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+
+from omniwall.store import Compare, Put, Store
+from omniwall.store.base import Delete
+
+from .objects import TOKEN_PREFIX
+
+log = logging.getLogger(__name__)
+
+
+class Role(StrEnum):
+    PROVIDER_ADMIN = "provider-admin"
+    TENANT_ADMIN = "tenant-admin"
+    TENANT_VIEWER = "tenant-viewer"
+    AUDITOR = "auditor"
+    AGENT = "agent"
+    IDENTITY_SOURCE = "identity-source"  # reserved: identity events (a later issue); allowed nothing yet
+    POSTURE_SOURCE = "posture-source"  # reserved: posture facts (a later issue); allowed nothing yet
+
+
+TENANT_ROLES = frozenset({Role.TENANT_ADMIN, Role.TENANT_VIEWER})
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    id: str
+    name: str
+    role: str
+    tenant: str | None
+    host: str | None
+    sha256: str
+    created: str
+    created_by: str | None = None
+
+    def public(self) -> dict[str, object]:
+        d = asdict(self)
+        d.pop("sha256")
+        return d
+
+
+class TokenError(ValueError):
+    pass
+
+
+def check_scope(role: str, tenant: str | None, host: str | None) -> Role:
+    """Tenant roles need a tenant, the agent role needs a host, other roles take neither."""
+    try:
+        r = Role(role)
+    except ValueError:
+        raise TokenError(f"unknown role {role!r}; roles: {', '.join(x.value for x in Role)}") from None
+    if r in TENANT_ROLES and not tenant:
+        raise TokenError(f"role {r.value} needs a tenant")
+    if r not in TENANT_ROLES and tenant:
+        raise TokenError(f"role {r.value} is not scoped to a tenant")
+    if r == Role.AGENT and not host:
+        raise TokenError("role agent needs a host")
+    if r != Role.AGENT and host:
+        raise TokenError(f"role {r.value} is not scoped to a host")
+    return r
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class TokenBook:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def create(
+        self,
+        role: str,
+        *,
+        name: str = "",
+        tenant: str | None = None,
+        host: str | None = None,
+        created_by: str | None = None,
+    ) -> tuple[str, TokenRecord]:
+        """Returns (the token string, shown once; its record)."""
+        r = check_scope(role, tenant, host)
+        tid, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        rec = TokenRecord(
+            id=tid,
+            name=name or f"{r.value}-{tid}",
+            role=r.value,
+            tenant=tenant,
+            host=host,
+            sha256=_digest(secret),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            created_by=created_by,
+        )
+        res = self.store.txn(
+            [Compare(TOKEN_PREFIX + tid, 0)], [Put(TOKEN_PREFIX + tid, json.dumps(asdict(rec)))]
+        )
+        if not res.succeeded:  # pragma: no cover - 48 random bits colliding
+            raise TokenError("token id collision, try again")
+        return f"ow.{tid}.{secret}", rec
+
+    def verify(self, token: str) -> TokenRecord | None:
+        parts = token.strip().split(".")
+        if len(parts) != 3 or parts[0] != "ow":
+            return None
+        rec = self.get(parts[1])
+        if rec is None:
+            return None
+        return rec if hmac.compare_digest(_digest(parts[2]), rec.sha256) else None
+
+    def get(self, tid: str) -> TokenRecord | None:
+        kv = self.store.get(TOKEN_PREFIX + tid)
+        return TokenRecord(**json.loads(kv.value)) if kv else None
+
+    def list(self) -> list[TokenRecord]:
+        items, _ = self.store.range(TOKEN_PREFIX)
+        return [TokenRecord(**json.loads(kv.value)) for kv in items]
+
+    def revoke(self, tid: str) -> bool:
+        res = self.store.txn([Compare(TOKEN_PREFIX + tid, 0)], [], [Delete(TOKEN_PREFIX + tid)])
+        return not res.succeeded  # the key existed and was deleted
+
+    def bootstrap(self, token_file: Path) -> Path | None:
+        """First run: no provider-admin token yet -> create one, write it to `token_file` (0600)."""
+        if any(t.role == Role.PROVIDER_ADMIN for t in self.list()):
+            return None
+        token, rec = self.create(Role.PROVIDER_ADMIN, name="bootstrap-admin", created_by="bootstrap")
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.chmod(token_file, 0o600)  # also when the file existed with wider permissions
+        log.warning(
+            "first run: provider-admin token %s written to %s (mode 0600)", rec.id, token_file.absolute()
+        )
+        return token_file
+
+
+def token_file_for(db: str) -> Path:
+    """The bootstrap token lives next to the database: `<db>.admin-token`."""
+    return Path(db + ".admin-token") if db != ":memory:" else Path("omniwall.admin-token")

@@ -1,0 +1,255 @@
+"""Compiled matching for one `HostDesiredState`: address sets, services and per-hop rule lists.
+
+`index_of(state)` builds a `StateIndex` once per state object and caches it, because the differential
+fuzzer judges 100k+ packets against the same few states. Address sets become Python sets of integers
+(host addresses) plus, for CIDRs, one set of network numbers per prefix length, so membership costs one
+hash lookup per distinct prefix length, never a scan over members.
+
+A set name that a rule references but the state lacks matches nothing (fail closed); the compiler never
+emits one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from omniwall.compiler.ir import CATEGORIES, HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch
+from omniwall.sim.packet import Packet
+
+
+class AddressSet:
+    """Membership test for one IRSet: exact host addresses, prefix match for CIDRs; IPv4 and IPv6 apart."""
+
+    __slots__ = ("hosts4", "hosts6", "nets4", "nets6")
+
+    def __init__(self, addresses: tuple[str, ...] = (), cidrs: tuple[str, ...] = ()) -> None:
+        self.hosts4: set[int] = set()
+        self.hosts6: set[int] = set()
+        nets4: dict[int, set[int]] = {}
+        nets6: dict[int, set[int]] = {}
+        for text in (*addresses, *cidrs):
+            net = ipaddress.ip_network(text, strict=False)
+            bits = net.max_prefixlen
+            if net.prefixlen == bits:
+                (self.hosts6 if net.version == 6 else self.hosts4).add(int(net.network_address))
+                continue
+            table = nets6 if net.version == 6 else nets4
+            table.setdefault(net.prefixlen, set()).add(int(net.network_address) >> (bits - net.prefixlen))
+        # (shift, network numbers) per prefix length, shortest prefix first.
+        self.nets4 = tuple((32 - plen, frozenset(n)) for plen, n in sorted(nets4.items()))
+        self.nets6 = tuple((128 - plen, frozenset(n)) for plen, n in sorted(nets6.items()))
+
+    @staticmethod
+    def of(s: IRSet) -> AddressSet:
+        return AddressSet(s.addresses, s.cidrs)
+
+    def contains(self, v6: bool, ip: int) -> bool:
+        if v6:
+            if ip in self.hosts6:
+                return True
+            nets = self.nets6
+        else:
+            if ip in self.hosts4:
+                return True
+            nets = self.nets4
+        return any(ip >> shift in numbers for shift, numbers in nets)
+
+
+EMPTY_SET = AddressSet()
+
+
+def service_matches(svc: ServiceMatch, packet: Packet) -> bool:
+    """Protocol, then destination port ranges (tcp/udp) or ICMP type/code (icmp/icmpv6)."""
+    proto = svc.protocol
+    if proto == "any":
+        return True
+    if proto != packet.protocol:
+        return False
+    if proto in ("tcp", "udp"):
+        if not svc.ports:
+            return True
+        port = packet.dport
+        return any(lo <= port <= hi for lo, hi in svc.ports)
+    # icmp / icmpv6: None = every type (or code).
+    if svc.icmp_type is not None and svc.icmp_type != packet.icmp_type:
+        return False
+    return svc.icmp_code is None or svc.icmp_code == packet.icmp_code
+
+
+class ServiceIndex:
+    """A rule's services, pre-sorted by protocol: one dict lookup, then ports or ICMP type/code.
+    Same answers as `service_matches` over the list (a test holds them equal)."""
+
+    __slots__ = ("by_proto", "every")
+
+    def __init__(self, services: tuple[ServiceMatch, ...]) -> None:
+        # every: no services, or an `any` service. by_proto[proto]: None = every packet of that protocol,
+        # else a tuple of (lo, hi) port ranges (tcp/udp) or (type, code) pairs with None wildcards (icmp).
+        self.every = not services or any(s.protocol == "any" for s in services)
+        by_proto: dict[str, list[tuple[int | None, int | None]] | None] = {}
+        for svc in services:
+            if svc.protocol in ("tcp", "udp"):
+                entries: list[tuple[int | None, int | None]] = list(svc.ports)
+            else:
+                entries = [(svc.icmp_type, svc.icmp_code)] if svc.icmp_type is not None else []
+            if not entries:
+                by_proto[svc.protocol] = None
+            elif svc.protocol not in by_proto or by_proto[svc.protocol] is not None:
+                by_proto.setdefault(svc.protocol, [])
+                by_proto[svc.protocol].extend(entries)  # type: ignore[union-attr]
+        self.by_proto = {k: None if v is None else tuple(v) for k, v in by_proto.items()}
+
+    def matches(self, p: Packet) -> bool:
+        if self.every:
+            return True
+        by = self.by_proto
+        proto = p.protocol
+        if proto not in by:
+            return False
+        entries = by[proto]
+        if entries is None:
+            return True
+        if proto == "tcp" or proto == "udp":
+            port = p.dport
+            # Plain loops, not any(genexpr): this is the fuzzer's hot path.
+            for lo, hi in entries:  # noqa: SIM110
+                if lo <= port <= hi:  # type: ignore[operator]
+                    return True
+            return False
+        t, c = p.icmp_type, p.icmp_code
+        for et, ec in entries:  # noqa: SIM110
+            if et == t and (ec is None or ec == c):
+                return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    rule: IRRule
+    src: AddressSet | None  # None = any address
+    dst: AddressSet | None
+    services: ServiceIndex
+    next_category: int  # position (in its hop list) of the first rule of a later category: `pass` target
+
+    def matches(self, p: Packet) -> bool:
+        if not self.services.matches(p):
+            return False
+        if self.src is not None and not self.src.contains(p.v6, p.src_int):
+            return False
+        return self.dst is None or self.dst.contains(p.v6, p.dst_int)
+
+
+@dataclass(frozen=True, slots=True)
+class HopIndex:
+    """One (vNIC, direction): its rules in evaluation order, and the stateless ones among them."""
+
+    rules: tuple[CompiledRule, ...]
+    stateless: tuple[CompiledRule, ...]
+
+    def tracked(self, p: Packet) -> bool:
+        """False when a stateless rule installed here matches the packet, whatever its action or position."""
+        return not any(cr.matches(p) for cr in self.stateless)
+
+
+@dataclass(frozen=True, slots=True)
+class VnicIndex:
+    vnic: IRVnic
+    hosts4: frozenset[int]  # its own addresses: the anti-spoofing check
+    hosts6: frozenset[int]
+    egress: HopIndex
+    ingress: HopIndex
+
+    def owns(self, p: Packet) -> bool:
+        return p.src_int in (self.hosts6 if p.v6 else self.hosts4)
+
+
+class StateIndex:
+    """Everything `judge_hop` needs about one host's desired state, precomputed."""
+
+    def __init__(self, state: HostDesiredState) -> None:
+        self.state = state
+        sets = {s.name: AddressSet.of(s) for s in state.sets}
+        rules = state.rule_map()
+        self.vnics: dict[str, VnicIndex] = {}
+        for v in state.vnics:
+            own = [ipaddress.ip_address(a) for a in v.addresses]
+            self.vnics[v.ifname] = VnicIndex(
+                vnic=v,
+                hosts4=frozenset(int(a) for a in own if a.version == 4),
+                hosts6=frozenset(int(a) for a in own if a.version == 6),
+                egress=_hop(v.egress, rules, sets),
+                ingress=_hop(v.ingress, rules, sets),
+            )
+
+    def vnic(self, ifname: str) -> VnicIndex:
+        try:
+            return self.vnics[ifname]
+        except KeyError:
+            raise KeyError(f"host {self.state.host!r} has no vNIC {ifname!r}") from None
+
+
+def _hop(ids: tuple[int, ...], rules: dict[int, IRRule], sets: dict[str, AddressSet]) -> HopIndex:
+    ordered = []
+    for rid in ids:
+        r = rules.get(rid)
+        if r is None:
+            raise ValueError(f"vNIC references rule id {rid}, which the state does not define")
+        ordered.append(r)
+    # Category positions must be non-decreasing: the compiler orders them, a violation is a compiler bug.
+    rank = [CATEGORIES.index(r.category) for r in ordered]
+    if rank != sorted(rank):
+        raise ValueError(f"rules {list(ids)} are not ordered by category")
+    compiled = []
+    for i, r in enumerate(ordered):
+        nxt = i + 1
+        while nxt < len(ordered) and ordered[nxt].category == r.category:
+            nxt += 1
+        compiled.append(
+            CompiledRule(
+                rule=r,
+                src=None if r.src_set is None else sets.get(r.src_set, EMPTY_SET),
+                dst=None if r.dst_set is None else sets.get(r.dst_set, EMPTY_SET),
+                services=ServiceIndex(r.services),
+                next_category=nxt,
+            )
+        )
+    return HopIndex(rules=tuple(compiled), stateless=tuple(c for c in compiled if not c.rule.stateful))
+
+
+# Keyed by id(state); the entry holds the state itself, so the id cannot be reused while cached.
+_CACHE: OrderedDict[int, tuple[HostDesiredState, StateIndex]] = OrderedDict()
+_CACHE_SIZE = 256
+
+
+_CACHE_LOCK = threading.Lock()  # the manager may explain from several threads
+
+
+def index_of(state: HostDesiredState) -> StateIndex:
+    """The (cached) index of `state`; built on first use."""
+    key = id(state)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0] is state:
+            _CACHE.move_to_end(key)
+            return hit[1]
+    idx = StateIndex(state)
+    with _CACHE_LOCK:
+        _CACHE[key] = (state, idx)
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return idx
+
+
+__all__ = [
+    "AddressSet",
+    "CompiledRule",
+    "HopIndex",
+    "ServiceIndex",
+    "StateIndex",
+    "VnicIndex",
+    "index_of",
+    "service_matches",
+]

@@ -1,0 +1,139 @@
+"""Per-host feed and status endpoints.
+
+- `GET /v1/hosts/{host}/feed?from=R`: a snapshot (from=0, unknown, or older than the delta log), else
+  the deltas since R; then, while the connection lives, each new delta as the host's state changes, and a
+  heartbeat every `heartbeat` seconds of silence. `follow=false` ends the response after the catch-up.
+- `GET /v1/hosts/{host}/desired`: the current desired state (one JSON object).
+- `POST /v1/hosts/{host}/status`: the agent's ack (realized revision, error, counters, addresses).
+- `GET /v1/policies/{name}/stats`: per-rule counters summed over every host's last report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+
+from omniwall.api.auth import Perm, Principal, authenticate, check_visible, manager_of, read_tenant, require
+from omniwall.api.errors import ApiError, not_found
+from omniwall.compiler.ir import empty_state
+from omniwall.manager.service import Manager
+
+from .wire import StatusReport, delta_line, heartbeat_line, snapshot_line
+
+NDJSON = "application/x-ndjson"
+
+
+def _check_host(p: Principal, host: str, perm: Perm, m: Manager) -> None:
+    require(p, perm)
+    if p.host is not None and p.host != host:
+        raise ApiError(403, f"this token is scoped to host {p.host}, not {host}", permission=perm.value)
+    if not m.host_known(host):
+        raise not_found(f"host {host}")
+    if m.desired.snapshot(host) is None:
+        # Never send an empty state for a host we could not compile: the agent would wipe its rules.
+        raise ApiError(
+            503, f"desired state of host {host} is not computed yet: {m.compile_error or 'starting'}"
+        )
+
+
+async def feed_lines(
+    m: Manager, host: str, from_revision: int, *, follow: bool, heartbeat: float
+) -> AsyncIterator[bytes]:
+    changed = m.desired.changed.subscribe()  # before reading, so no change slips between read and wait
+    m.hosts.connect(host, m.now_iso())
+    try:
+        sent = from_revision
+        deltas = m.desired.deltas_since(host, from_revision)
+        if deltas is None:
+            state = m.desired.snapshot(host) or empty_state(host, 0)  # present: checked before the stream
+            yield snapshot_line(state)
+            sent = state.revision
+        else:
+            for d in deltas:
+                yield delta_line(d)
+                sent = d.to_revision
+        while follow:
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=heartbeat)
+            except TimeoutError:
+                m.hosts.seen(host, m.now_iso())
+                yield heartbeat_line(sent)
+                continue
+            changed.clear()
+            deltas = m.desired.deltas_since(host, sent)
+            if deltas is None:  # fell behind the delta log: start over from a snapshot
+                state = m.desired.snapshot(host) or empty_state(host, 0)
+                yield snapshot_line(state)
+                sent = state.revision
+                continue
+            for d in deltas:
+                yield delta_line(d)
+                sent = d.to_revision
+    finally:
+        m.desired.changed.unsubscribe(changed)
+        m.hosts.disconnect(host, m.now_iso())
+
+
+def router() -> APIRouter:
+    r = APIRouter(tags=["hosts"])
+
+    @r.get(
+        "/v1/hosts/{host}/feed",
+        summary="NDJSON stream: snapshot or deltas since `from`, then deltas as they come, and heartbeats",
+        response_class=StreamingResponse,
+        responses={200: {"content": {NDJSON: {}}}},
+    )
+    def feed(
+        request: Request,
+        host: str,
+        from_: int = Query(0, alias="from", ge=0, description="last revision the agent realized (0: none)"),
+        follow: bool = Query(True, description="keep the stream open for new deltas"),
+        heartbeat: float = Query(15.0, ge=0.05, le=300, description="seconds of silence between heartbeats"),
+        p: Principal = Depends(authenticate),
+    ) -> StreamingResponse:
+        m = manager_of(request)
+        _check_host(p, host, Perm.FEED_READ, m)
+        return StreamingResponse(
+            feed_lines(m, host, from_, follow=follow, heartbeat=heartbeat),
+            media_type=NDJSON,
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    @r.get("/v1/hosts/{host}/desired", summary="the host's current desired state (HostDesiredState JSON)")
+    def desired(request: Request, host: str, p: Principal = Depends(authenticate)) -> dict[str, Any]:
+        m = manager_of(request)
+        _check_host(p, host, Perm.FEED_READ, m)
+        return (m.desired.snapshot(host) or empty_state(host, 0)).to_json()
+
+    @r.post("/v1/hosts/{host}/status", summary="agent ack: realized revision, last error, counters")
+    def status(
+        request: Request, host: str, report: StatusReport, p: Principal = Depends(authenticate)
+    ) -> dict[str, Any]:
+        m = manager_of(request)
+        _check_host(p, host, Perm.STATUS_WRITE, m)
+        m.hosts.report(
+            host,
+            m.now_iso(),
+            report.realized_revision,
+            report.error,
+            [(c.rule_id, c.packets, c.bytes) for c in report.counters]
+            if report.counters is not None
+            else None,
+            report.addresses,
+        )
+        return {"host": host, **m.host_status(host)}
+
+    @r.get("/v1/policies/{name}/stats", tags=["Policy"], summary="per-rule counters summed across hosts")
+    def stats(
+        request: Request, name: str, tenant: str | None = Query(None), p: Principal = Depends(authenticate)
+    ) -> dict[str, Any]:
+        m = manager_of(request)
+        t = read_tenant(p, tenant)
+        check_visible(p, m.get("Policy", t, name), m.catalog, f"Policy/{t}/{name}")
+        return m.policy_stats(t, name)
+
+    return r

@@ -1,0 +1,117 @@
+"""Host feed wire format: NDJSON, one JSON object per line, over one long-lived HTTP response.
+
+Manager -> agent (`GET /v1/hosts/{host}/feed?from=R`):
+    {"type":"snapshot","revision":R,"state":<HostDesiredState JSON>}   from=0, unknown or too old
+    {"type":"delta","delta":<HostDelta JSON>}                          delta.from_revision -> to_revision
+    {"type":"heartbeat","revision":R}                                  nothing changed; R = current
+Agent -> manager (`POST /v1/hosts/{host}/status`), one JSON object:
+    {"realized_revision":R, "error":null, "counters":[{"rule_id":1,"packets":2,"bytes":3}],
+     "addresses":{...}}
+Unknown message types must be ignored by readers (forward compatibility).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from omniwall.compiler.ir import HostDelta, HostDesiredState, delta_from_json
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    revision: int
+    state: HostDesiredState
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    delta: HostDelta
+
+    @property
+    def revision(self) -> int:
+        return self.delta.to_revision
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    type: str
+    data: dict[str, Any]
+
+
+Message = Snapshot | Delta | Heartbeat | Unknown
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+def snapshot_line(state: HostDesiredState) -> bytes:
+    return _line({"type": "snapshot", "revision": state.revision, "state": state.to_json()})
+
+
+def delta_line(delta: HostDelta) -> bytes:
+    return _line({"type": "delta", "delta": delta.to_json()})
+
+
+def heartbeat_line(revision: int) -> bytes:
+    return _line({"type": "heartbeat", "revision": revision})
+
+
+def encode(msg: Message) -> bytes:
+    match msg:
+        case Snapshot(state=state):
+            return snapshot_line(state)
+        case Delta(delta=delta):
+            return delta_line(delta)
+        case Heartbeat(revision=rev):
+            return heartbeat_line(rev)
+        case Unknown(type=t, data=data):
+            return _line({**data, "type": t})
+    raise TypeError(f"not a feed message: {msg!r}")
+
+
+def decode(line: str | bytes) -> Message:
+    """One NDJSON line -> a message; ValueError on malformed input."""
+    try:
+        d = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"feed line is not JSON: {err}") from None
+    if not isinstance(d, dict) or "type" not in d:
+        raise ValueError("feed line is not an object with a 'type'")
+    try:
+        match d["type"]:
+            case "snapshot":
+                return Snapshot(int(d["revision"]), HostDesiredState.from_json(d["state"]))
+            case "delta":
+                return Delta(delta_from_json(d["delta"]))
+            case "heartbeat":
+                return Heartbeat(int(d["revision"]))
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"malformed {d['type']} message: missing or bad {err}") from None
+    return Unknown(str(d["type"]), d)
+
+
+class RuleCount(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rule_id: int = Field(ge=1)
+    packets: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+
+
+class StatusReport(BaseModel):
+    """What an agent reports after realizing (or failing to realize) a revision."""
+
+    model_config = ConfigDict(extra="forbid")
+    realized_revision: int = Field(ge=0)
+    error: str | None = None
+    counters: list[RuleCount] | None = None  # cumulative per-rule counters (replace the previous report)
+    addresses: dict[str, Any] | None = None  # observed workload addresses (inventory), free-form for now

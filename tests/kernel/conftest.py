@@ -1,0 +1,62 @@
+"""Kernel test fixtures: a self-cleaning namespace topology and NftBackend instances bound to it.
+
+Skipped (visibly) only when not root. Every namespace has a per-run prefix; all are deleted in
+`finally`, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+from topo import Server, Topo
+
+from omniwall.dataplane.nft.backend import NftBackend
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("kernel tests need root (network namespaces, nftables)")
+
+
+@pytest.fixture
+def topo() -> Iterator[Topo]:
+    _need_root()
+    t = Topo()
+    try:
+        yield t
+    finally:
+        t.cleanup()
+
+
+@pytest.fixture
+def backends() -> Iterator[Callable[..., NftBackend]]:
+    made: list[NftBackend] = []
+
+    def make(netns: str, **kw: object) -> NftBackend:
+        b = NftBackend(netns, **kw)  # type: ignore[arg-type]
+        made.append(b)
+        return b
+
+    try:
+        yield make
+    finally:
+        for b in made:
+            b.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[[str, int], Server]]:
+    made: list[Server] = []
+
+    def make(ns: str, port: int) -> Server:
+        s = Server(ns, port)
+        made.append(s)
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.close()

@@ -1,0 +1,307 @@
+"""Host feed and status: snapshot then deltas, catch-up from a revision, heartbeats, acks, counters;
+in process (TestClient) and over a real socket (uvicorn + `stream.client.FeedClient`)."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from omniwall.api.app import create_app
+from omniwall.compiler.ir import HostDesiredState, apply_delta
+from omniwall.manager.contracts import load_documents
+from omniwall.manager.service import SYSTEM, Manager
+from omniwall.store.sqlite import SqliteStore
+from omniwall.stream.client import FeedClient, FeedError
+from omniwall.stream.wire import Delta, Heartbeat, Snapshot, StatusReport, Unknown, decode, encode
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+WORLD = """
+kind: Tenant
+metadata: {name: acme}
+---
+kind: Host
+metadata: {name: h1}
+---
+kind: Host
+metadata: {name: h2}
+---
+kind: Workload
+metadata: {name: web1, tenant: acme, labels: {tier: web}}
+spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.1]}]}
+---
+kind: Workload
+metadata: {name: db1, tenant: acme, labels: {tier: db}}
+spec: {host: h2, vnics: [{name: eth0, ips: [10.0.1.1]}]}
+---
+kind: Group
+metadata: {name: web, tenant: acme}
+spec: {selector: 'tier == "web"'}
+---
+kind: Group
+metadata: {name: db, tenant: acme}
+spec: {selector: 'tier == "db"'}
+---
+kind: Policy
+metadata: {name: web-db, tenant: acme}
+spec:
+  rules:
+  - {name: sql, sources: [web], destinations: [db], services: [tcp/5432], action: allow}
+"""
+
+WEB2 = """
+kind: Workload
+metadata: {name: web2, tenant: acme, labels: {tier: web}}
+spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.2]}]}
+"""
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[tuple[TestClient, Manager, dict[str, str]]]:
+    store = SqliteStore(tmp_path / "m.db")
+    m = Manager(store)
+    m.commit(m.plan_apply(load_documents(WORLD, "world.yaml")), SYSTEM)
+    tokens = {
+        "admin": m.tokens.create("provider-admin")[0],
+        "h1": m.tokens.create("agent", host="h1")[0],
+        "h2": m.tokens.create("agent", host="h2")[0],
+    }
+    headers = {k: f"Bearer {v}" for k, v in tokens.items()}
+    yield TestClient(create_app(m, watch=False)), m, headers
+    store.close()
+
+
+def lines(client: TestClient, host: str, auth: str, **params: Any) -> list[Any]:
+    r = client.get(
+        f"/v1/hosts/{host}/feed", params={"follow": "false", **params}, headers={"Authorization": auth}
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/x-ndjson")
+    return [decode(line) for line in r.text.splitlines() if line]
+
+
+def test_snapshot_then_deltas_after_a_change(env: tuple[TestClient, Manager, dict[str, str]]) -> None:
+    c, m, h = env
+    [snap] = lines(c, "h1", h["h1"], **{"from": 0})
+    assert isinstance(snap, Snapshot)
+    assert snap.state.host == "h1" and snap.revision == snap.state.revision > 0
+    assert [v.workload for v in snap.state.vnics] == ["acme/web1"]
+    assert snap.state.rules, "the web->db rule egresses at web1"
+    # A change that touches h1 (a new web workload): the feed from the snapshot's revision is one delta.
+    r = c.post("/v1/apply", content=WEB2, headers={"Authorization": h["admin"]})
+    assert r.status_code == 200, r.text
+    [d] = lines(c, "h1", h["h1"], **{"from": snap.revision})
+    assert isinstance(d, Delta)
+    assert d.delta.from_revision == snap.revision and d.delta.to_revision == r.json()["revision"]
+    after = apply_delta(snap.state, d.delta)
+    assert after == m.desired_state("h1")
+    assert sorted(v.workload for v in after.vnics) == ["acme/web1", "acme/web2"]
+    # h2's db1 admits web2's address: its set changed, by exactly one element.
+    h2_snap = m.desired_state("h2")
+    assert h2_snap is not None and h2_snap.revision == r.json()["revision"]
+    # Already current: nothing to send.
+    assert lines(c, "h1", h["h1"], **{"from": d.delta.to_revision}) == []
+    # Unknown revision (or one older than the delta log): a snapshot.
+    [again] = lines(c, "h1", h["h1"], **{"from": 99_999})
+    assert isinstance(again, Snapshot) and again.state == after
+
+
+def test_a_write_that_does_not_touch_a_host_sends_it_nothing(
+    env: tuple[TestClient, Manager, dict[str, str]],
+) -> None:
+    c, m, h = env
+    rev_h1 = m.desired.revision("h1")
+    text = "kind: Group\nmetadata: {name: unused, tenant: acme}\nspec: {cidrs: [10.7.0.0/16]}\n"
+    assert c.post("/v1/apply", content=text, headers={"Authorization": h["admin"]}).status_code == 200
+    assert m.desired.revision("h1") == rev_h1
+    assert lines(c, "h1", h["h1"], **{"from": rev_h1}) == []
+
+
+def test_delta_log_overflow_falls_back_to_a_snapshot(tmp_path: Path) -> None:
+    m = Manager(SqliteStore(tmp_path / "m.db"), max_delta_log=2)
+    m.commit(m.plan_apply(load_documents(WORLD, "w")), SYSTEM)
+    first = m.desired.revision("h1")
+    for i in range(3):
+        text = (
+            f"kind: Workload\nmetadata: {{name: w{i}, tenant: acme}}\n"
+            f"spec: {{host: h1, vnics: [{{ips: [10.0.5.{i + 1}]}}]}}\n"
+        )
+        m.commit(m.plan_apply(load_documents(text, "w")), SYSTEM)
+    assert m.desired.deltas_since("h1", first) is None  # too old: the caller sends a snapshot
+    recent = m.desired.deltas_since("h1", m.desired.revision("h1") - 1)
+    assert recent is not None and len(recent) == 1
+
+
+def test_status_ack_and_host_list(env: tuple[TestClient, Manager, dict[str, str]]) -> None:
+    c, m, h = env
+    desired = m.desired.revision("h1")
+    r = c.post("/v1/hosts/h1/status", json={"realized_revision": desired}, headers={"Authorization": h["h1"]})
+    assert r.status_code == 200, r.text
+    hosts = {
+        d["metadata"]["name"]: d["status"]
+        for d in c.get("/v1/hosts", headers={"Authorization": h["admin"]}).json()["items"]
+    }
+    assert hosts["h1"]["realizedRevision"] == desired and hosts["h1"]["inSync"] is True
+    assert hosts["h1"]["lastSeen"] is not None
+    assert hosts["h2"]["realizedRevision"] == 0 and hosts["h2"]["inSync"] is False
+    r = c.post(
+        "/v1/hosts/h1/status",
+        json={"realized_revision": desired, "error": "nft: boom"},
+        headers={"Authorization": h["h1"]},
+    )
+    assert r.json()["lastError"] == "nft: boom" and r.json()["inSync"] is False
+    bad = c.post("/v1/hosts/h1/status", json={"realized": 1}, headers={"Authorization": h["h1"]})
+    assert bad.status_code == 422
+    assert {e["path"] for e in bad.json()["errors"]} >= {"body.realized_revision", "body.realized"}
+
+
+def test_policy_stats_sum_counters_across_hosts(env: tuple[TestClient, Manager, dict[str, str]]) -> None:
+    c, m, h = env
+    ids = {st.host: [r.id for r in st.rules if r.policy == "web-db"] for st in m.desired.all().values()}
+    assert ids["h1"] and ids["h1"] == ids["h2"]  # one stable id per rule, on both hosts
+    rid = ids["h1"][0]
+    for host, (p, b) in (("h1", (3, 300)), ("h2", (4, 400))):
+        body = {"realized_revision": 1, "counters": [{"rule_id": rid, "packets": p, "bytes": b}]}
+        assert (
+            c.post(f"/v1/hosts/{host}/status", json=body, headers={"Authorization": h[host]}).status_code
+            == 200
+        )
+    # a report without counters keeps the last ones (agents send them only when they moved)
+    c.post("/v1/hosts/h1/status", json={"realized_revision": 2}, headers={"Authorization": h["h1"]})
+    st = c.get(
+        "/v1/policies/web-db/stats", params={"tenant": "acme"}, headers={"Authorization": h["admin"]}
+    ).json()
+    assert st["rules"] == [{"rule": "sql", "ruleId": rid, "packets": 7, "bytes": 700, "hosts": 2}]
+    assert (st["packets"], st["bytes"]) == (7, 700)
+
+
+def test_wire_round_trip_and_forward_compatibility() -> None:
+    from omniwall.compiler.ir import HostDelta, empty_state
+
+    s = Snapshot(3, empty_state("h1", 3))
+    assert decode(encode(s)) == s
+    d = Delta(HostDelta("h1", 3, 4))
+    assert decode(encode(d)) == d
+    assert decode(encode(Heartbeat(4))) == Heartbeat(4)
+    u = decode(b'{"type":"future-thing","x":1}\n')
+    assert isinstance(u, Unknown) and u.type == "future-thing"
+    with pytest.raises(ValueError, match="not JSON"):
+        decode("{nope")
+    with pytest.raises(ValueError, match="malformed snapshot"):
+        decode('{"type":"snapshot"}')
+
+
+# ------------------------------------------------------------------ over a real socket, long-lived stream
+
+
+@pytest.fixture
+def server(env: tuple[TestClient, Manager, dict[str, str]]) -> Iterator[tuple[str, Manager, dict[str, str]]]:
+    c, m, h = env
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(c.app, log_level="warning", timeout_graceful_shutdown=1))
+    t = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert srv.started
+    yield f"http://127.0.0.1:{port}", m, {k: v.split(" ", 1)[1] for k, v in h.items()}
+    srv.should_exit = True
+    t.join(timeout=10)
+    sock.close()
+
+
+def test_live_stream_snapshot_deltas_heartbeats_and_connected(
+    server: tuple[str, Manager, dict[str, str]],
+) -> None:
+    url, m, tokens = server
+    got: queue.Queue[Any] = queue.Queue()
+    stop = threading.Event()
+    client = FeedClient(url, tokens["h1"], "h1", heartbeat=0.2)
+
+    def consume() -> None:
+        try:
+            for msg in client.messages(0):
+                got.put(msg)
+                if stop.is_set():
+                    return
+        except FeedError as err:
+            got.put(err)
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    snap = got.get(timeout=10)
+    assert isinstance(snap, Snapshot)
+    state: HostDesiredState = snap.state
+    assert m.host_status("h1")["connected"] is True
+    hb = got.get(timeout=5)
+    assert isinstance(hb, Heartbeat) and hb.revision == state.revision
+    # a change arrives as a delta on the open stream
+    admin = FeedClient(url, tokens["admin"], "h1")
+    m.commit(m.plan_apply(load_documents(WEB2, "web2.yaml")), SYSTEM)
+    msg = got.get(timeout=10)
+    while isinstance(msg, Heartbeat):
+        msg = got.get(timeout=10)
+    assert isinstance(msg, Delta)
+    state = apply_delta(state, msg.delta)
+    assert state == m.desired_state("h1")
+    # ack it: the host is in sync
+    ack = client.post_status(StatusReport(realized_revision=state.revision))
+    assert ack["inSync"] is True and ack["realizedRevision"] == state.revision
+    assert admin.desired() == state
+    stop.set()
+    client.close()
+    admin.close()
+    t.join(timeout=5)
+    deadline = time.monotonic() + 5
+    while m.host_status("h1")["connected"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert m.host_status("h1")["connected"] is False
+
+
+def test_client_reports_the_servers_refusal(server: tuple[str, Manager, dict[str, str]]) -> None:
+    url, _, tokens = server
+    with (
+        FeedClient(url, tokens["h1"], "h2") as c,
+        pytest.raises(FeedError, match=r"403: .*scoped to host h1"),
+    ):
+        list(c.messages(0, follow=False))
+
+
+def test_compile_failure_is_fail_static(tmp_path: Path) -> None:
+    """A compile error keeps the last good states; a host never compiled gets 503, not an empty state."""
+    from omniwall.compiler.build import compile_catalog
+
+    broken = {"on": False}
+
+    def compile_fn(catalog: Any, revision: int) -> dict[str, HostDesiredState]:
+        if broken["on"]:
+            raise RuntimeError("compiler bug")
+        return compile_catalog(catalog, revision)
+
+    m = Manager(SqliteStore(tmp_path / "m.db"), compile_fn=compile_fn)
+    m.commit(m.plan_apply(load_documents(WORLD, "w")), SYSTEM)
+    good = m.desired_state("h1")
+    assert good is not None and good.vnics
+    broken["on"] = True
+    m.commit(
+        m.plan_apply(load_documents(WEB2, "w") + load_documents("kind: Host\nmetadata: {name: h3}\n", "h")),
+        SYSTEM,
+    )
+    assert m.compile_error and "compiler bug" in m.compile_error
+    assert m.desired_state("h1") == good
+    token, _ = m.tokens.create("agent", host="h3")
+    c = TestClient(create_app(m, watch=False))
+    r = c.get("/v1/hosts/h3/feed", params={"follow": "false"}, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 503 and "compiler bug" in r.json()["message"]
