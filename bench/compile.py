@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--changes", type=int, default=1_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--profile", help="write a cProfile of the full compile to this file")
+    ap.add_argument("--profile-changes", help="write a cProfile of the label changes to this file")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -345,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     times: list[float] = []
     hosts_touched: list[int] = []
     rev = 1
+    prof = None
+    if args.profile_changes:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     for _ in range(args.changes):
         w = inv.random_label_change()
         rev += 1
@@ -352,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         deltas = ic.update([w], [], rev)
         times.append((time.perf_counter() - t0) * 1000)
         hosts_touched.append(len(deltas))
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(args.profile_changes)
 
     res = {
         "workloads": args.workloads,

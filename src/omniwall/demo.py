@@ -1,29 +1,41 @@
-"""`make demo`: the three-tier example, validated, compiled and explained flow by flow.
+"""`make demo`: the three-tier example on a managed lab, measured with real traffic.
 
-    python -m omniwall.demo [EXAMPLE_DIR]
+    python -m omniwall.demo [EXAMPLE_DIR] [--once] [--offline]
 
-Loads `examples/three-tier` (two tenants with a web -> app -> db application each, provider DNS/NTP, a
-quarantine for infected machines), compiles per-host desired state and asks the sim about the flows
-that show the model: the allowed tiers, the denied shortcuts, tenant isolation, shared provider services
-and the emergency quarantine. Each flow has the verdict the design promises; a flow that disagrees makes
-the demo fail (exit 1), so the demo doubles as a smoke test.
+Live (default, needs root): brings up a lab of network namespaces from `examples/three-tier` (three
+hosts; the provider's DNS/NTP/remediation servers and two tenants' web -> app -> db applications), starts
+a manager (SQLite, 127.0.0.1) and one agent per host (`omniwall.lab.managed`), applies every resource
+through the API, waits until each host's kernel realized its desired revision, then probes every ordered
+pair of workloads with real connections and prints the matrix next to what the policy says (the sim,
+`omniwall.lab.expect`), the design's named flows, the API URL and an admin token. It then stays up for
+your own `curl`/`omniwall` commands until Ctrl-C (or SIGTERM), and tears everything down.
+`--once`: no waiting (tests, CI). Exit status 1 when a measured result differs from the expectation.
 
-Built for extension: `demo_flows()` lists the flows, `explain_flows()` judges them, `flows_table()`
-renders them; the lab version (real namespaces, real traffic) can add a column measured in the kernel.
+`--offline`: no lab; the example is validated, compiled and explained flow by flow by the sim (the
+allowed tiers, the denied shortcuts, tenant isolation, shared provider services, the emergency
+quarantine). Each flow has the verdict the design promises; a flow that disagrees makes it exit 1.
+
+`demo_flows()` lists the flows, `explain_flows()` judges them (sim), `flows_table()` renders them;
+`main(argv)` is the offline run (kept for callers), `cli(argv)` the command line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from omniwall.compiler.ir import HostDesiredState
+from omniwall.lab.matrix import MatrixEntry
 from omniwall.model.catalog import Catalog
 from omniwall.sim.evaluate import Network
 from omniwall.sim.explain import Explanation, explain, rule_text
@@ -152,5 +164,170 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- live
+
+
+def matrix_grid(workloads: Sequence[str], entries: Sequence[MatrixEntry]) -> Table:
+    """Rows: from; columns: to, by number (and the port its responder serves). Each cell:
+    measured|expected."""
+    number = {k: i + 1 for i, k in enumerate(workloads)}
+    columns: list[tuple[str, str, int | None]] = []
+    for e in entries:
+        if (e.dst, e.proto, e.port) not in columns:
+            columns.append((e.dst, e.proto, e.port))
+    columns.sort(key=lambda c: (number[c[0]], c[1], c[2] or 0))
+    t = Table(
+        title="reachability: measured with real traffic | expected by the policy (sim)",
+        caption="✓ allowed  · denied   cell = measured|expected   [black on yellow] disagreement [/]",
+        header_style="bold",
+        box=None,
+    )
+    t.add_column("from \\ to", style="bold", no_wrap=True)
+    for dst, proto, port in columns:
+        t.add_column(f"{number[dst]}\n{proto}" + (f"/{port}" if port else ""), justify="center")
+    cells = {(e.src, e.dst, e.proto, e.port): e for e in entries}
+    for src in workloads:
+        row = [f"{number[src]:>2} {src}"]
+        for dst, proto, port in columns:
+            e = cells.get((src, dst, proto, port))
+            row.append(_grid_cell(e) if e is not None else "[dim]-[/]")
+        t.add_row(*row)
+    return t
+
+
+def _grid_cell(e: MatrixEntry) -> str:
+    text = f"{'✓' if e.allowed else '·'}|{'✓' if e.expected else '·'}"
+    if not e.agrees:
+        return f"[bold black on yellow]{text}[/]"
+    return f"[green]{text}[/]" if e.allowed else f"[red]{text}[/]"
+
+
+def measured_flows_table(entries: Sequence[MatrixEntry], flows: Sequence[Flow]) -> Table:
+    """The design's named flows (those between two lab workloads), as measured."""
+    cells = {(e.src, e.dst, e.proto, e.port): e for e in entries}
+    t = Table(title="the design's flows, measured", header_style="bold")
+    for col in ("flow", "service", "design", "measured", "policy (sim)"):
+        t.add_column(col)
+    for f in flows:
+        e = cells.get((f.src, f.dst, f.proto, f.port))
+        if e is None:
+            continue
+        word = {True: "[green]allowed[/]", False: "[red]denied[/]"}
+        measured = word[e.allowed]
+        if e.allowed != f.expect_allowed or not e.agrees:
+            measured = f"[bold black on yellow]{'allowed' if e.allowed else 'denied'}[/]"
+        t.add_row(
+            f"{f.title}\n[dim]{f.src} -> {f.dst}[/]",
+            f"{f.proto}/{f.port}",
+            word[f.expect_allowed],
+            measured,
+            word[bool(e.expected)],
+        )
+    return t
+
+
+def hosts_table(status: Mapping[str, Any], netns: Mapping[str, str]) -> Table:
+    t = Table(title="agents (one per lab host; kernel: the host namespace's nftables)", header_style="bold")
+    for col in ("host", "namespace", "agent", "desired", "realized", "in sync"):
+        t.add_column(col)
+    for h, s in sorted((status.get("hosts") or {}).items()):
+        t.add_row(
+            h,
+            netns.get(h, "?"),
+            "connected" if s["connected"] else "[red]away[/]",
+            str(s["desiredRevision"]),
+            str(s["realizedRevision"]),
+            "[green]yes[/]" if s["inSync"] else "[red]no[/]",
+        )
+    return t
+
+
+def run_live(directory: Path, *, once: bool, console: Console) -> int:
+    """Bring up the managed lab, measure, print, wait for Ctrl-C (unless `once`), tear down."""
+    from omniwall.lab.managed import ManagedError, managed_lab
+    from omniwall.model.errors import ValidationError
+
+    files = sorted(directory.glob("*.yaml")) if directory.is_dir() else [directory]
+    console.print(f"[bold]bringing up a managed lab from {directory}[/] (namespaces, manager, agents) ...")
+    started = time.monotonic()
+    try:
+        with managed_lab([str(f) for f in files]) as (lab, cp):
+            plan = lab.plan
+            console.print(
+                f"lab [bold]{lab.name}[/] up in {time.monotonic() - started:.1f} s: "
+                f"{len(plan.hosts)} hosts, {len(plan.workloads)} workloads, namespace prefix {lab.prefix}"
+            )
+            console.print(hosts_table(cp.status(), {h.name: h.netns for h in plan.hosts}))
+            t0 = time.monotonic()
+            entries = lab.matrix(expect=True)
+            console.print(matrix_grid([w.key for w in plan.workloads], entries))
+            console.print(f"[dim]{len(entries)} probes in {time.monotonic() - t0:.1f} s[/]")
+            console.print(measured_flows_table(entries, demo_flows()))
+            wrong = [e for e in entries if not e.agrees]
+            if wrong:
+                console.print(f"[bold red]{len(wrong)} of {len(entries)} probes differ from the policy:[/]")
+                for e in wrong:
+                    console.print(f"  {escape(e.json_line())}")
+            else:
+                console.print(f"[bold green]all {len(entries)} probes agree with the policy[/]")
+            _print_access(console, lab.name, cp.url, cp.admin_token)
+            if not once:
+                console.print("[bold]the lab stays up; Ctrl-C tears it down[/]")
+                with contextlib.suppress(KeyboardInterrupt):
+                    while True:
+                        time.sleep(3600)
+                console.print("\ntearing down ...")
+    except KeyboardInterrupt:
+        print("interrupted; the lab was torn down", file=sys.stderr)
+        return 130
+    except ValidationError as e:
+        print(f"error: {directory}: {e}", file=sys.stderr)
+        return 2
+    except (ManagedError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    console.print("lab down: namespaces, manager and agents removed")
+    return 1 if wrong else 0
+
+
+def _print_access(console: Console, name: str, url: str, token: str) -> None:
+    console.print(
+        "\n[bold]manager API[/]\n"
+        f"  URL:         {url}   (OpenAPI docs: {url}/docs)\n"
+        f"  admin token: {token}\n"
+        "[bold]try[/]\n"
+        f"  export OMNIWALL_SERVER={url} OMNIWALL_TOKEN={token}\n"
+        "  omniwall status\n"
+        "  omniwall get workloads -t tenant-a\n"
+        f"  omniwall lab matrix --name {name} --expect\n"
+        f"  omniwall lab exec --name {name} tenant-a/web-1 -- nc -w1 10.1.0.2 8080\n",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line (`python -m omniwall.demo`, `make demo`)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m omniwall.demo", description=__doc__.split("\n")[0])
+    ap.add_argument("directory", nargs="?", type=Path, default=EXAMPLE_DIR, help="resource files")
+    ap.add_argument("--once", action="store_true", help="measure, print, tear down; do not wait")
+    ap.add_argument("--offline", action="store_true", help="no lab: explain the flows with the sim only")
+    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.offline:
+        return main([str(args.directory)])
+    if os.geteuid() != 0:
+        print(
+            "error: the live demo needs root (network namespaces, nftables): run `sudo make demo`, "
+            "or `python -m omniwall.demo --offline` for the sim's explanation only",
+            file=sys.stderr,
+        )
+        return 2
+    # A pipe (CI, `tee`) gets the full width of the matrix; a terminal keeps its own.
+    width = None if sys.stdout.isatty() else 130
+    return run_live(args.directory, once=args.once, console=Console(highlight=False, width=width))
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())

@@ -7,6 +7,7 @@ Skipped (visibly) only when not root. Every namespace has a per-run prefix; all 
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -60,3 +61,16 @@ def servers() -> Iterator[Callable[[str, int], Server]]:
     finally:
         for s in made:
             s.close()
+
+
+def _root_has_our_table() -> bool:
+    res = subprocess.run(["nft", "list", "table", "inet", "omniwall"], capture_output=True, text=True)
+    return res.returncode == 0
+
+
+@pytest.fixture
+def root_untouched() -> Iterator[None]:
+    """The initial namespace's nftables must not gain (or lose) an omniwall table during the test."""
+    before = _root_has_our_table()
+    yield
+    assert _root_has_our_table() == before, "a test changed the root namespace's nftables"

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from omniwall.lab import Lab
+from omniwall.lab.probe import Probe, run_probes
 from omniwall.lab.testing import TWO_HOSTS, netns_list, root_links
 
 pytestmark = [
@@ -122,3 +123,23 @@ def test_exec_passes_the_exit_code(lab: Lab) -> None:
 def test_unknown_workload(lab: Lab) -> None:
     with pytest.raises(KeyError, match="no workload"):
         lab.workload_netns("nope")
+
+
+def test_second_vnic_answers_through_itself() -> None:
+    two_vnics = TWO_HOSTS.replace(
+        'vnics: [{name: eth0, ips: [10.77.0.3, "fd00:77::3"]}]',
+        'vnics: [{name: eth0, ips: [10.77.0.3, "fd00:77::3"]}, {name: eth1, ips: [10.78.0.3, "fd00:78::3"]}]',
+    )
+    with Lab.up(two_vnics, policy=False) as lab:
+        a, c = lab.plan.workload("a"), lab.plan.workload("c")
+        assert [v.name for v in c.vnics] == ["eth0", "eth1"]
+        probes = [
+            Probe(a.netns, ip, proto, port, a.key, c.key, a.address(6 if ":" in ip else 4), c.key)
+            for ip in c.ips
+            if lab.state.ipv6 or ":" not in ip
+            for proto, port in (("tcp", 80), ("udp", 53))
+        ]
+        results = run_probes(probes)
+        assert all(r.allowed for r in results), [(r.probe.addr, r.probe.proto, r.detail) for r in results]
+        # Replies from the second vNIC's address leave through it (source-address rule, own table).
+        assert "from 10.78.0.3 lookup 101" in lab.exec("c", ["ip", "rule"]).stdout

@@ -21,7 +21,7 @@ from topo import (
 from omniwall.compiler.ir import IRSet
 from omniwall.dataplane.conntrack import ConntrackTable
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("root_untouched")]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from topo import rule, state
 from omniwall.compiler.ir import HostDesiredState, IRSet, IRVnic, ServiceMatch, diff
 from omniwall.dataplane.nft.backend import normalized
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("root_untouched")]
 
 
 def _vnic(name: str, n: int, egress=(), ingress=()) -> IRVnic:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -172,3 +173,21 @@ def test_incremental_desired_states_match_a_full_compile(tmp_path: Path) -> None
         got = m.desired_state(host)
         assert got is not None
         assert got.vnics == st.vnics and got.rules == st.rules and got.sets == st.sets
+
+
+def test_cli_reads_server_and_token_file_from_the_config_file(
+    manager_url: tuple[str, Manager, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, _, _ = manager_url
+    token = os.environ["OMNIWALL_TOKEN"]
+    (tmp_path / "tok").write_text(token + "\n")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"server: {url}\ntoken_file: {tmp_path / 'tok'}\n")
+    monkeypatch.delenv("OMNIWALL_SERVER")
+    monkeypatch.delenv("OMNIWALL_TOKEN")
+    monkeypatch.setenv("OMNIWALL_CONFIG", str(cfg))
+    code, out = run("status")
+    assert code == 0 and out.startswith("revision ")
+    cfg.write_text(f"server: {url}\n")
+    code, out = run("status")
+    assert code == 1 and "no token" in out

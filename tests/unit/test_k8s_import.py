@@ -658,7 +658,7 @@ _POLICIES = st.lists(
 )
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(policies=_POLICIES)
 def test_random_policies_match_upstream(tmp_path: Path, policies: list[dict]) -> None:
     assert mismatches(tmp_path, policies) == []

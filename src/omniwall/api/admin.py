@@ -33,7 +33,7 @@ def router() -> APIRouter:
         m = manager_of(request)
         out: dict[str, Any] = {"revision": m.revision}
         if not p.tenant_scoped:
-            hosts = {h: m.host_status(h) for h in sorted(m.catalog.hosts)}
+            hosts = {h: m.host_status(h) for h in m.host_names()}
             out["compileError"] = m.compile_error
             out["hosts"] = hosts
             out["summary"] = {
@@ -67,6 +67,7 @@ def router() -> APIRouter:
                 tenant=body.get("tenant"),
                 host=body.get("host"),
                 created_by=p.name,
+                actor=p.actor,
             )
         except TokenError as err:
             raise ApiError(
@@ -82,7 +83,7 @@ def router() -> APIRouter:
     @r.delete("/v1/tokens/{token_id}", tags=["tokens"], summary="revoke a token")
     def revoke_token(request: Request, token_id: str, p: Principal = Depends(authenticate)) -> dict[str, Any]:
         require(p, Perm.TOKENS)
-        if not manager_of(request).tokens.revoke(token_id):
+        if not manager_of(request).tokens.revoke(token_id, p.actor):
             raise not_found(f"token {token_id}")
         return {"revoked": token_id}
 
@@ -125,7 +126,7 @@ def router() -> APIRouter:
                 return {"items": [], "continue": None}
             tenant = p.tenant
         try:
-            k = kind_of(kind) if kind else None
+            k = "Token" if kind and kind.lower() in ("token", "tokens") else kind_of(kind) if kind else None
         except ValueError as err:
             raise ApiError(
                 422, str(err), errors=[{"document": "request", "path": "query.kind", "reason": str(err)}]

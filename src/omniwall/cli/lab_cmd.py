@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -88,6 +88,9 @@ def up(
     ipv6: Annotated[
         bool, typer.Option("--ipv6/--no-ipv6", help="IPv6 addresses too, when available.")
     ] = True,
+    managed: Annotated[
+        bool, typer.Option("--managed", help="Policy through a manager and one agent per host.")
+    ] = False,
 ) -> None:
     """Build the lab: namespaces, links, addresses, routes, responders, and the policy in each host."""
     _require_root()
@@ -98,15 +101,15 @@ def up(
     from omniwall.lab.netns import ipv6_available
     from omniwall.lab.standalone import standalone_available
 
-    if policy and not standalone_available():
+    if policy and not managed and not standalone_available():
         err.print("warning: compiler or nftables backend not installed: the lab runs without policy")
     try:
-        lab = Lab.up(
-            paths,
-            name=name,
-            ipv6=ipv6 and ipv6_available(),
-            policy=None if policy else False,
-        )
+        driver: Any = None if policy else False
+        if managed:
+            from omniwall.lab.managed import Managed  # manager + agents (lab/managed.py)
+
+            driver = Managed()
+        lab = Lab.up(paths, name=name, ipv6=ipv6 and ipv6_available(), policy=driver)
     except KeyboardInterrupt:
         raise _fail("interrupted; the partial lab was removed", 130) from None
     except _errors() as e:
@@ -193,6 +196,9 @@ def matrix(
         entries = lab.matrix(ports, family=6 if ipv6 else 4, expect=expect, timeout=timeout)
     except _errors() as e:
         raise _fail(_message(e)) from None
+    if not entries:
+        err.print(f"nothing to probe: no pair of workloads with IPv{6 if ipv6 else 4} addresses and ports")
+        return
     if as_json:
         for e in entries:
             print(e.json_line())

@@ -18,7 +18,11 @@ import httpx
 import typer
 import yaml
 
+from omniwall.manager.audit import Actor
+
 DEFAULT_SERVER = "http://127.0.0.1:8443"
+# The actor audited for token changes made on the store file directly.
+LOCAL = Actor("local", f"{os.environ.get('USER', 'unknown')}@cli --db", "local")
 CONFIG_PATH = Path("~/.config/omniwall/config.yaml")
 
 ServerOpt = typer.Option(None, "--server", help="manager URL (env OMNIWALL_SERVER)")
@@ -203,7 +207,7 @@ def register(app: typer.Typer) -> None:
 
             try:
                 secret, rec = TokenBook(open_store(db)).create(
-                    role, name=name, tenant=tenant, host=host, created_by="cli"
+                    role, name=name, tenant=tenant, host=host, created_by="cli", actor=LOCAL
                 )
             except TokenError as err:
                 _fail(str(err))
@@ -247,7 +251,7 @@ def register(app: typer.Typer) -> None:
             from omniwall.manager.tokens import TokenBook
             from omniwall.store import open_store
 
-            if not TokenBook(open_store(db)).revoke(token_id):
+            if not TokenBook(open_store(db)).revoke(token_id, LOCAL):
                 _fail(f"token {token_id} not found")
         else:
             Api(server, token).call("DELETE", f"/v1/tokens/{token_id}")

@@ -8,7 +8,8 @@ equal `ir.diff(old, new)`; the full `HostDesiredState` is only built when asked 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from omniwall.compiler.ir import (
@@ -72,11 +73,55 @@ class HostState:
             )
         return self._cached
 
+    def fill(self, g: Globals, workloads: Mapping[int, Iterable[tuple[ClaimKey, IRVnic]]]) -> None:
+        """Bulk path for a host that holds nothing yet (initial build, new host): same result as
+        `update`, with the counting done by Counter in C."""
+        assert not self.vnics and not self.claims
+        self._cached = None
+        for wid, entries in workloads.items():
+            mine = []
+            for ck, v in entries:
+                self.claims.setdefault(v.ifname, {})[ck] = v
+                mine.append((v.ifname, ck))
+            if mine:
+                self.by_wid[wid] = mine
+        refs: Counter[int] = Counter()
+        for ifname, c in self.claims.items():
+            v = c[min(c)] if len(c) > 1 else next(iter(c.values()))
+            self.vnics[ifname] = v
+            refs.update(v.egress)
+            refs.update(v.ingress)
+        self.rule_refs = dict(refs)
+        rule_by_id = g.rule_by_id
+        rules = self.rules = {i: rule_by_id[i] for i in refs}
+        srefs: Counter[str] = Counter()
+        for r in rules.values():
+            srefs.update(rule_sets(r))
+        self.set_refs = dict(srefs)
+        self.sets = {s: g.set_current(s) for s in srefs}
+        for i in rules:
+            g.rule_hosts.setdefault(i, set()).add(self.name)
+        for s in srefs:
+            g.set_hosts.setdefault(s, set()).add(self.name)
+
+    def sets_changed(self, names: list[str], changes: Mapping[str, SetUpdate], revision: int) -> HostDelta:
+        """Fast path, the common one for label and IP changes: only the content of sets this host holds
+        changed (`names`, sorted). Each SetUpdate is shared with every other host holding the set."""
+        ups = []
+        for name in names:
+            u = changes[name]
+            self.sets[name] = u.full
+            ups.append(u)
+        self._cached = None
+        delta = HostDelta(self.name, self.revision, revision, set_updates=tuple(ups))
+        self.revision = revision
+        return delta
+
     def update(
         self,
         g: Globals,
         workloads: Mapping[int, Iterable[tuple[ClaimKey, IRVnic]]],
-        changed_rules: Iterable[int],
+        changed_rules: Collection[int],
         changed_sets: Mapping[str, SetUpdate],
         revision: int,
         emit: bool = True,
@@ -101,7 +146,8 @@ class HostState:
             if mine:
                 self.by_wid[wid] = mine
 
-        touched_rules = {i for i in changed_rules if i in self.rules}
+        rules_here = self.rules
+        touched_rules = {i for i in changed_rules if i in rules_here}
         ir_changed = set(touched_rules)
         vnic_updates: dict[str, IRVnic] = {}
         vnic_removes: list[str] = []
@@ -134,7 +180,11 @@ class HostState:
 
         rule_updates: list[IRRule] = []
         rule_removes: list[int] = []
-        touched_sets = {s for s in changed_sets if s in self.sets}
+        sets_here = self.sets
+        if len(changed_sets) < len(sets_here):
+            touched_sets = {s for s in changed_sets if s in sets_here}
+        else:
+            touched_sets = {s for s in sets_here if s in changed_sets}
         srefs = self.set_refs
         for i in touched_rules:
             old_r = self.rules.get(i)
@@ -165,7 +215,7 @@ class HostState:
                 self.rules[i] = new_r
                 if old_r is None:
                     g.rule_hosts.setdefault(i, set()).add(self.name)
-                if old_r != new_r:
+                if emit and old_r != new_r:
                     rule_updates.append(new_r)
 
         set_updates: list[SetUpdate] = []
@@ -179,8 +229,9 @@ class HostState:
                 self.sets[s] = new_s
                 if old_s is None:
                     g.set_hosts.setdefault(s, set()).add(self.name)
-                    set_updates.append(created_update(new_s))
-                elif old_s != new_s:
+                    if emit:
+                        set_updates.append(created_update(new_s))
+                elif emit and old_s != new_s:
                     upd = changed_sets.get(s)
                     set_updates.append(
                         upd if upd is not None and upd.full is new_s else _set_diff(old_s, new_s)

@@ -215,20 +215,34 @@ class IncrementalCompiler:
         self.groups.dirty_wids.clear()
         self.groups.lits_changed.clear()
 
-        touched: set[str] = set(p.new_hosts)
-        for h, wids in p.host_wids.items():
-            if h in self.hosts and wids:
-                touched.add(h)
+        host_sets: dict[str, list[str]] = {}  # host -> changed sets it holds, sorted
         for s in set_changes:
-            touched.update(self.set_hosts.get(s, ()))
+            for h in self.set_hosts.get(s, ()):
+                host_sets.setdefault(h, []).append(s)
+        rule_touched: set[str] = set()
         for i in p.changed_ids:
-            touched.update(self.rule_hosts.get(i, ()))
+            rule_touched.update(self.rule_hosts.get(i, ()))
+        touched = set(p.new_hosts) | rule_touched | host_sets.keys()
+        touched.update(h for h, wids in p.host_wids.items() if wids and h in self.hosts)
 
         out: dict[str, HostDelta] = {}
         for h in sorted(touched):
             hs = self.hosts[h]
-            entries = {wid: self._vnics_of(wid, h) for wid in p.host_wids.get(h, ())}
-            delta = hs.update(self._globals, entries, p.changed_ids, set_changes, revision, emit)
+            wids = p.host_wids.get(h)
+            if emit and not wids and h not in rule_touched and h not in p.new_hosts:
+                out[h] = hs.sets_changed(host_sets[h], set_changes, revision)
+                continue
+            entries = {wid: self._vnics_of(wid, h) for wid in wids or ()}
+            if not hs.vnics and not hs.claims:
+                # Holds nothing yet (no vNIC means no rule and no set): count in bulk, diff against empty.
+                prev = hs.revision
+                hs.fill(self._globals, entries)
+                delta = None
+                if emit and hs.vnics:
+                    hs.revision = revision
+                    delta = diff(empty_state(h, prev), hs.state())
+            else:
+                delta = hs.update(self._globals, entries, p.changed_ids, set_changes, revision, emit)
             if h in p.new_hosts and emit:
                 hs.revision = revision
                 delta = diff(empty_state(h, 0), hs.state())

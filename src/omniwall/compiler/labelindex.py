@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from omniwall import PROVIDER_TENANT
 from omniwall.selectors import Selector, parse
 from omniwall.selectors.ast import And, In
 from omniwall.selectors.ast import fact_values as _fact_values
@@ -36,6 +37,7 @@ class _Sel:
     text: str
     selector: Selector | None  # None: did not parse, matches nothing
     keys: frozenset[str]
+    req: tuple[str, tuple[str, ...]] | None = None
     members: set[int] = field(default_factory=set)
     refs: int = 0
 
@@ -44,6 +46,17 @@ def _hashable(value: object) -> object:
     if isinstance(value, list | tuple | set | frozenset):
         return tuple(value)
     return value
+
+
+def _pairs(facts: Mapping[str, object]) -> list[tuple[str, str]]:
+    """(key, canonical value) of every fact; a list fact gives one pair per element."""
+    out = []
+    for k, value in facts.items():
+        if type(value) is str:  # labels: the canonical value is the string itself (kept cheap)
+            out.append((k, value))
+        else:
+            out.extend((k, v) for v in _fact_values(facts, k) or ())
+    return out
 
 
 def _required_values(selector: Selector) -> tuple[str, tuple[str, ...]] | None:
@@ -64,8 +77,13 @@ class LabelIndex:
         self._sels: dict[int, _Sel] = {}
         self._sid_of: dict[tuple[Scope, str], int] = {}
         self._next_sid = 1
-        self._by_key: dict[str, set[int]] = {}
-        self._keyless: set[int] = set()
+        # Candidate indexes, per scope. A selector with a required (key, value) (see _required_values)
+        # can only match workloads having that value: it is found through `_req`. Any other selector is
+        # found through the keys it mentions (`_noreq_by_key`), or is re-checked on every add
+        # (`_noreq_by_scope`, which includes the keyless `all()`).
+        self._req: dict[tuple[Scope, str, str], set[int]] = {}
+        self._noreq_by_key: dict[tuple[Scope, str], set[int]] = {}
+        self._noreq_by_scope: dict[Scope, set[int]] = {}
         self._facts: dict[int, Mapping[str, object]] = {}
         self._tenant: dict[int, str] = {}
         self._tenant_wids: dict[str, set[int]] = {}
@@ -100,11 +118,8 @@ class LabelIndex:
         self._sels[sid] = s
         self._sid_of[(scope, text)] = sid
         if selector is not None:
-            if keys:
-                for k in keys:
-                    self._by_key.setdefault(k, set()).add(sid)
-            else:
-                self._keyless.add(sid)
+            s.req = _required_values(selector)
+            self._candidates_index(s, True)
             s.members = self._evaluate(s)
             for wid in s.members:
                 self._wid_sids.setdefault(wid, set()).add(sid)
@@ -117,14 +132,25 @@ class LabelIndex:
             return
         del self._sels[sid]
         del self._sid_of[(s.scope, s.text)]
-        for k in s.keys:
-            ks = self._by_key[k]
-            ks.discard(sid)
-            if not ks:
-                del self._by_key[k]
-        self._keyless.discard(sid)
+        if s.selector is not None:
+            self._candidates_index(s, False)
         for wid in s.members:
             self._wid_sids[wid].discard(sid)
+
+    def _candidates_index(self, s: _Sel, add: bool) -> None:
+        if s.req is not None:
+            slots = [(self._req, (s.scope, s.req[0], v)) for v in s.req[1]]
+        else:
+            slots = [(self._noreq_by_key, (s.scope, k)) for k in s.keys]
+            slots.append((self._noreq_by_scope, s.scope))  # type: ignore[arg-type]
+        for table, key in slots:
+            if add:
+                table.setdefault(key, set()).add(s.sid)  # type: ignore[attr-defined]
+            else:
+                ids = table[key]  # type: ignore[index]
+                ids.discard(s.sid)
+                if not ids:
+                    del table[key]  # type: ignore[attr-defined]
 
     def _scope_wids(self, scope: Scope) -> Iterable[int]:
         if scope is None:
@@ -134,14 +160,26 @@ class LabelIndex:
     def _evaluate(self, s: _Sel) -> set[int]:
         assert s.selector is not None
         sel = s.selector
-        req = _required_values(sel)
-        if req is not None:
-            key, values = req
-            cands: set[int] = set()
-            for v in values:
-                cands |= self._inverted.get((key, v), set())
+        if s.req is not None:
+            # Candidates: workloads having a required value of every positive `in`/`==` of a top-level
+            # conjunction (intersection of the inverted index's sets, smallest first).
+            expr = getattr(sel, "expr", None)
+            items = expr.items if isinstance(expr, And) else (expr,)
+            positive = [e for e in items if isinstance(e, In) and not e.negated]
+            parts = []
+            for e in positive:
+                part: set[int] = set()
+                for v in e.values:
+                    part |= self._inverted.get((e.key, v), set())
+                parts.append(part)
+            parts.sort(key=len)
+            cands = set(parts[0]).intersection(*parts[1:]) if parts else set()
             if s.scope is not None:
                 cands &= self._tenant_wids.get(s.scope, set())
+            if len(positive) == len(items):
+                # A conjunction of positive `in`s is exactly that intersection: `In.matches` is "some
+                # canonical fact value is among the values", which is what the index is keyed by.
+                return cands
             return {w for w in cands if sel.matches(self._facts[w])}
         keys = sorted(s.keys)
         memo: dict[tuple[object, ...], bool] = {}
@@ -158,16 +196,15 @@ class LabelIndex:
 
     # ------------------------------------------------------------------------------------ workloads
     def _index(self, wid: int, facts: Mapping[str, object], add: bool) -> None:
-        for k in facts:
-            for v in _fact_values(facts, k) or ():
-                if add:
-                    self._inverted.setdefault((k, v), set()).add(wid)
-                else:
-                    ws = self._inverted.get((k, v))
-                    if ws is not None:
-                        ws.discard(wid)
-                        if not ws:
-                            del self._inverted[(k, v)]
+        for k, v in _pairs(facts):
+            if add:
+                self._inverted.setdefault((k, v), set()).add(wid)
+            else:
+                ws = self._inverted.get((k, v))
+                if ws is not None:
+                    ws.discard(wid)
+                    if not ws:
+                        del self._inverted[(k, v)]
 
     def _set(self, sid: int, wid: int, member: bool, out: list[Change]) -> None:
         s = self._sels[sid]
@@ -181,19 +218,29 @@ class LabelIndex:
             self._wid_sids[wid].discard(sid)
         out.append((sid, wid, member))
 
-    def _in_scope(self, s: _Sel, tenant: str) -> bool:
-        return s.scope is None or s.scope == tenant
+    def _scopes(self, tenant: str) -> tuple[Scope, ...]:
+        return (None,) if tenant == PROVIDER_TENANT else (tenant, None)
 
     def add_workload(self, wid: int, tenant: str, facts: Mapping[str, object]) -> list[Change]:
-        """A new workload: evaluated against every selector of its scope (its tenant's and the provider's)."""
+        """A new workload: evaluated against the selectors of its scope (its tenant's and the provider's)
+        that could match it."""
         self._facts[wid] = facts
         self._tenant[wid] = tenant
         self._tenant_wids.setdefault(tenant, set()).add(wid)
         self._index(wid, facts, True)
+        if not self._sels:
+            return []
+        cands: set[int] = set()
+        pairs = _pairs(facts)
+        for scope in self._scopes(tenant):
+            cands |= self._noreq_by_scope.get(scope, set())
+            for k, v in pairs:
+                cands |= self._req.get((scope, k, v), set())
         out: list[Change] = []
-        for s in list(self._sels.values()):
-            if s.selector is not None and self._in_scope(s, tenant) and s.selector.matches(facts):
-                self._set(s.sid, wid, True, out)
+        for sid in sorted(cands):
+            sel = self._sels[sid].selector
+            if sel is not None and sel.matches(facts):
+                self._set(sid, wid, True, out)
         return out
 
     def update_workload(self, wid: int, facts: Mapping[str, object]) -> list[Change]:
@@ -207,14 +254,23 @@ class LabelIndex:
         self._facts[wid] = facts
         self._index(wid, facts, True)
         tenant = self._tenant[wid]
-        cands: set[int] = set()
-        for k in changed:
-            cands |= self._by_key.get(k, set())
+        sels = self._sels
+        # Re-evaluate only selectors mentioning a changed key that either hold the workload now, or
+        # could hold it with its new facts.
+        cands = {sid for sid in self._wid_sids.get(wid, ()) if not sels[sid].keys.isdisjoint(changed)}
+        pairs = _pairs(facts)
+        for scope in self._scopes(tenant):
+            for k in changed:
+                cands |= self._noreq_by_key.get((scope, k), set())
+            for k, v in pairs:
+                for sid in self._req.get((scope, k, v), ()):
+                    if not sels[sid].keys.isdisjoint(changed):
+                        cands.add(sid)
         out: list[Change] = []
         for sid in sorted(cands):
-            s = self._sels[sid]
-            if s.selector is not None and self._in_scope(s, tenant):
-                self._set(sid, wid, s.selector.matches(facts), out)
+            sel = sels[sid].selector
+            if sel is not None:
+                self._set(sid, wid, sel.matches(facts), out)
         return out
 
     def remove_workload(self, wid: int) -> list[Change]:

@@ -102,7 +102,7 @@ class Groups:
                 self._toggle(g, w, now)
                 flipped.add(w)
         if flipped:
-            for p in sorted(self.eff_parents.get(key, ())):
+            for p in self.eff_parents.get(key, ()):
                 self.recheck(p, flipped)
 
     def recompute(self, key: Key) -> None:
@@ -145,12 +145,12 @@ class Groups:
         self.key_of[wid] = key
         self.ips_of[wid] = ips
         self.groups_of.setdefault(wid, set())
-        for g in sorted(self.static_idx.get(key, ())):
+        for g in self.static_idx.get(key, ()):
             self.recheck(g, (wid,))
 
     def selector_changes(self, changes: list[Change]) -> None:
         for sid, wid, _ in changes:
-            for g in sorted(self.by_sid.get(sid, ())):
+            for g in self.by_sid.get(sid, ()):
                 self.recheck(g, (wid,))
 
     def change_ips(self, wid: int, ips: tuple[str, ...]) -> None:

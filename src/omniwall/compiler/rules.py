@@ -18,7 +18,8 @@ from omniwall import PROVIDER_TENANT
 from omniwall.compiler.ir import IRRule, ServiceMatch
 from omniwall.compiler.order import OrderKey, order_key
 from omniwall.compiler.sets import group_set_name, split_literal, union_set_name
-from omniwall.model.catalog import is_address_literal, split_ref
+from omniwall.model.catalog import is_address_literal as _is_address_literal
+from omniwall.model.catalog import split_ref
 from omniwall.model.resources import (
     Direction,
     Mode,
@@ -33,6 +34,13 @@ from omniwall.model.resources import (
 Key = tuple[str, str]
 RuleKey = tuple[str, str, str]
 EGRESS, INGRESS = "egress", "ingress"
+
+
+def is_address_literal(ref: str) -> bool:
+    # Cheap negative first: every address or CIDR starts with a digit (IPv4) or contains ':' (IPv6).
+    if ":" not in ref and not ref[:1].isdigit():
+        return False
+    return _is_address_literal(ref)
 
 
 @dataclass(frozen=True, slots=True)

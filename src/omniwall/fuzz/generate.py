@@ -2,8 +2,9 @@
 
 A scenario has two halves:
 - the **inventory** (`generate_inventory(seed)`): 2-3 Hosts and 4-8 Workloads (some owned by the
-  provider) with labels and attributes, one vNIC each with an IPv4 and an IPv6 address, and responders
-  on every fuzz port. It is what a lab is built from, so it stays fixed while policies change;
+  provider) with labels and attributes, a vNIC with an IPv4 and an IPv6 address (some workloads: a
+  second vNIC, or a second address pair), and responders on every fuzz port. A lab is built from it,
+  so it stays fixed while policies change;
 - the **policy** (`generate_policy(inventory, seed)`): Tenants (default drop/allow/reject, some in
   monitor mode), Groups (selectors, static workloads, nested groups, CIDRs, shared provider groups),
   Services (tcp/udp ports, lists and ranges, icmp types/codes, any) and Policies in every category, with
@@ -100,6 +101,7 @@ class WorkloadInfo:
     ip4: str
     ip6: str
     labels: dict[str, str] = field(default_factory=dict)
+    ips: tuple[str, ...] = ()  # every address of every vNIC
 
     @property
     def key(self) -> str:
@@ -152,7 +154,14 @@ def generate_inventory(
             attributes["users"] = sorted(rng.sample(USERS, rng.randint(1, 2)))
         if rng.random() < 0.5:
             attributes["pci"] = rng.random() < 0.5
-        infos.append(WorkloadInfo(tenant, name, host, ip4, ip6, labels))
+        vnics: list[dict[str, Any]] = [{"name": "eth0", "ips": [ip4, ip6]}]
+        extra = rng.random()
+        if extra < 0.2:  # a second vNIC (its own host interface, chains and anti-spoofing)
+            vnics.append({"name": "eth1", "ips": [f"10.88.3.{10 + i}", f"fd00:88:3::{10 + i:x}"]})
+        elif extra < 0.35:  # a second address pair on the first vNIC
+            vnics[0]["ips"] += [f"10.88.4.{10 + i}", f"fd00:88:4::{10 + i:x}"]
+        ips = tuple(ip for v in vnics for ip in v["ips"])
+        infos.append(WorkloadInfo(tenant, name, host, ip4, ip6, labels, ips))
         out.append(
             resource(
                 {
@@ -160,7 +169,7 @@ def generate_inventory(
                     "metadata": {"name": name, "tenant": tenant, "labels": labels},
                     "spec": {
                         "host": host,
-                        "vnics": [{"name": "eth0", "ips": [ip4, ip6]}],
+                        "vnics": vnics,
                         "attributes": attributes,
                         "lab": {"servers": list(SERVERS)},
                     },
@@ -211,16 +220,11 @@ def _cidr(rng: random.Random, inv: Inventory, literal: bool = False) -> str:
     """A CIDR (or address) that covers one workload and maybe more, or nothing in the inventory."""
     if rng.random() < 0.1:
         return rng.choice(("192.0.2.0/24", "2001:db8::/32", "10.99.0.0/16"))
-    w = rng.choice(inv.workloads)
-    if rng.random() < 0.5:
-        if literal and rng.random() < 0.5:
-            return w.ip4
-        plen = rng.choice((32, 31, 30, 28, 24, 16, 8, 0))
-        return str(ipaddress.ip_network(f"{w.ip4}/{plen}", strict=False))
+    ip = ipaddress.ip_address(rng.choice(rng.choice(inv.workloads).ips))
     if literal and rng.random() < 0.5:
-        return w.ip6
-    plen = rng.choice((128, 127, 124, 64, 48, 32, 0))
-    return str(ipaddress.ip_network(f"{w.ip6}/{plen}", strict=False))
+        return str(ip)
+    lengths = (32, 31, 30, 28, 24, 16, 8, 0) if ip.version == 4 else (128, 127, 124, 64, 48, 32, 0)
+    return str(ipaddress.ip_network(f"{ip}/{rng.choice(lengths)}", strict=False))
 
 
 @dataclass
@@ -353,7 +357,7 @@ def _policy(rng: random.Random, inv: Inventory, names: _Names, tenant: str, name
             "name": f"r{j + 1}",
             "sources": _peers(rng, inv, names, tenant),
             "destinations": _peers(rng, inv, names, tenant),
-            "action": rng.choices(("allow", "drop", "reject", "pass"), (40, 20, 20, 15))[0],
+            "action": rng.choices(("allow", "drop", "reject", "pass"), (50, 20, 15, 15))[0],
         }
         services = _services(rng, names, tenant)
         if services:
@@ -379,7 +383,7 @@ def generate_policy(inv: Inventory, seed: int | str) -> list[Any]:
     tenants = [PROVIDER_TENANT, *inv.tenants]
     for t in tenants:
         spec: dict[str, Any] = {
-            "defaultAction": rng.choices(("drop", "allow", "reject"), (50, 30, 20))[0],
+            "defaultAction": rng.choices(("drop", "allow", "reject"), (35, 45, 20))[0],
         }
         if rng.random() < (0.1 if t == PROVIDER_TENANT else 0.2):
             spec["mode"] = "monitor"
@@ -391,7 +395,7 @@ def generate_policy(inv: Inventory, seed: int | str) -> list[Any]:
     # One sequence across tenants, so a tenant group can nest a provider group made before it, and back.
     for i in range(rng.randint(3, 8)):
         out.append(_group(rng, inv, names, rng.choice(tenants), f"g{i + 1}"))
-    for i in range(rng.randint(1, 6)):
+    for i in range(rng.randint(2, 7)):
         out.append(_policy(rng, inv, names, rng.choice(tenants), f"p{i + 1}"))
     return out
 

@@ -2,7 +2,7 @@
 
     with Lab.up(["examples/three-tier/"]) as lab:        # or a Catalog, resources, or YAML text
         assert lab.probe("tenant-a/web-1", "tenant-a/app-1", "tcp", 8080)
-        lab.exec("web-1", ["ip", "addr"])
+        lab.exec("tenant-a/web-1", ["ip", "addr"])
         for e in lab.matrix(): ...
 
 Every lab has a unique namespace prefix (`ow` + 5 random hex digits + `-`) and a state file named after
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -41,6 +42,9 @@ from omniwall.model.catalog import Catalog
 
 class LabError(RuntimeError):
     pass
+
+
+PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,15}")
 
 
 def new_prefix() -> str:
@@ -84,7 +88,9 @@ class Lab:
         else:
             driver = policy
         plan = plan_lab(catalog, prefix, ipv6=ipv6)
-        clash = [n for n in netns.list_names(prefix)]
+        if not PREFIX_RE.fullmatch(prefix):
+            raise LabError(f"prefix {prefix!r}: 1-16 letters, digits, '.', '_', '-'")
+        clash = netns.list_names(prefix)
         if clash:
             raise LabError(f"namespaces with prefix {prefix!r} already exist: {', '.join(clash)}")
         st = state.LabState(name=name, prefix=prefix, ipv6=ipv6, files=files, plan=plan)
@@ -134,12 +140,17 @@ class Lab:
         if plan is not None:
             with contextlib.suppress(Exception):
                 driver_for(st.policy).stop(plan)
+        targets: list[tuple[int, str | None]] = []
         for key, pid in sorted(st.responders.items()):
             ns = None
             if plan is not None:
                 with contextlib.suppress(KeyError):
                     ns = plan.workload(key).netns
-            responder.stop(pid, ns)
+            targets.append((pid, ns))
+        if st.prefix:  # also any responder of ours the state file never recorded
+            recorded = {pid for pid, _ in targets}
+            targets += [(pid, ns) for pid, ns in responder.find(st.prefix) if pid not in recorded]
+        responder.stop_many(targets)
         st.responders.clear()
         deleted = topology.destroy(plan, st.prefix)
         state.remove(st.name)
@@ -185,10 +196,7 @@ class Lab:
             responder.ResponderSpec(w.netns, w.key, w.ips, w.servers) for w in plan.workloads if w.servers
         ]
         try:
-            self.state.responders.update(responder.start_many(specs))
-        except responder.ResponderError as e:
-            self.state.responders.update(getattr(e, "pids", {}))
-            raise
+            responder.start_many(specs, started=self.state.responders)
         finally:
             state.save(self.state)
 

@@ -74,11 +74,13 @@ class ResponderSpec:
 _children: dict[int, subprocess.Popen[bytes]] = {}  # started by this process: reaped on stop
 
 
-def start_many(specs: Sequence[ResponderSpec]) -> dict[str, int]:
+def start_many(specs: Sequence[ResponderSpec], started: dict[str, int] | None = None) -> dict[str, int]:
     """Start one responder per spec (in parallel) and wait until each has bound its sockets.
 
-    Returns {workload: pid} for every process started. If one fails, the others keep running and their
-    PIDs are in the exception's `.pids`, so the caller's teardown still kills them."""
+    Returns {workload: pid} for every process started. Each PID also goes into `started` the moment
+    its process exists, so a caller interrupted here (Ctrl-C, a failing responder: the others keep
+    running) still knows what to kill."""
+    started = {} if started is None else started
     procs: dict[str, subprocess.Popen[bytes]] = {}
     for s in specs:
         if not s.addresses or not any(parse_server(e) for e in s.servers):
@@ -97,15 +99,12 @@ def start_many(specs: Sequence[ResponderSpec]) -> dict[str, int]:
         )
         _children[p.pid] = p
         procs[s.workload] = p
-    pids = {k: p.pid for k, p in procs.items()}
+        started[s.workload] = p.pid
     errors = _await_ready(procs)
     if errors:
-        err = ResponderError(
-            "responders failed: " + "; ".join(f"{k}: {e}" for k, e in sorted(errors.items()))
-        )
-        err.pids = pids  # type: ignore[attr-defined]
-        raise err
-    return pids
+        failed = "; ".join(f"{k}: {e}" for k, e in sorted(errors.items()))
+        raise ResponderError(f"responders failed: {failed}")
+    return {k: p.pid for k, p in procs.items()}
 
 
 def _await_ready(procs: dict[str, subprocess.Popen[bytes]]) -> dict[str, str]:
@@ -147,27 +146,63 @@ def is_ours(pid: int, netns: str | None = None) -> bool:
     return netns is None or netns.encode() in argv
 
 
+def find(netns_prefix: str) -> list[tuple[int, str]]:
+    """Responders running in namespaces whose name starts with `netns_prefix` (a lab's prefix): the ones
+    a lab started but never recorded (cut short between start and saving the state file)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if MODULE in argv and "--netns" in argv:
+            i = argv.index("--netns")
+            if i + 1 < len(argv) and argv[i + 1].startswith(netns_prefix):
+                found.append((int(entry), argv[i + 1]))
+    return found
+
+
 def stop(pid: int, netns: str | None = None, *, timeout: float = 2.0) -> bool:
     """Terminate a responder by PID (only if it is ours). Returns whether it was running."""
-    if not is_ours(pid, netns):
-        _children.pop(pid, None)
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
+    return bool(stop_many([(pid, netns)], timeout=timeout))
+
+
+def stop_many(targets: Sequence[tuple[int, str | None]], *, timeout: float = 2.0) -> list[int]:
+    """SIGTERM every responder of `targets` [(pid, netns)] that is ours, wait for all of them together,
+    SIGKILL the ones still running after `timeout`. Returns the PIDs that were running."""
+    running = []
+    for pid, netns in targets:
+        if not is_ours(pid, netns):
+            _children.pop(pid, None)
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        running.append(pid)
     deadline = time.monotonic() + timeout
-    child = _children.pop(pid, None)
-    while time.monotonic() < deadline:
-        if child is not None and child.poll() is not None:
-            return True
-        if child is None and not _alive(pid):
-            return True
-        time.sleep(0.01)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    left = list(running)
+    while left and time.monotonic() < deadline:
+        left = [pid for pid in left if not _gone(pid)]
+        if left:
+            time.sleep(0.01)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in running:
+        child = _children.pop(pid, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=timeout)
+    return running
+
+
+def _gone(pid: int) -> bool:
+    child = _children.get(pid)
     if child is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=timeout)
-    return True
+        return child.poll() is not None  # our child: reap it
+    return not _alive(pid)
 
 
 def _alive(pid: int) -> bool:

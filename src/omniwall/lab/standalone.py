@@ -86,7 +86,13 @@ def standalone_available() -> bool:
 
 def driver_for(mode: str) -> PolicyDriver:
     """The driver a lab's state file names (`lab down`/`move` in a later process)."""
-    return Standalone() if mode == "standalone" else NoPolicy()
+    if mode == "standalone":
+        return Standalone()
+    if mode == "managed":
+        from omniwall.lab.managed import Managed  # the control-plane driver (lab/managed.py)
+
+        return Managed()
+    return NoPolicy()
 
 
 def default_driver() -> PolicyDriver:

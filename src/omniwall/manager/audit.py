@@ -8,12 +8,26 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from omniwall.store import Put, Store
 
 from .objects import AUDIT_PREFIX
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who makes a change: a token (id, name, role), or the system itself."""
+
+    id: str
+    name: str
+    role: str
+
+
+SYSTEM = Actor("system", "system", "system")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +68,16 @@ def audit_put(entry: AuditEntry, time_ns: int) -> Put:
     data = entry.to_json()
     data.pop("revision")
     return Put(f"{AUDIT_PREFIX}{time_ns:020d}-{secrets.token_hex(4)}", json.dumps(data, sort_keys=True))
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def entry_put(actor: Actor, action: str, kind: str, tenant: str, name: str, **extra: Any) -> Put:
+    """An audit entry for a change made outside `Manager.commit` (tokens), stamped now."""
+    e = AuditEntry(now_iso(), actor.name, actor.id, actor.role, action, kind, tenant, name, extra=extra)
+    return audit_put(e, time.time_ns())
 
 
 def _from_json(d: dict[str, Any], revision: int) -> AuditEntry:

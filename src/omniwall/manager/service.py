@@ -28,7 +28,7 @@ from omniwall.model.catalog import Catalog
 from omniwall.model.resources import _Resource
 from omniwall.store import CompactedError, Compare, Delete, Event, Put, Store
 
-from .audit import AuditEntry, audit_put
+from .audit import SYSTEM, Actor, AuditEntry, audit_put
 from .contracts import (
     CompileFn,
     InvalidResources,
@@ -65,16 +65,6 @@ class Conflict(Exception):
 
 class NotFound(Exception):
     pass
-
-
-@dataclass(frozen=True, slots=True)
-class Actor:
-    id: str
-    name: str
-    role: str
-
-
-SYSTEM = Actor("system", "system", "system")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +131,10 @@ class Manager:
         # Incremental compiler (unless a compile function was injected): changes cost what they touch.
         self._incremental_cls = None if compile_fn is not None else incremental_compiler()
         self._incremental: Any = None
+        # _sync_lock serialises syncs (event application + compile); _model_lock is held only while the
+        # catalog's dicts change or are iterated, so readers never wait for a compile.
         self._sync_lock = threading.RLock()
+        self._model_lock = threading.Lock()
         self._catalog = Catalog()
         self._rev = 0
         self.compile_error: str | None = None
@@ -170,7 +163,8 @@ class Manager:
                 r = self._decode(kv.key, kv.value, kv.mod_revision)
                 if r is not None:
                     cat.add(r)
-            self._catalog, self._rev = cat, rev
+            with self._model_lock:
+                self._catalog, self._rev = cat, rev
             self._recompile()
 
     def sync(self) -> int:
@@ -186,21 +180,22 @@ class Manager:
                 return self._rev
             changed: dict[str, _Resource] = {}
             removed: dict[str, tuple[str, str, str]] = {}
-            for e in events:
-                if e.key.startswith(RES_PREFIX):
-                    r = self._apply_event(e)
-                    if r is None:
-                        changed.pop(e.key, None)
-                        removed[e.key] = split_key(e.key)
-                    else:
-                        removed.pop(e.key, None)
-                        changed[e.key] = r
-            self._rev = events[-1].revision
+            with self._model_lock:
+                for e in events:
+                    if e.key.startswith(RES_PREFIX):
+                        r = self._apply_event(e)
+                        if r is None:
+                            changed.pop(e.key, None)
+                            removed[e.key] = split_key(e.key)
+                        else:
+                            removed.pop(e.key, None)
+                            changed[e.key] = r
+                self._rev = events[-1].revision
             if changed or removed:
                 self._recompile(list(changed.values()), list(removed.values()))
             return self._rev
 
-    def start_watch(self, poll: float = 1.0) -> None:
+    def start_watch(self, poll: float = 0.25) -> None:
         """Follow writes made by other processes (replicas, `omniwall token`) in a background thread."""
         if self._watch_thread is not None:
             return
@@ -275,13 +270,24 @@ class Manager:
         self.desired.update(states, self._rev)
 
     # ------------------------------------------------------------------ reads
-    def get(self, kind: str, tenant: str, name: str) -> _Resource | None:
-        table = self._catalog.table(kind)
+    def get(self, kind: str, tenant: str, name: str, *, catalog: Catalog | None = None) -> _Resource | None:
+        table = (catalog or self._catalog).table(kind)
         t = object_tenant(kind, tenant, name)
         return table.get(name if kind in ("Tenant", "Host") else (t, name))
 
     def list(self, kind: str) -> list[_Resource]:
-        return sorted(self._catalog.table(kind).values(), key=resource_key)
+        with self._model_lock:
+            items = list(self._catalog.table(kind).values())
+        return sorted(items, key=resource_key)
+
+    def host_names(self) -> list[str]:
+        with self._model_lock:
+            return sorted(self._catalog.hosts)
+
+    def snapshot_catalog(self) -> tuple[Catalog, int]:
+        """A private copy of the model and its revision (safe to iterate while the model moves on)."""
+        with self._model_lock:
+            return copy_catalog(self._catalog), self._rev
 
     def history(self, kind: str, tenant: str, name: str) -> list[tuple[Event, _Resource | None]]:
         key = key_of(kind, tenant, name)
@@ -306,9 +312,8 @@ class Manager:
     ) -> Plan:
         """Create or update `resources` (one txn). `metadata.revision`, when given, must match the stored
         object's (optimistic concurrency); mode `create` requires absence, `update` presence."""
-        with self._sync_lock:
-            base_rev = self._rev
-            catalog = copy_catalog(self._catalog)
+        existing, base_rev = self.snapshot_catalog()
+        catalog = copy_catalog(existing)
         now = self.now_iso()
         changes: list[Change] = []
         originals: list[_Resource] = []  # as given: the loader remembers their source documents
@@ -331,7 +336,10 @@ class Manager:
             if r.kind == "Host" and r.metadata.tenant != object_tenant("Host", "", name):  # type: ignore[attr-defined]
                 problems.append(Problem(doc, "metadata.tenant", "Host objects belong to the provider tenant"))
                 continue
-            old = self.get(kind, tenant, name)
+            old = self.get(kind, tenant, name, catalog=existing)
+            given = r
+            if r.kind == "Tenant":  # type: ignore[attr-defined]
+                r = with_metadata(r, tenant=tenant)  # a Tenant lives in its own namespace: compare as stored
             want = r.metadata.revision
             if mode == "create" and old is not None:
                 raise Conflict(f"{doc} already exists (revision {old.metadata.revision})")
@@ -352,20 +360,18 @@ class Manager:
                 revision=None,
             )
             changes.append(Change("update" if old else "create", kind, tenant, name, old, new))
-            originals.append(r)
+            originals.append(given)
             catalog.add(new)
         if problems:
             raise InvalidResources(problems)
         if originals:
-            validate_set(originals, self._catalog, catalog)
+            validate_set(originals, existing, catalog)
         return Plan(changes, catalog, base_rev, verb)
 
     def plan_delete(self, kind: str, tenant: str, name: str, *, revision: int | None = None) -> Plan:
         """Delete one object; an Application takes everything it owns along, in the same txn."""
-        with self._sync_lock:
-            base_rev = self._rev
-            catalog = copy_catalog(self._catalog)
-        old = self.get(kind, tenant, name)
+        catalog, base_rev = self.snapshot_catalog()
+        old = self.get(kind, tenant, name, catalog=catalog)
         tenant = object_tenant(kind, tenant, name)
         if old is None:
             raise NotFound(f"{kind}/{name} not found")
@@ -536,3 +542,6 @@ def _yaml_diff(c: Change) -> str:
 
     label = f"{c.kind}/{c.tenant}/{c.name}"
     return "".join(difflib.unified_diff(text(c.old), text(c.new), f"a/{label}", f"b/{label}"))
+
+
+__all__ = ["SYSTEM", "Actor", "Change", "Conflict", "Manager", "NotFound", "Plan"]

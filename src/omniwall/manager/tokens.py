@@ -17,9 +17,11 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
+from omniwall import PROVIDER_TENANT
 from omniwall.store import Compare, Put, Store
 from omniwall.store.base import Delete
 
+from .audit import SYSTEM, Actor, entry_put
 from .objects import TOKEN_PREFIX
 
 log = logging.getLogger(__name__)
@@ -92,8 +94,10 @@ class TokenBook:
         tenant: str | None = None,
         host: str | None = None,
         created_by: str | None = None,
+        actor: Actor | None = None,
     ) -> tuple[str, TokenRecord]:
-        """Returns (the token string, shown once; its record)."""
+        """Returns (the token string, shown once; its record). With `actor`, the creation is audited in
+        the same txn."""
         r = check_scope(role, tenant, host)
         tid, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         rec = TokenRecord(
@@ -106,9 +110,10 @@ class TokenBook:
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             created_by=created_by,
         )
-        res = self.store.txn(
-            [Compare(TOKEN_PREFIX + tid, 0)], [Put(TOKEN_PREFIX + tid, json.dumps(asdict(rec)))]
-        )
+        ops: list[Put | Delete] = [Put(TOKEN_PREFIX + tid, json.dumps(asdict(rec)))]
+        if actor is not None:
+            ops.append(_audit(actor, "create", rec))
+        res = self.store.txn([Compare(TOKEN_PREFIX + tid, 0)], ops)
         if not res.succeeded:  # pragma: no cover - 48 random bits colliding
             raise TokenError("token id collision, try again")
         return f"ow.{tid}.{secret}", rec
@@ -130,15 +135,24 @@ class TokenBook:
         items, _ = self.store.range(TOKEN_PREFIX)
         return [TokenRecord(**json.loads(kv.value)) for kv in items]
 
-    def revoke(self, tid: str) -> bool:
-        res = self.store.txn([Compare(TOKEN_PREFIX + tid, 0)], [], [Delete(TOKEN_PREFIX + tid)])
-        return not res.succeeded  # the key existed and was deleted
+    def revoke(self, tid: str, actor: Actor | None = None) -> bool:
+        """True if the token existed and is now gone. With `actor`, audited in the same txn."""
+        kv = self.store.get(TOKEN_PREFIX + tid)
+        if kv is None:
+            return False
+        ops: list[Put | Delete] = [Delete(TOKEN_PREFIX + tid)]
+        if actor is not None:
+            ops.append(_audit(actor, "revoke", TokenRecord(**json.loads(kv.value))))
+        res = self.store.txn([Compare(TOKEN_PREFIX + tid, kv.mod_revision)], ops)
+        return res.succeeded
 
     def bootstrap(self, token_file: Path) -> Path | None:
         """First run: no provider-admin token yet -> create one, write it to `token_file` (0600)."""
         if any(t.role == Role.PROVIDER_ADMIN for t in self.list()):
             return None
-        token, rec = self.create(Role.PROVIDER_ADMIN, name="bootstrap-admin", created_by="bootstrap")
+        token, rec = self.create(
+            Role.PROVIDER_ADMIN, name="bootstrap-admin", created_by="bootstrap", actor=SYSTEM
+        )
         token_file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -148,6 +162,11 @@ class TokenBook:
             "first run: provider-admin token %s written to %s (mode 0600)", rec.id, token_file.absolute()
         )
         return token_file
+
+
+def _audit(actor: Actor, action: str, rec: TokenRecord) -> Put:
+    scope = {k: v for k, v in (("role", rec.role), ("host", rec.host)) if v}
+    return entry_put(actor, action, "Token", rec.tenant or PROVIDER_TENANT, f"{rec.name} ({rec.id})", **scope)
 
 
 def token_file_for(db: str) -> Path:

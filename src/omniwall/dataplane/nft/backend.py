@@ -63,7 +63,7 @@ class NftBackend:
         self.log_group = log_group
         self.revoke = revoke
         self.nft = Nft(netns, allow_initial_netns=allow_initial_netns)
-        self.ct = ConntrackTable(thread=self.nft.thread)
+        self.ct = ConntrackTable(thread=self.nft.thread, allow_initial_netns=allow_initial_netns)
         self._current: HostDesiredState | None = None
         self.last_revoked: list[ConnEntry] = []
 
@@ -165,7 +165,8 @@ class NftBackend:
 
     # --------------------------------------------------------------------------------- revocation
     def _revoke(self, old: HostDesiredState | None, new: HostDesiredState) -> None:
-        """Delete conntrack entries of affected vNICs that `new` would refuse (or whose vNIC is gone)."""
+        """Delete conntrack entries of affected vNICs that `new` would refuse at a hop still on this host,
+        and those no local vNIC is part of any more (the vNIC left: DESIGN §8 step 5)."""
         self.last_revoked = []
         if not self.revoke or old == new:
             return
@@ -179,13 +180,12 @@ class NftBackend:
             src, dst = _canon(e.src), _canon(e.dst)
             if src not in affected and dst not in affected:
                 continue
-            if (src in old_by_addr and src not in new_by_addr) or (
-                dst in old_by_addr and dst not in new_by_addr
-            ):
-                doomed.append(e)  # the vNIC left this host (or lost the address)
-                continue
-            p = Probe.of(e)
             sv, dv = new_by_addr.get(src), new_by_addr.get(dst)
+            if sv is None and dv is None:
+                if src in old_by_addr or dst in old_by_addr:
+                    doomed.append(e)  # its vNIC left this host: no hop here judges it any more
+                continue
+            p = Probe.of(e)  # judged by the hops still on this host (a peer may have moved away)
             if (sv is not None and judge_hop(new, sv, "egress", p)[0] != "allow") or (
                 dv is not None and judge_hop(new, dv, "ingress", p)[0] != "allow"
             ):
@@ -201,7 +201,7 @@ class NftBackend:
         by: Counter[int] = Counter()
         for obj in listing:
             r = obj.get("rule")
-            if not r or not str(r.get("comment", "")).isdigit():
+            if not r or r.get("chain") in (STATE_CHAIN, REV_CHAIN) or not str(r.get("comment", "")).isdigit():
                 continue
             rid = int(r["comment"])
             for ex in r.get("expr", []):

@@ -1,0 +1,194 @@
+"""The rulesets `bench/dataplane.py` compares, built directly (no compiler, no catalog).
+
+- (b) `omniwall_state`: a `HostDesiredState` for one lab host, realized by the real `NftBackend`:
+  `rules` rules in total, address sets totalling `members` addresses, the path's vNIC plus synthetic
+  vNICs (interfaces that do not exist: the dispatch maps are keyed by name, so their chains are loaded
+  and cost memory but are never walked) carrying the rules that do not span the path.
+  The path's vNIC hop (egress on the source host, ingress on the destination host) walks `hop_rules`
+  rules: `hop_rules - 1` that do not match the measured flow, cycling through the three ways a rule
+  fails (source not in its set: one hash lookup; source in, destination not: two lookups; both in,
+  wrong port: two lookups and two compares), and the allowing rule **last**, just before the default
+  drop. So every new connection pays the whole walk of its hop.
+- (c) `linear_table`: the naive model, iptables without ipset: one rule per member address
+  (`ip saddr <member> ip daddr <dst> accept`), the source's own rule last, after
+  `ct state established,related accept`.
+- (d) `stateful_table`: `ct state established,related accept`, then `accept`: what conntrack alone
+  costs, the floor for any stateful firewall.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch
+
+Json = dict[str, Any]
+BENCH_TABLE = "owbench"  # arms (c) and (d); Omniwall's own table is `inet omniwall`
+SYNTH_NET = ipaddress.ip_network("10.128.0.0/9")  # synthetic group members (never routed in the lab)
+SYNTH_VNIC_NET = ipaddress.ip_network("10.64.0.0/16")  # synthetic vNIC addresses
+RULES_PER_SYNTH_VNIC = 100
+TENANT = "bench"
+
+
+def members(start: int, count: int) -> tuple[str, ...]:
+    base = int(SYNTH_NET.network_address)
+    return tuple(str(ipaddress.IPv4Address(base + start + i)) for i in range(count))
+
+
+def omniwall_state(
+    host: str,
+    *,
+    ifname: str,
+    vnic_addr: str,
+    direction: str,
+    src_ip: str,
+    dst_ip: str,
+    ports: tuple[int, ...],
+    rules: int = 10_000,
+    members: int = 100_000,
+    sets: int = 200,
+    hop_rules: int = 100,
+    revision: int = 1,
+) -> HostDesiredState:
+    """Arm (b) for one host; `direction` is the path's hop there ("egress" at the source's host)."""
+    if not 1 <= hop_rules <= rules:
+        raise ValueError(f"hop_rules must be within 1..{rules}, got {hop_rules}")
+    if sets < 4 or sets % 2:
+        raise ValueError("sets must be an even number >= 4")
+    per_set = members // sets
+    # even-numbered sets hold both path addresses (rules on them can match the flow's addresses),
+    # odd-numbered ones neither; every set also holds `per_set` synthetic members
+    ir_sets = []
+    for k in range(sets):
+        extra = (src_ip, dst_ip) if k % 2 == 0 else ()
+        ir_sets.append(IRSet(name=f"g{k:04d}", addresses=tuple(sorted(members(k * per_set, per_set) + extra))))
+    even = [s.name for s in ir_sets[0::2]]
+    odd = [s.name for s in ir_sets[1::2]]
+    svc = (ServiceMatch("tcp", tuple((p, p) for p in ports)),)
+
+    def rule(i: int, action: str, src: str, dst: str, services: tuple[ServiceMatch, ...]) -> IRRule:
+        return IRRule(
+            id=i,
+            tenant=TENANT,
+            policy=f"p{i // 100:03d}",
+            rule=f"r{i % 100:02d}",
+            category="application",
+            action=action,  # type: ignore[arg-type]
+            src_set=src,
+            dst_set=dst,
+            services=services,
+        )
+
+    all_rules: list[IRRule] = []
+    for i in range(1, rules + 1):
+        if i == hop_rules:  # the allowing rule: last of the path's hop
+            all_rules.append(rule(i, "allow", even[0], even[1], svc))
+            continue
+        kind = i % 3
+        if kind == 0:  # source not in the set
+            r = rule(i, "allow", odd[i % len(odd)], even[i % len(even)], svc)
+        elif kind == 1:  # source in, destination not
+            r = rule(i, "allow", even[i % len(even)], odd[i % len(odd)], svc)
+        else:  # both in, another port
+            r = rule(i, "allow", even[i % len(even)], even[(i + 1) % len(even)], (ServiceMatch("tcp", ((20000 + i, 20000 + i),)),))
+        all_rules.append(r)
+
+    hop_ids = tuple(range(1, hop_rules + 1))
+    path_vnic = IRVnic(
+        ifname=ifname,
+        workload=f"{TENANT}/path",
+        tenant=TENANT,
+        addresses=(vnic_addr,),
+        egress=hop_ids if direction == "egress" else (),
+        ingress=hop_ids if direction == "ingress" else (),
+    )
+    vnics = [path_vnic]
+    rest = list(range(hop_rules + 1, rules + 1))
+    vbase = int(SYNTH_VNIC_NET.network_address) + 1
+    for n, k in enumerate(range(0, len(rest), RULES_PER_SYNTH_VNIC)):
+        ids = tuple(rest[k : k + RULES_PER_SYNTH_VNIC])
+        half = len(ids) // 2
+        vnics.append(
+            IRVnic(
+                ifname=f"owbv{n:04d}",
+                workload=f"{TENANT}/synthetic-{n}",
+                tenant=TENANT,
+                addresses=(str(ipaddress.IPv4Address(vbase + n)),),
+                egress=ids[:half],
+                ingress=ids[half:],
+            )
+        )
+    return HostDesiredState(
+        host=host,
+        revision=revision,
+        vnics=tuple(sorted(vnics, key=lambda v: v.ifname)),
+        rules=tuple(all_rules),
+        sets=tuple(ir_sets),
+    )
+
+
+def _table_head(policy: str = "accept") -> list[Json]:
+    t = {"family": "inet", "name": BENCH_TABLE}
+    return [
+        {"add": {"table": t}},
+        {"delete": {"table": t}},
+        {"add": {"table": t}},
+        {"add": {"chain": {"family": "inet", "table": BENCH_TABLE, "name": "fwd", "type": "filter",
+                           "hook": "forward", "prio": 0, "policy": policy}}},
+    ]  # fmt: skip
+
+
+def _rule(*expr: Json) -> Json:
+    return {"add": {"rule": {"family": "inet", "table": BENCH_TABLE, "chain": "fwd", "expr": list(expr)}}}
+
+
+def _ct_established() -> Json:
+    return _rule(
+        {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}},
+        {"accept": None},
+    )
+
+
+def _ip(field: str, addr: str) -> Json:
+    return {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}}, "right": addr}}
+
+
+def stateful_table() -> list[Json]:
+    """Arm (d): conntrack and nothing else."""
+    return [*_table_head(), _ct_established(), _rule({"accept": None})]
+
+
+def _tcp_ports(ports: tuple[int, ...]) -> list[Json]:
+    return [
+        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+        {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}},
+                   "right": {"set": list(ports)}}},
+    ]  # fmt: skip
+
+
+def linear_table(src_ip: str, dst_ip: str, ports: tuple[int, ...], rules: int = 10_000) -> list[Json]:
+    """Arm (c): one rule per member address (same services as Omniwall's allowing rule), the
+    source's own rule last, then drop."""
+    cmds = [*_table_head(), _ct_established()]
+    for a in (*members(0, rules - 1), src_ip):
+        cmds.append(_rule(_ip("saddr", a), _ip("daddr", dst_ip), *_tcp_ports(ports), {"accept": None}))
+    cmds.append(_rule({"counter": None}, {"drop": None}))
+    return cmds
+
+
+def delete_table() -> list[Json]:
+    t = {"family": "inet", "name": BENCH_TABLE}
+    return [{"add": {"table": t}}, {"delete": {"table": t}}]
+
+
+def big_set(count: int, name: str = "big") -> list[Json]:
+    """One transaction: a table with one `count`-element ipv4_addr hash set."""
+    t = {"family": "inet", "name": BENCH_TABLE}
+    return [
+        {"add": {"table": t}},
+        {"delete": {"table": t}},
+        {"add": {"table": t}},
+        {"add": {"set": {"family": "inet", "table": BENCH_TABLE, "name": name, "type": "ipv4_addr"}}},
+        {"add": {"element": {"family": "inet", "table": BENCH_TABLE, "name": name, "elem": list(members(0, count))}}},
+    ]  # fmt: skip

@@ -1,0 +1,428 @@
+"""Data-plane benchmark: what Omniwall's nftables rules cost a forwarded TCP flow, next to the floor
+(conntrack alone) and the naive model (one rule per member address). Needs root; builds its own lab.
+
+    sudo .venv/bin/python bench/dataplane.py                 # 3 rounds, all arms, ~5 min
+    sudo .venv/bin/python bench/dataplane.py --rounds 1 --seconds 2 --skip-sweep   # quick look
+
+Arms, all in one run, same lab (two hosts, one workload on each; the flow crosses both hosts'
+forward hooks), interleaved within each round (the order rotates per round), median over rounds:
+  (a) no firewall: no table (and so no conntrack) in either host namespace;
+  (d) minimal stateful table: `ct state established,related accept; accept`;
+  (b) Omniwall: `NftBackend.sync` of a `HostDesiredState` with 10k rules and sets of 100k members per
+      host, the path's vNIC hop walking `--hop-rules` rules with the allowing rule last (bench/_rulesets.py);
+  (c) naive: 10k rules, one per member address, in one linear chain (iptables without ipset);
+  sweep arms b@N: (b) with the path's hop walking N rules (the rule-walk cost curve).
+Metrics: iperf3 TCP throughput (one stream) and new-connection rate (bench/_connrate.py), each as a
+ratio to (a). Then: time to load a 1,000,000-element ipv4_addr hash set in one transaction, and time of
+`NftBackend.apply` for a one-element set delta in process (median of many).
+
+Prints a table and, last, one JSON line with every number. See BENCHMARKS.md ("Data plane") and
+docs/design/dataplane-bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from omniwall.compiler.ir import HostDelta, HostDesiredState, SetUpdate
+from omniwall.dataplane.nft.backend import NftBackend
+from omniwall.dataplane.nft.libnft import Nft
+from omniwall.lab.lab import Lab
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _rulesets as rs  # noqa: E402
+
+CONNRATE = str(Path(__file__).resolve().parent / "_connrate.py")
+SRC_IP, DST_IP = "10.90.0.1", "10.90.0.2"
+IPERF_PORT, CONN_PORT, CLOSED_PORT = 5201, 5300, 5399
+LAB = f"""
+kind: Host
+metadata: {{name: h1}}
+---
+kind: Host
+metadata: {{name: h2}}
+---
+kind: Workload
+metadata: {{name: src, tenant: bench}}
+spec: {{host: h1, vnics: [{{name: eth0, ips: [{SRC_IP}]}}]}}
+---
+kind: Workload
+metadata: {{name: dst, tenant: bench}}
+spec: {{host: h2, vnics: [{{name: eth0, ips: [{DST_IP}]}}]}}
+"""
+
+
+@dataclass
+class Arm:
+    name: str
+    label: str
+    setup: Callable[[], float]  # returns seconds spent loading the ruleset
+    teardown: Callable[[], None]
+    enforcing: bool  # does it drop a flow it does not allow (sanity check)
+    gbps: list[float] = field(default_factory=list)
+    cps: list[float] = field(default_factory=list)
+    load_s: list[float] = field(default_factory=list)
+
+
+def sh(ns: str, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=timeout)
+
+
+class Bench:
+    def __init__(self, lab: Lab, args: argparse.Namespace) -> None:
+        self.lab, self.args = lab, args
+        self.src_ns, self.dst_ns = lab.workload_netns("src"), lab.workload_netns("dst")
+        self.hosts = [lab.host_netns("h1"), lab.host_netns("h2")]
+        self.src_if = lab.plan.workload("src").vnics[0].host_ifname
+        self.dst_if = lab.plan.workload("dst").vnics[0].host_ifname
+        self.procs: list[subprocess.Popen[str]] = []
+        self.nft = [Nft(h) for h in self.hosts]
+        self.backends = [NftBackend(h) for h in self.hosts]
+
+    # ------------------------------------------------------------------------------------ servers
+    def start_servers(self) -> None:
+        sh(self.src_ns, ["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])
+        py = sys.executable
+        conn = self._spawn([py, CONNRATE, "server", "--addr", DST_IP, "--port", str(CONN_PORT)])
+        if (line := conn.stdout.readline() if conn.stdout else "").strip() != "ready":
+            raise RuntimeError(f"connection-rate server did not start: {line!r}")
+        iperf = self._spawn(["iperf3", "-s", "-B", DST_IP, "-p", str(IPERF_PORT)])
+        deadline = time.monotonic() + 10
+        while "listening" not in (iperf.stdout.readline() if iperf.stdout else ""):
+            if time.monotonic() > deadline or iperf.poll() is not None:
+                raise RuntimeError("iperf3 server did not start")
+
+    def _spawn(self, argv: list[str]) -> subprocess.Popen[str]:
+        p = subprocess.Popen(["ip", "netns", "exec", self.dst_ns, *argv], stdout=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for b in self.backends:
+            try:
+                b.teardown()
+            finally:
+                b.close()
+        for n in self.nft:
+            n.close()
+        for p in self.procs:  # only what we started, by PID
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+    # --------------------------------------------------------------------------------------- arms
+    def arms(self) -> list[Arm]:
+        a = self.args
+        ports = (IPERF_PORT, CONN_PORT)
+
+        def states(hop: int) -> list[HostDesiredState]:
+            common = dict(src_ip=SRC_IP, dst_ip=DST_IP, ports=ports, rules=a.rules, members=a.members)
+            return [
+                rs.omniwall_state("h1", ifname=self.src_if, vnic_addr=SRC_IP, direction="egress",
+                                  hop_rules=hop, **common),  # type: ignore[arg-type]
+                rs.omniwall_state("h2", ifname=self.dst_if, vnic_addr=DST_IP, direction="ingress",
+                                  hop_rules=hop, **common),  # type: ignore[arg-type]
+            ]  # fmt: skip
+
+        def nft_arm(cmds: list[dict[str, Any]]) -> Callable[[], float]:
+            def setup() -> float:
+                t0 = time.perf_counter()
+                for n in self.nft:
+                    n.transact(cmds)
+                return time.perf_counter() - t0
+
+            return setup
+
+        def omniwall_arm(hop: int) -> tuple[Callable[[], float], Callable[[], None]]:
+            st = states(hop)
+
+            def setup() -> float:
+                t0 = time.perf_counter()
+                for b, s in zip(self.backends, st, strict=True):
+                    b.sync(s)
+                return time.perf_counter() - t0
+
+            def teardown() -> None:
+                for b in self.backends:
+                    b.teardown()
+
+            return setup, teardown
+
+        def drop_bench() -> None:
+            for n in self.nft:
+                n.transact(rs.delete_table())
+
+        out = [
+            Arm("a", "no firewall", lambda: 0.0, lambda: None, False),
+            Arm("d", "minimal stateful table", nft_arm(rs.stateful_table()), drop_bench, False),
+            Arm("b", f"Omniwall, hop walks {a.hop_rules}", *omniwall_arm(a.hop_rules), True),
+            Arm("c", f"linear chain, {a.rules} rules", nft_arm(rs.linear_table(SRC_IP, DST_IP, ports, a.rules)),
+                drop_bench, True),
+        ]  # fmt: skip
+        for hop in a.sweep:
+            out.append(Arm(f"b@{hop}", f"Omniwall, hop walks {hop}", *omniwall_arm(hop), True))
+        return out
+
+    # ------------------------------------------------------------------------------------ measure
+    def flush_conntrack(self) -> None:
+        for h in self.hosts:
+            sh(h, ["conntrack", "-F"])
+
+    def connrate(self, seconds: float) -> dict[str, Any]:
+        r = sh(
+            self.src_ns,
+            [sys.executable, CONNRATE, "client", "--dst", DST_IP, "--port", str(CONN_PORT),
+             "--seconds", str(seconds), "--concurrency", str(self.args.concurrency)],
+            timeout=seconds + 30,
+        )  # fmt: skip
+        if r.returncode != 0:
+            raise RuntimeError(f"connection-rate client failed: {r.stderr.strip()}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def iperf(self, seconds: float) -> float:
+        r = sh(
+            self.src_ns,
+            ["iperf3", "-c", DST_IP, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", "1", "-J"],
+            timeout=seconds + 30,
+        )
+        data = json.loads(r.stdout)
+        if "error" in data:
+            raise RuntimeError(f"iperf3: {data['error']}")
+        return data["end"]["sum_received"]["bits_per_second"] / 1e9
+
+    def closed_port_refused(self) -> bool:
+        """True when a connect to a port nobody listens on is refused (RST came back = not filtered)."""
+        code = (
+            "import socket,sys\ns=socket.socket();s.settimeout(1.0)\n"
+            f"try:\n s.connect(('{DST_IP}',{CLOSED_PORT}));print('open')\n"
+            "except ConnectionRefusedError:\n print('refused')\nexcept OSError:\n print('timeout')\n"
+        )
+        return sh(self.src_ns, [sys.executable, "-c", code]).stdout.strip() == "refused"
+
+    def run_arm(self, arm: Arm) -> None:
+        a = self.args
+        arm.load_s.append(arm.setup())
+        try:
+            if self.closed_port_refused() == arm.enforcing:
+                raise RuntimeError(f"arm {arm.name}: the ruleset is not what it should be (closed-port check)")
+            self.flush_conntrack()
+            gbps = self.iperf(a.seconds)
+            self.flush_conntrack()
+            self.connrate(1.0)  # warm-up: caches, conntrack hash, client/server pages
+            self.flush_conntrack()
+            cr = self.connrate(a.seconds)
+            if cr["errors"]:
+                raise RuntimeError(f"arm {arm.name}: {cr['errors']} failed connections {cr['codes']}")
+            arm.gbps.append(gbps)
+            arm.cps.append(cr["rate"])
+            log(f"  {arm.name:7} {gbps:7.2f} Gbit/s  {cr['rate']:9.0f} conn/s  (ruleset load {arm.load_s[-1]:.2f} s)")
+        finally:
+            arm.teardown()
+            self.flush_conntrack()
+
+    # -------------------------------------------------------------------------------- set, delta
+    def set_load(self) -> dict[str, Any]:
+        n = self.nft[0]
+        cmds = rs.big_set(self.args.set_size)
+        times, encode = [], []
+        for _ in range(self.args.set_reps):
+            t0 = time.perf_counter()
+            json.dumps({"nftables": cmds}, separators=(",", ":"))
+            encode.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            n.transact(cmds)
+            times.append(time.perf_counter() - t0)
+            n.transact(rs.delete_table())
+        last = str(rs.members(self.args.set_size - 1, 1)[0])
+        n.transact(cmds)
+        try:  # the last element really is in the kernel's set
+            got = n.run_text(f"get element inet {rs.BENCH_TABLE} big {{ {last} }}")
+        finally:
+            n.transact(rs.delete_table())
+        if last not in got:
+            raise RuntimeError(f"1M set: element {last} missing after load")
+        return {
+            "elements": self.args.set_size,
+            "seconds_median": statistics.median(times),
+            "seconds_all": times,
+            "json_encode_seconds": statistics.median(encode),
+        }
+
+    def delta_apply(self) -> dict[str, Any]:
+        """`NftBackend.apply` of one-element deltas (alternately add and remove one address to a set the
+        path's rules reference) on the synced arm-(b) state, in this process."""
+        a = self.args
+        st = rs.omniwall_state(
+            "h1", ifname=self.src_if, vnic_addr=SRC_IP, direction="egress", src_ip=SRC_IP, dst_ip=DST_IP,
+            ports=(IPERF_PORT, CONN_PORT), rules=a.rules, members=a.members, hop_rules=a.hop_rules,
+        )  # fmt: skip
+        b = self.backends[0]
+        b.sync(st)
+        target = st.sets[0]  # g0000: the allowing rule's source set
+        extra = "10.127.255.254"
+        grown = replace(target, addresses=tuple(sorted((*target.addresses, extra))))
+        deltas = [
+            SetUpdate(full=grown, added_addresses=(extra,)),
+            SetUpdate(full=target, removed_addresses=(extra,)),
+        ]
+        kernel: list[float] = []
+        orig = b.nft.transact
+
+        def timed(cmds: list[dict[str, Any]]) -> None:
+            t0 = time.perf_counter()
+            orig(cmds)
+            kernel.append(time.perf_counter() - t0)
+
+        b.nft.transact = timed  # type: ignore[method-assign]
+        times: list[float] = []
+        rev = st.revision
+        try:
+            for i in range(a.delta_reps):
+                d = HostDelta(host="h1", from_revision=rev, to_revision=rev + 1, set_updates=(deltas[i % 2],))
+                t0 = time.perf_counter()
+                b.apply(d)
+                times.append(time.perf_counter() - t0)
+                rev += 1
+        finally:
+            b.nft.transact = orig  # type: ignore[method-assign]
+        ok = self.closed_port_refused() is False and b.realized() is not None
+        b.teardown()
+        times.sort()
+        return {
+            "reps": len(times),
+            "ms_median": statistics.median(times) * 1e3,
+            "ms_p90": times[int(len(times) * 0.9)] * 1e3,
+            "kernel_ms_median": statistics.median(kernel) * 1e3,
+            "table_consistent": ok,
+        }
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def environment() -> dict[str, Any]:
+    nft = subprocess.run(["nft", "--version"], capture_output=True, text=True).stdout.strip()
+    return {
+        "kernel": platform.release(),
+        "nft": nft,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def report(arms: list[Arm], set_res: dict[str, Any] | None, delta: dict[str, Any] | None, env: dict[str, Any],
+           args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    base = next(x for x in arms if x.name == "a")
+    floor = next(x for x in arms if x.name == "d")
+    ga, ca, cd = med(base.gbps), med(base.cps), med(floor.cps)
+    rows = []
+    print(f"{'arm':7} {'ruleset':34} {'Gbit/s':>7} {'/(a)':>6} {'conn/s':>8} {'/(a)':>6} {'/(d)':>6} {'load s':>7}")
+    for x in arms:
+        g, c = med(x.gbps), med(x.cps)
+        row = {
+            "arm": x.name, "label": x.label, "gbps": g, "gbps_ratio_a": g / ga, "cps": c,
+            "cps_ratio_a": c / ca, "cps_ratio_d": c / cd, "load_s": med(x.load_s),
+            "gbps_rounds": x.gbps, "cps_rounds": x.cps,
+        }  # fmt: skip
+        rows.append(row)
+        print(f"{x.name:7} {x.label:34} {g:7.2f} {g / ga:6.3f} {c:8.0f} {c / ca:6.3f} {c / cd:6.3f} {row['load_s']:7.2f}")
+    b = next(r for r in rows if r["arm"] == "b")
+    targets = {
+        "b_over_a_throughput": {"value": b["gbps_ratio_a"], "target": 0.95, "met": b["gbps_ratio_a"] >= 0.95},
+        "b_over_d_connections": {"value": b["cps_ratio_d"], "target": 0.97, "met": b["cps_ratio_d"] >= 0.97},
+    }
+    if set_res:
+        s = set_res["seconds_median"]
+        print(f"1M-element set, one transaction: {s:.2f} s median (json encode {set_res['json_encode_seconds']:.2f} s)")
+        targets["set_load_1m_s"] = {"value": s, "target": 3.0, "met": s < 3.0}
+    if delta:
+        m = delta["ms_median"]
+        print(f"one-element delta, NftBackend.apply: {m:.3f} ms median, p90 {delta['ms_p90']:.3f} ms "
+              f"(kernel transaction {delta['kernel_ms_median']:.3f} ms)")  # fmt: skip
+        targets["delta_apply_ms"] = {"value": m, "target": 1.0, "met": m < 1.0}
+    for k, t in targets.items():
+        print(f"target {k}: {t['value']:.3f} (target {t['target']}) {'met' if t['met'] else 'MISSED'}")
+    env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    return {
+        "bench": "dataplane", "env": env, "params": {k: v for k, v in vars(args).items()},
+        "arms": rows, "set_load": set_res, "delta_apply": delta, "targets": targets,
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=5.0, help="per iperf3 and per connection-rate run")
+    p.add_argument("--concurrency", type=int, default=16, help="connects in flight")
+    p.add_argument("--rules", type=int, default=10_000)
+    p.add_argument("--members", type=int, default=100_000)
+    p.add_argument("--hop-rules", type=int, default=100, help="rules the path's hop walks in arm (b)")
+    p.add_argument("--sweep", default="10,1000,10000", help="extra b@N arms (comma list)")
+    p.add_argument("--skip-sweep", action="store_true")
+    p.add_argument("--set-size", type=int, default=1_000_000)
+    p.add_argument("--set-reps", type=int, default=3)
+    p.add_argument("--delta-reps", type=int, default=200)
+    p.add_argument("--only-arms", action="store_true", help="skip the set-load and delta measurements")
+    p.add_argument("--json-out", type=Path, help="also write the JSON result here")
+    args = p.parse_args(argv)
+    args.sweep = [] if args.skip_sweep else [int(x) for x in args.sweep.split(",") if x.strip()]
+    if os.geteuid() != 0:
+        print("bench/dataplane.py needs root (network namespaces)", file=sys.stderr)
+        return 2
+    for tool in ("iperf3", "conntrack", "ip"):
+        if shutil.which(tool) is None:
+            print(f"bench/dataplane.py needs {tool} (see APT_PACKAGES in the Makefile)", file=sys.stderr)
+            return 2
+    env = environment()
+    log(f"kernel {env['kernel']}, {env['nft']}, {env['cpus']} CPUs, load {env['loadavg_start']}")
+    with Lab.up(LAB, policy=False, responders=False, ipv6=False) as lab:
+        log(f"lab {lab.name}: {', '.join(lab.namespaces())}")
+        bench = Bench(lab, args)
+        try:
+            bench.start_servers()
+            arms = bench.arms()
+            for r in range(args.rounds):
+                log(f"round {r + 1}/{args.rounds} (load {os.getloadavg()[0]:.2f})")
+                k = r % len(arms)
+                for arm in arms[k:] + arms[:k]:
+                    bench.run_arm(arm)
+            set_res = delta = None
+            if not args.only_arms:
+                log("1M-element set load ...")
+                set_res = bench.set_load()
+                log("one-element delta apply ...")
+                delta = bench.delta_apply()
+        finally:
+            bench.stop()
+    result = report(arms, set_res, delta, env, args)
+    line = json.dumps(result, separators=(",", ":"), default=str)
+    if args.json_out:
+        args.json_out.write_text(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

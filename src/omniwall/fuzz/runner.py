@@ -1,0 +1,399 @@
+"""Kernel vs sim: program a lab with a resource set, probe every ordered pair, compare verdict for verdict.
+
+`FuzzLab(inventory_resources)` brings a lab up once (no policy driver: this module programs the hosts
+itself, one `NftBackend` per host namespace) and then runs *rounds*: `program(resources)` compiles a
+new policy over the same inventory, syncs every host (incrementally, or after a teardown with `fresh`)
+and flushes every host's conntrack table, so connections of an earlier round cannot make the kernel
+look more permissive than the sim; `probe(cases)` sends real TCP/UDP/ICMP exchanges and judges the
+same connections with `judge_connection`. A probe whose kernel result differs is probed once more with
+a longer timeout: still different = a *confirmed* mismatch; agreeing now = *flaky* (timing, reported
+apart, never hidden).
+
+`check_scenario(resources, cases)` is the one-shot form used by regression tests: lab up, program,
+probe, down. `minimize(...)` shrinks a mismatching policy (greedily dropping policies, rules, groups,
+services, tenants) on the lab that found it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from omniwall.compiler.build import compile_catalog
+from omniwall.compiler.ir import HostDesiredState
+from omniwall.dataplane.nft.backend import NftBackend
+from omniwall.fuzz.generate import EPHEMERAL_SPORT, TCP_PORTS, UDP_PORTS
+from omniwall.lab import Lab
+from omniwall.lab.plan import LabPlan, WorkloadPlan
+from omniwall.lab.probe import Probe, ProbeResult, run_probes
+from omniwall.model.catalog import Catalog
+from omniwall.model.errors import ValidationError
+from omniwall.model.loader import dump_yaml
+from omniwall.model.validate import validate
+from omniwall.sim.evaluate import ConnectionVerdict, Network
+from omniwall.sim.explain import path_json, rule_text, verdict_text
+from omniwall.sim.packet import Packet
+
+PROBE_TIMEOUT = 1.0
+RETRY_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One probe: a connection from workload `src` to workload `dst` ("tenant/name"), between their
+    `src_index`-th and `dst_index`-th addresses of IP version `family` (vNIC order, then address order)."""
+
+    src: str
+    dst: str
+    proto: str  # tcp | udp | icmp (icmpv6 over IPv6)
+    port: int | None = None
+    family: int = 4
+    src_index: int = 0
+    dst_index: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "src": self.src,
+            "dst": self.dst,
+            "proto": self.proto,
+            "port": self.port,
+            "family": self.family,
+        }
+        if self.src_index or self.dst_index:
+            d |= {"src_index": self.src_index, "dst_index": self.dst_index}
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Case:
+        return Case(
+            d["src"],
+            d["dst"],
+            d["proto"],
+            d.get("port"),
+            d.get("family", 4),
+            d.get("src_index", 0),
+            d.get("dst_index", 0),
+        )
+
+    def __str__(self) -> str:
+        svc = self.proto if self.port is None else f"{self.proto}/{self.port}"
+        at = f" addresses #{self.src_index}->#{self.dst_index}" if self.src_index or self.dst_index else ""
+        return f"{self.src} -> {self.dst} {svc} (IPv{self.family}{at})"
+
+
+def addresses(w: WorkloadPlan, family: int) -> list[str]:
+    return [ip for ip in w.ips if ipaddress.ip_address(ip).version == family]
+
+
+TARGETS: tuple[tuple[str, int | None], ...] = (
+    *(("tcp", p) for p in TCP_PORTS),
+    *(("udp", p) for p in UDP_PORTS),
+    ("icmp", None),
+)
+EXTRA_TARGETS: tuple[tuple[str, int | None], ...] = (
+    ("tcp", TCP_PORTS[0]),
+    ("udp", UDP_PORTS[0]),
+    ("icmp", None),
+)
+
+
+def all_cases(plan: LabPlan, *, ipv6: bool) -> list[Case]:
+    """Every ordered pair of workloads x every fuzz port (each has a responder) x icmp, per family,
+    between their first addresses; plus a few targets from and to every further address."""
+    families = (4, 6) if ipv6 else (4,)
+    out = []
+    for s in plan.workloads:
+        for d in plan.workloads:
+            if s is d:
+                continue
+            for fam in families:
+                n_src, n_dst = len(addresses(s, fam)), len(addresses(d, fam))
+                if not n_src or not n_dst:
+                    continue
+                out.extend(Case(s.key, d.key, proto, port, fam) for proto, port in TARGETS)
+                for si, di in [*((i, 0) for i in range(1, n_src)), *((0, j) for j in range(1, n_dst))]:
+                    out.extend(Case(s.key, d.key, proto, port, fam, si, di) for proto, port in EXTRA_TARGETS)
+    return out
+
+
+def sim_packet(src_addr: str, dst_addr: str, case: Case) -> Packet:
+    if case.proto in ("icmp", "icmpv6"):
+        return Packet(src_addr, dst_addr, "icmpv6" if case.family == 6 else "icmp")
+    return Packet(src_addr, dst_addr, case.proto, sport=EPHEMERAL_SPORT, dport=case.port or 0)
+
+
+def explanation_text(cv: ConnectionVerdict) -> str:
+    """The sim's hop-by-hop reasoning, one line per hop."""
+    lines = []
+    for what, path in (("request", cv.request), ("reply", cv.reply), ("ack", cv.ack)):
+        if path is None:
+            continue
+        untracked = f" untracked on {', '.join(sorted(path.untracked_hosts))}" if path.untracked_hosts else ""
+        lines.append(f"{what}: {path.packet.describe()} -> {path.verdict}{untracked}")
+        for h in path.hops:
+            lines.append(
+                f"  {h.host} {h.ifname} ({h.workload}) {h.direction}: {verdict_text(h)} by {rule_text(h)}"
+                f"{'' if h.tracked else ' [untracked]'}"
+            )
+    return "\n".join(lines)
+
+
+@dataclass
+class Outcome:
+    case: Case
+    src_addr: str
+    dst_addr: str
+    kernel: bool
+    detail: str
+    sim: ConnectionVerdict
+    retry: bool | None = None  # the kernel's second answer, for a disagreement
+    retry_detail: str | None = None
+
+    @property
+    def agrees(self) -> bool:
+        return self.kernel == self.sim.allowed
+
+    @property
+    def confirmed(self) -> bool:
+        """A mismatch the retry reproduced."""
+        return not self.agrees and self.retry is not None and self.retry != self.sim.allowed
+
+    def to_json(self) -> dict[str, Any]:
+        cv = self.sim
+        return {
+            "probe": self.case.to_json() | {"src_addr": self.src_addr, "dst_addr": self.dst_addr},
+            "kernel": {
+                "allowed": self.kernel,
+                "detail": self.detail,
+                "retry_allowed": self.retry,
+                "retry_detail": self.retry_detail,
+            },
+            "sim": {"allowed": cv.allowed, "verdict": cv.verdict},
+            "confirmed": self.confirmed,
+            "explanation": explanation_text(cv),
+            "paths": {
+                "request": path_json(cv.request),
+                "reply": None if cv.reply is None else path_json(cv.reply),
+                "ack": None if cv.ack is None else path_json(cv.ack),
+            },
+        }
+
+
+@dataclass
+class RoundResult:
+    outcomes: list[Outcome]
+    elapsed: float
+    programming: str  # incremental | fresh
+
+    @property
+    def probes(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def allowed(self) -> int:
+        return sum(o.kernel for o in self.outcomes)
+
+    @property
+    def mismatches(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.confirmed]
+
+    @property
+    def flaky(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.agrees and not o.confirmed]
+
+
+@dataclass
+class FuzzLab:
+    """A lab built once from inventory resources (Hosts, Workloads), re-programmed round after round."""
+
+    inventory: Sequence[Any]
+    ipv6: bool | None = None
+    timeout: float = PROBE_TIMEOUT
+    lab: Lab | None = None
+    backends: dict[str, NftBackend] = field(default_factory=dict)
+    states: dict[str, HostDesiredState] = field(default_factory=dict)
+    catalog: Catalog | None = None
+
+    def __enter__(self) -> FuzzLab:
+        self.lab = Lab.up(list(self.inventory), policy=False, ipv6=self.ipv6)
+        try:
+            self.lab.__enter__()  # traps SIGTERM/SIGHUP like Ctrl-C, so teardown always runs
+            for h in self.lab.plan.hosts:
+                self.backends[h.name] = NftBackend(netns=h.netns, revoke=False)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for b in self.backends.values():
+            with contextlib.suppress(Exception):
+                b.close()
+        self.backends.clear()
+        if self.lab is not None:
+            lab, self.lab = self.lab, None
+            lab.__exit__(None, None, None)
+
+    @property
+    def plan(self) -> LabPlan:
+        assert self.lab is not None, "FuzzLab is not up"
+        return self.lab.plan
+
+    @property
+    def has_ipv6(self) -> bool:
+        assert self.lab is not None, "FuzzLab is not up"
+        return self.lab.state.ipv6
+
+    def program(self, resources: Iterable[Any], *, fresh: bool = False) -> Catalog:
+        """Validate inventory + `resources`, compile, sync every host (after a teardown when `fresh`),
+        flush conntrack everywhere. Raises ValidationError for an invalid set."""
+        catalog = validate([*self.inventory, *resources])
+        states = compile_catalog(catalog)
+        for host, backend in self.backends.items():
+            if fresh:
+                backend.teardown()
+            backend.sync(states[host])
+        self.flush_conntrack()
+        self.catalog, self.states = catalog, states
+        return catalog
+
+    def flush_conntrack(self) -> None:
+        for backend in self.backends.values():
+            backend.flush_connections(backend.connections())
+
+    def probe(self, cases: Sequence[Case], *, retry: bool = True) -> list[Outcome]:
+        """Kernel and sim verdicts of `cases` under the current program; disagreements probed again."""
+        plan = self.plan
+        net = Network(self.states)
+        probes, outcomes = [], []
+        for c in cases:
+            s, d = plan.workload(c.src), plan.workload(c.dst)
+            try:
+                src_addr, dst_addr = addresses(s, c.family)[c.src_index], addresses(d, c.family)[c.dst_index]
+            except IndexError:
+                raise ValueError(f"{c}: no such address in the lab") from None
+            probes.append(Probe(s.netns, dst_addr, c.proto, c.port, s.key, d.key, src_addr, d.key))
+            outcomes.append(
+                Outcome(
+                    c, src_addr, dst_addr, False, "", net.judge_connection(sim_packet(src_addr, dst_addr, c))
+                )
+            )
+        for o, r in zip(outcomes, run_probes(probes, timeout=self.timeout), strict=True):
+            o.kernel, o.detail = r.allowed, r.detail
+        wrong = [i for i, o in enumerate(outcomes) if not o.agrees]
+        if retry and wrong:
+            again: list[ProbeResult] = run_probes(
+                [probes[i] for i in wrong], timeout=max(RETRY_TIMEOUT, self.timeout)
+            )
+            for i, r in zip(wrong, again, strict=True):
+                outcomes[i].retry, outcomes[i].retry_detail = r.allowed, r.detail
+        return outcomes
+
+    def round(
+        self, resources: Iterable[Any], cases: Sequence[Case] | None = None, *, fresh: bool = False
+    ) -> RoundResult:
+        start = time.monotonic()
+        self.program(resources, fresh=fresh)
+        outcomes = self.probe(cases if cases is not None else all_cases(self.plan, ipv6=self.has_ipv6))
+        return RoundResult(outcomes, time.monotonic() - start, "fresh" if fresh else "incremental")
+
+    # ------------------------------------------------------------------------------------- shrinking
+
+    def still_mismatches(self, resources: Sequence[Any], case: Case, tries: int = 2) -> bool:
+        """Does `case` still disagree under `resources` (fresh program, every try)?"""
+        try:
+            self.program(resources, fresh=True)
+        except ValidationError:
+            return False
+        for _ in range(tries):
+            (o,) = self.probe([case], retry=False)
+            if o.agrees:
+                return False
+            self.flush_conntrack()
+        return True
+
+
+def _shrink_candidates(resources: list[Any]) -> Iterable[list[Any]]:
+    """Smaller variants: without one resource (policies first), then policies without one rule."""
+    order = {"Policy": 0, "Group": 1, "Service": 2, "Tenant": 3}
+    idx = sorted(range(len(resources)), key=lambda i: order.get(resources[i].kind, 9))
+    for i in idx:
+        yield resources[:i] + resources[i + 1 :]
+    for i, r in enumerate(resources):
+        if r.kind != "Policy" or len(r.spec.rules) < 2:
+            continue
+        for j in range(len(r.spec.rules)):
+            rules = r.spec.rules[:j] + r.spec.rules[j + 1 :]
+            smaller = r.model_copy(update={"spec": r.spec.model_copy(update={"rules": rules})})
+            yield [*resources[:i], smaller, *resources[i + 1 :]]
+
+
+def minimize(
+    fl: FuzzLab,
+    resources: Sequence[Any],
+    case: Case,
+    *,
+    budget: float = 120.0,
+    log: Callable[[str], None] | None = None,
+) -> list[Any]:
+    """Greedy shrinking of the (non-inventory) `resources` while `case` keeps disagreeing; at most
+    `budget` seconds. Returns the smallest set found (the input when nothing smaller reproduces)."""
+    current = list(resources)
+    deadline = time.monotonic() + budget
+    progress = True
+    while progress and time.monotonic() < deadline:
+        progress = False
+        for candidate in _shrink_candidates(current):
+            if time.monotonic() >= deadline:
+                break
+            if fl.still_mismatches(candidate, case):
+                current = candidate
+                progress = True
+                if log:
+                    log(f"  shrunk to {len(current)} resources")
+                break
+    return current
+
+
+def check_scenario(
+    resources: Sequence[Any], cases: Sequence[Case] | None = None, *, timeout: float = PROBE_TIMEOUT
+) -> list[Outcome]:
+    """Lab up for `resources` (inventory and policy together), program, probe `cases` (default: all),
+    tear down. Returns every outcome; the caller asserts `o.agrees`."""
+    inventory = [r for r in resources if r.kind in ("Host", "Workload")]
+    policy = [r for r in resources if r.kind not in ("Host", "Workload")]
+    with FuzzLab(inventory, timeout=timeout) as fl:
+        fl.program(policy, fresh=True)
+        return fl.probe(cases if cases is not None else all_cases(fl.plan, ipv6=fl.has_ipv6))
+
+
+def scenario_yaml(inventory: Sequence[Any], resources: Sequence[Any]) -> str:
+    return dump_yaml([*inventory, *resources])
+
+
+def address_family(addr: str) -> int:
+    return ipaddress.ip_address(addr).version
+
+
+__all__ = [
+    "Case",
+    "FuzzLab",
+    "Outcome",
+    "RoundResult",
+    "all_cases",
+    "check_scenario",
+    "explanation_text",
+    "minimize",
+    "scenario_yaml",
+    "sim_packet",
+]
