@@ -1,0 +1,181 @@
+"""The managed lab end to end: manager + one agent per host namespace, the three-tier example applied
+through the API, judged with real traffic against the sim's expectation.
+
+Needs root (network namespaces, nftables); skipped, visibly, otherwise. One lab serves the module; the
+tests that stop an agent or the manager start it again before they end, so the order does not matter.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "three-tier"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="e2e tests need root (namespaces, nftables)")
+
+
+@pytest.fixture(scope="module")
+def managed() -> Iterator[tuple[Any, Any]]:
+    from omniwall.lab.managed import managed_lab
+
+    with managed_lab([EXAMPLE]) as (lab, cp):
+        yield lab, cp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _disagreements(lab: Any, catalog: Any = None) -> list[str]:
+    """Matrix entries where real traffic differs from the sim's verdict for `catalog` (default: the
+    lab's own)."""
+    if catalog is None:
+        return [e.json_line() for e in lab.matrix(expect=True) if not e.agrees]
+    from omniwall.lab.expect import expected
+    from omniwall.lab.matrix import matrix_probes, served_targets
+    from omniwall.lab.probe import run_probes
+
+    probes = matrix_probes(lab.plan)
+    served = {w.key: {(t.proto, t.port) for t in served_targets(w)} for w in lab.plan.workloads}
+    want = [
+        ok and (p.proto, p.port) in served[p.dst]
+        for p, ok in zip(probes, expected(catalog, probes), strict=True)
+    ]
+    got = run_probes(probes)
+    return [
+        f"{r.probe.src} -> {r.probe.dst} {r.probe.proto}/{r.probe.port}: measured {r.allowed}, expected {w}"
+        for r, w in zip(got, want, strict=True)
+        if r.allowed != w
+    ]
+
+
+def _ruleset(lab: Any, host: str) -> str:
+    out = lab.exec_host(host, ["nft", "list", "table", "inet", "omniwall"])
+    assert out.returncode == 0, out.stderr
+    return re.sub(r"counter packets \d+ bytes \d+", "counter", out.stdout)
+
+
+def _set_tier(cp: Any, tenant: str, name: str, tier: str) -> int:
+    obj = cp.api("GET", f"/v1/workloads/{name}", params={"tenant": tenant})
+    obj["metadata"]["labels"] = {**obj["metadata"].get("labels", {}), "tier": tier}
+    out = cp.api("PUT", f"/v1/workloads/{name}", params={"tenant": tenant}, json=obj)
+    return int(out["metadata"]["revision"])
+
+
+def test_every_host_in_sync_and_matrix_equals_expectation(managed: tuple[Any, Any]) -> None:
+    lab, cp = managed
+    status = cp.status()
+    assert sorted(status["hosts"]) == ["host-1", "host-2", "host-3"]
+    for h, s in status["hosts"].items():
+        assert s["connected"] and s["inSync"] and s["realizedRevision"] > 0, (h, s)
+        # the agent realized it in that host's kernel, not somewhere else
+        assert f'comment "{s["realizedRevision"]}"' in _ruleset(lab, h)
+    assert _disagreements(lab) == []
+    assert lab.probe("tenant-a/web-1", "tenant-a/app-1", "tcp", 8080)
+    assert not lab.probe("tenant-a/web-1", "tenant-a/db-1", "tcp", 5432)
+
+
+def test_label_change_through_the_api_reaches_the_kernel(managed: tuple[Any, Any]) -> None:
+    from omniwall.lab.inputs import catalog_from_dump
+    from omniwall.model.catalog import Catalog
+
+    lab, cp = managed
+    assert not lab.probe("tenant-a/web-1", "tenant-a/db-1", "tcp", 5432)
+    revision = _set_tier(cp, "tenant-a", "web-1", "app")  # web-1 joins the app tier: may reach the db
+    try:
+        cp.wait_in_sync(revision=revision, timeout=20)
+        assert lab.probe("tenant-a/web-1", "tenant-a/db-1", "tcp", 5432)
+        changed = Catalog.of(lab.catalog)
+        wl = changed.workloads[("tenant-a", "web-1")]
+        changed.workloads[("tenant-a", "web-1")] = wl.model_copy(
+            update={"metadata": wl.metadata.model_copy(update={"labels": {"tier": "app"}})}
+        )
+        assert _disagreements(lab, catalog_from_dump([r.model_dump(mode="json") for r in changed])) == []
+    finally:
+        revision = _set_tier(cp, "tenant-a", "web-1", "web")
+        cp.wait_in_sync(revision=revision, timeout=20)
+    assert not lab.probe("tenant-a/web-1", "tenant-a/db-1", "tcp", 5432)
+
+
+def test_killed_agent_leaves_the_kernel_enforcing(managed: tuple[Any, Any]) -> None:
+    lab, cp = managed
+    before = _ruleset(lab, "host-1")
+    pid = cp.record.agents["host-1"]
+    cp.kill_agent("host-1", sig=signal.SIGKILL)
+    try:
+        assert not _alive(pid)
+        time.sleep(0.5)
+        assert _ruleset(lab, "host-1") == before  # nothing flushed
+        assert _disagreements(lab) == []  # web-1, dns-1 on host-1 still judged as before
+    finally:
+        cp.start_agent("host-1")
+        cp.wait_in_sync(timeout=30)
+    # the new agent adopted the table: same rules
+    assert _ruleset(lab, "host-1") == before
+
+
+def test_manager_down_agents_keep_enforcing(managed: tuple[Any, Any]) -> None:
+    lab, cp = managed
+    before = {h.name: _ruleset(lab, h.name) for h in lab.plan.hosts}
+    agents = dict(cp.record.agents)
+    cp.stop_manager(sig=signal.SIGKILL)
+    try:
+        time.sleep(1.0)  # the agents notice: their feeds broke
+        assert all(_alive(pid) for pid in agents.values())
+        assert {h: _ruleset(lab, h) for h in before} == before
+        assert _disagreements(lab) == []
+    finally:
+        cp.start_manager()
+    cp.wait_in_sync(timeout=60)  # the same agents came back (backoff <= 30 s)
+    assert cp.record.agents == agents and all(_alive(pid) for pid in agents.values())
+    assert {h: _ruleset(lab, h) for h in before} == before
+
+
+def test_teardown_leaves_nothing(tmp_path: Path) -> None:
+    from omniwall.lab import netns
+    from omniwall.lab.managed import control_dir, managed_lab
+    from omniwall.lab.testing import TWO_HOSTS
+
+    with managed_lab(TWO_HOSTS) as (lab, cp):
+        prefix = lab.prefix
+        pids = [cp.record.manager_pid, *cp.record.agents.values()]
+        assert len(pids) == 3 and all(p and _alive(p) for p in pids)
+        assert lab.probe("t1/a", "t1/b", "tcp", 80) is not None
+    assert not any(_alive(p) for p in pids if p)
+    assert netns.list_names(prefix) == []
+    assert not control_dir(prefix).exists()
+
+
+def test_demo_once_exits_zero() -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "omniwall.demo", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "probes agree with the policy" in p.stdout
+    assert "admin token: ow." in p.stdout and "URL:" in p.stdout
+    prefix = re.search(r"namespace prefix (\S+)", p.stdout)
+    assert prefix is not None
+    from omniwall.lab import netns
+    from omniwall.lab.managed import control_dir
+
+    assert netns.list_names(prefix.group(1)) == []
+    assert not control_dir(prefix.group(1)).exists()
