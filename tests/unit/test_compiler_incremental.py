@@ -235,8 +235,7 @@ def test_incremental_equals_full_compile_and_deltas_chain(initial: list[Any], st
                 if k[0] == "Tenant":
                     k = ("Tenant", k[1], k[2])
                 removed.append(k)
-        # a resource removed and then put again in the same batch is a put
-        removed = [k for k in removed if k not in changed]
+        # a resource removed and then put again in the same batch is sent as both: removals apply first
         deltas = ic.update(list(changed.values()), removed, revision)
         for h, d in deltas.items():
             base = before.get(h, empty_state(h, 0))
@@ -299,3 +298,39 @@ def test_label_change_reaches_only_hosts_that_hold_the_sets() -> None:
     assert deltas["h2"].set_updates[0].removed_addresses == ("10.0.0.1",)
     assert deltas["h2"].set_updates[0].added_addresses == ("10.0.0.9",)
     assert deltas["h2"].rule_updates == () and deltas["h2"].vnic_updates == ()
+
+
+def test_rule_content_change_rerenders_vnics_that_use_it_and_hosts_come_and_go() -> None:
+    res = [
+        Host(metadata=md("h1", "infra")),
+        Workload(metadata=md("w", "a"), spec=WorkloadSpec(host="h1", vnics=[Vnic(ips=["10.0.0.1"])])),
+        Policy(
+            metadata=md("base", "infra"),
+            spec=PolicySpec(
+                category="infrastructure", rules=[Rule(name="r", action="drop", services=["tcp/23"])]
+            ),
+        ),
+    ]
+    ic = IncrementalCompiler(Catalog.of(res), 1)
+    before = ic.state("h1")
+    # The provider goes to monitor mode: its rule's content changes, tenant a's vNIC does not, but the
+    # vNIC's chains must be re-rendered.
+    deltas = ic.update([Tenant(metadata=md("infra", "infra"), spec=TenantSpec(mode="monitor"))], [], 2)
+    d = deltas["h1"]
+    assert [u.rule.monitor for u in d.rule_updates] == [True]
+    assert [u.vnic.workload for u in d.vnic_updates] == ["a/w"]
+    assert d == diff(before, ic.state("h1"))
+    # A new host appears with a workload already pointing at it; then a host disappears.
+    w2 = Workload(metadata=md("w2", "a"), spec=WorkloadSpec(host="h2", vnics=[Vnic(ips=["10.0.0.2"])]))
+    assert ic.update([w2], [], 3) == {}
+    deltas = ic.update([Host(metadata=md("h2", "infra"))], [], 4)
+    assert apply_delta(empty_state("h2", 0), deltas["h2"]) == ic.state("h2")
+    assert [v.workload for v in ic.state("h2").vnics] == ["a/w2"]
+    last = ic.state("h1")
+    deltas = ic.update([], [("Host", "infra", "h1")], 5)
+    assert apply_delta(last, deltas["h1"]) == empty_state("h1", 5)
+    assert sorted(ic.hosts) == ["h2"]
+    # The workload moves to h2... and h1 comes back empty-handed for it.
+    moved = Workload(metadata=md("w", "a"), spec=WorkloadSpec(host="h2", vnics=[Vnic(ips=["10.0.0.1"])]))
+    deltas = ic.update([moved], [], 6)
+    assert sorted(v.workload for v in ic.state("h2").vnics) == ["a/w", "a/w2"]

@@ -108,7 +108,7 @@ def the_rule(states: dict[str, HostDesiredState], label: str) -> IRRule:
 
 
 def test_derived_span_sources_egress_destinations_ingress() -> None:
-    st = compile_(base() + [policy("a", "p", rule("r", ["web"], ["db"], action="allow"))])
+    st = compile_([*base(), policy("a", "p", rule("r", ["web"], ["db"], action="allow"))])
     assert labels(st, "a-web", "egress") == ["a/p/r"]
     assert labels(st, "a-web", "ingress") == []
     assert labels(st, "a-db", "ingress") == ["a/p/r"]
@@ -120,7 +120,7 @@ def test_derived_span_sources_egress_destinations_ingress() -> None:
 )
 def test_direction_limits_hops(direction: str, egress: bool, ingress: bool) -> None:
     st = compile_(
-        base() + [policy("a", "p", rule("r", ["web"], ["db"], action="allow", direction=direction))]
+        [*base(), policy("a", "p", rule("r", ["web"], ["db"], action="allow", direction=direction))]
     )
     assert labels(st, "a-web", "egress") == (["a/p/r"] if egress else [])
     assert labels(st, "a-db", "ingress") == (["a/p/r"] if ingress else [])
@@ -128,8 +128,8 @@ def test_direction_limits_hops(direction: str, egress: bool, ingress: bool) -> N
 
 def test_applied_to_overrides_derived_span_rule_level_over_policy_level() -> None:
     st = compile_(
-        base()
-        + [
+        [
+            *base(),
             policy("a", "p", rule("r", ["web"], ["db"], action="allow"), appliedTo=["db"]),
             policy("a", "q", rule("r", ["web"], ["db"], action="allow", appliedTo=["web"]), appliedTo=["db"]),
         ]
@@ -144,8 +144,8 @@ def test_applied_to_overrides_derived_span_rule_level_over_policy_level() -> Non
 
 def test_any_is_every_vnic_of_the_tenant_or_every_vnic_for_the_provider() -> None:
     st = compile_(
-        base()
-        + [
+        [
+            *base(),
             policy("a", "p", rule("r", action="drop")),
             policy("infra", "i", rule("r", action="drop"), category="infrastructure"),
         ]
@@ -160,7 +160,7 @@ def test_any_is_every_vnic_of_the_tenant_or_every_vnic_for_the_provider() -> Non
 
 def test_tenant_rule_never_lands_on_another_tenants_vnic() -> None:
     # tenant a names the provider group `infra/webs` (not shared -> fail closed), and `infra/dns` (shared)
-    st = compile_(base() + [policy("a", "p", rule("r", ["web"], ["infra/dns"], action="allow"))])
+    st = compile_([*base(), policy("a", "p", rule("r", ["web"], ["infra/dns"], action="allow"))])
     assert labels(st, "infra-dns", "ingress") == []  # provider vNIC: a tenant rule never lands there
     assert labels(st, "a-web", "egress") == ["a/p/r"]
     assert the_rule(st, "a/p/r").dst_set == "g.infra.dns"
@@ -168,8 +168,10 @@ def test_tenant_rule_never_lands_on_another_tenants_vnic() -> None:
 
 def test_provider_rule_follows_group_across_tenants() -> None:
     st = compile_(
-        base()
-        + [policy("infra", "i", rule("r", ["webs"], ["dns"], action="allow"), category="infrastructure")]
+        [
+            *base(),
+            policy("infra", "i", rule("r", ["webs"], ["dns"], action="allow"), category="infrastructure"),
+        ]
     )
     assert labels(st, "a-web", "egress") == ["infra/i/r"]
     assert labels(st, "b-web", "egress") == ["infra/i/r"]
@@ -179,17 +181,17 @@ def test_provider_rule_follows_group_across_tenants() -> None:
 
 
 def test_tenant_group_selector_matches_only_own_tenant() -> None:
-    st = compile_(base() + [policy("a", "p", rule("r", ["web"], ["db"], action="allow"))])
+    st = compile_([*base(), policy("a", "p", rule("r", ["web"], ["db"], action="allow"))])
     assert st["h1"].set_map()["g.a.web"].addresses == ("10.0.0.1",)
 
 
 def test_disabled_rules_are_not_installed() -> None:
-    st = compile_(base() + [policy("a", "p", rule("r", ["web"], ["db"], action="allow", disabled=True))])
+    st = compile_([*base(), policy("a", "p", rule("r", ["web"], ["db"], action="allow", disabled=True))])
     assert all(not s.rules for s in st.values())
 
 
 def test_literals_add_no_span_and_make_a_union_set() -> None:
-    st = compile_(base() + [policy("a", "p", rule("r", ["10.7.0.0/16"], ["db"], action="allow"))])
+    st = compile_([*base(), policy("a", "p", rule("r", ["10.7.0.0/16"], ["db"], action="allow"))])
     assert labels(st, "a-db", "ingress") == ["a/p/r"]
     assert labels(st, "a-web", "egress") == []
     r = the_rule(st, "a/p/r")
@@ -202,8 +204,8 @@ def test_literals_add_no_span_and_make_a_union_set() -> None:
 
 def test_order_category_priority_tenant_policy_rule_index() -> None:
     st = compile_(
-        base()
-        + [
+        [
+            *base(),
             policy("a", "zz", rule("r2", action="allow"), rule("r1", action="allow"), priority=10),
             policy("a", "aa", rule("r", action="allow"), priority=10),
             policy("a", "first", rule("r", action="allow"), priority=5),
@@ -227,7 +229,8 @@ def test_order_category_priority_tenant_policy_rule_index() -> None:
 
 
 def test_monitor_from_owner_tenant_and_default_from_vnic_tenant() -> None:
-    res = base() + [
+    res = [
+        *base(),
         policy("a", "p", rule("r", ["web"], ["db"], action="drop")),
         policy("infra", "i", rule("r", action="drop"), category="infrastructure"),
     ]
@@ -244,7 +247,8 @@ def test_monitor_from_owner_tenant_and_default_from_vnic_tenant() -> None:
 
 
 def test_provider_monitor_mode_only_marks_provider_rules() -> None:
-    res = base() + [
+    res = [
+        *base(),
         tenant("infra", mode="monitor"),
         policy("a", "p", rule("r", ["web"], ["db"], action="drop")),
         policy("infra", "i", rule("r", action="drop"), category="infrastructure"),
@@ -255,7 +259,8 @@ def test_provider_monitor_mode_only_marks_provider_rules() -> None:
 
 
 def test_services_inline_named_provider_and_any() -> None:
-    res = base() + [
+    res = [
+        *base(),
         Service(metadata=md("pg", "a"), spec=ServiceSpec(protocol="tcp", ports=[5432, "6000-6001"])),
         Service(metadata=md("dns"), spec=ServiceSpec(protocol="udp", ports=[53])),
         policy(
@@ -280,7 +285,7 @@ def test_services_inline_named_provider_and_any() -> None:
 
 def test_stateless_and_log_carry_over() -> None:
     st = compile_(
-        base() + [policy("a", "p", rule("r", ["web"], ["db"], action="allow", log=True), stateful=False)]
+        [*base(), policy("a", "p", rule("r", ["web"], ["db"], action="allow", log=True), stateful=False)]
     )
     r = the_rule(st, "a/p/r")
     assert (r.stateful, r.log) == (False, True)
@@ -290,7 +295,8 @@ def test_stateless_and_log_carry_over() -> None:
 
 
 def test_group_addresses_static_nested_cidrs_host_length_to_addresses() -> None:
-    res = base() + [
+    res = [
+        *base(),
         group("a", "inner", cidrs=["192.168.1.0/24", "172.16.0.9/32"]),
         group("a", "outer", workloads=["db"], groups=["inner", "web"], cidrs=["2001:db8::1/128"]),
         policy("a", "p", rule("r", ["outer"], ["db"], action="allow")),
@@ -305,7 +311,8 @@ def test_group_addresses_static_nested_cidrs_host_length_to_addresses() -> None:
 
 
 def test_single_ref_uses_group_set_several_refs_a_union_named_by_refs() -> None:
-    res = base() + [
+    res = [
+        *base(),
         policy("a", "p", rule("r", ["web", "db"], ["db"], action="allow")),
         policy("a", "q", rule("r", ["db", "web"], ["db"], action="allow")),
     ]
@@ -318,7 +325,7 @@ def test_single_ref_uses_group_set_several_refs_a_union_named_by_refs() -> None:
 
 
 def test_only_rules_placed_and_sets_referenced_and_every_host_present() -> None:
-    res = base() + [host("h3"), policy("a", "p", rule("r", ["web"], ["db"], action="allow"))]
+    res = [*base(), host("h3"), policy("a", "p", rule("r", ["web"], ["db"], action="allow"))]
     st = compile_(res, revision=7)
     assert sorted(st) == ["h1", "h2", "h3"]
     assert st["h3"] == HostDesiredState(host="h3", revision=7)
@@ -335,7 +342,7 @@ def test_only_rules_placed_and_sets_referenced_and_every_host_present() -> None:
 
 
 def test_missing_peer_group_compiles_to_drop_matching_any() -> None:
-    st = compile_(base() + [policy("a", "p", rule("r", ["nope"], ["db"], action="allow"))])
+    st = compile_([*base(), policy("a", "p", rule("r", ["nope"], ["db"], action="allow"))])
     r = the_rule(st, "a/p/r")
     assert (r.action, r.src_set, r.dst_set) == ("drop", None, "g.a.db")
     assert labels(st, "a-db", "ingress") == ["a/p/r"]
@@ -343,8 +350,8 @@ def test_missing_peer_group_compiles_to_drop_matching_any() -> None:
 
 def test_unshared_provider_group_and_other_tenant_group_are_missing() -> None:
     st = compile_(
-        base()
-        + [
+        [
+            *base(),
             policy("a", "p", rule("r", ["web"], ["infra/webs"], action="allow")),
             policy("a", "q", rule("r", ["web"], ["b/web"], action="allow")),
         ]
@@ -354,13 +361,14 @@ def test_unshared_provider_group_and_other_tenant_group_are_missing() -> None:
 
 
 def test_missing_service_compiles_to_drop_any_service() -> None:
-    st = compile_(base() + [policy("a", "p", rule("r", ["web"], ["db"], action="allow", services=["nope"]))])
+    st = compile_([*base(), policy("a", "p", rule("r", ["web"], ["db"], action="allow", services=["nope"]))])
     r = the_rule(st, "a/p/r")
     assert (r.action, r.services) == ("drop", ())
 
 
 def test_workload_on_unknown_host_and_invalid_selector_do_not_crash() -> None:
-    res = base() + [
+    res = [
+        *base(),
         wl("a", "lost", "nowhere", "10.0.0.99", tier="web"),
         group("a", "bad"),
         policy("a", "p", rule("r", ["web"], ["db"], action="allow")),

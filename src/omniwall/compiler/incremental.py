@@ -125,7 +125,7 @@ class IncrementalCompiler:
         self.host_wids: dict[str, set[int]] = {}  # also for hosts that do not exist (yet)
 
         self.rules: dict[RuleKey, CompiledRule] = {}
-        self.rule_order: dict[RuleKey, OrderKey] = {}
+        self.rule_meta: dict[RuleKey, tuple[OrderKey, int]] = {}  # (order key, id): what span sorts by
         self.rule_by_id: dict[int, IRRule] = {}
         self.policy_rules: dict[Key, tuple[RuleKey, ...]] = {}
         self.rules_by_group: dict[Key, set[RuleKey]] = {}
@@ -136,6 +136,7 @@ class IncrementalCompiler:
         self.hosts: dict[str, HostState] = {}
         self.rule_hosts: dict[int, set[str]] = {}
         self.set_hosts: dict[str, set[str]] = {}
+        self._set_memo: dict[str, IRSet] = {}  # valid during the host phase of one update
         self._globals = Globals(self.rule_by_id, self._set_current, self.rule_hosts, self.set_hosts)
 
         self._apply(list(catalog), [], revision, emit=False)
@@ -174,9 +175,11 @@ class IncrementalCompiler:
         return node is not None and visible(referrer, node)
 
     def _set_current(self, name: str) -> IRSet:
-        if name.startswith("u."):
-            return self.unions[name].addr.current()
-        return self.groups.set_by_name[name].current()
+        s = self._set_memo.get(name)
+        if s is None:
+            a = self.unions[name].addr if name.startswith("u.") else self.groups.set_by_name[name]
+            s = self._set_memo[name] = a.current()
+        return s
 
     # ------------------------------------------------------------------------------------ the update
     def _apply(
@@ -215,6 +218,7 @@ class IncrementalCompiler:
         self.groups.dirty_wids.clear()
         self.groups.lits_changed.clear()
 
+        self._set_memo.clear()
         host_sets: dict[str, list[str]] = {}  # host -> changed sets it holds, sorted
         for s in set_changes:
             for h in self.set_hosts.get(s, ()):
@@ -259,9 +263,7 @@ class IncrementalCompiler:
         if w is None or w.host != host:
             return []
         tenant = w.key[0]
-        egress, ingress = self.span.lists(
-            tenant, self.groups.groups_of.get(wid, ()), self.rule_order.__getitem__, self.rule_ids.__getitem__
-        )
+        egress, ingress = self.span.lists(tenant, self.groups.groups_of.get(wid, ()), self.rule_meta)
         spec = self._tenant_spec(tenant)
         monitor = spec.mode == Mode.MONITOR
         label = f"{w.key[0]}/{w.key[1]}"
@@ -502,10 +504,10 @@ class IncrementalCompiler:
             self._reindex(old, new)
             if new is None:
                 del self.rules[rk]
-                del self.rule_order[rk]
+                del self.rule_meta[rk]
             else:
                 self.rules[rk] = new
-                self.rule_order[rk] = new.order
+                self.rule_meta[rk] = (new.order, new.ir.id)
         for wid in dirty:
             p.host_wids.setdefault(self.wl[wid].host, set()).add(wid)
 

@@ -152,6 +152,13 @@ class LabelIndex:
                 if not ids:
                     del table[key]  # type: ignore[attr-defined]
 
+    def _having(self, key: str, values: tuple[str, ...]) -> set[int]:
+        """Workloads with some canonical value of `key` among `values`."""
+        out: set[int] = set()
+        for v in values:
+            out |= self._inverted.get((key, v), set())
+        return out
+
     def _scope_wids(self, scope: Scope) -> Iterable[int]:
         if scope is None:
             return self._facts.keys()
@@ -166,19 +173,17 @@ class LabelIndex:
             expr = getattr(sel, "expr", None)
             items = expr.items if isinstance(expr, And) else (expr,)
             positive = [e for e in items if isinstance(e, In) and not e.negated]
-            parts = []
-            for e in positive:
-                part: set[int] = set()
-                for v in e.values:
-                    part |= self._inverted.get((e.key, v), set())
-                parts.append(part)
+            negative = [e for e in items if isinstance(e, In) and e.negated]
+            parts = [self._having(e.key, e.values) for e in positive]
             parts.sort(key=len)
-            cands = set(parts[0]).intersection(*parts[1:]) if parts else set()
+            cands = set(parts[0]).intersection(*parts[1:])
             if s.scope is not None:
                 cands &= self._tenant_wids.get(s.scope, set())
-            if len(positive) == len(items):
-                # A conjunction of positive `in`s is exactly that intersection: `In.matches` is "some
-                # canonical fact value is among the values", which is what the index is keyed by.
+            for e in negative:
+                cands -= self._having(e.key, e.values)
+            if len(positive) + len(negative) == len(items):
+                # A conjunction of `in`/`not in` is exactly this: `In.matches` is "some canonical fact
+                # value is among the values" (negated: none is), which is what the index is keyed by.
                 return cands
             return {w for w in cands if sel.matches(self._facts[w])}
         keys = sorted(s.keys)

@@ -64,8 +64,8 @@ class RuleIds:
     def update(self, add: Iterable[RuleKey] = (), remove: Iterable[RuleKey] = ()) -> dict[RuleKey, int]:
         """Apply a change of the key set; returns the keys that existed before and after and whose id
         moved, with their old id (new keys are not reported)."""
-        add = [k for k in add if k not in self._ids]
-        remove = [k for k in remove if k in self._ids]
+        add = list(dict.fromkeys(k for k in add if k not in self._ids))
+        remove = list(dict.fromkeys(k for k in remove if k in self._ids))
         if not add and not remove:
             return {}
         fast = self._probed == 0

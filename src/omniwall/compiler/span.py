@@ -10,7 +10,7 @@ because the caller re-computes exactly the workloads a placement change reaches.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 
 from omniwall import PROVIDER_TENANT
 from omniwall.compiler.order import OrderKey
@@ -27,6 +27,7 @@ class SpanIndex:
         # scope None: provider `any` rules (every vNIC); scope tenant: that tenant's `any` rules
         self.any_by_scope: dict[str | None, dict[RuleKey, frozenset[str]]] = {}
         self._cache: dict[tuple[str, frozenset[Key]], Lists] = {}
+        self._base: dict[str, dict[RuleKey, frozenset[str]]] = {}  # tenant -> its `any` rules
 
     def add(self, cr: CompiledRule) -> None:
         for g, dirs in cr.span_groups:
@@ -34,7 +35,7 @@ class SpanIndex:
         if cr.any_dirs:
             scope = None if cr.tenant == PROVIDER_TENANT else cr.tenant
             self.any_by_scope.setdefault(scope, {})[cr.key] = cr.any_dirs
-        self._cache.clear()
+        self.clear_cache()
 
     def remove(self, cr: CompiledRule) -> None:
         for g, _ in cr.span_groups:
@@ -50,42 +51,39 @@ class SpanIndex:
                 rules.pop(cr.key, None)
                 if not rules:
                     del self.any_by_scope[scope]
-        self._cache.clear()
+        self.clear_cache()
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._base.clear()
 
     def lists(
-        self,
-        tenant: str,
-        groups: Iterable[Key],
-        order_of: Callable[[RuleKey], OrderKey],
-        id_of: Callable[[RuleKey], int],
+        self, tenant: str, groups: Iterable[Key], meta: Mapping[RuleKey, tuple[OrderKey, int]]
     ) -> Lists:
+        """`meta`: rule -> (order key, id)."""
         by_group = self.by_group
         sig = (tenant, frozenset(g for g in groups if g in by_group))
         hit = self._cache.get(sig)
         if hit is not None:
             return hit
-        dirs: dict[RuleKey, set[str]] = {}
-        sources = [self.any_by_scope.get(None, {})]
-        if tenant != PROVIDER_TENANT:
-            sources.append(self.any_by_scope.get(tenant, {}))
-        sources.extend(by_group[g] for g in sig[1])
-        for rules in sources:
-            for rk, d in rules.items():
+        base = self._base.get(tenant)
+        if base is None:
+            base = dict(self.any_by_scope.get(None, {}))
+            if tenant != PROVIDER_TENANT:
+                base.update(self.any_by_scope.get(tenant, {}))
+            self._base[tenant] = base
+        dirs = dict(base)
+        for g in sig[1]:
+            for rk, d in by_group[g].items():
                 # A tenant rule is installed only at that tenant's vNICs.
                 if rk[0] != tenant and rk[0] != PROVIDER_TENANT:
                     continue
                 have = dirs.get(rk)
-                if have is None:
-                    dirs[rk] = set(d)
-                else:
-                    have |= d
-        ordered = sorted(dirs, key=order_of)
+                dirs[rk] = d if have is None else have | d
+        items = sorted([(meta[rk], d) for rk, d in dirs.items()])
         out = (
-            tuple(id_of(rk) for rk in ordered if EGRESS in dirs[rk]),
-            tuple(id_of(rk) for rk in ordered if INGRESS in dirs[rk]),
+            tuple(m[1] for m, d in items if EGRESS in d),
+            tuple(m[1] for m, d in items if INGRESS in d),
         )
         self._cache[sig] = out
         return out

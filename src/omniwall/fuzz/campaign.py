@@ -37,6 +37,7 @@ class Summary:
     rounds: int = 0
     elapsed: float = 0.0
     records: list[dict[str, Any]] = field(default_factory=list)  # mismatches (and flaky), as written
+    prefixes: list[str] = field(default_factory=list)  # namespace prefix of every lab (cleanup checks)
 
     @property
     def failed(self) -> bool:
@@ -97,6 +98,8 @@ def run_campaign(
         pick = random.Random(f"programming/{lab_seed}")
         with FuzzLab(inv.resources, timeout=timeout) as fl:
             summary.labs += 1
+            if fl.lab is not None:
+                summary.prefixes.append(fl.lab.prefix)
             failed = False
             for rnd in range(rounds_per_lab):
                 if summary.probes >= probes:

@@ -143,6 +143,31 @@ def explanation_text(cv: ConnectionVerdict) -> str:
     return "\n".join(lines)
 
 
+def sim_refuses(cv: ConnectionVerdict) -> bool:
+    """Does the sim say the client sees a refusal? Only a `reject` of a packet the client sent (the
+    request, or the TCP handshake's ACK) answers the client; a rejected reply answers the server."""
+    first = next((p for p in cv.paths if not p.allowed), None)
+    return first is not None and first is not cv.reply and first.verdict == "reject"
+
+
+def kernel_refuses(allowed: bool, detail: str) -> bool:
+    """A denial that came back at once (RST, ICMP unreachable/prohibited), not a timeout."""
+    return not allowed and detail != "timeout"
+
+
+def agrees(case: Case, cv: ConnectionVerdict, allowed: bool, detail: str) -> bool:
+    """Allowed/denied must be equal. Denied TCP: refused (RST) exactly when the sim rejects. Denied
+    UDP/ICMP: a refusal needs a reject in the sim, but a reject may time out (the kernel rate-limits
+    ICMP errors)."""
+    if allowed != cv.allowed:
+        return False
+    if allowed:
+        return True
+    if case.proto == "tcp":
+        return kernel_refuses(allowed, detail) == sim_refuses(cv)
+    return not kernel_refuses(allowed, detail) or sim_refuses(cv)
+
+
 @dataclass
 class Outcome:
     case: Case
@@ -156,12 +181,16 @@ class Outcome:
 
     @property
     def agrees(self) -> bool:
-        return self.kernel == self.sim.allowed
+        return agrees(self.case, self.sim, self.kernel, self.detail)
 
     @property
     def confirmed(self) -> bool:
         """A mismatch the retry reproduced."""
-        return not self.agrees and self.retry is not None and self.retry != self.sim.allowed
+        return (
+            not self.agrees
+            and self.retry is not None
+            and not agrees(self.case, self.sim, self.retry, self.retry_detail or "")
+        )
 
     def to_json(self) -> dict[str, Any]:
         cv = self.sim
@@ -173,7 +202,7 @@ class Outcome:
                 "retry_allowed": self.retry,
                 "retry_detail": self.retry_detail,
             },
-            "sim": {"allowed": cv.allowed, "verdict": cv.verdict},
+            "sim": {"allowed": cv.allowed, "verdict": cv.verdict, "refuses": sim_refuses(cv)},
             "confirmed": self.confirmed,
             "explanation": explanation_text(cv),
             "paths": {

@@ -42,6 +42,7 @@ import httpx
 import yaml
 
 from omniwall.lab import state as lab_state
+from omniwall.lab.lab import LabError
 from omniwall.lab.plan import LabPlan
 from omniwall.model.catalog import Catalog
 
@@ -53,8 +54,8 @@ SYNC_TIMEOUT = 60.0  # every agent connected and in sync
 STOP_GRACE = 5.0  # SIGTERM, then SIGKILL
 
 
-class ManagedError(RuntimeError):
-    pass
+class ManagedError(LabError):
+    """The control plane did not come up, or the API refused a call (the message says which)."""
 
 
 def control_dir(prefix: str) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 from omniwall.compiler.ir import HostDelta, HostDesiredState, IRVnic, apply_delta
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 
 def normalized(state: HostDesiredState) -> HostDesiredState:
     """Order-insensitive form for comparisons (set members sorted as strings, as read back)."""
-    from dataclasses import replace
-
     return replace(
         state,
         sets=tuple(

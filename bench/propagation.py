@@ -1,0 +1,453 @@
+"""Propagation benchmark: how fast a change made through the API is enforced (BENCHMARKS.md "Propagation").
+
+    sudo .venv/bin/python bench/propagation.py                 # a, b and c
+    sudo .venv/bin/python bench/propagation.py --only a --changes 200
+    .venv/bin/python bench/propagation.py --only b,c --agents 1000 --procs 4   # no root needed
+
+(a) **Label change -> kernel of every affected lab host.** A managed lab (examples/three-tier: a manager
+    process, one agent process per host namespace, nftables). Each change toggles the `tier` label of
+    tenant-a/web-1 between `web` and `app` with a PUT; that moves web-1's address between two address
+    sets and changes the rules at web-1's vNIC, on all three hosts. `nft monitor` runs in every host
+    namespace; a host has enforced revision R when the transaction that writes R into the table's `_rev`
+    chain commits (the monitor's "new generation" line: one transaction carries the policy change and
+    the revision). Latency = PUT sent -> the last affected host's commit. Affected hosts = those whose
+    desired revision became R (GET /v1/status afterwards). Every 10th change is also checked with real
+    traffic (web-1 -> db-1 tcp/5432 must be allowed exactly when web-1 is in the app tier).
+(b) **One change fanned out to N agents.** A manager process (SQLite) with N hosts, one workload each,
+    and a provider policy on every vNIC; N agents (`omniwall.agent.main.Agent`, sim backend) spread over
+    several processes, each process one asyncio loop and one shared HTTP client. A change = PUT the policy
+    with another port: every host gets a delta. Latency = PUT sent -> GET /v1/status shows every host
+    realized that revision (polled every 10 ms, so the figure is at most ~10 ms + one status call late).
+(c) **API throughput.** Against the manager of (b) (N hosts, N workloads, the agents connected): K
+    client threads PUT workload labels (a label no selector mentions: the write, its audit entry, the
+    model update, no data-plane change) for S seconds, then GET workloads for S seconds.
+
+Results go to stdout and, with --json FILE, to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import queue
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "three-tier"
+
+
+def pct(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
+    return s[k]
+
+
+def summary(ms: Sequence[float]) -> dict[str, float]:
+    return {
+        "n": len(ms),
+        "p50_ms": round(pct(ms, 50), 2),
+        "p90_ms": round(pct(ms, 90), 2),
+        "p99_ms": round(pct(ms, 99), 2),
+        "max_ms": round(max(ms), 2),
+        "mean_ms": round(statistics.fmean(ms), 2),
+    }
+
+
+def machine() -> dict[str, Any]:
+    nft = subprocess.run(["nft", "--version"], capture_output=True, text=True).stdout.strip()
+    return {
+        "kernel": platform.release(),
+        "nftables": nft,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "cpu": _cpu_model(),
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+# ------------------------------------------------------------------------------------- (a) lab -> kernel
+
+GEN_RE = re.compile(r"^# new generation (\d+)")
+REV_RE = re.compile(r'^add rule inet omniwall _rev .*comment "(\d+)"')
+
+
+class KernelWatch:
+    """`nft monitor` in one host namespace: the commit time of every revision written to `_rev`."""
+
+    def __init__(self, host: str, netns: str) -> None:
+        self.host = host
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "nft", "monitor"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
+        self.commits: queue.Queue[tuple[int, float]] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        pending: int | None = None
+        for line in self.proc.stdout:
+            now = time.perf_counter()
+            m = REV_RE.match(line)
+            if m:
+                pending = int(m.group(1))
+            elif GEN_RE.match(line) and pending is not None:
+                self.commits.put((pending, now))
+                pending = None
+
+    def wait_for(self, revision: int, timeout: float) -> float | None:
+        """perf_counter() of the commit that wrote `revision` (skipping older ones), or None."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return None
+            try:
+                rev, t = self.commits.get(timeout=left)
+            except queue.Empty:
+                return None
+            if rev == revision:
+                return t
+            if rev > revision:
+                return None
+
+    def drain(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.commits.get_nowait()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+
+
+def bench_lab(changes: int) -> dict[str, Any]:
+    from omniwall.lab.managed import managed_lab
+
+    out: dict[str, Any] = {"changes": changes}
+    with managed_lab([EXAMPLE]) as (lab, cp):
+        watches = {h.name: KernelWatch(h.name, h.netns) for h in lab.plan.hosts}
+        try:
+            time.sleep(0.5)  # monitors subscribed
+            client = cp.client()
+            path, params = "/v1/workloads/web-1", {"tenant": "tenant-a"}
+            obj = cp.api("GET", path, params=params)
+            latencies, put_ms, first_ms, affected_counts, probes_ok, probes = [], [], [], [], 0, 0
+            tier = obj["metadata"]["labels"].get("tier", "web")
+            for i in range(changes):
+                tier = "app" if tier == "web" else "web"
+                obj["metadata"]["labels"]["tier"] = tier
+                t0 = time.perf_counter()
+                resp = client.put(path, params=params, json=obj)
+                t_put = time.perf_counter()
+                resp.raise_for_status()
+                obj = resp.json()
+                rev = int(obj["metadata"]["revision"])
+                commits = {h: w.wait_for(rev, timeout=10.0) for h, w in watches.items()}
+                status = cp.wait_in_sync(revision=rev, timeout=10.0)
+                affected = [h for h, s in status["hosts"].items() if s["desiredRevision"] == rev]
+                missing = [h for h in affected if commits.get(h) is None]
+                if missing:
+                    raise RuntimeError(f"change {i}: revision {rev} not seen in the kernel of {missing}")
+                times = [commits[h] for h in affected]  # type: ignore[misc]
+                latencies.append((max(times) - t0) * 1000)  # type: ignore[arg-type]
+                first_ms.append((min(times) - t0) * 1000)  # type: ignore[arg-type]
+                put_ms.append((t_put - t0) * 1000)
+                affected_counts.append(len(affected))
+                if i % 10 == 0:
+                    probes += 1
+                    allowed = lab.probe("tenant-a/web-1", "tenant-a/db-1", "tcp", 5432)
+                    probes_ok += allowed == (tier == "app")
+                for w in watches.values():
+                    w.drain()
+            out["kernel_all_affected_hosts"] = summary(latencies)
+            out["kernel_first_host"] = summary(first_ms)
+            out["put_response"] = summary(put_ms)
+            out["affected_hosts"] = {"min": min(affected_counts), "max": max(affected_counts)}
+            out["traffic_checks"] = f"{probes_ok}/{probes} agreed"
+        finally:
+            for w in watches.values():
+                w.close()
+    return out
+
+
+# ------------------------------------------------------------------------------------- (b) fan-out
+
+
+def fanout_resources(n: int, port: int) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = [
+        {"kind": "Tenant", "metadata": {"name": "infra"}, "spec": {"defaultAction": "drop"}},
+        {"kind": "Tenant", "metadata": {"name": "fan"}, "spec": {"defaultAction": "drop"}},
+    ]
+    for i in range(n):
+        docs.append({"kind": "Host", "metadata": {"name": f"h{i:04d}"}})
+        docs.append(
+            {
+                "kind": "Workload",
+                "metadata": {"name": f"w{i:04d}", "tenant": "fan", "labels": {"tier": "web"}},
+                "spec": {
+                    "host": f"h{i:04d}",
+                    "vnics": [
+                        {"name": "eth0", "ips": [f"10.{100 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}"]}
+                    ],
+                },
+            }
+        )
+    docs.append(fanout_policy(port))
+    return docs
+
+
+def fanout_policy(port: int) -> dict[str, Any]:
+    return {
+        "kind": "Policy",
+        "metadata": {"name": "fanout", "tenant": "infra"},
+        "spec": {
+            "category": "infrastructure",
+            "priority": 100,
+            "rules": [
+                {
+                    "name": "svc",
+                    "sources": ["any"],
+                    "destinations": ["any"],
+                    "services": [f"tcp/{port}"],
+                    "action": "allow",
+                }
+            ],
+        },
+    }
+
+
+def worker_main(spec_file: str) -> None:
+    """One fan-out process: many Agents (sim backend) on one loop, one shared HTTP client."""
+    from omniwall.agent.main import Agent
+    from omniwall.dataplane.sim_backend import SimBackend
+
+    spec = json.loads(Path(spec_file).read_text())
+    hosts: list[list[str]] = spec["hosts"]
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=len(hosts) * 2 + 10, max_keepalive_connections=len(hosts) * 2)
+        async with httpx.AsyncClient(limits=limits) as client:
+            agents = [
+                Agent(
+                    spec["url"],
+                    host,
+                    token,
+                    SimBackend(host=host),
+                    client=client,
+                    watch_addresses=False,
+                    counters_interval=3600.0,
+                )
+                for host, token in hosts
+            ]
+            tasks = [asyncio.create_task(a.run()) for a in agents]
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            import signal
+
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+            await stop.wait()
+            for a in agents:
+                a.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def bench_fanout(n: int, procs: int, changes: int, api_seconds: float, api_threads: int) -> dict[str, Any]:
+    from omniwall.lab.managed import ControlPlane, stop_control_plane
+
+    out: dict[str, Any] = {"agents": n, "processes": procs, "changes": changes}
+    prefix = f"owbench{os.getpid()}-"
+    cp = ControlPlane(prefix)
+    workers: list[subprocess.Popen[bytes]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="ow-bench-"))
+    try:
+        cp.start_manager()
+        t = time.perf_counter()
+        port = 1000
+        cp.apply(fanout_resources(n, port))
+        out["apply_inventory_s"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        tokens = []
+        for i in range(n):
+            r = cp.api("POST", "/v1/tokens", json={"role": "agent", "host": f"h{i:04d}"})
+            tokens.append([f"h{i:04d}", r["token"]])
+        out["create_tokens_s"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        for k in range(procs):
+            spec = tmp / f"worker-{k}.json"
+            spec.write_text(json.dumps({"url": cp.url, "hosts": tokens[k::procs]}))
+            log = open(tmp / f"worker-{k}.log", "wb")  # noqa: SIM115 - closed with the process
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--worker", str(spec)], stdout=log, stderr=subprocess.STDOUT
+                )
+            )
+        hosts = [h for h, _ in tokens]
+        cp.wait_in_sync(hosts, timeout=300)
+        out["all_connected_and_in_sync_s"] = round(time.perf_counter() - t, 2)
+        time.sleep(1.0)
+        lat = []
+        client = cp.client()
+        for i in range(changes):
+            port += 1
+            t0 = time.perf_counter()
+            resp = client.put("/v1/policies/fanout", params={"tenant": "infra"}, json=fanout_policy(port))
+            resp.raise_for_status()
+            rev = int(resp.json()["metadata"]["revision"])
+            while True:
+                st = client.get("/v1/status").json()
+                hs = st["hosts"]
+                if all(hs[h]["realizedRevision"] >= rev for h in hosts):
+                    break
+                if time.perf_counter() - t0 > 60:
+                    raise RuntimeError(f"change {i}: not all agents acked revision {rev} within 60 s")
+                time.sleep(0.01)
+            lat.append((time.perf_counter() - t0) * 1000)
+            time.sleep(0.2)
+        out["all_acked"] = summary(lat)
+        out["api"] = bench_api(cp, n, api_seconds, api_threads)
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                w.wait(timeout=20)
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+        stop_control_plane(prefix)
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    return out
+
+
+# ------------------------------------------------------------------------------------- (c) API
+
+
+def bench_api(cp: Any, n: int, seconds: float, threads: int) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {cp.admin_token}"}
+
+    def run(kind: str) -> tuple[list[float], float]:
+        lat: list[list[float]] = [[] for _ in range(threads)]
+        errors: list[str] = []
+        stop_at = time.perf_counter() + seconds
+
+        def loop(k: int) -> None:
+            with httpx.Client(base_url=cp.url, headers=headers, timeout=30) as c:
+                i = k
+                while time.perf_counter() < stop_at:
+                    name = f"w{i % n:04d}"
+                    t0 = time.perf_counter()
+                    if kind == "write":
+                        obj = c.get(f"/v1/workloads/{name}", params={"tenant": "fan"}).json()
+                        obj["metadata"]["labels"]["bench"] = str(i)
+                        t0 = time.perf_counter()  # time the write alone
+                        r = c.put(f"/v1/workloads/{name}", params={"tenant": "fan"}, json=obj)
+                    else:
+                        r = c.get(f"/v1/workloads/{name}", params={"tenant": "fan"})
+                    if r.status_code >= 400:
+                        errors.append(f"{r.status_code} {r.text[:200]}")
+                    lat[k].append((time.perf_counter() - t0) * 1000)
+                    i += threads
+
+        start = time.perf_counter()
+        ts = [threading.Thread(target=loop, args=(k,)) for k in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        if errors:
+            raise RuntimeError(f"API {kind}s failed: {errors[:3]}")
+        return [x for xs in lat for x in xs], time.perf_counter() - start
+
+    writes, w_elapsed = run("write")
+    reads, r_elapsed = run("read")
+    return {
+        "threads": threads,
+        "seconds": seconds,
+        "writes_per_s": round(len(writes) / w_elapsed, 1),
+        "write_latency": summary(writes),
+        "reads_per_s": round(len(reads) / r_elapsed, 1),
+        "read_latency": summary(reads),
+    }
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="a,b,c", help="which parts: a (lab -> kernel), b (fan-out), c (API)")
+    ap.add_argument("--changes", type=int, default=200, help="(a) label changes")
+    ap.add_argument("--agents", type=int, default=1000, help="(b) agents")
+    ap.add_argument("--procs", type=int, default=4, help="(b) agent processes")
+    ap.add_argument("--fanout-changes", type=int, default=30, help="(b) changes")
+    ap.add_argument("--api-seconds", type=float, default=10.0, help="(c) seconds per phase")
+    ap.add_argument("--api-threads", type=int, default=4, help="(c) client threads")
+    ap.add_argument("--json", type=Path, help="write the results here too")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker_main(args.worker)
+        return 0
+    parts = {p.strip() for p in args.only.split(",")}
+    results: dict[str, Any] = {"machine": machine()}
+    if "a" in parts:
+        if os.geteuid() != 0:
+            print("(a) needs root (network namespaces, nftables); skipped", file=sys.stderr)
+        else:
+            results["a_label_to_kernel"] = bench_lab(args.changes)
+            print(json.dumps({"a_label_to_kernel": results["a_label_to_kernel"]}, indent=1), flush=True)
+    if "b" in parts or "c" in parts:
+        fan = bench_fanout(
+            args.agents,
+            args.procs,
+            args.fanout_changes if "b" in parts else 0,
+            args.api_seconds if "c" in parts else 0,
+            args.api_threads,
+        )
+        api = fan.pop("api")
+        if "b" in parts:
+            results["b_fanout"] = fan
+        if "c" in parts:
+            results["c_api"] = api
+    print(json.dumps(results, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

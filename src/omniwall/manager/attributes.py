@@ -1,0 +1,219 @@
+"""Workload attribute updates from identity and posture sources, each as one audited store txn.
+
+- Identity (`identity_event`): `login` adds a user to the workload's `user` list attribute, `logout`
+  removes it (the attribute goes away with its last user). Several users per workload are allowed (a
+  terminal server, a shared desktop).
+- Posture (`posture_report`): sets the reported posture attributes (`av.status`, `av.engine`, ...);
+  a `null` value removes one. Keys outside the posture namespaces are refused, so a scanner can never
+  rewrite `user` or a workload's inventory facts.
+
+Both are read-modify-write of one Workload: the write goes through `Manager.plan_apply` + `commit`
+(validation, one txn with its audit entry, compare-and-swap on the workload's revision). A concurrent
+writer makes the commit fail with `Conflict`; the update is then recomputed from the new value and
+retried, so two logins racing on one desktop both land. An event that changes nothing writes nothing.
+
+Tenancy: identity and posture sources are provider-wide (an IdP or a scanner serves every tenant).
+A workload is named `tenant/name`, or by `name` plus an optional `tenant`; a bare name that several
+tenants use is refused as ambiguous (422), an unknown one answers 404.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from omniwall.model.resources import AttrValue, Workload
+
+from .audit import Actor
+from .contracts import InvalidResources, Problem
+from .service import Conflict, Manager, NotFound
+
+USER_ATTRIBUTE = "user"
+# Attribute namespaces a posture report may set: antivirus/EDR state, host firewall, disk encryption,
+# patch level, and free-form `posture.*` facts.
+POSTURE_NAMESPACES = frozenset({"av", "edr", "fw", "disk", "patch", "posture"})
+MAX_USER_LEN = 256
+MAX_RETRIES = 8
+_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]*(\.[A-Za-z0-9_-]+)+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+IdentityAction = Literal["login", "logout"]
+
+
+@dataclass(frozen=True, slots=True)
+class AttributeUpdate:
+    """What an event did: the workload (`tenant/name`), whether it wrote, the store revision that holds
+    the result (wait for hosts to realize it), and the workload's attributes afterwards."""
+
+    workload: str
+    changed: bool
+    revision: int
+    attributes: dict[str, AttrValue]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "workload": self.workload,
+            "changed": self.changed,
+            "revision": self.revision,
+            "attributes": self.attributes,
+        }
+
+
+def _invalid(path: str, reason: str, document: str = "request body") -> InvalidResources:
+    return InvalidResources([Problem(document, path, reason)])
+
+
+def find_workload(m: Manager, workload: str, tenant: str | None) -> Workload:
+    """`tenant/name`, or `name` (+ optional tenant). Raises NotFound, or InvalidResources (ambiguous)."""
+    if "/" in workload:
+        t, _, name = workload.partition("/")
+        if tenant is not None and tenant != t:
+            raise _invalid("tenant", f"{tenant!r} contradicts the tenant in workload {workload!r}")
+        tenant = t
+    else:
+        name = workload
+    if tenant is not None:
+        found = m.get("Workload", tenant, name)
+        if found is None:
+            raise NotFound(f"Workload/{tenant}/{name} not found")
+        return found  # type: ignore[return-value]
+    matches = [w for (_t, n), w in sorted(m.catalog.workloads.items()) if n == name]
+    if not matches:
+        raise NotFound(f"Workload {name!r} not found in any tenant")
+    if len(matches) > 1:
+        tenants = ", ".join(w.metadata.tenant for w in matches)
+        raise _invalid("workload", f"workload {name!r} exists in several tenants ({tenants}); name the tenant")
+    return matches[0]
+
+
+def _update(
+    m: Manager,
+    actor: Actor,
+    workload: str,
+    tenant: str | None,
+    change: Callable[[dict[str, AttrValue]], dict[str, AttrValue]],
+) -> AttributeUpdate:
+    for _ in range(MAX_RETRIES):
+        w = find_workload(m, workload, tenant)
+        key = f"{w.metadata.tenant}/{w.metadata.name}"
+        attrs = change(dict(w.spec.attributes))
+        if attrs == w.spec.attributes:
+            return AttributeUpdate(key, False, m.revision, dict(attrs))
+        new = w.model_copy(update={"spec": w.spec.model_copy(update={"attributes": attrs})})
+        plan = m.plan_apply([new], mode="update")
+        try:
+            revision = m.commit(plan, actor)
+        except Conflict:
+            continue  # the workload changed meanwhile: recompute from its new value
+        return AttributeUpdate(key, True, revision, dict(attrs))
+    raise Conflict(f"workload {workload!r} kept changing concurrently; retry")
+
+
+# ------------------------------------------------------------------------------------------ identity
+
+
+def check_user(user: object) -> str:
+    if not isinstance(user, str) or not user.strip():
+        raise _invalid("user", "must be a non-empty string")
+    if len(user) > MAX_USER_LEN or _CONTROL.search(user):
+        raise _invalid("user", f"must be at most {MAX_USER_LEN} printable characters")
+    return user
+
+
+def _users(value: AttrValue | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return list(value)
+    return [str(value)]  # a scalar `user` written by hand: treated as one user
+
+
+def identity_event(
+    m: Manager, actor: Actor, workload: str, user: str, action: IdentityAction, tenant: str | None = None
+) -> AttributeUpdate:
+    """`login`: add `user` to the workload's `user` attribute; `logout`: remove it."""
+    user = check_user(user)
+    if action not in ("login", "logout"):
+        raise _invalid("action", f"must be 'login' or 'logout', not {action!r}")
+
+    def change(attrs: dict[str, AttrValue]) -> dict[str, AttrValue]:
+        users = _users(attrs.get(USER_ATTRIBUTE))
+        if action == "login" and user not in users:
+            users.append(user)
+        elif action == "logout":
+            users = [u for u in users if u != user]
+        if users:
+            attrs[USER_ATTRIBUTE] = users
+        else:
+            attrs.pop(USER_ATTRIBUTE, None)
+        return attrs
+
+    return _update(m, actor, workload, tenant, change)
+
+
+# ------------------------------------------------------------------------------------------ posture
+
+
+def flatten(report: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"av": {"status": "infected"}}` and `{"av.status": "infected"}` both give `{"av.status": ...}`."""
+    out: dict[str, Any] = {}
+    for k, v in report.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_posture(facts: Mapping[str, Any]) -> dict[str, str | int | float | bool | None]:
+    """Every key `<namespace>.<field>` with a posture namespace; values scalar (null removes)."""
+    problems: list[Problem] = []
+    out: dict[str, str | int | float | bool | None] = {}
+    for key, value in facts.items():
+        ns = key.partition(".")[0]
+        if not _KEY_RE.match(key) or ns not in POSTURE_NAMESPACES:
+            allowed = ", ".join(f"{n}.*" for n in sorted(POSTURE_NAMESPACES))
+            problems.append(Problem("request body", key, f"not a posture attribute (allowed: {allowed})"))
+        elif value is not None and not isinstance(value, str | int | float | bool):
+            problems.append(Problem("request body", key, "must be a string, number, boolean or null"))
+        elif isinstance(value, str) and (len(value) > MAX_USER_LEN or _CONTROL.search(value)):
+            problems.append(Problem("request body", key, f"must be at most {MAX_USER_LEN} printable characters"))
+        else:
+            out[key] = value
+    if problems:
+        raise InvalidResources(problems)
+    if not out:
+        raise _invalid("av.status", "a posture report needs at least one posture attribute (e.g. av.status)")
+    return out
+
+
+def posture_report(
+    m: Manager, actor: Actor, workload: str, facts: Mapping[str, Any], tenant: str | None = None
+) -> AttributeUpdate:
+    """Set the reported posture attributes (flattened, checked); a null value removes one."""
+    checked = check_posture(flatten(facts))
+
+    def change(attrs: dict[str, AttrValue]) -> dict[str, AttrValue]:
+        for k, v in checked.items():
+            if v is None:
+                attrs.pop(k, None)
+            else:
+                attrs[k] = v
+        return attrs
+
+    return _update(m, actor, workload, tenant, change)
+
+
+__all__ = [
+    "POSTURE_NAMESPACES",
+    "USER_ATTRIBUTE",
+    "AttributeUpdate",
+    "check_posture",
+    "find_workload",
+    "flatten",
+    "identity_event",
+    "posture_report",
+]
