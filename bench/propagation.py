@@ -253,6 +253,13 @@ def worker_main(spec_file: str) -> None:
 
     spec = json.loads(Path(spec_file).read_text())
     hosts: list[list[str]] = spec["hosts"]
+    applied: dict[int, float] = {}  # revision -> wall time the last agent of this process applied it
+
+    class TimedSim(SimBackend):
+        def apply(self, delta: Any) -> Any:
+            out = super().apply(delta)
+            applied[delta.to_revision] = time.time()
+            return out
 
     async def main() -> None:
         limits = httpx.Limits(max_connections=len(hosts) * 2 + 10, max_keepalive_connections=len(hosts) * 2)
@@ -262,7 +269,7 @@ def worker_main(spec_file: str) -> None:
                     spec["url"],
                     host,
                     token,
-                    SimBackend(host=host),
+                    TimedSim(host=host),
                     client=client,
                     watch_addresses=False,
                     counters_interval=3600.0,
@@ -281,6 +288,7 @@ def worker_main(spec_file: str) -> None:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(main())
+    Path(spec["applied_file"]).write_text(json.dumps(applied))
 
 
 def bench_fanout(n: int, procs: int, changes: int, api_seconds: float, api_threads: int) -> dict[str, Any]:
@@ -291,6 +299,7 @@ def bench_fanout(n: int, procs: int, changes: int, api_seconds: float, api_threa
     cp = ControlPlane(prefix)
     workers: list[subprocess.Popen[bytes]] = []
     tmp = Path(tempfile.mkdtemp(prefix="ow-bench-"))
+    sent: dict[int, float] = {}  # revision -> wall time the PUT was sent
     try:
         cp.start_manager()
         t = time.perf_counter()
@@ -306,7 +315,10 @@ def bench_fanout(n: int, procs: int, changes: int, api_seconds: float, api_threa
         t = time.perf_counter()
         for k in range(procs):
             spec = tmp / f"worker-{k}.json"
-            spec.write_text(json.dumps({"url": cp.url, "hosts": tokens[k::procs]}))
+            applied_file = str(tmp / f"applied-{k}.json")
+            spec.write_text(
+                json.dumps({"url": cp.url, "hosts": tokens[k::procs], "applied_file": applied_file})
+            )
             log = open(tmp / f"worker-{k}.log", "wb")  # noqa: SIM115 - closed with the process
             workers.append(
                 subprocess.Popen(
@@ -321,10 +333,11 @@ def bench_fanout(n: int, procs: int, changes: int, api_seconds: float, api_threa
         client = cp.client()
         for i in range(changes):
             port += 1
-            t0 = time.perf_counter()
+            t0, wall0 = time.perf_counter(), time.time()
             resp = client.put("/v1/policies/fanout", params={"tenant": "infra"}, json=fanout_policy(port))
             resp.raise_for_status()
             rev = int(resp.json()["metadata"]["revision"])
+            sent[rev] = wall0
             while True:
                 st = client.get("/v1/status").json()
                 hs = st["hosts"]
@@ -335,22 +348,35 @@ def bench_fanout(n: int, procs: int, changes: int, api_seconds: float, api_threa
                 time.sleep(0.01)
             lat.append((time.perf_counter() - t0) * 1000)
             time.sleep(0.2)
-        out["all_acked"] = summary(lat)
-        out["api"] = bench_api(cp, n, api_seconds, api_threads)
+        out["all_acked"] = summary(lat) if lat else None
+        out["api"] = bench_api(cp, n, api_seconds, api_threads) if api_seconds > 0 else None
+        _stop_workers(workers)  # they write the times their agents applied each revision
+        applied: dict[int, float] = {}
+        for f in tmp.glob("applied-*.json"):
+            for rev, t in json.loads(f.read_text()).items():
+                applied[int(rev)] = max(applied.get(int(rev), 0.0), t)
+        if sent and all(r in applied for r in sent):
+            # agent side: PUT sent -> the last agent applied the delta (same machine, same clock)
+            out["all_applied"] = summary([(applied[r] - t) * 1000 for r, t in sent.items()])
     finally:
-        for w in workers:
-            w.terminate()
-        for w in workers:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                w.wait(timeout=20)
-            if w.poll() is None:
-                w.kill()
-                w.wait()
+        _stop_workers(workers)
         stop_control_plane(prefix)
         for f in tmp.iterdir():
             f.unlink()
         tmp.rmdir()
     return out
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    for w in workers:
+        if w.poll() is None:
+            w.terminate()
+    for w in workers:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            w.wait(timeout=30)
+        if w.poll() is None:
+            w.kill()
+            w.wait()
 
 
 # ------------------------------------------------------------------------------------- (c) API
@@ -438,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.api_seconds if "c" in parts else 0,
             args.api_threads,
         )
-        api = fan.pop("api")
+        api = fan.pop("api", None)
         if "b" in parts:
             results["b_fanout"] = fan
         if "c" in parts:

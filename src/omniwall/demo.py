@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -276,6 +277,8 @@ def run_live(directory: Path, *, once: bool, console: Console) -> int:
                 with contextlib.suppress(KeyboardInterrupt):
                     while True:
                         time.sleep(3600)
+                # A second Ctrl-C must not cut the teardown short (it would leave namespaces behind).
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
                 console.print("\ntearing down ...")
     except KeyboardInterrupt:
         print("interrupted; the lab was torn down", file=sys.stderr)

@@ -334,3 +334,26 @@ def test_rule_content_change_rerenders_vnics_that_use_it_and_hosts_come_and_go()
     moved = Workload(metadata=md("w", "a"), spec=WorkloadSpec(host="h2", vnics=[Vnic(ips=["10.0.0.1"])]))
     deltas = ic.update([moved], [], 6)
     assert sorted(v.workload for v in ic.state("h2").vnics) == ["a/w", "a/w2"]
+
+
+def test_group_removed_and_recreated_in_one_update_keeps_unions_current() -> None:
+    def w(tier: str) -> Workload:
+        return Workload(
+            metadata=md("w", "a", {"tier": tier}),
+            spec=WorkloadSpec(host="h1", vnics=[Vnic(ips=["10.0.0.1"])]),
+        )
+
+    g = Group(metadata=md("web", "a"), spec=GroupSpec(selector='tier == "web"'))
+    pol = Policy(
+        metadata=md("p", "a"),
+        spec=PolicySpec(
+            rules=[Rule(name="r", sources=["web", "10.9.0.0/16"], destinations=["any"], action="allow")]
+        ),
+    )
+    world = {r.key: r for r in [Host(metadata=md("h1", "infra")), w("web"), g, pol]}
+    ic = IncrementalCompiler(Catalog.of(world.values()), 1)
+    ic.update([g], [g.key], 2)
+    check_against_full(ic, world, 2)
+    world[w("db").key] = w("db")
+    ic.update([w("db")], [], 3)
+    check_against_full(ic, world, 3)

@@ -208,6 +208,7 @@ def test_order_category_priority_tenant_policy_rule_index() -> None:
             *base(),
             policy("a", "zz", rule("r2", action="allow"), rule("r1", action="allow"), priority=10),
             policy("a", "aa", rule("r", action="allow"), priority=10),
+            policy("infra", "aa0", rule("r", action="allow"), priority=10),  # same slot: tenant before name
             policy("a", "first", rule("r", action="allow"), priority=5),
             policy("a", "env", rule("r", action="allow"), category="environment", priority=999),
             policy("infra", "emg", rule("r", action="drop"), category="emergency", priority=1000),
@@ -222,6 +223,7 @@ def test_order_category_priority_tenant_policy_rule_index() -> None:
         "a/aa/r",
         "a/zz/r2",
         "a/zz/r1",
+        "infra/aa0/r",
     ]
 
 

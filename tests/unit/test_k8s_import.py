@@ -94,7 +94,7 @@ PODS = [
 VM = Endpoint("vm-1", "10.9.3.1", None, {"app": "web"}, {}, "h1")
 EXTERNALS = [Endpoint(f"ext-{ip}", ip) for ip in ("8.8.8.8", "10.20.5.5", "10.20.1.1", "192.168.1.1")]
 ENDPOINTS = [*PODS, VM, *EXTERNALS]
-PORTS = [("tcp", p) for p in (80, 443, 5432, 8080, 9100, 9187, 32000, 32769)] + [("udp", 53), ("udp", 80)]
+PORTS = [("tcp", p) for p in (53, 80, 443, 5432, 8080, 9100, 9187, 32000, 32769)] + [("udp", 53), ("udp", 80)]
 
 
 def inventory_yaml(pods: Iterable[Endpoint] = PODS, vm: Endpoint | None = VM) -> str:
@@ -757,6 +757,20 @@ def test_ipblock_difference_is_exact(prefix: int, excepts: list[tuple[int, int]]
         assert sum(a.overlaps(b) for b in nets) == 1
 
 
+def test_ipblock_difference_ipv6() -> None:
+    block = IPBlock(ipaddress.ip_network("2001:db8::/32"), (ipaddress.ip_network("2001:db8:1::/48"),))
+    nets = block.networks()
+    assert len(nets) == 16 and all(n.version == 6 for n in nets)
+    for ip, want in (
+        ("2001:db8::1", True),
+        ("2001:db8:1::1", False),
+        ("2001:db8:2::1", True),
+        ("2001:db9::1", False),
+    ):
+        addr = ipaddress.ip_address(ip)
+        assert any(addr in n for n in nets) == want == block.contains(addr)
+
+
 def test_ipblock_except_is_a_group_of_the_remaining_cidrs(tmp_path: Path) -> None:
     res = _import(tmp_path, SCENARIOS["ipblock-with-except"])
     groups = {g.name: g for g in res if isinstance(g, Group)}
@@ -1023,9 +1037,8 @@ def test_cli_prints_yaml_and_json() -> None:
     }
     yml = runner.invoke(_app(), ["import", "k8s", "-f", str(EXAMPLES), "--tenant", "shop"])
     assert yml.exit_code == 0
-    assert [r.model_dump() for r in load_text(yml.stdout)] == [
-        type(r).model_validate(d).model_dump() for r, d in zip(load_text(yml.stdout), docs, strict=True)
-    ]
+    from_yaml = load_text(yml.stdout)
+    assert from_yaml == [type(r).model_validate(d) for r, d in zip(from_yaml, docs, strict=True)]
     resources = [*load_files([EXAMPLES / "00-inventory.yaml"]), *load_text(yml.stdout)]
     validate(resources)
 
@@ -1038,6 +1051,12 @@ def test_cli_bad_input_is_an_error_without_traceback(tmp_path: Path) -> None:
     out = CliRunner().invoke(_app(), ["import", "k8s", "-f", str(bad), "--tenant", "shop"])
     assert out.exit_code == 1
     assert "endPort" in out.stderr and "Traceback" not in out.output and out.stdout == ""
+    stdin = CliRunner().invoke(
+        _app(),
+        ["import", "k8s", "-f", "-", "--tenant", "shop"],
+        input=(EXAMPLES / "10-default-deny.yaml").read_text(),
+    )
+    assert stdin.exit_code == 0 and "k8s.db.default-deny-all" in stdin.stdout
     missing = CliRunner().invoke(
         _app(), ["import", "k8s", "-f", str(tmp_path / "nope.yaml"), "--tenant", "shop"]
     )

@@ -11,7 +11,7 @@ from omniwall import __version__
 from omniwall.manager.service import Manager
 from omniwall.stream import endpoint as stream_endpoint
 
-from . import admin, apply, errors, resources
+from . import admin, apply, errors, identity, resources
 
 
 def create_app(manager: Manager, *, watch: bool = True) -> FastAPI:
@@ -37,6 +37,7 @@ def create_app(manager: Manager, *, watch: bool = True) -> FastAPI:
     errors.install(app)
     app.include_router(admin.router())
     app.include_router(apply.router())
+    app.include_router(identity.router())
     # Host feed routes first: /v1/hosts/{host}/feed must not be taken for a Host named "feed".
     app.include_router(stream_endpoint.router())
     app.include_router(resources.router())

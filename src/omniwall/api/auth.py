@@ -5,7 +5,8 @@ Rules:
 - Tenant roles see their own tenant's objects, provider groups shared with them and provider services;
   anything else (other tenants' objects, Hosts) does not exist for them: 404, never 403.
 - The agent role is scoped to one host: its own feed, desired state and status reports, nothing else.
-- `identity-source` and `posture-source` are reserved for a later issue and are granted nothing yet.
+- `identity-source` and `posture-source` are provider-wide and may only post identity events / posture
+  reports (`identity.write` / `posture.write`, docs/identity-posture.md); the provider admin may too.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class Perm(StrEnum):
     COMPACT = "store.compact"
     FEED_READ = "hosts.feed.read"
     STATUS_WRITE = "hosts.status.write"
-    IDENTITY_WRITE = "identity.write"  # reserved
-    POSTURE_WRITE = "posture.write"  # reserved
+    IDENTITY_WRITE = "identity.write"  # POST /v1/identity/events
+    POSTURE_WRITE = "posture.write"  # POST /v1/posture/reports
 
 
 ROLE_PERMS: dict[Role, frozenset[Perm]] = {
@@ -50,14 +51,16 @@ ROLE_PERMS: dict[Role, frozenset[Perm]] = {
             Perm.TOKENS,
             Perm.COMPACT,
             Perm.FEED_READ,
+            Perm.IDENTITY_WRITE,
+            Perm.POSTURE_WRITE,
         }
     ),
     Role.AUDITOR: frozenset({Perm.READ, Perm.AUDIT_READ, Perm.FEED_READ}),
     Role.TENANT_ADMIN: frozenset({Perm.READ, Perm.WRITE, Perm.AUDIT_READ}),
     Role.TENANT_VIEWER: frozenset({Perm.READ, Perm.AUDIT_READ}),
     Role.AGENT: frozenset({Perm.FEED_READ, Perm.STATUS_WRITE}),
-    Role.IDENTITY_SOURCE: frozenset(),
-    Role.POSTURE_SOURCE: frozenset(),
+    Role.IDENTITY_SOURCE: frozenset({Perm.IDENTITY_WRITE}),
+    Role.POSTURE_SOURCE: frozenset({Perm.POSTURE_WRITE}),
 }
 
 

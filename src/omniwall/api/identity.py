@@ -53,7 +53,10 @@ def router() -> APIRouter:
         unknown = sorted(set(body) - set(IDENTITY_FIELDS))
         if unknown:
             raise InvalidResources(
-                [Problem("request body", k, f"unknown field (fields: {', '.join(IDENTITY_FIELDS)})") for k in unknown]
+                [
+                    Problem("request body", k, f"unknown field (fields: {', '.join(IDENTITY_FIELDS)})")
+                    for k in unknown
+                ]
             )
         workload = _string(body, "workload")
         tenant = _string(body, "tenant", required=False)

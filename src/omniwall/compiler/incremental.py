@@ -132,6 +132,7 @@ class IncrementalCompiler:
         self.rules_by_service: dict[Key, set[RuleKey]] = {}
         self.rules_by_tenant: dict[str, set[RuleKey]] = {}
         self.unions: dict[str, _Union] = {}
+        self.unions_by_group: dict[Key, set[str]] = {}
 
         self.hosts: dict[str, HostState] = {}
         self.rule_hosts: dict[int, set[str]] = {}
@@ -391,7 +392,14 @@ class IncrementalCompiler:
             self.group_res[key] = res
             if old is not None and old.spec == res.spec:
                 continue
+            fresh = key not in g.nodes
             g.upsert_group(key, res.spec)
+            if fresh:
+                # Unions naming this group outlive a remove + re-create in one update: re-attach them
+                # (the old node pushed its removals; the new one pushes its additions when recomputed).
+                node = g.nodes[key]
+                for name in sorted(self.unions_by_group.get(key, ())):
+                    node.addr.listeners.append(self.unions[name].addr)
             p.groups.add(key)
             if old is None or old.spec.shareWith != res.spec.shareWith:
                 p.rules |= self.rules_by_group.get(key, set())
@@ -534,6 +542,7 @@ class IncrementalCompiler:
             for addr in spec.addresses:
                 a.inc(addr)
             for gk in spec.groups:
+                self.unions_by_group.setdefault(gk, set()).add(spec.name)
                 node = self.groups.nodes[gk]
                 node.addr.listeners.append(a)
                 for addr in node.addr.counts:
@@ -547,8 +556,9 @@ class IncrementalCompiler:
         if u.refs:
             return
         for gk in u.spec.groups:
+            _index(self.unions_by_group, gk, name, False)
             node = self.groups.nodes.get(gk)
-            if node is not None:
+            if node is not None and u.addr in node.addr.listeners:
                 node.addr.listeners.remove(u.addr)
         del self.unions[name]
         self.registry.pop(name, None)
@@ -569,7 +579,7 @@ class IncrementalCompiler:
                 u.addr.set_nets(self._union_net_list(u.spec))
 
 
-def _index(table: dict, key: object, rk: RuleKey, add: bool) -> None:  # type: ignore[type-arg]
+def _index(table: dict, key: object, rk: object, add: bool) -> None:  # type: ignore[type-arg]
     if add:
         table.setdefault(key, set()).add(rk)
     else:

@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  MISMATCH {o.case}: kernel {'allowed' if o.kernel else 'denied'} ({o.detail}), "
                     f"sim {'allowed' if o.sim.allowed else 'denied'}"
+                    f"{', refused' if o.sim_refuses else ''} ({o.sim.verdict})"
                 )
                 print("    " + o.to_json()["explanation"].replace("\n", "\n    "))
 

@@ -5,7 +5,9 @@ itself, one `NftBackend` per host namespace) and then runs *rounds*: `program(re
 new policy over the same inventory, syncs every host (incrementally, or after a teardown with `fresh`)
 and flushes every host's conntrack table, so connections of an earlier round cannot make the kernel
 look more permissive than the sim; `probe(cases)` sends real TCP/UDP/ICMP exchanges and judges the
-same connections with `judge_connection`. A probe whose kernel result differs is probed once more with
+same connections with `judge_connection`. They agree when both allow or both deny, and, for a denial,
+when the way it failed fits the sim's verdicts (`agrees`: a TCP reset exactly when the sim says the
+client is refused, `sim_refuses`; an ICMP error only then). A probe whose kernel result differs is probed once more with
 a longer timeout: still different = a *confirmed* mismatch; agreeing now = *flaky* (timing, reported
 apart, never hidden).
 
@@ -35,7 +37,7 @@ from omniwall.model.catalog import Catalog
 from omniwall.model.errors import ValidationError
 from omniwall.model.loader import dump_yaml
 from omniwall.model.validate import validate
-from omniwall.sim.evaluate import ConnectionVerdict, Network
+from omniwall.sim.evaluate import ConnectionVerdict, Network, judge_hop
 from omniwall.sim.explain import path_json, rule_text, verdict_text
 from omniwall.sim.packet import Packet
 
@@ -143,11 +145,29 @@ def explanation_text(cv: ConnectionVerdict) -> str:
     return "\n".join(lines)
 
 
-def sim_refuses(cv: ConnectionVerdict) -> bool:
-    """Does the sim say the client sees a refusal? Only a `reject` of a packet the client sent (the
-    request, or the TCP handshake's ACK) answers the client; a rejected reply answers the server."""
+def sim_refuses(net: Network, cv: ConnectionVerdict) -> bool:
+    """Does the client see a refusal (a TCP reset, an ICMP error), by the sim's verdicts?
+
+    Only a `reject` of a packet the client sent (the request, or the TCP handshake's ACK) answers the
+    client; a rejected reply answers the server. The answer is sent by the rejecting host itself (its
+    output path, which Omniwall does not filter), so it reaches a client on that host. A client on
+    another host receives it through its own ingress hop: as part of the connection when its host
+    tracked the request, else as a new packet that only an untracked hop's rules can let in (conntrack
+    calls a reset without a connection invalid).
+    """
     first = next((p for p in cv.paths if not p.allowed), None)
-    return first is not None and first is not cv.reply and first.verdict == "reject"
+    if first is None or first is cv.reply or first.verdict != "reject":
+        return False
+    at = first.denied_at
+    client = first.hops[0] if first.src is not None and first.hops else None
+    if at is None or client is None or at.host == client.host or client.host not in first.untracked_hosts:
+        return True
+    p = first.packet
+    answer = Packet(p.dst, p.src, p.protocol, sport=p.dport, dport=p.sport) if p.has_ports else None
+    if answer is None:  # ICMP errors: only the one-way check applies (see `agrees`)
+        return True
+    hop = judge_hop(net.states[client.host], client.ifname, "ingress", answer)
+    return not hop.tracked and hop.allowed
 
 
 def kernel_refuses(allowed: bool, detail: str) -> bool:
@@ -155,7 +175,7 @@ def kernel_refuses(allowed: bool, detail: str) -> bool:
     return not allowed and detail != "timeout"
 
 
-def agrees(case: Case, cv: ConnectionVerdict, allowed: bool, detail: str) -> bool:
+def agrees(case: Case, cv: ConnectionVerdict, sim_refused: bool, allowed: bool, detail: str) -> bool:
     """Allowed/denied must be equal. Denied TCP: refused (RST) exactly when the sim rejects. Denied
     UDP/ICMP: a refusal needs a reject in the sim, but a reject may time out (the kernel rate-limits
     ICMP errors)."""
@@ -164,8 +184,8 @@ def agrees(case: Case, cv: ConnectionVerdict, allowed: bool, detail: str) -> boo
     if allowed:
         return True
     if case.proto == "tcp":
-        return kernel_refuses(allowed, detail) == sim_refuses(cv)
-    return not kernel_refuses(allowed, detail) or sim_refuses(cv)
+        return kernel_refuses(allowed, detail) == sim_refused
+    return not kernel_refuses(allowed, detail) or sim_refused
 
 
 @dataclass
@@ -176,12 +196,13 @@ class Outcome:
     kernel: bool
     detail: str
     sim: ConnectionVerdict
+    sim_refuses: bool = False  # the client sees a refusal, by the sim (`sim_refuses`)
     retry: bool | None = None  # the kernel's second answer, for a disagreement
     retry_detail: str | None = None
 
     @property
     def agrees(self) -> bool:
-        return agrees(self.case, self.sim, self.kernel, self.detail)
+        return agrees(self.case, self.sim, self.sim_refuses, self.kernel, self.detail)
 
     @property
     def confirmed(self) -> bool:
@@ -189,7 +210,7 @@ class Outcome:
         return (
             not self.agrees
             and self.retry is not None
-            and not agrees(self.case, self.sim, self.retry, self.retry_detail or "")
+            and not agrees(self.case, self.sim, self.sim_refuses, self.retry, self.retry_detail or "")
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -202,7 +223,7 @@ class Outcome:
                 "retry_allowed": self.retry,
                 "retry_detail": self.retry_detail,
             },
-            "sim": {"allowed": cv.allowed, "verdict": cv.verdict, "refuses": sim_refuses(cv)},
+            "sim": {"allowed": cv.allowed, "verdict": cv.verdict, "refuses": self.sim_refuses},
             "confirmed": self.confirmed,
             "explanation": explanation_text(cv),
             "paths": {
@@ -312,11 +333,8 @@ class FuzzLab:
             except IndexError:
                 raise ValueError(f"{c}: no such address in the lab") from None
             probes.append(Probe(s.netns, dst_addr, c.proto, c.port, s.key, d.key, src_addr, d.key))
-            outcomes.append(
-                Outcome(
-                    c, src_addr, dst_addr, False, "", net.judge_connection(sim_packet(src_addr, dst_addr, c))
-                )
-            )
+            cv = net.judge_connection(sim_packet(src_addr, dst_addr, c))
+            outcomes.append(Outcome(c, src_addr, dst_addr, False, "", cv, sim_refuses(net, cv)))
         for o, r in zip(outcomes, run_probes(probes, timeout=self.timeout), strict=True):
             o.kernel, o.detail = r.allowed, r.detail
         wrong = [i for i, o in enumerate(outcomes) if not o.agrees]

@@ -195,11 +195,12 @@ class _Translator:
                 numeric.append(_port_service(port))
         direction = Direction.IN if ingress else Direction.OUT
 
-        def make(name: str, services: list[str], others: list[str], applied: list[str]) -> Rule:
+        def make(name: str, services: list[str], peer_refs: list[str], applied: list[str]) -> Rule:
+            """Ingress: the peers are sources (destination: the pod); egress: the other way round."""
             return Rule(
                 name=name,
-                sources=peers.refs if ingress else ["any"],
-                destinations=others if not ingress else ["any"],
+                sources=peer_refs if ingress else ["any"],
+                destinations=["any"] if ingress else peer_refs,
                 services=services,
                 action=Action.ALLOW,
                 direction=direction,
@@ -333,7 +334,14 @@ def translate(
     named ports (and only those: pod membership itself stays dynamic, by selector). `tenant_resource`,
     when given, is kept (display name, mode) with its default action set to allow.
     """
-    t = _Translator(tenant, namespaces, pods_of(workloads, tenant))
+    pods = pods_of(workloads, tenant)
+    t = _Translator(tenant, namespaces, pods)
+    for w in workloads:
+        if w.tenant == tenant and NAMESPACE_ATTRIBUTE in w.metadata.labels:
+            # Labels win over attributes in selector facts: the pod would seem to be in another namespace.
+            t.warnings.append(
+                f"Workload {w.name}: a label named {NAMESPACE_ATTRIBUTE} hides its namespace attribute"
+            )
     for pol in sorted(policies, key=lambda p: (p.namespace, p.name)):
         t.add(pol)
     isolation = t.isolation()

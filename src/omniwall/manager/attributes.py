@@ -84,7 +84,9 @@ def find_workload(m: Manager, workload: str, tenant: str | None) -> Workload:
         raise NotFound(f"Workload {name!r} not found in any tenant")
     if len(matches) > 1:
         tenants = ", ".join(w.metadata.tenant for w in matches)
-        raise _invalid("workload", f"workload {name!r} exists in several tenants ({tenants}); name the tenant")
+        raise _invalid(
+            "workload", f"workload {name!r} exists in several tenants ({tenants}); name the tenant"
+        )
     return matches[0]
 
 
@@ -180,7 +182,9 @@ def check_posture(facts: Mapping[str, Any]) -> dict[str, str | int | float | boo
         elif value is not None and not isinstance(value, str | int | float | bool):
             problems.append(Problem("request body", key, "must be a string, number, boolean or null"))
         elif isinstance(value, str) and (len(value) > MAX_USER_LEN or _CONTROL.search(value)):
-            problems.append(Problem("request body", key, f"must be at most {MAX_USER_LEN} printable characters"))
+            problems.append(
+                Problem("request body", key, f"must be at most {MAX_USER_LEN} printable characters")
+            )
         else:
             out[key] = value
     if problems:

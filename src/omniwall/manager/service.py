@@ -40,6 +40,7 @@ from .contracts import (
 )
 from .desired import DesiredStates
 from .hosts import HostStatusBook
+from .migration import Migrations
 from .objects import (
     RES_PREFIX,
     changed_paths,
@@ -126,6 +127,7 @@ class Manager:
         self.tokens = TokenBook(store)
         self.desired = DesiredStates(max_delta_log)
         self.hosts = HostStatusBook()
+        self.migrations = Migrations(self)  # live migration: records, overlay, agent commands
         self.clock = clock
         self._compile: CompileFn = compile_fn or default_compile()
         # Incremental compiler (unless a compile function was injected): changes cost what they touch.
@@ -165,6 +167,7 @@ class Manager:
                     cat.add(r)
             with self._model_lock:
                 self._catalog, self._rev = cat, rev
+            self.migrations.load()
             self._recompile()
 
     def sync(self) -> int:
@@ -180,9 +183,12 @@ class Manager:
                 return self._rev
             changed: dict[str, _Resource] = {}
             removed: dict[str, tuple[str, str, str]] = {}
+            moved = False
             with self._model_lock:
                 for e in events:
-                    if e.key.startswith(RES_PREFIX):
+                    if self.migrations.on_event(e):
+                        moved = True
+                    elif e.key.startswith(RES_PREFIX):
                         r = self._apply_event(e)
                         if r is None:
                             changed.pop(e.key, None)
@@ -191,7 +197,7 @@ class Manager:
                             removed.pop(e.key, None)
                             changed[e.key] = r
                 self._rev = events[-1].revision
-            if changed or removed:
+            if changed or removed or moved:
                 self._recompile(list(changed.values()), list(removed.values()))
             return self._rev
 
@@ -248,7 +254,8 @@ class Manager:
                 for h in deltas:
                     with contextlib.suppress(KeyError):  # a removed host is forgotten: empty state
                         states[h] = self._incremental.state(h)
-                self.desired.update(states, self._rev, only=set(deltas))
+                states = self.migrations.apply_overlay(states, self._incremental.state)
+                self.desired.update(states, self._rev, only=set(deltas) | set(states))
                 self.compile_error = None
                 return
             except Exception as err:
@@ -267,6 +274,7 @@ class Manager:
             log.exception("compile failed at revision %d; keeping the previous desired states", self._rev)
             return
         self.compile_error = None
+        states = self.migrations.apply_overlay(states, states.__getitem__)
         self.desired.update(states, self._rev)
 
     # ------------------------------------------------------------------ reads

@@ -22,7 +22,7 @@ from omniwall.api.errors import ApiError, not_found
 from omniwall.compiler.ir import empty_state
 from omniwall.manager.service import Manager
 
-from .wire import StatusReport, delta_line, heartbeat_line, snapshot_line
+from .wire import StatusReport, command_line, delta_line, heartbeat_line, snapshot_line
 
 NDJSON = "application/x-ndjson"
 
@@ -57,6 +57,8 @@ async def feed_lines(
                 yield delta_line(d)
                 sent = d.to_revision
         while follow:
+            for cmd in m.migrations.commands.take(host):  # after the deltas they may depend on
+                yield command_line(cmd)
             try:
                 await asyncio.wait_for(changed.wait(), timeout=heartbeat)
             except TimeoutError:

@@ -4,6 +4,8 @@ Manager -> agent (`GET /v1/hosts/{host}/feed?from=R`):
     {"type":"snapshot","revision":R,"state":<HostDesiredState JSON>}   from=0, unknown or too old
     {"type":"delta","delta":<HostDelta JSON>}                          delta.from_revision -> to_revision
     {"type":"heartbeat","revision":R}                                  nothing changed; R = current
+    {"type":"command","id":ID,"op":OP,"args":{...}}                    an agent command (migration);
+        answered by POST /v1/hosts/{host}/commands/{ID} with the result object (or {"error": ...})
 Agent -> manager (`POST /v1/hosts/{host}/status`), one JSON object:
     {"realized_revision":R, "error":null, "counters":[{"rule_id":1,"packets":2,"bytes":3}],
      "addresses":{...}}
@@ -47,7 +49,16 @@ class Unknown:
     data: dict[str, Any]
 
 
-Message = Snapshot | Delta | Heartbeat | Unknown
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A one-off request to the agent (export/import/flush conntrack entries for a migration)."""
+
+    id: str
+    op: str
+    args: dict[str, Any]
+
+
+Message = Snapshot | Delta | Heartbeat | Command | Unknown
 
 
 def _line(obj: dict[str, Any]) -> bytes:
@@ -66,6 +77,11 @@ def heartbeat_line(revision: int) -> bytes:
     return _line({"type": "heartbeat", "revision": revision})
 
 
+def command_line(cmd: dict[str, Any]) -> bytes:
+    """`cmd` = {"type": "command", "id", "op", "args"}."""
+    return _line({**cmd, "type": "command"})
+
+
 def encode(msg: Message) -> bytes:
     match msg:
         case Snapshot(state=state):
@@ -74,6 +90,8 @@ def encode(msg: Message) -> bytes:
             return delta_line(delta)
         case Heartbeat(revision=rev):
             return heartbeat_line(rev)
+        case Command(id=cid, op=op, args=args):
+            return _line({"type": "command", "id": cid, "op": op, "args": args})
         case Unknown(type=t, data=data):
             return _line({**data, "type": t})
     raise TypeError(f"not a feed message: {msg!r}")
@@ -95,6 +113,8 @@ def decode(line: str | bytes) -> Message:
                 return Delta(delta_from_json(d["delta"]))
             case "heartbeat":
                 return Heartbeat(int(d["revision"]))
+            case "command":
+                return Command(str(d["id"]), str(d["op"]), dict(d.get("args") or {}))
     except (KeyError, TypeError) as err:
         raise ValueError(f"malformed {d['type']} message: missing or bad {err}") from None
     return Unknown(str(d["type"]), d)

@@ -1,0 +1,560 @@
+"""Live migration of a workload to another host (DESIGN §8, docs/design/migration.md), manager side.
+
+Phases, each written to the store (the record at `migrations/<tenant>/<name>`, with an audit entry in
+the same txn) so every replica, the API and the audit log see them:
+
+  prepare    the record exists: the overlay spans the workload's vNICs to the destination too; wait
+             until the destination's agent acks that revision (its policy is in place first)
+  export     the source agent exports the workload's conntrack entries (feed command)
+  import     the destination agent imports them (liberal TCP window, CONFIRMED, mark)
+  switching  wait for the vNIC to move: `POST .../migrate/{id}/switched`, or the destination agent
+             reporting a route to the vNIC (its address report)
+  switched   second copy: entries opened since the first export are exported and imported again
+  finalize   `spec.host` = destination (audited as `migrate`); the source drops the chains, its
+             backend revokes the entries no local hop needs; leftovers are flushed by command
+  done       result `succeeded`; the overlay is gone (the compiler now places the workload there)
+
+A failure before the switch rolls back: phase `rollback` removes the overlay (the destination drops
+the chains; its backend revokes the imported entries, and a flush command removes any left), then
+`rolled-back`, result `failed`. The workload never stops being protected on the source. After the switch
+nothing rolls back: the vNIC is on the destination, whose policy is in place; errors are recorded.
+
+Agent commands travel on the host feed (`{"type": "command", ...}` lines) and come back through
+`POST /v1/hosts/{host}/commands/{id}`. Commands and the orchestrating thread live in the replica that
+started the migration (agents must stream from it); the record and the overlay live in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from omniwall.compiler.ir import HostDesiredState
+from omniwall.store import Compare, Event, Put
+
+from .audit import Actor, AuditEntry, audit_put
+from .contracts import InvalidResources, Problem
+from .overlay import overlay, workload_vnics
+
+if TYPE_CHECKING:
+    from .service import Manager
+
+log = logging.getLogger(__name__)
+
+MIG_PREFIX = "migrations/"
+# The overlay (workload on both hosts) is on in these phases only.
+SPANNING = ("prepare", "export", "import", "switching", "switched", "finalize")
+FAULTS_ENV = "OMNIWALL_MIGRATION_FAULTS"  # "1": the API accepts `failAt` (tests of the rollback)
+POLL = 0.01
+
+
+class MigrationError(Exception):
+    pass
+
+
+def _key(tenant: str, name: str) -> str:
+    return f"{MIG_PREFIX}{tenant}/{name}"
+
+
+@dataclass
+class Migration:
+    id: str
+    tenant: str
+    name: str
+    source: str
+    destination: str
+    started: str
+    actor: str = ""
+    phase: str = "prepare"
+    result: str = "running"  # running | succeeded | failed
+    ended: str | None = None
+    error: str | None = None
+    phases: list[dict[str, Any]] = field(default_factory=list)  # [{phase, at, ms}]
+    stats: dict[str, Any] = field(default_factory=dict)
+    t0: float = field(default_factory=time.monotonic, repr=False)
+
+    @property
+    def workload(self) -> str:
+        return f"{self.tenant}/{self.name}"
+
+    @property
+    def spanning(self) -> bool:
+        return self.result == "running" and self.phase in SPANNING
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "workload": self.workload,
+            "tenant": self.tenant,
+            "name": self.name,
+            "source": self.source,
+            "destination": self.destination,
+            "phase": self.phase,
+            "result": self.result,
+            "started": self.started,
+            "ended": self.ended,
+            "error": self.error,
+            "actor": self.actor,
+            "phases": list(self.phases),
+            "stats": dict(self.stats),
+        }
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Migration:
+        return Migration(
+            id=d["id"],
+            tenant=d["tenant"],
+            name=d["name"],
+            source=d["source"],
+            destination=d["destination"],
+            started=d["started"],
+            actor=d.get("actor", ""),
+            phase=d.get("phase", "prepare"),
+            result=d.get("result", "running"),
+            ended=d.get("ended"),
+            error=d.get("error"),
+            phases=list(d.get("phases", [])),
+            stats=dict(d.get("stats", {})),
+        )
+
+
+@dataclass
+class Options:
+    prepare_timeout: float = 30.0  # destination acks the overlay revision
+    command_timeout: float = 30.0  # one export/import/flush on an agent
+    switch_timeout: float = 120.0  # the vNIC moves
+    fail_at: str | None = None  # test hook (FAULTS_ENV): fail right after this phase's work
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+@dataclass
+class _Pending:
+    host: str
+    line: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Any] | None = None
+    taken: bool = False
+
+
+class HostCommands:
+    """Commands for agents, delivered on their feeds, answered by POST. Thread-safe."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+
+    def send(self, host: str, op: str, args: dict[str, Any]) -> str:
+        cid = uuid.uuid4().hex[:16]
+        with self._lock:
+            self._pending[cid] = _Pending(host, {"type": "command", "id": cid, "op": op, "args": args})
+        self._wake()
+        return cid
+
+    def take(self, host: str) -> list[dict[str, Any]]:
+        """The command lines not yet sent to `host` (each goes to one feed stream)."""
+        with self._lock:
+            out = []
+            for p in self._pending.values():
+                if p.host == host and not p.taken:
+                    p.taken = True
+                    out.append(p.line)
+            return out
+
+    def resolve(self, host: str, cid: str, result: dict[str, Any]) -> bool:
+        with self._lock:
+            p = self._pending.get(cid)
+            if p is None or p.host != host:
+                return False
+            p.result = result
+        p.done.set()
+        return True
+
+    def call(self, host: str, op: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send and wait for the answer; MigrationError on timeout or an error the agent reports."""
+        cid = self.send(host, op, args)
+        with self._lock:
+            p = self._pending[cid]
+        try:
+            if not p.done.wait(timeout):
+                state = "was delivered but not answered" if p.taken else "was not delivered (no feed)"
+                raise MigrationError(f"{op} on host {host}: no answer within {timeout:g} s (it {state})")
+            assert p.result is not None
+            if p.result.get("error"):
+                raise MigrationError(f"{op} on host {host}: {p.result['error']}")
+            return p.result
+        finally:
+            with self._lock:
+                self._pending.pop(cid, None)
+
+
+# ------------------------------------------------------------------------------------------ service
+
+
+class Migrations:
+    """Records (from the store), the overlay, the agent commands and the orchestrating threads."""
+
+    def __init__(self, manager: Manager) -> None:
+        self.m = manager
+        self.commands = HostCommands(manager.desired.changed.notify)
+        self._lock = threading.RLock()  # the records only; never held while writing the store
+        self._start_lock = threading.Lock()
+        self._records: dict[tuple[str, str], Migration] = {}
+        self._mod: dict[tuple[str, str], int] = {}
+        self._overlaid: set[str] = set()
+        self._switch: dict[str, threading.Event] = {}
+        self._threads: dict[str, threading.Thread] = {}
+
+    # ---- store side (called under the manager's sync lock)
+    def load(self) -> None:
+        items, _ = self.m.store.range(MIG_PREFIX)
+        with self._lock:
+            self._records.clear()
+            self._mod.clear()
+            for kv in items:
+                self._take(kv.key, kv.value, kv.mod_revision)
+
+    def on_event(self, e: Event) -> bool:
+        """A store event; True when it was a migration record (the overlay may have changed)."""
+        if not e.key.startswith(MIG_PREFIX):
+            return False
+        with self._lock:
+            if e.type == "put" and e.value:
+                self._take(e.key, e.value, e.revision)
+            else:
+                t, _, n = e.key[len(MIG_PREFIX) :].partition("/")
+                self._records.pop((t, n), None)
+                self._mod.pop((t, n), None)
+        return True
+
+    def _take(self, key: str, value: str, revision: int) -> None:
+        try:
+            mig = Migration.from_json(json.loads(value))
+        except (ValueError, KeyError, TypeError) as err:
+            log.error("skipping unreadable migration record %s: %s", key, err)
+            return
+        k = (mig.tenant, mig.name)
+        old = self._records.get(k)
+        if old is not None and old.id == mig.id:
+            mig.t0 = old.t0
+        self._records[k] = mig
+        self._mod[k] = revision
+
+    def moves(self) -> list[tuple[str, str, str]]:
+        with self._lock:
+            return sorted(
+                (m.workload, m.source, m.destination) for m in self._records.values() if m.spanning
+            )
+
+    def apply_overlay(
+        self, states: dict[str, HostDesiredState], lookup: Callable[[str], HostDesiredState]
+    ) -> dict[str, HostDesiredState]:
+        """Freshly compiled `states` (maybe only some hosts) -> the same plus every migration's
+        destination with the workload spanned to it, and former destinations back to their compiled
+        state. `lookup(host)` gives any host's compiled state (KeyError: unknown)."""
+        moves = self.moves()
+        dests = {d for _, _, d in moves}
+        compiled: dict[str, HostDesiredState] = {}
+        for h in dests | {s for _, s, _ in moves} | self._overlaid:
+            st = states.get(h)
+            if st is None:
+                try:
+                    st = lookup(h)
+                except KeyError:
+                    continue
+            compiled[h] = st
+        out = dict(states)
+        for h in self._overlaid - dests:
+            if h in compiled:
+                out[h] = compiled[h]
+        out.update(overlay(compiled, moves))
+        self._overlaid = dests
+        return out
+
+    # ---- reads
+    def get(self, tenant: str, name: str) -> Migration | None:
+        with self._lock:
+            return self._records.get((tenant, name))
+
+    def status_of(self, tenant: str, name: str) -> dict[str, Any] | None:
+        mig = self.get(tenant, name)
+        return mig.to_json() if mig is not None else None
+
+    # ---- API actions
+    def start(self, tenant: str, name: str, to: str, actor: Actor, opts: Options | None = None) -> Migration:
+        from .service import Conflict, NotFound
+
+        opts = opts or Options()
+        if opts.fail_at is not None and os.environ.get(FAULTS_ENV) != "1":
+            raise InvalidResources([Problem("request body", "failAt", f"only with {FAULTS_ENV}=1")])
+        with self._start_lock:
+            wl = self.m.get("Workload", tenant, name)
+            if wl is None:
+                raise NotFound(f"Workload/{tenant}/{name} not found")
+            source = wl.spec.host  # type: ignore[attr-defined]
+            doc = f"Workload/{tenant}/{name}"
+            if to not in self.m.catalog.hosts:
+                raise InvalidResources([Problem(doc, "to", f"unknown host {to!r}")])
+            if to == source:
+                raise InvalidResources([Problem(doc, "to", f"the workload already runs on {to!r}")])
+            cur = self.get(tenant, name)
+            if cur is not None and cur.result == "running" and self._alive(cur.id):
+                raise Conflict(f"{doc} is already migrating ({cur.id}: {cur.source} -> {cur.destination})")
+            wkey = f"{tenant}/{name}"
+            src_state = self.m.desired.snapshot(source)
+            dst_state = self.m.desired.snapshot(to)
+            if dst_state is None:
+                raise InvalidResources([Problem(doc, "to", f"host {to!r} has no desired state yet")])
+            taken = dst_state.vnic_map()
+            for v in workload_vnics(src_state, wkey):
+                other = taken.get(v.ifname)
+                if other is not None and other.workload != wkey:
+                    raise Conflict(f"{doc}: interface {v.ifname} is taken on {to} by {other.workload}")
+            mig = Migration(
+                id=uuid.uuid4().hex[:12],
+                tenant=tenant,
+                name=name,
+                source=source,
+                destination=to,
+                started=self.m.now_iso(),
+                actor=actor.name,
+            )
+            self._switch[mig.id] = threading.Event()
+            with self._lock:
+                prev = self._mod.get((tenant, name), 0)
+            self._write(mig, "prepare", actor, compare=prev)
+            t = threading.Thread(target=self._run, args=(mig, actor, opts), name=f"migrate-{mig.id}", daemon=True)
+            self._threads[mig.id] = t
+            t.start()
+            return mig
+
+    def switched(self, tenant: str, name: str, mid: str) -> Migration:
+        from .service import Conflict, NotFound
+
+        mig = self.get(tenant, name)
+        if mig is None or mig.id != mid:
+            raise NotFound(f"migration {mid} of Workload/{tenant}/{name} not found")
+        ev = self._switch.get(mid)
+        if mig.result != "running" or ev is None:
+            raise Conflict(f"migration {mid} is not running (phase {mig.phase}, result {mig.result})")
+        ev.set()
+        return mig
+
+    def wait(self, tenant: str, name: str, mid: str, timeout: float) -> Migration | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            mig = self.get(tenant, name)
+            if mig is None or mig.id != mid or mig.result != "running":
+                return mig
+            time.sleep(0.02)
+        return self.get(tenant, name)
+
+    def _alive(self, mid: str) -> bool:
+        t = self._threads.get(mid)
+        return t is not None and t.is_alive()
+
+    # ---- the orchestration (one thread per migration)
+    def _write(
+        self, mig: Migration, phase: str, actor: Actor, *, compare: int | None = None, **extra: Any
+    ) -> None:
+        mig.phase = phase
+        now = self.m.now_iso()
+        mig.phases.append({"phase": phase, "at": now, "ms": round((time.monotonic() - mig.t0) * 1000, 1)})
+        if mig.result != "running" and mig.ended is None:
+            mig.ended = now
+        entry = AuditEntry(
+            time=now,
+            actor=actor.name,
+            actor_id=actor.id,
+            role=actor.role,
+            action="migrate",
+            kind="Workload",
+            tenant=mig.tenant,
+            name=mig.name,
+            request=mig.id,
+            extra={
+                "migration": mig.id,
+                "phase": phase,
+                "from": mig.source,
+                "to": mig.destination,
+                "result": mig.result,
+                **({"error": mig.error} if mig.error else {}),
+                **extra,
+            },
+        )
+        key = _key(mig.tenant, mig.name)
+        compares = [Compare(key, compare)] if compare is not None else []
+        res = self.m.store.txn(
+            compares, [Put(key, json.dumps(mig.to_json(), sort_keys=True)), audit_put(entry, time.time_ns())]
+        )
+        if not res.succeeded:
+            from .service import Conflict
+
+            raise Conflict(f"Workload/{mig.tenant}/{mig.name}: a migration was started concurrently")
+        self.m.sync()
+
+    def _run(self, mig: Migration, actor: Actor, opts: Options) -> None:
+        switched = False
+        try:
+            ips = self._prepare(mig, opts)
+            self._fault(mig, opts, "prepare")
+            self._write(mig, "export", actor)
+            entries = self._export(mig.source, ips, opts)
+            mig.stats["exported"] = len(entries)
+            self._fault(mig, opts, "export")
+            self._write(mig, "import", actor, entries=len(entries))
+            mig.stats["imported"] = self._import(mig.destination, entries, opts)
+            self._fault(mig, opts, "import")
+            self._write(mig, "switching", actor, imported=mig.stats["imported"])
+            how = self._wait_switch(mig, opts)
+            switched = True
+            mig.stats["switchedBy"] = how
+            self._write(mig, "switched", actor, by=how)
+        except Exception as err:
+            if not switched:
+                self._rollback(mig, actor, err)
+                return
+        try:
+            again = self._export(mig.source, self._ips(mig), opts)
+            mig.stats["exportedAfterSwitch"] = len(again)
+            mig.stats["importedAfterSwitch"] = self._import(mig.destination, again, opts)
+        except Exception as err:  # the vNIC moved: go on, the flows the first copy carried are there
+            mig.stats["secondCopyError"] = str(err)
+        try:
+            self._finalize(mig, actor, opts)
+        except Exception as err:
+            log.exception("migration %s: finalize failed", mig.id)
+            mig.result, mig.error = "failed", f"finalize: {err}"
+            self._write(mig, "done", actor)
+        finally:
+            self._switch.pop(mig.id, None)
+
+    def _ips(self, mig: Migration) -> list[str]:
+        for host in (mig.source, mig.destination):
+            vnics = workload_vnics(self.m.desired.snapshot(host), mig.workload)
+            if vnics:
+                return sorted({a for v in vnics for a in v.addresses})
+        return []
+
+    def _prepare(self, mig: Migration, opts: Options) -> list[str]:
+        dst = self.m.desired.snapshot(mig.destination)
+        want = workload_vnics(self.m.desired.snapshot(mig.source), mig.workload)
+        have = {v.ifname for v in workload_vnics(dst, mig.workload)}
+        missing = [v.ifname for v in want if v.ifname not in have]
+        if missing:
+            raise MigrationError(f"destination state lacks vNIC(s) {', '.join(missing)}")
+        assert dst is not None
+        self._wait_realized(mig.destination, dst.revision, opts.prepare_timeout)
+        mig.stats["prepareRevision"] = dst.revision
+        return sorted({a for v in want for a in v.addresses})
+
+    def _wait_realized(self, host: str, revision: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.m.hosts.get(host)
+            if st.realized_revision >= revision and st.last_error is None:
+                return
+            if time.monotonic() > deadline:
+                why = f"; its last error: {st.last_error}" if st.last_error else ""
+                raise MigrationError(
+                    f"host {host} did not realize revision {revision} within {timeout:g} s "
+                    f"(realized {st.realized_revision}, connected: {st.connected > 0}){why}"
+                )
+            time.sleep(POLL)
+
+    def _export(self, host: str, ips: list[str], opts: Options) -> list[dict[str, Any]]:
+        if not ips:
+            return []
+        out = self.commands.call(host, "export_connections", {"addresses": ips}, opts.command_timeout)
+        return list(out.get("entries", []))
+
+    def _import(self, host: str, entries: list[dict[str, Any]], opts: Options) -> int:
+        if not entries:
+            return 0
+        out = self.commands.call(host, "import_connections", {"entries": entries}, opts.command_timeout)
+        return int(out.get("imported", 0))
+
+    def _flush(self, host: str, ips: list[str], opts: Options) -> int:
+        if not ips:
+            return 0
+        out = self.commands.call(host, "flush_connections", {"addresses": ips}, opts.command_timeout)
+        return int(out.get("flushed", 0))
+
+    def _fault(self, mig: Migration, opts: Options, phase: str) -> None:
+        if opts.fail_at == phase:
+            raise MigrationError(f"injected failure after phase {phase} ({FAULTS_ENV})")
+
+    def _wait_switch(self, mig: Migration, opts: Options) -> str:
+        ev = self._switch[mig.id]
+        ifnames = {v.ifname for v in workload_vnics(self.m.desired.snapshot(mig.destination), mig.workload)}
+        deadline = time.monotonic() + opts.switch_timeout
+        while True:
+            if ev.is_set():
+                return "api"
+            seen = self.m.hosts.get(mig.destination).addresses
+            if ifnames and all(seen.get(i) for i in ifnames):
+                return "route"
+            if time.monotonic() > deadline:
+                raise MigrationError(f"the vNIC did not reach {mig.destination} within {opts.switch_timeout:g} s")
+            time.sleep(POLL)
+
+    def _finalize(self, mig: Migration, actor: Actor, opts: Options) -> None:
+        from .service import Conflict
+
+        self._write(mig, "finalize", actor)
+        ips = self._ips(mig)
+        for _ in range(5):  # the workload may be edited meanwhile: re-read and retry
+            wl = self.m.get("Workload", mig.tenant, mig.name)
+            if wl is None:
+                raise MigrationError("the workload was deleted during the migration")
+            if wl.spec.host == mig.destination:  # type: ignore[attr-defined]
+                break
+            if wl.spec.host != mig.source:  # type: ignore[attr-defined]
+                raise MigrationError(f"spec.host was changed to {wl.spec.host} meanwhile")  # type: ignore[attr-defined]
+            moved = wl.model_copy(update={"spec": wl.spec.model_copy(update={"host": mig.destination})})  # type: ignore[attr-defined]
+            try:
+                plan = self.m.plan_apply([moved], mode="update", verb="migrate")
+                self.m.commit(plan, actor, request=mig.id)
+                break
+            except Conflict:
+                continue
+        src = self.m.desired.snapshot(mig.source)
+        if src is not None:
+            try:
+                self._wait_realized(mig.source, src.revision, opts.prepare_timeout)
+                mig.stats["leftoverFlushed"] = self._flush(mig.source, ips, opts)
+            except MigrationError as err:  # the source agent is away: it drops the chains when back
+                mig.stats["sourceCleanupError"] = str(err)
+        mig.result = "succeeded"
+        self._write(mig, "done", actor)
+
+    def _rollback(self, mig: Migration, actor: Actor, err: Exception) -> None:
+        log.warning("migration %s of %s failed (%s); rolling back", mig.id, mig.workload, err)
+        mig.error = f"{mig.phase}: {err}"
+        ips = self._ips(mig)
+        try:
+            self._write(mig, "rollback", actor)  # the overlay is gone: the destination drops the chains
+            dst = self.m.desired.snapshot(mig.destination)
+            if dst is not None:
+                opts = Options(prepare_timeout=10.0, command_timeout=10.0)
+                try:
+                    self._wait_realized(mig.destination, dst.revision, opts.prepare_timeout)
+                    mig.stats["destinationFlushed"] = self._flush(mig.destination, ips, opts)
+                except MigrationError as e2:
+                    mig.stats["destinationCleanupError"] = str(e2)
+            mig.result = "failed"
+            self._write(mig, "rolled-back", actor)
+        finally:
+            self._switch.pop(mig.id, None)
+
+
+__all__ = ["MIG_PREFIX", "HostCommands", "Migration", "MigrationError", "Migrations", "Options"]
