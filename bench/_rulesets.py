@@ -31,7 +31,7 @@ RULES_PER_SYNTH_VNIC = 100
 TENANT = "bench"
 
 
-def members(start: int, count: int) -> tuple[str, ...]:
+def member_addresses(start: int, count: int) -> tuple[str, ...]:
     base = int(SYNTH_NET.network_address)
     return tuple(str(ipaddress.IPv4Address(base + start + i)) for i in range(count))
 
@@ -62,7 +62,7 @@ def omniwall_state(
     ir_sets = []
     for k in range(sets):
         extra = (src_ip, dst_ip) if k % 2 == 0 else ()
-        ir_sets.append(IRSet(name=f"g{k:04d}", addresses=tuple(sorted(members(k * per_set, per_set) + extra))))
+        ir_sets.append(IRSet(name=f"g{k:04d}", addresses=tuple(sorted(member_addresses(k * per_set, per_set) + extra))))
     even = [s.name for s in ir_sets[0::2]]
     odd = [s.name for s in ir_sets[1::2]]
     svc = (ServiceMatch("tcp", tuple((p, p) for p in ports)),)
@@ -171,7 +171,7 @@ def linear_table(src_ip: str, dst_ip: str, ports: tuple[int, ...], rules: int = 
     """Arm (c): one rule per member address (same services as Omniwall's allowing rule), the
     source's own rule last, then drop."""
     cmds = [*_table_head(), _ct_established()]
-    for a in (*members(0, rules - 1), src_ip):
+    for a in (*member_addresses(0, rules - 1), src_ip):
         cmds.append(_rule(_ip("saddr", a), _ip("daddr", dst_ip), *_tcp_ports(ports), {"accept": None}))
     cmds.append(_rule({"counter": None}, {"drop": None}))
     return cmds
@@ -190,5 +190,5 @@ def big_set(count: int, name: str = "big") -> list[Json]:
         {"delete": {"table": t}},
         {"add": {"table": t}},
         {"add": {"set": {"family": "inet", "table": BENCH_TABLE, "name": name, "type": "ipv4_addr"}}},
-        {"add": {"element": {"family": "inet", "table": BENCH_TABLE, "name": name, "elem": list(members(0, count))}}},
+        {"add": {"element": {"family": "inet", "table": BENCH_TABLE, "name": name, "elem": list(member_addresses(0, count))}}},
     ]  # fmt: skip

@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hosts", type=int, default=1_000)
     ap.add_argument("--changes", type=int, default=1_000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="full compiles to run; the fastest is reported")
     ap.add_argument("--profile", help="write a cProfile of the full compile to this file")
     ap.add_argument("--profile-changes", help="write a cProfile of the label changes to this file")
     args = ap.parse_args(argv)
@@ -325,10 +326,19 @@ def main(argv: list[str] | None = None) -> int:
 
         prof = cProfile.Profile()
         prof.enable()
-    t0 = time.perf_counter()
-    ic = IncrementalCompiler(catalog, revision=1)
-    states = ic.states()  # == compile_catalog(catalog, 1): same code path
-    t_full = time.perf_counter() - t0
+    walls: list[float] = []
+    cpus: list[float] = []
+    states: dict[str, Any] = {}
+    for i in range(max(1, args.repeat)):
+        if i:
+            ic = states = None  # type: ignore[assignment]
+            gc.collect()
+        t0, c0 = time.perf_counter(), time.process_time()
+        ic = IncrementalCompiler(catalog, revision=1)
+        states = ic.states()  # == compile_catalog(catalog, 1): same code path
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    t_full, cpu_full = min(walls), min(cpus)
     if prof is not None:
         prof.disable()
         prof.dump_stats(args.profile)
@@ -375,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         "sets_per_host_median": statistics.median(sets_per_host),
         "inventory_build_s": round(t_inv, 2),
         "full_compile_s": round(t_full, 2),
+        "full_compile_all_s": [round(x, 2) for x in walls],
+        "full_compile_cpu_s": round(cpu_full, 2),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
         "rss_before_compile_mb": round(rss_before),
         "rss_after_compile_mb": round(rss_after),
         "peak_rss_mb": round(peak),
@@ -399,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{n_vnics} vNICs, {n_place} rule placements; per host median {res['rules_per_host_median']} "
             f"rules, {res['sets_per_host_median']} sets",
         ),
-        ("full compile", f"{t_full:.2f} s   (target < 10 s)"),
+        ("full compile", f"{t_full:.2f} s wall, {cpu_full:.2f} s CPU (target < 10 s)"),
         (
             "memory",
             f"peak RSS {peak:.0f} MB; RSS {rss_before:.0f} MB before compile, {rss_after:.0f} MB after "

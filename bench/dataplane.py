@@ -30,6 +30,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -87,7 +88,8 @@ class Bench:
         self.hosts = [lab.host_netns("h1"), lab.host_netns("h2")]
         self.src_if = lab.plan.workload("src").vnics[0].host_ifname
         self.dst_if = lab.plan.workload("dst").vnics[0].host_ifname
-        self.procs: list[subprocess.Popen[str]] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Any] = []
         self.nft = [Nft(h) for h in self.hosts]
         self.backends = [NftBackend(h) for h in self.hosts]
 
@@ -95,19 +97,21 @@ class Bench:
     def start_servers(self) -> None:
         sh(self.src_ns, ["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])
         py = sys.executable
-        conn = self._spawn([py, CONNRATE, "server", "--addr", DST_IP, "--port", str(CONN_PORT)])
-        if (line := conn.stdout.readline() if conn.stdout else "").strip() != "ready":
-            raise RuntimeError(f"connection-rate server did not start: {line!r}")
-        iperf = self._spawn(["iperf3", "-s", "-B", DST_IP, "-p", str(IPERF_PORT)])
-        deadline = time.monotonic() + 10
-        while "listening" not in (iperf.stdout.readline() if iperf.stdout else ""):
-            if time.monotonic() > deadline or iperf.poll() is not None:
-                raise RuntimeError("iperf3 server did not start")
+        self._spawn([py, CONNRATE, "server", "--addr", DST_IP, "--port", str(CONN_PORT)], "ready")
+        self._spawn(["iperf3", "-s", "--forceflush", "-B", DST_IP, "-p", str(IPERF_PORT)], "listening")
 
-    def _spawn(self, argv: list[str]) -> subprocess.Popen[str]:
-        p = subprocess.Popen(["ip", "netns", "exec", self.dst_ns, *argv], stdout=subprocess.PIPE, text=True)
+    def _spawn(self, argv: list[str], ready: str) -> None:
+        """Start a server in the destination workload; its output goes to a file (a pipe nobody reads
+        would fill up and block it); wait until it prints `ready`."""
+        out = tempfile.NamedTemporaryFile("w+", prefix="owbench-", suffix=".log")  # noqa: SIM115
+        self.logs.append(out)
+        p = subprocess.Popen(["ip", "netns", "exec", self.dst_ns, *argv], stdout=out, stderr=subprocess.STDOUT)
         self.procs.append(p)
-        return p
+        deadline = time.monotonic() + 10
+        while ready not in Path(out.name).read_text():
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[0]} did not start: {Path(out.name).read_text()[-300:]!r}")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         for b in self.backends:
@@ -125,6 +129,8 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+        for f in self.logs:
+            f.close()
 
     # --------------------------------------------------------------------------------------- arms
     def arms(self) -> list[Arm]:
@@ -249,7 +255,7 @@ class Bench:
             n.transact(cmds)
             times.append(time.perf_counter() - t0)
             n.transact(rs.delete_table())
-        last = str(rs.members(self.args.set_size - 1, 1)[0])
+        last = str(rs.member_addresses(self.args.set_size - 1, 1)[0])
         n.transact(cmds)
         try:  # the last element really is in the kernel's set
             got = n.run_text(f"get element inet {rs.BENCH_TABLE} big {{ {last} }}")

@@ -387,3 +387,64 @@ def test_whoami_shows_the_provider_wide_role(world: Any) -> None:
     client, _, h = world
     me = client.get("/v1/whoami", headers=h["identity-source"]).json()
     assert me["role"] == "identity-source" and me["tenant"] is None
+
+
+# ------------------------------------------------------------------------------------------ ownership
+
+
+def _workload_doc(client: TestClient, h: dict[str, str], **attributes: Any) -> dict[str, Any]:
+    doc = client.get("/v1/workloads/vdi-7", params={"tenant": "corp"}, headers=h).json()
+    for f in ("uid", "revision", "created", "updated"):
+        doc["metadata"].pop(f, None)
+    doc["spec"]["attributes"] = attributes
+    return doc
+
+
+@pytest.mark.parametrize("role", ["tenant-admin", "provider-admin"])
+def test_ordinary_writes_keep_identity_and_posture_attributes(world: Any, role: str) -> None:
+    """A routine PUT or apply of the workload (its file knows nothing of sessions or scans) neither logs
+    the user out nor lifts the quarantine; other attributes change as written."""
+    client, m, h = world
+    client.post("/v1/identity/events", json=LOGIN, headers=h["identity-source"])
+    client.post("/v1/posture/reports", json=INFECTED, headers=h["posture-source"])
+    doc = _workload_doc(client, h[role], **{"os.family": "linux", "user": ["mallory"], "av.status": "clean"})
+    r = client.put("/v1/workloads/vdi-7", params={"tenant": "corp"}, json=doc, headers=h[role])
+    assert r.status_code == 200, r.text
+    a = attrs(m)
+    assert (a["os.family"], a["user"], a["av.status"]) == ("linux", ["alice"], "infected")
+    doc = _workload_doc(client, h[role])
+    r = client.post("/v1/apply", content=json.dumps(doc), headers=h[role])
+    assert r.status_code == 200, r.text
+    a = attrs(m)
+    assert "os.family" not in a and a["user"] == ["alice"] and a["av.status"] == "infected"
+    assert "10.0.0.7" in set_addresses(m, "h1", "quarantined")
+    # only the sources lift what the sources set
+    client.post("/v1/posture/reports", json={**INFECTED, "av.status": "clean"}, headers=h["posture-source"])
+    assert "10.0.0.7" not in set_addresses(m, "h1", "quarantined")
+
+
+@pytest.mark.parametrize("label", ["user", "av.status", "posture.score"])
+def test_source_owned_keys_are_refused_as_labels(world: Any, label: str) -> None:
+    """A label shadows the attribute of the same name in selectors: `av.status: clean` as a label would
+    escape the quarantine."""
+    client, m, h = world
+    client.post("/v1/posture/reports", json=INFECTED, headers=h["posture-source"])
+    doc = _workload_doc(client, h["tenant-admin"])
+    doc["metadata"]["labels"] = {label: "clean"}
+    before = m.store.revision()
+    r = client.put("/v1/workloads/vdi-7", params={"tenant": "corp"}, json=doc, headers=h["tenant-admin"])
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["path"] == f"metadata.labels.{label}"
+    assert m.store.revision() == before and attrs(m)["av.status"] == "infected"
+
+
+def test_a_new_workload_may_be_seeded_with_source_attributes(world: Any) -> None:
+    client, m, h = world
+    doc = {
+        "kind": "Workload",
+        "metadata": {"name": "seeded", "tenant": "corp"},
+        "spec": {"host": "h1", "vnics": [{"ips": ["10.0.0.9"]}], "attributes": {"av.status": "infected"}},
+    }
+    r = client.post("/v1/workloads", json=doc, headers=h["tenant-admin"])
+    assert r.status_code == 200, r.text
+    assert attrs(m, "corp", "seeded")["av.status"] == "infected"

@@ -7,6 +7,7 @@ the server so the two cannot drift):
        {"type": "snapshot", "revision": R, "state": <HostDesiredState JSON>}   (from=0/unknown/compacted)
        {"type": "delta", "delta": <HostDelta JSON>}
        {"type": "heartbeat", "revision": R}                                    (after S s of silence)
+       {"type": "command", "id": ID, "op": OP, "args": {...}}                   (agent/commands.py)
 
 The transport is here rather than in `omniwall.stream.client` because the agent needs what that client
 does not offer: a caller-supplied `httpx.AsyncClient` (1,000 agents share one in the fan-out benchmark),
@@ -22,7 +23,7 @@ from urllib.parse import quote
 
 import httpx
 
-from omniwall.stream.wire import Delta, Heartbeat, Snapshot, Unknown, decode
+from omniwall.stream.wire import Command, Delta, Heartbeat, Snapshot, Unknown, decode
 
 
 class FeedError(Exception):
@@ -37,7 +38,7 @@ class FeedRejected(FeedError):
         self.status = status
 
 
-FeedMessage = Snapshot | Delta | Heartbeat
+FeedMessage = Snapshot | Delta | Heartbeat | Command
 
 
 def parse_line(line: str) -> FeedMessage | None:

@@ -26,10 +26,12 @@ from pathlib import Path
 import httpx
 
 from omniwall.agent.addresses import AddressWatcher
+from omniwall.agent.commands import post_result, run_command
 from omniwall.agent.feed import Backoff, Delta, FeedError, FeedRejected, Snapshot, read_feed
 from omniwall.agent.reconciler import Outcome, Reconciler
 from omniwall.agent.reporter import Addresses, Reporter
 from omniwall.dataplane.backend import Backend
+from omniwall.stream.wire import Command
 
 log = logging.getLogger("omniwall.agent")
 
@@ -77,6 +79,7 @@ class Agent:
         self._want_snapshot = False
         self._retry = asyncio.Event()
         self._stop = asyncio.Event()
+        self._posts: set[asyncio.Task[None]] = set()  # command results on their way
 
     # ---- public
     async def run(self) -> None:
@@ -137,6 +140,8 @@ class Agent:
                                 self._want_snapshot = True
                                 break  # reconnect at once with from=0
                             self._after(outcome)
+                        elif isinstance(msg, Command):
+                            self._command(msg)
                 if self._want_snapshot:
                     self.connected.clear()
                     if from_revision != 0:
@@ -180,6 +185,16 @@ class Agent:
             self._retry.set()
         elif outcome.wrote and self.watcher is not None:
             self.watcher.poke()  # the vNIC list may have changed
+
+    def _command(self, cmd: Command) -> None:
+        """Run a feed command now (in order with the deltas); answer in the background."""
+        state = self.reconciler.realized or self.reconciler.desired
+        result = run_command(self.backend, state, cmd.op, cmd.args)
+        task = asyncio.create_task(
+            post_result(self.client, self.manager_url, self.host, self.token, cmd.id, result)
+        )
+        self._posts.add(task)
+        task.add_done_callback(self._posts.discard)
 
     def _report(self, outcome: Outcome) -> None:
         self.reporter.set_realized(outcome.realized_revision, self.reconciler.error)

@@ -12,6 +12,9 @@ from omniwall.manager.service import Manager
 from omniwall.stream import endpoint as stream_endpoint
 
 from . import admin, apply, errors, identity, resources
+from . import explain as explain_api
+from . import insight as insight_api
+from . import migrate as migrate_api
 
 
 def create_app(manager: Manager, *, watch: bool = True) -> FastAPI:
@@ -38,7 +41,10 @@ def create_app(manager: Manager, *, watch: bool = True) -> FastAPI:
     app.include_router(admin.router())
     app.include_router(apply.router())
     app.include_router(identity.router())
+    app.include_router(explain_api.router())  # GET /v1/explain
+    app.include_router(insight_api.router())  # group members, policy realization
     # Host feed routes first: /v1/hosts/{host}/feed must not be taken for a Host named "feed".
+    app.include_router(migrate_api.router())
     app.include_router(stream_endpoint.router())
     app.include_router(resources.router())
     return app

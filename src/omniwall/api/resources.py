@@ -37,10 +37,14 @@ MAX_LIMIT = 1000
 
 
 def render(m: Manager, r: _Resource) -> dict[str, Any]:
-    """An object as the API shows it: the resource, plus `status` for Hosts."""
+    """An object as the API shows it: the resource, plus `status` for Hosts (and migrated Workloads)."""
     d = r.model_dump(mode="json", exclude_none=True)
     if r.kind == "Host":  # type: ignore[attr-defined]
         d["status"] = m.host_status(r.metadata.name)
+    elif r.kind == "Workload":  # type: ignore[attr-defined]
+        mig = m.migrations.status_of(r.metadata.tenant, r.metadata.name)
+        if mig is not None:
+            d["status"] = {"migration": mig}
     return d
 
 
@@ -48,6 +52,7 @@ def parse_body(body: Any, kind: str, name: str | None = None) -> _Resource:
     if not isinstance(body, dict):
         raise InvalidResources([Problem("request body", ".", "must be a JSON object (one resource)")])
     body = dict(body)
+    body.pop("status", None)  # server-managed (Host status, Workload migration): ignored on write
     body.setdefault("kind", kind)
     doc = f"{body.get('kind')}/{(body.get('metadata') or {}).get('name', name or '?')}"
     if body.get("kind") != kind:

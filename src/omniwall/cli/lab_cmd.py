@@ -3,6 +3,7 @@
 omniwall lab up -f examples/three-tier/*.yaml [--name N]
 omniwall lab matrix [--ports tcp/80,udp/81,icmp] [--json] [--expect] [--ipv6]
 omniwall lab exec WORKLOAD -- CMD...        (exit code passed through)
+omniwall lab migrate WORKLOAD --to HOST     (live migration: policy, conntrack, vNIC, routes)
 omniwall lab status
 omniwall lab down [--name N]                (idempotent; also removes half-built labs)
 """
@@ -251,6 +252,27 @@ def _table(workloads: object, entries: list[MatrixEntry], expect: bool) -> Table
             row.append(_cell(e, expect) if e else Text("·", style="dim"))
         table.add_row(*row)
     return table
+
+
+@lab_app.command("migrate")
+def migrate(
+    workload: Annotated[str, typer.Argument(help="Workload (`name` or `tenant/name`).")],
+    to: Annotated[str, typer.Option("--to", help="Destination host.")],
+    name: NameOpt = "default",
+) -> None:
+    """Live-migrate a workload: its policy and conntrack entries first (managed labs), then its vNIC
+    and every host's routes; the workload's processes and connections stay (docs/design/migration.md)."""
+    _require_root()
+    from omniwall.lab.lab import Lab
+    from omniwall.lab.migrate import migrate as run_migration
+
+    try:
+        lab = Lab.attach(name)
+        rec = run_migration(lab, workload, to, on_phase=lambda p: print(f"  {p}", flush=True))
+    except _errors() as e:
+        raise _fail(_message(e)) from None
+    total = rec["phases"][-1]["ms"] if rec.get("phases") else rec.get("ms")
+    print(f"{workload} is on {to} ({rec['result']}, {total} ms)")
 
 
 @lab_app.command("status")

@@ -216,12 +216,24 @@ def explain_cmd(
         int | None, typer.Option("--port", help="Destination port (tcp/udp).", show_default=False)
     ] = None,
     json_out: JsonOpt = False,
+    server: Annotated[
+        str | None,
+        typer.Option("--server", help="Without -f: ask this manager (OMNIWALL_SERVER).", show_default=False),
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="Bearer token (env OMNIWALL_TOKEN).", show_default=False)
+    ] = None,
 ) -> None:
     """Would this connection be allowed? Each hop (host, vNIC, direction), its verdict and deciding rule.
-    Exit 0 when allowed, 1 when denied."""
+    From YAML files (-f), or without -f from the manager's live state. Exit 0 when allowed, 1 when denied."""
     with cli_errors():
         if not src or not dst:
             fail("explain needs --from WORKLOAD and --to WORKLOAD|IP")
+        if not files and not more:  # server mode: GET /v1/explain (cli/insight_cmds.py)
+            from omniwall.cli.insight_cmds import explain_remote
+
+            explain_remote(src, dst, proto, port, json_out=json_out, server=server, token=token)
+            return
         catalog = load_catalog(files, more)
         result = explain(catalog, compile_states(catalog), src, dst, proto, port)
         if json_out:

@@ -391,6 +391,45 @@ def register(app: typer.Typer) -> None:
         )
         typer.echo(f"rolled back to revision {out['rolledBackTo']}; now at revision {out['revision']}")
 
+    @app.command("migrate")
+    def migrate_cmd(
+        workload: str = typer.Argument(..., help="workload name"),
+        to: str = typer.Option(..., "--to", help="destination host"),
+        tenant: str | None = TenantOpt,
+        switch_timeout: float = typer.Option(
+            120.0, "--switch-timeout", help="seconds to wait for the vNIC to reach the destination"
+        ),
+        wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the phases until the end"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """Live-migrate a workload to another host (docs/design/migration.md). The hypervisor moves the
+        vNIC; the migration waits for it (the destination agent sees its route, or POST .../switched)."""
+        import time
+
+        api = Api(server, token)
+        path = f"/v1/workloads/{workload}"
+        rec = api.call(
+            "POST",
+            f"{path}/migrate",
+            params=_params(tenant),
+            json={"to": to, "switchTimeout": switch_timeout},
+        )
+        typer.echo(f"migration {rec['id']}: {rec['workload']} {rec['source']} -> {rec['destination']}")
+        shown = 0
+        while wait:
+            rec = api.call("GET", f"{path}/migration", params=_params(tenant))
+            for ph in rec["phases"][shown:]:
+                typer.echo(f"  {ph['ms']:>9.1f} ms  {ph['phase']}")
+            shown = len(rec["phases"])
+            if rec["result"] != "running":
+                break
+            time.sleep(0.2)
+        if rec["result"] == "failed":
+            typer.echo(f"error: migration failed: {rec.get('error')}", err=True)
+            raise typer.Exit(1)
+        typer.echo(rec["result"])
+
     @app.command("status")
     def status_cmd(server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
         """Manager revision and each host's agent: connected, desired vs realized revision, last error."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from omniwall.compiler.ir import (
     HostDelta,
@@ -85,24 +86,24 @@ class HostState:
                 mine.append((v.ifname, ck))
             if mine:
                 self.by_wid[wid] = mine
-        refs: Counter[int] = Counter()
+        ids: list[int] = []
         for ifname, c in self.claims.items():
             v = c[min(c)] if len(c) > 1 else next(iter(c.values()))
             self.vnics[ifname] = v
-            refs.update(v.egress)
-            refs.update(v.ingress)
+            ids += v.egress
+            ids += v.ingress
+        refs = Counter(ids)  # one C-level count instead of one call per vNIC
         self.rule_refs = dict(refs)
         rule_by_id = g.rule_by_id
         rules = self.rules = {i: rule_by_id[i] for i in refs}
-        srefs: Counter[str] = Counter()
+        names: list[str] = []
         for r in rules.values():
-            srefs.update(rule_sets(r))
+            names += rule_sets(r)
+        srefs = Counter(names)
         self.set_refs = dict(srefs)
         self.sets = {s: g.set_current(s) for s in srefs}
-        for i in rules:
-            g.rule_hosts.setdefault(i, set()).add(self.name)
-        for s in srefs:
-            g.set_hosts.setdefault(s, set()).add(self.name)
+        _add_host(g.rule_hosts, rules, self.name)
+        _add_host(g.set_hosts, srefs, self.name)
 
     def sets_changed(self, names: list[str], changes: Mapping[str, SetUpdate], revision: int) -> HostDelta:
         """Fast path, the common one for label and IP changes: only the content of sets this host holds
@@ -214,7 +215,7 @@ class HostState:
             else:
                 self.rules[i] = new_r
                 if old_r is None:
-                    g.rule_hosts.setdefault(i, set()).add(self.name)
+                    _add_host(g.rule_hosts, (i,), self.name)
                 if emit and old_r != new_r:
                     rule_updates.append(new_r)
 
@@ -228,7 +229,7 @@ class HostState:
                     continue
                 self.sets[s] = new_s
                 if old_s is None:
-                    g.set_hosts.setdefault(s, set()).add(self.name)
+                    _add_host(g.set_hosts, (s,), self.name)
                     if emit:
                         set_updates.append(created_update(new_s))
                 elif emit and old_s != new_s:
@@ -270,6 +271,16 @@ class HostState:
         )
         self.revision = revision
         return delta
+
+
+def _add_host(index: dict[Any, set[str]], keys: Iterable[Any], host: str) -> None:
+    # get-or-create without setdefault's throwaway set() per call (hot: once per rule/set per host)
+    for k in keys:
+        hs = index.get(k)
+        if hs is None:
+            index[k] = {host}
+        else:
+            hs.add(host)
 
 
 def _set_diff(old: IRSet, new: IRSet) -> SetUpdate:

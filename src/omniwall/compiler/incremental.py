@@ -41,7 +41,6 @@ from omniwall.compiler.ir import (
 )
 from omniwall.compiler.labelindex import LabelIndex
 from omniwall.compiler.membership import Groups, visible
-from omniwall.compiler.order import OrderKey
 from omniwall.compiler.ruleids import RuleIds
 from omniwall.compiler.rules import CompiledRule, UnionSpec, compile_rule
 from omniwall.compiler.sets import AddrSet, split_literal
@@ -125,7 +124,6 @@ class IncrementalCompiler:
         self.host_wids: dict[str, set[int]] = {}  # also for hosts that do not exist (yet)
 
         self.rules: dict[RuleKey, CompiledRule] = {}
-        self.rule_meta: dict[RuleKey, tuple[OrderKey, int]] = {}  # (order key, id): what span sorts by
         self.rule_by_id: dict[int, IRRule] = {}
         self.policy_rules: dict[Key, tuple[RuleKey, ...]] = {}
         self.rules_by_group: dict[Key, set[RuleKey]] = {}
@@ -138,6 +136,7 @@ class IncrementalCompiler:
         self.rule_hosts: dict[int, set[str]] = {}
         self.set_hosts: dict[str, set[str]] = {}
         self._set_memo: dict[str, IRSet] = {}  # valid during the host phase of one update
+        self._defaults: dict[str, tuple[str, bool]] = {}  # tenant -> vNIC defaults, idem
         self._globals = Globals(self.rule_by_id, self._set_current, self.rule_hosts, self.set_hosts)
 
         self._apply(list(catalog), [], revision, emit=False)
@@ -220,6 +219,7 @@ class IncrementalCompiler:
         self.groups.lits_changed.clear()
 
         self._set_memo.clear()
+        self._defaults.clear()
         host_sets: dict[str, list[str]] = {}  # host -> changed sets it holds, sorted
         for s in set_changes:
             for h in self.set_hosts.get(s, ()):
@@ -264,9 +264,12 @@ class IncrementalCompiler:
         if w is None or w.host != host:
             return []
         tenant = w.key[0]
-        egress, ingress = self.span.lists(tenant, self.groups.groups_of.get(wid, ()), self.rule_meta)
-        spec = self._tenant_spec(tenant)
-        monitor = spec.mode == Mode.MONITOR
+        egress, ingress = self.span.lists(tenant, self.groups.groups_of.get(wid, ()))
+        defaults = self._defaults.get(tenant)
+        if defaults is None:
+            spec = self._tenant_spec(tenant)
+            defaults = self._defaults[tenant] = (spec.defaultAction, spec.mode == Mode.MONITOR)
+        default_action, monitor = defaults
         label = f"{w.key[0]}/{w.key[1]}"
         return [
             (
@@ -278,7 +281,7 @@ class IncrementalCompiler:
                     addresses=addrs,
                     egress=egress,
                     ingress=ingress,
-                    default_action=spec.defaultAction,
+                    default_action=default_action,
                     default_monitor=monitor,
                     mac=mac,
                 ),
@@ -482,6 +485,9 @@ class IncrementalCompiler:
             if rk not in compiled:
                 compiled[rk] = self.rules[rk]  # same rule, new id
         dirty: set[int] = set()
+        # Two phases, so that an id freed by one rule and taken by another in this batch is never
+        # clobbered: every old version leaves the span index and `rule_by_id` before any new one enters.
+        changes: list[tuple[RuleKey, CompiledRule | None, CompiledRule | None, bool]] = []
         for rk, new in compiled.items():
             old = self.rules.get(rk)
             if old is None and new is None:
@@ -491,31 +497,29 @@ class IncrementalCompiler:
             if new is not None:
                 assert new_id is not None
                 new = dataclasses.replace(new, ir=dataclasses.replace(new.ir, id=new_id))
-            if old_id is not None and (new is None or old_id != new_id or old.ir != new.ir):  # type: ignore[union-attr]
+            ir_changed = old is None or new is None or old_id != new_id or old.ir != new.ir
+            if ir_changed and old_id is not None:
                 p.changed_ids.add(old_id)
-                if self.rule_by_id.get(old_id) is (old.ir if old else None):
-                    self.rule_by_id.pop(old_id, None)
-            if new is not None and (old is None or old_id != new_id or old.ir != new.ir):
-                assert new_id is not None
+            if ir_changed and new_id is not None:
                 p.changed_ids.add(new_id)
-            if new is not None:
-                assert new_id is not None
-                self.rule_by_id[new_id] = new.ir
             placement = old is None or new is None or old.span_key() != new.span_key() or old_id != new_id
-            if placement:
-                if old is not None:
+            changes.append((rk, old, new, placement))
+            if old is not None:
+                self.rule_by_id.pop(old.ir.id, None)
+                if placement:
                     self.span.remove(old)
                     dirty |= self._span_wids(old)
-                if new is not None:
+        for rk, old, new, placement in changes:
+            if new is not None:
+                self.rule_by_id[new.ir.id] = new.ir
+                if placement:
                     self.span.add(new)
                     dirty |= self._span_wids(new)
             self._reindex(old, new)
             if new is None:
                 del self.rules[rk]
-                del self.rule_meta[rk]
             else:
                 self.rules[rk] = new
-                self.rule_meta[rk] = (new.order, new.ir.id)
         for wid in dirty:
             p.host_wids.setdefault(self.wl[wid].host, set()).add(wid)
 

@@ -122,7 +122,7 @@ class LabelIndex:
             self._candidates_index(s, True)
             s.members = self._evaluate(s)
             for wid in s.members:
-                self._wid_sids.setdefault(wid, set()).add(sid)
+                self._wid_sids[wid].add(sid)
         return sid
 
     def release(self, sid: int) -> None:
@@ -203,7 +203,11 @@ class LabelIndex:
     def _index(self, wid: int, facts: Mapping[str, object], add: bool) -> None:
         for k, v in _pairs(facts):
             if add:
-                self._inverted.setdefault((k, v), set()).add(wid)
+                ws = self._inverted.get((k, v))
+                if ws is None:
+                    self._inverted[(k, v)] = {wid}
+                else:
+                    ws.add(wid)
             else:
                 ws = self._inverted.get((k, v))
                 if ws is not None:
@@ -217,7 +221,7 @@ class LabelIndex:
             return
         if member:
             s.members.add(wid)
-            self._wid_sids.setdefault(wid, set()).add(sid)
+            self._wid_sids[wid].add(sid)
         else:
             s.members.discard(wid)
             self._wid_sids[wid].discard(sid)
@@ -232,6 +236,7 @@ class LabelIndex:
         self._facts[wid] = facts
         self._tenant[wid] = tenant
         self._tenant_wids.setdefault(tenant, set()).add(wid)
+        self._wid_sids[wid] = set()
         self._index(wid, facts, True)
         if not self._sels:
             return []

@@ -17,6 +17,7 @@ group that is missing or not visible to the nesting group's tenant contributes n
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -83,7 +84,7 @@ class Groups:
     def _toggle(self, g: GroupNode, w: int, member: bool) -> None:
         if member:
             g.wids.add(w)
-            self.groups_of.setdefault(w, set()).add(g.key)
+            self.groups_of[w].add(g.key)
             for ip in self.ips_of[w]:
                 g.addr.inc(ip)
         else:
@@ -112,9 +113,20 @@ class Groups:
         new.update(self.wid_of[k] for k in g.static if k in self.wid_of)
         for n in g.eff_nested:
             new |= self.nodes[n].wids
-        flipped = new ^ g.wids
-        for w in flipped:
-            self._toggle(g, w, w in new)
+        a = g.addr
+        if not g.wids and not a.counts and a.irset is None and not a.listeners:
+            # A fresh group (the initial build): fill it in bulk, nobody is watching its addresses yet.
+            flipped = new
+            g.wids = set(new)
+            ips_of, groups_of = self.ips_of, self.groups_of
+            for w in new:
+                groups_of[w].add(key)
+            a.counts = dict(Counter(ip for w in new for ip in ips_of[w]))
+            self.dirty_wids |= new
+        else:
+            flipped = new ^ g.wids
+            for w in flipped:
+                self._toggle(g, w, w in new)
         self._recompute_lits(g)
         if flipped:
             for p in sorted(self.eff_parents.get(key, ())):

@@ -10,7 +10,7 @@ because the caller re-computes exactly the workloads a placement change reaches.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from omniwall import PROVIDER_TENANT
 from omniwall.compiler.order import OrderKey
@@ -22,33 +22,47 @@ Lists = tuple[tuple[int, ...], tuple[int, ...]]  # (egress ids, ingress ids), in
 
 
 class SpanIndex:
+    """Keyed by rule id (ints hash for free; rule keys are 3-tuples whose hash is recomputed each time).
+    A rule whose id moves is removed under the old id and added under the new one."""
+
     def __init__(self) -> None:
-        self.by_group: dict[Key, dict[RuleKey, frozenset[str]]] = {}
+        self.by_group: dict[Key, dict[int, frozenset[str]]] = {}
         # scope None: provider `any` rules (every vNIC); scope tenant: that tenant's `any` rules
-        self.any_by_scope: dict[str | None, dict[RuleKey, frozenset[str]]] = {}
+        self.any_by_scope: dict[str | None, dict[int, frozenset[str]]] = {}
+        self.order: dict[int, OrderKey] = {}
+        self.tenant_of: dict[int, str] = {}
         self._cache: dict[tuple[str, frozenset[Key]], Lists] = {}
-        self._base: dict[str, dict[RuleKey, frozenset[str]]] = {}  # tenant -> its `any` rules
+        self._base: dict[str, dict[int, frozenset[str]]] = {}  # tenant -> the `any` rules it gets
 
     def add(self, cr: CompiledRule) -> None:
+        rid = cr.ir.id
+        self.order[rid] = cr.order
+        self.tenant_of[rid] = cr.tenant
         for g, dirs in cr.span_groups:
-            self.by_group.setdefault(g, {})[cr.key] = dirs
+            rules = self.by_group.get(g)
+            if rules is None:
+                rules = self.by_group[g] = {}
+            rules[rid] = dirs
         if cr.any_dirs:
             scope = None if cr.tenant == PROVIDER_TENANT else cr.tenant
-            self.any_by_scope.setdefault(scope, {})[cr.key] = cr.any_dirs
+            self.any_by_scope.setdefault(scope, {})[rid] = cr.any_dirs
         self.clear_cache()
 
     def remove(self, cr: CompiledRule) -> None:
+        rid = cr.ir.id
+        self.order.pop(rid, None)
+        self.tenant_of.pop(rid, None)
         for g, _ in cr.span_groups:
             rules = self.by_group.get(g)
             if rules is not None:
-                rules.pop(cr.key, None)
+                rules.pop(rid, None)
                 if not rules:
                     del self.by_group[g]
         if cr.any_dirs:
             scope = None if cr.tenant == PROVIDER_TENANT else cr.tenant
             rules = self.any_by_scope.get(scope)
             if rules is not None:
-                rules.pop(cr.key, None)
+                rules.pop(rid, None)
                 if not rules:
                     del self.any_by_scope[scope]
         self.clear_cache()
@@ -57,10 +71,7 @@ class SpanIndex:
         self._cache.clear()
         self._base.clear()
 
-    def lists(
-        self, tenant: str, groups: Iterable[Key], meta: Mapping[RuleKey, tuple[OrderKey, int]]
-    ) -> Lists:
-        """`meta`: rule -> (order key, id)."""
+    def lists(self, tenant: str, groups: Iterable[Key]) -> Lists:
         by_group = self.by_group
         sig = (tenant, frozenset(g for g in groups if g in by_group))
         hit = self._cache.get(sig)
@@ -73,17 +84,19 @@ class SpanIndex:
                 base.update(self.any_by_scope.get(tenant, {}))
             self._base[tenant] = base
         dirs = dict(base)
+        tenant_of = self.tenant_of
         for g in sig[1]:
-            for rk, d in by_group[g].items():
+            for rid, d in by_group[g].items():
                 # A tenant rule is installed only at that tenant's vNICs.
-                if rk[0] != tenant and rk[0] != PROVIDER_TENANT:
+                owner = tenant_of[rid]
+                if owner != tenant and owner != PROVIDER_TENANT:
                     continue
-                have = dirs.get(rk)
-                dirs[rk] = d if have is None else have | d
-        items = sorted([(meta[rk], d) for rk, d in dirs.items()])
+                have = dirs.get(rid)
+                dirs[rid] = d if have is None else have | d
+        ordered = sorted(dirs, key=self.order.__getitem__)
         out = (
-            tuple(m[1] for m, d in items if EGRESS in d),
-            tuple(m[1] for m, d in items if INGRESS in d),
+            tuple(i for i in ordered if EGRESS in dirs[i]),
+            tuple(i for i in ordered if INGRESS in dirs[i]),
         )
         self._cache[sig] = out
         return out

@@ -41,6 +41,13 @@ NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 _NAME_TO_TCP_STATE = {v: k for k, v in TCP_CONNTRACK_TO_NAME.items()}
 _ICMP = {socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6}
 _PORTS = {socket.IPPROTO_TCP, socket.IPPROTO_UDP, 132, 136}  # tcp, udp, sctp, udplite
+# kernel-side dump filter (linux/netfilter/nfnetlink_conntrack.h)
+CTA_TUPLE_ORIG, CTA_FILTER, CTA_TUPLE_IP = 1, 25, 1
+CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2  # +2: the IPv6 ones
+CTA_FILTER_ORIG_FLAGS = 1
+CTA_FILTER_F_IP_SRC, CTA_FILTER_F_IP_DST = 1 << 0, 1 << 1
+NLA_F_NESTED = 0x8000
+FILTERED_DUMP_MAX = 4  # addresses; beyond that one full dump is cheaper than 2 per address
 
 
 def _tuple_fields(family: int, t: Any) -> dict[str, Any]:
@@ -107,6 +114,14 @@ def entry_from_msg(msg: Any) -> ConnEntry:
         zone=msg.get_attr("CTA_ZONE") or 0,
         extra=extra,
     )
+
+
+def _canon(addr: str) -> str:
+    return str(ipaddress.ip_address(addr))
+
+
+def _orig_key(e: ConnEntry) -> tuple[object, ...]:
+    return (e.family, e.protocol, e.src, e.dst, e.sport, e.dport, e.icmp_id, e.icmp_type, e.zone)
 
 
 def _orig_tuple(e: ConnEntry) -> NFCTAttrTuple:
@@ -177,28 +192,58 @@ class ConntrackTable:
         self.allow_initial_netns = allow_initial_netns
         self._own_thread = thread is None
         self.thread = thread or NetnsThread(netns, name="conntrack")
+        self._count_fd: int | None = None
+        self.dumps = 0  # conntrack dumps run (tests assert a pure element add runs none)
 
     def close(self) -> None:
+        if self._count_fd is not None:
+            os.close(self._count_fd)
+            self._count_fd = None
         if self._own_thread:
             self.thread.close()
 
     # -------------------------------------------------------------------------------------- reads
     def count(self) -> int:
-        """Entries in this namespace's table (cheap: a dump walks every bucket of the shared hash)."""
+        """Entries in this namespace's table (cheap: a dump walks every bucket of the shared hash).
 
-        def go() -> int:
-            try:
-                with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
-                    return int(f.read())
-            except OSError:  # module not loaded: nothing tracked
+        The sysctl file is opened once on the namespace's thread: an open /proc/sys/net file stays bound
+        to the opener's namespace, so later reads need no thread hop (~10 us instead of ~0.1-1 ms)."""
+        if self._count_fd is None:
+
+            def go() -> int | None:
+                try:
+                    return os.open("/proc/sys/net/netfilter/nf_conntrack_count", os.O_RDONLY)
+                except OSError:  # module not loaded (yet): nothing tracked
+                    return None
+
+            self._count_fd = self.thread.call(go)
+            if self._count_fd is None:
                 return 0
-
-        return self.thread.call(go)
+        return int(os.pread(self._count_fd, 32, 0) or b"0")
 
     def list(self) -> list[ConnEntry]:
         if self.count() == 0:
             return []
+        self.dumps += 1
         return self.thread.call(_raw_dump)
+
+    def involving(self, addresses: Iterable[str]) -> list[ConnEntry]:
+        """Entries whose original source or destination is one of `addresses`, filtered in the kernel
+        (CTA_FILTER, one dump per address and side), so the entries of unrelated connections are never
+        copied or decoded. Past a few addresses one full dump filtered here is cheaper (each dump walks
+        the whole hash)."""
+        want = {str(ipaddress.ip_address(a)) for a in addresses}
+        if not want or self.count() == 0:
+            return []
+        if len(want) > FILTERED_DUMP_MAX:
+            return [e for e in self.list() if _canon(e.src) in want or _canon(e.dst) in want]
+        out: dict[tuple[object, ...], ConnEntry] = {}
+        for a in sorted(want):
+            for side in ("src", "dst"):
+                self.dumps += 1
+                for e in self.thread.call(_raw_dump, a, side):
+                    out.setdefault(_orig_key(e), e)
+        return list(out.values())
 
     def matching(self, addresses: Iterable[str]) -> list[ConnEntry]:
         """Entries with any of `addresses` on either side of either tuple."""
@@ -237,16 +282,34 @@ class ConntrackTable:
         return self.thread.call(go)
 
 
-def _raw_dump() -> list[ConnEntry]:
-    """Dump every entry with a plain netlink socket, parsing with pyroute2's message classes.
+def _nla(typ: int, payload: bytes) -> bytes:
+    n = 4 + len(payload)
+    return struct.pack("=HH", n, typ) + payload + b"\0" * (-n % 4)
+
+
+def _filter_attrs(addr: str, side: str) -> tuple[int, bytes]:
+    """(family, attributes) of a dump filtered on the original tuple's source or destination address."""
+    ip = ipaddress.ip_address(addr)
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    ip_attr = (CTA_IP_V4_SRC if side == "src" else CTA_IP_V4_DST) + (0 if ip.version == 4 else 2)
+    flag = CTA_FILTER_F_IP_SRC if side == "src" else CTA_FILTER_F_IP_DST
+    tup = _nla(CTA_TUPLE_ORIG | NLA_F_NESTED, _nla(CTA_TUPLE_IP | NLA_F_NESTED, _nla(ip_attr, ip.packed)))
+    flt = _nla(CTA_FILTER | NLA_F_NESTED, _nla(CTA_FILTER_ORIG_FLAGS, struct.pack("=I", flag)))
+    return family, tup + flt
+
+
+def _raw_dump(addr: str | None = None, side: str = "src") -> list[ConnEntry]:
+    """Dump entries with a plain netlink socket, parsing with pyroute2's message classes; with `addr`,
+    only those whose original `side` ("src"/"dst") address is `addr` (filtered by the kernel).
 
     pyroute2's own dump() costs 15-30 ms even on an empty table (its asyncio plumbing); this costs
     well under 1 ms, and revocation dumps after every policy change."""
+    family, attrs = (socket.AF_UNSPEC, b"") if addr is None else _filter_attrs(addr, side)
     sk = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
         sk.bind((0, 0))
-        req = struct.pack("=IHHII", 20, (NFNL_SUBSYS_CTNETLINK << 8) | 1, 0x301, 1, 0)  # CT_GET, DUMP
-        sk.send(req + struct.pack("!BBH", socket.AF_UNSPEC, 0, 0))
+        req = struct.pack("=IHHII", 20 + len(attrs), (NFNL_SUBSYS_CTNETLINK << 8) | 1, 0x301, 1, 0)
+        sk.send(req + struct.pack("!BBH", family, 0, 0) + attrs)  # CT_GET, DUMP
         out: list[ConnEntry] = []
         while True:
             data = sk.recv(1 << 20)

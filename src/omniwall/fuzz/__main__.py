@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from omniwall.fuzz.campaign import ROUNDS_PER_LAB, RoundReport, run_campaign
-from omniwall.fuzz.runner import PROBE_TIMEOUT
+from omniwall.fuzz.runner import MODES, PROBE_TIMEOUT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="first lab seed (default: random, printed)")
     p.add_argument("--rounds-per-lab", type=int, default=ROUNDS_PER_LAB, help="policies per lab")
     p.add_argument("--workloads", default="4-8", help="workloads per lab: N or MIN-MAX (default 4-8)")
+    p.add_argument(
+        "--modes", default=",".join(MODES), help="programming modes to pick from: fresh,sync,delta"
+    )
     p.add_argument("--timeout", type=float, default=PROBE_TIMEOUT, help="probe timeout, seconds")
     p.add_argument("--out", type=Path, default=Path("fuzz-mismatches.jsonl"), help="mismatch log")
     p.add_argument("--no-shrink", action="store_true", help="do not minimize mismatching scenarios")
@@ -52,6 +55,11 @@ def _replay(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         rec = json.loads(line)
+        if "probe" not in rec:
+            _emit(
+                args, {"record": n, "skipped": rec.get("error")}, f"record {n}: {rec.get('error')} (no probe)"
+            )
+            continue
         case = Case.from_json(rec["probe"])
         for which in ("scenario_yaml", "minimized_yaml"):
             if which not in rec:
@@ -84,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         workloads = _range(args.workloads)
     except ValueError:
         print(f"error: --workloads {args.workloads!r} is not N or MIN-MAX", file=sys.stderr)
+        return 2
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        print(f"error: --modes {args.modes!r}: use some of {', '.join(MODES)}", file=sys.stderr)
         return 2
     if args.replay is not None:
         return _replay(args)
@@ -134,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=seed,
             rounds_per_lab=args.rounds_per_lab,
             workloads=workloads,
+            modes=modes,
             timeout=args.timeout,
             out=args.out,
             shrink=not args.no_shrink,

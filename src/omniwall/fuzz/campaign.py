@@ -1,10 +1,13 @@
 """A fuzzing campaign: labs from consecutive seeds, several random policies per lab, until N probes.
 
 Lab seed S builds inventory S (`generate_inventory`); round R of that lab programs policy (S, R)
-(`generate_policy(inventory, R)`), incrementally on top of the previous round or, one round in four,
-after a teardown. Every confirmed mismatch is written (one JSON line each) to `out` with the seed,
-round, probe, both verdicts, the sim's hop-by-hop explanation and the whole scenario as YAML; the first
-one of a round is also shrunk (`minimize`) on the same lab into a smaller scenario that still disagrees.
+(`generate_policy(inventory, R)`) in a random programming mode: a full table after a teardown, `sync`
+on top of the previous round, or the incremental compiler's deltas through `apply` (checked against a
+full compile: a difference is an error). Every confirmed mismatch is written (one JSON line each) to
+`out` with the seed, round, probe, both verdicts, the sim's hop-by-hop explanation and the whole
+scenario as YAML; the first one of a round is also shrunk (`minimize`) on the same lab into a smaller
+scenario that still disagrees. Errors also record the previous round's scenario (`previous_yaml`): a
+delta goes from it to the new one.
 """
 
 from __future__ import annotations
@@ -12,17 +15,18 @@ from __future__ import annotations
 import json
 import random
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omniwall.fuzz.generate import generate_inventory, generate_policy
-from omniwall.fuzz.runner import PROBE_TIMEOUT, FuzzLab, Outcome, RoundResult, minimize, scenario_yaml
+from omniwall.fuzz.runner import MODES, PROBE_TIMEOUT, FuzzLab, Outcome, RoundResult, minimize, scenario_yaml
 
 ROUNDS_PER_LAB = 12
-MAX_ERRORS = 5  # then give up: the lab itself is probably broken
-FRESH_EVERY = 4  # about one round in FRESH_EVERY rebuilds the tables instead of syncing a delta
+MAX_ERRORS_IN_A_ROW = 5  # then give up: the lab itself is probably broken
+MODE_WEIGHTS = (1, 2, 2)  # fresh, sync, delta (runner.MODES)
 
 
 @dataclass
@@ -32,7 +36,7 @@ class Summary:
     allowed: int = 0
     mismatches: int = 0
     flaky: int = 0
-    errors: int = 0  # rounds the backend could not program (recorded like mismatches)
+    errors: int = 0  # rounds the backend could not program, or incremental != full compile
     labs: int = 0
     rounds: int = 0
     elapsed: float = 0.0
@@ -75,6 +79,14 @@ def _record(lab_seed: int, rnd: int, result: RoundResult, o: Outcome, yaml_text:
     }
 
 
+def _keep(summary: Summary, out: Path | None, records: list[dict[str, Any]]) -> None:
+    summary.records.extend(records)
+    if out is not None:
+        with out.open("a") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+
+
 def run_campaign(
     probes: int,
     *,
@@ -82,6 +94,7 @@ def run_campaign(
     rounds_per_lab: int = ROUNDS_PER_LAB,
     workloads: int | tuple[int, int] = (4, 8),
     hosts: int | tuple[int, int] = (2, 3),
+    modes: tuple[str, ...] = MODES,
     timeout: float = PROBE_TIMEOUT,
     out: Path | None = None,
     shrink: bool = True,
@@ -90,6 +103,9 @@ def run_campaign(
     log: Callable[[str], None] | None = None,
 ) -> Summary:
     """Probe until at least `probes` probes ran. Returns the summary (mismatches = confirmed ones)."""
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"programming modes {modes!r}: use some of {', '.join(MODES)}")
+    weights = [MODE_WEIGHTS[MODES.index(m)] for m in modes]
     summary = Summary(first_seed=seed)
     start = time.monotonic()
     lab_seed = seed
@@ -100,34 +116,52 @@ def run_campaign(
             summary.labs += 1
             if fl.lab is not None:
                 summary.prefixes.append(fl.lab.prefix)
-            failed = False
+            failed, in_a_row = False, 0
+            previous = ""
             for rnd in range(rounds_per_lab):
                 if summary.probes >= probes:
                     break
                 policy = generate_policy(inv, rnd)
-                fresh = rnd == 0 or failed or pick.randrange(FRESH_EVERY) == 0
+                mode = "fresh" if rnd == 0 or failed else pick.choices(modes, weights)[0]
                 try:
-                    result = fl.round(policy, fresh=fresh)
+                    result = fl.round(policy, mode=mode)
                 except Exception as e:  # the backend refused the program, or the lab broke: a finding
                     failed = True
                     summary.errors += 1
                     rec = {
                         "lab_seed": lab_seed,
                         "round": rnd,
-                        "programming": "fresh" if fresh else "incremental",
+                        "programming": mode,
                         "error": f"{type(e).__name__}: {e}",
+                        "where": [
+                            f"{f.filename}:{f.lineno} {f.name}"
+                            for f in traceback.extract_tb(e.__traceback__)[-4:]
+                        ],
+                        "previous_yaml": previous,
                         "scenario_yaml": scenario_yaml(inv.resources, policy),
                     }
-                    summary.records.append(rec)
-                    if out is not None:
-                        with out.open("a") as f:
-                            f.write(json.dumps(rec) + "\n")
+                    _keep(summary, out, [rec])
                     if log:
                         log(f"ERROR lab {lab_seed} round {rnd}: {rec['error']}")
-                    if summary.errors >= MAX_ERRORS:
+                    in_a_row += 1
+                    if in_a_row >= MAX_ERRORS_IN_A_ROW:
                         raise
                     continue
-                failed = False
+                failed, in_a_row = False, 0
+                if result.drift:  # incremental compile != full compile: a compiler finding
+                    summary.errors += 1
+                    rec = {
+                        "lab_seed": lab_seed,
+                        "round": rnd,
+                        "programming": mode,
+                        "error": f"incremental compiler state differs from a full compile on {result.drift}",
+                        "previous_yaml": previous,
+                        "scenario_yaml": scenario_yaml(inv.resources, policy),
+                    }
+                    _keep(summary, out, [rec])
+                    if log:
+                        log(f"ERROR lab {lab_seed} round {rnd}: {rec['error']}")
+                previous = scenario_yaml(inv.resources, policy)  # what the kernel holds now
                 summary.rounds += 1
                 summary.probes += result.probes
                 summary.allowed += result.allowed
@@ -142,12 +176,8 @@ def run_campaign(
                         if log:
                             log(f"shrinking lab {lab_seed} round {rnd}: {result.mismatches[0].case}")
                         small = minimize(fl, policy, result.mismatches[0].case, budget=shrink_budget, log=log)
-                        records[0]["minimized_yaml"] = scenario_yaml(inv.resources, small)
-                    summary.records.extend(records)
-                    if out is not None:
-                        with out.open("a") as f:
-                            for rec in records:
-                                f.write(json.dumps(rec) + "\n")
+                        records[0]["minimized_yaml"] = previous = scenario_yaml(inv.resources, small)
+                    _keep(summary, out, records)
                     summary.elapsed = time.monotonic() - start
                 if on_round:
                     on_round(RoundReport(lab_seed, rnd, result, summary))

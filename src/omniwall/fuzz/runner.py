@@ -1,15 +1,16 @@
 """Kernel vs sim: program a lab with a resource set, probe every ordered pair, compare verdict for verdict.
 
 `FuzzLab(inventory_resources)` brings a lab up once (no policy driver: this module programs the hosts
-itself, one `NftBackend` per host namespace) and then runs *rounds*: `program(resources)` compiles a
-new policy over the same inventory, syncs every host (incrementally, or after a teardown with `fresh`)
-and flushes every host's conntrack table, so connections of an earlier round cannot make the kernel
+itself, one `NftBackend` per host namespace) and then runs *rounds*: `program(resources, mode=...)`
+compiles a new policy over the same inventory, programs every host (a full table after a teardown,
+`sync` from what the kernel holds, or the incremental compiler's deltas through `apply`) and flushes
+every host's conntrack table, so connections of an earlier round cannot make the kernel
 look more permissive than the sim; `probe(cases)` sends real TCP/UDP/ICMP exchanges and judges the
 same connections with `judge_connection`. They agree when both allow or both deny, and, for a denial,
 when the way it failed fits the sim's verdicts (`agrees`: a TCP reset exactly when the sim says the
-client is refused, `sim_refuses`; an ICMP error only then). A probe whose kernel result differs is probed once more with
-a longer timeout: still different = a *confirmed* mismatch; agreeing now = *flaky* (timing, reported
-apart, never hidden).
+client is refused, `sim_refuses`; an ICMP error only then). A probe whose kernel result differs is
+probed once more with a longer timeout: still different = a *confirmed* mismatch; agreeing now =
+*flaky* (timing, reported apart, never hidden).
 
 `check_scenario(resources, cases)` is the one-shot form used by regression tests: lab up, program,
 probe, down. `minimize(...)` shrinks a mismatching policy (greedily dropping policies, rules, groups,
@@ -22,11 +23,12 @@ import contextlib
 import ipaddress
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
 from omniwall.compiler.build import compile_catalog
+from omniwall.compiler.incremental import IncrementalCompiler
 from omniwall.compiler.ir import HostDesiredState
 from omniwall.dataplane.nft.backend import NftBackend
 from omniwall.fuzz.generate import EPHEMERAL_SPORT, TCP_PORTS, UDP_PORTS
@@ -36,12 +38,15 @@ from omniwall.lab.probe import Probe, ProbeResult, run_probes
 from omniwall.model.catalog import Catalog
 from omniwall.model.errors import ValidationError
 from omniwall.model.loader import dump_yaml
+from omniwall.model.resources import dump
 from omniwall.model.validate import validate
 from omniwall.sim.evaluate import ConnectionVerdict, Network, judge_hop
 from omniwall.sim.explain import path_json, rule_text, verdict_text
 from omniwall.sim.packet import Packet
 
 PROBE_TIMEOUT = 1.0
+MODES = ("fresh", "sync", "delta")
+INVENTORY_KINDS = ("Host", "Workload")
 RETRY_TIMEOUT = 3.0
 
 
@@ -151,23 +156,24 @@ def sim_refuses(net: Network, cv: ConnectionVerdict) -> bool:
     Only a `reject` of a packet the client sent (the request, or the TCP handshake's ACK) answers the
     client; a rejected reply answers the server. The answer is sent by the rejecting host itself (its
     output path, which Omniwall does not filter), so it reaches a client on that host. A client on
-    another host receives it through its own ingress hop: as part of the connection when its host
-    tracked the request, else as a new packet that only an untracked hop's rules can let in (conntrack
-    calls a reset without a connection invalid).
+    another host receives it through its own ingress hop, like any packet: untracked there (a stateless
+    rule matches the answer), that hop's rules decide; tracked, it passes as part of the connection when
+    the client's host tracked the request, and is `ct state invalid` (dropped) when it did not.
+    ICMP errors (UDP, ICMP) are only checked one way (see `agrees`), so for them this says True.
     """
     first = next((p for p in cv.paths if not p.allowed), None)
     if first is None or first is cv.reply or first.verdict != "reject":
         return False
     at = first.denied_at
     client = first.hops[0] if first.src is not None and first.hops else None
-    if at is None or client is None or at.host == client.host or client.host not in first.untracked_hosts:
-        return True
     p = first.packet
-    answer = Packet(p.dst, p.src, p.protocol, sport=p.dport, dport=p.sport) if p.has_ports else None
-    if answer is None:  # ICMP errors: only the one-way check applies (see `agrees`)
+    if at is None or client is None or at.host == client.host or p.protocol != "tcp":
         return True
+    answer = Packet(p.dst, p.src, p.protocol, sport=p.dport, dport=p.sport)
     hop = judge_hop(net.states[client.host], client.ifname, "ingress", answer)
-    return not hop.tracked and hop.allowed
+    if not hop.tracked:
+        return hop.allowed
+    return client.host not in first.untracked_hosts
 
 
 def kernel_refuses(allowed: bool, detail: str) -> bool:
@@ -238,7 +244,8 @@ class Outcome:
 class RoundResult:
     outcomes: list[Outcome]
     elapsed: float
-    programming: str  # incremental | fresh
+    programming: str  # fresh | sync | delta
+    drift: list[str] = field(default_factory=list)  # delta mode: hosts whose incremental state differs
 
     @property
     def probes(self) -> int:
@@ -268,6 +275,9 @@ class FuzzLab:
     backends: dict[str, NftBackend] = field(default_factory=dict)
     states: dict[str, HostDesiredState] = field(default_factory=dict)
     catalog: Catalog | None = None
+    revision: int = 0
+    drift: list[str] = field(default_factory=list)  # hosts where incremental != full compile (delta mode)
+    _compiler: IncrementalCompiler | None = None
 
     def __enter__(self) -> FuzzLab:
         self.lab = Lab.up(list(self.inventory), policy=False, ipv6=self.ipv6)
@@ -304,18 +314,44 @@ class FuzzLab:
         assert self.lab is not None, "FuzzLab is not up"
         return self.lab.state.ipv6
 
-    def program(self, resources: Iterable[Any], *, fresh: bool = False) -> Catalog:
-        """Validate inventory + `resources`, compile, sync every host (after a teardown when `fresh`),
-        flush conntrack everywhere. Raises ValidationError for an invalid set."""
+    def program(self, resources: Iterable[Any], *, mode: str = "fresh") -> Catalog:
+        """Validate inventory + `resources`, compile, program every host, flush conntrack everywhere.
+        `mode`: `fresh` (teardown, then a full table), `sync` (`backend.sync`: the minimal transaction
+        from what the kernel holds) or `delta` (the `IncrementalCompiler`'s deltas from the previous
+        program, through `backend.apply`, as an agent does). Raises ValidationError for an invalid set."""
+        if mode not in MODES:
+            raise ValueError(f"programming mode {mode!r}: use one of {', '.join(MODES)}")
         catalog = validate([*self.inventory, *resources])
-        states = compile_catalog(catalog)
-        for host, backend in self.backends.items():
-            if fresh:
-                backend.teardown()
-            backend.sync(states[host])
+        self.revision += 1
+        states = compile_catalog(catalog, self.revision)
+        self.drift = []
+        if mode == "delta" and self.catalog is not None:
+            self._apply_deltas(catalog, states)
+        else:
+            for host, backend in self.backends.items():
+                if mode == "fresh":
+                    backend.teardown()
+                backend.sync(states[host])
+            self._compiler = None
         self.flush_conntrack()
         self.catalog, self.states = catalog, states
         return catalog
+
+    def _apply_deltas(self, catalog: Catalog, full: dict[str, HostDesiredState]) -> None:
+        if self._compiler is None:  # what the kernel holds: the previous program, at its revision
+            assert self.catalog is not None
+            self._compiler = IncrementalCompiler(self.catalog, self.revision - 1)
+        old = {r.key: r for r in self.catalog or () if r.kind not in INVENTORY_KINDS}
+        new = {r.key: r for r in catalog if r.kind not in INVENTORY_KINDS}
+        changed = [r for k, r in new.items() if k not in old or dump(old[k]) != dump(r)]
+        removed = [k for k in old if k not in new]
+        for host, delta in self._compiler.update(changed, removed, self.revision).items():
+            self.backends[host].apply(delta)
+        # The incremental compiler must land where a fresh compile does (the sim judges the latter).
+        inc = self._compiler.states()
+        self.drift = sorted(
+            h for h in full if h not in inc or replace(inc[h], revision=0) != replace(full[h], revision=0)
+        )
 
     def flush_conntrack(self) -> None:
         for backend in self.backends.values():
@@ -347,19 +383,19 @@ class FuzzLab:
         return outcomes
 
     def round(
-        self, resources: Iterable[Any], cases: Sequence[Case] | None = None, *, fresh: bool = False
+        self, resources: Iterable[Any], cases: Sequence[Case] | None = None, *, mode: str = "fresh"
     ) -> RoundResult:
         start = time.monotonic()
-        self.program(resources, fresh=fresh)
+        self.program(resources, mode=mode)
         outcomes = self.probe(cases if cases is not None else all_cases(self.plan, ipv6=self.has_ipv6))
-        return RoundResult(outcomes, time.monotonic() - start, "fresh" if fresh else "incremental")
+        return RoundResult(outcomes, time.monotonic() - start, mode, list(self.drift))
 
     # ------------------------------------------------------------------------------------- shrinking
 
     def still_mismatches(self, resources: Sequence[Any], case: Case, tries: int = 2) -> bool:
         """Does `case` still disagree under `resources` (fresh program, every try)?"""
         try:
-            self.program(resources, fresh=True)
+            self.program(resources, mode="fresh")
         except ValidationError:
             return False
         for _ in range(tries):
@@ -420,7 +456,7 @@ def check_scenario(
     inventory = [r for r in resources if r.kind in ("Host", "Workload")]
     policy = [r for r in resources if r.kind not in ("Host", "Workload")]
     with FuzzLab(inventory, timeout=timeout) as fl:
-        fl.program(policy, fresh=True)
+        fl.program(policy, mode="fresh")
         return fl.probe(cases if cases is not None else all_cases(fl.plan, ipv6=fl.has_ipv6))
 
 

@@ -118,13 +118,16 @@ def stop_pid(pid: int, marker: str, *, sig: int = signal.SIGTERM, grace: float =
         return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    deadline = time.monotonic() + grace
+    start = time.monotonic()
+    killed = False
     while _alive(pid):
-        if time.monotonic() > deadline:
-            if marker in _cmdline(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + grace
+        waited = time.monotonic() - start
+        if waited > grace and not killed and marker in _cmdline(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed = True
+        if waited > 2 * grace:  # unkillable (D state): give up rather than hang the teardown
+            break
         time.sleep(0.02)
     return True
 

@@ -7,6 +7,11 @@
   a `null` value removes one. Keys outside the posture namespaces are refused, so a scanner can never
   rewrite `user` or a workload's inventory facts.
 
+Ownership: `user` and the posture namespaces' keys belong to the sources. Ordinary writes of a Workload
+(PUT, apply, rollback) keep their stored values and may not use them as labels (`protect_source_facts`,
+called by `Manager.plan_apply` unless `from_source=True`); only these two calls change them after the
+workload was created.
+
 Both are read-modify-write of one Workload: the write goes through `Manager.plan_apply` + `commit`
 (validation, one txn with its audit entry, compare-and-swap on the workload's revision). A concurrent
 writer makes the commit fail with `Conflict`; the update is then recomputed from the new value and
@@ -104,13 +109,47 @@ def _update(
         if attrs == w.spec.attributes:
             return AttributeUpdate(key, False, m.revision, dict(attrs))
         new = w.model_copy(update={"spec": w.spec.model_copy(update={"attributes": attrs})})
-        plan = m.plan_apply([new], mode="update")
+        plan = m.plan_apply([new], mode="update", from_source=True)
         try:
             revision = m.commit(plan, actor)
         except Conflict:
             continue  # the workload changed meanwhile: recompute from its new value
         return AttributeUpdate(key, True, revision, dict(attrs))
     raise Conflict(f"workload {workload!r} kept changing concurrently; retry")
+
+
+# ------------------------------------------------------------------------------------------ ownership
+
+
+def source_owned(key: str) -> bool:
+    """Keys only the identity and posture sources write: `user` and `<posture namespace>.<field>`."""
+    ns, dot, _ = key.partition(".")
+    return key == USER_ATTRIBUTE or (bool(dot) and ns in POSTURE_NAMESPACES)
+
+
+def protect_source_facts(old: Any, new: Any, document: str, problems: list[Problem]) -> Any:
+    """For a Workload written through the resource API or apply (not by a source): keep the stored
+    source-owned attributes (a routine `omniwall apply` of a workload file must neither log a user out
+    nor lift a quarantine), and refuse labels with source-owned keys (a label shadows the attribute of
+    the same name in selectors, so `av.status: clean` as a label would escape the quarantine).
+    A create takes the document's attributes as given (seeding, e.g. examples/three-tier infected-1)."""
+    for key in sorted(new.metadata.labels):
+        if source_owned(key):
+            problems.append(
+                Problem(
+                    document,
+                    f"metadata.labels.{key}",
+                    "reserved for identity/posture sources (POST /v1/identity/events, /v1/posture/reports); "
+                    "it would shadow the attribute of the same name",
+                )
+            )
+    if old is None:
+        return new
+    attrs = {k: v for k, v in new.spec.attributes.items() if not source_owned(k)}
+    attrs.update({k: v for k, v in old.spec.attributes.items() if source_owned(k)})
+    if attrs == new.spec.attributes:
+        return new
+    return new.model_copy(update={"spec": new.spec.model_copy(update={"attributes": attrs})})
 
 
 # ------------------------------------------------------------------------------------------ identity
@@ -220,4 +259,6 @@ __all__ = [
     "flatten",
     "identity_event",
     "posture_report",
+    "protect_source_facts",
+    "source_owned",
 ]

@@ -251,9 +251,7 @@ class Migrations:
 
     def moves(self) -> list[tuple[str, str, str]]:
         with self._lock:
-            return sorted(
-                (m.workload, m.source, m.destination) for m in self._records.values() if m.spanning
-            )
+            return sorted((m.workload, m.source, m.destination) for m in self._records.values() if m.spanning)
 
     def apply_overlay(
         self, states: dict[str, HostDesiredState], lookup: Callable[[str], HostDesiredState]
@@ -332,7 +330,9 @@ class Migrations:
             with self._lock:
                 prev = self._mod.get((tenant, name), 0)
             self._write(mig, "prepare", actor, compare=prev)
-            t = threading.Thread(target=self._run, args=(mig, actor, opts), name=f"migrate-{mig.id}", daemon=True)
+            t = threading.Thread(
+                target=self._run, args=(mig, actor, opts), name=f"migrate-{mig.id}", daemon=True
+            )
             self._threads[mig.id] = t
             t.start()
             return mig
@@ -343,6 +343,8 @@ class Migrations:
         mig = self.get(tenant, name)
         if mig is None or mig.id != mid:
             raise NotFound(f"migration {mid} of Workload/{tenant}/{name} not found")
+        if mig.phase in ("switched", "finalize") or mig.result == "succeeded":
+            return mig  # already seen (the destination agent reported the vNIC's route first)
         ev = self._switch.get(mid)
         if mig.result != "running" or ev is None:
             raise Conflict(f"migration {mid} is not running (phase {mig.phase}, result {mig.result})")
@@ -504,7 +506,9 @@ class Migrations:
             if ifnames and all(seen.get(i) for i in ifnames):
                 return "route"
             if time.monotonic() > deadline:
-                raise MigrationError(f"the vNIC did not reach {mig.destination} within {opts.switch_timeout:g} s")
+                raise MigrationError(
+                    f"the vNIC did not reach {mig.destination} within {opts.switch_timeout:g} s"
+                )
             time.sleep(POLL)
 
     def _finalize(self, mig: Migration, actor: Actor, opts: Options) -> None:

@@ -317,9 +317,11 @@ class Manager:
         *,
         mode: Literal["apply", "create", "update"] = "apply",
         verb: str = "apply",
+        from_source: bool = False,
     ) -> Plan:
         """Create or update `resources` (one txn). `metadata.revision`, when given, must match the stored
-        object's (optimistic concurrency); mode `create` requires absence, `update` presence."""
+        object's (optimistic concurrency); mode `create` requires absence, `update` presence.
+        Workloads keep their identity/posture attributes unless `from_source` (manager/attributes.py)."""
         existing, base_rev = self.snapshot_catalog()
         catalog = copy_catalog(existing)
         now = self.now_iso()
@@ -346,6 +348,10 @@ class Manager:
                 continue
             old = self.get(kind, tenant, name, catalog=existing)
             given = r
+            if r.kind == "Workload" and not from_source:  # type: ignore[attr-defined]
+                from .attributes import protect_source_facts  # lazy: attributes imports this module
+
+                r = protect_source_facts(old, r, doc, problems)
             if r.kind == "Tenant":  # type: ignore[attr-defined]
                 r = with_metadata(r, tenant=tenant)  # a Tenant lives in its own namespace: compare as stored
             want = r.metadata.revision

@@ -127,6 +127,10 @@ def router() -> APIRouter:
             else None,
             report.addresses,
         )
+        if report.addresses:  # addresses follow the workload (manager/addresses.py)
+            from omniwall.manager.addresses import agent_actor, reconcile
+
+            reconcile(m, host, report.addresses, agent_actor(host, p.id))
         return {"host": host, **m.host_status(host)}
 
     @r.get("/v1/policies/{name}/stats", tags=["Policy"], summary="per-rule counters summed across hosts")

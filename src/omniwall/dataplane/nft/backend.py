@@ -2,31 +2,56 @@
 
 - `sync(state)`: reads the table back; nothing realized (or drifted) -> the whole table is rebuilt in
   one transaction; otherwise the minimal incremental transaction (often nothing at all).
-- `apply(delta)`: one incremental transaction (set elements, replaced vNIC chains, map elements).
+- `apply(delta)`: one incremental transaction (set elements, replaced vNIC chains, map elements). A delta
+  that only changes members of address sets (the common case: an IP joins or leaves a group) takes a
+  fast path: one raw netlink batch of set elements + the revision (nlbatch.py), no libnftables, no
+  re-render, and conntrack is consulted only for the addresses whose verdicts can have tightened.
 - Every change then re-judges the conntrack entries of the affected vNICs under the new state and
   deletes those it would refuse (revocation); other connections are untouched.
+- Interfaces whose name starts with a workload prefix (`workload_prefixes`, default `ow`) but that are
+  not a vNIC of the realized state are dropped (fail closed), see render.py.
 - `realized()` rebuilds the IR from the table alone (stored structure + revision + kernel set
   elements), so a restarted agent adopts the table without writing and without breaking connections.
 """
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from omniwall.compiler.ir import HostDelta, HostDesiredState, IRVnic, apply_delta
+from omniwall.compiler.ir import HostDelta, HostDesiredState, IRRule, IRVnic, apply_delta
 from omniwall.dataplane.backend import Capabilities, ConnEntry, RuleCounters
 from omniwall.dataplane.conntrack import ConntrackTable
 from omniwall.dataplane.nft import blob
 from omniwall.dataplane.nft.libnft import Nft, NftError
-from omniwall.dataplane.nft.names import FAMILY, REV_CHAIN, STATE_CHAIN, TABLE, addr_set
+from omniwall.dataplane.nft.names import (
+    FAMILY,
+    FWD_CHAIN,
+    KNOWN_IF,
+    RAW_CHAIN,
+    REV_OBJ,
+    STATE_CHAIN,
+    TABLE,
+    addr_set,
+)
+from omniwall.dataplane.nft.nlbatch import ElemOp, Op, QuotaOp
 from omniwall.dataplane.nft.rejudge import Probe, judge_hop
-from omniwall.dataplane.nft.render import DEFAULT_LOG_GROUP, render_delta, render_table
+from omniwall.dataplane.nft.render import (
+    DEFAULT_LOG_GROUP,
+    DEFAULT_WORKLOAD_PREFIXES,
+    check_prefixes,
+    render_delta,
+    render_table,
+    split_families,
+)
 
 log = logging.getLogger(__name__)
+FAST_PATH_MAX_ELEMENTS = 1024  # member changes per delta sent as raw element batches; more: libnftables
 
 
 def normalized(state: HostDesiredState) -> HostDesiredState:
@@ -57,16 +82,20 @@ class NftBackend:
         log_group: int = DEFAULT_LOG_GROUP,
         allow_initial_netns: bool = False,
         revoke: bool = True,
+        workload_prefixes: Sequence[str] = DEFAULT_WORKLOAD_PREFIXES,
     ) -> None:
         self.netns = netns
         self.log_group = log_group
         self.revoke = revoke
+        self.workload_prefixes = check_prefixes(workload_prefixes)
+        self._roles: tuple[tuple[IRRule, ...], frozenset[str], frozenset[str]] | None = None
         self.nft = Nft(netns, allow_initial_netns=allow_initial_netns)
         self.ct = ConntrackTable(thread=self.nft.thread, allow_initial_netns=allow_initial_netns)
         self._current: HostDesiredState | None = None
         self.last_revoked: list[ConnEntry] = []
 
     def close(self) -> None:
+        self.ct.close()
         self.nft.close()
 
     # --------------------------------------------------------------------------------- read back
@@ -84,6 +113,7 @@ class NftBackend:
         revision: int | None = None
         elements: dict[str, list[str]] = {}
         counts: Counter[str] = Counter()
+        base_comments: dict[str, list[str]] = {RAW_CHAIN: [], FWD_CHAIN: []}
         sets: set[str] = set()
         for obj in listing:
             if "rule" in obj:
@@ -91,8 +121,11 @@ class NftBackend:
                 counts[r["chain"]] += 1
                 if r["chain"] == STATE_CHAIN:
                     chunks.append(r.get("comment", ""))
-                elif r["chain"] == REV_CHAIN:
-                    revision = int(r.get("comment", "0"))
+                elif r["chain"] in base_comments:
+                    base_comments[r["chain"]].append(str(r.get("comment", "")))
+            elif "quota" in obj:
+                if obj["quota"].get("name") == REV_OBJ:
+                    revision = int(obj["quota"].get("bytes", 0))
             elif "set" in obj:
                 s = obj["set"]
                 sets.add(s["name"])
@@ -112,16 +145,25 @@ class NftBackend:
             return None
         # drift check: the kernel must hold exactly the chains/sets (and rule counts) we would render
         exp_counts: Counter[str] = Counter()
+        exp_base: dict[str, list[str]] = {RAW_CHAIN: [], FWD_CHAIN: []}
         exp_sets: set[str] = set()
-        for cmd in render_table(state, self.log_group):
+        for cmd in render_table(state, self.log_group, self.workload_prefixes):
             add = cmd.get("add", {})
             if "rule" in add:
                 exp_counts[add["rule"]["chain"]] += 1
+                if add["rule"]["chain"] in exp_base:
+                    exp_base[add["rule"]["chain"]].append(add["rule"].get("comment", ""))
             elif "set" in add:
                 exp_sets.add(add["set"]["name"])
             elif "map" in add:
                 exp_sets.add(add["map"]["name"])
-        if +counts != +exp_counts or sets != exp_sets:
+        known = sorted(elements.get(KNOWN_IF, []))
+        if (
+            +counts != +exp_counts
+            or sets != exp_sets
+            or base_comments != exp_base  # e.g. the workload prefixes were reconfigured
+            or known != sorted(v.ifname for v in state.vnics)
+        ):
             log.warning("nft table in %s drifted from its stored state; will rebuild", self.netns)
             return None
         return state
@@ -133,13 +175,13 @@ class NftBackend:
             self._current = state
             return
         if current is None:
-            self.nft.transact(render_table(state, self.log_group))
+            self.nft.transact(render_table(state, self.log_group, self.workload_prefixes))
         else:
             try:
                 self.nft.transact(render_delta(normalized(current), normalized(state), self.log_group))
             except NftError as e:  # an unexpected kernel state: replace the table atomically instead
                 log.warning("incremental sync failed (%s); rebuilding the table", e.message)
-                self.nft.transact(render_table(state, self.log_group))
+                self.nft.transact(render_table(state, self.log_group, self.workload_prefixes))
         self._current = state
         self._revoke(current, state)
 
@@ -151,11 +193,85 @@ class NftBackend:
             raise ValueError(
                 f"apply: delta starts at revision {delta.from_revision}, realized is {base.revision}"
             )
+        fast = self._members_only(base, delta)
+        if fast is not None:
+            new, ops, suspects = fast
+            self.nft.elements(FAMILY, TABLE, ops)  # one transaction: members + revision
+            self._current = new
+            self._revoke_involving(new, suspects)
+            return
         new = apply_delta(base, delta)
         hints = {u.full.name: u for u in delta.set_updates}
         self.nft.transact(render_delta(base, new, self.log_group, hints))
         self._current = new
         self._revoke(base, new)
+
+    def _members_only(
+        self, base: HostDesiredState, delta: HostDelta
+    ) -> tuple[HostDesiredState, list[Op], set[str]] | None:
+        """For a delta that only adds/removes host addresses of existing sets: the new state (built in
+        O(changed sets), not O(state) like apply_delta), the raw kernel batch, and the addresses whose
+        connections may now be refused. None: not such a delta (take the general path)."""
+        if (
+            delta.rule_updates
+            or delta.rule_removes
+            or delta.vnic_updates
+            or delta.vnic_removes
+            or delta.set_removes
+            or not delta.set_updates
+        ):
+            return None
+        sets = list(base.sets)
+        grants, denies = self._set_roles(base)
+        ops: list[Op] = []
+        suspects: set[str] = set()
+        budget = FAST_PATH_MAX_ELEMENTS
+        for u in delta.set_updates:
+            name = u.full.name
+            i = bisect.bisect_left(sets, name, key=lambda s: s.name)
+            if u.created or u.added_cidrs or u.removed_cidrs or i == len(sets) or sets[i].name != name:
+                return None
+            if sets[i].cidrs != u.full.cidrs:  # networks live in interval sets: general path
+                return None
+            budget -= len(u.added_addresses) + len(u.removed_addresses)
+            if budget < 0:
+                return None
+            sets[i] = u.full
+            gone4, gone6 = split_families(u.removed_addresses)
+            new4, new6 = split_families(u.added_addresses)
+            ops += [
+                ElemOp("delete", addr_set(name, 4), "ipv4_addr", tuple(gone4)),
+                ElemOp("delete", addr_set(name, 6), "ipv6_addr", tuple(gone6)),
+                ElemOp("add", addr_set(name, 4), "ipv4_addr", tuple(new4)),
+                ElemOp("add", addr_set(name, 6), "ipv6_addr", tuple(new6)),
+            ]
+            # set membership is monotone in every rule: a member added can only tighten verdicts
+            # through refusing rules, a member removed only through granting ones
+            if name in denies:
+                suspects.update(u.added_addresses)
+            if name in grants:
+                suspects.update(u.removed_addresses)
+        ops.append(QuotaOp(REV_OBJ, delta.to_revision))
+        return replace(base, revision=delta.to_revision, sets=tuple(sets)), ops, suspects
+
+    def _set_roles(self, state: HostDesiredState) -> tuple[frozenset[str], frozenset[str]]:
+        """(sets a granting rule uses, sets a refusing rule uses), cached while the rules are the same
+        object (the fast path keeps them). Granting: allow, or monitor-mode drop/reject (counts as
+        allow); refusing: drop/reject; `pass` is both (it skips to the next category)."""
+        if self._roles is None or self._roles[0] is not state.rules:
+            grants: set[str] = set()
+            denies: set[str] = set()
+            for r in state.rules:
+                used = {x for x in (r.src_set, r.dst_set) if x is not None}
+                if r.action == "pass":
+                    grants |= used
+                    denies |= used
+                elif r.action == "allow" or r.monitor:
+                    grants |= used
+                else:
+                    denies |= used
+            self._roles = (state.rules, frozenset(grants), frozenset(denies))
+        return self._roles[1], self._roles[2]
 
     def teardown(self) -> None:
         if self._listing() is not None:
@@ -169,13 +285,30 @@ class NftBackend:
         self.last_revoked = []
         if not self.revoke or old == new:
             return
-        new_by_addr = _by_address(new.vnics)
-        old_by_addr = _by_address(old.vnics) if old is not None else {}
         affected = _affected_addresses(old, new)
         if not affected:
             return
+        self._rejudge(new, self.ct.list(), affected, _by_address(old.vnics) if old is not None else {})
+
+    def _revoke_involving(self, new: HostDesiredState, addresses: set[str]) -> None:
+        """Revocation after a members-only change: only connections from/to `addresses` can have
+        become refused, and conntrack is asked (filtered in the kernel) for those alone."""
+        self.last_revoked = []
+        if not self.revoke or not addresses or self.ct.count() == 0:
+            return
+        affected = {_canon(a) for a in addresses}
+        self._rejudge(new, self.ct.involving(affected), affected, {})
+
+    def _rejudge(
+        self,
+        new: HostDesiredState,
+        entries: list[ConnEntry],
+        affected: set[str],
+        old_by_addr: dict[str, IRVnic],
+    ) -> None:
+        new_by_addr = _by_address(new.vnics)
         doomed = []
-        for e in self.ct.list():
+        for e in entries:
             src, dst = _canon(e.src), _canon(e.dst)
             if src not in affected and dst not in affected:
                 continue
@@ -200,7 +333,7 @@ class NftBackend:
         by: Counter[int] = Counter()
         for obj in listing:
             r = obj.get("rule")
-            if not r or r.get("chain") in (STATE_CHAIN, REV_CHAIN) or not str(r.get("comment", "")).isdigit():
+            if not r or r.get("chain") == STATE_CHAIN or not str(r.get("comment", "")).isdigit():
                 continue
             rid = int(r["comment"])
             for ex in r.get("expr", []):

@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 from omniwall.dataplane.netns import NetnsThread, assert_not_initial
+from omniwall.dataplane.nft.nlbatch import BatchError, ElemSocket, Op
 
 NFT_CTX_DEFAULT = 0
 NFT_CTX_OUTPUT_HANDLE = 1 << 3
@@ -101,6 +102,7 @@ class Nft:
     """libnftables in one namespace (None: the namespace this thread is in).
 
     `transact(commands)` sends one JSON batch = one kernel transaction (all or nothing).
+    `elements(family, table, ops)` sends set-element changes as one transaction without libnftables.
     `list_table(family, name)` returns the JSON listing, or None when the table does not exist.
     Writes refuse the initial namespace unless `allow_initial_netns` (a real agent on a real host).
     """
@@ -111,6 +113,8 @@ class Nft:
         self.thread = NetnsThread(netns, name="nft")
         self.writes = 0  # transactions sent (tests assert "no write" on a converged resync)
         self.last_batch: list[dict[str, Any]] = []  # the last transaction's commands
+        self.element_writes = 0  # of `writes`, those sent as raw element batches (no libnftables)
+        self._elem_sock: ElemSocket | None = None
         try:
             self._raw: _RawContext = self.thread.call(_RawContext)
         except BaseException:
@@ -136,6 +140,30 @@ class Nft:
         if rc != 0:
             raise NftError(f"nft transaction failed: {err.strip() or 'rc=' + str(rc)}", commands)
 
+    def elements(self, family: str, table: str, ops: list[Op]) -> None:
+        """Set-element changes (and the revision quota) as one transaction, bypassing libnftables
+        (nlbatch.py). A bad key or a refused batch raises NftError; nothing is applied then."""
+        if self._elem_sock is None:
+
+            def open_sock() -> ElemSocket:
+                if not self.allow_initial_netns:  # the socket is bound to this namespace for good
+                    assert_not_initial("nft element batch")
+                return ElemSocket()
+
+            self._elem_sock = self.thread.call(open_sock)
+        try:
+            sent = self._elem_sock.commit(family, table, ops)
+        except ValueError as e:  # a key that is not an address/ifname: nothing was sent
+            raise NftError(f"nft element batch: {e}", [op.as_json(family, table) for op in ops]) from e
+        except BatchError as e:
+            self.writes += 1
+            self.last_batch = [op.as_json(family, table) for op in ops]
+            raise NftError(f"nft element batch failed: {e}", self.last_batch) from e
+        if sent:
+            self.writes += 1
+            self.element_writes += 1
+            self.last_batch = [op.as_json(family, table) for op in ops]
+
     def list_table(self, family: str, name: str, *, terse: bool = False) -> list[dict[str, Any]] | None:
         """`nft -j list table` as a list of objects (metainfo dropped); terse: without set elements."""
         rc, out, err = self.thread.call(self._run, f"list table {family} {name}", terse)
@@ -154,6 +182,9 @@ class Nft:
         return out
 
     def close(self) -> None:
+        if getattr(self, "_elem_sock", None) is not None:
+            self._elem_sock.close()  # type: ignore[union-attr]
+            self._elem_sock = None
         raw = getattr(self, "_raw", None)
         if raw is not None and raw.ctx:
             self.thread.call(raw.free)

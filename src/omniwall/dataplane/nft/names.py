@@ -18,7 +18,14 @@ RAW_CHAIN = "raw_pre"  # prerouting, priority -300: anti-spoofing + notrack for 
 FWD_CHAIN = "fwd"  # forward, priority 0: conntrack shortcut + per-vNIC dispatch
 # bookkeeping chains (no hook, never jumped to)
 STATE_CHAIN = "_state"  # the realized IR (minus set elements), compressed, in rule comments
-REV_CHAIN = "_rev"  # the realized revision, one rule comment
+# the realized revision: the byte limit of quota object `_rev` (never referenced by a rule, so it limits
+# nothing). A quota, not a rule or set: it is updatable in place by one small message in the same raw
+# batch as set elements (a rule would make the kernel re-validate every chain of the table at commit)
+REV_OBJ = "_rev"
+REV_CHAIN = REV_OBJ  # older name, kept for importers; the revision is no longer a chain
+# workload interfaces the agent knows (every vNIC's ifname): an interface matching a workload prefix
+# but not in here is dropped (fail closed on unknown vNICs)
+KNOWN_IF = "known_if"
 # dispatch maps
 MAP_EGRESS = "m_egress"  # iifname : jump e_<if>
 MAP_INGRESS = "m_ingress"  # oifname : jump i_<if>
@@ -61,6 +68,7 @@ def cidr_set(setname: str, family: int) -> str:
 __all__ = [
     "FAMILY",
     "FWD_CHAIN",
+    "KNOWN_IF",
     "MAP_EGRESS",
     "MAP_INGRESS",
     "MAP_RAW_EGRESS",
@@ -68,6 +76,7 @@ __all__ = [
     "MAP_RAW_INGRESS6",
     "RAW_CHAIN",
     "REV_CHAIN",
+    "REV_OBJ",
     "STATE_CHAIN",
     "TABLE",
     "addr_set",

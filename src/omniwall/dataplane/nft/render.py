@@ -3,12 +3,14 @@
 Layout of `table inet omniwall` (docs/design/dataplane.md has the why):
 
   chain raw_pre  (prerouting, priority -300, before conntrack)
+      iifname "ow*" iifname != @known_if drop   (per workload prefix: fail closed on unknown vNICs)
       iifname vmap @m_raw_egress        -> re_<if>: anti-spoofing drop; stateless egress rules: notrack
       ip daddr vmap @m_raw_ingress4     -> ri_<if>: stateless ingress rules: notrack
       ip6 daddr vmap @m_raw_ingress6
   chain fwd      (forward, priority 0)
       ct state established,related accept      (first: only a connection's first packet is judged)
       ct state invalid drop
+      oifname "ow*" oifname != @known_if drop   (per workload prefix)
       iifname vmap @m_egress            -> e_<if>  (egress hop of the sending vNIC)
       oifname vmap @m_ingress           -> i_<if>  (ingress hop of the receiving vNIC)
       (policy accept: both hops allowed, or not our traffic)
@@ -26,7 +28,8 @@ logged drops/rejects and monitor-mode would-drops go to NFLOG group `log_group` 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch, SetUpdate
@@ -34,13 +37,14 @@ from omniwall.dataplane.nft import blob
 from omniwall.dataplane.nft.names import (
     FAMILY,
     FWD_CHAIN,
+    KNOWN_IF,
     MAP_EGRESS,
     MAP_INGRESS,
     MAP_RAW_EGRESS,
     MAP_RAW_INGRESS4,
     MAP_RAW_INGRESS6,
     RAW_CHAIN,
-    REV_CHAIN,
+    REV_OBJ,
     STATE_CHAIN,
     TABLE,
     addr_set,
@@ -53,6 +57,25 @@ Json = dict[str, Any]
 T: Json = {"family": FAMILY, "table": TABLE}
 DEFAULT_LOG_GROUP = 1
 DIRECTIONS = ("egress", "ingress")
+# host-side names of workload interfaces (the lab's derived ifnames are `ow<hash>`, model/resources.py)
+DEFAULT_WORKLOAD_PREFIXES: tuple[str, ...] = ("ow",)
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+def check_prefixes(prefixes: Sequence[str]) -> tuple[str, ...]:
+    """Validated workload-interface prefixes (ValueError naming the bad entry)."""
+    if isinstance(prefixes, str):
+        raise ValueError(f"workload_prefixes: a list of prefixes, not the string {prefixes!r}")
+    out: list[str] = []
+    for i, p in enumerate(prefixes):
+        if not isinstance(p, str) or not _PREFIX.fullmatch(p):
+            raise ValueError(
+                f"workload_prefixes[{i}]: {p!r} is not an interface-name prefix (1-15 of A-Z a-z 0-9 _ . -)"
+            )
+        if p not in out:
+            out.append(p)
+    return tuple(out)
+
 
 # ------------------------------------------------------------------------------------- expressions
 
@@ -397,19 +420,35 @@ def shapes_of(state: HostDesiredState) -> dict[str, tuple[bool, bool]]:
     return {s.name: set_shape(s) for s in state.sets}
 
 
+def revision_cmd(revision: int) -> Json:
+    """Create or update (in place) quota `_rev`, whose byte count is the revision."""
+    return {"add": {"quota": {**T, "name": REV_OBJ, "bytes": revision, "used": 0, "inv": False}}}
+
+
 def render_bookkeeping(state: HostDesiredState, *, structure: bool = True) -> list[Json]:
     """Rewrite the stored IR (when the structure changed) and the revision."""
     cmds: list[Json] = []
     if structure:
         cmds.append({"flush": {"chain": {**T, "name": STATE_CHAIN}}})
         cmds += _add_rules(STATE_CHAIN, [_rule([{"continue": None}], c) for c in blob.encode(state)])
-    cmds.append({"flush": {"chain": {**T, "name": REV_CHAIN}}})
-    cmds += _add_rules(REV_CHAIN, [_rule([{"continue": None}], str(state.revision))])
+    cmds.append(revision_cmd(state.revision))
     return cmds
 
 
-def render_table(state: HostDesiredState, log_group: int = DEFAULT_LOG_GROUP) -> list[Json]:
-    """The whole table, replacing whatever exists, as one transaction (`add; delete; add table`)."""
+def unknown_rules(key: str, prefixes: Sequence[str]) -> list[Json]:
+    """`<key> "<prefix>*" <key> != @known_if counter drop`, one rule per workload prefix."""
+    unknown = _match(_meta(key), f"@{KNOWN_IF}", "!=")
+    drop = [unknown, _counter(), {"drop": None}]
+    return [_rule([_match(_meta(key), f"{p}*"), *drop], f"unknown:{p}") for p in prefixes]
+
+
+def render_table(
+    state: HostDesiredState,
+    log_group: int = DEFAULT_LOG_GROUP,
+    prefixes: Sequence[str] = DEFAULT_WORKLOAD_PREFIXES,
+) -> list[Json]:
+    """The whole table, replacing whatever exists, as one transaction (`add; delete; add table`).
+    `prefixes`: workload-interface name prefixes; unknown interfaces matching one are dropped."""
     rmap, shapes = state.rule_map(), shapes_of(state)
     vnic_chains = {v.ifname: render_vnic_chains(v, rmap, shapes, log_group) for v in state.vnics}
     cmds: list[Json] = [
@@ -421,8 +460,9 @@ def render_table(state: HostDesiredState, log_group: int = DEFAULT_LOG_GROUP) ->
         {"add": {"chain": {**T, "name": FWD_CHAIN, "type": "filter", "hook": "forward", "prio": 0,
                            "policy": "accept"}}},
         _chain_decl(STATE_CHAIN),
-        _chain_decl(REV_CHAIN),
+        {"add": {"set": {**T, "name": KNOWN_IF, "type": "ifname"}}},
     ]  # fmt: skip
+    cmds += _elements("add", KNOWN_IF, sorted(v.ifname for v in state.vnics))
     for name in (MAP_EGRESS, MAP_INGRESS, MAP_RAW_EGRESS):
         cmds.append({"add": {"map": {**T, "name": name, "type": "ifname", "map": "verdict"}}})
     cmds.append({"add": {"map": {**T, "name": MAP_RAW_INGRESS4, "type": "ipv4_addr", "map": "verdict"}}})
@@ -447,6 +487,7 @@ def render_table(state: HostDesiredState, log_group: int = DEFAULT_LOG_GROUP) ->
     cmds += _add_rules(
         RAW_CHAIN,
         [
+            *unknown_rules("iifname", prefixes),
             _rule([{"vmap": {"key": _meta("iifname"), "data": f"@{MAP_RAW_EGRESS}"}}], "dispatch"),
             _rule([{"vmap": {"key": _payload("ip", "daddr"), "data": f"@{MAP_RAW_INGRESS4}"}}], "dispatch"),
             _rule([{"vmap": {"key": _payload("ip6", "daddr"), "data": f"@{MAP_RAW_INGRESS6}"}}], "dispatch"),
@@ -459,6 +500,7 @@ def render_table(state: HostDesiredState, log_group: int = DEFAULT_LOG_GROUP) ->
                   "established"),
             _rule([_match({"ct": {"key": "state"}}, ["invalid"], "in"), _counter(), {"drop": None}],
                   "invalid"),
+            *unknown_rules("oifname", prefixes),
             _rule([{"vmap": {"key": _meta("iifname"), "data": f"@{MAP_EGRESS}"}}], "dispatch"),
             _rule([{"vmap": {"key": _meta("oifname"), "data": f"@{MAP_INGRESS}"}}], "dispatch"),
         ],
@@ -562,6 +604,7 @@ def render_delta(
     for v in removed:
         for name, elems in vnic_map_elements(v).items():
             cmds += _elements("delete", name, [e[0] for e in elems])
+    cmds += _elements("delete", KNOWN_IF, [v.ifname for v in removed])
     for v in touched:
         prev = old_v.get(v.ifname)
         if prev is not None and prev.addresses != v.addresses:
@@ -585,6 +628,7 @@ def render_delta(
         for name, elems in vnic_map_elements(v).items():
             have = {e[0] for e in pe.get(name, [])}
             cmds += _elements("add", name, [e for e in elems if e[0] not in have])
+    cmds += _elements("add", KNOWN_IF, [v.ifname for v in touched if v.ifname not in old_v])
 
     # 3. sets nobody references any more, then bookkeeping
     cmds += late_deletes
@@ -594,6 +638,8 @@ def render_delta(
 
 __all__ = [
     "DEFAULT_LOG_GROUP",
+    "DEFAULT_WORKLOAD_PREFIXES",
+    "check_prefixes",
     "collapse_cidrs",
     "kernel_set_names",
     "merge_ranges",
@@ -603,6 +649,7 @@ __all__ = [
     "render_set",
     "render_table",
     "render_vnic_chains",
+    "revision_cmd",
     "rule_matches",
     "segments",
     "service_variants",
@@ -610,4 +657,5 @@ __all__ = [
     "shapes_of",
     "split_families",
     "structure_changed",
+    "unknown_rules",
 ]

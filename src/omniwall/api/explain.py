@@ -1,0 +1,134 @@
+"""`explain` against the live manager: would this connection be allowed, hop by hop, right now?
+
+    GET /v1/explain?from=&to=&proto=tcp&port=
+
+`from`/`to`: a workload (`name` or `tenant/name`) or an IP address. The sim (`omniwall.sim.explain`)
+judges the connection over the manager's current desired states — the same states the agents realize —
+so the answer is what the kernels do (the differential test keeps sim and kernel equal).
+
+The reply is `sim.explain.explanation_json` plus, per path, `description` (the packet in words) and, at
+the top, `expectsReply` and the model `revision`: enough for `omniwall explain` to print exactly what it
+prints offline.
+
+RBAC (`resources.read`): provider roles and auditors see everything. A tenant names its own workloads
+only (a bare name is its own; another tenant's `t/name` answers 404, as a GET would) or an address; it
+sees the hops at its own vNICs with their deciding rules, while a hop at another tenant's vNIC shows only
+its direction and verdict (`redacted: true`), and no host names at all (Hosts do not exist for tenants).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from omniwall.manager.contracts import Problem
+from omniwall.model.catalog import Catalog
+from omniwall.sim.explain import PROTOCOLS, explain, explanation_json, resolve_workload
+
+from .auth import Perm, Principal, authenticate, manager_of, require
+from .errors import ApiError, invalid, not_found
+
+REDACTED = "hidden (another tenant's vNIC)"
+
+
+def _problem(param: str, reason: str) -> ApiError:
+    return invalid([Problem("request", param, reason)], f"{param}: {reason}")
+
+
+def resolve(p: Principal, catalog: Catalog, ref: str, param: str) -> str:
+    """A peer reference -> `tenant/name` or the address itself, as the caller may see it."""
+    ref = ref.strip()
+    if not ref:
+        raise _problem(param, "required: a workload (name or tenant/name) or an IP address")
+    try:
+        return str(ipaddress.ip_address(ref))
+    except ValueError:
+        pass
+    if p.tenant_scoped:
+        tenant, _, name = ref.rpartition("/")
+        tenant = tenant or (p.tenant or "")
+        if tenant != p.tenant or (tenant, name) not in catalog.workloads:
+            raise not_found(f"Workload/{tenant}/{name}")
+        return f"{tenant}/{name}"
+    try:
+        w = resolve_workload(catalog, ref)
+    except KeyError as err:
+        message = str(err.args[0]) if err.args else f"unknown workload {ref!r}"
+        if "ambiguous" in message:
+            raise _problem(param, message) from None
+        raise ApiError(404, message) from None
+    return f"{w.metadata.tenant}/{w.metadata.name}"
+
+
+def _redact_hop(hop: dict[str, Any], tenant: str) -> dict[str, Any]:
+    owner = str(hop.get("workload") or "").partition("/")[0]
+    if owner == tenant:
+        return {**hop, "host": None}
+    return {
+        **{k: None for k in hop},
+        "direction": hop["direction"],
+        "verdict": hop["verdict"],
+        "reached": hop["reached"],
+        "tracked": True,
+        "monitored": False,
+        "antispoof": False,
+        "established": hop["established"],
+        "invalid": False,
+        "default": False,
+        "reason": "hidden",
+        "decision": REDACTED,
+        "redacted": True,
+    }
+
+
+def scoped(body: dict[str, Any], tenant: str) -> dict[str, Any]:
+    """The explanation as tenant `tenant` may see it."""
+    out = dict(body)
+    for section in ("request", "reply", "ack"):
+        path = out.get(section)
+        if path is not None:
+            out[section] = {**path, "hops": [_redact_hop(h, tenant) for h in path["hops"]]}
+    return out
+
+
+def router() -> APIRouter:
+    r = APIRouter(tags=["Explain"])
+
+    @r.get("/v1/explain", summary="would this connection be allowed now? each hop, its verdict and rule")
+    def explain_route(
+        request: Request,
+        from_: str = Query(..., alias="from", description="workload (name or tenant/name) or IP"),
+        to: str = Query(..., description="workload (name or tenant/name) or IP"),
+        proto: str = Query("tcp", description="tcp, udp, icmp or icmpv6"),
+        port: int | None = Query(None, description="destination port (tcp/udp)"),
+        p: Principal = Depends(authenticate),
+    ) -> dict[str, Any]:
+        require(p, Perm.READ)
+        m = manager_of(request)
+        if proto.lower() not in PROTOCOLS:
+            raise _problem("proto", f"{proto!r}: use one of {', '.join(PROTOCOLS)}")
+        catalog, revision = m.snapshot_catalog()
+        src = resolve(p, catalog, from_, "from")
+        dst = resolve(p, catalog, to, "to")
+        try:
+            e = explain(catalog, m.desired.all(), src, dst, proto, port)
+        except ValueError as err:
+            text = str(err)
+            raise _problem("port" if "port" in text else "from", text) from None
+        body = explanation_json(e)
+        c = e.connection
+        for section, pv in (("request", c.request), ("reply", c.reply), ("ack", c.ack)):
+            if pv is not None:
+                body[section]["description"] = pv.packet.describe()
+        body["expectsReply"] = c.expects_reply
+        body["revision"] = revision
+        if p.tenant_scoped and p.tenant is not None:
+            body = scoped(body, p.tenant)
+        return body
+
+    return r
+
+
+__all__ = ["resolve", "router", "scoped"]

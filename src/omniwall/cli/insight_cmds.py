@@ -1,0 +1,198 @@
+"""Live-manager views: `omniwall members GROUP`, `omniwall realization POLICY`, and `omniwall explain`
+without `-f` (server mode: `GET /v1/explain`, printed exactly like the offline explain).
+
+Server and token come from `--server`/`--token`, `OMNIWALL_SERVER`/`OMNIWALL_TOKEN`, or the config file,
+as for every client command (cli/server_cmds.py `Api`). Exit codes of `explain`: 0 allowed, 1 denied,
+2 anything else (bad input, unknown workload, no token, manager unreachable): never 1 for an error, so a
+script can tell "denied" from "could not ask".
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import typer
+
+from omniwall.cli.output import EXIT_DENIED, EXIT_USAGE, echo, emit_json, fail
+from omniwall.cli.server_cmds import Api, ServerOpt, TenantOpt, TokenOpt
+
+# ------------------------------------------------------------------------------------------ explain
+
+
+def _verdict_text(h: dict[str, Any]) -> str:
+    text = str(h["verdict"])
+    if h.get("monitored"):
+        text = f"allow (monitor: would {h.get('would')})"
+    if not h.get("reached", True):
+        text += " (not reached)"
+    return text
+
+
+def print_explanation_json(d: dict[str, Any]) -> None:
+    """The lines `policy_cmds.print_explanation` prints, from the API's JSON (host '-' when hidden)."""
+    echo(f"{d['from']} -> {d['to']} {d['service']}: {'ALLOWED' if d['allowed'] else 'DENIED'}")
+    sections = [("request", d["request"])]
+    if d.get("reply") is not None:
+        sections.append(("reply", d["reply"]))
+    ack = d.get("ack")
+    if ack is not None and not all(h.get("established") for h in ack["hops"]):
+        sections.append(("ack", ack))
+    rows = [
+        [
+            h.get("host") or "-",
+            h.get("ifname") or "-",
+            h.get("workload") or "-",
+            str(h["direction"]),
+            _verdict_text(h),
+            str(h.get("decision") or "") + ("" if h.get("tracked", True) else "  [untracked]"),
+        ]
+        for _, pv in sections
+        for h in pv["hops"]
+    ]
+    widths = [max((len(r[i]) for r in rows), default=0) for i in range(5)]
+    it = iter(rows)
+    for name, pv in sections:
+        echo(f"  {name}: {pv.get('description', '')}")
+        if not pv["hops"]:
+            echo("    no vNIC on the path: not judged by omniwall")
+        for _ in pv["hops"]:
+            row = next(it)
+            echo(
+                "    "
+                + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
+                + "  "
+                + row[5]
+            )
+    if d.get("reply") is None and d["request"]["allowed"] and not d.get("expectsReply", True):
+        echo("  reply: none expected")
+
+
+def _client(server: str | None, token: str | None) -> Api:
+    try:
+        return Api(server, token)
+    except typer.Exit:  # Api printed why (no token, bad config): an error, not "denied"
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _get(api: Api, path: str, params: dict[str, Any]) -> Any:
+    """GET with every failure mapped to exit 2 (the server's message on stderr)."""
+    try:
+        resp = api.http.get(path, params={k: v for k, v in params.items() if v is not None})
+    except httpx.HTTPError as err:
+        fail(f"cannot reach the manager at {api.server}: {err}")
+    if resp.status_code >= 400:
+        try:
+            body = resp.json()
+            msg = body.get("message") or resp.reason_phrase
+            extra = [f"  {e.get('path', '')}: {e.get('reason', '')}" for e in body.get("errors", []) or []]
+        except ValueError:
+            msg, extra = resp.text.strip()[:500], []
+        fail("\n".join([f"{msg} (HTTP {resp.status_code})", *extra]))
+    return resp.json()
+
+
+def explain_remote(
+    src: str,
+    dst: str,
+    proto: str,
+    port: int | None,
+    *,
+    json_out: bool = False,
+    server: str | None = None,
+    token: str | None = None,
+) -> None:
+    """`omniwall explain` in server mode; raises typer.Exit(1) when the connection is denied."""
+    api = _client(server, token)
+    d = _get(api, "/v1/explain", {"from": src, "to": dst, "proto": proto, "port": port})
+    if json_out:
+        emit_json({k: v for k, v in d.items() if k not in ("expectsReply", "revision")} | _strip(d))
+    else:
+        print_explanation_json(d)
+    if not d["allowed"]:
+        raise typer.Exit(EXIT_DENIED)
+
+
+def _strip(d: dict[str, Any]) -> dict[str, Any]:
+    """The offline JSON shape: no per-path `description` (the API adds it for printing)."""
+    out = {}
+    for section in ("request", "reply", "ack"):
+        pv = d.get(section)
+        out[section] = None if pv is None else {k: v for k, v in pv.items() if k != "description"}
+    return out
+
+
+# ------------------------------------------------------------------------------ members, realization
+
+
+def _members_text(d: dict[str, Any]) -> None:
+    echo(f"group {d['tenant']}/{d['group']} (revision {d['revision']}): {len(d['workloads'])} workload(s)")
+    rows = [("WORKLOAD", "HOST", "ADDRESSES", "VIA")]
+    for w in d["workloads"]:
+        rows.append(
+            (w["workload"], w.get("host") or "-", ", ".join(w["addresses"]) or "-", ", ".join(w["via"]))
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        echo("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if d.get("cidrs"):
+        echo(f"  cidrs: {', '.join(d['cidrs'])}")
+    echo(f"  addresses: {', '.join(d['addresses']) or '(none)'}")
+    if d.get("hiddenWorkloads"):
+        echo(f"  ({d['hiddenWorkloads']} workload(s) of other tenants not shown)")
+
+
+def _realization_text(d: dict[str, Any]) -> None:
+    state = "realized everywhere" if d["realized"] else "NOT realized everywhere"
+    echo(f"policy {d['tenant']}/{d['policy']} ({d['category']}, priority {d['priority']}): {state}")
+    for r in d["rules"]:
+        rid = f"id {r['ruleId']}" if r["ruleId"] is not None else "no id"
+        where = "not installed" + (" (disabled)" if r["disabled"] else "") if not r["installed"] else ""
+        hits = f"{r['packets']} packets, {r['bytes']} bytes"
+        echo(f"  rule {r['rule']} ({rid}, {r['action']}): {hits}  {where}".rstrip())
+        for h in r["hosts"]:
+            ok = "realized" if h["realized"] else f"PENDING (realized {h['realizedRevision']})"
+            vnics = ", ".join(
+                f"{v['workload']} {v['ifname']} {'+'.join(v['directions'])}" for v in h["vnics"]
+            )
+            echo(f"    {h.get('host') or '-'}  r{h['desiredRevision']} {ok}  {h['packets']} pkts  {vnics}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("members")
+    def members_cmd(
+        group: str = typer.Argument(..., help="group name"),
+        tenant: str | None = TenantOpt,
+        output: str = typer.Option("table", "-o", "--output", help="table | json"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """A group's effective members right now: workloads (and why), addresses, CIDRs."""
+        if output not in ("table", "json"):
+            fail(f"-o {output!r}: expected table or json")
+        d = _get(_client(server, token), f"/v1/groups/{group}/members", {"tenant": tenant})
+        if output == "json":
+            typer.echo(json.dumps(d, indent=2))
+        else:
+            _members_text(d)
+
+    @app.command("realization")
+    def realization_cmd(
+        policy: str = typer.Argument(..., help="policy name"),
+        tenant: str | None = TenantOpt,
+        output: str = typer.Option("table", "-o", "--output", help="table | json"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """Where each rule of a policy is installed, whether every host realized it, and its hits."""
+        if output not in ("table", "json"):
+            fail(f"-o {output!r}: expected table or json")
+        d = _get(_client(server, token), f"/v1/policies/{policy}/realization", {"tenant": tenant})
+        if output == "json":
+            typer.echo(json.dumps(d, indent=2))
+        else:
+            _realization_text(d)
+
+
+__all__ = ["explain_remote", "print_explanation_json", "register"]

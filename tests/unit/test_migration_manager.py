@@ -1,0 +1,204 @@
+"""Live migration, manager + agents (sim backends) over real sockets: phases, overlay on the destination,
+conntrack entries carried by feed commands, spec.host moved, audit, rollback. No root needed."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from omniwall.agent.main import Agent
+from omniwall.api.app import create_app
+from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic
+from omniwall.dataplane.backend import ConnEntry
+from omniwall.dataplane.sim_backend import SimBackend
+from omniwall.manager.contracts import load_documents
+from omniwall.manager.migration import FAULTS_ENV
+from omniwall.manager.overlay import merge_workload
+from omniwall.manager.service import SYSTEM, Manager
+from omniwall.store.sqlite import SqliteStore
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+WORLD = """
+kind: Tenant
+metadata: {name: acme}
+---
+kind: Host
+metadata: {name: h1}
+---
+kind: Host
+metadata: {name: h2}
+---
+kind: Workload
+metadata: {name: web1, tenant: acme, labels: {tier: web}}
+spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.1]}]}
+---
+kind: Workload
+metadata: {name: db1, tenant: acme, labels: {tier: db}}
+spec: {host: h2, vnics: [{name: eth0, ips: [10.0.1.1]}]}
+---
+kind: Group
+metadata: {name: web, tenant: acme}
+spec: {selector: 'tier == "web"'}
+---
+kind: Group
+metadata: {name: db, tenant: acme}
+spec: {selector: 'tier == "db"'}
+---
+kind: Policy
+metadata: {name: web-db, tenant: acme}
+spec:
+  rules:
+  - {name: sql, sources: [web], destinations: [db], services: [tcp/5432], action: allow}
+  - {name: in, sources: [any], destinations: [web], services: [tcp/80], action: allow}
+"""
+
+ENTRY = ConnEntry(
+    family=2, protocol=6, src="10.9.9.9", dst="10.0.0.1", sport=40000, dport=80, reply_src="10.0.0.1",
+    reply_dst="10.9.9.9", reply_sport=80, reply_dport=40000, state="ESTABLISHED", timeout=300, mark=7,
+)  # fmt: skip
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    store = SqliteStore(tmp_path / "m.db")
+    m = Manager(store)
+    m.commit(m.plan_apply(load_documents(WORLD, "world.yaml")), SYSTEM)
+    admin = m.tokens.create("provider-admin")[0]
+    tokens = {h: m.tokens.create("agent", host=h)[0] for h in ("h1", "h2")}
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv = uvicorn.Server(uvicorn.Config(create_app(m, watch=False), log_level="warning"))
+    t = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    while not srv.started:
+        time.sleep(0.02)
+    backends = {h: SimBackend(h) for h in ("h1", "h2")}
+    backends["h1"].import_connections([ENTRY])
+    loop = asyncio.new_event_loop()
+    agents: list[Agent] = []
+
+    async def run_agents() -> None:
+        for h, be in backends.items():
+            agents.append(Agent(url, h, tokens[h], be, watch_addresses=False, counters_interval=3600))
+        await asyncio.gather(*(a.run() for a in agents))
+
+    lt = threading.Thread(target=loop.run_until_complete, args=(run_agents(),))
+    lt.start()
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=30)
+    try:
+        _until(lambda: all(m.host_status(h)["inSync"] and m.host_status(h)["connected"] for h in backends))
+        yield {"m": m, "client": client, "backends": backends}
+    finally:
+        client.close()
+        for a in agents:
+            loop.call_soon_threadsafe(a.stop)
+        lt.join(timeout=10)
+        loop.close()
+        srv.should_exit = True
+        t.join(timeout=10)
+        sock.close()
+        store.close()
+
+
+def _until(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _vnics(m: Manager, host: str) -> set[str]:
+    st = m.desired.snapshot(host)
+    return {v.workload for v in st.vnics} if st else set()
+
+
+def _migration(c: httpx.Client) -> dict[str, Any]:
+    r = c.get("/v1/workloads/web1/migration", params={"tenant": "acme"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_migration_phases_overlay_entries_and_audit(world: dict[str, Any]) -> None:
+    m, c, be = world["m"], world["client"], world["backends"]
+    r = c.post("/v1/workloads/web1/migrate", params={"tenant": "acme"}, json={"to": "h2"})
+    assert r.status_code == 202, r.text
+    mid = r.json()["id"]
+    _until(lambda: _migration(c)["phase"] == "switching")
+    # the destination enforces the workload's policy already; the source still does
+    assert "acme/web1" in _vnics(m, "h2") and "acme/web1" in _vnics(m, "h1")
+    assert be["h2"].realized().vnic_map().keys() >= {v.ifname for v in be["h1"].realized().vnics}
+    assert ENTRY in be["h2"].connections()  # imported, mark and all
+    r = c.post(f"/v1/workloads/web1/migrate/{mid}/switched", params={"tenant": "acme"})
+    assert r.status_code == 200, r.text
+    _until(lambda: _migration(c)["result"] != "running")
+    mig = _migration(c)
+    assert mig["result"] == "succeeded", mig
+    assert [p["phase"] for p in mig["phases"]] == [
+        "prepare", "export", "import", "switching", "switched", "finalize", "done",
+    ]  # fmt: skip
+    assert mig["stats"]["exported"] == 1 and mig["stats"]["imported"] == 1
+    wl = c.get("/v1/workloads/web1", params={"tenant": "acme"}).json()
+    assert wl["spec"]["host"] == "h2" and wl["status"]["migration"]["id"] == mid
+    assert _vnics(m, "h1") == set() and "acme/web1" in _vnics(m, "h2")
+    _until(lambda: not be["h1"].realized().vnics)
+    assert ENTRY not in be["h1"].connections()  # flushed on the source
+    audit = c.get("/v1/audit", params={"name": "web1"}).json()["items"]
+    phases = [
+        e["extra"]["phase"] for e in audit if e["action"] == "migrate" and "phase" in e.get("extra", {})
+    ]
+    assert phases[0] == "prepare" and phases[-1] == "done"
+    assert any(e["action"] == "migrate" and "spec.host" in e["changed"] for e in audit)
+    # a second migration back works, a migration to where it is does not
+    assert (
+        c.post("/v1/workloads/web1/migrate", params={"tenant": "acme"}, json={"to": "h2"}).status_code == 422
+    )
+
+
+def test_failed_import_rolls_back(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAULTS_ENV, "1")
+    m, c, be = world["m"], world["client"], world["backends"]
+    r = c.post(
+        "/v1/workloads/web1/migrate",
+        params={"tenant": "acme"},
+        json={"to": "h2", "failAt": "import", "wait": True},
+    )
+    assert r.status_code == 200, r.text
+    mig = r.json()
+    assert mig["result"] == "failed" and "import" in mig["error"]
+    assert [p["phase"] for p in mig["phases"]][-2:] == ["rollback", "rolled-back"]
+    assert m.get("Workload", "acme", "web1").spec.host == "h1"  # type: ignore[attr-defined]
+    assert _vnics(m, "h2") == {"acme/db1"} and "acme/web1" in _vnics(m, "h1")
+    _until(lambda: {v.workload for v in be["h2"].realized().vnics} == {"acme/db1"})
+    assert ENTRY not in be["h2"].connections() and ENTRY in be["h1"].connections()
+
+
+def test_fault_hook_needs_the_env_and_unknown_host_is_422(world: dict[str, Any]) -> None:
+    c = world["client"]
+    r = c.post("/v1/workloads/web1/migrate", params={"tenant": "acme"}, json={"to": "h2", "failAt": "import"})
+    assert r.status_code == 422
+    r = c.post("/v1/workloads/web1/migrate", params={"tenant": "acme"}, json={"to": "h9"})
+    assert r.status_code == 422 and "h9" in r.text
+    assert c.get("/v1/workloads/db1/migration", params={"tenant": "acme"}).status_code == 404
+
+
+def test_merge_workload_copies_vnic_rules_and_sets() -> None:
+    rule = IRRule(1, "acme", "p", "r", "application", "allow", "s1", None)
+    v = IRVnic("ow1", "acme/w", "acme", ("10.0.0.1",), ingress=(1,))
+    src = HostDesiredState("h1", 5, (v,), (rule,), (IRSet("s1", ("10.0.0.9",)),))
+    other = IRVnic("ow2", "acme/x", "acme", ("10.0.0.2",))
+    dst = HostDesiredState("h2", 5, (other,))
+    out = merge_workload(dst, src, "acme/w")
+    assert [x.ifname for x in out.vnics] == ["ow1", "ow2"]
+    assert out.rules == (rule,) and [s.name for s in out.sets] == ["s1"]
+    assert merge_workload(out, src, "acme/w") == out  # idempotent
