@@ -84,7 +84,13 @@ def run_client(dst: str, port: int, seconds: float, concurrency: int) -> dict[st
     for s in socks.values():
         s.close()
     ep.close()
-    return {"conns": conns, "seconds": round(elapsed, 3), "rate": conns / elapsed, "errors": errors, "codes": codes}
+    return {
+        "conns": conns,
+        "seconds": round(elapsed, 3),
+        "rate": conns / elapsed,
+        "errors": errors,
+        "codes": codes,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,9 +49,12 @@ def omniwall_state(
     members: int = 100_000,
     sets: int = 200,
     hop_rules: int = 100,
+    port_list: bool = False,
     revision: int = 1,
 ) -> HostDesiredState:
-    """Arm (b) for one host; `direction` is the path's hop there ("egress" at the source's host)."""
+    """Arm (b) for one host; `direction` is the path's hop there ("egress" at the source's host).
+    Rules that can match the path's addresses allow `ports` as one range (`tcp/5201-5300`), or, with
+    `port_list`, as a list (`tcp/5201,5300`: the renderer makes that an anonymous set per nft rule)."""
     if not 1 <= hop_rules <= rules:
         raise ValueError(f"hop_rules must be within 1..{rules}, got {hop_rules}")
     if sets < 4 or sets % 2:
@@ -62,10 +65,13 @@ def omniwall_state(
     ir_sets = []
     for k in range(sets):
         extra = (src_ip, dst_ip) if k % 2 == 0 else ()
-        ir_sets.append(IRSet(name=f"g{k:04d}", addresses=tuple(sorted(member_addresses(k * per_set, per_set) + extra))))
+        ir_sets.append(
+            IRSet(name=f"g{k:04d}", addresses=tuple(sorted(member_addresses(k * per_set, per_set) + extra)))
+        )
     even = [s.name for s in ir_sets[0::2]]
     odd = [s.name for s in ir_sets[1::2]]
-    svc = (ServiceMatch("tcp", tuple((p, p) for p in ports)),)
+    ranges = tuple((p, p) for p in ports) if port_list else ((min(ports), max(ports)),)
+    svc = (ServiceMatch("tcp", ranges),)
 
     def rule(i: int, action: str, src: str, dst: str, services: tuple[ServiceMatch, ...]) -> IRRule:
         return IRRule(
@@ -91,7 +97,13 @@ def omniwall_state(
         elif kind == 1:  # source in, destination not
             r = rule(i, "allow", even[i % len(even)], odd[i % len(odd)], svc)
         else:  # both in, another port
-            r = rule(i, "allow", even[i % len(even)], even[(i + 1) % len(even)], (ServiceMatch("tcp", ((20000 + i, 20000 + i),)),))
+            r = rule(
+                i,
+                "allow",
+                even[i % len(even)],
+                even[(i + 1) % len(even)],
+                (ServiceMatch("tcp", ((20000 + i, 20000 + i),)),),
+            )
         all_rules.append(r)
 
     hop_ids = tuple(range(1, hop_rules + 1))
@@ -163,13 +175,13 @@ def _tcp_ports(ports: tuple[int, ...]) -> list[Json]:
     return [
         {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
         {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}},
-                   "right": {"set": list(ports)}}},
+                   "right": {"range": [min(ports), max(ports)]}}},
     ]  # fmt: skip
 
 
 def linear_table(src_ip: str, dst_ip: str, ports: tuple[int, ...], rules: int = 10_000) -> list[Json]:
-    """Arm (c): one rule per member address (same services as Omniwall's allowing rule), the
-    source's own rule last, then drop."""
+    """Arm (c): one rule per member address (`tcp dport 5201-5300`, as Omniwall's allowing rule),
+    the source's own rule last, then drop."""
     cmds = [*_table_head(), _ct_established()]
     for a in (*member_addresses(0, rules - 1), src_ip):
         cmds.append(_rule(_ip("saddr", a), _ip("daddr", dst_ip), *_tcp_ports(ports), {"accept": None}))
@@ -185,10 +197,11 @@ def delete_table() -> list[Json]:
 def big_set(count: int, name: str = "big") -> list[Json]:
     """One transaction: a table with one `count`-element ipv4_addr hash set."""
     t = {"family": "inet", "name": BENCH_TABLE}
+    s = {"family": "inet", "table": BENCH_TABLE, "name": name}
     return [
         {"add": {"table": t}},
         {"delete": {"table": t}},
         {"add": {"table": t}},
-        {"add": {"set": {"family": "inet", "table": BENCH_TABLE, "name": name, "type": "ipv4_addr"}}},
-        {"add": {"element": {"family": "inet", "table": BENCH_TABLE, "name": name, "elem": list(member_addresses(0, count))}}},
-    ]  # fmt: skip
+        {"add": {"set": {**s, "type": "ipv4_addr"}}},
+        {"add": {"element": {**s, "elem": list(member_addresses(0, count))}}},
+    ]

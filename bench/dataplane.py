@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from omniwall.dataplane.nft.libnft import Nft
 from omniwall.lab.lab import Lab
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _rulesets as rs  # noqa: E402
+import _rulesets as rs
 
 CONNRATE = str(Path(__file__).resolve().parent / "_connrate.py")
 SRC_IP, DST_IP = "10.90.0.1", "10.90.0.2"
@@ -105,7 +106,9 @@ class Bench:
         would fill up and block it); wait until it prints `ready`."""
         out = tempfile.NamedTemporaryFile("w+", prefix="owbench-", suffix=".log")  # noqa: SIM115
         self.logs.append(out)
-        p = subprocess.Popen(["ip", "netns", "exec", self.dst_ns, *argv], stdout=out, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", self.dst_ns, *argv], stdout=out, stderr=subprocess.STDOUT
+        )
         self.procs.append(p)
         deadline = time.monotonic() + 10
         while ready not in Path(out.name).read_text():
@@ -160,8 +163,8 @@ class Bench:
 
             def setup() -> float:
                 t0 = time.perf_counter()
-                for b, s in zip(self.backends, st, strict=True):
-                    b.sync(s)
+                with ThreadPoolExecutor(2) as pool:  # the kernel work of the two hosts overlaps
+                    list(pool.map(lambda bs: bs[0].sync(bs[1]), zip(self.backends, st, strict=True)))
                 return time.perf_counter() - t0
 
             def teardown() -> None:
@@ -178,12 +181,12 @@ class Bench:
             Arm("a", "no firewall", lambda: 0.0, lambda: None, False),
             Arm("d", "minimal stateful table", nft_arm(rs.stateful_table()), drop_bench, False),
             Arm("b", f"Omniwall, hop walks {a.hop_rules}", *omniwall_arm(a.hop_rules), True),
-            Arm("c", f"linear chain, {a.rules} rules", nft_arm(rs.linear_table(SRC_IP, DST_IP, ports, a.rules)),
-                drop_bench, True),
+            Arm("c", f"linear chain, {a.rules} rules",
+                nft_arm(rs.linear_table(SRC_IP, DST_IP, ports, a.rules)), drop_bench, True),
         ]  # fmt: skip
         for hop in a.sweep:
             out.append(Arm(f"b@{hop}", f"Omniwall, hop walks {hop}", *omniwall_arm(hop), True))
-        return out
+        return [x for x in out if x.name in ("a", "d") or not a.arms or x.name in a.arms]
 
     # ------------------------------------------------------------------------------------ measure
     def flush_conntrack(self) -> None:
@@ -226,7 +229,9 @@ class Bench:
         arm.load_s.append(arm.setup())
         try:
             if self.closed_port_refused() == arm.enforcing:
-                raise RuntimeError(f"arm {arm.name}: the ruleset is not what it should be (closed-port check)")
+                raise RuntimeError(
+                    f"arm {arm.name}: the ruleset is not what it should be (closed-port check)"
+                )
             self.flush_conntrack()
             gbps = self.iperf(a.seconds)
             self.flush_conntrack()
@@ -237,7 +242,8 @@ class Bench:
                 raise RuntimeError(f"arm {arm.name}: {cr['errors']} failed connections {cr['codes']}")
             arm.gbps.append(gbps)
             arm.cps.append(cr["rate"])
-            log(f"  {arm.name:7} {gbps:7.2f} Gbit/s  {cr['rate']:9.0f} conn/s  (ruleset load {arm.load_s[-1]:.2f} s)")
+            rate, load = cr["rate"], arm.load_s[-1]
+            log(f"  {arm.name:7} {gbps:7.2f} Gbit/s  {rate:9.0f} conn/s  (ruleset load {load:.2f} s)")
         finally:
             arm.teardown()
             self.flush_conntrack()
@@ -270,16 +276,38 @@ class Bench:
             "json_encode_seconds": statistics.median(encode),
         }
 
-    def delta_apply(self) -> dict[str, Any]:
-        """`NftBackend.apply` of one-element deltas (alternately add and remove one address to a set the
-        path's rules reference) on the synced arm-(b) state, in this process."""
+    def path_state(self, **kw: Any) -> HostDesiredState:
         a = self.args
-        st = rs.omniwall_state(
+        kw.setdefault("hop_rules", a.hop_rules)
+        return rs.omniwall_state(
             "h1", ifname=self.src_if, vnic_addr=SRC_IP, direction="egress", src_ip=SRC_IP, dst_ip=DST_IP,
-            ports=(IPERF_PORT, CONN_PORT), rules=a.rules, members=a.members, hop_rules=a.hop_rules,
+            ports=(IPERF_PORT, CONN_PORT), rules=a.rules, members=a.members, **kw,
         )  # fmt: skip
+
+    def port_list_load(self) -> dict[str, Any]:
+        """Full `sync` of arm (b)'s state on one host, as is and with port lists instead of one range
+        (every rule that has one then owns an anonymous set in the kernel)."""
+        b = self.backends[0]
+        out: dict[str, Any] = {}
+        for key, port_list in (("range", False), ("port_list", True)):
+            st = self.path_state(port_list=port_list)
+            t0 = time.perf_counter()
+            b.sync(st)
+            out[f"{key}_s"] = time.perf_counter() - t0
+            b.teardown()
+        return out
+
+    def delta_apply(self, busy: bool) -> dict[str, Any]:
+        """`NftBackend.apply` of one-element deltas (alternately add and remove one address to the set
+        the path's allowing rule takes its sources from) on the synced arm-(b) state, in this process.
+        `busy`: with the conntrack table of the host full of recent connections (a loaded host)."""
+        st = self.path_state()
         b = self.backends[0]
         b.sync(st)
+        ct_entries = 0
+        if busy:
+            self.connrate(2.0)
+            ct_entries = b.ct.count()
         target = st.sets[0]  # g0000: the allowing rule's source set
         extra = "10.127.255.254"
         grown = replace(target, addresses=tuple(sorted((*target.addresses, extra))))
@@ -288,33 +316,45 @@ class Bench:
             SetUpdate(full=target, removed_addresses=(extra,)),
         ]
         kernel: list[float] = []
-        orig = b.nft.transact
+        paths: dict[str, int] = {}
 
-        def timed(cmds: list[dict[str, Any]]) -> None:
-            t0 = time.perf_counter()
-            orig(cmds)
-            kernel.append(time.perf_counter() - t0)
+        def timed(name: str, fn: Callable[..., None]) -> Callable[..., None]:
+            def go(*args: Any) -> None:
+                t0 = time.perf_counter()
+                fn(*args)
+                kernel.append(time.perf_counter() - t0)
+                paths[name] = paths.get(name, 0) + 1
 
-        b.nft.transact = timed  # type: ignore[method-assign]
+            return go
+
+        nft = b.nft
+        saved = {k: getattr(nft, k) for k in ("transact", "elements") if hasattr(nft, k)}
+        for k, fn in saved.items():
+            setattr(nft, k, timed(k, fn))
         times: list[float] = []
         rev = st.revision
         try:
-            for i in range(a.delta_reps):
+            for i in range(self.args.delta_reps):
                 d = HostDelta(host="h1", from_revision=rev, to_revision=rev + 1, set_updates=(deltas[i % 2],))
                 t0 = time.perf_counter()
                 b.apply(d)
                 times.append(time.perf_counter() - t0)
                 rev += 1
         finally:
-            b.nft.transact = orig  # type: ignore[method-assign]
-        ok = self.closed_port_refused() is False and b.realized() is not None
+            for k, fn in saved.items():
+                setattr(nft, k, fn)
+        realized = b.realized()
+        ok = realized is not None and realized.revision == rev and self.closed_port_refused() is False
         b.teardown()
+        self.flush_conntrack()
         times.sort()
         return {
             "reps": len(times),
+            "conntrack_entries": ct_entries,
             "ms_median": statistics.median(times) * 1e3,
             "ms_p90": times[int(len(times) * 0.9)] * 1e3,
             "kernel_ms_median": statistics.median(kernel) * 1e3,
+            "kernel_calls": paths,  # which Nft method carried the change (elements: raw netlink batch)
             "table_consistent": ok,
         }
 
@@ -344,7 +384,8 @@ def report(arms: list[Arm], set_res: dict[str, Any] | None, delta: dict[str, Any
     floor = next(x for x in arms if x.name == "d")
     ga, ca, cd = med(base.gbps), med(base.cps), med(floor.cps)
     rows = []
-    print(f"{'arm':7} {'ruleset':34} {'Gbit/s':>7} {'/(a)':>6} {'conn/s':>8} {'/(a)':>6} {'/(d)':>6} {'load s':>7}")
+    heads = ("Gbit/s", "/(a)", "conn/s", "/(a)", "/(d)", "load s")
+    print(f"{'arm':7} {'ruleset':34} " + " ".join(f"{h:>7}" for h in heads))
     for x in arms:
         g, c = med(x.gbps), med(x.cps)
         row = {
@@ -353,20 +394,44 @@ def report(arms: list[Arm], set_res: dict[str, Any] | None, delta: dict[str, Any
             "gbps_rounds": x.gbps, "cps_rounds": x.cps,
         }  # fmt: skip
         rows.append(row)
-        print(f"{x.name:7} {x.label:34} {g:7.2f} {g / ga:6.3f} {c:8.0f} {c / ca:6.3f} {c / cd:6.3f} {row['load_s']:7.2f}")
-    b = next(r for r in rows if r["arm"] == "b")
-    targets = {
-        "b_over_a_throughput": {"value": b["gbps_ratio_a"], "target": 0.95, "met": b["gbps_ratio_a"] >= 0.95},
-        "b_over_d_connections": {"value": b["cps_ratio_d"], "target": 0.97, "met": b["cps_ratio_d"] >= 0.97},
-    }
+        cells = (f"{g:7.2f}", f"{g / ga:7.3f}", f"{c:7.0f}", f"{c / ca:7.3f}", f"{c / cd:7.3f}")
+        print(f"{x.name:7} {x.label:34} " + " ".join(cells) + f" {row['load_s']:7.2f}")
+    b = next((r for r in rows if r["arm"] == "b"), None)
+    targets: dict[str, dict[str, Any]] = {}
+    if b is not None:
+        targets["b_over_a_throughput"] = {
+            "value": b["gbps_ratio_a"],
+            "target": 0.95,
+            "met": b["gbps_ratio_a"] >= 0.95,
+        }
+        targets["b_over_d_connections"] = {
+            "value": b["cps_ratio_d"],
+            "target": 0.97,
+            "met": b["cps_ratio_d"] >= 0.97,
+        }
     if set_res:
         s = set_res["seconds_median"]
-        print(f"1M-element set, one transaction: {s:.2f} s median (json encode {set_res['json_encode_seconds']:.2f} s)")
+        enc = set_res["json_encode_seconds"]
+        print(f"1M-element set, one transaction: {s:.2f} s median (json encode {enc:.2f} s)")
         targets["set_load_1m_s"] = {"value": s, "target": 3.0, "met": s < 3.0}
     if delta:
         m = delta["ms_median"]
-        print(f"one-element delta, NftBackend.apply: {m:.3f} ms median, p90 {delta['ms_p90']:.3f} ms "
-              f"(kernel transaction {delta['kernel_ms_median']:.3f} ms)")  # fmt: skip
+        print(
+            f"one-element delta, NftBackend.apply: {m:.3f} ms median, p90 {delta['ms_p90']:.3f} ms "
+            f"(kernel {delta['kernel_ms_median']:.3f} ms via {delta['kernel_calls']})"
+        )
+        if "busy" in delta:
+            bz = delta["busy"]
+            print(
+                f"  ... with {bz['conntrack_entries']} conntrack entries: {bz['ms_median']:.3f} ms median, "
+                f"p90 {bz['ms_p90']:.3f} ms"
+            )
+        if "full_sync" in delta:
+            fs = delta["full_sync"]
+            print(
+                f"full sync of arm (b)'s state on one host: {fs['range_s']:.2f} s "
+                f"({fs['port_list_s']:.2f} s with port lists)"
+            )
         targets["delta_apply_ms"] = {"value": m, "target": 1.0, "met": m < 1.0}
     for k, t in targets.items():
         print(f"target {k}: {t['value']:.3f} (target {t['target']}) {'met' if t['met'] else 'MISSED'}")
@@ -387,12 +452,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hop-rules", type=int, default=100, help="rules the path's hop walks in arm (b)")
     p.add_argument("--sweep", default="10,1000,10000", help="extra b@N arms (comma list)")
     p.add_argument("--skip-sweep", action="store_true")
+    p.add_argument("--arms", default="", help="only these arms (comma list; a and d always run)")
     p.add_argument("--set-size", type=int, default=1_000_000)
     p.add_argument("--set-reps", type=int, default=3)
     p.add_argument("--delta-reps", type=int, default=200)
     p.add_argument("--only-arms", action="store_true", help="skip the set-load and delta measurements")
     p.add_argument("--json-out", type=Path, help="also write the JSON result here")
     args = p.parse_args(argv)
+    args.arms = [x.strip() for x in args.arms.split(",") if x.strip()]
     args.sweep = [] if args.skip_sweep else [int(x) for x in args.sweep.split(",") if x.strip()]
     if os.geteuid() != 0:
         print("bench/dataplane.py needs root (network namespaces)", file=sys.stderr)
@@ -419,7 +486,10 @@ def main(argv: list[str] | None = None) -> int:
                 log("1M-element set load ...")
                 set_res = bench.set_load()
                 log("one-element delta apply ...")
-                delta = bench.delta_apply()
+                delta = bench.delta_apply(busy=False)
+                delta["busy"] = bench.delta_apply(busy=True)
+                log("arm (b) state: full sync on one host, one port range vs port lists ...")
+                delta["full_sync"] = bench.port_list_load()
         finally:
             bench.stop()
     result = report(arms, set_res, delta, env, args)

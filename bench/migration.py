@@ -61,7 +61,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def run(n: int) -> dict[str, Any]:
+def run(n: int, hold: float = 1.0) -> dict[str, Any]:
     with managed_lab(MOBILITY, ipv6=False) as (lab, _cp):
         cli, srv, bad = (lab.plan.workload(f"t1/{x}") for x in ("cli", "srv", "bad"))
         srv_ip, cli_ip = srv.vnics[0].ips[0], cli.vnics[0].ips[0]
@@ -84,7 +84,7 @@ def run(n: int) -> dict[str, Any]:
         failures: list[str] = []
         t_start = time.monotonic()
         try:
-            time.sleep(1.0)
+            time.sleep(hold)
             for i in range(n):
                 here = lab.plan.workload("t1/srv").host
                 dst = hosts[(hosts.index(here) + 1) % len(hosts)]
@@ -140,7 +140,7 @@ def run(n: int) -> dict[str, Any]:
         "entries": {
             "firstCopyMean": round(statistics.mean(r["stats"].get("imported", 0) for r in records), 2)
             if records
-            else 0,
+            else 0.0,
             "secondCopyImportedTotal": sum(r["stats"].get("importedAfterSwitch", 0) for r in records),
             "switchedBy": sorted({r["stats"].get("switchedBy", "?") for r in records}),
         },
@@ -157,10 +157,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--migrations", type=int, default=100)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--hold", type=float, default=1.0, help="seconds of traffic before the first migration")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces, nftables)")
-    out = run(a.migrations)
+    out = run(a.migrations, a.hold)
     text = json.dumps(out, indent=1)
     print(text)
     if a.json:

@@ -146,3 +146,14 @@ def test_workload_ip_change_is_followed_by_every_set(managed: tuple[Any, Any]) -
     finally:
         _run(lab.exec_host("h1", ["ip", "addr", "del", f"{OLD_IP}/32", "dev", "lo"]))
     assert not after.allowed and after.detail == "timeout", after.detail
+
+    # The live explain agrees with the kernel, and the policy is realized on both hosts.
+    q = {"to": "t1/guard", "proto": "tcp", "port": 80}
+    live = cp.api("GET", "/v1/explain", params={"from": "t1/cli", **q})
+    assert live["allowed"] and live["request"]["packet"]["src"] == NEW_IP
+    old = cp.api("GET", "/v1/explain", params={"from": OLD_IP, **q})
+    assert not old["allowed"] and [h["decision"] for h in old["request"]["hops"]] == [
+        "default (tenant t1: drop)"
+    ]
+    realization = cp.api("GET", "/v1/policies/access/realization", params={"tenant": "t1"})
+    assert realization["realized"] and all(r["installed"] for r in realization["rules"])

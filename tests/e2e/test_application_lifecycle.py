@@ -32,10 +32,13 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="e2e tests need root (
 
 @pytest.fixture(scope="module")
 def managed() -> Iterator[tuple[Any, Any]]:
-    from omniwall.lab.managed import managed_lab
+    from omniwall.lab import netns
+    from omniwall.lab.managed import control_dir, managed_lab
 
     with managed_lab([EXAMPLE], ipv6=False) as (lab, cp):
         yield lab, cp
+    assert netns.list_names(lab.prefix) == [], "the lab's namespaces outlived it"
+    assert not control_dir(lab.prefix).exists(), "the lab's manager/agents directory outlived it"
 
 
 # ------------------------------------------------------------------------------------------ kernel view

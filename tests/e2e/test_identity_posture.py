@@ -183,10 +183,13 @@ def posture(src: Source, workload: str, status: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def managed() -> Iterator[tuple[Any, Any]]:
-    from omniwall.lab.managed import managed_lab
+    from omniwall.lab import netns
+    from omniwall.lab.managed import control_dir, managed_lab
 
     with managed_lab([EXAMPLE], ipv6=False) as (lab, cp):
         yield lab, cp
+    assert netns.list_names(lab.prefix) == [], "the lab's namespaces outlived it"
+    assert not control_dir(lab.prefix).exists(), "the lab's manager/agents directory outlived it"
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +207,14 @@ def scanner(managed: tuple[Any, Any]) -> Iterator[Source]:
 
 
 # ------------------------------------------------------------------------------------------ identity
+
+
+def test_example_matrix_agrees_with_the_sim(managed: tuple[Any, Any]) -> None:
+    """Before any event: every workload pair of examples/vdi judged by real traffic equals the sim."""
+    lab, _ = managed
+    entries = lab.matrix(expect=True)
+    assert len(entries) == 5 * 6  # every workload -> each of the 5 with a responder
+    assert [e.json_line() for e in entries if not e.agrees] == []
 
 
 def test_sources_cannot_write_policy(managed: tuple[Any, Any], idp: Source, scanner: Source) -> None:

@@ -106,7 +106,6 @@ def test_tcp_and_udp_survive_and_denied_probe_never_succeeds(managed: tuple[Any,
         time.sleep(1.5)
     finally:
         res = traffic.stop()
-    print(rec["stats"], [(p["phase"], p["ms"]) for p in rec["phases"]], res)
     assert rec["result"] == "succeeded", rec
     assert rec["stats"]["imported"] >= 3, rec  # two TCP streams + the UDP flow at least
     assert seen_on_dst_before_move == [True]

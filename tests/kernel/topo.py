@@ -83,10 +83,10 @@ class Topo:
         self.hosts.append(ns)
         return ns
 
-    def add_workload(self, host: str, name: str, n: int) -> Workload:
+    def add_workload(self, host: str, name: str, n: int, ifname: str | None = None) -> Workload:
         ns = self._ns(f"w{name}")
         self._sysctl(ns, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
-        ifname = f"tap{name}"
+        ifname = ifname or f"tap{name}"
         nsexec(host, ["ip", "link", "add", ifname, "type", "veth", "peer", "name", "eth0", "netns", ns])
         ip4, ip6 = f"10.0.0.{n}", f"fd00::{n:x}"
         # host side

@@ -327,5 +327,69 @@ def test_cli_members_and_realization(served: Env, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("OMNIWALL_TOKEN", h["a"]["Authorization"].split()[1])
     r = _cli("members", "all-workloads", "-t", "infra")
     assert r.exit_code == 0 and "tenant-b" not in r.stdout and "other tenants not shown" in r.stdout
+    r = _cli("explain", "--from", "web-1", "--to", "10.2.0.2", "--port", "8080")
+    assert r.exit_code == 1 and "hidden (another tenant's vNIC)" in r.stdout and "tenant-b" not in r.stdout
     r = _cli("members", "web", "-t", "tenant-b")
-    assert r.exit_code == 2 and "not found" in r.stderr and "404" in r.stderr
+    assert r.exit_code == 1 and "not found" in r.stderr and "404" in r.stderr  # like `omniwall get`
+
+
+NESTED = """
+kind: Host
+metadata: {name: h1}
+---
+kind: Workload
+metadata: {name: w1, tenant: t1, labels: {tier: web}}
+spec: {host: h1, vnics: [{name: eth0, ips: [10.5.0.1, "fd00:5::1"]}]}
+---
+kind: Workload
+metadata: {name: w2, tenant: t1}
+spec: {host: h1, vnics: [{name: eth0, ips: [10.5.0.2]}]}
+---
+kind: Workload
+metadata: {name: x1, tenant: t2, labels: {tier: web}}
+spec: {host: h1, vnics: [{name: eth0, ips: [10.6.0.1]}]}
+---
+kind: Workload
+metadata: {name: p1, tenant: infra, labels: {role: dns}}
+spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.53]}]}
+---
+kind: Group
+metadata: {name: dns, tenant: infra}
+spec: {selector: 'role == "dns"', cidrs: [192.0.2.0/24, 198.51.100.7/32], shareWith: [t1]}
+---
+kind: Group
+metadata: {name: web, tenant: t1}
+spec: {selector: 'tier == "web"'}
+---
+kind: Group
+metadata: {name: all, tenant: t1}
+spec: {workloads: [w2], groups: [web, infra/dns], cidrs: [10.99.0.0/16]}
+---
+kind: Policy
+metadata: {name: p, tenant: t1}
+spec:
+  rules:
+  - {name: r, sources: [all], destinations: [web], action: allow}
+"""
+
+
+def test_nested_members_and_literals_equal_the_compiler() -> None:
+    from omniwall.manager.insight import group_members
+    from omniwall.model.loader import load_text
+
+    catalog = validate(load_text(NESTED, "nested.yaml"))
+    d = group_members(catalog, "t1", "all")
+    assert [(w["workload"], w["via"]) for w in d["workloads"]] == [
+        ("infra/p1", ["group infra/dns"]),
+        ("t1/w1", ["group t1/web"]),
+        ("t1/w2", ["static"]),
+    ]  # x1 (tier web, tenant t2) is not in t1's web group
+    assert d["cidrs"] == ["10.99.0.0/16", "192.0.2.0/24", "198.51.100.7/32"]
+    states = compile_catalog(catalog)
+    irset = next(s for st in states.values() for s in st.sets if s.name == group_set_name("t1", "all"))
+    assert sorted(d["addresses"]) == sorted(irset.addresses)
+    assert "198.51.100.7" in d["addresses"] and "fd00:5::1" in d["addresses"]
+    assert sorted(c for c in d["cidrs"] if not c.endswith("/32")) == sorted(irset.cidrs)
+    scoped = group_members(catalog, "t1", "all", scope="t1")
+    assert [w["workload"] for w in scoped["workloads"]] == ["t1/w1", "t1/w2"]
+    assert scoped["hiddenWorkloads"] == 1 and "10.0.0.53" not in scoped["addresses"]

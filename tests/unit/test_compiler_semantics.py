@@ -389,3 +389,20 @@ def test_duplicate_ifname_on_a_host_keeps_the_lowest_workload() -> None:
     )
     st = compile_([host("h1"), b, a])
     assert [(v.ifname, v.workload) for v in st["h1"].vnics] == [("dup", "a/x")]
+
+
+def test_unvalidated_junk_compiles_without_crashing() -> None:
+    # Objects built with model_construct skip every validator: the compiler must still not crash.
+    bad_svc = Service.model_construct(
+        metadata=md("bad", "a"), spec=ServiceSpec.model_construct(ports=["99999-1"])
+    )
+    bad_group = Group.model_construct(
+        metadata=md("junk", "a"), spec=GroupSpec.model_construct(selector="((", cidrs=["not-a-cidr"])
+    )
+    bad_rule = Rule.model_construct(
+        name="r", sources=[], destinations=["junk", "any"], services=["bad", "tcp/0-99999"], action="allow"
+    )
+    res = [*base(), bad_svc, bad_group, policy("a", "p", bad_rule)]
+    st = compile_(res)
+    r = the_rule(st, "a/p/r")
+    assert (r.action, r.src_set, r.dst_set, r.services) == ("drop", None, None, ())

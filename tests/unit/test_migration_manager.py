@@ -202,3 +202,43 @@ def test_merge_workload_copies_vnic_rules_and_sets() -> None:
     assert [x.ifname for x in out.vnics] == ["ow1", "ow2"]
     assert out.rules == (rule,) and [s.name for s in out.sets] == ["s1"]
     assert merge_workload(out, src, "acme/w") == out  # idempotent
+
+
+def test_cli_migrate_reports_a_switch_timeout_as_failure(world: dict[str, Any]) -> None:
+    from typer.testing import CliRunner
+
+    from omniwall.cli.main import app as cli
+
+    c, m = world["client"], world["m"]
+    token = c.headers["Authorization"].split(" ", 1)[1]
+    args = ["migrate", "web1", "--to", "h2", "-t", "acme", "--switch-timeout", "0.5"]
+    res = CliRunner().invoke(cli, [*args, "--server", str(c.base_url), "--token", token])
+    assert res.exit_code == 1, res.output
+    assert "switching" in res.output and "did not reach h2" in res.output
+    assert m.get("Workload", "acme", "web1").spec.host == "h1"  # type: ignore[attr-defined]
+    assert "acme/web1" not in _vnics(m, "h2")
+
+
+def test_a_running_record_without_its_thread_keeps_the_overlay_and_can_be_resumed(
+    world: dict[str, Any],
+) -> None:
+    """What a manager restart mid-migration leaves: the record says `switching`, nobody drives it."""
+    import json
+
+    m, c = world["m"], world["client"]
+    stale = {
+        "id": "deadbeef0000", "tenant": "acme", "name": "web1", "source": "h1", "destination": "h2",
+        "started": "2026-11-27T00:00:00.000Z", "phase": "switching", "result": "running",
+    }  # fmt: skip
+    m.store.put("migrations/acme/web1", json.dumps(stale))
+    m.sync()
+    assert "acme/web1" in _vnics(m, "h2") and "acme/web1" in _vnics(m, "h1")  # protected on both
+    r = c.post("/v1/workloads/web1/migrate", params={"tenant": "acme"}, json={"to": "h2"})
+    assert r.status_code == 202, r.text
+    mid = r.json()["id"]
+    assert mid != "deadbeef0000"
+    _until(lambda: _migration(c)["phase"] == "switching")
+    c.post(f"/v1/workloads/web1/migrate/{mid}/switched", params={"tenant": "acme"})
+    _until(lambda: _migration(c)["result"] != "running")
+    assert _migration(c)["result"] == "succeeded"
+    assert _vnics(m, "h1") == set()

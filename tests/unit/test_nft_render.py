@@ -8,17 +8,20 @@ is checked without root.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import random
+import struct
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch
-from omniwall.dataplane.nft import blob
+from omniwall.dataplane.nft import blob, nlbatch
 from omniwall.dataplane.nft.names import safe, vnic_chain
 from omniwall.dataplane.nft.render import (
+    check_prefixes,
     merge_ranges,
     render_delta,
     render_rule,
@@ -147,9 +150,15 @@ class FakeTable:
                 assert t["chains"].get(name) == [], f"delete of missing or non-empty chain {name}"
                 del t["chains"][name]
                 assert name not in self._referenced(t)[1], f"chain {name} deleted while referenced"
+        elif kind == "quota":
+            assert verb == "add", f"{verb} quota"
+            t.setdefault("quotas", {})[name] = obj["bytes"]  # add = create or update in place
         elif kind in ("set", "map"):
             if verb == "add":
                 t["sets"].setdefault(name, {})
+            elif verb == "flush":
+                assert name in t["sets"], f"flush of missing set {name}"
+                t["sets"][name] = {}
             else:
                 assert name in t["sets"], f"delete of missing set {name}"
                 del t["sets"][name]
@@ -180,8 +189,12 @@ class FakeTable:
 
 
 def full(s: HostDesiredState) -> dict[str, Any]:
+    return full_with(s)
+
+
+def full_with(s: HostDesiredState, **kw: Any) -> dict[str, Any]:
     f = FakeTable()
-    f.apply(render_table(s))
+    f.apply(render_table(s, **kw))
     assert f.t is not None
     return f.t
 
@@ -286,7 +299,13 @@ def test_full_table_is_consistent_and_atomic():
         "tapb": {"jump": {"target": "e_tapb"}},
     }
     fwd = [r["comment"] for r in t["chains"]["fwd"]]
-    assert fwd == ["established", "invalid", "dispatch", "dispatch"]  # established first
+    assert fwd == ["established", "invalid", "unknown:ow", "dispatch", "dispatch"]  # established first
+    assert t["chains"]["raw_pre"][0]["comment"] == "unknown:ow"  # before conntrack
+    assert t["sets"]["known_if"] == {"tapa": True, "tapb": True}
+    assert t["quotas"] == {"_rev": s.revision}
+    raw = [r["comment"] for r in full_with(s, prefixes=("tap", "vnet"))["chains"]["raw_pre"]]
+    assert raw[:2] == ["unknown:tap", "unknown:vnet"]
+    assert "unknown:ow" not in [r["comment"] for r in full_with(s, prefixes=())["chains"]["fwd"]]
     assert "c4_nets" in t["sets"] and "c4_web" not in t["sets"] and "a6_web" in t["sets"]
 
 
@@ -370,8 +389,21 @@ def test_element_only_delta_is_minimal():
     assert cmds[0] == {
         "add": {"element": {"family": "inet", "table": "omniwall", "name": "a4_web", "elem": ["10.0.0.7"]}}
     }
-    assert len(cmds) == 3  # the element, then flush + rewrite of the revision chain
-    assert render_delta(s, replace(s, revision=2))[0]["flush"]["chain"]["name"] == "_rev"
+    assert len(cmds) == 2  # the element, then the revision (quota `_rev` updated in place)
+    assert render_delta(s, replace(s, revision=2)) == [
+        {
+            "add": {
+                "quota": {
+                    "family": "inet",
+                    "table": "omniwall",
+                    "name": "_rev",
+                    "bytes": 2,
+                    "used": 0,
+                    "inv": False,
+                }
+            }
+        }
+    ]
 
 
 def test_unknown_set_is_a_clear_error():
@@ -455,3 +487,49 @@ def test_rejudge_agrees_with_sim(seed: int):
                 want = sim.judge_hop(s, v.ifname, direction, pk).verdict
                 got = judge_hop(s, v, direction, pr)[0]
                 assert got == want, f"seed {seed}: {pk.describe()} at {v.ifname} {direction}"
+
+
+# ------------------------------------------------------------------- raw element batches, prefixes
+
+
+def _messages(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    out, off = [], 0
+    while off < len(data):
+        ln, typ, flags, seq = struct.unpack_from("=IHHI", data, off)
+        out.append((typ, flags, seq, data[off + 16 : off + ln]))
+        off += (ln + 3) & ~3
+    return out
+
+
+def test_element_batch_encoding():
+    ops = [
+        nlbatch.ElemOp("delete", "a4_web", "ipv4_addr", ("10.0.0.7",)),
+        nlbatch.ElemOp("add", "a6_web", "ipv6_addr", ()),  # nothing to send
+        nlbatch.ElemOp("add", "a6_web", "ipv6_addr", ("fd00::1", "fd00::2")),
+        nlbatch.QuotaOp("_rev", 2**40 + 7),
+    ]
+    data, seqs = nlbatch.encode("inet", "omniwall", ops, 100)
+    msgs = _messages(data)
+    assert [m[0] for m in msgs] == [0x10, (10 << 8) | 14, (10 << 8) | 12, (10 << 8) | 18, 0x11]
+    assert [m[2] for m in msgs] == [100, 101, 102, 103, 104] and seqs == [101, 102, 103]
+    assert all(m[1] & 0x4 for m in msgs[1:-1])  # every command is acked
+    assert msgs[1][3][0] == 1  # NFPROTO_INET
+    assert b"omniwall\0" in msgs[1][3] and b"a4_web\0" in msgs[1][3]
+    assert bytes([10, 0, 0, 7]) in msgs[1][3]
+    assert ipaddress.ip_address("fd00::2").packed in msgs[2][3]
+    assert struct.pack("!Q", 2**40 + 7) in msgs[3][3]
+    assert nlbatch.key_bytes("ifname", "ow1") == b"ow1" + b"\0" * 13
+    with pytest.raises(ValueError):
+        nlbatch.key_bytes("ipv4_addr", "10.0.0.300")
+    with pytest.raises(ValueError):
+        nlbatch.key_bytes("ifname", "x" * 16)
+
+
+def test_workload_prefixes_are_checked():
+    assert check_prefixes(["tap", "vnet", "tap"]) == ("tap", "vnet")
+    assert check_prefixes([]) == ()
+    for bad in (["ow*"], ["a b"], [""], ["x" * 16]):
+        with pytest.raises(ValueError, match=r"workload_prefixes\[0\]"):
+            check_prefixes(bad)
+    with pytest.raises(ValueError, match="not the string"):
+        check_prefixes("ow")

@@ -35,7 +35,8 @@ def _string(body: dict[str, Any], name: str, *, required: bool = True) -> str | 
     if v is None and not required:
         return None
     if not isinstance(v, str) or not v.strip():
-        raise InvalidResources([Problem("request body", name, "required: a non-empty string")])
+        what = "required: a non-empty string" if required else "must be a non-empty string when given"
+        raise InvalidResources([Problem("request body", name, what)])
     return v
 
 

@@ -76,12 +76,13 @@ def _client(server: str | None, token: str | None) -> Api:
         raise typer.Exit(EXIT_USAGE) from None
 
 
-def _get(api: Api, path: str, params: dict[str, Any]) -> Any:
-    """GET with every failure mapped to exit 2 (the server's message on stderr)."""
+def _get(api: Api, path: str, params: dict[str, Any], code: int = EXIT_USAGE) -> Any:
+    """GET; any failure prints the server's message on stderr and exits `code` (explain: 2; the other
+    client commands exit 1 on an HTTP error, like cli/server_cmds.py)."""
     try:
         resp = api.http.get(path, params={k: v for k, v in params.items() if v is not None})
     except httpx.HTTPError as err:
-        fail(f"cannot reach the manager at {api.server}: {err}")
+        fail(f"cannot reach the manager at {api.server}: {err}", code)
     if resp.status_code >= 400:
         try:
             body = resp.json()
@@ -89,7 +90,7 @@ def _get(api: Api, path: str, params: dict[str, Any]) -> Any:
             extra = [f"  {e.get('path', '')}: {e.get('reason', '')}" for e in body.get("errors", []) or []]
         except ValueError:
             msg, extra = resp.text.strip()[:500], []
-        fail("\n".join([f"{msg} (HTTP {resp.status_code})", *extra]))
+        fail("\n".join([f"{msg} (HTTP {resp.status_code})", *extra]), code)
     return resp.json()
 
 
@@ -171,7 +172,7 @@ def register(app: typer.Typer) -> None:
         """A group's effective members right now: workloads (and why), addresses, CIDRs."""
         if output not in ("table", "json"):
             fail(f"-o {output!r}: expected table or json")
-        d = _get(_client(server, token), f"/v1/groups/{group}/members", {"tenant": tenant})
+        d = _get(Api(server, token), f"/v1/groups/{group}/members", {"tenant": tenant}, 1)
         if output == "json":
             typer.echo(json.dumps(d, indent=2))
         else:
@@ -188,7 +189,7 @@ def register(app: typer.Typer) -> None:
         """Where each rule of a policy is installed, whether every host realized it, and its hits."""
         if output not in ("table", "json"):
             fail(f"-o {output!r}: expected table or json")
-        d = _get(_client(server, token), f"/v1/policies/{policy}/realization", {"tenant": tenant})
+        d = _get(Api(server, token), f"/v1/policies/{policy}/realization", {"tenant": tenant}, 1)
         if output == "json":
             typer.echo(json.dumps(d, indent=2))
         else:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from omniwall import PROVIDER_TENANT
 from omniwall.compiler.labelindex import Change, LabelIndex
 from omniwall.compiler.sets import AddrSet, group_set_name, split_literal
-from omniwall.model.catalog import split_ref
+from omniwall.model.catalog import is_address_literal, split_ref
 from omniwall.model.resources import GroupSpec
 
 Key = tuple[str, str]
@@ -232,7 +232,7 @@ class Groups:
             self.declared_parents.setdefault(n, set()).add(key)
         g.nested = nested
         g.share = frozenset(spec.shareWith)
-        g.own_lits = frozenset(spec.cidrs)
+        g.own_lits = frozenset(c for c in spec.cidrs if is_address_literal(c))  # junk never crashes
 
     def remove_group(self, key: Key) -> GroupNode | None:
         """Empties the group (pushing removals to parents and listeners) and forgets it."""

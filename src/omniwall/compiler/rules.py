@@ -75,7 +75,7 @@ class CompiledRule:
 
 
 def _service_match(spec: ServiceSpec) -> ServiceMatch:
-    proto = spec.protocol.value
+    proto = str(spec.protocol)  # StrEnum (or its value, when validation was skipped)
     ports = spec.port_ranges() if proto in ("tcp", "udp") else ()
     return ServiceMatch(
         protocol=proto,
@@ -106,7 +106,7 @@ def compile_rule(
     """`group_exists(referrer_tenant, key)`: the group exists and the tenant may reference it."""
     tenant = policy.metadata.tenant
     key = (tenant, policy.metadata.name, rule.name)
-    action = rule.action.value
+    action = str(rule.action)
     group_refs: set[Key] = set()
     unions: list[UnionSpec] = []
 
@@ -169,7 +169,11 @@ def compile_rule(
                 svc_failed = True
                 continue
             spec = svc.spec
-        m = _service_match(spec)
+        try:
+            m = _service_match(spec)
+        except ValueError:  # a Service that skipped validation: fail closed
+            svc_failed = True
+            continue
         if m.protocol == "any":
             any_service = True
         matches.add(m)
@@ -208,7 +212,7 @@ def compile_rule(
         tenant=tenant,
         policy=policy.metadata.name,
         rule=rule.name,
-        category=spec.category.value,
+        category=str(spec.category),
         action=action,  # type: ignore[arg-type]
         src_set=src_set,
         dst_set=dst_set,
@@ -220,7 +224,7 @@ def compile_rule(
     return CompiledRule(
         key=key,
         ir=ir,
-        order=order_key(spec.category.value, spec.priority, tenant, policy.metadata.name, index),
+        order=order_key(str(spec.category), spec.priority, tenant, policy.metadata.name, index),
         span_groups=tuple(sorted((g, frozenset(d)) for g, d in span.items())),
         any_dirs=frozenset(any_dirs),
         unions=tuple(unions),

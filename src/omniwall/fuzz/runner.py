@@ -326,7 +326,11 @@ class FuzzLab:
         states = compile_catalog(catalog, self.revision)
         self.drift = []
         if mode == "delta" and self.catalog is not None:
-            self._apply_deltas(catalog, states)
+            try:
+                self._apply_deltas(catalog, states)
+            except BaseException:
+                self._compiler = None  # half-applied: the next program must start from a full table
+                raise
         else:
             for host, backend in self.backends.items():
                 if mode == "fresh":
@@ -462,10 +466,6 @@ def check_scenario(
 
 def scenario_yaml(inventory: Sequence[Any], resources: Sequence[Any]) -> str:
     return dump_yaml([*inventory, *resources])
-
-
-def address_family(addr: str) -> int:
-    return ipaddress.ip_address(addr).version
 
 
 __all__ = [

@@ -162,7 +162,7 @@ class Nft:
         if sent:
             self.writes += 1
             self.element_writes += 1
-            self.last_batch = [op.as_json(family, table) for op in ops]
+            self.last_batch = [op.as_json(family, table) for op in ops if op.sends]
 
     def list_table(self, family: str, name: str, *, terse: bool = False) -> list[dict[str, Any]] | None:
         """`nft -j list table` as a list of objects (metainfo dropped); terse: without set elements."""

@@ -57,6 +57,11 @@ class ElemOp:
     keytype: KeyType
     elems: tuple[str, ...] = ()
 
+    @property
+    def sends(self) -> bool:
+        """False for an add/delete without elements (encoded as nothing)."""
+        return self.verb == "flush" or bool(self.elems)
+
     def as_json(self, family: str, table: str) -> dict[str, Any]:
         """The libnftables JSON command with the same effect (for logs and `Nft.last_batch`)."""
         obj: dict[str, Any] = {"family": family, "table": table, "name": self.name}
@@ -72,6 +77,7 @@ class QuotaOp:
 
     name: str
     value: int
+    sends = True
 
     def as_json(self, family: str, table: str) -> dict[str, Any]:
         q = {"family": family, "table": table, "name": self.name, "bytes": self.value}
@@ -137,7 +143,7 @@ def encode(family: str, table: str, ops: Sequence[Op], seq0: int) -> tuple[bytes
         if op.verb == "flush":  # DELSETELEM without an element list flushes the set
             chunks: list[tuple[str, ...]] = [()]
         else:
-            if not op.elems:
+            if not op.sends:
                 continue
             chunks = [op.elems[i : i + MAX_ELEMS_PER_MSG] for i in range(0, len(op.elems), MAX_ELEMS_PER_MSG)]
         for chunk in chunks:
