@@ -332,13 +332,16 @@ class Bench:
         for k, fn in saved.items():
             setattr(nft, k, timed(k, fn))
         times: list[float] = []
+        by_op: dict[str, list[float]] = {"add": [], "remove": []}
         rev = st.revision
         try:
             for i in range(self.args.delta_reps):
                 d = HostDelta(host="h1", from_revision=rev, to_revision=rev + 1, set_updates=(deltas[i % 2],))
                 t0 = time.perf_counter()
                 b.apply(d)
-                times.append(time.perf_counter() - t0)
+                dt = time.perf_counter() - t0
+                times.append(dt)
+                by_op["add" if i % 2 == 0 else "remove"].append(dt)
                 rev += 1
         finally:
             for k, fn in saved.items():
@@ -353,6 +356,8 @@ class Bench:
             "conntrack_entries": ct_entries,
             "ms_median": statistics.median(times) * 1e3,
             "ms_p90": times[int(len(times) * 0.9)] * 1e3,
+            "add_ms_median": statistics.median(by_op["add"]) * 1e3,
+            "remove_ms_median": statistics.median(by_op["remove"]) * 1e3,
             "kernel_ms_median": statistics.median(kernel) * 1e3,
             "kernel_calls": paths,  # which Nft method carried the change (elements: raw netlink batch)
             "table_consistent": ok,
@@ -418,13 +423,15 @@ def report(arms: list[Arm], set_res: dict[str, Any] | None, delta: dict[str, Any
         m = delta["ms_median"]
         print(
             f"one-element delta, NftBackend.apply: {m:.3f} ms median, p90 {delta['ms_p90']:.3f} ms "
-            f"(kernel {delta['kernel_ms_median']:.3f} ms via {delta['kernel_calls']})"
+            f"(kernel {delta['kernel_ms_median']:.3f} ms via {delta['kernel_calls']}); "
+            f"add {delta['add_ms_median']:.3f} ms, remove {delta['remove_ms_median']:.3f} ms"
         )
         if "busy" in delta:
             bz = delta["busy"]
             print(
                 f"  ... with {bz['conntrack_entries']} conntrack entries: {bz['ms_median']:.3f} ms median, "
-                f"p90 {bz['ms_p90']:.3f} ms"
+                f"p90 {bz['ms_p90']:.3f} ms; add {bz['add_ms_median']:.3f} ms, "
+                f"remove {bz['remove_ms_median']:.3f} ms"
             )
         if "full_sync" in delta:
             fs = delta["full_sync"]

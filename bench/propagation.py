@@ -158,10 +158,10 @@ def bench_lab(changes: int) -> dict[str, Any]:
     with managed_lab([EXAMPLE]) as (lab, cp):
         watches = {h.name: KernelWatch(h.name, h.netns) for h in lab.plan.hosts}
         try:
-            time.sleep(0.5)  # monitors subscribed
             client = cp.client()
             path, params = "/v1/workloads/web-1", {"tenant": "tenant-a"}
             obj = cp.api("GET", path, params=params)
+            obj = _warm_up(client, path, params, obj, watches)
             latencies, put_ms, first_ms, affected_counts, probes_ok, probes = [], [], [], [], 0, 0
             tier = obj["metadata"]["labels"].get("tier", "web")
             for i in range(changes):
@@ -199,6 +199,30 @@ def bench_lab(changes: int) -> dict[str, Any]:
             for w in watches.values():
                 w.close()
     return out
+
+
+def _warm_up(
+    client: httpx.Client,
+    path: str,
+    params: dict[str, str],
+    obj: dict[str, Any],
+    watches: dict[str, KernelWatch],
+) -> dict[str, Any]:
+    """Untimed changes until every monitor has reported one: `nft monitor` subscribes a little after
+    it starts (later on a busy machine), and a change it missed would count as lost."""
+    for _ in range(20):
+        labels = obj["metadata"]["labels"]
+        labels["tier"] = "app" if labels.get("tier", "web") == "web" else "web"
+        resp = client.put(path, params=params, json=obj)
+        resp.raise_for_status()
+        obj = resp.json()
+        rev = int(obj["metadata"]["revision"])
+        seen = [w.wait_for(rev, timeout=3.0) is not None for w in watches.values()]
+        for w in watches.values():
+            w.drain()
+        if all(seen):
+            return obj
+    raise RuntimeError("nft monitor never reported a change in every host namespace")
 
 
 # ------------------------------------------------------------------------------------- (b) fan-out

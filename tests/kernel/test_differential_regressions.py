@@ -110,7 +110,7 @@ class Scenario:
 # Found by seed 300 (lab 300, round 0), first as a false mismatch of the harness: the sim rejects the
 # SYN at the server's ingress, but the client's host did not track the SYN (a stateless rule matched it
 # there), so the TCP reset coming back is `ct state invalid` on the client's host and dropped: the client
-# times out. The harness now follows the reset back (`runner.sim_refuses`). Same host, or a tracked SYN:
+# times out. The harness now follows the reset back (`compare.sim_refuses`). Same host, or a tracked SYN:
 # the reset arrives.
 SCENARIOS = [
     Scenario(

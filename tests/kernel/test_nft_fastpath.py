@@ -11,8 +11,9 @@ from dataclasses import replace
 import pytest
 from topo import open_stream, rule, state, stream_alive, tcp, tcp_connect, vnic
 
-from omniwall.compiler.ir import IRSet, diff
+from omniwall.compiler.ir import HostDelta, IRSet, SetUpdate, diff
 from omniwall.dataplane.nft.backend import normalized
+from omniwall.dataplane.nft.libnft import NftError
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("root_untouched")]
 
@@ -156,3 +157,20 @@ def test_one_member_delta_latency_on_a_big_table(trio, backends):
         f"p90 {times[180] * 1e3:.3f} ms (2k rules, 20k members)"
     )
     assert normalized(be.realized()) == normalized(s)
+
+
+def test_refused_batch_changes_nothing_and_the_next_one_works(trio, backends):
+    h, a, b, c = trio
+    be = backends(h)
+    s1 = guarded(1, a, b, c, a.addresses)
+    be.sync(s1)
+    web = s1.sets[1]
+    # the delta claims a member the kernel does not hold: the kernel refuses the whole batch
+    bogus = HostDelta("h", 1, 2, set_updates=(SetUpdate(full=web, removed_addresses=("10.55.0.1",)),))
+    with pytest.raises(NftError, match="element batch"):
+        be.apply(bogus)
+    assert normalized(be.realized()) == normalized(s1)  # revision 1, members untouched
+    s2 = guarded(2, a, b, c, (*a.addresses, c.ip4))
+    be.apply(diff(s1, s2))
+    assert normalized(be.realized()) == normalized(s2)
+    assert tcp_connect(c.ns, b.ip4, 8080) == "open"

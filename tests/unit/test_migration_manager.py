@@ -242,3 +242,25 @@ def test_a_running_record_without_its_thread_keeps_the_overlay_and_can_be_resume
     _until(lambda: _migration(c)["result"] != "running")
     assert _migration(c)["result"] == "succeeded"
     assert _vnics(m, "h1") == set()
+
+
+def test_who_may_migrate_and_answer_commands(world: dict[str, Any]) -> None:
+    m, c = world["m"], world["client"]
+    url = str(c.base_url)
+
+    def as_(token: str) -> httpx.Client:
+        return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+    viewer = m.tokens.create("tenant-viewer", tenant="acme")[0]
+    other = m.tokens.create("tenant-admin", tenant="other")[0]
+    agent1 = m.tokens.create("agent", host="h1")[0]
+    body = {"to": "h2"}
+    with as_(viewer) as v, as_(other) as o, as_(agent1) as a:
+        r = v.post("/v1/workloads/web1/migrate", params={"tenant": "acme"}, json=body)
+        assert r.status_code == 403 and r.json()["permission"] == "resources.write"
+        assert o.post("/v1/workloads/web1/migrate", params={"tenant": "acme"}, json=body).status_code == 404
+        assert o.get("/v1/workloads/web1/migration", params={"tenant": "acme"}).status_code == 404
+        assert a.post("/v1/workloads/web1/migrate", params={"tenant": "acme"}, json=body).status_code == 403
+        assert a.post("/v1/hosts/h2/commands/x", json={}).status_code == 403  # another host's
+        assert a.post("/v1/hosts/h1/commands/x", json={}).status_code == 404  # no such command
+    assert m.migrations.get("acme", "web1") is None  # nothing was started

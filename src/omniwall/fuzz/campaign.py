@@ -112,7 +112,7 @@ def run_campaign(
     while summary.probes < probes:
         inv = generate_inventory(lab_seed, workloads=workloads, hosts=hosts)
         pick = random.Random(f"programming/{lab_seed}")
-        with FuzzLab(inv.resources, timeout=timeout) as fl:
+        with FuzzLab(inv.resources, inv.outside_resources, timeout=timeout) as fl:
             summary.labs += 1
             if fl.lab is not None:
                 summary.prefixes.append(fl.lab.prefix)
@@ -138,7 +138,7 @@ def run_campaign(
                             for f in traceback.extract_tb(e.__traceback__)[-4:]
                         ],
                         "previous_yaml": previous,
-                        "scenario_yaml": scenario_yaml(inv.resources, policy),
+                        "scenario_yaml": scenario_yaml(inv.lab_resources, policy),
                     }
                     _keep(summary, out, [rec])
                     if log:
@@ -156,12 +156,12 @@ def run_campaign(
                         "programming": mode,
                         "error": f"incremental compiler state differs from a full compile on {result.drift}",
                         "previous_yaml": previous,
-                        "scenario_yaml": scenario_yaml(inv.resources, policy),
+                        "scenario_yaml": scenario_yaml(inv.lab_resources, policy),
                     }
                     _keep(summary, out, [rec])
                     if log:
                         log(f"ERROR lab {lab_seed} round {rnd}: {rec['error']}")
-                previous = scenario_yaml(inv.resources, policy)  # what the kernel holds now
+                previous = scenario_yaml(inv.lab_resources, policy)  # what the kernel holds now
                 summary.rounds += 1
                 summary.probes += result.probes
                 summary.allowed += result.allowed
@@ -170,13 +170,13 @@ def run_campaign(
                 summary.elapsed = time.monotonic() - start
                 bad = result.mismatches + result.flaky
                 if bad:
-                    yaml_text = scenario_yaml(inv.resources, policy)
+                    yaml_text = scenario_yaml(inv.lab_resources, policy)
                     records = [_record(lab_seed, rnd, result, o, yaml_text) for o in bad]
                     if shrink and result.mismatches:
                         if log:
                             log(f"shrinking lab {lab_seed} round {rnd}: {result.mismatches[0].case}")
                         small = minimize(fl, policy, result.mismatches[0].case, budget=shrink_budget, log=log)
-                        records[0]["minimized_yaml"] = previous = scenario_yaml(inv.resources, small)
+                        records[0]["minimized_yaml"] = previous = scenario_yaml(inv.lab_resources, small)
                     _keep(summary, out, records)
                     summary.elapsed = time.monotonic() - start
                 if on_round:

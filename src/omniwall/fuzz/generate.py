@@ -4,7 +4,8 @@ A scenario has two halves:
 - the **inventory** (`generate_inventory(seed)`): 2-3 Hosts and 4-8 Workloads (some owned by the
   provider) with labels and attributes, a vNIC with an IPv4 and an IPv6 address (some workloads: a
   second vNIC, or a second address pair), and responders on every fuzz port. A lab is built from it,
-  so it stays fixed while policies change;
+  so it stays fixed while policies change. The lab also gets an *outside* host and workload that the
+  compiler never sees (`outside_resources`), to probe addresses outside the inventory;
 - the **policy** (`generate_policy(inventory, seed)`): Tenants (default drop/allow/reject, some in
   monitor mode), Groups (selectors, static workloads, nested groups, CIDRs, shared provider groups),
   Services (tcp/udp ports, lists and ranges, icmp types/codes, any) and Policies in every category, with
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,8 @@ EPHEMERAL_SPORT = 40000  # inside the kernel's ephemeral range; see the module d
 V4_NET = ipaddress.ip_network("10.88.0.0/16")
 V6_NET = ipaddress.ip_network("fd00:88::/32")
 TENANTS = ("t1", "t2", "t3")
+OUTSIDE_LABEL = "fuzz.omniwall.io/outside"
+OUTSIDE_IPS = ("10.88.9.10", "fd00:88:9::a")
 
 # Inline services: probes hit some and miss others (range edges around the fuzz ports).
 TCP_SERVICES = (
@@ -115,6 +117,15 @@ class Inventory:
     workloads: tuple[WorkloadInfo, ...]
     tenants: tuple[str, ...]  # tenants other than the provider (some may have no workloads)
     resources: tuple[Any, ...]  # Hosts and Workloads
+    # Lab-only: a Host and a Workload outside the inventory (labelled OUTSIDE_LABEL). The lab builds
+    # them, the compiler never sees them: traffic to and from `outside_ips` is judged at the inventory
+    # side only, and crosses the outside host unfiltered, as from a machine Omniwall does not manage.
+    outside_resources: tuple[Any, ...] = ()
+    outside_ips: tuple[str, ...] = ()
+
+    @property
+    def lab_resources(self) -> tuple[Any, ...]:
+        return (*self.resources, *self.outside_resources)
 
     def workloads_of(self, tenant: str) -> list[WorkloadInfo]:
         return [w for w in self.workloads if w.tenant == tenant]
@@ -126,8 +137,35 @@ def _ips(i: int) -> tuple[str, str]:
     return f"10.88.{subnet}.{10 + i}", f"fd00:88:{subnet}::{10 + i:x}"
 
 
+def outside_resources(ip4: str = OUTSIDE_IPS[0], ip6: str = OUTSIDE_IPS[1]) -> tuple[Any, ...]:
+    """A Host and a Workload for the lab only (see `Inventory.outside_resources`)."""
+    labels = {OUTSIDE_LABEL: "true"}
+    return (
+        resource({"kind": "Host", "metadata": {"name": "outside", "labels": labels}}),
+        resource(
+            {
+                "kind": "Workload",
+                "metadata": {"name": "ext", "tenant": "outside", "labels": labels},
+                "spec": {
+                    "host": "outside",
+                    "vnics": [{"name": "eth0", "ips": [ip4, ip6]}],
+                    "lab": {"servers": list(SERVERS)},
+                },
+            }
+        ),
+    )
+
+
+def is_outside(r: Any) -> bool:
+    return r.metadata.labels.get(OUTSIDE_LABEL) == "true"
+
+
 def generate_inventory(
-    seed: int, *, workloads: int | tuple[int, int] = (4, 8), hosts: int | tuple[int, int] = (2, 3)
+    seed: int,
+    *,
+    workloads: int | tuple[int, int] = (4, 8),
+    hosts: int | tuple[int, int] = (2, 3),
+    outside: bool = True,
 ) -> Inventory:
     rng = random.Random(f"inventory/{seed}")
     n_hosts = hosts if isinstance(hosts, int) else rng.randint(*hosts)
@@ -176,7 +214,10 @@ def generate_inventory(
                 }
             )
         )
-    return Inventory(seed, host_names, tuple(infos), tenants, tuple(out))
+    extra = outside_resources() if outside else ()
+    return Inventory(
+        seed, host_names, tuple(infos), tenants, tuple(out), extra, OUTSIDE_IPS if outside else ()
+    )
 
 
 # ------------------------------------------------------------------------------------------- policy
@@ -217,10 +258,13 @@ def _selector(rng: random.Random, depth: int = 0) -> str:
 
 
 def _cidr(rng: random.Random, inv: Inventory, literal: bool = False) -> str:
-    """A CIDR (or address) that covers one workload and maybe more, or nothing in the inventory."""
+    """A CIDR (or address) that covers one workload (or the outside one) and maybe more, or nothing."""
     if rng.random() < 0.1:
         return rng.choice(("192.0.2.0/24", "2001:db8::/32", "10.99.0.0/16"))
-    ip = ipaddress.ip_address(rng.choice(rng.choice(inv.workloads).ips))
+    if inv.outside_ips and rng.random() < 0.15:
+        ip = ipaddress.ip_address(rng.choice(inv.outside_ips))
+    else:
+        ip = ipaddress.ip_address(rng.choice(rng.choice(inv.workloads).ips))
     if literal and rng.random() < 0.5:
         return str(ip)
     lengths = (32, 31, 30, 28, 24, 16, 8, 0) if ip.version == 4 else (128, 127, 124, 64, 48, 32, 0)
@@ -406,13 +450,9 @@ def generate(seed: int, **inventory_args: Any) -> list[Any]:
     return [*inv.resources, *generate_policy(inv, 0)]
 
 
-def policy_only(resources: Sequence[Any]) -> list[Any]:
-    """The resources of a scenario that are not inventory (what a round re-programs)."""
-    return [r for r in resources if r.kind not in ("Host", "Workload")]
-
-
 __all__ = [
     "EPHEMERAL_SPORT",
+    "OUTSIDE_LABEL",
     "SERVERS",
     "TCP_PORTS",
     "UDP_PORTS",
@@ -421,5 +461,6 @@ __all__ = [
     "generate",
     "generate_inventory",
     "generate_policy",
-    "policy_only",
+    "is_outside",
+    "outside_resources",
 ]

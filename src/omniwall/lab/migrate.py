@@ -30,7 +30,7 @@ from omniwall.lab.plan import FABRIC_IFNAME, GATEWAY4, GATEWAY6, LabPlan
 from omniwall.lab.topology import IFA_F_NODAD, _host_routes
 
 POLL = 0.01
-NUD_PERMANENT = 0x80
+NUD_REACHABLE, NUD_PERMANENT = 0x02, 0x80
 FALLBACK = 4096  # metric of the source's temporary route to the moving workload via the destination
 
 
@@ -60,9 +60,11 @@ def move_vnics(plan: LabPlan, workload: str, to_host: str, *, ipv6: bool = True)
         # cache: a packet sent then makes it ARP for the gateway into a dead link, and the next try is
         # 1 s later (measured: 1-2 s stalls). A VM keeps its neighbours across a migration; pin the
         # gateway to the MAC that moves with the link.
+        wmacs: dict[str, str] = {}
         for v in w.vnics:
             mac = sipr.get_links(links[v.host_ifname])[0].get_attr("IFLA_ADDRESS")
             wipr, widx = nl.ipr(w.netns), nl.index(w.netns, v.name)
+            wmacs[v.host_ifname] = wipr.get_links(widx)[0].get_attr("IFLA_ADDRESS")
             wipr.neigh("replace", dst=GATEWAY4, lladdr=mac, ifindex=widx, state=NUD_PERMANENT)
             if ipv6:
                 wipr.neigh(
@@ -84,6 +86,22 @@ def move_vnics(plan: LabPlan, workload: str, to_host: str, *, ipv6: bool = True)
             if ipv6:
                 dipr.addr("add", index=idx, address=GATEWAY6, prefixlen=64, flags=IFA_F_NODAD)
             dipr.link("set", index=idx, state="up")
+            # What a migrated VM announces (QEMU's self-announce): its MAC. Without it the destination
+            # ARPs for the workload while the workload's end of the veth may still be inactive (its
+            # qdisc comes back when the kernel's linkwatch worker runs; slow on a loaded machine)
+            # and retries only 1 s later (measured: 0.4-1 s stalls after some moves).
+            v = next(x for x in w.vnics if x.host_ifname == ifname)
+            for ip in v.ips4:
+                dipr.neigh("replace", dst=ip, lladdr=wmacs[ifname], ifindex=idx, state=NUD_REACHABLE)
+            for ip in v.ips6 if ipv6 else ():
+                dipr.neigh(
+                    "replace",
+                    dst=ip,
+                    lladdr=wmacs[ifname],
+                    ifindex=idx,
+                    state=NUD_REACHABLE,
+                    family=socket.AF_INET6,
+                )
         order = [to_host] + [h.name for h in new_plan.hosts if h.name not in (to_host, src.name)] + [src.name]
         for h in order:
             _host_routes(nl, new_plan, h, ipv6=ipv6)

@@ -53,6 +53,7 @@ from .objects import (
     split_key,
     with_metadata,
 )
+from .overlay import overlay
 from .tokens import TokenBook
 
 log = logging.getLogger(__name__)
@@ -461,6 +462,7 @@ class Manager:
             after = self._compile(plan.catalog, self._rev + 1)
         except Exception as err:
             return {"error": describe(err), "hosts": [], "totals": _totals([])}
+        after.update(overlay(after, self.migrations.moves()))  # as the feeds will see it (migration)
         current = self.desired.all()
         hosts = []
         for host in sorted(set(after) | set(current)):

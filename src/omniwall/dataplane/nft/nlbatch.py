@@ -207,7 +207,7 @@ class ElemSocket:
                 ln, typ, _flags, seq = struct.unpack_from("=IHHI", buf, off)
                 if ln < 16:
                     break
-                if typ == NLMSG_ERROR:
+                if typ == NLMSG_ERROR and begin <= seq <= self._seq:  # not a late ack of an older batch
                     (err,) = struct.unpack_from("=i", buf, off + 16)
                     if err and failure is None:
                         failure = BatchError(-err, seq)

@@ -8,6 +8,7 @@ agree; the sim (`omniwall.sim.evaluate`) implements the same contract independen
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,9 +39,27 @@ def _net(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(cidr, strict=False)
 
 
+_MEMBERS: dict[int, tuple[tuple[str, ...], frozenset[str]]] = {}  # id(addresses) -> (them, canonical)
+_MEMBERS_MAX = 64
+
+
+def _members(addresses: tuple[str, ...]) -> frozenset[str]:
+    """The canonical members of an address tuple, built once per tuple (sets hold up to 100k+ members;
+    a per-lookup scan made one re-judged connection cost O(members))."""
+    hit = _MEMBERS.get(id(addresses))
+    if hit is not None and hit[0] is addresses:
+        return hit[1]
+    canon = frozenset(str(ipaddress.ip_address(a)) for a in addresses)
+    if len(_MEMBERS) >= _MEMBERS_MAX:
+        with contextlib.suppress(StopIteration, KeyError, RuntimeError):  # another thread got there
+            _MEMBERS.pop(next(iter(_MEMBERS)))  # oldest first
+    _MEMBERS[id(addresses)] = (addresses, canon)  # keeps the tuple alive, so its id stays its own
+    return canon
+
+
 def in_set(addr: str, s: IRSet) -> bool:
     ip = ipaddress.ip_address(addr)
-    if any(ipaddress.ip_address(a) == ip for a in s.addresses):
+    if str(ip) in _members(s.addresses):
         return True
     return any(ip.version == _net(c).version and ip in _net(c) for c in s.cidrs)
 
@@ -65,9 +84,22 @@ def rule_matches(rule: IRRule, sets: dict[str, IRSet], p: Probe) -> bool:
     return not rule.services or any(service_matches(s, p) for s in rule.services)
 
 
+_MAPS: list[tuple[tuple[IRRule, ...], tuple[IRSet, ...], dict[int, IRRule], dict[str, IRSet]]] = []
+
+
+def _maps(state: HostDesiredState) -> tuple[dict[int, IRRule], dict[str, IRSet]]:
+    """state.rule_map() and set_map(), kept while the state's tuples are the same objects (revocation
+    judges many connections under one state; rebuilding them per hop was O(rules) each)."""
+    hit = _MAPS[0] if _MAPS else None  # read once: backends of several hosts may share this process
+    if hit is None or hit[0] is not state.rules or hit[1] is not state.sets:
+        hit = (state.rules, state.sets, state.rule_map(), state.set_map())
+        _MAPS[:] = [hit]
+    return hit[2], hit[3]
+
+
 def judge_hop(state: HostDesiredState, vnic: IRVnic, direction: str, p: Probe) -> tuple[str, int]:
     """(verdict, rule id; 0 = default action). Verdicts: allow, drop, reject (monitor counts as allow)."""
-    rmap, sets = state.rule_map(), state.set_map()
+    rmap, sets = _maps(state)
     if direction == "egress":
         if not any(ipaddress.ip_address(a) == ipaddress.ip_address(p.src) for a in vnic.addresses):
             return "drop", 0  # anti-spoofing
