@@ -98,7 +98,7 @@ class Inventory:
             labels = {
                 "app": app,
                 "tier": TIERS[(i // napps) % len(TIERS)],
-                "env": ENVS[hash(app) % len(ENVS)] if False else ENVS[(i // napps // 4) % len(ENVS)],
+                "env": ENVS[(i // napps // 4) % len(ENVS)],
                 "zone": rnd.choice(ZONES),
             }
             ip = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"

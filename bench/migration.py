@@ -11,8 +11,11 @@ phases, the lab moving the veth and the routes). All the time:
   checked byte for byte: a connection "survives" when it never errored or reset and every byte came
   back intact and in order);
 - a UDP flow (a datagram every 10 ms, echoed);
-- two denied-flow probers (bad -> srv tcp/5001, cli -> srv tcp/7001; something listens on both ports,
-  the policy refuses both), four connect() threads each: successes must be 0.
+- connection churn: a new short TCP connection cli -> srv:5001 every ~10 ms (what the second copy of
+  the entries after the switch is for: handshakes under way during the move);
+- three denied-flow probers, four connect() threads each: into srv (bad -> srv tcp/5001, cli -> srv
+  tcp/7001) and out of it (srv -> bad tcp/6000); something listens on every port, the policy refuses
+  all three: successes must be 0.
 Migration time = the manager's record, `started` -> `done` (the destination has enforced, entries
 copied, vNIC moved, spec.host written, the source has dropped the chains and its entries); also the
 client's wall time around `migrate()` and the vNIC-move step alone (phase `switching` -> `switched`).
@@ -61,7 +64,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def run(n: int, hold: float = 1.0) -> dict[str, Any]:
+def run(n: int, hold: float = 1.0, second_copy: bool = True) -> dict[str, Any]:
     with managed_lab(MOBILITY, ipv6=False) as (lab, _cp):
         cli, srv, bad = (lab.plan.workload(f"t1/{x}") for x in ("cli", "srv", "bad"))
         srv_ip, cli_ip = srv.vnics[0].ips[0], cli.vnics[0].ips[0]
@@ -69,6 +72,7 @@ def run(n: int, hold: float = 1.0) -> dict[str, Any]:
             Flow("tcp-echo", srv.netns, ("5001",)).start(),
             Flow("udp-echo", srv.netns, ("5002",)).start(),
             Flow("tcp-echo", cli.netns, ("5011",)).start(),
+            Flow("tcp-echo", bad.netns, ("6000",)).start(),
         ]
         wait_port(cli.netns, srv_ip, 5001)
         flows = {
@@ -77,6 +81,8 @@ def run(n: int, hold: float = 1.0) -> dict[str, Any]:
             "udp cli->srv": Flow("udp-flow", cli.netns, (srv_ip, "5002")).start(),
             "denied bad->srv:5001": Flow("tcp-prober", bad.netns, (srv_ip, "5001")).start(),
             "denied cli->srv:7001": Flow("tcp-prober", cli.netns, (srv_ip, "7001")).start(),
+            "churn cli->srv": Flow("tcp-churn", cli.netns, (srv_ip, "5001")).start(),
+            "denied srv->bad:6000": Flow("tcp-prober", srv.netns, (bad.vnics[0].ips[0], "6000")).start(),
         }
         hosts = [h.name for h in lab.plan.hosts]
         records: list[dict[str, Any]] = []
@@ -90,7 +96,7 @@ def run(n: int, hold: float = 1.0) -> dict[str, Any]:
                 dst = hosts[(hosts.index(here) + 1) % len(hosts)]
                 t0 = time.monotonic()
                 try:
-                    rec = migrate(lab, "t1/srv", dst)
+                    rec = migrate(lab, "t1/srv", dst, api_options={"secondCopy": second_copy})
                 except Exception as e:  # keep soaking; count it
                     failures.append(f"#{i} {here}->{dst}: {e}")
                     continue
@@ -146,6 +152,8 @@ def run(n: int, hold: float = 1.0) -> dict[str, Any]:
         },
         "tcp": tcp,
         "tcpSurviving": f"{sum(1 for v in tcp.values() if v.get('ok'))}/{len(tcp)}",
+        "churn": results["churn cli->srv"],
+        "secondCopy": second_copy,
         "udp": results["udp cli->srv"],
         "denied": denied,
         "deniedSuccesses": sum(v.get("successes", 0) for v in denied.values()),
@@ -157,11 +165,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--migrations", type=int, default=100)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-second-copy", action="store_true", help="skip the copy after the switch")
     ap.add_argument("--hold", type=float, default=1.0, help="seconds of traffic before the first migration")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces, nftables)")
-    out = run(a.migrations, a.hold)
+    out = run(a.migrations, a.hold, not a.no_second_copy)
     text = json.dumps(out, indent=1)
     print(text)
     if a.json:

@@ -9,7 +9,7 @@
     tenant-a/web-1 between `web` and `app` with a PUT; that moves web-1's address between two address
     sets and changes the rules at web-1's vNIC, on all three hosts. `nft monitor` runs in every host
     namespace; a host has enforced revision R when the transaction that writes R into the table's `_rev`
-    chain commits (the monitor's "new generation" line: one transaction carries the policy change and
+    quota commits (the monitor's "new generation" line: one transaction carries the policy change and
     the revision). Latency = PUT sent -> the last affected host's commit. Affected hosts = those whose
     desired revision became R (GET /v1/status afterwards). Every 10th change is also checked with real
     traffic (web-1 -> db-1 tcp/5432 must be allowed exactly when web-1 is in the app tier).
@@ -93,7 +93,11 @@ def _cpu_model() -> str:
 # ------------------------------------------------------------------------------------- (a) lab -> kernel
 
 GEN_RE = re.compile(r"^# new generation (\d+)")
-REV_RE = re.compile(r'^add rule inet omniwall _rev .*comment "(\d+)"')
+# The revision is written in the same transaction as the change: a quota object `_rev` whose byte count
+# is the revision (older backends: a rule comment in chain `_rev`).
+REV_RE = re.compile(
+    r'^add (?:quota inet omniwall _rev \{ (\d+) bytes|rule inet omniwall _rev .*comment "(\d+)")'
+)
 
 
 class KernelWatch:
@@ -119,7 +123,7 @@ class KernelWatch:
             now = time.perf_counter()
             m = REV_RE.match(line)
             if m:
-                pending = int(m.group(1))
+                pending = int(m.group(1) or m.group(2))
             elif GEN_RE.match(line) and pending is not None:
                 self.commits.put((pending, now))
                 pending = None

@@ -56,7 +56,8 @@ def _other(lab: Any, workload: str, avoid: str = "") -> str:
 
 
 class Traffic:
-    """Echo servers, two TCP streams (to and from srv), a UDP flow, two denied probers."""
+    """Echo servers, two TCP streams (to and from srv), a UDP flow, three denied probers (two into
+    srv, one out of it)."""
 
     def __init__(self, lab: Any) -> None:
         from omniwall.lab.streams import Flow, wait_port
@@ -66,6 +67,7 @@ class Traffic:
             Flow("tcp-echo", srv.netns, ("5001",)).start(),
             Flow("udp-echo", srv.netns, ("5002",)).start(),
             Flow("tcp-echo", cli.netns, ("5011",)).start(),
+            Flow("tcp-echo", bad.netns, ("6000",)).start(),
         ]
         srv_ip, cli_ip = srv.vnics[0].ips[0], cli.vnics[0].ips[0]
         wait_port(cli.netns, srv_ip, 5001)
@@ -75,6 +77,7 @@ class Traffic:
             "udp": Flow("udp-flow", cli.netns, (srv_ip, "5002")).start(),
             "intruder": Flow("tcp-prober", bad.netns, (srv_ip, "5001")).start(),
             "wrong-port": Flow("tcp-prober", cli.netns, (srv_ip, "7001")).start(),
+            "egress": Flow("tcp-prober", srv.netns, (bad.vnics[0].ips[0], "6000")).start(),
         }
 
     def stop(self) -> dict[str, dict[str, Any]]:
@@ -113,7 +116,7 @@ def test_tcp_and_udp_survive_and_denied_probe_never_succeeds(managed: tuple[Any,
         assert res[k]["ok"], (k, res[k])  # no reset, every byte back, in order
         assert res[k]["sent"] > 1_000_000, res[k]
     assert res["udp"]["replies"] > 100 and res["udp"]["lastReplyAgoMs"] < 500, res["udp"]  # resumed
-    for k in ("intruder", "wrong-port"):
+    for k in ("intruder", "wrong-port", "egress"):
         assert res[k]["attempts"] > 20 and res[k]["successes"] == 0, (k, res[k])
     # the policy is on the destination, nothing of it on the source
     assert lab.plan.workload("t1/srv").host == dst
@@ -150,7 +153,7 @@ def test_failed_import_rolls_back_and_keeps_the_workload_protected(managed: tupl
     assert cp.api("GET", "/v1/workloads/srv", params={"tenant": "t1"})["spec"]["host"] == src
     for k in ("to-srv", "from-srv"):
         assert res[k]["ok"], (k, res[k])
-    for k in ("intruder", "wrong-port"):
+    for k in ("intruder", "wrong-port", "egress"):
         assert res[k]["successes"] == 0, (k, res[k])
 
 

@@ -174,3 +174,26 @@ def test_refused_batch_changes_nothing_and_the_next_one_works(trio, backends):
     be.apply(diff(s1, s2))
     assert normalized(be.realized()) == normalized(s2)
     assert tcp_connect(c.ns, b.ip4, 8080) == "open"
+
+
+def test_async_revocation_returns_first_and_cuts_soon_after(trio, backends):
+    """`revoke_async=True`: apply() returns after the kernel commit; the conntrack work (hash walks)
+    runs on the namespace thread right after."""
+    h, a, b, c = trio
+    be = backends(h, revoke_async=True)
+    s1 = guarded(1, a, b, c, (*a.addresses, c.ip4))
+    be.sync(s1)
+    stream_a, stream_c = open_stream(a.ns, b.ip4, 8080), open_stream(c.ns, b.ip4, 8080)
+    try:
+        assert stream_alive(stream_a) and stream_alive(stream_c)
+        s2 = guarded(2, a, b, c, a.addresses)  # c leaves 'web'
+        be.apply(diff(s1, s2))
+        be.wait_revocation()
+        assert {(e.src, e.dport) for e in be.last_revoked} == {(c.ip4, 8080)}
+        assert not stream_alive(stream_c) and stream_alive(stream_a)
+        # members added to a set only allow rules use: nothing queued at all
+        be.apply(diff(s2, guarded(3, a, b, c, (*a.addresses, "10.55.0.1"))))
+        assert be._revocations == []
+    finally:
+        stream_a.close()
+        stream_c.close()

@@ -78,7 +78,7 @@ def workloads(draw: st.DrawFn) -> Workload:
 def refs(t: str) -> st.SearchStrategy[str]:
     own = st.sampled_from([f"g{i}" for i in range(3)])
     other = st.sampled_from(["infra/g0", "infra/g1", "a/g0", "b/g1"])
-    return st.one_of(own, own, other) if True else own
+    return st.one_of(own, own, other)
 
 
 @st.composite

@@ -89,7 +89,9 @@ def scoped(body: dict[str, Any], tenant: str) -> dict[str, Any]:
     for section in ("request", "reply", "ack"):
         path = out.get(section)
         if path is not None:
-            out[section] = {**path, "hops": [_redact_hop(h, tenant) for h in path["hops"]]}
+            # untracked_hosts names hosts (other tenants' too): Hosts do not exist for a tenant
+            hops = [_redact_hop(h, tenant) for h in path["hops"]]
+            out[section] = {**path, "hops": hops, "untracked_hosts": []}
     return out
 
 

@@ -32,6 +32,11 @@ class MigrateRequest(BaseModel):
     command_timeout: float = Field(30.0, gt=0, le=600, alias="commandTimeout")
     switch_timeout: float = Field(120.0, gt=0, le=3600, alias="switchTimeout")
     fail_at: str | None = Field(None, alias="failAt", description=f"tests only ({FAULTS_ENV}=1)")
+    second_copy: bool = Field(
+        True,
+        alias="secondCopy",
+        description="copy the entries again after the switch (flows opened meanwhile)",
+    )
 
 
 class CommandResult(BaseModel):
@@ -54,7 +59,9 @@ def router() -> APIRouter:
         t = read_tenant(p, tenant)
         check_visible(p, m.get("Workload", t, name), m.catalog, f"Workload/{t}/{name}")
         check_write(p, "Workload", t, name)
-        opts = Options(body.prepare_timeout, body.command_timeout, body.switch_timeout, body.fail_at)
+        opts = Options(
+            body.prepare_timeout, body.command_timeout, body.switch_timeout, body.fail_at, body.second_copy
+        )
         mig = await asyncio.to_thread(m.migrations.start, t, name, body.to, p.actor, opts)
         if not body.wait:
             return mig.to_json()

@@ -78,9 +78,9 @@ def _service_match(spec: ServiceSpec) -> ServiceMatch:
     proto = str(spec.protocol)  # StrEnum (or its value, when validation was skipped)
     ports = spec.port_ranges() if proto in ("tcp", "udp") else ()
     return ServiceMatch(
-        protocol=proto,
+        protocol=proto,  # type: ignore[arg-type]
         ports=tuple(sorted(set(ports))),
-        icmp_type=spec.icmpType,  # type: ignore[arg-type]
+        icmp_type=spec.icmpType,
         icmp_code=spec.icmpCode,
     )
 

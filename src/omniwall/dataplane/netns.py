@@ -135,6 +135,14 @@ class NetnsThread:
         self._q.put((lambda: fn(*args, **kwargs), fut))
         return fut.result()
 
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        """Queue fn on the thread and return at once (work after the caller's critical path)."""
+        if not self._thread.is_alive():
+            raise NetnsError(f"netns thread for {self.netns!r} is not running")
+        fut: Future[T] = Future()
+        self._q.put((lambda: fn(*args, **kwargs), fut))
+        return fut
+
     def close(self) -> None:
         if self._thread.is_alive():
             self._q.put(None)

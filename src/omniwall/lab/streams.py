@@ -9,6 +9,7 @@ SIGTERM (by PID, ours only), and printing one JSON line with what it saw:
   every echoed byte checked against the pattern): `{sent, received, ok, error, maxGapMs}`. `ok` means
   no reset, no error, and after the final drain every byte sent came back, in order and intact.
 - `udp-flow HOST PORT`: a numbered datagram every 10 ms: `{sent, replies, maxGapMs, lastReplyAgoMs}`.
+- `tcp-churn HOST PORT`: a new short connection every ~10 ms: `{connections, ok, slow, failed}`.
 - `tcp-prober HOST PORT`: connect() again and again, 4 threads, 0.1 s timeout: `{attempts, successes}`.
 """
 
@@ -108,6 +109,26 @@ elif role == "udp-flow":
                 if first is not None: st["maxGapMs"] = max(st["maxGapMs"], round((now - last) * 1000, 1))
                 first = first or now; last = now; st["replies"] += 1
     st["lastReplyAgoMs"] = round((time.monotonic() - last) * 1000, 1)
+    out(st)
+elif role == "tcp-churn":
+    # New connections all the time: connect, 64 bytes there and back, close. A connection counts as
+    # slow when it took over 0.5 s (a lost handshake packet is retried after 1 s), failed on error.
+    host, port = args[0], int(args[1]); st = {"connections": 0, "ok": 0, "slow": 0, "failed": 0}
+    out({"ready": True})
+    while not stop.is_set():
+        t0 = time.monotonic(); st["connections"] += 1
+        try:
+            c = socket.create_connection((host, port), timeout=3); c.settimeout(3)
+            c.sendall(b"x" * 64); got = b""
+            while len(got) < 64:
+                d = c.recv(64 - len(got))
+                if not d: raise OSError("closed")
+                got += d
+            c.close(); st["ok"] += 1
+            if time.monotonic() - t0 > 0.5: st["slow"] += 1
+        except OSError:
+            st["failed"] += 1
+        time.sleep(0.01)
     out(st)
 elif role == "tcp-prober":
     # An admitted SYN is answered in well under 1 ms here, a dropped one is retried by the kernel only

@@ -131,6 +131,7 @@ class Options:
     command_timeout: float = 30.0  # one export/import/flush on an agent
     switch_timeout: float = 120.0  # the vNIC moves
     fail_at: str | None = None  # test hook (FAULTS_ENV): fail right after this phase's work
+    second_copy: bool = True  # export/import again after the switch (flows opened meanwhile)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -426,6 +427,8 @@ class Migrations:
                 self._rollback(mig, actor, err)
                 return
         try:
+            if not opts.second_copy:
+                raise MigrationError("skipped (secondCopy: false)")
             again = self._export(mig.source, self._ips(mig), opts)
             mig.stats["exportedAfterSwitch"] = len(again)
             mig.stats["importedAfterSwitch"] = self._import(mig.destination, again, opts)

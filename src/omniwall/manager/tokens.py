@@ -33,8 +33,8 @@ class Role(StrEnum):
     TENANT_VIEWER = "tenant-viewer"
     AUDITOR = "auditor"
     AGENT = "agent"
-    IDENTITY_SOURCE = "identity-source"  # reserved: identity events (a later issue); allowed nothing yet
-    POSTURE_SOURCE = "posture-source"  # reserved: posture facts (a later issue); allowed nothing yet
+    IDENTITY_SOURCE = "identity-source"  # POST /v1/identity/events only (identity.write)
+    POSTURE_SOURCE = "posture-source"  # POST /v1/posture/reports only (posture.write)
 
 
 TENANT_ROLES = frozenset({Role.TENANT_ADMIN, Role.TENANT_VIEWER})

@@ -17,10 +17,12 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
@@ -83,11 +85,15 @@ class NftBackend:
         allow_initial_netns: bool = False,
         revoke: bool = True,
         workload_prefixes: Sequence[str] = DEFAULT_WORKLOAD_PREFIXES,
+        revoke_async: bool = False,
     ) -> None:
         self.netns = netns
         self.log_group = log_group
         self.revoke = revoke
         self.workload_prefixes = check_prefixes(workload_prefixes)
+        # members-only deltas: re-judge conntrack on the namespace thread after apply() returned
+        self.revoke_async = revoke_async
+        self._revocations: list[Future[None]] = []
         self._roles: tuple[tuple[IRRule, ...], frozenset[str], frozenset[str]] | None = None
         self.nft = Nft(netns, allow_initial_netns=allow_initial_netns)
         self.ct = ConntrackTable(thread=self.nft.thread, allow_initial_netns=allow_initial_netns)
@@ -95,8 +101,16 @@ class NftBackend:
         self.last_revoked: list[ConnEntry] = []
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):  # already logged by the job
+            self.wait_revocation()
         self.ct.close()
         self.nft.close()
+
+    def wait_revocation(self) -> None:
+        """Wait for background revocations (`revoke_async`); re-raises the first that failed."""
+        pending, self._revocations = self._revocations, []
+        for f in pending:
+            f.result()
 
     # --------------------------------------------------------------------------------- read back
     def _listing(self) -> list[dict[str, Any]] | None:
@@ -198,7 +212,12 @@ class NftBackend:
             new, ops, suspects = fast
             self.nft.elements(FAMILY, TABLE, ops)  # one transaction: members + revision
             self._current = new
-            self._revoke_involving(new, suspects)
+            if self.revoke_async and self.revoke and suspects:
+                self.last_revoked = []
+                self._revocations = [f for f in self._revocations if not f.done() or f.exception()]
+                self._revocations.append(self.nft.thread.submit(self._revoke_later, suspects))
+            else:
+                self._revoke_involving(new, suspects)
             return
         new = apply_delta(base, delta)
         hints = {u.full.name: u for u in delta.set_updates}
@@ -274,6 +293,8 @@ class NftBackend:
         return self._roles[1], self._roles[2]
 
     def teardown(self) -> None:
+        with contextlib.suppress(Exception):
+            self.wait_revocation()
         if self._listing() is not None:
             self.nft.transact([{"delete": {"table": {"family": FAMILY, "name": TABLE}}}])
         self._current = None
@@ -282,6 +303,8 @@ class NftBackend:
     def _revoke(self, old: HostDesiredState | None, new: HostDesiredState) -> None:
         """Delete conntrack entries of affected vNICs that `new` would refuse at a hop still on this host,
         and those no local vNIC is part of any more (the vNIC left: DESIGN §8 step 5)."""
+        with contextlib.suppress(Exception):  # background ones first (their failures are logged)
+            self.wait_revocation()
         self.last_revoked = []
         if not self.revoke or old == new:
             return
@@ -289,6 +312,18 @@ class NftBackend:
         if not affected:
             return
         self._rejudge(new, self.ct.list(), affected, _by_address(old.vnics) if old is not None else {})
+
+    def _revoke_later(self, addresses: set[str]) -> None:
+        """On the namespace thread, in queue order: judge under the state current *now*, so a member
+        that came back meanwhile does not cut connections its latest state allows."""
+        state = self._current
+        if state is None:
+            return
+        try:
+            self._revoke_involving(state, addresses)
+        except Exception as e:
+            log.warning("background revocation for %s failed: %s", sorted(addresses), e)
+            raise
 
     def _revoke_involving(self, new: HostDesiredState, addresses: set[str]) -> None:
         """Revocation after a members-only change: only connections from/to `addresses` can have
