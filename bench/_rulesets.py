@@ -24,7 +24,8 @@ from typing import Any
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch
 
 Json = dict[str, Any]
-BENCH_TABLE = "owbench"  # arms (c) and (d); Omniwall's own table is `inet omniwall`
+BENCH_TABLE = "owbench"  # scratch table (the 1M-element set); Omniwall's own table is `inet omniwall`
+TABLE_D, TABLE_C = "owbench_d", "owbench_c"
 SYNTH_NET = ipaddress.ip_network("10.128.0.0/9")  # synthetic group members (never routed in the lab)
 SYNTH_VNIC_NET = ipaddress.ip_network("10.64.0.0/16")  # synthetic vNIC addresses
 RULES_PER_SYNTH_VNIC = 100
@@ -140,23 +141,24 @@ def omniwall_state(
     )
 
 
-def _table_head(policy: str = "accept") -> list[Json]:
-    t = {"family": "inet", "name": BENCH_TABLE}
+def _table_head(table: str) -> list[Json]:
+    t = {"family": "inet", "name": table}
     return [
         {"add": {"table": t}},
         {"delete": {"table": t}},
         {"add": {"table": t}},
-        {"add": {"chain": {"family": "inet", "table": BENCH_TABLE, "name": "fwd", "type": "filter",
-                           "hook": "forward", "prio": 0, "policy": policy}}},
+        {"add": {"chain": {"family": "inet", "table": table, "name": "fwd", "type": "filter",
+                           "hook": "forward", "prio": 0, "policy": "accept"}}},
     ]  # fmt: skip
 
 
-def _rule(*expr: Json) -> Json:
-    return {"add": {"rule": {"family": "inet", "table": BENCH_TABLE, "chain": "fwd", "expr": list(expr)}}}
+def _rule(table: str, *expr: Json) -> Json:
+    return {"add": {"rule": {"family": "inet", "table": table, "chain": "fwd", "expr": list(expr)}}}
 
 
-def _ct_established() -> Json:
+def _ct_established(table: str) -> Json:
     return _rule(
+        table,
         {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}},
         {"accept": None},
     )
@@ -166,9 +168,9 @@ def _ip(field: str, addr: str) -> Json:
     return {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}}, "right": addr}}
 
 
-def stateful_table() -> list[Json]:
+def stateful_table(table: str) -> list[Json]:
     """Arm (d): conntrack and nothing else."""
-    return [*_table_head(), _ct_established(), _rule({"accept": None})]
+    return [*_table_head(table), _ct_established(table), _rule(table, {"accept": None})]
 
 
 def _tcp_ports(ports: tuple[int, ...]) -> list[Json]:
@@ -179,19 +181,27 @@ def _tcp_ports(ports: tuple[int, ...]) -> list[Json]:
     ]  # fmt: skip
 
 
-def linear_table(src_ip: str, dst_ip: str, ports: tuple[int, ...], rules: int = 10_000) -> list[Json]:
+def linear_table(
+    table: str, src_ip: str, dst_ip: str, ports: tuple[int, ...], rules: int = 10_000
+) -> list[Json]:
     """Arm (c): one rule per member address (`tcp dport 5201-5300`, as Omniwall's allowing rule),
     the source's own rule last, then drop."""
-    cmds = [*_table_head(), _ct_established()]
+    cmds = [*_table_head(table), _ct_established(table)]
     for a in (*member_addresses(0, rules - 1), src_ip):
-        cmds.append(_rule(_ip("saddr", a), _ip("daddr", dst_ip), *_tcp_ports(ports), {"accept": None}))
-    cmds.append(_rule({"counter": None}, {"drop": None}))
+        cmds.append(_rule(table, _ip("saddr", a), _ip("daddr", dst_ip), *_tcp_ports(ports), {"accept": None}))
+    cmds.append(_rule(table, {"counter": None}, {"drop": None}))
     return cmds
 
 
-def delete_table() -> list[Json]:
-    t = {"family": "inet", "name": BENCH_TABLE}
+def delete_table(table: str = BENCH_TABLE) -> list[Json]:
+    t = {"family": "inet", "name": table}
     return [{"add": {"table": t}}, {"delete": {"table": t}}]
+
+
+def dormant_text(table: str, dormant: bool) -> str:
+    """nft syntax that parks (unhooks) or wakes a table. Text, because the JSON parser of nftables 1.0.6
+    ignores table flags; `add table` without flags clears them."""
+    return f"add table inet {table} {{ flags dormant; }}" if dormant else f"add table inet {table}"
 
 
 def big_set(count: int, name: str = "big") -> list[Json]:
