@@ -41,6 +41,7 @@ from typing import Any
 from omniwall.compiler.ir import HostDelta, HostDesiredState, SetUpdate
 from omniwall.dataplane.nft.backend import NftBackend
 from omniwall.dataplane.nft.libnft import Nft
+from omniwall.dataplane.nft.names import TABLE
 from omniwall.lab.lab import Lab
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,14 +69,24 @@ spec: {{host: h2, vnics: [{{name: eth0, ips: [{DST_IP}]}}]}}
 
 @dataclass
 class Arm:
+    """One ruleset, measured within one block. `on`/`off` switch it in and out between measurements."""
+
     name: str
     label: str
-    setup: Callable[[], float]  # returns seconds spent loading the ruleset
-    teardown: Callable[[], None]
-    enforcing: bool  # does it drop a flow it does not allow (sanity check)
+    on: Callable[[], None]
+    off: Callable[[], None]
+    enforcing: bool  # does it drop a flow it does not allow (checked before every measurement)
     gbps: list[float] = field(default_factory=list)
     cps: list[float] = field(default_factory=list)
-    load_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Block:
+    """Arms compared head to head: measured in rotating order, `rounds` times, median per arm."""
+
+    name: str
+    arms: list[Arm]
+    load_s: dict[str, float] = field(default_factory=dict)  # ruleset load times (both hosts)
 
 
 def sh(ns: str, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -135,58 +146,110 @@ class Bench:
         for f in self.logs:
             f.close()
 
-    # --------------------------------------------------------------------------------------- arms
-    def arms(self) -> list[Arm]:
+    # ------------------------------------------------------------------------------------- arms
+    def omniwall_states(self, hop: int) -> list[HostDesiredState]:
+        return [self.path_state(hop_rules=hop), self.path_state(hop_rules=hop, host="h2")]
+
+    def sync_omniwall(self, hop: int) -> float:
+        """Arm (b)/(b@N): a fresh full sync in both hosts (in parallel: the kernel work overlaps)."""
+        states = self.omniwall_states(hop)
+        for b in self.backends:
+            b.teardown()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda bs: bs[0].sync(bs[1]), zip(self.backends, states, strict=True)))
+        return time.perf_counter() - t0
+
+    def nft_all(self, cmds: list[dict[str, Any]]) -> None:
+        self.transact_all(cmds)
+
+    def transact_all(self, cmds: list[dict[str, Any]]) -> float:
+        t0 = time.perf_counter()
+        for n in self.nft:
+            n.transact(cmds)
+        return time.perf_counter() - t0
+
+    def set_dormant(self, table: str, dormant: bool) -> None:
+        for n in self.nft:
+            n.run_text(rs.dormant_text(table, dormant))
+
+    def parked(self, name: str, label: str, table: str, enforcing: bool) -> Arm:
+        """An arm whose table stays loaded and is switched by the table's dormant flag: a dormant table
+        is unhooked, so it costs packets nothing (its ct expressions keep conntrack on in the namespace,
+        which is why arm (a) never shares a block with a parked table)."""
+        return Arm(
+            name,
+            label,
+            lambda: self.set_dormant(table, False),
+            lambda: self.set_dormant(table, True),
+            enforcing,
+        )
+
+    def block_floor(self) -> Block:
+        """(a) vs (d): (d)'s tiny table is loaded and deleted around each of its measurements."""
+        d_cmds = rs.stateful_table(rs.TABLE_D)
+        return Block(
+            "floor",
+            [
+                Arm("a", "no firewall", lambda: None, lambda: None, False),
+                Arm(
+                    "d",
+                    "minimal stateful table",
+                    lambda: self.nft_all(d_cmds),
+                    lambda: self.nft_all(rs.delete_table(rs.TABLE_D)),
+                    False,
+                ),
+            ],
+        )
+
+    def block_main(self) -> Block:
+        """(d) vs (b) vs (c): all three loaded once, parked, and woken one at a time."""
         a = self.args
         ports = (IPERF_PORT, CONN_PORT)
+        blk = Block(
+            "main",
+            [
+                self.parked("d", "minimal stateful table", rs.TABLE_D, False),
+                self.parked("b", f"Omniwall, hop walks {a.hop_rules}", TABLE, True),
+                self.parked("c", f"linear chain, {a.rules} rules", rs.TABLE_C, True),
+            ],
+        )
+        blk.load_s["d"] = self.transact_all(rs.stateful_table(rs.TABLE_D))
+        blk.load_s["c"] = self.transact_all(rs.linear_table(rs.TABLE_C, SRC_IP, DST_IP, ports, a.rules))
+        blk.load_s["b"] = self.sync_omniwall(a.hop_rules)
+        for table in (rs.TABLE_D, rs.TABLE_C, TABLE):
+            self.set_dormant(table, True)
+        return blk
 
-        def states(hop: int) -> list[HostDesiredState]:
-            common = dict(src_ip=SRC_IP, dst_ip=DST_IP, ports=ports, rules=a.rules, members=a.members)
-            return [
-                rs.omniwall_state("h1", ifname=self.src_if, vnic_addr=SRC_IP, direction="egress",
-                                  hop_rules=hop, **common),  # type: ignore[arg-type]
-                rs.omniwall_state("h2", ifname=self.dst_if, vnic_addr=DST_IP, direction="ingress",
-                                  hop_rules=hop, **common),  # type: ignore[arg-type]
-            ]  # fmt: skip
+    def block_sweep(self, hop: int) -> Block:
+        """(d) vs (b@N): (d) stays loaded from the main block; the Omniwall table is replaced."""
+        blk = Block(
+            f"sweep{hop}",
+            [
+                self.parked("d", "minimal stateful table", rs.TABLE_D, False),
+                self.parked(f"b@{hop}", f"Omniwall, hop walks {hop}", TABLE, True),
+            ],
+        )
+        blk.load_s[f"b@{hop}"] = self.sync_omniwall(hop)
+        self.set_dormant(TABLE, True)
+        return blk
 
-        def nft_arm(cmds: list[dict[str, Any]]) -> Callable[[], float]:
-            def setup() -> float:
-                t0 = time.perf_counter()
-                for n in self.nft:
-                    n.transact(cmds)
-                return time.perf_counter() - t0
+    def drop_tables(self) -> None:
+        for table in (rs.TABLE_D, rs.TABLE_C):
+            self.transact_all(rs.delete_table(table))
+        for b in self.backends:
+            b.teardown()
 
-            return setup
-
-        def omniwall_arm(hop: int) -> tuple[Callable[[], float], Callable[[], None]]:
-            st = states(hop)
-
-            def setup() -> float:
-                t0 = time.perf_counter()
-                with ThreadPoolExecutor(2) as pool:  # the kernel work of the two hosts overlaps
-                    list(pool.map(lambda bs: bs[0].sync(bs[1]), zip(self.backends, st, strict=True)))
-                return time.perf_counter() - t0
-
-            def teardown() -> None:
-                for b in self.backends:
-                    b.teardown()
-
-            return setup, teardown
-
-        def drop_bench() -> None:
-            for n in self.nft:
-                n.transact(rs.delete_table())
-
-        out = [
-            Arm("a", "no firewall", lambda: 0.0, lambda: None, False),
-            Arm("d", "minimal stateful table", nft_arm(rs.stateful_table()), drop_bench, False),
-            Arm("b", f"Omniwall, hop walks {a.hop_rules}", *omniwall_arm(a.hop_rules), True),
-            Arm("c", f"linear chain, {a.rules} rules",
-                nft_arm(rs.linear_table(SRC_IP, DST_IP, ports, a.rules)), drop_bench, True),
-        ]  # fmt: skip
-        for hop in a.sweep:
-            out.append(Arm(f"b@{hop}", f"Omniwall, hop walks {hop}", *omniwall_arm(hop), True))
-        return [x for x in out if x.name in ("a", "d") or not a.arms or x.name in a.arms]
+    def run_block(self, blk: Block, rounds: int) -> None:
+        log(f"block {blk.name}: {', '.join(x.name for x in blk.arms)}; loads {_fmt(blk.load_s)}")
+        for r in range(rounds):
+            k = r % len(blk.arms)
+            for arm in blk.arms[k:] + blk.arms[:k]:
+                arm.on()
+                try:
+                    self.measure(arm, blk.name, r)
+                finally:
+                    arm.off()
 
     # ------------------------------------------------------------------------------------ measure
     def flush_conntrack(self) -> None:
@@ -224,29 +287,23 @@ class Bench:
         )
         return sh(self.src_ns, [sys.executable, "-c", code]).stdout.strip() == "refused"
 
-    def run_arm(self, arm: Arm) -> None:
+    def measure(self, arm: Arm, block: str, r: int) -> None:
         a = self.args
-        arm.load_s.append(arm.setup())
-        try:
-            if self.closed_port_refused() == arm.enforcing:
-                raise RuntimeError(
-                    f"arm {arm.name}: the ruleset is not what it should be (closed-port check)"
-                )
-            self.flush_conntrack()
-            gbps = self.iperf(a.seconds)
-            self.flush_conntrack()
-            self.connrate(1.0)  # warm-up: caches, conntrack hash, client/server pages
-            self.flush_conntrack()
-            cr = self.connrate(a.seconds)
-            if cr["errors"]:
-                raise RuntimeError(f"arm {arm.name}: {cr['errors']} failed connections {cr['codes']}")
-            arm.gbps.append(gbps)
-            arm.cps.append(cr["rate"])
-            rate, load = cr["rate"], arm.load_s[-1]
-            log(f"  {arm.name:7} {gbps:7.2f} Gbit/s  {rate:9.0f} conn/s  (ruleset load {load:.2f} s)")
-        finally:
-            arm.teardown()
-            self.flush_conntrack()
+        if self.closed_port_refused() == arm.enforcing:
+            raise RuntimeError(f"arm {arm.name}: the ruleset is not what it should be (closed-port check)")
+        self.flush_conntrack()
+        gbps = self.iperf(a.seconds)
+        self.flush_conntrack()
+        self.connrate(1.0)  # warm-up: caches, conntrack hash, client/server pages
+        self.flush_conntrack()
+        cr = self.connrate(a.seconds)
+        self.flush_conntrack()
+        if cr["errors"]:
+            raise RuntimeError(f"arm {arm.name}: {cr['errors']} failed connections {cr['codes']}")
+        arm.gbps.append(gbps)
+        arm.cps.append(cr["rate"])
+        load, rate = os.getloadavg()[0], cr["rate"]
+        log(f"  {block:10} r{r + 1} {arm.name:7} {gbps:6.2f} Gbit/s {rate:8.0f} conn/s  (load {load:.2f})")
 
     # -------------------------------------------------------------------------------- set, delta
     def set_load(self) -> dict[str, Any]:
@@ -276,11 +333,15 @@ class Bench:
             "json_encode_seconds": statistics.median(encode),
         }
 
-    def path_state(self, **kw: Any) -> HostDesiredState:
+    def path_state(self, host: str = "h1", **kw: Any) -> HostDesiredState:
+        """Arm (b)'s state for h1 (the path's egress hop) or h2 (its ingress hop)."""
         a = self.args
         kw.setdefault("hop_rules", a.hop_rules)
+        ifname, addr, direction = (
+            (self.src_if, SRC_IP, "egress") if host == "h1" else (self.dst_if, DST_IP, "ingress")
+        )
         return rs.omniwall_state(
-            "h1", ifname=self.src_if, vnic_addr=SRC_IP, direction="egress", src_ip=SRC_IP, dst_ip=DST_IP,
+            host, ifname=ifname, vnic_addr=addr, direction=direction, src_ip=SRC_IP, dst_ip=DST_IP,
             ports=(IPERF_PORT, CONN_PORT), rules=a.rules, members=a.members, **kw,
         )  # fmt: skip
 
@@ -383,24 +444,45 @@ def environment() -> dict[str, Any]:
     }
 
 
-def report(arms: list[Arm], set_res: dict[str, Any] | None, delta: dict[str, Any] | None, env: dict[str, Any],
-           args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
-    base = next(x for x in arms if x.name == "a")
-    floor = next(x for x in arms if x.name == "d")
-    ga, ca, cd = med(base.gbps), med(base.cps), med(floor.cps)
+def _fmt(d: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f} s" for k, v in d.items()) or "-"
+
+
+def report(blocks: list[Block], set_res: dict[str, Any] | None, delta: dict[str, Any] | None,
+           env: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """Ratios inside a block are of medians measured head to head; a ratio to (a) outside the floor
+    block chains two of them: X/(a) = X/(d) [X's block] * (d)/(a) [floor block]."""
+    floor = blocks[0]
+    fa, fd = floor.arms
+    d_over_a_g, d_over_a_c = med(fd.gbps) / med(fa.gbps), med(fd.cps) / med(fa.cps)
     rows = []
+    for blk in blocks:
+        d = next(x for x in blk.arms if x.name == "d")
+        dg, dc = med(d.gbps), med(d.cps)
+        for x in blk.arms:
+            if blk is not floor and x.name == "d":
+                continue
+            g, c = med(x.gbps), med(x.cps)
+            if blk is floor:
+                ga, ca = med(fa.gbps), med(fa.cps)
+                rg, rc, rd = g / ga, c / ca, c / dc
+            else:
+                rg, rc, rd = g / dg * d_over_a_g, c / dc * d_over_a_c, c / dc
+            rows.append({
+                "arm": x.name, "label": x.label, "block": blk.name, "gbps": g, "gbps_ratio_a": rg,
+                "gbps_ratio_d": g / dg, "cps": c, "cps_ratio_a": rc, "cps_ratio_d": rd,
+                "load_s": blk.load_s.get(x.name), "gbps_rounds": x.gbps, "cps_rounds": x.cps,
+                "block_d_gbps": dg, "block_d_cps": dc,
+            })  # fmt: skip
     heads = ("Gbit/s", "/(a)", "conn/s", "/(a)", "/(d)", "load s")
-    print(f"{'arm':7} {'ruleset':34} " + " ".join(f"{h:>7}" for h in heads))
-    for x in arms:
-        g, c = med(x.gbps), med(x.cps)
-        row = {
-            "arm": x.name, "label": x.label, "gbps": g, "gbps_ratio_a": g / ga, "cps": c,
-            "cps_ratio_a": c / ca, "cps_ratio_d": c / cd, "load_s": med(x.load_s),
-            "gbps_rounds": x.gbps, "cps_rounds": x.cps,
-        }  # fmt: skip
-        rows.append(row)
-        cells = (f"{g:7.2f}", f"{g / ga:7.3f}", f"{c:7.0f}", f"{c / ca:7.3f}", f"{c / cd:7.3f}")
-        print(f"{x.name:7} {x.label:34} " + " ".join(cells) + f" {row['load_s']:7.2f}")
+    print(f"{'arm':8} {'ruleset':32} " + " ".join(f"{h:>7}" for h in heads))
+    for row in rows:
+        cells = (
+            f"{row['gbps']:7.2f}", f"{row['gbps_ratio_a']:7.3f}", f"{row['cps']:7.0f}",
+            f"{row['cps_ratio_a']:7.3f}", f"{row['cps_ratio_d']:7.3f}",
+            f"{row['load_s']:7.2f}" if row["load_s"] is not None else f"{'-':>7}",
+        )  # fmt: skip
+        print(f"{row['arm']:8} {row['label']:32} " + " ".join(cells))
     b = next((r for r in rows if r["arm"] == "b"), None)
     targets: dict[str, dict[str, Any]] = {}
     if b is not None:
@@ -451,22 +533,21 @@ def report(arms: list[Arm], set_res: dict[str, Any] | None, delta: dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=5.0, help="per iperf3 and per connection-rate run")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=3.0, help="per iperf3 and per connection-rate run")
     p.add_argument("--concurrency", type=int, default=16, help="connects in flight")
     p.add_argument("--rules", type=int, default=10_000)
     p.add_argument("--members", type=int, default=100_000)
     p.add_argument("--hop-rules", type=int, default=100, help="rules the path's hop walks in arm (b)")
     p.add_argument("--sweep", default="10,1000,10000", help="extra b@N arms (comma list)")
+    p.add_argument("--sweep-rounds", type=int, default=2)
     p.add_argument("--skip-sweep", action="store_true")
-    p.add_argument("--arms", default="", help="only these arms (comma list; a and d always run)")
     p.add_argument("--set-size", type=int, default=1_000_000)
     p.add_argument("--set-reps", type=int, default=3)
     p.add_argument("--delta-reps", type=int, default=200)
     p.add_argument("--only-arms", action="store_true", help="skip the set-load and delta measurements")
     p.add_argument("--json-out", type=Path, help="also write the JSON result here")
     args = p.parse_args(argv)
-    args.arms = [x.strip() for x in args.arms.split(",") if x.strip()]
     args.sweep = [] if args.skip_sweep else [int(x) for x in args.sweep.split(",") if x.strip()]
     if os.geteuid() != 0:
         print("bench/dataplane.py needs root (network namespaces)", file=sys.stderr)
@@ -482,12 +563,14 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(lab, args)
         try:
             bench.start_servers()
-            arms = bench.arms()
-            for r in range(args.rounds):
-                log(f"round {r + 1}/{args.rounds} (load {os.getloadavg()[0]:.2f})")
-                k = r % len(arms)
-                for arm in arms[k:] + arms[:k]:
-                    bench.run_arm(arm)
+            blocks = [bench.block_floor()]
+            bench.run_block(blocks[0], args.rounds)
+            blocks.append(bench.block_main())
+            bench.run_block(blocks[1], args.rounds)
+            for hop in args.sweep:
+                blocks.append(bench.block_sweep(hop))
+                bench.run_block(blocks[-1], args.sweep_rounds)
+            bench.drop_tables()
             set_res = delta = None
             if not args.only_arms:
                 log("1M-element set load ...")
@@ -499,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
                 delta["full_sync"] = bench.port_list_load()
         finally:
             bench.stop()
-    result = report(arms, set_res, delta, env, args)
+    result = report(blocks, set_res, delta, env, args)
     line = json.dumps(result, separators=(",", ":"), default=str)
     if args.json_out:
         args.json_out.write_text(line + "\n")

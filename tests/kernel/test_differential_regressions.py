@@ -166,7 +166,7 @@ def test_regression(scenario: Scenario) -> None:
 # with both of them (removed in the order child, child, parent): removing the second child recomputes
 # the parent, which still lists the first, already deleted, child (`membership.Groups._contains` for
 # workload members, `_recompute_lits` for CIDRs). A full compile of the same catalog works. Pure: no
-# lab needed. Until it is fixed, the CI sample leaves out the `delta` mode.
+# lab needed. Fixed: `Groups.remove_group` detaches the group from its parents.
 NESTED = """
 kind: Host
 metadata: {name: h1}
@@ -193,9 +193,6 @@ MEMBERS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True, reason="compiler bug: removing a parent group with its nested groups in one update"
-)
 @pytest.mark.parametrize("members", sorted(MEMBERS))
 def test_incremental_compiler_removes_a_parent_group_with_its_children(members: str) -> None:
     from omniwall.compiler.build import compile_catalog

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from omniwall.manager.contracts import load_documents
 from omniwall.manager.objects import resource_key, split_key
 
-from .auth import Principal, authenticate, check_write, manager_of, scope_document
+from .auth import Principal, authenticate, check_created_identity, check_write, manager_of, scope_document
 from .errors import ApiError
 
 MAX_BODY = 16 * 1024 * 1024
@@ -61,6 +61,7 @@ def _apply(request: Request, p: Principal, text: str, source: str, dry_run: bool
         kind, tenant, name = split_key(resource_key(d))
         check_write(p, kind, tenant, name, d)
     plan = m.plan_apply(docs, mode="apply")
+    check_created_identity(p, plan)
     out: dict[str, Any] = {"dryRun": dry_run, "changes": m.object_diffs(plan)}
     if dry_run:
         out["revision"] = plan.base_revision

@@ -7,6 +7,8 @@ Rules:
 - The agent role is scoped to one host: its own feed, desired state and status reports, nothing else.
 - `identity-source` and `posture-source` are provider-wide and may only post identity events / posture
   reports (`identity.write` / `posture.write`, docs/identity-posture.md); the provider admin may too.
+- A Workload created (or brought back by a rollback) with a `user` attribute claims an identity: that
+  needs `identity.write` too (`check_created_identity`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from enum import StrEnum
 from fastapi import Request
 
 from omniwall import PROVIDER_TENANT
+from omniwall.manager.attributes import USER_ATTRIBUTE
 from omniwall.manager.objects import CLUSTER_KINDS, key_of, resource_key, split_key, with_metadata
-from omniwall.manager.service import Actor, Manager
+from omniwall.manager.service import Actor, Manager, Plan
 from omniwall.manager.tokens import TENANT_ROLES, Role
 from omniwall.model.catalog import Catalog
 from omniwall.model.resources import PROVIDER_CATEGORIES, _Resource
@@ -174,3 +177,24 @@ def check_write(p: Principal, kind: str, tenant: str, name: str, r: _Resource | 
             permission=Perm.PROVIDER_CATEGORY.value,
             document=f"Policy/{tenant}/{name}",
         )
+
+
+def check_created_identity(p: Principal, plan: Plan) -> None:
+    """403 `identity.write` when the plan creates a Workload with a `user` attribute and the caller may not
+    post identity events. A create takes source-owned attributes as given (updates keep the stored ones),
+    so without this a tenant admin could create, or delete and roll back, a workload as someone's and
+    enter the groups that select on `user`."""
+    if Perm.IDENTITY_WRITE in ROLE_PERMS[p.role]:
+        return
+    for c in plan.writes:
+        attrs = getattr(getattr(c.new, "spec", None), "attributes", None) or {}
+        if c.action == "create" and c.kind == "Workload" and USER_ATTRIBUTE in attrs:
+            raise ApiError(
+                403,
+                f"role {p.role.value} lacks permission {Perm.IDENTITY_WRITE.value}: "
+                f"Workload/{c.tenant}/{c.name} would be created with attribute '{USER_ATTRIBUTE}', "
+                "which only the identity source sets "
+                "(POST /v1/identity/events)",
+                permission=Perm.IDENTITY_WRITE.value,
+                document=f"Workload/{c.tenant}/{c.name}",
+            )

@@ -21,6 +21,7 @@ from .auth import (
     Perm,
     Principal,
     authenticate,
+    check_created_identity,
     check_visible,
     check_write,
     manager_of,
@@ -119,6 +120,7 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
         r = scope_document(p, parse_body(body, kind))
         check_write(p, kind, r.metadata.tenant, r.metadata.name, r)
         plan = m.plan_apply([r], mode="create")
+        check_created_identity(p, plan)
         m.commit(plan, p.actor)
         return render(m, _get(m, kind, r.metadata.tenant, r.metadata.name))
 
@@ -204,6 +206,7 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
             )
         check_write(p, kind, t, name, old)
         plan = m.plan_apply([with_metadata(old, revision=None)], mode="apply", verb="rollback")
+        check_created_identity(p, plan)  # a rollback may bring a deleted workload back
         rev = m.commit(plan, p.actor)
         cur = _get(m, kind, t, name)
         return {"revision": rev, "rolledBackTo": target, "object": render(m, cur)}

@@ -254,6 +254,12 @@ class Groups:
         g.eff_nested = ()
         g.own_lits = frozenset()
         self.recompute(key)
+        # Detach from parents now: a parent recomputed later in the same update (e.g. when its other
+        # nested groups go too) must not look this group up any more.
+        for p in self.eff_parents.pop(key, set()):
+            parent = self.nodes.get(p)
+            if parent is not None:
+                parent.eff_nested = tuple(n for n in parent.eff_nested if n != key)
         del self.nodes[key]
         del self.set_by_name[g.addr.name]
         self.registry.pop(g.addr.name, None)

@@ -213,7 +213,7 @@ def _error(text: str, e: UnexpectedInput) -> SelectorError:
     return SelectorError(text, column, f"expected {expected}, got {got!r}{hint}", line)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=65536)  # the compiler re-parses every group selector: keep them all
 def parse(text: str) -> Selector:
     """Parse selector text; raises SelectorError naming the column of the first problem."""
     try:
