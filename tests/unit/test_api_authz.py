@@ -407,6 +407,48 @@ def _provider_object_rows() -> list[Case]:
     ]
 
 
+def _claimed_user(tenant: str) -> dict[str, Any]:
+    doc = _new("Workload", tenant, "web1" if tenant == "acme" else "db1")
+    doc["metadata"]["name"] = "claims-alice"
+    doc["spec"]["attributes"] = {"user": ["alice"]}
+    return doc
+
+
+def _identity_claim_rows() -> list[Case]:
+    """A create takes a Workload's attributes as given: a `user` in it is an identity claim, which needs
+    `identity.write` (tenant admins may create workloads, not claim who uses them)."""
+    cases: list[Case] = []
+    for scope, tenant in (("own", "acme"), ("foreign", "other")):
+        hidden = NOBODY if scope == "own" else frozenset({TENANT_ADMIN})
+        tenant_admin = {TENANT_ADMIN: "identity.write"} if scope == "own" else {}
+        doc = _claimed_user(tenant)
+        cases += [
+            Case(
+                f"create Workload claiming a user {scope}",
+                "POST",
+                "/v1/workloads",
+                ONLY_PROVIDER,
+                "resources.write",
+                scope,
+                hidden=hidden,
+                permission_for=tenant_admin,
+                body=doc,
+            ),
+            Case(
+                f"apply Workload claiming a user {scope}",
+                "POST",
+                "/v1/apply",
+                ONLY_PROVIDER,
+                "resources.write",
+                scope,
+                hidden=hidden,
+                permission_for=tenant_admin,
+                content=json.dumps(doc),
+            ),
+        ]
+    return cases
+
+
 def _apply_rows() -> list[Case]:
     write = "resources.write"
     cases: list[Case] = []
@@ -711,6 +753,7 @@ def _cases() -> list[Case]:
         *_resource_rows(),
         *_provider_object_rows(),
         *_apply_rows(),
+        *_identity_claim_rows(),
         *_admin_rows(),
         *_insight_rows(),
         *_source_rows(),
@@ -962,3 +1005,30 @@ def test_explain_hides_untracked_hosts_from_tenants(
         if scoped.get(section):
             assert scoped[section]["untracked_hosts"] == []
             assert all(h["host"] is None for h in scoped[section]["hops"])
+
+
+def test_rollback_cannot_bring_back_a_logged_out_identity(
+    world: tuple[TestClient, Manager, dict[str, dict[str, str]]],
+) -> None:
+    """Delete a workload, roll it back to a revision where the IdP had logged alice in: for a tenant admin
+    that would claim alice's identity after her logout. 403 `identity.write`; the provider admin may."""
+    client, m, headers = world
+    event = {"workload": "web1", "tenant": "acme", "user": "alice", "action": "login"}
+    assert client.post("/v1/identity/events", json=event, headers=headers[IDENTITY_SOURCE]).status_code == 200
+    logged_in = m.store.revision()
+    event["action"] = "logout"
+    assert client.post("/v1/identity/events", json=event, headers=headers[IDENTITY_SOURCE]).status_code == 200
+    q = {"tenant": "acme"}
+    assert client.delete("/v1/workloads/web1", params=q, headers=headers[TENANT_ADMIN]).status_code == 200
+    before = m.store.revision()
+    r = client.post(
+        "/v1/workloads/web1/rollback", params=q, json={"revision": logged_in}, headers=headers[TENANT_ADMIN]
+    )
+    assert r.status_code == 403, r.text
+    assert r.json()["permission"] == "identity.write"
+    assert m.store.revision() == before and m.get("Workload", "acme", "web1") is None
+    r = client.post(
+        "/v1/workloads/web1/rollback", params=q, json={"revision": logged_in}, headers=headers[PROVIDER_ADMIN]
+    )
+    assert r.status_code == 200, r.text
+    assert m.get("Workload", "acme", "web1").spec.attributes["user"] == ["alice"]  # type: ignore[union-attr]

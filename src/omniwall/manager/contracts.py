@@ -1,15 +1,13 @@
-"""Thin adapters to the modules the manager calls but other engineers own (loader, validator, compiler).
+"""The manager's adapters to the loader, the validator and the compiler: their errors become `Problem`s
+(document, field path, reason) that the API returns as 422 bodies.
 
-They are imported lazily so the manager keeps working while one of them is missing or being rewritten:
-without `model.loader` documents are parsed with PyYAML + the pydantic schema, without `model.validate`
-only per-object (schema) validation runs, without `compiler.build` every host gets an empty desired
-state. Each fallback logs a warning once; none of them is meant to be used in a release.
+No fallbacks: an earlier version degraded to "every host gets an empty desired state" when the compiler
+was missing, which would have made every agent remove its rules (fail open). A missing module is now an
+import error at start.
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +15,14 @@ from typing import Any
 import pydantic
 import yaml
 
-from omniwall.compiler.ir import HostDesiredState, empty_state
+from omniwall.compiler.build import compile_catalog
+from omniwall.compiler.incremental import IncrementalCompiler
+from omniwall.compiler.ir import HostDesiredState
 from omniwall.model.catalog import Catalog
+from omniwall.model.errors import ValidationError
+from omniwall.model.loader import load_text
 from omniwall.model.resources import _Resource
-
-log = logging.getLogger(__name__)
-_warned: set[str] = set()
+from omniwall.model.validate import validate
 
 CompileFn = Callable[[Catalog, int], dict[str, HostDesiredState]]
 
@@ -51,12 +51,6 @@ class InvalidResources(Exception):
         self.problems = problems
 
 
-def _warn_once(what: str) -> None:
-    if what not in _warned:
-        _warned.add(what)
-        log.warning("%s is not available; using the manager's reduced fallback", what)
-
-
 def problems_from_pydantic(err: pydantic.ValidationError, document: str) -> list[Problem]:
     out = []
     for e in err.errors():
@@ -69,130 +63,42 @@ def problems_from_pydantic(err: pydantic.ValidationError, document: str) -> list
     return out
 
 
-def _problems_from_model_error(err: Exception) -> list[Problem] | None:
-    """`model.errors.ValidationError` carries FieldError(document, path, message) items."""
-    for attr in ("errors", "field_errors", "problems"):
-        items = getattr(err, attr, None)
-        if callable(items):
-            items = items()
-        if isinstance(items, list | tuple):
-            return [
-                Problem(
-                    str(getattr(e, "document", "")),
-                    str(getattr(e, "path", "")),
-                    str(getattr(e, "message", e)),
-                    str(getattr(e, "resource", "")),
-                )
-                for e in items
-            ]
-    return None
-
-
-def _model_validation_error() -> type[Exception] | None:
-    try:
-        from omniwall.model.errors import ValidationError
-    except ImportError:
-        return None
-    return ValidationError
+def _problems(err: ValidationError) -> list[Problem]:
+    return [Problem(e.document, e.path, e.message, e.resource or "") for e in err.errors]
 
 
 def load_documents(text: str, source: str) -> list[_Resource]:
     """Multi-document YAML or JSON -> resources; InvalidResources naming the document and field."""
-    model_err = _model_validation_error()
-    try:
-        from omniwall.model.loader import load_text
-    except ImportError:
-        _warn_once("omniwall.model.loader")
-        return _fallback_load(text, source)
     try:
         return list(load_text(text, source))
-    except Exception as err:
-        if model_err is not None and isinstance(err, model_err):
-            problems = _problems_from_model_error(err)
-            if problems is not None:
-                raise InvalidResources(problems) from err
-        if isinstance(err, pydantic.ValidationError):
-            raise InvalidResources(problems_from_pydantic(err, source)) from err
-        if isinstance(err, yaml.YAMLError | ValueError):
-            raise InvalidResources([Problem(source, ".", str(err))]) from err
-        raise
-
-
-def _fallback_load(text: str, source: str) -> list[_Resource]:
-    from omniwall.manager.objects import parse_resource
-
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as err:
-        raise InvalidResources([Problem(source, ".", f"not YAML or JSON: {err}")]) from err
-    out: list[_Resource] = []
-    problems: list[Problem] = []
-    for i, doc in enumerate(docs):
-        items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
-        for j, item in enumerate(items or []):
-            name = f"{source}#{i + 1}" + (f".items[{j}]" if len(items or []) > 1 else "")
-            if isinstance(item, dict):
-                md = item.get("metadata") or {}
-                name = f"{item.get('kind', '?')}/{md.get('name', '?')} ({name})"
-            try:
-                out.append(parse_resource(item))
-            except pydantic.ValidationError as err:
-                problems.extend(problems_from_pydantic(err, name))
-    if problems:
-        raise InvalidResources(problems)
-    return out
+    except ValidationError as err:
+        raise InvalidResources(_problems(err)) from err
+    except pydantic.ValidationError as err:
+        raise InvalidResources(problems_from_pydantic(err, source)) from err
+    except (yaml.YAMLError, ValueError) as err:
+        raise InvalidResources([Problem(source, ".", str(err))]) from err
 
 
 def validate_set(changed: list[_Resource], existing: Catalog, merged: Catalog) -> None:
-    """Cross-object validation of the store as it would be after a write; InvalidResources if not valid.
-
-    Prefers `validate(changed, existing=...)` (only the written objects are judged, so an existing
-    dangling reference does not block unrelated writes); falls back to validating the whole set."""
-    model_err = _model_validation_error()
+    """Cross-object validation of a write against the store as it is (only the written objects are
+    judged, so an existing dangling reference does not block unrelated writes)."""
+    del merged  # kept in the signature for callers; `validate` merges `changed` over `existing` itself
     try:
-        from omniwall.model.validate import validate
-    except ImportError:
-        _warn_once("omniwall.model.validate")
-        return
-    try:
-        if "existing" in inspect.signature(validate).parameters:
-            validate(changed, existing=existing)  # `existing` = the store as it is; changed replace by key
-        else:
-            validate(list(merged))
-    except Exception as err:
-        if model_err is not None and isinstance(err, model_err):
-            problems = _problems_from_model_error(err)
-            if problems is not None:
-                raise InvalidResources(problems) from err
-        raise
+        validate(changed, existing=existing)
+    except ValidationError as err:
+        raise InvalidResources(_problems(err)) from err
 
 
 def default_compile() -> CompileFn:
-    try:
-        from omniwall.compiler.build import compile_catalog
-    except ImportError:
-        _warn_once("omniwall.compiler.build")
-        return _fallback_compile
-
     def run(catalog: Catalog, revision: int) -> dict[str, HostDesiredState]:
-        return compile_catalog(catalog, revision=revision)  # type: ignore[no-any-return]
+        return compile_catalog(catalog, revision=revision)
 
     return run
 
 
 def incremental_compiler() -> Any:
-    """`IncrementalCompiler` class (catalog, revision) -> .update(changed, removed, revision), .state(h),
-    .states(); None when it is not available."""
-    try:
-        from omniwall.compiler.incremental import IncrementalCompiler
-    except ImportError:
-        _warn_once("omniwall.compiler.incremental")
-        return None
+    """The incremental compiler class: (catalog, revision) -> .update(changed, removed, revision)."""
     return IncrementalCompiler
-
-
-def _fallback_compile(catalog: Catalog, revision: int) -> dict[str, HostDesiredState]:
-    return {h: empty_state(h, revision) for h in catalog.hosts}
 
 
 def describe(err: Any) -> str:
