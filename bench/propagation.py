@@ -292,8 +292,15 @@ def worker_main(spec_file: str) -> None:
             return out
 
     async def main() -> None:
-        limits = httpx.Limits(max_connections=len(hosts) * 2 + 10, max_keepalive_connections=len(hosts) * 2)
-        async with httpx.AsyncClient(limits=limits) as client:
+        # One client per agent, as on real hosts (each agent process owns one). A single client shared by
+        # all the agents of a process would make the bench measure httpcore's pool instead: it scans
+        # every pooled connection on each request and each response close, O(agents) per request. One
+        # SSL context for all (a context per client costs ~10 ms and memory even for http://).
+        ssl_ctx = httpx.create_ssl_context()
+        clients = [httpx.AsyncClient(verify=ssl_ctx) for _ in hosts]
+        async with contextlib.AsyncExitStack() as stack:
+            for c in clients:
+                await stack.enter_async_context(c)
             agents = [
                 Agent(
                     spec["url"],
@@ -304,7 +311,7 @@ def worker_main(spec_file: str) -> None:
                     watch_addresses=False,
                     counters_interval=3600.0,
                 )
-                for host, token in hosts
+                for (host, token), client in zip(hosts, clients, strict=True)
             ]
             for a in agents:
                 a.reporter._post = _timed_post(a.reporter._post, acked)  # type: ignore[method-assign]

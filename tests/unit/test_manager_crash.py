@@ -279,7 +279,8 @@ def check_store(url: str, token: str, attempts: list[Attempt], revision_now: int
             problems.append(f"{name} missing")
         elif (t["metadata"]["labels"]["seq"], t["metadata"]["revision"]) != (str(a.seq), a.revision):
             problems.append(
-                f"{name} at seq {t['metadata']['labels']['seq']} rev {t['metadata']['revision']}, want {a.seq} rev {a.revision}"
+                f"{name} at seq {t['metadata']['labels']['seq']} rev {t['metadata']['revision']}, "
+                f"want seq {a.seq} rev {a.revision}"
             )
     if set(tallies) != set(last):
         problems.append(f"tallies {sorted(tallies)}, want {sorted(last)}")
