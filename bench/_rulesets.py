@@ -9,11 +9,11 @@
   fails (source not in its set: one hash lookup; source in, destination not: two lookups; both in,
   wrong port: two lookups and two compares), and the allowing rule **last**, just before the default
   drop. So every new connection pays the whole walk of its hop.
-- (c) `linear_table`: the naive model, iptables without ipset: one rule per member address
-  (`ip saddr <member> ip daddr <dst> accept`), the source's own rule last, after
+- (c) `linear_table` (table `owbench_c`): the naive model, iptables without ipset: one rule per member
+  address (`ip saddr <member> ip daddr <dst> tcp dport 5201-5300 accept`), the source's own rule last, after
   `ct state established,related accept`.
-- (d) `stateful_table`: `ct state established,related accept`, then `accept`: what conntrack alone
-  costs, the floor for any stateful firewall.
+- (d) `stateful_table` (table `owbench_d`): `ct state established,related accept`, then `accept`:
+  what conntrack alone costs, the floor for any stateful firewall.
 """
 
 from __future__ import annotations

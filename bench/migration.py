@@ -11,8 +11,9 @@ phases, the lab moving the veth and the routes). All the time:
   checked byte for byte: a connection "survives" when it never errored or reset and every byte came
   back intact and in order);
 - a UDP flow (a datagram every 10 ms, echoed);
-- connection churn: a new short TCP connection cli -> srv:5001 every ~10 ms (what the second copy of
-  the entries after the switch is for: handshakes under way during the move);
+- connection churn: a new short TCP connection every ~10 ms each way (cli -> srv:5001, srv -> cli:5011;
+  what the second copy of the entries after the switch is for: connections opened after the first
+  copy);
 - three denied-flow probers, four connect() threads each: into srv (bad -> srv tcp/5001, cli -> srv
   tcp/7001) and out of it (srv -> bad tcp/6000); something listens on every port, the policy refuses
   all three: successes must be 0.
@@ -82,6 +83,7 @@ def run(n: int, hold: float = 1.0, second_copy: bool = True) -> dict[str, Any]:
             "denied bad->srv:5001": Flow("tcp-prober", bad.netns, (srv_ip, "5001")).start(),
             "denied cli->srv:7001": Flow("tcp-prober", cli.netns, (srv_ip, "7001")).start(),
             "churn cli->srv": Flow("tcp-churn", cli.netns, (srv_ip, "5001")).start(),
+            "churn srv->cli": Flow("tcp-churn", srv.netns, (cli_ip, "5011")).start(),
             "denied srv->bad:6000": Flow("tcp-prober", srv.netns, (bad.vnics[0].ips[0], "6000")).start(),
         }
         hosts = [h.name for h in lab.plan.hosts]
@@ -152,7 +154,7 @@ def run(n: int, hold: float = 1.0, second_copy: bool = True) -> dict[str, Any]:
         },
         "tcp": tcp,
         "tcpSurviving": f"{sum(1 for v in tcp.values() if v.get('ok'))}/{len(tcp)}",
-        "churn": results["churn cli->srv"],
+        "churn": {k: v for k, v in results.items() if k.startswith("churn")},
         "secondCopy": second_copy,
         "udp": results["udp cli->srv"],
         "denied": denied,

@@ -383,6 +383,8 @@ def bench_fanout(n: int, procs: int, changes: int, api_seconds: float, api_threa
         time.sleep(1.0)
         lat = []
         client = cp.client()
+        pids = {"manager": [cp.record.manager_pid], "agents": [w.pid for w in workers]}
+        cpu0 = {k: _cpu_seconds(v) for k, v in pids.items()}
         for i in range(changes):
             port += 1
             t0, wall0 = time.perf_counter(), time.time()
@@ -403,6 +405,10 @@ def bench_fanout(n: int, procs: int, changes: int, api_seconds: float, api_threa
             lat.append((time.perf_counter() - t0) * 1000)
             time.sleep(0.5)
         out["all_acked_seen_by_polling"] = summary(lat) if lat else None
+        if changes:  # CPU time per change (incl. the status polling and the sleeps' idle heartbeats)
+            out["cpu_s_per_change"] = {
+                k: round((_cpu_seconds(v) - cpu0[k]) / changes, 3) for k, v in pids.items()
+            }
         out["api"] = bench_api(cp, n, api_seconds, api_threads) if api_seconds > 0 else None
         _stop_workers(workers)  # they write the times their agents applied each revision
         last: dict[str, dict[int, float]] = {"applied": {}, "acked": {}}
@@ -421,6 +427,16 @@ def bench_fanout(n: int, procs: int, changes: int, api_seconds: float, api_threa
             f.unlink()
         tmp.rmdir()
     return out
+
+
+def _cpu_seconds(pids: list[int | None]) -> float:
+    """User + system CPU time of these processes (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:

@@ -19,10 +19,9 @@ from omniwall.model.validate import validate
 ROOT = os.geteuid() == 0
 SEED = int(os.environ.get("OMNIWALL_FUZZ_SEED", "20261127"))
 CI_PROBES = 3000
-# Without `delta` (incremental compiler + backend.apply) until the compiler bug pinned by the strict
-# xfail test_differential_regressions.py::test_incremental_compiler_refreshes_a_union_taken_over_by_a_new_rule
-# is fixed; `make fuzz-dataplane` runs every mode.
-CI_MODES = ("fresh", "sync")
+# Every programming mode, `delta` (incremental compiler + backend.apply) included; `make fuzz-dataplane`
+# runs them all too.
+CI_MODES = ("fresh", "sync", "delta")
 
 
 def _netns() -> set[str]:

@@ -217,7 +217,9 @@ def test_incremental_compiler_removes_a_parent_group_with_its_children(members: 
 # and (3) adds tenant policy `b`, whose rule unions the same two groups (`[tg, infra/pg]`), the
 # incremental compiler keeps the union set `u.<hash>` empty, while a full compile fills it. An agent fed
 # deltas would enforce the rule with the stale (empty) set. Only when the new policy's name sorts
-# after the removed one's (a -> b fails, b -> a works).
+# after the removed one's (a -> b failed, b -> a worked). Fixed: a union whose last rule goes lives on
+# until the whole batch of rules is reindexed, so a rule added in the same batch takes over the same
+# address set (`IncrementalCompiler._release_union`).
 UNION_BEFORE = """
 kind: Host
 metadata: {name: h1}
@@ -252,7 +254,6 @@ spec:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="compiler bug: a union set re-used by a new rule keeps stale members")
 def test_incremental_compiler_refreshes_a_union_taken_over_by_a_new_rule() -> None:
     from omniwall.compiler.build import compile_catalog
     from omniwall.compiler.incremental import IncrementalCompiler

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -207,15 +208,10 @@ def check_against_full(ic: IncrementalCompiler, world: dict[Any, Any], revision:
     assert group_view(ic) == group_view(fresh)
 
 
-@settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
-)
-@given(
-    initial=st.lists(resources, max_size=25),
-    steps=st.lists(st.lists(ops(), min_size=1, max_size=3), max_size=8),
-)
-def test_incremental_equals_full_compile_and_deltas_chain(initial: list[Any], steps: list[list[Any]]) -> None:
-    world = {key_of(r): r for r in [Host(metadata=md("h1", "infra")), *initial]}
+def run_steps(world: dict[Any, Any], steps: Iterable[list[Any]]) -> None:
+    """Build from `world`, apply each batch of ops (`("put", resource)`, `("del", index into the sorted
+    keys)`, `("del", key)`); after each: deltas chain, untouched hosts are unchanged, and the state
+    equals a full compile. `world` is updated in place, so `steps` may be a generator that reads it."""
     ic = IncrementalCompiler(Catalog.of(world.values()), revision=1)
     check_against_full(ic, world, 1)
     revision = 1
@@ -228,12 +224,15 @@ def test_incremental_equals_full_compile_and_deltas_chain(initial: list[Any], st
             if op == "put":
                 world[key_of(arg)] = arg
                 changed[key_of(arg)] = arg
+            elif isinstance(arg, tuple):  # a key: removed if present
+                if arg in world:
+                    del world[arg]
+                    changed.pop(arg, None)
+                    removed.append(arg)
             elif world:
                 k = sorted(world)[arg % len(world)]
                 del world[k]
                 changed.pop(k, None)
-                if k[0] == "Tenant":
-                    k = ("Tenant", k[1], k[2])
                 removed.append(k)
         # a resource removed and then put again in the same batch is sent as both: removals apply first
         deltas = ic.update(list(changed.values()), removed, revision)
@@ -250,6 +249,243 @@ def test_incremental_equals_full_compile_and_deltas_chain(initial: list[Any], st
             if h not in deltas:
                 assert ic.state(h) == before[h]
         check_against_full(ic, world, revision)
+
+
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+@given(
+    initial=st.lists(resources, max_size=25),
+    steps=st.lists(st.lists(ops(), min_size=1, max_size=3), max_size=8),
+)
+def test_incremental_equals_full_compile_and_deltas_chain(initial: list[Any], steps: list[list[Any]]) -> None:
+    run_steps({key_of(r): r for r in [Host(metadata=md("h1", "infra")), *initial]}, steps)
+
+
+# Hand-over of sets between rules and resources inside one update. Union sets are named by their content
+# recipe, so rules of different policies (and tenants) share one; a batch may drop the last rule using a
+# union while adding another that uses it, and change the union's groups at the same time; or remove and
+# put again a group whose set hosts hold. A small closed world makes these collisions the common case
+# (found by the differential fuzzer, seed 8000: a union re-created empty while hosts kept it).
+SHARED_GROUPS = [("infra", "pg0"), ("infra", "pg1"), ("t1", "tg0"), ("t1", "tg1")]
+UNION_RECIPES: list[list[Any]] = [
+    [("infra", "pg0"), ("t1", "tg0")],
+    [("infra", "pg0"), ("infra", "pg1")],
+    [("t1", "tg0"), ("t1", "tg1")],
+    [("t1", "tg1"), "10.0.0.3"],
+    [("infra", "pg1"), "192.168.0.0/24"],
+]
+
+
+def _ref(t: str, peer: Any) -> str:
+    if isinstance(peer, str):
+        return peer
+    return peer[1] if peer[0] == t else f"{peer[0]}/{peer[1]}"
+
+
+@st.composite
+def shared_groups(draw: st.DrawFn) -> Group:
+    t, name = draw(st.sampled_from(SHARED_GROUPS))
+    return Group(
+        metadata=md(name, t),
+        spec=GroupSpec(
+            selector=draw(st.sampled_from([None, 'tier == "web"', 'tier == "db"'])),
+            workloads=draw(st.lists(st.sampled_from(["w0", "w1", "t1/w0"]), max_size=1)),
+            cidrs=draw(st.lists(st.sampled_from(["10.0.0.2/32", "10.0.0.3", "172.16.0.0/12"]), max_size=1)),
+            shareWith=draw(st.sampled_from([["*"], ["*"], []])) if t == "infra" else [],
+        ),
+    )
+
+
+@st.composite
+def union_policies(draw: st.DrawFn) -> Policy:
+    t = draw(st.sampled_from(["infra", "t1"]))
+    cats = ["emergency", "infrastructure"] if t == "infra" else ["environment", "application"]
+
+    def side() -> list[str]:
+        if draw(st.integers(0, 3)) == 0:
+            return ["any"]
+        return [_ref(t, p) for p in draw(st.sampled_from(UNION_RECIPES))]
+
+    names = draw(st.lists(st.sampled_from(["r0", "r1"]), min_size=1, max_size=2, unique=True))
+    return Policy(
+        metadata=md(draw(st.sampled_from(["a", "b", "c"])), t),
+        spec=PolicySpec(
+            category=draw(st.sampled_from(cats)),
+            rules=[
+                Rule(
+                    name=n,
+                    sources=side(),
+                    destinations=side(),
+                    action=draw(st.sampled_from(["allow", "drop"])),
+                    direction=draw(st.sampled_from(["in", "out", "both"])),
+                )
+                for n in names
+            ],
+        ),
+    )
+
+
+@st.composite
+def shared_workloads(draw: st.DrawFn) -> Workload:
+    t = draw(st.sampled_from(["infra", "t1"]))
+    return Workload(
+        metadata=md(draw(st.sampled_from(["w0", "w1"])), t, {"tier": draw(st.sampled_from(["web", "db"]))}),
+        spec=WorkloadSpec(
+            host=draw(st.sampled_from(["h1", "h2"])),
+            vnics=[Vnic(ips=draw(st.lists(st.sampled_from(IPS[:4]), min_size=1, max_size=2, unique=True)))],
+        ),
+    )
+
+
+shared_resources = st.one_of(
+    shared_groups(), shared_groups(), union_policies(), union_policies(), shared_workloads()
+)
+
+
+SHARED_KEYS = [
+    *(("Policy", t, n) for t in ("infra", "t1") for n in ("a", "b", "c")),
+    *(("Group", t, n) for t, n in SHARED_GROUPS),
+    *(("Workload", t, n) for t in ("infra", "t1") for n in ("w0", "w1")),
+]
+
+
+@st.composite
+def shared_ops(draw: st.DrawFn) -> tuple[str, Any]:
+    if draw(st.integers(0, 2)) == 0:
+        return ("del", draw(st.sampled_from(SHARED_KEYS)))
+    return ("put", draw(shared_resources))
+
+
+def _peer_key(t: str, ref: str) -> Any:
+    """A rule's peer ref (as written in tenant `t`) back to a group key, or the literal itself."""
+    if ref[:1].isdigit():
+        return ref
+    tenant, _, name = ref.rpartition("/")
+    return (tenant or t, name)
+
+
+@st.composite
+def handover_batch(draw: st.DrawFn, world: dict[Any, Any]) -> list[Any]:
+    """One batch that takes a union away from the rule using it and gives it to a rule with another
+    key (maybe of another tenant, sorting before or after it), changes a group of that union, and does
+    a few random things on top, in random order."""
+    users = [
+        (pol, rule, rule.sources)
+        for pol in (r for r in world.values() if isinstance(r, Policy))
+        for rule in pol.spec.rules
+        if len(rule.sources) > 1
+    ]
+    batch: list[Any] = []
+    if users:
+        pol, rule, peers = draw(st.sampled_from(sorted(users, key=lambda u: (u[0].key, u[1].name))))
+        keys = [_peer_key(pol.metadata.tenant, ref) for ref in peers]
+        if draw(st.booleans()):
+            batch.append(("del", pol.key))
+        else:  # the policy stays, without that rule
+            rest = [r for r in pol.spec.rules if r.name != rule.name]
+            batch.append(
+                ("put", pol.model_copy(update={"spec": pol.spec.model_copy(update={"rules": rest})}))
+            )
+        _, t, name = draw(st.sampled_from([k for k in SHARED_KEYS if k[0] == "Policy" and k != pol.key]))
+        cat = "infrastructure" if t == "infra" else "application"
+        new_rule = Rule(
+            name=draw(st.sampled_from(["r0", "r1"])), sources=[_ref(t, k) for k in keys], action="drop"
+        )
+        batch.append(("put", Policy(metadata=md(name, t), spec=PolicySpec(category=cat, rules=[new_rule]))))
+        gks = [k for k in keys if isinstance(k, tuple)]
+        if gks:
+            gk = draw(st.sampled_from(gks))
+            g = draw(shared_groups()).model_copy(update={"metadata": md(gk[1], gk[0])})
+            old = world.get(("Group", *gk))
+            if old is None or old.spec != g.spec:
+                batch.append(("put", g))
+    batch += draw(st.lists(shared_ops(), max_size=2))
+    return draw(st.permutations(batch))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(initial=st.lists(shared_resources, min_size=3, max_size=10), data=st.data())
+def test_sets_handed_over_between_rules_and_resources_in_one_update(
+    initial: list[Any], data: st.DataObject
+) -> None:
+    def wl(t: str, name: str, host: str, tier: str, ip: str) -> Workload:
+        return Workload(
+            metadata=md(name, t, {"tier": tier}), spec=WorkloadSpec(host=host, vnics=[Vnic(ips=[ip])])
+        )
+
+    base = [
+        Host(metadata=md("h1", "infra")),
+        Host(metadata=md("h2", "infra")),
+        wl("t1", "w0", "h1", "web", "10.0.0.1"),
+        wl("t1", "w1", "h2", "db", "10.0.0.2"),
+        wl("infra", "w0", "h2", "web", "10.0.0.4"),
+    ]
+    world = {key_of(r): r for r in [*base, *initial]}
+
+    def batches() -> Iterator[list[Any]]:
+        for _ in range(data.draw(st.integers(2, 5))):
+            yield data.draw(handover_batch(world))
+
+    run_steps(world, batches())
+
+
+def _union_takeover_world(removed_policy: str) -> dict[Any, Any]:
+    res = [
+        Host(metadata=md("h1", "infra")),
+        Workload(metadata=md("w1", "t1"), spec=WorkloadSpec(host="h1", vnics=[Vnic(ips=["10.0.0.1"])])),
+        Group(metadata=md("tg", "t1"), spec=GroupSpec()),
+        Group(metadata=md("pg", "infra"), spec=GroupSpec()),
+        Policy(
+            metadata=md(removed_policy, "infra"),
+            spec=PolicySpec(
+                category="infrastructure",
+                rules=[Rule(name="r1", destinations=["pg", "t1/tg"], action="allow")],
+            ),
+        ),
+    ]
+    return {key_of(r): r for r in res}
+
+
+def test_union_taken_over_by_a_new_rule_while_its_group_changes() -> None:
+    """The fuzzer's seed-8000 shape, both name orders: one batch fills `pg`, deletes the provider rule
+    using `u(pg, t1/tg)` and adds a tenant rule using the same union."""
+    for removed_name, added_name in (("a", "b"), ("b", "a")):
+        world = _union_takeover_world(removed_name)
+        pg = Group(metadata=md("pg", "infra"), spec=GroupSpec(cidrs=["10.0.0.1/32"], shareWith=["*"]))
+        pol = Policy(
+            metadata=md(added_name, "t1"),
+            spec=PolicySpec(rules=[Rule(name="r1", sources=["tg", "infra/pg"], action="drop")]),
+        )
+        steps = [[("del", sorted(world).index(("Policy", "infra", removed_name))), ("put", pg), ("put", pol)]]
+        run_steps(world, steps)
+        assert [s.addresses for s in compile_catalog(Catalog.of(world.values()))["h1"].sets] == [
+            ("10.0.0.1",)
+        ]
+
+
+def test_group_removed_and_put_again_in_one_update_updates_its_set_on_hosts() -> None:
+    """Hosts hold `g.a.web` through a rule that does not change; the group is removed and put again with
+    other members in one batch: the hosts must get the new content."""
+    web = Workload(
+        metadata=md("w", "a", {"tier": "web"}), spec=WorkloadSpec(host="h2", vnics=[Vnic(ips=["10.0.0.1"])])
+    )
+    x = Workload(
+        metadata=md("x", "a", {"tier": "x"}), spec=WorkloadSpec(host="h1", vnics=[Vnic(ips=["10.0.0.2"])])
+    )
+    xg = Group(metadata=md("xg", "a"), spec=GroupSpec(selector='tier == "x"'))
+    pol = Policy(
+        metadata=md("p", "a"),
+        spec=PolicySpec(rules=[Rule(name="r", sources=["web"], appliedTo=["xg"], action="allow")]),
+    )
+    for before, after in (('tier == "web"', 'tier == "db"'), ('tier == "db"', 'tier == "web"')):
+        g0 = Group(metadata=md("web", "a"), spec=GroupSpec(selector=before))
+        g1 = Group(metadata=md("web", "a"), spec=GroupSpec(selector=after))
+        world = {
+            key_of(r): r
+            for r in [Host(metadata=md("h1", "infra")), Host(metadata=md("h2", "infra")), web, x, xg, g0, pol]
+        }
+        run_steps(world, [[("del", sorted(world).index(g0.key)), ("put", g1)]])
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -33,7 +33,7 @@ def router() -> APIRouter:
         m = manager_of(request)
         out: dict[str, Any] = {"revision": m.revision}
         if not p.tenant_scoped:
-            hosts = {h: m.host_status(h) for h in m.host_names()}
+            hosts = m.host_statuses()
             out["compileError"] = m.compile_error
             out["hosts"] = hosts
             out["summary"] = {

@@ -38,13 +38,15 @@ def create_app(manager: Manager, *, watch: bool = True) -> FastAPI:
     )
     app.state.manager = manager
     errors.install(app)
+    # Host feeds and acks first: they are the bulk of the requests (one per agent per change), and
+    # routing tries every route in order. Their paths collide with no route of the routers below.
+    app.include_router(stream_endpoint.router())
     app.include_router(admin.router())
     app.include_router(apply.router())
     app.include_router(identity.router())
     app.include_router(explain_api.router())  # GET /v1/explain
     app.include_router(insight_api.router())  # group members, policy realization
-    # Host feed routes first: /v1/hosts/{host}/feed must not be taken for a Host named "feed".
+    # Before resources, like the feed routes: /v1/hosts/{host}/feed must not be taken for a Host "feed".
     app.include_router(migrate_api.router())
-    app.include_router(stream_endpoint.router())
     app.include_router(resources.router())
     return app

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from omniwall import PROVIDER_TENANT
 from omniwall.manager.attributes import USER_ATTRIBUTE
@@ -97,13 +98,15 @@ def manager_of(request: Request) -> Manager:
     return request.app.state.manager  # type: ignore[no-any-return]
 
 
-def authenticate(request: Request) -> Principal:
-    """FastAPI dependency: the caller's principal, or 401."""
+async def authenticate(request: Request) -> Principal:
+    """FastAPI dependency: the caller's principal, or 401. Async: a cached token is checked on the event
+    loop (no thread hop per request); otherwise the store read runs in the threadpool."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
-    rec = manager_of(request).tokens.verify(token)
+    tokens = manager_of(request).tokens
+    rec = tokens.verify_cached(token) or await run_in_threadpool(tokens.verify, token)
     if rec is None:
         raise ApiError(401, "invalid or revoked token")
     return Principal(rec.id, rec.name, Role(rec.role), rec.tenant, rec.host)

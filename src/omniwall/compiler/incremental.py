@@ -133,6 +133,7 @@ class IncrementalCompiler:
         self.rules_by_tenant: dict[str, set[RuleKey]] = {}
         self.unions: dict[str, _Union] = {}
         self.unions_by_group: dict[Key, set[str]] = {}
+        self._idle_unions: set[str] = set()  # refs fell to 0 during this update's recompile
 
         self.hosts: dict[str, HostState] = {}
         self.rule_hosts: dict[int, set[str]] = {}
@@ -393,8 +394,13 @@ class IncrementalCompiler:
 
     def _groups(self, changed: list[object], removed: list[Removed], p: _Pending) -> None:
         g = self.groups
+        put = {(r.metadata.tenant, r.metadata.name) for r in changed if isinstance(r, Group)}
         for _, tenant, name in removed:
             key = (tenant, name)
+            if key in put:
+                # Removed and put again in one batch: an edit. Re-creating the node would replace its
+                # AddrSet by one without an IRSet, and hosts holding the set would keep stale content.
+                continue
             if self.group_res.pop(key, None) is None:
                 continue
             g.remove_group(key)
@@ -406,14 +412,7 @@ class IncrementalCompiler:
             self.group_res[key] = res
             if old is not None and old.spec == res.spec:
                 continue
-            fresh = key not in g.nodes
             g.upsert_group(key, res.spec)
-            if fresh:
-                # Unions naming this group outlive a remove + re-create in one update: re-attach them
-                # (the old node pushed its removals; the new one pushes its additions when recomputed).
-                node = g.nodes[key]
-                for name in sorted(self.unions_by_group.get(key, ())):
-                    node.addr.listeners.append(self.unions[name].addr)
             p.groups.add(key)
             if old is None or old.spec.shareWith != res.spec.shareWith:
                 p.rules |= self.rules_by_group.get(key, set())
@@ -531,6 +530,7 @@ class IncrementalCompiler:
                 del self.rules[rk]
             else:
                 self.rules[rk] = new
+        self._drop_idle_unions()
         for wid in dirty:
             p.host_wids.setdefault(self.wl[wid].host, set()).add(wid)
 
@@ -550,6 +550,7 @@ class IncrementalCompiler:
             self._release_union(u.name)
 
     def _acquire_union(self, spec: UnionSpec) -> None:
+        """A rule takes a reference on a union set; the first creates it, listening to its groups."""
         u = self.unions.get(spec.name)
         if u is None:
             a = AddrSet(spec.name, self.registry)
@@ -566,10 +567,24 @@ class IncrementalCompiler:
         u.refs += 1
 
     def _release_union(self, name: str) -> None:
+        """Drops a reference. An unused union lives on until the batch's rules are all reindexed
+        (`_drop_idle_unions`): a rule added later in the same batch may take it over, and then it must be
+        the same AddrSet. A fresh one would have no IRSet, so its content changes would never be flushed,
+        while hosts that held the set through the removed rule keep holding it through the new one."""
         u = self.unions[name]
         u.refs -= 1
-        if u.refs:
-            return
+        if not u.refs:
+            self._idle_unions.add(name)
+
+    def _drop_idle_unions(self) -> None:
+        for name in sorted(self._idle_unions):
+            u = self.unions.get(name)
+            if u is None or u.refs:
+                continue
+            self._drop_union(name, u)
+        self._idle_unions.clear()
+
+    def _drop_union(self, name: str, u: _Union) -> None:
         for gk in u.spec.groups:
             _index(self.unions_by_group, gk, name, False)
             node = self.groups.nodes.get(gk)

@@ -33,18 +33,29 @@ class Broadcaster:
             self._subs.pop(id(ev), None)
 
     def notify(self) -> None:
+        # One wake-up per loop, not per subscriber: call_soon_threadsafe writes to the loop's self-pipe,
+        # and a thousand feeds on one loop would mean a thousand syscalls and callbacks per change.
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
         with self._lock:
-            subs = list(self._subs.values())
-        for loop, ev in subs:
+            for loop, ev in self._subs.values():
+                by_loop.setdefault(loop, []).append(ev)
+        for loop, events in by_loop.items():
             try:
-                loop.call_soon_threadsafe(ev.set)
-            except RuntimeError:  # loop closed: the subscriber is gone
-                self.unsubscribe(ev)
+                loop.call_soon_threadsafe(_set_all, events)
+            except RuntimeError:  # loop closed: its subscribers are gone
+                for ev in events:
+                    self.unsubscribe(ev)
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for ev in events:
+        ev.set()
 
 
 class DesiredStates:
     def __init__(self, max_log: int = 256) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held only for lookups and the final swap of an update
+        self._update_lock = threading.Lock()  # one update at a time
         self._states: dict[str, HostDesiredState] = {}
         self._log: dict[str, deque[HostDelta]] = {}
         self._max_log = max_log
@@ -57,20 +68,27 @@ class DesiredStates:
         `only`: just these hosts were recompiled (the others are unchanged); otherwise `new` is complete
         and hosts missing from it disappeared: they get an empty state (their agents clear their tables)."""
         deltas: list[HostDelta] = []
-        with self._lock:
-            hosts = only if only is not None else set(new) | set(self._states)
+        # Compare and diff outside `_lock`: with a thousand hosts that takes a while, and every feed and
+        # ack reads a state or revision meanwhile (on the server's event loop). Readers see the old states
+        # until the swap at the end, which installs states and deltas together.
+        with self._update_lock:
+            with self._lock:
+                current = dict(self._states)
+            changed: list[tuple[str, HostDesiredState, HostDelta | None]] = []
+            hosts = only if only is not None else set(new) | set(current)
             for host in sorted(hosts):
                 target = new.get(host) or empty_state(host, revision)
                 target = replace(target, revision=revision)
-                prev = self._states.get(host)
+                prev = current.get(host)
                 if prev is not None and replace(target, revision=prev.revision) == prev:
                     continue
-                if prev is not None:
-                    d = diff(prev, target)
-                    log = self._log.setdefault(host, deque(maxlen=self._max_log))
-                    log.append(d)
-                    deltas.append(d)
-                self._states[host] = target
+                changed.append((host, target, diff(prev, target) if prev is not None else None))
+            with self._lock:
+                for host, target, d in changed:
+                    if d is not None:
+                        self._log.setdefault(host, deque(maxlen=self._max_log)).append(d)
+                        deltas.append(d)
+                    self._states[host] = target
         if deltas:
             self.changed.notify()
         return deltas
@@ -82,6 +100,11 @@ class DesiredStates:
     def all(self) -> dict[str, HostDesiredState]:
         with self._lock:
             return dict(self._states)
+
+    def revisions(self) -> dict[str, int]:
+        """Every host's desired revision, under one lock acquisition (GET /v1/status)."""
+        with self._lock:
+            return {h: s.revision for h, s in self._states.items()}
 
     def revision(self, host: str) -> int:
         with self._lock:

@@ -76,6 +76,12 @@ class HostStatusBook:
             if addresses is not None:
                 st.addresses = dict(addresses)
 
+    def statuses(self, desired: dict[str, int], hosts: list[str]) -> dict[str, dict[str, Any]]:
+        """`to_json` of each of `hosts` under one lock acquisition (GET /v1/status with many hosts)."""
+        empty = HostStatus()
+        with self._lock:
+            return {h: self._hosts.get(h, empty).to_json(desired.get(h, 0)) for h in hosts}
+
     def counters(self) -> dict[str, dict[int, tuple[int, int]]]:
         with self._lock:
             return {h: dict(st.counters) for h, st in self._hosts.items()}

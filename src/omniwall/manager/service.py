@@ -43,6 +43,7 @@ from .hosts import HostStatusBook
 from .migration import Migrations
 from .objects import (
     RES_PREFIX,
+    TOKEN_PREFIX,
     changed_paths,
     decode,
     encode,
@@ -178,6 +179,7 @@ class Manager:
                 events = self.store.events(self._rev + 1)
             except CompactedError:
                 log.warning("watch fell behind a compaction; reloading the model")
+                self.tokens.forget()  # token changes may be among the events we cannot see
                 self.load_all()
                 return self._rev
             if not events:
@@ -187,7 +189,9 @@ class Manager:
             moved = False
             with self._model_lock:
                 for e in events:
-                    if self.migrations.on_event(e):
+                    if e.key.startswith(TOKEN_PREFIX):  # created or revoked, maybe by another process
+                        self.tokens.forget(e.key[len(TOKEN_PREFIX) :])
+                    elif self.migrations.on_event(e):
                         moved = True
                     elif e.key.startswith(RES_PREFIX):
                         r = self._apply_event(e)
@@ -207,6 +211,7 @@ class Manager:
         if self._watch_thread is not None:
             return
         self._watch_stop.clear()
+        self.tokens.cache = True  # the watch drops cached tokens that any process changes (sync())
 
         def loop() -> None:
             while not self._watch_stop.is_set():
@@ -221,6 +226,8 @@ class Manager:
         self._watch_thread.start()
 
     def stop_watch(self) -> None:
+        self.tokens.cache = False
+        self.tokens.forget()
         self._watch_stop.set()
         if self._watch_thread is not None:
             self._watch_thread.join(timeout=5)
@@ -505,6 +512,10 @@ class Manager:
 
     def host_status(self, host: str) -> dict[str, Any]:
         return self.hosts.get(host).to_json(self.desired.revision(host))
+
+    def host_statuses(self) -> dict[str, dict[str, Any]]:
+        """host_status() of every host, sorted by name, in two lock acquisitions rather than 2 per host."""
+        return self.hosts.statuses(self.desired.revisions(), self.host_names())
 
     def policy_stats(self, tenant: str, name: str) -> dict[str, Any]:
         """Counters of a policy's rules, summed over every host's last report."""

@@ -85,6 +85,13 @@ def _digest(secret: str) -> str:
 class TokenBook:
     def __init__(self, store: Store) -> None:
         self.store = store
+        # id -> record, used by verify() while `cache` is on (the manager turns it on with its store watch,
+        # which calls `forget` for every token key any process writes: a revocation elsewhere is honoured
+        # within one watch poll). Every request verifies a token; without the cache that is a store read
+        # behind the store's single lock, i.e. behind any write's fsync.
+        self.cache = False
+        self._cached: dict[str, TokenRecord] = {}
+        self._generation = 0  # bumped by forget(): a lookup that raced with it must not cache its result
 
     def create(
         self,
@@ -122,10 +129,39 @@ class TokenBook:
         parts = token.strip().split(".")
         if len(parts) != 3 or parts[0] != "ow":
             return None
-        rec = self.get(parts[1])
+        rec = self._lookup(parts[1])
         if rec is None:
             return None
         return rec if hmac.compare_digest(_digest(parts[2]), rec.sha256) else None
+
+    def verify_cached(self, token: str) -> TokenRecord | None:
+        """verify() from the cache alone (no store access, safe on an event loop); None: not cached or
+        not valid: call verify()."""
+        parts = token.strip().split(".")
+        rec = self._cached.get(parts[1]) if self.cache and len(parts) == 3 and parts[0] == "ow" else None
+        if rec is None:
+            return None
+        return rec if hmac.compare_digest(_digest(parts[2]), rec.sha256) else None
+
+    def _lookup(self, tid: str) -> TokenRecord | None:
+        if not self.cache:
+            return self.get(tid)
+        rec = self._cached.get(tid)
+        if rec is not None:
+            return rec
+        generation = self._generation
+        rec = self.get(tid)
+        if rec is not None and generation == self._generation and self.cache:
+            self._cached[tid] = rec
+        return rec
+
+    def forget(self, tid: str | None = None) -> None:
+        """Drop one cached token (None: all of them): it was written, revoked or may have been."""
+        self._generation += 1
+        if tid is None:
+            self._cached.clear()
+        else:
+            self._cached.pop(tid, None)
 
     def get(self, tid: str) -> TokenRecord | None:
         kv = self.store.get(TOKEN_PREFIX + tid)
@@ -140,10 +176,12 @@ class TokenBook:
         kv = self.store.get(TOKEN_PREFIX + tid)
         if kv is None:
             return False
+        self.forget(tid)
         ops: list[Put | Delete] = [Delete(TOKEN_PREFIX + tid)]
         if actor is not None:
             ops.append(_audit(actor, "revoke", TokenRecord(**json.loads(kv.value))))
         res = self.store.txn([Compare(TOKEN_PREFIX + tid, kv.mod_revision)], ops)
+        self.forget(tid)  # also after: a verify between the first forget and the delete may have cached it
         return res.succeeded
 
     def bootstrap(self, token_file: Path) -> Path | None:

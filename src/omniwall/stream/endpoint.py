@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from omniwall.api.auth import Perm, Principal, authenticate, check_visible, manager_of, read_tenant, require
 from omniwall.api.errors import ApiError, not_found
@@ -89,7 +90,7 @@ def router() -> APIRouter:
         response_class=StreamingResponse,
         responses={200: {"content": {NDJSON: {}}}},
     )
-    def feed(
+    async def feed(
         request: Request,
         host: str,
         from_: int = Query(0, alias="from", ge=0, description="last revision the agent realized (0: none)"),
@@ -111,8 +112,10 @@ def router() -> APIRouter:
         _check_host(p, host, Perm.FEED_READ, m)
         return (m.desired.snapshot(host) or empty_state(host, 0)).to_json()
 
+    # Async, like `feed`: both only touch in-memory state, and a thousand agents acking one change should
+    # not each cost two thread hops. Addresses may write the store (fsync): that part goes to the pool.
     @r.post("/v1/hosts/{host}/status", summary="agent ack: realized revision, last error, counters")
-    def status(
+    async def status(
         request: Request, host: str, report: StatusReport, p: Principal = Depends(authenticate)
     ) -> dict[str, Any]:
         m = manager_of(request)
@@ -130,7 +133,7 @@ def router() -> APIRouter:
         if report.addresses:  # addresses follow the workload (manager/addresses.py)
             from omniwall.manager.addresses import agent_actor, reconcile
 
-            reconcile(m, host, report.addresses, agent_actor(host, p.id))
+            await run_in_threadpool(reconcile, m, host, report.addresses, agent_actor(host, p.id))
         return {"host": host, **m.host_status(host)}
 
     @r.get("/v1/policies/{name}/stats", tags=["Policy"], summary="per-rule counters summed across hosts")

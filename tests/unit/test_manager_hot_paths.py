@@ -1,0 +1,96 @@
+"""The manager's fast paths keep their semantics: the token cache honours revocations (this process and
+others sharing the store), desired-state updates are atomic to readers, and the bulk host status equals
+the per-host one."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+from omniwall.compiler.ir import HostDesiredState, IRSet, empty_state
+from omniwall.manager.desired import Broadcaster, DesiredStates
+from omniwall.manager.service import Manager
+from omniwall.manager.tokens import TokenBook
+from omniwall.store import open_store
+
+
+def test_token_cache_serves_hits_and_honours_revocations(tmp_path: Path) -> None:
+    db = str(tmp_path / "ow.db")
+    m = Manager(open_store(db))
+    m.tokens.cache = True  # what start_watch() turns on
+    token, rec = m.tokens.create("agent", host="h1")
+    assert m.tokens.verify_cached(token) is None  # not looked up yet
+    assert m.tokens.verify(token) == rec
+    assert m.tokens.verify_cached(token) == rec  # cached now
+    assert m.tokens.verify_cached(token[:-2] + "xx") is None  # a wrong secret never matches
+    assert m.tokens.verify(token[:-2] + "xx") is None
+
+    assert m.tokens.revoke(rec.id)  # revoked here: gone at once
+    assert m.tokens.verify_cached(token) is None and m.tokens.verify(token) is None
+
+    # revoked by another process on the same store: gone once the watch has synced
+    token2, rec2 = m.tokens.create("agent", host="h2")
+    assert m.tokens.verify(token2) == rec2
+    other = TokenBook(open_store(db))
+    assert other.revoke(rec2.id)
+    m.sync()
+    assert m.tokens.verify_cached(token2) is None and m.tokens.verify(token2) is None
+
+
+def test_token_cache_is_off_without_the_watch(tmp_path: Path) -> None:
+    db = str(tmp_path / "ow.db")
+    m = Manager(open_store(db))
+    token, rec = m.tokens.create("agent", host="h1")
+    assert m.tokens.verify(token) == rec
+    assert m.tokens.verify_cached(token) is None  # nothing cached: every verify reads the store
+    assert TokenBook(open_store(db)).revoke(rec.id)
+    assert m.tokens.verify(token) is None  # no sync needed
+
+
+def test_desired_update_is_atomic_for_readers() -> None:
+    ds = DesiredStates()
+    hosts = [f"h{i}" for i in range(200)]
+    ds.update({h: empty_state(h, 1) for h in hosts}, 1)
+    seen: list[set[int]] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            seen.append(set(ds.revisions().values()))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for rev in range(2, 12):  # every host changes at every revision
+            sets = (IRSet(f"s{rev}", ("10.0.0.1",)),)
+            ds.update({h: HostDesiredState(h, rev, sets=sets) for h in hosts}, rev)
+    finally:
+        stop.set()
+        t.join()
+    assert seen and all(len(s) == 1 for s in seen)  # never a mix of old and new revisions
+    assert ds.revisions() == dict.fromkeys(hosts, 11)
+    assert all(len(ds.deltas_since(h, 1) or []) == 10 for h in hosts)
+
+
+def test_broadcaster_wakes_every_subscriber_with_one_call_per_loop() -> None:
+    b = Broadcaster()
+
+    async def main() -> None:
+        events = [b.subscribe() for _ in range(50)]
+        threading.Thread(target=b.notify).start()
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=5)
+        for e in events:
+            b.unsubscribe(e)
+
+    asyncio.run(main())
+
+
+def test_bulk_host_statuses_equal_per_host_ones(tmp_path: Path) -> None:
+    m = Manager(open_store(str(tmp_path / "ow.db")))
+    m.desired.update({h: empty_state(h, 3) for h in ("a", "b")}, 3)
+    m.hosts.report("a", "2026-01-01T00:00:00.000Z", 3, None, None, None)
+    m.hosts.report("b", "2026-01-01T00:00:00.000Z", 2, "boom", None, None)
+    bulk = m.hosts.statuses(m.desired.revisions(), ["a", "b", "c"])
+    assert bulk == {h: m.host_status(h) for h in ("a", "b", "c")}
+    assert bulk["a"]["inSync"] and not bulk["b"]["inSync"] and bulk["b"]["lastError"] == "boom"
