@@ -11,7 +11,7 @@ phases, the lab moving the veth and the routes). All the time:
   checked byte for byte: a connection "survives" when it never errored or reset and every byte came
   back intact and in order);
 - a UDP flow (a datagram every 10 ms, echoed);
-- connection churn: a new short TCP connection every ~10 ms each way (cli -> srv:5001, srv -> cli:5011;
+- with --churn: a new short TCP connection every ~10 ms each way (cli -> srv:5001, srv -> cli:5011;
   what the second copy of the entries after the switch is for: connections opened after the first
   copy);
 - three denied-flow probers, four connect() threads each: into srv (bad -> srv tcp/5001, cli -> srv
@@ -65,7 +65,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def run(n: int, hold: float = 1.0, second_copy: bool = True) -> dict[str, Any]:
+def run(n: int, hold: float = 1.0, second_copy: bool = False, churn: bool = False) -> dict[str, Any]:
     with managed_lab(MOBILITY, ipv6=False) as (lab, _cp):
         cli, srv, bad = (lab.plan.workload(f"t1/{x}") for x in ("cli", "srv", "bad"))
         srv_ip, cli_ip = srv.vnics[0].ips[0], cli.vnics[0].ips[0]
@@ -82,10 +82,11 @@ def run(n: int, hold: float = 1.0, second_copy: bool = True) -> dict[str, Any]:
             "udp cli->srv": Flow("udp-flow", cli.netns, (srv_ip, "5002")).start(),
             "denied bad->srv:5001": Flow("tcp-prober", bad.netns, (srv_ip, "5001")).start(),
             "denied cli->srv:7001": Flow("tcp-prober", cli.netns, (srv_ip, "7001")).start(),
-            "churn cli->srv": Flow("tcp-churn", cli.netns, (srv_ip, "5001")).start(),
-            "churn srv->cli": Flow("tcp-churn", srv.netns, (cli_ip, "5011")).start(),
             "denied srv->bad:6000": Flow("tcp-prober", srv.netns, (bad.vnics[0].ips[0], "6000")).start(),
         }
+        if churn:
+            flows["churn cli->srv"] = Flow("tcp-churn", cli.netns, (srv_ip, "5001")).start()
+            flows["churn srv->cli"] = Flow("tcp-churn", srv.netns, (cli_ip, "5011")).start()
         hosts = [h.name for h in lab.plan.hosts]
         records: list[dict[str, Any]] = []
         wall: list[float] = []
@@ -167,12 +168,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--migrations", type=int, default=100)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--no-second-copy", action="store_true", help="skip the copy after the switch")
+    ap.add_argument(
+        "--churn", action="store_true", help="also a new short TCP connection every ~10 ms each way"
+    )
+    ap.add_argument("--second-copy", action="store_true", help="copy the entries again after the switch")
     ap.add_argument("--hold", type=float, default=1.0, help="seconds of traffic before the first migration")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces, nftables)")
-    out = run(a.migrations, a.hold, not a.no_second_copy)
+    out = run(a.migrations, a.hold, a.second_copy, a.churn)
     text = json.dumps(out, indent=1)
     print(text)
     if a.json:

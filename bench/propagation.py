@@ -277,7 +277,7 @@ def fanout_policy(port: int) -> dict[str, Any]:
 
 def worker_main(spec_file: str) -> None:
     """One fan-out process: many Agents (sim backend) on one loop, one shared HTTP client."""
-    from omniwall.agent.main import Agent
+    from omniwall.agent.main import Agent, agent_limits
     from omniwall.dataplane.sim_backend import SimBackend
 
     spec = json.loads(Path(spec_file).read_text())
@@ -297,7 +297,7 @@ def worker_main(spec_file: str) -> None:
         # every pooled connection on each request and each response close, O(agents) per request. One
         # SSL context for all (a context per client costs ~10 ms and memory even for http://).
         ssl_ctx = httpx.create_ssl_context()
-        clients = [httpx.AsyncClient(verify=ssl_ctx) for _ in hosts]
+        clients = [httpx.AsyncClient(verify=ssl_ctx, limits=agent_limits()) for _ in hosts]
         async with contextlib.AsyncExitStack() as stack:
             for c in clients:
                 await stack.enter_async_context(c)

@@ -94,3 +94,26 @@ def test_bulk_host_statuses_equal_per_host_ones(tmp_path: Path) -> None:
     bulk = m.hosts.statuses(m.desired.revisions(), ["a", "b", "c"])
     assert bulk == {h: m.host_status(h) for h in ("a", "b", "c")}
     assert bulk["a"]["inSync"] and not bulk["b"]["inSync"] and bulk["b"]["lastError"] == "boom"
+
+
+def test_feed_lines_encode_exactly_like_asdict() -> None:
+    """The wire's fast encoder must give the same bytes as json.dumps(asdict(...)) (agents decode both)."""
+    import json
+
+    from omniwall.compiler.build import compile_catalog
+    from omniwall.compiler.ir import diff
+    from omniwall.model.loader import load_files
+    from omniwall.model.validate import validate
+    from omniwall.stream.wire import decode, delta_line, snapshot_line
+
+    def reference(obj: dict[str, object]) -> bytes:
+        return (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "three-tier"
+    states = compile_catalog(validate(load_files(sorted(example.glob("*.yaml")))), revision=7)
+    assert states
+    for host, st in states.items():
+        assert snapshot_line(st) == reference({"type": "snapshot", "revision": 7, "state": st.to_json()})
+        d = diff(empty_state(host, 6), st)
+        assert delta_line(d) == reference({"type": "delta", "delta": d.to_json()})
+        assert decode(delta_line(d)).delta == d  # type: ignore[union-attr]

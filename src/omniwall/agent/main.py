@@ -36,6 +36,13 @@ from omniwall.stream.wire import Command
 log = logging.getLogger("omniwall.agent")
 
 DEFAULT_STATE_DIR = Path("/var/lib/omniwall/agent")
+AGENT_KEEPALIVE = 60.0  # below the manager's 90 s (manager/server.py), so the agent closes idle ones first
+
+
+def agent_limits() -> httpx.Limits:
+    """Keep the status connection open between acks: httpx's default 5 s expiry meant a new TCP (TLS)
+    connection for nearly every ack, which cost the manager more than the ack itself."""
+    return httpx.Limits(max_connections=10, max_keepalive_connections=4, keepalive_expiry=AGENT_KEEPALIVE)
 
 
 class Agent:
@@ -62,7 +69,7 @@ class Agent:
         self.backoff = backoff or Backoff()
         self.reconciler = Reconciler(backend, host)
         self._own_client = client is None
-        self.client = client or httpx.AsyncClient()
+        self.client = client or httpx.AsyncClient(limits=agent_limits())
         self.reporter = Reporter(
             self.client,
             manager_url,

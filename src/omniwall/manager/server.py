@@ -12,6 +12,8 @@ from .tokens import token_file_for
 
 log = logging.getLogger(__name__)
 
+SERVER_KEEPALIVE = 90  # seconds an idle HTTP connection stays open (see serve())
+
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """`HOST:PORT`, `:PORT` or `[v6]:PORT` -> (host, port)."""
@@ -46,4 +48,15 @@ def serve(db: str, listen: str, tls_cert: str | None = None, tls_key: str | None
         db,
         manager.revision,
     )
-    uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="info")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+        log_level="info",
+        # Agents ack each change on a second connection, often more than uvicorn's default 5 s apart:
+        # a fresh TCP (TLS) connection per ack cost both sides more than the ack. Longer than the
+        # agents' own keep-alive (AGENT_KEEPALIVE), so the client always closes first (no reuse race).
+        timeout_keep_alive=SERVER_KEEPALIVE,
+    )
