@@ -29,17 +29,14 @@ import time
 from typing import Any
 
 from omniwall.compiler.incremental import IncrementalCompiler
+from omniwall.compiler.testing import group, host, md, service
 from omniwall.model.catalog import Catalog
 from omniwall.model.resources import (
     Group,
     GroupSpec,
-    Host,
-    Metadata,
     Policy,
     PolicySpec,
     Rule,
-    Service,
-    ServiceSpec,
     Tenant,
     TenantSpec,
     Vnic,
@@ -51,10 +48,6 @@ TIERS = ("web", "app", "db", "cache")
 ENVS = ("prod", "staging", "dev")
 ZONES = ("z1", "z2", "z3", "z4")
 PORTS = (80, 443, 5432, 6379, 8080, 9000, 3306, 27017)
-
-
-def md(name: str, tenant: str = "infra", labels: dict[str, str] | None = None) -> Metadata:
-    return Metadata(name=name, tenant=tenant, labels=labels or {})
 
 
 def vm_rss_mb() -> float:
@@ -80,7 +73,7 @@ class Inventory:
         self.tenants = [f"t{i:02d}" for i in range(ntenants)]
         self.hosts = [f"host-{i:04d}" for i in range(hosts)]
         for h in self.hosts:
-            add(Host(metadata=md(h)))
+            add(host(h))
         for t in self.tenants:
             add(Tenant(metadata=md(t), spec=TenantSpec(mode="monitor" if t == "t01" else "enforce")))
 
@@ -125,10 +118,10 @@ class Inventory:
         # ---- groups
         self.group_names: dict[str, list[str]] = {t: [] for t in self.tenants}
         provider = [
-            Group(metadata=md("dns"), spec=GroupSpec(selector='role == "dns"', shareWith=["*"])),
-            Group(metadata=md("quarantine"), spec=GroupSpec(selector="has(quarantine)", shareWith=["*"])),
-            Group(metadata=md("windows"), spec=GroupSpec(selector='os == "windows"', shareWith=["*"])),
-            Group(metadata=md("mgmt-net"), spec=GroupSpec(cidrs=["192.168.100.0/24"], shareWith=["*"])),
+            group("infra", "dns", 'role == "dns"', shareWith=["*"]),
+            group("infra", "quarantine", "has(quarantine)", shareWith=["*"]),
+            group("infra", "windows", 'os == "windows"', shareWith=["*"]),
+            group("infra", "mgmt-net", cidrs=["192.168.100.0/24"], shareWith=["*"]),
         ]
         for g in provider:
             add(g)
@@ -174,8 +167,8 @@ class Inventory:
 
         # ---- services
         for p in PORTS:
-            add(Service(metadata=md(f"svc-{p}"), spec=ServiceSpec(protocol="tcp", ports=[p])))
-        add(Service(metadata=md("dns"), spec=ServiceSpec(protocol="udp", ports=[53])))
+            add(service("infra", f"svc-{p}", "tcp", [p]))
+        add(service("infra", "dns", "udp", [53]))
 
         # ---- policies
         infra_rules = [

@@ -74,3 +74,18 @@ def root_untouched() -> Iterator[None]:
     before = _root_has_our_table()
     yield
     assert _root_has_our_table() == before, "a test changed the root namespace's nftables"
+
+
+@pytest.fixture
+def one_host(topo: Topo, servers: Callable[[str, int], Server]) -> Callable[..., tuple]:
+    """Factory: host `h1` with the named workloads (numbered 1, 2, ... in order, so `a` is 10.0.0.1) and
+    echo servers on the given (workload, port) pairs; returns (host, *workloads)."""
+
+    def make(*names: str, serve: tuple[tuple[str, int], ...] = ()) -> tuple:
+        h = topo.add_host("h1")
+        workloads = {n: topo.add_workload(h, n, i) for i, n in enumerate(names, 1)}
+        for n, port in serve:
+            servers(workloads[n].ns, port)
+        return (h, *workloads.values())
+
+    return make

@@ -25,15 +25,9 @@ pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("root_untouched")]
 
 
 @pytest.fixture
-def pair(topo, servers):
+def pair(one_host):
     """One host, workloads a (10.0.0.1) and b (10.0.0.2), echo servers on b:8080/9090 and a:8080."""
-    h = topo.add_host("h1")
-    a = topo.add_workload(h, "a", 1)
-    b = topo.add_workload(h, "b", 2)
-    servers(b.ns, 8080)
-    servers(b.ns, 9090)
-    servers(a.ns, 8080)
-    return h, a, b
+    return one_host("a", "b", serve=(("b", 8080), ("b", 9090), ("a", 8080)))
 
 
 def test_both_hops_judged_same_host(pair, backends):

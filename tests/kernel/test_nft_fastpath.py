@@ -19,13 +19,9 @@ pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("root_untouched")]
 
 
 @pytest.fixture
-def trio(topo, servers):
-    h = topo.add_host("h1")
-    a = topo.add_workload(h, "a", 1)
-    b = topo.add_workload(h, "b", 2)
-    c = topo.add_workload(h, "c", 3)
-    servers(b.ns, 8080)
-    return h, a, b, c
+def trio(one_host):
+    """One host; workloads a, b, c; an echo server on b:8080."""
+    return one_host("a", "b", "c", serve=(("b", 8080),))
 
 
 def guarded(rev, a, b, c, web, bad=()):

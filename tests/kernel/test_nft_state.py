@@ -28,15 +28,9 @@ pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("root_untouched")]
 
 
 @pytest.fixture
-def trio(topo, servers):
+def trio(one_host):
     """One host; workloads a, b, c; echo servers on b:8080 and b:9090."""
-    h = topo.add_host("h1")
-    a = topo.add_workload(h, "a", 1)
-    b = topo.add_workload(h, "b", 2)
-    c = topo.add_workload(h, "c", 3)
-    servers(b.ns, 8080)
-    servers(b.ns, 9090)
-    return h, a, b, c
+    return one_host("a", "b", "c", serve=(("b", 8080), ("b", 9090)))
 
 
 def web_state(rev, a, b, c, members):

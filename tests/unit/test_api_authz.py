@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from apihelpers import auth, use_manager
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -842,10 +843,10 @@ def build_world(*, migrations: bool) -> World:
     }
     for role in ROLES:
         token, _ = m.tokens.create(role, **SCOPE.get(role, {}))
-        headers[role] = {"Authorization": f"Bearer {token}"}
+        headers[role] = auth(token)
     revoked, rec = m.tokens.create(AUDITOR, name="revoked")
     m.tokens.revoke(rec.id)
-    headers["revoked-token"] = {"Authorization": f"Bearer {revoked}"}
+    headers["revoked-token"] = auth(revoked)
     _, spare = m.tokens.create(AUDITOR, name="spare")
     ids = {
         "spare_token": spare.id,
@@ -907,7 +908,7 @@ def test_authorization_matrix(client: TestClient, case: Case) -> None:
         for caller in CALLERS:
             if world is None:
                 world = build_world(migrations=case.migrations)
-                client.app.state.manager = world.manager  # type: ignore[attr-defined]
+                use_manager(client, world.manager)
             m = world.manager
             before = m.store.revision()
             kw: dict[str, Any] = {"params": case.params, "headers": world.headers[caller]}
@@ -943,7 +944,7 @@ def test_authorization_matrix(client: TestClient, case: Case) -> None:
 @pytest.fixture
 def world(client: TestClient) -> Iterator[tuple[TestClient, Manager, dict[str, dict[str, str]]]]:
     w = build_world(migrations=False)
-    client.app.state.manager = w.manager  # type: ignore[attr-defined]
+    use_manager(client, w.manager)
     yield client, w.manager, w.headers
 
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
+from apihelpers import serving
 from typer.testing import CliRunner
 
 from omniwall.api.app import create_app
@@ -38,24 +36,11 @@ def manager_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tup
     db = tmp_path / "m.db"
     m = Manager(SqliteStore(db))
     token, _ = m.tokens.create("provider-admin", name="cli")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(
-        uvicorn.Config(create_app(m, watch=True), log_level="warning", timeout_graceful_shutdown=1)
-    )
-    t = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 10
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    monkeypatch.setenv("OMNIWALL_SERVER", url)
-    monkeypatch.setenv("OMNIWALL_TOKEN", token)
-    monkeypatch.setenv("OMNIWALL_CONFIG", str(tmp_path / "none.yaml"))
-    yield url, m, db
-    srv.should_exit = True
-    t.join(timeout=10)
-    sock.close()
+    with serving(create_app(m, watch=True), timeout_graceful_shutdown=1) as url:
+        monkeypatch.setenv("OMNIWALL_SERVER", url)
+        monkeypatch.setenv("OMNIWALL_TOKEN", token)
+        monkeypatch.setenv("OMNIWALL_CONFIG", str(tmp_path / "none.yaml"))
+        yield url, m, db
 
 
 def run(*args: str) -> tuple[int, str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from apihelpers import auth
 from fastapi.testclient import TestClient
 
 from omniwall.api.app import create_app
@@ -44,7 +45,7 @@ def env(tmp_path: Path) -> Iterator[tuple[TestClient, Manager, dict[str, str]]]:
     m = Manager(store)
     token, _ = m.tokens.create("provider-admin", name="alice")
     client = TestClient(create_app(m, watch=False))
-    headers = {"Authorization": f"Bearer {token}"}
+    headers = auth(token)
     r = client.post("/v1/apply", content=BASE, headers=headers)
     assert r.status_code == 200, r.text
     yield client, m, headers

@@ -4,7 +4,6 @@ in process (TestClient) and over a real socket (uvicorn + `stream.client.FeedCli
 from __future__ import annotations
 
 import queue
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
+from apihelpers import ADMIN_AND_AGENTS, issue_tokens, seeded_manager, serving
 from fastapi.testclient import TestClient
 
 from omniwall.api.app import create_app
@@ -68,13 +67,8 @@ spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.2]}]}
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[tuple[TestClient, Manager, dict[str, str]]]:
     store = SqliteStore(tmp_path / "m.db")
-    m = Manager(store)
-    m.commit(m.plan_apply(load_documents(WORLD, "world.yaml")), SYSTEM)
-    tokens = {
-        "admin": m.tokens.create("provider-admin")[0],
-        "h1": m.tokens.create("agent", host="h1")[0],
-        "h2": m.tokens.create("agent", host="h2")[0],
-    }
+    m = seeded_manager(store, WORLD)
+    tokens = issue_tokens(m, ADMIN_AND_AGENTS)
     headers = {k: f"Bearer {v}" for k, v in tokens.items()}
     yield TestClient(create_app(m, watch=False)), m, headers
     store.close()
@@ -206,20 +200,8 @@ def test_wire_round_trip_and_forward_compatibility() -> None:
 @pytest.fixture
 def server(env: tuple[TestClient, Manager, dict[str, str]]) -> Iterator[tuple[str, Manager, dict[str, str]]]:
     c, m, h = env
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(c.app, log_level="warning", timeout_graceful_shutdown=1))
-    t = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 10
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}", m, {k: v.split(" ", 1)[1] for k, v in h.items()}
-    srv.should_exit = True
-    t.join(timeout=10)
-    sock.close()
+    with serving(c.app, timeout_graceful_shutdown=1) as url:
+        yield url, m, {k: v.split(" ", 1)[1] for k, v in h.items()}
 
 
 def test_live_stream_snapshot_deltas_heartbeats_and_connected(

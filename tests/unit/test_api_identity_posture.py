@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from apihelpers import auth, blank_client, seeded_manager, use_manager
 from fastapi.testclient import TestClient
 
-from omniwall.api.app import create_app
 from omniwall.manager import attributes
 from omniwall.manager.contracts import load_documents
 from omniwall.manager.service import SYSTEM, Manager
@@ -91,18 +91,14 @@ INFECTED = {"workload": "corp/vdi-7", "av.status": "infected"}
 
 @pytest.fixture(scope="module")
 def client() -> TestClient:
-    return TestClient(create_app(Manager(MemoryStore()), watch=False))
+    return blank_client()
 
 
 @pytest.fixture
 def world(client: TestClient) -> Iterator[tuple[TestClient, Manager, dict[str, dict[str, str]]]]:
-    m = Manager(MemoryStore())
-    m.commit(m.plan_apply(load_documents(WORLD, "world.yaml")), SYSTEM)
-    headers = {}
-    for role in ROLES:
-        token, _ = m.tokens.create(role, name=role, **SCOPE.get(role, {}))
-        headers[role] = {"Authorization": f"Bearer {token}"}
-    client.app.state.manager = m  # type: ignore[attr-defined]
+    m = seeded_manager(MemoryStore(), WORLD)
+    headers = {role: auth(m.tokens.create(role, name=role, **SCOPE.get(role, {}))[0]) for role in ROLES}
+    use_manager(client, m)
     yield client, m, headers
 
 

@@ -4,15 +4,12 @@ CLI commands over a real socket (`omniwall members`, `realization`, `explain` wi
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
+from apihelpers import auth, issue_tokens, serving
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -38,16 +35,19 @@ def env(tmp_path: Path) -> Iterator[Env]:
     store = SqliteStore(tmp_path / "m.db")
     m = Manager(store)
     m.commit(m.plan_apply(load_files([EXAMPLE])), SYSTEM)
-    tokens = {
-        "admin": m.tokens.create("provider-admin")[0],
-        "auditor": m.tokens.create("auditor")[0],
-        "a": m.tokens.create("tenant-viewer", tenant="tenant-a")[0],
-        "a-admin": m.tokens.create("tenant-admin", tenant="tenant-a")[0],
-        "b": m.tokens.create("tenant-viewer", tenant="tenant-b")[0],
-        "agent1": m.tokens.create("agent", host="host-1")[0],
-    }
+    tokens = issue_tokens(
+        m,
+        {
+            "admin": ("provider-admin", {}),
+            "auditor": ("auditor", {}),
+            "a": ("tenant-viewer", {"tenant": "tenant-a"}),
+            "a-admin": ("tenant-admin", {"tenant": "tenant-a"}),
+            "b": ("tenant-viewer", {"tenant": "tenant-b"}),
+            "agent1": ("agent", {"host": "host-1"}),
+        },
+    )
     m.sync()
-    headers = {k: {"Authorization": f"Bearer {v}"} for k, v in tokens.items()}
+    headers = {k: auth(v) for k, v in tokens.items()}
     yield TestClient(create_app(m, watch=False)), m, headers
     store.close()
 
@@ -255,21 +255,11 @@ def test_explain_tenant_scope(env: Env) -> None:
 @pytest.fixture
 def served(env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Env]:
     _, m, h = env
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(m, watch=False), log_level="warning"))
-    t = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 10
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    monkeypatch.setenv("OMNIWALL_SERVER", f"http://127.0.0.1:{sock.getsockname()[1]}")
-    monkeypatch.setenv("OMNIWALL_TOKEN", h["admin"]["Authorization"].split()[1])
-    monkeypatch.setenv("OMNIWALL_CONFIG", str(tmp_path / "none.yaml"))
-    yield env
-    srv.should_exit = True
-    t.join(timeout=10)
-    sock.close()
+    with serving(create_app(m, watch=False)) as url:
+        monkeypatch.setenv("OMNIWALL_SERVER", url)
+        monkeypatch.setenv("OMNIWALL_TOKEN", h["admin"]["Authorization"].split()[1])
+        monkeypatch.setenv("OMNIWALL_CONFIG", str(tmp_path / "none.yaml"))
+        yield env
 
 
 def _cli(*args: str) -> Any:

@@ -16,12 +16,11 @@ from hypothesis import strategies as st
 from omniwall.compiler.build import compile_catalog
 from omniwall.compiler.incremental import IncrementalCompiler
 from omniwall.compiler.ir import HostDesiredState, apply_delta, diff, empty_state
+from omniwall.compiler.testing import host, md
 from omniwall.model.catalog import Catalog
 from omniwall.model.resources import (
     Group,
     GroupSpec,
-    Host,
-    Metadata,
     Policy,
     PolicySpec,
     Rule,
@@ -48,10 +47,6 @@ SELECTORS = [
 ]
 IPS = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.1.1", "2001:db8::1", "2001:db8::2"]
 CIDRS = ["192.168.0.0/24", "10.0.0.0/30", "10.0.0.3/32", "2001:db8::/64", "172.16.0.0/12"]
-
-
-def md(name: str, tenant: str, labels: dict[str, str] | None = None) -> Metadata:
-    return Metadata(name=name, tenant=tenant, labels=labels or {})
 
 
 @st.composite
@@ -158,7 +153,7 @@ tenants = st.builds(
     st.sampled_from(["enforce", "monitor"]),
     st.sampled_from(["drop", "allow", "reject"]),
 )
-hosts = st.builds(lambda n: Host(metadata=md(n, "infra")), st.sampled_from([*HOSTS, "h9"]))
+hosts = st.builds(host, st.sampled_from([*HOSTS, "h9"]))
 resources = st.one_of(
     workloads(),
     workloads(),
@@ -259,7 +254,7 @@ def run_steps(world: dict[Any, Any], steps: Iterable[list[Any]]) -> None:
     steps=st.lists(st.lists(ops(), min_size=1, max_size=3), max_size=8),
 )
 def test_incremental_equals_full_compile_and_deltas_chain(initial: list[Any], steps: list[list[Any]]) -> None:
-    run_steps({key_of(r): r for r in [Host(metadata=md("h1", "infra")), *initial]}, steps)
+    run_steps({key_of(r): r for r in [host("h1"), *initial]}, steps)
 
 
 # Hand-over of sets between rules and resources inside one update. Union sets are named by their content
@@ -415,8 +410,8 @@ def test_sets_handed_over_between_rules_and_resources_in_one_update(
         )
 
     base = [
-        Host(metadata=md("h1", "infra")),
-        Host(metadata=md("h2", "infra")),
+        host("h1"),
+        host("h2"),
         wl("t1", "w0", "h1", "web", "10.0.0.1"),
         wl("t1", "w1", "h2", "db", "10.0.0.2"),
         wl("infra", "w0", "h2", "web", "10.0.0.4"),
@@ -432,7 +427,7 @@ def test_sets_handed_over_between_rules_and_resources_in_one_update(
 
 def _union_takeover_world(removed_policy: str) -> dict[Any, Any]:
     res = [
-        Host(metadata=md("h1", "infra")),
+        host("h1"),
         Workload(metadata=md("w1", "t1"), spec=WorkloadSpec(host="h1", vnics=[Vnic(ips=["10.0.0.1"])])),
         Group(metadata=md("tg", "t1"), spec=GroupSpec()),
         Group(metadata=md("pg", "infra"), spec=GroupSpec()),
@@ -481,17 +476,14 @@ def test_group_removed_and_put_again_in_one_update_updates_its_set_on_hosts() ->
     for before, after in (('tier == "web"', 'tier == "db"'), ('tier == "db"', 'tier == "web"')):
         g0 = Group(metadata=md("web", "a"), spec=GroupSpec(selector=before))
         g1 = Group(metadata=md("web", "a"), spec=GroupSpec(selector=after))
-        world = {
-            key_of(r): r
-            for r in [Host(metadata=md("h1", "infra")), Host(metadata=md("h2", "infra")), web, x, xg, g0, pol]
-        }
+        world = {key_of(r): r for r in [host("h1"), host("h2"), web, x, xg, g0, pol]}
         run_steps(world, [[("del", sorted(world).index(g0.key)), ("put", g1)]])
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(items=st.lists(resources, max_size=30), seed=st.integers(0, 2**32))
 def test_same_resources_in_any_order_give_identical_json(items: list[Any], seed: int) -> None:
-    world = {key_of(r): r for r in [Host(metadata=md("h1", "infra")), *items]}
+    world = {key_of(r): r for r in [host("h1"), *items]}
     a = list(world.values())
     b = list(a)
     random.Random(seed).shuffle(b)
@@ -508,9 +500,9 @@ def test_label_change_reaches_only_hosts_that_hold_the_sets() -> None:
         )
 
     res = [
-        Host(metadata=md("h1", "infra")),
-        Host(metadata=md("h2", "infra")),
-        Host(metadata=md("h3", "infra")),
+        host("h1"),
+        host("h2"),
+        host("h3"),
         w("web", "h1", "10.0.0.1", "web"),
         w("db", "h2", "10.0.0.2", "db"),
         w("other", "h3", "10.0.0.3", "cache"),
@@ -538,7 +530,7 @@ def test_label_change_reaches_only_hosts_that_hold_the_sets() -> None:
 
 def test_rule_content_change_rerenders_vnics_that_use_it_and_hosts_come_and_go() -> None:
     res = [
-        Host(metadata=md("h1", "infra")),
+        host("h1"),
         Workload(metadata=md("w", "a"), spec=WorkloadSpec(host="h1", vnics=[Vnic(ips=["10.0.0.1"])])),
         Policy(
             metadata=md("base", "infra"),
@@ -559,7 +551,7 @@ def test_rule_content_change_rerenders_vnics_that_use_it_and_hosts_come_and_go()
     # A new host appears with a workload already pointing at it; then a host disappears.
     w2 = Workload(metadata=md("w2", "a"), spec=WorkloadSpec(host="h2", vnics=[Vnic(ips=["10.0.0.2"])]))
     assert ic.update([w2], [], 3) == {}
-    deltas = ic.update([Host(metadata=md("h2", "infra"))], [], 4)
+    deltas = ic.update([host("h2")], [], 4)
     assert apply_delta(empty_state("h2", 0), deltas["h2"]) == ic.state("h2")
     assert [v.workload for v in ic.state("h2").vnics] == ["a/w2"]
     last = ic.state("h1")
@@ -586,7 +578,7 @@ def test_group_removed_and_recreated_in_one_update_keeps_unions_current() -> Non
             rules=[Rule(name="r", sources=["web", "10.9.0.0/16"], destinations=["any"], action="allow")]
         ),
     )
-    world = {r.key: r for r in [Host(metadata=md("h1", "infra")), w("web"), g, pol]}
+    world = {r.key: r for r in [host("h1"), w("web"), g, pol]}
     ic = IncrementalCompiler(Catalog.of(world.values()), 1)
     ic.update([g], [g.key], 2)
     check_against_full(ic, world, 2)

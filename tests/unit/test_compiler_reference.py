@@ -16,12 +16,11 @@ from omniwall.compiler.build import compile_catalog
 from omniwall.compiler.ir import CATEGORIES, HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch
 from omniwall.compiler.ruleids import assign_rule_ids
 from omniwall.compiler.sets import group_set_name, union_set_name
+from omniwall.compiler.testing import host, md
 from omniwall.model.catalog import Catalog, is_address_literal, split_ref
 from omniwall.model.resources import (
     Group,
     GroupSpec,
-    Host,
-    Metadata,
     Policy,
     PolicySpec,
     Rule,
@@ -225,10 +224,6 @@ def reference(cat: Catalog, revision: int) -> dict[str, HostDesiredState]:
 # ------------------------------------------------------------------------------------------ inventories
 
 
-def md(name: str, tenant: str, labels: dict[str, str] | None = None) -> Metadata:
-    return Metadata(name=name, tenant=tenant, labels=labels or {})
-
-
 SELECTORS = [
     'tier == "web"',
     'tier in {"db", "web"} && env != "dev"',
@@ -244,7 +239,7 @@ TENANTS = ["infra", "a", "b"]
 
 def inventory(seed: int) -> list[Any]:
     r = random.Random(seed)
-    out: list[Any] = [Host(metadata=md(f"h{i}", "infra")) for i in range(3)]
+    out: list[Any] = [host(f"h{i}") for i in range(3)]
     for t in TENANTS:
         if r.random() < 0.7:
             spec = TenantSpec(

@@ -9,54 +9,25 @@ import pytest
 
 from omniwall.compiler.build import compile_catalog
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRVnic, ServiceMatch
+from omniwall.compiler.testing import group, host, md, policy, service, tenant, workload
 from omniwall.model.catalog import Catalog
 from omniwall.model.resources import (
     Group,
     GroupSpec,
-    Host,
-    Metadata,
-    Policy,
-    PolicySpec,
     Rule,
     Service,
     ServiceSpec,
-    Tenant,
-    TenantSpec,
     Vnic,
     Workload,
-    WorkloadSpec,
 )
 
 
-def md(name: str, tenant: str = "infra", **labels: str) -> Metadata:
-    return Metadata(name=name, tenant=tenant, labels=labels)
-
-
-def host(name: str) -> Host:
-    return Host(metadata=md(name))
-
-
 def wl(tenant: str, name: str, hostname: str, ip: str, **labels: str) -> Workload:
-    return Workload(
-        metadata=md(name, tenant, **labels),
-        spec=WorkloadSpec(host=hostname, vnics=[Vnic(ips=[ip], hostIfname=f"{tenant}-{name}")]),
-    )
-
-
-def group(tenant: str, name: str, selector: str | None = None, **spec: Any) -> Group:
-    return Group(metadata=md(name, tenant), spec=GroupSpec(selector=selector, **spec))
-
-
-def policy(tenant: str, name: str, *rules: Rule, **spec: Any) -> Policy:
-    return Policy(metadata=md(name, tenant), spec=PolicySpec(rules=list(rules), **spec))
+    return workload(tenant, name, hostname, [Vnic(ips=[ip], hostIfname=f"{tenant}-{name}")], labels)
 
 
 def rule(name: str, src: list[str] | None = None, dst: list[str] | None = None, **kw: Any) -> Rule:
     return Rule(name=name, sources=src or ["any"], destinations=dst or ["any"], **kw)
-
-
-def tenant(name: str, **spec: Any) -> Tenant:
-    return Tenant(metadata=md(name), spec=TenantSpec(**spec))
 
 
 def base() -> list[Any]:
@@ -263,8 +234,8 @@ def test_provider_monitor_mode_only_marks_provider_rules() -> None:
 def test_services_inline_named_provider_and_any() -> None:
     res = [
         *base(),
-        Service(metadata=md("pg", "a"), spec=ServiceSpec(protocol="tcp", ports=[5432, "6000-6001"])),
-        Service(metadata=md("dns"), spec=ServiceSpec(protocol="udp", ports=[53])),
+        service("a", "pg", "tcp", [5432, "6000-6001"]),
+        service("infra", "dns", "udp", [53]),
         policy(
             "a",
             "p",
@@ -381,12 +352,8 @@ def test_workload_on_unknown_host_and_invalid_selector_do_not_crash() -> None:
 
 
 def test_duplicate_ifname_on_a_host_keeps_the_lowest_workload() -> None:
-    a = Workload(
-        metadata=md("x", "a"), spec=WorkloadSpec(host="h1", vnics=[Vnic(ips=["10.0.0.7"], hostIfname="dup")])
-    )
-    b = Workload(
-        metadata=md("y", "a"), spec=WorkloadSpec(host="h1", vnics=[Vnic(ips=["10.0.0.8"], hostIfname="dup")])
-    )
+    a = workload("a", "x", "h1", [Vnic(ips=["10.0.0.7"], hostIfname="dup")])
+    b = workload("a", "y", "h1", [Vnic(ips=["10.0.0.8"], hostIfname="dup")])
     st = compile_([host("h1"), b, a])
     assert [(v.ifname, v.workload) for v in st["h1"].vnics] == [("dup", "a/x")]
 

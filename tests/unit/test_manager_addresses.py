@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from apihelpers import ADMIN_AND_AGENTS, issue_tokens, seeded_manager
 from fastapi.testclient import TestClient
 
 from omniwall.api.app import create_app
 from omniwall.manager.addresses import merged, observed_ips
-from omniwall.manager.contracts import load_documents
-from omniwall.manager.service import SYSTEM, Manager
+from omniwall.manager.service import Manager
 from omniwall.model.resources import Workload, vnic_ifname
 from omniwall.store.sqlite import SqliteStore
 
@@ -63,13 +63,8 @@ Env = tuple[TestClient, Manager, dict[str, str]]
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     store = SqliteStore(tmp_path / "m.db")
-    m = Manager(store)
-    m.commit(m.plan_apply(load_documents(WORLD, "world.yaml")), SYSTEM)
-    tokens = {
-        "admin": m.tokens.create("provider-admin")[0],
-        "h1": m.tokens.create("agent", host="h1", name="lab-h1")[0],
-        "h2": m.tokens.create("agent", host="h2")[0],
-    }
+    m = seeded_manager(store, WORLD)
+    tokens = issue_tokens(m, {**ADMIN_AND_AGENTS, "h1": ("agent", {"host": "h1", "name": "lab-h1"})})
     m.sync()  # the model's revision includes the token writes: revisions below compare exactly
     headers = {k: f"Bearer {v}" for k, v in tokens.items()}
     yield TestClient(create_app(m, watch=False)), m, headers

@@ -10,6 +10,7 @@ script can tell "denied" from "could not ask".
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -160,6 +161,25 @@ def _realization_text(d: dict[str, Any]) -> None:
             echo(f"    {h.get('host') or '-'}  r{h['desiredRevision']} {ok}  {h['packets']} pkts  {vnics}")
 
 
+def _show(
+    server: str | None,
+    token: str | None,
+    path: str,
+    tenant: str | None,
+    output: str,
+    as_text: Callable[[dict[str, Any]], None],
+) -> None:
+    """GET one view of a tenant's object and print it as JSON or as text (`-o table`); the output
+    format is checked before the manager is contacted."""
+    if output not in ("table", "json"):
+        fail(f"-o {output!r}: expected table or json")
+    d = _get(Api(server, token), path, {"tenant": tenant}, 1)
+    if output == "json":
+        typer.echo(json.dumps(d, indent=2))
+    else:
+        as_text(d)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("members")
     def members_cmd(
@@ -170,13 +190,7 @@ def register(app: typer.Typer) -> None:
         token: str | None = TokenOpt,
     ) -> None:
         """A group's effective members right now: workloads (and why), addresses, CIDRs."""
-        if output not in ("table", "json"):
-            fail(f"-o {output!r}: expected table or json")
-        d = _get(Api(server, token), f"/v1/groups/{group}/members", {"tenant": tenant}, 1)
-        if output == "json":
-            typer.echo(json.dumps(d, indent=2))
-        else:
-            _members_text(d)
+        _show(server, token, f"/v1/groups/{group}/members", tenant, output, _members_text)
 
     @app.command("realization")
     def realization_cmd(
@@ -187,13 +201,7 @@ def register(app: typer.Typer) -> None:
         token: str | None = TokenOpt,
     ) -> None:
         """Where each rule of a policy is installed, whether every host realized it, and its hits."""
-        if output not in ("table", "json"):
-            fail(f"-o {output!r}: expected table or json")
-        d = _get(Api(server, token), f"/v1/policies/{policy}/realization", {"tenant": tenant}, 1)
-        if output == "json":
-            typer.echo(json.dumps(d, indent=2))
-        else:
-            _realization_text(d)
+        _show(server, token, f"/v1/policies/{policy}/realization", tenant, output, _realization_text)
 
 
 __all__ = ["explain_remote", "print_explanation_json", "register"]

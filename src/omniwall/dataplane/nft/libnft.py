@@ -19,7 +19,7 @@ import threading
 from typing import Any
 
 from omniwall.dataplane.netns import NetnsThread, assert_not_initial
-from omniwall.dataplane.nft.nlbatch import BatchError, ElemSocket, Op
+from omniwall.dataplane.nft.nlbatch import BatchError, ElemSocket, KeyType, Op, load_ops
 
 NFT_CTX_DEFAULT = 0
 NFT_CTX_OUTPUT_HANDLE = 1 << 3
@@ -103,6 +103,7 @@ class Nft:
 
     `transact(commands)` sends one JSON batch = one kernel transaction (all or nothing).
     `elements(family, table, ops)` sends set-element changes as one transaction without libnftables.
+    `load_elements(family, table, set, keytype, elements)` bulk-loads one set that way (any size).
     `list_table(family, name)` returns the JSON listing, or None when the table does not exist.
     Writes refuse the initial namespace unless `allow_initial_netns` (a real agent on a real host).
     """
@@ -163,6 +164,20 @@ class Nft:
             self.writes += 1
             self.element_writes += 1
             self.last_batch = [op.as_json(family, table) for op in ops if op.sends]
+
+    def load_elements(
+        self,
+        family: str,
+        table: str,
+        set_name: str,
+        keytype: KeyType,
+        elements: list[str],
+        *,
+        replace: bool = False,
+    ) -> None:
+        """Load `elements` (any number: 1M addresses take ~1 s) into an existing set in ONE transaction,
+        as a raw nfnetlink batch (no JSON, no parser); `replace`: flush the set first, same transaction."""
+        self.elements(family, table, load_ops(set_name, keytype, elements, replace=replace))
 
     def list_table(self, family: str, name: str, *, terse: bool = False) -> list[dict[str, Any]] | None:
         """`nft -j list table` as a list of objects (metainfo dropped); terse: without set elements."""
