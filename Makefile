@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := nftables libnftables1 conntrack iproute2 iperf3 netcat-openbsd iputils-ping procps curl
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-packages test unit kernel lint demo fuzz-dataplane bench clean
+.PHONY: install system-packages test unit kernel lint demo fuzz-dataplane bench bench-kernel clean
 
 install: system-packages $(STAMP)
 
@@ -44,8 +44,16 @@ demo: install
 fuzz-dataplane: install
 	$(BIN)/python -m omniwall.fuzz --probes 100000
 
+# Benchmarks are kept out of `make test`; numbers and commands are in BENCHMARKS.md.
 bench: install
 	$(BIN)/python bench/compile.py
+
+# Root only: labs of network namespaces with real traffic (each takes minutes).
+bench-kernel: install
+	$(BIN)/python bench/dataplane.py
+	$(BIN)/python bench/propagation.py
+	$(BIN)/python bench/identity.py
+	$(BIN)/python bench/migration.py --migrations 100
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

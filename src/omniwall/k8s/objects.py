@@ -150,6 +150,14 @@ def _list(value: Any, path: str, p: _Problems) -> list:
     return value
 
 
+# Label key names and label values share one syntax (the regexes differ only in allowing "" for values).
+_LABEL_SYNTAX = "at most 63 letters, digits, '-', '_', '.', starting and ending with a letter or digit"
+
+
+def _fits_label_syntax(text: str, pattern: re.Pattern[str]) -> bool:
+    return len(text) <= 63 and pattern.fullmatch(text) is not None
+
+
 def _check_label_key(key: Any, path: str, p: _Problems) -> bool:
     if not isinstance(key, str) or not key:
         p.add(path, f"label key {key!r} must be a non-empty string")
@@ -158,12 +166,8 @@ def _check_label_key(key: Any, path: str, p: _Problems) -> bool:
     if "/" in key and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN_RE.fullmatch(prefix)):
         p.add(path, f"label key {key!r}: the prefix must be a DNS subdomain like example.com")
         return False
-    if len(name) > 63 or not _LABEL_NAME_RE.fullmatch(name):
-        p.add(
-            path,
-            f"label key {key!r}: the name must be at most 63 letters, digits, '-', '_', '.', "
-            "starting and ending with a letter or digit",
-        )
+    if not _fits_label_syntax(name, _LABEL_NAME_RE):
+        p.add(path, f"label key {key!r}: the name must be {_LABEL_SYNTAX}")
         return False
     return True
 
@@ -172,12 +176,8 @@ def _check_label_value(value: Any, path: str, p: _Problems) -> bool:
     if not isinstance(value, str):
         p.add(path, f"label value {value!r} must be a string (quote it in YAML)")
         return False
-    if len(value) > 63 or not _LABEL_VALUE_RE.fullmatch(value):
-        p.add(
-            path,
-            f"label value {value!r} must be at most 63 letters, digits, '-', '_', '.', "
-            "starting and ending with a letter or digit",
-        )
+    if not _fits_label_syntax(value, _LABEL_VALUE_RE):
+        p.add(path, f"label value {value!r} must be {_LABEL_SYNTAX}")
         return False
     return True
 
