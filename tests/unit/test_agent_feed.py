@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 
@@ -65,6 +67,21 @@ async def until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> N
         await asyncio.sleep(0.02)
 
 
+@asynccontextmanager
+async def running(agent: Agent) -> AsyncIterator[Agent]:
+    """The agent runs in a task for the block; stopped and awaited after it, also on failure."""
+    task = asyncio.create_task(agent.run())
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        await task
+
+
+def run_within(scenario: Callable[[], Coroutine[Any, Any, None]], timeout: float = 30) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), timeout))
+
+
 def acked(fm: FakeManager, revision: int) -> Callable[[], bool]:
     return lambda: (fm.last_status(HOST) or {}).get("realized_revision") == revision
 
@@ -83,9 +100,7 @@ def test_converges_survives_manager_outage_and_resumes(fm: FakeManager) -> None:
     fm.publish(s5)
 
     async def scenario() -> None:
-        agent = make_agent(fm, be)
-        task = asyncio.create_task(agent.run())
-        try:
+        async with running(make_agent(fm, be)) as agent:
             await until(lambda: be.realized() == s5, "first snapshot realized")
             await until(acked(fm, 5), "ack of revision 5")
             fm.publish(s6)
@@ -120,11 +135,8 @@ def test_converges_survives_manager_outage_and_resumes(fm: FakeManager) -> None:
             assert (HOST, 6) in fm.feed_requests[tries:], "resumed from the realized revision"
             assert be.calls[-1] == ("apply", 6, 7), "resumed with the delta, not a full sync"
             assert agent.connects >= 2
-        finally:
-            agent.stop()
-            await task
 
-    asyncio.run(asyncio.wait_for(scenario(), 30))
+    run_within(scenario)
 
 
 def test_gap_reconnects_for_a_snapshot(fm: FakeManager) -> None:
@@ -133,9 +145,7 @@ def test_gap_reconnects_for_a_snapshot(fm: FakeManager) -> None:
     fm.publish(s5)
 
     async def scenario() -> None:
-        agent = make_agent(fm, be)
-        task = asyncio.create_task(agent.run())
-        try:
+        async with running(make_agent(fm, be)):
             await until(acked(fm, 5), "ack of revision 5")
             fm.states[HOST] = s9  # the manager moved to 9, the agent is shown only a delta 8->9
             fm.inject(HOST, {"type": "delta", "delta": diff(state(8, ("10.1.0.8",)), s9).to_json()})
@@ -143,11 +153,8 @@ def test_gap_reconnects_for_a_snapshot(fm: FakeManager) -> None:
             await until(acked(fm, 9), "ack of revision 9")
             assert fm.feed_requests[-1] == (HOST, 0)
             assert be.calls == [("sync", 5), ("sync", 9)]
-        finally:
-            agent.stop()
-            await task
 
-    asyncio.run(asyncio.wait_for(scenario(), 30))
+    run_within(scenario)
 
 
 def test_failed_write_is_reported_then_recovered(fm: FakeManager) -> None:
@@ -156,9 +163,7 @@ def test_failed_write_is_reported_then_recovered(fm: FakeManager) -> None:
     fm.publish(s5)
 
     async def scenario() -> None:
-        agent = make_agent(fm, be)
-        task = asyncio.create_task(agent.run())
-        try:
+        async with running(make_agent(fm, be)):
             await until(acked(fm, 5), "ack of revision 5")
             be.fail_next(2, "nft: No such file or directory")  # the apply, then the full sync
             fm.publish(s6)
@@ -168,11 +173,8 @@ def test_failed_write_is_reported_then_recovered(fm: FakeManager) -> None:
             # the retry loop syncs again; the error clears
             await until(lambda: be.realized() == s6, "retry")
             await until(lambda: fm.last_status(HOST) == {"realized_revision": 6, "error": None}, "clean ack")
-        finally:
-            agent.stop()
-            await task
 
-    asyncio.run(asyncio.wait_for(scenario(), 30))
+    run_within(scenario)
 
 
 def test_restart_adopts_and_writes_nothing(tmp_path) -> None:
@@ -183,16 +185,11 @@ def test_restart_adopts_and_writes_nothing(tmp_path) -> None:
     path = tmp_path / "sim.json"
 
     async def run_once(be: SimBackend) -> Agent:
-        agent = make_agent(fm, be)
-        task = asyncio.create_task(agent.run())
-        try:
+        async with running(make_agent(fm, be)) as agent:
             await until(
                 lambda: agent.connects >= 1 and acked(fm, 5)() and agent.reconciler.in_sync, "in sync"
             )
             await asyncio.sleep(0.3)
-        finally:
-            agent.stop()
-            await task
         return agent
 
     try:
@@ -213,16 +210,11 @@ def test_bad_token_is_retried_and_changes_nothing(fm: FakeManager) -> None:
     fm.publish(state(5, ("10.1.0.1",)))
 
     async def scenario() -> None:
-        agent = make_agent(fm, be, token="wrong")
-        task = asyncio.create_task(agent.run())
-        try:
+        async with running(make_agent(fm, be, token="wrong")) as agent:
             await until(lambda: len(fm.feed_requests) >= 3, "several attempts")
             assert be.calls == [] and agent.connects == 0
-        finally:
-            agent.stop()
-            await task
 
-    asyncio.run(asyncio.wait_for(scenario(), 30))
+    run_within(scenario)
 
 
 def test_parse_line() -> None:
