@@ -95,17 +95,6 @@ def machine() -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ traffic
 
 
-def _sockets(netns: str, n: int) -> list[socket.socket]:
-    """`n` TCP sockets created in `netns` (a socket belongs to the namespace it was created in)."""
-    from omniwall.dataplane.netns import NetnsThread
-
-    w = NetnsThread(netns, name="bench-socket")
-    try:
-        return [w.call(socket.socket, socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    finally:
-        w.close()
-
-
 @dataclass
 class Attempt:
     start: float
@@ -194,22 +183,9 @@ class Stream:
     records when it last received payload."""
 
     def __init__(self, lab: Any, src: str, dst: str, port: int, interval: float = 0.002) -> None:
-        s, d = lab.plan.workload(src), lab.plan.workload(dst)
-        (listener,), (client,) = _sockets(d.netns, 1), _sockets(s.netns, 1)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((d.address(4), port))
-            listener.listen(1)
-            listener.settimeout(3)
-            client.bind((s.address(4), 0))
-            client.settimeout(3)
-            client.connect((d.address(4), port))
-            server, _ = listener.accept()
-        except BaseException:
-            client.close()
-            raise
-        finally:
-            listener.close()
+        from omniwall.lab.traffic import tcp_pair
+
+        client, server = tcp_pair(lab, src, dst, port)
         self.ends = [client, server]
         self.last_rx = [time.monotonic(), time.monotonic()]
         self.rx = [0, 0]
@@ -314,30 +290,29 @@ class Run:
             return self.idp.post("/v1/identity/events", {"workload": VDI, "user": "alice", "action": event})
         return self.scanner.post("/v1/posture/reports", {"workload": VDI, "av.status": event})
 
-    def access(self, event: str, dst: str, port: int) -> None:
-        """`event` opens dst:port to VDI: the first accepted attempt."""
-        p = Prober(self.lab, VDI, dst, port, self.interval, until_ok=True)
+    def probed(self, event: str, dst: str, port: int, *, until_ok: bool) -> tuple[list[Attempt], float]:
+        """Probe VDI -> dst:port while `event` is posted; the attempts and the post's start time (the
+        ack time is recorded as `{event}_acked`)."""
+        p = Prober(self.lab, VDI, dst, port, self.interval, until_ok=until_ok)
         try:
             time.sleep(0.05)
             t0, acked = self.post(event)
             time.sleep(SETTLE)
         finally:
             attempts = p.close()
-        self.add(f"{event}_access", ms(first_ok_after(attempts, t0), t0))
         self.add(f"{event}_acked", ms(acked, t0))
+        return attempts, t0
+
+    def access(self, event: str, dst: str, port: int) -> None:
+        """`event` opens dst:port to VDI: the first accepted attempt."""
+        attempts, t0 = self.probed(event, dst, port, until_ok=True)
+        self.add(f"{event}_access", ms(first_ok_after(attempts, t0), t0))
 
     def refused(self, event: str, dst: str, port: int) -> None:
         """`event` closes dst:port to VDI: the first refused attempt after the last accepted one."""
-        p = Prober(self.lab, VDI, dst, port, self.interval)
-        try:
-            time.sleep(0.05)
-            t0, acked = self.post(event)
-            time.sleep(SETTLE)
-        finally:
-            attempts = p.close()
+        attempts, t0 = self.probed(event, dst, port, until_ok=False)
         assert any(a.ok for a in attempts), f"{dst}:{port} was not reachable before {event}"
         self.add(f"{event}_refused", ms(first_refused_for_good(attempts, t0), t0))
-        self.add(f"{event}_acked", ms(acked, t0))
 
     def cut(self, event: str, dst: str, port: int) -> None:
         """`event` cuts an open connection VDI -> dst:port: the last payload delivered either way."""

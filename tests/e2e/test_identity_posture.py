@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -43,32 +42,11 @@ class Stream:
     (when its send buffer has room) and reads what arrived; `rx` counts bytes received per end."""
 
     def __init__(self, lab: Any, src: str, dst: str, port: int) -> None:
-        from omniwall.dataplane.netns import NetnsThread
+        from omniwall.lab.traffic import tcp_pair
 
         s, d = lab.plan.workload(src), lab.plan.workload(dst)
         self.name = f"{s.key} -> {d.key}:{port}"
-        workers = [NetnsThread(d.netns, name="stream-dst"), NetnsThread(s.netns, name="stream-src")]
-        try:
-            listener = workers[0].call(socket.socket, socket.AF_INET, socket.SOCK_STREAM)
-            client = workers[1].call(socket.socket, socket.AF_INET, socket.SOCK_STREAM)
-        finally:
-            for w in workers:
-                w.close()
-        try:
-            # SO_REUSEADDR: a later Stream may listen on the port while this one's connection lives.
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((d.address(4), port))
-            listener.listen(1)
-            listener.settimeout(3)
-            client.bind((s.address(4), 0))
-            client.settimeout(3)
-            client.connect((d.address(4), port))
-            server, _ = listener.accept()
-        except BaseException:
-            client.close()
-            raise
-        finally:
-            listener.close()
+        client, server = tcp_pair(lab, src, dst, port)
         self.ends = {"client": client, "server": server}
         self.rx = {"client": 0, "server": 0}
         self.last_rx = {"client": time.monotonic(), "server": time.monotonic()}

@@ -78,3 +78,38 @@ def serving(app: FastAPI, **config: Any) -> Iterator[str]:
         srv.should_exit = True
         t.join(timeout=10)
         sock.close()
+
+
+def yaml_docs(*parts: str) -> str:
+    """One multi-document YAML text of `parts` (each one or more documents)."""
+    return "\n---\n".join(part.strip("\n") for part in parts) + "\n"
+
+
+# World fragments (YAML) several modules build on, joined with the module's own workloads by `yaml_docs`.
+ACME_TWO_HOSTS = """
+kind: Tenant
+metadata: {name: acme}
+---
+kind: Host
+metadata: {name: h1}
+---
+kind: Host
+metadata: {name: h2}
+"""
+
+# tier=web workloads of acme may reach tier=db ones on tcp/5432
+WEB_TO_DB_SQL = """
+kind: Group
+metadata: {name: web, tenant: acme}
+spec: {selector: 'tier == "web"'}
+---
+kind: Group
+metadata: {name: db, tenant: acme}
+spec: {selector: 'tier == "db"'}
+---
+kind: Policy
+metadata: {name: web-db, tenant: acme}
+spec:
+  rules:
+  - {name: sql, sources: [web], destinations: [db], services: [tcp/5432], action: allow}
+"""

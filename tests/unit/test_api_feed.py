@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apihelpers import ADMIN_AND_AGENTS, issue_tokens, seeded_manager, serving
+from apihelpers import (
+    ACME_TWO_HOSTS,
+    ADMIN_AND_AGENTS,
+    WEB_TO_DB_SQL,
+    auth,
+    issue_tokens,
+    seeded_manager,
+    serving,
+    yaml_docs,
+)
 from fastapi.testclient import TestClient
 
 from omniwall.api.app import create_app
@@ -24,16 +33,9 @@ from omniwall.stream.wire import Delta, Heartbeat, Snapshot, StatusReport, Unkno
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-WORLD = """
-kind: Tenant
-metadata: {name: acme}
----
-kind: Host
-metadata: {name: h1}
----
-kind: Host
-metadata: {name: h2}
----
+WORLD = yaml_docs(
+    ACME_TWO_HOSTS,
+    """
 kind: Workload
 metadata: {name: web1, tenant: acme, labels: {tier: web}}
 spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.1]}]}
@@ -41,21 +43,9 @@ spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.1]}]}
 kind: Workload
 metadata: {name: db1, tenant: acme, labels: {tier: db}}
 spec: {host: h2, vnics: [{name: eth0, ips: [10.0.1.1]}]}
----
-kind: Group
-metadata: {name: web, tenant: acme}
-spec: {selector: 'tier == "web"'}
----
-kind: Group
-metadata: {name: db, tenant: acme}
-spec: {selector: 'tier == "db"'}
----
-kind: Policy
-metadata: {name: web-db, tenant: acme}
-spec:
-  rules:
-  - {name: sql, sources: [web], destinations: [db], services: [tcp/5432], action: allow}
-"""
+""",
+    WEB_TO_DB_SQL,
+)
 
 WEB2 = """
 kind: Workload
@@ -121,8 +111,7 @@ def test_a_write_that_does_not_touch_a_host_sends_it_nothing(
 
 
 def test_delta_log_overflow_falls_back_to_a_snapshot(tmp_path: Path) -> None:
-    m = Manager(SqliteStore(tmp_path / "m.db"), max_delta_log=2)
-    m.commit(m.plan_apply(load_documents(WORLD, "w")), SYSTEM)
+    m = seeded_manager(SqliteStore(tmp_path / "m.db"), WORLD, max_delta_log=2)
     first = m.desired.revision("h1")
     for i in range(3):
         text = (
@@ -272,8 +261,7 @@ def test_compile_failure_is_fail_static(tmp_path: Path) -> None:
             raise RuntimeError("compiler bug")
         return compile_catalog(catalog, revision)
 
-    m = Manager(SqliteStore(tmp_path / "m.db"), compile_fn=compile_fn)
-    m.commit(m.plan_apply(load_documents(WORLD, "w")), SYSTEM)
+    m = seeded_manager(SqliteStore(tmp_path / "m.db"), WORLD, compile_fn=compile_fn)
     good = m.desired_state("h1")
     assert good is not None and good.vnics
     broken["on"] = True
@@ -285,5 +273,5 @@ def test_compile_failure_is_fail_static(tmp_path: Path) -> None:
     assert m.desired_state("h1") == good
     token, _ = m.tokens.create("agent", host="h3")
     c = TestClient(create_app(m, watch=False))
-    r = c.get("/v1/hosts/h3/feed", params={"follow": "false"}, headers={"Authorization": f"Bearer {token}"})
+    r = c.get("/v1/hosts/h3/feed", params={"follow": "false"}, headers=auth(token))
     assert r.status_code == 503 and "compiler bug" in r.json()["message"]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from omniwall.compiler.build import compile_catalog
 from omniwall.compiler.incremental import IncrementalCompiler
 from omniwall.compiler.ir import HostDesiredState, apply_delta, diff, empty_state
-from omniwall.compiler.testing import host, md
+from omniwall.compiler.testing import group, host, md, tenant, workload
 from omniwall.model.catalog import Catalog
 from omniwall.model.resources import (
     Group,
@@ -405,9 +405,7 @@ def test_sets_handed_over_between_rules_and_resources_in_one_update(
     initial: list[Any], data: st.DataObject
 ) -> None:
     def wl(t: str, name: str, host: str, tier: str, ip: str) -> Workload:
-        return Workload(
-            metadata=md(name, t, {"tier": tier}), spec=WorkloadSpec(host=host, vnics=[Vnic(ips=[ip])])
-        )
+        return workload(t, name, host, [Vnic(ips=[ip])], {"tier": tier})
 
     base = [
         host("h1"),
@@ -428,9 +426,9 @@ def test_sets_handed_over_between_rules_and_resources_in_one_update(
 def _union_takeover_world(removed_policy: str) -> dict[Any, Any]:
     res = [
         host("h1"),
-        Workload(metadata=md("w1", "t1"), spec=WorkloadSpec(host="h1", vnics=[Vnic(ips=["10.0.0.1"])])),
-        Group(metadata=md("tg", "t1"), spec=GroupSpec()),
-        Group(metadata=md("pg", "infra"), spec=GroupSpec()),
+        workload("t1", "w1", "h1", [Vnic(ips=["10.0.0.1"])]),
+        group("t1", "tg"),
+        group("infra", "pg"),
         Policy(
             metadata=md(removed_policy, "infra"),
             spec=PolicySpec(
@@ -447,7 +445,7 @@ def test_union_taken_over_by_a_new_rule_while_its_group_changes() -> None:
     using `u(pg, t1/tg)` and adds a tenant rule using the same union."""
     for removed_name, added_name in (("a", "b"), ("b", "a")):
         world = _union_takeover_world(removed_name)
-        pg = Group(metadata=md("pg", "infra"), spec=GroupSpec(cidrs=["10.0.0.1/32"], shareWith=["*"]))
+        pg = group("infra", "pg", cidrs=["10.0.0.1/32"], shareWith=["*"])
         pol = Policy(
             metadata=md(added_name, "t1"),
             spec=PolicySpec(rules=[Rule(name="r1", sources=["tg", "infra/pg"], action="drop")]),
@@ -462,20 +460,16 @@ def test_union_taken_over_by_a_new_rule_while_its_group_changes() -> None:
 def test_group_removed_and_put_again_in_one_update_updates_its_set_on_hosts() -> None:
     """Hosts hold `g.a.web` through a rule that does not change; the group is removed and put again with
     other members in one batch: the hosts must get the new content."""
-    web = Workload(
-        metadata=md("w", "a", {"tier": "web"}), spec=WorkloadSpec(host="h2", vnics=[Vnic(ips=["10.0.0.1"])])
-    )
-    x = Workload(
-        metadata=md("x", "a", {"tier": "x"}), spec=WorkloadSpec(host="h1", vnics=[Vnic(ips=["10.0.0.2"])])
-    )
-    xg = Group(metadata=md("xg", "a"), spec=GroupSpec(selector='tier == "x"'))
+    web = workload("a", "w", "h2", [Vnic(ips=["10.0.0.1"])], {"tier": "web"})
+    x = workload("a", "x", "h1", [Vnic(ips=["10.0.0.2"])], {"tier": "x"})
+    xg = group("a", "xg", selector='tier == "x"')
     pol = Policy(
         metadata=md("p", "a"),
         spec=PolicySpec(rules=[Rule(name="r", sources=["web"], appliedTo=["xg"], action="allow")]),
     )
     for before, after in (('tier == "web"', 'tier == "db"'), ('tier == "db"', 'tier == "web"')):
-        g0 = Group(metadata=md("web", "a"), spec=GroupSpec(selector=before))
-        g1 = Group(metadata=md("web", "a"), spec=GroupSpec(selector=after))
+        g0 = group("a", "web", selector=before)
+        g1 = group("a", "web", selector=after)
         world = {key_of(r): r for r in [host("h1"), host("h2"), web, x, xg, g0, pol]}
         run_steps(world, [[("del", sorted(world).index(g0.key)), ("put", g1)]])
 
@@ -495,9 +489,7 @@ def test_same_resources_in_any_order_give_identical_json(items: list[Any], seed:
 
 def test_label_change_reaches_only_hosts_that_hold_the_sets() -> None:
     def w(name: str, h: str, ip: str, tier: str) -> Workload:
-        return Workload(
-            metadata=md(name, "a", {"tier": tier}), spec=WorkloadSpec(host=h, vnics=[Vnic(ips=[ip])])
-        )
+        return workload("a", name, h, [Vnic(ips=[ip])], {"tier": tier})
 
     res = [
         host("h1"),
@@ -506,8 +498,8 @@ def test_label_change_reaches_only_hosts_that_hold_the_sets() -> None:
         w("web", "h1", "10.0.0.1", "web"),
         w("db", "h2", "10.0.0.2", "db"),
         w("other", "h3", "10.0.0.3", "cache"),
-        Group(metadata=md("web", "a"), spec=GroupSpec(selector='tier == "web"')),
-        Group(metadata=md("db", "a"), spec=GroupSpec(selector='tier == "db"')),
+        group("a", "web", selector='tier == "web"'),
+        group("a", "db", selector='tier == "db"'),
         Policy(
             metadata=md("p", "a"),
             spec=PolicySpec(rules=[Rule(name="r", sources=["web"], destinations=["db"], action="allow")]),
@@ -531,7 +523,7 @@ def test_label_change_reaches_only_hosts_that_hold_the_sets() -> None:
 def test_rule_content_change_rerenders_vnics_that_use_it_and_hosts_come_and_go() -> None:
     res = [
         host("h1"),
-        Workload(metadata=md("w", "a"), spec=WorkloadSpec(host="h1", vnics=[Vnic(ips=["10.0.0.1"])])),
+        workload("a", "w", "h1", [Vnic(ips=["10.0.0.1"])]),
         Policy(
             metadata=md("base", "infra"),
             spec=PolicySpec(
@@ -543,13 +535,13 @@ def test_rule_content_change_rerenders_vnics_that_use_it_and_hosts_come_and_go()
     before = ic.state("h1")
     # The provider goes to monitor mode: its rule's content changes, tenant a's vNIC does not, but the
     # vNIC's chains must be re-rendered.
-    deltas = ic.update([Tenant(metadata=md("infra", "infra"), spec=TenantSpec(mode="monitor"))], [], 2)
+    deltas = ic.update([tenant("infra", mode="monitor")], [], 2)
     d = deltas["h1"]
     assert [u.rule.monitor for u in d.rule_updates] == [True]
     assert [u.vnic.workload for u in d.vnic_updates] == ["a/w"]
     assert d == diff(before, ic.state("h1"))
     # A new host appears with a workload already pointing at it; then a host disappears.
-    w2 = Workload(metadata=md("w2", "a"), spec=WorkloadSpec(host="h2", vnics=[Vnic(ips=["10.0.0.2"])]))
+    w2 = workload("a", "w2", "h2", [Vnic(ips=["10.0.0.2"])])
     assert ic.update([w2], [], 3) == {}
     deltas = ic.update([host("h2")], [], 4)
     assert apply_delta(empty_state("h2", 0), deltas["h2"]) == ic.state("h2")
@@ -559,19 +551,16 @@ def test_rule_content_change_rerenders_vnics_that_use_it_and_hosts_come_and_go()
     assert apply_delta(last, deltas["h1"]) == empty_state("h1", 5)
     assert sorted(ic.hosts) == ["h2"]
     # The workload moves to h2... and h1 comes back empty-handed for it.
-    moved = Workload(metadata=md("w", "a"), spec=WorkloadSpec(host="h2", vnics=[Vnic(ips=["10.0.0.1"])]))
+    moved = workload("a", "w", "h2", [Vnic(ips=["10.0.0.1"])])
     deltas = ic.update([moved], [], 6)
     assert sorted(v.workload for v in ic.state("h2").vnics) == ["a/w", "a/w2"]
 
 
 def test_group_removed_and_recreated_in_one_update_keeps_unions_current() -> None:
     def w(tier: str) -> Workload:
-        return Workload(
-            metadata=md("w", "a", {"tier": tier}),
-            spec=WorkloadSpec(host="h1", vnics=[Vnic(ips=["10.0.0.1"])]),
-        )
+        return workload("a", "w", "h1", [Vnic(ips=["10.0.0.1"])], {"tier": tier})
 
-    g = Group(metadata=md("web", "a"), spec=GroupSpec(selector='tier == "web"'))
+    g = group("a", "web", selector='tier == "web"')
     pol = Policy(
         metadata=md("p", "a"),
         spec=PolicySpec(

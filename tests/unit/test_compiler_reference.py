@@ -16,7 +16,7 @@ from omniwall.compiler.build import compile_catalog
 from omniwall.compiler.ir import CATEGORIES, HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch
 from omniwall.compiler.ruleids import assign_rule_ids
 from omniwall.compiler.sets import group_set_name, union_set_name
-from omniwall.compiler.testing import host, md
+from omniwall.compiler.testing import host, md, service, tenant, workload
 from omniwall.model.catalog import Catalog, is_address_literal, split_ref
 from omniwall.model.resources import (
     Group,
@@ -24,13 +24,7 @@ from omniwall.model.resources import (
     Policy,
     PolicySpec,
     Rule,
-    Service,
-    ServiceSpec,
-    Tenant,
-    TenantSpec,
     Vnic,
-    Workload,
-    WorkloadSpec,
     is_inline_service,
     parse_inline_service,
     vnic_ifname,
@@ -242,10 +236,11 @@ def inventory(seed: int) -> list[Any]:
     out: list[Any] = [host(f"h{i}") for i in range(3)]
     for t in TENANTS:
         if r.random() < 0.7:
-            spec = TenantSpec(
-                mode=r.choice(["enforce", "monitor"]), defaultAction=r.choice(["drop", "allow", "reject"])
-            )
-            out.append(Tenant(metadata=md(t, "infra"), spec=spec))
+            spec = {
+                "mode": r.choice(["enforce", "monitor"]),
+                "defaultAction": r.choice(["drop", "allow", "reject"]),
+            }
+            out.append(tenant(t, **spec))
         for i in range(r.randint(0, 6)):
             labels = {
                 k: r.choice(vs)
@@ -255,10 +250,7 @@ def inventory(seed: int) -> list[Any]:
             attrs = {"user": r.choice(["alice", ["alice", "bob"], "bob"])} if r.random() < 0.3 else {}
             vnics = [Vnic(name=f"e{j}", ips=r.sample(IPS, r.randint(0, 2))) for j in range(r.randint(0, 2))]
             out.append(
-                Workload(
-                    metadata=md(f"w{i}", t, labels),
-                    spec=WorkloadSpec(host=r.choice(["h0", "h1", "h2", "h9"]), vnics=vnics, attributes=attrs),
-                )
+                workload(t, f"w{i}", r.choice(["h0", "h1", "h2", "h9"]), vnics, labels, attributes=attrs)
             )
         for i in range(r.randint(0, 4)):
             lower = [f"g{j}" for j in range(i)] + ([f"infra/g{j}" for j in range(2)] if t != "infra" else [])
@@ -275,12 +267,7 @@ def inventory(seed: int) -> list[Any]:
                 )
             out.append(Group(metadata=md(f"g{i}", t), spec=spec))
         if r.random() < 0.5:
-            out.append(
-                Service(
-                    metadata=md("s0", t),
-                    spec=ServiceSpec(protocol="tcp", ports=[r.choice([443, "8000-8080"])]),
-                )
-            )
+            out.append(service(t, "s0", "tcp", [r.choice([443, "8000-8080"])]))
         peers = ["g0", "g1", "g2", "g9", "infra/g0", "infra/g1", "a/g0", *CIDRS[:2], IPS[0]]
         svc_refs = ["tcp/80", "udp/53", "icmp/8", "icmp/0", "any", "s0", "infra/s0", "tcp/80,443"]
         for i in range(r.randint(0, 3)):

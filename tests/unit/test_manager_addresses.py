@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apihelpers import ADMIN_AND_AGENTS, issue_tokens, seeded_manager
+from apihelpers import (
+    ACME_TWO_HOSTS,
+    ADMIN_AND_AGENTS,
+    WEB_TO_DB_SQL,
+    issue_tokens,
+    seeded_manager,
+    yaml_docs,
+)
 from fastapi.testclient import TestClient
 
 from omniwall.api.app import create_app
@@ -20,16 +27,9 @@ from omniwall.store.sqlite import SqliteStore
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-WORLD = """
-kind: Tenant
-metadata: {name: acme}
----
-kind: Host
-metadata: {name: h1}
----
-kind: Host
-metadata: {name: h2}
----
+WORLD = yaml_docs(
+    ACME_TWO_HOSTS,
+    """
 kind: Workload
 metadata: {name: web1, tenant: acme, labels: {tier: web}}
 spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.1]}, {name: eth1, ips: [10.9.0.1]}]}
@@ -41,21 +41,9 @@ spec: {host: h2, vnics: [{name: eth0, ips: [10.0.1.1]}]}
 kind: Workload
 metadata: {name: web2, tenant: acme, labels: {tier: web}}
 spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.2]}]}
----
-kind: Group
-metadata: {name: web, tenant: acme}
-spec: {selector: 'tier == "web"'}
----
-kind: Group
-metadata: {name: db, tenant: acme}
-spec: {selector: 'tier == "db"'}
----
-kind: Policy
-metadata: {name: web-db, tenant: acme}
-spec:
-  rules:
-  - {name: sql, sources: [web], destinations: [db], services: [tcp/5432], action: allow}
-"""
+""",
+    WEB_TO_DB_SQL,
+)
 
 Env = tuple[TestClient, Manager, dict[str, str]]
 

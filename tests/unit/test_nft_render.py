@@ -272,10 +272,22 @@ def test_vnic_chains_segments_tail_antispoof_notrack():
     a = s.vnic_map()["tapa"]
     chains = render_vnic_chains(a, s.rule_map(), shapes_of(s))
     # egress: emergency (2,3), environment (5), application (1) -> 3 segments + tail
-    assert [n for n in chains if n.startswith("e_")] == ["e_tapa", "e_tapa_1", "e_tapa_2", "e_tapa_d"]
-    assert chains["e_tapa"][-1]["expr"] == [{"goto": {"target": "e_tapa_1"}}]
-    pass_rule = next(r for r in chains["e_tapa"] if r["comment"] == "3")
-    assert pass_rule["expr"][-1] == {"goto": {"target": "e_tapa_1"}}
+    # per family: 3 segments; the entry chain dispatches on the family
+    segs = [f"e_tapa_{k}v{f}" for f in (4, 6) for k in range(3)]
+    assert [n for n in chains if n.startswith("e_")] == ["e_tapa", *segs, "e_tapa_d"]
+    assert [r["expr"][-1] for r in chains["e_tapa"]] == [
+        {"goto": {"target": "e_tapa_0v4"}},
+        {"goto": {"target": "e_tapa_0v6"}},
+    ]
+    assert chains["e_tapa"][0]["expr"][0]["match"]["right"] == "ipv4"
+    for f in (4, 6):
+        assert chains[f"e_tapa_0v{f}"][-1]["expr"] == [{"goto": {"target": f"e_tapa_1v{f}"}}]
+        pass_rule = next(r for r in chains[f"e_tapa_0v{f}"] if r["comment"] == "3")
+        assert pass_rule["expr"][-1] == {"goto": {"target": f"e_tapa_1v{f}"}}
+        assert chains[f"e_tapa_2v{f}"][-1]["expr"] == [{"goto": {"target": "e_tapa_d"}}]
+    # a family chain holds only its family's address matches
+    text4, text6 = (str([chains[n] for n in segs if n.endswith(f"v{f}")]) for f in (4, 6))
+    assert "'ip6'" not in text4 and "'ip'" not in text6
     assert chains["e_tapa_d"] == [{"expr": [{"counter": None}, {"drop": None}], "comment": "default"}]
     raw = chains["re_tapa"]
     assert [r["comment"] for r in raw[:2]] == ["spoof", "spoof"]

@@ -41,7 +41,7 @@ from omniwall.dataplane.nft.names import (
     TABLE,
     addr_set,
 )
-from omniwall.dataplane.nft.nlbatch import ElemOp, Op, QuotaOp
+from omniwall.dataplane.nft.nlbatch import ElemOp, KeyType, Op, QuotaOp
 from omniwall.dataplane.nft.rejudge import Probe, judge_hop
 from omniwall.dataplane.nft.render import (
     DEFAULT_LOG_GROUP,
@@ -53,7 +53,12 @@ from omniwall.dataplane.nft.render import (
 )
 
 log = logging.getLogger(__name__)
-FAST_PATH_MAX_ELEMENTS = 1024  # member changes per delta sent as raw element batches; more: libnftables
+# member changes per delta sent as one raw element batch (any size fits one batch now: nlbatch.py grows
+# the socket buffer); the bound only keeps a runaway delta from building a multi-GB message
+FAST_PATH_MAX_ELEMENTS = 4_000_000
+# a table built from nothing with more address-set members than this: structure via libnftables, then
+# the members as one raw batch (libnftables parses JSON element by element: ~4 s per 1M, raw ~1-2 s)
+BULK_LOAD_MIN_ELEMENTS = 10_000
 
 
 def normalized(state: HostDesiredState) -> HostDesiredState:
@@ -117,7 +122,9 @@ class NftBackend:
         return self.nft.list_table(FAMILY, TABLE)
 
     def realized(self) -> HostDesiredState | None:
-        listing = self._listing()
+        return self._realized(self._listing())
+
+    def _realized(self, listing: list[dict[str, Any]] | None) -> HostDesiredState | None:
         state = self._decode(listing) if listing is not None else None
         self._current = state
         return state
@@ -184,11 +191,14 @@ class NftBackend:
 
     # ------------------------------------------------------------------------------------- writes
     def sync(self, state: HostDesiredState) -> None:
-        current = self.realized()
+        listing = self._listing()
+        current = self._realized(listing)
         if current is not None and normalized(current) == normalized(state):
             self._current = state
             return
-        if current is None:
+        if current is None and listing is None and _members(state) > BULK_LOAD_MIN_ELEMENTS:
+            self._build_bulk(state)
+        elif current is None:
             self.nft.transact(render_table(state, self.log_group, self.workload_prefixes))
         else:
             try:
@@ -198,6 +208,25 @@ class NftBackend:
                 self.nft.transact(render_table(state, self.log_group, self.workload_prefixes))
         self._current = state
         self._revoke(current, state)
+
+    def _build_bulk(self, state: HostDesiredState) -> None:
+        """A table built where none exists, in two transactions: everything but the address-set members
+        (libnftables), then the members and the revision (one raw batch). In between, rules see empty
+        sets: that filters no less than the missing table did, and realized() reads the members from the
+        kernel, so a failed second step is seen as not converged and repaired by the next sync."""
+        keytypes: dict[str, KeyType] = {}
+        for st in state.sets:
+            keytypes[addr_set(st.name, 4)], keytypes[addr_set(st.name, 6)] = "ipv4_addr", "ipv6_addr"
+        cmds: list[dict[str, Any]] = []
+        ops: list[Op] = []
+        for cmd in render_table(state, self.log_group, self.workload_prefixes):
+            el = cmd.get("add", {}).get("element")
+            if el is not None and el["name"] in keytypes:
+                ops.append(ElemOp("add", el["name"], keytypes[el["name"]], tuple(el["elem"])))
+            else:
+                cmds.append(cmd)
+        self.nft.transact(cmds)
+        self.nft.elements(FAMILY, TABLE, [*ops, QuotaOp(REV_OBJ, state.revision)])
 
     def apply(self, delta: HostDelta) -> None:
         base = self._current if self._current is not None else self.realized()
@@ -396,6 +425,10 @@ class NftBackend:
 
     def flush_connections(self, entries: list[ConnEntry]) -> int:
         return self.ct.delete(entries)
+
+
+def _members(state: HostDesiredState) -> int:
+    return sum(len(s.addresses) for s in state.sets)
 
 
 def _canon(addr: str) -> str:

@@ -15,10 +15,12 @@ Layout of `table inet omniwall` (docs/design/dataplane.md has the why):
       oifname vmap @m_ingress           -> i_<if>  (ingress hop of the receiving vNIC)
       (policy accept: both hops allowed, or not our traffic)
 
-Per vNIC and direction: one chain per category segment (`e_<if>`, `e_<if>_1`, ...) and a tail
-`e_<if>_d` holding the default action. allow = `return` (back to fwd, so the ingress hop is still
-judged), pass = `goto` the next segment, falling off a segment = `goto` the next one, drop = drop,
-reject = tcp reset for TCP and icmpx admin-prohibited otherwise.
+Per vNIC and direction: an entry chain `e_<if>` dispatching on `meta nfproto`, then per address family
+one chain per category segment (`e_<if>_0v4`, `e_<if>_1v4`, ...; `e_<if>_0v6`, ...) holding only the
+nft rules a packet of that family can match, and a tail `e_<if>_d` holding the default action.
+allow = `return` (back to fwd, so the ingress hop is still judged), pass = `goto` the next segment,
+falling off a segment = `goto` the next one, drop = drop, reject = tcp reset for TCP and icmpx
+admin-prohibited otherwise.
 
 Every rule carries a counter and `comment "<rule id>"`; allowed+stateful rules `ct mark set <id>`;
 logged drops/rejects and monitor-mode would-drops go to NFLOG group `log_group` with prefix
@@ -248,11 +250,14 @@ def service_variants(services: tuple[ServiceMatch, ...]) -> list[Variant]:
     return out
 
 
-def rule_matches(rule: IRRule, shapes: Shapes) -> list[tuple[str | None, list[Json]]]:
-    """(l4 protocol or None, match expressions) per nft rule: family x src part x dst part x service."""
+def family_matches(rule: IRRule, shapes: Shapes) -> list[tuple[int | None, str | None, list[Json]]]:
+    """(address family or None, l4 protocol or None, match expressions) per nft rule: family x src part
+    x dst part x service. The family is that of the rule's address matches (None: it has none, the rule
+    matches both families); a service variant's own family (icmp/icmpv6) does not place it, so an odd
+    packet (an IPv6 one carrying protocol 1) meets exactly the rules it met before the split."""
     variants = service_variants(rule.services)
     fams: list[int | None] = [None] if rule.src_set is None and rule.dst_set is None else [4, 6]
-    out: list[tuple[str | None, list[Json]]] = []
+    out: list[tuple[int | None, str | None, list[Json]]] = []
     for fam in fams:
         for vfam, proto, sexprs in variants:
             if fam is not None and vfam is not None and fam != vfam:
@@ -265,8 +270,13 @@ def rule_matches(rule: IRRule, shapes: Shapes) -> list[tuple[str | None, list[Js
                         exprs.append(_match(_payload(ipproto, "saddr"), sp))
                     if dp is not None:
                         exprs.append(_match(_payload(ipproto, "daddr"), dp))
-                    out.append((proto, exprs + sexprs))
+                    out.append((fam, proto, exprs + sexprs))
     return out
+
+
+def rule_matches(rule: IRRule, shapes: Shapes) -> list[tuple[str | None, list[Json]]]:
+    """(l4 protocol or None, match expressions) per nft rule, both families."""
+    return [(proto, exprs) for _fam, proto, exprs in family_matches(rule, shapes)]
 
 
 # ------------------------------------------------------------------------------------------- chains
@@ -287,12 +297,17 @@ def _reject_rules(match: list[Json], proto: str | None, pre: list[Json], comment
     ]
 
 
-def render_rule(rule: IRRule, next_chain: str, shapes: Shapes, log_group: int) -> list[Json]:
-    """The nft rules realizing one IR rule at one hop (same verdict on each)."""
+def render_rule(
+    rule: IRRule, next_chain: str, shapes: Shapes, log_group: int, family: int | None = None
+) -> list[Json]:
+    """The nft rules realizing one IR rule at one hop (same verdict on each); `family` 4 or 6: only
+    those a packet of that family can match (for the hop's per-family chains), None: all."""
     out: list[Json] = []
     comment = str(rule.id)
     would_drop = rule.monitor and rule.action in ("drop", "reject")
-    for proto, match in rule_matches(rule, shapes):
+    for fam, proto, match in family_matches(rule, shapes):
+        if family is not None and fam is not None and fam != family:
+            continue
         if rule.action == "allow" or would_drop:
             stmts = [_counter()]
             if would_drop:
@@ -363,20 +378,36 @@ def _antispoof(vnic: IRVnic) -> list[Json]:
 def render_vnic_chains(
     vnic: IRVnic, rmap: Mapping[int, IRRule], shapes: Shapes, log_group: int = DEFAULT_LOG_GROUP
 ) -> dict[str, list[Json]]:
-    """Every chain of one vNIC, name -> rules (each {"expr", "comment"}), in a stable order."""
+    """Every chain of one vNIC, name -> rules (each {"expr", "comment"}), in a stable order.
+
+    Per direction: the entry chain `e_<if>` sends a packet to its family's segments (`e_<if>_0v4`,
+    `e_<if>_1v4`, ... / `..._0v6`, ...), each holding only the nft rules a packet of that family can
+    match, so a packet never walks the other family's variants; both families end in the tail
+    `e_<if>_d`. Segment boundaries (categories) are the same in both families, so `pass` (goto the next
+    segment) and falling off a segment keep their meaning."""
     chains: dict[str, list[Json]] = {}
     for direction in DIRECTIONS:
         rules = _hop_rules(vnic, direction, rmap)
         segs = segments(rules)
         tail = vnic_chain(direction, vnic.ifname, "d")
-        names = [vnic_chain(direction, vnic.ifname, k) for k in range(max(1, len(segs)))]
-        for k, name in enumerate(names):
-            nxt = names[k + 1] if k + 1 < len(names) else tail
-            body: list[Json] = []
-            for r in segs[k] if segs else []:
-                body.extend(render_rule(r, nxt, shapes, log_group))
-            body.append(_rule([{"goto": {"target": nxt}}], "next"))
-            chains[name] = body
+        entry = vnic_chain(direction, vnic.ifname)
+        fam_chains: dict[int, list[str]] = {
+            fam: [vnic_chain(direction, vnic.ifname, f"{k}v{fam}") for k in range(max(1, len(segs)))]
+            for fam in (4, 6)
+        }
+        # the forward hook of an inet table sees IPv4 and IPv6 only: not IPv4 is IPv6
+        chains[entry] = [
+            _rule([_match(_meta("nfproto"), "ipv4"), {"goto": {"target": fam_chains[4][0]}}], "v4"),
+            _rule([{"goto": {"target": fam_chains[6][0]}}], "v6"),
+        ]
+        for fam, names in fam_chains.items():
+            for k, name in enumerate(names):
+                nxt = names[k + 1] if k + 1 < len(names) else tail
+                body: list[Json] = []
+                for r in segs[k] if segs else []:
+                    body.extend(render_rule(r, nxt, shapes, log_group, fam))
+                body.append(_rule([{"goto": {"target": nxt}}], "next"))
+                chains[name] = body
         chains[tail] = render_default(vnic, log_group)
         # raw: anti-spoofing (egress) and notrack for stateless rules
         raw: list[Json] = _antispoof(vnic) if direction == "egress" else []
@@ -641,6 +672,7 @@ __all__ = [
     "DEFAULT_WORKLOAD_PREFIXES",
     "check_prefixes",
     "collapse_cidrs",
+    "family_matches",
     "kernel_set_names",
     "merge_ranges",
     "render_default",
