@@ -23,6 +23,8 @@ from omniwall.dataplane.nft.names import safe, vnic_chain
 from omniwall.dataplane.nft.render import (
     check_prefixes,
     merge_ranges,
+    port_set_name,
+    port_sets,
     render_delta,
     render_rule,
     render_table,
@@ -221,8 +223,10 @@ def test_service_variants():
     assert service_variants((TCP80, ServiceMatch("any"))) == [(None, None, [])]
     v = service_variants((TCP80, ServiceMatch("tcp", ((81, 90),)), ServiceMatch("udp")))
     assert [(fam, proto) for fam, proto, _ in v] == [(None, "tcp"), (None, "udp")]
-    tcp_ports = v[0][2][1]["match"]["right"]["set"]
-    assert tcp_ports == [{"range": [80, 90]}, {"range": [8000, 8080]}]
+    tcp_ports = v[0][2][1]["match"]["right"]  # a port list: a named set shared by equal lists
+    assert tcp_ports == "@" + port_set_name([(80, 90), (8000, 8080)]) and tcp_ports.startswith("@p_")
+    one = service_variants((ServiceMatch("tcp", ((5201, 5300),)),))
+    assert one[0][2][1]["match"]["right"] == {"range": [5201, 5300]}  # one range: inline
     assert len(v[1][2]) == 1  # udp without ports: protocol only
     icmp = service_variants((ServiceMatch("icmp", (), 3, 4), ServiceMatch("icmpv6", (), 128)))
     assert [(fam, proto) for fam, proto, _ in icmp] == [(4, "icmp"), (6, "icmpv6")]
@@ -265,6 +269,19 @@ def test_rule_statements():
     (mon,) = render_rule(R(11, "reject", monitor=True), "next", shapes, 3)
     assert {"log": {"prefix": "ow:11:would-drop ", "group": 3}} in mon["expr"]
     assert mon["expr"][-1] == {"return": None}
+
+
+def test_port_lists_share_one_named_set():
+    s = base_state()
+    lst = (ServiceMatch("tcp", ((5300, 5300), (5201, 5201))),)
+    rules = (*s.rules, R(90, services=lst), R(91, src="web", services=lst))
+    s2 = replace(s, rules=rules)
+    name = port_set_name([(5201, 5201), (5300, 5300)])
+    assert name in port_sets(s2)
+    t = full(s2)
+    assert t["sets"][name] == {"5201": True, "5300": True}
+    decls = [c for c in render_table(s2) if c.get("add", {}).get("set", {}).get("name") == name]
+    assert len(decls) == 1
 
 
 def test_vnic_chains_segments_tail_antispoof_notrack():

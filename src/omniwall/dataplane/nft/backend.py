@@ -212,8 +212,9 @@ class NftBackend:
     def _build_bulk(self, state: HostDesiredState) -> None:
         """A table built where none exists, in two transactions: everything but the address-set members
         (libnftables), then the members and the revision (one raw batch). In between, rules see empty
-        sets: that filters no less than the missing table did, and realized() reads the members from the
-        kernel, so a failed second step is seen as not converged and repaired by the next sync."""
+        sets: that filters no less than the missing table did. The revision quota only exists once the
+        members are in, so a table left by a failed (or killed) second step is not adoptable: realized()
+        returns None and the next sync rebuilds it in one transaction."""
         keytypes: dict[str, KeyType] = {}
         for st in state.sets:
             keytypes[addr_set(st.name, 4)], keytypes[addr_set(st.name, 6)] = "ipv4_addr", "ipv6_addr"
@@ -221,6 +222,8 @@ class NftBackend:
         ops: list[Op] = []
         for cmd in render_table(state, self.log_group, self.workload_prefixes):
             el = cmd.get("add", {}).get("element")
+            if "quota" in cmd.get("add", {}):  # no revision until the members are in: not adoptable
+                continue
             if el is not None and el["name"] in keytypes:
                 ops.append(ElemOp("add", el["name"], keytypes[el["name"]], tuple(el["elem"])))
             else:

@@ -65,6 +65,12 @@ def cidr_set(setname: str, family: int) -> str:
     return f"c{family}_{safe(setname)}"
 
 
+def port_set(ranges: str) -> str:
+    """Named interval set of ports (inet_service) shared by every rule with the same port list; the
+    name is a digest of the merged list, so equal lists share one set and a changed list is a new set."""
+    return f"p_{hashlib.sha256(ranges.encode()).hexdigest()[:16]}"
+
+
 __all__ = [
     "FAMILY",
     "FWD_CHAIN",
@@ -81,6 +87,7 @@ __all__ = [
     "TABLE",
     "addr_set",
     "cidr_set",
+    "port_set",
     "raw_chain",
     "safe",
     "vnic_chain",

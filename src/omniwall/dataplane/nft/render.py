@@ -51,6 +51,7 @@ from omniwall.dataplane.nft.names import (
     TABLE,
     addr_set,
     cidr_set,
+    port_set,
     raw_chain,
     vnic_chain,
 )
@@ -209,9 +210,48 @@ def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in out]
 
 
+def _port_elems(ranges: list[tuple[int, int]]) -> list[Any]:
+    return [a if a == b else {"range": [a, b]} for a, b in ranges]
+
+
+def port_set_name(ranges: list[tuple[int, int]]) -> str:
+    return port_set(",".join(f"{a}-{b}" for a, b in ranges))
+
+
 def _port_set(ranges: list[tuple[int, int]]) -> Any:
-    elems: list[Any] = [a if a == b else {"range": [a, b]} for a, b in ranges]
-    return elems[0] if len(elems) == 1 else {"set": elems}
+    """One port or range inline; a list: the named set shared by every rule with that list (an
+    anonymous set per nft rule makes the kernel name each one by scanning the table's sets: quadratic
+    load, 52 s instead of 4 s for 10k rules)."""
+    return _port_elems(ranges)[0] if len(ranges) == 1 else f"@{port_set_name(ranges)}"
+
+
+def _proto_ranges(services: tuple[ServiceMatch, ...], proto: str) -> list[tuple[int, int]] | None:
+    """Merged port ranges of the tcp/udp services of `proto`; None: that protocol with any port."""
+    svcs = [s for s in services if s.protocol == proto]
+    if any(not s.ports for s in svcs):
+        return None
+    return merge_ranges(r for s in svcs for r in s.ports)
+
+
+def port_sets(state: HostDesiredState) -> dict[str, list[tuple[int, int]]]:
+    """Every named port set the state's rules use: name -> merged ranges."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for r in state.rules:
+        if not r.services or any(s.protocol == "any" for s in r.services):
+            continue
+        for proto in ("tcp", "udp"):
+            if any(s.protocol == proto for s in r.services):
+                ranges = _proto_ranges(r.services, proto)
+                if ranges is not None and len(ranges) > 1:
+                    out.setdefault(port_set_name(ranges), ranges)
+    return dict(sorted(out.items()))
+
+
+def render_port_set(name: str, ranges: list[tuple[int, int]]) -> list[Json]:
+    return [
+        {"add": {"set": {**T, "name": name, "type": "inet_service", "flags": ["interval"]}}},
+        {"add": {"element": {**T, "name": name, "elem": _port_elems(ranges)}}},
+    ]
 
 
 # A service variant: (address family it implies or None, l4 protocol or None, match expressions)
@@ -224,13 +264,12 @@ def service_variants(services: tuple[ServiceMatch, ...]) -> list[Variant]:
         return [(None, None, [])]
     out: list[Variant] = []
     for proto in ("tcp", "udp"):
-        svcs = [s for s in services if s.protocol == proto]
-        if not svcs:
+        if not any(s.protocol == proto for s in services):
             continue
-        if any(not s.ports for s in svcs):
+        ranges = _proto_ranges(services, proto)
+        if ranges is None:
             out.append((None, proto, [_l4(proto)]))
         else:
-            ranges = merge_ranges(r for s in svcs for r in s.ports)
             out.append((None, proto, [_l4(proto), _match(_payload("th", "dport"), _port_set(ranges))]))
     seen: set[tuple[str, int | None, int | None]] = set()
     for s in services:
@@ -500,6 +539,8 @@ def render_table(
     cmds.append({"add": {"map": {**T, "name": MAP_RAW_INGRESS6, "type": "ipv6_addr", "map": "verdict"}}})
     for s in state.sets:
         cmds += render_set(s)
+    for name, ranges in port_sets(state).items():
+        cmds += render_port_set(name, ranges)
     for chains in vnic_chains.values():
         cmds += [_chain_decl(name) for name in chains]
     for chains in vnic_chains.values():
@@ -618,6 +659,11 @@ def render_delta(
                 cmds += _elements("add", cname, [_prefix_elem(n) for n in sorted(set(nc) - set(pc))])
     for name in sorted(old_sets.keys() - new_sets.keys()):
         late_deletes += [{"delete": {"set": {**T, "name": n}}} for n in kernel_set_names(old_sets[name])]
+    old_ports, new_ports = port_sets(old), port_sets(new)
+    for name, ranges in new_ports.items():
+        if name not in old_ports:
+            cmds += render_port_set(name, ranges)
+    late_deletes += [{"delete": {"set": {**T, "name": n}}} for n in old_ports if n not in new_ports]
 
     # 2. vNICs
     old_v = old.vnic_map()
@@ -675,8 +721,11 @@ __all__ = [
     "family_matches",
     "kernel_set_names",
     "merge_ranges",
+    "port_set_name",
+    "port_sets",
     "render_default",
     "render_delta",
+    "render_port_set",
     "render_rule",
     "render_set",
     "render_table",
