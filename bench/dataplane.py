@@ -311,34 +311,47 @@ class Bench:
 
     # -------------------------------------------------------------------------------- set, delta
     def set_load(self) -> dict[str, Any]:
-        """A 1M-element ipv4_addr hash set in one libnftables JSON transaction (what `NftBackend.sync`
-        does for a new set); the JSON encoding is timed apart (it is part of the total)."""
+        """A 1M-element ipv4_addr hash set loaded in one transaction, two ways: the raw nfnetlink batch
+        `NftBackend` uses for big member loads (`Nft.load_elements`; the set itself is created just
+        before, in its own small transaction, as the backend does), and one libnftables JSON transaction
+        (structure and elements together; its JSON encoding is timed apart)."""
         n = self.nft[0]
         size = self.args.set_size
         cmds = rs.big_set(size)
-        times, encode = [], []
+        structure = cmds[:-1]  # table + empty set; the last command adds the elements
+        addrs = list(rs.member_addresses(0, size))
+        raw, times, encode = [], [], []
         for _ in range(self.args.set_reps):
+            n.transact(structure)
+            t0 = time.perf_counter()
+            n.load_elements("inet", rs.BENCH_TABLE, "big", "ipv4_addr", addrs)
+            raw.append(time.perf_counter() - t0)
+            self._check_last(n, size)
+            n.transact(rs.delete_table())
             t0 = time.perf_counter()
             json.dumps({"nftables": cmds}, separators=(",", ":"))
             encode.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             n.transact(cmds)
             times.append(time.perf_counter() - t0)
+            self._check_last(n, size)
             n.transact(rs.delete_table())
-        last = rs.member_addresses(size - 1, 1)[0]
-        n.transact(cmds)
-        try:  # the last element really is in the kernel's set
-            got = n.run_text(f"get element inet {rs.BENCH_TABLE} big {{ {last} }}")
-        finally:
-            n.transact(rs.delete_table())
-        if last not in got:
-            raise RuntimeError(f"1M set: element {last} missing after load")
         return {
             "elements": size,
-            "seconds_median": statistics.median(times),
-            "seconds_all": times,
+            "seconds_median": statistics.median(raw),
+            "seconds_all": raw,
+            "json_seconds_median": statistics.median(times),
+            "json_seconds_all": times,
             "json_encode_seconds": statistics.median(encode),
         }
+
+    @staticmethod
+    def _check_last(n: Any, size: int) -> None:
+        """The last element really is in the kernel's set (a load that silently failed is no result)."""
+        last = rs.member_addresses(size - 1, 1)[0]
+        got = n.run_text(f"get element inet {rs.BENCH_TABLE} big {{ {last} }}")
+        if last not in got:
+            raise RuntimeError(f"1M set: element {last} missing after load")
 
     def path_state(self, host: str = "h1", **kw: Any) -> HostDesiredState:
         """Arm (b)'s state for h1 (the path's egress hop) or h2 (its ingress hop)."""
@@ -505,8 +518,11 @@ def report(blocks: list[Block], set_res: dict[str, Any] | None, delta: dict[str,
         }
     if set_res:
         s = set_res["seconds_median"]
-        enc = set_res["json_encode_seconds"]
-        print(f"1M-element set, one transaction: {s:.2f} s median (json encode {enc:.2f} s)")
+        js, enc = set_res["json_seconds_median"], set_res["json_encode_seconds"]
+        print(
+            f"1M-element set, one transaction: {s:.2f} s median via raw netlink batch "
+            f"({js:.2f} s via libnftables JSON, encode {enc:.2f} s)"
+        )
         targets["set_load_1m_s"] = {"value": s, "target": 3.0, "met": s < 3.0}
     if delta:
         m = delta["ms_median"]

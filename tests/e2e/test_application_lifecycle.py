@@ -112,8 +112,22 @@ def owned_by_hr(cp: Any, host: str) -> tuple[set[str], set[str], set[str]]:
     used_by_hr = {r[k] for r in rules if r["id"] in hr for k in ("src_set", "dst_set") if r[k]}
     used_by_others = {r[k] for r in rules if r["id"] not in hr for k in ("src_set", "dst_set") if r[k]}
     sets = set().union(*(kernel_set_names(s) for s in used_by_hr - used_by_others)) if used_by_hr else set()
+    sets |= _port_sets_only_of(st, hr)
     ifnames = {v["ifname"] for v in st["vnics"] if hr & set(v["egress"]) | hr & set(v["ingress"])}
     return {str(i) for i in hr}, sets, ifnames
+
+
+def _port_sets_only_of(state_json: dict[str, Any], ids: set[int]) -> set[str]:
+    """Named port sets (shared by every rule with the same port list) that only `ids` use."""
+    from dataclasses import replace
+
+    from omniwall.compiler.ir import HostDesiredState
+    from omniwall.dataplane.nft.render import port_sets
+
+    st = HostDesiredState.from_json(state_json)
+    mine = replace(st, rules=tuple(r for r in st.rules if r.id in ids))
+    others = replace(st, rules=tuple(r for r in st.rules if r.id not in ids))
+    return set(port_sets(mine)) - set(port_sets(others))
 
 
 # ------------------------------------------------------------------------------------------ the test
