@@ -12,7 +12,7 @@ exceed the heartbeat interval, so a dead connection is noticed.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -90,57 +90,6 @@ class FeedClient:
     def post_status(self, report: StatusReport) -> dict[str, Any]:
         try:
             resp = self._http.post(
-                f"/v1/hosts/{self.host}/status", json=report.model_dump(mode="json", exclude_none=True)
-            )
-        except httpx.HTTPError as err:
-            raise FeedError(f"status report failed: {err}") from err
-        if resp.status_code != 200:
-            raise _error(resp)
-        return resp.json()  # type: ignore[no-any-return]
-
-
-class AsyncFeedClient:
-    """The same over httpx.AsyncClient, for asyncio agents."""
-
-    def __init__(
-        self,
-        server: str,
-        token: str,
-        host: str,
-        *,
-        heartbeat: float = 15.0,
-        verify: bool | str = True,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.host = host
-        self.heartbeat = heartbeat
-        self._http = httpx.AsyncClient(
-            base_url=server.rstrip("/"),
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=httpx.Timeout(10.0, read=heartbeat * 3 + 5),
-            verify=verify,
-            transport=transport,
-        )
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def messages(self, from_revision: int = 0, *, follow: bool = True) -> AsyncIterator[Message]:
-        params: dict[str, Any] = {"from": from_revision, "follow": follow, "heartbeat": self.heartbeat}
-        try:
-            async with self._http.stream("GET", f"/v1/hosts/{self.host}/feed", params=params) as resp:
-                if resp.status_code != 200:
-                    await resp.aread()
-                    raise _error(resp)
-                async for line in resp.aiter_lines():
-                    if line.strip():
-                        yield decode(line)
-        except httpx.HTTPError as err:
-            raise FeedError(f"feed connection failed: {err}") from err
-
-    async def post_status(self, report: StatusReport) -> dict[str, Any]:
-        try:
-            resp = await self._http.post(
                 f"/v1/hosts/{self.host}/status", json=report.model_dump(mode="json", exclude_none=True)
             )
         except httpx.HTTPError as err:
