@@ -18,10 +18,13 @@ Semantics (docs/semantics.md is the long form):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 IR_VERSION = 1
+T = TypeVar("T")
+K = TypeVar("K")
 
 ActionName = Literal["allow", "drop", "reject", "pass"]
 DefaultAction = Literal["allow", "drop", "reject"]
@@ -318,6 +321,21 @@ def diff(old: HostDesiredState, new: HostDesiredState) -> HostDelta:
     )
 
 
+def _merged(
+    base: tuple[T, ...], key: Callable[[T], K], puts: Iterable[T], drops: Iterable[K]
+) -> tuple[T, ...]:
+    """`base` with `puts` replacing by key and `drops` removed, sorted by key; `base` itself (shared,
+    not copied) when there is nothing to change."""
+    puts, drops = list(puts), list(drops)
+    if not puts and not drops:
+        return base
+    by_key = {key(x): x for x in base}
+    by_key.update((key(x), x) for x in puts)
+    for k in drops:
+        by_key.pop(k, None)
+    return tuple(v for _, v in sorted(by_key.items()))  # type: ignore[type-var]
+
+
 def apply_delta(base: HostDesiredState, delta: HostDelta) -> HostDesiredState:
     """Pure: the state `delta` leads to from `base`. Raises ValueError when the delta is for another base.
 
@@ -325,32 +343,27 @@ def apply_delta(base: HostDesiredState, delta: HostDelta) -> HostDesiredState:
     only set members, on the hot path: rebuilding 10k rules for them cost milliseconds)."""
     if delta.from_revision != base.revision:
         raise ValueError(f"delta starts at revision {delta.from_revision}, base is at {base.revision}")
-    sets_t = base.sets
-    if delta.set_updates or delta.set_removes:
-        sets = base.set_map()
-        for u in delta.set_updates:
-            sets[u.full.name] = u.full
-        for r in delta.set_removes:
-            sets.pop(r.name, None)
-        sets_t = tuple(v for _, v in sorted(sets.items()))
-    rules_t = base.rules
-    if delta.rule_updates or delta.rule_removes:
-        rules = base.rule_map()
-        for ru in delta.rule_updates:
-            rules[ru.rule.id] = ru.rule
-        for rr in delta.rule_removes:
-            rules.pop(rr.id, None)
-        rules_t = tuple(v for _, v in sorted(rules.items()))
-    vnics_t = base.vnics
-    if delta.vnic_updates or delta.vnic_removes:
-        vnics = base.vnic_map()
-        for vu in delta.vnic_updates:
-            vnics[vu.vnic.ifname] = vu.vnic
-        for vr in delta.vnic_removes:
-            vnics.pop(vr.ifname, None)
-        vnics_t = tuple(v for _, v in sorted(vnics.items()))
     return HostDesiredState(
-        host=base.host, revision=delta.to_revision, vnics=vnics_t, rules=rules_t, sets=sets_t
+        host=base.host,
+        revision=delta.to_revision,
+        vnics=_merged(
+            base.vnics,
+            lambda v: v.ifname,
+            (u.vnic for u in delta.vnic_updates),
+            (r.ifname for r in delta.vnic_removes),
+        ),
+        rules=_merged(
+            base.rules,
+            lambda r: r.id,
+            (u.rule for u in delta.rule_updates),
+            (r.id for r in delta.rule_removes),
+        ),
+        sets=_merged(
+            base.sets,
+            lambda s: s.name,
+            (u.full for u in delta.set_updates),
+            (r.name for r in delta.set_removes),
+        ),
     )
 
 
