@@ -61,11 +61,13 @@ def test_incremental_set_element_is_one_small_transaction(trio, backends):
     be.apply(diff(s1, s2))
     batch = be.nft.last_batch
     elems = [cmd for cmd in batch if "element" in cmd.get("add", {})]
-    assert len(elems) == 1 and elems[0]["add"]["element"]["elem"] == [c.ip4]
+    # the member, and its ipcache entry (the hop index: c now has web's identity)
+    assert len(elems) == 2 and elems[0]["add"]["element"]["elem"] == [c.ip4]
+    assert elems[1]["add"]["element"]["name"].startswith("ipc_")
     # nothing else but the revision bookkeeping (quota `_rev` updated in place), sent without libnftables
     others = [cmd for cmd in batch if cmd not in elems]
     assert [o["add"]["quota"]["name"] for o in others] == ["_rev"]
-    assert len(batch) == 2 and be.nft.element_writes == 1
+    assert len(batch) == 3 and be.nft.element_writes == 1
     assert tcp_connect(c.ns, b.ip4, 8080) == "open"
     writes = be.nft.writes
     be.sync(s2)
@@ -120,7 +122,7 @@ def test_restart_adopts_without_writes_and_keeps_stream(trio, backends):
         s2 = web_state(2, a, b, c, (*a.addresses, c.ip4))
         second.sync(s2)
         assert second.nft.writes == 1
-        assert len(second.nft.last_batch) == 2  # the element + the revision
+        assert len(second.nft.last_batch) == 3  # the element, its ipcache entry, the revision
         assert stream_alive(stream)
         assert tcp_connect(c.ns, b.ip4, 8080) == "open"
     finally:

@@ -30,27 +30,33 @@ from omniwall.compiler.ir import HostDelta, HostDesiredState, IRRule, IRVnic, ap
 from omniwall.dataplane.backend import Capabilities, ConnEntry, RuleCounters
 from omniwall.dataplane.conntrack import ConntrackTable
 from omniwall.dataplane.nft import blob
+from omniwall.dataplane.nft.identity import Move, identity_tag
 from omniwall.dataplane.nft.libnft import Nft, NftError
 from omniwall.dataplane.nft.names import (
     FAMILY,
     FWD_CHAIN,
+    IPCACHE,
     KNOWN_IF,
     RAW_CHAIN,
     REV_OBJ,
     STATE_CHAIN,
     TABLE,
     addr_set,
+    identity_chain,
 )
-from omniwall.dataplane.nft.nlbatch import ElemOp, KeyType, Op, QuotaOp
+from omniwall.dataplane.nft.nlbatch import ElemOp, KeyType, MapElemOp, Op, QuotaOp
 from omniwall.dataplane.nft.rejudge import Probe, judge_hop
 from omniwall.dataplane.nft.render import (
     DEFAULT_LOG_GROUP,
     DEFAULT_WORKLOAD_PREFIXES,
+    RawLayoutChanged,
     check_prefixes,
+    index_plan,
     render_delta,
     render_table,
     split_families,
 )
+from omniwall.dataplane.nft.render_index import carry_plan
 
 log = logging.getLogger(__name__)
 # member changes per delta sent as one raw element batch (any size fits one batch now: nlbatch.py grows
@@ -100,6 +106,7 @@ class NftBackend:
         self.revoke_async = revoke_async
         self._revocations: list[Future[None]] = []
         self._roles: tuple[tuple[IRRule, ...], frozenset[str], frozenset[str]] | None = None
+        self._own: tuple[tuple[IRVnic, ...], tuple[IRRule, ...], dict[str, frozenset[str]]] | None = None
         self.nft = Nft(netns, allow_initial_netns=allow_initial_netns)
         self.ct = ConntrackTable(thread=self.nft.thread, allow_initial_netns=allow_initial_netns)
         self._current: HostDesiredState | None = None
@@ -202,7 +209,7 @@ class NftBackend:
             self.nft.transact(render_table(state, self.log_group, self.workload_prefixes))
         else:
             try:
-                self.nft.transact(render_delta(normalized(current), normalized(state), self.log_group))
+                self.nft.transact(self._delta_or_table(normalized(current), normalized(state)))
             except NftError as e:  # an unexpected kernel state: replace the table atomically instead
                 log.warning("incremental sync failed (%s); rebuilding the table", e.message)
                 self.nft.transact(render_table(state, self.log_group, self.workload_prefixes))
@@ -241,8 +248,9 @@ class NftBackend:
             )
         fast = self._members_only(base, delta)
         if fast is not None:
-            new, ops, suspects = fast
-            self.nft.elements(FAMILY, TABLE, ops)  # one transaction: members + revision
+            new, ops, suspects, moves = fast
+            self.nft.elements(FAMILY, TABLE, ops)  # one transaction: members, ipcache, revision
+            carry_plan(base, new).move(moves)
             self._current = new
             if self.revoke_async and self.revoke and suspects:
                 self.last_revoked = []
@@ -253,16 +261,25 @@ class NftBackend:
             return
         new = apply_delta(base, delta)
         hints = {u.full.name: u for u in delta.set_updates}
-        self.nft.transact(render_delta(base, new, self.log_group, hints))
+        self.nft.transact(self._delta_or_table(base, new, hints))
         self._current = new
         self._revoke(base, new)
 
+    def _delta_or_table(
+        self, old: HostDesiredState, new: HostDesiredState, hints: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        try:
+            return render_delta(old, new, self.log_group, hints)
+        except RawLayoutChanged:  # rare (the host's first or last stateless ingress rule): atomic rebuild
+            return render_table(new, self.log_group, self.workload_prefixes)
+
     def _members_only(
         self, base: HostDesiredState, delta: HostDelta
-    ) -> tuple[HostDesiredState, list[Op], set[str]] | None:
+    ) -> tuple[HostDesiredState, list[Op], set[str], list[Move]] | None:
         """For a delta that only adds/removes host addresses of existing sets: the new state (built in
-        O(changed sets), not O(state) like apply_delta), the raw kernel batch, and the addresses whose
-        connections may now be refused. None: not such a delta (take the general path)."""
+        O(changed sets), not O(state) like apply_delta), the raw kernel batch, the addresses whose
+        connections may now be refused, and the hop index's identity moves. None: not such a delta, or
+        one that creates or retires an identity or touches a local vNIC's own address (general path)."""
         if (
             delta.rule_updates
             or delta.rule_removes
@@ -302,8 +319,62 @@ class NftBackend:
                 suspects.update(u.added_addresses)
             if name in grants:
                 suspects.update(u.removed_addresses)
+        index_ops = self._ipcache_ops(base, delta)
+        if index_ops is None:
+            return None
+        moves, mops = index_ops
+        ops += mops
         ops.append(QuotaOp(REV_OBJ, delta.to_revision))
-        return replace(base, revision=delta.to_revision, sets=tuple(sets)), ops, suspects
+        return replace(base, revision=delta.to_revision, sets=tuple(sets)), ops, suspects, moves
+
+    def _ipcache_ops(self, base: HostDesiredState, delta: HostDelta) -> tuple[list[Move], list[Op]] | None:
+        """The hop index's side of a members-only delta: ipcache entries re-pointed to the addresses'
+        new identities. None: the delta needs the general path (see `_members_only`)."""
+        changes: dict[str, tuple[set[str], set[str]]] = {}
+        for u in delta.set_updates:
+            for a in u.added_addresses:
+                changes.setdefault(a, (set(), set()))[0].add(u.full.name)
+            for a in u.removed_addresses:
+                changes.setdefault(a, (set(), set()))[1].add(u.full.name)
+        local = self._local_sets(base)
+        for a, (joined, left) in changes.items():
+            if a in local and not local[a].isdisjoint(joined | left):
+                return None  # the local side of a rule at this address's own vNIC changes: re-render
+        plan = index_plan(base)
+        moves = plan.member_moves(changes)
+        if moves is None:
+            return None
+        named = {d: plan.named(d) for d in ("egress", "ingress")}
+        ops: list[Op] = []
+        for m in moves:
+            fam = 6 if ":" in m.address else 4
+            keytype: KeyType = "ipv6_addr" if fam == 6 else "ipv4_addr"
+            for d, names in named.items():
+                was = identity_chain(d, identity_tag(m.old)) if m.old and plan.used(m.old, names) else None
+                now = identity_chain(d, identity_tag(m.new)) if m.new and plan.used(m.new, names) else None
+                if was == now:
+                    continue
+                name = IPCACHE[(d, fam, False)]
+                if was is not None:
+                    ops.append(MapElemOp("delete", name, keytype, ((m.address, "goto", was),)))
+                if now is not None:
+                    ops.append(MapElemOp("add", name, keytype, ((m.address, "goto", now),)))
+        return moves, ops
+
+    def _local_sets(self, state: HostDesiredState) -> dict[str, frozenset[str]]:
+        """Own address of a vNIC -> the sets its hops' rules test on the local side (the hop index
+        decides those at render time), cached while vNICs and rules are the same objects."""
+        if self._own is None or self._own[0] is not state.vnics or self._own[1] is not state.rules:
+            rmap = state.rule_map()
+            out: dict[str, frozenset[str]] = {}
+            for v in state.vnics:
+                names = {rmap[i].src_set for i in v.egress if i in rmap}
+                names |= {rmap[i].dst_set for i in v.ingress if i in rmap}
+                names.discard(None)
+                for a in v.addresses:
+                    out[a] = out.get(a, frozenset()) | frozenset(n for n in names if n)
+            self._own = (state.vnics, state.rules, out)
+        return self._own[2]
 
     def _set_roles(self, state: HostDesiredState) -> tuple[frozenset[str], frozenset[str]]:
         """(sets a granting rule uses, sets a refusing rule uses), cached while the rules are the same

@@ -33,6 +33,16 @@ MAP_RAW_EGRESS = "m_raw_egress"  # iifname : jump re_<if>
 MAP_RAW_INGRESS4 = "m_raw_ingress4"  # ip daddr : jump ri_<if>  (the vNIC's own addresses)
 MAP_RAW_INGRESS6 = "m_raw_ingress6"  # ip6 daddr : jump ri_<if>
 
+# the hop index (identity.py): ipcache maps (remote address -> goto identity chain), per direction and
+# family, host addresses (hash) and CIDR networks (interval); and ifname -> goto the vNIC's any-remote chain
+IPCACHE = {
+    (d, fam, nets): f"ipc{'n' if nets else ''}_{d[0]}{fam}"
+    for d in ("egress", "ingress")
+    for fam in (4, 6)
+    for nets in (False, True)
+}
+MAP_ANY = {"egress": "m_any_egress", "ingress": "m_any_ingress"}
+
 _PLAIN = re.compile(r"[A-Za-z0-9_]+")
 
 
@@ -49,6 +59,19 @@ def vnic_chain(direction: str, ifname: str, segment: int | str = 0) -> str:
     prefix = "e" if direction == "egress" else "i"
     base = f"{prefix}_{safe(ifname)}"
     return base if segment == 0 else f"{base}_{segment}"
+
+
+def identity_chain(direction: str, tag: str) -> str:
+    return f"x{direction[0]}_{tag}"
+
+
+def identity_map(direction: str, tag: str) -> str:
+    """`ifname . l4proto . dport -> goto <path chain>` of one identity, over every hop that names it."""
+    return f"mx{direction[0]}_{tag}"
+
+
+def path_chain(digest: str) -> str:
+    return f"px_{digest}"
 
 
 def raw_chain(direction: str, ifname: str) -> str:
@@ -74,7 +97,9 @@ def port_set(ranges: str) -> str:
 __all__ = [
     "FAMILY",
     "FWD_CHAIN",
+    "IPCACHE",
     "KNOWN_IF",
+    "MAP_ANY",
     "MAP_EGRESS",
     "MAP_INGRESS",
     "MAP_RAW_EGRESS",
@@ -87,6 +112,9 @@ __all__ = [
     "TABLE",
     "addr_set",
     "cidr_set",
+    "identity_chain",
+    "identity_map",
+    "path_chain",
     "port_set",
     "raw_chain",
     "safe",

@@ -5,17 +5,23 @@ table's chains, sets and objects, and "sets" includes the anonymous set of every
 or an anti-spoofing address list: ~13k of them on a 10k-rule table, 30-60 ms here, whatever the change.
 A set element needs none of it: the kernel message names table, set and key bytes. So the hot path (an
 address joins or leaves a group, the revision moves) is encoded here, ~0.1 ms; everything else (chains,
-rules, maps, interval sets) still goes through libnftables.
+rules, interval sets, map declarations) still goes through libnftables.
+
+Verdict maps (`MapElemOp`): elements `key : goto|jump <chain>`, same keys. The kernel resolves the chain
+by name inside the table when the batch is checked, so a missing chain fails the whole batch (ENOENT).
+An add of a key that is already mapped to another verdict is refused (EBUSY, even without EXCL): to
+re-point a key, delete it and add it again in the same batch.
 
 Only keys of fixed-size types are supported: ipv4_addr (4 bytes), ipv6_addr (16), ifname (16, NUL padded),
 all in the byte order nft uses for them (network order for addresses, a C string for ifname).
 
 Large loads (a full set of 1M addresses): elements go 2-4k per message (the element list is one netlink
-attribute, whose length is 16 bits), every message in one batch = one transaction, sent in one sendmsg;
-the socket's send buffer is grown to the batch size first (SO_SNDBUFFORCE, as libnftables does; root).
-A batch of more than ACK_ALL_MAX messages asks an ack of its last message only: the kernel reports every
-failed message anyway (NETLINK_CAP_ACK keeps those reports to a header), and thousands of acks would
-overflow the receive buffer.
+attribute, whose length is 16 bits; map elements, of variable length, are packed up to that bound),
+every message in one batch = one transaction, sent in one sendmsg; the socket's send buffer is grown to
+the batch size first (SO_SNDBUFFORCE, as libnftables does; root). A batch of more than ACK_ALL_MAX
+messages asks an ack of its last message only: the kernel reports every failed message anyway
+(NETLINK_CAP_ACK keeps those reports to a header), and thousands of acks would overflow the receive
+buffer.
 
 The socket is opened on the namespace's thread (netlink sockets belong to the namespace they were
 created in, for good), then used from the caller's thread: no thread hop on the hot path.
@@ -42,13 +48,17 @@ NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
 # attributes (linux/netfilter/nf_tables.h)
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
-NFTA_SET_ELEM_KEY = 1
-NFTA_DATA_VALUE = 1
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA = 1, 2
+NFTA_DATA_VALUE, NFTA_DATA_VERDICT = 1, 2
+NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2
+NFT_JUMP, NFT_GOTO = -3, -4
+NFT_CHAIN_MAXNAMELEN = 256  # with the NUL
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
 NFT_OBJECT_QUOTA = 2
 NFTA_QUOTA_BYTES, NFTA_QUOTA_FLAGS = 1, 2
 IFNAMSIZ = 16
 MAX_ELEMS_PER_MSG = 4096  # the element list is one attribute: its length (16 bits) bounds a message
+MAX_LIST_PAYLOAD = 0xFFFF - 4  # the most element bytes one list attribute (4-byte header) can carry
 ACK_ALL_MAX = 64  # batches of up to this many messages ack each one; larger ones ack the last only
 SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
@@ -59,6 +69,8 @@ _KEY_LEN = {"ipv4_addr": 4, "ipv6_addr": 16, "ifname": IFNAMSIZ}
 
 KeyType = Literal["ipv4_addr", "ipv6_addr", "ifname"]
 Verb = Literal["add", "delete", "flush"]
+MapVerb = Literal["add", "delete"]
+_VERDICT_CODE = {"goto": NFT_GOTO, "jump": NFT_JUMP}
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +109,31 @@ class QuotaOp:
         return {"add": {"quota": {**q, "used": 0, "inv": False}}}
 
 
-Op = ElemOp | QuotaOp
+@dataclass(frozen=True, slots=True)
+class MapElemOp:
+    """Add/delete elements of verdict map `name`; each elem is (key, "goto"|"jump", chain), the chain
+    in the same table. A delete sends the key only (verdict and chain are ignored)."""
+
+    verb: MapVerb
+    name: str
+    keytype: KeyType
+    elems: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def sends(self) -> bool:
+        """False without elements (encoded as nothing)."""
+        return bool(self.elems)
+
+    def as_json(self, family: str, table: str) -> dict[str, Any]:
+        """The libnftables JSON command with the same effect (for logs and `Nft.last_batch`)."""
+        obj: dict[str, Any] = {"family": family, "table": table, "name": self.name}
+        if self.verb == "delete":
+            return {"delete": {"element": {**obj, "elem": [e[0] for e in self.elems]}}}
+        elem = [[k, {v: {"target": c}}] for k, v, c in self.elems]
+        return {self.verb: {"element": {**obj, "elem": elem}}}
+
+
+Op = ElemOp | MapElemOp | QuotaOp
 
 
 def key_bytes(keytype: KeyType, value: str) -> bytes:
@@ -134,6 +170,47 @@ def _str(typ: int, s: str) -> bytes:
     return _attr(typ, s.encode() + b"\0")
 
 
+def _verdict_data(verdict: str, chain: str) -> bytes:
+    """SET_ELEM_DATA{ DATA_VERDICT{ VERDICT_CODE<be32>, VERDICT_CHAIN<name NUL> } }."""
+    code = _VERDICT_CODE.get(verdict)
+    if code is None:
+        raise ValueError(f"map element verdict {verdict!r}: not one of goto, jump")
+    if not isinstance(chain, str) or not chain or "\0" in chain:
+        raise ValueError(f"map element chain {chain!r}: a non-empty name without NUL")
+    raw = chain.encode()
+    if len(raw) >= NFT_CHAIN_MAXNAMELEN:
+        raise ValueError(f"map element chain {chain[:32]!r}...: longer than {NFT_CHAIN_MAXNAMELEN - 1} bytes")
+    v = _attr(NFTA_VERDICT_CODE, struct.pack("!i", code)) + _attr(NFTA_VERDICT_CHAIN, raw + b"\0")
+    return _attr(NFTA_SET_ELEM_DATA | NLA_F_NESTED, _attr(NFTA_DATA_VERDICT | NLA_F_NESTED, v))
+
+
+def _map_lists(op: MapElemOp) -> Iterable[bytes]:
+    """The element lists' payloads: elements of variable length (the chain name), as many per list as
+    fit one attribute (MAX_LIST_PAYLOAD bytes, MAX_ELEMS_PER_MSG elements)."""
+    prefix = _elem_prefix(op.keytype)[4:]  # KEY{ DATA_VALUE } headers; LIST_ELEM's length varies
+    datas: dict[tuple[str, str], bytes] = {}  # most elements share a few chains
+    parts: list[bytes] = []
+    size = 0
+    for e in op.elems:
+        if not isinstance(e, tuple | list) or len(e) != 3:
+            raise ValueError(f"map {op.name} element {e!r}: not a (key, verdict, chain) triple")
+        key, verdict, chain = e
+        body = prefix + key_bytes(op.keytype, key)
+        if op.verb == "add":
+            data = datas.get((verdict, chain))
+            if data is None:
+                data = datas[(verdict, chain)] = _verdict_data(verdict, chain)
+            body += data
+        elem = struct.pack("=HH", 4 + len(body), NFTA_LIST_ELEM | NLA_F_NESTED) + body
+        if parts and (size + len(elem) > MAX_LIST_PAYLOAD or len(parts) >= MAX_ELEMS_PER_MSG):
+            yield b"".join(parts)
+            parts, size = [], 0
+        parts.append(elem)
+        size += len(elem)
+    if parts:
+        yield b"".join(parts)
+
+
 def _nfmsg(msg_type: int, flags: int, seq: int, family: int, res_id: int, body: bytes) -> bytes:
     hdr = struct.pack("=IHHII", 16 + 4 + len(body), msg_type, flags, seq, 0)
     return hdr + struct.pack("=BBH", family, 0, socket.htons(res_id)) + body
@@ -153,6 +230,20 @@ def _quota_body(op: QuotaOp, table: str) -> bytes:
     )
 
 
+def _map_msgs(op: MapElemOp, table: str) -> list[tuple[int, int, bytes]]:
+    if op.verb == "add":
+        typ, flags = NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE
+    elif op.verb == "delete":
+        typ, flags = NFT_MSG_DELSETELEM, NLM_F_REQUEST
+    else:
+        raise ValueError(f"map {op.name}: verb {op.verb!r} is not one of add, delete")
+    head = _str(NFTA_SET_ELEM_LIST_TABLE, table) + _str(NFTA_SET_ELEM_LIST_SET, op.name)
+    return [
+        (typ, flags, head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, payload))
+        for payload in _map_lists(op)
+    ]
+
+
 def encode(
     family: str, table: str, ops: Sequence[Op], seq0: int, *, ack_all: bool | None = None
 ) -> tuple[bytes, list[int]]:
@@ -164,6 +255,9 @@ def encode(
     for op in ops:
         if isinstance(op, QuotaOp):
             msgs.append((NFT_MSG_NEWOBJ, NLM_F_REQUEST | NLM_F_CREATE, _quota_body(op, table)))
+            continue
+        if isinstance(op, MapElemOp):
+            msgs.extend(_map_msgs(op, table))
             continue
         head = _str(NFTA_SET_ELEM_LIST_TABLE, table) + _str(NFTA_SET_ELEM_LIST_SET, op.name)
         if op.verb == "flush":  # DELSETELEM without an element list flushes the set
@@ -274,4 +368,14 @@ def load_ops(name: str, keytype: KeyType, elements: Sequence[str], *, replace: b
     return ops
 
 
-__all__ = ["BatchError", "ElemOp", "ElemSocket", "Op", "QuotaOp", "encode", "key_bytes", "load_ops"]
+__all__ = [
+    "BatchError",
+    "ElemOp",
+    "ElemSocket",
+    "MapElemOp",
+    "Op",
+    "QuotaOp",
+    "encode",
+    "key_bytes",
+    "load_ops",
+]

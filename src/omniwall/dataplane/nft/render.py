@@ -36,6 +36,7 @@ from typing import Any
 
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch, SetUpdate
 from omniwall.dataplane.nft import blob
+from omniwall.dataplane.nft.identity import IndexPlan
 from omniwall.dataplane.nft.names import (
     FAMILY,
     FWD_CHAIN,
@@ -54,6 +55,16 @@ from omniwall.dataplane.nft.names import (
     port_set,
     raw_chain,
     vnic_chain,
+)
+from omniwall.dataplane.nft.render_index import (
+    IndexObjects,
+    diff_index,
+    hop_chains,
+    hop_signature,
+    index_chain,
+    index_objects,
+    plan_of,
+    render_index_full,
 )
 
 Json = dict[str, Any]
@@ -414,8 +425,32 @@ def _antispoof(vnic: IRVnic) -> list[Json]:
     return out
 
 
+def hop_segments(state: HostDesiredState) -> dict[tuple[str, str], tuple[list[IRRule], list[list[IRRule]]]]:
+    """Every hop's rules and their category segments."""
+    rmap = state.rule_map()
+    out = {}
+    for v in state.vnics:
+        for d in DIRECTIONS:
+            rules = _hop_rules(v, d, rmap)
+            out[(v.ifname, d)] = (rules, segments(rules))
+    return out
+
+
+def index_plan(state: HostDesiredState) -> IndexPlan:
+    return plan_of(state, hop_segments)
+
+
+def index_objects_of(state: HostDesiredState, log_group: int) -> IndexObjects:
+    return index_objects(state, index_plan(state), render_rule, render_default, log_group)
+
+
 def render_vnic_chains(
-    vnic: IRVnic, rmap: Mapping[int, IRRule], shapes: Shapes, log_group: int = DEFAULT_LOG_GROUP
+    vnic: IRVnic,
+    rmap: Mapping[int, IRRule],
+    shapes: Shapes,
+    log_group: int = DEFAULT_LOG_GROUP,
+    plan: IndexPlan | None = None,
+    ingress_dispatch: bool = False,
 ) -> dict[str, list[Json]]:
     """Every chain of one vNIC, name -> rules (each {"expr", "comment"}), in a stable order.
 
@@ -434,11 +469,18 @@ def render_vnic_chains(
             fam: [vnic_chain(direction, vnic.ifname, f"{k}v{fam}") for k in range(max(1, len(segs)))]
             for fam in (4, 6)
         }
+        hp = plan.hops.get((vnic.ifname, direction)) if plan is not None else None
+        first = {
+            fam: index_chain(direction, vnic.ifname, fam) if hp and fam in hp.families else names[0]
+            for fam, names in fam_chains.items()
+        }
         # the forward hook of an inet table sees IPv4 and IPv6 only: not IPv4 is IPv6
         chains[entry] = [
-            _rule([_match(_meta("nfproto"), "ipv4"), {"goto": {"target": fam_chains[4][0]}}], "v4"),
-            _rule([{"goto": {"target": fam_chains[6][0]}}], "v6"),
+            _rule([_match(_meta("nfproto"), "ipv4"), {"goto": {"target": first[4]}}], "v4"),
+            _rule([{"goto": {"target": first[6]}}], "v6"),
         ]
+        if hp is not None:
+            chains.update(hop_chains(hp, render_rule, shapes, log_group))
         for fam, names in fam_chains.items():
             for k, name in enumerate(names):
                 nxt = names[k + 1] if k + 1 < len(names) else tail
@@ -448,12 +490,15 @@ def render_vnic_chains(
                 body.append(_rule([{"goto": {"target": nxt}}], "next"))
                 chains[name] = body
         chains[tail] = render_default(vnic, log_group)
-        # raw: anti-spoofing (egress) and notrack for stateless rules
+        # raw: anti-spoofing (egress) and notrack for stateless rules; re_<if> is entered by goto (one
+        # lookup per packet), so it ends with the ingress dispatch when the host has stateless ingress
         raw: list[Json] = _antispoof(vnic) if direction == "egress" else []
         for r in rules:
             if not r.stateful:
                 for _proto, match in rule_matches(r, shapes):
                     raw.append(_rule([*match, {"notrack": None}, {"return": None}], f"nt:{r.id}"))
+        if direction == "egress" and ingress_dispatch:
+            raw += raw_ingress_dispatch()
         chains[raw_chain(direction, vnic.ifname)] = raw
     return chains
 
@@ -476,7 +521,7 @@ def vnic_map_elements(vnic: IRVnic) -> dict[str, list[Any]]:
     return {
         MAP_EGRESS: [[vnic.ifname, _jump(vnic_chain("egress", vnic.ifname))]],
         MAP_INGRESS: [[vnic.ifname, _jump(vnic_chain("ingress", vnic.ifname))]],
-        MAP_RAW_EGRESS: [[vnic.ifname, _jump(raw_chain("egress", vnic.ifname))]],
+        MAP_RAW_EGRESS: [[vnic.ifname, {"goto": {"target": raw_chain("egress", vnic.ifname)}}]],
         MAP_RAW_INGRESS4: [[a, _jump(ri)] for a in sorted(v4)],
         MAP_RAW_INGRESS6: [[a, _jump(ri)] for a in sorted(v6)],
     }
@@ -505,6 +550,19 @@ def render_bookkeeping(state: HostDesiredState, *, structure: bool = True) -> li
     return cmds
 
 
+def stateless_ingress(state: HostDesiredState) -> bool:
+    """Does some vNIC have a stateless ingress rule (then raw dispatches on destination addresses)?"""
+    rmap = state.rule_map()
+    return any(not rmap[i].stateful for v in state.vnics for i in v.ingress if i in rmap)
+
+
+def raw_ingress_dispatch() -> list[Json]:
+    return [
+        _rule([{"vmap": {"key": _payload("ip", "daddr"), "data": f"@{MAP_RAW_INGRESS4}"}}], "dispatch"),
+        _rule([{"vmap": {"key": _payload("ip6", "daddr"), "data": f"@{MAP_RAW_INGRESS6}"}}], "dispatch"),
+    ]
+
+
 def unknown_rules(key: str, prefixes: Sequence[str]) -> list[Json]:
     """`<key> "<prefix>*" <key> != @known_if counter drop`, one rule per workload prefix."""
     unknown = _match(_meta(key), f"@{KNOWN_IF}", "!=")
@@ -520,7 +578,12 @@ def render_table(
     """The whole table, replacing whatever exists, as one transaction (`add; delete; add table`).
     `prefixes`: workload-interface name prefixes; unknown interfaces matching one are dropped."""
     rmap, shapes = state.rule_map(), shapes_of(state)
-    vnic_chains = {v.ifname: render_vnic_chains(v, rmap, shapes, log_group) for v in state.vnics}
+    plan = index_plan(state)
+    dispatch = stateless_ingress(state)
+    vnic_chains = {
+        v.ifname: render_vnic_chains(v, rmap, shapes, log_group, plan, dispatch) for v in state.vnics
+    }
+    index_decl, index_elems = render_index_full(index_objects_of(state, log_group))
     cmds: list[Json] = [
         {"add": {"table": {"family": FAMILY, "name": TABLE}}},
         {"delete": {"table": {"family": FAMILY, "name": TABLE}}},
@@ -541,11 +604,13 @@ def render_table(
         cmds += render_set(s)
     for name, ranges in port_sets(state).items():
         cmds += render_port_set(name, ranges)
+    cmds += index_decl
     for chains in vnic_chains.values():
         cmds += [_chain_decl(name) for name in chains]
     for chains in vnic_chains.values():
         for name, rules in chains.items():
             cmds += _add_rules(name, rules)
+    cmds += index_elems
     maps: dict[str, list[Any]] = {}
     seen_keys: dict[str, set[str]] = {}
     for v in state.vnics:
@@ -556,15 +621,18 @@ def render_table(
                     maps.setdefault(name, []).append(e)
     for name, elems in maps.items():
         cmds += _elements("add", name, elems)
+    # every packet passes here: a vNIC's goes to its re_<if> (goto: one lookup, no return), so the
+    # unknown-interface drop that follows needs no set lookup; the destination dispatch (notrack of
+    # stateless ingress rules) exists only when some rule needs it
     cmds += _add_rules(
         RAW_CHAIN,
         [
-            *unknown_rules("iifname", prefixes),
             _rule([{"vmap": {"key": _meta("iifname"), "data": f"@{MAP_RAW_EGRESS}"}}], "dispatch"),
-            _rule([{"vmap": {"key": _payload("ip", "daddr"), "data": f"@{MAP_RAW_INGRESS4}"}}], "dispatch"),
-            _rule([{"vmap": {"key": _payload("ip6", "daddr"), "data": f"@{MAP_RAW_INGRESS6}"}}], "dispatch"),
+            *[_rule([_match(_meta("iifname"), f"{p}*"), _counter(), {"drop": None}], f"unknown:{p}")
+              for p in prefixes],
+            *(raw_ingress_dispatch() if dispatch else []),
         ],
-    )
+    )  # fmt: skip
     cmds += _add_rules(
         FWD_CHAIN,
         [
@@ -606,6 +674,10 @@ def _touched_vnics(old: HostDesiredState, new: HostDesiredState) -> list[IRVnic]
 
 def structure_changed(old: HostDesiredState, new: HostDesiredState) -> bool:
     return not blob.same_structure(old, new)
+
+
+class RawLayoutChanged(ValueError):
+    """render_delta cannot express the change: the caller renders the whole table instead."""
 
 
 def render_delta(
@@ -665,17 +737,34 @@ def render_delta(
             cmds += render_port_set(name, ranges)
     late_deletes += [{"delete": {"set": {**T, "name": n}}} for n in old_ports if n not in new_ports]
 
-    # 2. vNICs
+    # 2. vNICs (and the hop index: identities, their maps and chains, path chains)
     old_v = old.vnic_map()
     new_v = new.vnic_map()
     old_rmap, old_shapes = old.rule_map(), shapes_of(old)
     new_rmap, new_shapes = new.rule_map(), shapes_of(new)
+    old_plan, new_plan = index_plan(old), index_plan(new)
+    dispatch = stateless_ingress(new)
+    if dispatch != stateless_ingress(old):
+        raise RawLayoutChanged("the raw chain's destination dispatch appears or goes: render the table")
+    idiff = diff_index(index_objects_of(old, log_group), index_objects_of(new, log_group))
     touched = _touched_vnics(old, new)
+    seen = {v.ifname for v in touched}
+    touched += [
+        v
+        for v in new.vnics
+        if v.ifname not in seen
+        and v.ifname in old_v
+        and hop_signature(old_plan, v.ifname) != hop_signature(new_plan, v.ifname)
+    ]
     removed = [old_v[n] for n in sorted(old_v.keys() - new_v.keys())]
     old_chains: dict[str, dict[str, list[Json]]] = {}
     for v in [*removed, *(old_v[t.ifname] for t in touched if t.ifname in old_v)]:
-        old_chains[v.ifname] = render_vnic_chains(v, old_rmap, old_shapes, log_group)
-    new_chains = {v.ifname: render_vnic_chains(v, new_rmap, new_shapes, log_group) for v in touched}
+        old_chains[v.ifname] = render_vnic_chains(v, old_rmap, old_shapes, log_group, old_plan, dispatch)
+    new_chains = {
+        v.ifname: render_vnic_chains(v, new_rmap, new_shapes, log_group, new_plan, dispatch) for v in touched
+    }
+    cmds += idiff.early
+    cmds += idiff.create
 
     # map elements that go away (removed vNICs, changed addresses), before their chains are deleted
     for v in removed:
@@ -706,8 +795,10 @@ def render_delta(
             have = {e[0] for e in pe.get(name, [])}
             cmds += _elements("add", name, [e for e in elems if e[0] not in have])
     cmds += _elements("add", KNOWN_IF, [v.ifname for v in touched if v.ifname not in old_v])
+    cmds += idiff.late
 
-    # 3. sets nobody references any more, then bookkeeping
+    # 3. index objects and sets nobody references any more, then bookkeeping
+    cmds += idiff.cleanup
     cmds += late_deletes
     cmds += render_bookkeeping(new, structure=structure_changed(old, new))
     return cmds
@@ -716,9 +807,12 @@ def render_delta(
 __all__ = [
     "DEFAULT_LOG_GROUP",
     "DEFAULT_WORKLOAD_PREFIXES",
+    "RawLayoutChanged",
     "check_prefixes",
     "collapse_cidrs",
     "family_matches",
+    "hop_segments",
+    "index_plan",
     "kernel_set_names",
     "merge_ranges",
     "port_set_name",
@@ -737,6 +831,7 @@ __all__ = [
     "set_shape",
     "shapes_of",
     "split_families",
+    "stateless_ingress",
     "structure_changed",
     "unknown_rules",
 ]

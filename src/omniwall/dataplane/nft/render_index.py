@@ -1,0 +1,328 @@
+"""PURE: the hop index (identity.py) as nftables objects, for a full table and as a difference.
+
+Per indexed hop and family, chain `<hop>_x4`/`_x6` (entered from the hop's entry chain instead of the
+linear `<hop>_0v4`): TCP/UDP to/from one of the vNIC's own addresses looks the remote address up in the
+ipcache (goto the identity chain), anything else goes to the linear chains. An identity chain looks up
+`ifname . l4proto . dport` in its map (goto a path chain); an identity the hop never names goes to the
+hop's any-remote chains `<hop>_a0`, `<hop>_a1`, ... (the rules that match every remote address, in their
+category segments, ending in the hop's default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from omniwall.compiler.ir import HostDesiredState, IRRule, IRVnic
+from omniwall.dataplane.nft.identity import (
+    INDEXED_PROTOS,
+    HopPlan,
+    IndexPlan,
+    Key,
+    Path,
+    identity_tag,
+    plan_index,
+)
+from omniwall.dataplane.nft.names import (
+    FAMILY,
+    IPCACHE,
+    MAP_ANY,
+    TABLE,
+    identity_chain,
+    identity_map,
+    path_chain,
+    vnic_chain,
+)
+
+Json = dict[str, Any]
+T: Json = {"family": FAMILY, "table": TABLE}
+DIRECTIONS = ("egress", "ingress")
+_IFKEY = {"egress": "iifname", "ingress": "oifname"}
+
+
+def _meta(key: str) -> Json:
+    return {"meta": {"key": key}}
+
+
+def _payload(proto: str, fld: str) -> Json:
+    return {"payload": {"protocol": proto, "field": fld}}
+
+
+def _goto(target: str) -> Json:
+    return {"goto": {"target": target}}
+
+
+def _rule(exprs: list[Json], comment: str) -> Json:
+    return {"expr": exprs, "comment": comment}
+
+
+def linear_chain(direction: str, ifname: str, fam: int) -> str:
+    return vnic_chain(direction, ifname, f"0v{fam}")
+
+
+def index_chain(direction: str, ifname: str, fam: int) -> str:
+    return vnic_chain(direction, ifname, f"x{fam}")
+
+
+def any_chain(direction: str, ifname: str, k: int) -> str:
+    return vnic_chain(direction, ifname, f"a{k}")
+
+
+# --------------------------------------------------------------------------------- per-vNIC chains
+
+
+def hop_chains(plan: HopPlan, render_rule: Any, shapes: Any, log_group: int) -> dict[str, list[Json]]:
+    """The index chains of one hop: `<hop>_x<fam>` per indexed family, and the any-remote segments.
+    `render_rule(rule, next_chain, shapes, log_group)` is render.render_rule (passed in: no cycle)."""
+    v, d = plan.vnic, plan.direction
+    chains: dict[str, list[Json]] = {}
+    local_field, remote_field = ("saddr", "daddr") if d == "egress" else ("daddr", "saddr")
+    for fam in plan.families:
+        ip = "ip" if fam == 4 else "ip6"
+        own = sorted(a for a in v.addresses if (":" in a) == (fam == 6))
+        lin = linear_chain(d, v.ifname, fam)
+        chains[index_chain(d, v.ifname, fam)] = [
+            _rule([{"match": {"op": "!=", "left": _payload(ip, local_field), "right": {"set": own}}},
+                   _goto(lin)], "foreign"),
+            _rule([{"match": {"op": "!=", "left": _meta("l4proto"), "right": {"set": list(INDEXED_PROTOS)}}},
+                   _goto(lin)], "other"),
+            _rule([{"vmap": {"key": _payload(ip, remote_field), "data": f"@{IPCACHE[(d, fam, False)]}"}}],
+                  "ipcache"),
+            _rule([{"vmap": {"key": _payload(ip, remote_field), "data": f"@{IPCACHE[(d, fam, True)]}"}}],
+                  "ipcache"),
+            _rule([_goto(any_chain(d, v.ifname, 0))], "any"),
+        ]  # fmt: skip
+    if plan.families:
+        segs = plan.any_segments
+        tail = vnic_chain(d, v.ifname, "d")
+        names = [any_chain(d, v.ifname, k) for k in range(max(1, len(segs)))]
+        for k, name in enumerate(names):
+            nxt = names[k + 1] if k + 1 < len(names) else tail
+            body: list[Json] = []
+            for h in segs[k] if segs else []:
+                body += render_rule(_bare(h.rule), nxt, shapes, log_group)
+            body.append(_rule([_goto(nxt)], "next"))
+            chains[name] = body
+    return chains
+
+
+def _bare(rule: IRRule) -> IRRule:
+    """The rule with both address sides gone (decided at compile time at this hop)."""
+    return replace(rule, src_set=None, dst_set=None)
+
+
+# ------------------------------------------------------------------------------------- host objects
+
+
+@dataclass
+class IndexObjects:
+    """Everything the index adds to the table beside the per-vNIC chains."""
+
+    maps: dict[str, Json] = field(default_factory=dict)  # name -> declaration body
+    chains: dict[str, list[Json]] = field(default_factory=dict)  # identity and path chains
+    elements: dict[str, dict[Any, str]] = field(default_factory=dict)  # map -> {key: goto target}
+
+
+def _map_decl(name: str, keytype: Any, interval: bool) -> Json:
+    body: Json = {**T, "name": name, "type": keytype, "map": "verdict"}
+    if interval:
+        body["flags"] = ["interval"]
+    return body
+
+
+def _path_rules(path: Path, vnic: IRVnic, rmap: Mapping[int, IRRule], render_rule: Any,
+                render_default: Any, log_group: int) -> list[Json]:  # fmt: skip
+    out: list[Json] = []
+    for kind, rid in path:
+        if kind == "pass":
+            out.append(_rule([{"counter": None}], str(rid)))
+        elif kind == "rule":
+            rule = replace(_bare(rmap[rid]), services=())
+            out += render_rule(rule, "", {}, log_group)
+        else:
+            out += render_default(vnic, log_group)
+    return out
+
+
+def _digest(rules: list[Json]) -> str:
+    return hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _int_to_addr(fam: int, value: int) -> str:
+    import ipaddress
+
+    return str(ipaddress.IPv4Address(value) if fam == 4 else ipaddress.IPv6Address(value))
+
+
+def index_objects(
+    state: HostDesiredState, plan: IndexPlan, render_rule: Any, render_default: Any, log_group: int
+) -> IndexObjects:
+    out = IndexObjects()
+    for (_d, fam, nets), name in IPCACHE.items():
+        keytype = "ipv4_addr" if fam == 4 else "ipv6_addr"
+        out.maps[name] = _map_decl(name, keytype, nets)
+        out.elements[name] = {}
+    for d in DIRECTIONS:
+        out.maps[MAP_ANY[d]] = _map_decl(MAP_ANY[d], "ifname", False)
+        out.elements[MAP_ANY[d]] = {}
+    rmap = state.rule_map()
+    used: dict[str, set[Key]] = {d: set() for d in DIRECTIONS}
+    path_names: dict[tuple[Path, str, str], str] = {}  # (path, ifname, direction) -> chain
+    for (ifname, d), hp in sorted(plan.hops.items()):
+        out.elements[MAP_ANY[d]][ifname] = any_chain(d, ifname, 0)
+        for key, rows in hp.entries.items():
+            used[d].add(key)
+            mname = identity_map(d, identity_tag(key))
+            elems = out.elements.setdefault(mname, {})
+            for proto, lo, hi, path in rows:
+                pk = (path, ifname, d)
+                chain = path_names.get(pk)
+                if chain is None:
+                    rules = _path_rules(path, hp.vnic, rmap, render_rule, render_default, log_group)
+                    chain = path_chain(_digest(rules))
+                    out.chains.setdefault(chain, rules)
+                    path_names[pk] = chain
+                elems[(ifname, proto, lo, hi)] = chain
+    for d in DIRECTIONS:
+        ifkey = _meta(_IFKEY[d])
+        for key in sorted(used[d], key=identity_tag):
+            tag = identity_tag(key)
+            mname = identity_map(d, tag)
+            out.maps[mname] = _map_decl(mname, ["ifname", "inet_proto", "inet_service"], True)
+            concat = {"concat": [ifkey, _meta("l4proto"), _payload("th", "dport")]}
+            out.chains[identity_chain(d, tag)] = [
+                _rule([{"vmap": {"key": concat, "data": f"@{mname}"}}], "index"),
+                _rule([{"vmap": {"key": ifkey, "data": f"@{MAP_ANY[d]}"}}], "any"),
+                _rule([{"counter": None}, {"drop": None}], "unindexed"),  # never reached: fail closed
+            ]
+        ids = plan.identities
+        for addr, key in ids.exact.items():
+            if key in used[d]:
+                fam = 6 if ":" in addr else 4
+                out.elements[IPCACHE[(d, fam, False)]][addr] = identity_chain(d, identity_tag(key))
+        for fam, ranges in ids.nets.items():
+            for lo, hi, key in ranges:
+                if key in used[d]:
+                    rk = (_int_to_addr(fam, lo), _int_to_addr(fam, hi))
+                    out.elements[IPCACHE[(d, fam, True)]][rk] = identity_chain(d, identity_tag(key))
+    return out
+
+
+def element_json(key: Any) -> Any:
+    """A map key as libnftables JSON: an address, an ifname, an address range or an index tuple."""
+    if isinstance(key, tuple) and len(key) == 2:
+        return {"range": list(key)}
+    if isinstance(key, tuple):
+        ifname, proto, lo, hi = key
+        return {"concat": [ifname, proto, lo if lo == hi else {"range": [lo, hi]}]}
+    return key
+
+
+def render_index_full(objs: IndexObjects) -> tuple[list[Json], list[Json]]:
+    """(declarations and chains, elements): chains must exist before elements point at them, and the
+    per-vNIC chains (targets of MAP_ANY) are declared between the two by the caller."""
+    # chains before maps: libnftables 1.0.6 fails (ENOENT) on an interval map declared before the chain
+    # its element's verdict names, within one batch
+    decl: list[Json] = [{"add": {"chain": {**T, "name": n}}} for n in objs.chains]
+    decl += [{"add": {"map": body}} for body in objs.maps.values()]
+    for n, rules in objs.chains.items():
+        decl += [{"add": {"rule": {**T, "chain": n, **r}}} for r in rules]
+    elems: list[Json] = []
+    for name, kv in objs.elements.items():
+        if kv:
+            items = [[element_json(k), _goto(v)] for k, v in sorted(kv.items(), key=lambda x: str(x[0]))]
+            elems.append({"add": {"element": {**T, "name": name, "elem": items}}})
+    return decl, elems
+
+
+@dataclass
+class IndexDiff:
+    early: list[Json]  # element deletes (before chains they point at go away)
+    create: list[Json]  # new maps, new chains and their rules
+    late: list[Json]  # element adds (after every chain they point at exists)
+    cleanup: list[Json]  # obsolete chains flushed and deleted, then obsolete maps
+
+
+def diff_index(old: IndexObjects, new: IndexObjects) -> IndexDiff:
+    early: list[Json] = []
+    late: list[Json] = []
+    for name in sorted(old.elements.keys() | new.elements.keys()):
+        o, n = old.elements.get(name, {}), new.elements.get(name, {})
+        gone = [k for k, v in o.items() if n.get(k) != v]
+        added = [(k, v) for k, v in n.items() if o.get(k) != v]
+        if gone and name in new.maps:  # a map that goes away takes its elements with it
+            elem = [element_json(k) for k in gone]
+            early.append({"delete": {"element": {**T, "name": name, "elem": elem}}})
+        if added:
+            items = [[element_json(k), _goto(v)] for k, v in added]
+            late.append({"add": {"element": {**T, "name": name, "elem": items}}})
+    fresh = [c for c in new.chains if c not in old.chains]
+    create: list[Json] = [{"add": {"chain": {**T, "name": c}}} for c in fresh]  # before maps: see above
+    create += [{"add": {"map": b}} for m, b in new.maps.items() if m not in old.maps]
+    for c in fresh:
+        create += [{"add": {"rule": {**T, "chain": c, **r}}} for r in new.chains[c]]
+    stale = [c for c in old.chains if c not in new.chains]
+    # rules referencing stale maps go first, then the maps (and the references their elements hold),
+    # then the chains nothing points at any more
+    cleanup: list[Json] = [{"flush": {"chain": {**T, "name": c}}} for c in stale]
+    cleanup += [{"delete": {"map": {**T, "name": m}}} for m in old.maps if m not in new.maps]
+    cleanup += [{"delete": {"chain": {**T, "name": c}}} for c in stale]
+    return IndexDiff(early, create, late, cleanup)
+
+
+# ------------------------------------------------------------------------------------------- plans
+
+_PLAN_CACHE: list[tuple[HostDesiredState, IndexPlan]] = []
+
+
+def plan_of(state: HostDesiredState, segments_of: Any) -> IndexPlan:
+    """The state's index plan, cached for the last few states (render_delta asks for old and new)."""
+    for st, plan in _PLAN_CACHE:
+        if st is state:
+            return plan
+    plan = plan_index(state, segments_of(state))
+    _PLAN_CACHE.append((state, plan))
+    del _PLAN_CACHE[:-4]
+    return plan
+
+
+def carry_plan(old: HostDesiredState, new: HostDesiredState) -> IndexPlan:
+    """Hand `old`'s cached plan over to `new` (same rules and vNICs, members moved by the caller)."""
+    for k, (st, plan) in enumerate(_PLAN_CACHE):
+        if st is old:
+            _PLAN_CACHE[k] = (new, plan)
+            return plan
+    raise KeyError("carry_plan: no cached index plan for the old state")
+
+
+def hop_signature(plan: IndexPlan, ifname: str) -> tuple[Any, ...]:
+    """What the per-vNIC index chains of `ifname` depend on (a change: re-render the vNIC)."""
+    out: list[Any] = []
+    for d in DIRECTIONS:
+        hp = plan.hops.get((ifname, d))
+        if hp is None:
+            out.append(None)
+            continue
+        segs: Sequence[Sequence[Any]] = hp.any_segments
+        out.append((hp.families, tuple(tuple(h.rule.id for h in s) for s in segs)))
+    return tuple(out)
+
+
+__all__ = [
+    "IndexDiff",
+    "IndexObjects",
+    "any_chain",
+    "carry_plan",
+    "diff_index",
+    "element_json",
+    "hop_chains",
+    "hop_signature",
+    "index_chain",
+    "index_objects",
+    "linear_chain",
+    "plan_of",
+    "render_index_full",
+]
