@@ -333,7 +333,8 @@ def test_full_table_is_consistent_and_atomic():
         "tapb": {"jump": {"target": "e_tapb"}},
     }
     fwd = [r["comment"] for r in t["chains"]["fwd"]]
-    assert fwd == ["established", "invalid", "unknown:ow", "dispatch", "dispatch"]  # established first
+    # established first; known vNICs go to their hops, unknown workload interfaces drop
+    assert fwd == ["established", "invalid", "dispatch", "dispatch", "unknown:ow"]
     # before conntrack: known vNICs go (goto) to their anti-spoofing chain, unknown ow* interfaces drop;
     # base_state has a stateless ingress rule, so destinations are dispatched too
     raw = [r["comment"] for r in t["chains"]["raw_pre"]]

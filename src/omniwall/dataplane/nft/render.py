@@ -520,7 +520,8 @@ def vnic_map_elements(vnic: IRVnic) -> dict[str, list[Any]]:
     ri = raw_chain("ingress", vnic.ifname)
     return {
         MAP_EGRESS: [[vnic.ifname, _jump(vnic_chain("egress", vnic.ifname))]],
-        MAP_INGRESS: [[vnic.ifname, _jump(vnic_chain("ingress", vnic.ifname))]],
+        # goto: the ingress hop is fwd's last word (its `return` = allow ends fwd at policy accept)
+        MAP_INGRESS: [[vnic.ifname, {"goto": {"target": vnic_chain("ingress", vnic.ifname)}}]],
         MAP_RAW_EGRESS: [[vnic.ifname, {"goto": {"target": raw_chain("egress", vnic.ifname)}}]],
         MAP_RAW_INGRESS4: [[a, _jump(ri)] for a in sorted(v4)],
         MAP_RAW_INGRESS6: [[a, _jump(ri)] for a in sorted(v6)],
@@ -564,10 +565,11 @@ def raw_ingress_dispatch() -> list[Json]:
 
 
 def unknown_rules(key: str, prefixes: Sequence[str]) -> list[Json]:
-    """`<key> "<prefix>*" <key> != @known_if counter drop`, one rule per workload prefix."""
-    unknown = _match(_meta(key), f"@{KNOWN_IF}", "!=")
-    drop = [unknown, _counter(), {"drop": None}]
-    return [_rule([_match(_meta(key), f"{p}*"), *drop], f"unknown:{p}") for p in prefixes]
+    """`<key> "<prefix>*" counter drop`, one rule per workload prefix: placed after the dispatch to the
+    known vNICs' chains (which they leave by goto), so only unknown workload interfaces reach it."""
+    return [
+        _rule([_match(_meta(key), f"{p}*"), _counter(), {"drop": None}], f"unknown:{p}") for p in prefixes
+    ]
 
 
 def render_table(
@@ -628,8 +630,7 @@ def render_table(
         RAW_CHAIN,
         [
             _rule([{"vmap": {"key": _meta("iifname"), "data": f"@{MAP_RAW_EGRESS}"}}], "dispatch"),
-            *[_rule([_match(_meta("iifname"), f"{p}*"), _counter(), {"drop": None}], f"unknown:{p}")
-              for p in prefixes],
+            *unknown_rules("iifname", prefixes),
             *(raw_ingress_dispatch() if dispatch else []),
         ],
     )  # fmt: skip
@@ -640,9 +641,9 @@ def render_table(
                   "established"),
             _rule([_match({"ct": {"key": "state"}}, ["invalid"], "in"), _counter(), {"drop": None}],
                   "invalid"),
-            *unknown_rules("oifname", prefixes),
             _rule([{"vmap": {"key": _meta("iifname"), "data": f"@{MAP_EGRESS}"}}], "dispatch"),
             _rule([{"vmap": {"key": _meta("oifname"), "data": f"@{MAP_INGRESS}"}}], "dispatch"),
+            *unknown_rules("oifname", prefixes),
         ],
     )  # fmt: skip
     cmds += render_bookkeeping(state)

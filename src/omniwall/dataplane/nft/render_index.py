@@ -84,8 +84,10 @@ def hop_chains(plan: HopPlan, render_rule: Any, shapes: Any, log_group: int) -> 
         ip = "ip" if fam == 4 else "ip6"
         own = sorted(a for a in v.addresses if (":" in a) == (fam == 6))
         lin = linear_chain(d, v.ifname, fam)
+        # one own address: a plain compare (no set lookup: every lookup is an indirect call)
+        mine: Any = own[0] if len(own) == 1 else {"set": own}
         chains[index_chain(d, v.ifname, fam)] = [
-            _rule([{"match": {"op": "!=", "left": _payload(ip, local_field), "right": {"set": own}}},
+            _rule([{"match": {"op": "!=", "left": _payload(ip, local_field), "right": mine}},
                    _goto(lin)], "foreign"),
             _rule([{"match": {"op": "!=", "left": _meta("l4proto"), "right": {"set": list(INDEXED_PROTOS)}}},
                    _goto(lin)], "other"),
