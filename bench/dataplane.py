@@ -12,7 +12,8 @@ the same run:
       host, the path's vNIC hop walking `--hop-rules` rules with the allowing rule last (bench/_rulesets.py);
   (c) naive: 10k rules, one per member address, in one linear chain (iptables without ipset);
   b@N (sweep): (b) with the path's hop walking N rules (the rule-walk cost curve).
-Arms are compared head to head in blocks, measured in rotating order round after round, median per arm:
+Arms are compared head to head in blocks, measured in rotating order round after round; a ratio is the
+median of the per-round ratios:
 floor = (a) vs (d) (table loaded/deleted around each measurement); main = (d), (b), (c) all loaded
 once and switched by the tables' `dormant` flag (unhooked: no cost, no reload between measurements);
 one sweep block per N = (d) vs b@N. A ratio to (a) outside the floor block is X/(d) * (d)/(a).
@@ -449,6 +450,11 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def paired(xs: list[float], base: list[float]) -> float:
+    """Median of the per-round ratios xs[r] / base[r]."""
+    return statistics.median(x / b for x, b in zip(xs, base, strict=True))
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -470,11 +476,12 @@ def _fmt(d: dict[str, float]) -> str:
 
 def report(blocks: list[Block], set_res: dict[str, Any] | None, delta: dict[str, Any] | None,
            env: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
-    """Ratios inside a block are of medians measured head to head; a ratio to (a) outside the floor
+    """A ratio inside a block is the median over rounds of the round's ratio (the two arms measured
+    one after the other: slow drift of the shared machine cancels); a ratio to (a) outside the floor
     block chains two of them: X/(a) = X/(d) [X's block] * (d)/(a) [floor block]."""
     floor = blocks[0]
     fa, fd = floor.arms
-    d_over_a_g, d_over_a_c = med(fd.gbps) / med(fa.gbps), med(fd.cps) / med(fa.cps)
+    d_over_a_g, d_over_a_c = paired(fd.gbps, fa.gbps), paired(fd.cps, fa.cps)
     rows = []
     for blk in blocks:
         d = next(x for x in blk.arms if x.name == "d")
@@ -484,13 +491,13 @@ def report(blocks: list[Block], set_res: dict[str, Any] | None, delta: dict[str,
                 continue
             g, c = med(x.gbps), med(x.cps)
             if blk is floor:
-                ga, ca = med(fa.gbps), med(fa.cps)
-                rg, rc, rd = g / ga, c / ca, c / dc
+                rg, rc, rd = paired(x.gbps, fa.gbps), paired(x.cps, fa.cps), paired(x.cps, d.cps)
             else:
-                rg, rc, rd = g / dg * d_over_a_g, c / dc * d_over_a_c, c / dc
+                x_d_g, x_d_c = paired(x.gbps, d.gbps), paired(x.cps, d.cps)
+                rg, rc, rd = x_d_g * d_over_a_g, x_d_c * d_over_a_c, x_d_c
             rows.append({
                 "arm": x.name, "label": x.label, "block": blk.name, "gbps": g, "gbps_ratio_a": rg,
-                "gbps_ratio_d": g / dg, "cps": c, "cps_ratio_a": rc, "cps_ratio_d": rd,
+                "gbps_ratio_d": paired(x.gbps, d.gbps), "cps": c, "cps_ratio_a": rc, "cps_ratio_d": rd,
                 "load_s": blk.load_s.get(x.name), "gbps_rounds": x.gbps, "cps_rounds": x.cps,
                 "block_d_gbps": dg, "block_d_cps": dc,
             })  # fmt: skip
@@ -556,7 +563,7 @@ def report(blocks: list[Block], set_res: dict[str, Any] | None, delta: dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--seconds", type=float, default=3.0, help="per iperf3 and per connection-rate run")
     p.add_argument("--concurrency", type=int, default=16, help="connects in flight")
     p.add_argument("--rules", type=int, default=10_000)
