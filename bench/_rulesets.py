@@ -4,11 +4,13 @@
   `rules` rules in total, address sets totalling `members` addresses, the path's vNIC plus synthetic
   vNICs (interfaces that do not exist: the dispatch maps are keyed by name, so their chains are loaded
   and cost memory but are never walked) carrying the rules that do not span the path.
-  The path's vNIC hop (egress on the source host, ingress on the destination host) walks `hop_rules`
+  The path's vNIC hop (egress on the source host, ingress on the destination host) holds `hop_rules`
   rules: `hop_rules - 1` that do not match the measured flow, cycling through the three ways a rule
   fails (source not in its set: one hash lookup; source in, destination not: two lookups; both in,
   wrong port: two lookups and two compares), and the allowing rule **last**, just before the default
-  drop. So every new connection pays the whole walk of its hop.
+  drop. A linear hop makes every new connection pay the whole walk; the hop index (nft/identity.py)
+  decides at render time that the first kind never matches at the egress hop (the local side) and
+  looks the rest up by the destination's identity and port.
 - (c) `linear_table` (table `owbench_c`): the naive model, iptables without ipset: one rule per member
   address (`ip saddr <member> ip daddr <dst> tcp dport 5201-5300 accept`), the source's own rule last, after
   `ct state established,related accept`.

@@ -9,9 +9,10 @@ the same run:
   (a) no firewall: no table (and so no conntrack) in either host namespace;
   (d) minimal stateful table: `ct state established,related accept; accept`;
   (b) Omniwall: `NftBackend.sync` of a `HostDesiredState` with 10k rules and sets of 100k members per
-      host, the path's vNIC hop walking `--hop-rules` rules with the allowing rule last (bench/_rulesets.py);
+      host, the path's vNIC hop holding `--hop-rules` rules with the allowing rule last (bench/_rulesets.py;
+      a linear walk would pay them all, the hop index does not);
   (c) naive: 10k rules, one per member address, in one linear chain (iptables without ipset);
-  b@N (sweep): (b) with the path's hop walking N rules (the rule-walk cost curve).
+  b@N (sweep): (b) with the path's hop holding N rules (flat with the hop index).
 Arms are compared head to head in blocks, measured in rotating order round after round; a ratio is the
 median of the per-round ratios:
 floor = (a) vs (d) (table loaded/deleted around each measurement); main = (d), (b), (c) all loaded
@@ -215,7 +216,7 @@ class Bench:
             "main",
             [
                 self.parked("d", "minimal stateful table", rs.TABLE_D, False),
-                self.parked("b", f"Omniwall, hop walks {a.hop_rules}", TABLE, True),
+                self.parked("b", f"Omniwall, {a.hop_rules} rules on the hop", TABLE, True),
                 self.parked("c", f"linear chain, {a.rules} rules", rs.TABLE_C, True),
             ],
         )
@@ -232,7 +233,7 @@ class Bench:
             f"sweep{hop}",
             [
                 self.parked("d", "minimal stateful table", rs.TABLE_D, False),
-                self.parked(f"b@{hop}", f"Omniwall, hop walks {hop}", TABLE, True),
+                self.parked(f"b@{hop}", f"Omniwall, {hop} rules on the hop", TABLE, True),
             ],
         )
         blk.load_s[f"b@{hop}"] = self.sync_omniwall(hop)
@@ -568,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16, help="connects in flight")
     p.add_argument("--rules", type=int, default=10_000)
     p.add_argument("--members", type=int, default=100_000)
-    p.add_argument("--hop-rules", type=int, default=100, help="rules the path's hop walks in arm (b)")
+    p.add_argument("--hop-rules", type=int, default=100, help="rules on the path's hop in arm (b)")
     p.add_argument("--sweep", default="10,1000,10000", help="extra b@N arms (comma list)")
     p.add_argument("--sweep-rounds", type=int, default=2)
     p.add_argument("--skip-sweep", action="store_true")

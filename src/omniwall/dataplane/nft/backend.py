@@ -30,7 +30,7 @@ from omniwall.compiler.ir import HostDelta, HostDesiredState, IRRule, IRVnic, ap
 from omniwall.dataplane.backend import Capabilities, ConnEntry, RuleCounters
 from omniwall.dataplane.conntrack import ConntrackTable
 from omniwall.dataplane.nft import blob
-from omniwall.dataplane.nft.identity import Move, identity_tag
+from omniwall.dataplane.nft.identity import IndexPlan, Move, identity_tag
 from omniwall.dataplane.nft.libnft import Nft, NftError
 from omniwall.dataplane.nft.names import (
     FAMILY,
@@ -248,9 +248,10 @@ class NftBackend:
             )
         fast = self._members_only(base, delta)
         if fast is not None:
-            new, ops, suspects, moves = fast
+            new, ops, suspects, (plan, moves) = fast
             self.nft.elements(FAMILY, TABLE, ops)  # one transaction: members, ipcache, revision
-            carry_plan(base, new).move(moves)
+            plan.move(moves)
+            carry_plan(base, new, plan)
             self._current = new
             if self.revoke_async and self.revoke and suspects:
                 self.last_revoked = []
@@ -275,7 +276,7 @@ class NftBackend:
 
     def _members_only(
         self, base: HostDesiredState, delta: HostDelta
-    ) -> tuple[HostDesiredState, list[Op], set[str], list[Move]] | None:
+    ) -> tuple[HostDesiredState, list[Op], set[str], tuple[IndexPlan, list[Move]]] | None:
         """For a delta that only adds/removes host addresses of existing sets: the new state (built in
         O(changed sets), not O(state) like apply_delta), the raw kernel batch, the addresses whose
         connections may now be refused, and the hop index's identity moves. None: not such a delta, or
@@ -322,12 +323,14 @@ class NftBackend:
         index_ops = self._ipcache_ops(base, delta)
         if index_ops is None:
             return None
-        moves, mops = index_ops
+        plan, moves, mops = index_ops
         ops += mops
         ops.append(QuotaOp(REV_OBJ, delta.to_revision))
-        return replace(base, revision=delta.to_revision, sets=tuple(sets)), ops, suspects, moves
+        return replace(base, revision=delta.to_revision, sets=tuple(sets)), ops, suspects, (plan, moves)
 
-    def _ipcache_ops(self, base: HostDesiredState, delta: HostDelta) -> tuple[list[Move], list[Op]] | None:
+    def _ipcache_ops(
+        self, base: HostDesiredState, delta: HostDelta
+    ) -> tuple[IndexPlan, list[Move], list[Op]] | None:
         """The hop index's side of a members-only delta: ipcache entries re-pointed to the addresses'
         new identities. None: the delta needs the general path (see `_members_only`)."""
         changes: dict[str, tuple[set[str], set[str]]] = {}
@@ -359,7 +362,7 @@ class NftBackend:
                     ops.append(MapElemOp("delete", name, keytype, ((m.address, "goto", was),)))
                 if now is not None:
                     ops.append(MapElemOp("add", name, keytype, ((m.address, "goto", now),)))
-        return moves, ops
+        return plan, moves, ops
 
     def _local_sets(self, state: HostDesiredState) -> dict[str, frozenset[str]]:
         """Own address of a vNIC -> the sets its hops' rules test on the local side (the hop index

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -278,26 +279,29 @@ def diff_index(old: IndexObjects, new: IndexObjects) -> IndexDiff:
 # ------------------------------------------------------------------------------------------- plans
 
 _PLAN_CACHE: list[tuple[HostDesiredState, IndexPlan]] = []
+_PLAN_LOCK = threading.Lock()  # backends of several namespaces may render in parallel threads
 
 
 def plan_of(state: HostDesiredState, segments_of: Any) -> IndexPlan:
     """The state's index plan, cached for the last few states (render_delta asks for old and new)."""
-    for st, plan in _PLAN_CACHE:
-        if st is state:
-            return plan
+    with _PLAN_LOCK:
+        for st, plan in _PLAN_CACHE:
+            if st is state:
+                return plan
     plan = plan_index(state, segments_of(state))
-    _PLAN_CACHE.append((state, plan))
-    del _PLAN_CACHE[:-4]
+    with _PLAN_LOCK:
+        _PLAN_CACHE.append((state, plan))
+        del _PLAN_CACHE[:-8]
     return plan
 
 
-def carry_plan(old: HostDesiredState, new: HostDesiredState) -> IndexPlan:
-    """Hand `old`'s cached plan over to `new` (same rules and vNICs, members moved by the caller)."""
-    for k, (st, plan) in enumerate(_PLAN_CACHE):
-        if st is old:
-            _PLAN_CACHE[k] = (new, plan)
-            return plan
-    raise KeyError("carry_plan: no cached index plan for the old state")
+def carry_plan(old: HostDesiredState, new: HostDesiredState, plan: IndexPlan) -> None:
+    """`plan` (old's, members moved in place by the caller) is now `new`'s; `old` loses its entry,
+    as the plan no longer describes it."""
+    with _PLAN_LOCK:
+        _PLAN_CACHE[:] = [(st, p) for st, p in _PLAN_CACHE if st is not old and p is not plan]
+        _PLAN_CACHE.append((new, plan))
+        del _PLAN_CACHE[:-8]
 
 
 def hop_signature(plan: IndexPlan, ifname: str) -> tuple[Any, ...]:
