@@ -214,28 +214,28 @@ def plan_hop(
 ) -> HopPlan:
     """Resolve the local side of every rule of one hop; `segs` are `rules` cut into category segments."""
     fams: list[int] = []
-    keep: dict[int, bool] = {}  # rule id -> local side always true (False: never; absent: undecided)
+    keep: dict[int, bool] | None = None  # rule id -> local side always true (False: never true)
     for fam in (4, 6):
         own = _own(vnic, fam)
         if not own:
             continue
-        ok = True
+        mine: dict[int, bool] | None = {}
         for r in rules:
             ls = local_side(r, direction)
-            if ls is None:
-                keep.setdefault(r.id, True)
-                continue
-            hits = [ls in mem.of(a) for a in own]
-            verdict = all(hits) if all(hits) or not any(hits) else None
-            if verdict is None or keep.get(r.id, verdict) != verdict:
-                ok = False  # partial, or differs between families: leave this family linear
+            hits = [True] if ls is None else [ls in mem.of(a) for a in own]
+            if any(hits) and not all(hits):  # true for some addresses only: this family stays linear
+                mine = None
                 break
-            keep[r.id] = verdict
-        if ok:
+            assert mine is not None
+            mine[r.id] = all(hits)
+        # both families share the index chains: they must agree on every rule
+        if mine is not None and (keep is None or keep == mine):
+            keep = mine
             fams.append(fam)
     if not fams:
         return HopPlan(vnic, direction, (), [])
     out_segs: list[list[HopRule]] = []
+    assert keep is not None
     for seg in segs:
         cur: list[HopRule] = []
         for r in seg:
