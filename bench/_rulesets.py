@@ -27,7 +27,7 @@ from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, Servic
 
 Json = dict[str, Any]
 BENCH_TABLE = "owbench"  # scratch table (the 1M-element set); Omniwall's own table is `inet omniwall`
-TABLE_D, TABLE_C = "owbench_d", "owbench_c"
+TABLE_D, TABLE_C, TABLE_M = "owbench_d", "owbench_c", "owbench_m"
 SYNTH_NET = ipaddress.ip_network("10.128.0.0/9")  # synthetic group members (never routed in the lab)
 SYNTH_VNIC_NET = ipaddress.ip_network("10.64.0.0/16")  # synthetic vNIC addresses
 RULES_PER_SYNTH_VNIC = 100
@@ -173,6 +173,41 @@ def _ip(field: str, addr: str) -> Json:
 def stateful_table(table: str) -> list[Json]:
     """Arm (d): conntrack and nothing else."""
     return [*_table_head(table), _ct_established(table), _rule(table, {"accept": None})]
+
+
+def _vmap(key: str, ifname: str, verb: str, chain: str) -> Json:
+    entry = [ifname, {verb: {"target": chain}}]
+    return {"vmap": {"key": {"meta": {"key": key}}, "data": {"set": [entry]}}}
+
+
+def minimal_enforcing_table(
+    table: str, ifname: str, own: str, direction: str, ports: tuple[int, ...]
+) -> list[Json]:
+    """Arm (m): the least any per-vNIC enforcing firewall with anti-spoofing does, hand-written: raw
+    prerouting sends the vNIC's packets (ifname map, goto) to a one-rule anti-spoofing chain; forward:
+    established accept, then the hop of the path's vNIC by ifname map, one rule allowing the bench ports
+    (counter, ct mark, return), else drop. What (b) adds beyond it is the cost of Omniwall's generality."""
+    t = {"family": "inet", "table": table}
+    hop_key, verb = ("iifname", "jump") if direction == "egress" else ("oifname", "goto")
+    local = "saddr" if direction == "egress" else "daddr"
+    spoofed = {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": own}}
+    port = {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+                      "right": {"set": list(ports)}}}  # fmt: skip
+    mark = {"mangle": {"key": {"ct": {"key": "mark"}}, "value": 1}}
+    allow = [_ip(local, own), port, {"counter": None}, mark, {"return": None}]
+    raw = {**t, "name": "raw", "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"}
+    return [
+        *_table_head(table),
+        {"add": {"chain": raw}},
+        {"add": {"chain": {**t, "name": "spoof"}}},
+        {"add": {"chain": {**t, "name": "hop"}}},
+        {"add": {"rule": {**t, "chain": "spoof", "expr": [spoofed, {"drop": None}]}}},
+        {"add": {"rule": {**t, "chain": "raw", "expr": [_vmap("iifname", ifname, "goto", "spoof")]}}},
+        _ct_established(table),
+        _rule(table, _vmap(hop_key, ifname, verb, "hop")),
+        {"add": {"rule": {**t, "chain": "hop", "expr": allow}}},
+        {"add": {"rule": {**t, "chain": "hop", "expr": [{"counter": None}, {"drop": None}]}}},
+    ]
 
 
 def _tcp_ports(ports: tuple[int, ...]) -> list[Json]:
