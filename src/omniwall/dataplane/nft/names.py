@@ -65,9 +65,11 @@ def identity_chain(direction: str, tag: str) -> str:
     return f"x{direction[0]}_{tag}"
 
 
-def identity_map(direction: str, tag: str) -> str:
-    """`ifname . l4proto . dport -> goto <path chain>` of one identity, over every hop that names it."""
-    return f"mx{direction[0]}_{tag}"
+def identity_map(direction: str, tag: str, kind: str) -> str:
+    """One identity's maps over every hop that names it, all `-> goto <path chain>`: kind "h" =
+    `ifname . l4proto . dport` for one-port intervals (hash), "r" = the same for wider intervals
+    (interval map), "f" = `ifname . l4proto` for the hop's most common path (hash)."""
+    return f"mx{kind}{direction[0]}_{tag}"
 
 
 def path_chain(digest: str) -> str:

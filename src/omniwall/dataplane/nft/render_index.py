@@ -178,9 +178,10 @@ def index_objects(
         out.elements[MAP_ANY[d]][ifname] = any_chain(d, ifname, 0)
         for key, rows in hp.entries.items():
             used[d].add(key)
-            mname = identity_map(d, identity_tag(key))
-            elems = out.elements.setdefault(mname, {})
-            for proto, lo, hi, path in rows:
+            tag = identity_tag(key)
+            maps = {k: out.elements.setdefault(identity_map(d, tag, k), {}) for k in MAP_KINDS}
+
+            def chain_of(path: Path, hp: HopPlan = hp, ifname: str = ifname, d: str = d) -> str:
                 pk = (path, ifname, d)
                 chain = path_names.get(pk)
                 if chain is None:
@@ -188,16 +189,34 @@ def index_objects(
                     chain = path_chain(_digest(rules))
                     out.chains.setdefault(chain, rules)
                     path_names[pk] = chain
-                elems[(ifname, proto, lo, hi)] = chain
+                return chain
+
+            for proto in INDEXED_PROTOS:
+                mine = [(lo, hi, path) for p, lo, hi, path in rows if p == proto]
+                fallback = _most_ports(mine)
+                maps["f"][("cat", ifname, proto)] = chain_of(fallback)
+                for lo, hi, path in mine:
+                    if path == fallback:
+                        continue  # the fallback map has it
+                    if lo == hi:
+                        maps["h"][("cat", ifname, proto, lo)] = chain_of(path)
+                    else:
+                        maps["r"][("cat", ifname, proto, (lo, hi))] = chain_of(path)
     for d in DIRECTIONS:
         ifkey = _meta(_IFKEY[d])
+        port_key = {"concat": [ifkey, _meta("l4proto"), _payload("th", "dport")]}
+        proto_key = {"concat": [ifkey, _meta("l4proto")]}
         for key in sorted(used[d], key=identity_tag):
             tag = identity_tag(key)
-            mname = identity_map(d, tag)
-            out.maps[mname] = _map_decl(mname, ["ifname", "inet_proto", "inet_service"], True)
-            concat = {"concat": [ifkey, _meta("l4proto"), _payload("th", "dport")]}
+            h, r, f = (identity_map(d, tag, k) for k in MAP_KINDS)
+            out.maps[h] = _map_decl(h, ["ifname", "inet_proto", "inet_service"], False)
+            out.maps[r] = _map_decl(r, ["ifname", "inet_proto", "inet_service"], True)
+            out.maps[f] = _map_decl(f, ["ifname", "inet_proto"], False)
+            # hash lookups first: an interval (pipapo) lookup costs in proportion to its entries
             out.chains[identity_chain(d, tag)] = [
-                _rule([{"vmap": {"key": concat, "data": f"@{mname}"}}], "index"),
+                _rule([{"vmap": {"key": port_key, "data": f"@{h}"}}], "port"),
+                _rule([{"vmap": {"key": port_key, "data": f"@{r}"}}], "ports"),
+                _rule([{"vmap": {"key": proto_key, "data": f"@{f}"}}], "other ports"),
                 _rule([{"vmap": {"key": ifkey, "data": f"@{MAP_ANY[d]}"}}], "any"),
                 _rule([{"counter": None}, {"drop": None}], "unindexed"),  # never reached: fail closed
             ]
@@ -209,19 +228,31 @@ def index_objects(
         for fam, ranges in ids.nets.items():
             for lo, hi, key in ranges:
                 if key in used[d]:
-                    rk = (_int_to_addr(fam, lo), _int_to_addr(fam, hi))
+                    rk = ("net", _int_to_addr(fam, lo), _int_to_addr(fam, hi))
                     out.elements[IPCACHE[(d, fam, True)]][rk] = identity_chain(d, identity_tag(key))
     return out
 
 
+MAP_KINDS = ("h", "r", "f")
+
+
+def _most_ports(rows: Sequence[tuple[int, int, Path]]) -> Path:
+    """The path covering most ports (ties: the first): it goes to the fallback map, so the exact and
+    interval maps only hold the exceptions."""
+    span: dict[Path, int] = {}
+    for lo, hi, path in rows:
+        span[path] = span.get(path, 0) + hi - lo + 1
+    return max(span, key=lambda p: span[p])
+
+
 def element_json(key: Any) -> Any:
-    """A map key as libnftables JSON: an address, an ifname, an address range or an index tuple."""
-    if isinstance(key, tuple) and len(key) == 2:
-        return {"range": list(key)}
-    if isinstance(key, tuple):
-        ifname, proto, lo, hi = key
-        return {"concat": [ifname, proto, lo if lo == hi else {"range": [lo, hi]}]}
-    return key
+    """A map key as libnftables JSON: an address or ifname (str), ("net", first, last), or
+    ("cat", part, ...) where a part (lo, hi) is a port range."""
+    if isinstance(key, str):
+        return key
+    if key[0] == "net":
+        return {"range": [key[1], key[2]]}
+    return {"concat": [{"range": list(p)} if isinstance(p, tuple) else p for p in key[1:]]}
 
 
 def render_index_full(objs: IndexObjects) -> tuple[list[Json], list[Json]]:
@@ -318,6 +349,7 @@ def hop_signature(plan: IndexPlan, ifname: str) -> tuple[Any, ...]:
 
 
 __all__ = [
+    "MAP_KINDS",
     "IndexDiff",
     "IndexObjects",
     "any_chain",
