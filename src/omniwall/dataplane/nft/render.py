@@ -36,6 +36,11 @@ from typing import Any
 
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch, SetUpdate
 from omniwall.dataplane.nft import blob
+from omniwall.dataplane.nft.expr import Json, T
+from omniwall.dataplane.nft.expr import match as _match
+from omniwall.dataplane.nft.expr import meta as _meta
+from omniwall.dataplane.nft.expr import payload as _payload
+from omniwall.dataplane.nft.expr import rule as _rule
 from omniwall.dataplane.nft.identity import IndexPlan
 from omniwall.dataplane.nft.names import (
     FAMILY,
@@ -67,8 +72,6 @@ from omniwall.dataplane.nft.render_index import (
     render_index_full,
 )
 
-Json = dict[str, Any]
-T: Json = {"family": FAMILY, "table": TABLE}
 DEFAULT_LOG_GROUP = 1
 DIRECTIONS = ("egress", "ingress")
 # host-side names of workload interfaces (the lab's derived ifnames are `ow<hash>`, model/resources.py)
@@ -92,18 +95,6 @@ def check_prefixes(prefixes: Sequence[str]) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------- expressions
-
-
-def _payload(proto: str, field: str) -> Json:
-    return {"payload": {"protocol": proto, "field": field}}
-
-
-def _meta(key: str) -> Json:
-    return {"meta": {"key": key}}
-
-
-def _match(left: Json, right: Any, op: str = "==") -> Json:
-    return {"match": {"op": op, "left": left, "right": right}}
 
 
 def _counter() -> Json:
@@ -330,10 +321,6 @@ def rule_matches(rule: IRRule, shapes: Shapes) -> list[tuple[str | None, list[Js
 
 
 # ------------------------------------------------------------------------------------------- chains
-
-
-def _rule(exprs: list[Json], comment: str) -> Json:
-    return {"expr": exprs, "comment": comment}
 
 
 def _reject_rules(match: list[Json], proto: str | None, pre: list[Json], comment: str) -> list[Json]:

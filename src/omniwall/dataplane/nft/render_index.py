@@ -18,6 +18,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRVnic
+from omniwall.dataplane.nft.expr import Json, T
+from omniwall.dataplane.nft.expr import goto as _goto
+from omniwall.dataplane.nft.expr import meta as _meta
+from omniwall.dataplane.nft.expr import payload as _payload
+from omniwall.dataplane.nft.expr import rule as _rule
 from omniwall.dataplane.nft.identity import (
     INDEXED_PROTOS,
     HopPlan,
@@ -28,36 +33,16 @@ from omniwall.dataplane.nft.identity import (
     plan_index,
 )
 from omniwall.dataplane.nft.names import (
-    FAMILY,
     IPCACHE,
     MAP_ANY,
-    TABLE,
     identity_chain,
     identity_map,
     path_chain,
     vnic_chain,
 )
 
-Json = dict[str, Any]
-T: Json = {"family": FAMILY, "table": TABLE}
 DIRECTIONS = ("egress", "ingress")
 _IFKEY = {"egress": "iifname", "ingress": "oifname"}
-
-
-def _meta(key: str) -> Json:
-    return {"meta": {"key": key}}
-
-
-def _payload(proto: str, fld: str) -> Json:
-    return {"payload": {"protocol": proto, "field": fld}}
-
-
-def _goto(target: str) -> Json:
-    return {"goto": {"target": target}}
-
-
-def _rule(exprs: list[Json], comment: str) -> Json:
-    return {"expr": exprs, "comment": comment}
 
 
 def linear_chain(direction: str, ifname: str, fam: int) -> str:
