@@ -30,7 +30,7 @@ from omniwall.compiler.ir import HostDelta, HostDesiredState, IRRule, IRVnic, ap
 from omniwall.dataplane.backend import Capabilities, ConnEntry, RuleCounters
 from omniwall.dataplane.conntrack import ConntrackTable
 from omniwall.dataplane.nft import blob
-from omniwall.dataplane.nft.identity import IndexPlan, Move, identity_tag
+from omniwall.dataplane.nft.identity import IndexPlan, Move, local_side
 from omniwall.dataplane.nft.libnft import Nft, NftError
 from omniwall.dataplane.nft.names import (
     FAMILY,
@@ -42,7 +42,6 @@ from omniwall.dataplane.nft.names import (
     STATE_CHAIN,
     TABLE,
     addr_set,
-    identity_chain,
 )
 from omniwall.dataplane.nft.nlbatch import ElemOp, KeyType, MapElemOp, Op, QuotaOp
 from omniwall.dataplane.nft.rejudge import Probe, judge_hop
@@ -56,7 +55,7 @@ from omniwall.dataplane.nft.render import (
     render_table,
     split_families,
 )
-from omniwall.dataplane.nft.render_index import carry_plan
+from omniwall.dataplane.nft.render_index import carry_plan, ipcache_target
 
 log = logging.getLogger(__name__)
 # member changes per delta sent as one raw element batch (any size fits one batch now: nlbatch.py grows
@@ -347,14 +346,12 @@ class NftBackend:
         moves = plan.member_moves(changes)
         if moves is None:
             return None
-        named = {d: plan.named(d) for d in ("egress", "ingress")}
         ops: list[Op] = []
         for m in moves:
             fam = 6 if ":" in m.address else 4
             keytype: KeyType = "ipv6_addr" if fam == 6 else "ipv4_addr"
-            for d, names in named.items():
-                was = identity_chain(d, identity_tag(m.old)) if m.old and plan.used(m.old, names) else None
-                now = identity_chain(d, identity_tag(m.new)) if m.new and plan.used(m.new, names) else None
+            for d in ("egress", "ingress"):
+                was, now = ipcache_target(plan, m.old, d), ipcache_target(plan, m.new, d)
                 if was == now:
                     continue
                 name = IPCACHE[(d, fam, False)]
@@ -371,11 +368,11 @@ class NftBackend:
             rmap = state.rule_map()
             out: dict[str, frozenset[str]] = {}
             for v in state.vnics:
-                names = {rmap[i].src_set for i in v.egress if i in rmap}
-                names |= {rmap[i].dst_set for i in v.ingress if i in rmap}
+                hops = (("egress", v.egress), ("ingress", v.ingress))
+                names = {local_side(rmap[i], d) for d, ids in hops for i in ids if i in rmap}
                 names.discard(None)
                 for a in v.addresses:
-                    out[a] = out.get(a, frozenset()) | frozenset(n for n in names if n)
+                    out[a] = out.get(a, frozenset()) | frozenset(names)
             self._own = (state.vnics, state.rules, out)
         return self._own[2]
 

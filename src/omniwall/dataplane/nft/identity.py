@@ -65,10 +65,9 @@ class SetMembership:
     resolution and identities."""
 
     def __init__(self, sets: Iterable[IRSet]) -> None:
-        self.sets = {s.name: s for s in sets}
         self.exact: dict[str, set[str]] = {}
         self.nets: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
-        for s in self.sets.values():
+        for s in sets:
             for a in s.addresses:
                 self.exact.setdefault(a, set()).add(s.name)
             for c in s.cidrs:
@@ -159,6 +158,17 @@ def build_identities(sets: Iterable[IRSet], relevant: frozenset[str]) -> Identit
 # ------------------------------------------------------------------------------------------- hop plans
 
 
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted disjoint ranges, overlapping and adjacent ones merged (nft refuses overlapping intervals)."""
+    out: list[list[int]] = []
+    for lo, hi in sorted((min(a, b), max(a, b)) for a, b in ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(a, b) for a, b in out]
+
+
 def port_ranges(services: tuple[ServiceMatch, ...], proto: str) -> list[tuple[int, int]] | None:
     """Destination port ranges of `proto` the services match: [(0, 65535)] for every port, None: none."""
     if not services or any(s.protocol == "any" for s in services):
@@ -168,13 +178,7 @@ def port_ranges(services: tuple[ServiceMatch, ...], proto: str) -> list[tuple[in
         return None
     if any(not s.ports for s in svcs):
         return [(0, PORT_MAX)]
-    out: list[list[int]] = []
-    for lo, hi in sorted((min(a, b), max(a, b)) for s in svcs for a, b in s.ports):
-        if out and lo <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [(a, b) for a, b in out]
+    return merge_ranges(r for s in svcs for r in s.ports)
 
 
 @dataclass(frozen=True)
@@ -340,9 +344,6 @@ class IndexPlan:
             if h.remote is not None
         )
 
-    def used(self, key: Key, named: frozenset[str]) -> bool:
-        return not key.isdisjoint(named)
-
     def member_moves(self, changes: Mapping[str, tuple[set[str], set[str]]]) -> list[Move] | None:
         """Host addresses joining/leaving sets (`address -> (sets joined, sets left)`, networks
         unchanged) as identity moves, when every new identity already has its chains and no old one is
@@ -431,6 +432,8 @@ __all__ = [
     "decide",
     "hop_entries",
     "identity_tag",
+    "local_side",
+    "merge_ranges",
     "plan_hop",
     "plan_index",
     "port_ranges",

@@ -230,14 +230,22 @@ def _quota_body(op: QuotaOp, table: str) -> bytes:
     )
 
 
+def _elem_msg(verb: str) -> tuple[int, int]:
+    """(message type, flags without ACK) of an element add or delete."""
+    if verb == "add":
+        return NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE
+    return NFT_MSG_DELSETELEM, NLM_F_REQUEST
+
+
+def _list_head(table: str, name: str) -> bytes:
+    return _str(NFTA_SET_ELEM_LIST_TABLE, table) + _str(NFTA_SET_ELEM_LIST_SET, name)
+
+
 def _map_msgs(op: MapElemOp, table: str) -> list[tuple[int, int, bytes]]:
-    if op.verb == "add":
-        typ, flags = NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE
-    elif op.verb == "delete":
-        typ, flags = NFT_MSG_DELSETELEM, NLM_F_REQUEST
-    else:
+    if op.verb not in ("add", "delete"):
         raise ValueError(f"map {op.name}: verb {op.verb!r} is not one of add, delete")
-    head = _str(NFTA_SET_ELEM_LIST_TABLE, table) + _str(NFTA_SET_ELEM_LIST_SET, op.name)
+    typ, flags = _elem_msg(op.verb)
+    head = _list_head(table, op.name)
     return [
         (typ, flags, head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, payload))
         for payload in _map_lists(op)
@@ -259,16 +267,13 @@ def encode(
         if isinstance(op, MapElemOp):
             msgs.extend(_map_msgs(op, table))
             continue
-        head = _str(NFTA_SET_ELEM_LIST_TABLE, table) + _str(NFTA_SET_ELEM_LIST_SET, op.name)
+        head = _list_head(table, op.name)
         if op.verb == "flush":  # DELSETELEM without an element list flushes the set
             msgs.append((NFT_MSG_DELSETELEM, NLM_F_REQUEST, head))
             continue
         if not op.sends:
             continue
-        if op.verb == "add":
-            typ, flags = NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE
-        else:
-            typ, flags = NFT_MSG_DELSETELEM, NLM_F_REQUEST
+        typ, flags = _elem_msg(op.verb)
         prefix, step = _elem_prefix(op.keytype), _chunk_size(op.keytype)
         elems = op.elems
         for i in range(0, len(elems), step):

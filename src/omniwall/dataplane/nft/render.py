@@ -41,7 +41,7 @@ from omniwall.dataplane.nft.expr import match as _match
 from omniwall.dataplane.nft.expr import meta as _meta
 from omniwall.dataplane.nft.expr import payload as _payload
 from omniwall.dataplane.nft.expr import rule as _rule
-from omniwall.dataplane.nft.identity import IndexPlan
+from omniwall.dataplane.nft.identity import IndexPlan, merge_ranges
 from omniwall.dataplane.nft.names import (
     FAMILY,
     FWD_CHAIN,
@@ -200,16 +200,6 @@ def _addr_parts(setname: str | None, fam: int, shapes: Shapes) -> list[str | Non
     if shapes[setname][0 if fam == 4 else 1]:
         parts.append(f"@{cidr_set(setname, fam)}")
     return parts
-
-
-def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for lo, hi in sorted((min(a, b), max(a, b)) for a, b in ranges):
-        if out and lo <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [(a, b) for a, b in out]
 
 
 def _port_elems(ranges: list[tuple[int, int]]) -> list[Any]:

@@ -11,6 +11,7 @@ category segments, ending in the hop's default).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRVnic
 from omniwall.dataplane.nft.expr import Json, T
 from omniwall.dataplane.nft.expr import goto as _goto
+from omniwall.dataplane.nft.expr import match as _match
 from omniwall.dataplane.nft.expr import meta as _meta
 from omniwall.dataplane.nft.expr import payload as _payload
 from omniwall.dataplane.nft.expr import rule as _rule
@@ -73,10 +75,8 @@ def hop_chains(plan: HopPlan, render_rule: Any, shapes: Any, log_group: int) -> 
         # one own address: a plain compare (no set lookup: every lookup is an indirect call)
         mine: Any = own[0] if len(own) == 1 else {"set": own}
         chains[index_chain(d, v.ifname, fam)] = [
-            _rule([{"match": {"op": "!=", "left": _payload(ip, local_field), "right": mine}},
-                   _goto(lin)], "foreign"),
-            _rule([{"match": {"op": "!=", "left": _meta("l4proto"), "right": {"set": list(INDEXED_PROTOS)}}},
-                   _goto(lin)], "other"),
+            _rule([_match(_payload(ip, local_field), mine, "!="), _goto(lin)], "foreign"),
+            _rule([_match(_meta("l4proto"), {"set": list(INDEXED_PROTOS)}, "!="), _goto(lin)], "other"),
             _rule([{"vmap": {"key": _payload(ip, remote_field), "data": f"@{IPCACHE[(d, fam, False)]}"}}],
                   "ipcache"),
             _rule([{"vmap": {"key": _payload(ip, remote_field), "data": f"@{IPCACHE[(d, fam, True)]}"}}],
@@ -140,8 +140,6 @@ def _digest(rules: list[Json]) -> str:
 
 
 def _int_to_addr(fam: int, value: int) -> str:
-    import ipaddress
-
     return str(ipaddress.IPv4Address(value) if fam == 4 else ipaddress.IPv6Address(value))
 
 
@@ -207,15 +205,23 @@ def index_objects(
             ]
         ids = plan.identities
         for addr, key in ids.exact.items():
-            if key in used[d]:
+            if (chain := ipcache_target(plan, key, d)) is not None:
                 fam = 6 if ":" in addr else 4
-                out.elements[IPCACHE[(d, fam, False)]][addr] = identity_chain(d, identity_tag(key))
+                out.elements[IPCACHE[(d, fam, False)]][addr] = chain
         for fam, ranges in ids.nets.items():
             for lo, hi, key in ranges:
-                if key in used[d]:
+                if (chain := ipcache_target(plan, key, d)) is not None:
                     rk = ("net", _int_to_addr(fam, lo), _int_to_addr(fam, hi))
-                    out.elements[IPCACHE[(d, fam, True)]][rk] = identity_chain(d, identity_tag(key))
+                    out.elements[IPCACHE[(d, fam, True)]][rk] = chain
     return out
+
+
+def ipcache_target(plan: IndexPlan, key: Key | None, direction: str) -> str | None:
+    """The identity chain `direction`'s ipcache sends an address of identity `key` to; None: no entry
+    (no hop of that direction names one of its sets, so it has no chain there)."""
+    if key is None or key.isdisjoint(plan.named(direction)):
+        return None
+    return identity_chain(direction, identity_tag(key))
 
 
 MAP_KINDS = ("h", "r", "f")
@@ -345,6 +351,7 @@ __all__ = [
     "hop_signature",
     "index_chain",
     "index_objects",
+    "ipcache_target",
     "linear_chain",
     "plan_of",
     "render_index_full",
