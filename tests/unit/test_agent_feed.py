@@ -40,7 +40,7 @@ def state(revision: int, ips: tuple[str, ...]) -> HostDesiredState:
     return HostDesiredState(
         host=HOST,
         revision=revision,
-        vnics=(IRVnic(ifname="vn0", workload="t/w", tenant="t", addresses=ips, egress=(7,)),),
+        vnics=(IRVnic(ifname="ow0", workload="t/w", tenant="t", addresses=ips, egress=(7,)),),
         rules=(rule,),
         sets=(IRSet("s", addresses=ips),),
     )

@@ -29,9 +29,9 @@ def state(
             services=(ServiceMatch("tcp", ((80, 80),)),),
         ),
     )
-    vnics = [IRVnic(ifname="vnic-web", workload="t/web", tenant="t", addresses=web_ips, ingress=(101,))]
+    vnics = [IRVnic(ifname="ow-web", workload="t/web", tenant="t", addresses=web_ips, ingress=(101,))]
     if extra_vnic:
-        vnics.append(IRVnic(ifname="vnic-db", workload="t/db", tenant="t", addresses=("10.0.0.9",)))
+        vnics.append(IRVnic(ifname="ow-db", workload="t/db", tenant="t", addresses=("10.0.0.9",)))
     sets = (IRSet("s-any-web", addresses=("10.0.0.5",)), IRSet("s-web", addresses=web_ips))
     vnics.sort(key=lambda v: v.ifname)  # the IR keeps vNICs sorted
     return HostDesiredState(host=HOST, revision=revision, vnics=tuple(vnics), rules=rules, sets=sets)

@@ -12,7 +12,9 @@ from typing import Annotated
 
 import typer
 
+from omniwall.agent.guard import Guard
 from omniwall.agent.main import DEFAULT_STATE_DIR, run_agent
+from omniwall.model.interfaces import DEFAULT_VNIC_INTERFACES, check_pattern
 
 BACKENDS = ("nft", "sim")
 
@@ -44,6 +46,14 @@ def agent(
     counters_interval: Annotated[
         float, typer.Option("--counters-interval", help="Seconds between rule counter reports")
     ] = 5.0,
+    vnic_interfaces: Annotated[
+        str,
+        typer.Option(
+            "--vnic-interfaces",
+            help="Comma-separated globs of the host interfaces vNICs may be attached to; "
+            "any other is refused, whatever the manager sends",
+        ),
+    ] = ",".join(DEFAULT_VNIC_INTERFACES),
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step")] = False,
 ) -> None:
     """Run the host agent: realize this host's desired state in the kernel, report back, fail static."""
@@ -59,6 +69,12 @@ def agent(
             raise ValueError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
         if not manager.startswith(("http://", "https://")):
             raise ValueError(f"--manager: {manager!r} is not an http(s) URL")
+        try:
+            patterns = [check_pattern(p.strip()) for p in vnic_interfaces.split(",") if p.strip()]
+        except ValueError as e:
+            raise ValueError(f"--vnic-interfaces: {e}") from None
+        if not patterns:
+            raise ValueError("--vnic-interfaces: name at least one pattern, like tap*")
         token = read_token(token_file)
         run_agent(
             manager,
@@ -68,6 +84,7 @@ def agent(
             backend=backend,
             state_dir=state_dir,
             counters_interval=counters_interval,
+            guard=Guard(patterns),
         )
     except (ValueError, OSError, ImportError) as e:
         typer.echo(f"omniwall agent: {e}", err=True)

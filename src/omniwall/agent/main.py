@@ -28,6 +28,7 @@ import httpx
 from omniwall.agent.addresses import AddressWatcher
 from omniwall.agent.commands import post_result, run_command
 from omniwall.agent.feed import Backoff, Delta, FeedError, FeedRejected, Snapshot, read_feed
+from omniwall.agent.guard import Guard
 from omniwall.agent.reconciler import Outcome, Reconciler
 from omniwall.agent.reporter import Addresses, Reporter
 from omniwall.dataplane.backend import Backend
@@ -59,6 +60,7 @@ class Agent:
         counters_interval: float = 5.0,
         idle_timeout: float = 60.0,
         backoff: Backoff | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self.manager_url = manager_url
         self.host = host
@@ -67,7 +69,7 @@ class Agent:
         self.netns = netns
         self.idle_timeout = idle_timeout
         self.backoff = backoff or Backoff()
-        self.reconciler = Reconciler(backend, host)
+        self.reconciler = Reconciler(backend, host, guard)
         self._own_client = client is None
         self.client = client or httpx.AsyncClient(limits=agent_limits())
         self.reporter = Reporter(

@@ -14,6 +14,10 @@ Rules (docs/design/agent.md has the reasons):
 - A delta on top of an in-sync data plane is `apply()`-ed. If that fails, or a previous write failed, the
   whole desired state is `sync()`-ed instead. A failed sync keeps the old state (the backend's
   transactions are all or nothing), re-reads it, records the error, and `retry()` tries again later.
+- Every state passes the `Guard` first (agent/guard.py): a vNIC on an interface this host does not allow
+  is not attached, one whose data the kernel cannot load fails closed, and the rest of the host converges.
+  While anything is refused, the backend realizes the guarded state (by `sync()`), and the refusals are
+  the reported error.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+from omniwall.agent.guard import Guard, Refusal
 from omniwall.compiler.ir import HostDelta, HostDesiredState, apply_delta
 from omniwall.dataplane.backend import Backend
 
@@ -58,12 +63,16 @@ def _members_sorted(s: HostDesiredState) -> HostDesiredState:
 
 
 class Reconciler:
-    def __init__(self, backend: Backend, host: str) -> None:
+    def __init__(self, backend: Backend, host: str, guard: Guard | None = None) -> None:
         self.backend = backend
         self.host = host
+        self.guard = guard or Guard()
         self.realized: HostDesiredState | None = None
         self.desired: HostDesiredState | None = None
-        self.error: str | None = None  # last write error, None once a write succeeded
+        # What the backend should hold: `desired`, less what the guard refused (the same object when clean).
+        self.target: HostDesiredState | None = None
+        self.refusals: tuple[Refusal, ...] = ()
+        self.write_error: str | None = None  # last write error, None once a write succeeded
 
     # ---- queries
     @property
@@ -77,7 +86,14 @@ class Reconciler:
 
     @property
     def in_sync(self) -> bool:
-        return self.desired is None or self.desired == self.realized
+        return self.target is None or self.target == self.realized
+
+    @property
+    def error(self) -> str | None:
+        """What to report: the last write error, and every vNIC the guard refused."""
+        parts = [self.write_error] if self.write_error else []
+        parts.extend(str(r) for r in self.refusals)
+        return "; ".join(parts) or None
 
     # ---- steps
     def adopt(self) -> HostDesiredState | None:
@@ -87,17 +103,18 @@ class Reconciler:
         except Exception as e:  # unreadable or foreign table: the first snapshot will replace it atomically
             log.warning("cannot read the realized state back (%s); waiting for a snapshot", e)
             self.realized = None
-        self.desired = self.realized
+        self.desired = self.target = self.realized
         return self.realized
 
     def on_snapshot(self, state: HostDesiredState) -> Outcome:
         if state.host != self.host:
             # a manager bug or a mis-issued token; never program another host's policy
             return self._fail(f"snapshot is for host {state.host!r}, this agent is {self.host!r}")
-        self.desired = state
-        if self.realized is not None and same_state(self.realized, state):
-            self.realized = state  # equal; keep the manager's ordering so later comparisons are cheap
-            self.error = None
+        self._set_desired(state)
+        assert self.target is not None
+        if self.realized is not None and same_state(self.realized, self.target):
+            self.realized = self.target  # equal; keep the manager's ordering: later comparisons are cheap
+            self.write_error = None
             return Outcome("unchanged", self.realized_revision)
         return self._sync()
 
@@ -117,8 +134,12 @@ class Reconciler:
             )
             return Outcome("resync", self.realized_revision)
         target = apply_delta(base, delta)
-        self.desired = target
-        if self.realized == base:
+        was_clean = not self.refusals
+        if was_clean and self.guard.delta_clean(delta):
+            self.desired = self.target = target
+        else:
+            self._set_desired(target)  # something refused before or now: realize the guarded state
+        if was_clean and not self.refusals and self.realized == base:
             try:
                 self.backend.apply(delta)
             except Exception as e:
@@ -131,7 +152,7 @@ class Reconciler:
                 self.realized = self._read_back()
             else:
                 self.realized = target
-                self.error = None
+                self.write_error = None
                 return Outcome("applied", self.realized_revision)
         return self._sync()
 
@@ -142,20 +163,28 @@ class Reconciler:
         return self._sync()
 
     # ---- internals
+    def _set_desired(self, state: HostDesiredState) -> None:
+        guarded = self.guard.check(state)
+        self.desired, self.target = state, guarded.state
+        if guarded.refusals != self.refusals:
+            for r in guarded.refusals:
+                log.error("%s", r)
+        self.refusals = guarded.refusals
+
     def _sync(self) -> Outcome:
-        assert self.desired is not None
+        assert self.target is not None
         try:
-            self.backend.sync(self.desired)
+            self.backend.sync(self.target)
         except Exception as e:
             self.realized = self._read_back()
-            return self._fail(f"sync to revision {self.desired.revision} failed: {e}")
-        self.realized = self.desired
-        self.error = None
-        return Outcome("synced", self.realized_revision)
+            return self._fail(f"sync to revision {self.target.revision} failed: {e}")
+        self.realized = self.target
+        self.write_error = None
+        return Outcome("synced", self.realized_revision, self.error)
 
     def _fail(self, message: str) -> Outcome:
         log.error("%s", message)
-        self.error = message
+        self.write_error = message
         return Outcome("failed", self.realized_revision, message)
 
     def _read_back(self) -> HostDesiredState | None:

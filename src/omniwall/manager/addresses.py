@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from omniwall.model.inet import parse_ip
 from omniwall.model.resources import Vnic, Workload, vnic_ifname
 
 from .audit import Actor
@@ -65,7 +66,7 @@ def observed_ips(value: object) -> list[str] | None:
         if not isinstance(v, str):
             continue
         try:
-            ip = str(ipaddress.ip_address(v.strip()))
+            ip = str(parse_ip(v.strip()))  # strict: a zone id would poison the host's ruleset
         except ValueError:
             continue
         if ip not in out:

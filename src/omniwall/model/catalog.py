@@ -10,11 +10,11 @@ Reference syntax (sources, destinations, appliedTo, group members, services) —
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from omniwall import PROVIDER_TENANT
+from omniwall.model.inet import looks_like_address
 from omniwall.model.resources import (
     Application,
     Group,
@@ -31,11 +31,8 @@ Key = tuple[str, str]  # (tenant, name)
 
 
 def is_address_literal(ref: str) -> bool:
-    try:
-        ipaddress.ip_network(ref, strict=False)
-    except ValueError:
-        return False
-    return True
+    """An address or CIDR peer (never a group name); the schema refuses the ones nftables cannot load."""
+    return looks_like_address(ref)
 
 
 def split_ref(ref: str, tenant: str) -> Key:

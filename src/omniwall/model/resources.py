@@ -6,7 +6,6 @@ cross-object checks (references, cycles, tenancy) live in `model.validate`, whic
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -14,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from omniwall import PROVIDER_TENANT
+from omniwall.model.inet import looks_like_address, parse_ip, parse_network
+from omniwall.model.interfaces import DEFAULT_VNIC_INTERFACES, IFNAME_RE, RESERVED_IFNAMES, check_pattern
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 SHARED_REF_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
@@ -164,13 +165,20 @@ class TenantSpec(Strict):
 
 class HostSpec(Strict):
     address: str | None = None
+    # Host interfaces a vNIC may be attached to (globs); see model/interfaces.py for why this exists.
+    vnicInterfaces: list[str] = Field(default_factory=lambda: list(DEFAULT_VNIC_INTERFACES), max_length=32)
 
     @field_validator("address")
     @classmethod
     def _v_address(cls, v: str | None) -> str | None:
-        if v is not None:
-            ipaddress.ip_address(v)
-        return v
+        return v if v is None else str(parse_ip(v))
+
+    @field_validator("vnicInterfaces")
+    @classmethod
+    def _v_patterns(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must name at least one interface pattern (like tap* or vnet*)")
+        return [check_pattern(p) for p in v]
 
 
 class Vnic(Strict):
@@ -183,13 +191,7 @@ class Vnic(Strict):
     @field_validator("ips")
     @classmethod
     def _v_ips(cls, v: list[str]) -> list[str]:
-        out = []
-        for ip in v:
-            try:
-                out.append(str(ipaddress.ip_address(ip)))
-            except ValueError:
-                raise ValueError(f"{ip!r} is not an IPv4 or IPv6 address") from None
-        return out
+        return [str(parse_ip(ip)) for ip in v]
 
     @field_validator("mac")
     @classmethod
@@ -201,8 +203,10 @@ class Vnic(Strict):
     @field_validator("hostIfname")
     @classmethod
     def _v_ifname(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,15}", v):
+        if v is not None and not IFNAME_RE.fullmatch(v):
             raise ValueError(f"{v!r} is not a Linux interface name (1-15 characters)")
+        if v in RESERVED_IFNAMES:
+            raise ValueError(f"{v!r} is the host's own interface, never a vNIC's")
         return v
 
 
@@ -254,13 +258,7 @@ class GroupSpec(Strict):
     @field_validator("cidrs")
     @classmethod
     def _v_cidrs(cls, v: list[str]) -> list[str]:
-        out = []
-        for c in v:
-            try:
-                out.append(str(ipaddress.ip_network(c, strict=False)))
-            except ValueError:
-                raise ValueError(f"{c!r} is not a CIDR like 10.0.0.0/8") from None
-        return out
+        return [str(parse_network(c)) for c in v]
 
     @field_validator("selector")
     @classmethod
@@ -329,6 +327,9 @@ class Rule(Strict):
             raise ValueError("must not be empty (use [any])")
         if "any" in v and len(v) > 1:
             raise ValueError("'any' cannot be combined with other peers")
+        for peer in v:
+            if looks_like_address(peer):
+                parse_network(peer)  # a zone id (fe80::1%eth0) would stop the host's ruleset from loading
         return v
 
     @field_validator("services")

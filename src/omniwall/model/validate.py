@@ -18,6 +18,7 @@ from typing import Any
 from omniwall import PROVIDER_TENANT
 from omniwall.model.catalog import Catalog, Key, is_address_literal, split_ref
 from omniwall.model.errors import FieldError, ValidationError, resource_id
+from omniwall.model.interfaces import interface_allowed
 from omniwall.model.loader import source_of
 from omniwall.model.resources import (
     PROVIDER_CATEGORIES,
@@ -120,9 +121,13 @@ def _check_catalog(c: Catalog, errors: _Errors, changed: list[_Resource] | None)
                         "metadata.tenant",
                         f"Host objects belong to the provider tenant {PROVIDER_TENANT!r}",
                     )
+                if changed is not None:
+                    _check_host_patterns_keep_workloads(c, r, errors)
             case Workload():
                 if r.spec.host not in c.hosts:
                     errors.add(r, "spec.host", f"unknown host {r.spec.host!r}{_hint(r.spec.host, c.hosts)}")
+                else:
+                    _check_vnic_interfaces(c.hosts[r.spec.host], r, errors)
             case Group():
                 _check_group(c, r, errors)
             case Policy():
@@ -184,6 +189,37 @@ def _ordered(c: Catalog, report: list[Workload] | None) -> tuple[list[Workload],
         return list(c.workloads.values()), None
     ids = {id(w) for w in report}
     return [*(w for w in c.workloads.values() if id(w) not in ids), *report], ids
+
+
+def _check_vnic_interfaces(host: Host, w: Workload, errors: _Errors) -> None:
+    """Only the provider's interface patterns for the host (model/interfaces.py says why)."""
+    patterns = host.spec.vnicInterfaces
+    for i, vnic in enumerate(w.spec.vnics):
+        ifname = vnic_ifname(w, vnic)
+        if not interface_allowed(ifname, patterns):
+            path = f"spec.vnics[{i}].hostIfname" if vnic.hostIfname else f"spec.vnics[{i}].name"
+            errors.add(
+                w,
+                path,
+                f"host interface {ifname!r} is not one host {host.name!r} allows for vNICs "
+                f"(its spec.vnicInterfaces: {', '.join(patterns)})",
+            )
+
+
+def _check_host_patterns_keep_workloads(c: Catalog, host: Host, errors: _Errors) -> None:
+    """Narrowing a host's patterns must not strand workloads already attached there."""
+    patterns = host.spec.vnicInterfaces
+    for w in c.workloads.values():
+        if w.spec.host != host.name:
+            continue
+        for vnic in w.spec.vnics:
+            ifname = vnic_ifname(w, vnic)
+            if not interface_allowed(ifname, patterns):
+                errors.add(
+                    host,
+                    "spec.vnicInterfaces",
+                    f"would leave interface {ifname!r} of {rid(w)} outside the allowed patterns",
+                )
 
 
 def _check_addresses(c: Catalog, errors: _Errors, report: list[Workload] | None) -> None:
