@@ -29,12 +29,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticError
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from omniwall.flows.record import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, VERDICTS
 from omniwall.manager import insight
 from omniwall.manager.flowgraph import build_graph
-from omniwall.manager.flows import FlowService, to_rows
+from omniwall.manager.flows import FlowService, Subscription, to_rows
 from omniwall.manager.flowstore import COLUMNS, FlowQuery, Row
 from omniwall.manager.service import Manager
 
@@ -577,7 +578,7 @@ def router() -> APIRouter:
         "/v1/flows/watch",
         summary="Server-Sent Events: `flow` events as records arrive (same filters), `stats` periodically",
         response_class=StreamingResponse,
-        responses={200: {"content": {SSE: {}}}, **ERRORS},
+        responses={200: {"content": {SSE: {}}}, 503: {"description": "too many live readers"}, **ERRORS},
         dependencies=[Depends(only(*FILTERS, "limit", "stats", "heartbeat"))],
     )
     async def watch(
@@ -591,8 +592,13 @@ def router() -> APIRouter:
         m = manager_of(request)
         svc = flows_of(request)
         q = await run_in_threadpool(resolve, p, m, f, time.time())
+        try:
+            sub = svc.subscribe()  # before the response starts: a refusal can still be a 503
+        except LookupError as err:
+            raise ApiError(503, str(err)) from None
         return StreamingResponse(
-            _watch_events(request, svc, q, limit=limit, stats_every=stats, heartbeat=heartbeat),
+            _watch_events(request, svc, sub, q, limit=limit, stats_every=stats, heartbeat=heartbeat),
+            background=BackgroundTask(svc.unsubscribe, sub),  # also when the stream never started
             media_type=SSE,
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
@@ -718,6 +724,7 @@ def _with(q: FlowQuery, **changes: Any) -> FlowQuery:
 async def _watch_events(
     request: Request,
     svc: FlowService,
+    sub: Subscription,
     q: FlowQuery | None,
     *,
     limit: int | None,
@@ -725,7 +732,6 @@ async def _watch_events(
     heartbeat: float,
 ) -> AsyncIterator[bytes]:
     """Catch-up (stored rows since `since`, oldest first) when asked, then live rows as they arrive."""
-    sub = svc.subscribe()
     sent = 0
     scope = q.scope_tenant if q is not None else None
     try:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 QUEUE_RECORDS = 500_000  # records waiting for the writer before batches are dropped
 WRITE_BATCH = 50_000  # records per write transaction at most (batches are coalesced up to it)
 SUBSCRIBER_RECORDS = 10_000  # records a live-stream reader may lag behind before it loses some
+MAX_SUBSCRIBERS = 256  # live readers at once: each costs a filter pass per record ingested
 POLICY_SERIES = 1_000  # distinct (policy, verdict) counters kept before the rest go to "(other)"
 DROP_PLACES = ("manager-queue", "manager-store")
 
@@ -340,6 +341,9 @@ class FlowService:
 
     # ------------------------------------------------------------------ live readers
     def subscribe(self) -> Subscription:
+        """A new live reader (on the running event loop); LookupError when MAX_SUBSCRIBERS read already."""
+        if len(self.subscribers) >= MAX_SUBSCRIBERS:
+            raise LookupError(f"{MAX_SUBSCRIBERS} live flow readers already; try again later")
         s = Subscription(asyncio.get_running_loop())
         self.subscribers.add(s)
         return s
