@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from omniwall.model.catalog import Catalog
 
@@ -46,31 +46,8 @@ POLICY_SERIES = 1_000  # distinct (policy, verdict) counters kept before the res
 DROP_PLACES = ("manager-queue", "manager-store")
 
 
-class RecordLike(Protocol):
-    """A FlowRecord, or the API's validated model of one (same field names)."""
-
-    start: float
-    end: float
-    host: str
-    hop: str
-    ifname: str
-    workload: str
-    verdict: str
-    rule_id: int
-    rule_tenant: str
-    policy: str
-    rule: str
-    category: str
-    revision: int
-    proto: str
-    src: str
-    dst: str
-    sport: int
-    dport: int
-    packets: int
-    bytes: int
-    count: int
-    final: bool
+# A record as the API parsed it: a dict with FlowRecord's fields (FlowRecord.to_json() gives one too).
+RecordDict = Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,42 +70,43 @@ class AddressBook:
         return AddressBook(addresses, hosts)
 
 
-def to_rows(host: str, records: Iterable[RecordLike], book: AddressBook) -> list[Row]:
+def to_rows(host: str, records: Iterable[RecordDict], book: AddressBook) -> list[Row]:
     """Stored rows (flowstore.COLUMNS order) of one host's records, each end named from the model."""
     look = book.addresses.get
     out: list[Row] = []
     for r in records:
-        s = look(r.src)
-        d = look(r.dst)
-        if r.hop == "egress":
-            if s is None and book.hosts.get(r.workload) == host:
-                s = (r.workload, r.workload.partition("/")[0])
-        elif d is None and book.hosts.get(r.workload) == host:
-            d = (r.workload, r.workload.partition("/")[0])
+        s = look(r["src"])
+        d = look(r["dst"])
+        wl = r["workload"]
+        if r["hop"] == "egress":
+            if s is None and book.hosts.get(wl) == host:
+                s = (wl, wl.partition("/")[0])
+        elif d is None and book.hosts.get(wl) == host:
+            d = (wl, wl.partition("/")[0])
         out.append(
             (
-                r.start,
-                r.end,
+                r["start"],
+                r["end"],
                 host,
-                r.hop,
-                r.ifname,
-                r.workload,
-                r.verdict,
-                r.rule_id,
-                r.rule_tenant,
-                r.policy,
-                r.rule,
-                r.category,
-                r.revision,
-                r.proto,
-                r.src,
-                r.dst,
-                r.sport,
-                r.dport,
-                r.packets,
-                r.bytes,
-                r.count,
-                int(r.final),
+                r["hop"],
+                r["ifname"],
+                r["workload"],
+                r["verdict"],
+                r["rule_id"],
+                r["rule_tenant"],
+                r["policy"],
+                r["rule"],
+                r["category"],
+                r["revision"],
+                r["proto"],
+                r["src"],
+                r["dst"],
+                r.get("sport", 0),
+                r.get("dport", 0),
+                r.get("packets", 0),
+                r.get("bytes", 0),
+                r.get("count", 1),
+                int(r.get("final", True)),
                 s[0] if s else None,
                 s[1] if s else None,
                 d[0] if d else None,
@@ -379,4 +357,4 @@ class FlowService:
             }
 
 
-__all__ = ["AddressBook", "FlowService", "HostFlows", "RecordLike", "Subscription", "to_rows"]
+__all__ = ["AddressBook", "FlowService", "HostFlows", "RecordDict", "Subscription", "to_rows"]
