@@ -284,6 +284,7 @@ def test_filters_and_pagination(env: tuple[TestClient, Manager, dict[str, dict[s
         ({"since": "yesterday"}, "query.since"),
         ({"port": "99999"}, "query.port"),
         ({"rule": "a/b"}, "query.rule"),
+        ({"workload": "ta/web", "group": "ta/webs"}, "query.group"),
     ],
 )
 def test_bad_filters_answer_422_naming_the_field(

@@ -350,11 +350,13 @@ def resolve(p: Principal, m: Manager, f: Filters, now: float) -> FlowQuery | Non
         check_visible(p, catalog.workloads.get((t, n)), catalog, f"Workload/{t}/{n}")
         workloads = (f"{t}/{n}",)
     if f.group is not None:
+        if f.workload is not None:
+            raise _bad("group", "give workload or group, not both")
         t, n = _key(p, f.group, "group")
         check_visible(p, catalog.groups.get((t, n)), catalog, f"Group/{t}/{n}")
         members = insight.group_members(catalog, t, n)
         wls = tuple(w["workload"] for w in members["workloads"])
-        workloads = wls if workloads is None else tuple(set(workloads) & set(wls))
+        workloads = wls
         addresses = tuple(members["addresses"])
         cidrs = tuple(c for c in members["cidrs"] if ipaddress.ip_network(c).num_addresses > 1)
     rule_tenant = policy = rule = None
