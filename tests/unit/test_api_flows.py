@@ -492,3 +492,48 @@ def test_cli_flows_table_json_and_follow(
         ]
         res = runner.invoke(cli, ["flows", "--workload", "tb/secretdb"])
         assert res.exit_code == 1 and "not found" in res.output
+
+
+def test_the_contract_batch_is_accepted_as_is(
+    env: tuple[TestClient, Manager, dict[str, dict[str, str]]],
+) -> None:
+    """What an agent builds with omniwall.flows.record (FlowBatch.to_json()) is what the route takes,
+    a tenant default verdict included."""
+    from omniwall.flows.record import DEFAULT_CATEGORY, DEFAULT_POLICY, FlowBatch, FlowRecord
+
+    c, _, h = env
+    now = time.time()
+    r = FlowRecord(
+        start=now - 1,
+        end=now,
+        host="hb",
+        hop="ingress",
+        ifname="if-hb",
+        workload="tb/secretdb",
+        verdict="denied",
+        rule_id=4242,
+        rule_tenant="tb",
+        policy=DEFAULT_POLICY,
+        rule="drop",
+        category=DEFAULT_CATEGORY,
+        revision=2,
+        proto="udp",
+        src="10.1.0.1",
+        dst="10.2.0.1",
+        dport=53,
+        packets=7,
+        count=7,
+    )
+    batch = FlowBatch("hb", (r,), {"kernel": 2, "agent": 1}).to_json()
+    resp = c.post("/v1/hosts/hb/flows", json=batch, headers=h["hb"])
+    assert resp.status_code == 202 and resp.json()["accepted"] == 1, resp.text
+    assert c.app.state.flows.flush(10)  # type: ignore[attr-defined]
+    (got,) = c.get("/v1/flows", params={"host": "hb"}, headers=h["admin"]).json()["items"]
+    assert (got["policy"], got["rule"], got["count"], got["dst_workload"]) == (
+        DEFAULT_POLICY,
+        "drop",
+        7,
+        "tb/secretdb",
+    )
+    (seen,) = c.get("/v1/flows", headers=h["ta"]).json()["items"]  # ta's web is the source
+    assert seen["rule"] == "(other tenant)" and seen["src_workload"] == "ta/web"
