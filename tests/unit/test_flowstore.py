@@ -120,6 +120,11 @@ def test_prune_by_age_then_by_count(store: SqliteFlowStore) -> None:
     assert store.prune(0, 40) == 110
     kept = store.query(FlowQuery(), 1000)
     assert [r[COL["t"]] for _, r in kept] == [T0 + i for i in range(199, 159, -1)]  # the newest 40
+    assert store.rows() == 40
+    if store.path != ":memory:":  # the count is kept in memory; a reopened store counts once
+        again = SqliteFlowStore(store.path)
+        assert again.rows() == 40
+        again.close()
 
 
 def test_aggregate_groups_and_sums(store: SqliteFlowStore) -> None:
