@@ -95,7 +95,11 @@ spec:
             "spec.protokol",
             "did you mean 'protocol'",
         ),
-        ("kind: Host\nmetadata: {name: h}\nspec: {zzz: 1}", "spec.zzz", "unknown field (allowed: address, vnicInterfaces)"),
+        (
+            "kind: Host\nmetadata: {name: h}\nspec: {zzz: 1}",
+            "spec.zzz",
+            "unknown field (allowed: address, vnicInterfaces)",
+        ),
         ("kind: Service\nmetadata: {name: s}\nspec: {ports: [70000]}", "spec.ports", "outside 1..65535"),
         (
             "kind: Policy\nmetadata: {name: p}\nspec: {rules: [{name: r, action: allow, services: [tcp/0]}]}",
