@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from omniwall import __version__
+from omniwall import console as web_console
 from omniwall.manager.service import Manager
 from omniwall.stream import endpoint as stream_endpoint
 
@@ -49,4 +50,5 @@ def create_app(manager: Manager, *, watch: bool = True) -> FastAPI:
     # Before resources, like the feed routes: /v1/hosts/{host}/feed must not be taken for a Host "feed".
     app.include_router(migrate_api.router())
     app.include_router(resources.router())
+    app.include_router(web_console.router())  # GET /ui/: the web console's assets (no data)
     return app
