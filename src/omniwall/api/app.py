@@ -9,17 +9,24 @@ from fastapi import FastAPI
 
 from omniwall import __version__
 from omniwall import console as web_console
+from omniwall.manager.flows import FlowService
+from omniwall.manager.flowstore import SqliteFlowStore
 from omniwall.manager.service import Manager
 from omniwall.stream import endpoint as stream_endpoint
 
 from . import admin, apply, errors, identity, resources
 from . import explain as explain_api
+from . import flows as flows_api
 from . import insight as insight_api
+from . import live as live_api
+from . import metrics as metrics_api
 from . import migrate as migrate_api
 
 
-def create_app(manager: Manager, *, watch: bool = True) -> FastAPI:
-    """`watch`: follow store writes made by other processes (replicas, `omniwall token --db`)."""
+def create_app(manager: Manager, *, watch: bool = True, flows: FlowService | None = None) -> FastAPI:
+    """`watch`: follow store writes made by other processes (replicas, `omniwall token --db`).
+    `flows`: where flow records go (manager/flows.py); default an in-memory store (tests)."""
+    flow_service = flows if flows is not None else FlowService(SqliteFlowStore(":memory:"))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -29,6 +36,7 @@ def create_app(manager: Manager, *, watch: bool = True) -> FastAPI:
             yield
         finally:
             manager.stop_watch()
+            flow_service.close()  # writes what is queued first
 
     app = FastAPI(
         title="Omniwall manager",
@@ -38,10 +46,14 @@ def create_app(manager: Manager, *, watch: bool = True) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.manager = manager
+    app.state.flows = flow_service
     errors.install(app)
+    metrics_api.install(app)  # request latency; served apart (api/metrics.py)
     # Host feeds and acks first: they are the bulk of the requests (one per agent per change), and
     # routing tries every route in order. Their paths collide with no route of the routers below.
     app.include_router(stream_endpoint.router())
+    app.include_router(flows_api.router())  # POST /v1/hosts/{host}/flows (before resources, like feeds)
+    app.include_router(live_api.router())  # /v1/audit/watch
     app.include_router(admin.router())
     app.include_router(apply.router())
     app.include_router(identity.router())

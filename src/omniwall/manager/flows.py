@@ -1,0 +1,373 @@
+"""Flow ingest: enrich agents' records, queue them (bounded), store them from one writer thread, and
+count everything that does not make it.
+
+    submit(host, rows, agent_dropped)   from the API, on the event loop: never blocks on the disk
+      -> bounded queue (records)        full: the batch is dropped and counted ("manager-queue")
+      -> writer thread                  one transaction per batch (coalesced); a failed write is
+                                        counted ("manager-store"); prunes by age and row count
+    subscribers (live stream)           each a bounded asyncio queue; a slow reader's overflow is
+                                        counted against that reader ("watch"), never the store
+
+Accounting: `offered == stored + dropped["manager-queue"] + dropped["manager-store"] + pending`, at every
+moment (`stats()`), so no record is lost silently. What agents lost before posting (FlowBatch.dropped,
+cumulative since the agent started) is kept per host as last reported.
+
+Enrichment: each end's address is looked up in an address book built from the model (workload ips ->
+"tenant/name"), rebuilt when the model's revision moves; the local end falls back to the record's own
+`workload` when that workload runs on the reporting host (an address not yet reported).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from omniwall.model.catalog import Catalog
+
+from .flowstore import COL, FlowStore, Row
+
+if TYPE_CHECKING:
+    from .service import Manager
+
+log = logging.getLogger(__name__)
+
+QUEUE_RECORDS = 500_000  # records waiting for the writer before batches are dropped
+WRITE_BATCH = 50_000  # records per write transaction at most (batches are coalesced up to it)
+SUBSCRIBER_RECORDS = 10_000  # records a live-stream reader may lag behind before it loses some
+POLICY_SERIES = 1_000  # distinct (policy, verdict) counters kept before the rest go to "(other)"
+DROP_PLACES = ("manager-queue", "manager-store")
+
+
+class RecordLike(Protocol):
+    """A FlowRecord, or the API's validated model of one (same field names)."""
+
+    start: float
+    end: float
+    host: str
+    hop: str
+    ifname: str
+    workload: str
+    verdict: str
+    rule_id: int
+    rule_tenant: str
+    policy: str
+    rule: str
+    category: str
+    revision: int
+    proto: str
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    packets: int
+    bytes: int
+    count: int
+    final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AddressBook:
+    """The model's addresses: ip -> (workload "tenant/name", tenant); workload -> its host."""
+
+    addresses: Mapping[str, tuple[str, str]]
+    hosts: Mapping[str, str]
+
+    @staticmethod
+    def of(catalog: Catalog) -> AddressBook:
+        addresses: dict[str, tuple[str, str]] = {}
+        hosts: dict[str, str] = {}
+        for (tenant, name), w in catalog.workloads.items():
+            wl = f"{tenant}/{name}"
+            hosts[wl] = w.spec.host
+            for v in w.spec.vnics:
+                for ip in v.ips:
+                    addresses[ip] = (wl, tenant)
+        return AddressBook(addresses, hosts)
+
+
+def to_rows(host: str, records: Iterable[RecordLike], book: AddressBook) -> list[Row]:
+    """Stored rows (flowstore.COLUMNS order) of one host's records, each end named from the model."""
+    look = book.addresses.get
+    out: list[Row] = []
+    for r in records:
+        s = look(r.src)
+        d = look(r.dst)
+        if r.hop == "egress":
+            if s is None and book.hosts.get(r.workload) == host:
+                s = (r.workload, r.workload.partition("/")[0])
+        elif d is None and book.hosts.get(r.workload) == host:
+            d = (r.workload, r.workload.partition("/")[0])
+        out.append(
+            (
+                r.start,
+                r.end,
+                host,
+                r.hop,
+                r.ifname,
+                r.workload,
+                r.verdict,
+                r.rule_id,
+                r.rule_tenant,
+                r.policy,
+                r.rule,
+                r.category,
+                r.revision,
+                r.proto,
+                r.src,
+                r.dst,
+                r.sport,
+                r.dport,
+                r.packets,
+                r.bytes,
+                r.count,
+                int(r.final),
+                s[0] if s else None,
+                s[1] if s else None,
+                d[0] if d else None,
+                d[1] if d else None,
+            )
+        )
+    return out
+
+
+@dataclass(eq=False)  # identity: readers live in a set
+class Subscription:
+    """One live-stream reader: batches of rows, bounded in records; what overflows is counted."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[list[Row]] = field(default_factory=asyncio.Queue)
+    queued: int = 0
+    dropped: int = 0
+
+    def offer(self, rows: list[Row]) -> None:
+        if self.queued + len(rows) > SUBSCRIBER_RECORDS:
+            self.dropped += len(rows)
+            return
+        self.queued += len(rows)
+        self.queue.put_nowait(rows)
+
+    async def get(self, timeout: float) -> list[Row] | None:
+        try:
+            rows = await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            return None
+        self.queued -= len(rows)
+        return rows
+
+
+@dataclass
+class HostFlows:
+    received: int = 0  # records this host posted (accepted batches)
+    batches: int = 0
+    last: float = 0.0  # epoch seconds of its last batch
+    agent_dropped: dict[str, int] = field(default_factory=dict)  # as last reported (cumulative)
+
+
+class FlowService:
+    def __init__(
+        self,
+        store: FlowStore,
+        *,
+        retention: float = 24 * 3600.0,
+        max_records: int = 10_000_000,
+        queue_records: int = QUEUE_RECORDS,
+        prune_every: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.retention = retention
+        self.max_records = max_records
+        self.queue_records = queue_records
+        self.prune_every = prune_every
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[list[Row] | None] = queue.SimpleQueue()
+        self._idle = threading.Condition(self._lock)
+        self.pending = 0  # records queued or being written
+        self.offered = 0
+        self.stored = 0
+        self.pruned = 0
+        self.dropped: dict[str, int] = dict.fromkeys(DROP_PLACES, 0)
+        self.refused_batches: dict[str, int] = {}  # reason -> batches refused before parsing records
+        self.hosts: dict[str, HostFlows] = {}
+        self.verdicts: dict[tuple[str, str], int] = {}  # ("tenant/policy", verdict) -> records
+        self.subscribers: set[Subscription] = set()
+        self._book: tuple[object, int, AddressBook] | None = None
+        self._writer: threading.Thread | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ ingest
+    def address_book(self, m: Manager) -> AddressBook:
+        cached = self._book
+        if cached is not None and cached[0] is m and cached[1] == m.revision:
+            return cached[2]
+        catalog, revision = m.snapshot_catalog()
+        book = AddressBook.of(catalog)
+        self._book = (m, revision, book)
+        return book
+
+    def refuse(self, reason: str) -> None:
+        """Count a batch refused before its records were read (malformed, oversized, wrong host)."""
+        with self._lock:
+            self.refused_batches[reason] = self.refused_batches.get(reason, 0) + 1
+
+    def submit(self, host: str, rows: list[Row], agent_dropped: Mapping[str, int]) -> tuple[int, int]:
+        """Queue one host's rows for storage and hand them to live readers. Returns (accepted, dropped).
+        Call on the event loop of the live readers (the API's), so publishing needs no hop."""
+        self._ensure_writer()
+        n = len(rows)
+        with self._lock:
+            self.offered += n
+            h = self.hosts.setdefault(host, HostFlows())
+            h.batches += 1
+            h.received += n
+            h.last = self.clock()
+            if agent_dropped:
+                h.agent_dropped = dict(agent_dropped)
+            if self.pending + n > self.queue_records:
+                self.dropped["manager-queue"] += n
+                accepted = False
+            else:
+                self.pending += n
+                accepted = True
+            self._count_verdicts(rows)
+        if accepted and n:
+            self._queue.put(rows)
+        for s in list(self.subscribers):
+            s.offer(rows)
+        return (n, 0) if accepted else (0, n)
+
+    def _count_verdicts(self, rows: list[Row]) -> None:
+        c = COL
+        v = self.verdicts
+        for r in rows:
+            key = (f"{r[c['rule_tenant']]}/{r[c['policy']]}", r[c["verdict"]])
+            if key not in v and len(v) >= POLICY_SERIES:
+                key = ("(other)", key[1])
+            v[key] = v.get(key, 0) + r[c["count"]]
+
+    # ------------------------------------------------------------------ writer
+    def _ensure_writer(self) -> None:
+        if self._writer is None and not self._closed:
+            with self._lock:
+                if self._writer is None:
+                    self._writer = threading.Thread(
+                        target=self._write_loop, name="omniwall-flows", daemon=True
+                    )
+                    self._writer.start()
+
+    def _write_loop(self) -> None:
+        next_prune = time.monotonic() + self.prune_every
+        while True:
+            try:
+                first = self._queue.get(timeout=min(1.0, self.prune_every))
+            except queue.Empty:
+                first = []
+            if first is None:
+                return
+            batch = list(first)
+            stop = False
+            while len(batch) < WRITE_BATCH:  # coalesce what is already waiting
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch += more
+            if batch:
+                self._write(batch)
+            if time.monotonic() >= next_prune:
+                self.prune()
+                next_prune = time.monotonic() + self.prune_every
+            if stop:
+                return
+
+    def _write(self, batch: list[Row]) -> None:
+        try:
+            self.store.insert(batch)
+            ok = True
+        except Exception:
+            log.exception("storing %d flow records failed; counted as dropped (manager-store)", len(batch))
+            ok = False
+        with self._lock:
+            self.pending -= len(batch)
+            if ok:
+                self.stored += len(batch)
+            else:
+                self.dropped["manager-store"] += len(batch)
+            self._idle.notify_all()
+
+    def prune(self) -> int:
+        """Retention: rows older than `retention` seconds, then the oldest beyond `max_records`."""
+        try:
+            n = self.store.prune(self.clock() - self.retention, self.max_records)
+        except Exception:
+            log.exception("pruning flow records failed; retrying later")
+            return 0
+        with self._lock:
+            self.pruned += n
+        return n
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every accepted record is written (tests, benchmarks, shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self.pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def close(self) -> None:
+        """Write what is queued, stop the writer, close the store."""
+        self._closed = True
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=60)
+            self._writer = None
+        with contextlib.suppress(Exception):
+            self.store.close()
+
+    # ------------------------------------------------------------------ live readers
+    def subscribe(self) -> Subscription:
+        s = Subscription(asyncio.get_running_loop())
+        self.subscribers.add(s)
+        return s
+
+    def unsubscribe(self, s: Subscription) -> None:
+        self.subscribers.discard(s)
+
+    # ------------------------------------------------------------------ numbers
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "offered": self.offered,
+                "stored": self.stored,
+                "pending": self.pending,
+                "pruned": self.pruned,
+                "dropped": dict(self.dropped),
+                "refusedBatches": dict(self.refused_batches),
+                "hosts": {
+                    h: {
+                        "received": f.received,
+                        "batches": f.batches,
+                        "last": f.last,
+                        "agentDropped": dict(f.agent_dropped),
+                    }
+                    for h, f in sorted(self.hosts.items())
+                },
+                "watchDropped": sum(s.dropped for s in self.subscribers),
+            }
+
+
+__all__ = ["AddressBook", "FlowService", "HostFlows", "RecordLike", "Subscription", "to_rows"]
