@@ -52,7 +52,10 @@ export function recordsOf(data) {
   return [];
 }
 
+export const OTHER_TENANT = "(other tenant)";
+
 export function ruleWords(f) {
+  if (f.ruleTenant === OTHER_TENANT) return "a rule of another tenant";
   if (f.category === "default") return `default of tenant ${f.ruleTenant || "?"}: ${f.rule || "?"}`;
   return `${f.ruleTenant || "?"}/${f.policy || "?"}/${f.rule || "?"}`;
 }
@@ -61,7 +64,7 @@ export function ruleCell(f) {
   return el("span", { class: "rule" },
     el("span", { class: "rule-name" }, ruleWords(f)),
     " ",
-    el("span", { class: "muted small" }, `${f.category || ""}${f.ruleId !== undefined ? ` · id ${f.ruleId}` : ""}`));
+    el("span", { class: "muted small" }, `${f.category || ""}${f.ruleId ? ` · id ${f.ruleId}` : ""}`));
 }
 
 export function portText(f) {

@@ -43,10 +43,10 @@ export function mount(root, ctx) {
     const old = rows.get(f.key);
     const tr = el("tr", { class: fresh ? "new" : null, "data-verdict": f.verdict || "" },
       el("td", { class: "nowrap mono" }, fmtTime(f.end)),
-      tenantScoped ? null : el("td", f.host || "—"),
+      tenantScoped ? null : el("td", { class: "nowrap" }, f.host || "—"),
       el("td", f.hop || "—"),
-      el("td", f.workload || "—"),
-      el("td", { class: "mono" }, `${f.src}${f.sport ? `:${f.sport}` : ""} → ${f.dst}`),
+      el("td", f.workload || el("span", { class: "muted small" }, "another tenant's")),
+      el("td", endpoint(f.srcWorkload, f.src, f.sport), el("span", { class: "muted" }, " → "), endpoint(f.dstWorkload, f.dst, 0)),
       el("td", { class: "mono" }, portText(f)),
       el("td", verdictBadge(f.verdict)),
       el("td", ruleCell(f)),
@@ -134,8 +134,11 @@ export function mount(root, ctx) {
         ? "This manager has no flow API (GET /v1/flows answered 404)." : err));
     });
 
-  follow("/v1/flows/watch", query, (msg) => {
-    if (msg.event === "heartbeat" || msg.event === "ping") return;
+  // The list above is the history; the stream only what arrives from now on (no `since` catch-up).
+  const live = { ...query };
+  delete live.since;
+  follow("/v1/flows/watch", live, (msg) => {
+    if (msg.event === "stats") { lost.textContent = lostWords(msg.data); return; }
     receive(recordsOf(msg.data));
   }, {
     signal: ctx.signal,
@@ -156,11 +159,25 @@ export function mount(root, ctx) {
   return null;
 }
 
+// A workload's name when the reader may know it, its address always.
+function endpoint(workload, addr, port) {
+  const where = el("span", { class: "mono small" }, `${addr}${port ? `:${port}` : ""}`);
+  return workload ? el("span", el("span", workload), " ", el("span", { class: "muted" }, "(", where, ")")) : where;
+}
+
+// Losses by place: the manager's (`dropped`), the agents' (per host `agentDropped`), live readers'.
 function lostWords(stats) {
-  const d = stats && (stats.dropped || stats.lost);
-  if (d === undefined || d === null) return "";
-  if (typeof d === "number") return `${num(d)} records lost`;
-  const parts = Object.entries(d).filter(([, v]) => typeof v === "number");
-  const total = parts.reduce((s, [, v]) => s + v, 0);
-  return `${num(total)} records lost` + (parts.length ? ` (${parts.map(([k, v]) => `${k} ${num(v)}`).join(", ")})` : "");
+  if (!stats) return "";
+  const places = {};
+  const addAll = (d, prefix) => {
+    if (typeof d === "number") places[prefix] = (places[prefix] || 0) + d;
+    else if (d && typeof d === "object") for (const [k, v] of Object.entries(d)) addAll(v, prefix ? `${prefix} ${k}` : k);
+  };
+  addAll(stats.dropped, "manager");
+  for (const h of Object.values(stats.hosts || {})) addAll(h.agentDropped, "agent");
+  if (typeof stats.watchDropped === "number") places["live view"] = stats.watchDropped;
+  const parts = Object.entries(places);
+  const total = parts.reduce((sum, [, v]) => sum + v, 0);
+  const detail = parts.filter(([, v]) => v).map(([k, v]) => `${k} ${num(v)}`).join(", ");
+  return `${num(total)} records lost${detail ? ` (${detail})` : ""}`;
 }

@@ -28,7 +28,7 @@ export function normalize(g) {
     if (src === undefined || dst === undefined) continue;
     const v = e.verdicts || {};
     let allowed = e.allowed ?? v.allowed ?? 0;
-    let denied = e.denied ?? DENY.reduce((s, k) => s + (v[k] || 0), 0);
+    let denied = e.denied ?? DENY.reduce((sum, k) => sum + (v[k] || 0), 0);
     if (typeof allowed === "boolean") allowed = allowed ? e.count ?? 1 : 0;
     if (typeof denied === "boolean") denied = denied ? e.count ?? 1 : 0;
     if (!allowed && !denied && e.verdict) {
@@ -47,8 +47,8 @@ function fromFlows(items) {
   for (const f of flows) if (f.workload) owner.set(f.hop === "egress" ? f.src : f.dst, f.workload);
   const edges = new Map();
   for (const f of flows) {
-    const src = owner.get(f.src) || f.src;
-    const dst = owner.get(f.dst) || f.dst;
+    const src = owner.get(f.src) || f.srcWorkload || f.src;
+    const dst = owner.get(f.dst) || f.dstWorkload || f.dst;
     const k = `${src}\u0000${dst}`;
     const e = edges.get(k) || { src, dst, allowed: 0, denied: 0 };
     if (f.verdict === "allowed") e.allowed += f.count; else e.denied += f.count;
@@ -59,7 +59,7 @@ function fromFlows(items) {
 
 async function load(ctx, since, by) {
   try {
-    return { graph: normalize(await get("/v1/flows/graph", { since, by }, { signal: ctx.signal })), source: "graph" };
+    return { graph: normalize(await get("/v1/flows/graph", { window: since, by }, { signal: ctx.signal })), source: "graph" };
   } catch (err) {
     if (!(err instanceof ApiError) || err.status !== 404) throw err;
   }
@@ -67,29 +67,37 @@ async function load(ctx, since, by) {
   return { graph: fromFlows(recordsOf(page)), source: "flows" };
 }
 
+function labelOf(graph, id) {
+  const n = graph.nodes.get(id);
+  return n ? n.label : id;
+}
+
 function draw({ nodes, edges }) {
   const list = [...nodes.values()].sort((a, b) => Number(a.external) - Number(b.external) || String(a.label).localeCompare(String(b.label)));
   const n = list.length;
   const W = 960;
-  const H = Math.max(420, Math.min(820, 260 + n * 22));
+  const H = Math.max(440, Math.min(760, 200 + n * 30));
   const cx = W / 2;
   const cy = H / 2;
-  const R = Math.min(W, H) / 2 - 110;
+  // an ellipse: labels sit outside it, left and right, where the page is wide
+  const rx = W / 2 - 190;
+  const ry = H / 2 - 45;
   const pos = new Map();
   list.forEach((node, i) => {
     const a = -Math.PI / 2 + (2 * Math.PI * i) / Math.max(n, 1);
-    pos.set(node.id, { x: cx + R * Math.cos(a), y: cy + R * Math.sin(a), a });
+    pos.set(node.id, { x: cx + rx * Math.cos(a), y: cy + ry * Math.sin(a), a });
   });
   const max = Math.max(1, ...edges.map((e) => e.allowed + e.denied));
   const width = (c) => 1.2 + 4 * Math.log1p(c) / Math.log1p(max);
   const defs = svg("defs", {}, ["allowed", "denied", "mixed"].map((k) => svg("marker", {
-    id: `arrow-${k}`, viewBox: "0 0 10 10", refX: "10", refY: "5", markerWidth: "7", markerHeight: "7", orient: "auto-start-reverse",
+    id: `arrow-${k}`, viewBox: "0 0 10 10", refX: "10", refY: "5", markerWidth: "9", markerHeight: "9",
+    markerUnits: "userSpaceOnUse", orient: "auto-start-reverse",
   }, svg("path", { d: "M0,0 L10,5 L0,10 z", class: k }))));
   const paths = edges.map((e) => {
     const a = pos.get(e.src);
     const b = pos.get(e.dst);
     const kind = e.allowed && e.denied ? "mixed" : e.denied ? "denied" : "allowed";
-    const title = `${e.src} → ${e.dst}: ${num(e.allowed)} allowed, ${num(e.denied)} denied`;
+    const title = `${labelOf({ nodes }, e.src)} → ${labelOf({ nodes }, e.dst)}: ${num(e.allowed)} allowed, ${num(e.denied)} denied`;
     if (e.src === e.dst) {
       const d = `M${a.x},${a.y} c 40,-50 80,0 0,14`;
       return svg("path", { d, class: ["edge", kind], "stroke-width": width(e.allowed + e.denied), "data-src": e.src, "data-dst": e.dst }, svg("title", {}, title));
@@ -143,7 +151,7 @@ export function mount(root, ctx) {
     const table = el("table", { class: "small", id: "edges" },
       el("thead", el("tr", el("th", "from"), el("th", "to"), el("th", { class: "right" }, "allowed"), el("th", { class: "right" }, "denied"))),
       el("tbody", graph.edges.slice().sort((a, b) => b.allowed + b.denied - a.allowed - a.denied).map((e) =>
-        el("tr", el("td", e.src), el("td", e.dst), el("td", { class: "right" }, num(e.allowed)), el("td", { class: "right" }, num(e.denied))))));
+        el("tr", el("td", labelOf(graph, e.src)), el("td", labelOf(graph, e.dst)), el("td", { class: "right" }, num(e.allowed)), el("td", { class: "right" }, num(e.denied))))));
     return [
       el("div", { class: "map-wrap" }, draw(graph),
         el("div", { class: "legend" },

@@ -57,8 +57,8 @@ function ruleRow(p, r, spec, hits, unused) {
   const tenant = p.metadata.tenant;
   const name = p.metadata.name;
   const hit = hitOf(hits, tenant, name, r.rule, r.ruleId);
-  const flowHits = hit ? hit.hits ?? hit.count ?? hit.records : null;
-  const last = hit ? hit.last ?? hit.lastHit ?? hit.last_hit ?? hit.end : null;
+  const flowHits = hit ? hit.total ?? hit.hits ?? hit.count : null;
+  const last = hit ? hit.last_hit ?? hit.lastHit ?? hit.last : null;
   const listedUnused = hitOf(unused, tenant, name, r.rule, r.ruleId);
   // Unused: listed by the flow API's window, or no kernel hit and no flow record at all.
   const isUnused = r.installed && !r.disabled && (listedUnused !== undefined || (!r.packets && !flowHits));
@@ -89,7 +89,7 @@ function policyPanel(p, real, hits, unused) {
   return el("div", { class: "panel policy", "data-policy": `${p.metadata.tenant}/${p.metadata.name}` }, head,
     el("table", { class: "rules" },
       el("thead", el("tr", el("th", "rule"), el("th", "action"), el("th", "sources → destinations"),
-        el("th", "services"), el("th", { class: "right" }, "hits (kernel)"), el("th", { class: "right" }, "flows"),
+        el("th", "services"), el("th", { class: "right" }, "hits (kernel)"), el("th", { class: "right" }, "flows (1h)"),
         el("th", "last hit"), el("th", "where realized"), el("th", ""))),
       el("tbody", real.rules.map((r) => ruleRow(p, r, specRules.get(r.rule), hits, unused)))));
 }
