@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -28,6 +29,8 @@ from fastapi.testclient import TestClient
 
 from omniwall.api.app import create_app
 from omniwall.manager.contracts import load_documents
+from omniwall.manager.flows import FlowService, to_rows
+from omniwall.manager.flowstore import SqliteFlowStore
 from omniwall.manager.service import SYSTEM, Manager
 from omniwall.store.memory import MemoryStore
 
@@ -160,6 +163,11 @@ UNSCOPED = frozenset(
         "POST /v1/compact",
         "POST /v1/tenants",
         "POST /v1/hosts",
+        # flow counters and rule hits address no object; what a tenant gets back is still checked
+        # for foreign markers (the world has flows between acme and other, decided by both)
+        "GET /v1/flows/hits",
+        "GET /v1/flows/unused",
+        "GET /v1/flows/stats",
     }
 )
 
@@ -754,6 +762,99 @@ def _migration_rows() -> list[Case]:
     return cases
 
 
+def flow_record(host: str, hop: str, workload: str, rule_tenant: str, **kw: Any) -> dict[str, Any]:
+    """A flow between acme/web1 (10.0.0.1) and other/db1 (10.0.1.1), decided at `host`."""
+    now = time.time()
+    rec = {
+        "start": now - 1,
+        "end": now,
+        "host": host,
+        "hop": hop,
+        "ifname": "ow" + host,
+        "workload": workload,
+        "verdict": "denied",
+        "rule_id": 11 if rule_tenant == "acme" else 12,
+        "rule_tenant": rule_tenant,
+        "policy": "p",
+        "rule": "r",
+        "category": "application",
+        "revision": WORLD_REVISION,
+        "proto": "tcp",
+        "src": "10.0.0.1",
+        "dst": "10.0.1.1",
+        "dport": 80,
+    }
+    return {**rec, **kw}
+
+
+def _flow_rows() -> list[Case]:
+    """Flows: agents post for their own host only; readers see flows touching their own workloads."""
+    read = "resources.read"
+    cases: list[Case] = []
+    for scope, host, wl, tenant in (
+        ("own", "h1", "acme/web1", "acme"),
+        ("foreign", "h2", "other/db1", "other"),
+    ):
+        own = scope == "own"
+        ok, hidden = (READERS, NOBODY) if own else (PROVIDER_READERS, TENANT_ROLES)
+        hop = "egress" if own else "ingress"
+        batch = {"host": host, "records": [flow_record(host, hop, wl, tenant)], "dropped": {"kernel": 1}}
+        q = {"workload": wl}
+        cases += [
+            Case(
+                f"post flows {scope} host",
+                "POST",
+                f"/v1/hosts/{host}/flows",
+                frozenset({AGENT}) if own else NOBODY,
+                "hosts.status.write",
+                scope,
+                status=202,
+                body=batch,
+            ),
+            Case(f"flows {scope}", "GET", "/v1/flows", ok, read, scope, hidden=hidden, params=q),
+            Case(
+                f"watch flows {scope}",
+                "GET",
+                "/v1/flows/watch",
+                ok,
+                read,
+                scope,
+                hidden=hidden,
+                params={**q, "since": "1h", "limit": 2},
+            ),
+            Case(f"flow graph {scope}", "GET", "/v1/flows/graph", ok, read, scope, hidden=hidden, params=q),
+            Case(
+                f"flow graph by group {scope}",
+                "GET",
+                "/v1/flows/graph",
+                ok,
+                read,
+                scope,
+                hidden=hidden,
+                params={**q, "by": "group"},
+            ),
+            # A tenant asking for another tenant's audit entries gets an empty stream (ended at once).
+            Case(
+                f"watch audit {scope}",
+                "GET",
+                "/v1/audit/watch",
+                READERS,
+                "audit.read",
+                scope,
+                params={"tenant": tenant, "since": "1h", "limit": 1},
+            ),
+        ]
+    cases += [
+        Case("flows unfiltered", "GET", "/v1/flows", READERS, read),
+        Case("flows of another tenant", "GET", "/v1/flows", READERS, read, params={"tenant": "other"}),
+        Case("flow graph unfiltered", "GET", "/v1/flows/graph", READERS, read, params={"by": "group"}),
+        Case("rule hits", "GET", "/v1/flows/hits", READERS, read),
+        Case("unused rules", "GET", "/v1/flows/unused", READERS, read),
+        Case("flow stats", "GET", "/v1/flows/stats", READERS, read),
+    ]
+    return cases
+
+
 def _cases() -> list[Case]:
     return [
         *_resource_rows(),
@@ -765,6 +866,7 @@ def _cases() -> list[Case]:
         *_source_rows(),
         *_host_rows(),
         *_migration_rows(),
+        *_flow_rows(),
     ]
 
 
@@ -816,6 +918,7 @@ class World:
     manager: Manager
     headers: dict[str, dict[str, str]]  # caller -> request headers
     ids: dict[str, str]
+    flows: FlowService
 
     def finish_migrations(self) -> None:
         """Play every agent so that migrations started by the row end (no thread outlives the test)."""
@@ -862,7 +965,30 @@ def build_world(*, migrations: bool) -> World:
     if migrations:
         ids["mig_own"] = m.migrations.start("acme", "web1", "h3", SYSTEM).id
         ids["mig_foreign"] = m.migrations.start("other", "db1", "h3", SYSTEM).id
-    return World(m, headers, ids)
+    return World(m, headers, ids, seeded_flows(m))
+
+
+def seeded_flows(m: Manager) -> FlowService:
+    """One connection from acme/web1 to other/db1, seen at both hops: allowed by acme's rule on h1,
+    denied by other's on h2 (so every flow route has foreign names, rules and hosts to hide)."""
+    svc = FlowService(SqliteFlowStore(":memory:"))
+    book = svc.address_book(m)
+    for host, hop, wl, tenant, verdict in (
+        ("h1", "egress", "acme/web1", "acme", "allowed"),
+        ("h2", "ingress", "other/db1", "other", "denied"),
+    ):
+        rec = SimpleNamespace(
+            **flow_record(host, hop, wl, tenant, verdict=verdict, sport=0, packets=1, bytes=60)
+        )
+        rec.count, rec.final = 1, True
+        svc.submit(host, to_rows(host, [rec], book), {"kernel": 3})
+    assert svc.flush(10)
+    return svc
+
+
+def use_world(client: TestClient, world: World) -> None:
+    use_manager(client, world.manager)
+    client.app.state.flows = world.flows  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")
@@ -913,7 +1039,7 @@ def test_authorization_matrix(client: TestClient, case: Case) -> None:
         for caller in CALLERS:
             if world is None:
                 world = build_world(migrations=case.migrations)
-                use_manager(client, world.manager)
+                use_world(client, world)
             m = world.manager
             before = m.store.revision()
             kw: dict[str, Any] = {"params": case.params, "headers": world.headers[caller]}
@@ -949,7 +1075,7 @@ def test_authorization_matrix(client: TestClient, case: Case) -> None:
 @pytest.fixture
 def world(client: TestClient) -> Iterator[tuple[TestClient, Manager, dict[str, dict[str, str]]]]:
     w = build_world(migrations=False)
-    use_manager(client, w.manager)
+    use_world(client, w)
     yield client, w.manager, w.headers
 
 

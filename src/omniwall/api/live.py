@@ -85,12 +85,14 @@ async def _entries(
     empty: bool,
 ) -> AsyncIterator[bytes]:
     yield b": omniwall audit\n\n"
+    if empty:  # another tenant's entries: nothing will ever match, say so by ending the stream
+        return
     sent = 0
     seen_rev = -1
     last_out = time.monotonic()
     while True:
         rev = m.store.revision()
-        if rev != seen_rev and not empty:
+        if rev != seen_rev:
             seen_rev = rev
             while True:
                 entries, more = await run_in_threadpool(_page, m, q, cursor)

@@ -171,15 +171,35 @@ def register(app: typer.Typer) -> None:
         listen: str = typer.Option("127.0.0.1:8443", "--listen", help="HOST:PORT"),
         tls_cert: str | None = typer.Option(None, "--tls-cert"),
         tls_key: str | None = typer.Option(None, "--tls-key"),
+        flows_db: str | None = typer.Option(
+            None, "--flows-db", help="flow records' SQLite file (default: <db>.flows)"
+        ),
+        flow_retention: str = typer.Option("24h", "--flow-retention", help="keep flow records this long"),
+        flow_max_records: int = typer.Option(
+            10_000_000, "--flow-max-records", min=1000, help="keep at most this many flow records"
+        ),
+        metrics_address: str | None = typer.Option(
+            None, "--metrics-address", help="serve Prometheus /metrics on HOST:PORT (no auth; off by default)"
+        ),
     ) -> None:
-        """Run the manager (REST API, store, compiler, host feeds)."""
+        """Run the manager (REST API, store, compiler, host feeds, flow records)."""
         import logging
 
-        from omniwall.manager.server import serve
+        from omniwall.manager.server import FlowOptions, serve
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
-            serve(db, listen, tls_cert, tls_key)
+            from omniwall.api.errors import ApiError
+            from omniwall.api.flows import parse_duration
+
+            try:
+                retention = parse_duration(flow_retention, "flow-retention")
+            except ApiError as e:
+                raise ValueError(
+                    f"--flow-retention {flow_retention!r}: expected a duration like 30m, 24h or 7d"
+                ) from e
+            flows = FlowOptions(flows_db, retention, flow_max_records)
+            serve(db, listen, tls_cert, tls_key, flows=flows, metrics_address=metrics_address)
         except (ValueError, OSError) as err:
             _fail(str(err))
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from omniwall.store import open_store
 
+from .flows import FlowService
+from .flowstore import SqliteFlowStore
 from .service import Manager
 from .tokens import token_file_for
 
@@ -30,23 +33,61 @@ def build(db: str) -> tuple[Manager, Path | None]:
     return manager, written
 
 
-def serve(db: str, listen: str, tls_cert: str | None = None, tls_key: str | None = None) -> None:
+@dataclass(frozen=True, slots=True)
+class FlowOptions:
+    """Where flow records go and how long they stay (docs/flows.md)."""
+
+    db: str | None = None  # default: `<store>.flows` next to the store (`:memory:` for a memory store)
+    retention: float = 24 * 3600.0  # seconds
+    max_records: int = 10_000_000
+
+    def path_for(self, store_db: str) -> str:
+        if self.db:
+            return self.db
+        return ":memory:" if store_db == ":memory:" else f"{store_db}.flows"
+
+
+def flow_service(store_db: str, options: FlowOptions) -> FlowService:
+    return FlowService(
+        SqliteFlowStore(options.path_for(store_db)),
+        retention=options.retention,
+        max_records=options.max_records,
+    )
+
+
+def serve(
+    db: str,
+    listen: str,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    *,
+    flows: FlowOptions | None = None,
+    metrics_address: str | None = None,
+) -> None:
     import uvicorn
 
+    from omniwall.api import metrics
     from omniwall.api.app import create_app
 
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     host, port = parse_listen(listen)
+    if metrics_address:
+        parse_listen(metrics_address)  # a bad address fails before anything starts
     manager, _ = build(db)
-    app = create_app(manager)
+    flow_opts = flows or FlowOptions()
+    app = create_app(manager, flows=flow_service(db, flow_opts))
+    if metrics_address:
+        metrics.serve(app.state.metrics, metrics_address)
+        log.info("metrics on http://%s/metrics", metrics_address)
     log.info(
-        "manager on %s://%s:%d, store %s at revision %d",
+        "manager on %s://%s:%d, store %s at revision %d, flows in %s",
         "https" if tls_cert else "http",
         host,
         port,
         db,
         manager.revision,
+        flow_opts.path_for(db),
     )
     uvicorn.run(
         app,
