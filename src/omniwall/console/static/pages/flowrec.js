@@ -30,7 +30,7 @@ export function flowOf(r) {
     dport: pick(r, "dport", "port") || 0,
     packets: pick(r, "packets") || 0,
     bytes: pick(r, "bytes") || 0,
-    count: pick(r, "count") || 1,
+    count: pick(r, "count") ?? 1,
     final: pick(r, "final"),
     srcWorkload: pick(r, "src_workload", "srcWorkload"),
     dstWorkload: pick(r, "dst_workload", "dstWorkload"),

@@ -50,7 +50,8 @@ export function mount(root, ctx) {
       el("td", { class: "mono" }, portText(f)),
       el("td", verdictBadge(f.verdict)),
       el("td", ruleCell(f)),
-      el("td", { class: "right" }, num(f.count)),
+      // a connection's completion record carries count 0 (its start was counted already)
+      el("td", { class: "right" }, f.count === 0 && f.final ? el("span", { class: "muted small" }, "ended") : num(f.count)),
       el("td", { class: "right" }, num(f.packets)),
       el("td", el("a", { href: explainHref(f), class: "explain" }, "explain")));
     if (old) old.tr.replaceWith(tr);

@@ -134,19 +134,32 @@ function draw({ nodes, edges }) {
     defs, svg("g", {}, paths), svg("g", {}, circles));
 }
 
+// Only the allowed (or denied) part of each edge, and the nodes those edges touch.
+function keep(graph, show) {
+  if (show === "all") return graph;
+  const edges = graph.edges
+    .map((e) => ({ ...e, allowed: show === "allowed" ? e.allowed : 0, denied: show === "denied" ? e.denied : 0 }))
+    .filter((e) => e.allowed + e.denied > 0);
+  const used = new Set(edges.flatMap((e) => [e.src, e.dst]));
+  return { nodes: new Map([...graph.nodes].filter(([id]) => used.has(id))), edges };
+}
+
 export function mount(root, ctx) {
   const since = WINDOWS.includes(ctx.params.get("since")) ? ctx.params.get("since") : "15m";
   const by = ctx.params.get("by") === "group" ? "group" : "workload";
+  const show = ["allowed", "denied"].includes(ctx.params.get("show")) ? ctx.params.get("show") : "all";
   const controls = el("form", { class: "filters" },
     el("label", "window", el("select", { name: "since", "data-control": "view" }, WINDOWS.map((w) => el("option", { value: w, selected: w === since }, `last ${w}`)))),
-    el("label", "nodes", el("select", { name: "by", "data-control": "view" }, ["workload", "group"].map((w) => el("option", { value: w, selected: w === by }, w)))));
+    el("label", "nodes", el("select", { name: "by", "data-control": "view" }, ["workload", "group"].map((w) => el("option", { value: w, selected: w === by }, w)))),
+    el("label", "edges", el("select", { name: "show", "data-control": "view" }, ["all", "allowed", "denied"].map((w) => el("option", { value: w, selected: w === show }, w)))));
   controls.addEventListener("change", () => { location.hash = route("/map", Object.fromEntries(new FormData(controls).entries())); });
   controls.addEventListener("submit", (ev) => ev.preventDefault());
   const body = el("div");
   replace(root,
     el("h1", "Dependency map", el("span", { class: "muted small" }, "who talked to whom; an edge per direction")),
     controls, body);
-  poll(ctx, body, 5000, () => load(ctx, since, by), ({ graph, source }) => {
+  poll(ctx, body, 5000, () => load(ctx, since, by), ({ graph: all, source }) => {
+    const graph = keep(all, show);
     if (!graph.nodes.size) return el("p", { class: "muted", id: "map-empty" }, `No flows in the last ${since}.`);
     const table = el("table", { class: "small", id: "edges" },
       el("thead", el("tr", el("th", "from"), el("th", "to"), el("th", { class: "right" }, "allowed"), el("th", { class: "right" }, "denied"))),

@@ -60,8 +60,9 @@ function ruleRow(p, r, spec, hits, unused) {
   const flowHits = hit ? hit.total ?? hit.hits ?? hit.count : null;
   const last = hit ? hit.last_hit ?? hit.lastHit ?? hit.last : null;
   const listedUnused = hitOf(unused, tenant, name, r.rule, r.ruleId);
-  // Unused: listed by the flow API's window, or no kernel hit and no flow record at all.
-  const isUnused = r.installed && !r.disabled && (listedUnused !== undefined || (!r.packets && !flowHits));
+  // Unused: no kernel hit, and no flow record over the window (a `pass` rule decides nothing, so it
+  // has no flow record of its own: its kernel counter tells whether traffic reaches it).
+  const isUnused = r.installed && !r.disabled && !r.packets && (listedUnused !== undefined || !flowHits);
   return el("tr", { "data-rule": r.rule, class: isUnused ? "unused" : null },
     el("td", el("strong", r.rule), r.ruleId !== null && r.ruleId !== undefined ? el("div", { class: "muted small" }, `id ${r.ruleId}`) : null),
     el("td", badge(r.action || spec?.action || "?", r.action === "allow" ? "ok" : r.action === "pass" ? "neutral" : "bad")),
