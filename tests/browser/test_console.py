@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 import httpx
-from conftest import HOSTILE, HOSTILE_SELECTOR, World, sign_in
+from browserkit import HOSTILE, HOSTILE_SELECTOR, World, sign_in
 from flowfeed import hop_records, post_records
 
 from omniwall.console.routes import CSP
@@ -177,3 +177,20 @@ def test_the_map_draws_allowed_and_denied_edges(world: World, page: Any) -> None
     assert edge.count() == 1
     assert "mixed" in (edge.get_attribute("class") or "")  # allowed and denied on the same edge
     assert page.locator("svg#map g.node text", has_text="acme/web-1").count() == 1
+
+
+def test_the_audit_log_shows_a_change_live(world: World, page: Any) -> None:
+    sign_in(page, world.url, world.tokens["auditor"], "audit")
+    page.wait_for_selector("#audit-state:text('live')")
+    r = httpx.post(
+        f"{world.url}/v1/services",
+        json={
+            "kind": "Service",
+            "metadata": {"name": "live-audit", "tenant": "acme"},
+            "spec": {"protocol": "tcp"},
+        },
+        headers=_auth(world.tokens["admin"]),
+    )
+    assert r.status_code == 200, r.text
+    # no reload: /v1/audit/watch brings the entry
+    page.locator("#audit-rows tr", has_text="Service/acme/live-audit").first.wait_for(timeout=5000)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import sign_in
+from browserkit import sign_in
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "three-tier"
 
