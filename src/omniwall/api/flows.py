@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from omniwall.flows.record import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, VERDICTS
 from omniwall.manager import insight
+from omniwall.manager.flowgraph import build_graph
 from omniwall.manager.flows import FlowService, to_rows
 from omniwall.manager.flowstore import COLUMNS, FlowQuery, Row
 from omniwall.manager.service import Manager
@@ -620,7 +621,8 @@ def router() -> APIRouter:
             q = _with(q, since=now - span)
         cols = ("src", "src_workload", "src_tenant", "dst", "dst_workload", "dst_tenant", "verdict")
         rows = flows_of(request).store.aggregate(q, cols)
-        return build_graph(rows, by, q.scope_tenant, m, window)
+        catalog, _ = m.snapshot_catalog()
+        return {"window": window, "by": by, **build_graph(rows, by, q.scope_tenant, catalog)}
 
     @r.get(
         "/v1/flows/hits",
@@ -781,87 +783,6 @@ def _agent_totals(hosts: dict[str, dict[str, Any]]) -> dict[str, int]:
 
 def _event(kind: str, data: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-# ---------------------------------------------------------------------------------------------- graph
-
-
-def build_graph(
-    rows: list[tuple[Any, ...]], by: str, scope: str | None, m: Manager, window: str
-) -> dict[str, Any]:
-    """Aggregated (src, src_workload, src_tenant, dst, dst_workload, dst_tenant, verdict, count) rows ->
-    nodes and edges. A workload the reader may not see is its address; by group, an end in no group the
-    reader sees is its workload (or address)."""
-    groups = _group_index(m, scope) if by == "group" else None
-    nodes: dict[str, dict[str, str]] = {}
-    edges: dict[tuple[str, str], dict[str, int]] = {}
-
-    def ends(addr: str, wl: str | None, tenant: str | None) -> list[str]:
-        visible_wl = wl if wl is not None and (scope is None or tenant == scope) else None
-        if groups is not None:
-            ids = groups(addr, visible_wl)
-            if ids:
-                for gid in ids:
-                    nodes.setdefault(gid, {"id": gid, "kind": "group", "name": gid.split(":", 1)[1]})
-                return ids
-        if visible_wl is not None:
-            nid = f"workload:{visible_wl}"
-            nodes.setdefault(nid, {"id": nid, "kind": "workload", "name": visible_wl})
-        else:
-            nid = f"address:{addr}"
-            nodes.setdefault(nid, {"id": nid, "kind": "address", "name": addr})
-        return [nid]
-
-    for src, swl, st, dst, dwl, dt, verdict, count in rows:
-        for s in ends(src, swl, st):
-            for d in ends(dst, dwl, dt):
-                e = edges.setdefault((s, d), {})
-                e[verdict] = e.get(verdict, 0) + int(count)
-    return {
-        "window": window,
-        "by": by,
-        "nodes": sorted(nodes.values(), key=lambda n: n["id"]),
-        "edges": [
-            {"source": s, "target": d, "verdicts": v, "total": sum(v.values())}
-            for (s, d), v in sorted(edges.items())
-        ],
-    }
-
-
-def _group_index(m: Manager, scope: str | None) -> Callable[[str, str | None], list[str]]:
-    """(address, visible workload) -> ids of the groups (visible to the reader) it is a member of."""
-    catalog, _ = m.snapshot_catalog()
-    by_wl: dict[str, list[str]] = {}
-    by_addr: dict[str, list[str]] = {}
-    nets: list[tuple[Any, str]] = []
-    for t, n in sorted(catalog.groups):
-        if scope is not None and not catalog.group_visible(scope, (t, n)):
-            continue
-        gid = f"group:{t}/{n}"
-        members = insight.group_members(catalog, t, n)
-        for w in members["workloads"]:
-            by_wl.setdefault(w["workload"], []).append(gid)
-        for a in members["addresses"]:
-            by_addr.setdefault(a, []).append(gid)
-        for c in members["cidrs"]:
-            nets.append((ipaddress.ip_network(c), gid))
-    cache: dict[tuple[str, str | None], list[str]] = {}
-
-    def lookup(addr: str, wl: str | None) -> list[str]:
-        key = (addr, wl)
-        hit = cache.get(key)
-        if hit is None:
-            ids = set(by_wl.get(wl, ())) if wl else set()
-            ids.update(by_addr.get(addr, ()))
-            try:
-                ip = ipaddress.ip_address(addr)
-                ids.update(g for net, g in nets if ip.version == net.version and ip in net)
-            except ValueError:
-                pass
-            hit = cache[key] = sorted(ids)
-        return hit
-
-    return lookup
 
 
 __all__ = ["VERDICTS", "FlowBatchIn", "FlowRecordIn", "parse_duration", "parse_time", "present", "router"]

@@ -84,8 +84,7 @@ class ManagerCollector(Collector):
             "Flow records per deciding policy and verdict",
             labels=["policy", "verdict"],
         )
-        with svc._lock:  # a consistent copy; the dict is small (bounded in manager/flows.py)
-            counts = dict(svc.verdicts)
+        counts = svc.verdict_counts()
         per_policy: dict[str, int] = {}
         for (pol, _), n in counts.items():
             per_policy[pol] = per_policy.get(pol, 0) + n

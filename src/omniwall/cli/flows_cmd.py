@@ -12,6 +12,7 @@ sees. Server and token as for every client command (`--server`/`--token`, OMNIWA
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -102,6 +103,7 @@ def _follow(api: Any, params: dict[str, Any], json_out: bool) -> None:
                             style=VERDICT_STYLE.get(data["verdict"]),
                             highlight=False,
                         )
+                        sys.stdout.flush()  # a pipe (| grep) sees each record as it comes
                 elif kind == "stats":
                     lost = {
                         **data.get("dropped", {}),

@@ -348,6 +348,11 @@ class FlowService:
         self.subscribers.discard(s)
 
     # ------------------------------------------------------------------ numbers
+    def verdict_counts(self) -> dict[tuple[str, str], int]:
+        """("tenant/policy", verdict) -> records, bounded (POLICY_SERIES, then "(other)")."""
+        with self._lock:
+            return dict(self.verdicts)
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {
