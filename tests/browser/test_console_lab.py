@@ -80,3 +80,21 @@ def test_a_rule_kernel_hit_count_rises_after_traffic(lab: tuple[Any, Any], page:
     )
     flows = page.locator("[data-policy='tenant-a/shop'] tr[data-rule=web-to-app] td.flow-hits")
     assert flows.text_content() not in ("—", "0")
+
+
+def test_the_demo_background_traffic_keeps_the_flow_table_alive(lab: tuple[Any, Any], page: Any) -> None:
+    from omniwall.demo import BackgroundTraffic, demo_flows
+
+    lab_, cp = lab
+    sign_in(page, cp.url, cp.admin_token, "flows")
+    page.wait_for_selector("#flow-state:text('live')")
+    traffic = BackgroundTraffic(lab_, demo_flows(), period=0.5)
+    assert traffic.allowed and traffic.denied
+    traffic.start()
+    try:
+        # rows that arrived over the stream (class "new"), allowed and denied
+        page.locator("#flow-rows tr.new[data-verdict=allowed]").first.wait_for(timeout=15_000)
+        page.locator("#flow-rows tr.new[data-verdict=denied]").first.wait_for(timeout=15_000)
+    finally:
+        traffic.stop()
+    assert not traffic._thread.is_alive()
