@@ -47,7 +47,7 @@ export function mount(root, ctx) {
       el("td", f.hop || "—"),
       el("td", f.workload || el("span", { class: "muted small" }, "another tenant's")),
       el("td", endpoint(f.srcWorkload, f.src, f.sport), el("span", { class: "muted" }, " → "), endpoint(f.dstWorkload, f.dst, 0)),
-      el("td", { class: "mono" }, portText(f)),
+      el("td", { class: "mono svc" }, portText(f)),
       el("td", verdictBadge(f.verdict)),
       el("td", ruleCell(f)),
       // a connection's completion record carries count 0 (its start was counted already)
