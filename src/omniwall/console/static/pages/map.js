@@ -99,7 +99,11 @@ function draw({ nodes, edges }) {
     const kind = e.allowed && e.denied ? "mixed" : e.denied ? "denied" : "allowed";
     const title = `${labelOf({ nodes }, e.src)} → ${labelOf({ nodes }, e.dst)}: ${num(e.allowed)} allowed, ${num(e.denied)} denied`;
     if (e.src === e.dst) {
-      const d = `M${a.x},${a.y} c 40,-50 80,0 0,14`;
+      // a small loop on the inner side of the node (its label is on the outer side)
+      const r = 11;
+      const lx = a.x - Math.cos(a.a) * (8 + r);
+      const ly = a.y - Math.sin(a.a) * (8 + r);
+      const d = `M${(lx - r).toFixed(1)},${ly.toFixed(1)} a${r},${r} 0 1,0 ${2 * r},0 a${r},${r} 0 1,0 ${-2 * r},0`;
       return svg("path", { d, class: ["edge", kind], "stroke-width": width(e.allowed + e.denied), "data-src": e.src, "data-dst": e.dst }, svg("title", {}, title));
     }
     // bend each edge to its right so a -> b and b -> a stay apart; stop short of the node's circle

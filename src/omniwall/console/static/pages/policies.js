@@ -95,12 +95,13 @@ function policyPanel(p, real, hits, unused) {
       el("tbody", real.rules.map((r) => ruleRow(p, r, specRules.get(r.rule), hits, unused)))));
 }
 
-function build(data) {
+function build(data, tenantScoped) {
   const hits = indexRules(data.hits);
   const unused = indexRules(data.unused);
   const hasFlowApi = data.hits !== null;
   const out = [el("h1", "Policies", el("span", { class: "muted small" },
     "in evaluation order: category, then priority; first match wins"))];
+  if (tenantScoped) out.push(el("p", { class: "muted small" }, "Your tenant's policies; the provider's (emergency, infrastructure) are not shown to tenant tokens (in the flow table, a verdict of theirs reads “a rule of another tenant”)."));
   if (!hasFlowApi) out.push(el("p", { class: "muted small" }, "No flow statistics on this manager: hits are the kernel counters the agents report."));
   const sorted = data.pols.map((p, i) => [p, data.real[i]]);
   sorted.sort(([a], [b]) => (a.spec.priority ?? 0) - (b.spec.priority ?? 0) ||
@@ -115,6 +116,7 @@ function build(data) {
 }
 
 export function mount(root, ctx) {
-  poll(ctx, root, 4000, () => load(ctx), build);
+  const tenantScoped = ctx.principal.role.startsWith("tenant-");
+  poll(ctx, root, 4000, () => load(ctx), (data) => build(data, tenantScoped));
   return null;
 }
