@@ -91,13 +91,6 @@ def record(i: int, workloads: int, hosts: int, now: float, rnd: random.Random) -
     }
 
 
-class Rec:
-    """A record as attributes (to_rows takes FlowRecord-likes)."""
-
-    def __init__(self, d: dict[str, Any]) -> None:
-        self.__dict__.update(d)
-
-
 # ---------------------------------------------------------------------------------------------- posters
 
 
@@ -170,7 +163,7 @@ def prefill(path: str, n: int, workloads: int, hosts: int, hot: int) -> None:
             d["start"], d["end"] = now - age - 1, now - age
             if i % 10 == 0:
                 d["dst"] = ip(hot)
-            recs.append(Rec(d))
+            recs.append(d)
         conn.execute("BEGIN")
         conn.executemany(_INSERT, to_rows("h0", recs, book))
         conn.execute("COMMIT")
@@ -229,7 +222,7 @@ def main() -> None:
         rnd = random.Random(2)
         now = time.time()
         book = AddressBook.of(Catalog.of(load_documents(world(args.workloads, args.hosts), "world.yaml")))
-        sample = [Rec(record(i, args.workloads, args.hosts, now, rnd)) for i in range(200_000)]
+        sample = [record(i, args.workloads, args.hosts, now, rnd) for i in range(200_000)]
         rows = to_rows("h0", sample, book)
         result["baseline_store_insert_per_s"] = round(baseline_insert(rows, args.batch, 3, tmp))
         result["baseline_bare_sqlite_insert_per_s"] = round(baseline_bare(rows, args.batch, 3))

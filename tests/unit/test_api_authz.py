@@ -18,7 +18,6 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -977,10 +976,7 @@ def seeded_flows(m: Manager) -> FlowService:
         ("h1", "egress", "acme/web1", "acme", "allowed"),
         ("h2", "ingress", "other/db1", "other", "denied"),
     ):
-        rec = SimpleNamespace(
-            **flow_record(host, hop, wl, tenant, verdict=verdict, sport=0, packets=1, bytes=60)
-        )
-        rec.count, rec.final = 1, True
+        rec = flow_record(host, hop, wl, tenant, verdict=verdict, packets=1, bytes=60)
         svc.submit(host, to_rows(host, [rec], book), {"kernel": 3})
     assert svc.flush(10)
     return svc

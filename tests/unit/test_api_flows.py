@@ -284,6 +284,7 @@ def test_filters_and_pagination(env: tuple[TestClient, Manager, dict[str, dict[s
         ({"since": "yesterday"}, "query.since"),
         ({"port": "99999"}, "query.port"),
         ({"rule": "a/b"}, "query.rule"),
+        ({"workload": "ta/web", "group": "ta/webs"}, "query.group"),
     ],
 )
 def test_bad_filters_answer_422_naming_the_field(
@@ -455,3 +456,39 @@ def test_the_flow_store_lives_in_its_own_file(tmp_path: Any) -> None:
         svc.close()
     m = Manager(MemoryStore())
     assert m is not None
+
+
+def test_cli_flows_table_json_and_follow(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, env: tuple[TestClient, Manager, dict[str, dict[str, str]]]
+) -> None:
+    """`omniwall flows` against a served manager: a table naming the rule, JSON, and --follow --since."""
+    from apihelpers import serving
+    from typer.testing import CliRunner
+
+    from omniwall.cli.main import app as cli
+
+    c, m, h = env
+    connection(c, m, h)
+    app = c.app
+    with serving(app, timeout_graceful_shutdown=1) as url:  # type: ignore[arg-type]
+        monkeypatch.setenv("OMNIWALL_SERVER", url)
+        monkeypatch.setenv("OMNIWALL_TOKEN", h["ta"]["Authorization"].split()[1])
+        monkeypatch.setenv("OMNIWALL_CONFIG", str(tmp_path / "none.yaml"))
+        monkeypatch.setenv("COLUMNS", "200")
+        runner = CliRunner()
+        res = runner.invoke(cli, ["flows", "--since", "1h"])
+        assert res.exit_code == 0, res.output
+        assert "ta/out/to-db" in res.output and "(other tenant)" in res.output
+        assert "secretdb" not in res.output
+        res = runner.invoke(cli, ["flows", "--verdict", "denied", "-o", "json"])
+        assert res.exit_code == 0, res.output
+        (denied,) = json.loads(res.output)
+        assert denied["dst"] == "10.2.0.1" and denied["dst_workload"] is None
+        res = runner.invoke(cli, ["flows", "--follow", "--since", "1h", "--limit", "2", "-o", "json"])
+        assert res.exit_code == 0, res.output
+        assert sorted(json.loads(line)["verdict"] for line in res.output.splitlines()) == [
+            "allowed",
+            "denied",
+        ]
+        res = runner.invoke(cli, ["flows", "--workload", "tb/secretdb"])
+        assert res.exit_code == 1 and "not found" in res.output

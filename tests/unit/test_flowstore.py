@@ -8,7 +8,6 @@ import random
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -153,7 +152,7 @@ def _book() -> AddressBook:
     return AddressBook.of(c)
 
 
-def record(**kw: object) -> SimpleNamespace:
+def record(**kw: object) -> dict[str, object]:
     d: dict[str, object] = {
         "start": T0,
         "end": T0 + 1,
@@ -179,7 +178,7 @@ def record(**kw: object) -> SimpleNamespace:
         "final": True,
     }
     d.update(kw)
-    return SimpleNamespace(**d)
+    return d
 
 
 def test_enrichment_names_both_ends_from_the_model() -> None:

@@ -36,7 +36,9 @@ def create_app(manager: Manager, *, watch: bool = True, flows: FlowService | Non
             yield
         finally:
             manager.stop_watch()
-            flow_service.close()  # writes what is queued first
+            # Write what is queued; the service stays usable (an app may be served again, as tests
+            # do). Whoever made the service closes it (manager/server.py after uvicorn returns).
+            flow_service.flush(30)
 
     app = FastAPI(
         title="Omniwall manager",

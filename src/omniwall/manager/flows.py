@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from omniwall.model.catalog import Catalog
 
@@ -41,35 +41,13 @@ log = logging.getLogger(__name__)
 QUEUE_RECORDS = 500_000  # records waiting for the writer before batches are dropped
 WRITE_BATCH = 50_000  # records per write transaction at most (batches are coalesced up to it)
 SUBSCRIBER_RECORDS = 10_000  # records a live-stream reader may lag behind before it loses some
+MAX_SUBSCRIBERS = 256  # live readers at once: each costs a filter pass per record ingested
 POLICY_SERIES = 1_000  # distinct (policy, verdict) counters kept before the rest go to "(other)"
 DROP_PLACES = ("manager-queue", "manager-store")
 
 
-class RecordLike(Protocol):
-    """A FlowRecord, or the API's validated model of one (same field names)."""
-
-    start: float
-    end: float
-    host: str
-    hop: str
-    ifname: str
-    workload: str
-    verdict: str
-    rule_id: int
-    rule_tenant: str
-    policy: str
-    rule: str
-    category: str
-    revision: int
-    proto: str
-    src: str
-    dst: str
-    sport: int
-    dport: int
-    packets: int
-    bytes: int
-    count: int
-    final: bool
+# A record as the API parsed it: a dict with FlowRecord's fields (FlowRecord.to_json() gives one too).
+RecordDict = Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,42 +70,43 @@ class AddressBook:
         return AddressBook(addresses, hosts)
 
 
-def to_rows(host: str, records: Iterable[RecordLike], book: AddressBook) -> list[Row]:
+def to_rows(host: str, records: Iterable[RecordDict], book: AddressBook) -> list[Row]:
     """Stored rows (flowstore.COLUMNS order) of one host's records, each end named from the model."""
     look = book.addresses.get
     out: list[Row] = []
     for r in records:
-        s = look(r.src)
-        d = look(r.dst)
-        if r.hop == "egress":
-            if s is None and book.hosts.get(r.workload) == host:
-                s = (r.workload, r.workload.partition("/")[0])
-        elif d is None and book.hosts.get(r.workload) == host:
-            d = (r.workload, r.workload.partition("/")[0])
+        s = look(r["src"])
+        d = look(r["dst"])
+        wl = r["workload"]
+        if r["hop"] == "egress":
+            if s is None and book.hosts.get(wl) == host:
+                s = (wl, wl.partition("/")[0])
+        elif d is None and book.hosts.get(wl) == host:
+            d = (wl, wl.partition("/")[0])
         out.append(
             (
-                r.start,
-                r.end,
+                r["start"],
+                r["end"],
                 host,
-                r.hop,
-                r.ifname,
-                r.workload,
-                r.verdict,
-                r.rule_id,
-                r.rule_tenant,
-                r.policy,
-                r.rule,
-                r.category,
-                r.revision,
-                r.proto,
-                r.src,
-                r.dst,
-                r.sport,
-                r.dport,
-                r.packets,
-                r.bytes,
-                r.count,
-                int(r.final),
+                r["hop"],
+                r["ifname"],
+                r["workload"],
+                r["verdict"],
+                r["rule_id"],
+                r["rule_tenant"],
+                r["policy"],
+                r["rule"],
+                r["category"],
+                r["revision"],
+                r["proto"],
+                r["src"],
+                r["dst"],
+                r.get("sport", 0),
+                r.get("dport", 0),
+                r.get("packets", 0),
+                r.get("bytes", 0),
+                r.get("count", 1),
+                int(r.get("final", True)),
                 s[0] if s else None,
                 s[1] if s else None,
                 d[0] if d else None,
@@ -340,6 +319,9 @@ class FlowService:
 
     # ------------------------------------------------------------------ live readers
     def subscribe(self) -> Subscription:
+        """A new live reader (on the running event loop); LookupError when MAX_SUBSCRIBERS read already."""
+        if len(self.subscribers) >= MAX_SUBSCRIBERS:
+            raise LookupError(f"{MAX_SUBSCRIBERS} live flow readers already; try again later")
         s = Subscription(asyncio.get_running_loop())
         self.subscribers.add(s)
         return s
@@ -375,4 +357,4 @@ class FlowService:
             }
 
 
-__all__ = ["AddressBook", "FlowService", "HostFlows", "RecordLike", "Subscription", "to_rows"]
+__all__ = ["AddressBook", "FlowService", "HostFlows", "RecordDict", "Subscription", "to_rows"]

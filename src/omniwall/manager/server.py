@@ -89,15 +89,18 @@ def serve(
         manager.revision,
         flow_opts.path_for(db),
     )
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        ssl_certfile=tls_cert,
-        ssl_keyfile=tls_key,
-        log_level="info",
-        # Agents ack each change on a second connection, often more than uvicorn's default 5 s apart:
-        # a fresh TCP (TLS) connection per ack cost both sides more than the ack. Longer than the
-        # agents' own keep-alive (AGENT_KEEPALIVE), so the client always closes first (no reuse race).
-        timeout_keep_alive=SERVER_KEEPALIVE,
-    )
+    try:
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            ssl_certfile=tls_cert,
+            ssl_keyfile=tls_key,
+            log_level="info",
+            # Agents ack each change on a second connection, often more than uvicorn's default 5 s apart:
+            # a fresh TCP (TLS) connection per ack cost both sides more than the ack. Longer than the
+            # agents' own keep-alive (AGENT_KEEPALIVE), so the client always closes first (no reuse race).
+            timeout_keep_alive=SERVER_KEEPALIVE,
+        )
+    finally:
+        app.state.flows.close()  # the queue is written before the process ends
