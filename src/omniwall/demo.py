@@ -8,7 +8,9 @@ a manager (SQLite, 127.0.0.1) and one agent per host (`omniwall.lab.managed`), a
 through the API, waits until each host's kernel realized its desired revision, then probes every ordered
 pair of workloads with real connections and prints the matrix next to what the policy says (the sim,
 `omniwall.lab.expect`), the design's named flows, the API URL and an admin token. It then stays up for
-your own `curl`/`omniwall` commands until Ctrl-C (or SIGTERM), and tears everything down.
+your own `curl`/`omniwall` commands until Ctrl-C (or SIGTERM), and tears everything down. While it stays
+up it prints the web console's URL (`/ui/`) with an admin and an auditor token, and probes one allowed and
+one denied flow about every second (`BackgroundTraffic`), so the console is alive when opened.
 `--once`: no waiting (tests, CI). Exit status 1 when a measured result differs from the expectation.
 
 `--offline`: no lab; the example is validated, compiled and explained flow by flow by the sim (the
@@ -25,6 +27,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -273,10 +276,16 @@ def run_live(directory: Path, *, once: bool, console: Console) -> int:
                 console.print(f"[bold green]all {len(entries)} probes agree with the policy[/]")
             _print_access(console, lab.name, cp.url, cp.admin_token)
             if not once:
+                _print_console(console, cp)
                 console.print("[bold]the lab stays up; Ctrl-C tears it down[/]")
-                with contextlib.suppress(KeyboardInterrupt):
-                    while True:
-                        time.sleep(3600)
+                traffic = BackgroundTraffic(lab, demo_flows())
+                traffic.start()
+                try:
+                    with contextlib.suppress(KeyboardInterrupt):
+                        while True:
+                            time.sleep(3600)
+                finally:
+                    traffic.stop()
                 # A second Ctrl-C must not cut the teardown short (it would leave namespaces behind).
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 console.print("\ntearing down ...")
@@ -307,6 +316,56 @@ def _print_access(console: Console, name: str, url: str, token: str) -> None:
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _print_console(console: Console, cp: Any) -> None:
+    """The web console's URL and two sign-in tokens: the admin's and a read-only auditor's."""
+    auditor = cp.api("POST", "/v1/tokens", json={"role": "auditor", "name": "demo-auditor"})["token"]
+    console.print(
+        "[bold]web console[/] (live flows, map, policies, groups, hosts, audit; docs/console.md)\n"
+        f"  open:          {cp.url}/ui/\n"
+        f"  sign in with:  {cp.admin_token}   (provider admin)\n"
+        f"            or:  {auditor}   (auditor: sees everything, changes nothing)\n"
+        "  background traffic: one allowed and one denied probe about every second, until Ctrl-C\n",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+class BackgroundTraffic:
+    """Bounded background probes so the console has something to show: each round, one allowed and one
+    denied flow of the design (between lab workloads), one round at most every `period` s, in one thread,
+    until `stop()`."""
+
+    def __init__(self, lab: Any, flows: Sequence[Flow], period: float = 1.0) -> None:
+        workloads = {w.key for w in lab.plan.workloads}
+        inside = [f for f in flows if f.src in workloads and f.dst in workloads]
+        self.allowed = [f for f in inside if f.expect_allowed]
+        self.denied = [f for f in inside if not f.expect_allowed]
+        self.lab, self.period = lab, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-traffic", daemon=True)
+
+    def start(self) -> None:
+        if self.allowed or self.denied:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            for pool in (self.allowed, self.denied):
+                if pool:
+                    f = pool[n % len(pool)]
+                    with contextlib.suppress(Exception):  # a probe failing must not end the demo
+                        self.lab.probe(f.src, f.dst, f.proto, f.port, timeout=0.5)
+            n += 1
+            self._stop.wait(max(0.0, self.period - (time.monotonic() - started)))
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -150,6 +150,9 @@ UNSCOPED = frozenset(
         "GET /docs",
         "GET /docs/oauth2-redirect",
         "GET /redoc",
+        "GET /ui",
+        "GET /ui/",
+        "GET /ui/{asset:path}",
         "GET /healthz",
         "GET /v1/whoami",
         "GET /v1/status",
@@ -513,6 +516,8 @@ def _admin_rows() -> list[Case]:
             Case(f"public {p}", "GET", p, everyone, None, public=True)
             for p in ("/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
         ),
+        # the web console's assets: no data, no token (every datum comes from /v1 with the user's token)
+        *(Case(f"console {p}", "GET", p, everyone, None, public=True) for p in ("/ui", "/ui/", "/ui/app.js")),
         Case("whoami", "GET", "/v1/whoami", everyone, None),
         Case("status", "GET", "/v1/status", READERS, "resources.read"),
         Case("list tokens", "GET", "/v1/tokens", ONLY_PROVIDER, "tokens.admin"),

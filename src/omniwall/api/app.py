@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from omniwall import __version__
+from omniwall import console as web_console
 from omniwall.manager.flows import FlowService
 from omniwall.manager.flowstore import SqliteFlowStore
 from omniwall.manager.service import Manager
@@ -63,4 +64,5 @@ def create_app(manager: Manager, *, watch: bool = True, flows: FlowService | Non
     # Before resources, like the feed routes: /v1/hosts/{host}/feed must not be taken for a Host "feed".
     app.include_router(migrate_api.router())
     app.include_router(resources.router())
+    app.include_router(web_console.router())  # GET /ui/: the web console's assets (no data)
     return app
