@@ -285,12 +285,14 @@ class _AdminTranslator:
 def with_namespace_labels(
     workloads: Sequence[Workload], tenant: str, namespaces: Mapping[str, Mapping[str, str]]
 ) -> list[Workload]:
-    """The tenant's pods with their namespace's labels as `k8s.namespace.labels.<key>` attributes
-    (earlier such attributes replaced; a namespace without an object gets its implicit name label)."""
+    """Every Workload given, the tenant's pods among them with their namespace's labels as
+    `k8s.namespace.labels.<key>` attributes (earlier such attributes replaced; a namespace without an
+    object gets its implicit name label): the output stands in for the Workloads file."""
     out = []
     for w in workloads:
         ns = w.spec.attributes.get(NAMESPACE_ATTRIBUTE)
         if w.tenant != tenant or not isinstance(ns, str):
+            out.append(w)
             continue
         attributes = {k: v for k, v in w.spec.attributes.items() if not k.startswith(NAMESPACE_LABEL_PREFIX)}
         attributes |= namespace_label_attributes({**namespaces.get(ns, {}), NAMESPACE_NAME_LABEL: ns})
