@@ -6,8 +6,9 @@ frozen, deterministic (sorted), JSON-serialisable, and carries the store revisio
 
 Semantics (docs/semantics.md is the long form):
 - Rules at a hop are ordered: categories (emergency, infrastructure, environment, application,
-  baseline), then policy priority, then policy name, then rule order. The vNIC's `egress`/`ingress` tuples are already in that
-  order. First match wins; `pass` jumps to the first rule of the next category; no match: `default_action`.
+  baseline), then policy priority, then policy name, then rule order. The vNIC's `egress`/`ingress`
+  tuples are already in that order. First match wins; `pass` jumps to the first rule of the next
+  category; no match: `default_action`.
 - A rule matches a packet when src is in `src_set` (None = any address), dst in `dst_set` (None = any),
   and the packet matches one of `services` (empty = any protocol, any port).
 - `monitor=True` (owner tenant in monitor mode): a drop/reject is logged as "would drop" and the packet is
