@@ -3,7 +3,10 @@ default action; provider only; no `pass`. Validated, compiled and judged by the 
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from apihelpers import auth, blank_client, issue_tokens, seeded_manager, use_manager
 
 from omniwall.compiler.build import compile_catalog
 from omniwall.compiler.ir import CATEGORIES, HostDesiredState
@@ -13,6 +16,7 @@ from omniwall.model.resources import CATEGORY_ORDER, PROVIDER_CATEGORIES, Catego
 from omniwall.model.validate import validate
 from omniwall.sim.evaluate import judge_connection
 from omniwall.sim.packet import Packet
+from omniwall.store.memory import MemoryStore
 
 INVENTORY = """
 kind: Host
@@ -167,3 +171,24 @@ spec:
     with pytest.raises(ValidationError) as exc:
         states(bad)
     assert "spec.category" in str(exc.value) and "baseline" in str(exc.value)
+
+
+def test_the_api_refuses_baseline_policies_from_a_tenant() -> None:
+    """`api/auth.py` reads PROVIDER_CATEGORIES: a tenant admin gets 403 naming the permission."""
+    client = blank_client()
+    m = seeded_manager(MemoryStore(), INVENTORY.replace("DEFAULT", "allow"))
+    use_manager(client, m)
+    tokens = issue_tokens(m, {"tenant": ("tenant-admin", {"tenant": "t"}), "admin": ("provider-admin", {})})
+    mine = {
+        "kind": "Policy",
+        "metadata": {"name": "mine", "tenant": "t"},
+        "spec": {"category": "baseline", "rules": [{"name": "x", "action": "drop"}]},
+    }
+    r = client.post("/v1/apply", content=json.dumps(mine), headers=auth(tokens["tenant"]))
+    assert r.status_code == 403 and "baseline" in r.json()["message"]
+    provider = {**mine, "metadata": {"name": "base", "tenant": "infra"}}
+    r = client.post("/v1/apply", content=json.dumps(provider), headers=auth(tokens["admin"]))
+    assert r.status_code == 200, r.text
+    bad = {**provider, "spec": {"category": "baseline", "rules": [{"name": "x", "action": "pass"}]}}
+    r = client.post("/v1/apply", content=json.dumps(bad), headers=auth(tokens["admin"]))
+    assert r.status_code == 422 and "spec.rules[0].action" in r.text
