@@ -11,6 +11,7 @@ imported, compiled with the real compiler and judged by the sim for every pair a
 from __future__ import annotations
 
 import ipaddress
+import os
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,14 +19,22 @@ from typing import Any
 
 import pytest
 import yaml
-from test_k8s_import import (  # the NetworkPolicy oracle and the test cluster
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_k8s_import import (  # the NetworkPolicy oracle, the test cluster, its random strategies
+    _KEYS,
+    _NS_KEYS,
+    _NS_VALUES,
+    _VALUES,
     EXTERNALS,
     NAMESPACES,
+    NS_NAME,
     PODS,
     PORTS,
     TENANT,
     VM,
     Endpoint,
+    _selectors,
     direction_allows,
     inventory_yaml,
     namespace_labels,
@@ -33,13 +42,19 @@ from test_k8s_import import (  # the NetworkPolicy oracle and the test cluster
     policy_types,
     selector_matches,
 )
+from test_k8s_import import (
+    _POLICIES as _NP_POLICIES,
+)
 
 from omniwall.compiler.build import compile_catalog
 from omniwall.k8s import K8sImportError, import_files
+from omniwall.k8s.labels import dynamic_namespace_clauses, namespace_label_attributes
+from omniwall.k8s.objects import _Problems, parse_label_selector
 from omniwall.k8s.output import to_yaml
 from omniwall.model.loader import load_text
 from omniwall.model.resources import Host, Workload
 from omniwall.model.validate import validate
+from omniwall.selectors import facts_of, parse
 from omniwall.sim import Packet, judge_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -555,3 +570,123 @@ def test_example_directory_matches_upstream() -> None:
                 if got != want:
                     bad.append(f"{src.name} -> {dst.name} {proto}/{port}: omniwall {got}, upstream {want}")
     assert bad == []
+
+
+# ------------------------------------------------------------------------------ random admin policies
+
+_NS_SEL = _selectors(_NS_KEYS, _NS_VALUES)
+_POD_SEL = _selectors(_KEYS, _VALUES)
+_SUBJECTS = st.one_of(
+    st.builds(lambda n: {"namespaces": n}, _NS_SEL),
+    st.builds(lambda n, p: {"pods": {"namespaceSelector": n, "podSelector": p}}, _NS_SEL, _POD_SEL),
+)
+_ADMIN_PEERS = st.one_of(
+    _SUBJECTS,
+    st.builds(
+        lambda nets: {"networks": nets},
+        st.lists(
+            st.sampled_from(["10.9.0.0/24", "10.9.1.1/32", "8.8.8.8/32", "10.20.0.0/16", "0.0.0.0/0"]),
+            min_size=1,
+            max_size=2,
+            unique=True,
+        ),
+    ),
+)
+_ADMIN_PORTS = st.one_of(
+    st.builds(
+        lambda proto, p: {"portNumber": {"protocol": proto, "port": p}},
+        st.sampled_from(["TCP", "UDP"]),
+        st.sampled_from([80, 53, 5432, 8080]),
+    ),
+    st.builds(
+        lambda proto, p: {"portRange": {"protocol": proto, "start": p, "end": p + 500}},
+        st.sampled_from(["TCP", "UDP"]),
+        st.sampled_from([1, 5000, 9000, 32000]),
+    ),
+    st.builds(lambda n: {"namedPort": n}, st.sampled_from(["http", "metrics", "sql", "dns"])),
+)
+
+
+def _admin_rules(peers_key: str, actions: list[str]) -> st.SearchStrategy[dict]:
+    def build(action: str, peers: list[dict], ports: list[dict] | None) -> dict:
+        if peers_key == "from":
+            peers = [p for p in peers if "networks" not in p] or [{"namespaces": {}}]
+        if ports and any("namedPort" in p for p in ports):
+            peers = [p for p in peers if "networks" not in p] or [{"namespaces": {}}]
+        return {"action": action, peers_key: peers, **({"ports": ports} if ports else {})}
+
+    return st.builds(
+        build,
+        st.sampled_from(actions),
+        st.lists(_ADMIN_PEERS, min_size=1, max_size=2),
+        st.none() | st.lists(_ADMIN_PORTS, min_size=1, max_size=2),
+    )
+
+
+def _admin(kind: str, actions: list[str]) -> st.SearchStrategy[dict]:
+    return st.builds(
+        lambda name, priority, subject, ing, eg: {
+            "apiVersion": "policy.networking.k8s.io/v1alpha1",
+            "kind": kind,
+            "metadata": {"name": name},
+            "spec": {
+                **({"priority": priority} if kind == "AdminNetworkPolicy" else {}),
+                "subject": subject,
+                "ingress": ing,
+                "egress": eg,
+            },
+        },
+        st.just("default") if kind != "AdminNetworkPolicy" else st.sampled_from(["a", "b", "c"]),
+        st.integers(0, 1000),
+        _SUBJECTS,
+        st.lists(_admin_rules("from", actions), max_size=2),
+        st.lists(_admin_rules("to", actions), max_size=2),
+    )
+
+
+_CLUSTERS = st.builds(
+    lambda anps, banp, nps: [*anps, *([banp] if banp else []), *(nps or [])],
+    st.lists(
+        _admin("AdminNetworkPolicy", ["Allow", "Deny", "Pass"]),
+        max_size=2,
+        unique_by=(lambda p: p["metadata"]["name"], lambda p: p["spec"]["priority"]),
+    ),
+    st.none() | _admin("BaselineAdminNetworkPolicy", ["Allow", "Deny"]),
+    st.none() | _NP_POLICIES,
+)
+
+
+@settings(
+    max_examples=int(os.environ.get("OMNIWALL_K8S_EXAMPLES", "30")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(docs=_CLUSTERS)
+def test_random_admin_policies_match_upstream(tmp_path: Path, docs: list[dict]) -> None:
+    resources, _ = imported(tmp_path, docs)
+    assert mismatches(resources, docs) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sel=_NS_SEL,
+    ns_labels=st.dictionaries(st.sampled_from(["env", "team"]), st.sampled_from(_NS_VALUES), max_size=2),
+    ns=st.sampled_from(["prod", "dev", "tools", "a"]),
+    given_labels=st.booleans(),
+)
+def test_dynamic_namespace_clauses_mean_the_namespace_selector(
+    sel: dict, ns_labels: dict, ns: str, given_labels: bool
+) -> None:
+    """The clauses over `k8s.namespace.labels.*`, run by the selector language on a pod's attributes,
+    agree with upstream matching of the namespace's labels; a pod without the label attributes (no
+    Namespace object) is a namespace with only its name label; a non-pod never matches."""
+    p = _Problems("test")
+    parsed = parse_label_selector(sel, "sel", p)
+    assert p.items == []
+    selector = parse(" && ".join(dynamic_namespace_clauses(parsed)))
+    labels = ns_labels if given_labels else {}
+    attributes: dict[str, object] = {"k8s.namespace": ns}
+    if given_labels:
+        attributes |= namespace_label_attributes({**labels, NS_NAME: ns})
+    assert selector.matches(facts_of({}, attributes)) == selector_matches(sel, {**labels, NS_NAME: ns})
+    assert not selector.matches(facts_of({}, {}))
