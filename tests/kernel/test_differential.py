@@ -71,7 +71,7 @@ def test_generated_sets_are_valid_deterministic_and_cover_the_model() -> None:
         "mode:enforce",
         *(f"group:{p}" for p in ("selector", "workloads", "groups", "cidrs", "shareWith")),
         *(f"service:{p}" for p in ("tcp", "udp", "icmp", "icmpv6", "any")),
-        *(f"category:{c}" for c in ("emergency", "infrastructure", "environment", "application")),
+        *(f"category:{c}" for c in ("emergency", "infrastructure", "environment", "application", "baseline")),
         *(f"action:{a}" for a in ("allow", "drop", "reject", "pass")),
         *(f"direction:{d}" for d in ("in", "out", "both")),
         *(

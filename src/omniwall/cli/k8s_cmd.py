@@ -1,4 +1,5 @@
-"""`omniwall import k8s -f FILE... --tenant T [-o yaml|json]`: Kubernetes NetworkPolicy -> Omniwall."""
+"""`omniwall import k8s -f FILE... --tenant T [-o yaml|json]`: Kubernetes NetworkPolicy,
+AdminNetworkPolicy and BaselineAdminNetworkPolicy -> Omniwall."""
 
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ def import_k8s(
         ...,
         "-f",
         "--file",
-        help="NetworkPolicy / Namespace YAML or JSON, and Omniwall Workloads declaring named ports "
+        help="NetworkPolicy / AdminNetworkPolicy / BaselineAdminNetworkPolicy / Namespace YAML or JSON, "
+        "Omniwall Workloads (the pods) and Hosts (the nodes) "
         "(repeat -f; a directory reads its *.yaml/*.yml/*.json; '-' reads stdin).",
     ),
     tenant: str = typer.Option(..., "--tenant", help="Tenant whose workloads are the pods."),
     output: OutputFormat = typer.Option(OutputFormat.YAML, "-o", "--output", help="yaml or json."),
 ) -> None:
-    """Print Omniwall resources equivalent to Kubernetes NetworkPolicies (docs/k8s.md)."""
+    """Print Omniwall resources equivalent to Kubernetes network policies (docs/k8s.md)."""
     if not NAME_RE.fullmatch(tenant):
         typer.echo(f"error: --tenant {tenant!r} is not a valid tenant name", err=True)
         raise typer.Exit(2)

@@ -5,9 +5,10 @@ egress/ingress rule lists, the rules those lists name, and the address sets the 
 frozen, deterministic (sorted), JSON-serialisable, and carries the store revision it reflects.
 
 Semantics (docs/semantics.md is the long form):
-- Rules at a hop are ordered: categories (emergency, infrastructure, environment, application), then policy
-  priority, then policy name, then rule order. The vNIC's `egress`/`ingress` tuples are already in that
-  order. First match wins; `pass` jumps to the first rule of the next category; no match: `default_action`.
+- Rules at a hop are ordered: categories (emergency, infrastructure, environment, application,
+  baseline), then policy priority, then policy name, then rule order. The vNIC's `egress`/`ingress`
+  tuples are already in that order. First match wins; `pass` jumps to the first rule of the next
+  category; no match: `default_action`.
 - A rule matches a packet when src is in `src_set` (None = any address), dst in `dst_set` (None = any),
   and the packet matches one of `services` (empty = any protocol, any port).
 - `monitor=True` (owner tenant in monitor mode): a drop/reject is logged as "would drop" and the packet is
@@ -29,7 +30,7 @@ K = TypeVar("K")
 ActionName = Literal["allow", "drop", "reject", "pass"]
 DefaultAction = Literal["allow", "drop", "reject"]
 ProtoName = Literal["tcp", "udp", "icmp", "icmpv6", "any"]
-CATEGORIES: tuple[str, ...] = ("emergency", "infrastructure", "environment", "application")
+CATEGORIES: tuple[str, ...] = ("emergency", "infrastructure", "environment", "application", "baseline")
 
 
 @dataclass(frozen=True, slots=True)

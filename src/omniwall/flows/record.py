@@ -39,7 +39,7 @@ class FlowRecord:
     rule_tenant: str  # owner of the deciding policy (the vNIC's tenant for a default action)
     policy: str  # policy name, or DEFAULT_POLICY
     rule: str  # rule name, or the default action ("drop", "allow", "reject")
-    category: str  # emergency | infrastructure | environment | application | default
+    category: str  # emergency | infrastructure | environment | application | baseline | default
     revision: int  # the desired revision the agent had realized when it decided
     proto: str  # tcp | udp | icmp | icmpv6 | another IP protocol number as text
     src: str

@@ -385,7 +385,9 @@ def _applied_to(rng: random.Random, names: _Names, tenant: str, n: int) -> list[
 
 def _policy(rng: random.Random, inv: Inventory, names: _Names, tenant: str, name: str) -> Any:
     if tenant == PROVIDER_TENANT:
-        category = rng.choice(("emergency", "infrastructure", "infrastructure", "environment", "application"))
+        category = rng.choice(
+            ("emergency", "infrastructure", "infrastructure", "environment", "application", "baseline")
+        )
     else:
         category = rng.choice(("environment", "application", "application"))
     spec: dict[str, Any] = {
@@ -401,7 +403,10 @@ def _policy(rng: random.Random, inv: Inventory, names: _Names, tenant: str, name
             "name": f"r{j + 1}",
             "sources": _peers(rng, inv, names, tenant),
             "destinations": _peers(rng, inv, names, tenant),
-            "action": rng.choices(("allow", "drop", "reject", "pass"), (50, 20, 15, 15))[0],
+            # A baseline rule cannot pass (nothing follows it but the default).
+            "action": rng.choices(
+                ("allow", "drop", "reject", "pass"), (50, 20, 15, 0 if category == "baseline" else 15)
+            )[0],
         }
         services = _services(rng, names, tenant)
         if services:

@@ -1,7 +1,8 @@
 """Read the importer's input files: Kubernetes objects and Omniwall resources, side by side.
 
 Accepted: `networking.k8s.io/v1` NetworkPolicy (and NetworkPolicyList), `v1` Namespace (and
-NamespaceList), `v1` List of those (what `kubectl get -o yaml` prints), and Omniwall resources
+NamespaceList), `policy.networking.k8s.io/v1alpha1` AdminNetworkPolicy and BaselineAdminNetworkPolicy
+(and their Lists), `v1` List of those (what `kubectl get -o yaml` prints), and Omniwall resources
 (`apiVersion: omniwall.io/v1`, e.g. the Workloads that declare pods' named ports). A path may be a file,
 a directory (its *.yaml, *.yml, *.json files, sorted) or `-` (stdin).
 """
@@ -17,6 +18,8 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from omniwall.k8s.admin_objects import ANP_KIND, BANP_KIND, AdminPolicy, parse_admin_policy
+from omniwall.k8s.admin_objects import API_VERSION as ADMIN_API
 from omniwall.k8s.objects import (
     K8sImportError,
     Namespace,
@@ -31,11 +34,15 @@ _OMNIWALL_API_PREFIX = "omniwall.io/"
 _K8S_KINDS = {
     ("networking.k8s.io/v1", "NetworkPolicy"),
     ("v1", "Namespace"),
+    (ADMIN_API, ANP_KIND),
+    (ADMIN_API, BANP_KIND),
 }
 _K8S_LISTS = {
     ("networking.k8s.io/v1", "NetworkPolicyList"),
     ("v1", "NamespaceList"),
     ("v1", "List"),
+    (ADMIN_API, f"{ANP_KIND}List"),
+    (ADMIN_API, f"{BANP_KIND}List"),
 }
 _RESOURCE = TypeAdapter(Resource)
 
@@ -44,6 +51,7 @@ _RESOURCE = TypeAdapter(Resource)
 class K8sInputs:
     policies: list[NetworkPolicy] = field(default_factory=list)
     namespaces: list[Namespace] = field(default_factory=list)
+    admin: list[AdminPolicy] = field(default_factory=list)  # AdminNetworkPolicies and the BANP
     resources: list[_Resource] = field(default_factory=list)  # Omniwall resources given alongside
 
 
@@ -110,6 +118,8 @@ def _add(doc: Any, where: str, out: K8sInputs) -> None:
         out.policies.append(parse_network_policy(doc, where))
     elif (api, kind) == ("v1", "Namespace"):
         out.namespaces.append(parse_namespace(doc, where))
+    elif (api, kind) in ((ADMIN_API, ANP_KIND), (ADMIN_API, BANP_KIND)):
+        out.admin.append(parse_admin_policy(doc, where))
     elif (isinstance(api, str) and api.startswith(_OMNIWALL_API_PREFIX)) or (api is None and kind in KINDS):
         out.resources.append(_omniwall_resource(doc, where))
     else:
@@ -148,6 +158,7 @@ def _duplicates(inputs: K8sInputs) -> list[str]:
     seen: dict[tuple[str, ...], str] = {}
     keys = [(("NetworkPolicy", p.namespace, p.name), p.source) for p in inputs.policies]
     keys += [(("Namespace", n.name), n.source) for n in inputs.namespaces]
+    keys += [((a.kind, a.name), a.source) for a in inputs.admin]
     for key, source in keys:
         if key in seen:
             problems.append(f"{source}: {key[0]} {'/'.join(key[1:])} is also defined at {seen[key]}")

@@ -17,6 +17,10 @@ NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 # The workload attribute that carries a pod's namespace.
 NAMESPACE_ATTRIBUTE = "k8s.namespace"
 
+# Workload attributes carrying the labels of the pod's namespace, read by selectors at evaluation time
+# (AdminNetworkPolicy / BaselineAdminNetworkPolicy namespace selectors): `k8s.namespace.labels.<key>`.
+NAMESPACE_LABEL_PREFIX = "k8s.namespace.labels."
+
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 # Keys the Omniwall selector language accepts bare; anything else is written label("...").
@@ -44,8 +48,8 @@ class Requirement:
                 return not present
         raise ValueError(f"unknown operator {self.operator!r}")
 
-    def render(self) -> str:
-        key = render_key(self.key)
+    def render(self, key_prefix: str = "") -> str:
+        key = render_key(key_prefix + self.key)
         match self.operator:
             case "In" if len(self.values) == 1:
                 return f"{key} == {quote(self.values[0])}"
@@ -189,3 +193,24 @@ def pod_selector_text(namespaces: NamespaceSet, pods: LabelSelector) -> str | No
     if ns_clause is None:
         return None
     return " && ".join([ns_clause, *pods.clauses()])
+
+
+def namespace_label_attributes(labels: Mapping[str, str]) -> dict[str, str]:
+    """The workload attributes a pod gets from its namespace's labels (the implicit name label included)."""
+    return {NAMESPACE_LABEL_PREFIX + k: v for k, v in sorted(labels.items())}
+
+
+def dynamic_namespace_clauses(selector: LabelSelector) -> list[str]:
+    """Clauses selecting pods whose namespace matches `selector`, read from the pod's attributes at
+    evaluation time (not resolved at import): `has(k8s.namespace)` (pods only), requirements on the
+    implicit name label as conditions on `k8s.namespace` itself (always present on a pod), the others on
+    `k8s.namespace.labels.<key>`. A namespace whose labels were never put on its pods has only its name:
+    a requirement on another key is then decided by the key being missing, exactly as upstream for a
+    namespace without that label."""
+    clauses = [f"has({render_key(NAMESPACE_ATTRIBUTE)})"]
+    for req in selector.requirements:
+        if req.key == NAMESPACE_NAME_LABEL:
+            clauses.append(Requirement(NAMESPACE_ATTRIBUTE, req.operator, req.values).render())
+        else:
+            clauses.append(req.render(NAMESPACE_LABEL_PREFIX))
+    return clauses

@@ -69,6 +69,7 @@ class Category(StrEnum):
     INFRASTRUCTURE = "infrastructure"
     ENVIRONMENT = "environment"
     APPLICATION = "application"
+    BASELINE = "baseline"  # provider rules after the tenant's own, before its default action
 
 
 CATEGORY_ORDER: tuple[Category, ...] = (
@@ -76,8 +77,9 @@ CATEGORY_ORDER: tuple[Category, ...] = (
     Category.INFRASTRUCTURE,
     Category.ENVIRONMENT,
     Category.APPLICATION,
+    Category.BASELINE,
 )
-PROVIDER_CATEGORIES = frozenset({Category.EMERGENCY, Category.INFRASTRUCTURE})
+PROVIDER_CATEGORIES = frozenset({Category.EMERGENCY, Category.INFRASTRUCTURE, Category.BASELINE})
 
 
 class Direction(StrEnum):

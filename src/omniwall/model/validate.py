@@ -22,6 +22,8 @@ from omniwall.model.interfaces import interface_allowed
 from omniwall.model.loader import source_of
 from omniwall.model.resources import (
     PROVIDER_CATEGORIES,
+    Action,
+    Category,
     Group,
     Host,
     Policy,
@@ -344,6 +346,11 @@ def _check_policy(c: Catalog, p: Policy, errors: _Errors) -> None:
     _check_groups(c, p, "spec.appliedTo", spec.appliedTo, errors)
     for j, rule in enumerate(spec.rules):
         at = f"spec.rules[{j}]"
+        if spec.category == Category.BASELINE and rule.action == Action.PASS:
+            # Nothing follows the baseline but the tenant's default action: `pass` would mean nothing.
+            errors.add(
+                p, f"{at}.action", "pass is not allowed in a baseline policy (use allow, drop or reject)"
+            )
         _check_peers(c, p, f"{at}.sources", rule.sources, errors)
         _check_peers(c, p, f"{at}.destinations", rule.destinations, errors)
         _check_groups(c, p, f"{at}.appliedTo", rule.appliedTo, errors)
