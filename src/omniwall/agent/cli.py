@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from omniwall.agent.main import DEFAULT_STATE_DIR, run_agent
+from omniwall.tls import check_manager_url, client_context
 
 BACKENDS = ("nft", "sim")
 
@@ -28,7 +29,13 @@ def read_token(path: Path) -> str:
 
 
 def agent(
-    manager: Annotated[str, typer.Option("--manager", help="Manager base URL, e.g. http://10.0.0.1:8080")],
+    manager: Annotated[
+        str,
+        typer.Option(
+            "--manager",
+            help="Manager base URL, e.g. https://10.0.0.1:8443 (plain http:// only to this machine)",
+        ),
+    ],
     host: Annotated[str, typer.Option("--host", help="This host's name, as registered in the manager")],
     token_file: Annotated[Path, typer.Option("--token-file", help="File holding this host's agent token")],
     netns: Annotated[
@@ -44,6 +51,14 @@ def agent(
     counters_interval: Annotated[
         float, typer.Option("--counters-interval", help="Seconds between rule counter reports")
     ] = 5.0,
+    ca: Annotated[
+        Path | None,
+        typer.Option("--ca", help="CA certificate that signed the manager's (default: system CAs)"),
+    ] = None,
+    cert: Annotated[
+        Path | None, typer.Option("--cert", help="This host's client certificate (omniwall pki host)")
+    ] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="The key of --cert")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step")] = False,
 ) -> None:
     """Run the host agent: realize this host's desired state in the kernel, report back, fail static."""
@@ -57,8 +72,13 @@ def agent(
     try:
         if backend not in BACKENDS:
             raise ValueError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-        if not manager.startswith(("http://", "https://")):
-            raise ValueError(f"--manager: {manager!r} is not an http(s) URL")
+        check_manager_url(manager)  # refuses http:// to a manager off this machine
+        tls = None
+        if manager.startswith("https://"):
+            # certificate and key are re-read on every reconnect and on SIGHUP (rotation)
+            tls = client_context(ca, cert, key)
+        elif ca or cert or key:
+            raise ValueError("--ca/--cert/--key need an https:// --manager")
         token = read_token(token_file)
         run_agent(
             manager,
@@ -68,6 +88,7 @@ def agent(
             backend=backend,
             state_dir=state_dir,
             counters_interval=counters_interval,
+            tls=tls,
         )
     except (ValueError, OSError, ImportError) as e:
         typer.echo(f"omniwall agent: {e}", err=True)

@@ -9,23 +9,38 @@ Rules:
   reports (`identity.write` / `posture.write`, docs/identity-posture.md); the provider admin may too.
 - A Workload created (or brought back by a rollback) with a `user` attribute claims an identity: that
   needs `identity.write` too (`check_created_identity`).
+
+Transport binding (docs/security.md): over TLS with client certificates, a host certificate (URI SAN
+`urn:omniwall:host:<host>`, omniwall.pki) binds the connection to its host: an agent token of another
+host is refused (403), so a stolen token is useless without that host's key. When the manager verifies
+client certificates (`--client-ca`), agent tokens are accepted only with their host's certificate.
+
+Failed authentication is rate-limited per client address (`AuthGuard`: 429 + Retry-After) and audited
+in aggregate: at most one audit entry per window, however many failures.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from omniwall import PROVIDER_TENANT
 from omniwall.manager.attributes import USER_ATTRIBUTE
+from omniwall.manager.audit import SYSTEM, entry_put
 from omniwall.manager.objects import CLUSTER_KINDS, key_of, resource_key, split_key, with_metadata
 from omniwall.manager.service import Actor, Manager, Plan
 from omniwall.manager.tokens import TENANT_ROLES, Role
 from omniwall.model.catalog import Catalog
 from omniwall.model.resources import PROVIDER_CATEGORIES, _Resource
+from omniwall.pki import host_of_peercert
 
 from .errors import ApiError, not_found
 
@@ -36,6 +51,7 @@ class Perm(StrEnum):
     PROVIDER_WRITE = "provider.write"  # Tenant and Host objects
     PROVIDER_CATEGORY = "policy.provider-category"  # emergency / infrastructure policies
     AUDIT_READ = "audit.read"
+    AUDIT_VERIFY = "audit.verify"  # GET /v1/audit/verify: the whole log's hash chain
     TOKENS = "tokens.admin"
     COMPACT = "store.compact"
     FEED_READ = "hosts.feed.read"
@@ -52,6 +68,7 @@ ROLE_PERMS: dict[Role, frozenset[Perm]] = {
             Perm.PROVIDER_WRITE,
             Perm.PROVIDER_CATEGORY,
             Perm.AUDIT_READ,
+            Perm.AUDIT_VERIFY,
             Perm.TOKENS,
             Perm.COMPACT,
             Perm.FEED_READ,
@@ -59,7 +76,7 @@ ROLE_PERMS: dict[Role, frozenset[Perm]] = {
             Perm.POSTURE_WRITE,
         }
     ),
-    Role.AUDITOR: frozenset({Perm.READ, Perm.AUDIT_READ, Perm.FEED_READ}),
+    Role.AUDITOR: frozenset({Perm.READ, Perm.AUDIT_READ, Perm.AUDIT_VERIFY, Perm.FEED_READ}),
     Role.TENANT_ADMIN: frozenset({Perm.READ, Perm.WRITE, Perm.AUDIT_READ}),
     Role.TENANT_VIEWER: frozenset({Perm.READ, Perm.AUDIT_READ}),
     Role.AGENT: frozenset({Perm.FEED_READ, Perm.STATUS_WRITE}),
@@ -98,9 +115,133 @@ def manager_of(request: Request) -> Manager:
     return request.app.state.manager  # type: ignore[no-any-return]
 
 
+@dataclass
+class AuthGuard:
+    """Failed authentications per client address in fixed windows: after `max_failures` in one window,
+    that address gets 429 (with Retry-After) until the window ends, whatever token it sends. Failures are
+    audited in aggregate (`flush`): one entry per window listing at most `audit_addresses` addresses and
+    their counts, so a flood cannot fill the audit log. Memory is bounded by `max_addresses`."""
+
+    max_failures: int = 20
+    window: float = 60.0
+    audit: bool = True
+    audit_addresses: int = 50
+    max_addresses: int = 100_000
+    clock: Any = time.monotonic
+    _failures: dict[str, list[float]] = field(default_factory=dict)  # address -> [window start, count]
+    _pending: dict[str, int] = field(default_factory=dict)  # failures not audited yet
+    _last_flush: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def retry_after(self, address: str) -> int | None:
+        """Seconds until `address` may try again, or None when it is not blocked."""
+        with self._lock:
+            slot = self._failures.get(address)
+            if slot is None:
+                return None
+            left = slot[0] + self.window - self.clock()
+            if left <= 0:
+                del self._failures[address]
+                return None
+            return max(1, math.ceil(left)) if slot[1] >= self.max_failures else None
+
+    def failed(self, address: str) -> None:
+        now = self.clock()
+        with self._lock:
+            slot = self._failures.get(address)
+            if slot is None or now - slot[0] >= self.window:
+                if len(self._failures) >= self.max_addresses:
+                    self._evict(now)
+                slot = self._failures[address] = [now, 0]
+            slot[1] += 1
+            if len(self._pending) < self.max_addresses or address in self._pending:
+                self._pending[address] = self._pending.get(address, 0) + 1
+            else:
+                self._pending["(other addresses)"] = self._pending.get("(other addresses)", 0) + 1
+
+    def _evict(self, now: float) -> None:
+        for a in [a for a, (start, _) in self._failures.items() if now - start >= self.window]:
+            del self._failures[a]
+        while len(self._failures) >= self.max_addresses:  # all recent: forget the oldest window
+            del self._failures[min(self._failures, key=lambda a: self._failures[a][0])]
+
+    def due(self) -> bool:
+        with self._lock:
+            return bool(self._pending) and (
+                self._last_flush is None or self.clock() - self._last_flush >= self.window
+            )
+
+    def take(self) -> dict[str, Any] | None:
+        """The aggregate of failures since the last one taken (for the audit entry), or None."""
+        with self._lock:
+            if not self._pending:
+                return None
+            pending, self._pending, self._last_flush = self._pending, {}, self.clock()
+        top = sorted(pending.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = dict(top[: self.audit_addresses])
+        return {
+            "failures": sum(pending.values()),
+            "addresses": len(pending),
+            "byAddress": shown,
+            "blocked": sorted(a for a, n in shown.items() if n >= self.max_failures),
+        }
+
+    def flush(self, store: Any) -> bool:
+        """Write the pending aggregate as one audit entry (provider tenant). True when one was written."""
+        summary = self.take() if self.audit else None
+        if summary is None:
+            return False
+        store.txn(
+            [], [entry_put(SYSTEM, "auth-failure", "Token", PROVIDER_TENANT, "authentication", **summary)]
+        )
+        return True
+
+
+def guard_of(request: Request) -> AuthGuard:
+    state = request.app.state
+    guard = getattr(state, "auth_guard", None)
+    if guard is None:
+        guard = state.auth_guard = AuthGuard()
+    return guard  # type: ignore[no-any-return]
+
+
+log = logging.getLogger(__name__)
+
+
+async def _flush_if_due(request: Request, guard: AuthGuard) -> None:
+    if guard.audit and guard.due():
+        try:
+            await run_in_threadpool(guard.flush, manager_of(request).store)
+        except Exception as e:  # auditing a failure must never fail the request
+            log.warning("audit of authentication failures not written: %s", e)
+
+
+async def _refuse(request: Request, guard: AuthGuard, address: str, message: str) -> ApiError:
+    guard.failed(address)
+    await _flush_if_due(request, guard)
+    return ApiError(401, message)
+
+
+def peer_host(request: Request) -> tuple[bool, str | None]:
+    """(a verified client certificate came with the request, the host it names or None)."""
+    tls = request.scope.get("extensions", {}).get("tls") or {}
+    peer = tls.get("peercert")
+    return bool(peer), host_of_peercert(peer)
+
+
 async def authenticate(request: Request) -> Principal:
-    """FastAPI dependency: the caller's principal, or 401. Async: a cached token is checked on the event
-    loop (no thread hop per request); otherwise the store read runs in the threadpool."""
+    """FastAPI dependency: the caller's principal, or 401 / 403 / 429. Async: a cached token is checked
+    on the event loop (no thread hop per request); otherwise the store read runs in the threadpool."""
+    guard = guard_of(request)
+    address = request.client.host if request.client else "unknown"
+    wait = guard.retry_after(address)
+    if wait is not None:
+        raise ApiError(
+            429,
+            f"too many failed authentications from {address}; retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+            retryAfter=wait,
+        )
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -108,8 +249,28 @@ async def authenticate(request: Request) -> Principal:
     tokens = manager_of(request).tokens
     rec = tokens.verify_cached(token) or await run_in_threadpool(tokens.verify, token)
     if rec is None:
-        raise ApiError(401, "invalid or revoked token")
-    return Principal(rec.id, rec.name, Role(rec.role), rec.tenant, rec.host)
+        raise await _refuse(request, guard, address, "invalid, expired or revoked token")
+    await _flush_if_due(request, guard)  # failures of the last window, also when no failure follows
+    p = Principal(rec.id, rec.name, Role(rec.role), rec.tenant, rec.host)
+    has_cert, cert_host = peer_host(request)
+    if cert_host is not None and p.role == Role.AGENT and cert_host != p.host:
+        raise ApiError(
+            403,
+            f"this connection's certificate is host {cert_host}'s; the token is host {p.host}'s",
+            permission=Perm.FEED_READ.value,
+        )
+    if (
+        p.role == Role.AGENT
+        and cert_host is None
+        and getattr(request.app.state, "agent_cert_required", False)
+    ):
+        raise ApiError(
+            403,
+            f"agent tokens need the client certificate of their host ({p.host})"
+            + (": this certificate names no host" if has_cert else ": none was presented"),
+            permission=Perm.FEED_READ.value,
+        )
+    return p
 
 
 def require(p: Principal, perm: Perm) -> None:

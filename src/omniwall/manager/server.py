@@ -1,18 +1,41 @@
-"""Run the manager: open the store, bootstrap the first admin token, serve the API with uvicorn."""
+"""Run the manager: open the store, bootstrap the first admin token, serve the API with uvicorn.
+
+TLS (docs/security.md): `--tls-cert/--tls-key` serve HTTPS; `--client-ca` verifies client certificates
+in the handshake and hands the verified certificate to the API (`scope["extensions"]["tls"]`), which
+binds an agent's certificate to its host (api/auth.py). The certificate files are re-read when they
+change (checked every `RELOAD_INTERVAL` s) or on SIGHUP; established connections keep going.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
+import ssl
+import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from omniwall.store import open_store
+from omniwall.tls import ReloadingContext, is_loopback_host, server_context
 
+from .audit import chained
 from .service import Manager
 from .tokens import token_file_for
 
 log = logging.getLogger(__name__)
 
 SERVER_KEEPALIVE = 90  # seconds an idle HTTP connection stays open (see serve())
+RELOAD_INTERVAL = 5.0  # seconds between checks of the certificate files
+
+PLAIN_HTTP_WARNING = """
+************************************************************************************************
+  PLAIN HTTP on %s: bearer tokens (agents' too) cross the network in clear text.
+  Serve HTTPS: omniwall manager --tls-cert manager.crt --tls-key manager.key --client-ca ca.crt
+  (omniwall pki: docs/security.md).
+************************************************************************************************"""
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -24,39 +47,147 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def build(db: str) -> tuple[Manager, Path | None]:
-    store = open_store(db)
+    store = chained(open_store(db))
     manager = Manager(store)
     written = manager.tokens.bootstrap(token_file_for(db))
     return manager, written
 
 
-def serve(db: str, listen: str, tls_cert: str | None = None, tls_key: str | None = None) -> None:
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+
+def _peer_tls(transport: Any) -> dict[str, Any] | None:
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    peer = ssl_object.getpeercert()  # {} or None without a (verified) client certificate
+    return {"tls_version": ssl_object.version(), "peercert": peer or None}
+
+
+def _with_tls(app: ASGIApp, tls: dict[str, Any]) -> ASGIApp:
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope.setdefault("extensions", {})["tls"] = tls
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+def tls_protocol(base: type) -> type:
+    """uvicorn's HTTP protocol, plus the verified client certificate of the connection in each request's
+    scope (uvicorn does not implement the ASGI TLS extension). The handshake is complete when
+    `connection_made` runs, so the certificate is known once per connection."""
+
+    class PeerCertProtocol(base):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            tls = _peer_tls(transport)
+            if tls is not None:
+                self.app = _with_tls(self.app, tls)
+
+    PeerCertProtocol.__name__ = f"PeerCert{base.__name__}"
+    return PeerCertProtocol
+
+
+def _base_protocol() -> type:
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return HttpToolsProtocol
+    except ImportError:  # pragma: no cover - httptools is a dependency
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        return H11Protocol
+
+
+def make_server(
+    manager: Manager,
+    host: str,
+    port: int,
+    *,
+    tls: ReloadingContext | None = None,
+    client_ca: bool = False,
+    log_level: str = "info",
+) -> Any:
+    """A `uvicorn.Server` for the API (tests run it on a thread; `serve` on the main one)."""
     import uvicorn
 
     from omniwall.api.app import create_app
 
-    if bool(tls_cert) != bool(tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
-    host, port = parse_listen(listen)
-    manager, _ = build(db)
     app = create_app(manager)
-    log.info(
-        "manager on %s://%s:%d, store %s at revision %d",
-        "https" if tls_cert else "http",
-        host,
-        port,
-        db,
-        manager.revision,
-    )
-    uvicorn.run(
+    # Agents must present their host's certificate when the manager can verify one (api/auth.py).
+    app.state.agent_cert_required = client_ca
+    kwargs: dict[str, Any] = {}
+    if tls is not None:
+        ctx = tls.context
+
+        def factory(config: Any, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+            return ctx
+
+        kwargs = {"ssl_context_factory": factory, "http": tls_protocol(_base_protocol())}
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
-        ssl_certfile=tls_cert,
-        ssl_keyfile=tls_key,
-        log_level="info",
+        log_level=log_level,
         # Agents ack each change on a second connection, often more than uvicorn's default 5 s apart:
         # a fresh TCP (TLS) connection per ack cost both sides more than the ack. Longer than the
         # agents' own keep-alive (AGENT_KEEPALIVE), so the client always closes first (no reuse race).
         timeout_keep_alive=SERVER_KEEPALIVE,
+        **kwargs,
     )
+    if tls is not None and getattr(config, "ssl_context_factory", None) is None:
+        raise RuntimeError("uvicorn >= 0.36 is needed for TLS (ssl_context_factory)")
+    return uvicorn.Server(config)
+
+
+async def _reload_loop(tls: ReloadingContext, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        tls.reload_if_changed()
+
+
+def serve(
+    db: str,
+    listen: str,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    client_ca: str | None = None,
+) -> None:
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if client_ca and not tls_cert:
+        raise ValueError("--client-ca needs --tls-cert and --tls-key (client certificates need TLS)")
+    host, port = parse_listen(listen)
+    tls = server_context(tls_cert, tls_key, client_ca) if tls_cert and tls_key else None
+    manager, _ = build(db)
+    server = make_server(manager, host, port, tls=tls, client_ca=bool(client_ca))
+    log.info(
+        "manager on %s://%s:%d, store %s at revision %d%s",
+        "https" if tls else "http",
+        host,
+        port,
+        db,
+        manager.revision,
+        ", client certificates verified" if client_ca else "",
+    )
+    if tls is None and not is_loopback_host(host):
+        log.warning(PLAIN_HTTP_WARNING, f"{host}:{port}")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        reloader = None
+        if tls is not None:
+            reloader = asyncio.create_task(_reload_loop(tls, RELOAD_INTERVAL))
+            if threading.current_thread() is threading.main_thread():
+                loop.add_signal_handler(signal.SIGHUP, tls.reload_if_changed)
+        try:
+            await server.serve()
+        finally:
+            if reloader is not None:
+                reloader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reloader
+
+    factory = getattr(server.config, "get_loop_factory", lambda: None)()
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
