@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from omniwall.agent import cli as agent_cmd
-from omniwall.cli import insight_cmds, k8s_cmd, lab_cmd, policy_cmds, server_cmds
+from omniwall.cli import insight_cmds, k8s_cmd, lab_cmd, pki_cmd, policy_cmds, server_cmds
 
 app = typer.Typer(
     name="omniwall",
@@ -21,6 +21,7 @@ lab_cmd.register(app)  # lab up/down/exec/matrix
 server_cmds.register(app)  # manager, token, apply, diff, get, delete, history, rollback, status
 insight_cmds.register(app)  # members, realization (explain's server mode lives there too)
 agent_cmd.register(app)  # agent
+pki_cmd.register(app)  # pki init/manager/host/show
 
 if __name__ == "__main__":
     app()

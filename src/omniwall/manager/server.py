@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -118,12 +117,13 @@ def make_server(
     app.state.agent_cert_required = client_ca
     kwargs: dict[str, Any] = {}
     if tls is not None:
-        ctx = tls.context
-
-        def factory(config: Any, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-            return ctx
-
-        kwargs = {"ssl_context_factory": factory, "http": tls_protocol(_base_protocol())}
+        # uvicorn builds its own SSLContext from these files; it is replaced below by ours, which
+        # reloads in place (and exists in every uvicorn version, unlike ssl_context_factory).
+        kwargs = {
+            "ssl_certfile": str(tls.cert),
+            "ssl_keyfile": str(tls.key),
+            "http": tls_protocol(_base_protocol()),
+        }
     config = uvicorn.Config(
         app,
         host=host,
@@ -135,8 +135,9 @@ def make_server(
         timeout_keep_alive=SERVER_KEEPALIVE,
         **kwargs,
     )
-    if tls is not None and getattr(config, "ssl_context_factory", None) is None:
-        raise RuntimeError("uvicorn >= 0.36 is needed for TLS (ssl_context_factory)")
+    if tls is not None:
+        config.load()
+        config.ssl = tls.context
     return uvicorn.Server(config)
 
 
