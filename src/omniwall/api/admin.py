@@ -13,7 +13,7 @@ from omniwall.manager.objects import kind_of
 from omniwall.manager.service import Manager
 from omniwall.manager.tokens import TokenError, check_name, parse_duration
 
-from .auth import Perm, Principal, authenticate, manager_of, require
+from .auth import Perm, Principal, agent_certificates, authenticate, manager_of, require
 from .errors import ApiError, not_found
 from .filters import decode_continue, encode_continue
 
@@ -36,6 +36,10 @@ def router() -> APIRouter:
         out: dict[str, Any] = {"revision": m.revision}
         if not p.tenant_scoped:
             hosts = m.host_statuses()
+            certs = agent_certificates(request.app.state)
+            for h, st in hosts.items():
+                if h in certs:
+                    st["clientCertificate"] = certs[h]
             out["compileError"] = m.compile_error
             out["hosts"] = hosts
             out["summary"] = {

@@ -222,11 +222,24 @@ async def _refuse(request: Request, guard: AuthGuard, address: str, message: str
     return ApiError(401, message)
 
 
+def _peercert(request: Request) -> dict[str, Any] | None:
+    tls = request.scope.get("extensions", {}).get("tls") or {}
+    return tls.get("peercert")  # type: ignore[no-any-return]
+
+
 def peer_host(request: Request) -> tuple[bool, str | None]:
     """(a verified client certificate came with the request, the host it names or None)."""
-    tls = request.scope.get("extensions", {}).get("tls") or {}
-    peer = tls.get("peercert")
+    peer = _peercert(request)
     return bool(peer), host_of_peercert(peer)
+
+
+def agent_certificates(state: Any) -> dict[str, dict[str, str]]:
+    """host -> the serial and expiry of the certificate its agent last authenticated with (shown by
+    GET /v1/status: which certificate each agent uses, when it expires, whether a rotation took)."""
+    seen = getattr(state, "agent_certificates", None)
+    if seen is None:
+        seen = state.agent_certificates = {}
+    return seen  # type: ignore[no-any-return]
 
 
 async def authenticate(request: Request) -> Principal:
@@ -270,6 +283,15 @@ async def authenticate(request: Request) -> Principal:
             + (": this certificate names no host" if has_cert else ": none was presented"),
             permission=Perm.FEED_READ.value,
         )
+    if cert_host is not None and p.role == Role.AGENT:
+        peer = _peercert(request) or {}
+        seen = {
+            "serial": str(peer.get("serialNumber", "")).lower(),
+            "notAfter": str(peer.get("notAfter", "")),
+        }
+        certs = agent_certificates(request.app.state)
+        if certs.get(cert_host) != seen:
+            certs[cert_host] = seen
     return p
 
 
