@@ -151,18 +151,16 @@ def test_failed_authentication_is_rate_limited_and_audited_in_aggregate(
     assert statuses[:5] == [401] * 5 and set(statuses[5:]) == {429}
     r = c.get("/v1/whoami", headers=auth(admin))  # even a good token: the address is blocked
     assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= 60
-    failures = [
-        e for e in query(m.store, AuditQuery(kind="Token"), limit=1000)[0] if e.action == "auth-failure"
-    ]
+    failures = query(m.store, AuditQuery(kind="Authentication"), limit=1000)[0]
     assert len(failures) == 1 and failures[0].extra["failures"] == 1  # the first one, at once
     clock.t += 61  # the window is over: the address may try again; the rest is audited as one entry
     assert c.get("/v1/whoami", headers=auth(admin)).status_code == 200
-    failures = [
-        e for e in query(m.store, AuditQuery(kind="Token"), limit=1000)[0] if e.action == "auth-failure"
-    ]
+    failures = query(m.store, AuditQuery(kind="Authentication"), limit=1000)[0]
     assert len(failures) == 2
     assert failures[1].extra["failures"] == 4 and failures[1].extra["byAddress"] == {"testclient": 4}
-    assert failures[1].tenant == "infra"
+    assert failures[1].tenant == "infra" and failures[1].action == "auth-failure"
+    listed = c.get("/v1/audit", params={"kind": "authentication"}, headers=auth(admin)).json()["items"]
+    assert [e["extra"]["failures"] for e in listed] == [1, 4]
 
 
 def test_the_guard_memory_is_bounded() -> None:

@@ -148,7 +148,7 @@ def router() -> APIRouter:
                 return {"items": [], "continue": None}
             tenant = p.tenant
         try:
-            k = "Token" if kind and kind.lower() in ("token", "tokens") else kind_of(kind) if kind else None
+            k = _audit_kind(kind) if kind else None
         except ValueError as err:
             raise ApiError(
                 422, str(err), errors=[{"document": "request", "path": "query.kind", "reason": str(err)}]
@@ -165,6 +165,16 @@ def router() -> APIRouter:
         return {"items": [e.to_json() for e in entries], "continue": encode_continue(more) if more else None}
 
     return r
+
+
+def _audit_kind(kind: str) -> str:
+    """Resource kinds, plus the two kinds only the audit log has: Token and Authentication (failures)."""
+    word = kind.lower()
+    if word in ("token", "tokens"):
+        return "Token"
+    if word in ("authentication", "auth"):
+        return "Authentication"
+    return kind_of(kind)
 
 
 TOKEN_FIELDS = ("role", "tenant", "host", "name", "expires")

@@ -192,7 +192,7 @@ class AuthGuard:
         if summary is None:
             return False
         store.txn(
-            [], [entry_put(SYSTEM, "auth-failure", "Token", PROVIDER_TENANT, "authentication", **summary)]
+            [], [entry_put(SYSTEM, "auth-failure", "Authentication", PROVIDER_TENANT, "failures", **summary)]
         )
         return True
 
