@@ -182,3 +182,13 @@ def test_agents_refuse_plain_http_to_a_remote_manager(tmp_path: Path) -> None:
             manager="http://10.0.0.1:8443", host="h1", token_file=token, backend="sim", state_dir=tmp_path
         )
     assert e.value.exit_code == 2
+
+
+def test_the_manager_warns_about_plain_http_off_loopback() -> None:
+    from omniwall.manager.server import plain_http_warning
+
+    warning = plain_http_warning("0.0.0.0", 8443, tls=False)
+    assert warning is not None and "0.0.0.0:8443" in warning and "clear text" in warning
+    assert plain_http_warning("10.0.0.1", 8443, tls=False) is not None
+    assert plain_http_warning("127.0.0.1", 8443, tls=False) is None
+    assert plain_http_warning("0.0.0.0", 8443, tls=True) is None

@@ -37,6 +37,11 @@ PLAIN_HTTP_WARNING = """
 ************************************************************************************************"""
 
 
+def plain_http_warning(host: str, port: int, *, tls: bool) -> str | None:
+    """The boxed warning for plain HTTP on an address other machines can reach, else None."""
+    return None if tls or is_loopback_host(host) else PLAIN_HTTP_WARNING % f"{host}:{port}"
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     """`HOST:PORT`, `:PORT` or `[v6]:PORT` -> (host, port)."""
     host, sep, port = listen.rpartition(":")
@@ -171,8 +176,9 @@ def serve(
         manager.revision,
         ", client certificates verified" if client_ca else "",
     )
-    if tls is None and not is_loopback_host(host):
-        log.warning(PLAIN_HTTP_WARNING, f"{host}:{port}")
+    warning = plain_http_warning(host, port, tls=tls is not None)
+    if warning:
+        log.warning(warning)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
