@@ -192,3 +192,17 @@ def test_the_manager_warns_about_plain_http_off_loopback() -> None:
     assert plain_http_warning("10.0.0.1", 8443, tls=False) is not None
     assert plain_http_warning("127.0.0.1", 8443, tls=False) is None
     assert plain_http_warning("0.0.0.0", 8443, tls=True) is None
+
+
+def test_a_mismatched_certificate_and_key_keep_the_loaded_pair(ca: Path, tmp_path: Path) -> None:
+    import shutil
+
+    cert, key = tmp_path / "h.crt", tmp_path / "h.key"
+    shutil.copy(ca / "hosts" / "h1.crt", cert)
+    shutil.copy(ca / "hosts" / "h1.key", key)
+    ctx = client_context(ca / "ca.crt", cert, key)
+    time.sleep(0.01)
+    shutil.copy(ca / "hosts" / "h2.crt", cert)  # half a rotation: h2's certificate, h1's key
+    assert not ctx.reload_if_changed() and ctx.reloads == 0
+    shutil.copy(ca / "hosts" / "h2.key", key)  # the rest of it
+    assert ctx.reload_if_changed() and ctx.reloads == 1
