@@ -27,7 +27,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from omniwall.api.app import create_app
-from omniwall.api.auth import AuthGuard
+from omniwall.api.auth_guard import AuthGuard
 from omniwall.manager.contracts import load_documents
 from omniwall.manager.service import SYSTEM, Manager
 from omniwall.store.memory import MemoryStore

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from omniwall.api.app import create_app
-from omniwall.api.auth import AuthGuard
+from omniwall.api.auth_guard import AuthGuard
 from omniwall.cli.main import app as cli
 from omniwall.manager.audit import SYSTEM, AuditQuery, chained, query, verify
 from omniwall.manager.objects import TOKEN_PREFIX
