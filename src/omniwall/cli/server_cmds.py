@@ -179,6 +179,21 @@ def _book(db: str) -> Any:
     return TokenBook(chained(open_store(db)))
 
 
+def _check_scope_exists(db: str, tenant: str | None, host: str | None) -> None:
+    """`token create --db`: the tenant and host must exist, as through the API (POST /v1/tokens)."""
+    from omniwall.manager.objects import KIND_PLURAL, RES_PREFIX, key_of
+    from omniwall.manager.tokens import TokenError
+    from omniwall.store import open_store
+
+    store = open_store(db)
+    if host and store.get(key_of("Host", "", host)) is None:
+        raise TokenError(f"host {host!r} does not exist", "host")
+    if tenant and store.get(key_of("Tenant", "", tenant)) is None:
+        owned = (store.range(f"{RES_PREFIX}{k}/{tenant}/", limit=1)[0] for k in KIND_PLURAL)
+        if not any(owned):
+            raise TokenError(f"tenant {tenant!r} does not exist", "tenant")
+
+
 # ------------------------------------------------------------------------------------------- commands
 
 
@@ -235,6 +250,7 @@ def register(app: typer.Typer) -> None:
 
             try:
                 life = parse_duration(expires) if expires else None
+                _check_scope_exists(db, tenant, host)
                 secret, rec = _book(db).create(
                     role, name=name, tenant=tenant, host=host, created_by="cli", actor=LOCAL, lifetime=life
                 )
