@@ -6,6 +6,7 @@ Also runnable alone, `python -m omniwall.agent.cli --manager ... --host ...` (th
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -62,6 +63,9 @@ def agent(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step")] = False,
 ) -> None:
     """Run the host agent: realize this host's desired state in the kernel, report back, fail static."""
+    # SIGHUP means "re-read the certificate" (agent/main.py): one that arrives during start-up must not
+    # end the agent
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

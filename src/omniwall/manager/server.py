@@ -159,6 +159,9 @@ def serve(
     tls_key: str | None = None,
     client_ca: str | None = None,
 ) -> None:
+    if threading.current_thread() is threading.main_thread():
+        # SIGHUP means "reload the certificate": never let one that arrives during start-up kill us
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     if client_ca and not tls_cert:
