@@ -113,6 +113,10 @@ def test_a_host_certificate_reads_only_its_own_feed(
             headers={"Authorization": f"Bearer {tokens['h2']}"},
         )
         assert r.status_code == 403
+        r = c.post(
+            f"{url}/v1/hosts/h2/commands/c1", json={}, headers={"Authorization": f"Bearer {tokens['h2']}"}
+        )
+        assert r.status_code == 403  # host-2's commands
         # host-1's own token for host-2's feed: the token's own scope refuses it too
         assert _get(c, f"{url}/v1/hosts/h2/desired", tokens["h1"]).status_code == 403
 

@@ -246,3 +246,26 @@ def test_audit_verify_route(tmp_path: Path) -> None:
         con.execute("UPDATE kv SET value = ? WHERE key = ?", (value.replace('"create"', '"delete"'), key))
     out = c.get("/v1/audit/verify", headers=auth(admin)).json()
     assert out["ok"] is False and out["firstBroken"]["key"] == key
+
+
+def test_two_writers_on_one_file_keep_one_chain(tmp_path: Path) -> None:
+    """Two processes (here: two store connections) writing audited changes at once: the compare on the
+    chain head serialises them, so the chain has no fork and no gap."""
+    import threading
+
+    from omniwall.manager.tokens import TokenBook
+
+    db = tmp_path / "m.db"
+    books = [TokenBook(chained(SqliteStore(db))) for _ in range(2)]
+
+    def write(book: TokenBook, n: int) -> None:
+        for i in range(n):
+            book.create("auditor", name=f"t{i}", actor=SYSTEM)
+
+    threads = [threading.Thread(target=write, args=(b, 15)) for b in books]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    report = verify(SqliteStore(db))
+    assert report.ok and report.entries == 30, report
