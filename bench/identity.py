@@ -245,7 +245,9 @@ class Source:
     def __init__(self, cp: Any, role: str) -> None:
         token = cp.api("POST", "/v1/tokens", json={"role": role, "name": f"bench-{role}"})["token"]
         self.cp = cp
-        self.http = httpx.Client(base_url=cp.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        self.http = httpx.Client(
+            base_url=cp.url, headers={"Authorization": f"Bearer {token}"}, timeout=30, verify=cp.verify
+        )
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[float, float]:
         """(t0 = POST sent, t_acked = every agent realized the resulting revision)."""

@@ -463,7 +463,7 @@ def bench_api(cp: Any, n: int, seconds: float, threads: int) -> dict[str, Any]:
         stop_at = time.perf_counter() + seconds
 
         def loop(k: int) -> None:
-            with httpx.Client(base_url=cp.url, headers=headers, timeout=30) as c:
+            with httpx.Client(base_url=cp.url, headers=headers, timeout=30, verify=cp.verify) as c:
                 i = k
                 while time.perf_counter() < stop_at:
                     name = f"w{i % n:04d}"

@@ -130,7 +130,7 @@ class Source:
         out = cp.api("POST", "/v1/tokens", json={"role": role, "name": f"e2e-{role}"})
         self.cp = cp
         self.client = httpx.Client(
-            base_url=cp.url, headers={"Authorization": f"Bearer {out['token']}"}, timeout=30
+            base_url=cp.url, headers={"Authorization": f"Bearer {out['token']}"}, timeout=30, verify=cp.verify
         )
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -197,6 +197,7 @@ def test_demo_once_exits_zero() -> None:
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "probes agree with the policy" in p.stdout
     assert "admin token: ow." in p.stdout and "URL:" in p.stdout
+    assert "URL:         https://127.0.0.1:" in p.stdout and "OMNIWALL_CA=" in p.stdout  # mutual TLS
     prefix = re.search(r"namespace prefix (\S+)", p.stdout)
     assert prefix is not None
     from omniwall.lab import netns

@@ -109,6 +109,9 @@ def test_token_commands_on_the_db_are_seen_by_the_running_manager(
 ) -> None:
     _, m, db = manager_url
     code, out = run("token", "create", "--role", "tenant-viewer", "--tenant", "acme", "--db", str(db))
+    assert code == 1 and "tenant 'acme' does not exist" in out  # finding 7: checked on the file too
+    m.commit(m.plan_apply(load_documents(FILE, "world.yaml")), SYSTEM)
+    code, out = run("token", "create", "--role", "tenant-viewer", "--tenant", "acme", "--db", str(db))
     assert code == 0, out
     token = out.splitlines()[0].strip()
     assert m.tokens.verify(token) is not None

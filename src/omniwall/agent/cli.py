@@ -6,6 +6,7 @@ Also runnable alone, `python -m omniwall.agent.cli --manager ... --host ...` (th
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +16,7 @@ import typer
 from omniwall.agent.guard import Guard
 from omniwall.agent.main import DEFAULT_STATE_DIR, run_agent
 from omniwall.model.interfaces import DEFAULT_VNIC_INTERFACES, check_pattern
+from omniwall.tls import check_manager_url, client_context
 
 BACKENDS = ("nft", "sim")
 
@@ -30,7 +32,13 @@ def read_token(path: Path) -> str:
 
 
 def agent(
-    manager: Annotated[str, typer.Option("--manager", help="Manager base URL, e.g. http://10.0.0.1:8080")],
+    manager: Annotated[
+        str,
+        typer.Option(
+            "--manager",
+            help="Manager base URL, e.g. https://10.0.0.1:8443 (plain http:// only to this machine)",
+        ),
+    ],
     host: Annotated[str, typer.Option("--host", help="This host's name, as registered in the manager")],
     token_file: Annotated[Path, typer.Option("--token-file", help="File holding this host's agent token")],
     netns: Annotated[
@@ -54,9 +62,20 @@ def agent(
             "any other is refused, whatever the manager sends",
         ),
     ] = ",".join(DEFAULT_VNIC_INTERFACES),
+    ca: Annotated[
+        Path | None,
+        typer.Option("--ca", help="CA certificate that signed the manager's (default: system CAs)"),
+    ] = None,
+    cert: Annotated[
+        Path | None, typer.Option("--cert", help="This host's client certificate (omniwall pki host)")
+    ] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="The key of --cert")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step")] = False,
 ) -> None:
     """Run the host agent: realize this host's desired state in the kernel, report back, fail static."""
+    # SIGHUP means "re-read the certificate" (agent/main.py): one that arrives during start-up must not
+    # end the agent
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -67,14 +86,19 @@ def agent(
     try:
         if backend not in BACKENDS:
             raise ValueError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-        if not manager.startswith(("http://", "https://")):
-            raise ValueError(f"--manager: {manager!r} is not an http(s) URL")
         try:
             patterns = [check_pattern(p.strip()) for p in vnic_interfaces.split(",") if p.strip()]
         except ValueError as e:
             raise ValueError(f"--vnic-interfaces: {e}") from None
         if not patterns:
             raise ValueError("--vnic-interfaces: name at least one pattern, like tap*")
+        check_manager_url(manager)  # refuses http:// to a manager off this machine
+        tls = None
+        if manager.startswith("https://"):
+            # certificate and key are re-read on every reconnect and on SIGHUP (rotation)
+            tls = client_context(ca, cert, key)
+        elif ca or cert or key:
+            raise ValueError("--ca/--cert/--key need an https:// --manager")
         token = read_token(token_file)
         run_agent(
             manager,
@@ -85,6 +109,7 @@ def agent(
             state_dir=state_dir,
             counters_interval=counters_interval,
             guard=Guard(patterns),
+            tls=tls,
         )
     except (ValueError, OSError, ImportError) as e:
         typer.echo(f"omniwall agent: {e}", err=True)

@@ -33,6 +33,7 @@ from omniwall.agent.reconciler import Outcome, Reconciler
 from omniwall.agent.reporter import Addresses, Reporter
 from omniwall.dataplane.backend import Backend
 from omniwall.stream.wire import Command
+from omniwall.tls import ReloadingContext
 
 log = logging.getLogger("omniwall.agent")
 
@@ -61,8 +62,10 @@ class Agent:
         idle_timeout: float = 60.0,
         backoff: Backoff | None = None,
         guard: Guard | None = None,
+        tls: ReloadingContext | None = None,
     ) -> None:
         self.manager_url = manager_url
+        self.tls = tls  # https: CA + this host's certificate, re-read on reconnect / SIGHUP
         self.host = host
         self.token = token
         self.backend = backend
@@ -71,7 +74,9 @@ class Agent:
         self.backoff = backoff or Backoff()
         self.reconciler = Reconciler(backend, host, guard)
         self._own_client = client is None
-        self.client = client or httpx.AsyncClient(limits=agent_limits())
+        self.client = client or httpx.AsyncClient(
+            limits=agent_limits(), verify=tls.context if tls is not None else True
+        )
         self.reporter = Reporter(
             self.client,
             manager_url,
@@ -128,6 +133,8 @@ class Agent:
     async def _feed_loop(self) -> None:
         while True:
             from_revision = 0 if self._want_snapshot else self.reconciler.resume_revision
+            if self.tls is not None:
+                self.tls.reload_if_changed()  # a rotated certificate is used from this connection on
             try:
                 feed = read_feed(
                     self.client, self.manager_url, self.host, self.token, from_revision, self.idle_timeout
@@ -248,9 +255,15 @@ async def run_agent_async(agent: Agent) -> None:
             loop.call_soon_threadsafe(agent.stop)
 
     previous = {}
+
+    def on_hup(signum: int, frame: object) -> None:
+        if os.getpid() == pid and agent.tls is not None:
+            loop.call_soon_threadsafe(agent.tls.reload_if_changed)
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, on_signal)
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     try:
         await agent.run()
     finally:

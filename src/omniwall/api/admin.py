@@ -8,10 +8,12 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Query, Request
 
 from omniwall.manager.audit import AuditQuery, query
+from omniwall.manager.audit import verify as verify_chain
 from omniwall.manager.objects import kind_of
-from omniwall.manager.tokens import TokenError
+from omniwall.manager.service import Manager
+from omniwall.manager.tokens import TokenError, check_name, parse_duration
 
-from .auth import Perm, Principal, authenticate, manager_of, require
+from .auth import Perm, Principal, agent_certificates, authenticate, manager_of, require
 from .errors import ApiError, not_found
 from .filters import decode_continue, encode_continue
 
@@ -34,6 +36,10 @@ def router() -> APIRouter:
         out: dict[str, Any] = {"revision": m.revision}
         if not p.tenant_scoped:
             hosts = m.host_statuses()
+            certs = agent_certificates(request.app.state)
+            for h, st in hosts.items():
+                if h in certs:
+                    st["clientCertificate"] = certs[h]
             out["compileError"] = m.compile_error
             out["hosts"] = hosts
             out["summary"] = {
@@ -50,35 +56,42 @@ def router() -> APIRouter:
         p: Principal = Depends(authenticate),
     ) -> dict[str, Any]:
         require(p, Perm.TOKENS)
-        unknown = set(body) - {"role", "tenant", "host", "name"}
-        if unknown:
-            raise ApiError(
-                422,
-                "invalid token request",
-                errors=[
-                    {"document": "request body", "path": k, "reason": "unknown field"}
-                    for k in sorted(unknown)
-                ],
-            )
+        m = manager_of(request)
+        fields = _token_request(m, body)
         try:
-            token, rec = manager_of(request).tokens.create(
-                str(body.get("role", "")),
-                name=str(body.get("name") or ""),
-                tenant=body.get("tenant"),
-                host=body.get("host"),
+            token, rec = m.tokens.create(
+                fields["role"],
+                name=fields["name"],
+                tenant=fields["tenant"],
+                host=fields["host"],
                 created_by=p.name,
                 actor=p.actor,
+                lifetime=parse_duration(fields["expires"]) if fields["expires"] is not None else None,
             )
         except TokenError as err:
-            raise ApiError(
-                422, str(err), errors=[{"document": "request body", "path": "role", "reason": str(err)}]
-            ) from None
+            raise _token_invalid(err) from None
         return {"token": token, **rec.public()}
 
     @r.get("/v1/tokens", tags=["tokens"], summary="list tokens (never their secrets)")
     def list_tokens(request: Request, p: Principal = Depends(authenticate)) -> dict[str, Any]:
         require(p, Perm.TOKENS)
         return {"items": [t.public() for t in manager_of(request).tokens.list()]}
+
+    @r.post(
+        "/v1/tokens/{token_id}/rotate",
+        tags=["tokens"],
+        summary="replace a token by a new one (same role, scope, name, lifetime); the old one stops working",
+    )
+    def rotate_token(request: Request, token_id: str, p: Principal = Depends(authenticate)) -> dict[str, Any]:
+        require(p, Perm.TOKENS)
+        try:
+            out = manager_of(request).tokens.rotate(token_id, p.actor)
+        except TokenError as err:
+            raise ApiError(409, str(err)) from None
+        if out is None:
+            raise not_found(f"token {token_id}")
+        token, rec = out
+        return {"token": token, "replaced": token_id, **rec.public()}
 
     @r.delete("/v1/tokens/{token_id}", tags=["tokens"], summary="revoke a token")
     def revoke_token(request: Request, token_id: str, p: Principal = Depends(authenticate)) -> dict[str, Any]:
@@ -107,6 +120,15 @@ def router() -> APIRouter:
         m.store.compact(rev)
         return {"compacted": m.store.compacted_revision(), "revision": current}
 
+    @r.get(
+        "/v1/audit/verify",
+        tags=["audit"],
+        summary="check the audit log's hash chain: the first edited, deleted or inserted entry",
+    )
+    def audit_verify(request: Request, p: Principal = Depends(authenticate)) -> dict[str, Any]:
+        require(p, Perm.AUDIT_VERIFY)
+        return verify_chain(manager_of(request).store).to_json()
+
     @r.get("/v1/audit", tags=["audit"], summary="the audit log, oldest first, filtered")
     def audit(
         request: Request,
@@ -126,7 +148,7 @@ def router() -> APIRouter:
                 return {"items": [], "continue": None}
             tenant = p.tenant
         try:
-            k = "Token" if kind and kind.lower() in ("token", "tokens") else kind_of(kind) if kind else None
+            k = _audit_kind(kind) if kind else None
         except ValueError as err:
             raise ApiError(
                 422, str(err), errors=[{"document": "request", "path": "query.kind", "reason": str(err)}]
@@ -143,6 +165,75 @@ def router() -> APIRouter:
         return {"items": [e.to_json() for e in entries], "continue": encode_continue(more) if more else None}
 
     return r
+
+
+def _audit_kind(kind: str) -> str:
+    """Resource kinds, plus the two kinds only the audit log has: Token and Authentication (failures)."""
+    word = kind.lower()
+    if word in ("token", "tokens"):
+        return "Token"
+    if word in ("authentication", "auth"):
+        return "Authentication"
+    return kind_of(kind)
+
+
+TOKEN_FIELDS = ("role", "tenant", "host", "name", "expires")
+
+
+def _token_invalid(err: TokenError) -> ApiError:
+    return ApiError(
+        422, str(err), errors=[{"document": "request body", "path": err.field, "reason": str(err)}]
+    )
+
+
+def _token_request(m: Manager, body: Any) -> dict[str, Any]:
+    """The fields of `POST /v1/tokens`, checked: types, bounds, and that the tenant / host exist. Every
+    problem is a 422 naming its field; nothing is written."""
+    if not isinstance(body, dict):
+        raise ApiError(
+            422,
+            "invalid token request",
+            errors=[{"document": "request body", "path": "", "reason": "expected a JSON object"}],
+        )
+    problems = [
+        {"document": "request body", "path": str(k)[:64], "reason": "unknown field"}
+        for k in sorted(map(str, body))
+        if k not in TOKEN_FIELDS
+    ]
+    out: dict[str, Any] = {}
+    for f in TOKEN_FIELDS:
+        v = body.get(f)
+        if f == "expires":
+            ok = v is None or (isinstance(v, str | int) and not isinstance(v, bool))
+        else:
+            ok = v is None or isinstance(v, str)
+        if not ok:
+            problems.append(
+                {
+                    "document": "request body",
+                    "path": f,
+                    "reason": f"expected a string, got {type(v).__name__}",
+                }
+            )
+        out[f] = v if ok else None
+    if problems:
+        raise ApiError(422, "invalid token request", errors=problems)
+    out["role"] = out["role"] or ""
+    try:
+        out["name"] = check_name(out["name"] or "")
+        for f in ("tenant", "host"):
+            if out[f] is not None:
+                check_name(out[f], f)
+        if out["expires"] is not None:
+            parse_duration(out["expires"])
+    except TokenError as err:
+        raise _token_invalid(err) from None
+    catalog = m.catalog
+    if out["tenant"] and out["tenant"] not in catalog.tenant_names():
+        raise _token_invalid(TokenError(f"tenant {out['tenant']!r} does not exist", "tenant"))
+    if out["host"] and not m.host_known(out["host"]):
+        raise _token_invalid(TokenError(f"host {out['host']!r} does not exist", "host"))
+    return out
 
 
 def _time(text: str | None, field: str) -> str | None:

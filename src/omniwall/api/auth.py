@@ -9,12 +9,22 @@ Rules:
   reports (`identity.write` / `posture.write`, docs/identity-posture.md); the provider admin may too.
 - A Workload created (or brought back by a rollback) with a `user` attribute claims an identity: that
   needs `identity.write` too (`check_created_identity`).
+
+Transport binding (docs/security.md): over TLS with client certificates, a host certificate (URI SAN
+`urn:omniwall:host:<host>`, omniwall.pki) binds the connection to its host: an agent token of another
+host is refused (403), so a stolen token is useless without that host's key. When the manager verifies
+client certificates (`--client-ca`), agent tokens are accepted only with their host's certificate.
+
+Failed authentication is rate-limited per client address (`AuthGuard`: 429 + Retry-After) and audited
+in aggregate: at most one audit entry per window, however many failures.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -26,7 +36,9 @@ from omniwall.manager.service import Actor, Manager, Plan
 from omniwall.manager.tokens import TENANT_ROLES, Role
 from omniwall.model.catalog import Catalog
 from omniwall.model.resources import PROVIDER_CATEGORIES, _Resource
+from omniwall.pki import host_of_peercert
 
+from .auth_guard import AuthGuard, guard_of
 from .errors import ApiError, not_found
 
 
@@ -36,6 +48,7 @@ class Perm(StrEnum):
     PROVIDER_WRITE = "provider.write"  # Tenant and Host objects
     PROVIDER_CATEGORY = "policy.provider-category"  # emergency / infrastructure policies
     AUDIT_READ = "audit.read"
+    AUDIT_VERIFY = "audit.verify"  # GET /v1/audit/verify: the whole log's hash chain
     TOKENS = "tokens.admin"
     COMPACT = "store.compact"
     FEED_READ = "hosts.feed.read"
@@ -52,6 +65,7 @@ ROLE_PERMS: dict[Role, frozenset[Perm]] = {
             Perm.PROVIDER_WRITE,
             Perm.PROVIDER_CATEGORY,
             Perm.AUDIT_READ,
+            Perm.AUDIT_VERIFY,
             Perm.TOKENS,
             Perm.COMPACT,
             Perm.FEED_READ,
@@ -59,7 +73,7 @@ ROLE_PERMS: dict[Role, frozenset[Perm]] = {
             Perm.POSTURE_WRITE,
         }
     ),
-    Role.AUDITOR: frozenset({Perm.READ, Perm.AUDIT_READ, Perm.FEED_READ}),
+    Role.AUDITOR: frozenset({Perm.READ, Perm.AUDIT_READ, Perm.AUDIT_VERIFY, Perm.FEED_READ}),
     Role.TENANT_ADMIN: frozenset({Perm.READ, Perm.WRITE, Perm.AUDIT_READ}),
     Role.TENANT_VIEWER: frozenset({Perm.READ, Perm.AUDIT_READ}),
     Role.AGENT: frozenset({Perm.FEED_READ, Perm.STATUS_WRITE}),
@@ -98,9 +112,56 @@ def manager_of(request: Request) -> Manager:
     return request.app.state.manager  # type: ignore[no-any-return]
 
 
+log = logging.getLogger(__name__)
+
+
+async def _flush_if_due(request: Request, guard: AuthGuard) -> None:
+    if guard.audit and guard.due():
+        try:
+            await run_in_threadpool(guard.flush, manager_of(request).store)
+        except Exception as e:  # auditing a failure must never fail the request
+            log.warning("audit of authentication failures not written: %s", e)
+
+
+async def _refuse(request: Request, guard: AuthGuard, address: str, message: str) -> ApiError:
+    guard.failed(address)
+    await _flush_if_due(request, guard)
+    return ApiError(401, message)
+
+
+def _peercert(request: Request) -> dict[str, Any] | None:
+    tls = request.scope.get("extensions", {}).get("tls") or {}
+    return tls.get("peercert")  # type: ignore[no-any-return]
+
+
+def peer_host(request: Request) -> tuple[bool, str | None]:
+    """(a verified client certificate came with the request, the host it names or None)."""
+    peer = _peercert(request)
+    return bool(peer), host_of_peercert(peer)
+
+
+def agent_certificates(state: Any) -> dict[str, dict[str, str]]:
+    """host -> the serial and expiry of the certificate its agent last authenticated with (shown by
+    GET /v1/status: which certificate each agent uses, when it expires, whether a rotation took)."""
+    seen = getattr(state, "agent_certificates", None)
+    if seen is None:
+        seen = state.agent_certificates = {}
+    return seen  # type: ignore[no-any-return]
+
+
 async def authenticate(request: Request) -> Principal:
-    """FastAPI dependency: the caller's principal, or 401. Async: a cached token is checked on the event
-    loop (no thread hop per request); otherwise the store read runs in the threadpool."""
+    """FastAPI dependency: the caller's principal, or 401 / 403 / 429. Async: a cached token is checked
+    on the event loop (no thread hop per request); otherwise the store read runs in the threadpool."""
+    guard = guard_of(request)
+    address = request.client.host if request.client else "unknown"
+    wait = guard.retry_after(address)
+    if wait is not None:
+        raise ApiError(
+            429,
+            f"too many failed authentications from {address}; retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+            retryAfter=wait,
+        )
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -108,8 +169,37 @@ async def authenticate(request: Request) -> Principal:
     tokens = manager_of(request).tokens
     rec = tokens.verify_cached(token) or await run_in_threadpool(tokens.verify, token)
     if rec is None:
-        raise ApiError(401, "invalid or revoked token")
-    return Principal(rec.id, rec.name, Role(rec.role), rec.tenant, rec.host)
+        raise await _refuse(request, guard, address, "invalid, expired or revoked token")
+    await _flush_if_due(request, guard)  # failures of the last window, also when no failure follows
+    p = Principal(rec.id, rec.name, Role(rec.role), rec.tenant, rec.host)
+    has_cert, cert_host = peer_host(request)
+    if cert_host is not None and p.role == Role.AGENT and cert_host != p.host:
+        raise ApiError(
+            403,
+            f"this connection's certificate is host {cert_host}'s; the token is host {p.host}'s",
+            permission=Perm.FEED_READ.value,
+        )
+    if (
+        p.role == Role.AGENT
+        and cert_host is None
+        and getattr(request.app.state, "agent_cert_required", False)
+    ):
+        raise ApiError(
+            403,
+            f"agent tokens need the client certificate of their host ({p.host})"
+            + (": this certificate names no host" if has_cert else ": none was presented"),
+            permission=Perm.FEED_READ.value,
+        )
+    if cert_host is not None and p.role == Role.AGENT:
+        peer = _peercert(request) or {}
+        seen = {
+            "serial": str(peer.get("serialNumber", "")).lower(),
+            "notAfter": str(peer.get("notAfter", "")),
+        }
+        certs = agent_certificates(request.app.state)
+        if certs.get(cert_host) != seen:
+            certs[cert_host] = seen
+    return p
 
 
 def require(p: Principal, perm: Perm) -> None:

@@ -26,16 +26,20 @@ CODES = {
     410: "gone",
     413: "too_large",
     422: "invalid",
+    429: "too_many_requests",
     500: "internal",
     503: "unavailable",
 }
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, **details: Any) -> None:
+    def __init__(
+        self, status: int, message: str, *, headers: dict[str, str] | None = None, **details: Any
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers  # e.g. Retry-After on a 429
         self.details = details
 
     def body(self) -> dict[str, Any]:
@@ -54,7 +58,8 @@ def invalid(problems: list[Problem], message: str | None = None) -> ApiError:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, err: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
+        headers.update(err.headers or {})
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(InvalidResources)

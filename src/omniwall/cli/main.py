@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from omniwall.agent import cli as agent_cmd
-from omniwall.cli import flows_cmd, insight_cmds, k8s_cmd, lab_cmd, policy_cmds, server_cmds
+from omniwall.cli import flows_cmd, insight_cmds, k8s_cmd, lab_cmd, pki_cmd, policy_cmds, server_cmds
 
 app = typer.Typer(
     name="omniwall",
@@ -22,6 +22,7 @@ server_cmds.register(app)  # manager, token, apply, diff, get, delete, history, 
 insight_cmds.register(app)  # members, realization (explain's server mode lives there too)
 agent_cmd.register(app)  # agent
 flows_cmd.register(app)  # flows (hubble observe-like)
+pki_cmd.register(app)  # pki init/manager/host/show
 
 if __name__ == "__main__":
     app()

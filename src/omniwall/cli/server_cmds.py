@@ -2,7 +2,8 @@
 `delete`, `history`, `rollback`, `status`, `audit`).
 
 Client commands find the manager and token from `--server`/`--token`, else `OMNIWALL_SERVER`/
-`OMNIWALL_TOKEN`, else `~/.config/omniwall/config.yaml` (`server:`, `token:` or `token_file:`, `ca:`).
+`OMNIWALL_TOKEN`, else `~/.config/omniwall/config.yaml` (`server:`, `token:` or `token_file:`, `ca:`,
+`cert:`, `key:`; env `OMNIWALL_CA`, `OMNIWALL_CERT`, `OMNIWALL_KEY`).
 An HTTP error prints the server's message (and each validation error) to stderr and exits 1.
 """
 
@@ -69,7 +70,17 @@ class Api:
             _fail(
                 "no token: pass --token, set OMNIWALL_TOKEN, or put token: in ~/.config/omniwall/config.yaml"
             )
-        verify: bool | str = os.environ.get("OMNIWALL_CA") or cfg.get("ca") or True
+        verify: Any = True
+        ca = os.environ.get("OMNIWALL_CA") or cfg.get("ca")
+        cert = os.environ.get("OMNIWALL_CERT") or cfg.get("cert")
+        key = os.environ.get("OMNIWALL_KEY") or cfg.get("key")
+        if ca or cert or key:  # a private CA; a client certificate for people is optional
+            from omniwall.tls import TlsConfigError, client_context
+
+            try:
+                verify = client_context(ca, cert, key).context
+            except TlsConfigError as err:
+                _fail(str(err))
         self.http = httpx.Client(
             base_url=self.server, headers={"Authorization": f"Bearer {tok}"}, timeout=60.0, verify=verify
         )
@@ -159,6 +170,30 @@ def _print_diff(result: dict[str, Any]) -> None:
             typer.echo(f"  {h['host']}: vNICs {', '.join(h['vnics']) or '-'}")
 
 
+def _book(db: str) -> Any:
+    """The token book of a store file, its audit entries chained like the manager's."""
+    from omniwall.manager.audit import chained
+    from omniwall.manager.tokens import TokenBook
+    from omniwall.store import open_store
+
+    return TokenBook(chained(open_store(db)))
+
+
+def _check_scope_exists(db: str, tenant: str | None, host: str | None) -> None:
+    """`token create --db`: the tenant and host must exist, as through the API (POST /v1/tokens)."""
+    from omniwall.manager.objects import KIND_PLURAL, RES_PREFIX, key_of
+    from omniwall.manager.tokens import TokenError
+    from omniwall.store import open_store
+
+    store = open_store(db)
+    if host and store.get(key_of("Host", "", host)) is None:
+        raise TokenError(f"host {host!r} does not exist", "host")
+    if tenant and store.get(key_of("Tenant", "", tenant)) is None:
+        owned = (store.range(f"{RES_PREFIX}{k}/{tenant}/", limit=1)[0] for k in KIND_PLURAL)
+        if not any(owned):
+            raise TokenError(f"tenant {tenant!r} does not exist", "tenant")
+
+
 # ------------------------------------------------------------------------------------------- commands
 
 
@@ -169,8 +204,13 @@ def register(app: typer.Typer) -> None:
             os.environ.get("OMNIWALL_DB", "omniwall.db"), "--db", help="SQLite store path"
         ),
         listen: str = typer.Option("127.0.0.1:8443", "--listen", help="HOST:PORT"),
-        tls_cert: str | None = typer.Option(None, "--tls-cert"),
-        tls_key: str | None = typer.Option(None, "--tls-key"),
+        tls_cert: str | None = typer.Option(None, "--tls-cert", help="serve HTTPS with this certificate"),
+        tls_key: str | None = typer.Option(None, "--tls-key", help="the key of --tls-cert"),
+        client_ca: str | None = typer.Option(
+            None,
+            "--client-ca",
+            help="verify client certificates issued by this CA; agents must then present their host's",
+        ),
         flows_db: str | None = typer.Option(
             None, "--flows-db", help="flow records' SQLite file (default: <db>.flows)"
         ),
@@ -182,7 +222,8 @@ def register(app: typer.Typer) -> None:
             None, "--metrics-address", help="serve Prometheus /metrics on HOST:PORT (no auth; off by default)"
         ),
     ) -> None:
-        """Run the manager (REST API, store, compiler, host feeds, flow records)."""
+        """Run the manager (REST API, store, compiler, host feeds, flow records). Certificate files are
+        re-read when they change (and on SIGHUP)."""
         import logging
 
         from omniwall.manager.server import FlowOptions, serve
@@ -199,7 +240,7 @@ def register(app: typer.Typer) -> None:
                     f"--flow-retention {flow_retention!r}: expected a duration like 30m, 24h or 7d"
                 ) from e
             flows = FlowOptions(flows_db, retention, flow_max_records)
-            serve(db, listen, tls_cert, tls_key, flows=flows, metrics_address=metrics_address)
+            serve(db, listen, tls_cert, tls_key, client_ca, flows=flows, metrics_address=metrics_address)
         except (ValueError, OSError) as err:
             _fail(str(err))
 
@@ -216,30 +257,69 @@ def register(app: typer.Typer) -> None:
         tenant: str | None = typer.Option(None, "--tenant", help="tenant roles: the tenant"),
         host: str | None = typer.Option(None, "--host", help="agent role: the host"),
         name: str = typer.Option("", "--name"),
+        expires: str | None = typer.Option(
+            None, "--expires", help="lifetime, e.g. 30m, 24h, 7d (default: never expires)"
+        ),
         db: str | None = typer.Option(None, "--db", help="operate on this store file instead of the API"),
         server: str | None = ServerOpt,
         token: str | None = TokenOpt,
     ) -> None:
         """Create a token; prints the secret once."""
         if db:
-            from omniwall.manager.tokens import TokenBook, TokenError
-            from omniwall.store import open_store
+            from omniwall.manager.tokens import TokenError, parse_duration
 
             try:
-                secret, rec = TokenBook(open_store(db)).create(
-                    role, name=name, tenant=tenant, host=host, created_by="cli", actor=LOCAL
+                life = parse_duration(expires) if expires else None
+                _check_scope_exists(db, tenant, host)
+                secret, rec = _book(db).create(
+                    role, name=name, tenant=tenant, host=host, created_by="cli", actor=LOCAL, lifetime=life
                 )
             except TokenError as err:
                 _fail(str(err))
             typer.echo(secret)
-            typer.echo(f"# id {rec.id}, role {rec.role}", err=True)
+            typer.echo(
+                f"# id {rec.id}, role {rec.role}" + (f", expires {rec.expires}" if rec.expires else ""),
+                err=True,
+            )
             return
         body = {
-            k: v for k, v in {"role": role, "tenant": tenant, "host": host, "name": name or None}.items() if v
+            k: v
+            for k, v in {
+                "role": role,
+                "tenant": tenant,
+                "host": host,
+                "name": name or None,
+                "expires": expires,
+            }.items()
+            if v
         }
         out = Api(server, token).call("POST", "/v1/tokens", json=body)
         typer.echo(out["token"])
-        typer.echo(f"# id {out['id']}, role {out['role']}", err=True)
+        typer.echo(
+            f"# id {out['id']}, role {out['role']}"
+            + (f", expires {out['expires']}" if out.get("expires") else ""),
+            err=True,
+        )
+
+    @token_app.command("rotate")
+    def token_rotate(
+        token_id: str = typer.Argument(..., help="token id (the middle part of ow.<id>.<secret>)"),
+        db: str | None = typer.Option(None, "--db"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """Replace a token by a new one (same role, scope, name, lifetime); the old one stops working.
+        Prints the new secret once."""
+        if db:
+            out = _book(db).rotate(token_id, LOCAL)
+            if out is None:
+                _fail(f"token {token_id} not found")
+            secret, new_id = out[0], out[1].id
+        else:
+            res = Api(server, token).call("POST", f"/v1/tokens/{token_id}/rotate")
+            secret, new_id = res["token"], res["id"]
+        typer.echo(secret)
+        typer.echo(f"# id {new_id} replaces {token_id} (revoked)", err=True)
 
     @token_app.command("list")
     def token_list(
@@ -249,15 +329,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """List tokens (never their secrets)."""
         if db:
-            from omniwall.manager.tokens import TokenBook
-            from omniwall.store import open_store
-
-            items = [t.public() for t in TokenBook(open_store(db)).list()]
+            items = [t.public() for t in _book(db).list()]
         else:
             items = Api(server, token).call("GET", "/v1/tokens")["items"]
         for t in items:
             scope = t.get("tenant") or t.get("host") or "-"
-            typer.echo(f"{t['id']}  {t['role']:15} {scope:15} {t['name']}  {t['created']}")
+            expiry = f"  expires {t['expires']}" if t.get("expires") else ""
+            typer.echo(f"{t['id']}  {t['role']:15} {scope:15} {t['name']}  {t['created']}{expiry}")
 
     @token_app.command("revoke")
     def token_revoke(
@@ -268,10 +346,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Revoke a token."""
         if db:
-            from omniwall.manager.tokens import TokenBook
-            from omniwall.store import open_store
-
-            if not TokenBook(open_store(db)).revoke(token_id, LOCAL):
+            if not _book(db).revoke(token_id, LOCAL):
                 _fail(f"token {token_id} not found")
         else:
             Api(server, token).call("DELETE", f"/v1/tokens/{token_id}")
@@ -484,8 +559,37 @@ def register(app: typer.Typer) -> None:
         out = api.call("POST", "/v1/compact", json={"revision": target})
         typer.echo(f"history before revision {out['compacted']} dropped (current revision {out['revision']})")
 
-    @app.command("audit")
+    audit_app = typer.Typer(
+        help="The audit log: list entries (default), or `verify` its hash chain.",
+        invoke_without_command=True,
+    )
+    app.add_typer(audit_app, name="audit")
+
+    @audit_app.command("verify")
+    def audit_verify_cmd(
+        db: str | None = typer.Option(None, "--db", help="check this store file instead of asking the API"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        """Check the audit log's hash chain; exit 1 naming the first edited, deleted or inserted entry."""
+        if db:
+            from omniwall.manager.audit import verify
+            from omniwall.store import open_store
+
+            out = verify(open_store(db)).to_json()
+        else:
+            out = Api(server, token).call("GET", "/v1/audit/verify")
+        if out["ok"]:
+            extra = f" ({out['unchained']} older entries carry no chain)" if out.get("unchained") else ""
+            typer.echo(f"audit log intact: {out['entries']} chained entries{extra}")
+            return
+        b = out["firstBroken"] or {}
+        where = " ".join(x for x in (f"#{b['seq']}" if b.get("seq") else "", b.get("key") or "") if x)
+        _fail(f"audit log broken at entry {where or '?'}: {b.get('reason', '')}")
+
+    @audit_app.callback()
     def audit_cmd(
+        ctx: typer.Context,
         tenant: str | None = TenantOpt,
         actor: str | None = typer.Option(None, "--actor"),
         kind: str | None = typer.Option(None, "--kind"),
@@ -497,6 +601,8 @@ def register(app: typer.Typer) -> None:
         token: str | None = TokenOpt,
     ) -> None:
         """The audit log: who changed what, when, at which revision."""
+        if ctx.invoked_subcommand is not None:
+            return
         params = _params(tenant, actor=actor, kind=kind, name=name, since=since, until=until, limit=limit)
         out = Api(server, token).call("GET", "/v1/audit", params=params)
         for e in out["items"]:

@@ -21,6 +21,13 @@ the PID still runs a command line naming this lab's control directory (a recycle
 fail-static checks. `managed_lab(...)` is a context manager for a whole managed lab.
 
 httpx (already the agent's and the CLI's HTTP client) is the client here too.
+
+TLS (on for the lab and the demo, `Managed(tls=True)`; `ControlPlane(prefix)` alone keeps plain HTTP on
+loopback for the fan-out benchmark's simulated agents): the control directory gets a throwaway CA under
+`pki/` (omniwall.pki), a manager certificate for 127.0.0.1/localhost, and one client certificate per
+host. The manager runs with `--tls-cert/--tls-key/--client-ca`, each agent with `--ca/--cert/--key`,
+so agents are bound to their hosts exactly as in production. `cp.verify` is the SSL context a client of
+the lab's manager needs; `cp.ca_file` the CA to hand to the CLI (`OMNIWALL_CA`).
 """
 
 from __future__ import annotations
@@ -73,10 +80,11 @@ class Record:
     manager_pid: int | None = None
     agents: dict[str, int] = field(default_factory=dict)  # host -> pid
     netns: dict[str, str] = field(default_factory=dict)  # host -> host namespace
+    tls: bool = False  # HTTPS with client certificates (pki/ in the control directory)
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.port}"
 
 
 def free_port() -> int:
@@ -151,12 +159,14 @@ def _spawn(argv: Sequence[str], log_path: Path) -> int:
 class ControlPlane:
     """A lab's manager and agents: start, stop, talk to the API."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, *, tls: bool | None = None) -> None:
+        """`tls`: for a new control plane (an existing one keeps what its record says)."""
         self.prefix = prefix
         self.dir = control_dir(prefix)
         self.marker = str(self.dir)  # appears in every command line we start
-        self.record = self._load() or Record(prefix=prefix, port=0)
+        self.record = self._load() or Record(prefix=prefix, port=0, tls=bool(tls))
         self._client: httpx.Client | None = None
+        self._verify: Any = None
 
     # ---- record
     @property
@@ -174,6 +184,7 @@ class ControlPlane:
             manager_pid=d.get("manager_pid"),
             agents={k: int(v) for k, v in d.get("agents", {}).items()},
             netns=dict(d.get("netns", {})),
+            tls=bool(d.get("tls", False)),
         )
 
     def save(self) -> None:
@@ -205,6 +216,53 @@ class ControlPlane:
     def agent_token_file(self, host: str) -> Path:
         return self.dir / f"agent-{_safe(host)}.token"
 
+    # ---- TLS
+    @property
+    def pki_dir(self) -> Path:
+        return self.dir / "pki"
+
+    @property
+    def ca_file(self) -> Path | None:
+        return self.pki_dir / "ca.crt" if self.record.tls else None
+
+    @property
+    def verify(self) -> Any:
+        """What an httpx client of this manager passes as `verify`: the lab CA's context, or True."""
+        if not self.record.tls:
+            return True
+        if self._verify is None:
+            from omniwall.tls import client_context
+
+            self._verify = client_context(self.pki_dir / "ca.crt").context
+        return self._verify
+
+    def _ensure_pki(self) -> None:
+        """A throwaway CA and manager certificate, once per control directory."""
+        from omniwall import pki
+
+        if not (self.pki_dir / "ca.key").exists():
+            pki.init_ca(self.pki_dir, name=f"Omniwall lab CA {self.prefix}")
+            self._verify = None
+        if not (self.pki_dir / "manager.crt").exists():
+            pki.issue_manager(self.pki_dir, [LOOPBACK, "localhost"])
+
+    def host_cert(self, host: str) -> tuple[Path, Path]:
+        """`host`'s client certificate and key (issued on first use)."""
+        from omniwall import pki
+
+        paths = pki.host_paths(self.pki_dir, _safe(host))
+        if not paths.cert.exists():
+            pki.issue_host(self.pki_dir, host, out=paths)
+        return paths.cert, paths.key
+
+    def rotate_host_cert(self, host: str) -> tuple[Path, Path]:
+        """A new key and certificate for `host` in place (the agent picks them up on reconnect/SIGHUP)."""
+        from omniwall import pki
+
+        paths = pki.host_paths(self.pki_dir, _safe(host))
+        pki.issue_host(self.pki_dir, host, out=paths)
+        return paths.cert, paths.key
+
     # ---- HTTP
     def client(self) -> httpx.Client:
         if self._client is None:
@@ -212,6 +270,7 @@ class ControlPlane:
                 base_url=self.url,
                 headers={"Authorization": f"Bearer {self.admin_token}"},
                 timeout=httpx.Timeout(30.0, connect=5.0),
+                verify=self.verify,
             )
         return self._client
 
@@ -272,7 +331,18 @@ class ControlPlane:
     def start_manager(self, *, port: int | None = None) -> None:
         """Start `omniwall manager` (same port as before when restarting) and wait for /healthz."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)  # tokens live here
+        os.chmod(self.dir, 0o700)  # tokens (and the lab CA's key) live here
+        tls_args: list[str] = []
+        if self.record.tls:
+            self._ensure_pki()
+            tls_args = [
+                "--tls-cert",
+                str(self.pki_dir / "manager.crt"),
+                "--tls-key",
+                str(self.pki_dir / "manager.key"),
+                "--client-ca",
+                str(self.pki_dir / "ca.crt"),
+            ]
         attempts = 1 if (port or self.record.port) else 3
         for attempt in range(attempts):
             self.record.port = port or self.record.port or free_port()
@@ -285,6 +355,7 @@ class ControlPlane:
                 str(self.db),
                 "--listen",
                 f"{LOOPBACK}:{self.record.port}",
+                *tls_args,
             ]
             self.record.manager_pid = _spawn(argv, self.dir / "manager.log")
             self.save()
@@ -305,7 +376,7 @@ class ControlPlane:
             if pid is None or not _alive(pid):
                 raise ManagedError(f"manager exited at start: {_tail(self.dir / 'manager.log')}")
             with contextlib.suppress(httpx.HTTPError):
-                ok = httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200
+                ok = httpx.get(f"{self.url}/healthz", timeout=1.0, verify=self.verify).status_code == 200
                 if ok and self.admin_token_file.exists():
                     return
             time.sleep(0.05)
@@ -342,6 +413,10 @@ class ControlPlane:
         if ns is None:
             raise ManagedError(f"no namespace known for host {host!r}")
         self.issue_agent_token(host)
+        tls_args: list[str] = []
+        if self.record.tls:
+            cert, key = self.host_cert(host)
+            tls_args = ["--ca", str(self.pki_dir / "ca.crt"), "--cert", str(cert), "--key", str(key)]
         state_dir = self.dir / f"agent-{_safe(host)}"
         argv = [
             sys.executable,
@@ -359,6 +434,7 @@ class ControlPlane:
             "nft",
             "--state-dir",
             str(state_dir),
+            *tls_args,
         ]
         pid = _spawn(argv, self.dir / f"agent-{_safe(host)}.log")
         self.record.agents[host] = pid
@@ -420,12 +496,13 @@ class Managed:
 
     mode = "managed"
 
-    def __init__(self, *, sync_timeout: float = SYNC_TIMEOUT) -> None:
+    def __init__(self, *, sync_timeout: float = SYNC_TIMEOUT, tls: bool = True) -> None:
         self.sync_timeout = sync_timeout
+        self.tls = tls
         self.control: ControlPlane | None = None
 
     def start(self, plan: LabPlan, catalog: Catalog, hosts: Sequence[str] | None = None) -> None:
-        cp = ControlPlane(plan.prefix)
+        cp = ControlPlane(plan.prefix, tls=self.tls)
         self.control = cp
         fresh = not cp.manager_running
         try:

@@ -2,18 +2,29 @@
 
 Entries live under `audit/<time_ns:020d>-<id>` (time order); the entry's revision is its key's
 mod_revision, i.e. the revision of the change it records. Nothing ever rewrites or deletes them.
+
+Tamper evidence (`chained`, `verify`): every entry carries `seq` (1, 2, ...) and `chain` =
+sha256(previous entry's chain, its key, its content); `auditchain/head` holds the last seq and chain.
+The chain is computed in the very txn that writes the entries (a compare on the head serialises writers,
+also across processes), so it needs nothing from callers. Editing an entry breaks its hash, deleting one
+leaves a gap in `seq` (or a head beyond the last entry). The chain lives in the entries' values, which
+store compaction keeps (compaction drops history events, never current values).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from omniwall.store import Put, Store
+from omniwall.store import Compare, Put, Store
+from omniwall.store.base import Op, TxnResult
 
 from .objects import AUDIT_PREFIX
 
@@ -137,3 +148,156 @@ def query(
                     more, _ = store.range(AUDIT_PREFIX, start_after=cursor, limit=1)
                     return out, (cursor if more else None)
     return out, None
+
+
+# ------------------------------------------------------------------------------------------ hash chain
+
+CHAIN_HEAD = "auditchain/head"
+GENESIS = "0" * 64
+_CHAIN_FIELDS = ("seq", "chain")
+
+
+def entry_hash(previous: str, key: str, body: dict[str, Any]) -> str:
+    """The chain value of one entry: its key and content (seq included, chain excluded) after the
+    previous entry's chain value."""
+    content = json.dumps({k: v for k, v in body.items() if k != "chain"}, sort_keys=True)
+    return hashlib.sha256(f"{previous}\n{key}\n{content}".encode()).hexdigest()
+
+
+class ChainedStore:
+    """A `Store` whose txns chain the audit entries they write (see the module doc). Everything else is
+    the wrapped store's."""
+
+    MAX_ATTEMPTS = 100
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()  # one chaining txn at a time in this process; the compare does the rest
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def txn(
+        self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> TxnResult:
+        slots = sorted(
+            (op.key, i)
+            for i, op in enumerate(success)
+            if isinstance(op, Put) and op.key.startswith(AUDIT_PREFIX)
+        )
+        if not slots:
+            return self.inner.txn(compares, success, failure)
+        with self._lock:
+            for _ in range(self.MAX_ATTEMPTS):
+                head = self.inner.get(CHAIN_HEAD)
+                seq, chain = (0, GENESIS)
+                if head is not None:
+                    h = json.loads(head.value)
+                    seq, chain = int(h["seq"]), str(h["hash"])
+                ops = list(success)
+                for key, i in slots:
+                    body = json.loads(ops[i].value)  # type: ignore[union-attr]
+                    seq += 1
+                    body["seq"] = seq
+                    chain = entry_hash(chain, key, body)
+                    body["chain"] = chain
+                    ops[i] = Put(key, json.dumps(body, sort_keys=True))
+                ops.append(Put(CHAIN_HEAD, json.dumps({"seq": seq, "hash": chain, "key": slots[-1][0]})))
+                mine = Compare(CHAIN_HEAD, head.mod_revision if head is not None else 0)
+                res = self.inner.txn([*compares, mine], ops, failure)
+                theirs = tuple(c for c in res.failed if c.key != CHAIN_HEAD)
+                if res.succeeded or theirs or failure:
+                    return TxnResult(res.succeeded, res.revision, theirs)
+                # only the head moved (another process wrote entries) and nothing was written: again
+        raise RuntimeError("audit chain: the head kept moving; gave up")  # pragma: no cover
+
+
+def chained(store: Store) -> Store:
+    return store if isinstance(store, ChainedStore) else ChainedStore(store)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    ok: bool
+    entries: int  # chained entries checked
+    unchained: int  # entries written before the chain existed (older stores): not verifiable
+    broken_key: str | None = None  # the first entry found broken (or the entry after a gap)
+    broken_seq: int | None = None
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "entries": self.entries,
+            "unchained": self.unchained,
+            "firstBroken": None
+            if self.ok
+            else {"key": self.broken_key, "seq": self.broken_seq, "reason": self.reason},
+        }
+
+
+def verify(store: Store) -> ChainReport:
+    """Walk the chain in seq order; the first entry that was edited, is missing, or does not belong."""
+    chained_entries: list[tuple[int, str, dict[str, Any]]] = []
+    unchained: list[str] = []
+    cursor = None
+    while True:
+        page, _ = store.range(AUDIT_PREFIX, start_after=cursor, limit=1000)
+        if not page:
+            break
+        for kv in page:
+            cursor = kv.key
+            try:
+                body = json.loads(kv.value)
+                seq = body.get("seq")
+            except (ValueError, AttributeError):
+                return ChainReport(False, 0, 0, kv.key, None, "not a JSON audit entry (edited)")
+            if isinstance(seq, int) and isinstance(body.get("chain"), str):
+                chained_entries.append((seq, kv.key, body))
+            else:
+                unchained.append(kv.key)
+    chained_entries.sort(key=lambda t: (t[0], t[1]))
+    first_chained_key = min((k for _, k, _ in chained_entries), default=None)
+    late = [k for k in unchained if first_chained_key is not None and k > first_chained_key]
+    chain, expected = GENESIS, 1
+    for n, (seq, key, body) in enumerate(chained_entries):
+        if seq != expected:
+            why = (
+                f"entry #{expected} is missing (deleted); the chain resumes at #{seq}"
+                if seq > expected
+                else f"entry #{seq} appears twice (copied or forged)"
+            )
+            return ChainReport(False, n, len(unchained), key, expected, why)
+        want = entry_hash(chain, key, body)
+        if want != body["chain"]:
+            return ChainReport(
+                False, n, len(unchained), key, seq, "changed after it was written (hash mismatch)"
+            )
+        chain, expected = want, expected + 1
+    if late:
+        return ChainReport(
+            False,
+            len(chained_entries),
+            len(unchained),
+            late[0],
+            None,
+            "has no chain hash (edited or inserted)",
+        )
+    head = store.get(CHAIN_HEAD)
+    if head is not None:
+        h = json.loads(head.value)
+        if int(h.get("seq", 0)) != expected - 1 or h.get("hash") != chain:
+            return ChainReport(
+                False,
+                len(chained_entries),
+                len(unchained),
+                h.get("key"),
+                int(h.get("seq", 0)),
+                f"the chain ends at #{expected - 1} but its head records #{h.get('seq')}: "
+                "the last entries were deleted",
+            )
+    elif chained_entries:
+        return ChainReport(
+            False, len(chained_entries), len(unchained), None, None, "the chain head is missing (deleted)"
+        )
+    return ChainReport(True, len(chained_entries), len(unchained))

@@ -1,13 +1,27 @@
-"""Run the manager: open the store, bootstrap the first admin token, serve the API with uvicorn."""
+"""Run the manager: open the store, bootstrap the first admin token, serve the API with uvicorn.
+
+TLS (docs/security.md): `--tls-cert/--tls-key` serve HTTPS; `--client-ca` verifies client certificates
+in the handshake and hands the verified certificate to the API (`scope["extensions"]["tls"]`), which
+binds an agent's certificate to its host (api/auth.py). The certificate files are re-read when they
+change (checked every `RELOAD_INTERVAL` s) or on SIGHUP; established connections keep going.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
+import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omniwall.store import open_store
+from omniwall.tls import ReloadingContext, is_loopback_host, server_context
 
+from .audit import chained
 from .flows import FlowService
 from .flowstore import SqliteFlowStore
 from .service import Manager
@@ -16,6 +30,19 @@ from .tokens import token_file_for
 log = logging.getLogger(__name__)
 
 SERVER_KEEPALIVE = 90  # seconds an idle HTTP connection stays open (see serve())
+RELOAD_INTERVAL = 5.0  # seconds between checks of the certificate files
+
+PLAIN_HTTP_WARNING = """
+************************************************************************************************
+  PLAIN HTTP on %s: bearer tokens (agents' too) cross the network in clear text.
+  Serve HTTPS: omniwall manager --tls-cert manager.crt --tls-key manager.key --client-ca ca.crt
+  (omniwall pki: docs/security.md).
+************************************************************************************************"""
+
+
+def plain_http_warning(host: str, port: int, *, tls: bool) -> str | None:
+    """The boxed warning for plain HTTP on an address other machines can reach, else None."""
+    return None if tls or is_loopback_host(host) else PLAIN_HTTP_WARNING % f"{host}:{port}"
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -27,7 +54,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def build(db: str) -> tuple[Manager, Path | None]:
-    store = open_store(db)
+    store = chained(open_store(db))
     manager = Manager(store)
     written = manager.tokens.bootstrap(token_file_for(db))
     return manager, written
@@ -55,52 +82,166 @@ def flow_service(store_db: str, options: FlowOptions) -> FlowService:
     )
 
 
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+
+def _peer_tls(transport: Any) -> dict[str, Any] | None:
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    peer = ssl_object.getpeercert()  # {} or None without a (verified) client certificate
+    return {"tls_version": ssl_object.version(), "peercert": peer or None}
+
+
+def _with_tls(app: ASGIApp, tls: dict[str, Any]) -> ASGIApp:
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope.setdefault("extensions", {})["tls"] = tls
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+def tls_protocol(base: type) -> type:
+    """uvicorn's HTTP protocol, plus the verified client certificate of the connection in each request's
+    scope (uvicorn does not implement the ASGI TLS extension). The handshake is complete when
+    `connection_made` runs, so the certificate is known once per connection."""
+
+    class PeerCertProtocol(base):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            tls = _peer_tls(transport)
+            if tls is not None:
+                self.app = _with_tls(self.app, tls)
+
+    PeerCertProtocol.__name__ = f"PeerCert{base.__name__}"
+    return PeerCertProtocol
+
+
+def _base_protocol() -> type:
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return HttpToolsProtocol
+    except ImportError:  # pragma: no cover - httptools is a dependency
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        return H11Protocol
+
+
+def make_server(
+    manager: Manager,
+    host: str,
+    port: int,
+    *,
+    tls: ReloadingContext | None = None,
+    client_ca: bool = False,
+    log_level: str = "info",
+    flows: FlowService | None = None,
+) -> Any:
+    """A `uvicorn.Server` for the API (tests run it on a thread; `serve` on the main one)."""
+    import uvicorn
+
+    from omniwall.api.app import create_app
+
+    app = create_app(manager, flows=flows)
+    # Agents must present their host's certificate when the manager can verify one (api/auth.py).
+    app.state.agent_cert_required = client_ca
+    kwargs: dict[str, Any] = {}
+    if tls is not None:
+        # uvicorn builds its own SSLContext from these files; it is replaced below by ours, which
+        # reloads in place (and exists in every uvicorn version, unlike ssl_context_factory).
+        kwargs = {
+            "ssl_certfile": str(tls.cert),
+            "ssl_keyfile": str(tls.key),
+            "http": tls_protocol(_base_protocol()),
+        }
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        # Agents ack each change on a second connection, often more than uvicorn's default 5 s apart:
+        # a fresh TCP (TLS) connection per ack cost both sides more than the ack. Longer than the
+        # agents' own keep-alive (AGENT_KEEPALIVE), so the client always closes first (no reuse race).
+        timeout_keep_alive=SERVER_KEEPALIVE,
+        **kwargs,
+    )
+    if tls is not None:
+        config.load()
+        config.ssl = tls.context
+    return uvicorn.Server(config)
+
+
+async def _reload_loop(tls: ReloadingContext, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        tls.reload_if_changed()
+
+
 def serve(
     db: str,
     listen: str,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    client_ca: str | None = None,
     *,
     flows: FlowOptions | None = None,
     metrics_address: str | None = None,
 ) -> None:
-    import uvicorn
-
-    from omniwall.api import metrics
-    from omniwall.api.app import create_app
-
+    if threading.current_thread() is threading.main_thread():
+        # SIGHUP means "reload the certificate": never let one that arrives during start-up kill us
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
+    if client_ca and not tls_cert:
+        raise ValueError("--client-ca needs --tls-cert and --tls-key (client certificates need TLS)")
     host, port = parse_listen(listen)
     if metrics_address:
         parse_listen(metrics_address)  # a bad address fails before anything starts
+    tls = server_context(tls_cert, tls_key, client_ca) if tls_cert and tls_key else None
     manager, _ = build(db)
     flow_opts = flows or FlowOptions()
-    app = create_app(manager, flows=flow_service(db, flow_opts))
+    server = make_server(
+        manager, host, port, tls=tls, client_ca=bool(client_ca), flows=flow_service(db, flow_opts)
+    )
+    app = server.config.app
     if metrics_address:
+        from omniwall.api import metrics
+
         metrics.serve(app.state.metrics, metrics_address)
         log.info("metrics on http://%s/metrics", metrics_address)
     log.info(
-        "manager on %s://%s:%d, store %s at revision %d, flows in %s",
-        "https" if tls_cert else "http",
+        "manager on %s://%s:%d, store %s at revision %d, flows in %s%s",
+        "https" if tls else "http",
         host,
         port,
         db,
         manager.revision,
         flow_opts.path_for(db),
+        ", client certificates verified" if client_ca else "",
     )
+    warning = plain_http_warning(host, port, tls=tls is not None)
+    if warning:
+        log.warning(warning)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        reloader = None
+        if tls is not None:
+            reloader = asyncio.create_task(_reload_loop(tls, RELOAD_INTERVAL))
+            if threading.current_thread() is threading.main_thread():
+                loop.add_signal_handler(signal.SIGHUP, tls.reload_if_changed)
+        try:
+            await server.serve()
+        finally:
+            if reloader is not None:
+                reloader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reloader
+
+    factory = getattr(server.config, "get_loop_factory", lambda: None)()
     try:
-        uvicorn.run(
-            app,
-            host=host,
-            port=port,
-            ssl_certfile=tls_cert,
-            ssl_keyfile=tls_key,
-            log_level="info",
-            # Agents ack each change on a second connection, often more than uvicorn's default 5 s apart:
-            # a fresh TCP (TLS) connection per ack cost both sides more than the ack. Longer than the
-            # agents' own keep-alive (AGENT_KEEPALIVE), so the client always closes first (no reuse race).
-            timeout_keep_alive=SERVER_KEEPALIVE,
-        )
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
     finally:
         app.state.flows.close()  # the queue is written before the process ends

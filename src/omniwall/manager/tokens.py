@@ -2,6 +2,10 @@
 
 A token is `ow.<id>.<secret>`. The store keeps only sha256(secret) under `tokens/<id>`; verification
 looks the id up and compares digests in constant time. A random 256-bit secret needs no slow KDF.
+
+A token may expire (`expires`, UTC); an expired token verifies as None, like a revoked one. `rotate`
+replaces a token by a new one with the same role, scope, name and lifetime, in one txn (the old secret
+stops working at once).
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 
@@ -50,15 +55,58 @@ class TokenRecord:
     sha256: str
     created: str
     created_by: str | None = None
+    expires: str | None = None  # ISO 8601 UTC; None: never
 
     def public(self) -> dict[str, object]:
         d = asdict(self)
         d.pop("sha256")
         return d
 
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.expires is not None and datetime.fromisoformat(self.expires) <= (now or datetime.now(UTC))
+
+    def lifetime(self) -> timedelta | None:
+        if self.expires is None:
+            return None
+        return datetime.fromisoformat(self.expires) - datetime.fromisoformat(self.created)
+
 
 class TokenError(ValueError):
-    pass
+    """A token request that cannot be honoured; `field` names the request field at fault."""
+
+    def __init__(self, message: str, field: str = "role") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+MAX_NAME = 128
+MAX_LIFETIME = timedelta(days=3650)
+_DURATION = re.compile(r"^\s*(\d{1,9})\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str | int, field: str = "expires") -> timedelta:
+    """`90s`, `30m`, `24h`, `7d`, `2w` or a number of seconds -> a positive timedelta (at most 10 years)."""
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        raise TokenError(f"{field}: expected a duration like 24h, 7d or a number of seconds", field)
+    m = _DURATION.match(str(text))
+    if not m:
+        raise TokenError(f"{field}: {str(text)[:40]!r} is not a duration (like 30m, 24h, 7d, 2w)", field)
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if not 60 <= seconds <= MAX_LIFETIME.total_seconds():
+        raise TokenError(f"{field}: a token lives between 1 minute and 3650 days", field)
+    return timedelta(seconds=seconds)
+
+
+def check_name(name: object, field: str = "name") -> str:
+    """Token names are shown in listings and the audit log: short, printable, no surrounding blanks."""
+    if not isinstance(name, str):
+        raise TokenError(f"{field}: expected a string, got {type(name).__name__}", field)
+    if len(name) > MAX_NAME:
+        raise TokenError(f"{field}: {len(name)} characters, at most {MAX_NAME}", field)
+    if name and (not name.isprintable() or name != name.strip()):
+        raise TokenError(f"{field}: only printable characters, no leading or trailing blanks", field)
+    return name
 
 
 def check_scope(role: str, tenant: str | None, host: str | None) -> Role:
@@ -66,15 +114,22 @@ def check_scope(role: str, tenant: str | None, host: str | None) -> Role:
     try:
         r = Role(role)
     except ValueError:
-        raise TokenError(f"unknown role {role!r}; roles: {', '.join(x.value for x in Role)}") from None
+        raise TokenError(
+            f"unknown role {str(role)[:40]!r}; roles: {', '.join(x.value for x in Role)}"
+        ) from None
     if r in TENANT_ROLES and not tenant:
-        raise TokenError(f"role {r.value} needs a tenant")
+        raise TokenError(f"role {r.value} needs a tenant", "tenant")
     if r not in TENANT_ROLES and tenant:
-        raise TokenError(f"role {r.value} is not scoped to a tenant")
+        raise TokenError(f"role {r.value} is not scoped to a tenant", "tenant")
+    if r in TENANT_ROLES and tenant == PROVIDER_TENANT:
+        raise TokenError(
+            f"tenant {PROVIDER_TENANT!r} is the provider: its admins get role provider-admin, not {r.value}",
+            "tenant",
+        )
     if r == Role.AGENT and not host:
-        raise TokenError("role agent needs a host")
+        raise TokenError("role agent needs a host", "host")
     if r != Role.AGENT and host:
-        raise TokenError(f"role {r.value} is not scoped to a host")
+        raise TokenError(f"role {r.value} is not scoped to a host", "host")
     return r
 
 
@@ -102,11 +157,14 @@ class TokenBook:
         host: str | None = None,
         created_by: str | None = None,
         actor: Actor | None = None,
+        lifetime: timedelta | None = None,
     ) -> tuple[str, TokenRecord]:
         """Returns (the token string, shown once; its record). With `actor`, the creation is audited in
-        the same txn."""
+        the same txn. `lifetime`: the token expires that long from now."""
         r = check_scope(role, tenant, host)
+        check_name(name)
         tid, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        now = datetime.now(UTC).replace(microsecond=0)
         rec = TokenRecord(
             id=tid,
             name=name or f"{r.value}-{tid}",
@@ -114,8 +172,9 @@ class TokenBook:
             tenant=tenant,
             host=host,
             sha256=_digest(secret),
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            created=now.isoformat(timespec="seconds"),
             created_by=created_by,
+            expires=(now + lifetime).isoformat(timespec="seconds") if lifetime is not None else None,
         )
         ops: list[Put | Delete] = [Put(TOKEN_PREFIX + tid, json.dumps(asdict(rec)))]
         if actor is not None:
@@ -130,7 +189,7 @@ class TokenBook:
         if len(parts) != 3 or parts[0] != "ow":
             return None
         rec = self._lookup(parts[1])
-        if rec is None:
+        if rec is None or rec.expired():
             return None
         return rec if hmac.compare_digest(_digest(parts[2]), rec.sha256) else None
 
@@ -139,7 +198,7 @@ class TokenBook:
         not valid: call verify()."""
         parts = token.strip().split(".")
         rec = self._cached.get(parts[1]) if self.cache and len(parts) == 3 and parts[0] == "ow" else None
-        if rec is None:
+        if rec is None or rec.expired():
             return None
         return rec if hmac.compare_digest(_digest(parts[2]), rec.sha256) else None
 
@@ -184,6 +243,42 @@ class TokenBook:
         self.forget(tid)  # also after: a verify between the first forget and the delete may have cached it
         return res.succeeded
 
+    def rotate(self, tid: str, actor: Actor | None = None) -> tuple[str, TokenRecord] | None:
+        """A new token with the old one's role, scope, name and lifetime; the old one is deleted in the
+        same txn (audited `rotate`, naming both ids). None when `tid` does not exist."""
+        kv = self.store.get(TOKEN_PREFIX + tid)
+        if kv is None:
+            return None
+        old = TokenRecord(**json.loads(kv.value))
+        new_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        now = datetime.now(UTC).replace(microsecond=0)
+        life = old.lifetime()
+        rec = TokenRecord(
+            id=new_id,
+            name=old.name,
+            role=old.role,
+            tenant=old.tenant,
+            host=old.host,
+            sha256=_digest(secret),
+            created=now.isoformat(timespec="seconds"),
+            created_by=actor.name if actor is not None else old.created_by,
+            expires=(now + life).isoformat(timespec="seconds") if life is not None else None,
+        )
+        ops: list[Put | Delete] = [
+            Delete(TOKEN_PREFIX + tid),
+            Put(TOKEN_PREFIX + new_id, json.dumps(asdict(rec))),
+        ]
+        if actor is not None:
+            ops.append(_audit(actor, "rotate", rec, replaced=tid))
+        self.forget(tid)
+        res = self.store.txn(
+            [Compare(TOKEN_PREFIX + tid, kv.mod_revision), Compare(TOKEN_PREFIX + new_id, 0)], ops
+        )
+        self.forget(tid)
+        if not res.succeeded:
+            raise TokenError(f"token {tid} changed concurrently; try again", "id")
+        return f"ow.{new_id}.{secret}", rec
+
     def bootstrap(self, token_file: Path) -> Path | None:
         """First run: no provider-admin token yet -> create one, write it to `token_file` (0600)."""
         if any(t.role == Role.PROVIDER_ADMIN for t in self.list()):
@@ -202,9 +297,11 @@ class TokenBook:
         return token_file
 
 
-def _audit(actor: Actor, action: str, rec: TokenRecord) -> Put:
-    scope = {k: v for k, v in (("role", rec.role), ("host", rec.host)) if v}
-    return entry_put(actor, action, "Token", rec.tenant or PROVIDER_TENANT, f"{rec.name} ({rec.id})", **scope)
+def _audit(actor: Actor, action: str, rec: TokenRecord, **more: str) -> Put:
+    scope = {k: v for k, v in (("role", rec.role), ("host", rec.host), ("expires", rec.expires)) if v}
+    return entry_put(
+        actor, action, "Token", rec.tenant or PROVIDER_TENANT, f"{rec.name} ({rec.id})", **scope, **more
+    )
 
 
 def token_file_for(db: str) -> Path:
