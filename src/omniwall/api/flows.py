@@ -79,7 +79,7 @@ class FlowRecordIn(TypedDict):
     dport: NotRequired[Annotated[int, Field(ge=0, le=65535)]]  # absent: 0
     packets: NotRequired[Count]  # absent: 0
     bytes: NotRequired[Count]  # absent: 0
-    count: NotRequired[Annotated[int, Field(ge=1)]]  # absent: 1
+    count: NotRequired[Annotated[int, Field(ge=0)]]  # absent: 1; 0: a connection's completion (record.py)
     final: NotRequired[bool]  # absent: true
 
 

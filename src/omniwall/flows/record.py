@@ -48,7 +48,7 @@ class FlowRecord:
     dport: int = 0  # destination port (tcp/udp); ICMP type for icmp/icmpv6
     packets: int = 0  # both directions for allowed connections; denied packets otherwise
     bytes: int = 0
-    count: int = 1  # connections (allowed) or denied packets aggregated into this record
+    count: int = 1  # connections begun (allowed; 0 for a completion) or packets aggregated into this record
     final: bool = True  # allowed: False while the connection is still open (an interim update)
 
     def to_json(self) -> dict[str, Any]:
