@@ -17,6 +17,12 @@ Both are read-modify-write of one Workload: the write goes through `Manager.plan
 writer makes the commit fail with `Conflict`; the update is then recomputed from the new value and
 retried, so two logins racing on one desktop both land. An event that changes nothing writes nothing.
 
+Posture is remembered by workload name (`posture/<tenant>/<name>` in the store, written after every
+report and every seeded create): a Workload created without `posture.write` (a tenant) gets the last
+posture recorded for its name, whatever its document says (`settle_posture`), so deleting and recreating
+a quarantined workload, or rolling back to a revision before the report, does not lift the quarantine.
+Only a caller with `posture.write` (the provider admin) may seed posture attributes on create.
+
 Tenancy: identity and posture sources are provider-wide (an IdP or a scanner serves every tenant).
 A workload is named `tenant/name`, or by `name` plus an optional `tenant`; a bare name that several
 tenants use is refused as ambiguous (422), an unknown one answers 404.
@@ -24,21 +30,24 @@ tenants use is refused as ambiguous (422), an unknown one answers 404.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from omniwall.model.resources import AttrValue, Workload
+from omniwall.model.resources import AttrValue, Workload, _Resource
+from omniwall.store import Put
 
 from .audit import Actor
 from .contracts import InvalidResources, Problem
-from .service import Conflict, Manager, NotFound
+from .service import Conflict, Manager, NotFound, Plan
 
 USER_ATTRIBUTE = "user"
 # Attribute namespaces a posture report may set: antivirus/EDR state, host firewall, disk encryption,
 # patch level, and free-form `posture.*` facts.
 POSTURE_NAMESPACES = frozenset({"av", "edr", "fw", "disk", "patch", "posture"})
+POSTURE_PREFIX = "posture/"  # store key of the last posture of a workload name
 MAX_USER_LEN = 256
 MAX_RETRIES = 8
 _KEY_RE = re.compile(r"^[a-z][a-z0-9_-]*(\.[A-Za-z0-9_-]+)+$")
@@ -109,7 +118,7 @@ def _update(
         if attrs == w.spec.attributes:
             return AttributeUpdate(key, False, m.revision, dict(attrs))
         new = w.model_copy(update={"spec": w.spec.model_copy(update={"attributes": attrs})})
-        plan = m.plan_apply([new], mode="update", from_source=True)
+        plan = with_posture_records(m, m.plan_apply([new], mode="update", from_source=True))
         try:
             revision = m.commit(plan, actor)
         except Conflict:
@@ -150,6 +159,68 @@ def protect_source_facts(old: Any, new: Any, document: str, problems: list[Probl
     if attrs == new.spec.attributes:
         return new
     return new.model_copy(update={"spec": new.spec.model_copy(update={"attributes": attrs})})
+
+
+def is_posture(key: str) -> bool:
+    ns, dot, _ = key.partition(".")
+    return bool(dot) and ns in POSTURE_NAMESPACES
+
+
+def posture_of(attrs: Mapping[str, AttrValue]) -> dict[str, AttrValue]:
+    return {k: v for k, v in sorted(attrs.items()) if is_posture(k)}
+
+
+def posture_key(tenant: str, name: str) -> str:
+    return f"{POSTURE_PREFIX}{tenant}/{name}"
+
+
+def last_posture(m: Manager, tenant: str, name: str) -> dict[str, AttrValue] | None:
+    """The posture last reported (or seeded) for this workload name; None if there never was one."""
+    kv = m.store.get(posture_key(tenant, name))
+    if kv is None or not kv.value:
+        return None
+    try:
+        data = json.loads(kv.value)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def with_posture_records(m: Manager, plan: Plan) -> Plan:
+    """The plan, committing with it the posture record of every Workload it writes whose posture differs
+    from the recorded one (a report, a seeded create): one txn, so record and workload never disagree."""
+    puts = []
+    for c in plan.writes:
+        if isinstance(c.new, Workload):
+            posture = posture_of(c.new.spec.attributes)
+            recorded = last_posture(m, c.tenant, c.name)
+            if posture != (recorded or {}) and (posture or recorded is not None):
+                puts.append(Put(posture_key(c.tenant, c.name), json.dumps(posture, sort_keys=True)))
+    if puts:
+        plan.notes["store_puts"] = [*plan.notes.get("store_puts", ()), *puts]
+    return plan
+
+
+def settle_posture(m: Manager, docs: Iterable[_Resource], *, may_seed: bool) -> list[_Resource]:
+    """Workloads that would be created get the posture recorded for their name instead of the one in
+    their document (unless the caller may seed posture and its document sets some). Updates are left to
+    `protect_source_facts` (the stored values win)."""
+    out: list[_Resource] = []
+    for d in docs:
+        if not isinstance(d, Workload) or m.get("Workload", d.metadata.tenant, d.metadata.name) is not None:
+            out.append(d)
+            continue
+        claimed = posture_of(d.spec.attributes)
+        if may_seed and claimed:
+            out.append(d)
+            continue
+        posture = last_posture(m, d.metadata.tenant, d.metadata.name) or {}
+        if claimed == posture:
+            out.append(d)
+            continue
+        attrs = {k: v for k, v in d.spec.attributes.items() if not is_posture(k)} | posture
+        out.append(d.model_copy(update={"spec": d.spec.model_copy(update={"attributes": attrs})}))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ identity
@@ -258,7 +329,10 @@ __all__ = [
     "find_workload",
     "flatten",
     "identity_event",
+    "last_posture",
     "posture_report",
     "protect_source_facts",
+    "settle_posture",
     "source_owned",
+    "with_posture_records",
 ]
