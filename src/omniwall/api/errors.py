@@ -97,7 +97,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
         details: dict[str, Any] = {}
-        if err.status_code == 413:
+        if err.status_code in (400, 413):  # FastAPI's own body parsing, or the body limit
             details["errors"] = [{"document": "request", "path": "body", "reason": str(err.detail)}]
         body = ApiError(err.status_code, str(err.detail), **details).body()
         return JSONResponse(body, status_code=err.status_code, headers=err.headers)

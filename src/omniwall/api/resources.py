@@ -61,7 +61,9 @@ def parse_body(body: Any, kind: str, name: str | None = None) -> _Resource:
     body = dict(body)
     body.pop("status", None)  # server-managed (Host status, Workload migration): ignored on write
     body.setdefault("kind", kind)
-    doc = f"{body.get('kind')}/{(body.get('metadata') or {}).get('name', name or '?')}"
+    md = body.get("metadata")
+    shown = md.get("name") if isinstance(md, dict) and isinstance(md.get("name"), str) else None
+    doc = f"{str(body.get('kind'))[:40]}/{(shown or name or '?')[:80]}"
     if body.get("kind") != kind:
         raise InvalidResources(
             [Problem(doc, "kind", f"this endpoint takes {kind} objects, not {body.get('kind')!r}")]
@@ -154,9 +156,8 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
     def _update(request: Request, p: Principal, name: str, tenant: str | None, body: Any) -> dict[str, Any]:
         m = manager_of(request)
         r = parse_body(body, kind, name)
-        if tenant is not None and "tenant" not in (
-            (body.get("metadata") or {}) if isinstance(body, dict) else {}
-        ):
+        md = body.get("metadata") if isinstance(body, dict) else None
+        if tenant is not None and "tenant" not in (md if isinstance(md, dict) else {}):
             r = with_metadata(r, tenant=tenant)
         r = scope_document(p, r)
         check_write(p, kind, r.metadata.tenant, name, r)
