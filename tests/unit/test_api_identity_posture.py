@@ -475,9 +475,8 @@ def test_delete_and_recreate_does_not_lift_the_quarantine(world: Any, via: str) 
     elif via == "apply":
         r = client.post("/v1/apply", content=json.dumps(doc), headers=ta)
     else:  # back to a revision before the report
-        r = client.post(
-            "/v1/workloads/vdi-7/rollback", params={"tenant": "corp"}, json={"revision": clean_rev}, headers=ta
-        )
+        back = {"revision": clean_rev}
+        r = client.post("/v1/workloads/vdi-7/rollback", params={"tenant": "corp"}, json=back, headers=ta)
     assert r.status_code == 200, r.text
     assert attrs(m)["av.status"] == "infected"
     assert "10.0.0.7" in set_addresses(m, "h1", "quarantined")

@@ -1,8 +1,13 @@
-"""The typed OpenAPI document: request-body schemas of the resource routes, from `model.resources`.
+"""The typed OpenAPI document: request-body schemas of the resource routes, from `model.resources`, and
+the error answers every route shares.
 
-The resource routes read their bodies themselves (bounded, nesting checked, errors naming the field), so
-FastAPI cannot infer the schema; this adds one component per kind (`WorkloadResource`, ...) with its
-nested definitions, which the routes' `requestBody` and `200` answers reference.
+- The resource routes read their bodies themselves (bounded, nesting checked, errors naming the field),
+  so FastAPI cannot infer the schema; this adds one component per kind (`WorkloadResource`, ...) with
+  its nested definitions, which the routes' `requestBody` and `200` answers reference.
+- Every operation can answer 400 (unparseable body), 401 (token), 403 (permission), 404 (not found or
+  another tenant's), 413 (body limit), 422 (validation) and 429 (authentication rate limit), all with
+  the one error body (`schemas.ErrorBody`): listed for every operation that does not list them itself.
+  Route-specific statuses (409, 410, 415, 503) are declared by the routes.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from fastapi import FastAPI
 
 from omniwall.model.resources import KINDS
 
-from .resources import request_schema
+from .resources import request_schema, response_schema
+from .schemas import DESCRIPTIONS, ErrorBody
+
+COMMON = (400, 401, 403, 404, 413, 422, 429)
 
 
 def resource_schemas() -> dict[str, Any]:
@@ -23,7 +31,13 @@ def resource_schemas() -> dict[str, Any]:
         js = model.model_json_schema(ref_template=prefix + ".{model}", mode="validation")
         for name, d in js.pop("$defs", {}).items():
             out[f"{prefix}.{name}"] = _retarget(d, prefix)
-        out[request_schema(kind)] = _retarget(js, prefix)
+        out[request_schema(kind)] = body = _retarget(js, prefix)
+        # As stored: the same, plus the server-managed `status` (Host status, Workload migration).
+        out[response_schema(kind)] = {
+            **body,
+            "title": f"{kind} (as stored)",
+            "properties": {**body["properties"], "status": {"type": "object", "additionalProperties": True}},
+        }
     return out
 
 
@@ -46,7 +60,30 @@ def install(app: FastAPI) -> None:
         if app.openapi_schema:
             return app.openapi_schema
         schema = generate()
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(resource_schemas())
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(resource_schemas())
+        components.setdefault(
+            "ErrorBody", ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        )
+        defs = components["ErrorBody"].pop("$defs", {})
+        components.update(defs)
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                responses = op.setdefault("responses", {})
+                if "HTTPValidationError" in str(responses.get("422")):
+                    del responses["422"]  # FastAPI's default shape; errors.py answers with ErrorBody
+                for code in COMMON:
+                    responses.setdefault(
+                        str(code),
+                        {
+                            "description": DESCRIPTIONS[code],
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                            },
+                        },
+                    )
         app.openapi_schema = schema
         return schema
 

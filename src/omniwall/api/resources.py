@@ -248,7 +248,7 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
             },
         }
     }
-    one = {200: {"description": f"the {kind} as stored", "content": _json_ref(request_schema(kind))}}
+    one = {200: {"description": f"the {kind} as stored", "content": _json_ref(response_schema(kind))}}
     read_codes = (400, 401, 403, 404, 422)
     write_codes = (400, 401, 403, 404, 409, 413, 422)
     handlers: list[tuple[str, str, Callable[..., Any], str, dict[int | str, Any], dict[str, Any] | None]] = [
@@ -311,6 +311,11 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
 def request_schema(kind: str) -> str:
     """Name of the component schema of a kind's request body (added by `api.openapi`)."""
     return f"{kind}Resource"
+
+
+def response_schema(kind: str) -> str:
+    """Name of the component schema of a kind's object as the API answers it (`api.openapi`)."""
+    return f"{kind}Object"
 
 
 def _json_ref(name: str) -> dict[str, Any]:

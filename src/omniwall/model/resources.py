@@ -93,7 +93,7 @@ class Metadata(Strict):
     # Owner Application (same tenant). Deleting the Application deletes what it owns.
     application: str | None = None
     uid: str | None = None
-    revision: int | None = None
+    revision: StrictInt | None = None  # `false` is not revision 0
     created: str | None = None
     updated: str | None = None
 
