@@ -331,6 +331,11 @@ def other_cases() -> Iterator[Case]:
             {"workload": "acme/web1", "os.name": "x"},
             {"workload": "acme/web1", "av.status": ["x"]},
             {"workload": "acme/web1"},
+            {"workload": "acme/web1", "av." + "a" * 300: "x"},  # used to be stored, then unreadable
+            {"workload": "acme/web1", **{f"av.k{i}": "x" for i in range(70)}},
+            {"workload": "acme/web1", "av.status": ""},
+            {"workload": "acme/web1", "av.status": "a\u202eb"},
+            {"workload": "acme/web1", "av": {"a": {"b": {"c": {"d": 1}}}} | {"x": "a" * 300}},
         ]
     ):
         yield Case(f"posture-{i}", "POST", post, "admin", body=body)

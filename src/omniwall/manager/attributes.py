@@ -36,11 +36,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from omniwall.model.resources import AttrValue, Workload, _Resource
+import pydantic
+
+from omniwall.model.resources import MAX_LABEL_KEY, AttrValue, Workload, _Resource, unsafe_character
 from omniwall.store import Put
 
 from .audit import Actor
-from .contracts import InvalidResources, Problem
+from .contracts import InvalidResources, Problem, problems_from_pydantic
 from .service import Conflict, Manager, NotFound, Plan
 
 USER_ATTRIBUTE = "user"
@@ -104,6 +106,17 @@ def find_workload(m: Manager, workload: str, tenant: str | None) -> Workload:
     return matches[0]
 
 
+def _revalidated(w: Workload, attrs: dict[str, AttrValue]) -> Workload:
+    """The workload with `attrs`, through the schema again (model_copy skips validation, and an attribute
+    the schema refuses would make the stored workload unreadable): 422 naming the attribute otherwise."""
+    data = w.model_dump(mode="json", exclude_none=True)
+    data["spec"]["attributes"] = attrs
+    try:
+        return Workload.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise InvalidResources(problems_from_pydantic(err, "request body")) from None
+
+
 def _update(
     m: Manager,
     actor: Actor,
@@ -117,7 +130,7 @@ def _update(
         attrs = change(dict(w.spec.attributes))
         if attrs == w.spec.attributes:
             return AttributeUpdate(key, False, m.revision, dict(attrs))
-        new = w.model_copy(update={"spec": w.spec.model_copy(update={"attributes": attrs})})
+        new = _revalidated(w, attrs)
         plan = with_posture_records(m, m.plan_apply([new], mode="update", from_source=True))
         try:
             revision = m.commit(plan, actor)
@@ -229,7 +242,7 @@ def settle_posture(m: Manager, docs: Iterable[_Resource], *, may_seed: bool) -> 
 def check_user(user: object) -> str:
     if not isinstance(user, str) or not user.strip():
         raise _invalid("user", "must be a non-empty string")
-    if len(user) > MAX_USER_LEN or _CONTROL.search(user):
+    if len(user) > MAX_USER_LEN or _CONTROL.search(user) or unsafe_character(user):
         raise _invalid("user", f"must be at most {MAX_USER_LEN} printable characters")
     return user
 
@@ -286,15 +299,15 @@ def check_posture(facts: Mapping[str, Any]) -> dict[str, str | int | float | boo
     out: dict[str, str | int | float | bool | None] = {}
     for key, value in facts.items():
         ns = key.partition(".")[0]
-        if not _KEY_RE.match(key) or ns not in POSTURE_NAMESPACES:
+        if len(key) > MAX_LABEL_KEY:
+            problems.append(Problem("request body", key[:60], f"longer than {MAX_LABEL_KEY} characters"))
+        elif not _KEY_RE.match(key) or ns not in POSTURE_NAMESPACES:
             allowed = ", ".join(f"{n}.*" for n in sorted(POSTURE_NAMESPACES))
             problems.append(Problem("request body", key, f"not a posture attribute (allowed: {allowed})"))
         elif value is not None and not isinstance(value, str | int | float | bool):
             problems.append(Problem("request body", key, "must be a string, number, boolean or null"))
-        elif isinstance(value, str) and (len(value) > MAX_USER_LEN or _CONTROL.search(value)):
-            problems.append(
-                Problem("request body", key, f"must be at most {MAX_USER_LEN} printable characters")
-            )
+        elif isinstance(value, str) and (not value or len(value) > MAX_USER_LEN or unsafe_character(value)):
+            problems.append(Problem("request body", key, f"must be 1 to {MAX_USER_LEN} printable characters"))
         else:
             out[key] = value
     if problems:
