@@ -476,3 +476,25 @@ def test_sqlite_files_are_private(tmp_path: Any) -> None:
         assert path.stat().st_mode & 0o077 == 0
     finally:
         os.umask(old)
+
+
+def test_rule_expansion_index_agrees_with_matching() -> None:
+    """The quota's fact index gives the same members as evaluating each selector on each workload."""
+    from omniwall.api.limits import _Expansion
+    from omniwall.model.catalog import Catalog
+    from omniwall.model.loader import load_text
+    from omniwall.selectors import facts_of, parse
+
+    text = "\n---\n".join(
+        f"kind: Workload\nmetadata: {{name: w{i}, tenant: t, labels: {{tier: x{i % 3}}}}}\n"
+        f"spec: {{host: h, attributes: {{user: [u{i % 2}, u9], n: {i % 4}}}}}"
+        for i in range(12)
+    )
+    c = Catalog.of(load_text(text))
+    x = _Expansion(c, "t")
+    for sel in ('tier == "x1"', 'tier in {"x0", "x2"}', 'user == "u1"', "n == 2", 'tier != "x1"', "has(n)"):
+        s = parse(sel)
+        expected = {
+            k for k, w in c.workloads.items() if s.matches(facts_of(w.metadata.labels, w.spec.attributes))
+        }
+        assert set(x.select(s)) == expected, sel

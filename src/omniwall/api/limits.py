@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -30,7 +30,8 @@ from omniwall.manager.contracts import InvalidResources, Problem
 from omniwall.manager.service import Manager, Plan
 from omniwall.model.catalog import Catalog, is_address_literal, split_ref
 from omniwall.model.loader import MAX_DEPTH
-from omniwall.selectors import SelectorError, facts_of, parse
+from omniwall.selectors import Selector, SelectorError, facts_of, parse
+from omniwall.selectors.ast import In, fact_values
 
 from .auth import ROLE_PERMS, Perm, Principal
 from .errors import ApiError
@@ -49,7 +50,7 @@ class Limits:
     max_apply_bytes: int = 16 * MIB  # POST /v1/apply
     max_body_bytes: int = 1 * MIB  # every other request body (one resource, a report)
     max_objects_per_tenant: int = 10_000  # Workloads, Groups, Services, Applications, Policies
-    max_rule_expansion: int = 200_000  # per tenant: sum over rules of (vNICs it spans + addresses)
+    max_rule_expansion: int = 500_000  # per tenant: rule installations + set elements (upper bound)
 
     ENV = {
         "max_apply_bytes": "OMNIWALL_MAX_APPLY_BYTES",
@@ -214,22 +215,40 @@ def object_count(c: Catalog, tenant: str) -> int:
 
 
 class _Expansion:
-    """The rule expansion of one tenant: an upper bound of what its rules put into host states."""
+    """The rule expansion of one tenant: an upper bound of what its rules put into host states, i.e. rule
+    installations (each rule once per vNIC it may land on) plus set elements (each group or address its
+    rules match, once)."""
 
     def __init__(self, c: Catalog, tenant: str) -> None:
         self.c = c
         self.tenant = tenant
-        self.vnics = {
-            key: len(w.spec.vnics)
-            for key, w in c.workloads.items()
-            if key[0] == tenant or tenant == PROVIDER_TENANT
-        }
-        self.addresses = {
-            key: sum(len(v.ips) for v in w.spec.vnics)
-            for key, w in c.workloads.items()
-            if key[0] == tenant or tenant == PROVIDER_TENANT
-        }
+        own = [(key, w) for key, w in c.workloads.items() if key[0] == tenant]
+        self.vnics = {key: len(w.spec.vnics) for key, w in own}
+        self.addresses = {key: sum(len(v.ips) for v in w.spec.vnics) for key, w in c.workloads.items()}
+        self._facts: dict[tuple[str, str], dict[str, object]] = {}
         self._members: dict[tuple[str, str], frozenset[tuple[str, str]]] = {}
+        self._index: dict[str, dict[str, set[tuple[str, str]]]] = {}
+
+    def facts(self, key: tuple[str, str]) -> dict[str, object]:
+        f = self._facts.get(key)
+        if f is None:
+            w = self.c.workloads[key]
+            f = self._facts[key] = facts_of(w.metadata.labels, w.spec.attributes)
+        return f
+
+    def select(self, sel: Selector) -> Iterable[tuple[str, str]]:
+        """Workloads a selector matches; `key == v` / `key in {...}` through an index of fact values
+        (most selectors; matching each workload would cost groups x workloads)."""
+        e = sel.expr
+        if isinstance(e, In) and not e.negated:
+            index = self._index.get(e.key)
+            if index is None:
+                index = self._index[e.key] = {}
+                for wkey in self.c.workloads:
+                    for v in fact_values(self.facts(wkey), e.key) or ():
+                        index.setdefault(v, set()).add(wkey)
+            return {w for v in e.values for w in index.get(v, ())}
+        return [w for w in self.c.workloads if sel.matches(self.facts(w))]
 
     def members(self, key: tuple[str, str], seen: frozenset[tuple[str, str]] = frozenset()) -> frozenset:  # type: ignore[type-arg]
         if key in self._members:
@@ -244,52 +263,66 @@ class _Expansion:
             except SelectorError:
                 sel = None
             if sel is not None:
-                for wkey, w in self.c.workloads.items():
-                    if (key[0] == PROVIDER_TENANT or wkey[0] == key[0]) and sel.matches(
-                        facts_of(w.metadata.labels, w.spec.attributes)
-                    ):
-                        out.add(wkey)
+                out.update(w for w in self.select(sel) if key[0] == PROVIDER_TENANT or w[0] == key[0])
         out.update((key[0], n) for n in g.spec.workloads)
         for ref in g.spec.groups:
             out |= self.members(split_ref(ref, key[0]), seen | {key})
         self._members[key] = frozen = frozenset(out)
         return frozen
 
-    def side(self, refs: list[str]) -> tuple[int, int]:
-        """(vNICs, addresses) of one side of a rule."""
+    def span(self, refs: list[str]) -> int:
+        """vNICs of the tenant one side of a rule may be installed at."""
         if refs == ["any"]:
-            return sum(self.vnics.values()), 0
-        vn = ad = 0
-        for ref in refs:
-            if is_address_literal(ref):
-                ad += 1
-                continue
-            for w in self.members(split_ref(ref, self.tenant)):
-                vn += self.vnics.get(w, 0)
-                ad += self.addresses.get(w, 0)
-        return vn, ad
+            return sum(self.vnics.values())
+        return sum(
+            self.vnics.get(w, 0)
+            for ref in refs
+            if not is_address_literal(ref)
+            for w in self.members(split_ref(ref, self.tenant))
+        )
+
+    def rules(self) -> list[tuple[Any, Any]]:
+        return [
+            (pol, rule)
+            for (t, _name), pol in self.c.policies.items()
+            if t == self.tenant
+            for rule in pol.spec.rules
+            if not rule.disabled
+        ]
+
+    def bound(self) -> int:
+        """A cheap upper bound of `total()` (every rule everywhere, every address in every set)."""
+        refs = {r for _p, rule in self.rules() for r in (*rule.sources, *rule.destinations)}
+        return len(self.rules()) * 2 * sum(self.vnics.values()) + len(refs) * sum(self.addresses.values())
 
     def total(self) -> int:
         n = 0
-        for (t, _name), pol in self.c.policies.items():
-            if t != self.tenant:
-                continue
-            for rule in pol.spec.rules:
-                if rule.disabled:
-                    continue
-                applied = rule.appliedTo or pol.spec.appliedTo
-                src_v, src_a = self.side(rule.sources)
-                dst_v, dst_a = self.side(rule.destinations)
-                span = sum(self.side([g])[0] for g in applied) if applied else src_v + dst_v
-                n += span + src_a + dst_a
+        peers: set[str] = set()
+        for pol, rule in self.rules():
+            applied = rule.appliedTo or pol.spec.appliedTo
+            n += self.span(applied) if applied else self.span(rule.sources) + self.span(rule.destinations)
+            peers.update(r for r in (*rule.sources, *rule.destinations) if r != "any")
+        for ref in peers:  # one set per group on a host: its addresses count once, not once per rule
+            if is_address_literal(ref):
+                n += 1
+            else:
+                n += sum(self.addresses.get(w, 0) for w in self.members(split_ref(ref, self.tenant)))
         return n
 
 
-def rule_expansion(c: Catalog, tenant: str) -> int:
-    return _Expansion(c, tenant).total()
+def rule_expansion(c: Catalog, tenant: str, limit: int | None = None) -> int:
+    """The tenant's rule expansion; with `limit`, a cheap bound when that bound is within the limit."""
+    x = _Expansion(c, tenant)
+    if limit is not None:
+        b = x.bound()
+        if b <= limit:
+            return b
+    return x.total()
 
 
-def check_quotas(limits: Limits, before: Catalog, after: Catalog, tenants: set[str]) -> None:
+def check_quotas(
+    limits: Limits, before: Catalog, after: Catalog, tenants: set[str], *, expansion_may_grow: bool = True
+) -> None:
     """422 naming the quota when a write grows a (non-provider) tenant past one."""
     problems: list[Problem] = []
     for t in sorted(tenants - {PROVIDER_TENANT}):
@@ -302,7 +335,9 @@ def check_quotas(limits: Limits, before: Catalog, after: Catalog, tenants: set[s
                     f"quota: tenant {t!r} would own {n} objects; at most {limits.max_objects_per_tenant}",
                 )
             )
-        x = rule_expansion(after, t)
+        if not expansion_may_grow:
+            continue
+        x = rule_expansion(after, t, limits.max_rule_expansion)
         if x > limits.max_rule_expansion and x > rule_expansion(before, t):
             problems.append(
                 Problem(
@@ -320,7 +355,9 @@ def check_plan_quotas(request: Request, m: Manager, plan: Plan) -> None:
     """`check_quotas` for the tenants a plan writes to, against the model it was planned on."""
     tenants = {c.tenant for c in plan.writes if c.new is not None}
     if tenants - {PROVIDER_TENANT}:
-        check_quotas(limits_of(request), m.catalog, plan.catalog, tenants)
+        # Services and Applications add no rule installations nor set elements
+        grows = any(c.kind in ("Workload", "Group", "Policy") for c in plan.writes if c.new is not None)
+        check_quotas(limits_of(request), m.catalog, plan.catalog, tenants, expansion_may_grow=grows)
 
 
 def may_seed_posture(p: Principal) -> bool:
