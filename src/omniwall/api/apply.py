@@ -79,7 +79,9 @@ def router() -> APIRouter:
                 "body is not UTF-8 text",
                 errors=[{"document": "request", "path": "body", "reason": "not UTF-8"}],
             ) from None
-        source = request.headers.get("x-omniwall-source", "request")[:200]
+        # names the documents in errors: printable and short (it is echoed back)
+        source = request.headers.get("x-omniwall-source", "")
+        source = "".join(ch for ch in source[:200] if ch.isprintable()) or "request"
         return await run_in_threadpool(_apply, request, p, text, source, dryRun)
 
     return r
