@@ -47,7 +47,7 @@ MIB = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_apply_bytes: int = 16 * MIB  # POST /v1/apply
+    max_apply_bytes: int = 16 * MIB  # POST /v1/apply, and agents' reports under /v1/hosts/
     max_body_bytes: int = 1 * MIB  # every other request body (one resource, a report)
     max_objects_per_tenant: int = 10_000  # Workloads, Groups, Services, Applications, Policies
     max_rule_expansion: int = 500_000  # per tenant: rule installations + set elements (upper bound)
@@ -95,7 +95,10 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         lim = self.limits()
-        limit = lim.max_apply_bytes if scope.get("path") == "/v1/apply" else lim.max_body_bytes
+        path = str(scope.get("path", ""))
+        # Agents' reports (counters of every rule, conntrack exports of a migration) grow with the host.
+        large = path == "/v1/apply" or path.startswith("/v1/hosts/")
+        limit = lim.max_apply_bytes if large else lim.max_body_bytes
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:
