@@ -73,3 +73,21 @@ def test_api_conforms_to_its_openapi(case: Any) -> None:
     if (case.method.upper(), case.path) in SKIP:
         pytest.skip("endless stream")
     case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, checks=CHECKS)
+
+
+def test_resource_routes_declare_bodies_and_statuses() -> None:
+    """Finding 11: request bodies were `{}` and responses listed only 200/422."""
+    doc = APP.openapi()
+    schemas = doc["components"]["schemas"]
+    for path, method in (("/v1/workloads", "post"), ("/v1/workloads/{name}", "put")):
+        op = doc["paths"][path][method]
+        ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        body = schemas[ref.rsplit("/", 1)[1]]
+        assert {"kind", "metadata", "spec"} <= set(body["properties"]) and body[
+            "additionalProperties"
+        ] is False
+        assert {"200", "400", "401", "403", "404", "409", "413", "422"} <= set(op["responses"])
+        assert op["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    apply = doc["paths"]["/v1/apply"]["post"]
+    assert {"413", "415", "422"} <= set(apply["responses"])
+    assert "HTTPValidationError" not in schemas
