@@ -434,13 +434,49 @@ def test_source_owned_keys_are_refused_as_labels(world: Any, label: str) -> None
     assert m.store.revision() == before and attrs(m)["av.status"] == "infected"
 
 
-def test_a_new_workload_may_be_seeded_with_source_attributes(world: Any) -> None:
+def test_a_new_workload_may_be_seeded_with_source_attributes_by_the_provider(world: Any) -> None:
     client, m, h = world
     doc = {
         "kind": "Workload",
         "metadata": {"name": "seeded", "tenant": "corp"},
         "spec": {"host": "h1", "vnics": [{"ips": ["10.0.0.9"]}], "attributes": {"av.status": "infected"}},
     }
-    r = client.post("/v1/workloads", json=doc, headers=h["tenant-admin"])
+    r = client.post("/v1/workloads", json=doc, headers=h["provider-admin"])
     assert r.status_code == 200, r.text
     assert attrs(m, "corp", "seeded")["av.status"] == "infected"
+
+
+def test_a_tenant_cannot_preset_posture_on_create(world: Any) -> None:
+    """Finding 8: `av.status: clean` on create is not taken from a tenant (no posture.write): the workload
+    gets the posture recorded for its name (here: none)."""
+    client, m, h = world
+    doc = {
+        "kind": "Workload",
+        "metadata": {"name": "seeded", "tenant": "corp"},
+        "spec": {"host": "h1", "vnics": [{"ips": ["10.0.0.9"]}], "attributes": {"av.status": "clean"}},
+    }
+    r = client.post("/v1/workloads", json=doc, headers=h["tenant-admin"])
+    assert r.status_code == 200, r.text
+    assert "av.status" not in attrs(m, "corp", "seeded")
+
+
+@pytest.mark.parametrize("via", ["create", "apply", "rollback"])
+def test_delete_and_recreate_does_not_lift_the_quarantine(world: Any, via: str) -> None:
+    """Finding 8: the last posture report for a workload name persists and is re-applied."""
+    client, m, h = world
+    ta = h["tenant-admin"]
+    clean_rev = m.store.revision()
+    assert client.post("/v1/posture/reports", json=INFECTED, headers=h["posture-source"]).status_code == 200
+    doc = _workload_doc(client, ta, **{"av.status": "clean"})
+    r = client.delete("/v1/workloads/vdi-7", params={"tenant": "corp"}, headers=ta)
+    assert r.status_code == 200, r.text
+    if via == "create":
+        r = client.post("/v1/workloads", json=doc, headers=ta)
+    elif via == "apply":
+        r = client.post("/v1/apply", content=json.dumps(doc), headers=ta)
+    else:  # back to a revision before the report
+        back = {"revision": clean_rev}
+        r = client.post("/v1/workloads/vdi-7/rollback", params={"tenant": "corp"}, json=back, headers=ta)
+    assert r.status_code == 200, r.text
+    assert attrs(m)["av.status"] == "infected"
+    assert "10.0.0.7" in set_addresses(m, "h1", "quarantined")

@@ -122,7 +122,7 @@ def test_duplicate_object() -> None:
         (
             "{name: r, destinations: [infra/private], action: allow}",
             "spec.rules[0].destinations[0]",
-            "provider group 'infra/private' is not shared with tenant 'tenant-a' (see its spec.shareWith)",
+            "unknown group 'infra/private'",  # unshared: as unknown as a missing group (finding 4)
         ),
         (
             "{name: r, destinations: [dns], action: allow}",
@@ -185,8 +185,13 @@ def test_unknown_host() -> None:
     assert (e.resource, e.path, e.message) == (
         "Workload/tenant-a/w",
         "spec.host",
-        "unknown host 'host-3' (did you mean 'host-2'?)",
+        "unknown host 'host-3'",  # no suggestion: Hosts do not exist for tenants (finding 4)
     )
+
+
+def test_unknown_host_suggests_to_the_provider_only() -> None:
+    e = only_error("kind: Workload\nmetadata: {name: w, tenant: infra}\nspec: {host: host-3}")
+    assert e.message == "unknown host 'host-3' (did you mean 'host-2'?)"
 
 
 def test_unknown_application() -> None:
@@ -275,7 +280,7 @@ def test_duplicate_ip() -> None:
     )
     e = only_error(text)
     assert (e.resource, e.path) == ("Workload/tenant-b/w2", "spec.vnics[1].ips[0]")
-    assert e.message == "address 10.1.0.1 is already used by Workload/tenant-a/web-1 (spec.vnics[0].ips[0])"
+    assert e.message == "address 10.1.0.1 is already in use"  # the other tenant's workload is not named
 
 
 def test_duplicate_ip_within_one_workload() -> None:
@@ -345,7 +350,7 @@ def test_existing_catalog_change_that_breaks_a_stored_object() -> None:
         "Policy/tenant-a/p",
         "spec.rules[0].destinations[0]",
     )
-    assert "not shared with tenant 'tenant-a'" in e.message
+    assert e.message == "unknown group 'infra/dns'"
 
 
 def test_existing_errors_do_not_block_unrelated_changes() -> None:
@@ -400,5 +405,5 @@ def test_existing_catalog_change_checks_addresses_and_interfaces() -> None:
         ("Workload/tenant-b/x", "spec.vnics[0].ips[0]"),
         ("Workload/tenant-b/x", "spec.vnics[1].hostIfname"),
     ]
-    assert "already used by Workload/tenant-a/web-1" in errs[0].message
+    assert errs[0].message == "address 10.1.0.1 is already in use"
     assert "already used by this workload (spec.vnics[0].hostIfname)" in errs[1].message

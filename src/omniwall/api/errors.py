@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omniwall.manager.contracts import InvalidResources, Problem
 from omniwall.manager.service import Conflict, NotFound
-from omniwall.store import CompactedError
+from omniwall.store import CompactedError, FutureRevisionError
 
 CODES = {
     400: "bad_request",
@@ -25,6 +25,7 @@ CODES = {
     409: "conflict",
     410: "gone",
     413: "too_large",
+    415: "unsupported_media_type",
     422: "invalid",
     429: "too_many_requests",
     500: "internal",
@@ -56,6 +57,16 @@ def invalid(problems: list[Problem], message: str | None = None) -> ApiError:
 
 
 def install(app: FastAPI) -> None:
+    # Called once by create_app: also the place for what every route shares (body limits, typed OpenAPI).
+    from . import openapi
+    from .limits import BodyLimit, Limits  # both build on this module's ApiError
+
+    openapi.install(app)
+
+    if not isinstance(getattr(app.state, "limits", None), Limits):
+        app.state.limits = Limits.from_env()
+    app.add_middleware(BodyLimit, limits=lambda: app.state.limits)  # type: ignore[arg-type]
+
     @app.exception_handler(ApiError)
     async def _api(_: Request, err: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
@@ -89,4 +100,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+        details: dict[str, Any] = {}
+        if err.status_code in (400, 413):  # FastAPI's own body parsing, or the body limit
+            details["errors"] = [{"document": "request", "path": "body", "reason": str(err.detail)}]
+        body = ApiError(err.status_code, str(err.detail), **details).body()
+        return JSONResponse(body, status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(FutureRevisionError)
+    async def _future(_: Request, err: FutureRevisionError) -> JSONResponse:
+        e = ApiError(400, str(err), errors=[{"document": "request", "path": "revision", "reason": str(err)}])
+        return JSONResponse(e.body(), status_code=400)

@@ -11,9 +11,13 @@ the top, `expectsReply` and the model `revision`: enough for `omniwall explain` 
 prints offline.
 
 RBAC (`resources.read`): provider roles and auditors see everything. A tenant names its own workloads
-only (a bare name is its own; another tenant's `t/name` answers 404, as a GET would) or an address; it
-sees the hops at its own vNICs with their deciding rules, while a hop at another tenant's vNIC shows only
-its direction and verdict (`redacted: true`), and no host names at all (Hosts do not exist for tenants).
+only (a bare name is its own; another tenant's `t/name` answers 404, as a GET would) or an address, and
+at least one end must be its own (a workload, or an address of one of its vNICs): otherwise 422, the same
+answer whether the addresses belong to another tenant or to nobody. The connection is judged over the
+tenant's view of the desired states (`impact.tenant_view`: its own vNICs only), so another tenant's
+address is judged like an address outside the inventory, at the tenant's own hops only: the answer says
+nothing about other tenants' vNICs or policies (it used to give their verdict, which mapped their
+reachability). Hops show no host names (Hosts do not exist for tenants).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from omniwall.sim.explain import PROTOCOLS, explain, explanation_json, resolve_w
 
 from .auth import Perm, Principal, authenticate, manager_of, require
 from .errors import ApiError, invalid, not_found
+from .impact import tenant_view
 
 REDACTED = "hidden (another tenant's vNIC)"
 
@@ -114,8 +119,17 @@ def router() -> APIRouter:
         catalog, revision = m.snapshot_catalog()
         src = resolve(p, catalog, from_, "from")
         dst = resolve(p, catalog, to, "to")
+        states = m.desired.all()
+        if p.tenant_scoped and p.tenant is not None:
+            states = {h: tenant_view(st, p.tenant) for h, st in states.items()}
+            own = {a for st in states.values() for v in st.vnics for a in v.addresses}
+            if not any(end in own or "/" in end for end in (src, dst)):
+                raise _problem(
+                    "from",
+                    "one end of the connection must be one of your workloads or one of their addresses",
+                )
         try:
-            e = explain(catalog, m.desired.all(), src, dst, proto, port)
+            e = explain(catalog, states, src, dst, proto, port)
         except ValueError as err:
             text = str(err)
             raise _problem("port" if "port" in text else "from", text) from None

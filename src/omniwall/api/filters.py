@@ -125,16 +125,21 @@ def encode_continue(key: str) -> str:
     return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
 
 
-def decode_continue(token: str | None) -> str | None:
-    if not token:
+def decode_continue(token: str | None, prefix: str = "") -> str | None:
+    """The key a `continue` token stands for; 400 for a token this server could not have issued
+    (an invalid token used to restart the listing from the top, silently)."""
+    if token is None:
         return None
     try:
-        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        key = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
+        key = ""
+    if not key or encode_continue(key) != token or not key.startswith(prefix) or len(key) > 1024:
         raise ApiError(
-            422,
+            400,
             "invalid continue token",
             errors=[
                 {"document": "request", "path": "query.continue", "reason": "not a token this server issued"}
             ],
         ) from None
+    return key

@@ -11,11 +11,14 @@ from typing import Any
 
 import pydantic
 from fastapi import APIRouter, Body, Depends, Query, Request
+from starlette.concurrency import run_in_threadpool
 
+from omniwall.manager.attributes import settle_posture, with_posture_records
 from omniwall.manager.contracts import InvalidResources, Problem, problems_from_pydantic
-from omniwall.manager.objects import PLURALS, key_of, parse_resource, resource_key, with_metadata
+from omniwall.manager.objects import PLURALS, RES_PREFIX, key_of, parse_resource, resource_key, with_metadata
 from omniwall.manager.service import Manager
 from omniwall.model.resources import _Resource
+from omniwall.store import FutureRevisionError
 
 from .auth import (
     Perm,
@@ -33,6 +36,9 @@ from .auth import (
 )
 from .errors import ApiError, not_found
 from .filters import decode_continue, encode_continue, field_selector, label_selector
+from .limits import check_plan_quotas, may_seed_posture, read_json
+from .schemas import DeleteResult, History, ObjectList, RollbackRequest, RollbackResult
+from .schemas import error_responses as err
 
 MAX_LIMIT = 1000
 
@@ -55,7 +61,9 @@ def parse_body(body: Any, kind: str, name: str | None = None) -> _Resource:
     body = dict(body)
     body.pop("status", None)  # server-managed (Host status, Workload migration): ignored on write
     body.setdefault("kind", kind)
-    doc = f"{body.get('kind')}/{(body.get('metadata') or {}).get('name', name or '?')}"
+    md = body.get("metadata")
+    shown = md.get("name") if isinstance(md, dict) and isinstance(md.get("name"), str) else None
+    doc = f"{str(body.get('kind'))[:40]}/{(shown or name or '?')[:80]}"
     if body.get("kind") != kind:
         raise InvalidResources(
             [Problem(doc, "kind", f"this endpoint takes {kind} objects, not {body.get('kind')!r}")]
@@ -84,7 +92,7 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
         require(p, Perm.READ)
         m = manager_of(request)
         lsel, fsel = label_selector(labelSelector), field_selector(fieldSelector)
-        after = decode_continue(continue_)
+        after = decode_continue(continue_, f"{RES_PREFIX}{kind}/")
         items: list[dict[str, Any]] = []
         next_token = None
         rev = m.revision
@@ -113,15 +121,19 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
             "continue": next_token,
         }
 
-    def create_object(
-        request: Request, body: Any = Body(...), p: Principal = Depends(authenticate)
-    ) -> dict[str, Any]:
+    async def create_object(request: Request, p: Principal = Depends(authenticate)) -> dict[str, Any]:
+        body = await read_json(request)
+        return await run_in_threadpool(_create, request, p, body)
+
+    def _create(request: Request, p: Principal, body: Any) -> dict[str, Any]:
         m = manager_of(request)
         r = scope_document(p, parse_body(body, kind))
         check_write(p, kind, r.metadata.tenant, r.metadata.name, r)
+        (r,) = settle_posture(m, [r], may_seed=may_seed_posture(p))
         plan = m.plan_apply([r], mode="create")
         check_created_identity(p, plan)
-        m.commit(plan, p.actor)
+        check_plan_quotas(request, m, plan)
+        m.commit(with_posture_records(m, plan), p.actor)
         return render(m, _get(m, kind, r.metadata.tenant, r.metadata.name))
 
     def get_object(
@@ -132,23 +144,26 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
         r = check_visible(p, m.get(kind, t, name), m.catalog, f"{kind}/{t}/{name}")
         return render(m, r)
 
-    def update_object(
+    async def update_object(
         request: Request,
         name: str,
-        body: Any = Body(...),
         tenant: str | None = Query(None),
         p: Principal = Depends(authenticate),
     ) -> dict[str, Any]:
+        body = await read_json(request)
+        return await run_in_threadpool(_update, request, p, name, tenant, body)
+
+    def _update(request: Request, p: Principal, name: str, tenant: str | None, body: Any) -> dict[str, Any]:
         m = manager_of(request)
         r = parse_body(body, kind, name)
-        if tenant is not None and "tenant" not in (
-            (body.get("metadata") or {}) if isinstance(body, dict) else {}
-        ):
+        md = body.get("metadata") if isinstance(body, dict) else None
+        if tenant is not None and "tenant" not in (md if isinstance(md, dict) else {}):
             r = with_metadata(r, tenant=tenant)
         r = scope_document(p, r)
         check_write(p, kind, r.metadata.tenant, name, r)
         plan = m.plan_apply([r], mode="update")
-        m.commit(plan, p.actor)
+        check_plan_quotas(request, m, plan)
+        m.commit(with_posture_records(m, plan), p.actor)
         return render(m, _get(m, kind, r.metadata.tenant, name))
 
     def delete_object(
@@ -189,48 +204,98 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
     def rollback_object(
         request: Request,
         name: str,
-        body: dict[str, int] = Body(..., examples=[{"revision": 12}]),
+        body: RollbackRequest = Body(..., examples=[{"revision": 12}]),
         tenant: str | None = Query(None),
         p: Principal = Depends(authenticate),
     ) -> dict[str, Any]:
         m = manager_of(request)
         t = read_tenant(p, tenant)
-        target = body.get("revision")
-        if not isinstance(target, int) or target < 1:
+        target = body.revision
+        if target < 1:
             raise InvalidResources([Problem("request body", "revision", "must be a revision number >= 1")])
         check_write(p, kind, t, name, m.get(kind, t, name))
-        old = m.value_at(kind, t, name, target)
+        if target > m.revision:
+            raise InvalidResources(
+                [
+                    Problem(
+                        "request body", "revision", f"revision {target} is in the future (now {m.revision})"
+                    )
+                ]
+            )
+        try:
+            old = m.value_at(kind, t, name, target)
+        except FutureRevisionError:  # a write by another replica raced the check above
+            raise InvalidResources([Problem("request body", "revision", "is in the future")]) from None
         if old is None:
             raise InvalidResources(
                 [Problem(f"{kind}/{t}/{name}", "revision", f"the object did not exist at revision {target}")]
             )
         check_write(p, kind, t, name, old)
-        plan = m.plan_apply([with_metadata(old, revision=None)], mode="apply", verb="rollback")
+        # a deleted workload brought back gets the posture recorded for its name, not the old one
+        (doc,) = settle_posture(m, [with_metadata(old, revision=None)], may_seed=False)
+        plan = m.plan_apply([doc], mode="apply", verb="rollback")
         check_created_identity(p, plan)  # a rollback may bring a deleted workload back
-        rev = m.commit(plan, p.actor)
+        check_plan_quotas(request, m, plan)
+        rev = m.commit(with_posture_records(m, plan), p.actor)
         cur = _get(m, kind, t, name)
         return {"revision": rev, "rolledBackTo": target, "object": render(m, cur)}
 
-    handlers: list[tuple[str, str, Callable[..., Any], str]] = [
-        ("GET", f"/v1/{plural}", list_objects, f"list {plural}"),
-        ("POST", f"/v1/{plural}", create_object, f"create a {kind}"),
-        ("GET", f"/v1/{plural}/{{name}}", get_object, f"read a {kind}"),
+    body_doc = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{request_schema(kind)}"}}
+            },
+        }
+    }
+    one = {200: {"description": f"the {kind} as stored", "content": _json_ref(response_schema(kind))}}
+    read_codes = (400, 401, 403, 404, 422)
+    write_codes = (400, 401, 403, 404, 409, 413, 422)
+    handlers: list[tuple[str, str, Callable[..., Any], str, dict[int | str, Any], dict[str, Any] | None]] = [
+        (
+            "GET",
+            f"/v1/{plural}",
+            list_objects,
+            f"list {plural}",
+            {200: {"model": ObjectList}, **err(*read_codes)},
+            None,
+        ),
+        ("POST", f"/v1/{plural}", create_object, f"create a {kind}", {**one, **err(*write_codes)}, body_doc),
+        ("GET", f"/v1/{plural}/{{name}}", get_object, f"read a {kind}", {**one, **err(*read_codes)}, None),
         (
             "PUT",
             f"/v1/{plural}/{{name}}",
             update_object,
             f"replace a {kind} (409 if metadata.revision is stale)",
+            {**one, **err(*write_codes)},
+            body_doc,
         ),
-        ("DELETE", f"/v1/{plural}/{{name}}", delete_object, f"delete a {kind}"),
-        ("GET", f"/v1/{plural}/{{name}}/history", object_history, f"every retained revision of a {kind}"),
+        (
+            "DELETE",
+            f"/v1/{plural}/{{name}}",
+            delete_object,
+            f"delete a {kind}",
+            {200: {"model": DeleteResult}, **err(*write_codes)},
+            None,
+        ),
+        (
+            "GET",
+            f"/v1/{plural}/{{name}}/history",
+            object_history,
+            f"every retained revision of a {kind}",
+            {200: {"model": History}, **err(*read_codes)},
+            None,
+        ),
         (
             "POST",
             f"/v1/{plural}/{{name}}/rollback",
             rollback_object,
             f"restore a {kind} as it was at a revision",
+            {200: {"model": RollbackResult}, **err(*write_codes)},
+            None,
         ),
     ]
-    for method, path, fn, summary in handlers:
+    for method, path, fn, summary, responses, extra in handlers:
         router.add_api_route(
             path,
             fn,
@@ -238,7 +303,23 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
             tags=tag,
             summary=summary,
             name=f"{method.lower()}_{plural}{path.count('/')}",
+            responses=responses,
+            openapi_extra=extra,
         )
+
+
+def request_schema(kind: str) -> str:
+    """Name of the component schema of a kind's request body (added by `api.openapi`)."""
+    return f"{kind}Resource"
+
+
+def response_schema(kind: str) -> str:
+    """Name of the component schema of a kind's object as the API answers it (`api.openapi`)."""
+    return f"{kind}Object"
+
+
+def _json_ref(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
 
 
 def _get(m: Manager, kind: str, tenant: str, name: str) -> _Resource:

@@ -17,6 +17,12 @@ Both are read-modify-write of one Workload: the write goes through `Manager.plan
 writer makes the commit fail with `Conflict`; the update is then recomputed from the new value and
 retried, so two logins racing on one desktop both land. An event that changes nothing writes nothing.
 
+Posture is remembered by workload name (`posture/<tenant>/<name>` in the store, written after every
+report and every seeded create): a Workload created without `posture.write` (a tenant) gets the last
+posture recorded for its name, whatever its document says (`settle_posture`), so deleting and recreating
+a quarantined workload, or rolling back to a revision before the report, does not lift the quarantine.
+Only a caller with `posture.write` (the provider admin) may seed posture attributes on create.
+
 Tenancy: identity and posture sources are provider-wide (an IdP or a scanner serves every tenant).
 A workload is named `tenant/name`, or by `name` plus an optional `tenant`; a bare name that several
 tenants use is refused as ambiguous (422), an unknown one answers 404.
@@ -24,21 +30,26 @@ tenants use is refused as ambiguous (422), an unknown one answers 404.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from omniwall.model.resources import AttrValue, Workload
+import pydantic
+
+from omniwall.model.resources import MAX_LABEL_KEY, AttrValue, Workload, _Resource, unsafe_character
+from omniwall.store import Put
 
 from .audit import Actor
-from .contracts import InvalidResources, Problem
-from .service import Conflict, Manager, NotFound
+from .contracts import InvalidResources, Problem, problems_from_pydantic
+from .service import Conflict, Manager, NotFound, Plan
 
 USER_ATTRIBUTE = "user"
 # Attribute namespaces a posture report may set: antivirus/EDR state, host firewall, disk encryption,
 # patch level, and free-form `posture.*` facts.
 POSTURE_NAMESPACES = frozenset({"av", "edr", "fw", "disk", "patch", "posture"})
+POSTURE_PREFIX = "posture/"  # store key of the last posture of a workload name
 MAX_USER_LEN = 256
 MAX_RETRIES = 8
 _KEY_RE = re.compile(r"^[a-z][a-z0-9_-]*(\.[A-Za-z0-9_-]+)+$")
@@ -95,6 +106,17 @@ def find_workload(m: Manager, workload: str, tenant: str | None) -> Workload:
     return matches[0]
 
 
+def _revalidated(w: Workload, attrs: dict[str, AttrValue]) -> Workload:
+    """The workload with `attrs`, through the schema again (model_copy skips validation, and an attribute
+    the schema refuses would make the stored workload unreadable): 422 naming the attribute otherwise."""
+    data = w.model_dump(mode="json", exclude_none=True)
+    data["spec"]["attributes"] = attrs
+    try:
+        return Workload.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise InvalidResources(problems_from_pydantic(err, "request body")) from None
+
+
 def _update(
     m: Manager,
     actor: Actor,
@@ -108,8 +130,8 @@ def _update(
         attrs = change(dict(w.spec.attributes))
         if attrs == w.spec.attributes:
             return AttributeUpdate(key, False, m.revision, dict(attrs))
-        new = w.model_copy(update={"spec": w.spec.model_copy(update={"attributes": attrs})})
-        plan = m.plan_apply([new], mode="update", from_source=True)
+        new = _revalidated(w, attrs)
+        plan = with_posture_records(m, m.plan_apply([new], mode="update", from_source=True))
         try:
             revision = m.commit(plan, actor)
         except Conflict:
@@ -152,13 +174,75 @@ def protect_source_facts(old: Any, new: Any, document: str, problems: list[Probl
     return new.model_copy(update={"spec": new.spec.model_copy(update={"attributes": attrs})})
 
 
+def is_posture(key: str) -> bool:
+    ns, dot, _ = key.partition(".")
+    return bool(dot) and ns in POSTURE_NAMESPACES
+
+
+def posture_of(attrs: Mapping[str, AttrValue]) -> dict[str, AttrValue]:
+    return {k: v for k, v in sorted(attrs.items()) if is_posture(k)}
+
+
+def posture_key(tenant: str, name: str) -> str:
+    return f"{POSTURE_PREFIX}{tenant}/{name}"
+
+
+def last_posture(m: Manager, tenant: str, name: str) -> dict[str, AttrValue] | None:
+    """The posture last reported (or seeded) for this workload name; None if there never was one."""
+    kv = m.store.get(posture_key(tenant, name))
+    if kv is None or not kv.value:
+        return None
+    try:
+        data = json.loads(kv.value)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def with_posture_records(m: Manager, plan: Plan) -> Plan:
+    """The plan, committing with it the posture record of every Workload it writes whose posture differs
+    from the recorded one (a report, a seeded create): one txn, so record and workload never disagree."""
+    puts = []
+    for c in plan.writes:
+        if isinstance(c.new, Workload):
+            posture = posture_of(c.new.spec.attributes)
+            recorded = last_posture(m, c.tenant, c.name)
+            if posture != (recorded or {}) and (posture or recorded is not None):
+                puts.append(Put(posture_key(c.tenant, c.name), json.dumps(posture, sort_keys=True)))
+    if puts:
+        plan.notes["store_puts"] = [*plan.notes.get("store_puts", ()), *puts]
+    return plan
+
+
+def settle_posture(m: Manager, docs: Iterable[_Resource], *, may_seed: bool) -> list[_Resource]:
+    """Workloads that would be created get the posture recorded for their name instead of the one in
+    their document (unless the caller may seed posture and its document sets some). Updates are left to
+    `protect_source_facts` (the stored values win)."""
+    out: list[_Resource] = []
+    for d in docs:
+        if not isinstance(d, Workload) or m.get("Workload", d.metadata.tenant, d.metadata.name) is not None:
+            out.append(d)
+            continue
+        claimed = posture_of(d.spec.attributes)
+        if may_seed and claimed:
+            out.append(d)
+            continue
+        posture = last_posture(m, d.metadata.tenant, d.metadata.name) or {}
+        if claimed == posture:
+            out.append(d)
+            continue
+        attrs = {k: v for k, v in d.spec.attributes.items() if not is_posture(k)} | posture
+        out.append(d.model_copy(update={"spec": d.spec.model_copy(update={"attributes": attrs})}))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ identity
 
 
 def check_user(user: object) -> str:
     if not isinstance(user, str) or not user.strip():
         raise _invalid("user", "must be a non-empty string")
-    if len(user) > MAX_USER_LEN or _CONTROL.search(user):
+    if len(user) > MAX_USER_LEN or _CONTROL.search(user) or unsafe_character(user):
         raise _invalid("user", f"must be at most {MAX_USER_LEN} printable characters")
     return user
 
@@ -215,15 +299,15 @@ def check_posture(facts: Mapping[str, Any]) -> dict[str, str | int | float | boo
     out: dict[str, str | int | float | bool | None] = {}
     for key, value in facts.items():
         ns = key.partition(".")[0]
-        if not _KEY_RE.match(key) or ns not in POSTURE_NAMESPACES:
+        if len(key) > MAX_LABEL_KEY:
+            problems.append(Problem("request body", key[:60], f"longer than {MAX_LABEL_KEY} characters"))
+        elif not _KEY_RE.match(key) or ns not in POSTURE_NAMESPACES:
             allowed = ", ".join(f"{n}.*" for n in sorted(POSTURE_NAMESPACES))
             problems.append(Problem("request body", key, f"not a posture attribute (allowed: {allowed})"))
         elif value is not None and not isinstance(value, str | int | float | bool):
             problems.append(Problem("request body", key, "must be a string, number, boolean or null"))
-        elif isinstance(value, str) and (len(value) > MAX_USER_LEN or _CONTROL.search(value)):
-            problems.append(
-                Problem("request body", key, f"must be at most {MAX_USER_LEN} printable characters")
-            )
+        elif isinstance(value, str) and (not value or len(value) > MAX_USER_LEN or unsafe_character(value)):
+            problems.append(Problem("request body", key, f"must be 1 to {MAX_USER_LEN} printable characters"))
         else:
             out[key] = value
     if problems:
@@ -258,7 +342,10 @@ __all__ = [
     "find_workload",
     "flatten",
     "identity_event",
+    "last_posture",
     "posture_report",
     "protect_source_facts",
+    "settle_posture",
     "source_owned",
+    "with_posture_records",
 ]

@@ -8,6 +8,7 @@ import error at start.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,15 +52,24 @@ class InvalidResources(Exception):
         self.problems = problems
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|[\w-]+\[.*\])$")
+
+
 def problems_from_pydantic(err: pydantic.ValidationError, document: str) -> list[Problem]:
-    out = []
+    out: list[Problem] = []
+    seen: set[tuple[str, str]] = set()
     for e in err.errors():
         loc = [str(p) for p in e.get("loc", ())]
         # The discriminated union puts the kind first in the location; it is not a field.
         if loc and loc[0] in ("Tenant", "Host", "Workload", "Group", "Service", "Application", "Policy"):
             loc = loc[1:]
+        # A union's member type (`spec.ports[0].int`) is not a field either.
+        loc = [p for p in loc if not _UNION_TAG.match(p)]
         path = ".".join(p if not p.isdigit() else f"[{p}]" for p in loc).replace(".[", "[")
-        out.append(Problem(document, path or ".", e.get("msg", "invalid")))
+        reason = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        if (path, reason) not in seen:
+            seen.add((path, reason))
+            out.append(Problem(document, path or ".", reason))
     return out
 
 

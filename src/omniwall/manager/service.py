@@ -443,6 +443,7 @@ class Manager:
                 extra={"cascade": True} if plan.verb == "delete" and i > 0 else {},
             )
             ops.append(audit_put(entry, ns + i))
+        ops.extend(plan.notes.get("store_puts", ()))  # records written with the change (posture)
         res = self.store.txn(compares, ops)
         if not res.succeeded:
             names = ", ".join(split_key(f.key)[0] + "/" + split_key(f.key)[2] for f in res.failed)

@@ -5,8 +5,10 @@
 return nothing on error. Cross-object checks are `model.validate`'s job; it finds each object's document
 through `source_of`.
 
-YAML dialect: PyYAML's safe loader with two changes: a key repeated in one mapping is an error (PyYAML
-keeps the last one silently), and dates stay strings (`created: 2024-01-01` is not a datetime).
+YAML dialect: PyYAML's safe loader with three changes: a key repeated in one mapping is an error (PyYAML
+keeps the last one silently), dates stay strings (`created: 2024-01-01` is not a datetime), and nesting
+deeper than `MAX_DEPTH` collections is an error raised while composing, before the recursive parts of
+PyYAML and pydantic could run out of stack (a 10,000-deep `[[[...]]]` used to end in a 500).
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from omniwall.model.resources import KINDS, Resource, _Resource, dump
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Resource)
 YAML_SUFFIXES = (".yaml", ".yml")
+# Collections nested in one document: a resource needs 6 (spec.rules[i].services[j]); 32 leaves room.
+MAX_DEPTH = 32
+# Nodes of one document once aliases are expanded: `&a [x, x]`, `&b [*a, *a]`, ... doubles per line
+# ("billion laughs"); PyYAML shares the objects, but pydantic would walk every copy.
+MAX_NODES = 1_000_000
 
 # ------------------------------------------------------------------------------------ where objects came from
 
@@ -53,7 +60,22 @@ def source_of(resource: object) -> str:
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe loader; duplicate mapping keys are errors; timestamps stay strings."""
+    """Safe loader; duplicate mapping keys are errors; timestamps stay strings; nesting is bounded."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # The composer recurses once per nesting level: count levels and stop before the stack does.
+        if self.check_event(yaml.CollectionStartEvent):  # type: ignore[no-untyped-call]
+            if self._depth >= MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+            self._depth += 1
+            try:
+                return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+            finally:
+                self._depth -= 1
+        return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
@@ -77,6 +99,20 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Values in `node` with every alias expanded; memoised per node (depth is bounded by the loader)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = MAX_NODES + 1  # an alias cycle counts as too large
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(n, memo) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    memo[id(node)] = size = min(size, MAX_NODES + 1)
+    return size
+
+
 def _yaml_documents(text: str, source: str) -> Iterable[tuple[int, Any]]:
     """(1-based document index, data) for every document; YAML errors become FieldErrors (raised)."""
     loader = _Loader(text)
@@ -85,6 +121,10 @@ def _yaml_documents(text: str, source: str) -> Iterable[tuple[int, Any]]:
         while loader.check_node():
             index += 1
             node = loader.get_node()
+            if node is not None and _expanded_size(node, {}) > MAX_NODES:
+                raise yaml.MarkedYAMLError(
+                    None, None, f"more than {MAX_NODES} values once aliases are expanded", node.start_mark
+                )
             yield index, loader.construct_document(node)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark

@@ -7,10 +7,19 @@ cross-object checks (references, cycles, tenancy) live in `model.validate`, whic
 from __future__ import annotations
 
 import re
+import unicodedata
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from omniwall import PROVIDER_TENANT
 from omniwall.model.inet import looks_like_address, parse_ip, parse_network
@@ -36,6 +45,47 @@ def _check_name(v: str) -> str:
 
 Name = Annotated[str, Field(min_length=1, max_length=63)]
 
+# Size limits of free-form text (docs/api.md "Input limits and quotas"): a label or attribute is a short
+# fact, not a document store (a 30 MB label used to be stored and kept in every history entry).
+MAX_LABEL_KEY = 253
+MAX_LABEL_VALUE = 256
+MAX_LABELS = 64
+MAX_ATTRIBUTES = 64
+MAX_ATTRIBUTE_LIST = 64
+MAX_VNIC_NAME = 63
+
+
+def unsafe_character(text: str) -> str | None:
+    """The first character that has no place in a key, name or value, described; None if clean.
+    Control (NUL, newline, ESC), format (RTL override U+202E, zero width) and line/paragraph separators
+    would make `omniwall get` show something other than what a selector matches."""
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat[0] == "C" or cat in ("Zl", "Zp"):
+            return f"U+{ord(ch):04X} ({unicodedata.name(ch, cat)})"
+    return None
+
+
+def check_text(v: str, what: str, max_len: int) -> str:
+    """A non-empty, printable string of at most `max_len` characters (ValueError naming `what`)."""
+    if not v:
+        raise ValueError(f"{what} must not be empty")
+    if len(v) > max_len:
+        raise ValueError(f"{what} is {len(v)} characters long; at most {max_len} are allowed")
+    bad = unsafe_character(v)
+    if bad is not None:
+        raise ValueError(f"{what} {v[:40]!r} contains the control or format character {bad}")
+    return v
+
+
+def check_labels(v: dict[str, str]) -> dict[str, str]:
+    if len(v) > MAX_LABELS:
+        raise ValueError(f"{len(v)} labels; at most {MAX_LABELS} are allowed")
+    for key, value in v.items():
+        check_text(key, "label key", MAX_LABEL_KEY)
+        check_text(value, f"label {key!r}: value", MAX_LABEL_VALUE)
+    return v
+
 
 class Metadata(Strict):
     name: Name
@@ -44,7 +94,7 @@ class Metadata(Strict):
     # Owner Application (same tenant). Deleting the Application deletes what it owns.
     application: str | None = None
     uid: str | None = None
-    revision: int | None = None
+    revision: StrictInt | None = None  # `false` is not revision 0
     created: str | None = None
     updated: str | None = None
 
@@ -52,6 +102,11 @@ class Metadata(Strict):
     @classmethod
     def _v_names(cls, v: str | None) -> str | None:
         return v if v is None else _check_name(v)
+
+    @field_validator("labels")
+    @classmethod
+    def _v_labels(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_labels(v)
 
 
 # --------------------------------------------------------------------------------------------- enums
@@ -195,6 +250,14 @@ class Vnic(Strict):
     def _v_ips(cls, v: list[str]) -> list[str]:
         return [str(parse_ip(ip)) for ip in v]
 
+    @field_validator("name")
+    @classmethod
+    def _v_name(cls, v: str) -> str:
+        check_text(v, "vNIC name", MAX_VNIC_NAME)
+        if any(ch.isspace() for ch in v) or "/" in v:
+            raise ValueError(f"vNIC name {v!r} must not contain spaces or '/'")
+        return v
+
     @field_validator("mac")
     @classmethod
     def _v_mac(cls, v: str | None) -> str | None:
@@ -229,10 +292,26 @@ class WorkloadSpec(Strict):
     ports: dict[str, str] = Field(default_factory=dict)
     lab: WorkloadLab | None = None
 
+    @field_validator("attributes")
+    @classmethod
+    def _v_attributes(cls, v: dict[str, AttrValue]) -> dict[str, AttrValue]:
+        if len(v) > MAX_ATTRIBUTES:
+            raise ValueError(f"{len(v)} attributes; at most {MAX_ATTRIBUTES} are allowed")
+        for key, value in v.items():
+            check_text(key, "attribute key", MAX_LABEL_KEY)
+            values = value if isinstance(value, list) else [value]
+            if len(values) > MAX_ATTRIBUTE_LIST:
+                raise ValueError(f"attribute {key!r}: at most {MAX_ATTRIBUTE_LIST} values")
+            for item in values:
+                if isinstance(item, str):
+                    check_text(item, f"attribute {key!r}: value", MAX_LABEL_VALUE)
+        return v
+
     @field_validator("ports")
     @classmethod
     def _v_ports(cls, v: dict[str, str]) -> dict[str, str]:
         for name, svc in v.items():
+            check_text(name, "named port", MAX_VNIC_NAME)
             m = re.fullmatch(r"(tcp|udp|sctp)/(\d+)", svc)
             if not m or not 1 <= int(m.group(2)) <= 65535:
                 raise ValueError(f"port {name!r}: {svc!r} is not like tcp/80")
@@ -274,13 +353,14 @@ class GroupSpec(Strict):
 
 class ServiceSpec(Strict):
     protocol: Protocol = Protocol.TCP
-    ports: list[int | str] = Field(default_factory=list)
+    # StrictInt: `true` is not port 1 (pydantic's lax mode would convert it).
+    ports: list[StrictInt | str] = Field(default_factory=list)
     icmpType: int | None = Field(default=None, ge=0, le=255)
     icmpCode: int | None = Field(default=None, ge=0, le=255)
 
     @field_validator("ports")
     @classmethod
-    def _v_ports(cls, v: list[int | str]) -> list[int | str]:
+    def _v_ports(cls, v: list[StrictInt | str]) -> list[StrictInt | str]:
         for p in v:
             parse_port_range(p)
         return v

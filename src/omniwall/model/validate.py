@@ -7,6 +7,11 @@ cycles, addresses used twice, host interface names used twice on one host.
 
 Every problem is a `FieldError` naming the object, the field path and the reason; all are collected and
 raised together, and nothing is returned on error.
+
+A tenant's errors name nothing it cannot see: a collision with another tenant's address or interface says
+"already in use" without naming the owner, "did you mean" suggests only names visible to the object's
+tenant (never Hosts, unshared provider groups or other tenants' objects), and a provider group that is not
+shared with the tenant is "unknown", exactly like one that does not exist.
 """
 
 from __future__ import annotations
@@ -127,7 +132,9 @@ def _check_catalog(c: Catalog, errors: _Errors, changed: list[_Resource] | None)
                     _check_host_patterns_keep_workloads(c, r, errors)
             case Workload():
                 if r.spec.host not in c.hosts:
-                    errors.add(r, "spec.host", f"unknown host {r.spec.host!r}{_hint(r.spec.host, c.hosts)}")
+                    # Hosts do not exist for tenants: no suggestion of their names
+                    hint = _hint(r.spec.host, c.hosts) if r.tenant == PROVIDER_TENANT else ""
+                    errors.add(r, "spec.host", f"unknown host {r.spec.host!r}{hint}")
                 else:
                     _check_vnic_interfaces(c.hosts[r.spec.host], r, errors)
             case Group():
@@ -224,6 +231,15 @@ def _check_host_patterns_keep_workloads(c: Catalog, host: Host, errors: _Errors)
                 )
 
 
+def _used_by(w: Workload, other: Workload, other_path: str) -> str:
+    """Who holds what `w` wants: named when it is `w` itself or an object `w`'s tenant can see."""
+    if other is w:
+        return f"used by this workload ({other_path})"
+    if w.tenant in (other.tenant, PROVIDER_TENANT):
+        return f"used by {rid(other)} ({other_path})"
+    return "in use"
+
+
 def _check_addresses(c: Catalog, errors: _Errors, report: list[Workload] | None) -> None:
     owner: dict[str, tuple[Workload, str]] = {}
     order, ids = _ordered(c, report)
@@ -235,8 +251,7 @@ def _check_addresses(c: Catalog, errors: _Errors, report: list[Workload] | None)
                     owner[ip] = (w, path)
                 elif ids is None or id(w) in ids:
                     other, other_path = owner[ip]
-                    by = "this workload" if other is w else rid(other)
-                    errors.add(w, path, f"address {ip} is already used by {by} ({other_path})")
+                    errors.add(w, path, f"address {ip} is already {_used_by(w, other, other_path)}")
 
 
 def _check_ifnames(c: Catalog, errors: _Errors, report: list[Workload] | None) -> None:
@@ -254,12 +269,11 @@ def _check_ifnames(c: Catalog, errors: _Errors, report: list[Workload] | None) -
                 owner[key] = (w, path)
             elif ids is None or id(w) in ids:
                 other, other_path = owner[key]
-                by = "this workload" if other is w else rid(other)
                 errors.add(
                     w,
                     path,
-                    f"host interface {ifname!r} on host {w.spec.host!r} is already used by {by} "
-                    f"({other_path})",
+                    f"host interface {ifname!r} on host {w.spec.host!r} is already "
+                    f"{_used_by(w, other, other_path)}",
                 )
 
 
@@ -276,15 +290,15 @@ def _group_ref(c: Catalog, tenant: str, ref: str) -> tuple[Key | None, str | Non
     owner, name = key
     if tenant != PROVIDER_TENANT and owner not in (tenant, PROVIDER_TENANT):
         return None, f"{ref!r} is a group of tenant {owner!r}; tenant {tenant!r} may not reference it"
-    if key not in c.groups:
+    if key not in c.groups or not c.group_visible(tenant, key):
+        # An unshared provider group is as unknown to a tenant as a missing one (no existence oracle).
         hint = ""
-        if owner == tenant and "/" not in ref and (PROVIDER_TENANT, name) in c.groups:
+        if owner == tenant and "/" not in ref and c.group_visible(tenant, (PROVIDER_TENANT, name)):
             hint = f" (did you mean '{PROVIDER_TENANT}/{name}'?)"
         else:
-            hint = _hint(name, [n for t, n in c.groups if t == owner])
+            seen = [n for t, n in c.groups if t == owner and c.group_visible(tenant, (t, n))]
+            hint = _hint(name, seen)
         return None, f"unknown group {ref!r}{hint}"
-    if not c.group_visible(tenant, key):
-        return None, f"provider group {ref!r} is not shared with tenant {tenant!r} (see its spec.shareWith)"
     return key, None
 
 
@@ -391,7 +405,13 @@ def _check_cycles(c: Catalog, errors: _Errors, through: set[Key] | None) -> None
                 if through is not None and not through.intersection(cycle):
                     continue
                 same = len({t for t, _ in cycle}) == 1
-                names = " -> ".join(n if same else f"{t}/{n}" for t, n in cycle)
+                viewer = node[0]
+                names = " -> ".join(
+                    (n if same else f"{t}/{n}")
+                    if viewer == PROVIDER_TENANT or c.group_visible(viewer, (t, n))
+                    else "(a group you cannot see)"
+                    for t, n in cycle
+                )
                 errors.add(c.groups[node], f"spec.groups[{i}]", f"group cycle: {names}")
             elif color[nxt] == white:
                 color[nxt] = grey

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources import files
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from omniwall.selectors.ast import BARE_KEY_RE, All, And, Expr, Has, In, Not, Or, canonical
@@ -28,7 +28,8 @@ class SelectorError(ValueError):
         self.line = line
         self.reason = reason
         where = f"line {line}, column {column}" if "\n" in text else f"column {column}"
-        super().__init__(f"selector {text!r}: {where}: {reason}")
+        shown = text if len(text) <= 80 else text[:77] + "..."  # the column still points into `text`
+        super().__init__(f"selector {shown!r}: {where}: {reason}")
 
     def __reduce__(self) -> tuple[type[SelectorError], tuple[str, int, str, int]]:
         return (SelectorError, (self.text, self.column, self.reason, self.line))
@@ -213,6 +214,23 @@ def _error(text: str, e: UnexpectedInput) -> SelectorError:
     return SelectorError(text, column, f"expected {expected}, got {got!r}{hint}", line)
 
 
+# Nesting of `!`, `&&`/`||` inside parentheses: the AST is walked recursively (transform, match, print),
+# so a selector of 500 `!` used to exhaust the stack (a 500). Real selectors nest a handful of levels.
+MAX_DEPTH = 64
+
+
+def _too_deep(tree: Tree[Token]) -> Token | None:
+    """The first token below `MAX_DEPTH` levels of the tree, if any (iterative: the tree may be deep)."""
+    stack: list[tuple[Tree[Token] | Token, int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Tree):
+            stack.extend((child, depth + 1) for child in node.children if child is not None)
+        elif depth > MAX_DEPTH:
+            return node
+    return None
+
+
 @lru_cache(maxsize=65536)  # the compiler re-parses every group selector: keep them all
 def parse(text: str) -> Selector:
     """Parse selector text; raises SelectorError naming the column of the first problem."""
@@ -220,5 +238,9 @@ def parse(text: str) -> Selector:
         tree = _PARSER.parse(text)
     except UnexpectedInput as e:
         raise _error(text, e) from None
+    deep = _too_deep(tree)
+    if deep is not None:
+        line, column = _line_col(text, deep.start_pos or 0)
+        raise SelectorError(text, column, f"nested deeper than {MAX_DEPTH} levels", line)
     expr = _ToAst().transform(tree)
     return Selector(text=text, expr=expr, keys=frozenset(expr.keys()))

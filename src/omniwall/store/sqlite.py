@@ -11,6 +11,7 @@ lock (`BEGIN IMMEDIATE`), and `wait`/`watch` poll for revisions written by other
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -54,11 +55,29 @@ INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0), ('compacted', 0
 """
 
 
+def private_file(path: str) -> None:
+    """Create the database file 0600 (owner only), or take group/other access away from an existing one:
+    it holds every tenant's configuration and the token hashes. SQLite creates the -wal and -shm files
+    with the database file's mode, so they follow."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+        for extra in (f"{path}-wal", f"{path}-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(extra).st_mode & 0o077:
+                    os.chmod(extra, 0o600)
+    else:
+        os.close(fd)
+
+
 class SqliteStore:
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 10_000) -> None:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)
         # One connection shared by threads, serialised by a lock: simple, and SQLite serialises writers
         # anyway. isolation_level=None: we issue BEGIN/COMMIT ourselves.
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
