@@ -57,6 +57,7 @@ from omniwall.dataplane.nft.names import (
     TABLE,
     addr_set,
     cidr_set,
+    connlimit_counter,
     port_set,
     raw_chain,
     vnic_chain,
@@ -367,6 +368,33 @@ def render_default(vnic: IRVnic, log_group: int) -> list[Json]:
     return _reject_rules([], None, [_counter()], "default")
 
 
+def has_conn_limits(vnic: IRVnic) -> bool:
+    return vnic.conn_limit is not None or vnic.conn_rate is not None
+
+
+def render_conn_limits(vnic: IRVnic) -> list[Json]:
+    """The vNIC's connection limits, first in its egress entry chain: a resource limit, not policy.
+    Only `ct state new` packets reach the hop (fwd accepts established ones first); untracked packets
+    (stateless rules) hold no conntrack entry and are not limited. The rate is checked first, so a
+    connection it drops is never added to the count; over either limit: counted by the named counter
+    `cl_<if>` and dropped before the rule walk. Both limits are per nft rule, i.e. per vNIC; the
+    count's list restarts when the chain is re-rendered (docs/conntrack-limits.md)."""
+    new = _match({"ct": {"key": "state"}}, ["new"], "in")
+    drop = [{"counter": connlimit_counter(vnic.ifname)}, {"drop": None}]
+    out: list[Json] = []
+    if vnic.conn_rate is not None:
+        burst = max(5, vnic.conn_rate // 10)
+        rate = {"rate": vnic.conn_rate, "per": "second", "burst": burst, "inv": True}
+        out.append(_rule([new, {"limit": rate}, *drop], "connrate"))
+    if vnic.conn_limit is not None:
+        out.append(_rule([new, {"ct count": {"val": vnic.conn_limit, "inv": True}}, *drop], "connlimit"))
+    return out
+
+
+def render_conn_counter(vnic: IRVnic) -> Json:
+    return {"add": {"counter": {**T, "name": connlimit_counter(vnic.ifname)}}}
+
+
 def segments(rules: list[IRRule]) -> list[list[IRRule]]:
     """Maximal runs of rules of the same category, in order."""
     out: list[list[IRRule]] = []
@@ -453,6 +481,7 @@ def render_vnic_chains(
         }
         # the forward hook of an inet table sees IPv4 and IPv6 only: not IPv4 is IPv6
         chains[entry] = [
+            *(render_conn_limits(vnic) if direction == "egress" else []),
             _rule([_match(_meta("nfproto"), "ipv4"), {"goto": {"target": first[4]}}], "v4"),
             _rule([{"goto": {"target": first[6]}}], "v6"),
         ]
@@ -584,6 +613,7 @@ def render_table(
     for name, ranges in port_sets(state).items():
         cmds += render_port_set(name, ranges)
     cmds += index_decl
+    cmds += [render_conn_counter(v) for v in state.vnics if has_conn_limits(v)]
     for chains in vnic_chains.values():
         cmds += [_chain_decl(name) for name in chains]
     for chains in vnic_chains.values():
@@ -743,6 +773,16 @@ def render_delta(
     }
     cmds += idiff.early
     cmds += idiff.create
+    # connection-limit counters: created before the rules naming them, deleted after the last one went
+    for v in touched:
+        prev = old_v.get(v.ifname)
+        if has_conn_limits(v) and (prev is None or not has_conn_limits(prev)):
+            cmds.append(render_conn_counter(v))
+        elif not has_conn_limits(v) and prev is not None and has_conn_limits(prev):
+            late_deletes.append({"delete": {"counter": {**T, "name": connlimit_counter(v.ifname)}}})
+    late_deletes += [
+        {"delete": {"counter": {**T, "name": connlimit_counter(v.ifname)}}} for v in removed if has_conn_limits(v)
+    ]
 
     # map elements that go away (removed vNICs, changed addresses), before their chains are deleted
     for v in removed:
@@ -795,6 +835,9 @@ __all__ = [
     "merge_ranges",
     "port_set_name",
     "port_sets",
+    "has_conn_limits",
+    "render_conn_counter",
+    "render_conn_limits",
     "render_default",
     "render_delta",
     "render_port_set",

@@ -1,0 +1,122 @@
+"""Per-vNIC connection limits (docs/conntrack-limits.md) against the kernel, with real connections.
+
+One host, three workloads: `f` (the flooder), `b` (its neighbour), `s` (the server). Over the limit,
+the flooder's new connections are dropped and counted by its named counter `cl_<if>`; the neighbour,
+with the same limits, still connects. The limits are changed in place (incremental apply) and removed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import replace
+
+from topo import Server, nsexec, open_stream, state, tcp_connect, vnic
+
+from omniwall.dataplane.netns import in_netns
+from omniwall.dataplane.nft.names import connlimit_counter
+
+PORT = 7100
+
+
+def _counter(host: str, ifname: str) -> int:
+    res = nsexec(host, ["nft", "-j", "list", "counter", "inet", "omniwall", connlimit_counter(ifname)])
+    for obj in json.loads(res.stdout)["nftables"]:
+        if "counter" in obj:
+            return int(obj["counter"]["packets"])
+    raise AssertionError("no counter in the listing")
+
+
+def _udp_flows(ns: str, dst: str, port: int, n: int) -> list[socket.socket]:
+    """`n` new UDP flows (one datagram from each of `n` source ports), sent as fast as Python can."""
+    socks = []
+    with in_netns(ns):
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setblocking(False)
+            socks.append(s)
+    for s in socks:
+        s.sendto(b"x", (dst, port))
+    return socks
+
+
+def _echoes(socks: list[socket.socket], wait: float = 0.5) -> int:
+    time.sleep(wait)
+    got = 0
+    for s in socks:
+        try:
+            s.recv(16)
+            got += 1
+        except BlockingIOError:
+            pass
+        s.close()
+    return got
+
+
+def test_concurrent_limit_drops_the_flooders_excess_and_the_neighbour_connects(topo, backends, root_untouched):
+    h = topo.add_host("h1")
+    f, b, s = (topo.add_workload(h, n, i) for i, n in enumerate(("f", "b", "s"), 1))
+    server = Server(s.ns, PORT, v6=False)
+    limit = 8
+    vf = replace(vnic(f, default="allow"), conn_limit=limit)
+    vb = replace(vnic(b, default="allow"), conn_limit=limit)
+    be = backends(h)
+    st = state(1, [vf, vb, vnic(s, default="allow")], [])
+    be.sync(st)
+    held = []
+    try:
+        results = []
+        for _ in range(limit + 6):  # held open: each one stays a tracked connection
+            try:
+                held.append(open_stream(f.ns, s.ip4, PORT, timeout=0.3))
+                results.append("open")
+            except OSError:
+                results.append("dropped")
+        assert results.count("open") == limit, results
+        dropped_packets = _counter(h, f.ifname)
+        assert dropped_packets >= 6  # at least each refused SYN (retransmissions add more)
+        # the neighbour has its own count: its connections pass while the flooder is at its limit
+        assert [tcp_connect(b.ns, s.ip4, PORT, timeout=1.0) for _ in range(3)] == ["open"] * 3
+        assert _counter(h, b.ifname) == 0
+        # raising the limit (incremental apply) lets the flooder connect again
+        st2 = replace(st, revision=2, vnics=tuple(replace(v, conn_limit=None) if v.ifname == f.ifname
+                                                   else v for v in st.vnics))  # fmt: skip
+        be.sync(st2)
+        assert tcp_connect(f.ns, s.ip4, PORT, timeout=1.0) == "open"
+        res = nsexec(h, ["nft", "list", "counters", "table", "inet", "omniwall"])
+        assert connlimit_counter(f.ifname) not in res.stdout  # the counter left with the limit
+    finally:
+        for c in held:
+            c.close()
+        server.close()
+
+
+def test_rate_limit_drops_new_flows_over_the_rate_not_the_neighbours(topo, backends, root_untouched):
+    h = topo.add_host("h1")
+    f, b, s = (topo.add_workload(h, n, i) for i, n in enumerate(("f", "b", "s"), 1))
+    server = Server(s.ns, PORT, v6=False)
+    rate = 20  # new connections per second; burst max(5, rate // 10) = 5
+    be = backends(h)
+    be.sync(
+        state(
+            1,
+            [
+                replace(vnic(f, default="allow"), conn_rate=rate),
+                replace(vnic(b, default="allow"), conn_rate=rate),
+                vnic(s, default="allow"),
+            ],
+            [],
+        )
+    )
+    try:
+        t0 = time.monotonic()
+        flood = _udp_flows(f.ns, s.ip4, PORT, 400)
+        elapsed = time.monotonic() - t0
+        passed = _echoes(flood)
+        assert passed <= 5 + rate * (elapsed + 0.1) + 2, (passed, elapsed)
+        assert _counter(h, f.ifname) >= 400 - passed
+        neighbour = _udp_flows(b.ns, s.ip4, PORT, 4)  # within its own burst
+        assert _echoes(neighbour) == 4
+    finally:
+        server.close()
