@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from topo import Server, nsexec, open_stream, state, tcp_connect, vnic
 
+from omniwall.agent.conntrack_usage import ConntrackUsageReader
 from omniwall.dataplane.netns import in_netns
 from omniwall.dataplane.nft.names import connlimit_counter
 
@@ -54,7 +55,9 @@ def _echoes(socks: list[socket.socket], wait: float = 0.5) -> int:
     return got
 
 
-def test_concurrent_limit_drops_the_flooders_excess_and_the_neighbour_connects(topo, backends, root_untouched):
+def test_concurrent_limit_drops_the_flooders_excess_and_the_neighbour_connects(
+    topo, backends, root_untouched
+):
     h = topo.add_host("h1")
     f, b, s = (topo.add_workload(h, n, i) for i, n in enumerate(("f", "b", "s"), 1))
     server = Server(s.ns, PORT, v6=False)
@@ -74,6 +77,9 @@ def test_concurrent_limit_drops_the_flooders_excess_and_the_neighbour_connects(t
             except OSError:
                 results.append("dropped")
         assert results.count("open") == limit, results
+        # the agent's alarm reader sees this namespace's table (its own count, not the root's)
+        usage = ConntrackUsageReader(h).read()
+        assert usage is not None and limit <= usage.count < usage.max
         dropped_packets = _counter(h, f.ifname)
         assert dropped_packets >= 6  # at least each refused SYN (retransmissions add more)
         # the neighbour has its own count: its connections pass while the flooder is at its limit

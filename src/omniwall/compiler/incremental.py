@@ -155,7 +155,8 @@ class IncrementalCompiler:
         self.rule_hosts: dict[int, set[str]] = {}
         self.set_hosts: dict[str, set[str]] = {}
         self._set_memo: dict[str, IRSet] = {}  # valid during the host phase of one update
-        self._defaults: dict[str, tuple[str, bool, tuple[int | None, int | None]]] = {}  # tenant -> vNIC defaults, idem
+        # tenant -> vNIC defaults (action, monitor, connection limits), idem
+        self._defaults: dict[str, tuple[str, bool, tuple[int | None, int | None]]] = {}
         self._globals = Globals(self.rule_by_id, self._set_current, self.rule_hosts, self.set_hosts)
 
         self._apply(list(catalog), [], revision, emit=False)

@@ -781,7 +781,9 @@ def render_delta(
         elif not has_conn_limits(v) and prev is not None and has_conn_limits(prev):
             late_deletes.append({"delete": {"counter": {**T, "name": connlimit_counter(v.ifname)}}})
     late_deletes += [
-        {"delete": {"counter": {**T, "name": connlimit_counter(v.ifname)}}} for v in removed if has_conn_limits(v)
+        {"delete": {"counter": {**T, "name": connlimit_counter(v.ifname)}}}
+        for v in removed
+        if has_conn_limits(v)
     ]
 
     # map elements that go away (removed vNICs, changed addresses), before their chains are deleted
@@ -829,13 +831,13 @@ __all__ = [
     "check_prefixes",
     "collapse_cidrs",
     "family_matches",
+    "has_conn_limits",
     "hop_segments",
     "index_plan",
     "kernel_set_names",
     "merge_ranges",
     "port_set_name",
     "port_sets",
-    "has_conn_limits",
     "render_conn_counter",
     "render_conn_limits",
     "render_default",
