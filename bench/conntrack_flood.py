@@ -289,8 +289,8 @@ class Bench:
             ct_max = usage.max if usage is not None else 262144
             nsock = -(-ct_max * 5 // 4 // ECHO_PORTS)  # 1.25 x the table's size in flows
             flood = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns["flooder"], *self.cpu("flooder"), self.flooder, "flood", SERVER_IP,
-                 str(ECHO_PORT), str(ECHO_PORTS), str(nsock), str(a.warmup + a.seconds + 0.5),
+                ["ip", "netns", "exec", self.ns["flooder"], *self.cpu("flooder"), self.flooder, "flood",
+                 SERVER_IP, str(ECHO_PORT), str(ECHO_PORTS), str(nsock), str(a.warmup + a.seconds + 0.5),
                  str(a.flood_rate)],
                 stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
@@ -298,8 +298,8 @@ class Bench:
             time.sleep(a.warmup)  # the table fills (and, without limits, the flows get ASSURED) first
         res = sh(
             self.ns["neighbour"],
-            [*self.cpu("neighbour"), sys.executable, CONNRATE, "client", "--dst", SERVER_IP, "--port", str(CONN_PORT),
-             "--seconds", str(a.seconds), "--concurrency", "64"],
+            [*self.cpu("neighbour"), sys.executable, CONNRATE, "client", "--dst", SERVER_IP,
+             "--port", str(CONN_PORT), "--seconds", str(a.seconds), "--concurrency", "64"],
             timeout=a.seconds + 30,
         )  # fmt: skip
         done.set()
@@ -334,9 +334,9 @@ def environment() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=3.0, help="neighbour measurement per arm and round")
-    p.add_argument("--warmup", type=float, default=5.0, help="seconds of flood before the neighbour starts")
+    p.add_argument("--warmup", type=float, default=45.0, help="seconds of flood before the neighbour starts")
     p.add_argument("--per-workload", type=int, default=10_000, help="connectionLimit.perWorkload (both)")
     p.add_argument("--per-second", type=int, default=5_000, help="the flooder tenant's newPerSecond")
     p.add_argument("--neighbour-per-second", type=int, default=50_000, help="the neighbour's newPerSecond")
