@@ -8,6 +8,7 @@ with the same limits, still connects. The limits are changed in place (increment
 from __future__ import annotations
 
 import json
+import random
 import socket
 import time
 from dataclasses import replace
@@ -126,3 +127,39 @@ def test_rate_limit_drops_new_flows_over_the_rate_not_the_neighbours(topo, backe
         assert _echoes(neighbour) == 4
     finally:
         server.close()
+
+
+def test_limits_do_not_change_verdicts(topo, backends, servers, root_untouched):
+    """Limits well above the traffic: the kernel still agrees with the sim (which ignores limits) on the
+    differential test's random policies, stateless rules included."""
+    from test_nft_differential import _kernel, _packet, _states
+
+    from omniwall.sim.evaluate import judge_connection
+
+    h1, h2 = topo.add_host("h1"), topo.add_host("h2")
+    topo.link_hosts(h1, h2)
+    wl = {n: topo.add_workload(h, n, i) for i, (n, h) in enumerate((("a", h1), ("b", h1), ("c", h2)), 1)}
+    hosts = {"a": h1, "b": h1, "c": h2}
+    for w in wl.values():
+        servers(w.ns, 8080)
+        servers(w.ns, 9090)
+    be = {h1: backends(h1), h2: backends(h2)}
+    rnd = random.Random(11)
+    disagreements, outcomes = [], set()
+    for round_ in range(2):
+        states = {
+            h: replace(st, vnics=tuple(replace(v, conn_limit=1000, conn_rate=10_000) for v in st.vnics))
+            for h, st in _states(rnd, wl, hosts, stateless=True).items()
+        }
+        for h, st in states.items():
+            be[h].sync(st)
+        for s_name, d_name in [("a", "b"), ("b", "a"), ("a", "c"), ("c", "b")]:
+            for kind in ("tcp4", "tcp6", "udp4", "ping4", "ping6"):
+                src, dst = wl[s_name], wl[d_name]
+                want = judge_connection(states, _packet(src, dst, kind)).allowed
+                got = _kernel(src, dst, kind)
+                outcomes.add(got)
+                if got != want:
+                    disagreements.append(f"{round_}: {s_name}->{d_name} {kind}: kernel {got}, sim {want}")
+    assert not disagreements, "\n".join(disagreements)
+    assert outcomes == {True, False}

@@ -75,6 +75,7 @@ def test_host_status_carries_usage_and_alarm(env):
     assert st["hosts"]["h1"]["conntrack"]["alarm"] == "critical"
     assert st["hosts"]["h2"]["conntrack"] is None  # never reported
     assert st["summary"]["conntrackAlarms"] == 1
+    assert m.hosts.conntrack() == {"h1": r.json()["conntrack"]}  # what the metrics endpoint reads
     # a report without the field keeps the last known usage
     c.post("/v1/hosts/h1/status", json={"realized_revision": 0}, headers={"Authorization": h["h1"]})
     assert m.host_status("h1")["conntrack"]["count"] == 250_000

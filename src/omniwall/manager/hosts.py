@@ -98,6 +98,12 @@ class HostStatusBook:
         with self._lock:
             return {h: self._hosts.get(h, empty).to_json(desired.get(h, 0)) for h in hosts}
 
+    def conntrack(self) -> dict[str, dict[str, Any]]:
+        """Each reporting host's conntrack usage (`conntrack_json`), for the metrics endpoint: gauge
+        `omniwall_host_conntrack_usage_ratio{host}` = `ratio`."""
+        with self._lock:
+            return {h: conntrack_json(*st.conntrack) for h, st in self._hosts.items() if st.conntrack}
+
     def counters(self) -> dict[str, dict[int, tuple[int, int]]]:
         with self._lock:
             return {h: dict(st.counters) for h, st in self._hosts.items()}
