@@ -312,7 +312,8 @@ class Bench:
             fo, _ = flood.communicate(timeout=a.warmup + a.seconds + 30)
             self.procs.remove(flood)  # type: ignore[arg-type]
             f = json.loads(fo.strip().splitlines()[-1])
-            out["new_flows_per_s"] = f["flows"] / f["first_pass"] if f["first_pass"] > 0 else float("nan")
+            # every datagram of the first pass opens a flow; a slow flooder may not finish that pass
+            out["new_flows_per_s"] = min(f["sent"], f["flows"]) / (f["first_pass"] or f["seconds"])
             out["datagrams_per_s"] = f["sent"] / f["seconds"]
             out["limit_drops_per_s"] = (self.drops() - drops0) / f["seconds"]
         return out
