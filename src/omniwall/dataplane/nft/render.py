@@ -22,6 +22,10 @@ allow = `return` (back to fwd, so the ingress hop is still judged), pass = `goto
 falling off a segment = `goto` the next one, drop = drop, reject = tcp reset for TCP and icmpx
 admin-prohibited otherwise.
 
+A vNIC with connection limits (`IRVnic.conn_limit`/`conn_rate`) has them first in `e_<if>`: new
+connections over a limit are dropped and counted by the named counter `cl_<if>` before the rule walk
+(docs/conntrack-limits.md).
+
 Every rule carries a counter and `comment "<rule id>"`; allowed+stateful rules `ct mark set <id>`;
 logged drops/rejects and monitor-mode would-drops go to NFLOG group `log_group` with prefix
 `ow:<id>:<action> ` (id 0 = the vNIC's default action).
