@@ -13,7 +13,7 @@ import socket
 import time
 from dataclasses import replace
 
-from topo import Server, nsexec, open_stream, state, tcp_connect, vnic
+from topo import Server, nsexec, open_stream, rule, state, tcp_connect, vnic
 
 from omniwall.agent.conntrack_usage import ConntrackUsageReader
 from omniwall.dataplane.netns import in_netns
@@ -86,9 +86,20 @@ def test_concurrent_limit_drops_the_flooders_excess_and_the_neighbour_connects(
         # the neighbour has its own count: its connections pass while the flooder is at its limit
         assert [tcp_connect(b.ns, s.ip4, PORT, timeout=1.0) for _ in range(3)] == ["open"] * 3
         assert _counter(h, b.ifname) == 0
+        # a policy change re-renders the flooder's chains but not its limit chain: the count holds
+        allow = rule(1, "allow")
+        st_pol = replace(
+            st, revision=2, rules=(allow,), vnics=tuple(replace(v, egress=(1,)) for v in st.vnics)
+        )
+        be.sync(st_pol)
+        assert tcp_connect(f.ns, s.ip4, PORT, timeout=0.5) == "timeout"
+        assert tcp_connect(b.ns, s.ip4, PORT, timeout=1.0) == "open"
         # raising the limit (incremental apply) lets the flooder connect again
-        st2 = replace(st, revision=2, vnics=tuple(replace(v, conn_limit=None) if v.ifname == f.ifname
-                                                   else v for v in st.vnics))  # fmt: skip
+        st2 = replace(
+            st_pol,
+            revision=3,
+            vnics=tuple(replace(v, conn_limit=None) if v.ifname == f.ifname else v for v in st_pol.vnics),
+        )
         be.sync(st2)
         assert tcp_connect(f.ns, s.ip4, PORT, timeout=1.0) == "open"
         res = nsexec(h, ["nft", "list", "counters", "table", "inet", "omniwall"])

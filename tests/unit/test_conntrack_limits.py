@@ -121,21 +121,24 @@ def test_limit_rules_come_first_in_the_egress_entry_chain():
     st = _limited(base_state(), conn_limit=100, conn_rate=40)
     v = st.vnic_map()["tapa"]
     chains = render_vnic_chains(v, st.rule_map(), shapes_of(st))
-    entry = chains["e_tapa"]
-    assert [r["comment"] for r in entry[:2]] == ["connrate", "connlimit"]
-    rate, count = entry[0]["expr"], entry[1]["expr"]
+    entry, limits = chains["e_tapa"], chains["e_tapa_l"]
+    assert entry[0] == {"expr": [{"jump": {"target": "e_tapa_l"}}], "comment": "limits"}
+    assert [r["comment"] for r in limits] == ["connrate", "connlimit"]
+    rate, count = limits[0]["expr"], limits[1]["expr"]
     new = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["new"]}}
     assert rate[0] == count[0] == new
     assert {"limit": {"rate": 40, "per": "second", "burst": 5, "inv": True}} in rate
     assert {"ct count": {"val": 100, "inv": True}} in count
     for r in (rate, count):
         assert r[-2:] == [{"counter": connlimit_counter("tapa")}, {"drop": None}]
-    assert all(r["comment"] not in ("connrate", "connlimit") for r in chains["i_tapa"])
+    assert "i_tapa_l" not in chains and chains["i_tapa"][0]["comment"] == "v4"
     table = render_table(st)
     decl = {"add": {"counter": {"family": "inet", "table": "omniwall", "name": "cl_tapa"}}}
     assert decl in table
     assert table.index(decl) < min(
-        i for i, c in enumerate(table) if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == "e_tapa"
+        i
+        for i, c in enumerate(table)
+        if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == "e_tapa_l"
     )
     assert not any("counter" in c.get("add", {}) for c in render_table(base_state()))
 
@@ -197,3 +200,29 @@ def test_incremental_limits_equal_a_full_render(seed: int):
         assert fake.t == want.t, f"seed {seed}"
         assert {k: v for k, v in (fake.t or {}).items() if k != "counters"} == full(n)
         s = n
+
+
+def test_a_policy_change_leaves_the_limit_chain_and_its_count_alone():
+    """`ct count` keeps its connections in the rule: re-adding it would let a tenant reset its count by
+    editing its own policies. Only a change of the limits themselves rewrites `e_<if>_l`."""
+    old = _limited(base_state(), conn_limit=100, conn_rate=40)
+    vnics = tuple(replace(v, egress=v.egress[1:]) if v.ifname == "tapa" else v for v in old.vnics)
+    new = replace(old, revision=2, vnics=vnics)
+
+    def touches(cmds: list[dict[str, Any]], chain: str) -> bool:
+        return any(
+            (body.get("chain") or body.get("rule") or {}).get("name", (body.get("rule") or {}).get("chain"))
+            == chain
+            for c in cmds
+            for body in c.values()
+        )
+
+    cmds = render_delta(old, new)
+    assert touches(cmds, "e_tapa") and not touches(cmds, "e_tapa_l")
+    fake = CountingFake()
+    fake.apply(render_table(old))
+    fake.apply(cmds)
+    want = CountingFake()
+    want.apply(render_table(new))
+    assert fake.t == want.t
+    assert touches(render_delta(old, _limited(new, conn_limit=50)), "e_tapa_l")
