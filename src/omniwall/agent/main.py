@@ -27,6 +27,7 @@ import httpx
 
 from omniwall.agent.addresses import AddressWatcher
 from omniwall.agent.commands import post_result, run_command
+from omniwall.agent.conntrack_usage import ConntrackUsage, ConntrackUsageReader
 from omniwall.agent.feed import Backoff, Delta, FeedError, FeedRejected, Snapshot, read_feed
 from omniwall.agent.guard import Guard
 from omniwall.agent.reconciler import Outcome, Reconciler
@@ -84,10 +85,12 @@ class Agent:
             token,
             counters_source=backend.counters if backend.capabilities.counters else None,
             counters_interval=counters_interval,
+            conntrack_source=self._conntrack_usage,
         )
         self.watcher = (
             AddressWatcher(self._vnic_names, self._on_addresses, netns=netns) if watch_addresses else None
         )
+        self._conntrack = ConntrackUsageReader(netns)
         self.connected = asyncio.Event()  # set while a feed connection delivers messages
         self.connects = 0  # successful connections (tests, bench)
         self._want_snapshot = False
@@ -125,9 +128,13 @@ class Agent:
             await asyncio.gather(stop, *tasks, return_exceptions=True)
             if self._own_client:
                 await self.client.aclose()
+            self._conntrack.close()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _conntrack_usage(self) -> ConntrackUsage | None:
+        return self._conntrack.read()
 
     # ---- loops
     async def _feed_loop(self) -> None:

@@ -3,11 +3,14 @@
     POST /v1/hosts/{host}/status   Authorization: Bearer <host token>
     {"realized_revision": R, "error": str|null,
      "counters": [{"rule_id", "packets", "bytes"}],     (only when changed since last sent)
-     "addresses": {"<ifname>": ["<ip>", ...]}}           (only when changed since last sent)
+     "addresses": {"<ifname>": ["<ip>", ...]},          (only when changed since last sent)
+     "conntrack": {"count": n, "max": m}}                (only when it moved, below)
 
 One loop per agent. A change of revision, error or addresses is sent at once; counters are read every
 `counters_interval` seconds and sent only when they moved, so a thousand idle agents cost the manager
-nothing. A failed POST is retried with backoff; the manager being away never blocks the data plane.
+nothing. The conntrack table's usage is read on the same tick and sent when its alarm level (80%, 95%:
+agent/conntrack_usage.py) or its maximum changed, or the count moved by 1% of the maximum.
+A failed POST is retried with backoff; the manager being away never blocks the data plane.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from urllib.parse import quote
 
 import httpx
 
+from omniwall.agent.conntrack_usage import ConntrackUsage
 from omniwall.agent.feed import Backoff
 from omniwall.dataplane.backend import RuleCounters
 
@@ -43,12 +47,14 @@ class Reporter:
         counters_source: Callable[[], list[RuleCounters]] | None = None,
         counters_interval: float = 5.0,
         backoff: Backoff | None = None,
+        conntrack_source: Callable[[], ConntrackUsage | None] | None = None,
     ) -> None:
         self.client = client
         self.url = status_url(manager_url, host)
         self.token = token
         self.counters_source = counters_source
         self.counters_interval = counters_interval
+        self.conntrack_source = conntrack_source
         self.backoff = backoff or Backoff(base=0.5, cap=15.0)
         # what we want the manager to know
         self.revision = 0
@@ -59,6 +65,7 @@ class Reporter:
         self._sent_error: str | None = None
         self._sent_addresses: Addresses | None = None
         self._sent_counters: list[dict[str, int]] | None = None
+        self._sent_conntrack: ConntrackUsage | None = None
         self._dirty = asyncio.Event()
         self.posts = 0  # successful POSTs (tests, bench)
 
@@ -74,7 +81,9 @@ class Reporter:
             self.addresses = addresses
             self._dirty.set()
 
-    def build(self, counters: list[dict[str, int]] | None) -> dict[str, Any] | None:
+    def build(
+        self, counters: list[dict[str, int]] | None, conntrack: ConntrackUsage | None = None
+    ) -> dict[str, Any] | None:
         """The next payload, or None when the manager already knows all of it."""
         body: dict[str, Any] = {"realized_revision": self.revision, "error": self.error}
         changed = (self.revision, self.error) != (self._sent_revision, self._sent_error)
@@ -83,6 +92,9 @@ class Reporter:
             changed = True
         if counters is not None and counters != self._sent_counters:
             body["counters"] = counters
+            changed = True
+        if conntrack is not None and _moved(self._sent_conntrack, conntrack):
+            body["conntrack"] = conntrack.to_json()
             changed = True
         return body if changed else None
 
@@ -94,11 +106,13 @@ class Reporter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), timeout=wait)
             self._dirty.clear()
-            counters = None
-            if self.counters_source is not None and loop.time() >= next_counters:
+            counters = conntrack = None
+            if loop.time() >= next_counters:
                 next_counters = loop.time() + self.counters_interval
-                counters = self._read_counters()
-            body = self.build(counters)
+                if self.counters_source is not None:
+                    counters = self._read_counters()
+                conntrack = self._read_conntrack()
+            body = self.build(counters, conntrack)
             if body is None:
                 continue
             if await self._post(body):
@@ -106,6 +120,8 @@ class Reporter:
                 self._sent_revision, self._sent_error = body["realized_revision"], body["error"]
                 self._sent_addresses = body.get("addresses", self._sent_addresses)
                 self._sent_counters = body.get("counters", self._sent_counters)
+                if "conntrack" in body:
+                    self._sent_conntrack = ConntrackUsage(**body["conntrack"])
             else:
                 await asyncio.sleep(self.backoff.next())
                 self._dirty.set()
@@ -118,6 +134,15 @@ class Reporter:
             ]
         except Exception as e:
             log.warning("reading rule counters failed: %s", e)
+            return None
+
+    def _read_conntrack(self) -> ConntrackUsage | None:
+        if self.conntrack_source is None:
+            return None
+        try:
+            return self.conntrack_source()
+        except (OSError, ValueError) as e:
+            log.warning("reading conntrack usage failed: %s", e)
             return None
 
     async def _post(self, body: dict[str, Any]) -> bool:
@@ -133,6 +158,13 @@ class Reporter:
             return False
         self.posts += 1
         return True
+
+
+def _moved(sent: ConntrackUsage | None, now: ConntrackUsage) -> bool:
+    """Worth a report: first reading, a new alarm level or maximum, or 1% of the maximum moved."""
+    if sent is None or sent.alarm != now.alarm or sent.max != now.max:
+        return True
+    return abs(now.count - sent.count) * 100 >= max(now.max, 1)
 
 
 __all__ = ["Addresses", "Reporter", "status_url"]

@@ -46,6 +46,10 @@ def router() -> APIRouter:
                 "hosts": len(hosts),
                 "connected": sum(1 for s in hosts.values() if s["connected"]),
                 "inSync": sum(1 for s in hosts.values() if s["inSync"]),
+                # hosts whose conntrack table is at 80% (warning) or 95% (critical) of its maximum
+                "conntrackAlarms": sum(
+                    1 for s in hosts.values() if s["conntrack"] and s["conntrack"]["alarm"] != "ok"
+                ),
             }
         return out
 

@@ -197,6 +197,14 @@ def _check_scope_exists(db: str, tenant: str | None, host: str | None) -> None:
 # ------------------------------------------------------------------------------------------- commands
 
 
+def _conntrack_cell(ct: dict[str, Any] | None) -> str:
+    """`37%`, `83% WARN`, `96% CRIT` (share of the host's conntrack table in use), `-` when unknown."""
+    if not ct:
+        return "-"
+    mark = {"warning": " WARN", "critical": " CRIT"}.get(ct.get("alarm", "ok"), "")
+    return f"{ct['ratio'] * 100:.0f}%{mark}"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("manager")
     def manager_cmd(
@@ -535,12 +543,14 @@ def register(app: typer.Typer) -> None:
         hosts = out.get("hosts")
         if hosts is None:
             return
-        typer.echo("HOST            CONNECTED  DESIRED  REALIZED  LAST SEEN                 ERROR")
+        typer.echo(
+            "HOST            CONNECTED  DESIRED  REALIZED  CONNTRACK      LAST SEEN                 ERROR"
+        )
         for h, s in hosts.items():
             typer.echo(
                 f"{h:15} {'yes' if s['connected'] else 'no':10} {s['desiredRevision']:<8} "
-                f"{s['realizedRevision']:<9} {s.get('lastSeen') or '-':25} "
-                f"{s.get('lastError') or ''}".rstrip()
+                f"{s['realizedRevision']:<9} {_conntrack_cell(s.get('conntrack')):14} "
+                f"{s.get('lastSeen') or '-':25} {s.get('lastError') or ''}".rstrip()
             )
 
     @app.command("compact")

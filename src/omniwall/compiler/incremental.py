@@ -104,6 +104,22 @@ def _workload_info(wid: int, w: Workload) -> _Wl:
     return _Wl(wid, (w.metadata.tenant, w.metadata.name), w.spec.host, tuple(vnics), tuple(sorted(ips)))
 
 
+def effective_limit(spec: TenantSpec, provider: TenantSpec) -> tuple[int | None, int | None]:
+    """(concurrent connections, new per second) for a tenant's vNICs: the tenant's own limit, never
+    above the provider's (the provider's limit is the default and the ceiling; None = no limit)."""
+    own, top = spec.connectionLimit, provider.connectionLimit
+
+    def pick(mine: int | None, ceiling: int | None) -> int | None:
+        if mine is None or ceiling is None:
+            return ceiling if mine is None else mine
+        return min(mine, ceiling)
+
+    return (
+        pick(own.perWorkload if own else None, top.perWorkload if top else None),
+        pick(own.newPerSecond if own else None, top.newPerSecond if top else None),
+    )
+
+
 class IncrementalCompiler:
     def __init__(self, catalog: Catalog, revision: int = 0) -> None:
         self.revision = revision
@@ -139,7 +155,8 @@ class IncrementalCompiler:
         self.rule_hosts: dict[int, set[str]] = {}
         self.set_hosts: dict[str, set[str]] = {}
         self._set_memo: dict[str, IRSet] = {}  # valid during the host phase of one update
-        self._defaults: dict[str, tuple[str, bool]] = {}  # tenant -> vNIC defaults, idem
+        # tenant -> vNIC defaults (action, monitor, connection limits), idem
+        self._defaults: dict[str, tuple[str, bool, tuple[int | None, int | None]]] = {}
         self._globals = Globals(self.rule_by_id, self._set_current, self.rule_hosts, self.set_hosts)
 
         self._apply(list(catalog), [], revision, emit=False)
@@ -277,8 +294,9 @@ class IncrementalCompiler:
         defaults = self._defaults.get(tenant)
         if defaults is None:
             spec = self._tenant_spec(tenant)
-            defaults = self._defaults[tenant] = (spec.defaultAction, spec.mode == Mode.MONITOR)
-        default_action, monitor = defaults
+            limit = effective_limit(spec, self._tenant_spec(PROVIDER_TENANT))
+            defaults = self._defaults[tenant] = (spec.defaultAction, spec.mode == Mode.MONITOR, limit)
+        default_action, monitor, (conn_limit, conn_rate) = defaults
         label = f"{w.key[0]}/{w.key[1]}"
         return [
             (
@@ -293,6 +311,8 @@ class IncrementalCompiler:
                     default_action=default_action,
                     default_monitor=monitor,
                     mac=mac,
+                    conn_limit=conn_limit,
+                    conn_rate=conn_rate,
                 ),
             )
             for i, (ifname, addrs, mac) in enumerate(w.vnics)
@@ -348,6 +368,12 @@ class IncrementalCompiler:
             if old.mode != new.mode or old.defaultAction != new.defaultAction:
                 for wid in self.tenant_wids.get(name, ()):
                     p.host_wids.setdefault(self.wl[wid].host, set()).add(wid)
+            if old.connectionLimit != new.connectionLimit:
+                # the provider's limit is every tenant's default and ceiling
+                tenants = self.tenant_wids if name == PROVIDER_TENANT else (name,)
+                for tn in tenants:
+                    for wid in self.tenant_wids.get(tn, ()):
+                        p.host_wids.setdefault(self.wl[wid].host, set()).add(wid)
 
     def _workloads(self, changed: list[object], removed: list[Removed], p: _Pending) -> None:
         g = self.groups

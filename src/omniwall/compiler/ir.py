@@ -82,6 +82,10 @@ class IRVnic:
     default_action: DefaultAction = "drop"
     default_monitor: bool = False
     mac: str | None = None
+    # connection limits of its egress (a resource limit, not policy; None = none): concurrent tracked
+    # connections it originates, new connections per second (docs/conntrack-limits.md)
+    conn_limit: int | None = None
+    conn_rate: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +173,13 @@ def vnic_from_json(d: dict[str, Any]) -> IRVnic:
         default_action=d.get("default_action", "drop"),
         default_monitor=bool(d.get("default_monitor", False)),
         mac=d.get("mac"),
+        conn_limit=_opt_int(d.get("conn_limit")),
+        conn_rate=_opt_int(d.get("conn_rate")),
     )
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
 
 
 # ------------------------------------------------------------------------------------------------ deltas

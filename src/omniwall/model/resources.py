@@ -214,10 +214,26 @@ def parse_inline_service(ref: str) -> ServiceSpec:
 # ------------------------------------------------------------------------------------------------ specs
 
 
+# Kernel-side bounds of a connection limit (docs/conntrack-limits.md): nft `ct count` / `limit rate`
+# take 32-bit values; beyond 10M a limit limits nothing on any real conntrack table.
+CONN_LIMIT_MAX = 10_000_000
+
+
+class ConnectionLimit(Strict):
+    """Per-vNIC connection limits (a resource limit, not policy: the sim ignores them). `perWorkload`:
+    concurrent tracked connections a vNIC may originate; `newPerSecond`: new connections per second it
+    may open. Unset: no limit of that kind, unless the provider's (`infra`) Tenant sets one, which is
+    then both the default and the ceiling for every tenant (docs/conntrack-limits.md)."""
+
+    perWorkload: StrictInt | None = Field(default=None, ge=1, le=CONN_LIMIT_MAX)
+    newPerSecond: StrictInt | None = Field(default=None, ge=1, le=CONN_LIMIT_MAX)
+
+
 class TenantSpec(Strict):
     displayName: str | None = None
     defaultAction: Literal["drop", "allow", "reject"] = "drop"
     mode: Mode = Mode.ENFORCE
+    connectionLimit: ConnectionLimit | None = None
 
 
 class HostSpec(Strict):

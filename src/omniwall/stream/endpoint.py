@@ -129,6 +129,7 @@ def router() -> APIRouter:
             if report.counters is not None
             else None,
             report.addresses,
+            (report.conntrack.count, report.conntrack.max) if report.conntrack is not None else None,
         )
         if report.addresses:  # addresses follow the workload (manager/addresses.py)
             from omniwall.manager.addresses import agent_actor, reconcile

@@ -146,6 +146,14 @@ class RuleCount(BaseModel):
     bytes: int = Field(ge=0)
 
 
+class ConntrackReport(BaseModel):
+    """The host's conntrack table: entries in use and its maximum (agent/conntrack_usage.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    count: int = Field(ge=0)
+    max: int = Field(ge=0)
+
+
 class StatusReport(BaseModel):
     """What an agent reports after realizing (or failing to realize) a revision."""
 
@@ -154,3 +162,4 @@ class StatusReport(BaseModel):
     error: str | None = None
     counters: list[RuleCount] | None = None  # cumulative per-rule counters (replace the previous report)
     addresses: dict[str, Any] | None = None  # observed workload addresses (inventory), free-form for now
+    conntrack: ConntrackReport | None = None  # conntrack table usage (the 80%/95% alarms)

@@ -80,6 +80,11 @@ def raw_chain(direction: str, ifname: str) -> str:
     return f"{'re' if direction == 'egress' else 'ri'}_{safe(ifname)}"
 
 
+def connlimit_counter(ifname: str) -> str:
+    """Named counter of the new connections a vNIC's connection limits dropped (docs/conntrack-limits.md)."""
+    return f"cl_{safe(ifname)}"
+
+
 def addr_set(setname: str, family: int) -> str:
     """Hash set of host addresses (ipv4_addr / ipv6_addr)."""
     return f"a{family}_{safe(setname)}"
@@ -114,6 +119,7 @@ __all__ = [
     "TABLE",
     "addr_set",
     "cidr_set",
+    "connlimit_counter",
     "identity_chain",
     "identity_map",
     "path_chain",

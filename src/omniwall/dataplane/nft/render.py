@@ -22,6 +22,10 @@ allow = `return` (back to fwd, so the ingress hop is still judged), pass = `goto
 falling off a segment = `goto` the next one, drop = drop, reject = tcp reset for TCP and icmpx
 admin-prohibited otherwise.
 
+A vNIC with connection limits (`IRVnic.conn_limit`/`conn_rate`) jumps first from `e_<if>` to
+`e_<if>_l`: new connections over a limit are dropped and counted by the named counter `cl_<if>` before
+the rule walk (docs/conntrack-limits.md).
+
 Every rule carries a counter and `comment "<rule id>"`; allowed+stateful rules `ct mark set <id>`;
 logged drops/rejects and monitor-mode would-drops go to NFLOG group `log_group` with prefix
 `ow:<id>:<action> ` (id 0 = the vNIC's default action).
@@ -57,6 +61,7 @@ from omniwall.dataplane.nft.names import (
     TABLE,
     addr_set,
     cidr_set,
+    connlimit_counter,
     port_set,
     raw_chain,
     vnic_chain,
@@ -367,6 +372,42 @@ def render_default(vnic: IRVnic, log_group: int) -> list[Json]:
     return _reject_rules([], None, [_counter()], "default")
 
 
+def has_conn_limits(vnic: IRVnic) -> bool:
+    return vnic.conn_limit is not None or vnic.conn_rate is not None
+
+
+def render_conn_limits(vnic: IRVnic) -> list[Json]:
+    """The vNIC's connection limits (chain `e_<if>_l`, jumped to first from its egress entry chain): a
+    resource limit, not policy.
+    Only `ct state new` packets reach the hop (fwd accepts established ones first); untracked packets
+    (stateless rules) hold no conntrack entry and are not limited. The rate is checked first, so a
+    connection it drops is never added to the count; over either limit: counted by the named counter
+    `cl_<if>` and dropped before the rule walk. Both limits are per nft rule, i.e. per vNIC; the
+    count's list restarts only when the limit chain is rewritten (docs/conntrack-limits.md)."""
+    new = _match({"ct": {"key": "state"}}, ["new"], "in")
+    drop = [{"counter": connlimit_counter(vnic.ifname)}, {"drop": None}]
+    out: list[Json] = []
+    if vnic.conn_rate is not None:
+        burst = max(5, vnic.conn_rate // 10)
+        rate = {"rate": vnic.conn_rate, "per": "second", "burst": burst, "inv": True}
+        out.append(_rule([new, {"limit": rate}, *drop], "connrate"))
+    if vnic.conn_limit is not None:
+        out.append(_rule([new, {"ct count": {"val": vnic.conn_limit, "inv": True}}, *drop], "connlimit"))
+    return out
+
+
+def conn_limit_chain(ifname: str) -> str:
+    """`e_<if>_l`: the vNIC's limit rules, jumped to first from `e_<if>`. A chain of their own because
+    `ct count` keeps its list of connections in the rule: render_delta leaves this chain alone while
+    the limits are unchanged, so a policy change (which re-renders the vNIC's other chains) does not
+    reset the count, which a tenant could otherwise do at will by editing its own policies."""
+    return vnic_chain("egress", ifname, "l")
+
+
+def render_conn_counter(vnic: IRVnic) -> Json:
+    return {"add": {"counter": {**T, "name": connlimit_counter(vnic.ifname)}}}
+
+
 def segments(rules: list[IRRule]) -> list[list[IRRule]]:
     """Maximal runs of rules of the same category, in order."""
     out: list[list[IRRule]] = []
@@ -451,8 +492,12 @@ def render_vnic_chains(
             fam: index_chain(direction, vnic.ifname, fam) if hp and fam in hp.families else names[0]
             for fam, names in fam_chains.items()
         }
+        limits = render_conn_limits(vnic) if direction == "egress" else []
+        if limits:  # in a chain of their own: see conn_limit_chain
+            chains[conn_limit_chain(vnic.ifname)] = limits
         # the forward hook of an inet table sees IPv4 and IPv6 only: not IPv4 is IPv6
         chains[entry] = [
+            *([_rule([_jump(conn_limit_chain(vnic.ifname))], "limits")] if limits else []),
             _rule([_match(_meta("nfproto"), "ipv4"), {"goto": {"target": first[4]}}], "v4"),
             _rule([{"goto": {"target": first[6]}}], "v6"),
         ]
@@ -584,6 +629,7 @@ def render_table(
     for name, ranges in port_sets(state).items():
         cmds += render_port_set(name, ranges)
     cmds += index_decl
+    cmds += [render_conn_counter(v) for v in state.vnics if has_conn_limits(v)]
     for chains in vnic_chains.values():
         cmds += [_chain_decl(name) for name in chains]
     for chains in vnic_chains.values():
@@ -743,6 +789,18 @@ def render_delta(
     }
     cmds += idiff.early
     cmds += idiff.create
+    # connection-limit counters: created before the rules naming them, deleted after the last one went
+    for v in touched:
+        prev = old_v.get(v.ifname)
+        if has_conn_limits(v) and (prev is None or not has_conn_limits(prev)):
+            cmds.append(render_conn_counter(v))
+        elif not has_conn_limits(v) and prev is not None and has_conn_limits(prev):
+            late_deletes.append({"delete": {"counter": {**T, "name": connlimit_counter(v.ifname)}}})
+    late_deletes += [
+        {"delete": {"counter": {**T, "name": connlimit_counter(v.ifname)}}}
+        for v in removed
+        if has_conn_limits(v)
+    ]
 
     # map elements that go away (removed vNICs, changed addresses), before their chains are deleted
     for v in removed:
@@ -756,6 +814,16 @@ def render_delta(
             for name in (MAP_RAW_INGRESS4, MAP_RAW_INGRESS6):
                 gone = {e[0] for e in pe[name]} - {e[0] for e in ne[name]}
                 cmds += _elements("delete", name, sorted(gone))
+    # a limit chain whose rules do not change is kept as it is (its `ct count` list with it)
+    kept = {
+        n
+        for ifname, chains in old_chains.items()
+        if (n := conn_limit_chain(ifname)) in chains and chains[n] == new_chains.get(ifname, {}).get(n)
+    }
+    for ifname in old_chains:
+        if conn_limit_chain(ifname) in kept:
+            new_chains[ifname] = {n: r for n, r in new_chains[ifname].items() if n not in kept}
+            old_chains[ifname] = {n: r for n, r in old_chains[ifname].items() if n not in kept}
     for chains in old_chains.values():
         cmds += [{"flush": {"chain": {**T, "name": n}}} for n in chains]
     for ifname, chains in old_chains.items():
@@ -788,13 +856,17 @@ __all__ = [
     "RawLayoutChanged",
     "check_prefixes",
     "collapse_cidrs",
+    "conn_limit_chain",
     "family_matches",
+    "has_conn_limits",
     "hop_segments",
     "index_plan",
     "kernel_set_names",
     "merge_ranges",
     "port_set_name",
     "port_sets",
+    "render_conn_counter",
+    "render_conn_limits",
     "render_default",
     "render_delta",
     "render_port_set",
