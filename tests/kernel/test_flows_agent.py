@@ -3,11 +3,16 @@ counted (agent/flows.py over real namespaces and traffic)."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import time
 
+import httpx
 import pytest
 from topo import nsexec, open_stream, rule, state, stream_alive, tcp, tcp_connect, udp, udp_probe, vnic
 
+from omniwall.agent.fake_manager import FakeManager
 from omniwall.agent.flows import AGENT_BUFFER, FlowCollector
 from omniwall.dataplane.nft.render import DEFAULT_FLOW_GROUP
 from omniwall.flows.record import DEFAULT_POLICY, FlowRecord
@@ -148,3 +153,69 @@ def test_flood_is_aggregated_and_bounded(lab):
     assert len(c.buffer) == 20
     assert c.dropped.get(AGENT_BUFFER, 0) >= 200
     assert c.batch().dropped == c.dropped
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_agent_ships_batches_buffers_while_away_and_serves_metrics(topo, servers, tmp_path):
+    """The real agent process: flows posted to the manager (held while it refuses), /metrics served."""
+    h = topo.add_host("h1")
+    a, b = topo.add_workload(h, "a", 1), topo.add_workload(h, "b", 2)
+    servers(b.ns, 8080)
+    st = state(1, [vnic(a, egress=(1,)), vnic(b, ingress=(2, 7))], [
+        rule(1, "allow"), rule(2, "allow", services=(tcp(8080),)), rule(7, "drop", services=(tcp(9090),)),
+    ], host="h")  # fmt: skip
+    fm = FakeManager(tokens={"h": "tok"}, heartbeat=0.5)
+    fm.flows_status = 503  # the manager's flow route is away at first
+    fm.start()
+    token = tmp_path / "token"
+    token.write_text("tok\n")
+    port = _free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "omniwall.agent.cli",
+        "--manager",
+        fm.url,
+        "--host",
+        "h",
+        "--token-file",
+        str(token),
+    ]
+    argv += ["--netns", h, "--state-dir", str(tmp_path), "--metrics-address", f"127.0.0.1:{port}"]
+    fm.publish(st)
+    with open(tmp_path / "agent.log", "w") as out:
+        agent = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not any(s.get("realized_revision") == 1 for s in fm.statuses.get("h", [])):
+            assert time.monotonic() < deadline and agent.poll() is None, (tmp_path / "agent.log").read_text()
+            time.sleep(0.1)
+        time.sleep(0.3)  # the flow readers bind right after adoption
+        assert tcp_connect(a.ns, b.ip4, 9090, timeout=0.3) == "timeout"
+        assert tcp_connect(a.ns, b.ip4, 8080) == "open"
+        time.sleep(1.5)
+        assert not fm.flow_batches.get("h")  # refused: nothing stored, the agent keeps them
+        fm.flows_status = 204
+        deadline = time.monotonic() + 40  # the agent's backoff after refusals
+        recs: list[FlowRecord] = []
+        while not any(r.rule_id == 7 for r in recs):
+            assert time.monotonic() < deadline, (tmp_path / "agent.log").read_text()
+            time.sleep(0.2)
+            recs = [FlowRecord.from_json(r) for bt in fm.flow_batches.get("h", []) for r in bt["records"]]
+        r7 = next(r for r in recs if r.rule_id == 7)
+        assert (r7.verdict, r7.hop, r7.dport, r7.host, r7.workload) == ("denied", "ingress", 9090, "h", "t/b")
+        assert {(r.hop, r.rule_id) for r in recs if r.verdict == "allowed"} >= {("egress", 1), ("ingress", 2)}
+        body = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'omniwall_agent_flow_records_total{verdict="denied"}' in body
+        assert "omniwall_agent_realized_revision 1.0" in body
+        assert 'omniwall_agent_verdicts_total{policy="p",tenant="t",verdict="denied"}' in body
+        assert "omniwall_agent_apply_seconds_count" in body and "omniwall_agent_set_elements" in body
+    finally:
+        agent.terminate()  # our own child, by PID
+        agent.wait(timeout=10)
+        fm.stop()

@@ -44,6 +44,16 @@ def agent(
     counters_interval: Annotated[
         float, typer.Option("--counters-interval", help="Seconds between rule counter reports")
     ] = 5.0,
+    flows: Annotated[
+        bool,
+        typer.Option(
+            "--flows/--no-flows", help="Flow records: log every verdict and ship them to the manager"
+        ),
+    ] = True,
+    metrics_address: Annotated[
+        str | None,
+        typer.Option("--metrics-address", help="Serve Prometheus /metrics at host:port (default: off)"),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step")] = False,
 ) -> None:
     """Run the host agent: realize this host's desired state in the kernel, report back, fail static."""
@@ -68,6 +78,8 @@ def agent(
             backend=backend,
             state_dir=state_dir,
             counters_interval=counters_interval,
+            flows=flows,
+            metrics_address=metrics_address,
         )
     except (ValueError, OSError, ImportError) as e:
         typer.echo(f"omniwall agent: {e}", err=True)
