@@ -136,8 +136,12 @@ def test_flood_is_aggregated_and_bounded(lab):
     nsexec(a.ns, ["python3", "-c", script])
     recs = wait_for(c, lambda r: sum(x.count for x in r if x.verdict == "denied") >= n, timeout=4)
     denied = [r for r in recs if r.verdict == "denied"]
-    assert len(denied) == 30 and sum(r.count for r in denied) == n  # 30 keys, one record each
-    assert {r.packets for r in denied} == {n // 30}
+    per_port: dict[int, int] = {}
+    for r in denied:  # one record per port and interval (the test flushes every 50 ms)
+        per_port[r.dport] = per_port.get(r.dport, 0) + r.count
+        assert r.packets == r.count
+    assert sum(per_port.values()) == n and set(per_port.values()) == {n // 30} and len(per_port) == 30
+    assert len(denied) < n / 10
     assert c.agg.pending_keys == 0 and c.agg.open_connections == 0  # nothing held for the refused ones
     # the outgoing buffer is bounded: more distinct flows than it holds are counted, not kept
     c.buffer.pop(len(c.buffer))

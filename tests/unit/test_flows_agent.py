@@ -113,13 +113,12 @@ def _names(_i: int) -> str | None:
 def test_allowed_connection_then_completion_counts_once() -> None:
     ag = FlowAggregator("h")
     ag.set_state(_state())
-    t = (6, A, B, 40000, 8080)
-    out = ag.on_logs(
-        [(11, "a", "e", *t[:3], 40000, 8080, 3, 4), (11, "a", "i", *t[:3], 40000, 8080, 3, 4)], 10.0, _names
-    )
-    out += ag.on_logs([(11, "a", "e", *t[:3], 40000, 8080, 3, 4)], 10.5, _names)  # a retransmitted SYN
-    assert [(r.hop, r.ifname, r.workload, r.final, r.count) for r in out] == [
-        ("egress", "va", "t/a", False, 1), ("ingress", "vb", "t/b", False, 1),
+    syn = [(11, "a", "e", 6, A, B, 40000, 8080, 3, 4), (11, "a", "i", 6, A, B, 40000, 8080, 3, 4)]
+    ag.on_logs(syn, 10.0, _names)
+    ag.on_logs(syn[:1], 10.5, _names)  # a retransmitted SYN: the same connection
+    out = ag.flush(_names)
+    assert sorted((r.hop, r.ifname, r.workload, r.final, r.count, r.sport) for r in out) == [
+        ("egress", "va", "t/a", False, 1, 40000), ("ingress", "vb", "t/b", False, 1, 40000),
     ]  # fmt: skip
     r = out[0]
     assert (r.rule_id, r.rule_tenant, r.policy, r.rule, r.category, r.revision) == (
@@ -130,12 +129,24 @@ def test_allowed_connection_then_completion_counts_once() -> None:
         "application",
         4,
     )
-    done = ag.on_destroy([(6, A, B, 40000, 8080, 9, 1300, 11)], 12.0)
-    assert [(d.hop, d.final, d.count, d.packets, d.bytes, d.start, d.end) for d in done] == [
+    ag.on_destroy([(6, A, B, 40000, 8080, 9, 1300, 11)], 12.0)
+    done = ag.flush(_names)
+    assert sorted((d.hop, d.final, d.count, d.packets, d.bytes, d.start, d.end) for d in done) == [
         ("egress", True, 0, 9, 1300, 10.0, 12.0), ("ingress", True, 0, 9, 1300, 10.0, 12.0),
     ]  # fmt: skip
-    assert ag.open_connections == 0 and sum(x.count for x in out + done) == 1 * 2  # one connection per hop
+    assert ag.open_connections == 0 and sum(x.count for x in out + done) == 2  # one connection per hop
     FlowRecord.from_json(json.loads(json.dumps(done[0].to_json())))
+
+
+def test_many_connections_between_the_same_ends_are_one_record_per_interval() -> None:
+    ag = FlowAggregator("h")
+    ag.set_state(_state())
+    ag.on_logs([(11, "a", "e", 6, A, B, 1000 + i, 8080, 3, 4) for i in range(500)], 1.0, _names)
+    ag.on_destroy([(6, A, B, 1000 + i, 8080, 4, 200, 11) for i in range(300)], 2.0)
+    (opened, ended) = sorted(ag.flush(_names), key=lambda r: r.final)
+    assert (opened.count, opened.sport, opened.final) == (500, 0, False)
+    assert (ended.count, ended.packets, ended.bytes, ended.final) == (0, 1200, 60000, True)
+    assert ag.open_connections == 200
 
 
 def test_denials_aggregate_default_and_monitor_are_named() -> None:
@@ -146,7 +157,7 @@ def test_denials_aggregate_default_and_monitor_are_named() -> None:
     logs = [(dv, "d", "i", 17, A, B, 5000 + i, 53, 3, 4) for i in range(1000)]  # a flood: any sport
     logs += [(12, "w", "i", 6, A, B, 40000, 22, 3, 4)]
     logs += [(13, "a", "i", 17, A, B, 1, 9999, 3, 4)] * 3  # stateless allow: aggregated, no completion
-    assert ag.on_logs(logs, 1.0, _names) == []
+    ag.on_logs(logs, 1.0, _names)
     recs = {r.rule_id: r for r in ag.flush(_names)}
     d = recs[dv]
     assert (d.count, d.packets, d.verdict, d.policy, d.rule, d.category, d.rule_tenant, d.dport, d.sport) == (
@@ -166,18 +177,18 @@ def test_tables_are_bounded_and_losses_counted() -> None:
     ag.set_state(_state())
     ag.on_logs([(12, "d", "i", 6, A, B, 1, p, 3, 4) for p in range(25)], 1.0, _names)
     assert ag.pending_keys == 10 and ag.dropped[AGENT_AGGREGATION] == 15
-    ag.on_logs([(11, "a", "e", 6, A, B, p, 80, 3, 4) for p in range(8)], 1.0, _names)
-    assert ag.open_connections == 5 and ag.dropped[AGENT_OPEN] == 3
-    # refused at the other hop: no completion will come, nothing is kept open, retries are one attempt
-    ag2 = FlowAggregator("h")
+    ag2 = FlowAggregator("h", max_open=5)
     ag2.set_state(_state())
+    ag2.on_logs([(11, "a", "e", 6, A, B, p, 80, 3, 4) for p in range(8)], 1.0, _names)
+    assert ag2.open_connections == 5 and ag2.dropped[AGENT_OPEN] == 3
+    # refused at the other hop: no completion will come, nothing is kept open, retries are one attempt
+    ag3 = FlowAggregator("h")
+    ag3.set_state(_state())
     for _ in range(3):
-        first = ag2.on_logs(
-            [(11, "a", "e", 6, A, B, 7, 22, 3, 4), (12, "d", "i", 6, A, B, 7, 22, 3, 4)], 1.0, _names
-        )
-        assert ag2.open_connections == 0
-    assert sum(r.count for r in first) == 0  # the third try: no second allowed record
-    assert [r.count for r in ag2.flush(_names, 2.0)] == [3]
+        ag3.on_logs([(11, "a", "e", 6, A, B, 7, 22, 3, 4), (12, "d", "i", 6, A, B, 7, 22, 3, 4)], 1.0, _names)
+        assert ag3.open_connections == 0
+    recs = {(r.verdict, r.final): r.count for r in ag3.flush(_names, 2.0)}
+    assert recs == {("allowed", False): 1, ("denied", True): 3}
 
 
 def test_record_buffer_is_bounded() -> None:

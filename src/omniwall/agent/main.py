@@ -109,7 +109,12 @@ class Agent:
         self.reporter.set_realized(self.reconciler.realized_revision, None)
         self._realized_changed()
         if self.flows is not None:
-            self.flows.start()
+            try:
+                self.flows.start()
+            except OSError as e:  # e.g. another process holds the NFLOG group: enforce without records
+                log.error("flow records off: cannot read the kernel's flow logs (%s)", e)
+                self.flows.close()
+                self.flows = None
         tasks = [
             asyncio.create_task(self._feed_loop(), name="feed"),
             asyncio.create_task(self._retry_loop(), name="retry"),
