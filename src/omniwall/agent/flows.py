@@ -9,7 +9,7 @@ Sources (docs/design/flows.md):
 - conntrack DESTROY events (dataplane/ctevents.py): joined by original tuple to the allowed logs, they
   complete the connection with packets, bytes and duration.
 
-Records, per interval (1 s) and per (rule, verdict, hop, vNIC, protocol, src, dst, dport):
+Records, per interval (0.5 s) and per (rule, verdict, hop, vNIC, protocol, src, dst, dport):
 - connections allowed by a stateful rule that began: `final=False`, `count` = connections, no counters;
 - those that ended (conntrack DESTROY): `final=True`, `count=0`, packets/bytes of both directions summed,
   `start` = first begin, `end` = last end (one connection: exactly its own); summing `count` gives
@@ -287,7 +287,7 @@ class FlowCollector:
         *,
         netns: str | None = None,
         group: int,
-        interval: float = 1.0,
+        interval: float = 0.5,
         batch_max: int = 2_000,
         max_buffer: int = 100_000,
         max_keys: int = 65_536,

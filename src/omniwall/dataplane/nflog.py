@@ -203,6 +203,7 @@ class NflogReader:
                 self._request(cfg, [(NFULA_CFG_TIMEOUT, struct.pack("!I", max(1, batch_ms // 10)))])
             if seq:
                 self._request(cfg, [(NFULA_CFG_FLAGS, struct.pack("!H", NFULNL_CFG_F_SEQ))])
+                self._next_seq = 0  # our bind created the instance: its numbering starts at 0
         except BaseException:
             self.sock.close()
             raise
