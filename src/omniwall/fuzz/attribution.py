@@ -4,7 +4,8 @@ For every probe, each hop of the sim's request path that judged the packet (not 
 established, not invalid, reached) names a rule id (or its vNIC's default-action id) and a verdict;
 the kernel's flow logs (NFLOG `owf:` prefixes, read per host namespace) for the same packet must name
 exactly those, hop by hop: {(host, hop): (rule id, verdict)} equal. Probes are matched by (protocol,
-src, dst, dport); ICMP by (protocol, src, dst).
+src, dst, dport); ICMP by (protocol, src, dst, type): an echo request (other ICMP messages between the
+same two addresses, e.g. errors, are other packets).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from omniwall.sim.evaluate import ConnectionVerdict, HopVerdict
 PROTO_NUM = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
 HOP_CODE = {"egress": "e", "ingress": "i"}
 
-Key = tuple[int, str, str, int]  # (protocol, src, dst, dport or 0 for ICMP)
+Key = tuple[int, str, str, int]  # (protocol, src, dst, dport or ICMP type)
+ECHO_REQUEST = {1: 8, 58: 128}  # the probes' ICMP packets (lab/probe.py: one echo request)
 Attribution = dict[tuple[str, str], tuple[int, str]]  # (host, hop) -> (rule id, verdict code)
 
 
 def _key(proto: int, src: str, dst: str, dport: int) -> Key:
-    return (proto, src, dst, 0 if proto in (1, 58) else dport)
+    return (proto, src, dst, dport)
 
 
 def hop_attribution(hop: HopVerdict, states: dict[str, HostDesiredState]) -> tuple[int, str] | None:
@@ -54,7 +56,8 @@ def sim_attribution(cv: ConnectionVerdict, states: dict[str, HostDesiredState]) 
 
 def sim_key(cv: ConnectionVerdict) -> Key:
     p = cv.request.packet
-    return _key(PROTO_NUM.get(str(p.protocol), 0), p.src, p.dst, p.dport)
+    proto = PROTO_NUM.get(str(p.protocol), 0)
+    return _key(proto, p.src, p.dst, ECHO_REQUEST.get(proto, p.dport))
 
 
 class KernelFlows:
