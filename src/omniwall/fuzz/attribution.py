@@ -67,7 +67,11 @@ class KernelFlows:
         self.readers: dict[str, NflogReader] = {}
         try:
             for host, ns in netns_by_host.items():
-                self.readers[host] = NflogReader(group, ns, copy_range=96, rcvbuf=4 << 20, seq=True)
+                # batched (one datagram per 32 logs) and a large buffer: a round's burst of probes must
+                # not overrun it (single-log datagrams cost ~4 KB of buffer each); losses are counted
+                self.readers[host] = NflogReader(
+                    group, ns, copy_range=96, rcvbuf=32 << 20, qthresh=32, batch_ms=20, seq=True
+                )
         except BaseException:
             self.close()
             raise
