@@ -114,36 +114,46 @@ def parse_payload(payload: bytes) -> dict[str, object]:
     return out
 
 
-def _flow_log(prefix: bytes, p: bytes, indev: int, outdev: int) -> FlowLog | None:
-    """`owf:<id>:<v>:<h>` + the packet's headers, or None (not ours, or a truncated packet)."""
-    if not prefix.startswith(b"owf:") or not p:
+def _flow_prefix(prefix: bytes) -> tuple[int, str, str] | None:
+    """`owf:<id>:<v>:<h>` -> (id, v, h); None: not a flow log."""
+    if not prefix.startswith(b"owf:"):
         return None
     try:
         _, rid, verdict, hop = prefix.decode().split(":")
-        rule_id = int(rid)
+        return int(rid), verdict, hop
     except ValueError:
         return None
+
+
+def _flow_log(prefix: bytes, p: bytes, indev: int, outdev: int) -> FlowLog | None:
+    """`owf:<id>:<v>:<h>` + the packet's headers, or None (not ours, or a truncated packet)."""
+    head = _flow_prefix(prefix)
+    if head is None or not p:
+        return None
+    return _flow_headers(head, p, indev, outdev, {})
+
+
+def _addr(addrs: dict[bytes, str], raw: bytes) -> str:
+    s = addrs.get(raw)
+    if s is None:
+        s = addrs[raw] = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+    return s
+
+
+def _flow_headers(
+    head: tuple[int, str, str], p: bytes, indev: int, outdev: int, addrs: dict[bytes, str]
+) -> FlowLog | None:
+    rule_id, verdict, hop = head
     ver = p[0] >> 4
     if ver == 4 and len(p) >= 20:
-        ihl = (p[0] & 0xF) * 4
-        proto, src, dst, l4 = (
-            p[9],
-            socket.inet_ntop(_NTOP[4], p[12:16]),
-            socket.inet_ntop(_NTOP[4], p[16:20]),
-            ihl,
-        )
+        proto, src, dst, l4 = p[9], _addr(addrs, p[12:16]), _addr(addrs, p[16:20]), (p[0] & 0xF) * 4
     elif ver == 6 and len(p) >= 40:
-        proto, src, dst, l4 = (
-            p[6],
-            socket.inet_ntop(_NTOP[6], p[8:24]),
-            socket.inet_ntop(_NTOP[6], p[24:40]),
-            40,
-        )
+        proto, src, dst, l4 = p[6], _addr(addrs, p[8:24]), _addr(addrs, p[24:40]), 40
     else:
         return None
     sport = dport = 0
     if proto in (6, 17, 132, 136) and len(p) >= l4 + 4:
-        sport, dport = struct.unpack_from("!HH", p, l4)
+        sport, dport = _PORTS(p, l4)
     elif proto in (1, 58) and len(p) > l4:
         dport = p[l4]  # the ICMP type stands in for the port
     return (rule_id, verdict, hop, proto, src, dst, sport, dport, indev, outdev)
@@ -163,7 +173,10 @@ def _msg(
 # outdev)
 FlowLog = tuple[int, str, str, int, str, str, int, int, int, int]
 _PACKET = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
-_NTOP = {4: socket.AF_INET, 6: socket.AF_INET6}
+_HH = struct.Struct("=HH").unpack_from
+_IH = struct.Struct("=IH").unpack_from
+_BE32 = struct.Struct("!I").unpack_from
+_PORTS = struct.Struct("!HH").unpack_from
 
 
 class NflogReader:
@@ -185,6 +198,8 @@ class NflogReader:
         self.lost = 0  # messages the kernel numbered but we never received (seq gaps)
         self.overruns = 0  # ENOBUFS: the socket's receive buffer overflowed
         self._next_seq: int | None = None
+        self._prefixes: dict[bytes, tuple[int, str, str] | tuple[()]] = {}
+        self._addrs: dict[bytes, str] = {}
         with in_netns(netns):
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:  # root: beyond rmem_max (flood headroom); else what the sysctl allows
@@ -295,19 +310,22 @@ class NflogReader:
             self._parse_flows(data, out)
 
     def _parse_flows(self, data: bytes, out: list[FlowLog]) -> None:
+        # the hot loop of a denied flood: precompiled structs, locals, and caches for the prefix and
+        # the addresses (a flood repeats them), bounded
         off, n = 0, len(data)
-        unpack = struct.unpack_from
+        hh, be32 = _HH, _BE32
+        prefixes, addrs = self._prefixes, self._addrs
         while off + 16 <= n:
-            ln, typ = unpack("=IH", data, off)
+            ln, typ = _IH(data, off)
             if ln < 16:
                 break
             if typ == _PACKET:
                 prefix = payload = b""
                 indev = outdev = 0
-                seq = None
+                seq = -1
                 a, end = off + 20, off + ln
                 while a + 4 <= end:
-                    alen, atyp = unpack("=HH", data, a)
+                    alen, atyp = hh(data, a)
                     if alen < 4:
                         break
                     atyp &= 0x3FFF
@@ -316,20 +334,28 @@ class NflogReader:
                     elif atyp == NFULA_PAYLOAD:
                         payload = data[a + 4 : a + alen]
                     elif atyp == NFULA_IFINDEX_INDEV:
-                        indev = unpack("!I", data, a + 4)[0]
+                        indev = be32(data, a + 4)[0]
                     elif atyp == NFULA_IFINDEX_OUTDEV:
-                        outdev = unpack("!I", data, a + 4)[0]
+                        outdev = be32(data, a + 4)[0]
                     elif atyp == NFULA_SEQ:
-                        seq = unpack("!I", data, a + 4)[0]
+                        seq = be32(data, a + 4)[0]
                     a += (alen + 3) & ~3
-                if seq is not None:
+                if seq >= 0:
                     if self._next_seq is not None and seq != self._next_seq:
                         self.lost += (seq - self._next_seq) & 0xFFFFFFFF
                     self._next_seq = (seq + 1) & 0xFFFFFFFF
-                log = _flow_log(prefix, payload, indev, outdev)
-                if log is not None:
-                    out.append(log)
+                head = prefixes.get(prefix)
+                if head is None:
+                    head = prefixes[prefix] = _flow_prefix(prefix) or ()
+                    if len(prefixes) > 65_536:
+                        prefixes.clear()
+                if head and payload:
+                    log = _flow_headers(head, payload, indev, outdev, addrs)
+                    if log is not None:
+                        out.append(log)
             off += (ln + 3) & ~3
+        if len(addrs) > 65_536:
+            addrs.clear()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
