@@ -33,59 +33,91 @@ SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NETLINK_NO_ENOBUFS = 270, 1, 5
 CtDestroy = tuple[int, str, str, int, int, int, int, int]
 
 
-def _attrs(data: bytes, off: int, end: int) -> dict[int, tuple[int, int]]:
-    """type -> (start, end) of its payload."""
-    out: dict[int, tuple[int, int]] = {}
+_HH = struct.Struct("=HH").unpack_from
+_BE16 = struct.Struct("!H").unpack_from
+_BE32 = struct.Struct("!I").unpack_from
+_BE64 = struct.Struct("!Q").unpack_from
+
+
+def _counters(data: bytes, off: int, end: int) -> tuple[int, int]:
+    packets = nbytes = 0
     while off + 4 <= end:
-        ln, typ = struct.unpack_from("=HH", data, off)
+        ln, typ = _HH(data, off)
         if ln < 4:
             break
-        out[typ & 0x3FFF] = (off + 4, off + ln)
+        typ &= 0x3FFF
+        if typ == CTA_COUNTERS_PACKETS:
+            packets = _BE64(data, off + 4)[0]
+        elif typ == CTA_COUNTERS_BYTES:
+            nbytes = _BE64(data, off + 4)[0]
         off += (ln + 3) & ~3
-    return out
+    return packets, nbytes
 
 
-def _counters(data: bytes, span: tuple[int, int] | None) -> tuple[int, int]:
-    if span is None:
-        return 0, 0
-    a = _attrs(data, *span)
-    p, b = a.get(CTA_COUNTERS_PACKETS), a.get(CTA_COUNTERS_BYTES)
-    return (
-        struct.unpack_from("!Q", data, p[0])[0] if p else 0,
-        struct.unpack_from("!Q", data, b[0])[0] if b else 0,
-    )
-
-
-def parse_destroy(data: bytes, off: int, end: int, family: int) -> CtDestroy | None:
-    top = _attrs(data, off, end)
-    orig = top.get(CTA_TUPLE_ORIG)
+def parse_destroy(
+    data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str] | None = None
+) -> CtDestroy | None:
+    """One DESTROY message's attributes (`data[off:end]`) -> CtDestroy. Walks only what it needs,
+    without building dicts (this runs once per connection that ends on the host)."""
+    orig = co = cr = None
+    mark = 0
+    while off + 4 <= end:
+        ln, typ = _HH(data, off)
+        if ln < 4:
+            break
+        typ &= 0x3FFF
+        if typ == CTA_TUPLE_ORIG:
+            orig = (off + 4, off + ln)
+        elif typ == CTA_COUNTERS_ORIG:
+            co = (off + 4, off + ln)
+        elif typ == CTA_COUNTERS_REPLY:
+            cr = (off + 4, off + ln)
+        elif typ == CTA_MARK:
+            mark = _BE32(data, off + 4)[0]
+        off += (ln + 3) & ~3
     if orig is None:
         return None
-    t = _attrs(data, *orig)
-    ip, pr = t.get(CTA_TUPLE_IP), t.get(CTA_TUPLE_PROTO)
-    if ip is None or pr is None:
+    src = dst = None
+    proto = sport = dport = 0
+    a, e = orig
+    while a + 4 <= e:
+        ln, typ = _HH(data, a)
+        if ln < 4:
+            break
+        typ &= 0x3FFF
+        b, be = a + 4, a + ln
+        while b + 4 <= be:
+            ln2, t2 = _HH(data, b)
+            if ln2 < 4:
+                break
+            t2 &= 0x3FFF
+            if typ == CTA_TUPLE_IP:
+                if t2 in (1, 3):  # CTA_IP_V4_SRC, CTA_IP_V6_SRC
+                    src = data[b + 4 : b + ln2]
+                elif t2 in (2, 4):
+                    dst = data[b + 4 : b + ln2]
+            elif typ == CTA_TUPLE_PROTO:
+                if t2 == CTA_PROTO_NUM:
+                    proto = data[b + 4]
+                elif t2 == CTA_PROTO_SRC_PORT:
+                    sport = _BE16(data, b + 4)[0]
+                elif t2 == CTA_PROTO_DST_PORT:
+                    dport = _BE16(data, b + 4)[0]
+                elif t2 in (CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMPV6_TYPE):
+                    dport = data[b + 4]
+            b += (ln2 + 3) & ~3
+        a += (ln + 3) & ~3
+    if src is None or dst is None:
         return None
-    ipa = _attrs(data, *ip)
-    af, (s_attr, d_attr) = (socket.AF_INET, (1, 2)) if family == socket.AF_INET else (socket.AF_INET6, (3, 4))
-    if s_attr not in ipa or d_attr not in ipa:
-        return None
-    src = socket.inet_ntop(af, data[ipa[s_attr][0] : ipa[s_attr][1]])
-    dst = socket.inet_ntop(af, data[ipa[d_attr][0] : ipa[d_attr][1]])
-    pa = _attrs(data, *pr)
-    proto = data[pa[CTA_PROTO_NUM][0]] if CTA_PROTO_NUM in pa else 0
-    sport = dport = 0
-    if CTA_PROTO_SRC_PORT in pa and CTA_PROTO_DST_PORT in pa:
-        sport = struct.unpack_from("!H", data, pa[CTA_PROTO_SRC_PORT][0])[0]
-        dport = struct.unpack_from("!H", data, pa[CTA_PROTO_DST_PORT][0])[0]
-    elif CTA_PROTO_ICMP_TYPE in pa:
-        dport = data[pa[CTA_PROTO_ICMP_TYPE][0]]
-    elif CTA_PROTO_ICMPV6_TYPE in pa:
-        dport = data[pa[CTA_PROTO_ICMPV6_TYPE][0]]
-    po, bo = _counters(data, top.get(CTA_COUNTERS_ORIG))
-    pr_, br = _counters(data, top.get(CTA_COUNTERS_REPLY))
-    m = top.get(CTA_MARK)
-    mark = struct.unpack_from("!I", data, m[0])[0] if m else 0
-    return (proto, src, dst, sport, dport, po + pr_, bo + br, mark)
+    cache = addrs if addrs is not None else {}
+    s_txt = cache.get(src) or cache.setdefault(src, socket.inet_ntop(_AF[len(src)], src))
+    d_txt = cache.get(dst) or cache.setdefault(dst, socket.inet_ntop(_AF[len(dst)], dst))
+    po, bo = _counters(data, *co) if co else (0, 0)
+    pr, br = _counters(data, *cr) if cr else (0, 0)
+    return (proto, s_txt, d_txt, sport, dport, po + pr, bo + br, mark)
+
+
+_AF = {4: socket.AF_INET, 16: socket.AF_INET6}
 
 
 class CtEventReader:
@@ -93,6 +125,7 @@ class CtEventReader:
 
     def __init__(self, netns: str | None = None, rcvbuf: int = 4 << 20) -> None:
         self.overruns = 0
+        self._addrs: dict[bytes, str] = {}  # raw -> text, bounded (cleared past 65,536)
         with in_netns(netns):
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
@@ -122,10 +155,12 @@ class CtEventReader:
                 if ln < 16:
                     break
                 if typ == _DELETE:
-                    ev = parse_destroy(data, off + 20, off + ln, data[off + 16])
+                    ev = parse_destroy(data, off + 20, off + ln, data[off + 16], self._addrs)
                     if ev is not None:
                         out.append(ev)
                 off += (ln + 3) & ~3
+            if len(self._addrs) > 65_536:
+                self._addrs.clear()
 
     def close(self) -> None:
         self.sock.close()
