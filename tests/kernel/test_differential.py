@@ -153,6 +153,8 @@ def test_kernel_and_sim_agree_on_random_policies() -> None:
     assert summary.errors == 0, report
     assert summary.mismatches == 0, report
     assert summary.probes >= CI_PROBES
+    # the kernel's flow logs name the sim's rule (or tenant default) at every hop (fuzz/attribution.py)
+    assert summary.attributed == summary.attribution_checked == summary.probes, summary.to_json()
     # Not a degenerate sample: both outcomes occur, on more than one lab.
     assert 0.1 * summary.probes < summary.allowed < 0.9 * summary.probes, summary.to_json()
     assert summary.labs >= 2

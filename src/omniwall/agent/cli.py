@@ -70,6 +70,16 @@ def agent(
         Path | None, typer.Option("--cert", help="This host's client certificate (omniwall pki host)")
     ] = None,
     key: Annotated[Path | None, typer.Option("--key", help="The key of --cert")] = None,
+    flows: Annotated[
+        bool,
+        typer.Option(
+            "--flows/--no-flows", help="Flow records: log every verdict and ship them to the manager"
+        ),
+    ] = True,
+    metrics_address: Annotated[
+        str | None,
+        typer.Option("--metrics-address", help="Serve Prometheus /metrics at host:port (default: off)"),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step")] = False,
 ) -> None:
     """Run the host agent: realize this host's desired state in the kernel, report back, fail static."""
@@ -110,6 +120,8 @@ def agent(
             counters_interval=counters_interval,
             guard=Guard(patterns),
             tls=tls,
+            flows=flows,
+            metrics_address=metrics_address,
         )
     except (ValueError, OSError, ImportError) as e:
         typer.echo(f"omniwall agent: {e}", err=True)

@@ -9,6 +9,7 @@ states. Not a manager: no store, no compiler, no auth beyond a per-host token.
     fm.publish(state)                      # a HostDesiredState; connected feeds get the delta
     fm.inject("h1", {"type": "delta", ...})  # any line, e.g. a delta with a gap
     fm.statuses["h1"][-1]                  # last status body the agent posted
+    fm.flow_batches["h1"]                  # FlowBatch bodies the agent posted
     fm.stop(); fm.start()
 """
 
@@ -41,6 +42,8 @@ class FakeManager:
         self.history: dict[str, list[dict[str, Any]]] = {}  # host -> deltas (JSON), oldest first
         self.live: dict[str, list[str]] = {}  # host -> lines sent to connected feeds, in order
         self.statuses: dict[str, list[dict[str, Any]]] = {}
+        self.flow_batches: dict[str, list[dict[str, Any]]] = {}  # host -> FlowBatch bodies posted
+        self.flows_status = 204  # what POST /v1/hosts/{host}/flows answers (tests set 503, 413, ...)
         self.feed_requests: list[tuple[str, int]] = []  # (host, from) per feed request, refused ones too
         self._cond = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
@@ -146,6 +149,10 @@ def _handler(fm: FakeManager) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             host = self._host("status")
+            flows = self._host("flows")
+            if flows is not None:
+                self._flows(flows)
+                return
             if host is None:
                 self.send_error(404)
                 return
@@ -154,6 +161,18 @@ def _handler(fm: FakeManager) -> type[BaseHTTPRequestHandler]:
                 return
             with fm._cond:
                 fm.statuses.setdefault(host, []).append(body)
+            self.send_response(204)
+            self.end_headers()
+
+        def _flows(self, host: str) -> None:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            if not self._authorized(host):
+                return
+            if fm.flows_status != 204:  # tests: a manager that refuses or fails
+                self.send_error(fm.flows_status)
+                return
+            with fm._cond:
+                fm.flow_batches.setdefault(host, []).append(body)
             self.send_response(204)
             self.end_headers()
 

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -29,7 +30,9 @@ from omniwall.agent.addresses import AddressWatcher
 from omniwall.agent.commands import post_result, run_command
 from omniwall.agent.conntrack_usage import ConntrackUsage, ConntrackUsageReader
 from omniwall.agent.feed import Backoff, Delta, FeedError, FeedRejected, Snapshot, read_feed
+from omniwall.agent.flows import FlowCollector
 from omniwall.agent.guard import Guard
+from omniwall.agent.metrics import AgentMetrics
 from omniwall.agent.reconciler import Outcome, Reconciler
 from omniwall.agent.reporter import Addresses, Reporter
 from omniwall.dataplane.backend import Backend
@@ -64,6 +67,8 @@ class Agent:
         backoff: Backoff | None = None,
         guard: Guard | None = None,
         tls: ReloadingContext | None = None,
+        flows: FlowCollector | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.manager_url = manager_url
         self.tls = tls  # https: CA + this host's certificate, re-read on reconnect / SIGHUP
@@ -97,6 +102,13 @@ class Agent:
         self._retry = asyncio.Event()
         self._stop = asyncio.Event()
         self._posts: set[asyncio.Task[None]] = set()  # command results on their way
+        # flow records (agent/flows.py) and /metrics (agent/metrics.py): both optional
+        self.flows = flows
+        self.metrics = metrics
+        if flows is not None and metrics is not None:
+            metrics.watch_dropped(lambda: flows.dropped)
+            flows.on_records = metrics.on_records
+        self._seen_state: object = None
 
     # ---- public
     async def run(self) -> None:
@@ -105,6 +117,14 @@ class Agent:
         if adopted is not None:
             log.info("adopted realized state at revision %d (%d vNICs)", adopted.revision, len(adopted.vnics))
         self.reporter.set_realized(self.reconciler.realized_revision, None)
+        self._realized_changed()
+        if self.flows is not None:
+            try:
+                self.flows.start()
+            except OSError as e:  # e.g. another process holds the NFLOG group: enforce without records
+                log.error("flow records off: cannot read the kernel's flow logs (%s)", e)
+                self.flows.close()
+                self.flows = None
         tasks = [
             asyncio.create_task(self._feed_loop(), name="feed"),
             asyncio.create_task(self._retry_loop(), name="retry"),
@@ -112,6 +132,10 @@ class Agent:
         ]
         if self.watcher is not None:
             tasks.append(asyncio.create_task(self._watch_addresses(), name="addresses"))
+        if self.flows is not None:
+            tasks.append(
+                asyncio.create_task(self.flows.run(self.client, self.manager_url, self.token), name="flows")
+            )
         stop = asyncio.create_task(self._stop.wait())
         try:
             done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -126,6 +150,8 @@ class Agent:
             for t in (stop, *tasks):
                 t.cancel()
             await asyncio.gather(stop, *tasks, return_exceptions=True)
+            if self.flows is not None:
+                self.flows.close()
             if self._own_client:
                 await self.client.aclose()
             self._conntrack.close()
@@ -156,9 +182,16 @@ class Agent:
                             log.info("feed connected (from=%d)", from_revision)
                         if isinstance(msg, Snapshot):
                             self._want_snapshot = False
-                            self._after(self.reconciler.on_snapshot(msg.state))
+                            self._desired(msg.state.revision)
+                            t0 = time.perf_counter()
+                            outcome = self.reconciler.on_snapshot(msg.state)
+                            self._timed("snapshot", t0, outcome)
+                            self._after(outcome)
                         elif isinstance(msg, Delta):
+                            self._desired(msg.delta.to_revision)
+                            t0 = time.perf_counter()
                             outcome = self.reconciler.on_delta(msg.delta)
+                            self._timed("delta", t0, outcome)
                             if outcome.kind == "resync":
                                 self._want_snapshot = True
                                 break  # reconnect at once with from=0
@@ -221,6 +254,29 @@ class Agent:
 
     def _report(self, outcome: Outcome) -> None:
         self.reporter.set_realized(outcome.realized_revision, self.reconciler.error)
+        self._realized_changed()
+
+    def _desired(self, revision: int) -> None:
+        if self.metrics is not None:
+            self.metrics.desired(revision)
+
+    def _timed(self, kind: str, t0: float, outcome: Outcome) -> None:
+        if self.metrics is not None and outcome.kind in ("applied", "synced", "failed"):
+            self.metrics.apply_seconds.labels(kind).observe(time.perf_counter() - t0)
+            if outcome.kind == "failed":
+                self.metrics.apply_failures.inc()
+
+    def _realized_changed(self) -> None:
+        """Names for the flow records and gauges follow the realized state (not the desired one: the
+        kernel logs what it holds)."""
+        state = self.reconciler.realized
+        if state is self._seen_state:
+            return
+        self._seen_state = state
+        if state is not None and self.flows is not None:
+            self.flows.set_state(state)
+        if self.metrics is not None:
+            self.metrics.realized(state)
 
     def _vnic_names(self) -> list[str]:
         state = self.reconciler.desired or self.reconciler.realized
@@ -230,8 +286,11 @@ class Agent:
         self.reporter.set_addresses(addresses)
 
 
-def make_backend(kind: str, host: str, netns: str | None, state_dir: Path | None) -> Backend:
-    """`nft`: the kernel (H5's NftBackend, in `netns`); `sim`: in memory, persisted under `state_dir`."""
+def make_backend(
+    kind: str, host: str, netns: str | None, state_dir: Path | None, *, flows: bool = True
+) -> Backend:
+    """`nft`: the kernel (H5's NftBackend, in `netns`); `sim`: in memory, persisted under `state_dir`.
+    `flows`: the kernel logs every hop verdict for flow records (nft only)."""
     if kind == "sim":
         from omniwall.dataplane.sim_backend import SimBackend
 
@@ -241,10 +300,15 @@ def make_backend(kind: str, host: str, netns: str | None, state_dir: Path | None
         return SimBackend(host=host, state_file=state_file)
     if kind == "nft":
         from omniwall.dataplane.nft.backend import NftBackend
+        from omniwall.dataplane.nft.render import DEFAULT_FLOW_GROUP
 
         # No --netns means "this host": the one case where programming the agent's own namespace is the
         # point (the backend refuses it otherwise, to protect test machines).
-        return NftBackend(netns=netns, allow_initial_netns=netns is None)
+        return NftBackend(
+            netns=netns,
+            allow_initial_netns=netns is None,
+            flow_group=DEFAULT_FLOW_GROUP if flows else None,
+        )
     raise ValueError(f"backend: unknown kind {kind!r} (expected nft or sim)")
 
 
@@ -286,23 +350,37 @@ def run_agent(
     netns: str | None = None,
     backend: Backend | str | None = None,
     state_dir: Path | str | None = DEFAULT_STATE_DIR,
+    *,
+    flows: bool = True,
+    metrics_address: str | None = None,
     **agent_options: object,
 ) -> None:
-    """Blocking entry point: build the backend (default nft), run the agent until SIGTERM/SIGINT."""
+    """Blocking entry point: build the backend (default nft), run the agent until SIGTERM/SIGINT.
+    `flows`: flow records (kernel backend only); `metrics_address`: serve Prometheus /metrics there."""
     sdir = Path(state_dir) if state_dir is not None else None
     be = (
-        make_backend(backend or "nft", host, netns, sdir)
+        make_backend(backend or "nft", host, netns, sdir, flows=flows)
         if backend is None or isinstance(backend, str)
         else backend
     )
     agent_kwargs: dict = dict(agent_options)
+    group = getattr(be, "flow_group", None)
+    collector = FlowCollector(host, netns=netns, group=group) if flows and group is not None else None
+    metrics = AgentMetrics(host) if metrics_address else None
+    if metrics is not None and metrics_address:
+        bound = metrics.serve(metrics_address)
+        log.info("metrics at http://%s:%d/metrics", *bound)
 
     async def main() -> None:
-        await run_agent_async(Agent(manager_url, host, token, be, netns=netns, **agent_kwargs))
+        await run_agent_async(
+            Agent(manager_url, host, token, be, netns=netns, flows=collector, metrics=metrics, **agent_kwargs)
+        )
 
     try:
         asyncio.run(main())
     finally:
+        if metrics is not None:
+            metrics.close()
         close = getattr(be, "close", None)  # releases handles only; the kernel state stays
         if callable(close):
             close()

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypeVar
+
+from omniwall.compiler.ruleids import default_rule_id
 
 IR_VERSION = 1
 T = TypeVar("T")
@@ -86,6 +88,12 @@ class IRVnic:
     # connections it originates, new connections per second (docs/conntrack-limits.md)
     conn_limit: int | None = None
     conn_rate: int | None = None
+    # the id of (tenant, default_action) (compiler/ruleids.default_rule_id): derived, never passed, so
+    # `replace()` and JSON round trips can never leave a stale one; flow records name the default by it
+    default_id: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "default_id", default_rule_id(self.tenant, self.default_action))
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,25 @@ from collections.abc import Iterable
 
 RuleKey = tuple[str, str, str]  # (tenant, policy, rule)
 MAX_ID = 2**31 - 1
+DEFAULT_ID_BIT = 2**31  # default-action ids: 2**31..2**32-1, never a rule id (those are < 2**31)
+DEFAULT_POLICY = "(default)"  # = flows.record.DEFAULT_POLICY (no import: the compiler stays standalone)
 
 
 def natural_id(key: RuleKey) -> int:
     """The id a rule gets when nothing collides with it (may be 0: probing skips 0)."""
     digest = hashlib.blake2b("/".join(key).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & MAX_ID
+
+
+def default_rule_id(tenant: str, action: str) -> int:
+    """The id of a tenant's default action (`drop`, `reject`, `allow`): stable like a rule id, in its own
+    range (high bit set, so it never collides with a rule id and still fits the 32-bit ct mark). Flow
+    records and NFLOG prefixes name a default verdict by it."""
+    return DEFAULT_ID_BIT | natural_id((tenant, DEFAULT_POLICY, action))
+
+
+def is_default_id(rule_id: int) -> bool:
+    return rule_id >= DEFAULT_ID_BIT
 
 
 def _next(i: int) -> int:

@@ -119,13 +119,14 @@ def main(argv: list[str] | None = None) -> int:
                 "allowed": res.allowed,
                 "mismatches": len(res.mismatches),
                 "flaky": len(res.flaky),
+                "attribution": list(res.attribution),
                 "seconds": round(res.elapsed, 2),
                 "total": s.to_json(),
             },
             f"lab {r.lab_seed} round {r.round} [{res.programming}]: {res.probes} probes, "
             f"{res.allowed} allowed, {len(res.mismatches)} mismatches, {len(res.flaky)} flaky, "
-            f"{res.elapsed:.1f}s | total {s.probes}/{args.probes} probes, {s.mismatches} mismatches, "
-            f"{s.elapsed:.0f}s",
+            f"attribution {res.attribution[0]}/{res.attribution[1]}, {res.elapsed:.1f}s | "
+            f"total {s.probes}/{args.probes} probes, {s.mismatches} mismatches, {s.elapsed:.0f}s",
         )
         for o in res.mismatches:
             if not args.json:
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{', refused' if o.sim_refuses else ''} ({o.sim.verdict})"
                 )
                 print("    " + o.to_json()["explanation"].replace("\n", "\n    "))
+        for o in res.misattributed[:5]:
+            if not args.json:
+                print(f"  MISATTRIBUTED {o.case}: kernel {o.kernel_attr} sim {o.sim_attr}")
 
     def log(msg: str) -> None:
         if not args.json:
@@ -165,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         f"done: {summary.probes} probes ({summary.allowed} allowed) in {summary.rounds} rounds on "
         f"{summary.labs} labs, {summary.elapsed:.0f}s; flaky: {summary.flaky}\n"
         + (f"errors (programming failed): {summary.errors}\n" if summary.errors else "")
+        + (
+            f"attribution: {summary.attributed}/{summary.attribution_checked} probes "
+            f"({summary.attribution_pct:.2f}%) name the same rule in the kernel's flow logs and the sim\n"
+            if summary.attribution_pct is not None
+            else ""
+        )
         + f"mismatches: {summary.mismatches}"
         + (f" (recorded in {args.out})" if summary.records else ""),
     )

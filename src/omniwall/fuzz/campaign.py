@@ -36,6 +36,8 @@ class Summary:
     allowed: int = 0
     mismatches: int = 0
     flaky: int = 0
+    attributed: int = 0  # probes whose kernel flow logs name the sim's rules at every hop
+    attribution_checked: int = 0
     errors: int = 0  # rounds the backend could not program, or incremental != full compile
     labs: int = 0
     rounds: int = 0
@@ -47,6 +49,12 @@ class Summary:
     def failed(self) -> bool:
         return bool(self.mismatches or self.errors)
 
+    @property
+    def attribution_pct(self) -> float | None:
+        if not self.attribution_checked:
+            return None
+        return 100.0 * self.attributed / self.attribution_checked
+
     def to_json(self) -> dict[str, Any]:
         return {
             "first_seed": self.first_seed,
@@ -54,6 +62,8 @@ class Summary:
             "allowed": self.allowed,
             "mismatches": self.mismatches,
             "flaky": self.flaky,
+            "attributed": self.attributed,
+            "attribution_checked": self.attribution_checked,
             "errors": self.errors,
             "labs": self.labs,
             "rounds": self.rounds,
@@ -167,6 +177,9 @@ def run_campaign(
                 summary.allowed += result.allowed
                 summary.mismatches += len(result.mismatches)
                 summary.flaky += len(result.flaky)
+                ok, checked = result.attribution
+                summary.attributed += ok
+                summary.attribution_checked += checked
                 summary.elapsed = time.monotonic() - start
                 bad = result.mismatches + result.flaky
                 if bad:

@@ -87,6 +87,17 @@ class Outcome:
     sim_refuses: bool = False  # the client sees a refusal, by the sim (`sim_refuses`)
     retry: bool | None = None  # the kernel's second answer, for a disagreement
     retry_detail: str | None = None
+    # attribution (fuzz/attribution.py): {(host, hop): (rule id, verdict)} from the kernel's flow logs
+    # and from the sim; None when not checked
+    kernel_attr: dict[tuple[str, str], tuple[int, str]] | None = None
+    sim_attr: dict[tuple[str, str], tuple[int, str]] | None = None
+
+    @property
+    def attributed(self) -> bool | None:
+        """The kernel's flow logs name the sim's rule at every hop (None: not checked)."""
+        if self.kernel_attr is None or self.sim_attr is None:
+            return None
+        return self.kernel_attr == self.sim_attr
 
     @property
     def agrees(self) -> bool:
@@ -113,6 +124,13 @@ class Outcome:
             },
             "sim": {"allowed": cv.allowed, "verdict": cv.verdict, "refuses": self.sim_refuses},
             "confirmed": self.confirmed,
+            "attribution": None
+            if self.attributed is None
+            else {
+                "agrees": self.attributed,
+                "kernel": {f"{h}/{d}": list(v) for (h, d), v in sorted((self.kernel_attr or {}).items())},
+                "sim": {f"{h}/{d}": list(v) for (h, d), v in sorted((self.sim_attr or {}).items())},
+            },
             "explanation": explanation_text(cv),
             "paths": {
                 "request": path_json(cv.request),
@@ -144,6 +162,16 @@ class RoundResult:
     @property
     def flaky(self) -> list[Outcome]:
         return [o for o in self.outcomes if not o.agrees and not o.confirmed]
+
+    @property
+    def attribution(self) -> tuple[int, int]:
+        """(probes whose flow logs name the sim's rules, probes checked)."""
+        checked = [o.attributed for o in self.outcomes if o.attributed is not None]
+        return sum(checked), len(checked)
+
+    @property
+    def misattributed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.attributed is False]
 
 
 __all__ = ["Outcome", "RoundResult", "agrees", "explanation_text", "kernel_refuses", "sim_refuses"]

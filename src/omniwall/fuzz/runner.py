@@ -28,6 +28,8 @@ from omniwall.compiler.build import compile_catalog
 from omniwall.compiler.incremental import IncrementalCompiler
 from omniwall.compiler.ir import HostDesiredState
 from omniwall.dataplane.nft.backend import NftBackend
+from omniwall.dataplane.nft.render import DEFAULT_FLOW_GROUP
+from omniwall.fuzz.attribution import KernelFlows, sim_attribution, sim_key
 from omniwall.fuzz.cases import Case, addresses, all_cases, sim_packet
 from omniwall.fuzz.compare import Outcome, RoundResult, sim_refuses
 from omniwall.fuzz.generate import is_outside
@@ -61,6 +63,8 @@ class FuzzLab:
     catalog: Catalog | None = None
     revision: int = 0
     drift: list[str] = field(default_factory=list)  # hosts where incremental != full compile (delta mode)
+    attribution: bool = True  # also check the kernel's flow logs name the sim's rules (fuzz/attribution.py)
+    flows: KernelFlows | None = None
     _compiler: IncrementalCompiler | None = None
 
     def __enter__(self) -> FuzzLab:
@@ -71,6 +75,9 @@ class FuzzLab:
             for h in self.lab.plan.hosts:
                 if h.name in ours:  # an outside host forwards unfiltered
                     self.backends[h.name] = NftBackend(netns=h.netns, revoke=False)
+            if self.attribution:
+                nets = {h.name: h.netns for h in self.lab.plan.hosts if h.name in ours}
+                self.flows = KernelFlows(nets, DEFAULT_FLOW_GROUP)
         except BaseException:
             self.close()
             raise
@@ -82,6 +89,9 @@ class FuzzLab:
         self.close()
 
     def close(self) -> None:
+        if self.flows is not None:
+            self.flows.close()
+            self.flows = None
         for b in self.backends.values():
             with contextlib.suppress(Exception):
                 b.close()
@@ -161,8 +171,15 @@ class FuzzLab:
             probes.append(Probe(s.netns, dst_addr, c.proto, c.port, s.key, d.key, src_addr, d.key))
             cv = net.judge_connection(sim_packet(src_addr, dst_addr, c))
             outcomes.append(Outcome(c, src_addr, dst_addr, False, "", cv, sim_refuses(net, cv)))
-        for o, r in zip(outcomes, run_probes(probes, timeout=self.timeout), strict=True):
+        if self.flows is not None:
+            self.flows.drain()
+        results = run_probes(probes, timeout=self.timeout)
+        kflows = self.flows.collect() if self.flows is not None else None
+        for o, r in zip(outcomes, results, strict=True):
             o.kernel, o.detail = r.allowed, r.detail
+            if kflows is not None:
+                o.kernel_attr = kflows.get(sim_key(o.sim), {})
+                o.sim_attr = sim_attribution(o.sim, self.states)
         wrong = [i for i, o in enumerate(outcomes) if not o.agrees]
         if retry and wrong:
             again: list[ProbeResult] = run_probes(

@@ -46,6 +46,7 @@ from omniwall.dataplane.nft.names import (
 from omniwall.dataplane.nft.nlbatch import ElemOp, KeyType, MapElemOp, Op, QuotaOp
 from omniwall.dataplane.nft.rejudge import Probe, judge_hop
 from omniwall.dataplane.nft.render import (
+    DEFAULT_FLOW_GROUP,
     DEFAULT_LOG_GROUP,
     DEFAULT_WORKLOAD_PREFIXES,
     RawLayoutChanged,
@@ -92,6 +93,7 @@ class NftBackend:
         netns: str | None,
         *,
         log_group: int = DEFAULT_LOG_GROUP,
+        flow_group: int | None = DEFAULT_FLOW_GROUP,
         allow_initial_netns: bool = False,
         revoke: bool = True,
         workload_prefixes: Sequence[str] = DEFAULT_WORKLOAD_PREFIXES,
@@ -99,6 +101,7 @@ class NftBackend:
     ) -> None:
         self.netns = netns
         self.log_group = log_group
+        self.flow_group = flow_group  # NFLOG group of flow records (agent/flows.py); None: no flow logs
         self.revoke = revoke
         self.workload_prefixes = check_prefixes(workload_prefixes)
         # members-only deltas: re-judge conntrack on the namespace thread after apply() returned
@@ -174,7 +177,7 @@ class NftBackend:
         exp_counts: Counter[str] = Counter()
         exp_base: dict[str, list[str]] = {RAW_CHAIN: [], FWD_CHAIN: []}
         exp_sets: set[str] = set()
-        for cmd in render_table(state, self.log_group, self.workload_prefixes):
+        for cmd in render_table(state, self.log_group, self.workload_prefixes, self.flow_group):
             add = cmd.get("add", {})
             if "rule" in add:
                 exp_counts[add["rule"]["chain"]] += 1
@@ -205,13 +208,15 @@ class NftBackend:
         if current is None and listing is None and _members(state) > BULK_LOAD_MIN_ELEMENTS:
             self._build_bulk(state)
         elif current is None:
-            self.nft.transact(render_table(state, self.log_group, self.workload_prefixes))
+            self.nft.transact(render_table(state, self.log_group, self.workload_prefixes, self.flow_group))
         else:
             try:
                 self.nft.transact(self._delta_or_table(normalized(current), normalized(state)))
             except NftError as e:  # an unexpected kernel state: replace the table atomically instead
                 log.warning("incremental sync failed (%s); rebuilding the table", e.message)
-                self.nft.transact(render_table(state, self.log_group, self.workload_prefixes))
+                self.nft.transact(
+                    render_table(state, self.log_group, self.workload_prefixes, self.flow_group)
+                )
         self._current = state
         self._revoke(current, state)
 
@@ -226,7 +231,7 @@ class NftBackend:
             keytypes[addr_set(st.name, 4)], keytypes[addr_set(st.name, 6)] = "ipv4_addr", "ipv6_addr"
         cmds: list[dict[str, Any]] = []
         ops: list[Op] = []
-        for cmd in render_table(state, self.log_group, self.workload_prefixes):
+        for cmd in render_table(state, self.log_group, self.workload_prefixes, self.flow_group):
             el = cmd.get("add", {}).get("element")
             if "quota" in cmd.get("add", {}):  # no revision until the members are in: not adoptable
                 continue
@@ -269,9 +274,9 @@ class NftBackend:
         self, old: HostDesiredState, new: HostDesiredState, hints: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
         try:
-            return render_delta(old, new, self.log_group, hints)
+            return render_delta(old, new, self.log_group, hints, self.flow_group)
         except RawLayoutChanged:  # rare (the host's first or last stateless ingress rule): atomic rebuild
-            return render_table(new, self.log_group, self.workload_prefixes)
+            return render_table(new, self.log_group, self.workload_prefixes, self.flow_group)
 
     def _members_only(
         self, base: HostDesiredState, delta: HostDelta

@@ -78,6 +78,10 @@ from omniwall.dataplane.nft.render_index import (
 )
 
 DEFAULT_LOG_GROUP = 1
+# flow records (agent/flows.py): every hop verdict of a new connection logs here with a `owf:` prefix
+DEFAULT_FLOW_GROUP = 16
+FLOW_VERDICT = {"allow": "a", "drop": "d", "reject": "r", "would-drop": "w"}
+HOP_CODE = {"egress": "e", "ingress": "i"}
 DIRECTIONS = ("egress", "ingress")
 # host-side names of workload interfaces (the lab's derived ifnames are `ow<hash>`, model/resources.py)
 DEFAULT_WORKLOAD_PREFIXES: tuple[str, ...] = ("ow",)
@@ -108,6 +112,15 @@ def _counter() -> Json:
 
 def _log(rule_id: int, action: str, group: int) -> Json:
     return {"log": {"prefix": f"ow:{rule_id}:{action} ", "group": group}}
+
+
+def _flow(rule_id: int, verdict: str, hop: str, group: int | None) -> list[Json]:
+    """The flow-record log of one hop verdict (none when flows are off): `owf:<id>:<verdict>:<hop>`.
+    The hop is in the prefix, so both hops of one connection on one host are told apart (the ct mark
+    keeps only the last one)."""
+    if group is None:
+        return []
+    return [{"log": {"prefix": f"owf:{rule_id}:{FLOW_VERDICT[verdict]}:{HOP_CODE[hop]}", "group": group}}]
 
 
 def _ctmark(value: int) -> Json:
@@ -330,10 +343,18 @@ def _reject_rules(match: list[Json], proto: str | None, pre: list[Json], comment
 
 
 def render_rule(
-    rule: IRRule, next_chain: str, shapes: Shapes, log_group: int, family: int | None = None
+    rule: IRRule,
+    next_chain: str,
+    shapes: Shapes,
+    log_group: int,
+    family: int | None = None,
+    *,
+    hop: str = "egress",
+    flow_group: int | None = None,
 ) -> list[Json]:
     """The nft rules realizing one IR rule at one hop (same verdict on each); `family` 4 or 6: only
-    those a packet of that family can match (for the hop's per-family chains), None: all."""
+    those a packet of that family can match (for the hop's per-family chains), None: all.
+    `flow_group`: every verdict also logs a flow record there (`_flow`)."""
     out: list[Json] = []
     comment = str(rule.id)
     would_drop = rule.monitor and rule.action in ("drop", "reject")
@@ -341,7 +362,7 @@ def render_rule(
         if family is not None and fam is not None and fam != family:
             continue
         if rule.action == "allow" or would_drop:
-            stmts = [_counter()]
+            stmts = [_counter(), *_flow(rule.id, "would-drop" if would_drop else "allow", hop, flow_group)]
             if would_drop:
                 stmts.append(_log(rule.id, "would-drop", log_group))
             if rule.stateful:
@@ -350,26 +371,33 @@ def render_rule(
         elif rule.action == "pass":
             out.append(_rule([*match, _counter(), {"goto": {"target": next_chain}}], comment))
         elif rule.action == "drop":
-            pre = [_counter()] + ([_log(rule.id, "drop", log_group)] if rule.log else [])
+            pre = [_counter(), *_flow(rule.id, "drop", hop, flow_group)]
+            pre += [_log(rule.id, "drop", log_group)] if rule.log else []
             out.append(_rule([*match, *pre, {"drop": None}], comment))
         elif rule.action == "reject":
-            pre = [_counter()] + ([_log(rule.id, "reject", log_group)] if rule.log else [])
+            pre = [_counter(), *_flow(rule.id, "reject", hop, flow_group)]
+            pre += [_log(rule.id, "reject", log_group)] if rule.log else []
             out.extend(_reject_rules(match, proto, pre, comment))
         else:
             raise ValueError(f"rule {rule.id}: unknown action {rule.action!r}")
     return out
 
 
-def render_default(vnic: IRVnic, log_group: int) -> list[Json]:
+def render_default(
+    vnic: IRVnic, log_group: int, *, hop: str = "egress", flow_group: int | None = None
+) -> list[Json]:
+    """The vNIC's default action at one hop; its flow records name `vnic.default_id`."""
     act = vnic.default_action
     if act == "allow" or vnic.default_monitor:
-        stmts = [_counter()]
+        verdict = "allow" if act == "allow" else "would-drop"
+        stmts = [_counter(), *_flow(vnic.default_id, verdict, hop, flow_group)]
         if act != "allow":
             stmts.append(_log(0, "would-drop", log_group))
         return [_rule([*stmts, {"return": None}], "default")]
+    pre = [_counter(), *_flow(vnic.default_id, act, hop, flow_group)]
     if act == "drop":
-        return [_rule([_counter(), {"drop": None}], "default")]
-    return _reject_rules([], None, [_counter()], "default")
+        return [_rule([*pre, {"drop": None}], "default")]
+    return _reject_rules([], None, pre, "default")
 
 
 def has_conn_limits(vnic: IRVnic) -> bool:
@@ -458,8 +486,8 @@ def index_plan(state: HostDesiredState) -> IndexPlan:
     return plan_of(state, hop_segments)
 
 
-def index_objects_of(state: HostDesiredState, log_group: int) -> IndexObjects:
-    return index_objects(state, index_plan(state), render_rule, render_default, log_group)
+def index_objects_of(state: HostDesiredState, log_group: int, flow_group: int | None = None) -> IndexObjects:
+    return index_objects(state, index_plan(state), render_rule, render_default, log_group, flow_group)
 
 
 def render_vnic_chains(
@@ -469,6 +497,7 @@ def render_vnic_chains(
     log_group: int = DEFAULT_LOG_GROUP,
     plan: IndexPlan | None = None,
     ingress_dispatch: bool = False,
+    flow_group: int | None = None,
 ) -> dict[str, list[Json]]:
     """Every chain of one vNIC, name -> rules (each {"expr", "comment"}), in a stable order.
 
@@ -502,16 +531,18 @@ def render_vnic_chains(
             _rule([{"goto": {"target": first[6]}}], "v6"),
         ]
         if hp is not None:
-            chains.update(hop_chains(hp, render_rule, shapes, log_group))
+            chains.update(hop_chains(hp, render_rule, shapes, log_group, flow_group))
         for fam, names in fam_chains.items():
             for k, name in enumerate(names):
                 nxt = names[k + 1] if k + 1 < len(names) else tail
                 body: list[Json] = []
                 for r in segs[k] if segs else []:
-                    body.extend(render_rule(r, nxt, shapes, log_group, fam))
+                    body.extend(
+                        render_rule(r, nxt, shapes, log_group, fam, hop=direction, flow_group=flow_group)
+                    )
                 body.append(_rule([{"goto": {"target": nxt}}], "next"))
                 chains[name] = body
-        chains[tail] = render_default(vnic, log_group)
+        chains[tail] = render_default(vnic, log_group, hop=direction, flow_group=flow_group)
         # raw: anti-spoofing (egress) and notrack for stateless rules; re_<if> is entered by goto (one
         # lookup per packet), so it ends with the ingress dispatch when the host has stateless ingress
         raw: list[Json] = _antispoof(vnic) if direction == "egress" else []
@@ -598,16 +629,20 @@ def render_table(
     state: HostDesiredState,
     log_group: int = DEFAULT_LOG_GROUP,
     prefixes: Sequence[str] = DEFAULT_WORKLOAD_PREFIXES,
+    flow_group: int | None = None,
 ) -> list[Json]:
     """The whole table, replacing whatever exists, as one transaction (`add; delete; add table`).
-    `prefixes`: workload-interface name prefixes; unknown interfaces matching one are dropped."""
+    `prefixes`: workload-interface name prefixes; unknown interfaces matching one are dropped.
+    `flow_group`: NFLOG group of the flow-record logs (None: none); it is named in the comment of
+    `fwd`'s first rule, so adoption (which compares the base chains' comments) notices a change."""
     rmap, shapes = state.rule_map(), shapes_of(state)
     plan = index_plan(state)
     dispatch = stateless_ingress(state)
     vnic_chains = {
-        v.ifname: render_vnic_chains(v, rmap, shapes, log_group, plan, dispatch) for v in state.vnics
+        v.ifname: render_vnic_chains(v, rmap, shapes, log_group, plan, dispatch, flow_group)
+        for v in state.vnics
     }
-    index_decl, index_elems = render_index_full(index_objects_of(state, log_group))
+    index_decl, index_elems = render_index_full(index_objects_of(state, log_group, flow_group))
     cmds: list[Json] = [
         {"add": {"table": {"family": FAMILY, "name": TABLE}}},
         {"delete": {"table": {"family": FAMILY, "name": TABLE}}},
@@ -661,7 +696,7 @@ def render_table(
         FWD_CHAIN,
         [
             _rule([_match({"ct": {"key": "state"}}, ["established", "related"], "in"), {"accept": None}],
-                  "established"),
+                  "established" if flow_group is None else f"established flows:{flow_group}"),
             _rule([_match({"ct": {"key": "state"}}, ["invalid"], "in"), _counter(), {"drop": None}],
                   "invalid"),
             _rule([{"vmap": {"key": _meta("iifname"), "data": f"@{MAP_EGRESS}"}}], "dispatch"),
@@ -709,6 +744,7 @@ def render_delta(
     new: HostDesiredState,
     log_group: int = DEFAULT_LOG_GROUP,
     set_updates: Mapping[str, SetUpdate] | None = None,
+    flow_group: int | None = None,
 ) -> list[Json]:
     """Incremental commands taking a table that realizes `old` to one realizing `new` (one transaction).
 
@@ -770,7 +806,9 @@ def render_delta(
     dispatch = stateless_ingress(new)
     if dispatch != stateless_ingress(old):
         raise RawLayoutChanged("the raw chain's destination dispatch appears or goes: render the table")
-    idiff = diff_index(index_objects_of(old, log_group), index_objects_of(new, log_group))
+    idiff = diff_index(
+        index_objects_of(old, log_group, flow_group), index_objects_of(new, log_group, flow_group)
+    )
     touched = _touched_vnics(old, new)
     seen = {v.ifname for v in touched}
     touched += [
@@ -783,9 +821,12 @@ def render_delta(
     removed = [old_v[n] for n in sorted(old_v.keys() - new_v.keys())]
     old_chains: dict[str, dict[str, list[Json]]] = {}
     for v in [*removed, *(old_v[t.ifname] for t in touched if t.ifname in old_v)]:
-        old_chains[v.ifname] = render_vnic_chains(v, old_rmap, old_shapes, log_group, old_plan, dispatch)
+        old_chains[v.ifname] = render_vnic_chains(
+            v, old_rmap, old_shapes, log_group, old_plan, dispatch, flow_group
+        )
     new_chains = {
-        v.ifname: render_vnic_chains(v, new_rmap, new_shapes, log_group, new_plan, dispatch) for v in touched
+        v.ifname: render_vnic_chains(v, new_rmap, new_shapes, log_group, new_plan, dispatch, flow_group)
+        for v in touched
     }
     cmds += idiff.early
     cmds += idiff.create
@@ -851,6 +892,7 @@ def render_delta(
 
 
 __all__ = [
+    "DEFAULT_FLOW_GROUP",
     "DEFAULT_LOG_GROUP",
     "DEFAULT_WORKLOAD_PREFIXES",
     "RawLayoutChanged",

@@ -62,7 +62,9 @@ def any_chain(direction: str, ifname: str, k: int) -> str:
 # --------------------------------------------------------------------------------- per-vNIC chains
 
 
-def hop_chains(plan: HopPlan, render_rule: Any, shapes: Any, log_group: int) -> dict[str, list[Json]]:
+def hop_chains(
+    plan: HopPlan, render_rule: Any, shapes: Any, log_group: int, flow_group: int | None = None
+) -> dict[str, list[Json]]:
     """The index chains of one hop: `<hop>_x<fam>` per indexed family, and the any-remote segments.
     `render_rule(rule, next_chain, shapes, log_group)` is render.render_rule (passed in: no cycle)."""
     v, d = plan.vnic, plan.direction
@@ -91,7 +93,7 @@ def hop_chains(plan: HopPlan, render_rule: Any, shapes: Any, log_group: int) -> 
             nxt = names[k + 1] if k + 1 < len(names) else tail
             body: list[Json] = []
             for h in segs[k] if segs else []:
-                body += render_rule(_bare(h.rule), nxt, shapes, log_group)
+                body += render_rule(_bare(h.rule), nxt, shapes, log_group, hop=d, flow_group=flow_group)
             body.append(_rule([_goto(nxt)], "next"))
             chains[name] = body
     return chains
@@ -122,16 +124,17 @@ def _map_decl(name: str, keytype: Any, interval: bool) -> Json:
 
 
 def _path_rules(path: Path, vnic: IRVnic, rmap: Mapping[int, IRRule], render_rule: Any,
-                render_default: Any, log_group: int) -> list[Json]:  # fmt: skip
+                render_default: Any, log_group: int, hop: str,
+                flow_group: int | None) -> list[Json]:  # fmt: skip
     out: list[Json] = []
     for kind, rid in path:
         if kind == "pass":
             out.append(_rule([{"counter": None}], str(rid)))
         elif kind == "rule":
             rule = replace(_bare(rmap[rid]), services=())
-            out += render_rule(rule, "", {}, log_group)
+            out += render_rule(rule, "", {}, log_group, hop=hop, flow_group=flow_group)
         else:
-            out += render_default(vnic, log_group)
+            out += render_default(vnic, log_group, hop=hop, flow_group=flow_group)
     return out
 
 
@@ -144,7 +147,12 @@ def _int_to_addr(fam: int, value: int) -> str:
 
 
 def index_objects(
-    state: HostDesiredState, plan: IndexPlan, render_rule: Any, render_default: Any, log_group: int
+    state: HostDesiredState,
+    plan: IndexPlan,
+    render_rule: Any,
+    render_default: Any,
+    log_group: int,
+    flow_group: int | None = None,
 ) -> IndexObjects:
     out = IndexObjects()
     for (_d, fam, nets), name in IPCACHE.items():
@@ -168,7 +176,9 @@ def index_objects(
                 pk = (path, ifname, d)
                 chain = path_names.get(pk)
                 if chain is None:
-                    rules = _path_rules(path, hp.vnic, rmap, render_rule, render_default, log_group)
+                    rules = _path_rules(
+                        path, hp.vnic, rmap, render_rule, render_default, log_group, d, flow_group
+                    )
                     chain = path_chain(_digest(rules))
                     out.chains.setdefault(chain, rules)
                     path_names[pk] = chain

@@ -1,0 +1,180 @@
+"""Conntrack DESTROY events over raw ctnetlink: the end of every connection, with its counters.
+
+The flow collector (agent/flows.py) joins them by original tuple to the allowed-connection logs it saw
+at the connection's first packet, to complete those records with packets, bytes and duration. Counters
+need `net.netfilter.nf_conntrack_acct=1` in the namespace (`enable_accounting`): without it the events
+still arrive, with zero counters. A lean parser of our own, not pyroute2's (its message classes cost
+tens of µs per event; a busy host ends thousands of connections a second).
+
+Loss: the kernel drops events when our receive buffer is full and the next recv fails with ENOBUFS;
+how many were lost is unknown, so `overruns` counts the occurrences (each is at least one event).
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import struct
+
+from omniwall.dataplane.netns import in_netns
+
+NETLINK_NETFILTER = 12
+NFNLGRP_CONNTRACK_DESTROY = 3
+_DELETE = (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_DELETE
+CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 1, 2
+CTA_MARK, CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY = 8, 9, 10
+CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMPV6_TYPE = 5, 8
+SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NETLINK_NO_ENOBUFS = 270, 1, 5
+
+# (proto, src, dst, sport, dport or ICMP type, packets, bytes, mark): both directions' counters summed
+CtDestroy = tuple[int, str, str, int, int, int, int, int]
+
+
+_HH = struct.Struct("=HH").unpack_from
+_BE16 = struct.Struct("!H").unpack_from
+_BE32 = struct.Struct("!I").unpack_from
+_BE64 = struct.Struct("!Q").unpack_from
+
+
+def _counters(data: bytes, off: int, end: int) -> tuple[int, int]:
+    packets = nbytes = 0
+    while off + 4 <= end:
+        ln, typ = _HH(data, off)
+        if ln < 4:
+            break
+        typ &= 0x3FFF
+        if typ == CTA_COUNTERS_PACKETS:
+            packets = _BE64(data, off + 4)[0]
+        elif typ == CTA_COUNTERS_BYTES:
+            nbytes = _BE64(data, off + 4)[0]
+        off += (ln + 3) & ~3
+    return packets, nbytes
+
+
+def parse_destroy(
+    data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str] | None = None
+) -> CtDestroy | None:
+    """One DESTROY message's attributes (`data[off:end]`) -> CtDestroy. Walks only what it needs,
+    without building dicts (this runs once per connection that ends on the host)."""
+    orig = co = cr = None
+    mark = 0
+    while off + 4 <= end:
+        ln, typ = _HH(data, off)
+        if ln < 4:
+            break
+        typ &= 0x3FFF
+        if typ == CTA_TUPLE_ORIG:
+            orig = (off + 4, off + ln)
+        elif typ == CTA_COUNTERS_ORIG:
+            co = (off + 4, off + ln)
+        elif typ == CTA_COUNTERS_REPLY:
+            cr = (off + 4, off + ln)
+        elif typ == CTA_MARK:
+            mark = _BE32(data, off + 4)[0]
+        off += (ln + 3) & ~3
+    if orig is None:
+        return None
+    src = dst = None
+    proto = sport = dport = 0
+    a, e = orig
+    while a + 4 <= e:
+        ln, typ = _HH(data, a)
+        if ln < 4:
+            break
+        typ &= 0x3FFF
+        b, be = a + 4, a + ln
+        while b + 4 <= be:
+            ln2, t2 = _HH(data, b)
+            if ln2 < 4:
+                break
+            t2 &= 0x3FFF
+            if typ == CTA_TUPLE_IP:
+                if t2 in (1, 3):  # CTA_IP_V4_SRC, CTA_IP_V6_SRC
+                    src = data[b + 4 : b + ln2]
+                elif t2 in (2, 4):
+                    dst = data[b + 4 : b + ln2]
+            elif typ == CTA_TUPLE_PROTO:
+                if t2 == CTA_PROTO_NUM:
+                    proto = data[b + 4]
+                elif t2 == CTA_PROTO_SRC_PORT:
+                    sport = _BE16(data, b + 4)[0]
+                elif t2 == CTA_PROTO_DST_PORT:
+                    dport = _BE16(data, b + 4)[0]
+                elif t2 in (CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMPV6_TYPE):
+                    dport = data[b + 4]
+            b += (ln2 + 3) & ~3
+        a += (ln + 3) & ~3
+    if src is None or dst is None:
+        return None
+    cache = addrs if addrs is not None else {}
+    s_txt = cache.get(src) or cache.setdefault(src, socket.inet_ntop(_AF[len(src)], src))
+    d_txt = cache.get(dst) or cache.setdefault(dst, socket.inet_ntop(_AF[len(dst)], dst))
+    po, bo = _counters(data, *co) if co else (0, 0)
+    pr, br = _counters(data, *cr) if cr else (0, 0)
+    return (proto, s_txt, d_txt, sport, dport, po + pr, bo + br, mark)
+
+
+_AF = {4: socket.AF_INET, 16: socket.AF_INET6}
+
+
+class CtEventReader:
+    """Subscribes to conntrack DESTROY events of `netns` (opened there: events are per namespace)."""
+
+    def __init__(self, netns: str | None = None, rcvbuf: int = 4 << 20) -> None:
+        self.overruns = 0
+        self._addrs: dict[bytes, str] = {}  # raw -> text, bounded (cleared past 65,536)
+        with in_netns(netns):
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE (root)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.bind((0, 0))
+        self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_CONNTRACK_DESTROY)
+
+    def read(self, timeout: float = 0.2) -> list[CtDestroy]:
+        out: list[CtDestroy] = []
+        if not select.select([self.sock], [], [], timeout)[0]:
+            return out
+        while True:
+            try:
+                data = self.sock.recv(1 << 17, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return out
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    self.overruns += 1
+                    continue
+                raise
+            off = 0
+            while off + 20 <= len(data):
+                ln, typ = struct.unpack_from("=IH", data, off)
+                if ln < 16:
+                    break
+                if typ == _DELETE:
+                    ev = parse_destroy(data, off + 20, off + ln, data[off + 16], self._addrs)
+                    if ev is not None:
+                        out.append(ev)
+                off += (ln + 3) & ~3
+            if len(self._addrs) > 65_536:
+                self._addrs.clear()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def enable_accounting(netns: str | None) -> bool:
+    """`nf_conntrack_acct=1` in `netns` (a per-namespace sysctl, read through /proc/sys from a thread
+    that entered the namespace). False when it cannot be set (not root): counters stay zero."""
+    try:
+        with in_netns(netns), open("/proc/sys/net/netfilter/nf_conntrack_acct", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+__all__ = ["CtDestroy", "CtEventReader", "enable_accounting", "parse_destroy"]

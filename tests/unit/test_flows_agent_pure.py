@@ -1,0 +1,220 @@
+"""The pure parts of the agent's flow path: default-action ids, flow logs in the rendered ruleset, log
+and conntrack-event parsing, aggregation and record building, the bounded buffer, metrics bounds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import struct
+
+from prometheus_client import generate_latest
+
+from omniwall.agent.flows import AGENT_AGGREGATION, AGENT_OPEN, FlowAggregator, RecordBuffer
+from omniwall.agent.metrics import AgentMetrics
+from omniwall.compiler.ir import HostDesiredState, IRRule, IRVnic, ServiceMatch
+from omniwall.compiler.ruleids import MAX_ID, default_rule_id, is_default_id
+from omniwall.dataplane.ctevents import parse_destroy
+from omniwall.dataplane.nflog import _flow_log
+from omniwall.dataplane.nft.render import render_table
+from omniwall.flows.record import DEFAULT_POLICY, FlowRecord
+
+A, B = "10.0.0.1", "10.0.0.2"
+
+
+def _state(rev: int = 4, *, monitor: bool = False, default: str = "drop") -> HostDesiredState:
+    rules = (
+        IRRule(11, "t", "web", "allow-a", "application", "allow", None, None),
+        IRRule(12, "prov", "base", "deny-ssh", "infrastructure", "drop", None, None,
+               (ServiceMatch("tcp", ((22, 22),)),), monitor=monitor),
+        IRRule(13, "t", "web", "udp-free", "application", "allow", None, None, stateful=False),
+    )  # fmt: skip
+    vnics = (
+        IRVnic("va", "t/a", "t", (A,), egress=(11,)),
+        IRVnic("vb", "t/b", "t", (B,), ingress=(12, 11, 13), default_action=default),  # type: ignore[arg-type]
+    )
+    return HostDesiredState("h", rev, vnics, rules)
+
+
+def test_default_ids_are_stable_distinct_and_never_rule_ids() -> None:
+    d = default_rule_id("t", "drop")
+    assert d == default_rule_id("t", "drop") and is_default_id(d) and d > MAX_ID and d < 2**32
+    assert len({default_rule_id(t, a) for t in ("t", "u") for a in ("drop", "reject", "allow")}) == 6
+    v = IRVnic("va", "t/a", "t", (A,))
+    assert v.default_id == d
+    assert dataclasses.replace(v, default_action="reject").default_id == default_rule_id("t", "reject")
+    st = _state()
+    assert HostDesiredState.loads(st.dumps()) == st
+    assert json.loads(st.dumps())["vnics"][0]["default_id"] == d
+
+
+def _logs(cmds: list[dict]) -> list[str]:
+    out = []
+    for c in cmds:
+        for e in c.get("add", {}).get("rule", {}).get("expr", []):
+            if "log" in e and e["log"]["prefix"].startswith("owf:"):
+                out.append(e["log"]["prefix"])
+    return out
+
+
+def test_every_verdict_logs_a_flow_with_rule_and_hop() -> None:
+    st = _state(monitor=True)
+    assert _logs(render_table(st)) == []  # flows off: the ruleset is exactly as before
+    logs = set(_logs(render_table(st, flow_group=16)))
+    dv = st.vnic_map()["vb"].default_id
+    da = st.vnic_map()["va"].default_id
+    assert {"owf:11:a:e", "owf:11:a:i", "owf:12:w:i", "owf:13:a:i", f"owf:{dv}:d:i", f"owf:{da}:d:e"} <= logs
+    rej = _logs(render_table(_state(default="reject"), flow_group=16))
+    assert f"owf:{default_rule_id('t', 'reject')}:r:i" in rej
+    fwd = [c["add"]["rule"]["comment"] for c in render_table(st, flow_group=16) if "rule" in c.get("add", {})
+           and c["add"]["rule"]["chain"] == "fwd"]  # fmt: skip
+    assert fwd[0] == "established flows:16"  # adoption sees a changed flow setting
+
+
+def _ipv4_tcp(src: str, dst: str, sport: int, dport: int) -> bytes:
+    ip = bytes([0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0]) + socket.inet_aton(src) + socket.inet_aton(dst)
+    return ip + struct.pack("!HH", sport, dport) + bytes(16)
+
+
+def test_flow_log_parsing() -> None:
+    p = _ipv4_tcp(A, B, 40000, 22)
+    assert _flow_log(b"owf:12:d:i", p, 3, 4) == (12, "d", "i", 6, A, B, 40000, 22, 3, 4)
+    assert _flow_log(b"ow:12:drop ", p, 3, 4) is None  # the `log: true` group's prefix is not a flow
+    assert _flow_log(b"owf:x:d:i", p, 3, 4) is None
+    assert _flow_log(b"owf:12:d:i", p[:10], 3, 4) is None
+    icmp = (
+        bytes([0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0])
+        + socket.inet_aton(A)
+        + socket.inet_aton(B)
+        + bytes([8, 0])
+    )
+    assert _flow_log(b"owf:1:a:e", icmp, 1, 2)[3:8] == (1, A, B, 0, 8)  # type: ignore[index]
+
+
+def _nla(typ: int, payload: bytes) -> bytes:
+    b = struct.pack("=HH", 4 + len(payload), typ) + payload
+    return b + b"\0" * ((4 - len(b) % 4) % 4)
+
+
+def test_conntrack_destroy_parsing() -> None:
+    ip = _nla(1, socket.inet_aton(A)) + _nla(2, socket.inet_aton(B))
+    proto = _nla(1, bytes([6])) + _nla(2, struct.pack("!H", 40000)) + _nla(3, struct.pack("!H", 8080))
+    tup = _nla(1 | 0x8000, ip) + _nla(2 | 0x8000, proto)
+    ctr = lambda p, b: _nla(1, struct.pack("!Q", p)) + _nla(2, struct.pack("!Q", b))  # noqa: E731
+    body = _nla(1 | 0x8000, tup) + _nla(9 | 0x8000, ctr(5, 300)) + _nla(10 | 0x8000, ctr(4, 1000))
+    body += _nla(8, struct.pack("!I", 11))
+    assert parse_destroy(body, 0, len(body), socket.AF_INET) == (6, A, B, 40000, 8080, 9, 1300, 11)
+
+
+def _names(_i: int) -> str | None:
+    return {3: "va", 4: "vb"}.get(_i)
+
+
+def test_allowed_connection_then_completion_counts_once() -> None:
+    ag = FlowAggregator("h")
+    ag.set_state(_state())
+    syn = [(11, "a", "e", 6, A, B, 40000, 8080, 3, 4), (11, "a", "i", 6, A, B, 40000, 8080, 3, 4)]
+    ag.on_logs(syn, 10.0, _names)
+    ag.on_logs(syn[:1], 10.5, _names)  # a retransmitted SYN: the same connection
+    out = ag.flush(_names)
+    assert sorted((r.hop, r.ifname, r.workload, r.final, r.count, r.sport) for r in out) == [
+        ("egress", "va", "t/a", False, 1, 40000), ("ingress", "vb", "t/b", False, 1, 40000),
+    ]  # fmt: skip
+    r = out[0]
+    assert (r.rule_id, r.rule_tenant, r.policy, r.rule, r.category, r.revision) == (
+        11,
+        "t",
+        "web",
+        "allow-a",
+        "application",
+        4,
+    )
+    ag.on_destroy([(6, A, B, 40000, 8080, 9, 1300, 11)], 12.0)
+    done = ag.flush(_names)
+    assert sorted((d.hop, d.final, d.count, d.packets, d.bytes, d.start, d.end) for d in done) == [
+        ("egress", True, 0, 9, 1300, 10.0, 12.0), ("ingress", True, 0, 9, 1300, 10.0, 12.0),
+    ]  # fmt: skip
+    assert ag.open_connections == 0 and sum(x.count for x in out + done) == 2  # one connection per hop
+    FlowRecord.from_json(json.loads(json.dumps(done[0].to_json())))
+
+
+def test_many_connections_between_the_same_ends_are_one_record_per_interval() -> None:
+    ag = FlowAggregator("h")
+    ag.set_state(_state())
+    ag.on_logs([(11, "a", "e", 6, A, B, 1000 + i, 8080, 3, 4) for i in range(500)], 1.0, _names)
+    ag.on_destroy([(6, A, B, 1000 + i, 8080, 4, 200, 11) for i in range(300)], 2.0)
+    (opened, ended) = sorted(ag.flush(_names), key=lambda r: r.final)
+    assert (opened.count, opened.sport, opened.final) == (500, 0, False)
+    assert (ended.count, ended.packets, ended.bytes, ended.final) == (0, 1200, 60000, True)
+    assert ag.open_connections == 200
+
+
+def test_denials_aggregate_default_and_monitor_are_named() -> None:
+    ag = FlowAggregator("h")
+    st = _state(monitor=True)
+    ag.set_state(st)
+    dv = st.vnic_map()["vb"].default_id
+    logs = [(dv, "d", "i", 17, A, B, 5000 + i, 53, 3, 4) for i in range(1000)]  # a flood: any sport
+    logs += [(12, "w", "i", 6, A, B, 40000, 22, 3, 4)]
+    logs += [(13, "a", "i", 17, A, B, 1, 9999, 3, 4)] * 3  # stateless allow: aggregated, no completion
+    ag.on_logs(logs, 1.0, _names)
+    recs = {r.rule_id: r for r in ag.flush(_names)}
+    d = recs[dv]
+    assert (d.count, d.packets, d.verdict, d.policy, d.rule, d.category, d.rule_tenant, d.dport, d.sport) == (
+        1000, 1000, "denied", DEFAULT_POLICY, "drop", "default", "t", 53, 0,
+    )  # fmt: skip
+    assert (recs[12].verdict, recs[12].rule_tenant, recs[12].category) == (
+        "would-deny",
+        "prov",
+        "infrastructure",
+    )
+    assert (recs[13].verdict, recs[13].count, recs[13].final) == ("allowed", 3, True)
+    assert ag.flush(_names) == []  # the interval is over
+
+
+def test_tables_are_bounded_and_losses_counted() -> None:
+    ag = FlowAggregator("h", max_keys=10, max_open=5)
+    ag.set_state(_state())
+    ag.on_logs([(12, "d", "i", 6, A, B, 1, p, 3, 4) for p in range(25)], 1.0, _names)
+    assert ag.pending_keys == 10 and ag.dropped[AGENT_AGGREGATION] == 15
+    ag2 = FlowAggregator("h", max_open=5)
+    ag2.set_state(_state())
+    ag2.on_logs([(11, "a", "e", 6, A, B, p, 80, 3, 4) for p in range(8)], 1.0, _names)
+    assert ag2.open_connections == 5 and ag2.dropped[AGENT_OPEN] == 3
+    # refused at the other hop: no completion will come, nothing is kept open, retries are one attempt
+    ag3 = FlowAggregator("h")
+    ag3.set_state(_state())
+    for _ in range(3):
+        ag3.on_logs([(11, "a", "e", 6, A, B, 7, 22, 3, 4), (12, "d", "i", 6, A, B, 7, 22, 3, 4)], 1.0, _names)
+        assert ag3.open_connections == 0
+    recs = {(r.verdict, r.final): r.count for r in ag3.flush(_names, 2.0)}
+    assert recs == {("allowed", False): 1, ("denied", True): 3}
+
+
+def test_record_buffer_is_bounded() -> None:
+    buf = RecordBuffer(limit=3)
+    rec = FlowRecord(
+        0, 0, "h", "egress", "va", "t/a", "denied", 1, "t", "p", "r", "application", 1, "tcp", A, B
+    )
+    assert buf.push([rec] * 2) == 0 and buf.push([rec] * 4) == 3 and len(buf) == 3 and buf.dropped == 3
+    assert len(buf.peek(2)) == 2
+    buf.pop(2)
+    assert len(buf) == 1
+
+
+def test_metrics_bound_policy_labels() -> None:
+    m = AgentMetrics("h", max_policies=2)
+    m.watch_dropped(lambda: {"agent-buffer": 7})
+    rec = FlowRecord(
+        0, 0, "h", "egress", "va", "t/a", "denied", 1, "t", "p", "r", "application", 1, "tcp", A, B
+    )
+    m.on_records([dataclasses.replace(rec, policy=f"p{i}", count=2) for i in range(5)])
+    m.desired(5, now=0.0)
+    m.realized(_state(5), now=0.25)
+    body = generate_latest(m.registry).decode()
+    assert body.count("omniwall_agent_verdicts_total{") == 3  # p0, p1, (other)
+    assert 'omniwall_agent_verdicts_total{policy="(other)",tenant="(other)",verdict="denied"} 6.0' in body
+    assert 'omniwall_agent_flow_records_dropped_total{place="agent-buffer"} 7.0' in body
+    assert 'omniwall_agent_flow_records_total{verdict="denied"} 5.0' in body
+    assert "omniwall_agent_realized_revision 5.0" in body and "omniwall_agent_rules 3.0" in body
+    assert "omniwall_agent_realization_lag_seconds_sum 0.25" in body
