@@ -15,7 +15,15 @@ from omniwall.manager.attributes import settle_posture, with_posture_records
 from omniwall.manager.contracts import load_documents
 from omniwall.manager.objects import resource_key, split_key
 
-from .auth import Principal, authenticate, check_created_identity, check_write, manager_of, scope_document
+from .auth import (
+    Principal,
+    authenticate,
+    check_created_identity,
+    check_platform_attributes,
+    check_write,
+    manager_of,
+    scope_document,
+)
 from .errors import ApiError
 from .impact import tenant_impact
 from .limits import check_plan_quotas, may_seed_posture
@@ -96,6 +104,7 @@ def _apply(request: Request, p: Principal, text: str, source: str, dry_run: bool
     docs = settle_posture(m, docs, may_seed=may_seed_posture(p))
     plan = m.plan_apply(docs, mode="apply")
     check_created_identity(p, plan)
+    check_platform_attributes(p, plan)
     check_plan_quotas(request, m, plan)
     out: dict[str, Any] = {"dryRun": dry_run, "changes": m.object_diffs(plan)}
     if dry_run:

@@ -272,6 +272,37 @@ def check_write(p: Principal, kind: str, tenant: str, name: str, r: _Resource | 
         )
 
 
+# Attributes the platform sets, never the tenant: a pod's Kubernetes namespace and that namespace's
+# labels (k8s/admin_translate.py). Provider AdminNetworkPolicies select pods by them; a tenant that could
+# write them would move its pods out of a provider Deny's subject, as no Kubernetes user can.
+PLATFORM_ATTRIBUTE_PREFIX = "k8s."
+
+
+def check_platform_attributes(p: Principal, plan: Plan) -> None:
+    """403 `provider.write` when a caller without it creates a Workload with `k8s.*` attributes, or
+    changes (sets, alters or removes) them on an update or a rollback."""
+    if Perm.PROVIDER_WRITE in ROLE_PERMS[p.role]:
+        return
+    for c in plan.writes:
+        if c.kind != "Workload":
+            continue
+        new = getattr(getattr(c.new, "spec", None), "attributes", None) or {}
+        old = getattr(getattr(c.old, "spec", None), "attributes", None) or {}
+        mine = {k: v for k, v in new.items() if k.startswith(PLATFORM_ATTRIBUTE_PREFIX)}
+        stored = {k: v for k, v in old.items() if k.startswith(PLATFORM_ATTRIBUTE_PREFIX)}
+        if c.action == "delete" or mine == stored:
+            continue
+        key = sorted(set(mine) ^ set(stored) | {k for k in mine if mine[k] != stored.get(k)})[0]
+        raise ApiError(
+            403,
+            f"role {p.role.value} lacks permission {Perm.PROVIDER_WRITE.value}: "
+            f"Workload/{c.tenant}/{c.name}: attribute {key!r} is set by the platform (the provider), "
+            "not by the tenant",
+            permission=Perm.PROVIDER_WRITE.value,
+            document=f"Workload/{c.tenant}/{c.name}",
+        )
+
+
 def check_created_identity(p: Principal, plan: Plan) -> None:
     """403 `identity.write` when the plan creates a Workload with a `user` attribute and the caller may not
     post identity events. A create takes source-owned attributes as given (updates keep the stored ones),

@@ -25,6 +25,7 @@ from .auth import (
     Principal,
     authenticate,
     check_created_identity,
+    check_platform_attributes,
     check_visible,
     check_write,
     manager_of,
@@ -132,6 +133,7 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
         (r,) = settle_posture(m, [r], may_seed=may_seed_posture(p))
         plan = m.plan_apply([r], mode="create")
         check_created_identity(p, plan)
+        check_platform_attributes(p, plan)
         check_plan_quotas(request, m, plan)
         m.commit(with_posture_records(m, plan), p.actor)
         return render(m, _get(m, kind, r.metadata.tenant, r.metadata.name))
@@ -162,6 +164,7 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
         r = scope_document(p, r)
         check_write(p, kind, r.metadata.tenant, name, r)
         plan = m.plan_apply([r], mode="update")
+        check_platform_attributes(p, plan)
         check_plan_quotas(request, m, plan)
         m.commit(with_posture_records(m, plan), p.actor)
         return render(m, _get(m, kind, r.metadata.tenant, name))
@@ -234,7 +237,8 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
         # a deleted workload brought back gets the posture recorded for its name, not the old one
         (doc,) = settle_posture(m, [with_metadata(old, revision=None)], may_seed=False)
         plan = m.plan_apply([doc], mode="apply", verb="rollback")
-        check_created_identity(p, plan)  # a rollback may bring a deleted workload back
+        check_created_identity(p, plan)
+        check_platform_attributes(p, plan)  # a rollback may bring a deleted workload back
         check_plan_quotas(request, m, plan)
         rev = m.commit(with_posture_records(m, plan), p.actor)
         cur = _get(m, kind, t, name)
