@@ -140,6 +140,8 @@ class EtcdStore:
             self._current = idx
             try:
                 data = resp.json() if resp.content else {}
+                if resp.status_code in (404, 405) or (resp.status_code == 200 and "header" not in data):
+                    raise ValueError("not an etcd answer")
             except ValueError:
                 raise StoreError(
                     f"{self.endpoints[idx]} is not an etcd v3 gateway (HTTP {resp.status_code} on /v3/{path})"

@@ -1,0 +1,225 @@
+"""EtcdStore on a real etcd (Debian's binary on loopback): what only a networked, shared store can get
+wrong. The protocol's semantics run on etcd in test_store_semantics.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from apihelpers import auth
+from etcdhelpers import Cluster, etcd_cluster, needs_etcd
+from fastapi.testclient import TestClient
+
+from omniwall.api.app import create_app
+from omniwall.manager.audit import chained
+from omniwall.manager.service import Manager
+from omniwall.store import CompactedError, Compare, Put, StoreError, open_store
+from omniwall.store.etcd import EtcdStore, parse_endpoints
+
+pytestmark = [needs_etcd, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[Cluster]:
+    with etcd_cluster(tmp_path) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def store(etcd: Cluster) -> Iterator[EtcdStore]:
+    s = EtcdStore(etcd.endpoints)
+    yield s
+    s.close()
+
+
+def test_watch_resumes_exactly_after_a_gap(store: EtcdStore) -> None:
+    for i in range(5):
+        store.put(f"k/{i}", str(i))
+    seen = []
+    for e in store.watch(1, poll=0.05):
+        seen.append(e)
+        if len(seen) == 3:
+            break  # the watcher goes away mid-stream
+    resume_at = seen[-1].revision + 1
+    # the gap: writes while nobody watches, one of them a txn of two keys
+    store.txn([], [Put("k/a", "x"), Put("k/b", "y")])
+    store.delete("k/0")
+    rest = []
+    for e in store.watch(resume_at, poll=0.05):
+        rest.append(e)
+        if len(rest) == 5:
+            break
+    got = [(e.revision, e.type, e.key) for e in seen + rest]
+    assert got == [
+        (1, "put", "k/0"),
+        (2, "put", "k/1"),
+        (3, "put", "k/2"),
+        (4, "put", "k/3"),
+        (5, "put", "k/4"),
+        (6, "put", "k/a"),
+        (6, "put", "k/b"),
+        (7, "delete", "k/0"),
+    ]
+
+
+def test_watch_behind_compaction_raises_and_resync_from_a_snapshot_works(store: EtcdStore) -> None:
+    for i in range(6):
+        store.put("obj", str(i))  # revisions 1..6
+    store.compact(5)
+    assert store.compacted_revision() == 5
+    with pytest.raises(CompactedError) as err:
+        next(iter(store.watch(3, poll=0.05)))
+    assert (err.value.requested, err.value.compacted) == (3, 5)
+    # the resync a caller does: read a snapshot, then watch from its revision + 1
+    items, rev = store.range("")
+    assert [(kv.key, kv.value) for kv in items] == [("obj", "5")]
+    store.put("obj", "6")
+    assert [(e.revision, e.value) for e in store.events(rev + 1)] == [(7, "6")]
+    # history keeps the last change before the compaction point (as SQLite does), then every later one
+    assert [(e.revision, e.value) for e in store.history("obj")] == [(4, "3"), (5, "4"), (6, "5"), (7, "6")]
+
+
+def test_txn_conflict_between_two_clients(etcd: Cluster) -> None:
+    a, b = EtcdStore(etcd.endpoints), EtcdStore(etcd.endpoints)
+    r = a.put("policy", "v1")
+    seen_by_b = b.get("policy")
+    assert seen_by_b is not None and seen_by_b.mod_revision == r
+    assert a.txn([Compare("policy", r)], [Put("policy", "from-a")]).succeeded
+    lost = b.txn([Compare("policy", r)], [Put("policy", "from-b")])
+    assert not lost.succeeded and lost.failed == (Compare("policy", r),)
+    assert b.get("policy").value == "from-a"  # type: ignore[union-attr]
+    # creating a key that must not exist: the second creator loses
+    assert a.txn([Compare("new", 0)], [Put("new", "a")]).succeeded
+    assert not b.txn([Compare("new", 0)], [Put("new", "b")]).succeeded
+    a.close()
+    b.close()
+
+
+def test_concurrent_writers_lose_no_update(etcd: Cluster) -> None:
+    """Two clients increment one counter with compare-and-swap: every success counts, exactly once."""
+    clients = [EtcdStore(etcd.endpoints), EtcdStore(etcd.endpoints)]
+    clients[0].put("counter", "0")
+    wins = [0, 0]
+
+    def worker(i: int) -> None:
+        s = clients[i]
+        while wins[i] < 15:
+            kv = s.get("counter")
+            assert kv is not None
+            if s.txn(
+                [Compare("counter", kv.mod_revision)], [Put("counter", str(int(kv.value) + 1))]
+            ).succeeded:
+                wins[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    final = clients[0].get("counter")
+    assert final is not None and int(final.value) == 30
+    assert final.mod_revision == 31 == clients[1].revision()  # one revision per successful txn
+    assert [e.value for e in clients[1].history("counter")] == [str(i) for i in range(31)]
+    for c in clients:
+        c.close()
+
+
+def test_prefix_isolates_stores_sharing_one_etcd(etcd: Cluster) -> None:
+    a = EtcdStore(etcd.endpoints, prefix="/a/")
+    b = EtcdStore(etcd.endpoints, prefix="/b/")
+    a.put("k", "in a")
+    b.put("k", "in b")
+    b.put("other", "x")
+    assert a.get("k").value == "in a"  # type: ignore[union-attr]
+    assert [kv.key for kv in a.range("")[0]] == ["k"]
+    assert [(e.revision, e.key, e.value) for e in a.events(0)] == [(1, "k", "in a")]
+    # b's writes moved the shared revision: a's revision follows etcd's, strictly increasing
+    assert a.revision() == b.revision() == 3
+    assert a.put("k2", "y") == 4
+    a.close()
+    b.close()
+
+
+def test_manager_apply_rollback_history_audit_on_etcd(etcd: Cluster) -> None:
+    store = chained(open_store(etcd.url))  # as `omniwall manager --store etcd://...` opens it
+    m = Manager(store)
+    token, _ = m.tokens.create("provider-admin", name="alice")
+    c = TestClient(create_app(m, watch=False))
+    h = auth(token)
+    base = "kind: Tenant\nmetadata: {name: acme}\n---\nkind: Host\nmetadata: {name: h1}\n"
+    assert c.post("/v1/apply", content=base, headers=h).status_code == 200
+
+    def workload(ip: str) -> dict[str, object]:
+        return {
+            "kind": "Workload",
+            "metadata": {"name": "web1", "tenant": "acme", "labels": {"tier": "web"}},
+            "spec": {"host": "h1", "vnics": [{"name": "eth0", "ips": [ip]}]},
+        }
+
+    r = c.post("/v1/workloads", json=workload("10.0.0.1"), headers=h)
+    assert r.status_code == 200, r.text
+    r1 = r.json()["metadata"]["revision"]
+    c.put("/v1/workloads/web1", json=workload("10.0.0.2"), headers=h)
+    hist = c.get("/v1/workloads/web1/history", params={"tenant": "acme"}, headers=h).json()["items"]
+    assert [it["object"]["spec"]["vnics"][0]["ips"][0] for it in hist] == ["10.0.0.1", "10.0.0.2"]
+    r = c.post("/v1/workloads/web1/rollback", params={"tenant": "acme"}, json={"revision": r1}, headers=h)
+    assert r.status_code == 200, r.text
+    assert r.json()["object"]["spec"]["vnics"][0]["ips"] == ["10.0.0.1"]
+    assert r.json()["revision"] == m.store.revision()
+    audit = c.get("/v1/audit", params={"kind": "workload", "name": "web1"}, headers=h).json()["items"]
+    assert [e["action"] for e in audit] == ["create", "update", "rollback"]
+    assert c.get("/v1/audit/verify", headers=h).json()["ok"] is True
+    # a second manager on the same etcd sees it all (state is in etcd, not in the process)
+    m2 = Manager(chained(open_store(etcd.url)))
+    assert m2.revision == m.store.revision()
+    c2 = TestClient(create_app(m2, watch=False))
+    got = c2.get("/v1/workloads/web1", params={"tenant": "acme"}, headers=h)
+    assert got.status_code == 200 and got.json()["spec"]["vnics"][0]["ips"] == ["10.0.0.1"]
+    # compacted history: rollback answers 410, as on SQLite
+    m.store.compact(m.store.revision())
+    r = c.post("/v1/workloads/web1/rollback", params={"tenant": "acme"}, json={"revision": r1}, headers=h)
+    assert r.status_code == 410 and "compacted" in r.json()["message"]
+
+
+def test_unreachable_store_is_a_clear_startup_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"127\.0\.0\.1:9.*refused"):
+        open_store("etcd://127.0.0.1:9")
+    with pytest.raises(ValueError, match="no port"):
+        parse_endpoints("etcd://127.0.0.1")
+    out = subprocess.run(
+        [sys.executable, "-m", "omniwall.cli.main", "manager", "--store", "etcd://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1
+    assert "error: store etcd://127.0.0.1:9: no etcd endpoint answered" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_not_an_etcd_endpoint_is_named(tmp_path: Path) -> None:
+    from apihelpers import serving
+
+    with serving(create_app(Manager(open_store(":memory:")), watch=False)) as url:
+        err = pytest.raises(StoreError, match=f"{url} is not an etcd v3 gateway")
+        with err:
+            EtcdStore([url])
+
+
+def test_failover_to_the_next_endpoint(etcd: Cluster) -> None:
+    dead = "http://127.0.0.1:9"
+    s = EtcdStore([dead, *etcd.endpoints])
+    assert s.put("k", "v") == 1
+    assert s.get("k").value == "v"  # type: ignore[union-attr]
+    s.close()
+    with httpx.Client() as c:  # the store writes under its prefix only
+        r = c.post(f"{etcd.endpoints[0]}/v3/kv/range", json={"key": "AA==", "range_end": "AA=="})
+        keys = [kv["key"] for kv in r.json()["kvs"]]
+    assert keys == ["L29tbml3YWxsL2s="]  # base64 of /omniwall/k
