@@ -98,7 +98,7 @@ class Cluster:
             if m.proc is None:
                 continue
             try:
-                m.proc.wait(timeout=5)
+                m.proc.wait(timeout=2)  # a member whose peers are gone may linger: its data is scratch
             except subprocess.TimeoutExpired:
                 os.kill(m.proc.pid, signal.SIGKILL)
                 m.proc.wait(timeout=5)
