@@ -243,6 +243,7 @@ def register(app: typer.Typer) -> None:
         from omniwall.store import StoreError
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # an etcd store logs no line per request
         try:
             from omniwall.api.errors import ApiError
             from omniwall.api.flows import parse_duration
