@@ -310,3 +310,64 @@ def test_kill_9_of_etcd_mid_burst_keeps_every_acknowledged_txn(tmp_path: Path) -
             assert a is not None and b is not None
             assert (a.value, a.mod_revision) == (b.value, b.mod_revision)
         s.close()
+
+
+def test_two_managers_on_one_etcd(etcd: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    """Two manager processes' worth of state on one etcd: writes, conflicts, revocation, resync."""
+    m1, m2 = Manager(chained(open_store(etcd.url))), Manager(chained(open_store(etcd.url)))
+    c1, c2 = TestClient(create_app(m1, watch=False)), TestClient(create_app(m2, watch=False))
+    admin, _ = m1.tokens.create("provider-admin", name="alice")
+    h = auth(admin)
+    base = "kind: Tenant\nmetadata: {name: acme}\n---\nkind: Host\nmetadata: {name: h1}\n"
+    assert c1.post("/v1/apply", content=base, headers=h).status_code == 200
+
+    def workload(name: str, ip: str, rev: int | None = None) -> dict[str, object]:
+        md: dict[str, object] = {"name": name, "tenant": "acme"}
+        if rev is not None:
+            md["revision"] = rev
+        return {
+            "kind": "Workload",
+            "metadata": md,
+            "spec": {"host": "h1", "vnics": [{"name": "e", "ips": [ip]}]},
+        }
+
+    m2.sync()
+    rev = c1.post("/v1/workloads", json=workload("web1", "10.0.0.1"), headers=h).json()["metadata"][
+        "revision"
+    ]
+    m2.sync()
+    # both managers read web1 at `rev`; the first writer wins, the second gets 409 even though its own
+    # model has not seen the first write (the compare runs in the etcd transaction)
+    assert c1.put("/v1/workloads/web1", json=workload("web1", "10.0.0.2", rev), headers=h).status_code == 200
+    r = c2.put("/v1/workloads/web1", json=workload("web1", "10.0.0.3", rev), headers=h)
+    assert r.status_code == 409, r.text
+    # m2 follows m1's writes through the etcd watch
+    m2.start_watch(poll=0.1)
+    try:
+        assert c1.post("/v1/workloads", json=workload("web2", "10.0.0.9"), headers=h).status_code == 200
+        deadline = time.monotonic() + 10
+        while c2.get("/v1/workloads/web2", params={"tenant": "acme"}, headers=h).status_code != 200:
+            assert time.monotonic() < deadline, "m2 never saw m1's write"
+            time.sleep(0.05)
+        # a token revoked through m1 stops working on m2 within a watch round
+        t2, rec = m1.tokens.create("provider-admin", name="bob")
+        assert c2.get("/v1/hosts", headers=auth(t2)).status_code == 200  # now cached by m2
+        assert m1.tokens.revoke(rec.id)
+        deadline = time.monotonic() + 10
+        while c2.get("/v1/hosts", headers=auth(t2)).status_code != 401:
+            assert time.monotonic() < deadline, "revoked token still accepted by m2"
+            time.sleep(0.05)
+    finally:
+        m2.stop_watch()
+    # a manager that fell behind a compaction reloads its model instead of missing changes
+    m3 = Manager(chained(open_store(etcd.url)))
+    c1.delete("/v1/workloads/web2", params={"tenant": "acme"}, headers=h)
+    c1.post("/v1/workloads", json=workload("web3", "10.0.0.7"), headers=h)
+    m1.store.compact(m1.store.revision())
+    with caplog.at_level("WARNING"):
+        m3.sync()  # m3 last saw the revision before the delete: those events are compacted away
+    assert "fell behind a compaction" in caplog.text
+    c3 = TestClient(create_app(m3, watch=False))
+    assert c3.get("/v1/workloads/web2", params={"tenant": "acme"}, headers=h).status_code == 404
+    assert c3.get("/v1/workloads/web1", params={"tenant": "acme"}, headers=h).status_code == 200
+    assert c3.get("/v1/workloads/web3", params={"tenant": "acme"}, headers=h).status_code == 200
