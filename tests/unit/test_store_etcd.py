@@ -371,3 +371,43 @@ def test_two_managers_on_one_etcd(etcd: Cluster, caplog: pytest.LogCaptureFixtur
     assert c3.get("/v1/workloads/web2", params={"tenant": "acme"}, headers=h).status_code == 404
     assert c3.get("/v1/workloads/web1", params={"tenant": "acme"}, headers=h).status_code == 200
     assert c3.get("/v1/workloads/web3", params={"tenant": "acme"}, headers=h).status_code == 200
+
+
+def test_the_in_memory_tail_agrees_with_etcds_history_also_across_a_restart(tmp_path: Path) -> None:
+    """`events` answers recent revisions from one long-lived watch (the tail); it must return exactly
+    what a fresh read of etcd's history returns, for every start and page size, also after the etcd it
+    follows was killed and restarted."""
+    with etcd_cluster(tmp_path) as cluster:
+        s = EtcdStore(cluster.endpoints, timeout=3)
+        s.put("seed", "0")
+        s.events(0)  # starts the tail
+        deadline = time.monotonic() + 10
+        while not s._tail.running():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        start = s._tail._start
+
+        def burst(n: int) -> None:
+            for i in range(n):
+                s.txn([], [Put(f"t/{i % 3}", str(i)), Put(f"u/{i}", "x")])
+                if i % 4 == 0:
+                    s.delete(f"u/{i}")
+
+        burst(12)
+        cluster.kill(cluster.members[0])
+        cluster.start(cluster.members[0])
+        cluster.wait_ready()
+        burst(8)
+        head = s.revision()
+        history = s._events(start)  # a fresh read of etcd's history (no tail)
+        assert len(history) == 20 * 2 + 5  # two puts per txn, and the deletes of i = 0, 4, 8, 0, 4
+        assert s._tail.wait(head, 5) and s._tail._rev >= head
+        for r in range(start, head + 2):
+            want = [e for e in history if e.revision >= r]
+            assert s.events(r) == want, r
+            for limit in (1, 3):
+                page = want[:limit]
+                page += [e for e in want[limit:] if page and e.revision == page[-1].revision]
+                assert s.events(r, limit=limit) == page, (r, limit)
+        assert s._tail._start == start  # served by the tail: it resumed, it did not start over
+        s.close()

@@ -30,6 +30,7 @@ when the connection could not be made (the request was never sent), so it is nev
 from __future__ import annotations
 
 import base64
+import bisect
 import contextlib
 import json
 import threading
@@ -118,6 +119,7 @@ class EtcdStore:
         self._current = 0  # index of the endpoint that answered last
         self._lock = threading.Lock()
         self._compacted_floor = 0  # compaction only moves forward: a lower bound for the search
+        self._tail = _Tail(self)  # started by the first events()/wait()
         self.revision()  # fail now, naming the endpoints, if no etcd answers
 
     # ---- transport
@@ -263,6 +265,12 @@ class EtcdStore:
         return [self._kv(kv) for kv in data.get("kvs") or []], self._rev(data)
 
     def events(self, from_revision: int, *, limit: int | None = None) -> list[Event]:
+        if from_revision < self._compacted_floor:
+            raise CompactedError(from_revision, self._compacted_floor)
+        head = self.revision()
+        cached = self._tail.events(from_revision, head, limit)
+        if cached is not None:
+            return cached
         return self._events(from_revision, limit=limit)
 
     def _events(self, from_revision: int, *, limit: int | None = None, key: str | None = None) -> list[Event]:
@@ -351,6 +359,10 @@ class EtcdStore:
         """Block on an etcd watch (not a poll) until any write reaches `revision`."""
         if self.revision() >= revision:
             return True
+        if self._tail.wait(revision, timeout):
+            return True
+        if self._tail.running():
+            return self.revision() >= revision
         body = {"key": _b64(b"\0"), "range_end": _b64(b"\0"), "start_revision": str(revision + 1)}
         stream = self._watch_stream(body, timeout=timeout)
         try:
@@ -422,8 +434,10 @@ class EtcdStore:
         with contextlib.suppress(_Compacted):  # already compacted at or past it
             self._call("kv/compaction", {"revision": str(revision), "physical": True}, write=True)
         self._compacted_floor = max(self._compacted_floor, revision)
+        self._tail.drop_before(revision)
 
     def close(self) -> None:
+        self._tail.stop()
         self._client.close()
 
 
@@ -433,3 +447,143 @@ class _Compacted(StoreError):
 
 class _Future(StoreError):
     """etcd said: required revision is a future revision."""
+
+
+class _Tail:
+    """One long-lived etcd watch over the whole keyspace, from the revision it started at: it keeps the
+    recent events of the store's prefix in memory, so that `events(R)` for a recent R and `wait` answer
+    without opening a watch on a past revision (etcd syncs those only every 100 ms).
+
+    Every etcd revision has at least one event somewhere in the keyspace, so the tail knows exactly up to
+    which revision it is complete (`rev`); `events` uses it only when it is complete up to the head
+    revision the caller read, and falls back to a one-off history read otherwise. After a disconnect
+    it resumes from `rev + 1`; if that was compacted meanwhile, it starts over (its start moves up).
+    """
+
+    MAX_EVENTS = 100_000  # memory bound: older events are read from etcd's history again
+    IDLE = 30.0  # seconds
+
+    def __init__(self, store: EtcdStore) -> None:
+        self._store = store
+        self._cond = threading.Condition()
+        self._events: list[Event] = []
+        self._revs: list[int] = []  # store revision of each event, for bisect
+        self._start = 0  # store revision from which the buffer holds every event (0: not started)
+        self._rev = -1  # last store revision the buffer is complete up to
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._client: httpx.Client | None = None
+
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._start > 0
+
+    def _ensure(self) -> None:
+        if self._thread is None and not self._stopped.is_set():
+            self._thread = threading.Thread(target=self._run, name="omniwall-etcd-tail", daemon=True)
+            self._thread.start()
+
+    def events(self, from_revision: int, head: int, limit: int | None) -> list[Event] | None:
+        self._ensure()
+        with self._cond:
+            if not self._start or from_revision < self._start:
+                return None
+            # the tail lags the caller's read by the time one event takes to arrive: wait for it briefly
+            if not self._cond.wait_for(lambda: self._rev >= head, timeout=2.0):
+                return None
+            i = bisect.bisect_left(self._revs, from_revision)
+            j = bisect.bisect_right(self._revs, head)
+            if limit is not None and i + limit < j:
+                j = bisect.bisect_right(self._revs, self._revs[i + limit - 1]) if limit > 0 else i
+            return self._events[i:j]
+
+    def wait(self, revision: int, timeout: float) -> bool:
+        self._ensure()
+        with self._cond:
+            if not self._start:
+                return False
+            return self._cond.wait_for(lambda: self._rev >= revision, timeout)
+
+    def drop_before(self, revision: int) -> None:
+        with self._cond:
+            i = bisect.bisect_left(self._revs, revision)
+            del self._events[:i], self._revs[:i]
+            if self._start and self._start < revision:
+                self._start = revision
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._client is not None:
+            self._client.close()  # ends the blocking read of the stream
+
+    def _run(self) -> None:
+        store = self._store
+        while not self._stopped.is_set():
+            try:
+                with self._cond:
+                    if self._rev < 0:
+                        head = store.revision()
+                        self._start, self._rev = head + 1, head
+                        self._events.clear()
+                        self._revs.clear()
+                    start = self._rev + 1  # store revision = etcd revision - 1
+                self._follow(start + 1)
+            except CompactedError:
+                with self._cond:
+                    self._rev = -1  # fell behind a compaction while disconnected: start over
+            except Exception:  # etcd unreachable or idle timeout: retry; the fallback serves meanwhile
+                if self._stopped.wait(0.5):
+                    return
+
+    def _follow(self, etcd_start: int) -> None:
+        store = self._store
+        body = {"key": _b64(b"\0"), "range_end": _b64(b"\0"), "start_revision": str(etcd_start)}
+        # an idle stream is reopened every IDLE seconds (from the next revision: nothing is missed)
+        self._client = httpx.Client(timeout=httpx.Timeout(store._timeout, read=self.IDLE), trust_env=False)
+        try:
+            if self._stopped.is_set():
+                return
+            url = f"{store.endpoints[store._current]}/v3/watch"
+            with self._client.stream("POST", url, json={"create_request": body}) as resp:
+                for line in resp.iter_lines():
+                    if self._stopped.is_set():
+                        return
+                    if not line.strip():
+                        continue
+                    result = json.loads(line).get("result", {})
+                    compacted = int(result.get("compact_revision", 0) or 0)
+                    if compacted:
+                        raise CompactedError(etcd_start - 1, compacted)
+                    if result.get("canceled"):
+                        return
+                    self._add(result.get("events") or [])
+        finally:
+            self._client.close()
+
+    def _add(self, raw_events: list[dict[str, Any]]) -> None:
+        ns = self._store._ns
+        new: list[Event] = []
+        last = -1
+        for raw in raw_events:
+            kv = raw["kv"]
+            rev = int(kv["mod_revision"]) - 1
+            last = max(last, rev)
+            k = _unb64(kv["key"])
+            if not k.startswith(ns):
+                continue
+            key = k[len(ns) :].decode()
+            if raw.get("type") == "DELETE":
+                new.append(Event(rev, "delete", key, None))
+            else:
+                new.append(Event(rev, "put", key, _unb64(kv.get("value")).decode()))
+        if last < 0:
+            return
+        with self._cond:
+            self._events.extend(new)
+            self._revs.extend(e.revision for e in new)
+            if len(self._events) > self.MAX_EVENTS:
+                cut_rev = self._revs[len(self._events) - self.MAX_EVENTS // 2]
+                cut = bisect.bisect_right(self._revs, cut_rev)  # whole revisions only
+                del self._events[:cut], self._revs[:cut]
+                self._start = cut_rev + 1
+            self._rev = max(self._rev, last)
+            self._cond.notify_all()
