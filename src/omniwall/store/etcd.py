@@ -23,6 +23,12 @@ compaction revision is then exactly the store's `compacted_revision()`. A read o
 that raises `CompactedError` (etcd answers a watch from a compacted revision with `compact_revision`),
 so a caller resyncs from a snapshot.
 
+Tail: etcd serves a watch that starts at a past revision only after its next 100 ms resync, so each
+store also keeps one long-lived watch over the whole keyspace (`_Tail`, started by the first
+`events`/`wait`) and answers `events(R)` for recent R and `wait` from it; older revisions, `history`
+and anything the tail is not sure of go to etcd's history as above. The tail drops what this store
+compacts; events that another client compacted away may still be served from it (they are correct).
+
 Endpoints: a list; requests go to the first that answers. A write is retried on the next endpoint only
 when the connection could not be made (the request was never sent), so it is never applied twice.
 """
