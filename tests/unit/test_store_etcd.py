@@ -186,6 +186,8 @@ def test_manager_apply_rollback_history_audit_on_etcd(etcd: Cluster) -> None:
     m.store.compact(m.store.revision())
     r = c.post("/v1/workloads/web1/rollback", params={"tenant": "acme"}, json={"revision": r1}, headers=h)
     assert r.status_code == 410 and "compacted" in r.json()["message"]
+    m.store.close()
+    m2.store.close()
 
 
 def test_unreachable_store_is_a_clear_startup_error(tmp_path: Path) -> None:
@@ -371,6 +373,8 @@ def test_two_managers_on_one_etcd(etcd: Cluster, caplog: pytest.LogCaptureFixtur
     assert c3.get("/v1/workloads/web2", params={"tenant": "acme"}, headers=h).status_code == 404
     assert c3.get("/v1/workloads/web1", params={"tenant": "acme"}, headers=h).status_code == 200
     assert c3.get("/v1/workloads/web3", params={"tenant": "acme"}, headers=h).status_code == 200
+    for m in (m1, m2, m3):
+        m.store.close()  # and their watches on etcd
 
 
 def test_the_in_memory_tail_agrees_with_etcds_history_also_across_a_restart(tmp_path: Path) -> None:
