@@ -415,3 +415,22 @@ def test_the_in_memory_tail_agrees_with_etcds_history_also_across_a_restart(tmp_
                 assert s.events(r, limit=limit) == page, (r, limit)
         assert s._tail._start == start  # served by the tail: it resumed, it did not start over
         s.close()
+
+
+def test_the_tail_stays_bounded_and_older_revisions_come_from_etcd(store: EtcdStore) -> None:
+    store._tail.MAX_EVENTS = 8  # tiny, to see it drop old events
+    store.put("seed", "0")
+    store.events(0)  # starts the tail
+    deadline = time.monotonic() + 10
+    while not store._tail.running():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    first = store._tail._start
+    for i in range(30):
+        store.txn([], [Put(f"k/{i % 5}", str(i)), Put("n", str(i))])
+    head = store.revision()
+    assert store._tail.wait(head, 5)
+    assert len(store._tail._events) <= 8 and store._tail._start > first  # it dropped whole revisions
+    history = store._events(first)
+    for r in range(first, head + 1):
+        assert store.events(r) == [e for e in history if e.revision >= r], r
