@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from apihelpers import auth
-from etcdhelpers import Cluster, etcd_cluster, needs_etcd
+from etcdhelpers import Cluster, etcd_cluster, etcd_server_cert, needs_etcd
 from fastapi.testclient import TestClient
 
 from omniwall.api.app import create_app
@@ -434,3 +434,26 @@ def test_the_tail_stays_bounded_and_older_revisions_come_from_etcd(store: EtcdSt
     history = store._events(first)
     for r in range(first, head + 1):
         assert store.events(r) == [e for e in history if e.revision >= r], r
+
+
+def test_etcd_over_tls_with_client_certificates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from omniwall import pki
+
+    d = tmp_path / "pki"
+    ca = pki.init_ca(d)
+    server_crt, server_key = etcd_server_cert(d)
+    client = pki.issue_host(d, "manager-1")
+    tls = (ca.cert, server_crt, server_key, client.cert, client.key)
+    with etcd_cluster(tmp_path, tls=tls) as cluster:
+        url = "etcd://" + ",".join(m.endpoint for m in cluster.members)  # https:// implied by the env
+        monkeypatch.setenv("OMNIWALL_ETCD_CA", str(ca.cert))
+        monkeypatch.setenv("OMNIWALL_ETCD_CERT", str(client.cert))
+        monkeypatch.setenv("OMNIWALL_ETCD_KEY", str(client.key))
+        s = open_store(url)
+        assert s.put("k", "v") == 1
+        assert [e.key for e in s.events(1)] == ["k"]
+        s.close()
+        monkeypatch.delenv("OMNIWALL_ETCD_CERT")
+        monkeypatch.delenv("OMNIWALL_ETCD_KEY")
+        with pytest.raises(StoreError, match=f"store {url}: no etcd endpoint answered"):
+            open_store(url)  # no client certificate: etcd refuses the handshake

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from omniwall.store.base import (
     CompactedError,
     Compare,
@@ -25,12 +27,17 @@ def open_store(spec: str) -> Store:
     - `:memory:` -> a MemoryStore (nothing durable).
 
     An etcd that does not answer raises StoreError naming the endpoints (checked here, at startup).
+    etcd over TLS: `OMNIWALL_ETCD_CA` (CA file), `OMNIWALL_ETCD_CERT`/`OMNIWALL_ETCD_KEY` (client
+    certificate); either makes https:// the default scheme.
     """
     if spec.startswith("etcd://"):
         from omniwall.store.etcd import EtcdStore
 
+        ca, cert, key = (os.environ.get(f"OMNIWALL_ETCD_{v}") for v in ("CA", "CERT", "KEY"))
+        if bool(cert) != bool(key):
+            raise ValueError("OMNIWALL_ETCD_CERT and OMNIWALL_ETCD_KEY go together (etcd client certificate)")
         try:
-            return EtcdStore(spec)
+            return EtcdStore(spec, ca=ca or None, cert=(cert, key) if cert and key else None)
         except StoreError as e:
             raise StoreError(f"store {spec}: {e}") from None
     path = sqlite_path(spec)

@@ -39,6 +39,7 @@ import base64
 import bisect
 import contextlib
 import json
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -87,8 +88,8 @@ def _range_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
-def parse_endpoints(spec: str) -> list[str]:
-    """`etcd://h1:2379,h2:2379` or `h1:2379,http://h2:2379` -> base URLs (http:// by default)."""
+def parse_endpoints(spec: str, scheme: str = "http") -> list[str]:
+    """`etcd://h1:2379,h2:2379` or `h1:2379,https://h2:2379` -> base URLs (`scheme` by default)."""
     body = spec.removeprefix("etcd://")
     out = []
     for part in body.split(","):
@@ -96,7 +97,7 @@ def parse_endpoints(spec: str) -> list[str]:
         if not part:
             continue
         if "://" not in part:
-            part = "http://" + part
+            part = f"{scheme}://{part}"
         host = part.split("://", 1)[1]
         if ":" not in host.rsplit("]", 1)[-1]:
             raise ValueError(f"--store {spec!r}: endpoint {part!r} has no port (like 127.0.0.1:2379)")
@@ -113,15 +114,25 @@ class EtcdStore:
         *,
         prefix: str = DEFAULT_PREFIX,
         timeout: float = REQUEST_TIMEOUT,
-        verify: str | bool = True,
+        ca: str | None = None,
         cert: tuple[str, str] | None = None,
     ) -> None:
-        self.endpoints = parse_endpoints(endpoints) if isinstance(endpoints, str) else list(endpoints)
+        """`ca`: verify etcd's certificate with this CA file (else the system's); `cert`: (certificate,
+        key) files of a client certificate, for an etcd started with `--client-cert-auth`. Either one
+        makes `https://` the default scheme of endpoints given without one."""
+        tls = ca is not None or cert is not None
+        if isinstance(endpoints, str):
+            self.endpoints = parse_endpoints(endpoints, "https" if tls else "http")
+        else:
+            self.endpoints = list(endpoints)
         if not self.endpoints:
             raise ValueError("EtcdStore needs at least one endpoint")
         self._ns = prefix.encode()
         self._timeout = timeout
-        self._client = httpx.Client(timeout=timeout, verify=verify, cert=cert, trust_env=False)
+        self._ssl = ssl.create_default_context(cafile=ca)
+        if cert is not None:
+            self._ssl.load_cert_chain(cert[0], cert[1])
+        self._client = self.new_client(httpx.Timeout(timeout))
         self._current = 0  # index of the endpoint that answered last
         self._lock = threading.Lock()
         self._compacted_floor = 0  # compaction only moves forward: a lower bound for the search
@@ -129,6 +140,10 @@ class EtcdStore:
         self.revision()  # fail now, naming the endpoints, if no etcd answers
 
     # ---- transport
+    def new_client(self, timeout: httpx.Timeout) -> httpx.Client:
+        # trust_env=False: no proxy from the environment between us and etcd
+        return httpx.Client(timeout=timeout, verify=self._ssl, trust_env=False)
+
     def _call(self, path: str, body: dict[str, Any], *, write: bool = False) -> dict[str, Any]:
         errors: list[str] = []
         start = self._current
@@ -544,7 +559,7 @@ class _Tail:
         store = self._store
         body = {"key": _b64(b"\0"), "range_end": _b64(b"\0"), "start_revision": str(etcd_start)}
         # an idle stream is reopened every IDLE seconds (from the next revision: nothing is missed)
-        self._client = httpx.Client(timeout=httpx.Timeout(store._timeout, read=self.IDLE), trust_env=False)
+        self._client = store.new_client(httpx.Timeout(store._timeout, read=self.IDLE))
         try:
             if self._stopped.is_set():
                 return
