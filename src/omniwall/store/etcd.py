@@ -134,7 +134,6 @@ class EtcdStore:
             self._ssl.load_cert_chain(cert[0], cert[1])
         self._client = self.new_client(httpx.Timeout(timeout))
         self._current = 0  # index of the endpoint that answered last
-        self._lock = threading.Lock()
         self._compacted_floor = 0  # compaction only moves forward: a lower bound for the search
         self._tail = _Tail(self)  # started by the first events()/wait()
         self.revision()  # fail now, naming the endpoints, if no etcd answers
