@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := nftables libnftables1 conntrack iproute2 iperf3 netcat-openbsd iputils-ping procps curl chromium
+APT_PACKAGES := nftables libnftables1 conntrack iproute2 iperf3 netcat-openbsd iputils-ping procps curl chromium etcd-server
 STAMP := $(VENV)/.installed
 
 .PHONY: install system-packages test unit kernel lint demo fuzz-dataplane bench bench-kernel clean

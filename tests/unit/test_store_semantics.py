@@ -1,4 +1,4 @@
-"""Store semantics, run against every implementation (SQLite and memory must agree)."""
+"""Store semantics, run against every implementation (SQLite, memory and etcd must agree)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from etcdhelpers import needs_etcd
 
 from omniwall.store import CompactedError, Compare, Delete, FutureRevisionError, Put, Store
 from omniwall.store.memory import MemoryStore
 from omniwall.store.sqlite import SqliteStore
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", pytest.param("etcd", marks=needs_etcd)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "etcd":
+        from etcdhelpers import etcd_cluster
+
+        from omniwall.store.etcd import EtcdStore
+
+        with etcd_cluster(tmp_path) as cluster:  # a fresh cluster: revisions start at 0 as elsewhere
+            es = EtcdStore(cluster.endpoints)
+            yield es
+            es.close()
+        return
     s: Store = SqliteStore(tmp_path / "store.db") if request.param == "sqlite" else MemoryStore()
     yield s
     s.close()

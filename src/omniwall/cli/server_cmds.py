@@ -211,6 +211,11 @@ def register(app: typer.Typer) -> None:
         db: str = typer.Option(
             os.environ.get("OMNIWALL_DB", "omniwall.db"), "--db", help="SQLite store path"
         ),
+        store: str | None = typer.Option(
+            os.environ.get("OMNIWALL_STORE"),
+            "--store",
+            help="instead of --db: etcd://HOST:PORT[,HOST:PORT...] or sqlite:///path (docs/etcd.md)",
+        ),
         listen: str = typer.Option("127.0.0.1:8443", "--listen", help="HOST:PORT"),
         tls_cert: str | None = typer.Option(None, "--tls-cert", help="serve HTTPS with this certificate"),
         tls_key: str | None = typer.Option(None, "--tls-key", help="the key of --tls-cert"),
@@ -235,8 +240,10 @@ def register(app: typer.Typer) -> None:
         import logging
 
         from omniwall.manager.server import FlowOptions, serve
+        from omniwall.store import StoreError
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # an etcd store logs no line per request
         try:
             from omniwall.api.errors import ApiError
             from omniwall.api.flows import parse_duration
@@ -248,8 +255,9 @@ def register(app: typer.Typer) -> None:
                     f"--flow-retention {flow_retention!r}: expected a duration like 30m, 24h or 7d"
                 ) from e
             flows = FlowOptions(flows_db, retention, flow_max_records)
-            serve(db, listen, tls_cert, tls_key, client_ca, flows=flows, metrics_address=metrics_address)
-        except (ValueError, OSError) as err:
+            spec = store or db
+            serve(spec, listen, tls_cert, tls_key, client_ca, flows=flows, metrics_address=metrics_address)
+        except (ValueError, OSError, StoreError) as err:
             _fail(str(err))
 
     token_app = typer.Typer(

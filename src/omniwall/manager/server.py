@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omniwall.store import open_store
+from omniwall.store import open_store, sqlite_path
 from omniwall.tls import ReloadingContext, is_loopback_host, server_context
 
 from .audit import chained
@@ -54,9 +54,11 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def build(db: str) -> tuple[Manager, Path | None]:
+    """`db`: a store spec (`open_store`). With etcd the bootstrap token goes to the working directory,
+    like with `:memory:`."""
     store = chained(open_store(db))
     manager = Manager(store)
-    written = manager.tokens.bootstrap(token_file_for(db))
+    written = manager.tokens.bootstrap(token_file_for(sqlite_path(db) or ":memory:"))
     return manager, written
 
 
@@ -64,14 +66,19 @@ def build(db: str) -> tuple[Manager, Path | None]:
 class FlowOptions:
     """Where flow records go and how long they stay (docs/flows.md)."""
 
-    db: str | None = None  # default: `<store>.flows` next to the store (`:memory:` for a memory store)
+    # default: `<store>.flows` next to the store (`:memory:` for a memory store, `omniwall.flows` in the
+    # working directory for etcd: flow records stay local to each manager)
+    db: str | None = None
     retention: float = 24 * 3600.0  # seconds
     max_records: int = 10_000_000
 
     def path_for(self, store_db: str) -> str:
         if self.db:
             return self.db
-        return ":memory:" if store_db == ":memory:" else f"{store_db}.flows"
+        local = sqlite_path(store_db)
+        if local is None:
+            return "omniwall.flows"
+        return ":memory:" if local == ":memory:" else f"{local}.flows"
 
 
 def flow_service(store_db: str, options: FlowOptions) -> FlowService:
