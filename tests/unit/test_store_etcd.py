@@ -457,3 +457,21 @@ def test_etcd_over_tls_with_client_certificates(tmp_path: Path, monkeypatch: pyt
         monkeypatch.delenv("OMNIWALL_ETCD_KEY")
         with pytest.raises(StoreError, match=f"store {url}: no etcd endpoint answered"):
             open_store(url)  # no client certificate: etcd refuses the handshake
+
+
+def test_a_manager_that_loses_etcd_answers_503_and_writes_nothing(etcd: Cluster) -> None:
+    store = chained(EtcdStore(etcd.endpoints, timeout=2))
+    m = Manager(store)
+    token, _ = m.tokens.create("provider-admin", name="alice")
+    c = TestClient(create_app(m, watch=False), raise_server_exceptions=False)
+    h = auth(token)
+    base = "kind: Tenant\nmetadata: {name: acme}\n---\nkind: Host\nmetadata: {name: h1}\n"
+    assert c.post("/v1/apply", content=base, headers=h).status_code == 200
+    before = m.revision
+    for member in etcd.members:
+        etcd.kill(member)
+    r = c.post("/v1/apply", content="kind: Host\nmetadata: {name: h2}\n", headers=h)
+    assert r.status_code == 503, r.text
+    assert r.headers["Retry-After"] == "1" and "store is unavailable" in r.json()["message"]
+    assert m.revision == before  # the model did not move on a write the store never took
+    store.close()

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omniwall.manager.contracts import InvalidResources, Problem
 from omniwall.manager.service import Conflict, NotFound
-from omniwall.store import CompactedError, FutureRevisionError
+from omniwall.store import CompactedError, FutureRevisionError, StoreUnavailable
 
 CODES = {
     400: "bad_request",
@@ -105,6 +105,12 @@ def install(app: FastAPI) -> None:
             details["errors"] = [{"document": "request", "path": "body", "reason": str(err.detail)}]
         body = ApiError(err.status_code, str(err.detail), **details).body()
         return JSONResponse(body, status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _unavailable(_: Request, err: StoreUnavailable) -> JSONResponse:
+        # the store (etcd) is away: nothing was written; agents keep their last state, clients retry
+        e = ApiError(503, f"the store is unavailable: {err}", headers={"Retry-After": "1"})
+        return JSONResponse(e.body(), status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(FutureRevisionError)
     async def _future(_: Request, err: FutureRevisionError) -> JSONResponse:

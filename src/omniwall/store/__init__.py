@@ -15,6 +15,7 @@ from omniwall.store.base import (
     Put,
     Store,
     StoreError,
+    StoreUnavailable,
     TxnResult,
 )
 
@@ -77,6 +78,7 @@ __all__ = [
     "Put",
     "Store",
     "StoreError",
+    "StoreUnavailable",
     "TxnResult",
     "open_store",
     "sqlite_path",

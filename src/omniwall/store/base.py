@@ -23,6 +23,11 @@ class StoreError(Exception):
     """Base class of store failures."""
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now (a cluster store with no member answering); nothing was written
+    by the failed call, and the caller may retry (the API answers 503)."""
+
+
 class CompactedError(StoreError):
     """The requested revision's history was compacted away; callers must resync from a snapshot."""
 

@@ -56,6 +56,7 @@ from omniwall.store.base import (
     Op,
     Put,
     StoreError,
+    StoreUnavailable,
     TxnResult,
     check_unique_keys,
     follow,
@@ -65,7 +66,7 @@ DEFAULT_PREFIX = "/omniwall/"
 REQUEST_TIMEOUT = 10.0  # seconds for one unary request (an election takes ~1 s)
 
 
-class EtcdUnavailable(StoreError):
+class EtcdUnavailable(StoreUnavailable):
     """No etcd endpoint answered (or it answered with a non-etcd error)."""
 
 
