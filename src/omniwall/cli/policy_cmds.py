@@ -1,8 +1,9 @@
 """Offline policy commands: `validate`, `compile` and `explain`, straight from YAML files.
 
-`-f` takes files and directories (their *.yaml/*.yml files); extra positional paths are read too, so a
-shell glob (`-f examples/*.yaml`) works. Exit codes: 0 fine (explain: allowed), 1 explain: denied,
-2 bad input (every problem listed on stderr), 70 a bug. Never a traceback.
+`-f` takes files, directories and globs (cli/args.py `expand_files`, shared with apply, diff and lab
+up); extra positional paths are read too, so a shell glob (`-f examples/*.yaml`) works. Exit codes:
+0 fine (explain: allowed), 1 explain: denied, 2 bad input (every problem listed on stderr), 70 a bug.
+Never a traceback.
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ KIND_ORDER = ("Tenant", "Host", "Workload", "Group", "Service", "Application", "
 
 def load_catalog(files: list[Path] | None, more: list[Path] | None) -> Catalog:
     """Load and validate; raises ValidationError listing every problem."""
+    from omniwall.cli.args import expand_files
     from omniwall.model.loader import load_files
     from omniwall.model.validate import validate
 
     paths = [*(files or []), *(more or [])]
     if not paths:
         fail("no input: give YAML files or directories with -f FILE")
-    return validate(load_files(paths))
+    return validate(load_files(expand_files(paths)))
 
 
 def compile_states(catalog: Catalog) -> dict[str, HostDesiredState]:
