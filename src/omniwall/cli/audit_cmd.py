@@ -66,6 +66,20 @@ def _newest(api: Api, params: dict[str, Any], limit: int) -> list[dict[str, Any]
             return list(reversed(tail))
 
 
+def _kind(word: str) -> str:
+    from omniwall.manager.objects import kind_of
+
+    w = word.lower()
+    if w in ("token", "tokens"):
+        return "Token"
+    if w in ("authentication", "auth"):
+        return "Authentication"
+    try:
+        return kind_of(word)
+    except ValueError as e:
+        _fail(str(e))
+
+
 def register(app: typer.Typer) -> None:
     audit_app = typer.Typer(
         help="The audit log: list entries (default: newest first), or `verify` its hash chain.",
@@ -159,6 +173,8 @@ def register(app: typer.Typer) -> None:
 def _follow_after(api: Api, params: dict[str, Any], fmt: str, seen: set[tuple[Any, ...]]) -> None:
     """... without printing again the entries of that same millisecond already shown."""
     q = {k: v for k, v in params.items() if k in ("tenant", "kind", "since")}
+    if q.get("kind"):  # the stream matches the kind as written (`Workload`); GET /v1/audit normalises
+        q["kind"] = _kind(q["kind"])
     try:
         with api.http.stream("GET", "/v1/audit/watch", params=q, timeout=None) as resp:
             if resp.status_code >= 400:

@@ -104,7 +104,7 @@ def get_contexts(output: str = OutputOpt) -> None:
         return
     rows = []
     for name, c in sorted(contexts.items()):
-        auth = "token" if c.get("token") else f"token_file {c['token_file']}" if c.get("token_file") else "-"
+        auth = "token" if c.get("token") else f"file:{c['token_file']}" if c.get("token_file") else "-"
         row = ["*" if name == current else "", name, c.get("server", "-"), auth]
         rows.append(row + ([c.get("ca") or "-"] if output == "wide" else []))
     print_table(rows, ["CURRENT", "NAME", "SERVER", "AUTH"] + (["CA"] if output == "wide" else []))
