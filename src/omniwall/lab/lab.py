@@ -312,9 +312,16 @@ class Lab:
 
             # A probe can only succeed where something answers: a responder, or the kernel for ICMP.
             served = {w.key: set(served_targets(w)) for w in self.plan.workloads}
+            if self.state.policy == "managed":
+                # The manager's policy now (posture reports, later applies), not the lab's files.
+                from omniwall.lab.managed import live_expected
+
+                verdicts = live_expected(self.prefix, probes)
+            else:
+                verdicts = expected_of(self.catalog, probes)
             expected = [
                 ok and (p.proto == "icmp" or Target(p.proto, p.port) in served[p.dst])
-                for p, ok in zip(probes, expected_of(self.catalog, probes), strict=True)
+                for p, ok in zip(probes, verdicts, strict=True)
             ]
         return entries_of(results, expected)
 
