@@ -16,7 +16,17 @@ from typing import Any
 import httpx
 import typer
 
-from omniwall.cli.output import EXIT_DENIED, EXIT_USAGE, OutputOpt, echo, emit, emit_json, fail, print_table
+from omniwall.cli.output import (
+    EXIT_DENIED,
+    EXIT_USAGE,
+    OutputOpt,
+    echo,
+    emit,
+    emit_json,
+    fail,
+    print_table,
+    table_lines,
+)
 from omniwall.cli.server_cmds import Api, ServerOpt, TenantOpt, TokenOpt, _ref
 
 # ------------------------------------------------------------------------------------------ explain
@@ -52,20 +62,13 @@ def print_explanation_json(d: dict[str, Any]) -> None:
         for _, pv in sections
         for h in pv["hops"]
     ]
-    widths = [max((len(r[i]) for r in rows), default=0) for i in range(5)]
-    it = iter(rows)
+    it = iter(table_lines(rows))  # the hops of every section aligned together (rich, cli/output.py)
     for name, pv in sections:
         echo(f"  {name}: {pv.get('description', '')}")
         if not pv["hops"]:
             echo("    no vNIC on the path: not judged by omniwall")
         for _ in pv["hops"]:
-            row = next(it)
-            echo(
-                "    "
-                + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
-                + "  "
-                + row[5]
-            )
+            echo("    " + next(it))
     if d.get("reply") is None and d["request"]["allowed"] and not d.get("expectsReply", True):
         echo("  reply: none expected")
 

@@ -116,11 +116,11 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
-    """A borderless kubectl-style table: columns as wide as their widest cell, never wrapped or cut when
-    stdout is not a terminal (a pipe, a test), no trailing blanks."""
-    t = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
-    for h in headers:
+def table_lines(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = None) -> list[str]:
+    """Rows aligned in columns by rich (two spaces between columns, no borders, no trailing blanks),
+    as lines: for tables that are part of a larger text (explain's hops)."""
+    t = Table(box=None, show_header=headers is not None, header_style="bold", pad_edge=False)
+    for h in headers or [""] * (len(rows[0]) if rows else 0):
         t.add_column(h, overflow="fold")
     for r in rows:
         t.add_row(*(_cell(c) for c in r))
@@ -128,7 +128,13 @@ def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
     console = Console(highlight=False, width=None if tty else 10_000, force_terminal=tty or None)
     with console.capture() as cap:
         console.print(t, markup=False)
-    sys.stdout.write("".join(line.rstrip() + "\n" for line in cap.get().splitlines()))
+    return [line.rstrip() for line in cap.get().splitlines()]
+
+
+def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    """A borderless kubectl-style table: columns as wide as their widest cell, never wrapped or cut when
+    stdout is not a terminal (a pipe, a test), no trailing blanks."""
+    sys.stdout.write("".join(line + "\n" for line in table_lines(rows, headers)))
 
 
 def emit(data: Any, fmt: str) -> None:
@@ -194,4 +200,5 @@ __all__ = [
     "print_validation_error",
     "render",
     "table",
+    "table_lines",
 ]

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from omniwall.cli.output import EXIT_DENIED, cli_errors, echo, emit_json, fail
+from omniwall.cli.output import EXIT_DENIED, cli_errors, echo, emit_json, fail, table_lines
 from omniwall.compiler.ir import HostDesiredState, IRRule, ServiceMatch
 from omniwall.model.catalog import Catalog
 from omniwall.sim.explain import Explanation, explain, explanation_json, rule_text, verdict_text
@@ -185,20 +185,13 @@ def print_explanation(e: Explanation) -> None:
         for _, pv in sections
         for h in pv.hops
     ]
-    widths = [max((len(r[i]) for r in rows), default=0) for i in range(5)]
-    it = iter(rows)
+    it = iter(table_lines(rows))  # the hops of every section aligned together (rich, cli/output.py)
     for name, pv in sections:
         echo(f"  {name}: {pv.packet.describe()}")
         if not pv.hops:
             echo("    no vNIC on the path: not judged by omniwall")
         for _ in pv.hops:
-            row = next(it)
-            echo(
-                "    "
-                + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
-                + "  "
-                + row[5]
-            )
+            echo("    " + next(it))
     if c.reply is None and c.request.allowed and not c.expects_reply:
         echo("  reply: none expected")
 
