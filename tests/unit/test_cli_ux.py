@@ -298,3 +298,12 @@ def test_config_contexts(
     assert run("config", "delete-context", "dead")[0] == 0
     code, out = run("config", "current-context")
     assert code == 2
+
+
+def test_offline_commands_take_output() -> None:
+    code, out = run("validate", "-f", str(EXAMPLE), "-o", "yaml")
+    assert code == 0 and yaml.safe_load(out)["counts"]["Workload"] == 10
+    code, out = run("compile", "-f", str(EXAMPLE), "--host", "host-1", "-o", "json")
+    assert code == 0 and json.loads(out)["host"] == "host-1"
+    code, out = run("validate", "-f", str(EXAMPLE), "-o", "xml")
+    assert code == 2 and "expected text, json or yaml" in out
