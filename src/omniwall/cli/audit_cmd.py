@@ -161,7 +161,7 @@ def register(app: typer.Typer) -> None:
             if items:
                 params["since"] = items[-1]["time"]  # replay from the last one shown ...
             seen = {(e["time"], e.get("request"), e["name"], e["action"]) for e in items}
-            _follow_after(api, params, output, seen)
+            _follow_after(api, {**params, "action": action}, output, seen)
             return
         render(items, COLUMNS, output, document={"items": items, "continue": more} if oldest_first else None)
         if more and output in ("table", "wide"):
@@ -191,6 +191,8 @@ def _follow_after(api: Api, params: dict[str, Any], fmt: str, seen: set[tuple[An
                 if params.get("actor") and params["actor"] not in (e.get("actor"), e.get("actorId")):
                     continue
                 if params.get("name") and params["name"] != e.get("name"):
+                    continue
+                if params.get("action") and params["action"] != e.get("action"):
                     continue
                 print(json.dumps(e, sort_keys=True) if fmt in ("json", "yaml") else _line(e), flush=True)
     except httpx.HTTPError as e:
