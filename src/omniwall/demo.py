@@ -274,7 +274,7 @@ def run_live(directory: Path, *, once: bool, console: Console) -> int:
                     console.print(f"  {escape(e.json_line())}")
             else:
                 console.print(f"[bold green]all {len(entries)} probes agree with the policy[/]")
-            _print_access(console, lab.name, cp.url, cp.admin_token, cp.ca_file)
+            _print_access(console, lab.name, cp.url, cp.admin_token, cp.ca_file, cp.dir)
             if not once:
                 _print_console(console, cp)
                 console.print("[bold]the lab stays up; Ctrl-C tears it down[/]")
@@ -302,7 +302,9 @@ def run_live(directory: Path, *, once: bool, console: Console) -> int:
     return 1 if wrong else 0
 
 
-def _print_access(console: Console, name: str, url: str, token: str, ca: Path | None = None) -> None:
+def _print_access(
+    console: Console, name: str, url: str, token: str, ca: Path | None = None, logs: Path | None = None
+) -> None:
     # The lab's manager serves HTTPS with a throwaway CA (lab/managed.py); agents present host certificates.
     ca_line = f"  CA:          {ca}   (agents: mutual TLS, one certificate per host)\n" if ca else ""
     ca_env = f" OMNIWALL_CA={ca}" if ca else ""
@@ -311,12 +313,15 @@ def _print_access(console: Console, name: str, url: str, token: str, ca: Path | 
         f"  URL:         {url}   (OpenAPI docs: {url}/docs)\n"
         f"  admin token: {token}\n"
         f"{ca_line}"
-        "[bold]try[/]\n"
+        + (f"  logs:        {logs}/manager.log, agent-<host>.log\n" if logs else "")
+        + "[bold]try[/] (in another terminal; `omniwall` is in .venv/bin)\n"
+        f"  export PATH={Path(sys.executable).parent}:$PATH\n"
         f"  export OMNIWALL_SERVER={url} OMNIWALL_TOKEN={token}{ca_env}\n"
         "  omniwall status\n"
         "  omniwall get workloads -t tenant-a\n"
         f"  omniwall lab matrix --name {name} --expect\n"
-        f"  omniwall lab exec --name {name} tenant-a/web-1 -- nc -w1 10.1.0.2 8080\n",
+        f"  omniwall lab exec --name {name} tenant-a/web-1 -- nc -w1 10.1.0.2 8080\n"
+        f"  omniwall lab migrate --name {name} tenant-a/app-1 --to host-3   # the lab moves the vNIC\n",
         highlight=False,
         soft_wrap=True,
     )

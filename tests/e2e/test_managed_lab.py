@@ -7,6 +7,7 @@ tests that stop an agent or the manager start it again before they end, so the o
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -229,6 +230,21 @@ def test_cli_lab_up_managed_then_down_from_another_process(tmp_path: Path) -> No
         cp = ControlPlane(prefix.group(1))
         pids = [cp.record.manager_pid, *cp.record.agents.values()]
         assert len(pids) == 3 and all(p and _alive(p) for p in pids)  # they outlived `lab up`
+        # The printed export line works as shown (the token read from its file, as `$(sudo cat ...)`).
+        export = re.search(
+            r"export (OMNIWALL_SERVER=\S+) (OMNIWALL_CA=\S+) OMNIWALL_TOKEN=\$\(sudo cat (\S+)\)", up.stdout
+        )
+        assert export is not None, up.stdout
+        env = dict(kv.split("=", 1) for kv in export.groups()[:2])
+        env["OMNIWALL_TOKEN"] = Path(export.group(3)).read_text().strip()
+        st = subprocess.run(
+            [sys.executable, "-m", "omniwall.cli.main", "status", "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **env},
+        )
+        assert st.returncode == 0 and sorted(json.loads(st.stdout)["hosts"]) == ["h1", "h2"], st.stderr
         m = subprocess.run(
             [*cli, "matrix", "--name", name, "--expect"], capture_output=True, text=True, timeout=60
         )

@@ -67,7 +67,7 @@ def test_cli_apply_get_diff_history_rollback_delete(
     assert code == 0 and "web1" in out.splitlines()[1]
     f.write_text(FILE.replace("10.0.0.1", "10.0.0.2"))
     code, out = run("diff", "-f", str(f))
-    assert code == 0 and "-    - 10.0.0.1" in out and "+    - 10.0.0.2" in out and "impact:" in out
+    assert code == 1 and "-    - 10.0.0.1" in out and "+    - 10.0.0.2" in out and "impact:" in out
     code, out = run("apply", "--dry-run", "-f", str(f))
     assert code == 0 and "nothing written" in out and m.store.revision() == first
     code, out = run("apply", "-f", str(f))

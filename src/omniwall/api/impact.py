@@ -43,6 +43,9 @@ def tenant_impact(m: Manager, plan: Plan, tenant: str) -> dict[str, Any]:
         new = replace(new, revision=old.revision + 1)
         d = diff(old, new)
         vnics = sorted({u.vnic.ifname for u in d.vnic_updates} | {r.ifname for r in d.vnic_removes})
+        # what a person recognises: `tenant/name (ifname)` (a removed vNIC is named from the old state)
+        owner = {v.ifname: v.workload for v in (*old.vnics, *new.vnics)}
+        workloads = [f"{owner[i]} ({i})" if owner.get(i) else i for i in vnics]
         if d.empty:  # also every host without a vNIC of the tenant: both views are empty
             continue
         old_rules, old_sets = old.rule_map(), old.set_map()
@@ -50,6 +53,7 @@ def tenant_impact(m: Manager, plan: Plan, tenant: str) -> dict[str, Any]:
             {
                 "host": host,
                 "vnics": vnics,
+                "workloads": workloads,
                 "rulesAdded": sum(1 for u in d.rule_updates if u.rule.id not in old_rules),
                 "rulesChanged": sum(1 for u in d.rule_updates if u.rule.id in old_rules),
                 "rulesRemoved": len(d.rule_removes),

@@ -67,6 +67,7 @@ class ChangeSummary(_Open):
 class ImpactHost(_Open):
     host: str
     vnics: list[str]
+    workloads: list[str] = []  # `tenant/name (ifname)` of each vNIC, in the order of `vnics`
     rulesAdded: int
     rulesChanged: int
     rulesRemoved: int

@@ -16,8 +16,18 @@ from typing import Any
 import httpx
 import typer
 
-from omniwall.cli.output import EXIT_DENIED, EXIT_USAGE, echo, emit_json, fail
-from omniwall.cli.server_cmds import Api, ServerOpt, TenantOpt, TokenOpt
+from omniwall.cli.output import (
+    EXIT_DENIED,
+    EXIT_USAGE,
+    OutputOpt,
+    echo,
+    emit,
+    emit_json,
+    fail,
+    print_table,
+    table_lines,
+)
+from omniwall.cli.server_cmds import Api, ServerOpt, TenantOpt, TokenOpt, _ref
 
 # ------------------------------------------------------------------------------------------ explain
 
@@ -52,20 +62,13 @@ def print_explanation_json(d: dict[str, Any]) -> None:
         for _, pv in sections
         for h in pv["hops"]
     ]
-    widths = [max((len(r[i]) for r in rows), default=0) for i in range(5)]
-    it = iter(rows)
+    it = iter(table_lines(rows))  # the hops of every section aligned together (rich, cli/output.py)
     for name, pv in sections:
         echo(f"  {name}: {pv.get('description', '')}")
         if not pv["hops"]:
             echo("    no vNIC on the path: not judged by omniwall")
         for _ in pv["hops"]:
-            row = next(it)
-            echo(
-                "    "
-                + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
-                + "  "
-                + row[5]
-            )
+            echo("    " + next(it))
     if d.get("reply") is None and d["request"]["allowed"] and not d.get("expectsReply", True):
         echo("  reply: none expected")
 
@@ -130,14 +133,11 @@ def _strip(d: dict[str, Any]) -> dict[str, Any]:
 
 def _members_text(d: dict[str, Any]) -> None:
     echo(f"group {d['tenant']}/{d['group']} (revision {d['revision']}): {len(d['workloads'])} workload(s)")
-    rows = [("WORKLOAD", "HOST", "ADDRESSES", "VIA")]
-    for w in d["workloads"]:
-        rows.append(
-            (w["workload"], w.get("host") or "-", ", ".join(w["addresses"]) or "-", ", ".join(w["via"]))
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        echo("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    rows = [
+        (w["workload"], w.get("host") or "-", ", ".join(w["addresses"]) or "-", ", ".join(w["via"]))
+        for w in d["workloads"]
+    ]
+    print_table(rows, ("WORKLOAD", "HOST", "ADDRESSES", "VIA"))
     if d.get("cidrs"):
         echo(f"  cidrs: {', '.join(d['cidrs'])}")
     echo(f"  addresses: {', '.join(d['addresses']) or '(none)'}")
@@ -171,11 +171,13 @@ def _show(
 ) -> None:
     """GET one view of a tenant's object and print it as JSON or as text (`-o table`); the output
     format is checked before the manager is contacted."""
-    if output not in ("table", "json"):
-        fail(f"-o {output!r}: expected table or json")
+    if output not in ("table", "wide", "json", "yaml"):
+        fail(f"-o {output!r}: expected one of table, wide, json, yaml")
     d = _get(Api(server, token), path, {"tenant": tenant}, 1)
     if output == "json":
         typer.echo(json.dumps(d, indent=2))
+    elif output == "yaml":
+        emit(d, "yaml")
     else:
         as_text(d)
 
@@ -183,24 +185,26 @@ def _show(
 def register(app: typer.Typer) -> None:
     @app.command("members")
     def members_cmd(
-        group: str = typer.Argument(..., help="group name"),
+        group: str = typer.Argument(..., help="NAME or TENANT/NAME of the group"),
         tenant: str | None = TenantOpt,
-        output: str = typer.Option("table", "-o", "--output", help="table | json"),
+        output: str = OutputOpt,
         server: str | None = ServerOpt,
         token: str | None = TokenOpt,
     ) -> None:
         """A group's effective members right now: workloads (and why), addresses, CIDRs."""
+        tenant, group = _ref(group, tenant)
         _show(server, token, f"/v1/groups/{group}/members", tenant, output, _members_text)
 
     @app.command("realization")
     def realization_cmd(
-        policy: str = typer.Argument(..., help="policy name"),
+        policy: str = typer.Argument(..., help="NAME or TENANT/NAME of the policy"),
         tenant: str | None = TenantOpt,
-        output: str = typer.Option("table", "-o", "--output", help="table | json"),
+        output: str = OutputOpt,
         server: str | None = ServerOpt,
         token: str | None = TokenOpt,
     ) -> None:
         """Where each rule of a policy is installed, whether every host realized it, and its hits."""
+        tenant, policy = _ref(policy, tenant)
         _show(server, token, f"/v1/policies/{policy}/realization", tenant, output, _realization_text)
 
 

@@ -95,9 +95,15 @@ def up(
 ) -> None:
     """Build the lab: namespaces, links, addresses, routes, responders, and the policy in each host."""
     _require_root()
+    from omniwall.cli.args import expand_files
+
     paths = [*(files or []), *(more or [])]
     if not paths:
         raise _fail("no resource files: use -f FILE...")
+    try:
+        paths = [Path(p) for p in expand_files(paths)]
+    except ValueError as e:
+        raise _fail(str(e)) from None
     from omniwall.lab.lab import Lab
     from omniwall.lab.netns import ipv6_available
     from omniwall.lab.standalone import standalone_available
@@ -120,6 +126,17 @@ def up(
         f"lab {lab.name!r} up: {len(plan.hosts)} hosts, {len(plan.workloads)} workloads, "
         f"{len(lab.state.responders)} responders, policy: {lab.state.policy}, prefix {lab.prefix}"
     )
+    cp = getattr(driver, "control", None)
+    if cp is not None:
+        print_access(cp)
+
+
+def print_access(cp: Any) -> None:
+    """How to reach the lab's manager: the URL, the CA, where the token and the logs are (no secret on
+    the terminal: the export line reads the token file)."""
+    ca = f" OMNIWALL_CA={cp.ca_file}" if cp.ca_file else ""
+    print(f"manager {cp.url}; logs, tokens and certificates in {cp.dir}/ (manager.log, agent-<host>.log)")
+    print(f"  export OMNIWALL_SERVER={cp.url}{ca} OMNIWALL_TOKEN=$(sudo cat {cp.admin_token_file})")
 
 
 @lab_app.command("down")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import click
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -64,6 +66,100 @@ def table(*columns: str, title: str | None = None) -> Table:
     return t
 
 
+# ----------------------------------------------------------------------------- -o table|wide|json|yaml
+
+FORMATS = ("table", "wide", "json", "yaml")
+# A default value (`output: str = OutputOpt`), as the client commands declare their options.
+OutputOpt: Any = typer.Option(
+    "table",
+    "--output",
+    "-o",
+    help="table, wide (more columns), json or yaml.",
+    autocompletion=lambda: list(FORMATS),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One table column: its header, how to get the cell from a record, and whether only `-o wide`
+    shows it."""
+
+    header: str
+    cell: Callable[[dict[str, Any]], Any]
+    wide: bool = False
+
+
+def col(header: str, key: str, *, wide: bool = False, default: str = "-") -> Column:
+    """A column showing `record[key]` (dotted keys go down: `metadata.name`)."""
+
+    def get(rec: dict[str, Any]) -> Any:
+        v: Any = rec
+        for part in key.split("."):
+            v = v.get(part) if isinstance(v, dict) else None
+        return default if v is None or v == "" else v
+
+    return Column(header, get, wide)
+
+
+def check_format(fmt: str, allowed: Sequence[str] = FORMATS) -> str:
+    """Checked before anything is asked of the manager, so a typo costs nothing."""
+    if fmt not in allowed:
+        fail(f"-o {fmt!r}: expected one of {', '.join(allowed)}")
+    return fmt
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, list | tuple):
+        return ", ".join(map(str, v)) or "-"
+    return str(v)
+
+
+def table_lines(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = None) -> list[str]:
+    """Rows aligned in columns by rich (two spaces between columns, no borders, no trailing blanks),
+    as lines: for tables that are part of a larger text (explain's hops)."""
+    t = Table(box=None, show_header=headers is not None, header_style="bold", pad_edge=False)
+    for h in headers or [""] * (len(rows[0]) if rows else 0):
+        t.add_column(h, overflow="fold")
+    for r in rows:
+        t.add_row(*(_cell(c) for c in r))
+    tty = sys.stdout.isatty()
+    console = Console(highlight=False, width=None if tty else 10_000, force_terminal=tty or None)
+    with console.capture() as cap:
+        console.print(t, markup=False)
+    return [line.rstrip() for line in cap.get().splitlines()]
+
+
+def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    """A borderless kubectl-style table: columns as wide as their widest cell, never wrapped or cut when
+    stdout is not a terminal (a pipe, a test), no trailing blanks."""
+    sys.stdout.write("".join(line + "\n" for line in table_lines(rows, headers)))
+
+
+def emit(data: Any, fmt: str) -> None:
+    """JSON or YAML of `data` (the API's own shape)."""
+    if fmt == "yaml":
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    else:
+        emit_json(data)
+
+
+def render(
+    records: Sequence[dict[str, Any]],
+    columns: Sequence[Column],
+    fmt: str,
+    *,
+    document: Any = None,
+) -> None:
+    """Records as a table (`wide`: every column) or the document as JSON/YAML (default: the records)."""
+    if fmt in ("json", "yaml"):
+        emit(records if document is None else document, fmt)
+        return
+    shown = [c for c in columns if fmt == "wide" or not c.wide]
+    print_table([[c.cell(r) for c in shown] for r in records], [c.header for c in shown])
+
+
 @contextmanager
 def cli_errors() -> Iterator[None]:
     """Turn expected failures into a message on stderr and an exit code; never show a traceback."""
@@ -87,13 +183,22 @@ __all__ = [
     "EXIT_BUG",
     "EXIT_DENIED",
     "EXIT_USAGE",
+    "FORMATS",
+    "Column",
+    "OutputOpt",
+    "check_format",
     "cli_errors",
+    "col",
     "echo",
+    "emit",
     "emit_json",
     "err",
     "error",
     "fail",
     "out",
+    "print_table",
     "print_validation_error",
+    "render",
     "table",
+    "table_lines",
 ]

@@ -1,8 +1,9 @@
 """Offline policy commands: `validate`, `compile` and `explain`, straight from YAML files.
 
-`-f` takes files and directories (their *.yaml/*.yml files); extra positional paths are read too, so a
-shell glob (`-f examples/*.yaml`) works. Exit codes: 0 fine (explain: allowed), 1 explain: denied,
-2 bad input (every problem listed on stderr), 70 a bug. Never a traceback.
+`-f` takes files, directories and globs (cli/args.py `expand_files`, shared with apply, diff and lab
+up); extra positional paths are read too, so a shell glob (`-f examples/*.yaml`) works. Exit codes:
+0 fine (explain: allowed), 1 explain: denied, 2 bad input (every problem listed on stderr), 70 a bug.
+Never a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from omniwall.cli.output import EXIT_DENIED, cli_errors, echo, emit_json, fail
+from omniwall.cli.output import EXIT_DENIED, cli_errors, echo, emit, emit_json, fail, table_lines
 from omniwall.compiler.ir import HostDesiredState, IRRule, ServiceMatch
 from omniwall.model.catalog import Catalog
 from omniwall.sim.explain import Explanation, explain, explanation_json, rule_text, verdict_text
@@ -30,20 +31,35 @@ MoreFiles = Annotated[
         show_default=False,
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout (= -o json).")]
+FormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--output", "-o", help="text, json or yaml.", autocompletion=lambda: ["text", "json", "yaml"]
+    ),
+]
+
+
+def _structured(output: str, json_out: bool) -> str | None:
+    """`json` or `yaml` when asked for (--json or -o), None for the text; a bad -o is a usage error."""
+    if output not in ("text", "table", "json", "yaml"):
+        fail(f"-o {output!r}: expected text, json or yaml")
+    return "json" if json_out else output if output in ("json", "yaml") else None
+
 
 KIND_ORDER = ("Tenant", "Host", "Workload", "Group", "Service", "Application", "Policy")
 
 
 def load_catalog(files: list[Path] | None, more: list[Path] | None) -> Catalog:
     """Load and validate; raises ValidationError listing every problem."""
+    from omniwall.cli.args import expand_files
     from omniwall.model.loader import load_files
     from omniwall.model.validate import validate
 
     paths = [*(files or []), *(more or [])]
     if not paths:
         fail("no input: give YAML files or directories with -f FILE")
-    return validate(load_files(paths))
+    return validate(load_files(expand_files(paths)))
 
 
 def compile_states(catalog: Catalog) -> dict[str, HostDesiredState]:
@@ -65,13 +81,16 @@ def _counts(catalog: Catalog) -> Counter[str]:
     return Counter(r.kind for r in catalog)  # type: ignore[attr-defined]
 
 
-def validate_cmd(files: FilesOpt = None, more: MoreFiles = None, json_out: JsonOpt = False) -> None:
+def validate_cmd(
+    files: FilesOpt = None, more: MoreFiles = None, json_out: JsonOpt = False, output: FormatOpt = "text"
+) -> None:
     """Check YAML resources (schema, references, tenancy); print what they contain."""
     with cli_errors():
+        fmt = _structured(output, json_out)
         catalog = load_catalog(files, more)
         counts = _counts(catalog)
-        if json_out:
-            emit_json({"valid": True, "counts": {k: counts.get(k, 0) for k in KIND_ORDER}})
+        if fmt:
+            emit({"valid": True, "counts": {k: counts.get(k, 0) for k in KIND_ORDER}}, fmt)
             return
         parts = [f"{counts[k]} {_plural(k, counts[k])}" for k in KIND_ORDER if counts.get(k)]
         rules = sum(len(p.spec.rules) for p in catalog.policies.values())
@@ -136,9 +155,11 @@ def compile_cmd(
         str | None, typer.Option("--host", help="Host to show (default: every host).", show_default=False)
     ] = None,
     json_out: JsonOpt = False,
+    output: FormatOpt = "text",
 ) -> None:
     """Compile resources into per-host desired state (vNICs, ordered rules, address sets)."""
     with cli_errors():
+        fmt = _structured(output, json_out)
         states = compile_states(load_catalog(files, more))
         if host is not None:
             if host not in states:
@@ -147,11 +168,12 @@ def compile_cmd(
             selected = {host: states[host]}
         else:
             selected = dict(sorted(states.items()))
-        if json_out:
-            emit_json(
+        if fmt:
+            emit(
                 selected[host].to_json()
                 if host is not None
-                else {h: s.to_json() for h, s in selected.items()}
+                else {h: s.to_json() for h, s in selected.items()},
+                fmt,
             )
             return
         for i, state in enumerate(selected.values()):
@@ -183,20 +205,13 @@ def print_explanation(e: Explanation) -> None:
         for _, pv in sections
         for h in pv.hops
     ]
-    widths = [max((len(r[i]) for r in rows), default=0) for i in range(5)]
-    it = iter(rows)
+    it = iter(table_lines(rows))  # the hops of every section aligned together (rich, cli/output.py)
     for name, pv in sections:
         echo(f"  {name}: {pv.packet.describe()}")
         if not pv.hops:
             echo("    no vNIC on the path: not judged by omniwall")
         for _ in pv.hops:
-            row = next(it)
-            echo(
-                "    "
-                + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
-                + "  "
-                + row[5]
-            )
+            echo("    " + next(it))
     if c.reply is None and c.request.allowed and not c.expects_reply:
         echo("  reply: none expected")
 
@@ -216,6 +231,7 @@ def explain_cmd(
         int | None, typer.Option("--port", help="Destination port (tcp/udp).", show_default=False)
     ] = None,
     json_out: JsonOpt = False,
+    output: FormatOpt = "text",
     server: Annotated[
         str | None,
         typer.Option("--server", help="Without -f: ask this manager (OMNIWALL_SERVER).", show_default=False),
@@ -227,6 +243,10 @@ def explain_cmd(
     """Would this connection be allowed? Each hop (host, vNIC, direction), its verdict and deciding rule.
     From YAML files (-f), or without -f from the manager's live state. Exit 0 when allowed, 1 when denied."""
     with cli_errors():
+        fmt = _structured(output, json_out)
+        if fmt == "yaml":
+            fail("explain: -o text or json")
+        json_out = fmt == "json"
         if not src or not dst:
             fail("explain needs --from WORKLOAD and --to WORKLOAD|IP")
         if not files and not more:  # server mode: GET /v1/explain (cli/insight_cmds.py)

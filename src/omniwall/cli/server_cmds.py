@@ -1,9 +1,10 @@
 """Manager-side commands: `manager`, `token`, and the API client commands (`apply`, `diff`, `get`,
-`delete`, `history`, `rollback`, `status`, `audit`).
+`delete`, `history`, `rollback`, `migrate`, `status`; `audit` is in cli/audit_cmd.py).
 
 Client commands find the manager and token from `--server`/`--token`, else `OMNIWALL_SERVER`/
-`OMNIWALL_TOKEN`, else `~/.config/omniwall/config.yaml` (`server:`, `token:` or `token_file:`, `ca:`,
-`cert:`, `key:`; env `OMNIWALL_CA`, `OMNIWALL_CERT`, `OMNIWALL_KEY`).
+`OMNIWALL_TOKEN`, else the current context of `~/.config/omniwall/config.yaml` or `$OMNIWALL_CONFIG`
+(`server:`, `token:` or `token_file:`, `ca:`, `cert:`, `key:`; contexts: cli/config_cmd.py; env
+`OMNIWALL_CA`, `OMNIWALL_CERT`, `OMNIWALL_KEY`, `OMNIWALL_CONTEXT`).
 An HTTP error prints the server's message (and each validation error) to stderr and exits 1.
 """
 
@@ -19,7 +20,10 @@ import httpx
 import typer
 import yaml
 
+from omniwall.cli.args import expand_files, split_ref
+from omniwall.cli.output import Column, OutputOpt, check_format, col, emit, render
 from omniwall.manager.audit import Actor
+from omniwall.manager.tokens import Role
 
 DEFAULT_SERVER = "http://127.0.0.1:8443"
 # The actor audited for token changes made on the store file directly.
@@ -40,16 +44,13 @@ def _fail(message: str) -> NoReturn:
 
 
 def _config() -> dict[str, Any]:
-    path = Path(os.environ.get("OMNIWALL_CONFIG", str(CONFIG_PATH))).expanduser()
-    if not path.exists():
-        return {}
+    """The config file's settings under its current context (cli/config_cmd.py)."""
+    from omniwall.cli.config_cmd import effective, read_config
+
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        _fail(f"{path}: {err}")
-    if not isinstance(data, dict):
-        _fail(f"{path}: expected a mapping with server/token")
-    return data
+        return effective(read_config())
+    except ValueError as err:
+        _fail(str(err))
 
 
 class Api:
@@ -86,6 +87,8 @@ class Api:
         )
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
+        if kw.get("params"):  # httpx sends `continue=` for None; the API reads that as a token
+            kw["params"] = {k: v for k, v in kw["params"].items() if v is not None}
         try:
             resp = self.http.request(method, path, **kw)
         except httpx.HTTPError as err:
@@ -119,6 +122,10 @@ def _kind_path(kind: str) -> str:
 
 def _read_files(files: list[str]) -> str:
     parts = []
+    try:
+        files = expand_files(files)
+    except ValueError as err:
+        _fail(str(err))
     for f in files:
         try:
             parts.append(sys.stdin.read() if f == "-" else Path(f).read_text())
@@ -134,21 +141,32 @@ def _params(tenant: str | None, **more: Any) -> dict[str, Any]:
     return out
 
 
-def _table(items: list[dict[str, Any]]) -> str:
-    rows = [("KIND", "TENANT", "NAME", "REVISION", "UPDATED")]
-    for d in items:
-        md = d.get("metadata", {})
-        rows.append(
-            (
-                d.get("kind", ""),
-                md.get("tenant", ""),
-                md.get("name", ""),
-                str(md.get("revision", "")),
-                md.get("updated", ""),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+def _ref(ref: str, tenant: str | None) -> tuple[str | None, str]:
+    """`tenant/name` or `name` + `--tenant` (cli/args.py), a clear error otherwise."""
+    try:
+        return split_ref(ref, tenant)
+    except ValueError as err:
+        _fail(str(err))
+
+
+def _labels(d: dict[str, Any]) -> str:
+    labels = (d.get("metadata") or {}).get("labels") or {}
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+OBJECT_COLUMNS = [
+    col("KIND", "kind"),
+    col("TENANT", "metadata.tenant"),
+    col("NAME", "metadata.name"),
+    col("REVISION", "metadata.revision"),
+    col("UPDATED", "metadata.updated"),
+    col("HOST", "spec.host", wide=True),
+    Column("LABELS", _labels, wide=True),
+]
+
+
+def has_changes(result: dict[str, Any]) -> bool:
+    return any(c.get("action") != "unchanged" for c in result.get("changes", []))
 
 
 def _print_diff(result: dict[str, Any]) -> None:
@@ -167,7 +185,9 @@ def _print_diff(result: dict[str, Any]) -> None:
             f"set elements +{t.get('setElementsAdded', 0)} -{t.get('setElementsRemoved', 0)}"
         )
         for h in impact.get("hosts", []):
-            typer.echo(f"  {h['host']}: vNICs {', '.join(h['vnics']) or '-'}")
+            # `tenant/name (ifname)` per vNIC when the manager names them, else the interface names
+            named = h.get("workloads") or h["vnics"]
+            typer.echo(f"  {h['host']}: {', '.join(named) or '-'}")
 
 
 def _book(db: str) -> Any:
@@ -203,6 +223,33 @@ def _conntrack_cell(ct: dict[str, Any] | None) -> str:
         return "-"
     mark = {"warning": " WARN", "critical": " CRIT"}.get(ct.get("alarm", "ok"), "")
     return f"{ct['ratio'] * 100:.0f}%{mark}"
+
+
+HISTORY_COLUMNS = [
+    col("REVISION", "revision"),
+    col("CHANGE", "type"),
+    col("UPDATED", "object.metadata.updated", default=""),
+]
+
+TOKEN_COLUMNS = [
+    col("ID", "id"),
+    col("ROLE", "role"),
+    Column("SCOPE", lambda t: t.get("tenant") or t.get("host") or "-"),
+    col("NAME", "name"),
+    col("CREATED", "created"),
+    col("EXPIRES", "expires"),
+    col("CREATED BY", "createdBy", wide=True),
+]
+
+STATUS_COLUMNS = [
+    col("HOST", "host"),
+    col("CONNECTED", "connected"),
+    col("DESIRED", "desiredRevision"),
+    col("REALIZED", "realizedRevision"),
+    Column("CONNTRACK", lambda s: _conntrack_cell(s.get("conntrack"))),
+    col("LAST SEEN", "lastSeen"),
+    col("ERROR", "lastError"),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -267,9 +314,7 @@ def register(app: typer.Typer) -> None:
 
     @token_app.command("create")
     def token_create(
-        role: str = typer.Option(
-            ..., "--role", help="provider-admin, tenant-admin, tenant-viewer, auditor, agent"
-        ),
+        role: str = typer.Option(..., "--role", help="one of: " + ", ".join(r.value for r in Role)),
         tenant: str | None = typer.Option(None, "--tenant", help="tenant roles: the tenant"),
         host: str | None = typer.Option(None, "--host", help="agent role: the host"),
         name: str = typer.Option("", "--name"),
@@ -340,18 +385,17 @@ def register(app: typer.Typer) -> None:
     @token_app.command("list")
     def token_list(
         db: str | None = typer.Option(None, "--db"),
+        output: str = OutputOpt,
         server: str | None = ServerOpt,
         token: str | None = TokenOpt,
     ) -> None:
         """List tokens (never their secrets)."""
+        check_format(output)
         if db:
             items = [t.public() for t in _book(db).list()]
         else:
             items = Api(server, token).call("GET", "/v1/tokens")["items"]
-        for t in items:
-            scope = t.get("tenant") or t.get("host") or "-"
-            expiry = f"  expires {t['expires']}" if t.get("expires") else ""
-            typer.echo(f"{t['id']}  {t['role']:15} {scope:15} {t['name']}  {t['created']}{expiry}")
+        render(items, TOKEN_COLUMNS, output)
 
     @token_app.command("revoke")
     def token_revoke(
@@ -370,12 +414,16 @@ def register(app: typer.Typer) -> None:
 
     @app.command("apply")
     def apply_cmd(
-        files: list[str] = typer.Option(..., "-f", "--file", help="YAML/JSON file(s); - for stdin"),
+        files: list[str] = typer.Option(
+            ..., "-f", "--file", help="YAML/JSON file, directory or glob (repeatable); - for stdin"
+        ),
+        more: list[str] | None = typer.Argument(None, metavar="FILES", help="the rest of a shell glob"),
         dry_run: bool = typer.Option(False, "--dry-run", help="show the diff and impact, write nothing"),
         server: str | None = ServerOpt,
         token: str | None = TokenOpt,
     ) -> None:
         """Create or update every object in the files, all or nothing."""
+        files = [*files, *(more or [])]
         text = _read_files(files)
         out = Api(server, token).call(
             "POST",
@@ -397,35 +445,47 @@ def register(app: typer.Typer) -> None:
 
     @app.command("diff")
     def diff_cmd(
-        files: list[str] = typer.Option(..., "-f", "--file", help="YAML/JSON file(s); - for stdin"),
+        files: list[str] = typer.Option(
+            ..., "-f", "--file", help="YAML/JSON file, directory or glob (repeatable); - for stdin"
+        ),
+        more: list[str] | None = typer.Argument(None, metavar="FILES", help="the rest of a shell glob"),
         server: str | None = ServerOpt,
         token: str | None = TokenOpt,
     ) -> None:
-        """What `apply` would change: object diffs and data-plane impact (exit 0 either way)."""
-        text = _read_files(files)
-        out = Api(server, token).call(
-            "POST",
-            "/v1/apply",
-            params={"dryRun": "true"},
-            content=text.encode(),
-            headers={"Content-Type": "application/yaml", "X-Omniwall-Source": ",".join(files)},
-        )
+        """What `apply` would change: object diffs and data-plane impact. Exit codes as `kubectl diff`:
+        0 no change, 1 changes, 2 an error."""
+        try:
+            files = [*files, *(more or [])]
+            text = _read_files(files)
+            out = Api(server, token).call(
+                "POST",
+                "/v1/apply",
+                params={"dryRun": "true"},
+                content=text.encode(),
+                headers={"Content-Type": "application/yaml", "X-Omniwall-Source": ",".join(files)},
+            )
+        except typer.Exit as e:  # the error is printed; 1 means "changes" here
+            raise typer.Exit(2 if e.exit_code else 0) from None
         _print_diff(out)
+        if has_changes(out):
+            raise typer.Exit(1)
 
     @app.command("get")
     def get_cmd(
         kind: str = typer.Argument(..., help="kind, e.g. policies, workload, Host"),
-        name: str | None = typer.Argument(None),
-        output: str = typer.Option("table", "-o", "--output", help="yaml | json | table"),
+        name: str | None = typer.Argument(None, help="NAME or TENANT/NAME"),
+        output: str = OutputOpt,
         tenant: str | None = TenantOpt,
         selector: str | None = typer.Option(None, "-l", "--selector", help="label selector, e.g. tier=web"),
         server: str | None = ServerOpt,
         token: str | None = TokenOpt,
     ) -> None:
         """Show one object or a list."""
-        if output not in ("yaml", "json", "table"):
-            _fail(f"-o {output!r}: expected yaml, json or table")
-        api, path = Api(server, token), _kind_path(kind)
+        check_format(output)
+        path = _kind_path(kind)
+        if name:
+            tenant, name = _ref(name, tenant)
+        api = Api(server, token)
         if name:
             items = [api.call("GET", f"/v1/{path}/{name}", params=_params(tenant))]
         else:
@@ -445,17 +505,18 @@ def register(app: typer.Typer) -> None:
         elif output == "yaml":
             typer.echo(yaml.safe_dump_all(items, sort_keys=False).rstrip())
         else:
-            typer.echo(_table(items))
+            render(items, OBJECT_COLUMNS, output)
 
     @app.command("delete")
     def delete_cmd(
         kind: str = typer.Argument(...),
-        name: str = typer.Argument(...),
+        name: str = typer.Argument(..., help="NAME or TENANT/NAME"),
         tenant: str | None = TenantOpt,
         server: str | None = ServerOpt,
         token: str | None = TokenOpt,
     ) -> None:
         """Delete an object (an Application takes what it owns along)."""
+        tenant, name = _ref(name, tenant)
         out = Api(server, token).call("DELETE", f"/v1/{_kind_path(kind)}/{name}", params=_params(tenant))
         for d in out["deleted"]:
             typer.echo(f"{d['kind']}/{d['tenant']}/{d['name']} deleted")
@@ -464,28 +525,27 @@ def register(app: typer.Typer) -> None:
     @app.command("history")
     def history_cmd(
         kind: str = typer.Argument(...),
-        name: str = typer.Argument(...),
+        name: str = typer.Argument(..., help="NAME or TENANT/NAME"),
         tenant: str | None = TenantOpt,
-        output: str = typer.Option("table", "-o", "--output", help="yaml | json | table"),
+        output: str = OutputOpt,
         server: str | None = ServerOpt,
         token: str | None = TokenOpt,
     ) -> None:
         """Every retained revision of an object."""
+        check_format(output)
+        tenant, name = _ref(name, tenant)
         out = Api(server, token).call("GET", f"/v1/{_kind_path(kind)}/{name}/history", params=_params(tenant))
         if output == "json":
             typer.echo(json.dumps(out, indent=2))
         elif output == "yaml":
             typer.echo(yaml.safe_dump(out, sort_keys=False).rstrip())
         else:
-            typer.echo("REVISION  CHANGE  UPDATED")
-            for it in out["items"]:
-                upd = (it.get("object") or {}).get("metadata", {}).get("updated", "")
-                typer.echo(f"{it['revision']:<9} {it['type']:7} {upd}")
+            render(out["items"], HISTORY_COLUMNS, output)
 
     @app.command("rollback")
     def rollback_cmd(
         kind: str = typer.Argument(...),
-        name: str = typer.Argument(...),
+        name: str = typer.Argument(..., help="NAME or TENANT/NAME"),
         to_revision: int = typer.Option(
             ..., "--to-revision", help="restore the object as it was at this revision"
         ),
@@ -494,6 +554,7 @@ def register(app: typer.Typer) -> None:
         token: str | None = TokenOpt,
     ) -> None:
         """Restore an object as it was at a revision (a new write, audited as rollback)."""
+        tenant, name = _ref(name, tenant)
         out = Api(server, token).call(
             "POST",
             f"/v1/{_kind_path(kind)}/{name}/rollback",
@@ -504,13 +565,14 @@ def register(app: typer.Typer) -> None:
 
     @app.command("migrate")
     def migrate_cmd(
-        workload: str = typer.Argument(..., help="workload name"),
+        workload: str = typer.Argument(..., help="NAME or TENANT/NAME"),
         to: str = typer.Option(..., "--to", help="destination host"),
         tenant: str | None = TenantOpt,
         switch_timeout: float = typer.Option(
             120.0, "--switch-timeout", help="seconds to wait for the vNIC to reach the destination"
         ),
         wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the phases until the end"),
+        output: str = OutputOpt,
         server: str | None = ServerOpt,
         token: str | None = TokenOpt,
     ) -> None:
@@ -518,6 +580,9 @@ def register(app: typer.Typer) -> None:
         vNIC; the migration waits for it (the destination agent sees its route, or POST .../switched)."""
         import time
 
+        check_format(output)
+        tenant, workload = _ref(workload, tenant)
+        text = output in ("table", "wide")
         api = Api(server, token)
         path = f"/v1/workloads/{workload}"
         rec = api.call(
@@ -526,40 +591,42 @@ def register(app: typer.Typer) -> None:
             params=_params(tenant),
             json={"to": to, "switchTimeout": switch_timeout},
         )
-        typer.echo(f"migration {rec['id']}: {rec['workload']} {rec['source']} -> {rec['destination']}")
+        if text:
+            typer.echo(f"migration {rec['id']}: {rec['workload']} {rec['source']} -> {rec['destination']}")
         shown = 0
         while wait:
             rec = api.call("GET", f"{path}/migration", params=_params(tenant))
-            for ph in rec["phases"][shown:]:
+            for ph in rec["phases"][shown:] if text else []:
                 typer.echo(f"  {ph['ms']:>9.1f} ms  {ph['phase']}")
             shown = len(rec["phases"])
             if rec["result"] != "running":
                 break
             time.sleep(0.2)
+        if not text:
+            emit(rec, output)
         if rec["result"] == "failed":
             typer.echo(f"error: migration failed: {rec.get('error')}", err=True)
             raise typer.Exit(1)
-        typer.echo(rec["result"])
+        if text:
+            typer.echo(rec["result"])
 
     @app.command("status")
-    def status_cmd(server: str | None = ServerOpt, token: str | None = TokenOpt) -> None:
+    def status_cmd(
+        output: str = OutputOpt, server: str | None = ServerOpt, token: str | None = TokenOpt
+    ) -> None:
         """Manager revision and each host's agent: connected, desired vs realized revision, last error."""
+        check_format(output)
         out = Api(server, token).call("GET", "/v1/status")
+        if output in ("json", "yaml"):
+            emit(out, output)
+            return
         typer.echo(f"revision {out['revision']}")
         if out.get("compileError"):
             typer.echo(f"compile error: {out['compileError']}")
         hosts = out.get("hosts")
         if hosts is None:
             return
-        typer.echo(
-            "HOST            CONNECTED  DESIRED  REALIZED  CONNTRACK      LAST SEEN                 ERROR"
-        )
-        for h, s in hosts.items():
-            typer.echo(
-                f"{h:15} {'yes' if s['connected'] else 'no':10} {s['desiredRevision']:<8} "
-                f"{s['realizedRevision']:<9} {_conntrack_cell(s.get('conntrack')):14} "
-                f"{s.get('lastSeen') or '-':25} {s.get('lastError') or ''}".rstrip()
-            )
+        render([{"host": h, **s} for h, s in hosts.items()], STATUS_COLUMNS, output)
 
     @app.command("compact")
     def compact_cmd(
@@ -576,56 +643,3 @@ def register(app: typer.Typer) -> None:
             return
         out = api.call("POST", "/v1/compact", json={"revision": target})
         typer.echo(f"history before revision {out['compacted']} dropped (current revision {out['revision']})")
-
-    audit_app = typer.Typer(
-        help="The audit log: list entries (default), or `verify` its hash chain.",
-        invoke_without_command=True,
-    )
-    app.add_typer(audit_app, name="audit")
-
-    @audit_app.command("verify")
-    def audit_verify_cmd(
-        db: str | None = typer.Option(None, "--db", help="check this store file instead of asking the API"),
-        server: str | None = ServerOpt,
-        token: str | None = TokenOpt,
-    ) -> None:
-        """Check the audit log's hash chain; exit 1 naming the first edited, deleted or inserted entry."""
-        if db:
-            from omniwall.manager.audit import verify
-            from omniwall.store import open_store
-
-            out = verify(open_store(db)).to_json()
-        else:
-            out = Api(server, token).call("GET", "/v1/audit/verify")
-        if out["ok"]:
-            extra = f" ({out['unchained']} older entries carry no chain)" if out.get("unchained") else ""
-            typer.echo(f"audit log intact: {out['entries']} chained entries{extra}")
-            return
-        b = out["firstBroken"] or {}
-        where = " ".join(x for x in (f"#{b['seq']}" if b.get("seq") else "", b.get("key") or "") if x)
-        _fail(f"audit log broken at entry {where or '?'}: {b.get('reason', '')}")
-
-    @audit_app.callback()
-    def audit_cmd(
-        ctx: typer.Context,
-        tenant: str | None = TenantOpt,
-        actor: str | None = typer.Option(None, "--actor"),
-        kind: str | None = typer.Option(None, "--kind"),
-        name: str | None = typer.Option(None, "--name"),
-        since: str | None = typer.Option(None, "--since", help="ISO 8601 time"),
-        until: str | None = typer.Option(None, "--until", help="ISO 8601 time"),
-        limit: int = typer.Option(100, "--limit"),
-        server: str | None = ServerOpt,
-        token: str | None = TokenOpt,
-    ) -> None:
-        """The audit log: who changed what, when, at which revision."""
-        if ctx.invoked_subcommand is not None:
-            return
-        params = _params(tenant, actor=actor, kind=kind, name=name, since=since, until=until, limit=limit)
-        out = Api(server, token).call("GET", "/v1/audit", params=params)
-        for e in out["items"]:
-            typer.echo(
-                f"{e['time']}  r{e['revision']:<6} {e['actor']:16} {e['action']:8} "
-                f"{e['kind']}/{e['tenant']}/{e['name']}"
-                + (f"  [{', '.join(e['changed'])}]" if e.get("changed") else "")
-            )

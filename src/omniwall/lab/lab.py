@@ -14,6 +14,7 @@ stop policy, kill the responders by PID, delete the namespaces, delete the state
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import secrets
@@ -38,6 +39,8 @@ from omniwall.lab.plan import LabPlan, plan_lab
 from omniwall.lab.probe import DEFAULT_TIMEOUT, Probe, ProbeResult, run_probes
 from omniwall.lab.standalone import NoPolicy, PolicyDriver, Standalone, default_driver, driver_for
 from omniwall.model.catalog import Catalog
+
+log = logging.getLogger(__name__)
 
 
 class LabError(RuntimeError):
@@ -312,9 +315,20 @@ class Lab:
 
             # A probe can only succeed where something answers: a responder, or the kernel for ICMP.
             served = {w.key: set(served_targets(w)) for w in self.plan.workloads}
+            if self.state.policy == "managed":
+                # The manager's policy now (posture reports, later applies), not the lab's files.
+                from omniwall.lab.managed import ManagedError, live_expected
+
+                try:
+                    verdicts = live_expected(self.prefix, probes)
+                except ManagedError as e:  # the manager is down (fail-static): the lab's own record
+                    log.warning("manager not asked (%s); expectation from the lab's resources", e)
+                    verdicts = expected_of(self.catalog, probes)
+            else:
+                verdicts = expected_of(self.catalog, probes)
             expected = [
                 ok and (p.proto == "icmp" or Target(p.proto, p.port) in served[p.dst])
-                for p, ok in zip(probes, expected_of(self.catalog, probes), strict=True)
+                for p, ok in zip(probes, verdicts, strict=True)
             ]
         return entries_of(results, expected)
 

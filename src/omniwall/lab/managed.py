@@ -524,6 +524,27 @@ class Managed:
         stop_control_plane(plan.prefix)
 
 
+def live_expected(prefix: str, probes: Sequence[Any]) -> list[bool]:
+    """What the lab's manager says of each probe right now (`GET /v1/explain` from the probe's source
+    address to its destination): `lab matrix --expect` of a managed lab follows the live policy."""
+    import ipaddress
+
+    cp = ControlPlane(prefix)
+    try:
+        out = []
+        for p in probes:
+            proto = p.proto
+            if proto == "icmp" and ipaddress.ip_address(p.addr).version == 6:
+                proto = "icmpv6"
+            params = {"from": p.src_addr or p.src, "to": p.addr, "proto": proto}
+            if p.port is not None and proto in ("tcp", "udp"):
+                params["port"] = p.port
+            out.append(bool(cp.api("GET", "/v1/explain", params=params)["allowed"]))
+        return out
+    finally:
+        cp.close()
+
+
 def stop_control_plane(prefix: str) -> None:
     """Stop a lab's manager and agents by PID and remove its control directory. Idempotent."""
     cp = ControlPlane(prefix)

@@ -487,10 +487,13 @@ class Manager:
                     continue
             old_rules = old.rule_map()
             old_sets = old.set_map()
+            owner = {v.ifname: v.workload for v in (*old.vnics, *new.vnics)}
             hosts.append(
                 {
                     "host": host,
                     "vnics": vnics,
+                    # what a person recognises: `tenant/name (ifname)`, in the order of `vnics`
+                    "workloads": [f"{owner[i]} ({i})" if owner.get(i) else i for i in vnics],
                     "rulesAdded": sum(1 for u in d.rule_updates if u.rule.id not in old_rules),
                     "rulesChanged": sum(1 for u in d.rule_updates if u.rule.id in old_rules),
                     "rulesRemoved": len(d.rule_removes),
