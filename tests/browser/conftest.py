@@ -47,7 +47,9 @@ def world() -> Iterator[World]:
         yield World(url, m, tokens, agents)
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an asyncio loop marked running on the main
+# thread while it is open, and every later test that calls asyncio.run() (agents, feeds) would fail.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     with playwright_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
