@@ -118,6 +118,12 @@ def free_port() -> int:
     return port
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat): load-independent cost."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -275,6 +281,7 @@ def main() -> None:
             for r in recs:  # each poster is one host's agent: its records are its own
                 r["host"] = host
             bodies[k] = (host, json.dumps({"host": host, "records": recs, "dropped": {"kernel": 0}}).encode())
+        cpu_before = cpu_seconds(proc.pid)
         q: Any = mp.Queue()
         procs = [
             mp.Process(target=poster, args=(url, tokens[h], h, b, args.batch, args.seconds, q))
@@ -293,6 +300,7 @@ def main() -> None:
                 break
             time.sleep(0.05)
         t_done = time.perf_counter()
+        cpu_used = cpu_seconds(proc.pid) - cpu_before
         accepted = sum(p["accepted"] for p in posted)
         answered_dropped = sum(p["dropped"] for p in posted)
         offered = st["offered"] - before["offered"]
@@ -308,6 +316,14 @@ def main() -> None:
             "post_seconds": round(t_posted - t_start, 2),
             "drain_seconds": round(t_done - t_posted, 2),
             "stored_per_s": round(stored / (t_done - t_start)),
+            # load-independent: what the manager process spent per offered record (parse, enrich,
+            # queue, store), and the rate that is on one free core; the store's own rate meanwhile
+            "manager_cpu_us_per_record": round(cpu_used / max(1, offered) * 1e6, 2),
+            "records_per_manager_cpu_second": round(offered / max(cpu_used, 1e-9)),
+            "store_write_seconds": st["writeSeconds"] - before.get("writeSeconds", 0),
+            "store_rows_per_write_second": round(
+                stored / max(1e-9, st["writeSeconds"] - before.get("writeSeconds", 0))
+            ),
             "ratio_to_store_baseline": round(
                 stored / (t_done - t_start) / result["baseline_store_insert_per_s"], 3
             ),
