@@ -95,7 +95,7 @@ def record(i: int, workloads: int, hosts: int, now: float, rnd: random.Random) -
 
 
 def poster(url: str, token: str, host: str, body: bytes, n: int, seconds: float, out: Any) -> None:
-    accepted = dropped = posts = errors = 0
+    accepted = dropped = posts = errors = deferred = 0
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
@@ -105,9 +105,21 @@ def poster(url: str, token: str, host: str, body: bytes, n: int, seconds: float,
                 d = r.json()
                 accepted += d["accepted"]
                 dropped += d["dropped"]
+            elif r.status_code == 429:  # the manager's queue is full: wait as told, like an agent
+                deferred += 1
+                time.sleep(float(r.headers.get("retry-after", "1")))
             else:
                 errors += 1
-    out.put({"host": host, "posts": posts, "accepted": accepted, "dropped": dropped, "errors": errors})
+    out.put(
+        {
+            "host": host,
+            "posts": posts,
+            "accepted": accepted,
+            "dropped": dropped,
+            "deferred": deferred,
+            "errors": errors,
+        }
+    )
 
 
 def free_port() -> int:
@@ -311,6 +323,7 @@ def main() -> None:
             "records_offered": offered,
             "records_stored": stored,
             "records_dropped_counted": drops,
+            "batches_deferred_429": sum(p["deferred"] for p in posted),
             "offered_eq_stored_plus_dropped": offered == stored + drops,
             "offered_eq_posters_accepted_plus_dropped": offered == accepted + answered_dropped,
             "post_seconds": round(t_posted - t_start, 2),

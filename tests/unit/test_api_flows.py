@@ -569,3 +569,23 @@ def test_a_record_missing_a_field_is_refused_naming_it(
         "/v1/hosts/ha/flows", json={"host": "ha", "records": [{**good, "verdict": "maybe"}]}, headers=h["ha"]
     )
     assert r.status_code == 422 and r.json()["errors"][0]["path"] == "records.0.verdict", r.text
+
+
+def test_a_full_queue_answers_429_and_the_agent_keeps_the_batch(
+    env: tuple[TestClient, Manager, dict[str, dict[str, str]]],
+) -> None:
+    """Overload is backpressure, not loss: 429 + Retry-After before the body is read, counted."""
+    c, m, h = env
+    svc = c.app.state.flows  # type: ignore[attr-defined]
+    good = rec("ha", "egress", "ta/web", "allowed", rule_id(m, "ta", "out", "to-db"), "ta", "out", "to-db")
+    before = c.get("/v1/flows/stats", headers=h["admin"]).json()
+    svc.queue_records, svc.pending = 100, 100  # the writer is 100 records behind, the queue holds 100
+    try:
+        r = c.post("/v1/hosts/ha/flows", json={"host": "ha", "records": [good]}, headers=h["ha"])
+    finally:
+        svc.queue_records, svc.pending = 500_000, 0
+    assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+    st = c.get("/v1/flows/stats", headers=h["admin"]).json()
+    assert st["deferredBatches"] == before["deferredBatches"] + 1 and st["offered"] == before["offered"]
+    r = c.post("/v1/hosts/ha/flows", json={"host": "ha", "records": [good]}, headers=h["ha"])
+    assert r.status_code == 202 and r.json()["accepted"] == 1

@@ -255,6 +255,9 @@ class FlowStats(BaseModel):
     pruned: int = Field(description="deleted by retention")
     dropped: dict[str, int] = Field(description="records lost in the manager, by place")
     refusedBatches: dict[str, int] = Field(description="batches refused whole, by reason")
+    deferredBatches: int = Field(
+        0, description="batches answered 429 (queue full): kept by the agent, retried"
+    )
     hosts: dict[str, dict[str, Any]] = Field(description="per host: received, batches, agentDropped")
     watchDropped: int = Field(description="records live readers fell too far behind to receive")
     writeSeconds: float = Field(0.0, description="wall seconds the writer spent storing (store throughput)")
@@ -591,6 +594,7 @@ def router() -> APIRouter:
             403: {"description": "not an agent, or an agent of another host"},
             404: {"description": "unknown host"},
             413: {"description": f"more than {MAX_BATCH_RECORDS} records or {MAX_BATCH_BYTES} bytes"},
+            429: {"description": "the flow queue is full: keep the batch, retry later (Retry-After)"},
             422: {"description": "malformed batch: each problem names its field"},
         },
     )
@@ -605,6 +609,14 @@ def router() -> APIRouter:
             )
         if not m.host_known(host):
             raise not_found(f"host {host}")
+        if svc.busy(MAX_BATCH_RECORDS):
+            # the writer is behind: refuse before reading and parsing (that work would be thrown away);
+            # the agent keeps the batch and retries with its backoff, so overload is not loss
+            raise ApiError(
+                429,
+                f"flow queue full ({svc.queue_records} records wait to be written); retry later",
+                headers={"Retry-After": "1"},
+            )
         body = await read_bounded(request, svc)
 
         def parse() -> tuple[list[Row], dict[str, int]]:

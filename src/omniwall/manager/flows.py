@@ -197,6 +197,7 @@ class FlowService:
         self.write_seconds = 0.0  # wall time inside store.insert: stored / this = the store's own rate
         self.dropped: dict[str, int] = dict.fromkeys(DROP_PLACES, 0)
         self.refused_batches: dict[str, int] = {}  # reason -> batches refused before parsing records
+        self.deferred_batches = 0  # answered 429 (queue nearly full): the agent keeps them and retries
         self.hosts: dict[str, HostFlows] = {}
         self.verdicts: dict[tuple[str, str], int] = {}  # ("tenant/policy", verdict) -> records
         self.subscribers: set[Subscription] = set()
@@ -218,6 +219,15 @@ class FlowService:
         """Count a batch refused before its records were read (malformed, oversized, wrong host)."""
         with self._lock:
             self.refused_batches[reason] = self.refused_batches.get(reason, 0) + 1
+
+    def busy(self, records: int) -> bool:
+        """True when `records` more would not fit the queue: the API then answers 429 before reading the
+        body, and the agent keeps the batch and retries later (backpressure, not loss). Counted."""
+        with self._lock:
+            if self.pending + min(records, self.queue_records) <= self.queue_records:
+                return False
+            self.deferred_batches += 1
+            return True
 
     def submit(self, host: str, rows: list[Row], agent_dropped: Mapping[str, int]) -> tuple[int, int]:
         """Queue one host's rows for storage and hand them to live readers. Returns (accepted, dropped).
@@ -375,6 +385,7 @@ class FlowService:
                 "pruned": self.pruned,
                 "dropped": dict(self.dropped),
                 "refusedBatches": dict(self.refused_batches),
+                "deferredBatches": self.deferred_batches,
                 "hosts": {
                     h: {
                         "received": f.received,
