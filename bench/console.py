@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import random
+import ssl
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,16 @@ def main() -> int:
         src, dst = lab.plan.workload(SRC), lab.plan.workload(DST)
         host = src.host
         agent_token = cp.agent_token_file(host).read_text().strip()
+        # the baseline posts as the host's agent does: its token and, when the lab runs TLS, its client
+        # certificate (agent tokens are refused without it)
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+        if cp.url.startswith("https:"):
+            tls.load_cert_chain(*map(str, cp.host_cert(host)))
+        agent = httpx.Client(
+            base_url=cp.url, verify=tls, headers={"Authorization": f"Bearer {agent_token}"}, timeout=10
+        )
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(ignore_https_errors=True)
         page.goto(f"{cp.url}/ui/")
@@ -126,13 +137,7 @@ def main() -> int:
             )
             body = FlowBatch(host, (rec,)).to_json()
             started = time.monotonic()
-            r = httpx.post(
-                f"{cp.url}/v1/hosts/{host}/flows",
-                json=body,
-                headers={"Authorization": f"Bearer {agent_token}"},
-                verify=False,
-                timeout=10,
-            )
+            r = agent.post(f"/v1/hosts/{host}/flows", json=body)
             assert r.status_code == 202, r.text
             return row_seen(port) - started
 

@@ -537,3 +537,55 @@ def test_the_contract_batch_is_accepted_as_is(
     )
     (seen,) = c.get("/v1/flows", headers=h["ta"]).json()["items"]  # ta's web is the source
     assert seen["rule"] == "(other tenant)" and seen["src_workload"] == "ta/web"
+
+
+def test_the_ingest_decoder_matches_the_published_schema_and_the_record() -> None:
+    """The route parses with a msgspec struct (speed) but publishes FlowRecordIn (pydantic): the same
+    fields, in FlowRecord's order (rows_of reads them by position), the same required ones."""
+    from dataclasses import fields
+
+    import msgspec
+
+    from omniwall.api import flows as api
+    from omniwall.flows.record import FlowRecord
+
+    names = msgspec.structs.fields(api._RecordIn)
+    assert [f.name for f in names] == [f.name for f in fields(FlowRecord)]
+    published = api._batch_schema()["properties"]["records"]["items"]
+    assert {f.name for f in names if f.required} == set(published["required"])
+    assert {f.name for f in names} == set(published["properties"])
+    assert {f.name for f in msgspec.structs.fields(api._BatchIn)} == set(api.FlowBatchIn.__annotations__)
+
+
+def test_a_record_missing_a_field_is_refused_naming_it(
+    env: tuple[TestClient, Manager, dict[str, dict[str, str]]],
+) -> None:
+    c, m, h = env
+    good = rec("ha", "egress", "ta/web", "allowed", rule_id(m, "ta", "out", "to-db"), "ta", "out", "to-db")
+    bad = {k: v for k, v in good.items() if k != "verdict"}
+    r = c.post("/v1/hosts/ha/flows", json={"host": "ha", "records": [good, bad]}, headers=h["ha"])
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "records.1.verdict", r.text
+    r = c.post(
+        "/v1/hosts/ha/flows", json={"host": "ha", "records": [{**good, "verdict": "maybe"}]}, headers=h["ha"]
+    )
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "records.0.verdict", r.text
+
+
+def test_a_full_queue_answers_429_and_the_agent_keeps_the_batch(
+    env: tuple[TestClient, Manager, dict[str, dict[str, str]]],
+) -> None:
+    """Overload is backpressure, not loss: 429 + Retry-After before the body is read, counted."""
+    c, m, h = env
+    svc = c.app.state.flows  # type: ignore[attr-defined]
+    good = rec("ha", "egress", "ta/web", "allowed", rule_id(m, "ta", "out", "to-db"), "ta", "out", "to-db")
+    before = c.get("/v1/flows/stats", headers=h["admin"]).json()
+    svc.queue_records, svc.pending = 100, 100  # the writer is 100 records behind, the queue holds 100
+    try:
+        r = c.post("/v1/hosts/ha/flows", json={"host": "ha", "records": [good]}, headers=h["ha"])
+    finally:
+        svc.queue_records, svc.pending = 500_000, 0
+    assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+    st = c.get("/v1/flows/stats", headers=h["admin"]).json()
+    assert st["deferredBatches"] == before["deferredBatches"] + 1 and st["offered"] == before["offered"]
+    r = c.post("/v1/hosts/ha/flows", json={"host": "ha", "records": [good]}, headers=h["ha"])
+    assert r.status_code == 202 and r.json()["accepted"] == 1

@@ -218,3 +218,17 @@ def test_metrics_bound_policy_labels() -> None:
     assert 'omniwall_agent_flow_records_total{verdict="denied"} 5.0' in body
     assert "omniwall_agent_realized_revision 5.0" in body and "omniwall_agent_rules 3.0" in body
     assert "omniwall_agent_realization_lag_seconds_sum 0.25" in body
+
+
+def test_a_new_denied_key_is_fresh_until_flushed_allowed_ones_never() -> None:
+    """The collector ships at once when `fresh` > 0 (the console's latency); a flood is one fresh key."""
+    ag = FlowAggregator("h")
+    ag.set_state(_state())
+    ag.on_logs([(11, "a", "e", 6, A, B, 1000 + i, 8080, 3, 4) for i in range(5)], 1.0, _names)
+    assert ag.fresh == 0
+    ag.on_logs([(12, "d", "i", 6, A, B, 1000 + i, 22, 3, 4) for i in range(100)], 1.0, _names)
+    assert ag.fresh == 1
+    ag.on_logs([(12, "d", "i", 6, A, B, 7, 23, 3, 4)], 1.0, _names)
+    assert ag.fresh == 2
+    ag.flush(_names, 1.1)
+    assert ag.fresh == 0

@@ -63,6 +63,10 @@ MANAGER_REFUSED = "manager-refused"  # records of a batch the manager refused (4
 # after each read, let the socket gather more: one wakeup per READ_PAUSE under load, not one per event
 # (conntrack events come one message each); the kernel queues meanwhile (receive buffers of 8/4 MB)
 READ_PAUSE = 0.05
+# A denied/rejected/would-deny key new in this interval is shipped at once (the console's "a denied packet
+# is on screen within a second"), not at the interval's end; at most one such early flush per EARLY_GAP,
+# so a scan (a new key per packet) costs a few batches a second, not one per packet.
+EARLY_GAP = 0.1
 REFUSED_TTL = 60.0
 _FIELDS = tuple(f.name for f in fields(FlowRecord))
 _values = operator.attrgetter(*_FIELDS)  # s: how long a refused attempt's retries count as the same attempt
@@ -97,6 +101,7 @@ class FlowAggregator:
         self._open: OrderedDict[tuple[Any, ...], list[tuple[str, int, int, float]]] = OrderedDict()
         self._refused: OrderedDict[tuple[object, ...], float] = OrderedDict()
         self.dropped: Counter[str] = Counter()
+        self.fresh = 0  # keys of a non-allowed verdict first seen since the last flush (ship early)
         self.emitted = 0
 
     # ---- state
@@ -173,6 +178,8 @@ class FlowAggregator:
             slot[5] += nbytes
         elif len(self._agg) < self.max_keys:
             self._agg[key] = [1, first, last, sport, packets, nbytes]
+            if key[2] != "a":
+                self.fresh += 1
         else:
             self.dropped[AGENT_AGGREGATION] += 1
 
@@ -181,6 +188,7 @@ class FlowAggregator:
         count = connections), connections ended (`final=True`, count 0, their packets and bytes summed),
         and packets of every other verdict (count = packets)."""
         agg, self._agg = self._agg, {}
+        self.fresh = 0
         while self._refused and next(iter(self._refused.values())) < now - REFUSED_TTL:
             self._refused.popitem(last=False)
         out = []
@@ -312,6 +320,7 @@ class FlowCollector:
         self.nflog: NflogReader | None = None
         self.ct: CtEventReader | None = None
         self._pending = threading.Event()
+        self._backoff_until = 0.0  # monotonic: the shipper backs off (manager away) until then
         self._sent_dropped: dict[str, int] = {}
 
     # ---- lifecycle
@@ -386,7 +395,9 @@ class FlowCollector:
                     self._resolve(log_[9])
             with self._lock:
                 self.agg.on_logs(logs, time.time())
-                if self.agg.pending_keys >= self.batch_max:
+                if self.agg.pending_keys >= self.batch_max or (
+                    self.agg.fresh and time.monotonic() >= self._backoff_until  # manager away: wait
+                ):
                     self._pending.set()
             self._stop.wait(READ_PAUSE)
 
@@ -431,9 +442,14 @@ class FlowCollector:
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         delay = self.interval
         loop = asyncio.get_running_loop()
+        flushed = 0.0
         while True:
             await loop.run_in_executor(None, self._pending.wait, delay)
+            early = EARLY_GAP - (time.monotonic() - flushed)
+            if early > 0:  # woken by a new denied key right after a flush: bound the batch rate
+                await asyncio.sleep(early)
             self._pending.clear()
+            flushed = time.monotonic()
             self.flush()
             delay = self.interval
             while len(self.buffer) or self.dropped != self._sent_dropped:
@@ -461,6 +477,7 @@ class FlowCollector:
                 else:  # 5xx, auth not ready, route not there yet: keep and retry later
                     delay = min(30.0, max(delay, self.interval) * 2)
                     break
+            self._backoff_until = time.monotonic() + (delay if delay > self.interval else 0.0)
 
     def wait_idle(self) -> None:
         """For tests: stop waiting for the interval."""

@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -72,41 +72,62 @@ class AddressBook:
 
 def to_rows(host: str, records: Iterable[RecordDict], book: AddressBook) -> list[Row]:
     """Stored rows (flowstore.COLUMNS order) of one host's records, each end named from the model."""
+    return rows_of(host, (_values(r) for r in records), book)
+
+
+def _values(r: RecordDict) -> tuple[Any, ...]:
+    return (
+        r["start"],
+        r["end"],
+        r["host"],
+        r["hop"],
+        r["ifname"],
+        r["workload"],
+        r["verdict"],
+        r["rule_id"],
+        r["rule_tenant"],
+        r["policy"],
+        r["rule"],
+        r["category"],
+        r["revision"],
+        r["proto"],
+        r["src"],
+        r["dst"],
+        r.get("sport", 0),
+        r.get("dport", 0),
+        r.get("packets", 0),
+        r.get("bytes", 0),
+        r.get("count", 1),
+        r.get("final", True),
+    )
+
+
+def rows_of(host: str, records: Iterable[Sequence[Any]], book: AddressBook) -> list[Row]:
+    """`to_rows` of records given as value tuples in FlowRecord's field order (the API's decoder yields
+    these): one tuple build per record, no dict. The ingest's hot loop (bench/flows.py)."""
     look = book.addresses.get
+    host_of = book.hosts.get
     out: list[Row] = []
+    append = out.append
     for r in records:
-        s = look(r["src"])
-        d = look(r["dst"])
-        wl = r["workload"]
-        if r["hop"] == "egress":
-            if s is None and book.hosts.get(wl) == host:
-                s = (wl, wl.partition("/")[0])
-        elif d is None and book.hosts.get(wl) == host:
-            d = (wl, wl.partition("/")[0])
-        out.append(
+        s = look(r[14])
+        d = look(r[15])
+        if r[3] == "egress":
+            if s is None:
+                wl = r[5]
+                if host_of(wl) == host:
+                    s = (wl, wl.partition("/")[0])
+        elif d is None:
+            wl = r[5]
+            if host_of(wl) == host:
+                d = (wl, wl.partition("/")[0])
+        append(
             (
-                r["start"],
-                r["end"],
+                r[0],
+                r[1],
                 host,
-                r["hop"],
-                r["ifname"],
-                r["workload"],
-                r["verdict"],
-                r["rule_id"],
-                r["rule_tenant"],
-                r["policy"],
-                r["rule"],
-                r["category"],
-                r["revision"],
-                r["proto"],
-                r["src"],
-                r["dst"],
-                r.get("sport", 0),
-                r.get("dport", 0),
-                r.get("packets", 0),
-                r.get("bytes", 0),
-                r.get("count", 1),
-                int(r.get("final", True)),
+                *r[3:21],
+                int(r[21]),
                 s[0] if s else None,
                 s[1] if s else None,
                 d[0] if d else None,
@@ -173,8 +194,10 @@ class FlowService:
         self.offered = 0
         self.stored = 0
         self.pruned = 0
+        self.write_seconds = 0.0  # wall time inside store.insert: stored / this = the store's own rate
         self.dropped: dict[str, int] = dict.fromkeys(DROP_PLACES, 0)
         self.refused_batches: dict[str, int] = {}  # reason -> batches refused before parsing records
+        self.deferred_batches = 0  # answered 429 (queue nearly full): the agent keeps them and retries
         self.hosts: dict[str, HostFlows] = {}
         self.verdicts: dict[tuple[str, str], int] = {}  # ("tenant/policy", verdict) -> records
         self.subscribers: set[Subscription] = set()
@@ -196,6 +219,15 @@ class FlowService:
         """Count a batch refused before its records were read (malformed, oversized, wrong host)."""
         with self._lock:
             self.refused_batches[reason] = self.refused_batches.get(reason, 0) + 1
+
+    def busy(self, records: int) -> bool:
+        """True when `records` more would not fit the queue: the API then answers 429 before reading the
+        body, and the agent keeps the batch and retries later (backpressure, not loss). Counted."""
+        with self._lock:
+            if self.pending + min(records, self.queue_records) <= self.queue_records:
+                return False
+            self.deferred_batches += 1
+            return True
 
     def submit(self, host: str, rows: list[Row], agent_dropped: Mapping[str, int]) -> tuple[int, int]:
         """Queue one host's rows for storage and hand them to live readers. Returns (accepted, dropped).
@@ -224,13 +256,20 @@ class FlowService:
         return (n, 0) if accepted else (0, n)
 
     def _count_verdicts(self, rows: list[Row]) -> None:
+        # group the batch first (tuple keys, no string per row), then fold into the bounded series
         c = COL
-        v = self.verdicts
+        it, ip, iv, ic = c["rule_tenant"], c["policy"], c["verdict"], c["count"]
+        batch: dict[tuple[str, str, str], int] = {}
+        get = batch.get
         for r in rows:
-            key = (f"{r[c['rule_tenant']]}/{r[c['policy']]}", r[c["verdict"]])
+            k = (r[it], r[ip], r[iv])
+            batch[k] = get(k, 0) + r[ic]
+        v = self.verdicts
+        for (tenant, policy, verdict), n in batch.items():
+            key = (f"{tenant}/{policy}", verdict)
             if key not in v and len(v) >= POLICY_SERIES:
-                key = ("(other)", key[1])
-            v[key] = v.get(key, 0) + r[c["count"]]
+                key = ("(other)", verdict)
+            v[key] = v.get(key, 0) + n
 
     # ------------------------------------------------------------------ writer
     def _ensure_writer(self) -> None:
@@ -271,6 +310,7 @@ class FlowService:
                 return
 
     def _write(self, batch: list[Row]) -> None:
+        t0 = time.perf_counter()
         try:
             self.store.insert(batch)
             ok = True
@@ -278,6 +318,7 @@ class FlowService:
             log.exception("storing %d flow records failed; counted as dropped (manager-store)", len(batch))
             ok = False
         with self._lock:
+            self.write_seconds += time.perf_counter() - t0
             self.pending -= len(batch)
             if ok:
                 self.stored += len(batch)
@@ -344,6 +385,7 @@ class FlowService:
                 "pruned": self.pruned,
                 "dropped": dict(self.dropped),
                 "refusedBatches": dict(self.refused_batches),
+                "deferredBatches": self.deferred_batches,
                 "hosts": {
                     h: {
                         "received": f.received,
@@ -354,7 +396,8 @@ class FlowService:
                     for h, f in sorted(self.hosts.items())
                 },
                 "watchDropped": sum(s.dropped for s in self.subscribers),
+                "writeSeconds": round(self.write_seconds, 3),
             }
 
 
-__all__ = ["AddressBook", "FlowService", "HostFlows", "RecordDict", "Subscription", "to_rows"]
+__all__ = ["AddressBook", "FlowService", "HostFlows", "RecordDict", "Subscription", "rows_of", "to_rows"]

@@ -252,27 +252,23 @@ class SqliteFlowStore:
     def insert(self, rows: Sequence[Row]) -> None:
         if not rows:
             return
+        # the minute rollup, grouped here (one dict probe a row; positions as locals: this loop runs for
+        # every ingested record)
         hits: dict[tuple[int, int, str], list[Any]] = {}
+        get = hits.get
         c = COL
+        it, ir, iv, ic = c["t"], c["rule_id"], c["verdict"], c["count"]
+        irt, ip, iru, ica = c["rule_tenant"], c["policy"], c["rule"], c["category"]
         for r in rows:
-            minute = int(r[c["t"]] // 60)
-            key = (minute, r[c["rule_id"]], r[c["verdict"]])
-            h = hits.get(key)
+            t = r[it]
+            key = (int(t // 60), r[ir], r[iv])
+            h = get(key)
             if h is None:
-                hits[key] = [
-                    minute,
-                    r[c["rule_id"]],
-                    r[c["verdict"]],
-                    r[c["rule_tenant"]],
-                    r[c["policy"]],
-                    r[c["rule"]],
-                    r[c["category"]],
-                    r[c["count"]],
-                    r[c["t"]],
-                ]
+                hits[key] = [key[0], key[1], key[2], r[irt], r[ip], r[iru], r[ica], r[ic], t]
             else:
-                h[7] += r[c["count"]]
-                h[8] = max(h[8], r[c["t"]])
+                h[7] += r[ic]
+                if t > h[8]:
+                    h[8] = t
         with self._write_lock:
             conn = self._write
             conn.execute("BEGIN")
