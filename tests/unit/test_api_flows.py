@@ -589,3 +589,40 @@ def test_a_full_queue_answers_429_and_the_agent_keeps_the_batch(
     assert st["deferredBatches"] == before["deferredBatches"] + 1 and st["offered"] == before["offered"]
     r = c.post("/v1/hosts/ha/flows", json={"host": "ha", "records": [good]}, headers=h["ha"])
     assert r.status_code == 202 and r.json()["accepted"] == 1
+
+
+class _GatedStore(SqliteFlowStore):
+    """A flow store whose writes wait for the test, or fail: what the agent is told must follow them."""
+
+    def __init__(self) -> None:
+        super().__init__(":memory:")
+        self.gate = threading.Event()
+        self.fail = False
+
+    def insert(self, rows: Any) -> None:
+        self.gate.wait(10)
+        if self.fail:
+            raise OSError("disk full")
+        super().insert(rows)
+
+
+def test_ingest_acknowledges_only_what_is_committed(env: tuple[TestClient, Manager, Any]) -> None:
+    c, _, h = env
+    store = _GatedStore()
+    c.app.state.flows = FlowService(store)  # type: ignore[attr-defined]
+    body = {"host": "ha", "records": [rec("ha", "egress", "ta/web", "allowed", 1, "ta", "out", "to-db")]}
+    answers: list[Any] = []
+    poster = threading.Thread(
+        target=lambda: answers.append(c.post("/v1/hosts/ha/flows", json=body, headers=h["ha"]))
+    )
+    poster.start()
+    time.sleep(0.5)
+    assert not answers and store.rows() == 0  # not written: not acknowledged
+    store.gate.set()
+    poster.join(10)
+    assert answers[0].status_code == 202 and store.rows() == 1
+    # a write that fails is not acknowledged either: the agent keeps the batch and retries
+    store.fail = True
+    r = c.post("/v1/hosts/ha/flows", json=body, headers=h["ha"])
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    c.app.state.flows.close()  # type: ignore[attr-defined]

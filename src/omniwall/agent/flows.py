@@ -456,7 +456,9 @@ class FlowCollector:
                 batch = self.batch()
                 n = len(batch.records)
                 try:
-                    resp = await client.post(url, content=self.body(batch), headers=headers, timeout=10.0)
+                    resp = await client.post(
+                        url, content=self.body(batch), headers=headers, timeout=30.0
+                    )  # acked once stored
                 except httpx.HTTPError as e:
                     log.debug("flows: manager unreachable (%s); %d records wait", e, len(self.buffer))
                     delay = min(30.0, max(delay, self.interval) * 2)

@@ -1,6 +1,6 @@
 """Flow records: agents post them, readers search, stream, graph and count them.
 
-    POST /v1/hosts/{host}/flows   agent (own host only): a FlowBatch; 202 {accepted, dropped}
+    POST /v1/hosts/{host}/flows   agent (own host only): a FlowBatch; 202 {accepted, dropped} once written
     GET  /v1/flows                filtered, newest first, `limit` + `continue`
     GET  /v1/flows/watch          Server-Sent Events: `flow` events (same filters), `stats` every few s
     GET  /v1/flows/graph          nodes and edges (by workload or group) with counts per verdict
@@ -17,6 +17,7 @@ Unknown query fields answer 422 naming them. Logic lives in manager/flows.py and
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import re
@@ -596,6 +597,7 @@ def router() -> APIRouter:
             413: {"description": f"more than {MAX_BATCH_RECORDS} records or {MAX_BATCH_BYTES} bytes"},
             429: {"description": "the flow queue is full: keep the batch, retry later (Retry-After)"},
             422: {"description": "malformed batch: each problem names its field"},
+            503: {"description": "the flow store failed to write the batch: keep it, retry (Retry-After)"},
         },
     )
     async def ingest(request: Request, host: str, p: Principal = Depends(authenticate)) -> IngestResult:
@@ -625,7 +627,19 @@ def router() -> APIRouter:
             return rows_of(host, map(astuple, batch.records), svc.address_book(m)), batch.dropped
 
         rows, agent_dropped = await run_in_threadpool(parse)
-        accepted, dropped = svc.submit(host, rows, agent_dropped)
+        # Acknowledge only what is committed: a manager that dies with records in its queue has not
+        # said 202 for them, so the agent still holds them and sends them again (at least once).
+        loop = asyncio.get_running_loop()
+        stored: asyncio.Future[bool] = loop.create_future()
+
+        def on_stored(ok: bool) -> None:
+            loop.call_soon_threadsafe(lambda: stored.done() or stored.set_result(ok))
+
+        accepted, dropped = svc.submit(host, rows, agent_dropped, on_stored)
+        if accepted and not await stored:
+            raise ApiError(
+                503, "the flow store failed to write this batch; retry", headers={"Retry-After": "1"}
+            )
         return IngestResult(host=host, accepted=accepted, dropped=dropped)
 
     @r.get(

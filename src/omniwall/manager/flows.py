@@ -44,6 +44,7 @@ SUBSCRIBER_RECORDS = 10_000  # records a live-stream reader may lag behind befor
 MAX_SUBSCRIBERS = 256  # live readers at once: each costs a filter pass per record ingested
 POLICY_SERIES = 1_000  # distinct (policy, verdict) counters kept before the rest go to "(other)"
 DROP_PLACES = ("manager-queue", "manager-store")
+Stored = Callable[[bool], None]  # told whether a submitted batch was committed
 
 
 # A record as the API parsed it: a dict with FlowRecord's fields (FlowRecord.to_json() gives one too).
@@ -188,7 +189,8 @@ class FlowService:
         self.prune_every = prune_every
         self.clock = clock
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[list[Row] | None] = queue.SimpleQueue()
+        # (rows, called with True/False once they are written or failed to be: the API's acknowledgement)
+        self._queue: queue.SimpleQueue[tuple[list[Row], Stored | None] | None] = queue.SimpleQueue()
         self._idle = threading.Condition(self._lock)
         self.pending = 0  # records queued or being written
         self.offered = 0
@@ -229,9 +231,17 @@ class FlowService:
             self.deferred_batches += 1
             return True
 
-    def submit(self, host: str, rows: list[Row], agent_dropped: Mapping[str, int]) -> tuple[int, int]:
+    def submit(
+        self,
+        host: str,
+        rows: list[Row],
+        agent_dropped: Mapping[str, int],
+        on_stored: Stored | None = None,
+    ) -> tuple[int, int]:
         """Queue one host's rows for storage and hand them to live readers. Returns (accepted, dropped).
-        Call on the event loop of the live readers (the API's), so publishing needs no hop."""
+        `on_stored(ok)` is called from the writer thread once the rows are committed (ok) or failed to be
+        (the API acknowledges a batch only then: nothing acknowledged is lost in a crash). Call on the
+        event loop of the live readers (the API's), so publishing needs no hop."""
         self._ensure_writer()
         n = len(rows)
         with self._lock:
@@ -250,7 +260,9 @@ class FlowService:
                 accepted = True
             self._count_verdicts(rows)
         if accepted and n:
-            self._queue.put(rows)
+            self._queue.put((rows, on_stored))
+        elif on_stored is not None:
+            on_stored(accepted)  # nothing to write (empty), or refused: answer at once
         for s in list(self.subscribers):
             s.offer(rows)
         return (n, 0) if accepted else (0, n)
@@ -290,26 +302,35 @@ class FlowService:
                 first = []
             if first is None:
                 return
-            batch = list(first)
+            batch: list[Row] = []
+            waiting: list[Stored] = []
             stop = False
-            while len(batch) < WRITE_BATCH:  # coalesce what is already waiting
+            item: tuple[list[Row], Stored | None] | None = first or None
+            while True:  # coalesce what is already waiting, up to WRITE_BATCH
+                if item is not None:
+                    batch += item[0]
+                    if item[1] is not None:
+                        waiting.append(item[1])
+                if len(batch) >= WRITE_BATCH:
+                    break
                 try:
-                    more = self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
+                if item is None:
                     stop = True
                     break
-                batch += more
             if batch:
-                self._write(batch)
+                ok = self._write(batch)
+                for done in waiting:
+                    done(ok)
             if time.monotonic() >= next_prune:
                 self.prune()
                 next_prune = time.monotonic() + self.prune_every
             if stop:
                 return
 
-    def _write(self, batch: list[Row]) -> None:
+    def _write(self, batch: list[Row]) -> bool:
         t0 = time.perf_counter()
         try:
             self.store.insert(batch)
@@ -325,6 +346,7 @@ class FlowService:
             else:
                 self.dropped["manager-store"] += len(batch)
             self._idle.notify_all()
+        return ok
 
     def prune(self) -> int:
         """Retention: rows older than `retention` seconds, then the oldest beyond `max_records`."""
