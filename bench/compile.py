@@ -302,45 +302,79 @@ def pct(values: list[float], p: float) -> float:
 SWEEP_SIZES = (25_000, 50_000, 100_000, 200_000, 400_000, 800_000, 1_000_000)
 
 
-def sweep(max_workloads: int, changes: int, seed: int, profile_dir: str | None) -> int:
-    """One subprocess per size (peak RSS per size); prints the growth table and one JSON line per size."""
-    results = []
+def _run_size(n: int, changes: int, seed: int, profile: str | None, pythonpath: str | None) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        f"--workloads={n}",
+        f"--groups={n // 10}",
+        f"--rules={n // 10}",
+        f"--hosts={n // 100}",
+        f"--changes={changes}",
+        f"--seed={seed}",
+    ]
+    if profile:
+        cmd.append(f"--profile={profile}")
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath  # the baseline's compiler, ahead of this tree's editable install
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    print(json.dumps(res, sort_keys=True), file=sys.stderr, flush=True)
+    return res
+
+
+def _row(r: dict, base: float | None, label: str = "") -> str:
+    per = r["full_compile_cpu_s"] / r["rule_placements"] * 1e6
+    rel = f" (x{per / base:.2f})" if base else ""
+    return (
+        f"| {label}{_k(r['workloads'])} / {_k(r['groups'])} / {_k(r['rules'])} / {_k(r['hosts'])} "
+        f"| {r['rule_placements'] / 1e6:.2f} M "
+        f"| {r['full_compile_s']:.2f} / {r['full_compile_cpu_s']:.2f} s "
+        f"| {r['peak_rss_mb']:,} MB | {per:.2f} µs{rel} "
+        f"| {r['incr_median_ms']:.2f} / {r['incr_p99_ms']:.2f} ms | {r['loadavg_1m']} |"
+    )
+
+
+def sweep(
+    sizes: list[int],
+    max_workloads: int,
+    changes: int,
+    seed: int,
+    profile_dir: str | None,
+    baseline: str | None,
+) -> int:
+    """One subprocess per size (peak RSS per size); prints the growth table and one JSON line per size
+    (stderr). With `baseline` (a PYTHONPATH holding another tree's `omniwall`), each size runs the
+    baseline first, then this tree: paired rounds in one sitting."""
+    results: list[tuple[dict, dict | None]] = []
     load0 = os.getloadavg()
-    for n in SWEEP_SIZES:
+    for n in sizes:
         if n > max_workloads:
             break
-        cmd = [
-            sys.executable,
-            __file__,
-            f"--workloads={n}",
-            f"--groups={n // 10}",
-            f"--rules={n // 10}",
-            f"--hosts={n // 100}",
-            f"--changes={changes}",
-            f"--seed={seed}",
-        ]
-        if profile_dir:
-            cmd.append(f"--profile={os.path.join(profile_dir, f'compile-{n}.prof')}")
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        res = json.loads(out.strip().splitlines()[-1])
-        results.append(res)
-        print(json.dumps(res, sort_keys=True), file=sys.stderr, flush=True)
+        old = _run_size(n, changes, seed, None, baseline) if baseline else None
+        prof = os.path.join(profile_dir, f"compile-{n}.prof") if profile_dir else None
+        results.append((_run_size(n, changes, seed, prof, None), old))
     print(
         "| workloads / groups / rules / hosts | rule placements | full compile wall / CPU | peak RSS "
-        "| CPU per placement | change median / p99 | load 1m |"
+        "| CPU per placement (vs first size) | change median / p99 | load 1m |"
     )
     print("|---|---|---|---|---|---|---|")
     base = None
-    for r in results:
+    for r, old in results:
         per = r["full_compile_cpu_s"] / r["rule_placements"] * 1e6
         base = base or per
-        print(
-            f"| {_k(r['workloads'])} / {_k(r['groups'])} / {_k(r['rules'])} / {_k(r['hosts'])} "
-            f"| {r['rule_placements'] / 1e6:.2f} M "
-            f"| {r['full_compile_s']:.2f} / {r['full_compile_cpu_s']:.2f} s "
-            f"| {r['peak_rss_mb']:,} MB | {per:.2f} µs (x{per / base:.2f}) "
-            f"| {r['incr_median_ms']:.2f} / {r['incr_p99_ms']:.2f} ms | {r['loadavg_1m']} |"
-        )
+        if old is not None:
+            print(_row(old, None, "baseline "))
+        print(_row(r, base))
+        if old is not None:
+            print(
+                f"| ratio this/baseline | | {r['full_compile_s'] / old['full_compile_s']:.2f} / "
+                f"{r['full_compile_cpu_s'] / old['full_compile_cpu_s']:.2f} "
+                f"| {r['peak_rss_mb'] / old['peak_rss_mb']:.2f} | "
+                f"| {r['incr_median_ms'] / old['incr_median_ms']:.2f} / "
+                f"{r['incr_p99_ms'] / old['incr_p99_ms']:.2f} | |"
+            )
     load1 = os.getloadavg()
     print(
         f"load average before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
@@ -376,11 +410,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", help="write a cProfile of the full compile to this file")
     ap.add_argument("--profile-changes", help="write a cProfile of the label changes to this file")
     ap.add_argument("--sweep", action="store_true", help="the growth table, 25k workloads doubling up to 1M")
+    ap.add_argument(
+        "--sizes",
+        default=",".join(map(str, SWEEP_SIZES)),
+        help="with --sweep: workload counts, comma-separated (default %(default)s)",
+    )
     ap.add_argument("--max-workloads", type=int, default=1_000_000, help="largest sweep size")
     ap.add_argument("--profile-dir", help="with --sweep: one cProfile (CPU time) per size in this directory")
+    ap.add_argument(
+        "--baseline",
+        metavar="PYTHONPATH",
+        help="with --sweep: also run each size with the omniwall package found there (e.g. an exported "
+        "main: git archive main src | tar -x -C /tmp/base; --baseline /tmp/base/src), paired",
+    )
     args = ap.parse_args(argv)
     if args.sweep:
-        return sweep(args.max_workloads, args.changes, args.seed, args.profile_dir)
+        return sweep(
+            [int(x) for x in args.sizes.split(",")],
+            args.max_workloads,
+            args.changes,
+            args.seed,
+            args.profile_dir,
+            args.baseline,
+        )
 
     t0 = time.perf_counter()
     inv = Inventory(args.workloads, args.groups, args.rules, args.hosts, args.seed)
