@@ -121,7 +121,10 @@ def effective_limit(spec: TenantSpec, provider: TenantSpec) -> tuple[int | None,
 
 
 class IncrementalCompiler:
-    def __init__(self, catalog: Catalog, revision: int = 0) -> None:
+    def __init__(self, catalog: Catalog, revision: int = 0, *, freeze: bool = True) -> None:
+        """`freeze`: after a large build, move its objects out of the cyclic collector's reach
+        (`_gc_paused`); right for a compiler that lives on (the manager's), pointless for a one-shot
+        compile whose result is dropped soon (`compile_catalog`, what-if previews)."""
         self.revision = revision
         self.tenants: dict[str, Tenant] = {}
         self.host_res: dict[str, Host] = {}
@@ -158,7 +161,7 @@ class IncrementalCompiler:
         # tenant -> vNIC defaults (action, monitor, connection limits), idem
         self._defaults: dict[str, tuple[str, bool, tuple[int | None, int | None]]] = {}
 
-        self._apply(list(catalog), [], revision, emit=False)
+        self._apply(list(catalog), [], revision, emit=False, freeze=freeze)
 
     # ------------------------------------------------------------------------------------ public API
     def state(self, host: str) -> HostDesiredState:
@@ -203,9 +206,9 @@ class IncrementalCompiler:
 
     # ------------------------------------------------------------------------------------ the update
     def _apply(
-        self, changed: list[object], removed: list[Removed], revision: int, emit: bool
+        self, changed: list[object], removed: list[Removed], revision: int, emit: bool, freeze: bool = False
     ) -> dict[str, HostDelta]:
-        with _gc_paused(build=not emit):
+        with _gc_paused(build=freeze):
             return self._apply_inner(changed, removed, revision, emit)
 
     def _apply_inner(
@@ -654,7 +657,8 @@ def _gc_paused(build: bool = False) -> Iterator[None]:
     long-lived objects, a fifth of the compile at 100k workloads, and memory-bound, so it grew faster
     than the build. The compiler holds no reference cycle, so a frozen compiler that is dropped is still
     freed by reference counting. Small builds (tests) are left alone: freezing also pins whatever else
-    the process holds at that moment."""
+    the process holds at that moment (cyclic garbage not yet collected then is never freed: bounded by
+    what one collection would have found, once per long-lived compiler)."""
     was = gc.isenabled()
     gc.disable()
     try:
