@@ -3,6 +3,11 @@ changes through `IncrementalCompiler`.
 
     .venv/bin/python bench/compile.py                       # 100k workloads, 10k groups, 10k rules, 1k hosts
     .venv/bin/python bench/compile.py --workloads 10000 --groups 1000 --rules 1000 --hosts 100 --changes 200
+    .venv/bin/python bench/compile.py --sweep --max-workloads 200000   # growth table, 25k doubling up
+
+Sweep: sizes scaled together with today's default shape (workloads/10 groups and rules, workloads/100
+hosts), each size in its own subprocess so that peak RSS is that size's own; the table gives time per rule
+placement, which is flat when the compile is linear in the work.
 
 The inventory (see BENCHMARKS.md "Compile"): tenants of ~5,000 workloads; ~100 workloads per host,
 placed at random; apps of ~20 workloads with tier/env/zone labels and an `os` attribute; groups mostly
@@ -24,6 +29,7 @@ import platform
 import random
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -293,6 +299,99 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
+SWEEP_SIZES = (25_000, 50_000, 100_000, 200_000, 400_000, 800_000, 1_000_000)
+
+
+def _run_size(n: int, changes: int, seed: int, profile: str | None, pythonpath: str | None) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        f"--workloads={n}",
+        f"--groups={n // 10}",
+        f"--rules={n // 10}",
+        f"--hosts={n // 100}",
+        f"--changes={changes}",
+        f"--seed={seed}",
+    ]
+    if profile:
+        cmd.append(f"--profile={profile}")
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath  # the baseline's compiler, ahead of this tree's editable install
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    print(json.dumps(res, sort_keys=True), file=sys.stderr, flush=True)
+    return res
+
+
+def _row(r: dict, base: float | None, label: str = "") -> str:
+    per = r["full_compile_cpu_s"] / r["rule_placements"] * 1e6
+    rel = f" (x{per / base:.2f})" if base else ""
+    return (
+        f"| {label}{_k(r['workloads'])} / {_k(r['groups'])} / {_k(r['rules'])} / {_k(r['hosts'])} "
+        f"| {r['rule_placements'] / 1e6:.2f} M "
+        f"| {r['full_compile_s']:.2f} / {r['full_compile_cpu_s']:.2f} s "
+        f"| {r['peak_rss_mb']:,} MB | {per:.2f} µs{rel} "
+        f"| {r['incr_median_ms']:.2f} / {r['incr_p99_ms']:.2f} ms | {r['loadavg_1m']} |"
+    )
+
+
+def sweep(
+    sizes: list[int],
+    max_workloads: int,
+    changes: int,
+    seed: int,
+    profile_dir: str | None,
+    baseline: str | None,
+) -> int:
+    """One subprocess per size (peak RSS per size); prints the growth table and one JSON line per size
+    (stderr). With `baseline` (a PYTHONPATH holding another tree's `omniwall`), each size runs the
+    baseline first, then this tree: paired rounds in one sitting."""
+    results: list[tuple[dict, dict | None]] = []
+    load0 = os.getloadavg()
+    for n in sizes:
+        if n > max_workloads:
+            break
+        old = _run_size(n, changes, seed, None, baseline) if baseline else None
+        prof = os.path.join(profile_dir, f"compile-{n}.prof") if profile_dir else None
+        results.append((_run_size(n, changes, seed, prof, None), old))
+    print(
+        "| workloads / groups / rules / hosts | rule placements | full compile wall / CPU | peak RSS "
+        "| CPU per placement (vs first size) | change median / p99 | load 1m |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    base = None
+    for r, old in results:
+        per = r["full_compile_cpu_s"] / r["rule_placements"] * 1e6
+        base = base or per
+        if old is not None:
+            print(_row(old, None, "baseline "))
+        print(_row(r, base))
+        if old is not None:
+            print(
+                f"| ratio this/baseline | | {r['full_compile_s'] / old['full_compile_s']:.2f} / "
+                f"{r['full_compile_cpu_s'] / old['full_compile_cpu_s']:.2f} "
+                f"| {r['peak_rss_mb'] / old['peak_rss_mb']:.2f} | "
+                f"| {r['incr_median_ms'] / old['incr_median_ms']:.2f} / "
+                f"{r['incr_p99_ms'] / old['incr_p99_ms']:.2f} | |"
+            )
+    load1 = os.getloadavg()
+    print(
+        f"load average before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
+        f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; "
+        f"{os.cpu_count()} CPUs; Python {platform.python_version()}"
+    )
+    return 0
+
+
+def _k(n: int) -> str:
+    return (
+        f"{n // 1_000_000}M"
+        if n >= 1_000_000 and not n % 1_000_000
+        else (f"{n // 1000}k" if n >= 1000 and not n % 1000 else str(n))
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", type=int, default=100_000)
@@ -310,7 +409,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="full compiles to run; the fastest is reported")
     ap.add_argument("--profile", help="write a cProfile of the full compile to this file")
     ap.add_argument("--profile-changes", help="write a cProfile of the label changes to this file")
+    ap.add_argument("--sweep", action="store_true", help="the growth table, 25k workloads doubling up to 1M")
+    ap.add_argument(
+        "--sizes",
+        default=",".join(map(str, SWEEP_SIZES)),
+        help="with --sweep: workload counts, comma-separated (default %(default)s)",
+    )
+    ap.add_argument("--max-workloads", type=int, default=1_000_000, help="largest sweep size")
+    ap.add_argument("--profile-dir", help="with --sweep: one cProfile (CPU time) per size in this directory")
+    ap.add_argument(
+        "--baseline",
+        metavar="PYTHONPATH",
+        help="with --sweep: also run each size with the omniwall package found there (e.g. an exported "
+        "main: git archive main src | tar -x -C /tmp/base; --baseline /tmp/base/src), paired",
+    )
     args = ap.parse_args(argv)
+    if args.sweep:
+        return sweep(
+            [int(x) for x in args.sizes.split(",")],
+            args.max_workloads,
+            args.changes,
+            args.seed,
+            args.profile_dir,
+            args.baseline,
+        )
 
     t0 = time.perf_counter()
     inv = Inventory(args.workloads, args.groups, args.rules, args.hosts, args.seed)

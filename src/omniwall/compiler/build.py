@@ -16,4 +16,5 @@ from omniwall.model.catalog import Catalog
 
 def compile_catalog(catalog: Catalog, revision: int = 0) -> dict[str, HostDesiredState]:
     """Every Host in the catalog -> its desired state at `revision` (hosts without vNICs included)."""
-    return IncrementalCompiler(catalog, revision).states()
+    # one-shot: the compiler is dropped on return, nothing to freeze (see IncrementalCompiler)
+    return IncrementalCompiler(catalog, revision, freeze=False).states()

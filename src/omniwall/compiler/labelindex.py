@@ -152,12 +152,11 @@ class LabelIndex:
                 if not ids:
                     del table[key]  # type: ignore[attr-defined]
 
-    def _having(self, key: str, values: tuple[str, ...]) -> set[int]:
-        """Workloads with some canonical value of `key` among `values`."""
-        out: set[int] = set()
-        for v in values:
-            out |= self._inverted.get((key, v), set())
-        return out
+    def _having(self, key: str, values: tuple[str, ...]) -> list[set[int]]:
+        """The index's own sets of workloads having some canonical value of `key` among `values` (one
+        per value present; not copied: callers must not change them)."""
+        inv = self._inverted
+        return [ws for v in values if (ws := inv.get((key, v)))]
 
     def _scope_wids(self, scope: Scope) -> Iterable[int]:
         if scope is None:
@@ -174,13 +173,25 @@ class LabelIndex:
             items = expr.items if isinstance(expr, And) else (expr,)
             positive = [e for e in items if isinstance(e, In) and not e.negated]
             negative = [e for e in items if isinstance(e, In) and e.negated]
+            # Never copy or scan a set as big as a label value's whole population (`tier == "web"` is a
+            # quarter of every tenant's workloads): with one selector of that kind per tenant, that was
+            # quadratic in the inventory. Start from the smallest part (the tenant's workloads, or the
+            # rarest required value) and only probe the others.
             parts = [self._having(e.key, e.values) for e in positive]
-            parts.sort(key=len)
-            cands = set(parts[0]).intersection(*parts[1:])
             if s.scope is not None:
-                cands &= self._tenant_wids.get(s.scope, set())
+                parts.append([self._tenant_wids.get(s.scope, set())])
+            parts.sort(key=lambda sets: sum(map(len, sets)))
+            cands = set().union(*parts[0])
+            for sets in parts[1:]:
+                if not cands:
+                    break
+                if len(sets) == 1:
+                    cands &= sets[0]  # iterates over the smaller side
+                else:
+                    cands = {w for w in cands if any(w in ws for ws in sets)}
             for e in negative:
-                cands -= self._having(e.key, e.values)
+                for ws in self._having(e.key, e.values):
+                    cands = {w for w in cands if w not in ws}
             if len(positive) + len(negative) == len(items):
                 # A conjunction of `in`/`not in` is exactly this: `In.matches` is "some canonical fact
                 # value is among the values" (negated: none is), which is what the index is keyed by.
