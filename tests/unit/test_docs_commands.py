@@ -17,8 +17,10 @@ Also: `--help` of every command and subcommand exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -123,9 +125,22 @@ def _example_documents() -> list:  # type: ignore[type-arg]
 
 
 def _bash(script: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
-    )
+    # Its own session, killed whole at the end: a block that starts a daemon in the background (a
+    # mistake the marker check cannot see) must not outlive the test.
+    proc = subprocess.Popen(
+        ["bash", "-c", script], cwd=cwd, env=env, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _transcript(block: Block) -> Iterator[tuple[str, list[str]]]:
