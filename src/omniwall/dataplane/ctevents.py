@@ -12,12 +12,11 @@ how many were lost is unknown, so `overruns` counts the occurrences (each is at 
 
 from __future__ import annotations
 
-import errno
-import select
 import socket
 import struct
 
 from omniwall.dataplane.netns import in_netns
+from omniwall.dataplane.nflog import queued_datagrams
 
 NETLINK_NETFILTER = 12
 NFNLGRP_CONNTRACK_DESTROY = 3
@@ -137,18 +136,7 @@ class CtEventReader:
 
     def read(self, timeout: float = 0.2) -> list[CtDestroy]:
         out: list[CtDestroy] = []
-        if not select.select([self.sock], [], [], timeout)[0]:
-            return out
-        while True:
-            try:
-                data = self.sock.recv(1 << 17, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return out
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    self.overruns += 1
-                    continue
-                raise
+        for data in queued_datagrams(self.sock, timeout, self._overrun):
             off = 0
             while off + 20 <= len(data):
                 ln, typ = struct.unpack_from("=IH", data, off)
@@ -161,6 +149,10 @@ class CtEventReader:
                 off += (ln + 3) & ~3
             if len(self._addrs) > 65_536:
                 self._addrs.clear()
+        return out
+
+    def _overrun(self) -> None:
+        self.overruns += 1
 
     def close(self) -> None:
         self.sock.close()

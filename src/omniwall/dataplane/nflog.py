@@ -21,6 +21,7 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from omniwall.dataplane.netns import in_netns
@@ -51,6 +52,25 @@ NLMSG_ERROR = 2
 NLMSG_DONE = 3
 
 _PREFIX = re.compile(r"ow:(\d+):([a-z-]+)")
+
+
+def queued_datagrams(sock: socket.socket, timeout: float, on_overrun: Callable[[], None]) -> Iterator[bytes]:
+    """The datagrams of a netlink socket: waits up to `timeout` for the first, then yields whatever else
+    is already queued. ENOBUFS (the receive buffer overflowed: the kernel dropped messages) calls
+    `on_overrun` and goes on; the NFLOG and conntrack-event readers both count losses this way."""
+    if not select.select([sock], [], [], timeout)[0]:
+        return
+    while True:
+        try:
+            data = sock.recv(1 << 17, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno == errno.ENOBUFS:
+                on_overrun()
+                continue
+            raise
+        yield data
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,19 +315,12 @@ class NflogReader:
         """Every flow log that arrives within `timeout` (returns after the first datagram and whatever
         else is already queued). Overruns and sequence gaps are counted, never raised."""
         out: list[FlowLog] = []
-        if not select.select([self.sock], [], [], timeout)[0]:
-            return out
-        while True:
-            try:
-                data = self.sock.recv(1 << 17, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return out
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    self.overruns += 1
-                    continue
-                raise
+        for data in queued_datagrams(self.sock, timeout, self._overrun):
             self._parse_flows(data, out)
+        return out
+
+    def _overrun(self) -> None:
+        self.overruns += 1
 
     def _parse_flows(self, data: bytes, out: list[FlowLog]) -> None:
         # the hot loop of a denied flood: precompiled structs, locals, and caches for the prefix and
