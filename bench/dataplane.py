@@ -408,8 +408,8 @@ class Bench:
         extra = "10.127.255.254"
         grown = replace(target, addresses=tuple(sorted((*target.addresses, extra))))
         deltas = [
-            SetUpdate(full=grown, added_addresses=(extra,)),
-            SetUpdate(full=target, removed_addresses=(extra,)),
+            SetUpdate(grown.name, result=grown, added_addresses=(extra,)),
+            SetUpdate(target.name, result=target, removed_addresses=(extra,)),
         ]
         kernel: list[float] = []
         paths: dict[str, int] = {}

@@ -162,7 +162,7 @@ def test_refused_batch_changes_nothing_and_the_next_one_works(trio, backends):
     be.sync(s1)
     web = s1.sets[1]
     # the delta claims a member the kernel does not hold: the kernel refuses the whole batch
-    bogus = HostDelta("h", 1, 2, set_updates=(SetUpdate(full=web, removed_addresses=("10.55.0.1",)),))
+    bogus = HostDelta("h", 1, 2, set_updates=(SetUpdate(web.name, removed_addresses=("10.55.0.1",)),))
     with pytest.raises(NftError, match="element batch"):
         be.apply(bogus)
     assert normalized(be.realized()) == normalized(s1)  # revision 1, members untouched

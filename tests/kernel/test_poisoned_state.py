@@ -44,7 +44,7 @@ def test_poisoned_objects_fail_closed_and_the_host_converges(topo: Topo, backend
         "h",
         1,
         2,
-        set_updates=(SetUpdate(zone_b, added_addresses=("fe80::1%eth0",)),),
+        set_updates=(SetUpdate(zone_b.name, added_addresses=("fe80::1%eth0",)),),
         rule_updates=(),
         vnic_updates=(VnicUpdate(vnic(c, egress=(1,))),),
     )
@@ -56,7 +56,7 @@ def test_poisoned_objects_fail_closed_and_the_host_converges(topo: Topo, backend
 
     # the poison goes away: the host converges fully, every later change is realized
     d3 = HostDelta(
-        "h", 2, 3, set_updates=(SetUpdate(IRSet("b", b.addresses), removed_addresses=("fe80::1%eth0",)),)
+        "h", 2, 3, set_updates=(SetUpdate("b", removed_addresses=("fe80::1%eth0",)),)
     )
     out = rec.on_delta(d3)
     assert out.realized_revision == 3

@@ -232,9 +232,9 @@ def test_guard_fails_closed_on_what_the_kernel_cannot_load() -> None:
 
 def test_guard_checks_what_a_delta_adds() -> None:
     guard = Guard()
-    clean = HostDelta("h", 1, 2, set_updates=(SetUpdate(OK_SET, added_addresses=("10.0.0.9",)),))
+    clean = HostDelta("h", 1, 2, set_updates=(SetUpdate(OK_SET.name, added_addresses=("10.0.0.9",)),))
     assert guard.delta_clean(clean)
-    zone = HostDelta("h", 1, 2, set_updates=(SetUpdate(OK_SET, added_addresses=("fe80::1%eth0",)),))
+    zone = HostDelta("h", 1, 2, set_updates=(SetUpdate(OK_SET.name, added_addresses=("fe80::1%eth0",)),))
     assert not guard.delta_clean(zone)
     eth0 = HostDelta("h", 1, 2, vnic_updates=(VnicUpdate(_vnic("eth0", ("10.0.0.3",))),))
     assert not guard.delta_clean(eth0)
@@ -253,8 +253,8 @@ def test_reconciler_keeps_converging_past_a_poisoned_object() -> None:
     assert "eth0" not in be.realized().vnic_map()  # type: ignore[union-attr]
     assert rec.error is not None and "eth0" in rec.error and rec.in_sync
     # later changes for everyone else still reach the data plane
-    grown = dataclasses.replace(OK_SET, addresses=("10.0.0.9", "10.0.0.10"))
-    d3 = HostDelta("h", 2, 3, set_updates=(SetUpdate(grown, added_addresses=("10.0.0.10",)),))
+    grown = dataclasses.replace(OK_SET, addresses=("10.0.0.10", "10.0.0.9"))  # sorted, as the IR keeps them
+    d3 = HostDelta("h", 2, 3, set_updates=(SetUpdate(grown.name, added_addresses=("10.0.0.10",)),))
     assert rec.on_delta(d3).realized_revision == 3
     assert be.realized().set_map()["ok"] == grown  # type: ignore[union-attr]
     # the poisoned vNIC goes away: the error clears, deltas take the incremental path again
@@ -262,5 +262,5 @@ def test_reconciler_keeps_converging_past_a_poisoned_object() -> None:
 
     assert rec.on_delta(HostDelta("h", 3, 4, vnic_removes=(VnicRemove("eth0"),))).kind == "synced"
     assert rec.error is None
-    d5 = HostDelta("h", 4, 5, set_updates=(SetUpdate(OK_SET, removed_addresses=("10.0.0.10",)),))
+    d5 = HostDelta("h", 4, 5, set_updates=(SetUpdate(OK_SET.name, removed_addresses=("10.0.0.10",)),))
     assert rec.on_delta(d5).kind == "applied"

@@ -111,7 +111,7 @@ class HostState:
         ups = []
         for name in names:
             u = changes[name]
-            self.sets[name] = u.full
+            self.sets[name] = u.after(self.sets.get(name))
             ups.append(u)
         self._cached = None
         delta = HostDelta(self.name, self.revision, revision, set_updates=tuple(ups))
@@ -235,7 +235,7 @@ class HostState:
                 elif emit and old_s != new_s:
                     upd = changed_sets.get(s)
                     set_updates.append(
-                        upd if upd is not None and upd.full is new_s else _set_diff(old_s, new_s)
+                        upd if upd is not None and upd.result is new_s else _set_diff(old_s, new_s)
                     )
             elif old_s is not None:
                 del self.sets[s]
@@ -262,7 +262,7 @@ class HostState:
             host=self.name,
             from_revision=self.revision,
             to_revision=revision,
-            set_updates=tuple(sorted(set_updates, key=lambda u: u.full.name)),
+            set_updates=tuple(sorted(set_updates, key=lambda u: u.name)),
             rule_updates=tuple(RuleUpdate(r) for r in sorted(rule_updates, key=lambda r: r.id)),
             vnic_updates=tuple(VnicUpdate(v) for _, v in sorted(vnic_updates.items())),
             vnic_removes=tuple(VnicRemove(n) for n in sorted(vnic_removes)),
@@ -286,7 +286,8 @@ def _add_host(index: dict[Any, set[str]], keys: Iterable[Any], host: str) -> Non
 def _set_diff(old: IRSet, new: IRSet) -> SetUpdate:
     pa, na, pc, nc = set(old.addresses), set(new.addresses), set(old.cidrs), set(new.cidrs)
     return SetUpdate(
-        full=new,
+        name=new.name,
+        result=new,
         added_addresses=tuple(sorted(na - pa)),
         removed_addresses=tuple(sorted(pa - na)),
         added_cidrs=tuple(sorted(nc - pc)),

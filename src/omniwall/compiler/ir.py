@@ -19,8 +19,9 @@ Semantics (docs/semantics.md is the long form):
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal, TypeVar
 
 from omniwall.compiler.ruleids import default_rule_id
@@ -117,7 +118,7 @@ class HostDesiredState:
 
     # ---- JSON
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return plain(self)  # type: ignore[no-any-return]
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
@@ -198,15 +199,51 @@ def _opt_int(v: Any) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class SetUpdate:
-    """Create the set, or change its members. `added`/`removed` are element deltas against the base;
-    `full` is the whole new content (backends may use either)."""
+    """Create the set, or change its members: element deltas against the receiver's base, nothing else
+    on the wire, so one member joining a 100k-member group costs the same bytes as in a 2-member one.
 
-    full: IRSet
+    `result` is the set after the update when the producer already holds it (the compiler shares one
+    IRSet among every host holding the set); it never goes on the wire (`wire: False`), takes no part
+    in equality, and `after()` computes it from the base when it is absent (a decoded delta)."""
+
+    name: str
     added_addresses: tuple[str, ...] = ()
     removed_addresses: tuple[str, ...] = ()
     added_cidrs: tuple[str, ...] = ()
     removed_cidrs: tuple[str, ...] = ()
     created: bool = False
+    result: IRSet | None = field(default=None, compare=False, repr=False, metadata={"wire": False})
+
+    def after(self, base: IRSet | None) -> IRSet:
+        """The set this update leads to from `base` (None: the set is new)."""
+        if self.result is not None:
+            return self.result
+        if base is None or self.created:
+            return IRSet(self.name, tuple(sorted(self.added_addresses)), tuple(sorted(self.added_cidrs)))
+        return IRSet(
+            self.name,
+            _patched(base.addresses, self.added_addresses, self.removed_addresses),
+            _patched(base.cidrs, self.added_cidrs, self.removed_cidrs),
+        )
+
+
+def _patched(base: tuple[str, ...], added: tuple[str, ...], removed: tuple[str, ...]) -> tuple[str, ...]:
+    """Sorted `base` less `removed` plus `added`: O(len(base)) memory moves, not a sort, for small
+    changes (a member joining a large group, on the agent's hot path)."""
+    if not added and not removed:
+        return base
+    if len(added) + len(removed) > 64:
+        return tuple(sorted((set(base) - set(removed)) | set(added)))
+    lst = list(base)
+    for a in removed:
+        i = bisect_left(lst, a)
+        if i < len(lst) and lst[i] == a:
+            del lst[i]
+    for a in added:
+        i = bisect_left(lst, a)
+        if i == len(lst) or lst[i] != a:
+            lst.insert(i, a)
+    return tuple(lst)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +298,27 @@ class HostDelta:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return plain(self)  # type: ignore[no-any-return]
+
+
+def plain(obj: Any) -> Any:
+    """The IR as JSON-ready lists and dicts, without the fields marked `wire: False`; like
+    `dataclasses.asdict` but ~4x faster (no deep copies). With a thousand agents, this is most of the
+    feed's encoding cost."""
+    t = type(obj)
+    names = _WIRE_FIELDS.get(t)
+    if names is None:
+        if t is tuple or t is list:
+            return [plain(x) for x in obj]
+        if t is dict:
+            return {k: plain(v) for k, v in obj.items()}
+        if not is_dataclass(obj) or isinstance(obj, type):
+            return obj  # str, int, None, enums: json.dumps renders them as asdict left them
+        names = _WIRE_FIELDS[t] = tuple(f.name for f in fields(obj) if f.metadata.get("wire", True))
+    return {n: plain(getattr(obj, n)) for n in names}
+
+
+_WIRE_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 def delta_from_json(d: dict[str, Any]) -> HostDelta:
@@ -271,7 +328,7 @@ def delta_from_json(d: dict[str, Any]) -> HostDelta:
         to_revision=int(d["to_revision"]),
         set_updates=tuple(
             SetUpdate(
-                full=set_from_json(u["full"]),
+                name=u["name"],
                 added_addresses=tuple(u.get("added_addresses", ())),
                 removed_addresses=tuple(u.get("removed_addresses", ())),
                 added_cidrs=tuple(u.get("added_cidrs", ())),
@@ -295,14 +352,13 @@ def diff(old: HostDesiredState, new: HostDesiredState) -> HostDelta:
     for name, s in sorted(new_sets.items()):
         prev = old_sets.get(name)
         if prev is None:
-            set_updates.append(
-                SetUpdate(full=s, added_addresses=s.addresses, added_cidrs=s.cidrs, created=True)
-            )
+            set_updates.append(SetUpdate(name, s.addresses, added_cidrs=s.cidrs, created=True, result=s))
         elif prev != s:
             pa, na, pc, nc = set(prev.addresses), set(s.addresses), set(prev.cidrs), set(s.cidrs)
             set_updates.append(
                 SetUpdate(
-                    full=s,
+                    name=name,
+                    result=s,
                     added_addresses=tuple(sorted(na - pa)),
                     removed_addresses=tuple(sorted(pa - na)),
                     added_cidrs=tuple(sorted(nc - pc)),
@@ -380,10 +436,17 @@ def apply_delta(base: HostDesiredState, delta: HostDelta) -> HostDesiredState:
         sets=_merged(
             base.sets,
             lambda s: s.name,
-            (u.full for u in delta.set_updates),
+            _sets_after(base, delta.set_updates),
             (r.name for r in delta.set_removes),
         ),
     )
+
+
+def _sets_after(base: HostDesiredState, updates: tuple[SetUpdate, ...]) -> list[IRSet]:
+    if not updates:
+        return []
+    have = base.set_map() if any(u.result is None for u in updates) else {}
+    return [u.after(have.get(u.name)) for u in updates]
 
 
 def empty_state(host: str, revision: int = 0) -> HostDesiredState:
@@ -409,4 +472,5 @@ __all__ = [
     "delta_from_json",
     "diff",
     "empty_state",
+    "plain",
 ]

@@ -121,7 +121,8 @@ class AddrSet:
         self.irset = new
         oc, nc = set(old.cidrs), set(new.cidrs)
         return SetUpdate(
-            full=new,
+            name=self.name,
+            result=new,
             added_addresses=added,
             removed_addresses=removed,
             added_cidrs=tuple(sorted(nc - oc)),
@@ -135,4 +136,4 @@ def _contains(sorted_tuple: tuple[str, ...], a: str) -> bool:
 
 
 def created_update(s: IRSet) -> SetUpdate:
-    return SetUpdate(full=s, added_addresses=s.addresses, added_cidrs=s.cidrs, created=True)
+    return SetUpdate(s.name, s.addresses, added_cidrs=s.cidrs, created=True, result=s)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -44,7 +43,6 @@ from omniwall.dataplane.nft.names import (
     addr_set,
 )
 from omniwall.dataplane.nft.nlbatch import ElemOp, KeyType, MapElemOp, Op, QuotaOp
-from omniwall.dataplane.nft.rejudge import Probe, judge_hop
 from omniwall.dataplane.nft.render import (
     DEFAULT_FLOW_GROUP,
     DEFAULT_LOG_GROUP,
@@ -57,6 +55,7 @@ from omniwall.dataplane.nft.render import (
     split_families,
 )
 from omniwall.dataplane.nft.render_index import carry_plan, ipcache_target
+from omniwall.dataplane.revocation import Revoker
 
 log = logging.getLogger(__name__)
 # member changes per delta sent as one raw element batch (any size fits one batch now: nlbatch.py grows
@@ -112,7 +111,7 @@ class NftBackend:
         self.nft = Nft(netns, allow_initial_netns=allow_initial_netns)
         self.ct = ConntrackTable(thread=self.nft.thread, allow_initial_netns=allow_initial_netns)
         self._current: HostDesiredState | None = None
-        self.last_revoked: list[ConnEntry] = []
+        self.revoker = Revoker(self.ct, enabled=revoke)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # already logged by the job
@@ -258,14 +257,14 @@ class NftBackend:
             carry_plan(base, new, plan)
             self._current = new
             if self.revoke_async and self.revoke and suspects:
-                self.last_revoked = []
+                self.revoker.last_revoked = []
                 self._revocations = [f for f in self._revocations if not f.done() or f.exception()]
                 self._revocations.append(self.nft.thread.submit(self._revoke_later, suspects))
             else:
-                self._revoke_involving(new, suspects)
+                self.revoker.involving(new, suspects)
             return
         new = apply_delta(base, delta)
-        hints = {u.full.name: u for u in delta.set_updates}
+        hints = {u.name: u for u in delta.set_updates}
         self.nft.transact(self._delta_or_table(base, new, hints))
         self._current = new
         self._revoke(base, new)
@@ -300,16 +299,14 @@ class NftBackend:
         suspects: set[str] = set()
         budget = FAST_PATH_MAX_ELEMENTS
         for u in delta.set_updates:
-            name = u.full.name
+            name = u.name
             i = bisect.bisect_left(sets, name, key=lambda s: s.name)
             if u.created or u.added_cidrs or u.removed_cidrs or i == len(sets) or sets[i].name != name:
-                return None
-            if sets[i].cidrs != u.full.cidrs:  # networks live in interval sets: general path
                 return None
             budget -= len(u.added_addresses) + len(u.removed_addresses)
             if budget < 0:
                 return None
-            sets[i] = u.full
+            sets[i] = u.after(sets[i])
             gone4, gone6 = split_families(u.removed_addresses)
             new4, new6 = split_families(u.added_addresses)
             ops += [
@@ -340,9 +337,9 @@ class NftBackend:
         changes: dict[str, tuple[set[str], set[str]]] = {}
         for u in delta.set_updates:
             for a in u.added_addresses:
-                changes.setdefault(a, (set(), set()))[0].add(u.full.name)
+                changes.setdefault(a, (set(), set()))[0].add(u.name)
             for a in u.removed_addresses:
-                changes.setdefault(a, (set(), set()))[1].add(u.full.name)
+                changes.setdefault(a, (set(), set()))[1].add(u.name)
         local = self._local_sets(base)
         for a, (joined, left) in changes.items():
             if a in local and not local[a].isdisjoint(joined | left):
@@ -409,17 +406,9 @@ class NftBackend:
 
     # --------------------------------------------------------------------------------- revocation
     def _revoke(self, old: HostDesiredState | None, new: HostDesiredState) -> None:
-        """Delete conntrack entries of affected vNICs that `new` would refuse at a hop still on this host,
-        and those no local vNIC is part of any more (the vNIC left: DESIGN §8 step 5)."""
         with contextlib.suppress(Exception):  # background ones first (their failures are logged)
             self.wait_revocation()
-        self.last_revoked = []
-        if not self.revoke or old == new:
-            return
-        affected = _affected_addresses(old, new)
-        if not affected:
-            return
-        self._rejudge(new, self.ct.list(), affected, _by_address(old.vnics) if old is not None else {})
+        self.revoker.after_change(old, new)
 
     def _revoke_later(self, addresses: set[str]) -> None:
         """On the namespace thread, in queue order: judge under the state current *now*, so a member
@@ -428,46 +417,14 @@ class NftBackend:
         if state is None:
             return
         try:
-            self._revoke_involving(state, addresses)
+            self.revoker.involving(state, addresses)
         except Exception as e:
             log.warning("background revocation for %s failed: %s", sorted(addresses), e)
             raise
 
-    def _revoke_involving(self, new: HostDesiredState, addresses: set[str]) -> None:
-        """Revocation after a members-only change: only connections from/to `addresses` can have
-        become refused, and conntrack is asked (filtered in the kernel) for those alone."""
-        self.last_revoked = []
-        if not self.revoke or not addresses or self.ct.count() == 0:
-            return
-        affected = {_canon(a) for a in addresses}
-        self._rejudge(new, self.ct.involving(affected), affected, {})
-
-    def _rejudge(
-        self,
-        new: HostDesiredState,
-        entries: list[ConnEntry],
-        affected: set[str],
-        old_by_addr: dict[str, IRVnic],
-    ) -> None:
-        new_by_addr = _by_address(new.vnics)
-        doomed = []
-        for e in entries:
-            src, dst = _canon(e.src), _canon(e.dst)
-            if src not in affected and dst not in affected:
-                continue
-            sv, dv = new_by_addr.get(src), new_by_addr.get(dst)
-            if sv is None and dv is None:
-                if src in old_by_addr or dst in old_by_addr:
-                    doomed.append(e)  # its vNIC left this host: no hop here judges it any more
-                continue
-            p = Probe.of(e)  # judged by the hops still on this host (a peer may have moved away)
-            if (sv is not None and judge_hop(new, sv, "egress", p)[0] != "allow") or (
-                dv is not None and judge_hop(new, dv, "ingress", p)[0] != "allow"
-            ):
-                doomed.append(e)
-        if doomed:
-            self.ct.delete(doomed)
-            self.last_revoked = doomed
+    @property
+    def last_revoked(self) -> list[ConnEntry]:
+        return self.revoker.last_revoked
 
     # ------------------------------------------------------------------------------------ reports
     def counters(self) -> list[RuleCounters]:
@@ -508,47 +465,6 @@ class NftBackend:
 
 def _members(state: HostDesiredState) -> int:
     return sum(len(s.addresses) for s in state.sets)
-
-
-def _canon(addr: str) -> str:
-    return str(ipaddress.ip_address(addr))
-
-
-def _by_address(vnics: tuple[IRVnic, ...]) -> dict[str, IRVnic]:
-    out: dict[str, IRVnic] = {}
-    for v in vnics:
-        for a in v.addresses:
-            out.setdefault(_canon(a), v)
-    return out
-
-
-def _affected_addresses(old: HostDesiredState | None, new: HostDesiredState) -> set[str]:
-    """Addresses of vNICs whose verdicts may have changed: vNIC added/removed/changed, a rule it uses
-    changed, or a set one of its rules references changed."""
-    if old is None:
-        return set(_by_address(new.vnics))
-    old_v, new_v = old.vnic_map(), new.vnic_map()
-    old_r, new_r = old.rule_map(), new.rule_map()
-    old_s, new_s = old.set_map(), new.set_map()
-    changed_sets = {n for n in old_s.keys() | new_s.keys() if old_s.get(n) != new_s.get(n)}
-    changed_rules = {i for i in old_r.keys() | new_r.keys() if old_r.get(i) != new_r.get(i)}
-    out: set[str] = set()
-    for name in old_v.keys() | new_v.keys():
-        ov, nv = old_v.get(name), new_v.get(name)
-        hit = ov != nv
-        if not hit and nv is not None:
-            for i in (*nv.egress, *nv.ingress):
-                r = new_r.get(i)
-                if i in changed_rules or (
-                    r is not None and (r.src_set in changed_sets or r.dst_set in changed_sets)
-                ):
-                    hit = True
-                    break
-        if hit:
-            for v in (ov, nv):
-                if v is not None:
-                    out.update(_canon(a) for a in v.addresses)
-    return out
 
 
 __all__ = ["NftBackend", "normalized"]
