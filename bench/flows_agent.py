@@ -34,9 +34,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omniwall.agent.fake_manager import FakeManager
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRVnic, ServiceMatch
 from omniwall.lab.lab import Lab
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test doubles
+from doubles.fake_manager import FakeManager
 
 CONNRATE = str(Path(__file__).resolve().parent / "_connrate.py")
 SRC_IP, DST_IP = "10.91.0.1", "10.91.0.2"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from omniwall.agent.fake_manager import FakeManager
+from doubles.fake_manager import FakeManager
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch
 
 pytestmark = pytest.mark.kernel

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from topo import nsexec, open_stream, rule, state, stream_alive, tcp, tcp_connect, udp, udp_probe, vnic
 
-from omniwall.agent.fake_manager import FakeManager
+from doubles.fake_manager import FakeManager
 from omniwall.agent.flows import AGENT_BUFFER, FlowCollector
 from omniwall.dataplane.nflog import NflogReader
 from omniwall.dataplane.nft.render import DEFAULT_FLOW_GROUP

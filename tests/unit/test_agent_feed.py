@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from omniwall.agent.fake_manager import FakeManager
+from doubles.fake_manager import FakeManager
 from omniwall.agent.feed import Backoff, FeedError, Heartbeat, Snapshot, parse_line
 from omniwall.agent.main import Agent
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, diff

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from omniwall.agent.fake_manager import FakeManager
+from doubles.fake_manager import FakeManager
 from omniwall.compiler.ir import HostDesiredState, IRVnic
 
 HOST = "h-proc"

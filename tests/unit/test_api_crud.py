@@ -345,7 +345,7 @@ def test_bad_token_is_401(env: tuple[TestClient, Manager, dict[str, str]]) -> No
 
 
 def test_bootstrap_token_file_is_private(tmp_path: Path) -> None:
-    from omniwall.manager.server import build
+    from omniwall.api.server import build
 
     db = str(tmp_path / "x.db")
     m, written = build(db)

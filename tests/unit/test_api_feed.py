@@ -1,5 +1,5 @@
 """Host feed and status: snapshot then deltas, catch-up from a revision, heartbeats, acks, counters;
-in process (TestClient) and over a real socket (uvicorn + `stream.client.FeedClient`)."""
+in process (TestClient) and over a real socket (uvicorn + `tests/doubles/feed_client.FeedClient`)."""
 
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ from apihelpers import (
 )
 from fastapi.testclient import TestClient
 
+from doubles.feed_client import FeedClient, FeedError
 from omniwall.api.app import create_app
 from omniwall.compiler.ir import HostDesiredState, apply_delta
 from omniwall.manager.contracts import load_documents
 from omniwall.manager.service import SYSTEM, Manager
 from omniwall.store.sqlite import SqliteStore
-from omniwall.stream.client import FeedClient, FeedError
 from omniwall.stream.wire import Delta, Heartbeat, Snapshot, StatusReport, Unknown, decode, encode
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -443,7 +443,7 @@ def test_metrics_name_routes_and_flow_counters(
 
 def test_the_flow_store_lives_in_its_own_file(tmp_path: Any) -> None:
     """`omniwall manager` puts flows next to the store, in a file of their own (server.FlowOptions)."""
-    from omniwall.manager.server import FlowOptions, flow_service
+    from omniwall.api.server import FlowOptions, flow_service
 
     db = str(tmp_path / "m.db")
     svc = flow_service(db, FlowOptions())

@@ -1,5 +1,5 @@
 """Mutual TLS between agents and the manager, over real TLS on loopback (omniwall.pki, omniwall.tls,
-manager/server.py, api/auth.py): host certificates bind a connection to its host, a wrong CA fails the
+api/server.py, api/auth.py): host certificates bind a connection to its host, a wrong CA fails the
 handshake, certificates rotate in place, and agents refuse plain HTTP to a manager off this machine."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from apihelpers import ACME_TWO_HOSTS, seeded_manager
 
 from omniwall import pki
 from omniwall.agent.cli import agent as agent_command
-from omniwall.manager.server import make_server
+from omniwall.api.server import make_server
 from omniwall.manager.service import Manager
 from omniwall.store.memory import MemoryStore
 from omniwall.tls import TlsConfigError, check_manager_url, client_context, server_context
@@ -189,7 +189,7 @@ def test_agents_refuse_plain_http_to_a_remote_manager(tmp_path: Path) -> None:
 
 
 def test_the_manager_warns_about_plain_http_off_loopback() -> None:
-    from omniwall.manager.server import plain_http_warning
+    from omniwall.api.listen import plain_http_warning
 
     warning = plain_http_warning("0.0.0.0", 8443, tls=False)
     assert warning is not None and "0.0.0.0:8443" in warning and "clear text" in warning

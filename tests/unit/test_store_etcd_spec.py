@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from omniwall.manager.server import FlowOptions
+from omniwall.api.server import FlowOptions
 from omniwall.store import open_store, sqlite_path
 from omniwall.store.etcd import parse_endpoints
 from omniwall.store.sqlite import SqliteStore

@@ -12,10 +12,10 @@ from omniwall import console as web_console
 from omniwall.manager.flows import FlowService
 from omniwall.manager.flowstore import SqliteFlowStore
 from omniwall.manager.service import Manager
-from omniwall.stream import endpoint as stream_endpoint
 
 from . import admin, apply, errors, identity, resources
 from . import explain as explain_api
+from . import feed as feed_api
 from . import flows as flows_api
 from . import insight as insight_api
 from . import live as live_api
@@ -37,7 +37,7 @@ def create_app(manager: Manager, *, watch: bool = True, flows: FlowService | Non
         finally:
             manager.stop_watch()
             # Write what is queued; the service stays usable (an app may be served again, as tests
-            # do). Whoever made the service closes it (manager/server.py after uvicorn returns).
+            # do). Whoever made the service closes it (api/server.py after uvicorn returns).
             flow_service.flush(30)
 
     app = FastAPI(
@@ -53,7 +53,7 @@ def create_app(manager: Manager, *, watch: bool = True, flows: FlowService | Non
     metrics_api.install(app)  # request latency; served apart (api/metrics.py)
     # Host feeds and acks first: they are the bulk of the requests (one per agent per change), and
     # routing tries every route in order. Their paths collide with no route of the routers below.
-    app.include_router(stream_endpoint.router())
+    app.include_router(feed_api.router())
     app.include_router(flows_api.router())  # POST /v1/hosts/{host}/flows (before resources, like feeds)
     app.include_router(live_api.router())  # /v1/audit/watch
     app.include_router(admin.router())

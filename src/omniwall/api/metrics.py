@@ -175,7 +175,7 @@ def serve(registry: CollectorRegistry, address: str) -> Any:
     server); returns (server, thread)."""
     from prometheus_client import start_http_server
 
-    from omniwall.manager.server import parse_listen
+    from .listen import parse_listen
 
     host, port = parse_listen(address)
     return start_http_server(port, addr=host, registry=registry)

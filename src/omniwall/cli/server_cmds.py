@@ -286,7 +286,7 @@ def register(app: typer.Typer) -> None:
         re-read when they change (and on SIGHUP)."""
         import logging
 
-        from omniwall.manager.server import FlowOptions, serve
+        from omniwall.api.server import FlowOptions, serve
         from omniwall.store import StoreError
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,1 +1,2 @@
-"""Per-host feed: NDJSON wire format (`wire`), manager endpoint (`endpoint`), agent client (`client`)."""
+"""The per-host feed's wire format (`wire`): NDJSON lines and the status report, shared by the manager's
+endpoint (`omniwall.api.feed`) and the agent (`omniwall.agent.feed`)."""

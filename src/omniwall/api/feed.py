@@ -1,4 +1,4 @@
-"""Per-host feed and status endpoints.
+"""Per-host feed and status endpoints (the wire format they speak is `omniwall.stream.wire`).
 
 - `GET /v1/hosts/{host}/feed?from=R`: a snapshot (from=0, unknown, or older than the delta log), else
   the deltas since R; then, while the connection lives, each new delta as the host's state changes, and a
@@ -18,12 +18,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from omniwall.api.auth import Perm, Principal, authenticate, check_visible, manager_of, read_tenant, require
-from omniwall.api.errors import ApiError, not_found
 from omniwall.compiler.ir import empty_state
 from omniwall.manager.service import Manager
+from omniwall.stream.wire import StatusReport, command_line, delta_line, heartbeat_line, snapshot_line
 
-from .wire import StatusReport, command_line, delta_line, heartbeat_line, snapshot_line
+from .auth import Perm, Principal, authenticate, check_visible, manager_of, read_tenant, require
+from .errors import ApiError, not_found
 
 NDJSON = "application/x-ndjson"
 

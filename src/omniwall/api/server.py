@@ -18,39 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omniwall.manager.audit import chained
+from omniwall.manager.flows import FlowService
+from omniwall.manager.flowstore import SqliteFlowStore
+from omniwall.manager.service import Manager
+from omniwall.manager.tokens import token_file_for
 from omniwall.store import open_store, sqlite_path
-from omniwall.tls import ReloadingContext, is_loopback_host, server_context
+from omniwall.tls import ReloadingContext, server_context
 
-from .audit import chained
-from .flows import FlowService
-from .flowstore import SqliteFlowStore
-from .service import Manager
-from .tokens import token_file_for
+from .listen import parse_listen, plain_http_warning
 
 log = logging.getLogger(__name__)
 
 SERVER_KEEPALIVE = 90  # seconds an idle HTTP connection stays open (see serve())
 RELOAD_INTERVAL = 5.0  # seconds between checks of the certificate files
-
-PLAIN_HTTP_WARNING = """
-************************************************************************************************
-  PLAIN HTTP on %s: bearer tokens (agents' too) cross the network in clear text.
-  Serve HTTPS: omniwall manager --tls-cert manager.crt --tls-key manager.key --client-ca ca.crt
-  (omniwall pki: docs/security.md).
-************************************************************************************************"""
-
-
-def plain_http_warning(host: str, port: int, *, tls: bool) -> str | None:
-    """The boxed warning for plain HTTP on an address other machines can reach, else None."""
-    return None if tls or is_loopback_host(host) else PLAIN_HTTP_WARNING % f"{host}:{port}"
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """`HOST:PORT`, `:PORT` or `[v6]:PORT` -> (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--listen {listen!r}: expected HOST:PORT, like 127.0.0.1:8443")
-    return (host.strip("[]") or "0.0.0.0"), int(port)
 
 
 def build(db: str) -> tuple[Manager, Path | None]:
@@ -148,7 +129,7 @@ def make_server(
     """A `uvicorn.Server` for the API (tests run it on a thread; `serve` on the main one)."""
     import uvicorn
 
-    from omniwall.api.app import create_app
+    from .app import create_app
 
     app = create_app(manager, flows=flows)
     # Agents must present their host's certificate when the manager can verify one (api/auth.py).
@@ -213,7 +194,7 @@ def serve(
     )
     app = server.config.app
     if metrics_address:
-        from omniwall.api import metrics
+        from . import metrics
 
         metrics.serve(app.state.metrics, metrics_address)
         log.info("metrics on http://%s/metrics", metrics_address)

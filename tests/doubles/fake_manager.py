@@ -1,4 +1,4 @@
-"""A stand-in manager that speaks only the agent's wire format (feed + status), for tests and demos.
+"""A stand-in manager that speaks only the agent's wire format (feed + status), for tests and benchmarks.
 
 It is a real HTTP server on a real socket (stdlib `http.server`, one thread per connection), so the agent
 under test runs its real httpx client, timeouts and reconnects. It can be stopped (listener and every live

@@ -1,4 +1,5 @@
-"""Agent-side client of the host feed (httpx): iterate messages from a revision, post status.
+"""A blocking client of the host feed (httpx), for tests: iterate messages from a revision, post status.
+The agent's own transport is `omniwall.agent.feed` (asyncio).
 
     with FeedClient("https://manager:8443", token, "h1") as c:
         for msg in c.messages(from_revision=last_realized):
@@ -18,8 +19,7 @@ from typing import Any
 import httpx
 
 from omniwall.compiler.ir import HostDesiredState
-
-from .wire import Message, StatusReport, decode
+from omniwall.stream.wire import Message, StatusReport, decode
 
 
 class FeedError(Exception):
