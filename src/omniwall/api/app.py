@@ -13,7 +13,7 @@ from omniwall.manager.flows import FlowService
 from omniwall.manager.flowstore import SqliteFlowStore
 from omniwall.manager.service import Manager
 
-from . import admin, apply, errors, identity, resources
+from . import admin, apply, errors, identity, limits, openapi, resources
 from . import explain as explain_api
 from . import feed as feed_api
 from . import flows as flows_api
@@ -49,6 +49,9 @@ def create_app(manager: Manager, *, watch: bool = True, flows: FlowService | Non
     )
     app.state.manager = manager
     app.state.flows = flow_service
+    # What every route shares: typed OpenAPI schemas, the body limit, one error shape.
+    openapi.install(app)
+    limits.install(app)
     errors.install(app)
     metrics_api.install(app)  # request latency; served apart (api/metrics.py)
     # Host feeds and acks first: they are the bulk of the requests (one per agent per change), and

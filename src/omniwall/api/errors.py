@@ -57,15 +57,7 @@ def invalid(problems: list[Problem], message: str | None = None) -> ApiError:
 
 
 def install(app: FastAPI) -> None:
-    # Called once by create_app: also the place for what every route shares (body limits, typed OpenAPI).
-    from . import openapi
-    from .limits import BodyLimit, Limits  # both build on this module's ApiError
-
-    openapi.install(app)
-
-    if not isinstance(getattr(app.state, "limits", None), Limits):
-        app.state.limits = Limits.from_env()
-    app.add_middleware(BodyLimit, limits=lambda: app.state.limits)  # type: ignore[arg-type]
+    """The handlers that turn every error into the one shape (called once by create_app)."""
 
     @app.exception_handler(ApiError)
     async def _api(_: Request, err: ApiError) -> JSONResponse:

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omniwall import PROVIDER_TENANT
@@ -73,6 +73,13 @@ class Limits:
                 if values[f.name] < 1:
                     raise ValueError(f"{cls.ENV[f.name]} must be at least 1")
         return cls(**values)
+
+
+def install(app: FastAPI) -> None:
+    """The body limit on every route (called once by create_app); limits already in `app.state` win."""
+    if not isinstance(getattr(app.state, "limits", None), Limits):
+        app.state.limits = Limits.from_env()
+    app.add_middleware(BodyLimit, limits=lambda: app.state.limits)  # type: ignore[arg-type]
 
 
 def limits_of(request: Request) -> Limits:
