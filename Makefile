@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# ruff, then the import contracts of pyproject.toml (package layers, no cycles: docs/design/packages.md)
 lint: install
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports --no-cache --no-logo
 
 test: install lint
 	$(BIN)/pytest -q tests
