@@ -9,7 +9,7 @@ the server so the two cannot drift):
        {"type": "heartbeat", "revision": R}                                    (after S s of silence)
        {"type": "command", "id": ID, "op": OP, "args": {...}}                   (agent/commands.py)
 
-The transport is here rather than in `omniwall.stream.client` because the agent needs what that client
+The transport is here rather than in the tests' `FeedClient` (tests/doubles): the agent needs what that client
 does not offer: a caller-supplied `httpx.AsyncClient` (1,000 agents share one in the fan-out benchmark),
 and the stream closed at once when the agent leaves it early (gap -> reconnect). httpx's read timeout
 doubles as the idle watchdog: no line, not even a heartbeat, for `idle_timeout` seconds = a dead link.

@@ -42,7 +42,7 @@ from omniwall.tls import ReloadingContext
 log = logging.getLogger("omniwall.agent")
 
 DEFAULT_STATE_DIR = Path("/var/lib/omniwall/agent")
-AGENT_KEEPALIVE = 60.0  # below the manager's 90 s (manager/server.py), so the agent closes idle ones first
+AGENT_KEEPALIVE = 60.0  # below the manager's 90 s (api/server.py), so the agent closes idle ones first
 
 
 def agent_limits() -> httpx.Limits:
