@@ -3,7 +3,8 @@
 Phases, each written to the store (the record at `migrations/<tenant>/<name>`, with an audit entry in
 the same txn) so every replica, the API and the audit log see them:
 
-  prepare    the record exists: the overlay spans the workload's vNICs to the destination too; wait
+  prepare    the record exists: the compiler places the workload's vNICs on the destination too (a
+             placement, `Migrations.placements`: an input of the compiler); wait
              until the destination's agent acks that revision (its policy is in place first)
   export     the source agent exports the workload's conntrack entries (feed command)
   import     the destination agent imports them (liberal TCP window, CONFIRMED, mark)
@@ -12,16 +13,16 @@ the same txn) so every replica, the API and the audit log see them:
   switched   (with `secondCopy`) entries opened since the first export are exported and imported again
   finalize   `spec.host` = destination (audited as `migrate`); the source drops the chains, its
              backend revokes the entries no local hop needs; leftovers are flushed by command
-  done       result `succeeded`; the overlay is gone (the compiler now places the workload there)
+  done       result `succeeded`; the placement is gone (the workload's own host is the destination now)
 
-A failure before the switch rolls back: phase `rollback` removes the overlay (the destination drops
+A failure before the switch rolls back: phase `rollback` removes the placement (the destination drops
 the chains; its backend revokes the imported entries, and a flush command removes any left), then
 `rolled-back`, result `failed`. The workload never stops being protected on the source. After the switch
 nothing rolls back: the vNIC is on the destination, whose policy is in place; errors are recorded.
 
 Agent commands travel on the host feed (`{"type": "command", ...}` lines) and come back through
 `POST /v1/hosts/{host}/commands/{id}`. Commands and the orchestrating thread live in the replica that
-started the migration (agents must stream from it); the record and the overlay live in the store.
+started the migration (agents must stream from it); the record (and so the placement) lives in the store.
 """
 
 from __future__ import annotations
@@ -36,12 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from omniwall.compiler.ir import HostDesiredState
+from omniwall.compiler.ir import HostDesiredState, IRVnic
 from omniwall.store import Compare, Event, Put
 
 from .audit import Actor, AuditEntry, audit_put
 from .contracts import InvalidResources, Problem
-from .overlay import overlay, workload_vnics
 
 if TYPE_CHECKING:
     from .service import Manager
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIG_PREFIX = "migrations/"
-# The overlay (workload on both hosts) is on in these phases only.
+# The placement (workload on both hosts) is on in these phases only.
 SPANNING = ("prepare", "export", "import", "switching", "switched", "finalize")
 FAULTS_ENV = "OMNIWALL_MIGRATION_FAULTS"  # "1": the API accepts `failAt` (tests of the rollback)
 POLL = 0.01
@@ -57,6 +57,13 @@ POLL = 0.01
 
 class MigrationError(Exception):
     pass
+
+
+def workload_vnics(state: HostDesiredState | None, workload: str) -> list[IRVnic]:
+    """The vNICs of `workload` ("tenant/name") in `state`."""
+    if state is None:
+        return []
+    return [v for v in state.vnics if v.workload == workload]
 
 
 def _key(tenant: str, name: str) -> str:
@@ -127,7 +134,7 @@ class Migration:
 
 @dataclass
 class Options:
-    prepare_timeout: float = 30.0  # destination acks the overlay revision
+    prepare_timeout: float = 30.0  # destination acks the revision with the placement
     command_timeout: float = 30.0  # one export/import/flush on an agent
     switch_timeout: float = 120.0  # the vNIC moves
     fail_at: str | None = None  # test hook (FAULTS_ENV): fail right after this phase's work
@@ -210,7 +217,8 @@ class HostCommands:
 
 
 class Migrations:
-    """Records (from the store), the overlay, the agent commands and the orchestrating threads."""
+    """Records (from the store), the placements they imply, the agent commands and the orchestrating
+    threads."""
 
     def __init__(self, manager: Manager) -> None:
         self.m = manager
@@ -219,7 +227,6 @@ class Migrations:
         self._start_lock = threading.Lock()
         self._records: dict[tuple[str, str], Migration] = {}
         self._mod: dict[tuple[str, str], int] = {}
-        self._overlaid: set[str] = set()
         self._switch: dict[str, threading.Event] = {}
         self._threads: dict[str, threading.Thread] = {}
 
@@ -233,7 +240,7 @@ class Migrations:
                 self._take(kv.key, kv.value, kv.mod_revision)
 
     def on_event(self, e: Event) -> bool:
-        """A store event; True when it was a migration record (the overlay may have changed)."""
+        """A store event; True when it was a migration record (the placements may have changed)."""
         if not e.key.startswith(MIG_PREFIX):
             return False
         with self._lock:
@@ -258,34 +265,10 @@ class Migrations:
         self._records[k] = mig
         self._mod[k] = revision
 
-    def moves(self) -> list[tuple[str, str, str]]:
+    def placements(self) -> dict[tuple[str, str], str]:
+        """Workload (tenant, name) -> the destination it is compiled onto too, while it migrates."""
         with self._lock:
-            return sorted((m.workload, m.source, m.destination) for m in self._records.values() if m.spanning)
-
-    def apply_overlay(
-        self, states: dict[str, HostDesiredState], lookup: Callable[[str], HostDesiredState]
-    ) -> dict[str, HostDesiredState]:
-        """Freshly compiled `states` (maybe only some hosts) -> the same plus every migration's
-        destination with the workload spanned to it, and former destinations back to their compiled
-        state. `lookup(host)` gives any host's compiled state (KeyError: unknown)."""
-        moves = self.moves()
-        dests = {d for _, _, d in moves}
-        compiled: dict[str, HostDesiredState] = {}
-        for h in dests | {s for _, s, _ in moves} | self._overlaid:
-            st = states.get(h)
-            if st is None:
-                try:
-                    st = lookup(h)
-                except KeyError:
-                    continue
-            compiled[h] = st
-        out = dict(states)
-        for h in self._overlaid - dests:
-            if h in compiled:
-                out[h] = compiled[h]
-        out.update(overlay(compiled, moves))
-        self._overlaid = dests
-        return out
+            return {(m.tenant, m.name): m.destination for m in self._records.values() if m.spanning}
 
     # ---- reads
     def get(self, tenant: str, name: str) -> Migration | None:
@@ -557,7 +540,7 @@ class Migrations:
         mig.error = f"{mig.phase}: {err}"
         ips = self._ips(mig)
         try:
-            self._write(mig, "rollback", actor)  # the overlay is gone: the destination drops the chains
+            self._write(mig, "rollback", actor)  # no placement: the destination drops the chains
             dst = self.m.desired.snapshot(mig.destination)
             if dst is not None:
                 opts = Options(prepare_timeout=10.0, command_timeout=10.0)

@@ -10,7 +10,6 @@ No authorization happens here; `api/` decides who may call what.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import threading
@@ -23,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from omniwall.compiler.build import compile_catalog
 from omniwall.compiler.ir import HostDesiredState, diff, empty_state
 from omniwall.model.catalog import Catalog
 from omniwall.model.resources import _Resource
@@ -54,7 +54,6 @@ from .objects import (
     split_key,
     with_metadata,
 )
-from .overlay import overlay
 from .tokens import TokenBook
 
 log = logging.getLogger(__name__)
@@ -129,7 +128,7 @@ class Manager:
         self.tokens = TokenBook(store)
         self.desired = DesiredStates(max_delta_log)
         self.hosts = HostStatusBook()
-        self.migrations = Migrations(self)  # live migration: records, overlay, agent commands
+        self.migrations = Migrations(self)  # live migration: records, placements, agent commands
         self.clock = clock
         self._compile: CompileFn = compile_fn or default_compile()
         # Incremental compiler (unless a compile function was injected): changes cost what they touch.
@@ -255,25 +254,27 @@ class Manager:
     ) -> None:
         """Bring the desired states to the model's revision: incrementally when we have the changes and
         a healthy incremental compiler, else by a full compile."""
+        placements = self.migrations.placements()  # migrating workloads: also on their destination
         if self._incremental is not None and changed is not None:
             try:
-                deltas = self._incremental.update(changed, removed or [], revision=self._rev)
-                states = {}
-                for h in deltas:
-                    with contextlib.suppress(KeyError):  # a removed host is forgotten: empty state
-                        states[h] = self._incremental.state(h)
-                states = self.migrations.apply_overlay(states, self._incremental.state)
-                self.desired.update(states, self._rev, only=set(deltas) | set(states))
+                deltas = self._incremental.update(
+                    changed, removed or [], revision=self._rev, placements=placements
+                )
+                # The compiler's deltas are what the feeds store and send: no full state, no re-diff.
+                self.desired.apply(deltas)
                 self.compile_error = None
                 return
             except Exception as err:
                 log.warning("incremental compile failed (%s); rebuilding", describe(err))
                 self._incremental = None
+        # A full rebuild (first load, after a compiler failure, the reload after a compaction): complete
+        # states, which DesiredStates.update diffs against the previous ones (hosts whose content did not
+        # change keep their revision, the others get deltas as usual).
         try:
             if self._incremental_cls is not None:
-                self._incremental = self._incremental_cls(self._catalog, self._rev)
+                self._incremental = self._incremental_cls(self._catalog, self._rev, placements=placements)
                 states = self._incremental.states()
-            else:
+            else:  # an injected compile function (tests) knows nothing of placements
                 states = self._compile(self._catalog, self._rev)
         except Exception as err:
             # Fail-static: keep the last good desired states, report why.
@@ -282,7 +283,6 @@ class Manager:
             log.exception("compile failed at revision %d; keeping the previous desired states", self._rev)
             return
         self.compile_error = None
-        states = self.migrations.apply_overlay(states, states.__getitem__)
         self.desired.update(states, self._rev)
 
     # ------------------------------------------------------------------ reads
@@ -467,10 +467,9 @@ class Manager:
         if not plan.writes:
             return {"hosts": [], "totals": _totals([])}
         try:
-            after = self._compile(plan.catalog, self._rev + 1)
+            after = compile_catalog(plan.catalog, self._rev + 1, self.migrations.placements())
         except Exception as err:
             return {"error": describe(err), "hosts": [], "totals": _totals([])}
-        after.update(overlay(after, self.migrations.moves()))  # as the feeds will see it (migration)
         current = self.desired.all()
         hosts = []
         for host in sorted(set(after) | set(current)):
