@@ -33,18 +33,20 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
 from omniwall.compiler.ir import HostDesiredState, IRVnic
-from omniwall.store import Compare, Event, Put
+from omniwall.model.catalog import Catalog
+from omniwall.model.resources import _Resource
+from omniwall.store import Compare, Event, Put, Store
 
 from .audit import Actor, AuditEntry, audit_put
 from .contracts import InvalidResources, Problem
-
-if TYPE_CHECKING:
-    from .service import Manager
+from .desired import DesiredStates
+from .hosts import HostStatusBook
+from .plan import Conflict, NotFound, Plan
 
 log = logging.getLogger(__name__)
 
@@ -216,11 +218,38 @@ class HostCommands:
 # ------------------------------------------------------------------------------------------ service
 
 
+class ManagerView(Protocol):
+    """What a migration needs of the manager (manager/service.py implements it)."""
+
+    store: Store
+    desired: DesiredStates
+    hosts: HostStatusBook
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    def now_iso(self) -> str: ...
+
+    def sync(self) -> int: ...
+
+    def get(self, kind: str, tenant: str, name: str) -> _Resource | None: ...
+
+    def plan_apply(
+        self,
+        resources: Iterable[_Resource],
+        *,
+        mode: Literal["apply", "create", "update"] = ...,
+        verb: str = ...,
+    ) -> Plan: ...
+
+    def commit(self, plan: Plan, actor: Actor, request: str | None = None) -> int: ...
+
+
 class Migrations:
     """Records (from the store), the placements they imply, the agent commands and the orchestrating
     threads."""
 
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: ManagerView) -> None:
         self.m = manager
         self.commands = HostCommands(manager.desired.changed.notify)
         self._lock = threading.RLock()  # the records only; never held while writing the store
@@ -281,8 +310,6 @@ class Migrations:
 
     # ---- API actions
     def start(self, tenant: str, name: str, to: str, actor: Actor, opts: Options | None = None) -> Migration:
-        from .service import Conflict, NotFound
-
         opts = opts or Options()
         if opts.fail_at is not None and os.environ.get(FAULTS_ENV) != "1":
             raise InvalidResources([Problem("request body", "failAt", f"only with {FAULTS_ENV}=1")])
@@ -330,8 +357,6 @@ class Migrations:
             return mig
 
     def switched(self, tenant: str, name: str, mid: str) -> Migration:
-        from .service import Conflict, NotFound
-
         mig = self.get(tenant, name)
         if mig is None or mig.id != mid:
             raise NotFound(f"migration {mid} of Workload/{tenant}/{name} not found")
@@ -391,8 +416,6 @@ class Migrations:
             compares, [Put(key, json.dumps(mig.to_json(), sort_keys=True)), audit_put(entry, time.time_ns())]
         )
         if not res.succeeded:
-            from .service import Conflict
-
             raise Conflict(f"Workload/{mig.tenant}/{mig.name}: a migration was started concurrently")
         self.m.sync()
 
@@ -506,8 +529,6 @@ class Migrations:
             time.sleep(POLL)
 
     def _finalize(self, mig: Migration, actor: Actor, opts: Options) -> None:
-        from .service import Conflict
-
         self._write(mig, "finalize", actor)
         ips = self._ips(mig)
         for _ in range(5):  # the workload may be edited meanwhile: re-read and retry
