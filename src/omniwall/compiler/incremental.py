@@ -393,7 +393,7 @@ class IncrementalCompiler:
                 continue  # no such workload (yet): `_workloads` reads the placement when it comes
             before = self._hosts_of(wid)
             if host is None:
-                del self.extra[wid]
+                self.extra.pop(wid, None)
             else:
                 self.extra[wid] = host
             self._rehost(wid, before, p)
