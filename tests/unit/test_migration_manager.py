@@ -1,4 +1,4 @@
-"""Live migration, manager + agents (sim backends) over real sockets: phases, overlay on the destination,
+"""Live migration, manager + agents (sim backends) over real sockets: phases, placement on the destination,
 conntrack entries carried by feed commands, spec.host moved, audit, rollback. No root needed."""
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ import uvicorn
 
 from omniwall.agent.main import Agent
 from omniwall.api.app import create_app
-from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic
 from omniwall.dataplane.backend import ConnEntry
 from omniwall.dataplane.sim_backend import SimBackend
 from omniwall.manager.contracts import load_documents
 from omniwall.manager.migration import FAULTS_ENV
-from omniwall.manager.overlay import merge_workload
 from omniwall.manager.service import SYSTEM, Manager
 from omniwall.store.sqlite import SqliteStore
 
@@ -192,16 +190,36 @@ def test_fault_hook_needs_the_env_and_unknown_host_is_422(world: dict[str, Any])
     assert c.get("/v1/workloads/db1/migration", params={"tenant": "acme"}).status_code == 404
 
 
-def test_merge_workload_copies_vnic_rules_and_sets() -> None:
-    rule = IRRule(1, "acme", "p", "r", "application", "allow", "s1", None)
-    v = IRVnic("ow1", "acme/w", "acme", ("10.0.0.1",), ingress=(1,))
-    src = HostDesiredState("h1", 5, (v,), (rule,), (IRSet("s1", ("10.0.0.9",)),))
-    other = IRVnic("ow2", "acme/x", "acme", ("10.0.0.2",))
-    dst = HostDesiredState("h2", 5, (other,))
-    out = merge_workload(dst, src, "acme/w")
-    assert [x.ifname for x in out.vnics] == ["ow1", "ow2"]
-    assert out.rules == (rule,) and [s.name for s in out.sets] == ["s1"]
-    assert merge_workload(out, src, "acme/w") == out  # idempotent
+def test_a_migration_record_is_a_placement_the_compiler_sends_as_deltas(tmp_path: Path) -> None:
+    """The destination's state gets the workload's vNIC (the same as on its own host) with its rules and
+    sets, as one compiler delta; the record's end takes them away again; the source is untouched."""
+    import json
+
+    m = Manager(SqliteStore(tmp_path / "m.db"))
+    m.commit(m.plan_apply(load_documents(WORLD, "world.yaml")), SYSTEM)
+    h1, h2 = m.desired.snapshot("h1"), m.desired.snapshot("h2")
+    assert h1 is not None and h2 is not None
+    rec = {
+        "id": "0123456789ab", "tenant": "acme", "name": "web1", "source": "h1", "destination": "h2",
+        "started": "2026-11-27T00:00:00.000Z", "phase": "prepare", "result": "running",
+    }  # fmt: skip
+    m.store.put("migrations/acme/web1", json.dumps(rec))
+    m.sync()
+    assert m.migrations.placements() == {("acme", "web1"): "h2"}
+    assert m.desired.snapshot("h1") == h1  # no new revision for the source
+    (d,) = m.desired.deltas_since("h2", h2.revision) or []
+    (web1,) = [v for v in h1.vnics if v.workload == "acme/web1"]
+    assert [u.vnic for u in d.vnic_updates] == [web1]
+    placed = m.desired.snapshot("h2")
+    assert placed is not None and placed.vnic_map()[web1.ifname] == web1
+    assert set(web1.egress + web1.ingress) <= placed.rule_map().keys()
+    assert {s.name for s in placed.sets} >= {s for r in placed.rules for s in (r.src_set, r.dst_set) if s}
+    m.store.put("migrations/acme/web1", json.dumps({**rec, "phase": "rolled-back", "result": "failed"}))
+    m.sync()
+    assert m.migrations.placements() == {}
+    back = m.desired.snapshot("h2")
+    assert back is not None and back.vnics == h2.vnics and back.rules == h2.rules and back.sets == h2.sets
+    m.store.close()
 
 
 def test_cli_migrate_reports_a_switch_timeout_as_failure(world: dict[str, Any]) -> None:
@@ -219,7 +237,7 @@ def test_cli_migrate_reports_a_switch_timeout_as_failure(world: dict[str, Any]) 
     assert "acme/web1" not in _vnics(m, "h2")
 
 
-def test_a_running_record_without_its_thread_keeps_the_overlay_and_can_be_resumed(
+def test_a_running_record_without_its_thread_keeps_the_placement_and_can_be_resumed(
     world: dict[str, Any],
 ) -> None:
     """What a manager restart mid-migration leaves: the record says `switching`, nobody drives it."""

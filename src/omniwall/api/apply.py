@@ -25,7 +25,7 @@ from .auth import (
     scope_document,
 )
 from .errors import ApiError
-from .impact import tenant_impact
+from .impact import impact, tenant_impact
 from .limits import check_plan_quotas, may_seed_posture
 from .schemas import ApplyResult, error_responses
 
@@ -112,7 +112,7 @@ def _apply(request: Request, p: Principal, text: str, source: str, dry_run: bool
         if p.tenant_scoped and p.tenant is not None:
             out["impact"] = tenant_impact(m, plan, p.tenant)
         else:
-            out["impact"] = m.impact(plan)
+            out["impact"] = impact(m, plan)
         return out
     out["revision"] = m.commit(with_posture_records(m, plan), p.actor)
     for c in out["changes"]:

@@ -9,12 +9,17 @@ Output is sorted and deterministic: the same resources in any order give byte-id
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from omniwall.compiler.incremental import IncrementalCompiler
 from omniwall.compiler.ir import HostDesiredState
 from omniwall.model.catalog import Catalog
 
 
-def compile_catalog(catalog: Catalog, revision: int = 0) -> dict[str, HostDesiredState]:
-    """Every Host in the catalog -> its desired state at `revision` (hosts without vNICs included)."""
+def compile_catalog(
+    catalog: Catalog, revision: int = 0, placements: Mapping[tuple[str, str], str] | None = None
+) -> dict[str, HostDesiredState]:
+    """Every Host in the catalog -> its desired state at `revision` (hosts without vNICs included);
+    `placements`: workload (tenant, name) -> an extra host it is compiled onto (migration)."""
     # one-shot: the compiler is dropped on return, nothing to freeze (see IncrementalCompiler)
-    return IncrementalCompiler(catalog, revision, freeze=False).states()
+    return IncrementalCompiler(catalog, revision, freeze=False, placements=placements).states()

@@ -28,7 +28,9 @@ from omniwall.compiler.ir import (
 )
 from omniwall.compiler.sets import created_update
 
-ClaimKey = tuple[tuple[str, str], int]  # (workload key, vNIC index): the lowest wins a duplicate ifname
+# (rank, workload key, vNIC index): the lowest wins a duplicate ifname; rank 0 = the host's own workload,
+# 1 = a workload placed there (migration), so a placed vNIC never displaces a local one
+ClaimKey = tuple[int, tuple[str, str], int]
 
 
 def rule_sets(r: IRRule | None) -> tuple[str, ...]:

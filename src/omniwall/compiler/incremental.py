@@ -15,6 +15,13 @@ it; the workload's own rule lists are recomputed (cached by signature); the sets
 are patched once and handed to the hosts where they are present (`set_hosts`); rule IR changes go to
 `rule_hosts`. Nothing iterates over all workloads, groups, rules or hosts.
 
+Placements (migration, docs/design/migration.md): `placements` maps a workload (tenant, name) to one
+extra host. While it is there, the workload's vNICs are compiled onto that host too, exactly as on its
+own host (same rule lists, same rules and sets: these do not depend on the host), so the destination of
+a live migration enforces the workload's policy before the vNIC arrives. Setting or clearing a placement
+is an update like any other: the extra host gets the delta that adds or removes the vNICs (with the
+rules and sets only they needed). A vNIC of the host's own workloads wins an ifname over a placed one.
+
 Host revisions: a host's state carries the revision of the last update that changed it (or the initial
 revision). Each delta goes from the host's previous revision to the update's revision, so deltas chain
 per host. A host that appears gets a delta from `empty_state(host, 0)`; a host that disappears gets a
@@ -25,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -121,8 +128,16 @@ def effective_limit(spec: TenantSpec, provider: TenantSpec) -> tuple[int | None,
 
 
 class IncrementalCompiler:
-    def __init__(self, catalog: Catalog, revision: int = 0, *, freeze: bool = True) -> None:
-        """`freeze`: after a large build, move its objects out of the cyclic collector's reach
+    def __init__(
+        self,
+        catalog: Catalog,
+        revision: int = 0,
+        *,
+        freeze: bool = True,
+        placements: Mapping[Key, str] | None = None,
+    ) -> None:
+        """`placements`: workload (tenant, name) -> extra host (see the module's doc).
+        `freeze`: after a large build, move its objects out of the cyclic collector's reach
         (`_gc_paused`); right for a compiler that lives on (the manager's), pointless for a one-shot
         compile whose result is dropped soon (`compile_catalog`, what-if previews)."""
         self.revision = revision
@@ -142,7 +157,9 @@ class IncrementalCompiler:
         self._next_wid = 1
         self.wl: dict[int, _Wl] = {}
         self.tenant_wids: dict[str, set[int]] = {}
-        self.host_wids: dict[str, set[int]] = {}  # also for hosts that do not exist (yet)
+        self.host_wids: dict[str, set[int]] = {}  # also for hosts that do not exist (yet); with placements
+        self.placements: dict[Key, str] = dict(placements or {})
+        self.extra: dict[int, str] = {}  # wid -> its placement's host (workloads that exist)
 
         self.rules: dict[RuleKey, CompiledRule] = {}
         self.rule_by_id: dict[int, IRRule] = {}
@@ -177,13 +194,15 @@ class IncrementalCompiler:
         resources_changed: Iterable[object],
         removed: Iterable[Removed] = (),
         revision: int | None = None,
+        placements: Mapping[Key, str] | None = None,
     ) -> dict[str, HostDelta]:
-        """Apply changed (added or modified) resources and removals (kind, tenant, name); returns the
-        delta of every host whose state changed, sorted by host."""
+        """Apply changed (added or modified) resources and removals (kind, tenant, name), and the new
+        `placements` when given (None: unchanged); returns the delta of every host whose state changed,
+        sorted by host."""
         rev = self.revision + 1 if revision is None else revision
         if rev < self.revision:
             raise ValueError(f"revision {rev} is older than the compiler's revision {self.revision}")
-        return self._apply(list(resources_changed), list(removed), rev, emit=True)
+        return self._apply(list(resources_changed), list(removed), rev, emit=True, placements=placements)
 
     # ------------------------------------------------------------------------------------ lookups
     def _tenant_spec(self, tenant: str) -> TenantSpec:
@@ -206,15 +225,28 @@ class IncrementalCompiler:
 
     # ------------------------------------------------------------------------------------ the update
     def _apply(
-        self, changed: list[object], removed: list[Removed], revision: int, emit: bool, freeze: bool = False
+        self,
+        changed: list[object],
+        removed: list[Removed],
+        revision: int,
+        emit: bool,
+        freeze: bool = False,
+        placements: Mapping[Key, str] | None = None,
     ) -> dict[str, HostDelta]:
         with _gc_paused(build=freeze):
-            return self._apply_inner(changed, removed, revision, emit)
+            return self._apply_inner(changed, removed, revision, emit, placements)
 
     def _apply_inner(
-        self, changed: list[object], removed: list[Removed], revision: int, emit: bool
+        self,
+        changed: list[object],
+        removed: list[Removed],
+        revision: int,
+        emit: bool,
+        placements: Mapping[Key, str] | None,
     ) -> dict[str, HostDelta]:
         p = _Pending()
+        if placements is not None:
+            self._place(placements, p)
         by_kind: dict[str, list[object]] = {}
         for r in changed:
             by_kind.setdefault(getattr(r, "kind", ""), []).append(r)
@@ -241,9 +273,8 @@ class IncrementalCompiler:
 
         # Workloads whose placement may have changed.
         for wid in self.groups.dirty_wids:
-            w = self.wl.get(wid)
-            if w is not None:
-                p.host_wids.setdefault(w.host, set()).add(wid)
+            if wid in self.wl:
+                self._touch(p, wid)
         self.groups.dirty_wids.clear()
         self.groups.lits_changed.clear()
 
@@ -293,7 +324,13 @@ class IncrementalCompiler:
 
     def _vnics_of(self, wid: int, host: str) -> list[tuple[ClaimKey, IRVnic]]:
         w = self.wl.get(wid)
-        if w is None or w.host != host:
+        if w is None:
+            return []
+        if w.host == host:
+            rank = 0
+        elif self.extra.get(wid) == host:
+            rank = 1  # placed: the host's own workloads win a shared ifname
+        else:
             return []
         tenant = w.key[0]
         egress, ingress = self.span.lists(tenant, self.groups.groups_of.get(wid, ()))
@@ -306,7 +343,7 @@ class IncrementalCompiler:
         label = f"{w.key[0]}/{w.key[1]}"
         return [
             (
-                (w.key, i),
+                (rank, w.key, i),
                 IRVnic(
                     ifname=ifname,
                     workload=label,
@@ -323,6 +360,44 @@ class IncrementalCompiler:
             )
             for i, (ifname, addrs, mac) in enumerate(w.vnics)
         ]
+
+    # ------------------------------------------------------------------------------------ placement
+    def _hosts_of(self, wid: int) -> tuple[str, ...]:
+        """The hosts where a workload's vNICs are compiled: its own, and its placement's."""
+        host = self.wl[wid].host
+        x = self.extra.get(wid)
+        return (host,) if x is None or x == host else (host, x)
+
+    def _touch(self, p: _Pending, wid: int, hosts: Iterable[str] | None = None) -> None:
+        for h in self._hosts_of(wid) if hosts is None else hosts:
+            p.host_wids.setdefault(h, set()).add(wid)
+
+    def _rehost(self, wid: int, before: tuple[str, ...], p: _Pending) -> None:
+        """The workload was on `before`; index and touch it where it is now, and where it left."""
+        after = self._hosts_of(wid)
+        for h in before:
+            if h not in after:
+                self.host_wids[h].discard(wid)
+        for h in after:
+            self.host_wids.setdefault(h, set()).add(wid)
+        self._touch(p, wid, {*before, *after})
+
+    def _place(self, placements: Mapping[Key, str], p: _Pending) -> None:
+        new = dict(placements)
+        for key in sorted(self.placements.keys() | new.keys()):
+            host = new.get(key)
+            if self.placements.get(key) == host:
+                continue
+            wid = self.groups.wid_of.get(key)
+            if wid is None or wid not in self.wl:
+                continue  # no such workload (yet): `_workloads` reads the placement when it comes
+            before = self._hosts_of(wid)
+            if host is None:
+                self.extra.pop(wid, None)
+            else:
+                self.extra[wid] = host
+            self._rehost(wid, before, p)
+        self.placements = new
 
     # ------------------------------------------------------------------------------------ per kind
     def _hosts(self, changed: list[object], removed: list[Removed], p: _Pending) -> None:
@@ -373,13 +448,13 @@ class IncrementalCompiler:
                 p.rules |= self.rules_by_tenant.get(name, set())
             if old.mode != new.mode or old.defaultAction != new.defaultAction:
                 for wid in self.tenant_wids.get(name, ()):
-                    p.host_wids.setdefault(self.wl[wid].host, set()).add(wid)
+                    self._touch(p, wid)
             if old.connectionLimit != new.connectionLimit:
                 # the provider's limit is every tenant's default and ceiling
                 tenants = self.tenant_wids if name == PROVIDER_TENANT else (name,)
                 for tn in tenants:
                     for wid in self.tenant_wids.get(tn, ()):
-                        p.host_wids.setdefault(self.wl[wid].host, set()).add(wid)
+                        self._touch(p, wid)
 
     def _workloads(self, changed: list[object], removed: list[Removed], p: _Pending) -> None:
         g = self.groups
@@ -388,12 +463,15 @@ class IncrementalCompiler:
             if self.workloads.pop(key, None) is None:
                 continue
             wid = g.wid_of[key]
-            w = self.wl.pop(wid)
+            hosts = self._hosts_of(wid)
+            self.wl.pop(wid)
+            self.extra.pop(wid, None)
             self.labels.remove_workload(wid)
             g.remove_workload(wid)
             self.tenant_wids[tenant].discard(wid)
-            self.host_wids[w.host].discard(wid)
-            p.host_wids.setdefault(w.host, set()).add(wid)
+            for h in hosts:
+                self.host_wids[h].discard(wid)
+            self._touch(p, wid, hosts)
         for res in changed:
             assert isinstance(res, Workload)
             key = (res.metadata.tenant, res.metadata.name)
@@ -406,23 +484,24 @@ class IncrementalCompiler:
                 w = _workload_info(wid, res)
                 self.wl[wid] = w
                 self.tenant_wids.setdefault(key[0], set()).add(wid)
-                self.host_wids.setdefault(w.host, set()).add(wid)
+                if key in self.placements:
+                    self.extra[wid] = self.placements[key]
+                for h in self._hosts_of(wid):
+                    self.host_wids.setdefault(h, set()).add(wid)
                 changes = self.labels.add_workload(wid, key[0], facts)
                 g.add_workload(wid, key, w.ips)
                 g.selector_changes(changes)
             else:
                 wid = g.wid_of[key]
-                prev = self.wl[wid]
+                before = self._hosts_of(wid)
                 w = _workload_info(wid, res)
                 self.wl[wid] = w
                 g.change_ips(wid, w.ips)
                 if old.metadata.labels != res.metadata.labels or old.spec.attributes != res.spec.attributes:
                     g.selector_changes(self.labels.update_workload(wid, facts))
-                if prev.host != w.host:
-                    self.host_wids[prev.host].discard(wid)
-                    self.host_wids.setdefault(w.host, set()).add(wid)
-                    p.host_wids.setdefault(prev.host, set()).add(wid)
-            p.host_wids.setdefault(w.host, set()).add(wid)
+                self._rehost(wid, before, p)
+                continue
+            self._touch(p, wid)
 
     def _groups(self, changed: list[object], removed: list[Removed], p: _Pending) -> None:
         g = self.groups
@@ -564,7 +643,7 @@ class IncrementalCompiler:
                 self.rules[rk] = new
         self._drop_idle_unions()
         for wid in dirty:
-            p.host_wids.setdefault(self.wl[wid].host, set()).add(wid)
+            self._touch(p, wid)
 
     def _reindex(self, old: CompiledRule | None, new: CompiledRule | None) -> None:
         rk = (old or new).key  # type: ignore[union-attr]

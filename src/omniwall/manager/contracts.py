@@ -16,8 +16,6 @@ from typing import Any
 import pydantic
 import yaml
 
-from omniwall.compiler.build import compile_catalog
-from omniwall.compiler.incremental import IncrementalCompiler
 from omniwall.compiler.ir import HostDesiredState
 from omniwall.model.catalog import Catalog
 from omniwall.model.errors import ValidationError
@@ -97,18 +95,6 @@ def validate_set(changed: list[_Resource], existing: Catalog, merged: Catalog) -
         validate(changed, existing=existing)
     except ValidationError as err:
         raise InvalidResources(_problems(err)) from err
-
-
-def default_compile() -> CompileFn:
-    def run(catalog: Catalog, revision: int) -> dict[str, HostDesiredState]:
-        return compile_catalog(catalog, revision=revision)
-
-    return run
-
-
-def incremental_compiler() -> Any:
-    """The incremental compiler class: (catalog, revision) -> .update(changed, removed, revision)."""
-    return IncrementalCompiler
 
 
 def describe(err: Any) -> str:

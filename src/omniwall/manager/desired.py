@@ -3,6 +3,13 @@
 A host's state gets a new revision only when its content changes: a write that does not touch a host
 leaves its state (and revision) alone, so its agent receives nothing. The last `max_log` deltas of each
 host are kept, so an agent reconnecting with a recent revision gets deltas, an older one a snapshot.
+
+Two ways in (docs/design/delta-path.md):
+- `apply(deltas)`, the common one: the incremental compiler's per-host deltas are stored and sent as
+  they are; each host's current state (for snapshots) is `apply_delta(previous, delta)`, which shares
+  every part the delta does not touch. No full state is built or compared.
+- `update(states)`: a full rebuild (first load, a compiler failure, the reload after a compaction) hands
+  complete states, which are diffed against the previous ones, so agents still get deltas.
 """
 
 from __future__ import annotations
@@ -10,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import replace
 
-from omniwall.compiler.ir import HostDelta, HostDesiredState, diff, empty_state
+from omniwall.compiler.ir import HostDelta, HostDesiredState, apply_delta, diff, empty_state
 
 
 class Broadcaster:
@@ -61,10 +69,41 @@ class DesiredStates:
         self._max_log = max_log
         self.changed = Broadcaster()
 
+    def apply(self, deltas: Mapping[str, HostDelta]) -> list[HostDelta]:
+        """Take the compiler's per-host deltas; returns those that changed a host (the ones logged).
+
+        Each delta is rebased on the revision this book holds for the host: the compiler numbers a
+        host's states itself (from its last rebuild), while the content here is the same (a rebuild
+        goes through `update`, which makes it so), and agents know only this book's revisions. A host
+        seen for the first time gets its state without a log entry (its feed starts with a snapshot)."""
+        out: list[HostDelta] = []
+        with self._update_lock:
+            with self._lock:
+                current = {h: self._states.get(h) for h in deltas}
+            changed: list[tuple[str, HostDesiredState, HostDelta | None]] = []
+            for host, d in deltas.items():
+                prev = current[host]
+                if prev is not None and d.empty:
+                    continue
+                base = prev if prev is not None else empty_state(host, d.from_revision)
+                if d.from_revision != base.revision:
+                    d = replace(d, from_revision=base.revision)
+                changed.append((host, apply_delta(base, d), d if prev is not None else None))
+            with self._lock:
+                for host, target, d in changed:
+                    if d is not None:
+                        self._log.setdefault(host, deque(maxlen=self._max_log)).append(d)
+                        out.append(d)
+                    self._states[host] = target
+        if changed:
+            self.changed.notify()
+        return out
+
     def update(
         self, new: dict[str, HostDesiredState], revision: int, *, only: set[str] | None = None
     ) -> list[HostDelta]:
-        """Take freshly compiled states at `revision`; returns the deltas of the hosts whose state changed.
+        """Take complete states at `revision` (a full rebuild; `apply` is the incremental path); returns
+        the deltas of the hosts whose state changed.
         `only`: just these hosts were recompiled (the others are unchanged); otherwise `new` is complete
         and hosts missing from it disappeared: they get an empty state (their agents clear their tables)."""
         deltas: list[HostDelta] = []

@@ -3,7 +3,8 @@
 Phases, each written to the store (the record at `migrations/<tenant>/<name>`, with an audit entry in
 the same txn) so every replica, the API and the audit log see them:
 
-  prepare    the record exists: the overlay spans the workload's vNICs to the destination too; wait
+  prepare    the record exists: the compiler places the workload's vNICs on the destination too (a
+             placement, `Migrations.placements`: an input of the compiler); wait
              until the destination's agent acks that revision (its policy is in place first)
   export     the source agent exports the workload's conntrack entries (feed command)
   import     the destination agent imports them (liberal TCP window, CONFIRMED, mark)
@@ -12,16 +13,16 @@ the same txn) so every replica, the API and the audit log see them:
   switched   (with `secondCopy`) entries opened since the first export are exported and imported again
   finalize   `spec.host` = destination (audited as `migrate`); the source drops the chains, its
              backend revokes the entries no local hop needs; leftovers are flushed by command
-  done       result `succeeded`; the overlay is gone (the compiler now places the workload there)
+  done       result `succeeded`; the placement is gone (the workload's own host is the destination now)
 
-A failure before the switch rolls back: phase `rollback` removes the overlay (the destination drops
+A failure before the switch rolls back: phase `rollback` removes the placement (the destination drops
 the chains; its backend revokes the imported entries, and a flush command removes any left), then
 `rolled-back`, result `failed`. The workload never stops being protected on the source. After the switch
 nothing rolls back: the vNIC is on the destination, whose policy is in place; errors are recorded.
 
 Agent commands travel on the host feed (`{"type": "command", ...}` lines) and come back through
 `POST /v1/hosts/{host}/commands/{id}`. Commands and the orchestrating thread live in the replica that
-started the migration (agents must stream from it); the record and the overlay live in the store.
+started the migration (agents must stream from it); the record (and so the placement) lives in the store.
 """
 
 from __future__ import annotations
@@ -32,24 +33,25 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
-from omniwall.compiler.ir import HostDesiredState
-from omniwall.store import Compare, Event, Put
+from omniwall.compiler.ir import HostDesiredState, IRVnic
+from omniwall.model.catalog import Catalog
+from omniwall.model.resources import _Resource
+from omniwall.store import Compare, Event, Put, Store
 
 from .audit import Actor, AuditEntry, audit_put
 from .contracts import InvalidResources, Problem
-from .overlay import overlay, workload_vnics
-
-if TYPE_CHECKING:
-    from .service import Manager
+from .desired import DesiredStates
+from .hosts import HostStatusBook
+from .plan import Conflict, NotFound, Plan
 
 log = logging.getLogger(__name__)
 
 MIG_PREFIX = "migrations/"
-# The overlay (workload on both hosts) is on in these phases only.
+# The placement (workload on both hosts) is on in these phases only.
 SPANNING = ("prepare", "export", "import", "switching", "switched", "finalize")
 FAULTS_ENV = "OMNIWALL_MIGRATION_FAULTS"  # "1": the API accepts `failAt` (tests of the rollback)
 POLL = 0.01
@@ -57,6 +59,13 @@ POLL = 0.01
 
 class MigrationError(Exception):
     pass
+
+
+def workload_vnics(state: HostDesiredState | None, workload: str) -> list[IRVnic]:
+    """The vNICs of `workload` ("tenant/name") in `state`."""
+    if state is None:
+        return []
+    return [v for v in state.vnics if v.workload == workload]
 
 
 def _key(tenant: str, name: str) -> str:
@@ -127,7 +136,7 @@ class Migration:
 
 @dataclass
 class Options:
-    prepare_timeout: float = 30.0  # destination acks the overlay revision
+    prepare_timeout: float = 30.0  # destination acks the revision with the placement
     command_timeout: float = 30.0  # one export/import/flush on an agent
     switch_timeout: float = 120.0  # the vNIC moves
     fail_at: str | None = None  # test hook (FAULTS_ENV): fail right after this phase's work
@@ -209,17 +218,44 @@ class HostCommands:
 # ------------------------------------------------------------------------------------------ service
 
 
-class Migrations:
-    """Records (from the store), the overlay, the agent commands and the orchestrating threads."""
+class ManagerView(Protocol):
+    """What a migration needs of the manager (manager/service.py implements it)."""
 
-    def __init__(self, manager: Manager) -> None:
+    store: Store
+    desired: DesiredStates
+    hosts: HostStatusBook
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    def now_iso(self) -> str: ...
+
+    def sync(self) -> int: ...
+
+    def get(self, kind: str, tenant: str, name: str) -> _Resource | None: ...
+
+    def plan_apply(
+        self,
+        resources: Iterable[_Resource],
+        *,
+        mode: Literal["apply", "create", "update"] = ...,
+        verb: str = ...,
+    ) -> Plan: ...
+
+    def commit(self, plan: Plan, actor: Actor, request: str | None = None) -> int: ...
+
+
+class Migrations:
+    """Records (from the store), the placements they imply, the agent commands and the orchestrating
+    threads."""
+
+    def __init__(self, manager: ManagerView) -> None:
         self.m = manager
         self.commands = HostCommands(manager.desired.changed.notify)
         self._lock = threading.RLock()  # the records only; never held while writing the store
         self._start_lock = threading.Lock()
         self._records: dict[tuple[str, str], Migration] = {}
         self._mod: dict[tuple[str, str], int] = {}
-        self._overlaid: set[str] = set()
         self._switch: dict[str, threading.Event] = {}
         self._threads: dict[str, threading.Thread] = {}
 
@@ -233,7 +269,7 @@ class Migrations:
                 self._take(kv.key, kv.value, kv.mod_revision)
 
     def on_event(self, e: Event) -> bool:
-        """A store event; True when it was a migration record (the overlay may have changed)."""
+        """A store event; True when it was a migration record (the placements may have changed)."""
         if not e.key.startswith(MIG_PREFIX):
             return False
         with self._lock:
@@ -258,34 +294,10 @@ class Migrations:
         self._records[k] = mig
         self._mod[k] = revision
 
-    def moves(self) -> list[tuple[str, str, str]]:
+    def placements(self) -> dict[tuple[str, str], str]:
+        """Workload (tenant, name) -> the destination it is compiled onto too, while it migrates."""
         with self._lock:
-            return sorted((m.workload, m.source, m.destination) for m in self._records.values() if m.spanning)
-
-    def apply_overlay(
-        self, states: dict[str, HostDesiredState], lookup: Callable[[str], HostDesiredState]
-    ) -> dict[str, HostDesiredState]:
-        """Freshly compiled `states` (maybe only some hosts) -> the same plus every migration's
-        destination with the workload spanned to it, and former destinations back to their compiled
-        state. `lookup(host)` gives any host's compiled state (KeyError: unknown)."""
-        moves = self.moves()
-        dests = {d for _, _, d in moves}
-        compiled: dict[str, HostDesiredState] = {}
-        for h in dests | {s for _, s, _ in moves} | self._overlaid:
-            st = states.get(h)
-            if st is None:
-                try:
-                    st = lookup(h)
-                except KeyError:
-                    continue
-            compiled[h] = st
-        out = dict(states)
-        for h in self._overlaid - dests:
-            if h in compiled:
-                out[h] = compiled[h]
-        out.update(overlay(compiled, moves))
-        self._overlaid = dests
-        return out
+            return {(m.tenant, m.name): m.destination for m in self._records.values() if m.spanning}
 
     # ---- reads
     def get(self, tenant: str, name: str) -> Migration | None:
@@ -298,8 +310,6 @@ class Migrations:
 
     # ---- API actions
     def start(self, tenant: str, name: str, to: str, actor: Actor, opts: Options | None = None) -> Migration:
-        from .service import Conflict, NotFound
-
         opts = opts or Options()
         if opts.fail_at is not None and os.environ.get(FAULTS_ENV) != "1":
             raise InvalidResources([Problem("request body", "failAt", f"only with {FAULTS_ENV}=1")])
@@ -347,8 +357,6 @@ class Migrations:
             return mig
 
     def switched(self, tenant: str, name: str, mid: str) -> Migration:
-        from .service import Conflict, NotFound
-
         mig = self.get(tenant, name)
         if mig is None or mig.id != mid:
             raise NotFound(f"migration {mid} of Workload/{tenant}/{name} not found")
@@ -408,8 +416,6 @@ class Migrations:
             compares, [Put(key, json.dumps(mig.to_json(), sort_keys=True)), audit_put(entry, time.time_ns())]
         )
         if not res.succeeded:
-            from .service import Conflict
-
             raise Conflict(f"Workload/{mig.tenant}/{mig.name}: a migration was started concurrently")
         self.m.sync()
 
@@ -523,8 +529,6 @@ class Migrations:
             time.sleep(POLL)
 
     def _finalize(self, mig: Migration, actor: Actor, opts: Options) -> None:
-        from .service import Conflict
-
         self._write(mig, "finalize", actor)
         ips = self._ips(mig)
         for _ in range(5):  # the workload may be edited meanwhile: re-read and retry
@@ -557,7 +561,7 @@ class Migrations:
         mig.error = f"{mig.phase}: {err}"
         ips = self._ips(mig)
         try:
-            self._write(mig, "rollback", actor)  # the overlay is gone: the destination drops the chains
+            self._write(mig, "rollback", actor)  # no placement: the destination drops the chains
             dst = self.m.desired.snapshot(mig.destination)
             if dst is not None:
                 opts = Options(prepare_timeout=10.0, command_timeout=10.0)

@@ -10,6 +10,11 @@ Agent -> manager (`POST /v1/hosts/{host}/status`), one JSON object:
     {"realized_revision":R, "error":null, "counters":[{"rule_id":1,"packets":2,"bytes":3}],
      "addresses":{...}}
 Unknown message types must be ignored by readers (forward compatibility).
+
+A delta's set updates carry added and removed elements only (`SetUpdate`; its in-memory `result` is
+marked `wire: False` and `plain()` leaves it out), so a member change costs the same bytes whatever the
+group's size; the receiver patches its own copy (`SetUpdate.after`, `apply_delta`). The deltas are the
+compiler's own (docs/design/delta-path.md).
 """
 
 from __future__ import annotations
