@@ -91,8 +91,9 @@ def test_contents(deb: Path, unpacked: Path) -> None:
     assert sorted(p.name for p in (site / "omniwall/examples").iterdir()) == sorted(
         p.name for p in (ROOT / "examples").iterdir()
     )
+    # build-deb stages under a temporary omniwall-deb.XXXXXX directory: none of its paths may remain
     leftovers = subprocess.run(
-        ["grep", "-rlI", str(deb.parent.parent), str(unpacked)], capture_output=True, text=True
+        ["grep", "-rlI", "/omniwall-deb.", str(unpacked)], capture_output=True, text=True
     )
     assert leftovers.stdout == "", f"build paths inside the package: {leftovers.stdout}"
 
