@@ -13,6 +13,7 @@ every namespace is deleted, also on failure.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -267,8 +268,10 @@ def test_install_procedure_end_to_end(
             lambda: api.get("/v1/status").json()["hosts"][hostname]["realizedRevision"] >= revision,
         )
         assert not connects(f"{prefix}wc", SERVER_IP, 8080)
-        logs = (tmp_path / "agent.log").read_text()
-        assert logs.startswith("{") and '"level"' in logs.splitlines()[0]  # the JSON log format
+        # log-format: json, uvicorn's lines included: every line of both logs is one JSON object
+        for name in ("manager.log", "agent.log"):
+            lines = (tmp_path / name).read_text().splitlines()
+            assert lines and all(json.loads(line)["level"] for line in lines), name
     finally:
         for proc in reversed(procs):
             stop(proc)
