@@ -4,10 +4,12 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := nftables libnftables1 conntrack iproute2 iperf3 netcat-openbsd iputils-ping procps curl chromium etcd-server
+# lintian, dpkg-dev (dpkg-deb, strip), systemd (systemd-analyze) and python3-venv: `make deb` and its checks
+APT_PACKAGES := nftables libnftables1 conntrack iproute2 iperf3 netcat-openbsd iputils-ping procps curl chromium etcd-server \
+  lintian dpkg-dev systemd python3-venv
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-packages test unit kernel lint demo fuzz-dataplane bench bench-kernel clean
+.PHONY: install system-packages test unit kernel lint demo fuzz-dataplane bench bench-kernel deb deb-check clean
 
 install: system-packages $(STAMP)
 
@@ -57,5 +59,14 @@ bench-kernel: install
 	$(BIN)/python bench/identity.py
 	$(BIN)/python bench/migration.py --migrations 100
 
+# The Debian package (docs/install.md): dist/omniwall_<version>-1_<arch>.deb, its Python dependencies in a
+# private environment fetched from the package index. `make test` checks a quick build without them
+# (tests/unit/test_packaging.py); deb-check runs the same checks on the full package (minutes).
+deb: install
+	packaging/deb/build-deb dist
+
+deb-check: install
+	OMNIWALL_DEB_FULL=1 $(BIN)/pytest -q tests/unit/test_packaging.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .ruff_cache

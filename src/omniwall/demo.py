@@ -44,7 +44,8 @@ from omniwall.model.catalog import Catalog
 from omniwall.sim.evaluate import Network
 from omniwall.sim.explain import Explanation, explain, rule_text
 
-EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "three-tier"
+# omniwall/examples is a link to the repository's examples/ and a copy in an installed wheel (pyproject.toml)
+EXAMPLE_DIR = Path(__file__).resolve().parent / "examples" / "three-tier"
 
 
 @dataclass(frozen=True)

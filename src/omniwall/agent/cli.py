@@ -15,6 +15,8 @@ import typer
 
 from omniwall.agent.guard import Guard
 from omniwall.agent.main import DEFAULT_STATE_DIR, run_agent
+from omniwall.daemon_config import config_option_callback
+from omniwall.logformat import check_format, setup_logging
 from omniwall.model.interfaces import DEFAULT_VNIC_INTERFACES, check_pattern
 from omniwall.tls import check_manager_url, client_context
 
@@ -81,16 +83,29 @@ def agent(
         typer.Option("--metrics-address", help="Serve Prometheus /metrics at host:port (default: off)"),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step")] = False,
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="Log lines as text or json (one object a line)")
+    ] = "text",
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            help="YAML file of these options (default: $OMNIWALL_AGENT_CONFIG, else "
+            "/etc/omniwall/agent.yaml when present; '' for none). Flags override it.",
+            is_eager=True,
+            callback=config_option_callback("agent"),
+        ),
+    ] = None,
 ) -> None:
     """Run the host agent: realize this host's desired state in the kernel, report back, fail static."""
     # SIGHUP means "re-read the certificate" (agent/main.py): one that arrives during start-up must not
     # end the agent
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        setup_logging(check_format(log_format), logging.DEBUG if verbose else logging.INFO, sys.stderr)
+    except ValueError as e:
+        typer.echo(f"omniwall agent: {e}", err=True)
+        raise typer.Exit(2) from None
     if not verbose:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per status POST is noise
     try:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from omniwall import sdnotify
 from omniwall.agent.addresses import AddressWatcher
 from omniwall.agent.commands import post_result, run_command
 from omniwall.agent.conntrack_usage import ConntrackUsage, ConntrackUsageReader
@@ -118,6 +119,9 @@ class Agent:
             log.info("adopted realized state at revision %d (%d vNICs)", adopted.revision, len(adopted.vnics))
         self.reporter.set_realized(self.reconciler.realized_revision, None)
         self._realized_changed()
+        # systemd (Type=notify): up once the kernel state is adopted, before the manager answers; an
+        # agent waiting for its manager is a healthy, fail-static agent
+        sdnotify.ready(f"realized revision {self.reconciler.realized_revision}")
         if self.flows is not None:
             try:
                 self.flows.start()
@@ -338,6 +342,7 @@ async def run_agent_async(agent: Agent) -> None:
     try:
         await agent.run()
     finally:
+        sdnotify.stopping()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log.info("agent stopped; the data plane keeps revision %d", agent.reconciler.realized_revision)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omniwall import logformat, sdnotify
 from omniwall.manager.audit import chained
 from omniwall.manager.flows import FlowService
 from omniwall.manager.flowstore import SqliteFlowStore
@@ -166,6 +167,14 @@ async def _reload_loop(tls: ReloadingContext, interval: float) -> None:
         tls.reload_if_changed()
 
 
+async def _notify_when_started(server: Any) -> None:
+    """systemd (Type=notify): ready once uvicorn listens, so units ordered after the manager (an agent
+    on the same machine) find it answering."""
+    while not server.started:
+        await asyncio.sleep(0.05)
+    sdnotify.ready(f"serving at revision {server.config.app.state.manager.revision}")
+
+
 def serve(
     db: str,
     listen: str,
@@ -192,6 +201,7 @@ def serve(
     server = make_server(
         manager, host, port, tls=tls, client_ca=bool(client_ca), flows=flow_service(db, flow_opts)
     )
+    logformat.adopt("uvicorn", "uvicorn.error", "uvicorn.access")  # after uvicorn set up its loggers
     app = server.config.app
     if metrics_address:
         from . import metrics
@@ -219,9 +229,11 @@ def serve(
             reloader = asyncio.create_task(_reload_loop(tls, RELOAD_INTERVAL))
             if threading.current_thread() is threading.main_thread():
                 loop.add_signal_handler(signal.SIGHUP, tls.reload_if_changed)
+        ready = asyncio.create_task(_notify_when_started(server))
         try:
             await server.serve()
         finally:
+            ready.cancel()
             if reloader is not None:
                 reloader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -22,6 +22,7 @@ import yaml
 
 from omniwall.cli.args import expand_files, split_ref
 from omniwall.cli.output import Column, OutputOpt, check_format, col, emit, render
+from omniwall.daemon_config import config_option_callback
 from omniwall.manager.audit import Actor
 from omniwall.manager.tokens import Role
 
@@ -281,15 +282,28 @@ def register(app: typer.Typer) -> None:
         metrics_address: str | None = typer.Option(
             None, "--metrics-address", help="serve Prometheus /metrics on HOST:PORT (no auth; off by default)"
         ),
+        log_format: str = typer.Option("text", "--log-format", help="log lines as text or json"),
+        config: str | None = typer.Option(
+            None,
+            "--config",
+            help="YAML file of these options (default: $OMNIWALL_MANAGER_CONFIG, else "
+            "/etc/omniwall/manager.yaml when present; '' for none). Flags override it.",
+            is_eager=True,
+            callback=config_option_callback("manager"),
+        ),
     ) -> None:
         """Run the manager (REST API, store, compiler, host feeds, flow records). Certificate files are
         re-read when they change (and on SIGHUP)."""
         import logging
 
+        from omniwall.logformat import check_format, setup_logging
         from omniwall.api.server import FlowOptions, serve
         from omniwall.store import StoreError
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            setup_logging(check_format(log_format))
+        except ValueError as err:
+            _fail(str(err))
         logging.getLogger("httpx").setLevel(logging.WARNING)  # an etcd store logs no line per request
         try:
             from omniwall.api.errors import ApiError
