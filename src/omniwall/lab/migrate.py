@@ -178,7 +178,8 @@ def migrate(
                 time.sleep(POLL)
 
         rec = poll(lambda r: r["phase"] not in BEFORE_SWITCH or r["result"] != "running")
-        if rec["result"] != "running" and not seen & {"switching", "switched"}:
+        if "switching" not in seen:  # it rolls back (or has): nothing moved
+            rec = poll(lambda r: r["result"] != "running")
             raise LabError(f"migration {mid} failed before the move: {rec.get('error')}")
         if rec["result"] == "running" and rec["phase"] == "switching":
             switch_vnics(lab.name, w.key, to_host)  # unless the lab's hypervisor was first
