@@ -269,13 +269,17 @@ class ControlPlane:
         return paths.cert, paths.key
 
     # ---- HTTP
-    def client(self) -> Client:
+    def api_client(self) -> Client:
         """The admin's API client (one retry on a refused connection: the lab's callers poll)."""
         if self._client is None:
             self._client = Client(
                 self.url, self.admin_token, verify=self.verify, timeout=30.0, retry=Retry(attempts=2)
             )
         return self._client
+
+    def client(self) -> httpx.Client:
+        """The admin's raw HTTP connection (benchmarks time requests on it), the API client's own."""
+        return self.api_client().http
 
     def close(self) -> None:
         if self._client is not None:
@@ -285,7 +289,7 @@ class ControlPlane:
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
         """One admin API call; raises ManagedError with the server's message on an HTTP error."""
         try:
-            return self.client().request(method, path, **kwargs)
+            return self.api_client().request(method, path, **kwargs)
         except ClientError as e:
             raise ManagedError(f"manager at {self.url}: {method} {path}: {e}") from e
 

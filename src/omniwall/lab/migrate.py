@@ -158,7 +158,7 @@ def migrate(
 
     cp = ControlPlane(lab.prefix)
     try:
-        api = cp.client()
+        api = cp.api_client()
         rec = api.migrate(w.key, to_host, switch_timeout=switch_timeout, **(api_options or {}))
         mid = rec["id"]
         seen: set[str] = set()
