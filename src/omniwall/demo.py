@@ -364,7 +364,7 @@ def _print_access(
         f"  URL:         {url}   (OpenAPI docs: {url}/docs)\n"
         f"  admin token: {token}\n"
         f"{ca_line}"
-        + (f"  logs:        {logs}/manager.log, agent-<host>.log\n" if logs else "")
+        + (f"  logs:        {logs}/manager.log, agent-<host>.log, hypervisor.log\n" if logs else "")
         + "[bold]try[/] (in another terminal; `omniwall` is in .venv/bin)\n"
         f"  export PATH={Path(sys.executable).parent}:$PATH\n"
         f"  export OMNIWALL_SERVER={url} OMNIWALL_TOKEN={token}{ca_env}\n"
