@@ -7,7 +7,9 @@ hosts; the provider's DNS/NTP/remediation servers and two tenants' web -> app ->
 a manager (SQLite, 127.0.0.1) and one agent per host (`omniwall.lab.managed`), applies every resource
 through the API, waits until each host's kernel realized its desired revision, then probes every ordered
 pair of workloads with real connections and prints the matrix next to what the policy says (the sim,
-`omniwall.lab.expect`), the design's named flows, the API URL and an admin token. It then stays up for
+`omniwall.lab.expect`), the design's named flows; then runs `omniwall migrate tenant-a/app-1 --to
+host-3` while a TCP connection streams through app-1 (the lab's hypervisor moves the vNIC; not a byte
+may be lost), and prints the API URL and an admin token. It then stays up for
 your own `curl`/`omniwall` commands until Ctrl-C (or SIGTERM), and tears everything down. While it stays
 up it prints the web console's URL (`/ui/`) with an admin and an auditor token, and probes one allowed and
 one denied flow about every second (`BackgroundTraffic`), so the console is alive when opened.
@@ -275,6 +277,7 @@ def run_live(directory: Path, *, once: bool, console: Console) -> int:
                     console.print(f"  {escape(e.json_line())}")
             else:
                 console.print(f"[bold green]all {len(entries)} probes agree with the policy[/]")
+            migrated = show_migration(console, lab, cp)
             _print_access(console, lab.name, cp.url, cp.admin_token, cp.ca_file, cp.dir)
             if not once:
                 _print_console(console, cp)
@@ -300,7 +303,55 @@ def run_live(directory: Path, *, once: bool, console: Console) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     console.print("lab down: namespaces, manager and agents removed")
-    return 1 if wrong else 0
+    return 1 if wrong or not migrated else 0
+
+
+MIGRATING = ("tenant-a/app-1", "host-3", "tenant-a/web-1", 8080)  # workload, to, its client, port
+
+
+def show_migration(console: Console, lab: Any, cp: Any) -> bool:
+    """`omniwall migrate tenant-a/app-1 --to host-3` (the README's command, run as printed) while a TCP
+    connection from web-1 streams through app-1's port 8080: the manager moves policy and connection
+    state, the lab's hypervisor moves the vNIC; the connection must lose no byte. False when it failed."""
+    import subprocess
+
+    from omniwall.lab.streams import live_tcp
+
+    workload, to, client, port = MIGRATING
+    keys = {w.key for w in lab.plan.workloads}
+    if workload not in keys or client not in keys or to not in {h.name for h in lab.plan.hosts}:
+        return True  # another example: nothing to show
+    if lab.plan.workload(workload).host == to:
+        return True
+    command = ["omniwall", "migrate", workload, "--to", to]
+    console.print(
+        f"\n[bold]live migration[/] of {workload} to {to}, with a TCP connection {client} -> "
+        f"{workload}:{port} streaming:\n$ {' '.join(command)}",
+        highlight=False,
+    )
+    env = {**os.environ, "OMNIWALL_SERVER": cp.url, "OMNIWALL_TOKEN": cp.admin_token}
+    if cp.ca_file:
+        env["OMNIWALL_CA"] = str(cp.ca_file)
+    argv = [sys.executable, "-m", "omniwall.cli.main", *command[1:]]
+    with live_tcp(lab, client, workload, port) as stream:
+        time.sleep(0.3)
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        time.sleep(0.3)
+        res = stream.stop()
+    lab.reload()  # the lab's hypervisor recorded the move
+    console.print(escape((out.stdout + out.stderr).rstrip()), highlight=False)
+    moved = out.returncode == 0 and lab.plan.workload(workload).host == to
+    alive = bool(res.get("ok"))
+    mb = res.get("sent", 0) / 1e6
+    if moved and alive:
+        console.print(
+            f"[bold green]{workload} now runs on {to}; the connection stayed up[/]: {mb:.1f} MB echoed, "
+            f"none lost, longest pause {res.get('maxGapMs', 0):.0f} ms",
+            highlight=False,
+        )
+    else:
+        console.print(f"[bold red]migration: moved {moved}, connection {res}[/]", highlight=False)
+    return moved and alive
 
 
 def _print_access(
@@ -314,7 +365,7 @@ def _print_access(
         f"  URL:         {url}   (OpenAPI docs: {url}/docs)\n"
         f"  admin token: {token}\n"
         f"{ca_line}"
-        + (f"  logs:        {logs}/manager.log, agent-<host>.log\n" if logs else "")
+        + (f"  logs:        {logs}/manager.log, agent-<host>.log, hypervisor.log\n" if logs else "")
         + "[bold]try[/] (in another terminal; `omniwall` is in .venv/bin)\n"
         f"  export PATH={Path(sys.executable).parent}:$PATH\n"
         f"  export OMNIWALL_SERVER={url} OMNIWALL_TOKEN={token}{ca_env}\n"
@@ -322,7 +373,7 @@ def _print_access(
         "  omniwall get workloads -t tenant-a\n"
         f"  omniwall lab matrix --name {name} --expect\n"
         f"  omniwall lab exec --name {name} tenant-a/web-1 -- nc -w1 10.1.0.2 8080\n"
-        f"  omniwall lab migrate --name {name} tenant-a/app-1 --to host-3   # the lab moves the vNIC\n",
+        "  omniwall migrate tenant-a/app-1 --to host-2   # and back: the lab plays the hypervisor\n",
         highlight=False,
         soft_wrap=True,
     )

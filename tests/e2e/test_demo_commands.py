@@ -63,7 +63,10 @@ def test_the_commands_the_demo_prints_work_as_printed() -> None:
         )
         assert res.returncode == 0, f"{script}\n---\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         assert "host-1" in res.stdout and "probes agree with the policy" in res.stdout
-        assert re.search(r"tenant-a/app-1 is on host-3", res.stdout), res.stdout[-2000:]
+        # the demo migrated app-1 to host-3 with a connection alive; the printed command brings it back
+        assert "the connection stayed up" in out, out[-3000:]
+        assert re.search(r"migration \S+: tenant-a/app-1 host-3 -> host-2", res.stdout), res.stdout[-2000:]
+        assert res.stdout.rstrip().endswith("succeeded") or "\nsucceeded\n" in res.stdout, res.stdout[-2000:]
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # the demo's own teardown, by its PID

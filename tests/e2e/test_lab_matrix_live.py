@@ -7,8 +7,8 @@ import os
 
 import pytest
 
+from labhelpers import TWO_HOSTS
 from omniwall.lab.managed import managed_lab
-from omniwall.lab.testing import TWO_HOSTS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (root)")
 

@@ -172,15 +172,65 @@ def test_move_goes_through_the_api(managed: tuple[Any, Any]) -> None:
     assert _disagreements(lab) == []
 
 
+def _readme_command(start: str) -> str:
+    """The README's command line that starts with `start`, without its comment."""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith(start):
+            return line.split("#", 1)[0].strip()
+    raise AssertionError(f"no line starting with {start!r} in README.md")
+
+
+def test_readme_migrate_moves_the_workload_with_a_live_tcp_connection(managed: tuple[Any, Any]) -> None:
+    """`omniwall migrate tenant-a/app-1 --to host-3` as the README has it: the manager orders the move,
+    the lab's hypervisor moves the vNIC, and a TCP stream web-1 -> app-1 goes on without a reset and
+    loses no byte."""
+    from omniwall.lab.streams import live_tcp
+
+    lab, cp = managed
+    command = _readme_command("omniwall migrate ")
+    assert command == "omniwall migrate tenant-a/app-1 --to host-3", command
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "OMNIWALL_SERVER": cp.url,
+        "OMNIWALL_TOKEN": cp.admin_token,
+        "OMNIWALL_CA": str(cp.ca_file),
+    }
+    assert lab.plan.workload("tenant-a/app-1").host == "host-2"
+    try:
+        with live_tcp(lab, "tenant-a/web-1", "tenant-a/app-1", 8080) as stream:
+            time.sleep(0.5)
+            out = subprocess.run(
+                ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=180
+            )
+            time.sleep(0.5)
+            res = stream.stop()
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "switching" in out.stdout and out.stdout.rstrip().endswith("succeeded"), out.stdout
+        assert res["ok"] and res["error"] is None and res["sent"] > 100_000, res
+        lab.reload()  # the hypervisor recorded the move in the lab's state file
+        assert lab.plan.workload("tenant-a/app-1").host == "host-3"
+        wl = cp.api("GET", "/v1/workloads/app-1", params={"tenant": "tenant-a"})
+        assert wl["spec"]["host"] == "host-3" and wl["status"]["migration"]["result"] == "succeeded"
+        assert _disagreements(lab) == []
+    finally:
+        lab.reload()
+        if lab.plan.workload("tenant-a/app-1").host != "host-2":  # back where the example has it
+            back = command.replace("host-3", "host-2")
+            subprocess.run(["bash", "-c", back], env=env, capture_output=True, text=True, timeout=180)
+            lab.reload()
+    assert lab.plan.workload("tenant-a/app-1").host == "host-2"
+
+
 def test_teardown_leaves_nothing(tmp_path: Path) -> None:
+    from labhelpers import TWO_HOSTS
     from omniwall.lab import netns
     from omniwall.lab.managed import control_dir, managed_lab
-    from omniwall.lab.testing import TWO_HOSTS
 
     with managed_lab(TWO_HOSTS) as (lab, cp):
         prefix = lab.prefix
-        pids = [cp.record.manager_pid, *cp.record.agents.values()]
-        assert len(pids) == 3 and all(p and _alive(p) for p in pids)
+        pids = [cp.record.manager_pid, cp.record.hypervisor_pid, *cp.record.agents.values()]
+        assert len(pids) == 4 and all(p and _alive(p) for p in pids)
         assert lab.probe("t1/a", "t1/b", "tcp", 80) is not None
     assert not any(_alive(p) for p in pids if p)
     assert netns.list_names(prefix) == []
@@ -209,9 +259,9 @@ def test_demo_once_exits_zero() -> None:
 
 
 def test_cli_lab_up_managed_then_down_from_another_process(tmp_path: Path) -> None:
+    from labhelpers import TWO_HOSTS
     from omniwall.lab import netns
     from omniwall.lab.managed import ControlPlane, control_dir
-    from omniwall.lab.testing import TWO_HOSTS
 
     (tmp_path / "lab.yaml").write_text(TWO_HOSTS)
     name = f"e2e-managed-{os.getpid()}"

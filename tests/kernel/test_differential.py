@@ -25,7 +25,7 @@ CI_MODES = ("fresh", "sync", "delta")
 
 
 def _netns() -> set[str]:
-    from omniwall.lab.testing import netns_list
+    from labhelpers import netns_list
 
     return netns_list()
 

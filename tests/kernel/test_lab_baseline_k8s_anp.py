@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from labhelpers import TWO_HOSTS, netns_list
 from omniwall.k8s import import_files
 from omniwall.k8s.output import to_yaml
 from omniwall.lab import Lab
 from omniwall.lab.standalone import standalone_available
-from omniwall.lab.testing import TWO_HOSTS, netns_list
 
 pytestmark = [
     pytest.mark.kernel,

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
+from labhelpers import TWO_HOSTS, netns_list, pid_alive
 from omniwall.lab import Lab
 from omniwall.lab import state as lab_state
 from omniwall.lab.plan import LabPlan, PlanError
-from omniwall.lab.testing import TWO_HOSTS, netns_list, pid_alive
 from omniwall.model.catalog import Catalog
 
 pytestmark = [
@@ -81,7 +81,7 @@ def test_sigterm_cleans_up(tmp_path: object) -> None:
     code = (
         "import sys, time\n"
         "from omniwall.lab import Lab\n"
-        "from omniwall.lab.testing import TWO_HOSTS\n"
+        f"TWO_HOSTS = {TWO_HOSTS!r}\n"
         "with Lab.up(TWO_HOSTS, policy=False) as lab:\n"
         "    print(lab.prefix, *lab.state.responders.values(), flush=True)\n"
         "    time.sleep(60)\n"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from labhelpers import TWO_HOSTS, netns_list, pid_alive
 from omniwall.lab import state as lab_state
-from omniwall.lab.testing import TWO_HOSTS, netns_list, pid_alive
 
 pytestmark = [
     pytest.mark.kernel,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from labhelpers import TWO_HOSTS
 from omniwall.lab import Lab
 from omniwall.lab.standalone import standalone_available
-from omniwall.lab.testing import TWO_HOSTS
 
 pytestmark = [
     pytest.mark.kernel,

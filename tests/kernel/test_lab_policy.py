@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from labhelpers import TWO_HOSTS, netns_list
 from omniwall.lab import Lab
 from omniwall.lab.standalone import standalone_available
-from omniwall.lab.testing import TWO_HOSTS, netns_list
 
 pytestmark = [
     pytest.mark.kernel,

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from labhelpers import TWO_HOSTS, netns_list, root_links
 from omniwall.lab import Lab
 from omniwall.lab.probe import Probe, run_probes
-from omniwall.lab.testing import TWO_HOSTS, netns_list, root_links
 
 pytestmark = [
     pytest.mark.kernel,

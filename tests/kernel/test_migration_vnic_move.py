@@ -9,10 +9,10 @@ import time
 
 import pytest
 
+from labhelpers import TWO_HOSTS
 from omniwall.lab import Lab
 from omniwall.lab.migrate import move_vnics
 from omniwall.lab.streams import Flow, wait_port
-from omniwall.lab.testing import TWO_HOSTS
 
 pytestmark = [
     pytest.mark.kernel,

@@ -11,6 +11,9 @@ import glob
 from collections.abc import Iterable
 from pathlib import Path
 
+# One reading of `tenant/name` for the CLI and the Python client.
+from omniwall.client.api import split_ref
+
 FILE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -38,18 +41,6 @@ def expand_files(paths: Iterable[str | Path]) -> list[str]:
         else:
             out.append(p)
     return out
-
-
-def split_ref(ref: str, tenant: str | None = None) -> tuple[str | None, str]:
-    """`tenant/name` or `name` (+ `--tenant`) -> (tenant, name). A tenant given both ways must agree."""
-    if "/" not in ref:
-        return tenant, ref
-    t, _, name = ref.partition("/")
-    if not t or not name or "/" in name:
-        raise ValueError(f"{ref!r}: expected NAME or TENANT/NAME")
-    if tenant and tenant != t:
-        raise ValueError(f"{ref!r} names tenant {t!r} but --tenant is {tenant!r}")
-    return t, name
 
 
 __all__ = ["FILE_SUFFIXES", "expand_files", "split_ref"]

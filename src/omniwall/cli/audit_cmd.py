@@ -10,11 +10,11 @@ import json
 from collections import deque
 from typing import Any
 
-import httpx
 import typer
 
+from omniwall.cli.connect import CliClient, connect
 from omniwall.cli.output import Column, OutputOpt, check_format, col, err, render
-from omniwall.cli.server_cmds import Api, ServerOpt, TenantOpt, TokenOpt, _fail, _params
+from omniwall.cli.server_cmds import ServerOpt, TenantOpt, TokenOpt, _fail, _params
 
 PAGE = 1000  # the API's largest page
 
@@ -54,12 +54,12 @@ def _line(e: dict[str, Any]) -> str:
     )
 
 
-def _newest(api: Api, params: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+def _newest(api: CliClient, params: dict[str, Any], limit: int) -> list[dict[str, Any]]:
     """The last `limit` matching entries, newest first (the API pages oldest first: keep the tail)."""
     tail: deque[dict[str, Any]] = deque(maxlen=limit)
     cont = None
     while True:
-        page = api.call("GET", "/v1/audit", params={**params, "limit": PAGE, "continue": cont})
+        page = api.audit(**params, limit=PAGE, cont=cont)
         tail.extend(page["items"])
         cont = page.get("continue")
         if not cont:
@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
 
             out = verify(open_store(db)).to_json()
         else:
-            out = Api(server, token).call("GET", "/v1/audit/verify")
+            out = connect(server, token).audit_verify()
         if out["ok"]:
             extra = f" ({out['unchained']} older entries carry no chain)" if out.get("unchained") else ""
             typer.echo(f"audit log intact: {out['entries']} chained entries{extra}")
@@ -141,15 +141,13 @@ def register(app: typer.Typer) -> None:
             except ValueError as e:
                 _fail(str(e))
         params = _params(tenant, actor=actor, kind=kind, name=name, since=since, until=until)
-        api = Api(server, token)
+        api = connect(server, token)
         more = None
         if follow:
             # What happened before, oldest first so the stream continues below it; then live entries.
             items = list(reversed(_newest(api, params, limit)))
         elif oldest_first:
-            page = api.call(
-                "GET", "/v1/audit", params={**params, "limit": min(limit, PAGE), "continue": cont}
-            )
+            page = api.audit(**params, limit=min(limit, PAGE), cont=cont)
             items, more = page["items"], page.get("continue")
         else:
             items = _newest(api, params, limit)
@@ -170,33 +168,22 @@ def register(app: typer.Typer) -> None:
             err.print(f"# older: omniwall audit --until {items[-1]['time']}", markup=False)
 
 
-def _follow_after(api: Api, params: dict[str, Any], fmt: str, seen: set[tuple[Any, ...]]) -> None:
+def _follow_after(api: CliClient, params: dict[str, Any], fmt: str, seen: set[tuple[Any, ...]]) -> None:
     """... without printing again the entries of that same millisecond already shown."""
     q = {k: v for k, v in params.items() if k in ("tenant", "kind", "since")}
     if q.get("kind"):  # the stream matches the kind as written (`Workload`); GET /v1/audit normalises
         q["kind"] = _kind(q["kind"])
     try:
-        with api.http.stream("GET", "/v1/audit/watch", params=q, timeout=None) as resp:
-            if resp.status_code >= 400:
-                resp.read()
-                from omniwall.cli.server_cmds import _http_error
-
-                _http_error(resp)
-            for raw in resp.iter_lines():
-                if not raw.startswith("data:"):
-                    continue
-                e = json.loads(raw[5:])
-                if (e["time"], e.get("request"), e["name"], e["action"]) in seen:
-                    continue
-                if params.get("actor") and params["actor"] not in (e.get("actor"), e.get("actorId")):
-                    continue
-                if params.get("name") and params["name"] != e.get("name"):
-                    continue
-                if params.get("action") and params["action"] != e.get("action"):
-                    continue
-                print(json.dumps(e, sort_keys=True) if fmt in ("json", "yaml") else _line(e), flush=True)
-    except httpx.HTTPError as e:
-        _fail(f"audit stream from {api.server} ended: {e}")
+        for e in api.watch_audit(**q):
+            if (e["time"], e.get("request"), e["name"], e["action"]) in seen:
+                continue
+            if params.get("actor") and params["actor"] not in (e.get("actor"), e.get("actorId")):
+                continue
+            if params.get("name") and params["name"] != e.get("name"):
+                continue
+            if params.get("action") and params["action"] != e.get("action"):
+                continue
+            print(json.dumps(e, sort_keys=True) if fmt in ("json", "yaml") else _line(e), flush=True)
     except KeyboardInterrupt:
         return
 

@@ -30,43 +30,8 @@ import yaml
 
 from omniwall.cli.output import OutputOpt, check_format, emit, fail, print_table
 
-CONFIG_PATH = Path("~/.config/omniwall/config.yaml")
-SETTINGS = ("server", "token", "token_file", "ca", "cert", "key")
-
-
-def config_path() -> Path:
-    return Path(os.environ.get("OMNIWALL_CONFIG", str(CONFIG_PATH))).expanduser()
-
-
-def read_config(path: Path | None = None) -> dict[str, Any]:
-    """The whole file ({} when there is none); ValueError naming the file when it is not a mapping."""
-    path = path or config_path()
-    if not path.exists():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping (server/token, or contexts)")
-    contexts = data.get("contexts", {})
-    if not isinstance(contexts, dict) or not all(isinstance(v, dict) for v in contexts.values()):
-        raise ValueError(f"{path}: contexts: expected a mapping of name -> {{server, token, ...}}")
-    return data
-
-
-def effective(data: dict[str, Any], name: str | None = None) -> dict[str, Any]:
-    """The settings a client uses: the top-level keys, overridden by the chosen context's (`name`, else
-    OMNIWALL_CONTEXT, else current-context). Naming a context that is not there is an error."""
-    chosen = name or os.environ.get("OMNIWALL_CONTEXT") or data.get("current-context")
-    base = {k: data[k] for k in SETTINGS if k in data}
-    if not chosen:
-        return base
-    contexts = data.get("contexts") or {}
-    if chosen not in contexts:
-        known = ", ".join(sorted(contexts)) or "none"
-        raise ValueError(f"context {chosen!r} is not in {config_path()} (contexts: {known})")
-    return {**base, **{k: v for k, v in contexts[chosen].items() if k in SETTINGS}}
+# The file format and how a client reads it live with the client (scripts and hooks read it too).
+from omniwall.client.settings import config_path, effective, read_config
 
 
 def write_config(data: dict[str, Any]) -> Path:

@@ -15,8 +15,9 @@ from typing import Any
 
 import typer
 
+from omniwall.cli.connect import connect
 from omniwall.cli.output import OutputOpt, check_format, emit
-from omniwall.cli.server_cmds import Api, ServerOpt, TenantOpt, TokenOpt, _fail
+from omniwall.cli.server_cmds import ServerOpt, TenantOpt, TokenOpt, _fail
 
 identity_app = typer.Typer(
     help="Identity events: a user logs in to or out of a workload.", no_args_is_help=True
@@ -33,10 +34,6 @@ def _show(out: dict[str, Any], output: str) -> None:
     typer.echo(f"{out['workload']} {change} at revision {out['revision']}: {attrs or '(no attributes)'}")
 
 
-def _body(workload: str, tenant: str | None) -> dict[str, Any]:
-    return {"workload": workload, **({"tenant": tenant} if tenant else {})}
-
-
 def _identity(
     action: str,
     workload: str,
@@ -47,8 +44,7 @@ def _identity(
     token: str | None,
 ) -> None:
     check_format(output)
-    body = {**_body(workload, tenant), "user": user, "action": action}
-    _show(Api(server, token).call("POST", "/v1/identity/events", json=body), output)
+    _show(connect(server, token).identity_event(workload, user, action, tenant=tenant), output)
 
 
 @identity_app.command("login")
@@ -103,10 +99,10 @@ def report_cmd(
     """Report posture facts about a workload (role posture-source): `av.*`, `edr.*`, `fw.*`, ..."""
     check_format(output)
     try:
-        body = {**_body(workload, tenant), **parse_facts(facts)}
+        parsed = parse_facts(facts)
     except ValueError as e:
         _fail(str(e))
-    _show(Api(server, token).call("POST", "/v1/posture/reports", json=body), output)
+    _show(connect(server, token).posture_report(workload, parsed, tenant=tenant), output)
 
 
 def register(app: typer.Typer) -> None:

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import typer
 from rich.markup import escape
 
-from omniwall.cli.insight_cmds import _client, _get
+from omniwall.cli.connect import CliClient, connect
 from omniwall.cli.output import EXIT_USAGE, cli_errors, echo, emit_json, err, fail, out, table
 from omniwall.cli.server_cmds import ServerOpt, TokenOpt
+from omniwall.client.sse import sse_events
 
 VERDICT_STYLE = {"allowed": "green", "denied": "red", "rejected": "red", "would-deny": "yellow"}
 COLUMNS = ("TIME", "VERDICT", "SOURCE", "DESTINATION", "SERVICE", "RULE", "HOP", "COUNT")
@@ -65,62 +64,32 @@ def cells(f: dict[str, Any]) -> list[str]:
     ]
 
 
-def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(event, data) pairs of a Server-Sent Events stream; comments and keep-alives are skipped."""
-    kind, data = "message", []
-    for line in lines:
-        if not line:
-            if data:
-                yield kind, json.loads("\n".join(data))
-            kind, data = "message", []
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            kind = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-
-
-def _follow(api: Any, params: dict[str, Any], json_out: bool) -> None:
-    try:
-        with api.http.stream("GET", "/v1/flows/watch", params=params, timeout=None) as resp:
-            if resp.status_code >= 400:
-                resp.read()
-                body = (
-                    resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
+def _follow(api: CliClient, params: dict[str, Any], json_out: bool) -> None:
+    drops: dict[str, int] = {}
+    for kind, data in api.watch_flows(**params):
+        if kind == "flow":
+            if json_out:
+                print(json.dumps(data, sort_keys=True), flush=True)
+            else:
+                c = cells(data)
+                out.print(
+                    "  ".join(c), markup=False, style=VERDICT_STYLE.get(data["verdict"]), highlight=False
                 )
-                fail(f"{body.get('message', resp.text[:300])} (HTTP {resp.status_code})", 1)
-            drops: dict[str, int] = {}
-            for kind, data in sse_events(resp.iter_lines()):
-                if kind == "flow":
-                    if json_out:
-                        print(json.dumps(data, sort_keys=True), flush=True)
-                    else:
-                        c = cells(data)
-                        out.print(
-                            "  ".join(c),
-                            markup=False,
-                            style=VERDICT_STYLE.get(data["verdict"]),
-                            highlight=False,
-                        )
-                        sys.stdout.flush()  # a pipe (| grep) sees each record as it comes
-                elif kind == "stats":
-                    lost = {
-                        **data.get("dropped", {}),
-                        **{f"agent {k}": v for k, v in data["agentDropped"].items()},
-                    }
-                    lost["watch"] = data.get("watchDropped", 0)
-                    if {k: v for k, v in lost.items() if v} != drops:
-                        drops = {k: v for k, v in lost.items() if v}
-                        if drops:
-                            err.print(
-                                "records lost so far: "
-                                + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())),
-                                markup=False,
-                                style="yellow",
-                            )
-    except httpx.HTTPError as e:
-        fail(f"cannot reach the manager at {api.server}: {e}", 1)
+                sys.stdout.flush()  # a pipe (| grep) sees each record as it comes
+        elif kind == "stats":
+            lost = {
+                **data.get("dropped", {}),
+                **{f"agent {k}": v for k, v in data["agentDropped"].items()},
+            }
+            lost["watch"] = data.get("watchDropped", 0)
+            if {k: v for k, v in lost.items() if v} != drops:
+                drops = {k: v for k, v in lost.items() if v}
+                if drops:
+                    err.print(
+                        "records lost so far: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())),
+                        markup=False,
+                        style="yellow",
+                    )
 
 
 def register(app: typer.Typer) -> None:
@@ -163,13 +132,13 @@ def register(app: typer.Typer) -> None:
                 "until": until,
             }
             params = {k: v for k, v in params.items() if v is not None}
-            api = _client(server, token)
+            api = connect(server, token)
             if follow:
                 if limit is not None:
                     params["limit"] = limit
                 _follow(api, params, output == "json")
                 return
-            page = _get(api, "/v1/flows", {**params, "limit": limit or 20}, code=1)
+            page = api.flows(**params, limit=limit or 20)
             items = list(reversed(page["items"]))  # oldest first, the newest at the bottom
             if output == "json":
                 emit_json(items)

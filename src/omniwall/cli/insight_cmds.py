@@ -2,7 +2,7 @@
 without `-f` (server mode: `GET /v1/explain`, printed exactly like the offline explain).
 
 Server and token come from `--server`/`--token`, `OMNIWALL_SERVER`/`OMNIWALL_TOKEN`, or the config file,
-as for every client command (cli/server_cmds.py `Api`). Exit codes of `explain`: 0 allowed, 1 denied,
+as for every client command (cli/connect.py). Exit codes of `explain`: 0 allowed, 1 denied,
 2 anything else (bad input, unknown workload, no token, manager unreachable): never 1 for an error, so a
 script can tell "denied" from "could not ask".
 """
@@ -13,9 +13,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import typer
 
+from omniwall.cli.connect import CliClient, connect
 from omniwall.cli.output import (
     EXIT_DENIED,
     EXIT_USAGE,
@@ -27,7 +27,7 @@ from omniwall.cli.output import (
     print_table,
     table_lines,
 )
-from omniwall.cli.server_cmds import Api, ServerOpt, TenantOpt, TokenOpt, _ref
+from omniwall.cli.server_cmds import ServerOpt, TenantOpt, TokenOpt, _ref
 
 # ------------------------------------------------------------------------------------------ explain
 
@@ -73,29 +73,9 @@ def print_explanation_json(d: dict[str, Any]) -> None:
         echo("  reply: none expected")
 
 
-def _client(server: str | None, token: str | None) -> Api:
-    try:
-        return Api(server, token)
-    except typer.Exit:  # Api printed why (no token, bad config): an error, not "denied"
-        raise typer.Exit(EXIT_USAGE) from None
-
-
-def _get(api: Api, path: str, params: dict[str, Any], code: int = EXIT_USAGE) -> Any:
-    """GET; any failure prints the server's message on stderr and exits `code` (explain: 2; the other
-    client commands exit 1 on an HTTP error, like cli/server_cmds.py)."""
-    try:
-        resp = api.http.get(path, params={k: v for k, v in params.items() if v is not None})
-    except httpx.HTTPError as err:
-        fail(f"cannot reach the manager at {api.server}: {err}", code)
-    if resp.status_code >= 400:
-        try:
-            body = resp.json()
-            msg = body.get("message") or resp.reason_phrase
-            extra = [f"  {e.get('path', '')}: {e.get('reason', '')}" for e in body.get("errors", []) or []]
-        except ValueError:
-            msg, extra = resp.text.strip()[:500], []
-        fail("\n".join([f"{msg} (HTTP {resp.status_code})", *extra]), code)
-    return resp.json()
+def _client(server: str | None, token: str | None) -> CliClient:
+    """explain's client: any failure (no token, bad config, an HTTP error) exits 2, never 1 (denied)."""
+    return connect(server, token, exit_code=EXIT_USAGE)
 
 
 def explain_remote(
@@ -110,7 +90,7 @@ def explain_remote(
 ) -> None:
     """`omniwall explain` in server mode; raises typer.Exit(1) when the connection is denied."""
     api = _client(server, token)
-    d = _get(api, "/v1/explain", {"from": src, "to": dst, "proto": proto, "port": port})
+    d = api.explain(src, dst, proto, port)
     if json_out:
         emit_json({k: v for k, v in d.items() if k not in ("expectsReply", "revision")} | _strip(d))
     else:
@@ -164,8 +144,7 @@ def _realization_text(d: dict[str, Any]) -> None:
 def _show(
     server: str | None,
     token: str | None,
-    path: str,
-    tenant: str | None,
+    view: Callable[[CliClient], dict[str, Any]],
     output: str,
     as_text: Callable[[dict[str, Any]], None],
 ) -> None:
@@ -173,7 +152,7 @@ def _show(
     format is checked before the manager is contacted."""
     if output not in ("table", "wide", "json", "yaml"):
         fail(f"-o {output!r}: expected one of table, wide, json, yaml")
-    d = _get(Api(server, token), path, {"tenant": tenant}, 1)
+    d = view(connect(server, token))
     if output == "json":
         typer.echo(json.dumps(d, indent=2))
     elif output == "yaml":
@@ -193,7 +172,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """A group's effective members right now: workloads (and why), addresses, CIDRs."""
         tenant, group = _ref(group, tenant)
-        _show(server, token, f"/v1/groups/{group}/members", tenant, output, _members_text)
+        _show(server, token, lambda api: api.members(group, tenant=tenant), output, _members_text)
 
     @app.command("realization")
     def realization_cmd(
@@ -205,7 +184,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Where each rule of a policy is installed, whether every host realized it, and its hits."""
         tenant, policy = _ref(policy, tenant)
-        _show(server, token, f"/v1/policies/{policy}/realization", tenant, output, _realization_text)
+        _show(server, token, lambda api: api.realization(policy, tenant=tenant), output, _realization_text)
 
 
 __all__ = ["explain_remote", "print_explanation_json", "register"]

@@ -135,7 +135,10 @@ def print_access(cp: Any) -> None:
     """How to reach the lab's manager: the URL, the CA, where the token and the logs are (no secret on
     the terminal: the export line reads the token file)."""
     ca = f" OMNIWALL_CA={cp.ca_file}" if cp.ca_file else ""
-    print(f"manager {cp.url}; logs, tokens and certificates in {cp.dir}/ (manager.log, agent-<host>.log)")
+    print(
+        f"manager {cp.url}; logs, tokens and certificates in {cp.dir}/ (manager.log, agent-<host>.log, "
+        "hypervisor.log: the lab moves the vNIC when `omniwall migrate` asks)"
+    )
     print(f"  export OMNIWALL_SERVER={cp.url}{ca} OMNIWALL_TOKEN=$(sudo cat {cp.admin_token_file})")
 
 

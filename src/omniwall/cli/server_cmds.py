@@ -5,7 +5,8 @@ Client commands find the manager and token from `--server`/`--token`, else `OMNI
 `OMNIWALL_TOKEN`, else the current context of `~/.config/omniwall/config.yaml` or `$OMNIWALL_CONFIG`
 (`server:`, `token:` or `token_file:`, `ca:`, `cert:`, `key:`; contexts: cli/config_cmd.py; env
 `OMNIWALL_CA`, `OMNIWALL_CERT`, `OMNIWALL_KEY`, `OMNIWALL_CONTEXT`).
-An HTTP error prints the server's message (and each validation error) to stderr and exits 1.
+Every call goes through omniwall.client (cli/connect.py): an HTTP error prints the server's message (and
+each validation error) to stderr and exits 1.
 """
 
 from __future__ import annotations
@@ -16,20 +17,19 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-import httpx
 import typer
 import yaml
 
 from omniwall.cli.args import expand_files, split_ref
+from omniwall.cli.connect import connect
 from omniwall.cli.output import Column, OutputOpt, check_format, col, emit, render
+from omniwall.client import ClientError, kind_of
 from omniwall.daemon_config import config_option_callback
 from omniwall.manager.audit import Actor
 from omniwall.manager.tokens import Role
 
-DEFAULT_SERVER = "http://127.0.0.1:8443"
 # The actor audited for token changes made on the store file directly.
 LOCAL = Actor("local", f"{os.environ.get('USER', 'unknown')}@cli --db", "local")
-CONFIG_PATH = Path("~/.config/omniwall/config.yaml")
 
 ServerOpt = typer.Option(None, "--server", help="manager URL (env OMNIWALL_SERVER)")
 TokenOpt = typer.Option(None, "--token", help="bearer token (env OMNIWALL_TOKEN)")
@@ -44,80 +44,11 @@ def _fail(message: str) -> NoReturn:
 # --------------------------------------------------------------------------------------------- client
 
 
-def _config() -> dict[str, Any]:
-    """The config file's settings under its current context (cli/config_cmd.py)."""
-    from omniwall.cli.config_cmd import effective, read_config
-
+def _kind(kind: str) -> str:
+    """Check the kind before anything is sent (ClientError's message otherwise)."""
     try:
-        return effective(read_config())
-    except ValueError as err:
-        _fail(str(err))
-
-
-class Api:
-    def __init__(self, server: str | None, token: str | None) -> None:
-        have_server = server or os.environ.get("OMNIWALL_SERVER")
-        have_token = token or os.environ.get("OMNIWALL_TOKEN")
-        cfg = {} if have_server and have_token else _config()
-        self.server = (
-            server or os.environ.get("OMNIWALL_SERVER") or cfg.get("server") or DEFAULT_SERVER
-        ).rstrip("/")
-        tok = token or os.environ.get("OMNIWALL_TOKEN") or cfg.get("token")
-        if not tok and cfg.get("token_file"):
-            try:
-                tok = Path(str(cfg["token_file"])).expanduser().read_text().strip()
-            except OSError as err:
-                _fail(f"token_file: {err}")
-        if not tok:
-            _fail(
-                "no token: pass --token, set OMNIWALL_TOKEN, or put token: in ~/.config/omniwall/config.yaml"
-            )
-        verify: Any = True
-        ca = os.environ.get("OMNIWALL_CA") or cfg.get("ca")
-        cert = os.environ.get("OMNIWALL_CERT") or cfg.get("cert")
-        key = os.environ.get("OMNIWALL_KEY") or cfg.get("key")
-        if ca or cert or key:  # a private CA; a client certificate for people is optional
-            from omniwall.tls import TlsConfigError, client_context
-
-            try:
-                verify = client_context(ca, cert, key).context
-            except TlsConfigError as err:
-                _fail(str(err))
-        self.http = httpx.Client(
-            base_url=self.server, headers={"Authorization": f"Bearer {tok}"}, timeout=60.0, verify=verify
-        )
-
-    def call(self, method: str, path: str, **kw: Any) -> Any:
-        if kw.get("params"):  # httpx sends `continue=` for None; the API reads that as a token
-            kw["params"] = {k: v for k, v in kw["params"].items() if v is not None}
-        try:
-            resp = self.http.request(method, path, **kw)
-        except httpx.HTTPError as err:
-            _fail(f"cannot reach the manager at {self.server}: {err}")
-        if resp.status_code >= 400:
-            _http_error(resp)
-        return resp.json()
-
-
-def _http_error(resp: httpx.Response) -> NoReturn:
-    try:
-        body = resp.json()
-    except ValueError:
-        _fail(f"HTTP {resp.status_code}: {resp.text.strip()[:500]}")
-    msg = body.get("message") or body.get("detail") or resp.reason_phrase
-    lines = [f"error: {msg} (HTTP {resp.status_code})"]
-    for e in body.get("errors", []) or []:
-        lines.append(f"  {e.get('document', '')}: {e.get('path', '')}: {e.get('reason', '')}")
-    typer.echo("\n".join(lines), err=True)
-    raise typer.Exit(1)
-
-
-def _kind_path(kind: str) -> str:
-    from omniwall.manager.objects import KIND_PLURAL, kind_of
-
-    try:
-        return KIND_PLURAL[kind_of(kind)]
-    except ValueError as err:
+        return kind_of(kind)
+    except ClientError as err:
         _fail(str(err))
 
 
@@ -148,6 +79,11 @@ def _ref(ref: str, tenant: str | None) -> tuple[str | None, str]:
         return split_ref(ref, tenant)
     except ValueError as err:
         _fail(str(err))
+
+
+def _yaml_source(files: list[str]) -> tuple[str, str]:
+    """The text of every file (`-f`), and the `X-Omniwall-Source` the audit log records."""
+    return _read_files(files), ",".join(files)
 
 
 def _labels(d: dict[str, Any]) -> str:
@@ -296,8 +232,8 @@ def register(app: typer.Typer) -> None:
         re-read when they change (and on SIGHUP)."""
         import logging
 
-        from omniwall.logformat import check_format, setup_logging
         from omniwall.api.server import FlowOptions, serve
+        from omniwall.logformat import check_format, setup_logging
         from omniwall.store import StoreError
 
         try:
@@ -357,18 +293,9 @@ def register(app: typer.Typer) -> None:
                 err=True,
             )
             return
-        body = {
-            k: v
-            for k, v in {
-                "role": role,
-                "tenant": tenant,
-                "host": host,
-                "name": name or None,
-                "expires": expires,
-            }.items()
-            if v
-        }
-        out = Api(server, token).call("POST", "/v1/tokens", json=body)
+        out = connect(server, token).create_token(
+            role, tenant=tenant, host=host, name=name or None, expires=expires
+        )
         typer.echo(out["token"])
         typer.echo(
             f"# id {out['id']}, role {out['role']}"
@@ -391,7 +318,7 @@ def register(app: typer.Typer) -> None:
                 _fail(f"token {token_id} not found")
             secret, new_id = out[0], out[1].id
         else:
-            res = Api(server, token).call("POST", f"/v1/tokens/{token_id}/rotate")
+            res = connect(server, token).rotate_token(token_id)
             secret, new_id = res["token"], res["id"]
         typer.echo(secret)
         typer.echo(f"# id {new_id} replaces {token_id} (revoked)", err=True)
@@ -405,10 +332,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """List tokens (never their secrets)."""
         check_format(output)
-        if db:
-            items = [t.public() for t in _book(db).list()]
-        else:
-            items = Api(server, token).call("GET", "/v1/tokens")["items"]
+        items = [t.public() for t in _book(db).list()] if db else connect(server, token).list_tokens()
         render(items, TOKEN_COLUMNS, output)
 
     @token_app.command("revoke")
@@ -423,7 +347,7 @@ def register(app: typer.Typer) -> None:
             if not _book(db).revoke(token_id, LOCAL):
                 _fail(f"token {token_id} not found")
         else:
-            Api(server, token).call("DELETE", f"/v1/tokens/{token_id}")
+            connect(server, token).revoke_token(token_id)
         typer.echo(f"revoked {token_id}")
 
     @app.command("apply")
@@ -437,15 +361,8 @@ def register(app: typer.Typer) -> None:
         token: str | None = TokenOpt,
     ) -> None:
         """Create or update every object in the files, all or nothing."""
-        files = [*files, *(more or [])]
-        text = _read_files(files)
-        out = Api(server, token).call(
-            "POST",
-            "/v1/apply",
-            params={"dryRun": "true"} if dry_run else None,
-            content=text.encode(),
-            headers={"Content-Type": "application/yaml", "X-Omniwall-Source": ",".join(files)},
-        )
+        text, source = _yaml_source([*files, *(more or [])])
+        out = connect(server, token).apply(text, dry_run=dry_run, source=source)
         if dry_run:
             _print_diff(out)
             typer.echo(f"dry run at revision {out['revision']}: nothing written")
@@ -469,15 +386,8 @@ def register(app: typer.Typer) -> None:
         """What `apply` would change: object diffs and data-plane impact. Exit codes as `kubectl diff`:
         0 no change, 1 changes, 2 an error."""
         try:
-            files = [*files, *(more or [])]
-            text = _read_files(files)
-            out = Api(server, token).call(
-                "POST",
-                "/v1/apply",
-                params={"dryRun": "true"},
-                content=text.encode(),
-                headers={"Content-Type": "application/yaml", "X-Omniwall-Source": ",".join(files)},
-            )
+            text, source = _yaml_source([*files, *(more or [])])
+            out = connect(server, token).apply(text, dry_run=True, source=source)
         except typer.Exit as e:  # the error is printed; 1 means "changes" here
             raise typer.Exit(2 if e.exit_code else 0) from None
         _print_diff(out)
@@ -496,24 +406,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Show one object or a list."""
         check_format(output)
-        path = _kind_path(kind)
+        kind = _kind(kind)
         if name:
             tenant, name = _ref(name, tenant)
-        api = Api(server, token)
+        api = connect(server, token)
         if name:
-            items = [api.call("GET", f"/v1/{path}/{name}", params=_params(tenant))]
+            items = [api.get(kind, name, tenant=tenant)]
         else:
-            items, cont = [], None
-            while True:
-                page = api.call(
-                    "GET",
-                    f"/v1/{path}",
-                    params=_params(tenant, labelSelector=selector, limit=500, **{"continue": cont}),
-                )
-                items += page["items"]
-                cont = page.get("continue")
-                if not cont:
-                    break
+            items = api.list(kind, tenant=tenant, selector=selector)
         if output == "json":
             typer.echo(json.dumps(items[0] if name else items, indent=2))
         elif output == "yaml":
@@ -531,7 +431,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Delete an object (an Application takes what it owns along)."""
         tenant, name = _ref(name, tenant)
-        out = Api(server, token).call("DELETE", f"/v1/{_kind_path(kind)}/{name}", params=_params(tenant))
+        out = connect(server, token).delete(_kind(kind), name, tenant=tenant)
         for d in out["deleted"]:
             typer.echo(f"{d['kind']}/{d['tenant']}/{d['name']} deleted")
         typer.echo(f"revision {out['revision']}")
@@ -548,7 +448,7 @@ def register(app: typer.Typer) -> None:
         """Every retained revision of an object."""
         check_format(output)
         tenant, name = _ref(name, tenant)
-        out = Api(server, token).call("GET", f"/v1/{_kind_path(kind)}/{name}/history", params=_params(tenant))
+        out = connect(server, token).history(_kind(kind), name, tenant=tenant)
         if output == "json":
             typer.echo(json.dumps(out, indent=2))
         elif output == "yaml":
@@ -569,12 +469,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Restore an object as it was at a revision (a new write, audited as rollback)."""
         tenant, name = _ref(name, tenant)
-        out = Api(server, token).call(
-            "POST",
-            f"/v1/{_kind_path(kind)}/{name}/rollback",
-            params=_params(tenant),
-            json={"revision": to_revision},
-        )
+        out = connect(server, token).rollback(_kind(kind), name, to_revision, tenant=tenant)
         typer.echo(f"rolled back to revision {out['rolledBackTo']}; now at revision {out['revision']}")
 
     @app.command("migrate")
@@ -592,30 +487,23 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Live-migrate a workload to another host (docs/design/migration.md). The hypervisor moves the
         vNIC; the migration waits for it (the destination agent sees its route, or POST .../switched)."""
-        import time
-
         check_format(output)
         tenant, workload = _ref(workload, tenant)
         text = output in ("table", "wide")
-        api = Api(server, token)
-        path = f"/v1/workloads/{workload}"
-        rec = api.call(
-            "POST",
-            f"{path}/migrate",
-            params=_params(tenant),
-            json={"to": to, "switchTimeout": switch_timeout},
-        )
+        api = connect(server, token)
+        rec = api.migrate(workload, to, tenant=tenant, switch_timeout=switch_timeout)
         if text:
             typer.echo(f"migration {rec['id']}: {rec['workload']} {rec['source']} -> {rec['destination']}")
-        shown = 0
-        while wait:
-            rec = api.call("GET", f"{path}/migration", params=_params(tenant))
-            for ph in rec["phases"][shown:] if text else []:
-                typer.echo(f"  {ph['ms']:>9.1f} ms  {ph['phase']}")
-            shown = len(rec["phases"])
-            if rec["result"] != "running":
-                break
-            time.sleep(0.2)
+        if wait:
+
+            def show(ph: dict[str, Any]) -> None:
+                if text:
+                    typer.echo(f"  {ph['ms']:>9.1f} ms  {ph['phase']}")
+
+            limit = switch_timeout + 300  # the manager's own timeouts end it well before
+            rec = api.wait_migration(
+                workload, tenant=tenant, migration_id=rec["id"], timeout=limit, on_phase=show
+            )
         if not text:
             emit(rec, output)
         if rec["result"] == "failed":
@@ -630,7 +518,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Manager revision and each host's agent: connected, desired vs realized revision, last error."""
         check_format(output)
-        out = Api(server, token).call("GET", "/v1/status")
+        out = connect(server, token).status()
         if output in ("json", "yaml"):
             emit(out, output)
             return
@@ -649,11 +537,11 @@ def register(app: typer.Typer) -> None:
         token: str | None = TokenOpt,
     ) -> None:
         """Drop store history older than the last N revisions (object values stay; audit log stays)."""
-        api = Api(server, token)
-        current = api.call("GET", "/v1/status")["revision"]
+        api = connect(server, token)
+        current = api.status()["revision"]
         target = current - keep
         if target < 1:
             typer.echo(f"revision {current}: nothing older than {keep} revisions to compact")
             return
-        out = api.call("POST", "/v1/compact", json={"revision": target})
+        out = api.compact(target)
         typer.echo(f"history before revision {out['compacted']} dropped (current revision {out['revision']})")

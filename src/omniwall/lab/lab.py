@@ -21,11 +21,13 @@ import secrets
 import signal
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import FrameType, TracebackType
 from typing import Any
 
 from omniwall.lab import netns, responder, state, topology
+from omniwall.lab.drivers import default_driver, driver_for
+from omniwall.lab.errors import LabError
 from omniwall.lab.inputs import Source, catalog_from_dump, dump_catalog, load_catalog
 from omniwall.lab.matrix import (
     MatrixEntry,
@@ -37,14 +39,10 @@ from omniwall.lab.matrix import (
 )
 from omniwall.lab.plan import LabPlan, plan_lab
 from omniwall.lab.probe import DEFAULT_TIMEOUT, Probe, ProbeResult, run_probes
-from omniwall.lab.standalone import NoPolicy, PolicyDriver, Standalone, default_driver, driver_for
+from omniwall.lab.standalone import NoPolicy, PolicyDriver, Standalone
 from omniwall.model.catalog import Catalog
 
 log = logging.getLogger(__name__)
-
-
-class LabError(RuntimeError):
-    pass
 
 
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,15}")
@@ -203,6 +201,32 @@ class Lab:
         finally:
             state.save(self.state)
 
+    @contextlib.contextmanager
+    def responder_paused(self, workload: str) -> Iterator[None]:
+        """Stop `workload`'s responder for the block (its ports are free for a long-lived server, e.g. a
+        migration's live connection), then start it again. The state file is re-read under its lock
+        each time: the lab's hypervisor may have moved a workload meanwhile."""
+        key = self.plan.workload(workload).key
+        with state.locked(self.name):
+            self.reload()
+            w = self.plan.workload(key)
+            pid = self.state.responders.pop(key, None)
+            if pid is not None:
+                responder.stop_many([(pid, w.netns)])
+            state.save(self.state)
+        try:
+            yield
+        finally:
+            with state.locked(self.name):
+                self.reload()
+                w = self.plan.workload(key)
+                if w.servers:
+                    spec = responder.ResponderSpec(w.netns, w.key, w.ips, w.servers)
+                    try:
+                        responder.start_many([spec], started=self.state.responders)
+                    finally:
+                        state.save(self.state)
+
     def move(self, workload: str, to_host: str) -> None:
         """Move a workload to another host (the lab's half of a migration, DESIGN.md §8). With
         standalone policy: the destination host is programmed first, the vNICs move, then the source
@@ -221,6 +245,12 @@ class Lab:
         self.state.resources = dump_catalog(catalog)
         state.save(self.state)
         driver.start(self.plan, catalog, hosts=[old_host])
+
+    def reload(self) -> None:
+        """Read the state file again: another process (the lab's hypervisor, `lab migrate`) may have
+        moved a workload since."""
+        self.state = state.load(self.name)
+        self._catalog = None
 
     # ------------------------------------------------------------------------------------- lookups
 
@@ -317,7 +347,7 @@ class Lab:
             served = {w.key: set(served_targets(w)) for w in self.plan.workloads}
             if self.state.policy == "managed":
                 # The manager's policy now (posture reports, later applies), not the lab's files.
-                from omniwall.lab.managed import ManagedError, live_expected
+                from omniwall.lab.control import ManagedError, live_expected
 
                 try:
                     verdicts = live_expected(self.prefix, probes)

@@ -8,10 +8,15 @@ host's /32 and /128 routes follow: the destination first, the source last. Just 
 source gets a fallback route via the destination (higher metric), so packets that still reach it are
 forwarded on instead of dropped for want of a route.
 
+`switch_vnics` is that move done once per lab, whoever asks: under the lab's state-file lock it moves
+the vNICs unless the state file says they are there already, and records the new plan. Two callers:
+the lab's hypervisor process (lab/hypervisor.py), when the manager orders the switch of a migration
+anyone started (`omniwall migrate`), and `migrate` below.
+
 `migrate` drives a whole migration of a managed lab through the manager's API: start it, wait until
 the destination enforces the workload's policy and holds its conntrack entries (phase `switching`),
-move the vNIC, say `switched`, wait for the end. A lab without a control plane falls back to
-`Lab.move` (standalone policy programmed host by host, no conntrack carried).
+move the vNIC (if the hypervisor has not yet), say `switched`, wait for the end. A lab without a control
+plane falls back to `Lab.move` (standalone policy programmed host by host, no conntrack carried).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from omniwall.client import ClientError
 from omniwall.lab import state as lab_state
-from omniwall.lab.inputs import dump_catalog
+from omniwall.lab.inputs import catalog_from_dump, dump_catalog
 from omniwall.lab.lab import Lab, LabError, _with_host
 from omniwall.lab.netns import Netlink
 from omniwall.lab.plan import FABRIC_IFNAME, GATEWAY4, GATEWAY6, LabPlan
@@ -31,6 +37,7 @@ from omniwall.lab.topology import IFA_F_NODAD, _host_routes
 
 POLL = 0.01
 NUD_REACHABLE, NUD_PERMANENT = 0x02, 0x80
+BEFORE_SWITCH = ("prepare", "export", "import")  # the phases of a migration before the vNIC may move
 FALLBACK = 4096  # metric of the source's temporary route to the moving workload via the destination
 
 
@@ -110,13 +117,21 @@ def move_vnics(plan: LabPlan, workload: str, to_host: str, *, ipv6: bool = True)
     return new_plan
 
 
-def _record_move(lab: Lab, workload: str, to_host: str, new_plan: LabPlan) -> None:
-    w = lab.plan.workload(workload)
-    catalog = _with_host(lab.catalog, w.tenant, w.name, to_host)
-    lab.state.plan = new_plan
-    lab._catalog = catalog
-    lab.state.resources = dump_catalog(catalog)
-    lab_state.save(lab.state)
+def switch_vnics(name: str, workload: str, to_host: str) -> bool:
+    """Lab `name`'s hypervisor act: move `workload`'s vNICs to `to_host` and record it in the state file,
+    unless they are there already. Safe to call from several processes. Returns whether it moved."""
+    with lab_state.locked(name):
+        st = lab_state.load(name)
+        if st.plan is None:
+            raise LabError(f"lab {name!r} has no plan")
+        w = st.plan.workload(workload)
+        st.plan.host(to_host)
+        if w.host == to_host:
+            return False
+        st.plan = move_vnics(st.plan, w.key, to_host, ipv6=st.ipv6)
+        st.resources = dump_catalog(_with_host(catalog_from_dump(st.resources), w.tenant, w.name, to_host))
+        lab_state.save(st)
+        return True
 
 
 def migrate(
@@ -139,21 +154,19 @@ def migrate(
         t0 = time.monotonic()
         lab.move(w.key, to_host)
         return {"result": "succeeded", "mode": lab.state.policy, "ms": round((time.monotonic() - t0) * 1000)}
-    from omniwall.lab.managed import ControlPlane
+    from omniwall.lab.control import ControlPlane
 
     cp = ControlPlane(lab.prefix)
     try:
-        path = f"/v1/workloads/{w.name}"
-        params = {"tenant": w.tenant}
-        body = {"to": to_host, "switchTimeout": switch_timeout, **(api_options or {})}
-        rec = cp.api("POST", f"{path}/migrate", params=params, json=body)
+        api = cp.api_client()
+        rec = api.migrate(w.key, to_host, switch_timeout=switch_timeout, **(api_options or {}))
         mid = rec["id"]
         seen: set[str] = set()
 
         def poll(until: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
             deadline = time.monotonic() + timeout
             while True:
-                r = cp.api("GET", f"{path}/migration", params=params)
+                r = dict(api.migration(w.key))
                 for p in r.get("phases", []):
                     if on_phase is not None and p["phase"] not in seen:
                         on_phase(p["phase"])
@@ -164,18 +177,22 @@ def migrate(
                     raise LabError(f"migration {mid} still in phase {r['phase']} after {timeout:g} s")
                 time.sleep(POLL)
 
-        rec = poll(lambda r: r["phase"] == "switching" or r["result"] != "running")
-        if rec["result"] != "running" or rec["phase"] != "switching":
+        rec = poll(lambda r: r["phase"] not in BEFORE_SWITCH or r["result"] != "running")
+        if "switching" not in seen:  # it rolls back (or has): nothing moved
+            rec = poll(lambda r: r["result"] != "running")
             raise LabError(f"migration {mid} failed before the move: {rec.get('error')}")
-        new_plan = move_vnics(lab.plan, w.key, to_host, ipv6=lab.state.ipv6)
-        _record_move(lab, w.key, to_host, new_plan)
-        cp.api("POST", f"{path}/migrate/{mid}/switched", params=params)
+        if rec["result"] == "running" and rec["phase"] == "switching":
+            switch_vnics(lab.name, w.key, to_host)  # unless the lab's hypervisor was first
+            api.switched(w.key, mid)
         rec = poll(lambda r: r["result"] != "running")
         if rec["result"] != "succeeded":
             raise LabError(f"migration {mid} ended {rec['result']}: {rec.get('error')}")
-        return dict(rec)
+        return rec
+    except ClientError as e:
+        raise LabError(f"migration of {w.key}: {e}") from e
     finally:
         cp.close()
+        lab.reload()
 
 
-__all__ = ["migrate", "move_vnics"]
+__all__ = ["migrate", "move_vnics", "switch_vnics"]

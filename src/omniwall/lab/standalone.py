@@ -2,8 +2,9 @@
 
 `Standalone` compiles the resources in this process (`compile_catalog`) and programs each host
 namespace with the nftables backend directly (`NftBackend(netns=...).sync(state)`); no manager, no
-agent. A later `--managed` mode implements the same `PolicyDriver` protocol by starting an agent per
-host namespace instead. `NoPolicy` leaves the hosts open (everything allowed), for topology tests.
+agent. `Managed` (lab/control.py) implements the same `PolicyDriver` protocol by starting a manager and
+an agent per host namespace instead. `NoPolicy` leaves the hosts open (everything allowed), for topology
+tests. Which driver a lab uses: lab/drivers.py.
 """
 
 from __future__ import annotations
@@ -82,18 +83,3 @@ def standalone_available() -> bool:
         )
     except ModuleNotFoundError:
         return False
-
-
-def driver_for(mode: str) -> PolicyDriver:
-    """The driver a lab's state file names (`lab down`/`move` in a later process)."""
-    if mode == "standalone":
-        return Standalone()
-    if mode == "managed":
-        from omniwall.lab.managed import Managed  # the control-plane driver (lab/managed.py)
-
-        return Managed()
-    return NoPolicy()
-
-
-def default_driver() -> PolicyDriver:
-    return Standalone() if standalone_available() else NoPolicy()

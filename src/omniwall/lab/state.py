@@ -7,10 +7,13 @@ the prefix alone. `/run` is a tmpfs: after a reboot the namespaces are gone, and
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +117,30 @@ def load(name: str) -> LabState:
 
 def remove(name: str) -> None:
     path_of(name).unlink(missing_ok=True)
+    (STATE_DIR / f"{check_name(name)}.lock").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked(name: str) -> Iterator[None]:
+    """Hold lab `name`'s lock for a read-modify-write of its state file that other processes may do at
+    the same time (a vNIC move by the lab's hypervisor and by `lab migrate`)."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(STATE_DIR / f"{check_name(name)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def find(prefix: str) -> LabState | None:
+    """The lab whose namespaces carry `prefix`, if one is up."""
+    for name in names():
+        with contextlib.suppress(LabStateError):
+            st = load(name)
+            if st.prefix == prefix:
+                return st
+    return None
 
 
 def names() -> list[str]:

@@ -15,13 +15,18 @@ SIGTERM (by PID, ours only), and printing one JSON line with what it saw:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from omniwall.lab.lab import Lab
 
 SCRIPT = r"""
 import json, os, select, signal, socket, sys, threading, time
@@ -199,7 +204,29 @@ def wait_port(netns: str, host: str, port: int, timeout: float = 5.0) -> None:
         time.sleep(0.1)
 
 
-__all__ = ["MOBILITY", "Flow", "wait_port"]
+@contextlib.contextmanager
+def live_tcp(lab: Lab, src: str, dst: str, port: int) -> Iterator[Flow]:
+    """A patterned TCP stream from workload `src` to an echo server on `dst`:`port` for the block (the
+    port's responder, if any, pauses meanwhile). `flow.stop()` gives `{sent, received, ok, maxGapMs}`:
+    `ok` when no reset came and every byte came back in order."""
+    d = lab.plan.workload(dst)
+    addr = d.address(4) or d.address(6)
+    if addr is None:
+        raise ValueError(f"{d.key} has no address")
+    with lab.responder_paused(d.key):
+        server = Flow("tcp-echo", d.netns, (str(port),)).start()
+        try:
+            wait_port(lab.workload_netns(src), addr, port)
+            stream = Flow("tcp-stream", lab.workload_netns(src), (addr, str(port))).start()
+            try:
+                yield stream
+            finally:
+                stream.stop()
+        finally:
+            server.stop(timeout=5)
+
+
+__all__ = ["MOBILITY", "Flow", "live_tcp", "wait_port"]
 
 
 # A small inventory for mobility tests and the soak benchmark: `srv` migrates; `cli` streams to it and

@@ -1,4 +1,5 @@
-"""Helpers for tests that use the lab: a small two-host inventory and kernel-state checks."""
+"""Helpers for tests that use the lab: a small two-host inventory and kernel-state checks (a test
+helper, so it lives under tests/, importable as `labhelpers` through tests/conftest.py)."""
 
 from __future__ import annotations
 
