@@ -11,6 +11,7 @@ from omniwall.cli import (
     audit_cmd,
     completion_cmd,
     config_cmd,
+    demo_cmd,
     events_cmd,
     flows_cmd,
     insight_cmds,
@@ -64,6 +65,7 @@ flows_cmd.register(app)  # flows (hubble observe-like)
 pki_cmd.register(app)  # pki init/manager/host/show
 config_cmd.register(app)  # config get-contexts/use-context/set-context/current-context
 completion_cmd.register(app)  # completion bash|zsh|fish
+demo_cmd.register(app)  # demo (live lab, or --offline)
 
 if __name__ == "__main__":
     app()
