@@ -170,4 +170,8 @@ def run(
     netns: str, argv: Sequence[str], *, capture: bool = True, timeout: float | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run a command inside `netns`; the caller looks at the exit code."""
+    from omniwall.lab import vm  # a VM workload's "namespace" is its guest (lab/vm.py)
+
+    if vm.is_guest(netns):
+        return vm.exec_in_guest(netns, argv, capture=capture, timeout=timeout)
     return subprocess.run(exec_argv(netns, argv), capture_output=capture, text=True, timeout=timeout)

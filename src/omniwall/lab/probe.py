@@ -57,6 +57,13 @@ def run_probes(
     """Run every probe (concurrently) and return their results in the same order."""
     if not probes:
         return []
+    from omniwall.lab import vm  # VM workloads: probes from a guest run inside it (lab/vm.py)
+
+    guests = {ns for ns in {p.src_netns for p in probes} if vm.is_guest(ns)}
+    if guests:
+        return vm.run_probes_mixed(
+            probes, guests, timeout, lambda ps: run_probes(ps, timeout=timeout, parallel=parallel)
+        )
     workers = {ns: NetnsThread(ns, name="lab-probe") for ns in sorted({p.src_netns for p in probes})}
     try:
         return asyncio.run(_run_all(probes, workers, timeout, parallel))
@@ -116,7 +123,7 @@ async def _probe(p: Probe, worker: NetnsThread, timeout: float) -> ProbeResult:
     return ProbeResult(p, allowed, detail, time.monotonic() - start)
 
 
-def _judge_reply(p: Probe, data: bytes) -> tuple[bool, str]:
+def judge_reply(p: Probe, data: bytes) -> tuple[bool, str]:
     parts = data.decode(errors="replace").split()
     if len(parts) < 2 or parts[0] != "omniwall-lab":
         return False, f"unexpected reply {data[:40]!r}"
@@ -134,7 +141,7 @@ async def _tcp(sock: socket.socket, p: Probe) -> tuple[bool, str]:
         if not chunk:
             break
         data += chunk
-    return _judge_reply(p, data)
+    return judge_reply(p, data)
 
 
 async def _udp(sock: socket.socket, p: Probe) -> tuple[bool, str]:
@@ -148,7 +155,7 @@ async def _udp(sock: socket.socket, p: Probe) -> tuple[bool, str]:
         except TimeoutError:
             continue
         if data.endswith(nonce):
-            return _judge_reply(p, data)
+            return judge_reply(p, data)
 
 
 async def _icmp(sock: socket.socket, p: Probe, family: int) -> tuple[bool, str]:

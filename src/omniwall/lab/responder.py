@@ -83,7 +83,7 @@ def start_many(specs: Sequence[ResponderSpec], started: dict[str, int] | None = 
     started = {} if started is None else started
     procs: dict[str, subprocess.Popen[bytes]] = {}
     for s in specs:
-        if not s.addresses or not any(parse_server(e) for e in s.servers):
+        if not s.addresses or not any(parse_server(e) for e in s.servers) or _is_guest(s.netns):
             continue
         argv = [sys.executable, "-m", MODULE, "--netns", s.netns, "--workload", s.workload]
         for a in s.addresses:
@@ -105,6 +105,13 @@ def start_many(specs: Sequence[ResponderSpec], started: dict[str, int] | None = 
         failed = "; ".join(f"{k}: {e}" for k, e in sorted(errors.items()))
         raise ResponderError(f"responders failed: {failed}")
     return {k: p.pid for k, p in procs.items()}
+
+
+def _is_guest(netns: str) -> bool:
+    """A VM workload's guest starts its own responders (lab/vm.py)."""
+    from omniwall.lab import vm
+
+    return vm.is_guest(netns)
 
 
 def _await_ready(procs: dict[str, subprocess.Popen[bytes]]) -> dict[str, str]:
