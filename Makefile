@@ -35,7 +35,7 @@ system-packages:
 # busybox initramfs, built once into the venv and reused (python -m omniwall.vm.image).
 vm-image: $(VM_IMAGE)
 
-$(VM_IMAGE): | $(STAMP)
+$(VM_IMAGE): | system-packages $(STAMP)
 	@if [ "$$(id -u)" = 0 ]; then \
 	  apt-cache show linux-image-amd64 >/dev/null 2>&1 || apt-get update -qq; \
 	  $(BIN)/python -m omniwall.vm.image build; \
