@@ -53,8 +53,14 @@ def _errors() -> tuple[type[BaseException], ...]:
     from omniwall.lab.responder import ResponderError
     from omniwall.lab.state import LabStateError
     from omniwall.model.errors import ValidationError
+    from omniwall.vm.channel import ChannelError
+    from omniwall.vm.image import VmImageError
+    from omniwall.vm.qemu import VmError
 
     return (
+        VmError,  # VM workloads (lab/vm.py)
+        VmImageError,
+        ChannelError,
         LabError,
         LabStateError,
         LabNetnsError,

@@ -40,6 +40,7 @@ __all__ = ["build", "destroy", "host_routes_sync", "move_workload"]
 def build(plan: LabPlan, *, ipv6: bool = True) -> None:
     """Create every namespace, link, address and route of `plan`. Raises on the first failure; the
     caller tears down (`destroy`) what was made, because namespaces are the unit of cleanup."""
+    vm.preflight(plan)  # VM workloads: QEMU and the guest image are there
     with Netlink() as nl:
         _build_fabric(nl, plan)
         for h in plan.hosts:

@@ -55,6 +55,17 @@ def is_guest(name: str) -> bool:
 # ------------------------------------------------------------------------------------- lifecycle
 
 
+def preflight(plan: LabPlan) -> None:
+    """Before anything is built: a lab with VM workloads needs QEMU and the guest image."""
+    if not any(w.kind == "vm" for w in plan.workloads):
+        return
+    if shutil.which(qemu.QEMU) is None:
+        raise qemu.VmError(
+            f"{qemu.QEMU} not found: VM workloads need the qemu-system-x86 package (make install)"
+        )
+    image.load()
+
+
 def build_guest(nl: Netlink, plan: LabPlan, w: WorkloadPlan, *, ipv6: bool) -> None:
     """The tap in `w`'s host namespace, wired like a veth, and QEMU attached to it (not yet booted:
     `wait_guests`)."""
@@ -205,6 +216,7 @@ __all__ = [
     "describe",
     "exec_in_guest",
     "is_guest",
+    "preflight",
     "probe_command",
     "run_probes_mixed",
     "rundir",
