@@ -35,10 +35,10 @@ system-packages:
 # busybox initramfs, built once into the venv and reused (python -m omniwall.vm.image).
 vm-image: $(VM_IMAGE)
 
-$(VM_IMAGE): | system-packages $(STAMP)
+$(VM_IMAGE): src/omniwall/vm/guest_init.sh src/omniwall/vm/image.py | system-packages $(STAMP)
 	@if [ "$$(id -u)" = 0 ]; then \
 	  apt-cache show linux-image-amd64 >/dev/null 2>&1 || apt-get update -qq; \
-	  $(BIN)/python -m omniwall.vm.image build; \
+	  $(BIN)/python -m omniwall.vm.image build --force; \
 	else echo "warning: not root: no VM guest image (the VM lab tests skip)"; fi
 
 $(STAMP): pyproject.toml

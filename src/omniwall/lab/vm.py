@@ -34,7 +34,7 @@ from omniwall.vm import channel, image, qemu
 
 GATEWAY_MAC = "ee:ee:ee:ee:ee:ee"  # the hosts' side of every tap (like Calico's)
 IFA_F_NODAD = 0x02
-CHANNEL_SLACK = 10.0  # a guest answers slowly under TCG: the command channel's own delay
+CHANNEL_SLACK = 30.0  # a deadline, not a wait: a starved guest (TCG on a loaded machine) answers late
 PER_PROBE = 0.3  # ... and each probe starts processes in the guest
 NO_ANSWER = channel.Result(-1, "")
 
@@ -145,14 +145,15 @@ def run_probes_mixed(
     async def both() -> list[list[ProbeResult]]:
         jobs = [asyncio.to_thread(run_netns, [p for p in probes if p.src_netns not in guests])]
         for g in sorted(guests):
-            jobs.append(asyncio.to_thread(_guest_batch, g, [p for p in probes if p.src_netns == g], timeout))
+            jobs.append(asyncio.to_thread(guest_batch, g, [p for p in probes if p.src_netns == g], timeout))
         return list(await asyncio.gather(*jobs))
 
     done = {id(r.probe): r for batch in asyncio.run(both()) for r in batch}
     return [done[id(p)] for p in probes]
 
 
-def _guest_batch(name: str, probes: list[Probe], timeout: float) -> list[ProbeResult]:
+def guest_batch(name: str, probes: list[Probe], timeout: float) -> list[ProbeResult]:
+    """Run `probes` (all from guest `name`) inside it as one batch; results in their order."""
     script = batch_script(probes, timeout)
     budget = timeout + CHANNEL_SLACK + PER_PROBE * len(probes)
     res = channel.run(rundir(name) / "ctl.sock", script, timeout=budget)
@@ -215,6 +216,7 @@ __all__ = [
     "build_guest",
     "describe",
     "exec_in_guest",
+    "guest_batch",
     "is_guest",
     "preflight",
     "probe_command",

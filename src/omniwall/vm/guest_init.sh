@@ -43,7 +43,8 @@ for e in $(echo "$SRV" | tr , ' '); do
   done
 done
 # Command channel: "<id> <base64 script>" in, "<id> <exit code> <base64 output>" out, each command in
-# the background so probes run concurrently. One write per reply line (a tty write is not interleaved).
+# the background so commands run concurrently; replies are written under a lock (ash may write one
+# line in several pieces, and concurrent replies interleaved).
 stty -F /dev/ttyS1 raw -echo
 exec 3<>/dev/ttyS1
 (
@@ -53,7 +54,10 @@ exec 3<>/dev/ttyS1
       o=$(sh -c "$s" 2>&1 </dev/null)
       rc=$?
       e=$(printf %s "$o" | base64 | tr -d '\n')
-      echo "$id $rc $e" >&3
+      {
+        flock -x 4
+        echo "$id $rc $e" >&3
+      } 4>/run/ow/reply.lock
     ) &
   done
 ) &

@@ -33,7 +33,7 @@ from omniwall.vm.image import GuestImage
 QEMU = "qemu-system-x86_64"
 DEFAULT_MEMORY_MB = 192
 READY_MARK = b"omniwall-guest ready"
-BOOT_TIMEOUT = 120.0  # TCG on a busy 2-core machine: ~2 s idle, 10-30 s under load
+BOOT_TIMEOUT = 240.0  # TCG on a busy 2-core machine: ~2 s idle, 10-30 s under load, 80 s at load 80
 STOP_GRACE = 3.0
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 
