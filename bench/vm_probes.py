@@ -4,9 +4,10 @@
 
 A lab with one VM workload and one namespace workload on one host, no policy. Each round sends the
 same N TCP probes from the guest to the namespace's responders twice, in random order: **batch** =
-`lab/vm.py`'s way (one script, each probe one background `nc`), **per-command** = one channel command
-per probe (the guest's agent starts a shell, base64 and the probe for each). Also the guest's boot time
-(QEMU start -> ready line). Reports medians of the paired rounds and the machine's load.
+`lab/vm.py`'s way (one script, each probe one background `nc`: one fork and exec), **per-command** =
+`channel.run_many` with one script per probe (each probe also gets its own shell, its script decoded
+from base64 and its output encoded). Also `lab up` with the guest's boot. Reports medians of the paired
+rounds, how many probes answered, and the machine's load.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main() -> None:
         ]
         ctl = lab_vm.rundir(w.netns) / "ctl.sock"
         times: dict[str, list[float]] = {"batch": [], "per-command": []}
+        answered: dict[str, list[int]] = {"batch": [], "per-command": []}
         for _ in range(args.rounds):
             for mode in random.sample(list(times), 2):
                 t = time.monotonic()
@@ -67,13 +69,13 @@ def main() -> None:
                     results = channel.run_many(ctl, scripts, timeout=120)
                     ok = sum(r.output.startswith("omniwall-lab") for r in results)
                 times[mode].append(time.monotonic() - t)
-                assert ok == len(probes), f"{mode}: {ok}/{len(probes)} probes answered"
+                answered[mode].append(ok)  # every probe has a responder: fewer = a probe timed out
     load = os.getloadavg()[0]
     print(f"lab up with one guest (boot included): {up:.1f} s")
     for mode, ts in times.items():
         print(
             f"{mode:12s} {args.probes} probes: median {statistics.median(ts):.2f} s",
-            f"rounds {[round(x, 2) for x in ts]}",
+            f"rounds {[round(x, 2) for x in ts]}, answered {answered[mode]} of {args.probes}",
         )
     ratio = statistics.median(times["per-command"]) / statistics.median(times["batch"])
     print(f"per-command / batch: {ratio:.1f}x   load average (1 min) at the end: {load:.2f}")

@@ -103,7 +103,7 @@ def test_extract_vmlinux_finds_the_xz_elf() -> None:
 
 def test_guest_probe_scripts_and_verdicts() -> None:
     tcp = Probe("ns", "10.1.0.2", "tcp", 80, "t/a", "t/b", "10.1.0.1", "t/b")
-    assert lab_vm.probe_command(tcp, 1.0) == "nc -w 1 10.1.0.2 80 </dev/null"
+    assert lab_vm.probe_command(tcp, 1.0) == "nc -w 2 10.1.0.2 80 </dev/null"
     ok = channel.Result(0, "omniwall-lab t/b tcp/80\n")
     assert lab_vm.judge_guest(tcp, "x", ok) == (True, "ok")
     other = channel.Result(0, "omniwall-lab t/c tcp/80\n")
@@ -113,12 +113,12 @@ def test_guest_probe_scripts_and_verdicts() -> None:
     assert lab_vm.judge_guest(tcp, "x", channel.Result(1, "")) == (False, "timeout")
     assert lab_vm.judge_guest(tcp, "x", channel.Result(-1, "")) == (False, "timeout")
     ping6 = Probe("ns", "fd00::2", "icmp")
-    assert lab_vm.probe_command(ping6, 2.0).startswith("ping6 -c 1 -W 2 fd00::2")
+    assert lab_vm.probe_command(ping6, 2.0).startswith("ping6 -c 1 -W 3 fd00::2")
     udp = Probe("ns", "10.1.0.2", "udp", 53)
     assert lab_vm.probe_command(udp, 1.0) == ""
     assert lab_vm.judge_guest(udp, "", channel.Result(0, "")) == (False, "udp not available in the guest")
     script = lab_vm.batch_script([tcp, udp, ping6], 1.0)
-    assert "nc -w 1 10.1.0.2 80 </dev/null >/tmp/p0 2>&1 & p0=$!" in script
+    assert "nc -w 2 10.1.0.2 80 </dev/null >/tmp/p0 2>&1 & p0=$!" in script
     assert "p1=" not in script and 'echo "2 $r $l"' in script and "kill $p0 $p2" in script
 
 

@@ -173,12 +173,12 @@ def batch_script(probes: Sequence[Probe], timeout: float) -> str:
     """One guest script running every probe at once, printing `<index> <exit code> <output line>` per
     probe. Under TCG each process the guest starts costs ~40 ms, so a probe is one background command
     (one fork + exec: its exit code from `wait`, its output from a file read by the shell itself), and
-    the batch one channel command (60 probes: ~3 s). A watchdog kills probes that hang (denied)."""
+    the batch one channel command. A watchdog kills probes that hang (denied)."""
     t = max(1, math.ceil(timeout))
     run = [i for i, p in enumerate(probes) if probe_command(p, timeout)]
     lines = [f"{probe_command(probes[i], timeout)} >/tmp/p{i} 2>&1 & p{i}=$!" for i in run]
     pids = " ".join(f"$p{i}" for i in run)
-    lines.append(f"(sleep {t + 3}; kill {pids}) 2>/dev/null & wd=$!")
+    lines.append(f"(sleep {t + 4}; kill {pids}) 2>/dev/null & wd=$!")  # probes wait t + 1
     for i in run:
         lines.append(f'wait $p{i}; r=$?; l=; read -r l </tmp/p{i}; echo "{i} $r $l"; rm -f /tmp/p{i}')
     lines.append("kill $wd 2>/dev/null; true")
@@ -186,8 +186,9 @@ def batch_script(probes: Sequence[Probe], timeout: float) -> str:
 
 
 def probe_command(p: Probe, timeout: float) -> str:
-    """The busybox command that performs probe `p` inside a guest (empty: not possible there)."""
-    t = max(1, math.ceil(timeout))
+    """The busybox command that performs probe `p` inside a guest (empty: not possible there). One
+    second more than the probe's timeout: a guest starting many processes at once is slow to send."""
+    t = max(1, math.ceil(timeout)) + 1
     addr = shlex.quote(p.addr)
     if p.proto == "tcp":
         # The responder sends its line and closes at once; -w bounds the connect.

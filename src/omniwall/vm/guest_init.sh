@@ -42,23 +42,17 @@ for e in $(echo "$SRV" | tr , ' '); do
     nc -ll -p "$p" -e /run/ow/r$p &
   done
 done
-# Command channel: "<id> <base64 script>" in, "<id> <exit code> <base64 output>" out, each command in
-# the background so commands run concurrently; replies are written under a lock (ash may write one
-# line in several pieces, and concurrent replies interleaved).
+# Command channel: "<id> <base64 script>" in, "<id> <exit code> <base64 output>" out, one command at a
+# time (concurrent replies garbled the serial line; vm/channel.py runs a batch as one script instead).
 stty -F /dev/ttyS1 raw -echo
 exec 3<>/dev/ttyS1
 (
   while read -r id b64 <&3; do
-    (
-      s=$(echo "$b64" | base64 -d)
-      o=$(sh -c "$s" 2>&1 </dev/null)
-      rc=$?
-      e=$(printf %s "$o" | base64 | tr -d '\n')
-      {
-        flock -x 4
-        echo "$id $rc $e" >&3
-      } 4>/run/ow/reply.lock
-    ) &
+    s=$(echo "$b64" | base64 -d)
+    o=$(sh -c "$s" 2>&1 </dev/null)
+    rc=$?
+    e=$(printf %s "$o" | base64 | tr -d '\n')
+    echo "$id $rc $e" >&3
   done
 ) &
 echo "omniwall-guest ready $NAME"
