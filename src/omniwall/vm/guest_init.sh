@@ -28,6 +28,8 @@ ip route add 169.254.1.1 dev eth0 scope link
 ip route add default via 169.254.1.1 dev eth0
 for a in $(echo "$IP6" | tr , ' '); do ip -6 addr add "$a/128" dev eth0; done
 [ -n "$IP6" ] && ip -6 route add default via fe80::1 dev eth0
+# Resolve the gateway now (and let the host learn our MAC): a first probe must not pay for ARP under TCG.
+ping -c 1 -W 2 169.254.1.1 >/dev/null 2>&1
 # Responders: the same reply line as the lab's namespace responders (lab/responder.py).
 for e in $(echo "$SRV" | tr , ' '); do
   case "$e" in
@@ -37,9 +39,8 @@ for e in $(echo "$SRV" | tr , ' '); do
   lo=${r%-*}
   hi=${r#*-}
   for p in $(seq "$lo" "$hi"); do
-    printf '#!/bin/sh\necho "omniwall-lab %s tcp/%s"\n' "$NAME" "$p" > /run/ow/r$p
-    chmod +x /run/ow/r$p
-    nc -ll -p "$p" -e /run/ow/r$p &
+    # -e runs the rest of the line per connection: one exec (echo), no shell (TCG makes each costly).
+    nc -ll -p "$p" -e echo "omniwall-lab $NAME tcp/$p" &
   done
 done
 # Command channel: "<id> <base64 script>" in, "<id> <exit code> <base64 output>" out, one command at a
