@@ -7,11 +7,15 @@ BIN := $(VENV)/bin
 # lintian, dpkg-dev (dpkg-deb, strip), systemd (systemd-analyze) and python3-venv: `make deb` and its checks
 APT_PACKAGES := nftables libnftables1 conntrack iproute2 iperf3 netcat-openbsd iputils-ping procps curl chromium etcd-server \
   lintian dpkg-dev systemd python3-venv
+# VM workloads (docs/vms.md): QEMU with software emulation and busybox for the guest image, without the
+# recommended GUI/firmware extras.
+VM_APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static
 STAMP := $(VENV)/.installed
+VM_IMAGE := $(VENV)/share/omniwall/vm/image.json
 
-.PHONY: install system-packages test unit kernel lint demo fuzz-dataplane bench bench-kernel deb deb-check clean
+.PHONY: install system-packages vm-image test unit kernel lint demo fuzz-dataplane bench bench-kernel deb deb-check clean
 
-install: system-packages $(STAMP)
+install: system-packages $(STAMP) $(VM_IMAGE)
 
 # Installs the kernel tooling when running as root and something is missing; never touches firewall state.
 system-packages:
@@ -21,6 +25,23 @@ system-packages:
 	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "warning: missing system packages:$$missing (run as root to install)"; fi; \
 	fi
+	@missing=""; for p in $(VM_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "warning: missing system packages:$$missing (run as root to install)"; fi; \
+	fi
+
+# The guest image of the lab's VM workloads: a Debian kernel (apt-get download, never installed) and a
+# busybox initramfs, built once into the venv and reused (python -m omniwall.vm.image).
+vm-image: $(VM_IMAGE)
+
+$(VM_IMAGE): src/omniwall/vm/guest_init.sh src/omniwall/vm/image.py | system-packages $(STAMP)
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-cache show linux-image-amd64 >/dev/null 2>&1 || apt-get update -qq; \
+	  $(BIN)/python -m omniwall.vm.image build --force; \
+	else echo "warning: not root: no VM guest image (the VM lab tests skip)"; fi
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)

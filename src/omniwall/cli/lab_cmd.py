@@ -53,8 +53,14 @@ def _errors() -> tuple[type[BaseException], ...]:
     from omniwall.lab.responder import ResponderError
     from omniwall.lab.state import LabStateError
     from omniwall.model.errors import ValidationError
+    from omniwall.vm.channel import ChannelError
+    from omniwall.vm.image import VmImageError
+    from omniwall.vm.qemu import VmError
 
     return (
+        VmError,  # VM workloads (lab/vm.py)
+        VmImageError,
+        ChannelError,
         LabError,
         LabStateError,
         LabNetnsError,
@@ -334,7 +340,12 @@ def status(
         if pid:
             resp = f", responder pid {pid} ({'running' if responder.is_ours(pid, w.netns) else 'GONE'})"
         addrs = ", ".join(w.ips) or "no address"
-        print(f"  workload {w.key} on {w.host}: {addrs}; netns {w.netns} ({ok}){resp}")
+        where = f"netns {w.netns} ({ok})"
+        if w.kind == "vm":  # a QEMU guest (lab/vm.py)
+            from omniwall.lab import vm
+
+            where = vm.describe(w.netns)
+        print(f"  workload {w.key} on {w.host}: {addrs}; {where}{resp}")
 
 
 def register(app: typer.Typer) -> None:

@@ -194,7 +194,9 @@ class Lab:
     def _start_responders(self) -> None:
         plan = self.plan
         specs = [
-            responder.ResponderSpec(w.netns, w.key, w.ips, w.servers) for w in plan.workloads if w.servers
+            responder.ResponderSpec(w.netns, w.key, w.ips, w.servers)
+            for w in plan.workloads
+            if w.servers and w.kind != "vm"  # a VM's guest starts its own responders (lab/vm.py)
         ]
         try:
             responder.start_many(specs, started=self.state.responders)
@@ -220,7 +222,7 @@ class Lab:
             with state.locked(self.name):
                 self.reload()
                 w = self.plan.workload(key)
-                if w.servers:
+                if w.servers and w.kind != "vm":
                     spec = responder.ResponderSpec(w.netns, w.key, w.ips, w.servers)
                     try:
                         responder.start_many([spec], started=self.state.responders)

@@ -24,6 +24,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from omniwall.dataplane.netns import NETNS_RUN_DIR, NetnsThread, in_netns, netns_path
+from omniwall.lab import guest
 
 __all__ = [
     "LabNetnsError",
@@ -170,4 +171,6 @@ def run(
     netns: str, argv: Sequence[str], *, capture: bool = True, timeout: float | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run a command inside `netns`; the caller looks at the exit code."""
+    if guest.is_guest(netns):  # a VM workload's "namespace" is its guest (lab/guest.py)
+        return guest.exec_in_guest(netns, argv, capture=capture, timeout=timeout)
     return subprocess.run(exec_argv(netns, argv), capture_output=capture, text=True, timeout=timeout)

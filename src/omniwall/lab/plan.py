@@ -74,6 +74,7 @@ class WorkloadPlan:
     netns: str
     vnics: tuple[VnicPlan, ...]
     servers: tuple[str, ...]  # lab.servers: tcp/80, udp/53, ...
+    kind: str = "netns"  # lab.kind: netns | vm (a QEMU guest, lab/vm.py; `netns` then names its run dir)
 
     @property
     def key(self) -> str:
@@ -151,6 +152,7 @@ class LabPlan:
                         for v in w["vnics"]
                     ),
                     servers=tuple(w["servers"]),
+                    kind=w.get("kind", "netns"),
                 )
                 for w in d["workloads"]
             ),
@@ -218,5 +220,19 @@ def plan_lab(catalog: Catalog, prefix: str, *, ipv6: bool = True) -> LabPlan:
                 parse_server(entry)
             except ResponderError as e:
                 raise PlanError(f"Workload {key}: spec.lab.servers[{i}]: {e}") from None
-        workloads.append(WorkloadPlan(tenant, name, wl.spec.host, netns, tuple(vnics), servers))
+        kind = wl.spec.lab.kind if wl.spec.lab else "netns"
+        if kind == "vm":
+            _check_vm(key, vnics, servers)
+        workloads.append(WorkloadPlan(tenant, name, wl.spec.host, netns, tuple(vnics), servers, kind))
     return LabPlan(prefix=prefix, fabric_netns=f"{prefix}fabric", hosts=hosts, workloads=tuple(workloads))
+
+
+def _check_vm(key: str, vnics: list[VnicPlan], servers: tuple[str, ...]) -> None:
+    """What a lab guest (lab/vm.py) can do: one vNIC; TCP and ICMP responders (busybox has no UDP server)."""
+    if len(vnics) != 1:
+        raise PlanError(f"Workload {key}: spec.vnics: a VM workload (lab.kind vm) has exactly one vNIC")
+    for i, entry in enumerate(servers):
+        if entry.strip().startswith("udp/"):
+            raise PlanError(
+                f"Workload {key}: spec.lab.servers[{i}]: {entry!r}: VM guests serve only tcp and icmp"
+            )

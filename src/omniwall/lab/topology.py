@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 from dataclasses import replace
 
-from omniwall.lab import netns
+from omniwall.lab import netns, vm
 from omniwall.lab.netns import Netlink
 from omniwall.lab.plan import (
     FABRIC_BRIDGE,
@@ -40,6 +40,7 @@ __all__ = ["build", "destroy", "host_routes_sync", "move_workload"]
 def build(plan: LabPlan, *, ipv6: bool = True) -> None:
     """Create every namespace, link, address and route of `plan`. Raises on the first failure; the
     caller tears down (`destroy`) what was made, because namespaces are the unit of cleanup."""
+    vm.preflight(plan)  # VM workloads: QEMU and the guest image are there
     with Netlink() as nl:
         _build_fabric(nl, plan)
         for h in plan.hosts:
@@ -48,11 +49,13 @@ def build(plan: LabPlan, *, ipv6: bool = True) -> None:
             _build_workload(nl, plan, w, ipv6=ipv6)
         for h in plan.hosts:
             _host_routes(nl, plan, h.name, ipv6=ipv6)
+    vm.wait_guests(plan)  # VM workloads: booted, addresses up, responders listening
 
 
 def destroy(plan: LabPlan | None, prefix: str) -> list[str]:
     """Delete the plan's namespaces and any other namespace whose name starts with `prefix` (a lab cut
     short before its plan was saved). Returns the names deleted. Idempotent."""
+    vm.stop_guests(plan, prefix)  # VM workloads: QEMU killed by PID before its host namespace goes
     names = list(plan.namespaces()) if plan else []
     if prefix:
         names += [n for n in netns.list_names(prefix) if n not in names]
@@ -78,6 +81,8 @@ def move_workload(plan: LabPlan, workload: str, to_host: str, *, ipv6: bool = Tr
     should be in place on `to_host` *before* this is called."""
     w = plan.workload(workload)
     plan.host(to_host)  # raises for an unknown host
+    if w.kind == "vm":
+        raise ValueError(f"workload {w.key} is a VM: moving a lab guest between hosts is not supported yet")
     if w.host == to_host:
         return plan
     new_w = replace(w, host=to_host)
@@ -138,6 +143,9 @@ def _build_host(nl: Netlink, plan: LabPlan, h: HostPlan, *, ipv6: bool) -> None:
 
 
 def _build_workload(nl: Netlink, plan: LabPlan, w: WorkloadPlan, *, ipv6: bool) -> None:
+    if w.kind == "vm":  # a QEMU guest on a tap instead of a namespace on a veth (lab/vm.py)
+        vm.build_guest(nl, plan, w, ipv6=ipv6)
+        return
     netns.create(w.netns)
     values: dict[str, str | int] = {"net.ipv4.ping_group_range": "0 2147483647"}
     if ipv6:

@@ -298,6 +298,7 @@ class WorkloadLab(Strict):
     """Lab-only details: ignored outside `omniwall lab`."""
 
     servers: list[str] = Field(default_factory=list)  # responders to start, e.g. tcp/80, udp/53
+    kind: Literal["netns", "vm"] = "netns"  # vm: a QEMU guest instead of a namespace (docs/vms.md)
 
 
 class WorkloadSpec(Strict):

@@ -1,0 +1,204 @@
+"""CNI commands. ADD: address, veth, Workload registered with the manager, then wait until this host's
+agent has realized it (so the container never runs unprotected: until then the agent drops its
+traffic, as for any unknown `ow*` interface); on any failure ADD undoes what it did and the runtime
+gets a CNI error. DEL: Workload, veth and address gone, each step idempotent (missing is fine).
+CHECK: veth, address, route and the Workload are as ADD left them. VERSION: the versions spoken.
+
+Results and errors are JSON on stdout (CNI spec 1.0); a log line per command goes to stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from omniwall.cni import ipam, net
+from omniwall.cni.config import (
+    ERR_INTERNAL,
+    ERR_TRY_LATER,
+    SUPPORTED_VERSIONS,
+    CniError,
+    Env,
+    NetConf,
+    parse_env,
+    parse_netconf,
+    workload_name,
+)
+
+POLL = 0.05
+
+
+class Manager:
+    """The few manager calls the plugin makes (docs/api.md)."""
+
+    def __init__(self, conf: NetConf) -> None:
+        try:
+            token = conf.token_file.read_text().strip()
+        except OSError as e:
+            raise CniError(7, f"network config: tokenFile {conf.token_file}: {e.strerror}") from None
+        verify: Any = str(conf.ca_file) if conf.ca_file else True
+        self.client = httpx.Client(
+            base_url=conf.server,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(10.0, connect=3.0),
+            verify=verify,
+        )
+
+    def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            return self.client.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise CniError(ERR_TRY_LATER, f"manager unreachable: {method} {path}: {e}") from None
+
+    def apply(self, doc: dict[str, Any]) -> int:
+        r = self.call(
+            "POST",
+            "/v1/apply",
+            content=json.dumps(doc).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        if r.status_code >= 400:
+            raise CniError(ERR_INTERNAL, f"manager refused the workload: HTTP {r.status_code}", r.text[:2000])
+        return int(r.json()["revision"])
+
+    def workload(self, name: str, tenant: str) -> dict[str, Any] | None:
+        r = self.call("GET", f"/v1/workloads/{name}", params={"tenant": tenant})
+        if r.status_code == 404:
+            return None
+        if r.status_code >= 400:
+            raise CniError(
+                ERR_INTERNAL, f"manager: GET workload {tenant}/{name}: HTTP {r.status_code}", r.text[:2000]
+            )
+        return dict(r.json())
+
+    def delete(self, name: str, tenant: str) -> None:
+        r = self.call("DELETE", f"/v1/workloads/{name}", params={"tenant": tenant})
+        if r.status_code >= 400 and r.status_code != 404:
+            raise CniError(
+                ERR_INTERNAL, f"manager: DELETE workload {tenant}/{name}: HTTP {r.status_code}", r.text[:2000]
+            )
+
+    def wait_realized(self, host: str, revision: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while True:
+            r = self.call("GET", "/v1/status")
+            if r.status_code < 400:
+                last = (r.json().get("hosts") or {}).get(host)
+                if last and last.get("connected") and int(last.get("realizedRevision") or 0) >= revision:
+                    return
+            if time.monotonic() > deadline:
+                raise CniError(
+                    ERR_TRY_LATER,
+                    f"host {host}: the agent did not realize revision {revision} within {timeout:g} s",
+                    json.dumps(last),
+                )
+            time.sleep(POLL)
+
+
+def workload_doc(conf: NetConf, env: Env, name: str, host_if: str, ip: str, mac: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "omniwall.io/v1",
+        "kind": "Workload",
+        "metadata": {"name": name, "tenant": conf.tenant, "labels": conf.labels},
+        "spec": {
+            "host": conf.host,
+            "vnics": [{"name": env.ifname, "hostIfname": host_if, "mac": mac, "ips": [ip]}],
+            "attributes": {"container.id": env.container_id},
+        },
+    }
+
+
+def cmd_add(conf: NetConf, env: Env) -> dict[str, Any]:
+    host_if = net.host_ifname(env.container_id, env.ifname)
+    name = workload_name(env)
+    mgr = Manager(conf)
+    ip = ipam.allocate(conf.data_dir, conf.name, conf.subnet, env.container_id, env.ifname)
+    try:
+        host_mac, mac = net.add(env.netns, env.ifname, host_if, ip, conf.host_netns)
+        revision = mgr.apply(workload_doc(conf, env, name, host_if, ip, mac))
+        mgr.wait_realized(conf.host, revision, conf.timeout)
+    except BaseException:
+        _undo(conf, env, mgr, name, host_if)
+        raise
+    return {
+        "cniVersion": conf.cni_version,
+        "interfaces": [
+            {"name": host_if, "mac": host_mac},
+            {"name": env.ifname, "mac": mac, "sandbox": env.netns},
+        ],
+        "ips": [{"address": f"{ip}/32", "gateway": net.GATEWAY4, "interface": 1}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": net.GATEWAY4}],
+        "dns": {},
+    }
+
+
+def _undo(conf: NetConf, env: Env, mgr: Manager, name: str, host_if: str) -> None:
+    for step in (lambda: mgr.delete(name, conf.tenant), lambda: net.delete(host_if, conf.host_netns)):
+        try:
+            step()
+        except Exception as e:  # keep undoing; the original error is what the runtime sees
+            _log(f"undo: {e}")
+    ipam.release(conf.data_dir, conf.name, env.container_id, env.ifname)
+
+
+def cmd_del(conf: NetConf, env: Env) -> None:
+    name = workload_name(env)
+    Manager(conf).delete(name, conf.tenant)
+    net.delete(net.host_ifname(env.container_id, env.ifname), conf.host_netns)
+    ipam.release(conf.data_dir, conf.name, env.container_id, env.ifname)
+
+
+def cmd_check(conf: NetConf, env: Env) -> None:
+    ip = ipam.find(conf.data_dir, conf.name, env.container_id, env.ifname)
+    if ip is None:
+        raise CniError(ERR_INTERNAL, f"container {env.container_id}: no address allocated")
+    try:
+        net.check(env.netns, env.ifname, net.host_ifname(env.container_id, env.ifname), ip, conf.host_netns)
+    except net.NetError as e:
+        raise CniError(ERR_INTERNAL, str(e)) from None
+    name = workload_name(env)
+    if Manager(conf).workload(name, conf.tenant) is None:
+        raise CniError(ERR_INTERNAL, f"workload {conf.tenant}/{name} is not registered with the manager")
+
+
+def run(environ: Mapping[str, str], stdin: str) -> tuple[int, dict[str, Any] | None]:
+    """One plugin invocation: (exit code, JSON to print)."""
+    version = "1.0.0"
+    try:
+        env = parse_env(environ)
+        if env.command == "VERSION":
+            return 0, {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
+        conf = parse_netconf(stdin)
+        version = conf.cni_version
+        if env.command == "ADD":
+            return 0, cmd_add(conf, env)
+        if env.command == "DEL":
+            cmd_del(conf, env)
+        else:
+            cmd_check(conf, env)
+        return 0, None
+    except CniError as e:
+        _log(f"error {e.code}: {e.msg} {e.details}")
+        return 1, e.to_json(version)
+    except (OSError, net.NetError) as e:
+        _log(f"error: {e}")
+        return 1, CniError(ERR_INTERNAL, str(e)).to_json(version)
+
+
+def _log(msg: str) -> None:
+    print(f"omniwall-cni[{os.getpid()}] {msg}", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    stdin = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    code, out = run(os.environ, stdin)
+    if out is not None:
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+    return code
