@@ -8,6 +8,7 @@ Results and errors are JSON on stdout (CNI spec 1.0); a log line per command goe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -15,8 +16,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
-
+from omniwall.client import Client, ClientError, Retry
 from omniwall.cni import ipam, net
 from omniwall.cni.config import (
     ERR_INTERNAL,
@@ -34,7 +34,8 @@ POLL = 0.05
 
 
 class Manager:
-    """The few manager calls the plugin makes (docs/api.md)."""
+    """The few manager calls the plugin makes, through `omniwall.client` (its retries on connection
+    errors and 503s; one error type): a client error becomes the CNI error the runtime sees."""
 
     def __init__(self, conf: NetConf) -> None:
         try:
@@ -42,54 +43,35 @@ class Manager:
         except OSError as e:
             raise CniError(7, f"network config: tokenFile {conf.token_file}: {e.strerror}") from None
         verify: Any = str(conf.ca_file) if conf.ca_file else True
-        self.client = httpx.Client(
-            base_url=conf.server,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=httpx.Timeout(10.0, connect=3.0),
-            verify=verify,
-        )
-
-    def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        try:
-            return self.client.request(method, path, **kw)
-        except httpx.HTTPError as e:
-            raise CniError(ERR_TRY_LATER, f"manager unreachable: {method} {path}: {e}") from None
+        self.client = Client(conf.server, token, verify=verify, timeout=10.0, retry=Retry(attempts=3))
 
     def apply(self, doc: dict[str, Any]) -> int:
-        r = self.call(
-            "POST",
-            "/v1/apply",
-            content=json.dumps(doc).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        if r.status_code >= 400:
-            raise CniError(ERR_INTERNAL, f"manager refused the workload: HTTP {r.status_code}", r.text[:2000])
-        return int(r.json()["revision"])
+        try:
+            return int(self.client.apply([doc])["revision"])
+        except ClientError as e:
+            raise _cni_error("apply workload", e) from None
 
     def workload(self, name: str, tenant: str) -> dict[str, Any] | None:
-        r = self.call("GET", f"/v1/workloads/{name}", params={"tenant": tenant})
-        if r.status_code == 404:
-            return None
-        if r.status_code >= 400:
-            raise CniError(
-                ERR_INTERNAL, f"manager: GET workload {tenant}/{name}: HTTP {r.status_code}", r.text[:2000]
-            )
-        return dict(r.json())
+        try:
+            return dict(self.client.get("workload", name, tenant=tenant))
+        except ClientError as e:
+            if e.status == 404:
+                return None
+            raise _cni_error(f"GET workload {tenant}/{name}", e) from None
 
     def delete(self, name: str, tenant: str) -> None:
-        r = self.call("DELETE", f"/v1/workloads/{name}", params={"tenant": tenant})
-        if r.status_code >= 400 and r.status_code != 404:
-            raise CniError(
-                ERR_INTERNAL, f"manager: DELETE workload {tenant}/{name}: HTTP {r.status_code}", r.text[:2000]
-            )
+        try:
+            self.client.delete("workload", name, tenant=tenant)
+        except ClientError as e:
+            if e.status != 404:  # already gone: DEL is idempotent
+                raise _cni_error(f"DELETE workload {tenant}/{name}", e) from None
 
     def wait_realized(self, host: str, revision: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         last: Any = None
         while True:
-            r = self.call("GET", "/v1/status")
-            if r.status_code < 400:
-                last = (r.json().get("hosts") or {}).get(host)
+            with contextlib.suppress(ClientError):  # not yet answering: keep waiting until the deadline
+                last = (self.client.status().get("hosts") or {}).get(host)
                 if last and last.get("connected") and int(last.get("realizedRevision") or 0) >= revision:
                     return
             if time.monotonic() > deadline:
@@ -99,6 +81,13 @@ class Manager:
                     json.dumps(last),
                 )
             time.sleep(POLL)
+
+
+def _cni_error(what: str, e: ClientError) -> CniError:
+    """Unreachable or overloaded (retries spent): try later; refused: the manager's own message."""
+    if e.status is None or e.status == 503:
+        return CniError(ERR_TRY_LATER, f"manager unreachable: {what}: {e}")
+    return CniError(ERR_INTERNAL, f"manager: {what}: {e}", json.dumps(e.body)[:2000])
 
 
 def workload_doc(conf: NetConf, env: Env, name: str, host_if: str, ip: str, mac: str) -> dict[str, Any]:
