@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch
 from omniwall.sim import Packet, judge_connection, judge_hop, judge_path
 from omniwall.sim.evaluate import Network, network_of
-from omniwall.sim.match import AddressSet, ServiceIndex, index_of, service_matches
+from omniwall.sim.match import AddressSet, ServiceIndex, StateIndex, service_matches
 
 # ------------------------------------------------------------------------------------------- builders
 
@@ -570,23 +570,35 @@ def test_connection_to_outside() -> None:
     assert cv.allowed and cv.reply is not None and [h.reason for h in cv.reply.hops] == ["established"]
 
 
-# ----------------------------------------------------------------------------------------------- cache
+# --------------------------------------------------------------------------------------- owned indexes
 
 
-def test_index_and_network_are_cached_per_state_object() -> None:
-    states = two_hosts([R(1, "allow")], [R(2, "allow")])
-    assert index_of(states["h1"]) is index_of(states["h1"])
-    assert network_of(states) is network_of(states)
+def test_a_network_holds_its_own_indexes_and_a_new_index_reuses_unchanged_sets() -> None:
+    states = two_hosts([R(1, "allow", "web", "app")], [R(2, "allow")])
     net = Network(states)
-    assert network_of(net) is net
-    changed = dict(states, h2=dataclasses.replace(states["h2"], revision=2))
-    assert network_of(changed) is not network_of(states)
+    assert network_of(net) is net  # a Network is used as is; nothing is cached by the module
     assert judge_path(net, tcp(WEB, APP, 80)).allowed
+    old = StateIndex(states["h1"])
+    same = StateIndex(dataclasses.replace(states["h1"], revision=2), old)
+    assert same.address_set("app") is old.address_set("app")
+    grown = dataclasses.replace(
+        states["h1"],
+        sets=tuple(
+            dataclasses.replace(s, addresses=(*s.addresses, "10.9.9.9")) if s.name == "app" else s
+            for s in states["h1"].sets
+        ),
+    )
+    fresh = StateIndex(grown, old)
+    assert fresh.address_set("app") is not old.address_set("app")
+    assert fresh.address_set("app").contains(False, int(ipaddress.ip_address("10.9.9.9")))
+    lazy = StateIndex(states["h1"], lazy=True)
+    assert lazy.vnics == {}
+    assert lazy.vnic("web") is lazy.vnic("web")
 
 
 def test_many_packets_quickly() -> None:
-    """The differential fuzzer's load: 20k paths against one cached network stays well under a second
-    per 10k on this machine; the bound is loose so a busy CI box does not flake."""
+    """The differential fuzzer's load: 20k paths against one network the caller holds stays well under
+    a second per 10k on this machine; the bound is loose so a busy CI box does not flake."""
     import time
 
     sets = [
@@ -600,9 +612,10 @@ def test_many_packets_quickly() -> None:
         R(1000, "allow", "big", None)
     ]
     states = {"h1": S("h1", [V("app", APP, ingress=tuple(r.id for r in rules))], rules, sets)}
+    net = Network(states)
     t0 = time.perf_counter()
     for i in range(20000):
-        judge_path(states, tcp("10.3.7.1", APP, 1000 + i % 5000))
+        judge_path(net, tcp("10.3.7.1", APP, 1000 + i % 5000))
     assert time.perf_counter() - t0 < 10
 
 

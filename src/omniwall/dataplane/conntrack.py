@@ -34,6 +34,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
 )
 
 from omniwall.dataplane.backend import ConnEntry
+from omniwall.dataplane.ctmirror import ConntrackMirror
 from omniwall.dataplane.netns import NetnsThread, assert_not_initial
 
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE = 0, 2
@@ -194,8 +195,19 @@ class ConntrackTable:
         self.thread = thread or NetnsThread(netns, name="conntrack")
         self._count_fd: int | None = None
         self.dumps = 0  # conntrack dumps run (tests assert a pure element add runs none)
+        self.mirror: ConntrackMirror | None = None
+
+    def watch(self) -> bool:
+        """Keep a mirror of the table fed by conntrack events (`ctmirror`), so `involving` answers
+        without a dump. False when the namespace reports no events (then `involving` dumps)."""
+        if self.mirror is None:
+            self.mirror = ConntrackMirror.open(self.thread)
+        return self.mirror is not None
 
     def close(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
         if self._count_fd is not None:
             os.close(self._count_fd)
             self._count_fd = None
@@ -228,12 +240,17 @@ class ConntrackTable:
         return self.thread.call(_raw_dump)
 
     def involving(self, addresses: Iterable[str]) -> list[ConnEntry]:
-        """Entries whose original source or destination is one of `addresses`, filtered in the kernel
-        (CTA_FILTER, one dump per address and side), so the entries of unrelated connections are never
-        copied or decoded. Past a few addresses one full dump filtered here is cheaper (each dump walks
-        the whole hash)."""
+        """Entries whose original source or destination is one of `addresses` (original tuple and zone
+        at least: what judging and deleting need). Watched (`watch`): from the mirror, no dump at all.
+        Else filtered in the kernel (CTA_FILTER, one dump per address and side), so the entries of
+        unrelated connections are never copied or decoded; past a few addresses one full dump filtered
+        here is cheaper (each dump walks the whole hash)."""
         want = {str(ipaddress.ip_address(a)) for a in addresses}
-        if not want or self.count() == 0:
+        if not want:
+            return []
+        if self.mirror is not None:
+            return self.mirror.involving(want)
+        if self.count() == 0:
             return []
         if len(want) > FILTERED_DUMP_MAX:
             return [e for e in self.list() if _canon(e.src) in want or _canon(e.dst) in want]
@@ -258,11 +275,15 @@ class ConntrackTable:
     # ------------------------------------------------------------------------------------- writes
     def delete(self, entries: Iterable[ConnEntry]) -> int:
         """Delete entries (by original tuple); entries already gone are not counted, not an error."""
+        entries = list(entries)
         msgs = []
         for e in entries:
             msg = nfct_msg.create_from(tuple_orig=_orig_tuple(e), zone=e.zone or None)
             msgs.append((msg, e.family, IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK))
-        return self._send(msgs, ok_errors={errno.ENOENT})
+        done = self._send(msgs, ok_errors={errno.ENOENT})
+        if self.mirror is not None and done < len(msgs):
+            self.mirror.forget(entries)  # some were gone already (their DESTROY never came)
+        return done
 
     def import_entries(self, entries: Iterable[ConnEntry]) -> int:
         """Create entries (migration); entries that already exist are skipped, not an error."""
