@@ -48,6 +48,16 @@ class Judge:
             self._owners = by_address(state.vnics)
         return self
 
+    def prime(self) -> None:
+        """Build the address sets the rules use now (after a full sync or a general change), so the
+        first member change after it patches them instead of building them on the clock."""
+        index = self._index
+        assert index is not None
+        for r in index.state.rules:
+            for name in (r.src_set, r.dst_set):
+                if name is not None:
+                    index.address_set(name)
+
     def owner(self, address: str) -> IRVnic | None:
         return self._owners.get(address)
 
@@ -76,6 +86,7 @@ class Revoker:
         self.last_revoked = []
         if not self.enabled or old == new:
             return []
+        self.judge.under(new).prime()
         affected = _affected_addresses(old, new)
         if not affected:
             return []

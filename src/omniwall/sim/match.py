@@ -14,6 +14,7 @@ emits one.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -25,21 +26,30 @@ from omniwall.sim.packet import Packet
 class AddressSet:
     """Membership test for one IRSet: exact host addresses, prefix match for CIDRs; IPv4 and IPv6 apart."""
 
-    __slots__ = ("hosts4", "hosts6", "nets4", "nets6")
+    __slots__ = ("exact", "hosts4", "hosts6", "nets4", "nets6")
 
     def __init__(self, addresses: tuple[str, ...] = (), cidrs: tuple[str, ...] = ()) -> None:
         self.hosts4: set[int] = set()
         self.hosts6: set[int] = set()
         nets4: dict[int, set[int]] = {}
         nets6: dict[int, set[int]] = {}
+        texts = 0
         for text in (*addresses, *cidrs):
+            host = _host_int(text)
+            if host is not None:
+                (self.hosts6 if ":" in text else self.hosts4).add(host)
+                texts += 1
+                continue
             net = ipaddress.ip_network(text, strict=False)
             bits = net.max_prefixlen
             if net.prefixlen == bits:
                 (self.hosts6 if net.version == 6 else self.hosts4).add(int(net.network_address))
+                texts += 1
                 continue
             table = nets6 if net.version == 6 else nets4
             table.setdefault(net.prefixlen, set()).add(int(net.network_address) >> (bits - net.prefixlen))
+        # every host text is an address of its own (no two spellings of one): `patched` may apply
+        self.exact = texts == len(self.hosts4) + len(self.hosts6)
         # (shift, network numbers) per prefix length, shortest prefix first.
         self.nets4 = tuple((32 - plen, frozenset(n)) for plen, n in sorted(nets4.items()))
         self.nets6 = tuple((128 - plen, frozenset(n)) for plen, n in sorted(nets6.items()))
@@ -47,6 +57,29 @@ class AddressSet:
     @staticmethod
     def of(s: IRSet) -> AddressSet:
         return AddressSet(s.addresses, s.cidrs)
+
+    def patched(self, old: IRSet, new: IRSet) -> AddressSet | None:
+        """This set (built from `old`) changed to `new` by host addresses only, parsing only the changed
+        ones (a member change of a 100k-member group). None: rebuild it (networks changed, or an
+        address is spelled twice, so removing one spelling must not remove the address)."""
+        if not self.exact or old.cidrs != new.cidrs:
+            return None
+        before, after = set(old.addresses), set(new.addresses)
+        out = AddressSet.__new__(AddressSet)
+        out.hosts4, out.hosts6 = set(self.hosts4), set(self.hosts6)
+        out.nets4, out.nets6 = self.nets4, self.nets6
+        for text, add in [*((t, False) for t in before - after), *((t, True) for t in after - before)]:
+            host = _host_int(text)
+            if host is None:
+                return None
+            hosts = out.hosts6 if ":" in text else out.hosts4
+            if add:
+                hosts.add(host)
+            else:
+                hosts.discard(host)
+        hosts_of_cidrs = len(self.hosts4) + len(self.hosts6) - len(before)
+        out.exact = len(out.hosts4) + len(out.hosts6) == len(after) + hosts_of_cidrs
+        return out if out.exact else None
 
     def contains(self, v6: bool, ip: int) -> bool:
         if v6:
@@ -61,6 +94,17 @@ class AddressSet:
 
 
 EMPTY_SET = AddressSet()
+
+
+def _host_int(text: str) -> int | None:
+    """A host address as an integer, parsed by the C library (~10x ipaddress); None: not a plain
+    address (a network, or something ipaddress must judge)."""
+    try:
+        if ":" in text:
+            return int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except OSError:
+        return None
 
 
 def service_matches(svc: ServiceMatch, packet: Packet) -> bool:
@@ -226,8 +270,14 @@ class StateIndex:
             for name, s in self._irsets.items():
                 old = previous._irsets.get(name)
                 got = previous._sets.get(name)
-                if got is not None and old is not None and _same_members(old, s):
+                if got is None or old is None:
+                    continue
+                if _same_members(old, s):
                     self._sets[name] = got
+                else:
+                    patched = got.patched(old, s)
+                    if patched is not None:
+                        self._sets[name] = patched
         self.vnics: dict[str, VnicIndex] = {}
         if not lazy:
             for v in state.vnics:
