@@ -734,3 +734,29 @@ def test_hop_equals_naive_reference(
         assert p.protocol == "icmp" and p.icmp_type in (0, 3)
         return
     assert (hv.verdict, hv.rule.id if hv.rule else None) == naive_hop(rules, sets, p, default)
+
+
+# ------------------------------------------------------------------------ patched address sets
+
+_POOL = [f"10.0.0.{i}" for i in range(1, 9)] + ["fd00::1", "fd00::2", "0:0::fd00:3", "::ffff:10.0.0.1"]
+_NETS = ["10.0.0.0/30", "fd00::/126", "10.0.0.7/32"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    old=st.lists(st.sampled_from(_POOL), unique=True),
+    new=st.lists(st.sampled_from(_POOL), unique=True),
+    cidrs=st.lists(st.sampled_from(_NETS), unique=True, max_size=2),
+    probe=st.sampled_from([*_POOL, "10.0.0.3", "10.0.0.9", "fd00::3", "fd00::9"]),
+)
+def test_a_patched_address_set_equals_one_built_anew(old, new, cidrs, probe) -> None:
+    """What the revocation judge relies on: patching a set by its member changes gives the same
+    membership as building it (or declines, for a spelling that aliases another address)."""
+    a, b = IRSet("s", tuple(old), tuple(cidrs)), IRSet("s", tuple(new), tuple(cidrs))
+    patched = AddressSet.of(a).patched(a, b)
+    want = AddressSet.of(b)
+    ip = ipaddress.ip_address(probe)
+    got = (patched or want).contains(ip.version == 6, int(ip))
+    assert got == want.contains(ip.version == 6, int(ip))
+    if patched is not None:
+        assert (patched.hosts4, patched.hosts6) == (want.hosts4, want.hosts6)

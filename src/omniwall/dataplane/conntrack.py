@@ -121,7 +121,8 @@ def entry_from_msg(msg: Any) -> ConnEntry:
     )
 
 
-def _canon(addr: str) -> str:
+def canonical(addr: str) -> str:
+    """An address's one text form (what conntrack reports and the sets are keyed by)."""
     return str(ipaddress.ip_address(addr))
 
 
@@ -263,7 +264,7 @@ class ConntrackTable:
         if self.count() == 0:
             return []
         if len(want) > FILTERED_DUMP_MAX:
-            return [e for e in self.list() if _canon(e.src) in want or _canon(e.dst) in want]
+            return [e for e in self.list() if canonical(e.src) in want or canonical(e.dst) in want]
         out: dict[tuple[object, ...], ConnEntry] = {}
         for a in sorted(want):
             for side in ("src", "dst"):
@@ -478,4 +479,4 @@ def _raw_requests(msgs: list[tuple[nfct_msg, int, int, int]], ok_errors: set[int
     return done
 
 
-__all__ = ["ConntrackTable", "entry_from_msg"]
+__all__ = ["ConntrackTable", "canonical", "entry_from_msg"]

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from omniwall.compiler.ir import HostDelta, HostDesiredState, apply_delta
 from omniwall.dataplane.backend import Capabilities, ConnEntry, RuleCounters
-from omniwall.dataplane.revocation import Revoker, canonical
+from omniwall.dataplane.conntrack import canonical
+from omniwall.dataplane.revocation import Revoker
 
 
 class MemoryConntrack:

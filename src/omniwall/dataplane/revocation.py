@@ -10,12 +10,12 @@ in-memory one (`MemoryBackend`).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from typing import Protocol
 
 from omniwall.compiler.ir import HostDesiredState, IRVnic
 from omniwall.dataplane.backend import ConnEntry
+from omniwall.dataplane.conntrack import canonical
 from omniwall.sim.evaluate import judge_start
 from omniwall.sim.match import StateIndex
 from omniwall.sim.packet import Packet
@@ -145,10 +145,6 @@ def packet_of(e: ConnEntry) -> Packet | None:
         return None
 
 
-def canonical(addr: str) -> str:
-    return str(ipaddress.ip_address(addr))
-
-
 def by_address(vnics: tuple[IRVnic, ...]) -> dict[str, IRVnic]:
     out: dict[str, IRVnic] = {}
     for v in vnics:
@@ -186,4 +182,4 @@ def _affected_addresses(old: HostDesiredState | None, new: HostDesiredState) -> 
     return out
 
 
-__all__ = ["ConnTable", "Judge", "Revoker", "by_address", "canonical", "packet_of"]
+__all__ = ["ConnTable", "Judge", "Revoker", "by_address", "packet_of"]
