@@ -310,7 +310,7 @@ def make_backend(
             allow_initial_netns=netns is None,
             flow_group=DEFAULT_FLOW_GROUP if flows else None,
         )
-    raise ValueError(f"backend: unknown kind {kind!r} (expected nft or sim)")
+    raise ValueError(f"backend: unknown kind {kind!r} (expected nft, memory or sim)")
 
 
 async def run_agent_async(agent: Agent) -> None:
