@@ -209,7 +209,10 @@ class ConntrackTable:
         """Keep a mirror of the table fed by conntrack events (`ctmirror`), so `involving` answers
         without a dump. False when the namespace reports no events (then `involving` dumps)."""
         if self.mirror is None:
-            self.mirror = ConntrackMirror.open(self.thread)
+            try:
+                self.mirror = ConntrackMirror.open(self.thread)
+            except OSError:  # no ctnetlink here (module missing, not root): dumps it is
+                self.mirror = None
         return self.mirror is not None
 
     def close(self) -> None:

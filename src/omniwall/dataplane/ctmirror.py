@@ -158,9 +158,9 @@ class ConntrackMirror:
         self.resyncs = 0  # seeds after the first (lost events)
         self.events = 0
         self._stop = False
-        self._wake_r, self._wake_w = os.pipe()
         with self._lock:
             self._seed()
+        self._wake_r, self._wake_w = os.pipe()
         self._reader = threading.Thread(target=self._run, name="ct-mirror", daemon=True)
         self._reader.start()
 
@@ -172,19 +172,31 @@ class ConntrackMirror:
             if not events_enabled():
                 return None
             dumper = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            dumper.bind((0, 0))
             sk = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
             try:
-                sk.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE (root)
-            except OSError:
-                sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-            sk.bind((0, 0))
-            for group in (NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY):
-                sk.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+                dumper.bind((0, 0))
+                try:
+                    sk.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE (root)
+                except OSError:
+                    sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+                sk.bind((0, 0))
+                for group in (NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY):
+                    sk.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+            except BaseException:
+                sk.close()
+                dumper.close()
+                raise
             return sk, dumper
 
         socks = thread.call(subscribe)
-        return None if socks is None else ConntrackMirror(*socks)
+        if socks is None:
+            return None
+        try:
+            return ConntrackMirror(*socks)
+        except BaseException:
+            for sk in socks:
+                sk.close()
+            raise
 
     # ------------------------------------------------------------------------------------- reads
     def involving(self, addresses: Iterable[str]) -> list[ConnEntry]:
