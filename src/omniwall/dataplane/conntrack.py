@@ -305,8 +305,9 @@ class ConntrackTable:
             self._writer = self.thread.call(open_writer)
         with self._write_lock:
             done = _batched(self._writer, [_delete_payload(e) for e in entries], self._next_seq)
-        if self.mirror is not None and done < len(entries):
-            self.mirror.forget(entries)  # some were gone already (their DESTROY never came)
+        if self.mirror is not None:
+            # gone now, deleted or already (an entry older than the mirror may send no DESTROY)
+            self.mirror.forget(entries)
         return done
 
     def _next_seq(self) -> int:

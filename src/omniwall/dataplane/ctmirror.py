@@ -11,9 +11,11 @@ How it stays true:
   made after a commit sees every connection confirmed before it.
 - Lost events (ENOBUFS: the receive buffer overflowed) are unknowable: the mirror throws away what is
   queued and seeds again (`resyncs` counts it).
-- With `nf_conntrack_events=2` an entry created while nobody listened sends no DESTROY: the mirror may
-  hold a few entries that are gone. They cost a futile delete (ENOENT, not an error) and are dropped
-  with `forget`; nothing that exists is ever missing.
+- With `nf_conntrack_events=2` (the default) an entry created while nobody listened sends no DESTROY:
+  the first seed may hold entries that end unseen. Entries the table deletes itself are forgotten at
+  once; the rest cost a futile delete (ENOENT, not an error) and are forgotten then; and the reader
+  seeds once more `RESEED_AFTER` seconds after a non-empty first seed (short connections of before are
+  gone by then). Nothing that exists is ever missing.
 Only what revocation needs is kept: the original tuple and zone (what a delete names), not states,
 timeouts or windows (migration export still dumps: it needs those).
 """
@@ -27,6 +29,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterable
 
 from omniwall.dataplane.backend import ConnEntry
@@ -42,6 +45,9 @@ CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 P_NUM, P_SPORT, P_DPORT, P_ICMP_ID, P_ICMP_TYPE, P_ICMP_CODE = 1, 2, 3, 4, 5, 6
 P_ICMP6_ID, P_ICMP6_TYPE, P_ICMP6_CODE = 7, 8, 9
 RCVBUF = 16 << 20
+READER_BATCH = 16  # datagrams the background reader applies per hold of the lock
+LOOKUP_BATCH = 4096  # datagrams a lookup applies at most (what was queued before it)
+RESEED_AFTER = 300.0  # s: past TIME_WAIT (120 s) and UDP timeouts of the entries seen before us
 
 # (family, proto, src, dst, sport, dport, icmp_id, icmp_type, icmp_code, zone): one entry's identity
 Orig = tuple[int, int, str, str, int, int, int | None, int | None, int | None, int]
@@ -160,6 +166,7 @@ class ConntrackMirror:
         self._stop = False
         with self._lock:
             self._seed()
+        self._reseed_at = time.monotonic() + RESEED_AFTER if self._by_addr else None
         self._wake_r, self._wake_w = os.pipe()
         self._reader = threading.Thread(target=self._run, name="ct-mirror", daemon=True)
         self._reader.start()
@@ -233,12 +240,21 @@ class ConntrackMirror:
                 return
             if self._stop:
                 return
-            if self._sock in ready:
+            if self._reseed_at is not None and time.monotonic() >= self._reseed_at:
+                self._reseed_at = None
                 with self._lock:
                     try:
-                        self._drain()
+                        self._seed()
                     except OSError:
                         return
+            if self._sock in ready:
+                more = True
+                while more and not self._stop:
+                    with self._lock:  # a few datagrams a hold: a lookup never waits behind a burst
+                        try:
+                            more = self._drain(READER_BATCH)
+                        except OSError:
+                            return
 
     def _add(self, o: Orig) -> None:
         for a in {o[2], o[3]}:
@@ -255,13 +271,15 @@ class ConntrackMirror:
                 if not got:
                     del self._by_addr[a]
 
-    def _drain(self) -> None:
-        """Apply every queued event (lock held). Lost events: seed again."""
-        while True:
+    def _drain(self, limit: int = LOOKUP_BATCH) -> bool:
+        """Apply the queued events, at most `limit` datagrams (lock held); True: more may be queued.
+        Lost events: seed again. Bounded so that churn faster than this thread can never hold the lock
+        for good (a lookup needs the events queued before it, not those arriving while it drains)."""
+        for _ in range(limit):
             try:
                 data = self._sock.recv(1 << 18, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                return
+                return False
             except OSError as e:
                 if e.errno != errno.ENOBUFS:
                     raise
@@ -269,6 +287,7 @@ class ConntrackMirror:
                 self._seed()
                 continue
             self._apply(data)
+        return True
 
     def _apply(self, data: bytes) -> None:
         off = 0
@@ -291,7 +310,7 @@ class ConntrackMirror:
     def _seed(self) -> None:
         """Discard what is queued (older than the dump), then load one full dump; events queued after
         this point are replayed over it by the next drain."""
-        while True:
+        for _ in range(LOOKUP_BATCH):  # bounded: an older event replayed later is harmless
             try:
                 self._sock.recv(1 << 18, socket.MSG_DONTWAIT)
             except BlockingIOError:
