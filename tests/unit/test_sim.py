@@ -596,11 +596,10 @@ def test_a_network_holds_its_own_indexes_and_a_new_index_reuses_unchanged_sets()
     assert lazy.vnic("web") is lazy.vnic("web")
 
 
-def test_many_packets_quickly() -> None:
-    """The differential fuzzer's load: 20k paths against one network the caller holds stays well under
-    a second per 10k on this machine; the bound is loose so a busy CI box does not flake."""
-    import time
-
+def test_many_packets_against_a_big_set_and_many_rules() -> None:
+    """The differential fuzzer's load shape (a 5,000-address set with a network, 200 rules, thousands of
+    packets against one network the caller holds): every verdict is the one the rules give. (Speed is
+    a benchmark's business, not a unit test's.)"""
     sets = [
         IRSet(
             "big",
@@ -613,10 +612,12 @@ def test_many_packets_quickly() -> None:
     ]
     states = {"h1": S("h1", [V("app", APP, ingress=tuple(r.id for r in rules))], rules, sets)}
     net = Network(states)
-    t0 = time.perf_counter()
-    for i in range(20000):
-        judge_path(net, tcp("10.3.7.1", APP, 1000 + i % 5000))
-    assert time.perf_counter() - t0 < 10
+    for i in range(2000):
+        port = 1 + i % 400
+        pv = judge_path(net, tcp("10.3.7.1" if i % 2 else "172.20.0.9", APP, port))
+        hop = pv.hops[0]
+        assert hop.rule is not None and hop.rule.id == (port if port < 200 else 1000)
+    assert not judge_path(net, tcp("10.250.0.1", APP, 1000)).allowed  # in neither: the default
 
 
 # ------------------------------------------------------------------------ against a naive reference
