@@ -8,7 +8,7 @@
   rules: `hop_rules - 1` that do not match the measured flow, cycling through the three ways a rule
   fails (source not in its set: one hash lookup; source in, destination not: two lookups; both in,
   wrong port: two lookups and two compares), and the allowing rule **last**, just before the default
-  drop. A linear hop makes every new connection pay the whole walk; the hop index (nft/identity.py)
+  drop. A linear hop makes every new connection pay the whole walk; the hop index (nft/set_signatures.py)
   decides at render time that the first kind never matches at the egress hop (the local side) and
   looks the rest up by the destination's identity and port.
 - (c) `linear_table` (table `owbench_c`): the naive model, iptables without ipset: one rule per member

@@ -25,6 +25,7 @@ client's wall time around `migrate()` and the vNIC-move step alone (phase `switc
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -53,6 +54,16 @@ def pct(xs: list[float], p: float) -> float:
 def phase_ms(rec: dict[str, Any], a: str, b: str) -> float | None:
     at = {p["phase"]: p["ms"] for p in rec.get("phases", [])}
     return at[b] - at[a] if a in at and b in at else None
+
+
+def phase_table(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """p50/p99 of each step between consecutive phases (`a->b`), over the migrations: where time goes."""
+    steps: dict[str, list[float]] = {}
+    for rec in records:
+        ph = rec.get("phases", [])
+        for x, y in itertools.pairwise(ph):
+            steps.setdefault(f"{x['phase']}->{y['phase']}", []).append(y["ms"] - x["ms"])
+    return {k: {"p50": round(pct(v, 50), 1), "p99": round(pct(v, 99), 1)} for k, v in steps.items()}
 
 
 def versions() -> dict[str, str]:
@@ -146,6 +157,7 @@ def run(n: int, hold: float = 1.0, second_copy: bool = False, churn: bool = Fals
         "clientWallMs": {"p50": round(pct(wall, 50), 1), "p99": round(pct(wall, 99), 1)},
         "prepareMs": {"p50": pct(prep, 50), "p99": pct(prep, 99)},
         "vnicMoveMs": {"p50": pct(move, 50), "p99": pct(move, 99)},
+        "phaseMs": phase_table(records),
         "entries": {
             "firstCopyMean": round(statistics.mean(r["stats"].get("imported", 0) for r in records), 2)
             if records

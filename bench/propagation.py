@@ -278,14 +278,14 @@ def fanout_policy(port: int) -> dict[str, Any]:
 def worker_main(spec_file: str) -> None:
     """One fan-out process: many Agents (sim backend) on one loop, one shared HTTP client."""
     from omniwall.agent.main import Agent, agent_limits
-    from omniwall.dataplane.sim_backend import SimBackend
+    from omniwall.dataplane.memory_backend import MemoryBackend
 
     spec = json.loads(Path(spec_file).read_text())
     hosts: list[list[str]] = spec["hosts"]
     applied: dict[int, float] = {}  # revision -> wall time the last agent of this process applied it
     acked: dict[int, float] = {}  # revision -> wall time the manager answered the last agent's ack
 
-    class TimedSim(SimBackend):
+    class TimedSim(MemoryBackend):
         def apply(self, delta: Any) -> Any:
             out = super().apply(delta)
             applied[delta.to_revision] = time.time()

@@ -20,7 +20,7 @@ from doubles.fake_manager import FakeManager
 from omniwall.agent.feed import Backoff, FeedError, Heartbeat, Snapshot, parse_line
 from omniwall.agent.main import Agent
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, diff
-from omniwall.dataplane.sim_backend import SimBackend
+from omniwall.dataplane.memory_backend import MemoryBackend
 
 HOST = "h1"
 TOKEN = "t0ken"
@@ -46,7 +46,7 @@ def state(revision: int, ips: tuple[str, ...]) -> HostDesiredState:
     )
 
 
-def make_agent(fm: FakeManager, backend: SimBackend, token: str = TOKEN) -> Agent:
+def make_agent(fm: FakeManager, backend: MemoryBackend, token: str = TOKEN) -> Agent:
     return Agent(
         fm.url,
         HOST,
@@ -95,7 +95,7 @@ def fm():
 
 
 def test_converges_survives_manager_outage_and_resumes(fm: FakeManager) -> None:
-    be = SimBackend(HOST)
+    be = MemoryBackend(HOST)
     s5, s6, s7 = state(5, ("10.1.0.1",)), state(6, ("10.1.0.2",)), state(7, ("10.1.0.2", "10.1.0.3"))
     fm.publish(s5)
 
@@ -140,7 +140,7 @@ def test_converges_survives_manager_outage_and_resumes(fm: FakeManager) -> None:
 
 
 def test_gap_reconnects_for_a_snapshot(fm: FakeManager) -> None:
-    be = SimBackend(HOST)
+    be = MemoryBackend(HOST)
     s5, s9 = state(5, ("10.1.0.1",)), state(9, ("10.1.0.9",))
     fm.publish(s5)
 
@@ -158,7 +158,7 @@ def test_gap_reconnects_for_a_snapshot(fm: FakeManager) -> None:
 
 
 def test_failed_write_is_reported_then_recovered(fm: FakeManager) -> None:
-    be = SimBackend(HOST)
+    be = MemoryBackend(HOST)
     s5, s6 = state(5, ("10.1.0.1",)), state(6, ("10.1.0.6",))
     fm.publish(s5)
 
@@ -184,7 +184,7 @@ def test_restart_adopts_and_writes_nothing(tmp_path) -> None:
     fm.publish(s5)
     path = tmp_path / "sim.json"
 
-    async def run_once(be: SimBackend) -> Agent:
+    async def run_once(be: MemoryBackend) -> Agent:
         async with running(make_agent(fm, be)) as agent:
             await until(
                 lambda: agent.connects >= 1 and acked(fm, 5)() and agent.reconciler.in_sync, "in sync"
@@ -193,10 +193,10 @@ def test_restart_adopts_and_writes_nothing(tmp_path) -> None:
         return agent
 
     try:
-        first = SimBackend(HOST, state_file=path)
+        first = MemoryBackend(HOST, state_file=path)
         asyncio.run(run_once(first))
         assert first.calls == [("sync", 5)]
-        second = SimBackend(HOST, state_file=path)  # the "kernel" outlived the agent
+        second = MemoryBackend(HOST, state_file=path)  # the "kernel" outlived the agent
         agent = asyncio.run(run_once(second))
         assert fm.feed_requests[-1] == (HOST, 5), "resumed from the adopted revision"
         assert second.calls == [] and second.writes == 0, "identical snapshot: nothing written"
@@ -206,7 +206,7 @@ def test_restart_adopts_and_writes_nothing(tmp_path) -> None:
 
 
 def test_bad_token_is_retried_and_changes_nothing(fm: FakeManager) -> None:
-    be = SimBackend(HOST)
+    be = MemoryBackend(HOST)
     fm.publish(state(5, ("10.1.0.1",)))
 
     async def scenario() -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from omniwall.agent.reconciler import Reconciler
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch, diff
-from omniwall.dataplane.sim_backend import SimBackend, SimBackendError
+from omniwall.dataplane.memory_backend import MemoryBackend, MemoryBackendError
 
 HOST = "h1"
 
@@ -37,8 +37,8 @@ def state(
     return HostDesiredState(host=HOST, revision=revision, vnics=tuple(vnics), rules=rules, sets=sets)
 
 
-def fresh() -> tuple[SimBackend, Reconciler]:
-    be = SimBackend(HOST)
+def fresh() -> tuple[MemoryBackend, Reconciler]:
+    be = MemoryBackend(HOST)
     rec = Reconciler(be, HOST)
     rec.adopt()
     return be, rec
@@ -125,12 +125,12 @@ def test_retry_after_failed_sync() -> None:
 
 def test_identical_snapshot_after_restart_writes_nothing(tmp_path) -> None:
     path = tmp_path / "sim.json"
-    first = SimBackend(HOST, state_file=path)
+    first = MemoryBackend(HOST, state_file=path)
     rec = Reconciler(first, HOST)
     rec.adopt()
     rec.on_snapshot(state(5, extra_vnic=True))
     # "restart": a new backend object reads the persisted state, a new reconciler adopts it
-    be = SimBackend(HOST, state_file=path)
+    be = MemoryBackend(HOST, state_file=path)
     rec = Reconciler(be, HOST)
     assert rec.adopt() == state(5, extra_vnic=True)
     assert rec.resume_revision == 5
@@ -154,20 +154,20 @@ def test_wrong_host_is_refused_and_nothing_written() -> None:
     assert be.calls == [] and be.realized() is None
 
 
-def test_sim_backend_is_strict() -> None:
-    be = SimBackend(HOST)
+def test_memory_backend_is_strict() -> None:
+    be = MemoryBackend(HOST)
     broken = dataclasses.replace(state(1), sets=())  # the rule names sets that are not there
-    with pytest.raises(SimBackendError, match="s-any-web"):
+    with pytest.raises(MemoryBackendError, match="s-any-web"):
         be.sync(broken)
     assert be.realized() is None
     be.sync(state(1))
-    with pytest.raises(SimBackendError, match="revision"):
+    with pytest.raises(MemoryBackendError, match="revision"):
         be.apply(diff(state(3), state(4)))
     assert be.realized() == state(1)
 
 
 def test_unreadable_kernel_state_means_wait_for_snapshot() -> None:
-    class Unreadable(SimBackend):
+    class Unreadable(MemoryBackend):
         def realized(self) -> HostDesiredState | None:
             raise RuntimeError("table from IR version 99")
 

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from omniwall.agent.guard import Guard
 from omniwall.agent.reconciler import Reconciler
 from omniwall.compiler.ir import HostDelta, IRRule, IRSet, IRVnic, SetUpdate, VnicUpdate
-from omniwall.dataplane.sim_backend import SimBackend
+from omniwall.dataplane.memory_backend import MemoryBackend
 from omniwall.model.errors import ValidationError
 from omniwall.model.inet import kernel_address_ok, kernel_network_ok, parse_ip
 from omniwall.model.interfaces import check_pattern, interface_allowed
@@ -241,7 +241,7 @@ def test_guard_checks_what_a_delta_adds() -> None:
 
 
 def test_reconciler_keeps_converging_past_a_poisoned_object() -> None:
-    be = SimBackend(host="h")
+    be = MemoryBackend(host="h")
     rec = Reconciler(be, "h")
     s1 = _state([GOOD], [_rule(1, "ok")], [OK_SET])
     assert rec.on_snapshot(s1).kind == "synced" and rec.error is None

@@ -18,7 +18,7 @@ import uvicorn
 from omniwall.agent.main import Agent
 from omniwall.api.app import create_app
 from omniwall.dataplane.backend import ConnEntry
-from omniwall.dataplane.sim_backend import SimBackend
+from omniwall.dataplane.memory_backend import MemoryBackend
 from omniwall.manager.contracts import load_documents
 from omniwall.manager.migration import FAULTS_ENV
 from omniwall.manager.service import SYSTEM, Manager
@@ -81,7 +81,7 @@ def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
     t.start()
     while not srv.started:
         time.sleep(0.02)
-    backends = {h: SimBackend(h) for h in ("h1", "h2")}
+    backends = {h: MemoryBackend(h) for h in ("h1", "h2")}
     backends["h1"].import_connections([ENTRY])
     loop = asyncio.new_event_loop()
     agents: list[Agent] = []

@@ -20,7 +20,7 @@ from omniwall.logformat import check_format, setup_logging
 from omniwall.model.interfaces import DEFAULT_VNIC_INTERFACES, check_pattern
 from omniwall.tls import check_manager_url, client_context
 
-BACKENDS = ("nft", "sim")
+BACKENDS = ("nft", "memory", "sim")  # sim: the old name of memory
 
 
 def read_token(path: Path) -> str:
@@ -47,7 +47,7 @@ def agent(
         str | None, typer.Option("--netns", help="Network namespace of the host (lab); default: this one")
     ] = None,
     backend: Annotated[
-        str, typer.Option("--backend", help="Data plane: nft (kernel) or sim (in memory)")
+        str, typer.Option("--backend", help="Data plane: nft (kernel) or memory (alias sim)")
     ] = "nft",
     state_dir: Annotated[
         Path,

@@ -293,15 +293,16 @@ class Agent:
 def make_backend(
     kind: str, host: str, netns: str | None, state_dir: Path | None, *, flows: bool = True
 ) -> Backend:
-    """`nft`: the kernel (H5's NftBackend, in `netns`); `sim`: in memory, persisted under `state_dir`.
+    """`nft`: the kernel (H5's NftBackend, in `netns`); `memory` (alias `sim`): in memory, persisted
+    under `state_dir`.
     `flows`: the kernel logs every hop verdict for flow records (nft only)."""
-    if kind == "sim":
-        from omniwall.dataplane.sim_backend import SimBackend
+    if kind in ("memory", "sim"):
+        from omniwall.dataplane.memory_backend import MemoryBackend
 
         state_file = state_dir / f"sim-{host}.json" if state_dir is not None else None
         if state_file is not None:
             state_file.parent.mkdir(parents=True, exist_ok=True)
-        return SimBackend(host=host, state_file=state_file)
+        return MemoryBackend(host=host, state_file=state_file)
     if kind == "nft":
         from omniwall.dataplane.nft.backend import NftBackend
         from omniwall.dataplane.nft.render import DEFAULT_FLOW_GROUP
@@ -313,7 +314,7 @@ def make_backend(
             allow_initial_netns=netns is None,
             flow_group=DEFAULT_FLOW_GROUP if flows else None,
         )
-    raise ValueError(f"backend: unknown kind {kind!r} (expected nft or sim)")
+    raise ValueError(f"backend: unknown kind {kind!r} (expected nft, memory or sim)")
 
 
 async def run_agent_async(agent: Agent) -> None:

@@ -18,7 +18,8 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pyroute2.netlink import NETLINK_NETFILTER
@@ -34,6 +35,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
 )
 
 from omniwall.dataplane.backend import ConnEntry
+from omniwall.dataplane.ctmirror import ConntrackMirror
 from omniwall.dataplane.netns import NetnsThread, assert_not_initial
 
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE = 0, 2
@@ -47,6 +49,9 @@ CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2  # +2: the IPv6 ones
 CTA_FILTER_ORIG_FLAGS = 1
 CTA_FILTER_F_IP_SRC, CTA_FILTER_F_IP_DST = 1 << 0, 1 << 1
 NLA_F_NESTED = 0x8000
+CTA_TUPLE_PROTO, CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 2, 1, 2, 3
+CTA_PROTO_ICMP_ID, CTA_PROTO_ICMPV6_ID, CTA_ZONE = 4, 7, 18
+BATCH = 256  # requests per send
 FILTERED_DUMP_MAX = 4  # addresses; beyond that one full dump is cheaper than 2 per address
 
 
@@ -116,7 +121,8 @@ def entry_from_msg(msg: Any) -> ConnEntry:
     )
 
 
-def _canon(addr: str) -> str:
+def canonical(addr: str) -> str:
+    """An address's one text form (what conntrack reports and the sets are keyed by)."""
     return str(ipaddress.ip_address(addr))
 
 
@@ -194,8 +200,28 @@ class ConntrackTable:
         self.thread = thread or NetnsThread(netns, name="conntrack")
         self._count_fd: int | None = None
         self.dumps = 0  # conntrack dumps run (tests assert a pure element add runs none)
+        self.mirror: ConntrackMirror | None = None
+        self._writer: socket.socket | None = None  # opened in the namespace: deletes need no thread hop
+        self._write_lock = threading.Lock()
+        self._seq = 0
+
+    def watch(self) -> bool:
+        """Keep a mirror of the table fed by conntrack events (`ctmirror`), so `involving` answers
+        without a dump. False when the namespace reports no events (then `involving` dumps)."""
+        if self.mirror is None:
+            try:
+                self.mirror = ConntrackMirror.open(self.thread)
+            except OSError:  # no ctnetlink here (module missing, not root): dumps it is
+                self.mirror = None
+        return self.mirror is not None
 
     def close(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self._count_fd is not None:
             os.close(self._count_fd)
             self._count_fd = None
@@ -228,15 +254,20 @@ class ConntrackTable:
         return self.thread.call(_raw_dump)
 
     def involving(self, addresses: Iterable[str]) -> list[ConnEntry]:
-        """Entries whose original source or destination is one of `addresses`, filtered in the kernel
-        (CTA_FILTER, one dump per address and side), so the entries of unrelated connections are never
-        copied or decoded. Past a few addresses one full dump filtered here is cheaper (each dump walks
-        the whole hash)."""
+        """Entries whose original source or destination is one of `addresses` (original tuple and zone
+        at least: what judging and deleting need). Watched (`watch`): from the mirror, no dump at all.
+        Else filtered in the kernel (CTA_FILTER, one dump per address and side), so the entries of
+        unrelated connections are never copied or decoded; past a few addresses one full dump filtered
+        here is cheaper (each dump walks the whole hash)."""
         want = {str(ipaddress.ip_address(a)) for a in addresses}
-        if not want or self.count() == 0:
+        if not want:
+            return []
+        if self.mirror is not None:
+            return self.mirror.involving(want)
+        if self.count() == 0:
             return []
         if len(want) > FILTERED_DUMP_MAX:
-            return [e for e in self.list() if _canon(e.src) in want or _canon(e.dst) in want]
+            return [e for e in self.list() if canonical(e.src) in want or canonical(e.dst) in want]
         out: dict[tuple[object, ...], ConnEntry] = {}
         for a in sorted(want):
             for side in ("src", "dst"):
@@ -258,11 +289,30 @@ class ConntrackTable:
     # ------------------------------------------------------------------------------------- writes
     def delete(self, entries: Iterable[ConnEntry]) -> int:
         """Delete entries (by original tuple); entries already gone are not counted, not an error."""
-        msgs = []
-        for e in entries:
-            msg = nfct_msg.create_from(tuple_orig=_orig_tuple(e), zone=e.zone or None)
-            msgs.append((msg, e.family, IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK))
-        return self._send(msgs, ok_errors={errno.ENOENT})
+        entries = list(entries)
+        if not entries:
+            return 0
+        if self._writer is None:
+
+            def open_writer() -> socket.socket:
+                if not self.allow_initial_netns:
+                    assert_not_initial("conntrack write")
+                sk = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+                sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                sk.bind((0, 0))
+                return sk
+
+            self._writer = self.thread.call(open_writer)
+        with self._write_lock:
+            done = _batched(self._writer, [_delete_payload(e) for e in entries], self._next_seq)
+        if self.mirror is not None:
+            # gone now, deleted or already (an entry older than the mirror may send no DESTROY)
+            self.mirror.forget(entries)
+        return done
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
 
     def import_entries(self, entries: Iterable[ConnEntry]) -> int:
         """Create entries (migration); entries that already exist are skipped, not an error."""
@@ -296,6 +346,74 @@ def _filter_attrs(addr: str, side: str) -> tuple[int, bytes]:
     tup = _nla(CTA_TUPLE_ORIG | NLA_F_NESTED, _nla(CTA_TUPLE_IP | NLA_F_NESTED, _nla(ip_attr, ip.packed)))
     flt = _nla(CTA_FILTER | NLA_F_NESTED, _nla(CTA_FILTER_ORIG_FLAGS, struct.pack("=I", flag)))
     return family, tup + flt
+
+
+def tuple_attrs(typ: int, family: int, proto: int, src: str, dst: str, ports: tuple[int, int],
+                icmp: tuple[int | None, int | None, int | None]) -> bytes:  # fmt: skip
+    """One CTA_TUPLE_* nest (addresses, protocol, ports or ICMP id/type/code)."""
+    ip_src = CTA_IP_V4_SRC if family == socket.AF_INET else CTA_IP_V4_SRC + 2
+    ip = _nla(ip_src, socket.inet_pton(family, src)) + _nla(ip_src + 1, socket.inet_pton(family, dst))
+    pr = _nla(CTA_PROTO_NUM, bytes([proto]))
+    if proto in _PORTS:
+        pr += _nla(CTA_PROTO_SRC_PORT, struct.pack("!H", ports[0]))
+        pr += _nla(CTA_PROTO_DST_PORT, struct.pack("!H", ports[1]))
+    elif proto in _ICMP:
+        i_id = CTA_PROTO_ICMP_ID if proto == socket.IPPROTO_ICMP else CTA_PROTO_ICMPV6_ID
+        ident, itype, icode = icmp
+        pr += _nla(i_id, struct.pack("!H", ident or 0))
+        pr += _nla(i_id + 1, bytes([itype or 0])) + _nla(i_id + 2, bytes([icode or 0]))
+    return _nla(
+        typ | NLA_F_NESTED, _nla(CTA_TUPLE_IP | NLA_F_NESTED, ip) + _nla(CTA_TUPLE_PROTO | NLA_F_NESTED, pr)
+    )
+
+
+def _delete_payload(e: ConnEntry) -> tuple[int, bytes]:
+    """(message type, nfgenmsg + attributes) of one IPCTNL_MSG_CT_DELETE naming `e`'s original tuple."""
+    body = tuple_attrs(
+        CTA_TUPLE_ORIG,
+        e.family,
+        e.protocol,
+        e.src,
+        e.dst,
+        (e.sport, e.dport),
+        (e.icmp_id, e.icmp_type, e.icmp_code),
+    )
+    if e.zone:
+        body += _nla(CTA_ZONE, struct.pack("!H", e.zone))
+    return IPCTNL_MSG_CT_DELETE, struct.pack("!BBH", e.family, 0, 0) + body
+
+
+def _batched(sk: socket.socket, payloads: list[tuple[int, bytes]], seq: Callable[[], int]) -> int:
+    """Send requests (`(message type, payload)`) on `sk`, `BATCH` per send, acks read in bulk; ENOENT
+    (already gone) is not an error. Returns how many succeeded; other errors raise after the rest."""
+    done, failure = 0, None
+    flags = NLM_F_REQUEST | NLM_F_ACK
+    for start in range(0, len(payloads), BATCH):
+        chunk = payloads[start : start + BATCH]
+        msgs, want = [], set()
+        for cmd, p in chunk:
+            n = seq()
+            want.add(n)
+            msgs.append(
+                struct.pack("=IHHII", 16 + len(p), (NFNL_SUBSYS_CTNETLINK << 8) | cmd, flags, n, 0) + p
+            )
+        sk.send(b"".join(msgs))
+        while want:
+            data = sk.recv(1 << 20)
+            off = 0
+            while off + 16 <= len(data):
+                ln, typ, _f, n = struct.unpack_from("=IHHI", data, off)
+                if typ == 2 and n in want:  # NLMSG_ERROR (0 = ack)
+                    want.discard(n)
+                    (err,) = struct.unpack_from("=i", data, off + 16)
+                    if err == 0:
+                        done += 1
+                    elif -err != errno.ENOENT and failure is None:
+                        failure = OSError(-err, f"conntrack: {os.strerror(-err)}")
+                off += (max(ln, 16) + 3) & ~3
+    if failure is not None:
+        raise failure
+    return done
 
 
 def _raw_dump(addr: str | None = None, side: str = "src") -> list[ConnEntry]:
@@ -365,4 +483,4 @@ def _raw_requests(msgs: list[tuple[nfct_msg, int, int, int]], ok_errors: set[int
     return done
 
 
-__all__ = ["ConntrackTable", "entry_from_msg"]
+__all__ = ["ConntrackTable", "canonical", "entry_from_msg"]

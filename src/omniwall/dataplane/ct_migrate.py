@@ -22,7 +22,7 @@ import struct
 from collections.abc import Iterable
 
 from omniwall.dataplane.backend import ConnEntry
-from omniwall.dataplane.conntrack import _NAME_TO_TCP_STATE, ConntrackTable
+from omniwall.dataplane.conntrack import _NAME_TO_TCP_STATE, ConntrackTable, tuple_attrs
 from omniwall.dataplane.netns import assert_not_initial
 
 NETLINK_NETFILTER = 12
@@ -190,29 +190,10 @@ def _nest(typ: int, *parts: bytes) -> bytes:
     return _nla(typ | NESTED, b"".join(parts))
 
 
-def _tuple_nla(typ: int, family: int, proto: int, src: str, dst: str, ports: tuple[int, int],
-               icmp: tuple[int | None, int | None, int | None]) -> bytes:  # fmt: skip
-    if family == socket.AF_INET:
-        ip = _nla(IP4_SRC, socket.inet_pton(family, src)) + _nla(IP4_DST, socket.inet_pton(family, dst))
-    else:
-        ip = _nla(IP6_SRC, socket.inet_pton(family, src)) + _nla(IP6_DST, socket.inet_pton(family, dst))
-    pr = _nla(P_NUM, bytes([proto]))
-    if proto in _PORTS:
-        pr += _nla(P_SPORT, struct.pack("!H", ports[0])) + _nla(P_DPORT, struct.pack("!H", ports[1]))
-    elif proto in (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6):
-        i_id, i_type, i_code = (P_ICMP_ID, P_ICMP_TYPE, P_ICMP_CODE)
-        if proto == socket.IPPROTO_ICMPV6:
-            i_id, i_type, i_code = (P_ICMP6_ID, P_ICMP6_TYPE, P_ICMP6_CODE)
-        ident, itype, icode = icmp
-        pr += _nla(i_id, struct.pack("!H", ident or 0))
-        pr += _nla(i_type, bytes([itype or 0])) + _nla(i_code, bytes([icode or 0]))
-    return _nest(typ, _nest(T_IP, ip), _nest(T_PROTO, pr))
-
-
 def import_payload(e: ConnEntry) -> bytes:
     """nfgenmsg + attributes of one IPCTNL_MSG_CT_NEW for `e` (as `conntrack._import_msg`)."""
     x = e.extra
-    orig = _tuple_nla(
+    orig = tuple_attrs(
         TUPLE_ORIG,
         e.family,
         e.protocol,
@@ -221,7 +202,7 @@ def import_payload(e: ConnEntry) -> bytes:
         (e.sport, e.dport),
         (e.icmp_id, e.icmp_type, e.icmp_code),
     )
-    reply = _tuple_nla(
+    reply = tuple_attrs(
         TUPLE_REPLY,
         e.family,
         e.protocol,

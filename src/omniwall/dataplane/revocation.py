@@ -1,25 +1,84 @@
 """Revocation (docs/semantics.md §6): after a policy change, the tracked connections that the new state
 would refuse at a hop on this host are cut (their conntrack entries deleted); others are untouched.
 
-`Revoker` finds the connections a change can affect, judges each by the hops still on this host, and
-deletes the refused ones. It owns no kernel state of its own: the conntrack table it is given does the I/O.
+`Revoker` finds the connections a change can affect (only those of the affected addresses: the table
+answers from its event-fed mirror, `ctmirror`, without walking conntrack), judges each by the hops still
+on this host with the sim's judge of a hop (`sim.evaluate.judge_start`: one evaluator of the semantics),
+and deletes the refused ones. The table it is given does the I/O: the kernel's (`ConntrackTable`) or an
+in-memory one (`MemoryBackend`).
 """
 
 from __future__ import annotations
 
-import ipaddress
+from collections.abc import Iterable
+from typing import Protocol
 
 from omniwall.compiler.ir import HostDesiredState, IRVnic
 from omniwall.dataplane.backend import ConnEntry
-from omniwall.dataplane.conntrack import ConntrackTable
-from omniwall.dataplane.nft.rejudge import Probe, judge_hop
+from omniwall.dataplane.conntrack import canonical
+from omniwall.sim.evaluate import judge_start
+from omniwall.sim.match import StateIndex
+from omniwall.sim.packet import Packet
+
+ICMP_PROTOCOLS = (1, 58)
+
+
+class ConnTable(Protocol):
+    """What revocation needs of a conntrack table."""
+
+    def count(self) -> int: ...
+
+    def involving(self, addresses: Iterable[str]) -> list[ConnEntry]: ...
+
+    def delete(self, entries: Iterable[ConnEntry]) -> int: ...
+
+
+class Judge:
+    """Judges connections under the latest state it was shown. It keeps that state's index (vNICs
+    compiled when first judged) and hands its address sets to the next one, so a change rebuilds only
+    the sets whose members changed (sets hold up to 100k+ members)."""
+
+    def __init__(self) -> None:
+        self._index: StateIndex | None = None
+        self._owners: dict[str, IRVnic] = {}
+
+    def under(self, state: HostDesiredState) -> Judge:
+        if self._index is None or self._index.state is not state:
+            self._index = StateIndex(state, self._index, lazy=True)
+            self._owners = by_address(state.vnics)
+        return self
+
+    def prime(self) -> None:
+        """Build the address sets the rules use now (after a full sync or a general change), so the
+        first member change after it patches them instead of building them on the clock."""
+        index = self._index
+        assert index is not None
+        for r in index.state.rules:
+            for name in (r.src_set, r.dst_set):
+                if name is not None:
+                    index.address_set(name)
+
+    def owner(self, address: str) -> IRVnic | None:
+        return self._owners.get(address)
+
+    def refused(self, p: Packet, src: IRVnic | None, dst: IRVnic | None) -> bool:
+        """Does a hop on this host (egress of `src`, ingress of `dst`) refuse `p` as a new connection?"""
+        index = self._index
+        assert index is not None
+        if src is not None and not judge_start(index, src.ifname, "egress", p).allowed:
+            return True
+        return dst is not None and not judge_start(index, dst.ifname, "ingress", p).allowed
 
 
 class Revoker:
-    def __init__(self, ct: ConntrackTable, *, enabled: bool = True) -> None:
+    def __init__(self, ct: ConnTable, *, enabled: bool = True) -> None:
         self.ct = ct
         self.enabled = enabled
+        self.judge = Judge()
         self.last_revoked: list[ConnEntry] = []  # what the last call cut (tests, benchmarks)
+        watch = getattr(ct, "watch", None)
+        if enabled and watch is not None:
+            watch()  # the kernel table: mirror it from events, so lookups walk nothing
 
     def after_change(self, old: HostDesiredState | None, new: HostDesiredState) -> list[ConnEntry]:
         """Delete conntrack entries of affected vNICs that `new` would refuse at a hop still on this host,
@@ -27,18 +86,20 @@ class Revoker:
         self.last_revoked = []
         if not self.enabled or old == new:
             return []
+        self.judge.under(new).prime()
         affected = _affected_addresses(old, new)
         if not affected:
             return []
-        return self._rejudge(new, self.ct.list(), affected, _by_address(old.vnics) if old is not None else {})
+        old_by_addr = by_address(old.vnics) if old is not None else {}
+        return self._rejudge(new, self.ct.involving(affected), affected, old_by_addr)
 
     def involving(self, new: HostDesiredState, addresses: set[str]) -> list[ConnEntry]:
         """Revocation after a members-only change: only connections from/to `addresses` can have
-        become refused, and conntrack is asked (filtered in the kernel) for those alone."""
+        become refused, and the table is asked for those alone."""
         self.last_revoked = []
         if not self.enabled or not addresses or self.ct.count() == 0:
             return []
-        affected = {_canon(a) for a in addresses}
+        affected = {canonical(a) for a in addresses}
         return self._rejudge(new, self.ct.involving(affected), affected, {})
 
     def _rejudge(
@@ -48,21 +109,18 @@ class Revoker:
         affected: set[str],
         old_by_addr: dict[str, IRVnic],
     ) -> list[ConnEntry]:
-        new_by_addr = _by_address(new.vnics)
+        judge = self.judge.under(new)
         doomed = []
         for e in entries:
-            src, dst = _canon(e.src), _canon(e.dst)
-            if src not in affected and dst not in affected:
+            p = packet_of(e)
+            if p is None or (p.src not in affected and p.dst not in affected):
                 continue
-            sv, dv = new_by_addr.get(src), new_by_addr.get(dst)
+            sv, dv = judge.owner(p.src), judge.owner(p.dst)
             if sv is None and dv is None:
-                if src in old_by_addr or dst in old_by_addr:
+                if p.src in old_by_addr or p.dst in old_by_addr:
                     doomed.append(e)  # its vNIC left this host: no hop here judges it any more
                 continue
-            p = Probe.of(e)  # judged by the hops still on this host (a peer may have moved away)
-            if (sv is not None and judge_hop(new, sv, "egress", p)[0] != "allow") or (
-                dv is not None and judge_hop(new, dv, "ingress", p)[0] != "allow"
-            ):
+            if judge.refused(p, sv, dv):  # by the hops still on this host (a peer may have moved away)
                 doomed.append(e)
         if doomed:
             self.ct.delete(doomed)
@@ -70,15 +128,28 @@ class Revoker:
         return doomed
 
 
-def _canon(addr: str) -> str:
-    return str(ipaddress.ip_address(addr))
+def packet_of(e: ConnEntry) -> Packet | None:
+    """The connection's original-direction first packet (None: not one the sim can state)."""
+    icmp = e.protocol in ICMP_PROTOCOLS
+    try:
+        return Packet(
+            e.src,
+            e.dst,
+            e.protocol,
+            sport=e.sport if not icmp else 0,
+            dport=e.dport if not icmp else 0,
+            icmp_type=e.icmp_type if icmp else None,
+            icmp_code=e.icmp_code if icmp else None,
+        )
+    except ValueError:
+        return None
 
 
-def _by_address(vnics: tuple[IRVnic, ...]) -> dict[str, IRVnic]:
+def by_address(vnics: tuple[IRVnic, ...]) -> dict[str, IRVnic]:
     out: dict[str, IRVnic] = {}
     for v in vnics:
         for a in v.addresses:
-            out.setdefault(_canon(a), v)
+            out.setdefault(canonical(a), v)
     return out
 
 
@@ -86,7 +157,7 @@ def _affected_addresses(old: HostDesiredState | None, new: HostDesiredState) -> 
     """Addresses of vNICs whose verdicts may have changed: vNIC added/removed/changed, a rule it uses
     changed, or a set one of its rules references changed."""
     if old is None:
-        return set(_by_address(new.vnics))
+        return set(by_address(new.vnics))
     old_v, new_v = old.vnic_map(), new.vnic_map()
     old_r, new_r = old.rule_map(), new.rule_map()
     old_s, new_s = old.set_map(), new.set_map()
@@ -107,8 +178,8 @@ def _affected_addresses(old: HostDesiredState | None, new: HostDesiredState) -> 
         if hit:
             for v in (ov, nv):
                 if v is not None:
-                    out.update(_canon(a) for a in v.addresses)
+                    out.update(canonical(a) for a in v.addresses)
     return out
 
 
-__all__ = ["Revoker"]
+__all__ = ["ConnTable", "Judge", "Revoker", "by_address", "packet_of"]

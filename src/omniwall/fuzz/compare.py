@@ -52,7 +52,7 @@ def sim_refuses(net: Network, cv: ConnectionVerdict) -> bool:
     if at is None or client is None or at.host == client.host or p.protocol != "tcp":
         return True
     answer = Packet(p.dst, p.src, p.protocol, sport=p.dport, dport=p.sport)
-    hop = judge_hop(net.states[client.host], client.ifname, "ingress", answer)
+    hop = judge_hop(net.index[client.host], client.ifname, "ingress", answer)
     if not hop.tracked:
         return hop.allowed
     return client.host not in first.untracked_hosts

@@ -18,10 +18,10 @@ EPHEMERAL_SPORT = 40000  # rules match destination ports only; any source port g
 
 def expected(catalog: Catalog, probes: Sequence[Probe]) -> list[bool]:
     from omniwall.compiler.build import compile_catalog
-    from omniwall.sim.evaluate import judge_connection
+    from omniwall.sim.evaluate import Network, judge_connection
     from omniwall.sim.packet import Packet
 
-    states = compile_catalog(catalog)
+    states = Network(compile_catalog(catalog))  # built once for every probe
     out = []
     for p in probes:
         v6 = ipaddress.ip_address(p.addr).version == 6

@@ -55,15 +55,13 @@ connect: SYN then SYN-ACK; UDP request then reply; ICMP echo request then echo r
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from omniwall.compiler.ir import HostDesiredState, IRRule
 from omniwall.sim.conntrack import kernel_untracked, starts_connection
-from omniwall.sim.match import HopIndex, StateIndex, VnicIndex, index_of
+from omniwall.sim.match import HopIndex, StateIndex, VnicIndex
 from omniwall.sim.packet import ICMP_ECHO_REQUEST, Packet
 
 Direction = Literal["egress", "ingress"]
@@ -191,22 +189,15 @@ def _judge(
     if mode == "invalid":
         return HopVerdict(verdict="drop", rule=None, invalid=True, **base)
     hop: HopIndex = v.egress if direction == "egress" else v.ingress
-    rules = hop.rules
-    i, n = 0, len(rules)
-    while i < n:
-        cr = rules[i]
-        if cr.matches(p):
-            r = cr.rule
-            action = r.action
-            if action == "pass":
-                i = cr.next_category
-                continue
-            if action == "allow":
-                return HopVerdict(verdict="allow", rule=r, **base)
-            if r.monitor:
-                return HopVerdict(verdict="allow", rule=r, monitored=True, would=action, **base)
-            return HopVerdict(verdict=action, rule=r, **base)
-        i += 1
+    _passes, cr = hop.decide(p)
+    if cr is not None:
+        r = cr.rule
+        action = r.action
+        if action == "allow":
+            return HopVerdict(verdict="allow", rule=r, **base)
+        if r.monitor:
+            return HopVerdict(verdict="allow", rule=r, monitored=True, would=action, **base)
+        return HopVerdict(verdict=action, rule=r, **base)
     action = vn.default_action
     if action != "allow" and vn.default_monitor:
         return HopVerdict(verdict="allow", rule=None, default=True, monitored=True, would=action, **base)
@@ -219,8 +210,15 @@ def _hop_tracked(v: VnicIndex, direction: Direction, p: Packet) -> bool:
     return (v.egress if direction == "egress" else v.ingress).tracked(p)
 
 
+def judge_start(index: StateIndex, ifname: str, direction: Direction, packet: Packet) -> HopVerdict:
+    """The rules' verdict on `packet` as the first packet of a connection at one hop: anti-spoofing,
+    the rules, the default; no conntrack state (revocation asks this of a tracked connection's
+    original-direction packet under a new state)."""
+    return _judge(index.state.host, index.vnic(ifname), direction, packet, True, "new")
+
+
 def judge_hop(
-    state: HostDesiredState,
+    state: HostDesiredState | StateIndex,
     ifname: str,
     direction: Direction,
     packet: Packet,
@@ -232,7 +230,8 @@ def judge_hop(
     Raises KeyError for an unknown vNIC, ValueError for a bad direction."""
     if direction not in ("egress", "ingress"):
         raise ValueError(f"direction must be 'egress' or 'ingress', not {direction!r}")
-    v = index_of(state).vnic(ifname)
+    index = state if isinstance(state, StateIndex) else StateIndex(state)
+    v = index.vnic(ifname)
     tracked = _hop_tracked(v, direction, packet)
     if not tracked:
         mode: CtMode = "untracked"
@@ -240,7 +239,7 @@ def judge_hop(
         mode = "established"
     else:
         mode = "new" if starts_connection(packet) else "invalid"
-    return _judge(state.host, v, direction, packet, tracked, mode)
+    return _judge(index.state.host, v, direction, packet, tracked, mode)
 
 
 # ----------------------------------------------------------------------------------------------- network
@@ -248,11 +247,11 @@ def judge_hop(
 
 class Network:
     """A compiled view of every host's desired state: which vNIC owns which address, and each host's
-    `StateIndex`. Build it once and reuse it for many packets (the module functions cache it)."""
+    `StateIndex`. Build it once and reuse it for many packets (the module functions build one a call)."""
 
     def __init__(self, states: Mapping[str, HostDesiredState]) -> None:
         self.states = dict(states)
-        self.index: dict[str, StateIndex] = {h: index_of(s) for h, s in self.states.items()}
+        self.index: dict[str, StateIndex] = {h: StateIndex(s) for h, s in self.states.items()}
         owners: dict[tuple[bool, int], tuple[str, str]] = {}
         # Sorted, so an address claimed by two vNICs resolves the same way every time.
         for host in sorted(self.index):
@@ -354,33 +353,9 @@ def _expects_reply(p: Packet) -> bool:
     return True
 
 
-# Cache: one Network per distinct (host, state object) tuple; entries hold the states alive, so ids are
-# never reused while cached.
-_NETWORKS: OrderedDict[tuple[tuple[str, int], ...], tuple[tuple[HostDesiredState, ...], Network]] = (
-    OrderedDict()
-)
-_NETWORKS_SIZE = 16
-
-
-_NETWORKS_LOCK = threading.Lock()
-
-
 def network_of(states: Mapping[str, HostDesiredState] | Network) -> Network:
-    """The (cached) `Network` of these exact state objects; a `Network` is returned as is."""
-    if isinstance(states, Network):
-        return states
-    key = tuple((h, id(s)) for h, s in states.items())
-    with _NETWORKS_LOCK:
-        hit = _NETWORKS.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit[0], states.values(), strict=True)):
-            _NETWORKS.move_to_end(key)
-            return hit[1]
-    net = Network(states)
-    with _NETWORKS_LOCK:
-        _NETWORKS[key] = (tuple(states.values()), net)
-        if len(_NETWORKS) > _NETWORKS_SIZE:
-            _NETWORKS.popitem(last=False)
-    return net
+    """`states` as a `Network` (built here: hold on to it to judge many packets)."""
+    return states if isinstance(states, Network) else Network(states)
 
 
 def judge_path(
@@ -415,5 +390,6 @@ __all__ = [
     "judge_connection",
     "judge_hop",
     "judge_path",
+    "judge_start",
     "network_of",
 ]

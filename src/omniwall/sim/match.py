@@ -1,9 +1,11 @@
 """Compiled matching for one `HostDesiredState`: address sets, services and per-hop rule lists.
 
-`index_of(state)` builds a `StateIndex` once per state object and caches it, because the differential
-fuzzer judges 100k+ packets against the same few states. Address sets become Python sets of integers
-(host addresses) plus, for CIDRs, one set of network numbers per prefix length, so membership costs one
-hash lookup per distinct prefix length, never a scan over members.
+A `StateIndex` is built once per state by whoever judges many packets against it (a `sim.Network`, the
+revocation `Judge`), never cached by this module. Address sets become Python sets of integers (host
+addresses) plus, for CIDRs, one set of network numbers per prefix length, so membership costs one hash
+lookup per distinct prefix length, never a scan over members. A new index may take the address sets of
+the index it follows (`previous`): a set whose members did not change is not rebuilt (sets hold up to
+100k+ members), and with `lazy=True` a vNIC's hops are compiled when first judged.
 
 A set name that a rule references but the state lacks matches nothing (fail closed); the compiler never
 emits one.
@@ -12,9 +14,10 @@ emits one.
 from __future__ import annotations
 
 import ipaddress
-import threading
-from collections import OrderedDict
+import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from omniwall.compiler.ir import CATEGORIES, HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch
 from omniwall.sim.packet import Packet
@@ -23,21 +26,30 @@ from omniwall.sim.packet import Packet
 class AddressSet:
     """Membership test for one IRSet: exact host addresses, prefix match for CIDRs; IPv4 and IPv6 apart."""
 
-    __slots__ = ("hosts4", "hosts6", "nets4", "nets6")
+    __slots__ = ("exact", "hosts4", "hosts6", "nets4", "nets6")
 
     def __init__(self, addresses: tuple[str, ...] = (), cidrs: tuple[str, ...] = ()) -> None:
         self.hosts4: set[int] = set()
         self.hosts6: set[int] = set()
         nets4: dict[int, set[int]] = {}
         nets6: dict[int, set[int]] = {}
+        texts = 0
         for text in (*addresses, *cidrs):
+            host = _host_int(text)
+            if host is not None:
+                (self.hosts6 if ":" in text else self.hosts4).add(host)
+                texts += 1
+                continue
             net = ipaddress.ip_network(text, strict=False)
             bits = net.max_prefixlen
             if net.prefixlen == bits:
                 (self.hosts6 if net.version == 6 else self.hosts4).add(int(net.network_address))
+                texts += 1
                 continue
             table = nets6 if net.version == 6 else nets4
             table.setdefault(net.prefixlen, set()).add(int(net.network_address) >> (bits - net.prefixlen))
+        # every host text is an address of its own (no two spellings of one): `patched` may apply
+        self.exact = texts == len(self.hosts4) + len(self.hosts6)
         # (shift, network numbers) per prefix length, shortest prefix first.
         self.nets4 = tuple((32 - plen, frozenset(n)) for plen, n in sorted(nets4.items()))
         self.nets6 = tuple((128 - plen, frozenset(n)) for plen, n in sorted(nets6.items()))
@@ -45,6 +57,29 @@ class AddressSet:
     @staticmethod
     def of(s: IRSet) -> AddressSet:
         return AddressSet(s.addresses, s.cidrs)
+
+    def patched(self, old: IRSet, new: IRSet) -> AddressSet | None:
+        """This set (built from `old`) changed to `new` by host addresses only, parsing only the changed
+        ones (a member change of a 100k-member group). None: rebuild it (networks changed, or an
+        address is spelled twice, so removing one spelling must not remove the address)."""
+        if not self.exact or old.cidrs != new.cidrs:
+            return None
+        before, after = set(old.addresses), set(new.addresses)
+        out = AddressSet.__new__(AddressSet)
+        out.hosts4, out.hosts6 = set(self.hosts4), set(self.hosts6)
+        out.nets4, out.nets6 = self.nets4, self.nets6
+        for text, add in [*((t, False) for t in before - after), *((t, True) for t in after - before)]:
+            host = _host_int(text)
+            if host is None:
+                return None
+            hosts = out.hosts6 if ":" in text else out.hosts4
+            if add:
+                hosts.add(host)
+            else:
+                hosts.discard(host)
+        hosts_of_cidrs = len(self.hosts4) + len(self.hosts6) - len(before)
+        out.exact = len(out.hosts4) + len(out.hosts6) == len(after) + hosts_of_cidrs
+        return out if out.exact else None
 
     def contains(self, v6: bool, ip: int) -> bool:
         if v6:
@@ -59,6 +94,17 @@ class AddressSet:
 
 
 EMPTY_SET = AddressSet()
+
+
+def _host_int(text: str) -> int | None:
+    """A host address as an integer, parsed by the C library (~10x ipaddress); None: not a plain
+    address (a network, or something ipaddress must judge)."""
+    try:
+        if ":" in text:
+            return int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except OSError:
+        return None
 
 
 def service_matches(svc: ServiceMatch, packet: Packet) -> bool:
@@ -132,7 +178,6 @@ class CompiledRule:
     src: AddressSet | None  # None = any address
     dst: AddressSet | None
     services: ServiceIndex
-    next_category: int  # position (in its hop list) of the first rule of a later category: `pass` target
 
     def matches(self, p: Packet) -> bool:
         if not self.services.matches(p):
@@ -142,12 +187,53 @@ class CompiledRule:
         return self.dst is None or self.dst.contains(p.v6, p.dst_int)
 
 
+class Ruled(Protocol):
+    @property
+    def rule(self) -> IRRule: ...
+
+
+R = TypeVar("R", bound=Ruled)
+
+
+def walk(segments: Iterable[Iterable[R]], matches: Callable[[R], bool]) -> tuple[list[R], R | None]:
+    """THE first-match walk of a hop (docs/semantics.md §4): segments are the hop's category runs in
+    order; the first matching rule decides, except `pass`, which goes on at the next segment. Returns
+    the passes met and the deciding rule (None: the default action decides). The sim judges packets
+    with it; the nft hop index precomputes its port tables with it."""
+    passes: list[R] = []
+    for seg in segments:
+        for r in seg:
+            if matches(r):
+                if r.rule.action == "pass":
+                    passes.append(r)
+                    break
+                return passes, r
+    return passes, None
+
+
+def category_segments(rules: Iterable[R]) -> list[list[R]]:
+    """Maximal runs of rules of the same category, in order."""
+    out: list[list[R]] = []
+    for r in rules:
+        if out and out[-1][-1].rule.category == r.rule.category:
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class HopIndex:
-    """One (vNIC, direction): its rules in evaluation order, and the stateless ones among them."""
+    """One (vNIC, direction): its rules in evaluation order, cut into category segments, and the
+    stateless ones among them."""
 
     rules: tuple[CompiledRule, ...]
+    segments: tuple[tuple[CompiledRule, ...], ...]
     stateless: tuple[CompiledRule, ...]
+
+    def decide(self, p: Packet) -> tuple[list[CompiledRule], CompiledRule | None]:
+        """`walk` for one packet."""
+        return walk(self.segments, lambda cr: cr.matches(p))
 
     def tracked(self, p: Packet) -> bool:
         """False when a stateless rule installed here matches the packet, whatever its action or position."""
@@ -167,31 +253,71 @@ class VnicIndex:
 
 
 class StateIndex:
-    """Everything `judge_hop` needs about one host's desired state, precomputed."""
+    """Everything `judge_hop` needs about one host's desired state, precomputed.
 
-    def __init__(self, state: HostDesiredState) -> None:
+    Eager by default (a bad state raises here). `lazy=True` compiles a vNIC when first asked for, and
+    `previous` lends the address sets of an earlier index whose members are the same."""
+
+    def __init__(
+        self, state: HostDesiredState, previous: StateIndex | None = None, *, lazy: bool = False
+    ) -> None:
         self.state = state
-        sets = {s.name: AddressSet.of(s) for s in state.sets}
-        rules = state.rule_map()
+        self._irsets = state.set_map()
+        self._rules = state.rule_map()
+        self._vnics_ir = state.vnic_map()
+        self._sets: dict[str, AddressSet] = {}
+        if previous is not None:
+            for name, s in self._irsets.items():
+                old = previous._irsets.get(name)
+                got = previous._sets.get(name)
+                if got is None or old is None:
+                    continue
+                if _same_members(old, s):
+                    self._sets[name] = got
+                else:
+                    patched = got.patched(old, s)
+                    if patched is not None:
+                        self._sets[name] = patched
         self.vnics: dict[str, VnicIndex] = {}
-        for v in state.vnics:
-            own = [ipaddress.ip_address(a) for a in v.addresses]
-            self.vnics[v.ifname] = VnicIndex(
-                vnic=v,
-                hosts4=frozenset(int(a) for a in own if a.version == 4),
-                hosts6=frozenset(int(a) for a in own if a.version == 6),
-                egress=_hop(v.egress, rules, sets),
-                ingress=_hop(v.ingress, rules, sets),
-            )
+        if not lazy:
+            for v in state.vnics:
+                self.vnic(v.ifname)
+
+    def address_set(self, name: str) -> AddressSet:
+        got = self._sets.get(name)
+        if got is None:
+            s = self._irsets.get(name)
+            got = EMPTY_SET if s is None else AddressSet.of(s)
+            self._sets[name] = got
+        return got
 
     def vnic(self, ifname: str) -> VnicIndex:
-        try:
-            return self.vnics[ifname]
-        except KeyError:
-            raise KeyError(f"host {self.state.host!r} has no vNIC {ifname!r}") from None
+        got = self.vnics.get(ifname)
+        if got is not None:
+            return got
+        v = self._vnics_ir.get(ifname)
+        if v is None:
+            raise KeyError(f"host {self.state.host!r} has no vNIC {ifname!r}")
+        own = [ipaddress.ip_address(a) for a in v.addresses]
+        got = self.vnics[ifname] = VnicIndex(
+            vnic=v,
+            hosts4=frozenset(int(a) for a in own if a.version == 4),
+            hosts6=frozenset(int(a) for a in own if a.version == 6),
+            egress=_hop(v.egress, self._rules, self),
+            ingress=_hop(v.ingress, self._rules, self),
+        )
+        return got
 
 
-def _hop(ids: tuple[int, ...], rules: dict[int, IRRule], sets: dict[str, AddressSet]) -> HopIndex:
+def _same_members(a: IRSet, b: IRSet) -> bool:
+    if a is b:
+        return True
+    return (a.addresses is b.addresses or a.addresses == b.addresses) and (
+        a.cidrs is b.cidrs or a.cidrs == b.cidrs
+    )
+
+
+def _hop(ids: tuple[int, ...], rules: dict[int, IRRule], sets: StateIndex) -> HopIndex:
     ordered = []
     for rid in ids:
         r = rules.get(rid)
@@ -202,45 +328,20 @@ def _hop(ids: tuple[int, ...], rules: dict[int, IRRule], sets: dict[str, Address
     rank = [CATEGORIES.index(r.category) for r in ordered]
     if rank != sorted(rank):
         raise ValueError(f"rules {list(ids)} are not ordered by category")
-    compiled = []
-    for i, r in enumerate(ordered):
-        nxt = i + 1
-        while nxt < len(ordered) and ordered[nxt].category == r.category:
-            nxt += 1
-        compiled.append(
-            CompiledRule(
-                rule=r,
-                src=None if r.src_set is None else sets.get(r.src_set, EMPTY_SET),
-                dst=None if r.dst_set is None else sets.get(r.dst_set, EMPTY_SET),
-                services=ServiceIndex(r.services),
-                next_category=nxt,
-            )
+    compiled = [
+        CompiledRule(
+            rule=r,
+            src=None if r.src_set is None else sets.address_set(r.src_set),
+            dst=None if r.dst_set is None else sets.address_set(r.dst_set),
+            services=ServiceIndex(r.services),
         )
-    return HopIndex(rules=tuple(compiled), stateless=tuple(c for c in compiled if not c.rule.stateful))
-
-
-# Keyed by id(state); the entry holds the state itself, so the id cannot be reused while cached.
-_CACHE: OrderedDict[int, tuple[HostDesiredState, StateIndex]] = OrderedDict()
-_CACHE_SIZE = 256
-
-
-_CACHE_LOCK = threading.Lock()  # the manager may explain from several threads
-
-
-def index_of(state: HostDesiredState) -> StateIndex:
-    """The (cached) index of `state`; built on first use."""
-    key = id(state)
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None and hit[0] is state:
-            _CACHE.move_to_end(key)
-            return hit[1]
-    idx = StateIndex(state)
-    with _CACHE_LOCK:
-        _CACHE[key] = (state, idx)
-        if len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return idx
+        for r in ordered
+    ]
+    return HopIndex(
+        rules=tuple(compiled),
+        segments=tuple(tuple(seg) for seg in category_segments(compiled)),
+        stateless=tuple(c for c in compiled if not c.rule.stateful),
+    )
 
 
 __all__ = [
@@ -250,6 +351,7 @@ __all__ = [
     "ServiceIndex",
     "StateIndex",
     "VnicIndex",
-    "index_of",
+    "category_segments",
     "service_matches",
+    "walk",
 ]

@@ -29,7 +29,6 @@ from omniwall.compiler.ir import HostDelta, HostDesiredState, IRRule, IRVnic, ap
 from omniwall.dataplane.backend import Capabilities, ConnEntry, RuleCounters
 from omniwall.dataplane.conntrack import ConntrackTable
 from omniwall.dataplane.nft import blob
-from omniwall.dataplane.nft.identity import IndexPlan, Move, local_side
 from omniwall.dataplane.nft.libnft import Nft, NftError
 from omniwall.dataplane.nft.names import (
     FAMILY,
@@ -55,6 +54,7 @@ from omniwall.dataplane.nft.render import (
     split_families,
 )
 from omniwall.dataplane.nft.render_index import carry_plan, ipcache_target
+from omniwall.dataplane.nft.set_signatures import IndexPlan, Move, local_side
 from omniwall.dataplane.revocation import Revoker
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,6 @@ from omniwall.dataplane.nft.expr import match as _match
 from omniwall.dataplane.nft.expr import meta as _meta
 from omniwall.dataplane.nft.expr import payload as _payload
 from omniwall.dataplane.nft.expr import rule as _rule
-from omniwall.dataplane.nft.identity import IndexPlan, merge_ranges
 from omniwall.dataplane.nft.names import (
     FAMILY,
     FWD_CHAIN,
@@ -76,6 +75,7 @@ from omniwall.dataplane.nft.render_index import (
     plan_of,
     render_index_full,
 )
+from omniwall.dataplane.nft.set_signatures import IndexPlan, merge_ranges
 
 DEFAULT_LOG_GROUP = 1
 # flow records (agent/flows.py): every hop verdict of a new connection logs here with a `owf:` prefix

@@ -25,15 +25,6 @@ from omniwall.dataplane.nft.expr import match as _match
 from omniwall.dataplane.nft.expr import meta as _meta
 from omniwall.dataplane.nft.expr import payload as _payload
 from omniwall.dataplane.nft.expr import rule as _rule
-from omniwall.dataplane.nft.identity import (
-    INDEXED_PROTOS,
-    HopPlan,
-    IndexPlan,
-    Key,
-    Path,
-    identity_tag,
-    plan_index,
-)
 from omniwall.dataplane.nft.names import (
     IPCACHE,
     MAP_ANY,
@@ -41,6 +32,15 @@ from omniwall.dataplane.nft.names import (
     identity_map,
     path_chain,
     vnic_chain,
+)
+from omniwall.dataplane.nft.set_signatures import (
+    INDEXED_PROTOS,
+    HopPlan,
+    IndexPlan,
+    Key,
+    Path,
+    identity_tag,
+    plan_index,
 )
 
 DIRECTIONS = ("egress", "ingress")

@@ -1,4 +1,4 @@
-"""PURE: the indexed fast path of a vNIC hop: remote-address identities and per-hop decision tables.
+"""PURE: set-membership signatures for the hop index: remote-address identities and per-hop tables.
 
 A linear hop walks its rules one by one, each a set lookup or two: ~0.25 us a rule, paid by every new
 connection. The index makes a TCP/UDP connection's judgment cost independent of the rule count, the way
@@ -32,8 +32,10 @@ import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch
+from omniwall.sim.match import walk
 
 Key = frozenset[str]  # an identity: names of the IR sets holding the address
 PORT_MAX = 65535
@@ -252,58 +254,53 @@ def plan_hop(
     return HopPlan(vnic, direction, tuple(fams), out_segs)
 
 
-def decide(segs: Sequence[Sequence[HopRule]], proto: str, key: Key | None) -> list[tuple[int, int, Path]]:
-    """First-match outcome over the whole port space of `proto` for a remote address of identity `key`
+def port_table(segs: Sequence[Sequence[HopRule]], proto: str, key: Key | None) -> list[tuple[int, int, Path]]:
+    """The hop's outcome over the whole port space of `proto` for a remote address of identity `key`
     (None: an identity no rule of the hop names): disjoint [lo, hi] ranges covering 0..65535, each with
-    its path; adjacent ranges with the same path merged."""
-    los, his = [0], [PORT_MAX]
-    pres: list[Path] = [()]
-    decided: list[tuple[int, int, Path]] = []
-    for seg in segs:
-        passed: list[tuple[int, int, Path]] = []
+    its path; adjacent ranges with the same path merged.
+
+    The semantics is not written here: on each elementary port interval (between two rule bounds) the
+    rules that match there are handed to the sim's first-match walk (`sim.match.walk`: first match wins,
+    `pass` goes on at the next category segment), the one judge of a hop. What is precomputed is only
+    which rules match: this identity's remote side, the protocol, the port interval."""
+    cands: list[tuple[int, HopRule, list[tuple[int, int]]]] = []
+    for si, seg in enumerate(segs):
         for h in seg:
             ranges = h.ports.get(proto)
             if ranges is None or (h.remote is not None and (key is None or h.remote not in key)):
                 continue
-            is_pass = h.rule.action == "pass"
-            step: Step = ("pass" if is_pass else "rule", h.rule.id)
-            for a, b in ranges:
-                i = bisect.bisect_right(los, b)
-                j = i
-                while j > 0 and his[j - 1] >= a:
-                    j -= 1
-                if j == i:
-                    continue
-                nl: list[int] = []
-                nh: list[int] = []
-                npre: list[Path] = []
-                for k in range(j, i):
-                    lo, hi, pre = los[k], his[k], pres[k]
-                    if lo < a:
-                        nl.append(lo)
-                        nh.append(a - 1)
-                        npre.append(pre)
-                    m_lo, m_hi = max(lo, a), min(hi, b)
-                    (passed if is_pass else decided).append((m_lo, m_hi, (*pre, step)))
-                    if hi > b:
-                        nl.append(b + 1)
-                        nh.append(hi)
-                        npre.append(pre)
-                los[j:i], his[j:i], pres[j:i] = nl, nh, npre
-        if passed:
-            merged = sorted([*zip(los, his, pres, strict=True), *passed])
-            los = [x[0] for x in merged]
-            his = [x[1] for x in merged]
-            pres = [x[2] for x in merged]
-    decided += [(lo, hi, (*pre, ("default", 0))) for lo, hi, pre in zip(los, his, pres, strict=True)]
-    decided.sort()
+            cands.append((si, h, ranges))
+    opens: dict[int, list[int]] = {}
+    closes: dict[int, list[int]] = {}
+    for pos, (_, _, ranges) in enumerate(cands):
+        for lo, hi in ranges:  # disjoint per rule (port_ranges merges them)
+            opens.setdefault(lo, []).append(pos)
+            if hi < PORT_MAX:
+                closes.setdefault(hi + 1, []).append(pos)
+    bounds = sorted({0, *opens, *closes})
+    active: list[int] = []  # positions of the rules matching on the current interval, in hop order
     out: list[tuple[int, int, Path]] = []
-    for lo, hi, path in decided:
-        if out and out[-1][2] == path and out[-1][1] + 1 == lo:
+    for k, lo in enumerate(bounds):
+        for pos in closes.get(lo, ()):
+            del active[bisect.bisect_left(active, pos)]
+        for pos in opens.get(lo, ()):
+            bisect.insort(active, pos)
+        hi = bounds[k + 1] - 1 if k + 1 < len(bounds) else PORT_MAX
+        segments = [[cands[p][1] for p in grp] for _, grp in groupby(active, key=lambda p: cands[p][0])]
+        passes, hit = walk(segments, _always)
+        path: Path = (
+            *(("pass", h.rule.id) for h in passes),
+            ("default", 0) if hit is None else ("rule", hit.rule.id),
+        )
+        if out and out[-1][2] == path:
             out[-1] = (out[-1][0], hi, path)
         else:
             out.append((lo, hi, path))
     return out
+
+
+def _always(_: HopRule) -> bool:
+    return True
 
 
 def hop_entries(plan: HopPlan, keys: Iterable[Key]) -> None:
@@ -316,7 +313,7 @@ def hop_entries(plan: HopPlan, keys: Iterable[Key]) -> None:
             continue
         rows: list[tuple[str, int, int, Path]] = []
         for proto in INDEXED_PROTOS:
-            rows += [(proto, lo, hi, path) for lo, hi, path in decide(plan.segments, proto, key)]
+            rows += [(proto, lo, hi, path) for lo, hi, path in port_table(plan.segments, proto, key)]
         plan.entries[key] = rows
 
 
@@ -429,7 +426,6 @@ __all__ = [
     "Path",
     "SetMembership",
     "build_identities",
-    "decide",
     "hop_entries",
     "identity_tag",
     "local_side",
@@ -437,4 +433,5 @@ __all__ = [
     "plan_hop",
     "plan_index",
     "port_ranges",
+    "port_table",
 ]

@@ -1,11 +1,11 @@
-"""The hop index's plan (nft/identity.py) held to the sim.
+"""The hop index's plan (nft/set_signatures.py) held to the judge of a hop (the sim's).
 
 The property test builds random host states, plans the index (`render.index_plan`) and, for every
 indexed hop, remote address, protocol and boundary port, follows the path the kernel would take
 (ipcache hash entry, then network entry, then the any-remote chains; then the identity's port interval)
-and compares it with `sim.evaluate.judge_hop` and with a small reference walk of the hop's rules (the
-`pass` rules met on the way). Focused tests pin `decide`, `plan_hop`'s local-side resolution,
-`build_identities` and `IndexPlan.member_moves`/`move`.
+and compares it with the judge: `sim.evaluate.judge_hop` (verdict, rule) and the sim's hop walk
+(`HopIndex.decide`: the `pass` rules met on the way), on states hypothesis draws. Focused tests pin
+`port_table`, `plan_hop`'s local-side resolution, `build_identities` and `IndexPlan.member_moves`/`move`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,14 @@ import random
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hst
 
 from omniwall.compiler.ir import CATEGORIES, HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch
-from omniwall.dataplane.nft.identity import (
+from omniwall.dataplane.nft.names import IPCACHE, MAP_ANY, identity_chain, identity_map
+from omniwall.dataplane.nft.render import hop_segments, index_objects_of, index_plan, segments
+from omniwall.dataplane.nft.render_index import any_chain, diff_index
+from omniwall.dataplane.nft.set_signatures import (
     PORT_MAX,
     HopPlan,
     HopRule,
@@ -28,16 +33,14 @@ from omniwall.dataplane.nft.identity import (
     Path,
     SetMembership,
     build_identities,
-    decide,
     identity_tag,
     plan_hop,
     plan_index,
     port_ranges,
+    port_table,
 )
-from omniwall.dataplane.nft.names import IPCACHE, MAP_ANY, identity_chain, identity_map
-from omniwall.dataplane.nft.render import hop_segments, index_objects_of, index_plan, segments
-from omniwall.dataplane.nft.render_index import any_chain, diff_index
 from omniwall.sim.evaluate import judge_hop
+from omniwall.sim.match import StateIndex
 from omniwall.sim.packet import Packet
 
 # ------------------------------------------------------------------------------------------- builders
@@ -201,57 +204,6 @@ def random_state(rng: random.Random) -> HostDesiredState:
     return state(vnics, rules, [s for s in sets if s.name in named])
 
 
-# --------------------------------------------------------------------------------- reference walk
-
-
-def _in_set(s: IRSet | None, address: str) -> bool:
-    if s is None:
-        return False
-    if address in s.addresses:
-        return True
-    ip = ipaddress.ip_address(address)
-    return any(
-        ip.version == (n := ipaddress.ip_network(c, strict=False)).version and ip in n for c in s.cidrs
-    )
-
-
-def _service_hit(services: tuple[ServiceMatch, ...], proto: str, port: int) -> bool:
-    if not services:
-        return True
-    for s in services:
-        if s.protocol == "any":
-            return True
-        if s.protocol == proto and (not s.ports or any(lo <= port <= hi for lo, hi in s.ports)):
-            return True
-    return False
-
-
-def reference_walk(
-    st: HostDesiredState, v: IRVnic, direction: str, p: Packet
-) -> tuple[list[int], int | None]:
-    """(ids of the `pass` rules met, the terminal rule's id or None for the default), the linear way."""
-    rmap, smap = st.rule_map(), st.set_map()
-    rules = [rmap[i] for i in (v.egress if direction == "egress" else v.ingress)]
-    passes: list[int] = []
-    i = 0
-    while i < len(rules):
-        r = rules[i]
-        hit = (
-            _service_hit(r.services, str(p.protocol), p.dport)
-            and (r.src_set is None or _in_set(smap.get(r.src_set), p.src))
-            and (r.dst_set is None or _in_set(smap.get(r.dst_set), p.dst))
-        )
-        if not hit:
-            i += 1
-            continue
-        if r.action != "pass":
-            return passes, r.id
-        passes.append(r.id)
-        while i < len(rules) and rules[i].category == r.category:
-            i += 1
-    return passes, None
-
-
 # ------------------------------------------------------------------------------------ index lookup
 
 
@@ -276,7 +228,7 @@ def index_table(plan: IndexPlan, used: dict[str, set[Key]], hp: HopPlan, remote:
             key = None
     rows = hp.entries.get(key) if key is not None else None
     if rows is None:
-        return decide(hp.any_segments, proto, None)
+        return port_table(hp.any_segments, proto, None)
     return [(lo, hi, path) for pr, lo, hi, path in rows if pr == proto]
 
 
@@ -324,12 +276,15 @@ def _expected_verdict(rule: IRRule) -> str:
     return "allow" if rule.action == "allow" or rule.monitor else rule.action
 
 
-@pytest.mark.parametrize("seed", range(60))
-def test_index_paths_match_the_sim(seed: int) -> None:
-    """Every indexed hop, remote address and boundary port: the index's path ends where the sim's
-    linear walk does (same rule, same verdict, or the default) and counts exactly the passes met."""
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=hst.integers(min_value=0, max_value=2**32 - 1))
+def test_index_paths_match_the_judge(seed: int) -> None:
+    """Property: every indexed hop, remote address and boundary port of a random host state: the
+    index's precomputed path is the judge's (the sim's hop walk, `HopIndex.decide`): the same passes,
+    then the same rule with the same verdict, or the default."""
     rng = random.Random(seed)
     st = random_state(rng)
+    sim_index = StateIndex(st)
     plan = index_plan(st)
     used = used_keys(plan)
     vmap, rmap = st.vnic_map(), st.rule_map()
@@ -353,8 +308,13 @@ def test_index_paths_match_the_sim(seed: int) -> None:
                     for port in ports:
                         p = Packet(src, dst, proto, 40000, port)
                         path = path_at(table, port)
-                        passes, terminal = reference_walk(st, v, d, p)
-                        hv = judge_hop(st, ifname, d, p)  # type: ignore[arg-type]
+                        hop = (
+                            sim_index.vnic(ifname).egress if d == "egress" else sim_index.vnic(ifname).ingress
+                        )
+                        met, hit = hop.decide(p)
+                        passes = [cr.rule.id for cr in met]
+                        terminal = None if hit is None else hit.rule.id
+                        hv = judge_hop(sim_index, ifname, d, p)  # type: ignore[arg-type]
                         where = (seed, ifname, d, p.describe(), path)
                         assert [rid for kind, rid in path[:-1]] == passes, where
                         kind, rid = path[-1]
@@ -475,14 +435,14 @@ def test_decide_pass_skips_the_rest_of_its_segment() -> None:
         [H(1, "pass", tcp=[(80, 90)]), H(2, "drop", tcp=[(0, PORT_MAX)])],
         [H(3, "allow", tcp=[(85, 100)])],
     ]
-    assert decide(segs, "tcp", None) == [
+    assert port_table(segs, "tcp", None) == [
         (0, 79, (("rule", 2),)),
         (80, 84, (("pass", 1), ("default", 0))),
         (85, 90, (("pass", 1), ("rule", 3))),
         (91, PORT_MAX, (("rule", 2),)),
     ]
     # udp: no rule has udp ports, everything is the default
-    assert decide(segs, "udp", None) == [(0, PORT_MAX, (("default", 0),))]
+    assert port_table(segs, "udp", None) == [(0, PORT_MAX, (("default", 0),))]
 
 
 def test_decide_later_segment_catches_what_earlier_ones_leave() -> None:
@@ -491,7 +451,7 @@ def test_decide_later_segment_catches_what_earlier_ones_leave() -> None:
         [H(2, "pass", tcp=[(1000, 2000)])],
         [H(3, "reject", tcp=[(0, 1500)]), H(4, "allow", tcp=[(0, PORT_MAX)])],
     ]
-    assert decide(segs, "tcp", None) == [
+    assert port_table(segs, "tcp", None) == [
         (0, 21, (("rule", 3),)),
         (22, 22, (("rule", 1),)),
         (23, 999, (("rule", 3),)),
@@ -503,7 +463,7 @@ def test_decide_later_segment_catches_what_earlier_ones_leave() -> None:
 
 def test_decide_two_passes_then_default() -> None:
     segs = [[H(1, "pass", tcp=[(10, 20)])], [H(2, "pass", tcp=[(15, 30)])], []]
-    assert decide(segs, "tcp", None) == [
+    assert port_table(segs, "tcp", None) == [
         (0, 9, (("default", 0),)),
         (10, 14, (("pass", 1), ("default", 0))),
         (15, 20, (("pass", 1), ("pass", 2), ("default", 0))),
@@ -514,7 +474,7 @@ def test_decide_two_passes_then_default() -> None:
 
 def test_decide_merges_adjacent_intervals_with_the_same_path() -> None:
     segs = [[H(1, "allow", tcp=[(10, 20), (21, 30)]), H(2, "allow", tcp=[(31, 40)])]]
-    assert decide(segs, "tcp", None) == [
+    assert port_table(segs, "tcp", None) == [
         (0, 9, (("default", 0),)),
         (10, 30, (("rule", 1),)),
         (31, 40, (("rule", 2),)),
@@ -522,7 +482,7 @@ def test_decide_merges_adjacent_intervals_with_the_same_path() -> None:
     ]
     # a rule whose whole range an earlier one took leaves no trace, and the default around it merges
     segs = [[H(1, "drop", tcp=[(100, 200)]), H(2, "allow", tcp=[(150, 160)])]]
-    assert decide(segs, "tcp", None) == [
+    assert port_table(segs, "tcp", None) == [
         (0, 99, (("default", 0),)),
         (100, 200, (("rule", 1),)),
         (201, PORT_MAX, (("default", 0),)),
@@ -536,9 +496,9 @@ def test_decide_remote_side_follows_the_identity() -> None:
         (443, 443, (("rule", 2),)),
         (444, PORT_MAX, (("default", 0),)),
     ]
-    assert decide(segs, "tcp", None) == allow443
-    assert decide(segs, "tcp", frozenset({"good"})) == allow443
-    assert decide(segs, "tcp", frozenset({"good", "bad"})) == [(0, PORT_MAX, (("rule", 1),))]
+    assert port_table(segs, "tcp", None) == allow443
+    assert port_table(segs, "tcp", frozenset({"good"})) == allow443
+    assert port_table(segs, "tcp", frozenset({"good", "bad"})) == [(0, PORT_MAX, (("rule", 1),))]
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -557,7 +517,7 @@ def test_decide_covers_the_port_space_and_matches_a_port_by_port_walk(seed: int)
             seg.append(H(rid, rng.choice(("allow", "drop", "reject", "pass")), remote, tcp=ranges))
         segs.append(seg)
     for key in (None, frozenset({"a"}), frozenset({"a", "b"})):
-        table = decide(segs, "tcp", key)
+        table = port_table(segs, "tcp", key)
         check_table(table)
         bounds = {0, PORT_MAX}
         for seg in segs:

@@ -1,0 +1,349 @@
+"""A per-namespace mirror of conntrack's original tuples, indexed by address and fed by events.
+
+Revocation must find the connections of a few addresses right after an nft commit. Any kernel dump,
+filtered or not, walks the whole shared conntrack hash (~40 ms at 25k entries through pyroute2, a few ms
+per filtered dump at 100k); the mirror answers from memory in O(connections of those addresses).
+
+How it stays true:
+- It subscribes to NEW and DESTROY events *before* seeding from one dump, and replays the events queued
+  meanwhile over the seed (events arrive in order, so a NEW then DESTROY pair nets out either way).
+- A background thread drains the socket; every lookup drains what is still queued first, so a lookup
+  made after a commit sees every connection confirmed before it.
+- Lost events (ENOBUFS: the receive buffer overflowed) are unknowable: the mirror throws away what is
+  queued and seeds again (`resyncs` counts it).
+- With `nf_conntrack_events=2` (the default) an entry created while nobody listened sends no DESTROY:
+  the first seed may hold entries that end unseen. Entries the table deletes itself are forgotten at
+  once; the rest cost a futile delete (ENOENT, not an error) and are forgotten then; and the reader
+  seeds once more `RESEED_AFTER` seconds after a non-empty first seed (short connections of before are
+  gone by then). Nothing that exists is ever missing.
+Only what revocation needs is kept: the original tuple and zone (what a delete names), not states,
+timeouts or windows (migration export still dumps: it needs those).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterable
+
+from omniwall.dataplane.backend import ConnEntry
+from omniwall.dataplane.netns import NetnsThread
+
+NETLINK_NETFILTER = 12
+NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
+SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
+_CT_NEW, _CT_DELETE = (1 << 8) | 0, (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK messages (dump replies: NEW)
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+CTA_TUPLE_ORIG, CTA_ZONE = 1, 18
+CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
+P_NUM, P_SPORT, P_DPORT, P_ICMP_ID, P_ICMP_TYPE, P_ICMP_CODE = 1, 2, 3, 4, 5, 6
+P_ICMP6_ID, P_ICMP6_TYPE, P_ICMP6_CODE = 7, 8, 9
+RCVBUF = 16 << 20
+READER_BATCH = 16  # datagrams the background reader applies per hold of the lock
+LOOKUP_BATCH = 4096  # datagrams a lookup applies at most (what was queued before it)
+RESEED_AFTER = 300.0  # s: past TIME_WAIT (120 s) and UDP timeouts of the entries seen before us
+
+# (family, proto, src, dst, sport, dport, icmp_id, icmp_type, icmp_code, zone): one entry's identity
+Orig = tuple[int, int, str, str, int, int, int | None, int | None, int | None, int]
+
+_HH = struct.Struct("=HH").unpack_from
+_BE16 = struct.Struct("!H").unpack_from
+_MSG = struct.Struct("=IH").unpack_from
+_AF = {4: socket.AF_INET, 16: socket.AF_INET6}
+
+
+def parse_orig(data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str]) -> Orig | None:
+    """The original tuple and zone of one ctnetlink message's attributes (`data[off:end]`); walks only
+    those (this runs once per connection that starts or ends on the host). `addrs` caches address text."""
+    orig = None
+    zone = 0
+    while off + 4 <= end:
+        ln, typ = _HH(data, off)
+        if ln < 4:
+            break
+        typ &= 0x3FFF
+        if typ == CTA_TUPLE_ORIG:
+            orig = (off + 4, off + ln)
+        elif typ == CTA_ZONE:
+            zone = _BE16(data, off + 4)[0]
+        off += (ln + 3) & ~3
+    if orig is None:
+        return None
+    src = dst = None
+    proto = sport = dport = 0
+    icmp_id = icmp_type = icmp_code = None
+    a, e = orig
+    while a + 4 <= e:
+        ln, typ = _HH(data, a)
+        if ln < 4:
+            break
+        typ &= 0x3FFF
+        b, be = a + 4, a + ln
+        while b + 4 <= be:
+            ln2, t2 = _HH(data, b)
+            if ln2 < 4:
+                break
+            t2 &= 0x3FFF
+            if typ == CTA_TUPLE_IP:
+                if t2 in (1, 3):  # CTA_IP_V4_SRC, CTA_IP_V6_SRC
+                    src = data[b + 4 : b + ln2]
+                elif t2 in (2, 4):
+                    dst = data[b + 4 : b + ln2]
+            elif typ == CTA_TUPLE_PROTO:
+                if t2 == P_NUM:
+                    proto = data[b + 4]
+                elif t2 == P_SPORT:
+                    sport = _BE16(data, b + 4)[0]
+                elif t2 == P_DPORT:
+                    dport = _BE16(data, b + 4)[0]
+                elif t2 in (P_ICMP_ID, P_ICMP6_ID):
+                    icmp_id = _BE16(data, b + 4)[0]
+                elif t2 in (P_ICMP_TYPE, P_ICMP6_TYPE):
+                    icmp_type = data[b + 4]
+                elif t2 in (P_ICMP_CODE, P_ICMP6_CODE):
+                    icmp_code = data[b + 4]
+            b += (ln2 + 3) & ~3
+        a += (ln + 3) & ~3
+    if src is None or dst is None or len(src) not in _AF:
+        return None
+    s = addrs.get(src)
+    if s is None:
+        s = addrs[src] = socket.inet_ntop(_AF[len(src)], src)
+    d = addrs.get(dst)
+    if d is None:
+        d = addrs[dst] = socket.inet_ntop(_AF[len(dst)], dst)
+    return (family, proto, s, d, sport, dport, icmp_id, icmp_type, icmp_code, zone)
+
+
+def entry_of(o: Orig) -> ConnEntry:
+    family, proto, src, dst, sport, dport, icmp_id, icmp_type, icmp_code, zone = o
+    return ConnEntry(
+        family=family,
+        protocol=proto,
+        src=src,
+        dst=dst,
+        sport=sport,
+        dport=dport,
+        icmp_type=icmp_type,
+        icmp_code=icmp_code,
+        icmp_id=icmp_id,
+        zone=zone,
+    )
+
+
+def orig_of(e: ConnEntry) -> Orig:
+    return (e.family, e.protocol, e.src, e.dst, e.sport, e.dport, e.icmp_id, e.icmp_type, e.icmp_code, e.zone)
+
+
+def events_enabled() -> bool:
+    """Does this thread's namespace report conntrack events (`nf_conntrack_events` 1, or 2: when
+    someone listens)? 0: no events, a mirror would go stale."""
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_events") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return True  # module not loaded yet: the default (events on) applies once it is
+
+
+class ConntrackMirror:
+    """The original tuples of one namespace's conntrack table, by address. Open it on the namespace's
+    thread (`ConntrackMirror.open(thread)`); read it from any thread."""
+
+    def __init__(self, sock: socket.socket, dumper: socket.socket) -> None:
+        self._sock = sock
+        self._dumper = dumper  # opened in the namespace too: a dump needs no hop to its thread
+        self._lock = threading.Lock()
+        self._addrs: dict[bytes, str] = {}
+        self._by_addr: dict[str, set[Orig]] = {}
+        self.resyncs = 0  # seeds after the first (lost events)
+        self.events = 0
+        self._stop = False
+        with self._lock:
+            self._seed()
+        self._reseed_at = time.monotonic() + RESEED_AFTER if self._by_addr else None
+        self._wake_r, self._wake_w = os.pipe()
+        self._reader = threading.Thread(target=self._run, name="ct-mirror", daemon=True)
+        self._reader.start()
+
+    @staticmethod
+    def open(thread: NetnsThread) -> ConntrackMirror | None:
+        """A mirror of `thread`'s namespace; None when that namespace reports no events."""
+
+        def subscribe() -> tuple[socket.socket, socket.socket] | None:
+            if not events_enabled():
+                return None
+            dumper = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            sk = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            try:
+                dumper.bind((0, 0))
+                try:
+                    sk.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE (root)
+                except OSError:
+                    sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+                sk.bind((0, 0))
+                for group in (NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY):
+                    sk.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+            except BaseException:
+                sk.close()
+                dumper.close()
+                raise
+            return sk, dumper
+
+        socks = thread.call(subscribe)
+        if socks is None:
+            return None
+        try:
+            return ConntrackMirror(*socks)
+        except BaseException:
+            for sk in socks:
+                sk.close()
+            raise
+
+    # ------------------------------------------------------------------------------------- reads
+    def involving(self, addresses: Iterable[str]) -> list[ConnEntry]:
+        """Entries whose original source or destination is one of `addresses` (canonical text)."""
+        with self._lock:
+            self._drain()
+            found: set[Orig] = set()
+            for a in addresses:
+                found.update(self._by_addr.get(a, ()))
+        return [entry_of(o) for o in found]
+
+    def forget(self, entries: Iterable[ConnEntry]) -> None:
+        """Drop entries the kernel no longer has (a delete found them gone)."""
+        with self._lock:
+            for e in entries:
+                self._remove(orig_of(e))
+
+    def close(self) -> None:
+        self._stop = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self._reader.join(timeout=2)
+        self._sock.close()
+        self._dumper.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # ---------------------------------------------------------------------------------- internals
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                ready = select.select([self._sock, self._wake_r], [], [], 1.0)[0]
+            except (OSError, ValueError):
+                return
+            if self._stop:
+                return
+            if self._reseed_at is not None and time.monotonic() >= self._reseed_at:
+                self._reseed_at = None
+                with self._lock:
+                    try:
+                        self._seed()
+                    except OSError:
+                        return
+            if self._sock in ready:
+                more = True
+                while more and not self._stop:
+                    with self._lock:  # a few datagrams a hold: a lookup never waits behind a burst
+                        try:
+                            more = self._drain(READER_BATCH)
+                        except OSError:
+                            return
+
+    def _add(self, o: Orig) -> None:
+        for a in {o[2], o[3]}:
+            got = self._by_addr.get(a)
+            if got is None:
+                got = self._by_addr[a] = set()
+            got.add(o)
+
+    def _remove(self, o: Orig) -> None:
+        for a in {o[2], o[3]}:
+            got = self._by_addr.get(a)
+            if got is not None:
+                got.discard(o)
+                if not got:
+                    del self._by_addr[a]
+
+    def _drain(self, limit: int = LOOKUP_BATCH) -> bool:
+        """Apply the queued events, at most `limit` datagrams (lock held); True: more may be queued.
+        Lost events: seed again. Bounded so that churn faster than this thread can never hold the lock
+        for good (a lookup needs the events queued before it, not those arriving while it drains)."""
+        for _ in range(limit):
+            try:
+                data = self._sock.recv(1 << 18, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                self.resyncs += 1
+                self._seed()
+                continue
+            self._apply(data)
+        return True
+
+    def _apply(self, data: bytes) -> None:
+        off = 0
+        while off + 20 <= len(data):
+            ln, typ = _MSG(data, off)
+            if ln < 16:
+                return
+            if typ in (_CT_NEW, _CT_DELETE):
+                o = parse_orig(data, off + 20, off + ln, data[off + 16], self._addrs)
+                if o is not None:
+                    self.events += 1
+                    if typ == _CT_NEW:
+                        self._add(o)
+                    else:
+                        self._remove(o)
+            off += (ln + 3) & ~3
+        if len(self._addrs) > 65_536:
+            self._addrs.clear()
+
+    def _seed(self) -> None:
+        """Discard what is queued (older than the dump), then load one full dump; events queued after
+        this point are replayed over it by the next drain."""
+        for _ in range(LOOKUP_BATCH):  # bounded: an older event replayed later is harmless
+            try:
+                self._sock.recv(1 << 18, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+        self._by_addr.clear()
+        for o in _dump(self._dumper, self._addrs):
+            self._add(o)
+
+
+def _dump(sk: socket.socket, addrs: dict[bytes, str]) -> list[Orig]:
+    """Every entry's original tuple, from one dump on `sk` (a plain ctnetlink socket)."""
+    out: list[Orig] = []
+    sk.send(struct.pack("=IHHII", 20, _CT_NEW | 1, 0x301, 1, 0) + struct.pack("!BBH", 0, 0, 0))
+    while True:
+        data = sk.recv(1 << 20)
+        off = 0
+        while off + 16 <= len(data):
+            ln, typ = _MSG(data, off)
+            if ln < 16 or typ == NLMSG_DONE:
+                return out
+            if typ == NLMSG_ERROR:
+                (err,) = struct.unpack_from("=i", data, off + 16)
+                if err:
+                    raise OSError(-err, f"conntrack dump: {os.strerror(-err)}")
+                return out
+            if typ == _CT_NEW:
+                o = parse_orig(data, off + 20, off + ln, data[off + 16], addrs)
+                if o is not None:
+                    out.append(o)
+            off += (ln + 3) & ~3
+
+
+__all__ = ["ConntrackMirror", "Orig", "entry_of", "events_enabled", "orig_of", "parse_orig"]
