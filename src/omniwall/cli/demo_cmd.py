@@ -1,8 +1,8 @@
 """`omniwall demo`: the demo of `make demo`, from an installed package too (the wheel carries examples/).
 
-    omniwall demo                  # live: a lab of namespaces, a manager and agents (root)
-    omniwall demo --offline        # no lab: the sim explains the example's flows
-    omniwall demo --once DIR       # measure, print, tear down; another directory of resource files
+omniwall demo                  # live: a lab of namespaces, a manager and agents (root)
+omniwall demo --offline        # no lab: the sim explains the example's flows
+omniwall demo --once DIR       # measure, print, tear down; another directory of resource files
 """
 
 from __future__ import annotations
