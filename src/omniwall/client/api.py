@@ -75,7 +75,7 @@ def split_ref(ref: str, tenant: str | None = None) -> tuple[str | None, str]:
     if not t or not name or "/" in name:
         raise ValueError(f"{ref!r}: expected NAME or TENANT/NAME")
     if tenant and tenant != t:
-        raise ValueError(f"{ref!r} names tenant {t!r} but the tenant given (--tenant) is {tenant!r}")
+        raise ValueError(f"{ref!r} names tenant {t!r} but --tenant is {tenant!r}")
     return t, name
 
 
