@@ -49,7 +49,7 @@ class Manager:
         try:
             return int(self.client.apply([doc])["revision"])
         except ClientError as e:
-            raise _cni_error("apply workload", e) from None
+            raise _cni_error("the workload", e) from None
 
     def workload(self, name: str, tenant: str) -> dict[str, Any] | None:
         try:
@@ -87,7 +87,7 @@ def _cni_error(what: str, e: ClientError) -> CniError:
     """Unreachable or overloaded (retries spent): try later; refused: the manager's own message."""
     if e.status is None or e.status == 503:
         return CniError(ERR_TRY_LATER, f"manager unreachable: {what}: {e}")
-    return CniError(ERR_INTERNAL, f"manager: {what}: {e}", json.dumps(e.body)[:2000])
+    return CniError(ERR_INTERNAL, f"manager refused {what}: {e}", json.dumps(e.body)[:2000])
 
 
 def workload_doc(conf: NetConf, env: Env, name: str, host_if: str, ip: str, mac: str) -> dict[str, Any]:
