@@ -55,9 +55,7 @@ def test_poisoned_objects_fail_closed_and_the_host_converges(topo: Topo, backend
     assert tcp_connect(a.ns, b.ip4, PORT) != "open"  # a's rule uses the tainted set too: closed as well
 
     # the poison goes away: the host converges fully, every later change is realized
-    d3 = HostDelta(
-        "h", 2, 3, set_updates=(SetUpdate("b", removed_addresses=("fe80::1%eth0",)),)
-    )
+    d3 = HostDelta("h", 2, 3, set_updates=(SetUpdate("b", removed_addresses=("fe80::1%eth0",)),))
     out = rec.on_delta(d3)
     assert out.realized_revision == 3
     assert tcp_connect(a.ns, b.ip4, PORT) == "open"

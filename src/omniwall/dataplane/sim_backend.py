@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from omniwall.compiler.ir import HostDelta, HostDesiredState, apply_delta
+from omniwall.compiler.ir import HostDelta, HostDesiredState
 from omniwall.dataplane.backend import Capabilities, ConnEntry, RuleCounters
 
 
@@ -75,15 +75,17 @@ class SimBackend:
             return  # minimal writes: none
         self._commit(state)
 
-    def apply(self, delta: HostDelta) -> None:
+    def apply(self, base: HostDesiredState, delta: HostDelta, target: HostDesiredState) -> None:
         self.calls.append(("apply", delta.from_revision, delta.to_revision))
         self._maybe_fail()
         if self._state is None:
             raise SimBackendError("apply: nothing realized yet, a full sync is needed first")
-        try:
-            target = apply_delta(self._state, delta)
-        except ValueError as e:
-            raise SimBackendError(f"apply: {e}") from e
+        if delta.from_revision != self._state.revision or base.revision != self._state.revision:
+            raise SimBackendError(
+                f"apply: delta starts at revision {delta.from_revision}, realized is {self._state.revision}"
+            )
+        if target.revision != delta.to_revision:
+            raise SimBackendError(f"apply: target {target.revision}, delta ends at {delta.to_revision}")
         check_references(target)
         self._commit(target)
 
@@ -129,6 +131,9 @@ class SimBackend:
         self._conns.clear()
         if self.state_file is not None:
             self.state_file.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Nothing to release: the state lives in this object (and `state_file`)."""
 
     # ---- internals
     def _maybe_fail(self) -> None:
