@@ -140,6 +140,7 @@ class NftBackend:
 
     def _decode(self, listing: list[dict[str, Any]]) -> HostDesiredState | None:
         chunks: list[str] = []
+        buckets: dict[int, list[str]] = {}
         revision: int | None = None
         elements: dict[str, list[str]] = {}
         counts: Counter[str] = Counter()
@@ -151,6 +152,11 @@ class NftBackend:
                 counts[r["chain"]] += 1
                 if r["chain"] == STATE_CHAIN:
                     chunks.append(r.get("comment", ""))
+                elif r["chain"].startswith(STATE_CHAIN + "_"):
+                    with contextlib.suppress(ValueError):
+                        buckets.setdefault(int(r["chain"][len(STATE_CHAIN) + 1 :]), []).append(
+                            r.get("comment", "")
+                        )
                 elif r["chain"] in base_comments:
                     base_comments[r["chain"]].append(str(r.get("comment", "")))
             elif "quota" in obj:
@@ -162,7 +168,7 @@ class NftBackend:
                 elements[s["name"]] = [k for k in map(_elem_key, s.get("elem", [])) if k is not None]
             elif "map" in obj:
                 sets.add(obj["map"]["name"])
-        struct = blob.decode(chunks)
+        struct = blob.decode_buckets(chunks, buckets)
         if struct is None or revision is None:
             return None
         try:

@@ -17,7 +17,8 @@ MAX_NAME = 64  # the kernel allows 255; short names keep listings readable
 RAW_CHAIN = "raw_pre"  # prerouting, priority -300: anti-spoofing + notrack for stateless rules
 FWD_CHAIN = "fwd"  # forward, priority 0: conntrack shortcut + per-vNIC dispatch
 # bookkeeping chains (no hook, never jumped to)
-STATE_CHAIN = "_state"  # the realized IR (minus set elements), compressed, in rule comments
+STATE_CHAIN = "_state"  # the realized IR's header (host, version), compressed, in rule comments
+STATE_BUCKETS = 64  # its rules, vNICs and set structures, hashed into this many chains `_state_<k>`
 # the realized revision: the byte limit of quota object `_rev` (never referenced by a rule, so it limits
 # nothing). A quota, not a rule or set: it is updatable in place by one small message in the same raw
 # batch as set elements (a rule would make the kernel re-validate every chain of the table at commit)
@@ -44,6 +45,10 @@ IPCACHE = {
 MAP_ANY = {"egress": "m_any_egress", "ingress": "m_any_ingress"}
 
 _PLAIN = re.compile(r"[A-Za-z0-9_]+")
+
+
+def state_chain(bucket: int) -> str:
+    return f"{STATE_CHAIN}_{bucket:02d}"
 
 
 def safe(name: str, maxlen: int = MAX_NAME - 8) -> str:
@@ -115,6 +120,7 @@ __all__ = [
     "RAW_CHAIN",
     "REV_CHAIN",
     "REV_OBJ",
+    "STATE_BUCKETS",
     "STATE_CHAIN",
     "TABLE",
     "addr_set",
@@ -126,5 +132,6 @@ __all__ = [
     "port_set",
     "raw_chain",
     "safe",
+    "state_chain",
     "vnic_chain",
 ]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch, SetUpdate
@@ -57,6 +58,7 @@ from omniwall.dataplane.nft.names import (
     MAP_RAW_INGRESS6,
     RAW_CHAIN,
     REV_OBJ,
+    STATE_BUCKETS,
     STATE_CHAIN,
     TABLE,
     addr_set,
@@ -64,9 +66,11 @@ from omniwall.dataplane.nft.names import (
     connlimit_counter,
     port_set,
     raw_chain,
+    state_chain,
     vnic_chain,
 )
 from omniwall.dataplane.nft.render_index import (
+    IndexDiff,
     IndexObjects,
     diff_index,
     hop_chains,
@@ -594,12 +598,21 @@ def revision_cmd(revision: int) -> Json:
     return {"add": {"quota": {**T, "name": REV_OBJ, "bytes": revision, "used": 0, "inv": False}}}
 
 
-def render_bookkeeping(state: HostDesiredState, *, structure: bool = True) -> list[Json]:
-    """Rewrite the stored IR (when the structure changed) and the revision."""
+def render_bookkeeping(
+    state: HostDesiredState, *, structure: bool = True, buckets: set[int] | None = None
+) -> list[Json]:
+    """Rewrite the stored IR (when the structure changed: every bucket, or only `buckets`) and the
+    revision (blob.py has the layout)."""
     cmds: list[Json] = []
     if structure:
-        cmds.append({"flush": {"chain": {**T, "name": STATE_CHAIN}}})
-        cmds += _add_rules(STATE_CHAIN, [_rule([{"continue": None}], c) for c in blob.encode(state)])
+        if buckets is None:
+            cmds.append({"flush": {"chain": {**T, "name": STATE_CHAIN}}})
+            header = blob.encode_header(state)
+            cmds += _add_rules(STATE_CHAIN, [_rule([{"continue": None}], c) for c in header])
+        for k, chunks in blob.encode_buckets(state, buckets).items():
+            name = state_chain(k)
+            cmds.append({"flush": {"chain": {**T, "name": name}}})
+            cmds += _add_rules(name, [_rule([{"continue": None}], c) for c in chunks])
     cmds.append(revision_cmd(state.revision))
     return cmds
 
@@ -652,6 +665,7 @@ def render_table(
         {"add": {"chain": {**T, "name": FWD_CHAIN, "type": "filter", "hook": "forward", "prio": 0,
                            "policy": "accept"}}},
         _chain_decl(STATE_CHAIN),
+        *(_chain_decl(state_chain(k)) for k in range(STATE_BUCKETS)),
         {"add": {"set": {**T, "name": KNOWN_IF, "type": "ifname"}}},
     ]  # fmt: skip
     cmds += _elements("add", KNOWN_IF, sorted(v.ifname for v in state.vnics))
@@ -800,8 +814,6 @@ def render_delta(
     # 2. vNICs (and the hop index: identities, their maps and chains, path chains)
     old_v = old.vnic_map()
     new_v = new.vnic_map()
-    old_rmap, old_shapes = old.rule_map(), shapes_of(old)
-    new_rmap, new_shapes = new.rule_map(), shapes_of(new)
     old_plan, new_plan = index_plan(old), index_plan(new)
     dispatch = stateless_ingress(new)
     if dispatch != stateless_ingress(old):
@@ -819,13 +831,52 @@ def render_delta(
         and hop_signature(old_plan, v.ifname) != hop_signature(new_plan, v.ifname)
     ]
     removed = [old_v[n] for n in sorted(old_v.keys() - new_v.keys())]
+    cmds += render_vnic_changes(
+        VnicChange(old, new, old_plan, new_plan, touched, removed, dispatch, idiff), log_group, flow_group
+    )
+    cmds += late_deletes
+    cmds += render_bookkeeping(new, structure=structure_changed(old, new))
+    return cmds
+
+
+@dataclass
+class VnicChange:
+    """What the vNIC part of an incremental transaction needs: both states and index plans, the new
+    vNICs whose chains are re-rendered, the removed ones, the raw dispatch flag and the index diff."""
+
+    old: HostDesiredState
+    new: HostDesiredState
+    old_plan: IndexPlan
+    new_plan: IndexPlan
+    touched: list[IRVnic]
+    removed: list[IRVnic]
+    dispatch: bool
+    idiff: IndexDiff
+    old_rmap: Mapping[int, IRRule] | None = None
+    new_rmap: Mapping[int, IRRule] | None = None
+    old_shapes: Shapes | None = None
+    new_shapes: Shapes | None = None
+
+
+def render_vnic_changes(ch: VnicChange, log_group: int, flow_group: int | None) -> list[Json]:
+    """The vNIC and index part of an incremental transaction (render_delta's step 2 and 3, less the
+    set deletes and bookkeeping): map elements of removed vNICs deleted, changed chains flushed,
+    obsolete chains deleted, new chains declared, rules added, new map elements added, index cleanup."""
+    cmds: list[Json] = []
+    late_deletes: list[Json] = []
+    old, new, touched, removed, idiff = ch.old, ch.new, ch.touched, ch.removed, ch.idiff
+    old_v = {v.ifname: v for v in old.vnics} if removed or touched else {}
+    old_rmap = ch.old_rmap if ch.old_rmap is not None else old.rule_map()
+    new_rmap = ch.new_rmap if ch.new_rmap is not None else new.rule_map()
+    old_shapes = ch.old_shapes if ch.old_shapes is not None else shapes_of(old)
+    new_shapes = ch.new_shapes if ch.new_shapes is not None else shapes_of(new)
     old_chains: dict[str, dict[str, list[Json]]] = {}
     for v in [*removed, *(old_v[t.ifname] for t in touched if t.ifname in old_v)]:
         old_chains[v.ifname] = render_vnic_chains(
-            v, old_rmap, old_shapes, log_group, old_plan, dispatch, flow_group
+            v, old_rmap, old_shapes, log_group, ch.old_plan, ch.dispatch, flow_group
         )
     new_chains = {
-        v.ifname: render_vnic_chains(v, new_rmap, new_shapes, log_group, new_plan, dispatch, flow_group)
+        v.ifname: render_vnic_chains(v, new_rmap, new_shapes, log_group, ch.new_plan, ch.dispatch, flow_group)
         for v in touched
     }
     cmds += idiff.early
@@ -884,10 +935,9 @@ def render_delta(
     cmds += _elements("add", KNOWN_IF, [v.ifname for v in touched if v.ifname not in old_v])
     cmds += idiff.late
 
-    # 3. index objects and sets nobody references any more, then bookkeeping
+    # 3. index objects nobody references any more
     cmds += idiff.cleanup
     cmds += late_deletes
-    cmds += render_bookkeeping(new, structure=structure_changed(old, new))
     return cmds
 
 
@@ -896,6 +946,7 @@ __all__ = [
     "DEFAULT_LOG_GROUP",
     "DEFAULT_WORKLOAD_PREFIXES",
     "RawLayoutChanged",
+    "VnicChange",
     "check_prefixes",
     "collapse_cidrs",
     "conn_limit_chain",
@@ -916,6 +967,7 @@ __all__ = [
     "render_set",
     "render_table",
     "render_vnic_chains",
+    "render_vnic_changes",
     "revision_cmd",
     "rule_matches",
     "segments",
