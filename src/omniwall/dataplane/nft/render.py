@@ -643,19 +643,26 @@ def render_table(
     log_group: int = DEFAULT_LOG_GROUP,
     prefixes: Sequence[str] = DEFAULT_WORKLOAD_PREFIXES,
     flow_group: int | None = None,
+    index: IndexObjects | None = None,
+    vnic_chains: dict[str, dict[str, list[Json]]] | None = None,
 ) -> list[Json]:
     """The whole table, replacing whatever exists, as one transaction (`add; delete; add table`).
+    `index`, `vnic_chains`: the state's hop index objects and per-vNIC chains (render_vnic_chains) when
+    the caller has them already (planner.py).
     `prefixes`: workload-interface name prefixes; unknown interfaces matching one are dropped.
     `flow_group`: NFLOG group of the flow-record logs (None: none); it is named in the comment of
     `fwd`'s first rule, so adoption (which compares the base chains' comments) notices a change."""
     rmap, shapes = state.rule_map(), shapes_of(state)
     plan = index_plan(state)
     dispatch = stateless_ingress(state)
-    vnic_chains = {
-        v.ifname: render_vnic_chains(v, rmap, shapes, log_group, plan, dispatch, flow_group)
-        for v in state.vnics
-    }
-    index_decl, index_elems = render_index_full(index_objects_of(state, log_group, flow_group))
+    if vnic_chains is None:
+        vnic_chains = {
+            v.ifname: render_vnic_chains(v, rmap, shapes, log_group, plan, dispatch, flow_group)
+            for v in state.vnics
+        }
+    if index is None:
+        index = index_objects_of(state, log_group, flow_group)
+    index_decl, index_elems = render_index_full(index)
     cmds: list[Json] = [
         {"add": {"table": {"family": FAMILY, "name": TABLE}}},
         {"delete": {"table": {"family": FAMILY, "name": TABLE}}},
@@ -856,6 +863,8 @@ class VnicChange:
     new_rmap: Mapping[int, IRRule] | None = None
     old_shapes: Shapes | None = None
     new_shapes: Shapes | None = None
+    old_chains: Mapping[str, dict[str, list[Json]]] | None = None  # render_vnic_chains of old vNICs, known
+    rendered: dict[str, dict[str, list[Json]]] | None = None  # filled with the touched vNICs' new chains
 
 
 def render_vnic_changes(ch: VnicChange, log_group: int, flow_group: int | None) -> list[Json]:
@@ -872,13 +881,18 @@ def render_vnic_changes(ch: VnicChange, log_group: int, flow_group: int | None) 
     new_shapes = ch.new_shapes if ch.new_shapes is not None else shapes_of(new)
     old_chains: dict[str, dict[str, list[Json]]] = {}
     for v in [*removed, *(old_v[t.ifname] for t in touched if t.ifname in old_v)]:
-        old_chains[v.ifname] = render_vnic_chains(
-            v, old_rmap, old_shapes, log_group, ch.old_plan, ch.dispatch, flow_group
+        known = ch.old_chains.get(v.ifname) if ch.old_chains is not None else None
+        old_chains[v.ifname] = (
+            known
+            if known is not None
+            else render_vnic_chains(v, old_rmap, old_shapes, log_group, ch.old_plan, ch.dispatch, flow_group)
         )
     new_chains = {
         v.ifname: render_vnic_chains(v, new_rmap, new_shapes, log_group, ch.new_plan, ch.dispatch, flow_group)
         for v in touched
     }
+    if ch.rendered is not None:  # the caller keeps them (planner.py: the next change's old chains)
+        ch.rendered.update({n: dict(c) for n, c in new_chains.items()})
     cmds += idiff.early
     cmds += idiff.create
     # connection-limit counters: created before the rules naming them, deleted after the last one went

@@ -116,7 +116,7 @@ class IndexObjects:
     elements: dict[str, dict[Any, str]] = field(default_factory=dict)  # map -> {key: goto target}
 
 
-def _map_decl(name: str, keytype: Any, interval: bool) -> Json:
+def map_decl(name: str, keytype: Any, interval: bool) -> Json:
     body: Json = {**T, "name": name, "type": keytype, "map": "verdict"}
     if interval:
         body["flags"] = ["interval"]
@@ -205,9 +205,9 @@ def identity_objects(direction: str, key: Key) -> tuple[dict[str, Json], str, li
     proto_key = {"concat": [ifkey, _meta("l4proto")]}
     h, r, f = (identity_map(d, tag, k) for k in MAP_KINDS)
     maps = {
-        h: _map_decl(h, ["ifname", "inet_proto", "inet_service"], False),
-        r: _map_decl(r, ["ifname", "inet_proto", "inet_service"], True),
-        f: _map_decl(f, ["ifname", "inet_proto"], False),
+        h: map_decl(h, ["ifname", "inet_proto", "inet_service"], False),
+        r: map_decl(r, ["ifname", "inet_proto", "inet_service"], True),
+        f: map_decl(f, ["ifname", "inet_proto"], False),
     }
     # hash lookups first: an interval (pipapo) lookup costs in proportion to its entries
     rules = [
@@ -234,10 +234,10 @@ def index_objects(
     out = IndexObjects()
     for (_d, fam, nets), name in IPCACHE.items():
         keytype = "ipv4_addr" if fam == 4 else "ipv6_addr"
-        out.maps[name] = _map_decl(name, keytype, nets)
+        out.maps[name] = map_decl(name, keytype, nets)
         out.elements[name] = {}
     for d in DIRECTIONS:
-        out.maps[MAP_ANY[d]] = _map_decl(MAP_ANY[d], "ifname", False)
+        out.maps[MAP_ANY[d]] = map_decl(MAP_ANY[d], "ifname", False)
         out.elements[MAP_ANY[d]] = {}
     rmap = state.rule_map()
     used: dict[str, set[Key]] = {d: set() for d in DIRECTIONS}
@@ -416,6 +416,7 @@ __all__ = [
     "ipcache_elements",
     "ipcache_target",
     "linear_chain",
+    "map_decl",
     "plan_of",
     "render_index_full",
 ]
