@@ -78,7 +78,7 @@ def test_incremental_set_element_is_one_small_transaction(trio, backends):
     )
     be.apply(s2, diff(s2, s3), s3)
     touched = {next(iter(cmd.values()))["chain"]["name"] for cmd in be.nft.last_batch if "flush" in cmd}
-    touched -= {"_state"}
+    touched = {n for n in touched if not n.startswith("_state")}  # the stored IR: header, buckets
     assert touched and all("tapb" in name for name in touched)
     assert not any("delete" in cmd and "table" in cmd["delete"] for cmd in be.nft.last_batch)
     assert tcp_connect(a.ns, b.ip4, 9090) == "open"
