@@ -6,6 +6,7 @@ original (never silently truncated, so two different inputs never collide).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -51,6 +52,7 @@ def state_chain(bucket: int) -> str:
     return f"{STATE_CHAIN}_{bucket:02d}"
 
 
+@functools.lru_cache(maxsize=65536)  # pure; a full render asks for the same names tens of thousands of times
 def safe(name: str, maxlen: int = MAX_NAME - 8) -> str:
     if _PLAIN.fullmatch(name) and len(name) <= maxlen:
         return name

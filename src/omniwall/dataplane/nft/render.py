@@ -355,6 +355,7 @@ def render_rule(
     *,
     hop: str = "egress",
     flow_group: int | None = None,
+    matches: list[tuple[int | None, str | None, list[Json]]] | None = None,
 ) -> list[Json]:
     """The nft rules realizing one IR rule at one hop (same verdict on each); `family` 4 or 6: only
     those a packet of that family can match (for the hop's per-family chains), None: all.
@@ -362,7 +363,7 @@ def render_rule(
     out: list[Json] = []
     comment = str(rule.id)
     would_drop = rule.monitor and rule.action in ("drop", "reject")
-    for fam, proto, match in family_matches(rule, shapes):
+    for fam, proto, match in family_matches(rule, shapes) if matches is None else matches:
         if family is not None and fam is not None and fam != family:
             continue
         if rule.action == "allow" or would_drop:
@@ -511,6 +512,7 @@ def render_vnic_chains(
     `e_<if>_d`. Segment boundaries (categories) are the same in both families, so `pass` (goto the next
     segment) and falling off a segment keep their meaning."""
     chains: dict[str, list[Json]] = {}
+    known: dict[int, list[tuple[int | None, str | None, list[Json]]]] = {}  # rule id -> family_matches
     for direction in DIRECTIONS:
         rules = _hop_rules(vnic, direction, rmap)
         segs = segments(rules)
@@ -541,8 +543,13 @@ def render_vnic_chains(
                 nxt = names[k + 1] if k + 1 < len(names) else tail
                 body: list[Json] = []
                 for r in segs[k] if segs else []:
+                    fm = known.get(r.id)
+                    if fm is None:  # both families' chains render the rule: its matches once
+                        fm = known[r.id] = family_matches(r, shapes)
                     body.extend(
-                        render_rule(r, nxt, shapes, log_group, fam, hop=direction, flow_group=flow_group)
+                        render_rule(
+                            r, nxt, shapes, log_group, fam, hop=direction, flow_group=flow_group, matches=fm
+                        )
                     )
                 body.append(_rule([{"goto": {"target": nxt}}], "next"))
                 chains[name] = body
@@ -552,7 +559,8 @@ def render_vnic_chains(
         raw: list[Json] = _antispoof(vnic) if direction == "egress" else []
         for r in rules:
             if not r.stateful:
-                for _proto, match in rule_matches(r, shapes):
+                fm = known.get(r.id)
+                for _fam, _proto, match in family_matches(r, shapes) if fm is None else fm:
                     raw.append(_rule([*match, {"notrack": None}, {"return": None}], f"nt:{r.id}"))
         if direction == "egress" and ingress_dispatch:
             raw += raw_ingress_dispatch()
