@@ -117,6 +117,7 @@ class Plan:
     book: Book | None = None  # the target's derived data, adopted on commit
     step: BookStep | None = None  # or the change to the current book, applied on commit
     moves: list[Move] = field(default_factory=list)  # the fast path's identity moves
+    index: IndexPlan | None = None  # the fast path's index plan (moved on commit)
 
     @property
     def empty(self) -> bool:
@@ -465,7 +466,6 @@ class NftPlanner:
             if plan is not None:
                 return plan
         hints = {u.name: u for u in delta.set_updates}
-        self._book_for(base)  # its plan is in render's cache: render_delta does not re-plan the base
         try:
             cmds = render_delta(base, target, self.log_group, hints, self.flow_group)
         except RawLayoutChanged:
@@ -475,10 +475,13 @@ class NftPlanner:
     def committed(self, plan: Plan) -> None:
         """The kernel took `plan`: its target's derived data becomes the book."""
         book = self.book
-        if plan.kind == "fast" and book is not None and plan.base is book.state:
-            book.plan.move(plan.moves)
-            carry_plan(book.state, plan.target, book.plan)
-            book.state = plan.target
+        if plan.kind == "fast" and plan.index is not None and plan.base is not None:
+            plan.index.move(plan.moves)  # the identities, moved in place: the plan describes the target
+            carry_plan(plan.base, plan.target, plan.index)
+            if book is not None and book.state is plan.base and book.plan is plan.index:
+                book.state = plan.target
+            else:
+                self.book = None
         elif plan.step is not None and book is not None and plan.base is book.state:
             plan.step.apply(book)
             carry_plan(plan.base, plan.target, book.plan)  # render's plan cache: for whole-state diffs
@@ -548,7 +551,9 @@ class NftPlanner:
         for a, (joined, left) in changes.items():
             if a in local and not local[a].isdisjoint(joined | left):
                 return None  # the local side of a rule at this address's own vNIC changes: re-render
-        plan = self._book_for(base).plan
+        book = self.book
+        # the book's plan when it describes the base, else render's cached plan (no book built here)
+        plan = book.plan if book is not None and book.state is base else index_plan(base)
         moves = plan.member_moves(changes)
         if moves is None:
             return None
@@ -565,7 +570,9 @@ class NftPlanner:
                 if now is not None:
                     ops.append(MapElemOp("add", name, keytype, ((m.address, "goto", now),)))
         ops.append(QuotaOp(REV_OBJ, delta.to_revision))
-        return Plan(base, target, ops=ops, revoke="involving", suspects=suspects, kind="fast", moves=moves)
+        return Plan(
+            base, target, ops=ops, revoke="involving", suspects=suspects, kind="fast", moves=moves, index=plan
+        )
 
     def _local_sets(self, state: HostDesiredState) -> dict[str, frozenset[str]]:
         """Own address of a vNIC -> the sets its hops' rules test on the local side (the hop index
