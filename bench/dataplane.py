@@ -582,6 +582,129 @@ def report(blocks: list[Block], set_res: dict[str, Any] | None, delta: dict[str,
     }  # fmt: skip
 
 
+# ------------------------------------------------------------------ one-rule change and full sync
+# `--changes`: arm (b)'s state of one host (10k rules, 100k members) in a scratch namespace, no lab:
+# a full sync from nothing, then one-rule changes through `NftBackend.apply`, timed per call
+# (rendering + kernel + revocation). Each round runs one worker per code tree, in alternating order:
+# this tree, and `--base-src` (the old code path, e.g. a `git worktree` of the base commit).
+
+
+def change_worker(args: argparse.Namespace) -> dict[str, Any]:
+    import inspect
+
+    from omniwall.compiler.ir import HostDelta, RuleUpdate, VnicUpdate, apply_delta
+    from omniwall.dataplane.nft.backend import NftBackend
+
+    ns = f"owpl{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        be = NftBackend(ns)
+        try:
+            st = rs.omniwall_state(
+                "h1", ifname="owpath", vnic_addr=SRC_IP, direction="egress", src_ip=SRC_IP, dst_ip=DST_IP,
+                ports=(IPERF_PORT, CONN_PORT), rules=args.rules, members=args.members,
+            )  # fmt: skip
+            be.teardown()
+            t0 = time.perf_counter()
+            be.sync(st)
+            full = time.perf_counter() - t0
+            new_api = len(inspect.signature(be.apply).parameters) == 3
+            kernel: list[float] = []
+            nft = be.nft
+            saved = {k: getattr(nft, k) for k in ("transact", "elements")}
+
+            def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+                def go(*a: Any) -> Any:
+                    t = time.perf_counter()
+                    try:
+                        return fn(*a)
+                    finally:
+                        kernel.append(time.perf_counter() - t)
+
+                return go
+
+            for k, fn in saved.items():
+                setattr(nft, k, timed(fn))
+            times: list[float] = []
+            ker: list[float] = []
+            s = st
+            rmap = s.rule_map()
+            for i in range(args.change_reps):
+                r = rmap[
+                    args.hop_rules + 1 + (i * 37) % (args.rules - args.hop_rules)
+                ]  # a synthetic vNIC's rule
+                port = 40000 + i
+                r2 = replace(r, services=(replace(r.services[0], ports=((port, port),)),))
+                users = tuple(VnicUpdate(v) for v in s.vnics if r.id in (*v.egress, *v.ingress))
+                d = HostDelta(
+                    "h1", s.revision, s.revision + 1, rule_updates=(RuleUpdate(r2),), vnic_updates=users
+                )
+                n = apply_delta(s, d)  # the reconciler's one application (not timed: it is not the backend's)
+                kernel.clear()
+                t0 = time.perf_counter()
+                if new_api:
+                    be.apply(s, d, n)
+                else:
+                    be.apply(d)
+                times.append(time.perf_counter() - t0)
+                ker.append(sum(kernel))
+                s = n
+                rmap[r.id] = r2
+            for k, fn in saved.items():
+                setattr(nft, k, fn)
+            back = be.realized()
+            ok = back is not None and back.revision == s.revision and back.rules == s.rules
+            be.teardown()
+        finally:
+            be.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    return {
+        "full_sync_s": full,
+        "change_ms_median": statistics.median(times) * 1e3,
+        "change_ms_p90": sorted(times)[int(len(times) * 0.9)] * 1e3,
+        "change_kernel_ms_median": statistics.median(ker) * 1e3,
+        "first_change_ms": times[0] * 1e3,
+        "reps": len(times),
+        "read_back_ok": ok,
+    }
+
+
+def change_bench(args: argparse.Namespace) -> dict[str, Any]:
+    env = environment()
+    trees = {"after": None, "before": args.base_src}
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        order = ["after", "before"] if r % 2 == 0 else ["before", "after"]
+        got: dict[str, Any] = {}
+        for tree in order:
+            if trees[tree] is None and tree == "before":
+                continue
+            envv = dict(os.environ)
+            if trees[tree] is not None:
+                envv["PYTHONPATH"] = str(Path(trees[tree]) / "src")
+            cmd = [sys.executable, __file__, "--change-worker", "--rules", str(args.rules),
+                   "--members", str(args.members), "--hop-rules", str(args.hop_rules),
+                   "--change-reps", str(args.change_reps)]  # fmt: skip
+            out = subprocess.run(cmd, env=envv, capture_output=True, text=True, check=True, timeout=1800)
+            got[tree] = json.loads(out.stdout.strip().splitlines()[-1])
+            log(f"round {r + 1} {tree}: {got[tree]}")
+        rounds.append(got)
+
+    def col(tree: str, key: str) -> list[float]:
+        return [g[tree][key] for g in rounds if tree in g]
+
+    out: dict[str, Any] = {"env": {**env, "loadavg_end": os.getloadavg()}, "rounds": rounds}
+    for key in ("full_sync_s", "change_ms_median", "change_kernel_ms_median"):
+        out[key] = {"after": med(col("after", key))}
+        if args.base_src:
+            out[key]["before"] = med(col("before", key))
+            out[key]["after/before (median of per-round ratios)"] = paired(
+                col("after", key), col("before", key)
+            )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
@@ -598,7 +721,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delta-reps", type=int, default=200)
     p.add_argument("--only-arms", action="store_true", help="skip the set-load and delta measurements")
     p.add_argument("--json-out", type=Path, help="also write the JSON result here")
+    p.add_argument("--changes", action="store_true", help="only: full sync and one-rule changes, no lab")
+    p.add_argument("--base-src", help="with --changes: a tree of the old code path, measured in the same run")
+    p.add_argument("--change-reps", type=int, default=30)
+    p.add_argument("--change-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.change_worker:
+        print(json.dumps(change_worker(args)))
+        return 0
+    if args.changes:
+        res = change_bench(args)
+        line = json.dumps(res, separators=(",", ":"), default=str)
+        if args.json_out:
+            args.json_out.write_text(line + "\n")
+        print(line)
+        return 0
     args.sweep = [] if args.skip_sweep else [int(x) for x in args.sweep.split(",") if x.strip()]
     if os.geteuid() != 0:
         print("bench/dataplane.py needs root (network namespaces)", file=sys.stderr)

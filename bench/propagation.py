@@ -286,8 +286,8 @@ def worker_main(spec_file: str) -> None:
     acked: dict[int, float] = {}  # revision -> wall time the manager answered the last agent's ack
 
     class TimedSim(MemoryBackend):
-        def apply(self, delta: Any) -> Any:
-            out = super().apply(delta)
+        def apply(self, base: Any, delta: Any, target: Any) -> Any:
+            out = super().apply(base, delta, target)
             applied[delta.to_revision] = time.time()
             return out
 

@@ -39,7 +39,7 @@ def test_bulk_build_delta_and_adoption(one_host, backends):
     assert again.nft.writes == 0
     # a 20k-member change (a leaves, 20k others join and leave) is one raw transaction
     s2 = big_state(2, a, b, filler(N, 30_000))
-    be.apply(diff(s1, s2))
+    be.apply(s1, diff(s1, s2), s2)
     assert (be.nft.writes, be.nft.element_writes) == (3, 2)
     assert normalized(backends(h).realized()) == normalized(s2)
     assert tcp_connect(a.ns, b.ip4, 8080, timeout=0.5) == "timeout"

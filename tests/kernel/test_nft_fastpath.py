@@ -48,7 +48,7 @@ def test_member_deltas_write_once_and_rejudge_only_what_can_tighten(trio, backen
 
         # c joins 'web' (only granting rules use it): one kernel write, no conntrack dump at all
         s2 = guarded(2, a, b, c, (*a.addresses, c.ip4))
-        be.apply(diff(s1, s2))
+        be.apply(s1, diff(s1, s2), s2)
         assert (be.nft.writes, be.nft.element_writes) == (writes + 1, 1)
         assert be.ct.dumps == dumps and be.last_revoked == []
         assert tcp_connect(c.ns, b.ip4, 8080) == "open"
@@ -58,7 +58,7 @@ def test_member_deltas_write_once_and_rejudge_only_what_can_tighten(trio, backen
         # c leaves 'web': one write; conntrack asked about c's address only, from the event-fed mirror
         # (no dump walks the table)
         s3 = guarded(3, a, b, c, a.addresses)
-        be.apply(diff(s2, s3))
+        be.apply(s2, diff(s2, s3), s3)
         assert (be.nft.writes, be.nft.element_writes) == (writes + 2, 2)
         assert be.ct.mirror is not None and be.ct.dumps == dumps
         assert {(e.src, e.dport) for e in be.last_revoked} == {(c.ip4, 8080)}  # the stream + the probe
@@ -67,7 +67,7 @@ def test_member_deltas_write_once_and_rejudge_only_what_can_tighten(trio, backen
 
         # a joins 'bad' (a refusing rule uses it): an addition that revokes
         s4 = guarded(4, a, b, c, a.addresses, bad=(a.ip4,))
-        be.apply(diff(s3, s4))
+        be.apply(s3, diff(s3, s4), s4)
         assert be.nft.writes == writes + 3
         assert {(e.src, e.dport) for e in be.last_revoked} == {(a.ip4, 8080)}
         assert not stream_alive(stream_a)
@@ -88,7 +88,7 @@ def test_restart_after_fast_path_adopts_members_and_revision(trio, backends):
     for rev in range(2, 7):
         members = (*a.addresses, *(f"10.99.0.{i}" for i in range(rev)), f"fd99::{rev:x}")
         n = guarded(rev, a, b, c, members)
-        first.apply(diff(s, n))
+        first.apply(s, diff(s, n), n)
         s = n
     assert first.nft.element_writes == 5
     first.close()  # no teardown: the table stays, as after a crash
@@ -106,7 +106,7 @@ def test_non_member_deltas_take_the_general_path(trio, backends):
     be.sync(s1)
     # a network in a set lives in an interval set: libnftables, not the raw batch
     s2 = replace(s1, revision=2, sets=(s1.sets[0], IRSet("web", s1.sets[1].addresses, ("10.0.0.3/32",))))
-    be.apply(diff(s1, s2))
+    be.apply(s1, diff(s1, s2), s2)
     assert be.nft.element_writes == 0 and be.nft.writes == 2
     assert tcp_connect(c.ns, b.ip4, 8080) == "open"
     assert normalized(be.realized()) == normalized(s2)
@@ -144,7 +144,7 @@ def test_one_member_delta_latency_on_a_big_table(trio, backends):
         n = replace(s, revision=s.revision + 1, sets=(s.sets[0], replace(web, addresses=members)))
         d = diff(s, n)
         t0 = time.perf_counter()
-        be.apply(d)
+        be.apply(s, d, n)
         times.append(time.perf_counter() - t0)
         s = n
     assert be.nft.writes == writes + 200 and be.nft.element_writes == elem_writes + 200
@@ -165,10 +165,10 @@ def test_refused_batch_changes_nothing_and_the_next_one_works(trio, backends):
     # the delta claims a member the kernel does not hold: the kernel refuses the whole batch
     bogus = HostDelta("h", 1, 2, set_updates=(SetUpdate(web.name, removed_addresses=("10.55.0.1",)),))
     with pytest.raises(NftError, match="element batch"):
-        be.apply(bogus)
+        be.apply(s1, bogus, replace(s1, revision=2))
     assert normalized(be.realized()) == normalized(s1)  # revision 1, members untouched
     s2 = guarded(2, a, b, c, (*a.addresses, c.ip4))
-    be.apply(diff(s1, s2))
+    be.apply(s1, diff(s1, s2), s2)
     assert normalized(be.realized()) == normalized(s2)
     assert tcp_connect(c.ns, b.ip4, 8080) == "open"
 
@@ -184,12 +184,13 @@ def test_async_revocation_returns_first_and_cuts_soon_after(trio, backends):
     try:
         assert stream_alive(stream_a) and stream_alive(stream_c)
         s2 = guarded(2, a, b, c, a.addresses)  # c leaves 'web'
-        be.apply(diff(s1, s2))
+        be.apply(s1, diff(s1, s2), s2)
         be.wait_revocation()
         assert {(e.src, e.dport) for e in be.last_revoked} == {(c.ip4, 8080)}
         assert not stream_alive(stream_c) and stream_alive(stream_a)
         # members added to a set only allow rules use: nothing queued at all
-        be.apply(diff(s2, guarded(3, a, b, c, (*a.addresses, "10.55.0.1"))))
+        s3 = guarded(3, a, b, c, (*a.addresses, "10.55.0.1"))
+        be.apply(s2, diff(s2, s3), s3)
         assert be._revocations == []
     finally:
         stream_a.close()

@@ -89,7 +89,7 @@ def test_incremental_apply_matches_full_build(topo, backends):
     inc.sync(s)
     for step in range(25):
         n = _mutate(s, rnd)
-        inc.apply(diff(s, n))
+        inc.apply(s, diff(s, n), n)
         ref.teardown()
         ref.sync(n)
         got = _canonical(inc.nft.list_table("inet", "omniwall"))
@@ -125,7 +125,7 @@ def test_one_element_change_on_a_big_set_is_fast(topo, backends):
         n = replace(s, revision=s.revision + 1, sets=(IRSet("big", (*members, f"10.200.0.{i}")),))
         d = diff(s, n)
         t0 = time.perf_counter()
-        be.apply(d)
+        be.apply(s, d, n)
         timings.append(time.perf_counter() - t0)
         s, members = n, n.sets[0].addresses
         # the element, its ipcache entry (the hop index: the address takes big's identity), the revision

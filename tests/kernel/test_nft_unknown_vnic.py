@@ -49,7 +49,7 @@ def test_unknown_workload_interface_is_dropped_both_ways(lan, backends):
         assert stream_alive(stream)  # established traffic of known vNICs is untouched
         # the agent learns u: from now on it is judged like any vNIC
         s2 = policy(2, k, u, server=s)
-        be.apply(diff(s1, s2))
+        be.apply(s1, diff(s1, s2), s2)
         assert tcp_connect(u.ns, s.ip4, 8080) == "open"
         assert tcp_connect(u.ns, s.ip4, 9090) == "timeout"
         assert tcp_connect(k.ns, u.ip4, 8080) == "timeout"  # u has no ingress allow: its default drops

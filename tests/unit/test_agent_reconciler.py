@@ -162,7 +162,7 @@ def test_memory_backend_is_strict() -> None:
     assert be.realized() is None
     be.sync(state(1))
     with pytest.raises(MemoryBackendError, match="revision"):
-        be.apply(diff(state(3), state(4)))
+        be.apply(state(3), diff(state(3), state(4)), state(4))
     assert be.realized() == state(1)
 
 

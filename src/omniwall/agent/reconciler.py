@@ -11,9 +11,10 @@ Rules (docs/design/agent.md has the reasons):
 - A snapshot equal to the realized state writes nothing (restart without a blip). Otherwise `sync()`.
 - A delta must start at the desired revision. Older deltas (replays) are skipped; a gap asks the feed for
   a snapshot (`Outcome.kind == "resync"`), the data plane untouched until it comes.
-- A delta on top of an in-sync data plane is `apply()`-ed. If that fails, or a previous write failed, the
-  whole desired state is `sync()`-ed instead. A failed sync keeps the old state (the backend's
-  transactions are all or nothing), re-reads it, records the error, and `retry()` tries again later.
+- A delta on top of an in-sync data plane is `apply()`-ed: the target is computed here, once, and the
+  backend gets (base, delta, target), writing only what the delta names. If that fails, or a previous
+  write failed, the whole desired state is `sync()`-ed instead. A failed sync keeps the old state (the
+  backend's transactions are all or nothing), re-reads it, records the error, and `retry()` tries again later.
 - Every state passes the `Guard` first (agent/guard.py): a vNIC on an interface this host does not allow
   is not attached, one whose data the kernel cannot load fails closed, and the rest of the host converges.
   While anything is refused, the backend realizes the guarded state (by `sync()`), and the refusals are
@@ -141,7 +142,7 @@ class Reconciler:
             self._set_desired(target)  # something refused before or now: realize the guarded state
         if was_clean and not self.refusals and self.realized == base:
             try:
-                self.backend.apply(delta)
+                self.backend.apply(base, delta, target)  # target computed once, here
             except Exception as e:
                 log.warning(
                     "apply %d->%d failed (%s); retrying with a full sync",

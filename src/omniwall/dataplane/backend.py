@@ -61,8 +61,11 @@ class Backend(Protocol):
     def sync(self, state: HostDesiredState) -> None:
         """Make the data plane equal to `state` in one atomic step; minimal writes if already close."""
 
-    def apply(self, delta: HostDelta) -> None:
-        """Apply an incremental delta atomically (all or nothing). Raises on failure, old state intact."""
+    def apply(self, base: HostDesiredState, delta: HostDelta, target: HostDesiredState) -> None:
+        """Take the data plane from `base` (what it holds, as the caller last saw it realized) to
+        `target` = apply_delta(base, delta), atomically (all or nothing). The caller computed `target`
+        once; the backend never re-applies the delta, and writes only what `delta` names. Raises on
+        failure (a base it does not hold included), old state intact."""
 
     def counters(self) -> list[RuleCounters]:
         """Per-rule counters, summed over every place the rule is installed on this host."""
@@ -81,3 +84,6 @@ class Backend(Protocol):
 
     def teardown(self) -> None:
         """Remove everything this backend created."""
+
+    def close(self) -> None:
+        """Release handles (sockets, threads); the data plane's state stays as it is."""

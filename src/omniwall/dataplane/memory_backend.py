@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from omniwall.compiler.ir import HostDelta, HostDesiredState, apply_delta
+from omniwall.compiler.ir import HostDelta, HostDesiredState
 from omniwall.dataplane.backend import Capabilities, ConnEntry, RuleCounters
 from omniwall.dataplane.conntrack import canonical
 from omniwall.dataplane.revocation import Revoker
@@ -139,15 +139,17 @@ class MemoryBackend:
         self._commit(state)
         self.revoker.after_change(old, state)
 
-    def apply(self, delta: HostDelta) -> None:
+    def apply(self, base: HostDesiredState, delta: HostDelta, target: HostDesiredState) -> None:
         self.calls.append(("apply", delta.from_revision, delta.to_revision))
         self._maybe_fail()
         if self._state is None:
             raise MemoryBackendError("apply: nothing realized yet, a full sync is needed first")
-        try:
-            target = apply_delta(self._state, delta)
-        except ValueError as e:
-            raise MemoryBackendError(f"apply: {e}") from e
+        if delta.from_revision != self._state.revision or base.revision != self._state.revision:
+            raise MemoryBackendError(
+                f"apply: delta starts at revision {delta.from_revision}, realized is {self._state.revision}"
+            )
+        if target.revision != delta.to_revision:
+            raise MemoryBackendError(f"apply: target {target.revision}, delta ends at {delta.to_revision}")
         check_references(target)
         old = self._state
         self._commit(target)
@@ -197,6 +199,9 @@ class MemoryBackend:
         self.ct.clear()
         if self.state_file is not None:
             self.state_file.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Nothing to release: the state lives in this object (and `state_file`)."""
 
     # ---- internals
     def _maybe_fail(self) -> None:

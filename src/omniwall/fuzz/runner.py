@@ -145,8 +145,11 @@ class FuzzLab:
         new = {r.key: r for r in catalog if r.kind not in INVENTORY_KINDS}
         changed = [r for k, r in new.items() if k not in old or dump(old[k]) != dump(r)]
         removed = [k for k in old if k not in new]
-        for host, delta in self._compiler.update(changed, removed, self.revision).items():
-            self.backends[host].apply(delta)
+        bases = self._compiler.states()
+        deltas = self._compiler.update(changed, removed, self.revision)
+        targets = self._compiler.states()
+        for host, delta in deltas.items():
+            self.backends[host].apply(bases[host], delta, targets[host])
         # The incremental compiler must land where a fresh compile does (the sim judges the latter).
         inc = self._compiler.states()
         self.drift = sorted(

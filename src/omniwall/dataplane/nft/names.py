@@ -6,6 +6,7 @@ original (never silently truncated, so two different inputs never collide).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -17,7 +18,8 @@ MAX_NAME = 64  # the kernel allows 255; short names keep listings readable
 RAW_CHAIN = "raw_pre"  # prerouting, priority -300: anti-spoofing + notrack for stateless rules
 FWD_CHAIN = "fwd"  # forward, priority 0: conntrack shortcut + per-vNIC dispatch
 # bookkeeping chains (no hook, never jumped to)
-STATE_CHAIN = "_state"  # the realized IR (minus set elements), compressed, in rule comments
+STATE_CHAIN = "_state"  # the realized IR's header (host, version), compressed, in rule comments
+STATE_BUCKETS = 64  # its rules, vNICs and set structures, hashed into this many chains `_state_<k>`
 # the realized revision: the byte limit of quota object `_rev` (never referenced by a rule, so it limits
 # nothing). A quota, not a rule or set: it is updatable in place by one small message in the same raw
 # batch as set elements (a rule would make the kernel re-validate every chain of the table at commit)
@@ -46,6 +48,11 @@ MAP_ANY = {"egress": "m_any_egress", "ingress": "m_any_ingress"}
 _PLAIN = re.compile(r"[A-Za-z0-9_]+")
 
 
+def state_chain(bucket: int) -> str:
+    return f"{STATE_CHAIN}_{bucket:02d}"
+
+
+@functools.lru_cache(maxsize=65536)  # pure; a full render asks for the same names tens of thousands of times
 def safe(name: str, maxlen: int = MAX_NAME - 8) -> str:
     if _PLAIN.fullmatch(name) and len(name) <= maxlen:
         return name
@@ -115,6 +122,7 @@ __all__ = [
     "RAW_CHAIN",
     "REV_CHAIN",
     "REV_OBJ",
+    "STATE_BUCKETS",
     "STATE_CHAIN",
     "TABLE",
     "addr_set",
@@ -126,5 +134,6 @@ __all__ = [
     "port_set",
     "raw_chain",
     "safe",
+    "state_chain",
     "vnic_chain",
 ]

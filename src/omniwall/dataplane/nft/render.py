@@ -36,6 +36,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch, SetUpdate
@@ -56,6 +57,7 @@ from omniwall.dataplane.nft.names import (
     MAP_RAW_INGRESS6,
     RAW_CHAIN,
     REV_OBJ,
+    STATE_BUCKETS,
     STATE_CHAIN,
     TABLE,
     addr_set,
@@ -63,9 +65,11 @@ from omniwall.dataplane.nft.names import (
     connlimit_counter,
     port_set,
     raw_chain,
+    state_chain,
     vnic_chain,
 )
 from omniwall.dataplane.nft.render_index import (
+    IndexDiff,
     IndexObjects,
     diff_index,
     hop_chains,
@@ -351,6 +355,7 @@ def render_rule(
     *,
     hop: str = "egress",
     flow_group: int | None = None,
+    matches: list[tuple[int | None, str | None, list[Json]]] | None = None,
 ) -> list[Json]:
     """The nft rules realizing one IR rule at one hop (same verdict on each); `family` 4 or 6: only
     those a packet of that family can match (for the hop's per-family chains), None: all.
@@ -358,7 +363,7 @@ def render_rule(
     out: list[Json] = []
     comment = str(rule.id)
     would_drop = rule.monitor and rule.action in ("drop", "reject")
-    for fam, proto, match in family_matches(rule, shapes):
+    for fam, proto, match in family_matches(rule, shapes) if matches is None else matches:
         if family is not None and fam is not None and fam != family:
             continue
         if rule.action == "allow" or would_drop:
@@ -507,6 +512,7 @@ def render_vnic_chains(
     `e_<if>_d`. Segment boundaries (categories) are the same in both families, so `pass` (goto the next
     segment) and falling off a segment keep their meaning."""
     chains: dict[str, list[Json]] = {}
+    known: dict[int, list[tuple[int | None, str | None, list[Json]]]] = {}  # rule id -> family_matches
     for direction in DIRECTIONS:
         rules = _hop_rules(vnic, direction, rmap)
         segs = segments(rules)
@@ -537,8 +543,13 @@ def render_vnic_chains(
                 nxt = names[k + 1] if k + 1 < len(names) else tail
                 body: list[Json] = []
                 for r in segs[k] if segs else []:
+                    fm = known.get(r.id)
+                    if fm is None:  # both families' chains render the rule: its matches once
+                        fm = known[r.id] = family_matches(r, shapes)
                     body.extend(
-                        render_rule(r, nxt, shapes, log_group, fam, hop=direction, flow_group=flow_group)
+                        render_rule(
+                            r, nxt, shapes, log_group, fam, hop=direction, flow_group=flow_group, matches=fm
+                        )
                     )
                 body.append(_rule([{"goto": {"target": nxt}}], "next"))
                 chains[name] = body
@@ -548,7 +559,8 @@ def render_vnic_chains(
         raw: list[Json] = _antispoof(vnic) if direction == "egress" else []
         for r in rules:
             if not r.stateful:
-                for _proto, match in rule_matches(r, shapes):
+                fm = known.get(r.id)
+                for _fam, _proto, match in family_matches(r, shapes) if fm is None else fm:
                     raw.append(_rule([*match, {"notrack": None}, {"return": None}], f"nt:{r.id}"))
         if direction == "egress" and ingress_dispatch:
             raw += raw_ingress_dispatch()
@@ -594,12 +606,21 @@ def revision_cmd(revision: int) -> Json:
     return {"add": {"quota": {**T, "name": REV_OBJ, "bytes": revision, "used": 0, "inv": False}}}
 
 
-def render_bookkeeping(state: HostDesiredState, *, structure: bool = True) -> list[Json]:
-    """Rewrite the stored IR (when the structure changed) and the revision."""
+def render_bookkeeping(
+    state: HostDesiredState, *, structure: bool = True, buckets: set[int] | None = None
+) -> list[Json]:
+    """Rewrite the stored IR (when the structure changed: every bucket, or only `buckets`) and the
+    revision (blob.py has the layout)."""
     cmds: list[Json] = []
     if structure:
-        cmds.append({"flush": {"chain": {**T, "name": STATE_CHAIN}}})
-        cmds += _add_rules(STATE_CHAIN, [_rule([{"continue": None}], c) for c in blob.encode(state)])
+        if buckets is None:
+            cmds.append({"flush": {"chain": {**T, "name": STATE_CHAIN}}})
+            header = blob.encode_header(state)
+            cmds += _add_rules(STATE_CHAIN, [_rule([{"continue": None}], c) for c in header])
+        for k, chunks in blob.encode_buckets(state, buckets).items():
+            name = state_chain(k)
+            cmds.append({"flush": {"chain": {**T, "name": name}}})
+            cmds += _add_rules(name, [_rule([{"continue": None}], c) for c in chunks])
     cmds.append(revision_cmd(state.revision))
     return cmds
 
@@ -630,19 +651,26 @@ def render_table(
     log_group: int = DEFAULT_LOG_GROUP,
     prefixes: Sequence[str] = DEFAULT_WORKLOAD_PREFIXES,
     flow_group: int | None = None,
+    index: IndexObjects | None = None,
+    vnic_chains: dict[str, dict[str, list[Json]]] | None = None,
 ) -> list[Json]:
     """The whole table, replacing whatever exists, as one transaction (`add; delete; add table`).
+    `index`, `vnic_chains`: the state's hop index objects and per-vNIC chains (render_vnic_chains) when
+    the caller has them already (planner.py).
     `prefixes`: workload-interface name prefixes; unknown interfaces matching one are dropped.
     `flow_group`: NFLOG group of the flow-record logs (None: none); it is named in the comment of
     `fwd`'s first rule, so adoption (which compares the base chains' comments) notices a change."""
     rmap, shapes = state.rule_map(), shapes_of(state)
     plan = index_plan(state)
     dispatch = stateless_ingress(state)
-    vnic_chains = {
-        v.ifname: render_vnic_chains(v, rmap, shapes, log_group, plan, dispatch, flow_group)
-        for v in state.vnics
-    }
-    index_decl, index_elems = render_index_full(index_objects_of(state, log_group, flow_group))
+    if vnic_chains is None:
+        vnic_chains = {
+            v.ifname: render_vnic_chains(v, rmap, shapes, log_group, plan, dispatch, flow_group)
+            for v in state.vnics
+        }
+    if index is None:
+        index = index_objects_of(state, log_group, flow_group)
+    index_decl, index_elems = render_index_full(index)
     cmds: list[Json] = [
         {"add": {"table": {"family": FAMILY, "name": TABLE}}},
         {"delete": {"table": {"family": FAMILY, "name": TABLE}}},
@@ -652,6 +680,7 @@ def render_table(
         {"add": {"chain": {**T, "name": FWD_CHAIN, "type": "filter", "hook": "forward", "prio": 0,
                            "policy": "accept"}}},
         _chain_decl(STATE_CHAIN),
+        *(_chain_decl(state_chain(k)) for k in range(STATE_BUCKETS)),
         {"add": {"set": {**T, "name": KNOWN_IF, "type": "ifname"}}},
     ]  # fmt: skip
     cmds += _elements("add", KNOWN_IF, sorted(v.ifname for v in state.vnics))
@@ -800,8 +829,6 @@ def render_delta(
     # 2. vNICs (and the hop index: identities, their maps and chains, path chains)
     old_v = old.vnic_map()
     new_v = new.vnic_map()
-    old_rmap, old_shapes = old.rule_map(), shapes_of(old)
-    new_rmap, new_shapes = new.rule_map(), shapes_of(new)
     old_plan, new_plan = index_plan(old), index_plan(new)
     dispatch = stateless_ingress(new)
     if dispatch != stateless_ingress(old):
@@ -819,15 +846,61 @@ def render_delta(
         and hop_signature(old_plan, v.ifname) != hop_signature(new_plan, v.ifname)
     ]
     removed = [old_v[n] for n in sorted(old_v.keys() - new_v.keys())]
+    cmds += render_vnic_changes(
+        VnicChange(old, new, old_plan, new_plan, touched, removed, dispatch, idiff), log_group, flow_group
+    )
+    cmds += late_deletes
+    cmds += render_bookkeeping(new, structure=structure_changed(old, new))
+    return cmds
+
+
+@dataclass
+class VnicChange:
+    """What the vNIC part of an incremental transaction needs: both states and index plans, the new
+    vNICs whose chains are re-rendered, the removed ones, the raw dispatch flag and the index diff."""
+
+    old: HostDesiredState
+    new: HostDesiredState
+    old_plan: IndexPlan
+    new_plan: IndexPlan
+    touched: list[IRVnic]
+    removed: list[IRVnic]
+    dispatch: bool
+    idiff: IndexDiff
+    old_rmap: Mapping[int, IRRule] | None = None
+    new_rmap: Mapping[int, IRRule] | None = None
+    old_shapes: Shapes | None = None
+    new_shapes: Shapes | None = None
+    old_chains: Mapping[str, dict[str, list[Json]]] | None = None  # render_vnic_chains of old vNICs, known
+    rendered: dict[str, dict[str, list[Json]]] | None = None  # filled with the touched vNICs' new chains
+
+
+def render_vnic_changes(ch: VnicChange, log_group: int, flow_group: int | None) -> list[Json]:
+    """The vNIC and index part of an incremental transaction (render_delta's step 2 and 3, less the
+    set deletes and bookkeeping): map elements of removed vNICs deleted, changed chains flushed,
+    obsolete chains deleted, new chains declared, rules added, new map elements added, index cleanup."""
+    cmds: list[Json] = []
+    late_deletes: list[Json] = []
+    old, new, touched, removed, idiff = ch.old, ch.new, ch.touched, ch.removed, ch.idiff
+    old_v = {v.ifname: v for v in old.vnics} if removed or touched else {}
+    old_rmap = ch.old_rmap if ch.old_rmap is not None else old.rule_map()
+    new_rmap = ch.new_rmap if ch.new_rmap is not None else new.rule_map()
+    old_shapes = ch.old_shapes if ch.old_shapes is not None else shapes_of(old)
+    new_shapes = ch.new_shapes if ch.new_shapes is not None else shapes_of(new)
     old_chains: dict[str, dict[str, list[Json]]] = {}
     for v in [*removed, *(old_v[t.ifname] for t in touched if t.ifname in old_v)]:
-        old_chains[v.ifname] = render_vnic_chains(
-            v, old_rmap, old_shapes, log_group, old_plan, dispatch, flow_group
+        known = ch.old_chains.get(v.ifname) if ch.old_chains is not None else None
+        old_chains[v.ifname] = (
+            known
+            if known is not None
+            else render_vnic_chains(v, old_rmap, old_shapes, log_group, ch.old_plan, ch.dispatch, flow_group)
         )
     new_chains = {
-        v.ifname: render_vnic_chains(v, new_rmap, new_shapes, log_group, new_plan, dispatch, flow_group)
+        v.ifname: render_vnic_chains(v, new_rmap, new_shapes, log_group, ch.new_plan, ch.dispatch, flow_group)
         for v in touched
     }
+    if ch.rendered is not None:  # the caller keeps them (planner.py: the next change's old chains)
+        ch.rendered.update({n: dict(c) for n, c in new_chains.items()})
     cmds += idiff.early
     cmds += idiff.create
     # connection-limit counters: created before the rules naming them, deleted after the last one went
@@ -884,10 +957,9 @@ def render_delta(
     cmds += _elements("add", KNOWN_IF, [v.ifname for v in touched if v.ifname not in old_v])
     cmds += idiff.late
 
-    # 3. index objects and sets nobody references any more, then bookkeeping
+    # 3. index objects nobody references any more
     cmds += idiff.cleanup
     cmds += late_deletes
-    cmds += render_bookkeeping(new, structure=structure_changed(old, new))
     return cmds
 
 
@@ -896,6 +968,7 @@ __all__ = [
     "DEFAULT_LOG_GROUP",
     "DEFAULT_WORKLOAD_PREFIXES",
     "RawLayoutChanged",
+    "VnicChange",
     "check_prefixes",
     "collapse_cidrs",
     "conn_limit_chain",
@@ -916,6 +989,7 @@ __all__ = [
     "render_set",
     "render_table",
     "render_vnic_chains",
+    "render_vnic_changes",
     "revision_cmd",
     "rule_matches",
     "segments",

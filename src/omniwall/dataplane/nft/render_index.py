@@ -116,7 +116,7 @@ class IndexObjects:
     elements: dict[str, dict[Any, str]] = field(default_factory=dict)  # map -> {key: goto target}
 
 
-def _map_decl(name: str, keytype: Any, interval: bool) -> Json:
+def map_decl(name: str, keytype: Any, interval: bool) -> Json:
     body: Json = {**T, "name": name, "type": keytype, "map": "verdict"}
     if interval:
         body["flags"] = ["interval"]
@@ -146,6 +146,80 @@ def _int_to_addr(fam: int, value: int) -> str:
     return str(ipaddress.IPv4Address(value) if fam == 4 else ipaddress.IPv6Address(value))
 
 
+@dataclass
+class HopObjects:
+    """What one indexed hop adds to the index: its elements in MAP_ANY and in the identity maps (all
+    keyed by its ifname), the path chains they point at (shared by digest with other hops), and the
+    identities it names."""
+
+    elements: dict[str, dict[Any, str]] = field(default_factory=dict)
+    chains: dict[str, list[Json]] = field(default_factory=dict)
+    keys: frozenset[Key] = frozenset()
+
+
+def hop_objects(
+    hp: HopPlan,
+    rmap: Mapping[int, IRRule],
+    render_rule: Any,
+    render_default: Any,
+    log_group: int,
+    flow_group: int | None = None,
+) -> HopObjects:
+    ifname, d = hp.vnic.ifname, hp.direction
+    out = HopObjects(elements={MAP_ANY[d]: {ifname: any_chain(d, ifname, 0)}})
+    path_names: dict[Path, str] = {}
+
+    def chain_of(path: Path) -> str:
+        chain = path_names.get(path)
+        if chain is None:
+            rules = _path_rules(path, hp.vnic, rmap, render_rule, render_default, log_group, d, flow_group)
+            chain = path_chain(_digest(rules))
+            out.chains.setdefault(chain, rules)
+            path_names[path] = chain
+        return chain
+
+    for key, rows in hp.entries.items():
+        tag = identity_tag(key)
+        maps = {k: out.elements.setdefault(identity_map(d, tag, k), {}) for k in MAP_KINDS}
+        for proto in INDEXED_PROTOS:
+            mine = [(lo, hi, path) for p, lo, hi, path in rows if p == proto]
+            fallback = _most_ports(mine)
+            maps["f"][("cat", ifname, proto)] = chain_of(fallback)
+            for lo, hi, path in mine:
+                if path == fallback:
+                    continue  # the fallback map has it
+                if lo == hi:
+                    maps["h"][("cat", ifname, proto, lo)] = chain_of(path)
+                else:
+                    maps["r"][("cat", ifname, proto, (lo, hi))] = chain_of(path)
+    out.keys = frozenset(hp.entries)
+    return out
+
+
+def identity_objects(direction: str, key: Key) -> tuple[dict[str, Json], str, list[Json]]:
+    """An identity's three maps (declarations) and its chain (name, rules) in one direction."""
+    d = direction
+    tag = identity_tag(key)
+    ifkey = _meta(_IFKEY[d])
+    port_key = {"concat": [ifkey, _meta("l4proto"), _payload("th", "dport")]}
+    proto_key = {"concat": [ifkey, _meta("l4proto")]}
+    h, r, f = (identity_map(d, tag, k) for k in MAP_KINDS)
+    maps = {
+        h: map_decl(h, ["ifname", "inet_proto", "inet_service"], False),
+        r: map_decl(r, ["ifname", "inet_proto", "inet_service"], True),
+        f: map_decl(f, ["ifname", "inet_proto"], False),
+    }
+    # hash lookups first: an interval (pipapo) lookup costs in proportion to its entries
+    rules = [
+        _rule([{"vmap": {"key": port_key, "data": f"@{h}"}}], "port"),
+        _rule([{"vmap": {"key": port_key, "data": f"@{r}"}}], "ports"),
+        _rule([{"vmap": {"key": proto_key, "data": f"@{f}"}}], "other ports"),
+        _rule([{"vmap": {"key": ifkey, "data": f"@{MAP_ANY[d]}"}}], "any"),
+        _rule([{"counter": None}, {"drop": None}], "unindexed"),  # never reached: fail closed
+    ]
+    return maps, identity_chain(d, tag), rules
+
+
 def index_objects(
     state: HostDesiredState,
     plan: IndexPlan,
@@ -153,76 +227,51 @@ def index_objects(
     render_default: Any,
     log_group: int,
     flow_group: int | None = None,
+    hops: dict[tuple[str, str], HopObjects] | None = None,
 ) -> IndexObjects:
+    """The whole index of a host. `hops` (filled when given): each hop's own contribution, so a later
+    change can replace just the hops it touches (planner.py)."""
     out = IndexObjects()
     for (_d, fam, nets), name in IPCACHE.items():
         keytype = "ipv4_addr" if fam == 4 else "ipv6_addr"
-        out.maps[name] = _map_decl(name, keytype, nets)
+        out.maps[name] = map_decl(name, keytype, nets)
         out.elements[name] = {}
     for d in DIRECTIONS:
-        out.maps[MAP_ANY[d]] = _map_decl(MAP_ANY[d], "ifname", False)
+        out.maps[MAP_ANY[d]] = map_decl(MAP_ANY[d], "ifname", False)
         out.elements[MAP_ANY[d]] = {}
     rmap = state.rule_map()
     used: dict[str, set[Key]] = {d: set() for d in DIRECTIONS}
-    path_names: dict[tuple[Path, str, str], str] = {}  # (path, ifname, direction) -> chain
     for (ifname, d), hp in sorted(plan.hops.items()):
-        out.elements[MAP_ANY[d]][ifname] = any_chain(d, ifname, 0)
-        for key, rows in hp.entries.items():
-            used[d].add(key)
-            tag = identity_tag(key)
-            maps = {k: out.elements.setdefault(identity_map(d, tag, k), {}) for k in MAP_KINDS}
-
-            def chain_of(path: Path, hp: HopPlan = hp, ifname: str = ifname, d: str = d) -> str:
-                pk = (path, ifname, d)
-                chain = path_names.get(pk)
-                if chain is None:
-                    rules = _path_rules(
-                        path, hp.vnic, rmap, render_rule, render_default, log_group, d, flow_group
-                    )
-                    chain = path_chain(_digest(rules))
-                    out.chains.setdefault(chain, rules)
-                    path_names[pk] = chain
-                return chain
-
-            for proto in INDEXED_PROTOS:
-                mine = [(lo, hi, path) for p, lo, hi, path in rows if p == proto]
-                fallback = _most_ports(mine)
-                maps["f"][("cat", ifname, proto)] = chain_of(fallback)
-                for lo, hi, path in mine:
-                    if path == fallback:
-                        continue  # the fallback map has it
-                    if lo == hi:
-                        maps["h"][("cat", ifname, proto, lo)] = chain_of(path)
-                    else:
-                        maps["r"][("cat", ifname, proto, (lo, hi))] = chain_of(path)
+        ho = hop_objects(hp, rmap, render_rule, render_default, log_group, flow_group)
+        if hops is not None:
+            hops[(ifname, d)] = ho
+        used[d] |= ho.keys
+        for name, kv in ho.elements.items():
+            out.elements.setdefault(name, {}).update(kv)
+        for name, rules in ho.chains.items():
+            out.chains.setdefault(name, rules)
     for d in DIRECTIONS:
-        ifkey = _meta(_IFKEY[d])
-        port_key = {"concat": [ifkey, _meta("l4proto"), _payload("th", "dport")]}
-        proto_key = {"concat": [ifkey, _meta("l4proto")]}
         for key in sorted(used[d], key=identity_tag):
-            tag = identity_tag(key)
-            h, r, f = (identity_map(d, tag, k) for k in MAP_KINDS)
-            out.maps[h] = _map_decl(h, ["ifname", "inet_proto", "inet_service"], False)
-            out.maps[r] = _map_decl(r, ["ifname", "inet_proto", "inet_service"], True)
-            out.maps[f] = _map_decl(f, ["ifname", "inet_proto"], False)
-            # hash lookups first: an interval (pipapo) lookup costs in proportion to its entries
-            out.chains[identity_chain(d, tag)] = [
-                _rule([{"vmap": {"key": port_key, "data": f"@{h}"}}], "port"),
-                _rule([{"vmap": {"key": port_key, "data": f"@{r}"}}], "ports"),
-                _rule([{"vmap": {"key": proto_key, "data": f"@{f}"}}], "other ports"),
-                _rule([{"vmap": {"key": ifkey, "data": f"@{MAP_ANY[d]}"}}], "any"),
-                _rule([{"counter": None}, {"drop": None}], "unindexed"),  # never reached: fail closed
-            ]
-        ids = plan.identities
-        for addr, key in ids.exact.items():
+            maps, chain, rules = identity_objects(d, key)
+            out.maps.update(maps)
+            out.chains[chain] = rules
+        out.elements.update(ipcache_elements(plan, d))
+    return out
+
+
+def ipcache_elements(plan: IndexPlan, d: str) -> dict[str, dict[Any, str]]:
+    """The ipcache maps of direction `d`: address (or network range) -> its identity's chain."""
+    out: dict[str, dict[Any, str]] = {IPCACHE[(d, fam, nets)]: {} for fam in (4, 6) for nets in (False, True)}
+    ids = plan.identities
+    for addr, key in ids.exact.items():
+        if (chain := ipcache_target(plan, key, d)) is not None:
+            fam = 6 if ":" in addr else 4
+            out[IPCACHE[(d, fam, False)]][addr] = chain
+    for fam, ranges in ids.nets.items():
+        for lo, hi, key in ranges:
             if (chain := ipcache_target(plan, key, d)) is not None:
-                fam = 6 if ":" in addr else 4
-                out.elements[IPCACHE[(d, fam, False)]][addr] = chain
-        for fam, ranges in ids.nets.items():
-            for lo, hi, key in ranges:
-                if (chain := ipcache_target(plan, key, d)) is not None:
-                    rk = ("net", _int_to_addr(fam, lo), _int_to_addr(fam, hi))
-                    out.elements[IPCACHE[(d, fam, True)]][rk] = chain
+                rk = ("net", _int_to_addr(fam, lo), _int_to_addr(fam, hi))
+                out[IPCACHE[(d, fam, True)]][rk] = chain
     return out
 
 
@@ -351,6 +400,7 @@ def hop_signature(plan: IndexPlan, ifname: str) -> tuple[Any, ...]:
 
 __all__ = [
     "MAP_KINDS",
+    "HopObjects",
     "IndexDiff",
     "IndexObjects",
     "any_chain",
@@ -358,11 +408,15 @@ __all__ = [
     "diff_index",
     "element_json",
     "hop_chains",
+    "hop_objects",
     "hop_signature",
+    "identity_objects",
     "index_chain",
     "index_objects",
+    "ipcache_elements",
     "ipcache_target",
     "linear_chain",
+    "map_decl",
     "plan_of",
     "render_index_full",
 ]
