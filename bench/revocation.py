@@ -17,6 +17,7 @@ namespace; the figure is the median of per-round medians and their paired ratio.
 from __future__ import annotations
 
 import argparse
+import inspect
 import ipaddress
 import json
 import os
@@ -93,7 +94,10 @@ def child(entries: int, members: int, removals: int) -> dict[str, Any]:
             new = state(cur.revision + 1, gone)
             delta = diff(cur, new)
             commit_end.clear()
-            be.apply(delta)
+            if len(inspect.signature(be.apply).parameters) == 3:  # Backend.apply(base, delta, target)
+                be.apply(cur, delta, new)
+            else:  # a base tree from before issue 11
+                be.apply(delta)
             t_end = time.perf_counter()
             cur = new
             assert commit_end, "not the members-only fast path"

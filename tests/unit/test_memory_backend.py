@@ -32,7 +32,7 @@ def test_capabilities_claim_conntrack_and_revocation_cuts_what_the_new_state_ref
     assert be.import_connections([conn(WEB), conn(OTHER)]) == 2
     # a member leaves: its connection is cut (the delta path), web's stays
     s2 = state(2, (WEB,))
-    be.apply(diff(s1, s2))
+    be.apply(s1, diff(s1, s2), s2)
     assert [e.src for e in be.last_revoked] == [OTHER]
     assert be.connections() == [conn(WEB)]
     # the port changes (a full sync): web's connection on 80 is refused now, a new one on 443 is not
