@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from omniwall.compiler.ir import HostDelta, HostDesiredState, SetUpdate
+from omniwall.compiler.ir import HostDelta, HostDesiredState, SetUpdate, apply_delta
 from omniwall.dataplane.nft.backend import NftBackend
 from omniwall.dataplane.nft.libnft import Nft
 from omniwall.dataplane.nft.names import TABLE
