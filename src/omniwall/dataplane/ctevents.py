@@ -25,7 +25,8 @@ CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 1, 2
 CTA_MARK, CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY = 8, 9, 10
 CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
-CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMPV6_TYPE = 5, 8
+CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE = 4, 5, 6
+CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE = 7, 8, 9
 SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NETLINK_NO_ENOBUFS = 270, 1, 5
 
 # (proto, src, dst, sport, dport or ICMP type, packets, bytes, mark): both directions' counters summed
@@ -76,9 +77,29 @@ def parse_destroy(
         off += (ln + 3) & ~3
     if orig is None:
         return None
+    t = parse_tuple(data, *orig, addrs if addrs is not None else {})
+    if t is None:
+        return None
+    proto, s_txt, d_txt, sport, dport, _, icmp_type, _ = t
+    if icmp_type is not None:
+        dport = icmp_type  # a flow record keeps an ICMP type where a port goes
+    po, bo = _counters(data, *co) if co else (0, 0)
+    pr, br = _counters(data, *cr) if cr else (0, 0)
+    return (proto, s_txt, d_txt, sport, dport, po + pr, bo + br, mark)
+
+
+_AF = {4: socket.AF_INET, 16: socket.AF_INET6}
+# (protocol, source, destination, source port, destination port, ICMP id, ICMP type, ICMP code)
+Tuple = tuple[int, str, str, int, int, int | None, int | None, int | None]
+
+
+def parse_tuple(data: bytes, a: int, e: int, addrs: dict[bytes, str]) -> Tuple | None:
+    """One ctnetlink tuple (`data[a:e]`, the attributes inside CTA_TUPLE_ORIG or _REPLY): its addresses
+    and protocol fields, without building dicts; `addrs` caches address text by raw bytes. Shared by
+    the flow path (DESTROY events) and the conntrack mirror (NEW/DESTROY events, dumps)."""
     src = dst = None
     proto = sport = dport = 0
-    a, e = orig
+    icmp_id = icmp_type = icmp_code = None
     while a + 4 <= e:
         ln, typ = _HH(data, a)
         if ln < 4:
@@ -102,21 +123,23 @@ def parse_destroy(
                     sport = _BE16(data, b + 4)[0]
                 elif t2 == CTA_PROTO_DST_PORT:
                     dport = _BE16(data, b + 4)[0]
+                elif t2 in (CTA_PROTO_ICMP_ID, CTA_PROTO_ICMPV6_ID):
+                    icmp_id = _BE16(data, b + 4)[0]
                 elif t2 in (CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMPV6_TYPE):
-                    dport = data[b + 4]
+                    icmp_type = data[b + 4]
+                elif t2 in (CTA_PROTO_ICMP_CODE, CTA_PROTO_ICMPV6_CODE):
+                    icmp_code = data[b + 4]
             b += (ln2 + 3) & ~3
         a += (ln + 3) & ~3
-    if src is None or dst is None:
+    if src is None or dst is None or len(src) not in _AF or len(dst) not in _AF:
         return None
-    cache = addrs if addrs is not None else {}
-    s_txt = cache.get(src) or cache.setdefault(src, socket.inet_ntop(_AF[len(src)], src))
-    d_txt = cache.get(dst) or cache.setdefault(dst, socket.inet_ntop(_AF[len(dst)], dst))
-    po, bo = _counters(data, *co) if co else (0, 0)
-    pr, br = _counters(data, *cr) if cr else (0, 0)
-    return (proto, s_txt, d_txt, sport, dport, po + pr, bo + br, mark)
-
-
-_AF = {4: socket.AF_INET, 16: socket.AF_INET6}
+    s = addrs.get(src)
+    if s is None:
+        s = addrs[src] = socket.inet_ntop(_AF[len(src)], src)
+    d = addrs.get(dst)
+    if d is None:
+        d = addrs[dst] = socket.inet_ntop(_AF[len(dst)], dst)
+    return (proto, s, d, sport, dport, icmp_id, icmp_type, icmp_code)
 
 
 class CtEventReader:

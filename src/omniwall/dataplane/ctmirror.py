@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterable
 
 from omniwall.dataplane.backend import ConnEntry
+from omniwall.dataplane.ctevents import parse_tuple
 from omniwall.dataplane.netns import NetnsThread
 
 NETLINK_NETFILTER = 12
@@ -41,9 +42,6 @@ SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
 _CT_NEW, _CT_DELETE = (1 << 8) | 0, (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK messages (dump replies: NEW)
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 CTA_TUPLE_ORIG, CTA_ZONE = 1, 18
-CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
-P_NUM, P_SPORT, P_DPORT, P_ICMP_ID, P_ICMP_TYPE, P_ICMP_CODE = 1, 2, 3, 4, 5, 6
-P_ICMP6_ID, P_ICMP6_TYPE, P_ICMP6_CODE = 7, 8, 9
 RCVBUF = 16 << 20
 READER_BATCH = 16  # datagrams the background reader applies per hold of the lock
 LOOKUP_BATCH = 4096  # datagrams a lookup applies at most (what was queued before it)
@@ -55,7 +53,6 @@ Orig = tuple[int, int, str, str, int, int, int | None, int | None, int | None, i
 _HH = struct.Struct("=HH").unpack_from
 _BE16 = struct.Struct("!H").unpack_from
 _MSG = struct.Struct("=IH").unpack_from
-_AF = {4: socket.AF_INET, 16: socket.AF_INET6}
 
 
 def parse_orig(data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str]) -> Orig | None:
@@ -75,49 +72,10 @@ def parse_orig(data: bytes, off: int, end: int, family: int, addrs: dict[bytes, 
         off += (ln + 3) & ~3
     if orig is None:
         return None
-    src = dst = None
-    proto = sport = dport = 0
-    icmp_id = icmp_type = icmp_code = None
-    a, e = orig
-    while a + 4 <= e:
-        ln, typ = _HH(data, a)
-        if ln < 4:
-            break
-        typ &= 0x3FFF
-        b, be = a + 4, a + ln
-        while b + 4 <= be:
-            ln2, t2 = _HH(data, b)
-            if ln2 < 4:
-                break
-            t2 &= 0x3FFF
-            if typ == CTA_TUPLE_IP:
-                if t2 in (1, 3):  # CTA_IP_V4_SRC, CTA_IP_V6_SRC
-                    src = data[b + 4 : b + ln2]
-                elif t2 in (2, 4):
-                    dst = data[b + 4 : b + ln2]
-            elif typ == CTA_TUPLE_PROTO:
-                if t2 == P_NUM:
-                    proto = data[b + 4]
-                elif t2 == P_SPORT:
-                    sport = _BE16(data, b + 4)[0]
-                elif t2 == P_DPORT:
-                    dport = _BE16(data, b + 4)[0]
-                elif t2 in (P_ICMP_ID, P_ICMP6_ID):
-                    icmp_id = _BE16(data, b + 4)[0]
-                elif t2 in (P_ICMP_TYPE, P_ICMP6_TYPE):
-                    icmp_type = data[b + 4]
-                elif t2 in (P_ICMP_CODE, P_ICMP6_CODE):
-                    icmp_code = data[b + 4]
-            b += (ln2 + 3) & ~3
-        a += (ln + 3) & ~3
-    if src is None or dst is None or len(src) not in _AF:
+    tup = parse_tuple(data, *orig, addrs)
+    if tup is None:
         return None
-    s = addrs.get(src)
-    if s is None:
-        s = addrs[src] = socket.inet_ntop(_AF[len(src)], src)
-    d = addrs.get(dst)
-    if d is None:
-        d = addrs[dst] = socket.inet_ntop(_AF[len(dst)], dst)
+    proto, s, d, sport, dport, icmp_id, icmp_type, icmp_code = tup
     return (family, proto, s, d, sport, dport, icmp_id, icmp_type, icmp_code, zone)
 
 
