@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from omniwall.cli.connect import CliClient, connect
-from omniwall.cli.output import Column, OutputOpt, check_format, col, err, render
+from omniwall.cli.output import Column, OutputOpt, check_format, col, emit, err, render
 from omniwall.cli.server_cmds import ServerOpt, TenantOpt, TokenOpt, _fail, _params
 
 PAGE = 1000  # the API's largest page
@@ -90,10 +90,12 @@ def register(app: typer.Typer) -> None:
     @audit_app.command("verify")
     def audit_verify_cmd(
         db: str | None = typer.Option(None, "--db", help="check this store file instead of asking the API"),
+        output: str = typer.Option("table", "--output", "-o", help="table (one line), json or yaml"),
         server: str | None = ServerOpt,
         token: str | None = TokenOpt,
     ) -> None:
         """Check the audit log's hash chain; exit 1 naming the first edited, deleted or inserted entry."""
+        check_format(output, ("table", "json", "yaml"))
         if db:
             from omniwall.manager.audit import verify
             from omniwall.store import open_store
@@ -101,6 +103,9 @@ def register(app: typer.Typer) -> None:
             out = verify(open_store(db)).to_json()
         else:
             out = connect(server, token).audit_verify()
+        if output != "table":
+            emit(out, output)
+            raise typer.Exit(0 if out["ok"] else 1)
         if out["ok"]:
             extra = f" ({out['unchained']} older entries carry no chain)" if out.get("unchained") else ""
             typer.echo(f"audit log intact: {out['entries']} chained entries{extra}")

@@ -30,8 +30,13 @@ lab_app = typer.Typer(
 )
 err = Console(stderr=True, soft_wrap=True)
 
+# OMNIWALL_LAB names the lab when --name is absent: the docs show the plain command, and their tests
+# (tests/kernel/test_docs_lab_blocks.py) run it in a lab whose name is unique per run.
 NameOpt = Annotated[
-    str, typer.Option("--name", "-n", help="Lab name (state in /run/omniwall/lab/NAME.json).")
+    str,
+    typer.Option(
+        "--name", "-n", envvar="OMNIWALL_LAB", help="Lab name (state in /run/omniwall/lab/NAME.json)."
+    ),
 ]
 
 
@@ -140,12 +145,32 @@ def up(
 def print_access(cp: Any) -> None:
     """How to reach the lab's manager: the URL, the CA, where the token and the logs are (no secret on
     the terminal: the export line reads the token file)."""
-    ca = f" OMNIWALL_CA={cp.ca_file}" if cp.ca_file else ""
     print(
         f"manager {cp.url}; logs, tokens and certificates in {cp.dir}/ (manager.log, agent-<host>.log, "
         "hypervisor.log: the lab moves the vNIC when `omniwall migrate` asks)"
     )
-    print(f"  export OMNIWALL_SERVER={cp.url}{ca} OMNIWALL_TOKEN=$(sudo cat {cp.admin_token_file})")
+    print(f"  {_export_line(cp)}")
+
+
+def _export_line(cp: Any) -> str:
+    ca = f" OMNIWALL_CA={cp.ca_file}" if cp.ca_file else ""
+    return f"export OMNIWALL_SERVER={cp.url}{ca} OMNIWALL_TOKEN=$(sudo cat {cp.admin_token_file})"
+
+
+@lab_app.command("env")
+def env(name: NameOpt = "default") -> None:
+    """The export line of a managed lab's manager: `eval "$(sudo omniwall lab env)"` points the CLI at it."""
+    from omniwall.lab import state
+    from omniwall.lab.control import ControlPlane
+
+    try:
+        st = state.load(name)
+    except state.LabStateError as e:
+        raise _fail(str(e)) from None
+    cp = ControlPlane(st.prefix)
+    if not cp.exists:
+        raise _fail(f"lab {name!r} is not managed (lab up --managed)")
+    print(_export_line(cp))
 
 
 @lab_app.command("down")
@@ -206,6 +231,9 @@ def matrix(
         str | None, typer.Option("--ports", help="Probe these on every destination: tcp/80,udp/81,icmp.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="table, wide, json (one object per line) or yaml.")
+    ] = "table",
     expect: Annotated[
         bool, typer.Option("--expect", help="Compare with the policy's expectation; exit 1 on disagreement.")
     ] = False,
@@ -213,6 +241,8 @@ def matrix(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds per probe.")] = 1.0,
 ) -> None:
     """Probe every ordered pair of workloads with real connections and print the result."""
+    if output not in ("table", "wide", "json", "yaml"):
+        raise _fail(f"-o {output!r}: expected one of table, wide, json, yaml", 2)
     _require_root()
     from omniwall.lab.lab import Lab
 
@@ -226,9 +256,15 @@ def matrix(
     if not entries:
         err.print(f"nothing to probe: no pair of workloads with IPv{6 if ipv6 else 4} addresses and ports")
         return
-    if as_json:
+    if as_json or output == "json":
         for e in entries:
             print(e.json_line())
+    elif output == "yaml":
+        import json
+
+        import yaml
+
+        print(yaml.safe_dump([json.loads(e.json_line()) for e in entries], sort_keys=False), end="")
     else:
         # Piped output gets the whole table; a terminal gets its own width (use --json for scripts).
         Console(width=None if sys.stdout.isatty() else 4000).print(

@@ -8,12 +8,12 @@ omniwall pki show pki/hosts/host-1.crt
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from omniwall import pki
+from omniwall.cli.output import check_format, emit
 
 DirOpt = typer.Option(Path("pki"), "--dir", help="the PKI directory (CA, manager and host certificates)")
 DaysOpt = typer.Option(pki.LEAF_DAYS, "--days", help="validity in days")
@@ -76,9 +76,13 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"host certificate: {out.cert} (key {out.key})")
 
     @pki_app.command("show")
-    def show_cmd(cert: Path = typer.Argument(..., help="a certificate file")) -> None:
+    def show_cmd(
+        cert: Path = typer.Argument(..., help="a certificate file"),
+        output: str = typer.Option("json", "--output", "-o", help="json or yaml"),
+    ) -> None:
         """Subject, SANs, serial and validity of a certificate."""
+        check_format(output, ("json", "yaml"))
         try:
-            typer.echo(json.dumps(pki.describe(cert), indent=2))
+            emit(pki.describe(cert), output)
         except pki.PkiError as e:
             _fail(str(e))

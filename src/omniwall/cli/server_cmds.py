@@ -357,12 +357,17 @@ def register(app: typer.Typer) -> None:
         ),
         more: list[str] | None = typer.Argument(None, metavar="FILES", help="the rest of a shell glob"),
         dry_run: bool = typer.Option(False, "--dry-run", help="show the diff and impact, write nothing"),
+        output: str = OutputOpt,
         server: str | None = ServerOpt,
         token: str | None = TokenOpt,
     ) -> None:
         """Create or update every object in the files, all or nothing."""
+        check_format(output)
         text, source = _yaml_source([*files, *(more or [])])
         out = connect(server, token).apply(text, dry_run=dry_run, source=source)
+        if output in ("json", "yaml"):  # the API's answer: changes, revision, impact
+            emit(out, output)
+            return
         if dry_run:
             _print_diff(out)
             typer.echo(f"dry run at revision {out['revision']}: nothing written")
