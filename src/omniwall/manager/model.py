@@ -81,6 +81,10 @@ class Model:
         """Apply every store change since the model's revision; tell the listener what changed."""
         with self.sync_lock:
             try:
+                # Read before the events: they cover at least up to it. A cluster store's revision also
+                # moves for keys outside the objects (etcd's runtime keys): the model is current up to
+                # `head` even when no event came, so the watch does not wake for them again.
+                head = self.store.revision()
                 events = self.store.events(self._rev + 1)
             except CompactedError:
                 log.warning("watch fell behind a compaction; reloading the model")
@@ -88,6 +92,8 @@ class Model:
                 self.load_all()
                 return self._rev
             if not events:
+                with self._model_lock:
+                    self._rev = max(self._rev, head)
                 return self._rev
             changed: dict[str, _Resource] = {}
             removed: dict[str, Removed] = {}
@@ -106,7 +112,7 @@ class Model:
                             changed[e.key] = r
                     elif self.listener is not None and self.listener.other_event(e):
                         other = True
-                self._rev = events[-1].revision
+                self._rev = max(events[-1].revision, head)
             if (changed or removed or other) and self.listener is not None:
                 self.listener.changed(
                     self._catalog, self._rev, list(changed.values()), list(removed.values()), other

@@ -28,7 +28,7 @@ from .audit import SYSTEM, Actor
 from .compilation import Compilation
 from .contracts import CompileFn
 from .desired import DesiredStates
-from .hosts import HostStatusBook
+from .hostbook_etcd import manager_id, status_book
 from .migration import Migrations
 from .model import Model, Removed
 from .plan import Change, Conflict, NotFound, Plan, copy_catalog
@@ -56,7 +56,8 @@ class Manager:
         self.clock = clock
         self.tokens = TokenBook(store)
         self.desired = DesiredStates(max_delta_log)
-        self.hosts = HostStatusBook()
+        self.id = manager_id()  # this manager process, among the replicas sharing the store
+        self.hosts = status_book(store, self.id)
         self.model = Model(store, self.tokens)
         self.migrations = Migrations(self)  # live migration: records, placements, agent commands
         self.compilation = Compilation(self.desired, self.migrations.placements, compile_fn)
@@ -104,6 +105,7 @@ class Manager:
 
     def stop_watch(self) -> None:
         self.model.stop_watch()
+        self.hosts.stop()  # a clean stop: the hosts it streams to show disconnected now
 
     def get(self, kind: str, tenant: str, name: str, *, catalog: Catalog | None = None) -> _Resource | None:
         return self.model.get(kind, tenant, name, catalog=catalog)
