@@ -4,6 +4,7 @@ election, 503 while etcd is away."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from omniwall.manager.audit import chained
 from omniwall.manager.hostbook_etcd import EtcdHostStatusBook
 from omniwall.manager.service import Manager
 from omniwall.store import open_store
+from omniwall.store.etcd import EtcdStore
 
 pytestmark = [needs_etcd, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -104,3 +106,94 @@ def test_host_status_is_shared_and_liveness_follows_the_lease(etcd: Cluster) -> 
     assert 0.5 < took < 6
     assert m2.hosts.get("h1").realized_revision == desired  # the last report stays
     close(m1, m2)
+
+
+def test_managers_starting_at_once_create_one_bootstrap_token(etcd: Cluster, tmp_path: Path) -> None:
+    from omniwall.api.server import build
+
+    n = 4
+    start = threading.Barrier(n)
+    written: list[Path | None] = [None] * n
+    built: list[Manager] = []
+
+    def run(i: int) -> None:
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        start.wait()
+        m, path = build(etcd.url, token_dir=d)
+        built.append(m)
+        written[i] = path
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    admins = [t for t in built[0].tokens.list() if t.role == "provider-admin"]
+    assert len(admins) == 1, admins
+    files = [p for p in written if p is not None]
+    assert len(files) == 1
+    token = files[0].read_text().strip()
+    assert all(m.tokens.verify(token) is not None for m in built)  # the one token works everywhere
+    # a restart of every manager creates nothing more
+    again = build(etcd.url, token_dir=tmp_path / "m0")
+    assert again[1] is None and len([t for t in again[0].tokens.list() if t.role == "provider-admin"]) == 1
+    close(*built, again[0])
+
+
+def test_a_revoked_token_stops_on_every_manager_within_one_watch_round_trip(etcd: Cluster) -> None:
+    m1, m2 = managers(etcd, 2)
+    c2 = TestClient(create_app(m2, watch=False))
+    m2.start_watch(poll=2.0)  # a long poll: the watch, not the poll, must carry the revocation
+    try:
+        token, rec = m1.tokens.create("provider-admin", name="bob")
+        eventually(lambda: c2.get("/v1/hosts", headers=auth(token)).status_code == 200, what="token valid")
+        assert rec.id in m2.tokens._cached  # served from m2's cache from now on
+        assert m1.tokens.revoke(rec.id)
+        took = eventually(lambda: c2.get("/v1/hosts", headers=auth(token)).status_code == 401, what="revoked")
+        assert took < 1.0, f"revocation took {took:.2f} s on the other manager"
+        # rotation: the old secret stops at once there too, the new one works
+        t3, r3 = m1.tokens.create("provider-admin", name="carol")
+        eventually(lambda: c2.get("/v1/hosts", headers=auth(t3)).status_code == 200, what="t3 valid")
+        rotated = m1.tokens.rotate(r3.id)
+        assert rotated is not None
+        took = eventually(lambda: c2.get("/v1/hosts", headers=auth(t3)).status_code == 401, what="rotated")
+        assert took < 1.0
+        assert c2.get("/v1/hosts", headers=auth(rotated[0])).status_code == 200
+    finally:
+        close(m1, m2)
+
+
+def test_a_manager_without_etcd_answers_503_serves_agents_and_recovers(etcd: Cluster) -> None:
+    m = Manager(chained(EtcdStore(etcd.endpoints, timeout=2)))
+    admin, _ = m.tokens.create("provider-admin", name="alice")
+    agent, _ = m.tokens.create("agent", host="h1")
+    with TestClient(create_app(m), raise_server_exceptions=False) as c:  # with its watch
+        assert c.post("/v1/apply", content=WORLD, headers=auth(admin)).status_code == 200
+        assert c.get("/v1/hosts/h1/desired", headers=auth(agent)).status_code == 200  # token now cached
+        before = c.get("/v1/hosts/h1/desired", headers=auth(agent)).json()
+        for member in etcd.members:
+            etcd.kill(member)
+        r = c.post("/v1/apply", content="kind: Host\nmetadata: {name: h3}\n", headers=auth(admin))
+        assert r.status_code == 503, r.text
+        assert r.headers["Retry-After"] and etcd.members[0].endpoint in r.json()["message"]
+        # the agents keep getting their last state (and may ack it) while the store is away
+        assert c.get("/v1/hosts/h1/desired", headers=auth(agent)).json() == before
+        ack = {"realized_revision": before["revision"]}
+        assert c.post("/v1/hosts/h1/status", json=ack, headers=auth(agent)).status_code == 200
+        for member in etcd.members:
+            etcd.start(member)  # same data dir
+        etcd.wait_ready()
+
+        def written() -> bool:
+            r = c.post("/v1/apply", content="kind: Host\nmetadata: {name: h3}\n", headers=auth(admin))
+            return r.status_code == 200
+
+        eventually(written, timeout=20, what="writes after etcd came back")
+        eventually(lambda: "h3" in m.host_names(), what="the model follows again")
+        # the ack made while etcd was away reached etcd once it was back
+        book = m.hosts
+        assert isinstance(book, EtcdHostStatusBook) and book.flush(10)
+        kv = book.rt.get("hosts/status/h1")
+        assert kv is not None and f'"realizedRevision":{before["revision"]}' in kv.value
+    m.store.close()

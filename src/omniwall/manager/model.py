@@ -16,7 +16,7 @@ from typing import Protocol
 
 from omniwall.model.catalog import Catalog
 from omniwall.model.resources import _Resource
-from omniwall.store import CompactedError, Event, Store
+from omniwall.store import CompactedError, Event, Store, StoreUnavailable
 
 from .contracts import describe
 from .objects import RES_PREFIX, TOKEN_PREFIX, decode, key_of, object_tenant, resource_key, split_key
@@ -127,10 +127,21 @@ class Model:
         self.tokens.cache = True  # the watch drops cached tokens that any process changes (sync())
 
         def loop() -> None:
+            away = False  # the store is unreachable: said once, not every round
             while not self._watch_stop.is_set():
                 try:
                     if self.store.wait(self._rev + 1, poll):
                         self.sync()
+                    if away:
+                        log.warning("store reachable again; the model follows it from revision %d", self._rev)
+                        away = False
+                except StoreUnavailable as e:  # etcd away: serve the last model, retry until it is back
+                    if not away:
+                        log.warning(
+                            "store unreachable, serving the last model (revision %d): %s", self._rev, e
+                        )
+                        away = True
+                    time.sleep(poll)
                 except Exception:  # keep watching; the next round retries
                     log.exception("model sync failed")
                     time.sleep(poll)
