@@ -9,9 +9,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from apihelpers import auth
-from etcdhelpers import Cluster, etcd_cluster, needs_etcd
+from etcdhelpers import Cluster, etcd_cluster, manager_processes, needs_etcd
 from fastapi.testclient import TestClient
 
 from omniwall.api.app import create_app
@@ -197,3 +198,77 @@ def test_a_manager_without_etcd_answers_503_serves_agents_and_recovers(etcd: Clu
         kv = book.rt.get("hosts/status/h1")
         assert kv is not None and f'"realizedRevision":{before["revision"]}' in kv.value
     m.store.close()
+
+
+MIGRATION_WORLD = (
+    WORLD
+    + """
+---
+kind: Workload
+metadata: {name: w1, tenant: acme}
+spec: {host: h1, vnics: [{name: eth1}]}
+---
+kind: Workload
+metadata: {name: w2, tenant: acme}
+spec: {host: h1, vnics: [{name: eth2, ips: [10.0.0.2]}]}
+"""
+)
+
+
+def test_migrations_of_a_killed_manager_are_rolled_back_or_carried_on(etcd: Cluster, tmp_path: Path) -> None:
+    """kill -9 of the manager driving two migrations, one before the switch (prepare: rolled back) and
+    one switching (carried on to done); another manager adopts both once it leads `migrations`."""
+    m2 = Manager(chained(open_store(etcd.url)))
+    admin, _ = m2.tokens.create("provider-admin", name="alice")
+    h2_agent, _ = m2.tokens.create("agent", host="h2")
+    c2 = TestClient(create_app(m2, watch=False))
+    assert c2.post("/v1/apply", content=MIGRATION_WORLD, headers=auth(admin)).status_code == 200
+    with manager_processes(tmp_path, etcd.url, env={"OMNIWALL_ETCD_LEASE_TTL": "2"}) as [p1]:
+        c1 = httpx.Client(base_url=p1.url, headers=auth(admin), timeout=10)
+        r = c1.post("/v1/workloads/w1/migrate", params={"tenant": "acme"}, json={"to": "h2"})
+        assert r.status_code == 202, r.text
+        # the destination's agent acks the placement (through p1): w1 has no address, so nothing to
+        # export or import: it goes on to wait for the switch
+        rev = c1.get("/v1/hosts/h2/desired", headers=auth(h2_agent)).json()["revision"]
+        ack = c1.post("/v1/hosts/h2/status", json={"realized_revision": rev}, headers=auth(h2_agent))
+        assert ack.status_code == 200
+
+        def phase(name: str) -> str:
+            m2.sync()
+            mig = m2.migrations.get("acme", name)
+            return mig.phase if mig is not None else ""
+
+        eventually(lambda: phase("w1") == "switching", what="w1 switching")
+        assert (
+            c1.post("/v1/workloads/w2/migrate", params={"tenant": "acme"}, json={"to": "h2"}).status_code
+            == 202
+        )
+        eventually(lambda: phase("w2") == "prepare", what="w2 in prepare")
+        owner = m2.migrations.get("acme", "w1").owner  # type: ignore[union-attr]
+        assert owner and owner != m2.id
+        p1.kill()
+    # m2 leads `migrations` once p1's lease has expired, and adopts both
+    m2.coordination.start()
+    from omniwall.manager.migration import Options
+
+    opts = Options(prepare_timeout=1.0, command_timeout=1.0, switch_timeout=30.0)
+    adopted: list[str] = []
+    eventually(lambda: bool(adopted.extend(m2.migrations.adopt_orphans(opts)) or len(adopted) == 2),
+               timeout=15, what="adoption")  # fmt: skip
+    w1, w2 = m2.migrations.get("acme", "w1"), m2.migrations.get("acme", "w2")
+    assert w1 is not None and w2 is not None and {w1.id, w2.id} == set(adopted)
+    eventually(lambda: phase("w2") == "rolled-back", what="w2 rolled back")
+    w2 = m2.migrations.get("acme", "w2")
+    assert w2 is not None and w2.result == "failed" and "stopped while driving" in (w2.error or "")
+    assert w2.owner == m2.id
+    # the hypervisor reports the switch to the adopting manager: w1 finishes there
+    assert c2.post(f"/v1/workloads/w1/migrate/{w1.id}/switched", params={"tenant": "acme"},
+                   headers=auth(admin)).status_code == 200  # fmt: skip
+    eventually(lambda: phase("w1") == "done", timeout=15, what="w1 done")
+    w1 = m2.migrations.get("acme", "w1")
+    assert w1 is not None and w1.result == "succeeded", w1
+    assert m2.get("Workload", "acme", "w1").spec.host == "h2"  # type: ignore[union-attr]
+    assert m2.get("Workload", "acme", "w2").spec.host == "h1"  # type: ignore[union-attr]
+    # nothing adopts a finished migration again
+    assert m2.migrations.adopt_orphans(opts) == []
+    close(m2)

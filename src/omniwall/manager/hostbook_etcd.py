@@ -28,13 +28,13 @@ from typing import Any
 
 from omniwall.store.runtime import EtcdRuntime, Follower, RuntimeEvent, RuntimeKV
 
+from .coordination import lease_ttl
 from .hosts import HostStatus, HostStatusBook, MemoryHostStatusBook, conntrack_json, copy_status
 
 log = logging.getLogger(__name__)
 
 STATUS = "hosts/status/"
 LIVE = "hosts/live/"
-TTL = 5  # seconds: a killed manager's agents show disconnected this long after it died
 INTERVAL = 1.0  # seconds between two writes of one host's counters (the write volume bound)
 MAX_OPS = 100  # per etcd txn (etcd's default limit is 128)
 
@@ -81,11 +81,11 @@ def _decode(value: str) -> HostStatus:
 
 class EtcdHostStatusBook:
     def __init__(
-        self, runtime: EtcdRuntime, manager: str, *, ttl: int = TTL, interval: float = INTERVAL
+        self, runtime: EtcdRuntime, manager: str, *, ttl: int = 0, interval: float = INTERVAL
     ) -> None:
         self.rt = runtime
         self.manager = manager
-        self.ttl = ttl
+        self.ttl = ttl or lease_ttl()  # a killed manager's agents show disconnected this long after
         self.interval = interval
         self._cond = threading.Condition()
         # from the watch: every manager's writes
