@@ -181,9 +181,13 @@ class Model:
         return table.get(name if kind in ("Tenant", "Host") else (t, name))
 
     def list(self, kind: str) -> list[_Resource]:
+        return self.list_at(kind)[0]
+
+    def list_at(self, kind: str) -> tuple[list[_Resource], int]:
+        """Every object of `kind` and the model revision they are at, read together."""
         with self._model_lock:
-            items = list(self._catalog.table(kind).values())
-        return sorted(items, key=resource_key)
+            items, rev = list(self._catalog.table(kind).values()), self._rev
+        return sorted(items, key=resource_key), rev
 
     def host_names(self) -> list[str]:
         with self._model_lock:
