@@ -272,3 +272,25 @@ def test_migrations_of_a_killed_manager_are_rolled_back_or_carried_on(etcd: Clus
     # nothing adopts a finished migration again
     assert m2.migrations.adopt_orphans(opts) == []
     close(m2)
+
+
+def test_agent_commands_reach_the_manager_holding_the_feed_and_answers_come_back(etcd: Cluster) -> None:
+    m1, m2 = managers(etcd, 2)
+    m2.migrations.commands.follow()  # as start_watch does
+    out: dict[str, object] = {}
+
+    def driver() -> None:  # m1 drives a migration; h1's agent streams from m2
+        out["result"] = m1.migrations.commands.call("h1", "export_connections", {"addresses": []}, 10.0)
+
+    t = threading.Thread(target=driver)
+    t.start()
+    lines: list[dict[str, object]] = []
+    eventually(lambda: bool(lines.extend(m2.migrations.commands.take("h1")) or lines), what="relayed command")
+    assert lines[0]["op"] == "export_connections" and m2.migrations.commands.take("h1") == []
+    assert m2.migrations.commands.resolve("h1", str(lines[0]["id"]), {"entries": [{"x": 1}]})
+    t.join(timeout=10)
+    assert out["result"] == {"entries": [{"x": 1}]}
+    # answered: the relay keys are gone, and no manager delivers it again
+    assert m1.store.runtime().range("commands/")[0] == []  # type: ignore[attr-defined]
+    eventually(lambda: not m2.migrations.commands._pending, what="relayed command dropped")
+    close(m1, m2)

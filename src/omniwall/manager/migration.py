@@ -21,8 +21,9 @@ the chains; its backend revokes the imported entries, and a flush command remove
 nothing rolls back: the vNIC is on the destination, whose policy is in place; errors are recorded.
 
 Agent commands travel on the host feed (`{"type": "command", ...}` lines) and come back through
-`POST /v1/hosts/{host}/commands/{id}`. The orchestrating thread and its commands live in the manager
-that drives the migration (agents must stream from it for export/import/flush); the record (and so
+`POST /v1/hosts/{host}/commands/{id}`; with several managers they are relayed through etcd to the
+manager that holds the host's feed (`HostCommands`). The orchestrating thread lives in the manager
+that drives the migration; the record (and so
 the placement) lives in the store and names that manager (`owner`). When the owner dies, the leader of
 the `migrations` election (coordination.py) adopts the record: before the switch it rolls back, from
 `switching` on it carries on to `done`. A `switched` call on another manager is passed to the owner
@@ -45,6 +46,7 @@ from omniwall.compiler.ir import HostDesiredState, IRVnic
 from omniwall.model.catalog import Catalog
 from omniwall.model.resources import _Resource
 from omniwall.store import Compare, Event, Put, Store
+from omniwall.store.runtime import EtcdRuntime, Follower, RuntimeEvent, RuntimeKV
 
 from .audit import SYSTEM, Actor, AuditEntry, audit_put
 from .contracts import InvalidResources, Problem
@@ -168,20 +170,78 @@ class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, Any] | None = None
     taken: bool = False
+    local: bool = True  # sent by this manager (False: relayed from another one)
+
+
+CMD_QUEUE, CMD_RESULT = "commands/queue/", "commands/result/"
 
 
 class HostCommands:
-    """Commands for agents, delivered on their feeds, answered by POST. Thread-safe."""
+    """Commands for agents, delivered on their feeds, answered by POST. Thread-safe.
 
-    def __init__(self, wake: Callable[[], None]) -> None:
+    With several managers (etcd), a command is also published as the runtime key
+    `commands/queue/<host>/<id>`; every manager follows those keys, so whichever holds the host's feed
+    delivers it, and the agent's answer, POSTed to that manager, goes back as `commands/result/<id>` to
+    the one waiting for it."""
+
+    def __init__(self, wake: Callable[[], None], runtime: EtcdRuntime | None = None) -> None:
         self._wake = wake
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
+        self._rt = runtime
+        self._follower: Follower | None = None
 
+    # ---- the relay between managers
+    def follow(self) -> None:
+        if self._rt is not None and self._follower is None:
+            self._follower = self._rt.follow("commands/", self._snapshot, self._event, "omniwall-commands")
+
+    def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+            self._follower = None
+
+    def _snapshot(self, items: list[RuntimeKV]) -> None:
+        for kv in items:
+            self._event(RuntimeEvent("put", kv.key, kv.value, kv.mod_revision))
+
+    def _event(self, ev: RuntimeEvent) -> None:
+        try:
+            if ev.key.startswith(CMD_QUEUE):
+                host, _, cid = ev.key[len(CMD_QUEUE) :].rpartition("/")
+                with self._lock:
+                    if ev.type == "delete":
+                        p = self._pending.get(cid)
+                        if p is not None and not p.local:
+                            del self._pending[cid]
+                        return
+                    if cid in self._pending:
+                        return
+                    self._pending[cid] = _Pending(host, json.loads(ev.value or "{}"), local=False)
+                self._wake()
+            elif ev.key.startswith(CMD_RESULT) and ev.type == "put":
+                cid = ev.key[len(CMD_RESULT) :]
+                with self._lock:
+                    p = self._pending.get(cid)
+                    if p is None or not p.local or p.done.is_set():
+                        return
+                    p.result = json.loads(ev.value or "{}")
+                p.done.set()
+        except (ValueError, TypeError) as err:
+            log.error("skipping unreadable relayed command %s: %s", ev.key, err)
+
+    # ---- commands
     def send(self, host: str, op: str, args: dict[str, Any]) -> str:
         cid = uuid.uuid4().hex[:16]
+        line = {"type": "command", "id": cid, "op": op, "args": args}
         with self._lock:
-            self._pending[cid] = _Pending(host, {"type": "command", "id": cid, "op": op, "args": args})
+            self._pending[cid] = _Pending(host, line)
+        if self._rt is not None:
+            self.follow()
+            try:
+                self._rt.write([(f"{CMD_QUEUE}{host}/{cid}", json.dumps(line), 0)])
+            except Exception as err:  # only this manager's own feeds get it
+                log.warning("command %s for host %s not relayed to the other managers: %s", op, host, err)
         self._wake()
         return cid
 
@@ -200,9 +260,23 @@ class HostCommands:
             p = self._pending.get(cid)
             if p is None or p.host != host:
                 return False
-            p.result = result
+            if p.local:
+                p.result = result
+        if not p.local:  # relayed: the manager that sent it waits for the answer
+            assert self._rt is not None
+            self._rt.write([(f"{CMD_RESULT}{cid}", json.dumps(result), 0)])
+            return True
         p.done.set()
         return True
+
+    def _forget(self, host: str, cid: str) -> None:
+        with self._lock:
+            self._pending.pop(cid, None)
+        if self._rt is not None:
+            try:
+                self._rt.write([], [f"{CMD_QUEUE}{host}/{cid}", f"{CMD_RESULT}{cid}"])
+            except Exception as err:
+                log.warning("relayed command %s not cleaned up: %s", cid, err)
 
     def call(self, host: str, op: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send and wait for the answer; MigrationError on timeout or an error the agent reports.
@@ -223,8 +297,7 @@ class HostCommands:
                     state = "was delivered but not answered"
                 log.warning("%s on host %s: no answer yet (it %s)", op, host, state)
             finally:
-                with self._lock:
-                    self._pending.pop(cid, None)
+                self._forget(host, cid)
         raise MigrationError(f"{op} on host {host}: no answer within {timeout:g} s (it {state}, twice)")
 
 
@@ -265,7 +338,8 @@ class Migrations:
 
     def __init__(self, manager: ManagerView) -> None:
         self.m = manager
-        self.commands = HostCommands(manager.desired.changed.notify)
+        runtime = getattr(manager.store, "runtime", None)  # etcd: commands relayed between managers
+        self.commands = HostCommands(manager.desired.changed.notify, runtime() if runtime else None)
         self._lock = threading.RLock()  # the records only; never held while writing the store
         self._start_lock = threading.Lock()
         self._records: dict[tuple[str, str], Migration] = {}
@@ -475,6 +549,7 @@ class Migrations:
 
     def start_driver(self, interval: float = 1.0) -> None:
         """A thread that adopts orphaned migrations while this manager leads `migrations`."""
+        self.commands.follow()  # deliver other managers' commands to the feeds held here
         if self._driver is not None:
             return
         self._driver_stop.clear()
@@ -490,6 +565,7 @@ class Migrations:
         self._driver.start()
 
     def stop_driver(self) -> None:
+        self.commands.stop()
         self._driver_stop.set()
         if self._driver is not None:
             self._driver.join(timeout=5)
