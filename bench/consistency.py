@@ -6,6 +6,7 @@ per-key history (tests/unit/consistency.py says what is checked). Needs no root.
 
     .venv/bin/python bench/consistency.py                          # 60 s, 6 clients, a kill every 8 s
     .venv/bin/python bench/consistency.py --seconds 20 --seed 2
+    .venv/bin/python bench/consistency.py --manager-src /tmp/base/src   # managers of another tree
 
 Prints one JSON line: the verdict (ok, problems), the counts (acknowledged, indeterminate, rejected
 writes; reads; kills), the answers by status and the p50/p99 latency of answered writes and reads.
@@ -40,12 +41,14 @@ def main() -> None:
     ap.add_argument("--kill-every", type=float, default=8.0)
     ap.add_argument("--keys", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--manager-src", help="run the managers from this source tree (PYTHONPATH), e.g. main's")
     args = ap.parse_args()
+    env = {"PYTHONPATH": args.manager_src} if args.manager_src else None
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="owcons-") as tmp:
         verdict, history = consistency_run(
             Path(tmp), seconds=args.seconds, clients=args.clients, kill_every=args.kill_every,
-            keys=args.keys, seed=args.seed,
+            keys=args.keys, seed=args.seed, manager_env=env,
         )  # fmt: skip
     out = {
         "bench": "consistency",
@@ -53,6 +56,7 @@ def main() -> None:
         "seconds": args.seconds,
         "clients": args.clients,
         "seed": args.seed,
+        "managers": args.manager_src or "this tree",
         "outcomes": dict(sorted(history.outcomes.items())),
         "writeMs": {
             "p50": pct(history.latencies.get("PUT", []), 0.5),

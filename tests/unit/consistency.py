@@ -163,8 +163,15 @@ class Run:
     """The clients and the killer, over `managers` (restarted in place after each kill)."""
 
     def __init__(
-        self, tmp: Path, etcd_url: str, managers: list[ManagerProcess], token: str, keys: Sequence[str]
+        self,
+        tmp: Path,
+        etcd_url: str,
+        managers: list[ManagerProcess],
+        token: str,
+        keys: Sequence[str],
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.env = env
         self.tmp = tmp
         self.etcd_url = etcd_url
         self.managers = managers
@@ -255,7 +262,7 @@ class Run:
                 self.down.add(j)
             self.managers[j].kill()
             self.history.kills += 1
-            self.managers[j] = restart(self.managers[j], self.tmp, self.etcd_url)
+            self.managers[j] = restart(self.managers[j], self.tmp, self.etcd_url, self.env)
             with self.lock:
                 self.down.discard(j)
 
@@ -271,10 +278,10 @@ class Run:
         return self.history
 
 
-def restart(old: ManagerProcess, tmp: Path, etcd_url: str) -> ManagerProcess:
+def restart(old: ManagerProcess, tmp: Path, etcd_url: str, env: dict[str, str] | None) -> ManagerProcess:
     """A new manager process in place of a killed one (new port; its old working directory's token
     file is not needed: the clients' token is in etcd)."""
-    cm = manager_processes(tmp, etcd_url, 1)
+    cm = manager_processes(tmp, etcd_url, 1, env=env)
     (new,) = cm.__enter__()
     _keep.append(cm)  # closed (killed by PID) by `stop_restarted`
     return new
@@ -312,7 +319,7 @@ def truth_of(
 
 def consistency_run(
     tmp: Path, *, members: int = 3, managers: int = 3, clients: int = 6, seconds: float = 15.0,
-    kill_every: float = 5.0, keys: int = 4, seed: int = 1,
+    kill_every: float = 5.0, keys: int = 4, seed: int = 1, manager_env: dict[str, str] | None = None,
 ) -> tuple[Verdict, History]:  # fmt: skip
     """Start `members` etcd members and `managers` managers, run the history, check it."""
     names = [f"k{i}" for i in range(keys)]
@@ -326,8 +333,8 @@ def consistency_run(
         seed_m.commit(seed_m.plan_apply(load_documents(world, "world.yaml")), SYSTEM)
         seed_m.store.close()
         try:
-            with manager_processes(tmp, cluster.url, managers) as procs:
-                run = Run(tmp, cluster.url, procs, token, names)
+            with manager_processes(tmp, cluster.url, managers, env=manager_env) as procs:
+                run = Run(tmp, cluster.url, procs, token, names, manager_env)
                 history = run.run(clients, seconds, kill_every, seed)
                 history.writes.extend(Write(-1, k, "init", None, -1) for k in names)  # the seed's
         finally:

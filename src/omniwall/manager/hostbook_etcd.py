@@ -1,8 +1,10 @@
 """Host status in etcd, shared by every manager (docs/etcd.md, "Host status and agent liveness").
 
 Runtime keys (store/runtime.py), outside the store's objects:
-- `hosts/status/<host>`: the last report (realized revision, last error, last seen, counters, addresses,
-  conntrack), JSON, no lease: it outlives a manager, like the agent's state does;
+- `hosts/status/<host>`: the last report (realized revision, last error, counters, addresses, conntrack),
+  JSON, no lease: it outlives a manager, like the agent's state does. Only reports write it, so a
+  manager the agent just left never overwrites a newer report with its copy;
+- `hosts/seen/<host>`: when the host was last heard of (a stream opening or ending, a heartbeat);
 - `hosts/live/<host>/<manager>`: the number of feed streams of `host` that `manager` holds, put with
   that manager's lease. A host is connected while any such key exists. A clean end of the last stream
   deletes the key at once; a manager that dies stops renewing its lease, and etcd deletes its keys
@@ -34,6 +36,7 @@ from .hosts import HostStatus, HostStatusBook, MemoryHostStatusBook, conntrack_j
 log = logging.getLogger(__name__)
 
 STATUS = "hosts/status/"
+SEEN = "hosts/seen/"
 LIVE = "hosts/live/"
 INTERVAL = 1.0  # seconds between two writes of one host's counters (the write volume bound)
 MAX_OPS = 100  # per etcd txn (etcd's default limit is 128)
@@ -92,7 +95,9 @@ class EtcdHostStatusBook:
         self._remote: dict[str, tuple[int, HostStatus]] = {}  # host -> (mod revision, status)
         self._live: dict[str, dict[str, int]] = {}  # host -> manager -> streams
         # this manager's: the newest status of hosts it wrote to or must write, and its streams
-        self._local: dict[str, HostStatus] = {}
+        self._local: dict[str, HostStatus] = {}  # reports not yet written
+        self._seen: dict[str, str] = {}  # host -> last seen, every manager's (from the watch and ours)
+        self._seen_dirty: set[str] = set()
         self._streams: dict[str, int] = {}
         self._dirty: dict[str, bool] = {}  # host -> urgent
         self._live_dirty: set[str] = set()
@@ -106,6 +111,7 @@ class EtcdHostStatusBook:
         self._force = False  # flush(): write everything dirty now
         self._inflight = 0  # chunks being written
         self.write_count = 0  # status and liveness txns written (the write volume, for tests)
+        self.status_puts = 0  # host status keys written
 
     # ------------------------------------------------------------------ reads
     def _ensure_follow(self) -> None:
@@ -144,8 +150,14 @@ class EtcdHostStatusBook:
             elif key.startswith(LIVE):
                 host, _, mgr = key[len(LIVE) :].rpartition("/")
                 live.setdefault(host, {})[mgr] = int(value)
+            elif key.startswith(SEEN):
+                self._saw(key[len(SEEN) :], value)
         except (ValueError, KeyError, TypeError, IndexError) as err:
             log.error("skipping unreadable host status key %s: %s", key, err)
+
+    def _saw(self, host: str, when: str) -> None:
+        if when > self._seen.get(host, ""):  # ISO 8601 UTC, one format: text order is time order
+            self._seen[host] = when
 
     def _view(self, host: str) -> HostStatus:
         """Under the lock: this manager's newer status if any, else the watched one; connected from
@@ -155,12 +167,15 @@ class EtcdHostStatusBook:
             remote = self._remote.get(host)
             st = remote[1] if remote is not None else HostStatus()
         st = copy_status(st)
+        seen = self._seen.get(host)
+        if seen is not None and (st.last_seen is None or seen > st.last_seen):
+            st.last_seen = seen
         others = sum(n for m, n in self._live.get(host, {}).items() if m != self.manager)
         st.connected = others + self._streams.get(host, 0)
         return st
 
     def _hosts(self) -> set[str]:
-        return set(self._remote) | set(self._local) | set(self._live) | set(self._streams)
+        return set(self._remote) | set(self._local) | set(self._live) | set(self._streams) | set(self._seen)
 
     def get(self, host: str) -> HostStatus:
         self._ensure_follow()
@@ -200,21 +215,25 @@ class EtcdHostStatusBook:
     def connect(self, host: str, now: str) -> None:
         with self._cond:
             self._streams[host] = self._streams.get(host, 0) + 1
-            self._mine(host).last_seen = now
+            self._saw_now(host, now)
             self._live_dirty.add(host)
             self._mark(host, False)
 
     def disconnect(self, host: str, now: str) -> None:
         with self._cond:
             self._streams[host] = max(0, self._streams.get(host, 0) - 1)
-            self._mine(host).last_seen = now
+            self._saw_now(host, now)
             self._live_dirty.add(host)
             self._mark(host, False)
 
     def seen(self, host: str, now: str) -> None:
         with self._cond:
-            self._mine(host).last_seen = now
+            self._saw_now(host, now)
             self._mark(host, False)
+
+    def _saw_now(self, host: str, now: str) -> None:
+        self._saw(host, now)
+        self._seen_dirty.add(host)
 
     def report(
         self,
@@ -232,6 +251,7 @@ class EtcdHostStatusBook:
             st.realized_revision = realized_revision
             st.last_error = error
             st.last_seen = now
+            self._saw(host, now)
             if counters is not None:
                 st.counters = {rid: (p, b) for rid, p, b in counters}
             if addresses is not None:
@@ -311,12 +331,15 @@ class EtcdHostStatusBook:
             with self._cond:
                 snap = {h: _encode(self._local[h]) for h in chunk if h in self._local}
                 live = {h: self._streams.get(h, 0) for h in chunk if h in self._live_dirty}
+                seen = {h: self._seen[h] for h in chunk if h in self._seen_dirty and h not in snap}
                 for h in chunk:
                     self._dirty.pop(h, None)
                     self._live_dirty.discard(h)
+                    self._seen_dirty.discard(h)
             if any(live.values()) and not self._lease:
                 self._renew()
             puts = [(STATUS + h, v, 0) for h, v in snap.items()]
+            puts += [(SEEN + h, v, 0) for h, v in seen.items()]
             puts += [(f"{LIVE}{h}/{self.manager}", str(n), self._lease) for h, n in live.items() if n]
             deletes = [f"{LIVE}{h}/{self.manager}" for h, n in live.items() if not n]
             try:
@@ -326,8 +349,10 @@ class EtcdHostStatusBook:
                     for h in chunk:
                         self._dirty[h] = True
                     self._live_dirty.update(live)
+                    self._seen_dirty.update(seen)
                 raise
             self.write_count += 1
+            self.status_puts += len(snap)
             now = time.monotonic()
             with self._cond:
                 for h, v in snap.items():
@@ -347,11 +372,11 @@ class EtcdHostStatusBook:
         """Wait until everything reported so far is written (tests, clean shutdown)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            if self._dirty or self._live_dirty:
+            if self._dirty or self._live_dirty or self._seen_dirty:
                 self._force = True
                 self._start_flusher()
             self._cond.notify_all()
-            while self._dirty or self._live_dirty or self._inflight:
+            while self._dirty or self._live_dirty or self._seen_dirty or self._inflight:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
