@@ -84,6 +84,7 @@ class Verdict:
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "problemCount": len(self.problems),
             "problems": self.problems[:20],
             "acknowledgedWrites": self.acked,
             "indeterminateWrites": self.indeterminate,

@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from omniwall.store.runtime import EtcdRuntime, Follower, RuntimeEvent, RuntimeKV
@@ -40,6 +41,7 @@ SEEN = "hosts/seen/"
 LIVE = "hosts/live/"
 INTERVAL = 1.0  # seconds between two writes of one host's counters (the write volume bound)
 MAX_OPS = 100  # per etcd txn (etcd's default limit is 128)
+WRITERS = 4  # txns in flight at once
 
 
 def manager_id() -> str:
@@ -107,6 +109,7 @@ class EtcdHostStatusBook:
         self._follower: Follower | None = None
         self._synced = threading.Event()
         self._flusher: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._stopped = False
         self._force = False  # flush(): write everything dirty now
         self._inflight = 0  # chunks being written
@@ -119,7 +122,8 @@ class EtcdHostStatusBook:
             self._follower = self.rt.follow(
                 "hosts/", self._on_snapshot, self._on_event, "omniwall-hoststatus"
             )
-        self._synced.wait(2.0)  # the first snapshot; after that the local copy answers at once
+            # the first snapshot, once; then (also while etcd is away) the local copy answers at once
+            self._synced.wait(2.0)
 
     def _on_snapshot(self, items: list[RuntimeKV]) -> None:
         with self._cond:
@@ -326,47 +330,60 @@ class EtcdHostStatusBook:
                     self._dirty.setdefault(host, True)
 
     def _write(self, hosts: list[str]) -> None:
-        for i in range(0, len(hosts), MAX_OPS // 2):
-            chunk = hosts[i : i + MAX_OPS // 2]
-            with self._cond:
-                snap = {h: _encode(self._local[h]) for h in chunk if h in self._local}
-                live = {h: self._streams.get(h, 0) for h in chunk if h in self._live_dirty}
-                seen = {h: self._seen[h] for h in chunk if h in self._seen_dirty and h not in snap}
+        """Up to three keys per host (status, seen, live): chunks of MAX_OPS // 3 hosts, one txn each,
+        `WRITERS` at a time (a burst of a thousand acks is twenty txns, not twenty round trips)."""
+        if any(self._streams.get(h, 0) for h in hosts) and not self._lease:
+            self._renew()
+        size = MAX_OPS // 3
+        chunks = [hosts[i : i + size] for i in range(0, len(hosts), size)]
+        if len(chunks) == 1:
+            self._write_chunk(chunks[0])
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="omniwall-hoststatus-write")
+        errors = [f.exception() for f in [self._pool.submit(self._write_chunk, c) for c in chunks]]
+        for err in errors:
+            if err is not None:
+                raise err
+
+    def _write_chunk(self, chunk: list[str]) -> None:
+        with self._cond:
+            snap = {h: _encode(self._local[h]) for h in chunk if h in self._local}
+            live = {h: self._streams.get(h, 0) for h in chunk if h in self._live_dirty}
+            seen = {h: self._seen[h] for h in chunk if h in self._seen_dirty and h not in snap}
+            for h in chunk:
+                self._dirty.pop(h, None)
+                self._live_dirty.discard(h)
+                self._seen_dirty.discard(h)
+        puts = [(STATUS + h, v, 0) for h, v in snap.items()]
+        puts += [(SEEN + h, v, 0) for h, v in seen.items()]
+        puts += [(f"{LIVE}{h}/{self.manager}", str(n), self._lease) for h, n in live.items() if n]
+        deletes = [f"{LIVE}{h}/{self.manager}" for h, n in live.items() if not n]
+        try:
+            rev = self.rt.write(puts, deletes)
+        except Exception:
+            with self._cond:  # written nothing: all of it is still to write
                 for h in chunk:
-                    self._dirty.pop(h, None)
-                    self._live_dirty.discard(h)
-                    self._seen_dirty.discard(h)
-            if any(live.values()) and not self._lease:
-                self._renew()
-            puts = [(STATUS + h, v, 0) for h, v in snap.items()]
-            puts += [(SEEN + h, v, 0) for h, v in seen.items()]
-            puts += [(f"{LIVE}{h}/{self.manager}", str(n), self._lease) for h, n in live.items() if n]
-            deletes = [f"{LIVE}{h}/{self.manager}" for h, n in live.items() if not n]
-            try:
-                rev = self.rt.write(puts, deletes)
-            except Exception:
-                with self._cond:  # written nothing: all of it is still to write
-                    for h in chunk:
-                        self._dirty[h] = True
-                    self._live_dirty.update(live)
-                    self._seen_dirty.update(seen)
-                raise
+                    self._dirty[h] = True
+                self._live_dirty.update(live)
+                self._seen_dirty.update(seen)
+            raise
+        now = time.monotonic()
+        with self._cond:
             self.write_count += 1
             self.status_puts += len(snap)
-            now = time.monotonic()
-            with self._cond:
-                for h, v in snap.items():
-                    self._written[h] = now
-                    cur = self._remote.get(h)
-                    if cur is None or cur[0] <= rev:
-                        self._remote[h] = (rev, _decode(v))
-                    if h not in self._dirty:  # nothing newer: the watched copy is ours
-                        self._local.pop(h, None)
-                for h, n in live.items():
-                    if n:
-                        self._live.setdefault(h, {})[self.manager] = n
-                    else:
-                        self._live.get(h, {}).pop(self.manager, None)
+            for h, v in snap.items():
+                self._written[h] = now
+                cur = self._remote.get(h)
+                if cur is None or cur[0] <= rev:
+                    self._remote[h] = (rev, _decode(v))
+                if h not in self._dirty:  # nothing newer: the watched copy is ours
+                    self._local.pop(h, None)
+            for h, n in live.items():
+                if n:
+                    self._live.setdefault(h, {})[self.manager] = n
+                else:
+                    self._live.get(h, {}).pop(self.manager, None)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything reported so far is written (tests, clean shutdown)."""
@@ -392,6 +409,9 @@ class EtcdHostStatusBook:
         if self._flusher is not None:
             self._flusher.join(timeout=5)
             self._flusher = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._lease:
             try:
                 self.rt.revoke(self._lease)
