@@ -213,7 +213,8 @@ def serve(
         metrics.serve(app.state.metrics, metrics_address)
         log.info("metrics on http://%s/metrics", metrics_address)
     log.info(
-        "manager on %s://%s:%d, store %s at revision %d, flows in %s%s",
+        "manager %s on %s://%s:%d, store %s at revision %d, flows in %s%s",
+        manager.id,
         "https" if tls else "http",
         host,
         port,

@@ -114,8 +114,10 @@ class Model:
                         other = True
                 self._rev = max(events[-1].revision, head)
             if (changed or removed or other) and self.listener is not None:
+                # the revision of the last change itself, not `head`: every manager then gives a host's
+                # new state the same revision, whenever its sync ran (agents may resume on another one)
                 self.listener.changed(
-                    self._catalog, self._rev, list(changed.values()), list(removed.values()), other
+                    self._catalog, events[-1].revision, list(changed.values()), list(removed.values()), other
                 )
             return self._rev
 
