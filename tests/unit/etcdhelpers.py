@@ -201,3 +201,75 @@ def etcd_server_cert(pki_dir: Path) -> tuple[Path, Path]:
     )
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return crt, pem
+
+
+@dataclass
+class ManagerProcess:
+    """`omniwall manager --store <etcd>` as a real process on a free loopback port (kill -9 tests)."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def kill(self) -> None:
+        """SIGKILL by PID (no clean shutdown: its lease expires on its own) and reap it."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@contextmanager
+def manager_processes(
+    tmp: Path, store_url: str, count: int = 1, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> Iterator[list[ManagerProcess]]:
+    """`count` managers on one store, each in its own working directory under `tmp`, killed by PID at
+    the end (also on failure). Yields once every one answers /healthz."""
+    import sys
+
+    out: list[ManagerProcess] = []
+    try:
+        for i in range(count):
+            d = tmp / f"manager-{uuid.uuid4().hex[:6]}-{i}"
+            d.mkdir(parents=True)
+            port = free_port()
+            log = d / "manager.log"
+            main = "from omniwall.cli.main import app; app()"
+            cmd = [
+                sys.executable,
+                "-c",
+                main,
+                "manager",
+                "--store",
+                store_url,
+                "--listen",
+                f"127.0.0.1:{port}",
+            ]
+            with log.open("ab") as f:
+                proc = subprocess.Popen(
+                    cmd, cwd=d, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                    env={**os.environ, **(env or {})},
+                )  # fmt: skip
+            out.append(ManagerProcess(f"http://127.0.0.1:{port}", proc, log))
+        deadline = time.monotonic() + timeout
+        for mp in out:
+            while True:
+                try:
+                    if httpx.get(f"{mp.url}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if mp.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"manager at {mp.url} did not start: {mp.log.read_text()[-2000:]}")
+                time.sleep(0.1)
+        yield out
+    finally:
+        for mp in out:
+            mp.kill()

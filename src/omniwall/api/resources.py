@@ -78,6 +78,12 @@ def parse_body(body: Any, kind: str, name: str | None = None) -> _Resource:
     return r
 
 
+CONSISTENT = (
+    "read the store's current revision first (a linearizable read, one store round trip more); without "
+    "it the answer is this manager's model, which follows other managers' writes within a watch round trip"
+)
+
+
 def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
     tag = [kind]
 
@@ -89,15 +95,18 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
         fieldSelector: str | None = Query(None, description="e.g. spec.host=h1,metadata.name!=x"),
         limit: int = Query(MAX_LIMIT, ge=1, le=MAX_LIMIT),
         continue_: str | None = Query(None, alias="continue"),
+        consistent: bool = Query(False, description=CONSISTENT),
     ) -> dict[str, Any]:
         require(p, Perm.READ)
         m = manager_of(request)
+        if consistent:
+            m.sync()  # a linearizable read: the model catches up with the store's current revision
         lsel, fsel = label_selector(labelSelector), field_selector(fieldSelector)
         after = decode_continue(continue_, f"{RES_PREFIX}{kind}/")
         items: list[dict[str, Any]] = []
         next_token = None
-        rev = m.revision
-        for r in m.list(kind):
+        listed, rev = m.model.list_at(kind)  # the objects and the revision they are, taken together
+        for r in listed:
             key = resource_key(r)
             if after is not None and key <= after:
                 continue
@@ -139,9 +148,15 @@ def _routes_for(router: APIRouter, plural: str, kind: str) -> None:
         return render(m, _get(m, kind, r.metadata.tenant, r.metadata.name))
 
     def get_object(
-        request: Request, name: str, tenant: str | None = Query(None), p: Principal = Depends(authenticate)
+        request: Request,
+        name: str,
+        tenant: str | None = Query(None),
+        consistent: bool = Query(False, description=CONSISTENT),
+        p: Principal = Depends(authenticate),
     ) -> dict[str, Any]:
         m = manager_of(request)
+        if consistent:
+            m.sync()
         t = read_tenant(p, tenant)
         r = check_visible(p, m.get(kind, t, name), m.catalog, f"{kind}/{t}/{name}")
         return render(m, r)

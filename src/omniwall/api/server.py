@@ -35,12 +35,16 @@ SERVER_KEEPALIVE = 90  # seconds an idle HTTP connection stays open (see serve()
 RELOAD_INTERVAL = 5.0  # seconds between checks of the certificate files
 
 
-def build(db: str) -> tuple[Manager, Path | None]:
-    """`db`: a store spec (`open_store`). With etcd the bootstrap token goes to the working directory,
-    like with `:memory:`."""
+def build(db: str, token_dir: Path | None = None) -> tuple[Manager, Path | None]:
+    """`db`: a store spec (`open_store`). With etcd the bootstrap token goes to the working directory
+    (or `token_dir`), like with `:memory:`; of several managers starting at once on an empty etcd, only
+    the one that created the token writes it (manager/tokens.py)."""
     store = chained(open_store(db))
     manager = Manager(store)
-    written = manager.tokens.bootstrap(token_file_for(sqlite_path(db) or ":memory:"))
+    token_file = token_file_for(sqlite_path(db) or ":memory:")
+    if token_dir is not None and not token_file.is_absolute():
+        token_file = token_dir / token_file
+    written = manager.tokens.bootstrap(token_file)
     return manager, written
 
 
@@ -209,7 +213,8 @@ def serve(
         metrics.serve(app.state.metrics, metrics_address)
         log.info("metrics on http://%s/metrics", metrics_address)
     log.info(
-        "manager on %s://%s:%d, store %s at revision %d, flows in %s%s",
+        "manager %s on %s://%s:%d, store %s at revision %d, flows in %s%s",
+        manager.id,
         "https" if tls else "http",
         host,
         port,

@@ -1,14 +1,18 @@
 """What the manager knows about each host's agent: connected, realized revision, errors, counters.
 
-Kept in memory per manager replica (agents report to the replica they stream from); it is runtime
-state, not policy, so it does not go through the store and never bumps the revision.
+It is runtime state, not policy: it never goes through the store's objects and never changes one. Two
+books implement `HostStatusBook`:
+- `MemoryHostStatusBook`: in this process's memory (SQLite and memory stores: one manager);
+- `EtcdHostStatusBook` (hostbook_etcd.py): in etcd's runtime keys, shared by every manager, with
+  agent liveness on the manager's lease (docs/etcd.md).
+`hostbook_etcd.status_book(store)` picks the one the store supports: manager code never asks which.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 # the host's conntrack table: warning at 80% of nf_conntrack_max, critical at 95% (agent/conntrack_usage.py)
 CONNTRACK_WARNING, CONNTRACK_CRITICAL = 0.80, 0.95
@@ -44,7 +48,41 @@ class HostStatus:
         }
 
 
-class HostStatusBook:
+class HostStatusBook(Protocol):
+    """Agents' feed streams and status reports. Writers (`connect` ... `report`) are called on the
+    event loop: they never block on I/O."""
+
+    def get(self, host: str) -> HostStatus: ...
+
+    def connect(self, host: str, now: str) -> None: ...
+
+    def disconnect(self, host: str, now: str) -> None: ...
+
+    def seen(self, host: str, now: str) -> None: ...
+
+    def report(
+        self,
+        host: str,
+        now: str,
+        realized_revision: int,
+        error: str | None,
+        counters: list[tuple[int, int, int]] | None,
+        addresses: dict[str, Any] | None,
+        conntrack: tuple[int, int] | None = None,
+    ) -> None: ...
+
+    def statuses(self, desired: dict[str, int], hosts: list[str]) -> dict[str, dict[str, Any]]: ...
+
+    def conntrack(self) -> dict[str, dict[str, Any]]: ...
+
+    def counters(self) -> dict[str, dict[int, tuple[int, int]]]: ...
+
+    def stop(self) -> None:
+        """This manager is going away cleanly: its agents show disconnected now."""
+        ...
+
+
+class MemoryHostStatusBook:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._hosts: dict[str, HostStatus] = {}
@@ -52,7 +90,7 @@ class HostStatusBook:
     def get(self, host: str) -> HostStatus:
         with self._lock:
             st = self._hosts.get(host)
-            return HostStatus() if st is None else _copy(st)
+            return HostStatus() if st is None else copy_status(st)
 
     def connect(self, host: str, now: str) -> None:
         with self._lock:
@@ -108,8 +146,11 @@ class HostStatusBook:
         with self._lock:
             return {h: dict(st.counters) for h, st in self._hosts.items()}
 
+    def stop(self) -> None:
+        pass  # the streams end with the process; nothing is shared
 
-def _copy(st: HostStatus) -> HostStatus:
+
+def copy_status(st: HostStatus) -> HostStatus:
     return HostStatus(
         st.connected,
         st.realized_revision,

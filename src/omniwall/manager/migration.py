@@ -21,8 +21,13 @@ the chains; its backend revokes the imported entries, and a flush command remove
 nothing rolls back: the vNIC is on the destination, whose policy is in place; errors are recorded.
 
 Agent commands travel on the host feed (`{"type": "command", ...}` lines) and come back through
-`POST /v1/hosts/{host}/commands/{id}`. Commands and the orchestrating thread live in the replica that
-started the migration (agents must stream from it); the record (and so the placement) lives in the store.
+`POST /v1/hosts/{host}/commands/{id}`; with several managers they are relayed through etcd to the
+manager that holds the host's feed (`HostCommands`). The orchestrating thread lives in the manager
+that drives the migration; the record (and so
+the placement) lives in the store and names that manager (`owner`). When the owner dies, the leader of
+the `migrations` election (coordination.py) adopts the record: before the switch it rolls back, from
+`switching` on it carries on to `done`. A `switched` call on another manager is passed to the owner
+through the record (`stats.switchRequested`).
 """
 
 from __future__ import annotations
@@ -41,9 +46,11 @@ from omniwall.compiler.ir import HostDesiredState, IRVnic
 from omniwall.model.catalog import Catalog
 from omniwall.model.resources import _Resource
 from omniwall.store import Compare, Event, Put, Store
+from omniwall.store.runtime import EtcdRuntime, Follower, RuntimeEvent, RuntimeKV
 
-from .audit import Actor, AuditEntry, audit_put
+from .audit import SYSTEM, Actor, AuditEntry, audit_put
 from .contracts import InvalidResources, Problem
+from .coordination import Coordination
 from .desired import DesiredStates
 from .hosts import HostStatusBook
 from .plan import Conflict, NotFound, Plan
@@ -53,6 +60,7 @@ log = logging.getLogger(__name__)
 MIG_PREFIX = "migrations/"
 # The placement (workload on both hosts) is on in these phases only.
 SPANNING = ("prepare", "export", "import", "switching", "switched", "finalize")
+MIGRATION_JOB = "migrations"  # the election whose leader adopts migrations of managers that died
 FAULTS_ENV = "OMNIWALL_MIGRATION_FAULTS"  # "1": the API accepts `failAt` (tests of the rollback)
 POLL = 0.01
 
@@ -72,6 +80,10 @@ def _key(tenant: str, name: str) -> str:
     return f"{MIG_PREFIX}{tenant}/{name}"
 
 
+def _dump(mig: Migration) -> str:
+    return json.dumps(mig.to_json(), sort_keys=True)
+
+
 @dataclass
 class Migration:
     id: str
@@ -87,6 +99,7 @@ class Migration:
     error: str | None = None
     phases: list[dict[str, Any]] = field(default_factory=list)  # [{phase, at, ms}]
     stats: dict[str, Any] = field(default_factory=dict)
+    owner: str = ""  # the manager driving it (its id); another one adopts it when that one is gone
     t0: float = field(default_factory=time.monotonic, repr=False)
 
     @property
@@ -113,6 +126,7 @@ class Migration:
             "actor": self.actor,
             "phases": list(self.phases),
             "stats": dict(self.stats),
+            "owner": self.owner,
         }
 
     @staticmethod
@@ -131,6 +145,7 @@ class Migration:
             error=d.get("error"),
             phases=list(d.get("phases", [])),
             stats=dict(d.get("stats", {})),
+            owner=d.get("owner", ""),
         )
 
 
@@ -155,20 +170,78 @@ class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, Any] | None = None
     taken: bool = False
+    local: bool = True  # sent by this manager (False: relayed from another one)
+
+
+CMD_QUEUE, CMD_RESULT = "commands/queue/", "commands/result/"
 
 
 class HostCommands:
-    """Commands for agents, delivered on their feeds, answered by POST. Thread-safe."""
+    """Commands for agents, delivered on their feeds, answered by POST. Thread-safe.
 
-    def __init__(self, wake: Callable[[], None]) -> None:
+    With several managers (etcd), a command is also published as the runtime key
+    `commands/queue/<host>/<id>`; every manager follows those keys, so whichever holds the host's feed
+    delivers it, and the agent's answer, POSTed to that manager, goes back as `commands/result/<id>` to
+    the one waiting for it."""
+
+    def __init__(self, wake: Callable[[], None], runtime: EtcdRuntime | None = None) -> None:
         self._wake = wake
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
+        self._rt = runtime
+        self._follower: Follower | None = None
 
+    # ---- the relay between managers
+    def follow(self) -> None:
+        if self._rt is not None and self._follower is None:
+            self._follower = self._rt.follow("commands/", self._snapshot, self._event, "omniwall-commands")
+
+    def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+            self._follower = None
+
+    def _snapshot(self, items: list[RuntimeKV]) -> None:
+        for kv in items:
+            self._event(RuntimeEvent("put", kv.key, kv.value, kv.mod_revision))
+
+    def _event(self, ev: RuntimeEvent) -> None:
+        try:
+            if ev.key.startswith(CMD_QUEUE):
+                host, _, cid = ev.key[len(CMD_QUEUE) :].rpartition("/")
+                with self._lock:
+                    if ev.type == "delete":
+                        p = self._pending.get(cid)
+                        if p is not None and not p.local:
+                            del self._pending[cid]
+                        return
+                    if cid in self._pending:
+                        return
+                    self._pending[cid] = _Pending(host, json.loads(ev.value or "{}"), local=False)
+                self._wake()
+            elif ev.key.startswith(CMD_RESULT) and ev.type == "put":
+                cid = ev.key[len(CMD_RESULT) :]
+                with self._lock:
+                    p = self._pending.get(cid)
+                    if p is None or not p.local or p.done.is_set():
+                        return
+                    p.result = json.loads(ev.value or "{}")
+                p.done.set()
+        except (ValueError, TypeError) as err:
+            log.error("skipping unreadable relayed command %s: %s", ev.key, err)
+
+    # ---- commands
     def send(self, host: str, op: str, args: dict[str, Any]) -> str:
         cid = uuid.uuid4().hex[:16]
+        line = {"type": "command", "id": cid, "op": op, "args": args}
         with self._lock:
-            self._pending[cid] = _Pending(host, {"type": "command", "id": cid, "op": op, "args": args})
+            self._pending[cid] = _Pending(host, line)
+        if self._rt is not None:
+            self.follow()
+            try:
+                self._rt.write([(f"{CMD_QUEUE}{host}/{cid}", json.dumps(line), 0)])
+            except Exception as err:  # only this manager's own feeds get it
+                log.warning("command %s for host %s not relayed to the other managers: %s", op, host, err)
         self._wake()
         return cid
 
@@ -187,9 +260,23 @@ class HostCommands:
             p = self._pending.get(cid)
             if p is None or p.host != host:
                 return False
-            p.result = result
+            if p.local:
+                p.result = result
+        if not p.local:  # relayed: the manager that sent it waits for the answer
+            assert self._rt is not None
+            self._rt.write([(f"{CMD_RESULT}{cid}", json.dumps(result), 0)])
+            return True
         p.done.set()
         return True
+
+    def _forget(self, host: str, cid: str) -> None:
+        with self._lock:
+            self._pending.pop(cid, None)
+        if self._rt is not None:
+            try:
+                self._rt.write([], [f"{CMD_QUEUE}{host}/{cid}", f"{CMD_RESULT}{cid}"])
+            except Exception as err:
+                log.warning("relayed command %s not cleaned up: %s", cid, err)
 
     def call(self, host: str, op: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send and wait for the answer; MigrationError on timeout or an error the agent reports.
@@ -210,8 +297,7 @@ class HostCommands:
                     state = "was delivered but not answered"
                 log.warning("%s on host %s: no answer yet (it %s)", op, host, state)
             finally:
-                with self._lock:
-                    self._pending.pop(cid, None)
+                self._forget(host, cid)
         raise MigrationError(f"{op} on host {host}: no answer within {timeout:g} s (it {state}, twice)")
 
 
@@ -224,6 +310,7 @@ class ManagerView(Protocol):
     store: Store
     desired: DesiredStates
     hosts: HostStatusBook
+    coordination: Coordination
 
     @property
     def catalog(self) -> Catalog: ...
@@ -251,13 +338,16 @@ class Migrations:
 
     def __init__(self, manager: ManagerView) -> None:
         self.m = manager
-        self.commands = HostCommands(manager.desired.changed.notify)
+        runtime = getattr(manager.store, "runtime", None)  # etcd: commands relayed between managers
+        self.commands = HostCommands(manager.desired.changed.notify, runtime() if runtime else None)
         self._lock = threading.RLock()  # the records only; never held while writing the store
         self._start_lock = threading.Lock()
         self._records: dict[tuple[str, str], Migration] = {}
         self._mod: dict[tuple[str, str], int] = {}
         self._switch: dict[str, threading.Event] = {}
         self._threads: dict[str, threading.Thread] = {}
+        self._driver: threading.Thread | None = None
+        self._driver_stop = threading.Event()
 
     # ---- store side (called under the manager's sync lock)
     def load(self) -> None:
@@ -324,7 +414,7 @@ class Migrations:
             if to == source:
                 raise InvalidResources([Problem(doc, "to", f"the workload already runs on {to!r}")])
             cur = self.get(tenant, name)
-            if cur is not None and cur.result == "running" and self._alive(cur.id):
+            if cur is not None and cur.result == "running" and self._driven(cur):
                 raise Conflict(f"{doc} is already migrating ({cur.id}: {cur.source} -> {cur.destination})")
             wkey = f"{tenant}/{name}"
             src_state = self.m.desired.snapshot(source)
@@ -344,6 +434,7 @@ class Migrations:
                 destination=to,
                 started=self.m.now_iso(),
                 actor=actor.name,
+                owner=self.m.coordination.id,
             )
             self._switch[mig.id] = threading.Event()
             with self._lock:
@@ -363,9 +454,20 @@ class Migrations:
         if mig.phase in ("switched", "finalize") or mig.result == "succeeded":
             return mig  # already seen (the destination agent reported the vNIC's route first)
         ev = self._switch.get(mid)
-        if mig.result != "running" or ev is None:
+        if mig.result != "running":
             raise Conflict(f"migration {mid} is not running (phase {mig.phase}, result {mig.result})")
-        ev.set()
+        if ev is not None:
+            ev.set()
+            return mig
+        # driven by another manager: tell it through the record (it polls it while switching)
+        with self._lock:
+            mod = self._mod.get((tenant, name), 0)
+        rec = Migration.from_json(mig.to_json())
+        rec.stats["switchRequested"] = True
+        res = self.m.store.txn([Compare(_key(tenant, name), mod)], [Put(_key(tenant, name), _dump(rec))])
+        if not res.succeeded:
+            raise Conflict(f"migration {mid} changed meanwhile; try again")
+        self.m.sync()
         return mig
 
     def wait(self, tenant: str, name: str, mid: str, timeout: float) -> Migration | None:
@@ -380,6 +482,94 @@ class Migrations:
     def _alive(self, mid: str) -> bool:
         t = self._threads.get(mid)
         return t is not None and t.is_alive()
+
+    def _driven(self, mig: Migration) -> bool:
+        """Some manager drives it: a thread here, or its owner (another manager) is alive."""
+        if self._alive(mig.id) or mig.id in self._switch:  # _switch: being started or driven here
+            return True
+        me = self.m.coordination.id
+        return bool(mig.owner) and mig.owner != me and self.m.coordination.alive(mig.owner)
+
+    # ---- adoption: the leader carries on (or rolls back) what a dead manager was driving
+    def adopt_orphans(self, opts: Options | None = None) -> list[str]:
+        """Under the `migrations` election: every running migration whose driver is gone is adopted
+        (one CAS write of the record names this manager its owner; a lost race means another manager
+        adopted it). Before the switch it rolls back, as the dead driver would have on a failure; from
+        `switching` on it carries on. Returns the ids adopted."""
+        if not self.m.coordination.is_leader(MIGRATION_JOB):
+            return []
+        with self._lock:
+            running = [
+                (m, self._mod[(m.tenant, m.name)]) for m in self._records.values() if m.result == "running"
+            ]
+        adopted = []
+        for rec, mod in running:
+            if self._driven(rec):
+                continue
+            mig = Migration.from_json(rec.to_json())
+            dead, mig.owner = mig.owner, self.m.coordination.id
+            try:
+                self._write(mig, mig.phase, SYSTEM, compare=mod, adoptedFrom=dead or "?")
+            except Conflict:
+                continue  # another manager adopted it first
+            log.warning("migration %s of %s: manager %s is gone in phase %s; adopted", mig.id, mig.workload,
+                        dead or "?", mig.phase)  # fmt: skip
+            opts = opts or Options(prepare_timeout=10.0, command_timeout=10.0)
+            t = threading.Thread(
+                target=self._carry_on, args=(mig, dead, opts), name=f"adopt-{mig.id}", daemon=True
+            )
+            self._threads[mig.id] = t
+            t.start()
+            adopted.append(mig.id)
+        return adopted
+
+    def _carry_on(self, mig: Migration, dead: str, opts: Options) -> None:
+        if mig.phase in ("prepare", "export", "import", "rollback"):
+            self._rollback(
+                mig, SYSTEM, MigrationError(f"manager {dead or '?'} stopped while driving it"), opts
+            )
+            return
+        self._switch[mig.id] = threading.Event()
+        try:
+            if mig.phase == "switching":
+                try:
+                    how = self._wait_switch(mig, opts)
+                except Exception as err:
+                    self._rollback(mig, SYSTEM, err, opts)
+                    return
+                mig.stats["switchedBy"] = how
+                self._write(mig, "switched", SYSTEM, by=how)
+            self._finalize(mig, SYSTEM, opts)
+        except Exception as err:
+            log.exception("migration %s: finalize failed", mig.id)
+            mig.result, mig.error = "failed", f"finalize: {err}"
+            self._write(mig, "done", SYSTEM)
+        finally:
+            self._switch.pop(mig.id, None)
+
+    def start_driver(self, interval: float = 1.0) -> None:
+        """A thread that adopts orphaned migrations while this manager leads `migrations`."""
+        self.commands.follow()  # deliver other managers' commands to the feeds held here
+        if self._driver is not None:
+            return
+        self._driver_stop.clear()
+
+        def loop() -> None:
+            while not self._driver_stop.wait(interval):
+                try:
+                    self.adopt_orphans()
+                except Exception as e:  # the store away: the next round retries
+                    log.warning("adopting orphaned migrations failed: %s", e)
+
+        self._driver = threading.Thread(target=loop, name="omniwall-migration-driver", daemon=True)
+        self._driver.start()
+
+    def stop_driver(self) -> None:
+        self.commands.stop()
+        self._driver_stop.set()
+        if self._driver is not None:
+            self._driver.join(timeout=5)
+            self._driver = None
 
     # ---- the orchestration (one thread per migration)
     def _write(
@@ -412,9 +602,7 @@ class Migrations:
         )
         key = _key(mig.tenant, mig.name)
         compares = [Compare(key, compare)] if compare is not None else []
-        res = self.m.store.txn(
-            compares, [Put(key, json.dumps(mig.to_json(), sort_keys=True)), audit_put(entry, time.time_ns())]
-        )
+        res = self.m.store.txn(compares, [Put(key, _dump(mig)), audit_put(entry, time.time_ns())])
         if not res.succeeded:
             raise Conflict(f"Workload/{mig.tenant}/{mig.name}: a migration was started concurrently")
         self.m.sync()
@@ -517,7 +705,8 @@ class Migrations:
         ifnames = {v.ifname for v in workload_vnics(self.m.desired.snapshot(mig.destination), mig.workload)}
         deadline = time.monotonic() + opts.switch_timeout
         while True:
-            if ev.is_set():
+            rec = self.get(mig.tenant, mig.name)
+            if ev.is_set() or (rec is not None and rec.id == mig.id and rec.stats.get("switchRequested")):
                 return "api"
             seen = self.m.hosts.get(mig.destination).addresses
             if ifnames and all(seen.get(i) for i in ifnames):
@@ -556,7 +745,7 @@ class Migrations:
         mig.result = "succeeded"
         self._write(mig, "done", actor)
 
-    def _rollback(self, mig: Migration, actor: Actor, err: Exception) -> None:
+    def _rollback(self, mig: Migration, actor: Actor, err: Exception, cleanup: Options | None = None) -> None:
         log.warning("migration %s of %s failed (%s); rolling back", mig.id, mig.workload, err)
         mig.error = f"{mig.phase}: {err}"
         ips = self._ips(mig)
@@ -564,7 +753,7 @@ class Migrations:
             self._write(mig, "rollback", actor)  # no placement: the destination drops the chains
             dst = self.m.desired.snapshot(mig.destination)
             if dst is not None:
-                opts = Options(prepare_timeout=10.0, command_timeout=10.0)
+                opts = cleanup or Options(prepare_timeout=10.0, command_timeout=10.0)
                 try:
                     self._wait_realized(mig.destination, dst.revision, opts.prepare_timeout)
                     mig.stats["destinationFlushed"] = self._flush(mig.destination, ips, opts)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from omniwall.model.catalog import Catalog
 from omniwall.model.resources import _Resource
-from omniwall.store import CompactedError, Event, Store
+from omniwall.store import CompactedError, Event, Store, StoreUnavailable
 
 from .contracts import describe
 from .objects import RES_PREFIX, TOKEN_PREFIX, decode, key_of, object_tenant, resource_key, split_key
@@ -81,6 +81,10 @@ class Model:
         """Apply every store change since the model's revision; tell the listener what changed."""
         with self.sync_lock:
             try:
+                # Read before the events: they cover at least up to it. A cluster store's revision also
+                # moves for keys outside the objects (etcd's runtime keys): the model is current up to
+                # `head` even when no event came, so the watch does not wake for them again.
+                head = self.store.revision()
                 events = self.store.events(self._rev + 1)
             except CompactedError:
                 log.warning("watch fell behind a compaction; reloading the model")
@@ -88,6 +92,8 @@ class Model:
                 self.load_all()
                 return self._rev
             if not events:
+                with self._model_lock:
+                    self._rev = max(self._rev, head)
                 return self._rev
             changed: dict[str, _Resource] = {}
             removed: dict[str, Removed] = {}
@@ -106,10 +112,12 @@ class Model:
                             changed[e.key] = r
                     elif self.listener is not None and self.listener.other_event(e):
                         other = True
-                self._rev = events[-1].revision
+                self._rev = max(events[-1].revision, head)
             if (changed or removed or other) and self.listener is not None:
+                # the revision of the last change itself, not `head`: every manager then gives a host's
+                # new state the same revision, whenever its sync ran (agents may resume on another one)
                 self.listener.changed(
-                    self._catalog, self._rev, list(changed.values()), list(removed.values()), other
+                    self._catalog, events[-1].revision, list(changed.values()), list(removed.values()), other
                 )
             return self._rev
 
@@ -121,10 +129,21 @@ class Model:
         self.tokens.cache = True  # the watch drops cached tokens that any process changes (sync())
 
         def loop() -> None:
+            away = False  # the store is unreachable: said once, not every round
             while not self._watch_stop.is_set():
                 try:
                     if self.store.wait(self._rev + 1, poll):
                         self.sync()
+                    if away:
+                        log.warning("store reachable again; the model follows it from revision %d", self._rev)
+                        away = False
+                except StoreUnavailable as e:  # etcd away: serve the last model, retry until it is back
+                    if not away:
+                        log.warning(
+                            "store unreachable, serving the last model (revision %d): %s", self._rev, e
+                        )
+                        away = True
+                    time.sleep(poll)
                 except Exception:  # keep watching; the next round retries
                     log.exception("model sync failed")
                     time.sleep(poll)
@@ -164,9 +183,13 @@ class Model:
         return table.get(name if kind in ("Tenant", "Host") else (t, name))
 
     def list(self, kind: str) -> list[_Resource]:
+        return self.list_at(kind)[0]
+
+    def list_at(self, kind: str) -> tuple[list[_Resource], int]:
+        """Every object of `kind` and the model revision they are at, read together."""
         with self._model_lock:
-            items = list(self._catalog.table(kind).values())
-        return sorted(items, key=resource_key)
+            items, rev = list(self._catalog.table(kind).values()), self._rev
+        return sorted(items, key=resource_key), rev
 
     def host_names(self) -> list[str]:
         with self._model_lock:

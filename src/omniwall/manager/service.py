@@ -27,9 +27,10 @@ from omniwall.store import Event, Store
 from .audit import SYSTEM, Actor
 from .compilation import Compilation
 from .contracts import CompileFn
+from .coordination import coordination
 from .desired import DesiredStates
-from .hosts import HostStatusBook
-from .migration import Migrations
+from .hostbook_etcd import manager_id, status_book
+from .migration import MIGRATION_JOB, Migrations
 from .model import Model, Removed
 from .plan import Change, Conflict, NotFound, Plan, copy_catalog
 from .stats import policy_stats
@@ -56,7 +57,10 @@ class Manager:
         self.clock = clock
         self.tokens = TokenBook(store)
         self.desired = DesiredStates(max_delta_log)
-        self.hosts = HostStatusBook()
+        self.id = manager_id()  # this manager process, among the replicas sharing the store
+        self.hosts = status_book(store, self.id)
+        # who is alive, who leads the singleton jobs (always this one without etcd)
+        self.coordination = coordination(store, self.id, (MIGRATION_JOB,))
         self.model = Model(store, self.tokens)
         self.migrations = Migrations(self)  # live migration: records, placements, agent commands
         self.compilation = Compilation(self.desired, self.migrations.placements, compile_fn)
@@ -100,10 +104,16 @@ class Manager:
         return self.model.sync()
 
     def start_watch(self, poll: float = 0.25) -> None:
+        """Follow the store, take part in the elections, adopt the migrations of managers that died."""
         self.model.start_watch(poll)
+        self.coordination.start()
+        self.migrations.start_driver()
 
     def stop_watch(self) -> None:
+        self.migrations.stop_driver()
+        self.coordination.stop()
         self.model.stop_watch()
+        self.hosts.stop()  # a clean stop: the hosts it streams to show disconnected now
 
     def get(self, kind: str, tenant: str, name: str, *, catalog: Catalog | None = None) -> _Resource | None:
         return self.model.get(kind, tenant, name, catalog=catalog)

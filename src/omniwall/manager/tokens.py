@@ -31,6 +31,8 @@ from .objects import TOKEN_PREFIX
 
 log = logging.getLogger(__name__)
 
+BOOTSTRAP_KEY = "bootstrap/provider-admin"  # which token the first run created (one per store)
+
 
 class Role(StrEnum):
     PROVIDER_ADMIN = "provider-admin"
@@ -280,12 +282,35 @@ class TokenBook:
         return f"ow.{new_id}.{secret}", rec
 
     def bootstrap(self, token_file: Path) -> Path | None:
-        """First run: no provider-admin token yet -> create one, write it to `token_file` (0600)."""
+        """First run: no provider-admin token yet -> create one, write it to `token_file` (0600).
+
+        Several managers may start at once on one empty store (etcd): the token is created in one txn
+        with the key `BOOTSTRAP_KEY`, on the condition that this key does not exist, so exactly one
+        manager creates it and writes its file; the others log which token won and write nothing."""
         if any(t.role == Role.PROVIDER_ADMIN for t in self.list()):
             return None
-        token, rec = self.create(
-            Role.PROVIDER_ADMIN, name="bootstrap-admin", created_by="bootstrap", actor=SYSTEM
+        r = check_scope(Role.PROVIDER_ADMIN, None, None)
+        tid, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        now = datetime.now(UTC).replace(microsecond=0).isoformat(timespec="seconds")
+        rec = TokenRecord(tid, "bootstrap-admin", r.value, None, None, _digest(secret), now, "bootstrap")
+        res = self.store.txn(
+            [Compare(BOOTSTRAP_KEY, 0), Compare(TOKEN_PREFIX + tid, 0)],
+            [
+                Put(TOKEN_PREFIX + tid, json.dumps(asdict(rec))),
+                Put(BOOTSTRAP_KEY, json.dumps({"token": tid, "created": now})),
+                _audit(SYSTEM, "create", rec),
+            ],
         )
+        if not res.succeeded:
+            kv = self.store.get(BOOTSTRAP_KEY)
+            winner = json.loads(kv.value).get("token") if kv is not None else "?"
+            log.warning(
+                "first run: another manager created the provider-admin token (%s) at the same time; "
+                "its token file is where that manager runs",
+                winner,
+            )
+            return None
+        token = f"ow.{tid}.{secret}"
         token_file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

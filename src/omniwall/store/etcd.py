@@ -61,6 +61,7 @@ from omniwall.store.base import (
     check_unique_keys,
     follow,
 )
+from omniwall.store.runtime import EtcdRuntime, b64, range_end
 
 DEFAULT_PREFIX = "/omniwall/"
 REQUEST_TIMEOUT = 10.0  # seconds for one unary request (an election takes ~1 s)
@@ -70,23 +71,12 @@ class EtcdUnavailable(StoreUnavailable):
     """No etcd endpoint answered (or it answered with a non-etcd error)."""
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+_b64 = b64
+_range_end = range_end
 
 
 def _unb64(text: str | None) -> bytes:
     return base64.b64decode(text) if text else b""
-
-
-def _range_end(prefix: bytes) -> bytes:
-    """etcd's prefix end: the prefix with its last byte below 0xff incremented ("\\0" = to the end)."""
-    p = bytearray(prefix)
-    while p:
-        if p[-1] < 0xFF:
-            p[-1] += 1
-            return bytes(p)
-        p.pop()
-    return b"\0"
 
 
 def parse_endpoints(spec: str, scheme: str = "http") -> list[str]:
@@ -163,7 +153,9 @@ class EtcdStore:
             self._current = idx
             try:
                 data = resp.json() if resp.content else {}
-                if resp.status_code in (404, 405) or (resp.status_code == 200 and "header" not in data):
+                if resp.status_code in (404, 405) or (
+                    resp.status_code == 200 and not ("header" in data or "result" in data)
+                ):
                     raise ValueError("not an etcd answer")
             except ValueError:
                 raise StoreError(
@@ -456,6 +448,10 @@ class EtcdStore:
             self._call("kv/compaction", {"revision": str(revision), "physical": True}, write=True)
         self._compacted_floor = max(self._compacted_floor, revision)
         self._tail.drop_before(revision)
+
+    def runtime(self) -> EtcdRuntime:
+        """Runtime keys with leases, beside the store (host status, liveness, elections)."""
+        return EtcdRuntime(self)
 
     def close(self) -> None:
         self._tail.stop()
