@@ -29,6 +29,7 @@ from typing import Any
 
 from omniwall.client import ClientError
 from omniwall.lab import state as lab_state
+from omniwall.lab import vm
 from omniwall.lab.inputs import catalog_from_dump, dump_catalog
 from omniwall.lab.lab import Lab, LabError, _with_host
 from omniwall.lab.netns import Netlink
@@ -45,6 +46,8 @@ def move_vnics(plan: LabPlan, workload: str, to_host: str, *, ipv6: bool = True)
     """Move `workload`'s vNICs (host ends) to `to_host` and repoint every host's routes; returns the
     new plan. The destination's policy must be in place before (that is the migration's job)."""
     w = plan.workload(workload)
+    if w.kind == "vm":  # a QEMU guest: a real live migration of the VM (lab/vm.py)
+        return vm.migrate_guest(plan, w.key, to_host, ipv6=ipv6)
     dst = plan.host(to_host)
     if w.host == to_host:
         return plan
