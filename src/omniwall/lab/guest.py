@@ -76,7 +76,7 @@ port, pace = int(sys.argv[1]), float(sys.argv[2])
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *a: stop.set())
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port)); s.settimeout(0.2)
-st = {"blocks": 0, "requests": 0, "peers": [], "maxGapMs": 0.0}; last = None
+st = {"blocks": 0, "requests": 0, "peers": [], "maxGapMs": 0.0, "gaps": []}; last = None
 print(json.dumps({"ready": True}), flush=True)
 while not stop.is_set():
     try: d, peer = s.recvfrom(4096)
@@ -88,7 +88,9 @@ while not stop.is_set():
         s.sendto(struct.pack("!HH", 4, 0), peer)
     elif op == 3:  # DATA n: ACK n after the pace
         now = time.monotonic()
-        if last is not None: st["maxGapMs"] = max(st["maxGapMs"], round((now - last) * 1000, 1))
+        if last is not None:
+            gap = round((now - last) * 1000, 1); st["maxGapMs"] = max(st["maxGapMs"], gap)
+            if gap > 20: st["gaps"].append([round(now, 4), gap])
         last = now; st["blocks"] += 1
         time.sleep(pace)
         s.sendto(struct.pack("!H", 4) + d[2:4], peer)
@@ -99,7 +101,8 @@ print(json.dumps(st), flush=True)
 
 class TftpSink:
     """The host side of a guest's UDP flow, in namespace `netns`: `{blocks, requests, peers, maxGapMs,
-    lastBlockAgoMs}` at `stop()`. One request from one peer for the whole run = the flow survived."""
+    gaps, lastBlockAgoMs}` at `stop()` (`gaps`: [monotonic time, ms] of each pause > 20 ms between
+    blocks). One request from one peer for the whole run = the flow survived."""
 
     def __init__(self, netns: str, port: int, *, pace: float = 0.01) -> None:
         self.proc = subprocess.Popen(

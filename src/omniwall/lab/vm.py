@@ -22,8 +22,9 @@ import logging
 import os
 import shutil
 import socket
+import time
 import zlib
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from omniwall.lab.errors import LabError
@@ -159,7 +160,7 @@ def migrate_guest(plan: LabPlan, workload: str, to_host: str, *, ipv6: bool = Tr
         fabric = {h.name: nl.index(h.netns, FABRIC_IFNAME) for h in plan.hosts}
         for h in plan.hosts:
             nl.ipr(h.netns)
-        resumed = False
+        resumed, routed = False, 0.0
         try:
             idx = _make_tap(nl, dst.netns, v.host_ifname, ipv6=ipv6)
             dipr = nl.ipr(dst.netns)
@@ -178,9 +179,10 @@ def migrate_guest(plan: LabPlan, workload: str, to_host: str, *, ipv6: bool = Tr
             qemu.start(incoming, image.load(), dst_dir, netns=dst.netns)
 
             def switch_routes() -> None:
-                nonlocal resumed
+                nonlocal resumed, routed
                 resumed = True
                 _route_guest(nl, plan, w, to_host, idx, fabric, ipv6=ipv6)
+                routed = time.monotonic()
 
             timing = vm_migrate.run(src_dir / "qmp.sock", dst_dir / "qmp.sock", uri, on_resume=switch_routes)
         except (qemu.VmError, vm_migrate.MigrationError, OSError) as e:
@@ -198,6 +200,18 @@ def migrate_guest(plan: LabPlan, workload: str, to_host: str, *, ipv6: bool = Tr
                 "%s: migrated to %s (paused %.0f ms, QEMU downtime %s ms, total %.0f ms)",
                 w.key, to_host, timing.paused_ms, timing.downtime_ms, timing.completed * 1000,
             )  # fmt: skip
+            # For benchmarks and `lab status`: what this migration took, from whichever process ran it.
+            (dst_dir / "migration.json").write_text(
+                json.dumps(
+                    {
+                        "from": src.name,
+                        "to": to_host,
+                        **asdict(timing),
+                        "pausedMs": round(timing.paused_ms, 1),
+                        "routedMs": round((routed - timing.started) * 1000, 1),
+                    }
+                )
+            )
         # The source: QEMU (now idle in `postmigrate`) by PID, its tap (and the tap's routes) with it.
         qemu.stop_many([src_dir])
         sipr = nl.ipr(src.netns)

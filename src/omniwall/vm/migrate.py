@@ -38,8 +38,9 @@ class MigrationError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Timing:
-    """Monotonic seconds since `migrate` was issued."""
+    """Seconds since `migrate` was issued (at `started`, time.monotonic())."""
 
+    started: float
     stop: float  # the source paused the guest
     resume: float  # the destination resumed it
     completed: float  # the source reported `completed`
@@ -87,6 +88,7 @@ def run(
                 on_resume()
             info = _wait_completed(src, time.monotonic() + timeout)
             return Timing(
+                started=t0,
                 stop=t_stop - t0,
                 resume=t_resume - t0,
                 completed=time.monotonic() - t0,
