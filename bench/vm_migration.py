@@ -97,13 +97,13 @@ host, port, chunk, every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), floa
 stop = threading.Event(); signal.signal(signal.SIGTERM, lambda *a: stop.set())
 PAT = bytes(range(251)) * 300
 s = socket.create_connection((host, port), timeout=10); s.settimeout(None)
-st = {"sent": 0, "received": 0, "ok": True, "error": None, "gaps": []}
+st = {"sent": 0, "received": 0, "ok": True, "error": None, "gaps": [], "diedAt": None}
 def recv():
     last = time.monotonic()
     while True:
         try: d = s.recv(65536)
         except OSError as e:
-            st["ok"] = False; st["error"] = str(e); return
+            st["ok"] = False; st["error"] = str(e); st["diedAt"] = time.monotonic(); return
         if not d:
             if st["received"] < st["sent"]: st["ok"] = False; st["error"] = st["error"] or "closed"
             return
@@ -312,8 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if k in r:
                 report[arm.name][k] = {"attempts": r[k]["attempts"], "successes": r[k]["successes"]}
     report["timeline"] = {a.name: timeline(a, res[a.name]) for a in arms}
+    # Pairs only while both arms' streams were alive (a stream that died has no gaps after it).
+    alive = [
+        i
+        for i in range(args.migrations)
+        if all((res[a.name]["tcp"].get("diedAt") or float("inf")) > a.windows[i][1] + 1 for a in arms)
+    ]
+    report["paired_rounds"] = len(alive)
     for proto in ("tcp", "udp"):
-        d = [a - b for a, b in zip(gaps["omniwall"][proto], gaps["bare"][proto], strict=True)]
+        d = [gaps["omniwall"][proto][i] - gaps["bare"][proto][i] for i in alive]
         report[f"added_{proto}_gap_ms"] = {"median_of_paired_diffs": med(d), "p90": pct(d, 90)}
     fw = report["omniwall"]
     survived = all(
