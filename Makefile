@@ -9,7 +9,7 @@ APT_PACKAGES := nftables libnftables1 conntrack iproute2 iperf3 netcat-openbsd i
   lintian dpkg-dev systemd python3-venv
 # VM workloads (docs/vms.md): QEMU with software emulation and busybox for the guest image, without the
 # recommended GUI/firmware extras.
-VM_APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static
+VM_APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 STAMP := $(VENV)/.installed
 VM_IMAGE := $(VENV)/share/omniwall/vm/image.json
 

@@ -69,15 +69,23 @@ class Hook:
     def api(self) -> Client:
         if self._client is None:
             if self.cfg.manager_netns:
-                _enter_netns(self.cfg.manager_netns)
+                try:
+                    _enter_netns(self.cfg.manager_netns)
+                except OSError as e:
+                    raise Refused(f"managerNetns {self.cfg.manager_netns}: {e}") from None
             try:
                 token = self.cfg.token_file.read_text().strip()
             except OSError as e:
                 raise Refused(f"token file {self.cfg.token_file}: {e.strerror}") from None
             verify: Any = str(self.cfg.ca_file) if self.cfg.ca_file else True
-            self._client = Client(
-                self.cfg.server, token, verify=verify, timeout=10.0, retry=Retry(attempts=2)
-            )
+            try:
+                self._client = Client(
+                    self.cfg.server, token, verify=verify, timeout=10.0, retry=Retry(attempts=2)
+                )
+            except (OSError, ClientError) as e:
+                raise Refused(
+                    f"cannot set up the manager's client (caFile {self.cfg.ca_file}): {e}"
+                ) from None
         return self._client
 
     def call(self, what: str, fn: Callable[[], T], deadline: float) -> T:
