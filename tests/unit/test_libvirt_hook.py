@@ -142,3 +142,9 @@ def test_install_writes_hook_and_config(tmp_path: Path) -> None:
     hook.write_text("#!/bin/sh\nexit 0\n")
     with pytest.raises(install.InstallError, match="not Omniwall's hook"):
         install.install(c, root=tmp_path)
+
+
+def test_the_example_domain_is_a_protected_workload() -> None:
+    text = (Path(__file__).resolve().parents[2] / "examples/vm/libvirt-domain.xml").read_text()
+    d = domain.parse(text)
+    assert d.key == "shop/web-vm" and d.vnics[0].tap == "vnet-web" and d.vnics[0].ips == ("10.20.0.1",)

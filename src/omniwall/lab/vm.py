@@ -13,6 +13,12 @@ lab/netns.py), and the guest starts its own responders (lab/responder.py skips i
 are ordinary packets. Guest responders serve TCP (busybox `nc`) and ICMP (the guest's kernel); UDP
 servers are refused when the lab is planned (busybox-static has no UDP server), and UDP probes from a
 guest report "denied (udp not available in the guest)".
+
+Live migration (`migrate_guest`, called by lab/migrate.py `move_vnics` for a VM workload, from `lab
+migrate` or the lab's hypervisor process): the destination QEMU with `-incoming` in the destination
+host's namespace, the migration over the fabric (vm/migrate.py), routes switched on its RESUME, the
+source QEMU stopped by PID; the guest's run directory becomes a symlink to the destination QEMU's
+(`<name>.m<N>/`). A failure before the RESUME leaves the guest running on its source.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import time
 import zlib
 from dataclasses import asdict, replace
 from pathlib import Path
+
+from pyroute2 import NetlinkError
 
 from omniwall.lab.errors import LabError
 from omniwall.lab.guest import rundir, vm_dir
@@ -185,7 +193,7 @@ def migrate_guest(plan: LabPlan, workload: str, to_host: str, *, ipv6: bool = Tr
                 routed = time.monotonic()
 
             timing = vm_migrate.run(src_dir / "qmp.sock", dst_dir / "qmp.sock", uri, on_resume=switch_routes)
-        except (qemu.VmError, vm_migrate.MigrationError, OSError) as e:
+        except (qemu.VmError, vm_migrate.MigrationError, NetlinkError, OSError) as e:
             if resumed:  # the guest runs on the destination: finish there whatever failed late
                 log.warning("%s: late error after the destination resumed the guest: %s", w.key, e)
             else:
