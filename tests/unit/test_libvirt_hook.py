@@ -148,3 +148,57 @@ def test_the_example_domain_is_a_protected_workload() -> None:
     text = (Path(__file__).resolve().parents[2] / "examples/vm/libvirt-domain.xml").read_text()
     d = domain.parse(text)
     assert d.key == "shop/web-vm" and d.vnics[0].tap == "vnet-web" and d.vnics[0].ips == ("10.20.0.1",)
+
+
+WORLD = """
+kind: Tenant
+metadata: {name: shop}
+---
+kind: Host
+metadata: {name: hv-1}
+---
+kind: Host
+metadata: {name: hv-2}
+---
+kind: Workload
+metadata: {name: web-1, tenant: shop}
+spec: {host: hv-1, vnics: [{name: eth0, mac: "52:54:00:aa:00:01", ips: [10.20.0.1], hostIfname: vnet3}]}
+---
+kind: Workload
+metadata: {name: web-2, tenant: shop}
+spec: {host: hv-1, vnics: [{name: eth0, mac: "52:54:00:aa:00:02", ips: [10.20.0.2], hostIfname: vnet4}]}
+"""
+
+
+def test_migration_and_release_against_a_manager(tmp_path: Path) -> None:
+    """A real manager on loopback (no agents: the migration stays in `prepare`, which is all the hook
+    needs to see): `migrate` on the destination starts the manager's migration; `release` on the source
+    keeps a workload that is leaving, and removes one that is not."""
+    from apihelpers import seeded_manager, serving
+
+    from omniwall.api.app import create_app
+    from omniwall.store.memory import MemoryStore
+
+    m = seeded_manager(MemoryStore(), WORLD)
+    token, _ = m.tokens.create("provider-admin", name="libvirt-hook")
+    (tmp_path / "t").write_text(token)
+    with serving(create_app(m, watch=False), timeout_graceful_shutdown=1) as url:
+        dest = cfg(tmp_path, server=url, host="hv-2")
+        src = cfg(tmp_path, server=url, host="hv-1")
+        assert run(dest, ["web", "migrate", "begin", "-"], xml()) == 0
+        log = (tmp_path / "hook.log").read_text()
+        assert "migrate: shop/web-1 -> hv-2: migration" in log, log
+        assert run(src, ["web", "release", "end", "-"], xml()) == 0
+        assert "release: shop/web-1 now belongs to hv-2: kept" in (tmp_path / "hook.log").read_text()
+        other = xml(meta=META.replace('name="web-1"', 'name="web-2"').replace("AA:00:01", "aa:00:01"))
+        assert run(src, ["web", "release", "end", "-"], other) == 0
+        assert "release: shop/web-2 removed from the manager" in (tmp_path / "hook.log").read_text()
+        names = {w["metadata"]["name"] for w in m_workloads(url, token)}
+        assert names == {"web-1"}
+
+
+def m_workloads(url: str, token: str) -> list[dict[str, object]]:
+    from omniwall.client import Client
+
+    with Client(url, token) as c:
+        return c.list("workload", tenant="shop")
