@@ -92,12 +92,12 @@ spec:
 # A paced TCP stream with per-gap timestamps (lab/streams.py's `tcp-stream` runs flat out and reports
 # only its largest gap; a TCG guest's `cat` is CPU-bound, and we need each migration's own gap).
 STREAM = r"""
-import json, signal, socket, sys, threading, time
+import json, select, signal, socket, sys, threading, time
 host, port, chunk, every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 stop = threading.Event(); signal.signal(signal.SIGTERM, lambda *a: stop.set())
 PAT = bytes(range(251)) * 300
 s = socket.create_connection((host, port), timeout=10); s.settimeout(None)
-st = {"sent": 0, "received": 0, "ok": True, "error": None, "gaps": [], "diedAt": None}
+st = {"sent": 0, "received": 0, "ok": True, "error": None, "gaps": [], "diedAt": None, "lastRecvAt": None}
 def recv():
     last = time.monotonic()
     while True:
@@ -109,7 +109,7 @@ def recv():
             return
         now = time.monotonic()
         if now - last > 0.02: st["gaps"].append([round(now, 4), round((now - last) * 1000, 1)])
-        last = now
+        last = st["lastRecvAt"] = now
         off = st["received"] % 251
         if d != PAT[off:off + len(d)]:
             st["ok"] = False; st["error"] = f"corrupt at byte {st['received']}"
@@ -119,6 +119,8 @@ print(json.dumps({"ready": True}), flush=True)
 nxt = time.monotonic()
 while not stop.is_set() and st["ok"]:
     off = st["sent"] % 251
+    if not select.select([], [s], [], 0.5)[1]:  # stalled (nothing acknowledged): keep checking `stop`
+        continue
     try: s.sendall(PAT[off:off + chunk])
     except OSError as e:
         st["ok"] = False; st["error"] = str(e); break
@@ -128,6 +130,7 @@ end = time.monotonic() + 15
 while st["received"] < st["sent"] and st["ok"] and time.monotonic() < end: time.sleep(0.05)
 if st["received"] != st["sent"]:
     st["ok"] = False; st["error"] = st["error"] or f"{st['sent'] - st['received']} bytes never came back"
+    st["diedAt"] = st["diedAt"] or st["lastRecvAt"]  # stalled: dead since the last byte came back
 print(json.dumps(st), flush=True)
 """
 
