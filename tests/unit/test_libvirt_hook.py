@@ -162,11 +162,21 @@ metadata: {name: hv-2}
 ---
 kind: Workload
 metadata: {name: web-1, tenant: shop}
-spec: {host: hv-1, vnics: [{name: eth0, mac: "52:54:00:aa:00:01", ips: [10.20.0.1], hostIfname: vnet3}]}
+spec:
+  host: hv-1
+  vnics: [{name: eth0, mac: "52:54:00:aa:00:01", ips: [10.20.0.1], hostIfname: vnet3}]
+  attributes: {libvirt.domain: web}
 ---
 kind: Workload
 metadata: {name: web-2, tenant: shop}
-spec: {host: hv-1, vnics: [{name: eth0, mac: "52:54:00:aa:00:02", ips: [10.20.0.2], hostIfname: vnet4}]}
+spec:
+  host: hv-1
+  vnics: [{name: eth0, mac: "52:54:00:aa:00:02", ips: [10.20.0.2], hostIfname: vnet4}]
+  attributes: {libvirt.domain: web}
+---
+kind: Workload
+metadata: {name: web-3, tenant: shop}
+spec: {host: hv-1, vnics: [{name: eth0, ips: [10.20.0.3]}]}
 """
 
 
@@ -193,8 +203,11 @@ def test_migration_and_release_against_a_manager(tmp_path: Path) -> None:
         other = xml(meta=META.replace('name="web-1"', 'name="web-2"').replace("AA:00:01", "aa:00:01"))
         assert run(src, ["web", "release", "end", "-"], other) == 0
         assert "release: shop/web-2 removed from the manager" in (tmp_path / "hook.log").read_text()
+        third = xml(meta=META.replace('name="web-1"', 'name="web-3"'))
+        assert run(src, ["web", "release", "end", "-"], third) == 0
+        assert "shop/web-3 was not registered for this domain" in (tmp_path / "hook.log").read_text()
         names = {w["metadata"]["name"] for w in m_workloads(url, token)}
-        assert names == {"web-1"}
+        assert names == {"web-1", "web-3"}
 
 
 def m_workloads(url: str, token: str) -> list[dict[str, object]]:

@@ -14,8 +14,9 @@ domain (its stderr becomes libvirt's error). Per operation:
   migrate   (on the destination, before `prepare`) `POST .../migrate` to this host: the manager's
             protocol (destination programmed first, connections copied, switch on the vNIC's route);
             `start` then only waits until the destination enforces the workload
-  stopped,  remove the Workload, unless it is no longer this host's (migrated away, or moving:
-  release   a running migration from here); a missing one is fine
+  stopped,  remove the Workload registered for this domain (its `libvirt.domain` attribute), unless
+  release   it is no longer this host's (migrated away, or moving: a running migration from here);
+            a missing one is fine
 Everything else (started, restore, reconnect, attach) is accepted unchanged.
 
 Every decision is one line in the hook's log (`HookConfig.log`).
@@ -169,6 +170,10 @@ class Hook:
             return
         host = (cur.get("spec") or {}).get("host")
         mig = (cur.get("status") or {}).get("migration") or {}
+        owner = ((cur.get("spec") or {}).get("attributes") or {}).get("libvirt.domain")
+        if owner != d.name:  # registered by someone else (or another domain): not ours to remove
+            self.log(f"{op}: {d.key} was not registered for this domain (libvirt.domain {owner!r}): kept")
+            return
         if host != self.cfg.host or (mig.get("result") == "running" and mig.get("source") == self.cfg.host):
             self.log(f"{op}: {d.key} now belongs to {mig.get('destination') or host}: kept")
             return
