@@ -6,9 +6,10 @@ forth between two lab hosts while traffic flows to and from it, with and without
 
 Two labs up at once, the same inventory (a guest `srv` on h2, a client namespace `cli` on h1, an intruder
 namespace `bad` on h3), paired rounds alternating which arm goes first:
-- `omniwall`: a managed lab (manager, an agent per host, nftables); each migration is the manager's
-  (`lab.migrate.migrate`: destination programmed, conntrack copied, then the lab's hypervisor part,
-  `lab.vm.migrate_guest`: destination QEMU with `-incoming`, routes switched on RESUME, source stopped);
+- `omniwall`: a managed lab (manager, an agent per host, nftables); each migration is started as
+  `omniwall migrate` does (`POST .../migrate`, then following the record every 0.2 s): the manager's
+  phases (destination programmed, conntrack copied), and the lab's hypervisor process doing its part,
+  `lab.vm.migrate_guest` (destination QEMU with `-incoming`, routes switched on RESUME, source stopped);
 - `bare`: a lab without any firewall (no nftables table at all); each migration is the same hypervisor
   part alone (`lab.migrate.switch_vnics`).
 Traffic, all the time, in both labs:
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from omniwall.lab import Lab, guest
 from omniwall.lab.managed import managed_lab
-from omniwall.lab.migrate import migrate, switch_vnics
+from omniwall.lab.migrate import switch_vnics
 from omniwall.lab.streams import Flow, wait_port
 
 LAB = """
@@ -154,8 +155,8 @@ class Stream:
 class Arm:
     """One lab and its traffic."""
 
-    def __init__(self, name: str, lab: Lab, net: int) -> None:
-        self.name, self.lab = name, lab
+    def __init__(self, name: str, lab: Lab, net: int, cp: Any = None) -> None:
+        self.name, self.lab, self.cp = name, lab, cp
         self.ip = {n: f"10.{net}.0.{i}" for i, n in ((1, "cli"), (2, "srv"), (3, "bad"))}
         self.windows: list[tuple[float, float]] = []
         self.ms: list[float] = []
@@ -185,9 +186,12 @@ class Arm:
         w = self.lab.plan.workload("t1/srv")
         to = "h3" if w.host == "h2" else "h2"
         t0 = time.monotonic()
-        if self.name == "omniwall":
-            rec = migrate(self.lab, w.key, to)
+        if self.cp is not None:  # as `omniwall migrate` does; the lab's hypervisor process moves the guest
+            api = self.cp.api_client()
+            rec = api.migrate(w.key, to, switch_timeout=120)
+            rec = api.wait_migration(w.key, migration_id=rec["id"], timeout=300)
             assert rec["result"] == "succeeded", rec
+            self.lab.reload()
         else:
             switch_vnics(self.lab.name, w.key, to)
             self.lab.reload()
@@ -262,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         managed_lab(LAB % (81, 81, 81), ipv6=False) as (fw_lab, _cp),
         Lab.up(LAB % (82, 82, 82), policy=False, ipv6=False) as bare_lab,
     ):
-        arms = [Arm("omniwall", fw_lab, 81), Arm("bare", bare_lab, 82)]
+        arms = [Arm("omniwall", fw_lab, 81, _cp), Arm("bare", bare_lab, 82)]
         arms[0].start_traffic(probers=True)
         arms[1].start_traffic(probers=False)
         res: dict[str, dict[str, Any]] = {}
