@@ -191,7 +191,7 @@ class Arm:
             rec = api.migrate(w.key, to, switch_timeout=120)
             rec = api.wait_migration(w.key, migration_id=rec["id"], timeout=300)
             assert rec["result"] == "succeeded", rec
-            self.lab.reload()
+            wait_moved(self.lab, w.key, to)
         else:
             switch_vnics(self.lab.name, w.key, to)
             self.lab.reload()
@@ -202,6 +202,19 @@ class Arm:
         info = json.loads((guest.rundir(w.netns) / "migration.json").read_text())
         self.paused.append(info["pausedMs"])
         self.infos.append(info)
+
+
+def wait_moved(lab: Lab, key: str, to: str, timeout: float = 60.0) -> None:
+    """The manager may end a migration (the destination agent saw the guest's route) before the lab's
+    hypervisor has recorded the move in the lab's state file (it stops the source QEMU first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lab.reload()
+        if lab.plan.workload(key).host == to:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{key}: the lab's state does not show it on {to} after {timeout:g} s")
+        time.sleep(0.05)
 
 
 def gap_per_window(

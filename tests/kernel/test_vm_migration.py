@@ -147,7 +147,12 @@ def test_omniwall_migrate_moves_the_running_guest_with_its_connections(managed: 
         udp = sink.stop()
     assert out.returncode == 0, out.stdout + out.stderr
     assert "switching" in out.stdout and out.stdout.strip().endswith("succeeded"), out.stdout
-    lab.reload()
+    # The manager may be done (the destination agent saw the route) before the lab's hypervisor has
+    # recorded the move in the lab's state (it stops the source QEMU first).
+    deadline = time.monotonic() + 30
+    while lab.plan.workload("t1/srv").host != dst and time.monotonic() < deadline:
+        time.sleep(0.1)
+        lab.reload()
 
     # The guest runs on the destination: one QEMU, in the destination host's namespace; the same guest.
     assert lab.plan.workload("t1/srv").host == dst
