@@ -154,6 +154,8 @@ def migrate(
     if w.host == to_host:
         raise LabError(f"{w.key} already runs on {to_host}")
     if lab.state.policy != "managed":
+        if w.kind == "vm":  # a guest moves with QEMU's migration, driven by the manager's phases
+            raise LabError(f"{w.key} is a VM: live migration of a VM needs a managed lab (lab up --managed)")
         t0 = time.monotonic()
         lab.move(w.key, to_host)
         return {"result": "succeeded", "mode": lab.state.policy, "ms": round((time.monotonic() - t0) * 1000)}
