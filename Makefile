@@ -8,8 +8,10 @@ BIN := $(VENV)/bin
 APT_PACKAGES := nftables libnftables1 conntrack iproute2 iperf3 netcat-openbsd iputils-ping procps curl chromium etcd-server \
   lintian dpkg-dev systemd python3-venv
 # VM workloads (docs/vms.md): QEMU with software emulation and busybox for the guest image, without the
-# recommended GUI/firmware extras.
-VM_APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static
+# recommended GUI/firmware extras; libvirt's daemon, QEMU driver and virsh for the libvirt hook's tests
+# (not libvirt-daemon-system: its init script would start a system libvirtd, and its NAT network, in
+# the root namespace; the tests run a private libvirtd inside a lab host namespace).
+VM_APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 STAMP := $(VENV)/.installed
 VM_IMAGE := $(VENV)/share/omniwall/vm/image.json
 

@@ -3,6 +3,7 @@ while traffic runs through the migrating workload.
 
     sudo .venv/bin/python bench/migration.py                      # 100 migrations
     sudo .venv/bin/python bench/migration.py --migrations 20 --json /tmp/mig.json
+    sudo .venv/bin/python bench/migration.py --vm                 # QEMU guests: bench/vm_migration.py
 
 A managed lab (`omniwall.lab.streams.MOBILITY`: manager process, one agent process per host namespace,
 nftables) with `srv` migrating h2 -> h3 -> h1 -> h2 ... (`omniwall.lab.migrate.migrate`: the manager's
@@ -177,6 +178,10 @@ def run(n: int, hold: float = 1.0, second_copy: bool = False, churn: bool = Fals
 
 
 def main() -> None:
+    if "--vm" in sys.argv[1:]:  # a QEMU guest instead of a namespace: bench/vm_migration.py
+        import vm_migration
+
+        sys.exit(vm_migration.main([a for a in sys.argv[1:] if a != "--vm"]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--migrations", type=int, default=100)
     ap.add_argument("--json", type=Path, default=None)

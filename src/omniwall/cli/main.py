@@ -17,6 +17,7 @@ from omniwall.cli import (
     insight_cmds,
     k8s_cmd,
     lab_cmd,
+    libvirt_cmd,
     pki_cmd,
     policy_cmds,
     server_cmds,
@@ -66,6 +67,7 @@ pki_cmd.register(app)  # pki init/manager/host/show
 config_cmd.register(app)  # config get-contexts/use-context/set-context/current-context
 completion_cmd.register(app)  # completion bash|zsh|fish
 demo_cmd.register(app)  # demo (live lab, or --offline)
+libvirt_cmd.register(app)  # libvirt install-hook
 
 if __name__ == "__main__":
     app()

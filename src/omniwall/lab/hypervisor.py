@@ -8,6 +8,10 @@ follows the manager's audit stream (`GET /v1/audit/watch`, kind Workload) throug
 a migration that enters phase `switching` (the destination enforces the workload's policy and holds its
 connections) has its vNICs moved by `lab.migrate.switch_vnics` (host ends into the destination's
 namespace, routes repointed; recorded in the lab's state file), then `POST .../migrate/{id}/switched`.
+A VM workload is live-migrated instead (`lab.vm.migrate_guest`: the destination QEMU started with
+`-incoming` in the destination's namespace, routes switched on its RESUME, the source QEMU stopped);
+when that fails the guest stays on its source, no `switched` is sent and the manager rolls back after
+its switch timeout.
 After a (re)connection it first looks for migrations already waiting in `switching`
 (`GET /v1/workloads`: `status.migration`), so a manager restart or a dropped stream loses none.
 
@@ -34,6 +38,7 @@ from omniwall.client import Client, ClientError, Retry
 from omniwall.lab import state as lab_state
 from omniwall.lab.errors import LabError
 from omniwall.lab.migrate import switch_vnics
+from omniwall.lab.vm import GuestMigrationError
 
 log = logging.getLogger("omniwall.lab.hypervisor")
 RECONNECT = 1.0  # seconds between attempts while the manager is away
@@ -71,6 +76,12 @@ class Hypervisor:
             t0 = time.monotonic()
             moved = switch_vnics(st.name, key, to)
             ms = (time.monotonic() - t0) * 1000
+        except GuestMigrationError as e:
+            # The guest still runs on its source. No `switched`: the manager rolls back after its
+            # switch timeout (there is no abort verb); not retried, a new `omniwall migrate` is.
+            log.error("migration %s of %s: %s", mid, key, e)
+            self.done.add(mid)
+            return
         finally:
             self.moving = False
             if self.stop.is_set():

@@ -29,6 +29,7 @@ from typing import Any
 
 from omniwall.client import ClientError
 from omniwall.lab import state as lab_state
+from omniwall.lab import vm
 from omniwall.lab.inputs import catalog_from_dump, dump_catalog
 from omniwall.lab.lab import Lab, LabError, _with_host
 from omniwall.lab.netns import Netlink
@@ -45,6 +46,8 @@ def move_vnics(plan: LabPlan, workload: str, to_host: str, *, ipv6: bool = True)
     """Move `workload`'s vNICs (host ends) to `to_host` and repoint every host's routes; returns the
     new plan. The destination's policy must be in place before (that is the migration's job)."""
     w = plan.workload(workload)
+    if w.kind == "vm":  # a QEMU guest: a real live migration of the VM (lab/vm.py)
+        return vm.migrate_guest(plan, w.key, to_host, ipv6=ipv6)
     dst = plan.host(to_host)
     if w.host == to_host:
         return plan
@@ -151,6 +154,8 @@ def migrate(
     if w.host == to_host:
         raise LabError(f"{w.key} already runs on {to_host}")
     if lab.state.policy != "managed":
+        if w.kind == "vm":  # a guest moves with QEMU's migration, driven by the manager's phases
+            raise LabError(f"{w.key} is a VM: live migration of a VM needs a managed lab (lab up --managed)")
         t0 = time.monotonic()
         lab.move(w.key, to_host)
         return {"result": "succeeded", "mode": lab.state.policy, "ms": round((time.monotonic() - t0) * 1000)}
