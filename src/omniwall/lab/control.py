@@ -625,6 +625,27 @@ class ControlPlane:
             stop_pid(pid, self.marker, sig=sig)
         self.save()
 
+    def attached(self, host: str) -> tuple[str, float] | None:
+        """The manager URL `host`'s agent last attached to and when (epoch seconds), from its log's
+        `feed connected to URL` lines (the agent's own account: any manager may report the host)."""
+        last = None
+        try:
+            with open(self.dir / f"agent-{_safe(host)}.log", errors="replace") as f:
+                for line in f:
+                    if "feed connected to " in line:
+                        last = line
+        except OSError:
+            return None
+        if last is None:
+            return None
+        stamp, _, rest = last.partition(" INFO ")
+        url = rest.split("feed connected to ", 1)[1].split()[0]
+        try:
+            when = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) + int(stamp[20:23]) / 1000
+        except ValueError:
+            when = 0.0
+        return url, when
+
     def agent_running(self, host: str) -> bool:
         pid = self.record.agents.get(host)
         return pid is not None and _ours(pid, self.marker)
