@@ -25,6 +25,8 @@ READY_TIMEOUT = 30.0
 # within about a second of a kill, without spurious elections when a member misses a few ticks.
 HEARTBEAT_MS = 50
 ELECTION_MS = 500
+MAX_TXN_OPS = 100_000
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
 class EtcdError(LabError):
@@ -93,6 +95,10 @@ def member_argv(m: EtcdMember, members: list[EtcdMember], data_dir: Path, cluste
         "--initial-cluster-state", "new",
         "--heartbeat-interval", str(HEARTBEAT_MS),
         "--election-timeout", str(ELECTION_MS),
+        # one `POST /v1/apply` is one etcd transaction: etcd's defaults (128 operations, 1.5 MiB) refuse
+        # an inventory of a few hundred objects (the fan-out benchmark applies 2,000 at once)
+        "--max-txn-ops", str(MAX_TXN_OPS),
+        "--max-request-bytes", str(MAX_REQUEST_BYTES),
     ]  # fmt: skip
 
 
