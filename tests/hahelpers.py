@@ -146,3 +146,35 @@ def wait_attached_elsewhere(
             raise AssertionError(f"not re-attached within {timeout:g} s: {sorted(set(hosts) - set(took))}")
         time.sleep(0.02)
     return took
+
+
+class KernelWrites:
+    """`nft monitor` in some host namespaces for the block between start and stop: every committed nft
+    transaction there ("# new generation" line), i.e. every kernel write of the agents."""
+
+    def __init__(self, lab: Any, hosts: list[str]) -> None:
+        import subprocess
+
+        self._procs = {
+            h: subprocess.Popen(
+                ["ip", "netns", "exec", lab.host_netns(h), "nft", "monitor"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            for h in hosts
+        }
+        time.sleep(0.5)  # the monitor subscribes a little after it starts
+
+    def stop(self) -> dict[str, list[str]]:
+        """Each host's monitor lines (the generation lines and what they committed)."""
+        out = {}
+        for h, p in self._procs.items():
+            p.terminate()
+            try:
+                text, _ = p.communicate(timeout=5)
+            except Exception:
+                p.kill()
+                text, _ = p.communicate()
+            out[h] = [line for line in (text or "").splitlines() if line.strip()]
+        return out
