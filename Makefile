@@ -15,7 +15,7 @@ VM_APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static libvirt-daemon libv
 STAMP := $(VENV)/.installed
 VM_IMAGE := $(VENV)/share/omniwall/vm/image.json
 
-.PHONY: install system-packages vm-image test unit kernel lint demo fuzz-dataplane bench bench-kernel deb deb-check clean
+.PHONY: install system-packages vm-image test unit kernel lint demo demo-ha fuzz-dataplane bench bench-kernel deb deb-check clean
 
 install: system-packages $(STAMP) $(VM_IMAGE)
 
@@ -67,6 +67,9 @@ kernel: install
 
 demo: install
 	$(BIN)/python -m omniwall.demo
+
+demo-ha: install
+	$(BIN)/python -m omniwall.demo_ha
 
 fuzz-dataplane: install
 	$(BIN)/python -m omniwall.fuzz --probes 100000

@@ -3,6 +3,7 @@
     sudo .venv/bin/python bench/propagation.py                 # a, b and c
     sudo .venv/bin/python bench/propagation.py --only a --changes 200
     .venv/bin/python bench/propagation.py --only b,c --agents 1000 --procs 4   # no root needed
+    sudo .venv/bin/python bench/propagation.py --stores sqlite,etcd --only a,b,c,d   # HA (docs/ha.md)
 
 (a) **Label change -> kernel of every affected lab host.** A managed lab (examples/three-tier: a manager
     process, one agent process per host namespace, nftables). Each change toggles the `tier` label of
@@ -21,6 +22,18 @@
 (c) **API throughput.** Against the manager of (b) (N hosts, N workloads, the agents connected): K
     client threads PUT workload labels (a label no selector mentions: the write, its audit entry, the
     model update, no data-plane change) for S seconds, then GET workloads for S seconds.
+
+(d) **Manager failover** (root; etcd only): the MOBILITY lab (lab/streams.py) with 3 managers on a
+    3-member etcd. Each round: an allowed TCP stream cli -> srv, two denied-flow probers, and a write burst
+    over all managers run while the manager of cli's agent is killed (SIGKILL); re-attach time = kill ->
+    the agent's `feed connected to` (its log) for every agent that was attached there; then every
+    acknowledged write is looked up, the stream's bytes checked and the probers' successes counted, and
+    the manager is started again.
+
+`--stores sqlite,etcd`: (a), (b) and (c) run once per store in the same run: `sqlite` is one manager on
+SQLite (as before), `etcd` three managers on a three-member etcd cluster (loopback), the agents spread over
+the managers and the API calls of (c) too (thread k talks to manager k mod 3). In (a) the changes are
+made through the first manager, whichever one the hosts' agents are attached to.
 
 Results go to stdout and, with --json FILE, to a JSON file.
 """
@@ -155,11 +168,16 @@ class KernelWatch:
             self.proc.wait(timeout=5)
 
 
-def bench_lab(changes: int) -> dict[str, Any]:
+def topology(store: str) -> dict[str, int]:
+    """`managed_lab`/`ControlPlane` options of a store arm."""
+    return {"managers": 3, "etcd": 3} if store == "etcd" else {"managers": 1, "etcd": 0}
+
+
+def bench_lab(changes: int, store: str = "sqlite") -> dict[str, Any]:
     from omniwall.lab.managed import managed_lab
 
-    out: dict[str, Any] = {"changes": changes}
-    with managed_lab([EXAMPLE]) as (lab, cp):
+    out: dict[str, Any] = {"changes": changes, "store": store, **topology(store)}
+    with managed_lab([EXAMPLE], **topology(store)) as (lab, cp):
         watches = {h.name: KernelWatch(h.name, h.netns) for h in lab.plan.hosts}
         try:
             client = cp.client()
@@ -275,7 +293,7 @@ def fanout_policy(port: int) -> dict[str, Any]:
     }
 
 
-def worker_main(spec_file: str) -> None:
+def worker_main(spec_file: str) -> None:  # spec["url"]: one manager URL or a list (failover)
     """One fan-out process: many Agents (sim backend) on one loop, one shared HTTP client."""
     from omniwall.agent.main import Agent, agent_limits
     from omniwall.dataplane.memory_backend import MemoryBackend
@@ -343,17 +361,28 @@ def _timed_post(post: Any, acked: dict[int, float]) -> Any:
     return timed
 
 
-def bench_fanout(n: int, procs: int, changes: int, api_seconds: float, api_threads: int) -> dict[str, Any]:
+def bench_fanout(
+    n: int, procs: int, changes: int, api_seconds: float, api_threads: int, store: str = "sqlite"
+) -> dict[str, Any]:
     from omniwall.lab.managed import ControlPlane, stop_control_plane
 
-    out: dict[str, Any] = {"agents": n, "processes": procs, "changes": changes}
-    prefix = f"owbench{os.getpid()}-"
-    cp = ControlPlane(prefix)
+    out: dict[str, Any] = {
+        "agents": n,
+        "processes": procs,
+        "changes": changes,
+        "store": store,
+        **topology(store),
+    }
+    prefix = f"owbench{os.getpid()}{store[0]}-"
+    cp = ControlPlane(prefix, **topology(store))
     workers: list[subprocess.Popen[bytes]] = []
     tmp = Path(tempfile.mkdtemp(prefix="ow-bench-"))
     sent: dict[int, float] = {}  # revision -> wall time the PUT was sent
     try:
-        cp.start_manager()
+        cp.save()  # before any process: the teardown finds what started
+        cp.start_etcd()
+        for i in range(cp.managers):
+            cp.start_manager(index=i)
         t = time.perf_counter()
         port = 1000
         cp.apply(fanout_resources(n, port))
@@ -369,7 +398,7 @@ def bench_fanout(n: int, procs: int, changes: int, api_seconds: float, api_threa
             spec = tmp / f"worker-{k}.json"
             applied_file = str(tmp / f"applied-{k}.json")
             spec.write_text(
-                json.dumps({"url": cp.url, "hosts": tokens[k::procs], "applied_file": applied_file})
+                json.dumps({"url": cp.urls, "hosts": tokens[k::procs], "applied_file": applied_file})
             )
             log = open(tmp / f"worker-{k}.log", "wb")  # noqa: SIM115 - closed with the process
             workers.append(
@@ -383,7 +412,12 @@ def bench_fanout(n: int, procs: int, changes: int, api_seconds: float, api_threa
         time.sleep(1.0)
         lat = []
         client = cp.client()
-        pids = {"manager": [cp.record.manager_pid], "agents": [w.pid for w in workers]}
+        pids = {
+            "manager": [cp.manager_pid(i) for i in range(cp.managers)],
+            "agents": [w.pid for w in workers],
+        }
+        if cp.record.etcd:
+            pids["etcd"] = [m.pid for m in cp.etcd_members]
         cpu0 = {k: _cpu_seconds(v) for k, v in pids.items()}
         for i in range(changes):
             port += 1
@@ -397,7 +431,8 @@ def bench_fanout(n: int, procs: int, changes: int, api_seconds: float, api_threa
             # comes from the agents' own clocks (the ack POST answered), so polling adds nothing to it.
             while True:
                 time.sleep(0.25)
-                hs = client.get("/v1/status").json()["hosts"]
+                # several managers: merged, each host as the manager its agent is attached to sees it
+                hs = client.get("/v1/status").json()["hosts"] if cp.managers == 1 else cp.status()["hosts"]
                 if all(hs[h]["realizedRevision"] >= rev for h in hosts):
                     break
                 if time.perf_counter() - t0 > 120:
@@ -463,7 +498,8 @@ def bench_api(cp: Any, n: int, seconds: float, threads: int) -> dict[str, Any]:
         stop_at = time.perf_counter() + seconds
 
         def loop(k: int) -> None:
-            with httpx.Client(base_url=cp.url, headers=headers, timeout=30, verify=cp.verify) as c:
+            url = cp.urls[k % len(cp.urls)]  # several managers: the threads spread over them
+            with httpx.Client(base_url=url, headers=headers, timeout=30, verify=cp.verify) as c:
                 i = k
                 while time.perf_counter() < stop_at:
                     name = f"w{i % n:04d}"
@@ -494,12 +530,63 @@ def bench_api(cp: Any, n: int, seconds: float, threads: int) -> dict[str, Any]:
     reads, r_elapsed = run("read")
     return {
         "threads": threads,
+        "managers": len(cp.urls),
         "seconds": seconds,
         "writes_per_s": round(len(writes) / w_elapsed, 1),
         "write_latency": summary(writes),
         "reads_per_s": round(len(reads) / r_elapsed, 1),
         "read_latency": summary(reads),
     }
+
+
+# ------------------------------------------------------------------------------------- (d) failover
+
+
+def bench_failover(rounds: int) -> dict[str, Any]:
+    """Kill -9 the manager of cli's agent `rounds` times under traffic and a write burst (see (d))."""
+    import signal
+
+    sys.path.insert(0, str(ROOT / "tests"))  # the fault tests' writer and traffic (tests/hahelpers.py)
+    from hahelpers import TENANT, Traffic, Writer, missing, wait_attached_elsewhere
+    from omniwall.lab.managed import managed_lab
+    from omniwall.lab.streams import MOBILITY
+
+    reattach: list[float] = []
+    out: dict[str, Any] = {"rounds": rounds, "managers": 3, "etcd": 3}
+    acked = lost = denied_ok = denied_tries = broken = 0
+    with managed_lab(MOBILITY, ipv6=False, managers=3, etcd=3) as (lab, cp):
+        cli_host = lab.plan.workload(f"{TENANT}/cli").host
+        for r in range(rounds):
+            victim_url = cp.attached(cli_host)[0]  # type: ignore[index]
+            victim = cp.urls.index(victim_url)
+            moving = [h for h in sorted(cp.record.agents) if (cp.attached(h) or ("",))[0] == victim_url]
+            traffic = Traffic(lab)
+            writer = Writer(cp.urls, cp.admin_token, cp.verify, prefix=f"fo{r}").start()
+            try:
+                time.sleep(1.0)
+                killed = time.time()
+                cp.stop_manager(signal.SIGKILL, index=victim)
+                took = wait_attached_elsewhere(cp, moving, victim_url, killed, timeout=30)
+                time.sleep(1.0)
+            finally:
+                writer.stop()
+                res = traffic.stop()
+            reattach += [t * 1000 for t in took.values()]
+            acked += len(writer.acked)
+            lost += len(missing(cp, [a.name for a in writer.acked], avoid={victim}))
+            broken += not res["stream"]["ok"]
+            for k in ("intruder", "wrong-port"):
+                denied_ok += res[k]["successes"]
+                denied_tries += res[k]["attempts"]
+            cp.start_manager(index=victim)
+            cp.wait_in_sync()
+    out["reattach"] = summary(reattach)
+    out["acknowledged_writes"] = acked
+    out["acknowledged_writes_lost"] = lost
+    out["denied_probe_attempts"] = denied_tries
+    out["denied_probe_successes"] = denied_ok
+    out["allowed_streams_broken"] = f"{broken}/{rounds}"
+    return out
 
 
 # ------------------------------------------------------------------------------------- main
@@ -514,6 +601,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fanout-changes", type=int, default=30, help="(b) changes")
     ap.add_argument("--api-seconds", type=float, default=10.0, help="(c) seconds per phase")
     ap.add_argument("--api-threads", type=int, default=4, help="(c) client threads")
+    ap.add_argument(
+        "--stores", default="sqlite", help="(a, b, c) per store: sqlite (1 manager) and/or etcd (3 on 3)"
+    )
+    ap.add_argument("--failover-rounds", type=int, default=10, help="(d) manager kills")
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -521,26 +612,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker_main(args.worker)
         return 0
     parts = {p.strip() for p in args.only.split(",")}
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    if not stores or set(stores) - {"sqlite", "etcd"}:
+        ap.error(f"--stores: {args.stores!r}: a list of sqlite and etcd")
     results: dict[str, Any] = {"machine": machine()}
-    if "a" in parts:
+
+    def key(name: str, store: str) -> str:  # one store: the keys as before
+        return name if len(stores) == 1 and store == "sqlite" else f"{name}_{store}"
+
+    for store in stores:
+        if "a" in parts:
+            if os.geteuid() != 0:
+                print("(a) needs root (network namespaces, nftables); skipped", file=sys.stderr)
+            else:
+                k = key("a_label_to_kernel", store)
+                results[k] = bench_lab(args.changes, store)
+                print(json.dumps({k: results[k]}, indent=1), flush=True)
+        if "b" in parts or "c" in parts:
+            fan = bench_fanout(
+                args.agents,
+                args.procs,
+                args.fanout_changes if "b" in parts else 0,
+                args.api_seconds if "c" in parts else 0,
+                args.api_threads,
+                store,
+            )
+            api = fan.pop("api", None)
+            if "b" in parts:
+                results[key("b_fanout", store)] = fan
+            if "c" in parts:
+                results[key("c_api", store)] = api
+            print(json.dumps({k: v for k, v in results.items() if k.endswith(store)}, indent=1), flush=True)
+    if "d" in parts:
         if os.geteuid() != 0:
-            print("(a) needs root (network namespaces, nftables); skipped", file=sys.stderr)
+            print("(d) needs root (network namespaces, nftables); skipped", file=sys.stderr)
         else:
-            results["a_label_to_kernel"] = bench_lab(args.changes)
-            print(json.dumps({"a_label_to_kernel": results["a_label_to_kernel"]}, indent=1), flush=True)
-    if "b" in parts or "c" in parts:
-        fan = bench_fanout(
-            args.agents,
-            args.procs,
-            args.fanout_changes if "b" in parts else 0,
-            args.api_seconds if "c" in parts else 0,
-            args.api_threads,
-        )
-        api = fan.pop("api", None)
-        if "b" in parts:
-            results["b_fanout"] = fan
-        if "c" in parts:
-            results["c_api"] = api
+            results["d_failover"] = bench_failover(args.failover_rounds)
+            print(json.dumps({"d_failover": results["d_failover"]}, indent=1), flush=True)
     results["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(results, indent=1))
     if args.json:

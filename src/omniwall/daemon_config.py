@@ -1,9 +1,11 @@
 """Configuration files of the daemons: `/etc/omniwall/manager.yaml` and `/etc/omniwall/agent.yaml`.
 
 A file is a YAML mapping of the command's long options (`token-file: /etc/omniwall/agent.token`, dashes
-or underscores). Precedence, highest first: the command line, the option's environment variable, the
-file, the built-in default. The file is `--config PATH`, else `$OMNIWALL_<DAEMON>_CONFIG`, else
-`/etc/omniwall/<daemon>.yaml` when it exists (`--config ''` reads none).
+or underscores). A repeatable option takes a list (the agent's `manager: [https://m1:8443, ...]`) or one
+value (which may hold several, comma-separated). Precedence, highest first: the command line, the
+option's environment variable, the file, the built-in default. The file is `--config PATH`, else
+`$OMNIWALL_<DAEMON>_CONFIG`, else `/etc/omniwall/<daemon>.yaml` when it exists (`--config ''` reads
+none).
 
 It works by filling click's (typer's) `default_map` from an eager `--config` option, before the other
 options are resolved: the file only changes defaults, so every option keeps its own conversion and checks.
@@ -55,6 +57,12 @@ def read_config(path: Path, options: dict[str, Any]) -> dict[str, Any]:
         if name not in options or name == "config":
             known = ", ".join(sorted(n.replace("_", "-") for n in options if n != "config"))
             raise ConfigFileError(f"{path}: unknown option {key!r} (known: {known})")
+        if getattr(options[name], "multiple", False):  # a repeatable option (the agent's --manager)
+            values = value if isinstance(value, list) else [value]
+            if not values or any(isinstance(v, list | dict) or v is None for v in values):
+                raise ConfigFileError(f"{path}: {key}: expected a value or a list of values")
+            out[name] = [str(v) for v in values]
+            continue
         if isinstance(value, list | dict):
             raise ConfigFileError(f"{path}: {key}: expected a single value, got a {type(value).__name__}")
         out[name] = value

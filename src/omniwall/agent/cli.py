@@ -15,10 +15,11 @@ import typer
 
 from omniwall.agent.guard import Guard
 from omniwall.agent.main import DEFAULT_STATE_DIR, run_agent
+from omniwall.agent.managers import parse_manager_urls
 from omniwall.daemon_config import config_option_callback
 from omniwall.logformat import check_format, setup_logging
 from omniwall.model.interfaces import DEFAULT_VNIC_INTERFACES, check_pattern
-from omniwall.tls import check_manager_url, client_context
+from omniwall.tls import client_context
 
 BACKENDS = ("nft", "memory", "sim")  # sim: the old name of memory
 
@@ -35,10 +36,11 @@ def read_token(path: Path) -> str:
 
 def agent(
     manager: Annotated[
-        str,
+        list[str],
         typer.Option(
             "--manager",
-            help="Manager base URL, e.g. https://10.0.0.1:8443 (plain http:// only to this machine)",
+            help="Manager base URL, e.g. https://10.0.0.1:8443 (plain http:// only to this machine); "
+            "repeat it or separate URLs with commas to fail over between managers on one etcd",
         ),
     ],
     host: Annotated[str, typer.Option("--host", help="This host's name, as registered in the manager")],
@@ -117,16 +119,16 @@ def agent(
             raise ValueError(f"--vnic-interfaces: {e}") from None
         if not patterns:
             raise ValueError("--vnic-interfaces: name at least one pattern, like tap*")
-        check_manager_url(manager)  # refuses http:// to a manager off this machine
+        managers = parse_manager_urls(manager)  # refuses http:// to a manager off this machine
         tls = None
-        if manager.startswith("https://"):
+        if managers[0].startswith("https://"):
             # certificate and key are re-read on every reconnect and on SIGHUP (rotation)
             tls = client_context(ca, cert, key)
         elif ca or cert or key:
             raise ValueError("--ca/--cert/--key need an https:// --manager")
         token = read_token(token_file)
         run_agent(
-            manager,
+            managers,
             host,
             token,
             netns=netns,

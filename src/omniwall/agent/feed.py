@@ -38,7 +38,12 @@ class FeedRejected(FeedError):
         self.status = status
 
 
-FeedMessage = Snapshot | Delta | Heartbeat | Command
+class Opened:
+    """Not a line: the manager accepted the feed (HTTP 200). An agent already at the manager's revision
+    gets no line until the first heartbeat, yet it is attached (failover is timed from here)."""
+
+
+FeedMessage = Snapshot | Delta | Heartbeat | Command | Opened
 
 
 def parse_line(line: str) -> FeedMessage | None:
@@ -83,6 +88,7 @@ async def read_feed(
             if resp.status_code != 200:
                 body = (await resp.aread()).decode(errors="replace")
                 raise FeedRejected(resp.status_code, body)
+            yield Opened()
             async for line in resp.aiter_lines():
                 msg = parse_line(line)
                 if msg is not None:
@@ -119,6 +125,7 @@ __all__ = [
     "FeedMessage",
     "FeedRejected",
     "Heartbeat",
+    "Opened",
     "Snapshot",
     "feed_url",
     "parse_line",

@@ -435,10 +435,11 @@ class FlowCollector:
         recs = [dict(zip(_FIELDS, _values(r), strict=True)) for r in batch.records]
         return json.dumps({"host": batch.host, "records": recs, "dropped": batch.dropped}).encode()
 
-    async def run(self, client: httpx.AsyncClient, manager_url: str, token: str) -> None:
+    async def run(self, client: httpx.AsyncClient, manager_url: str | Callable[[], str], token: str) -> None:
         """Every `interval` (or as soon as `batch_max` records wait): flush and post. Manager away:
-        keep the records (bounded), retry with backoff; a refused batch is counted and dropped."""
-        url = f"{manager_url.rstrip('/')}/v1/hosts/{self.host}/flows"
+        keep the records (bounded), retry with backoff; a refused batch is counted and dropped.
+        `manager_url` may be a callable: the agent's current manager (it changes on failover)."""
+        manager = manager_url if callable(manager_url) else (lambda: manager_url)
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         delay = self.interval
         loop = asyncio.get_running_loop()
@@ -456,6 +457,7 @@ class FlowCollector:
                 batch = self.batch()
                 n = len(batch.records)
                 try:
+                    url = f"{manager().rstrip('/')}/v1/hosts/{self.host}/flows"
                     resp = await client.post(
                         url, content=self.body(batch), headers=headers, timeout=30.0
                     )  # acked once stored

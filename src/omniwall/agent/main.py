@@ -4,7 +4,9 @@ Lifecycle:
 - start: adopt the kernel state (`backend.realized()`), report its revision, resume the feed from it.
   Nothing is written before the manager has spoken (Felix restart doctrine).
 - connected: every snapshot/delta goes through the reconciler; each realized revision is acked.
-- manager away: reconnect with jittered backoff; the kernel keeps the last realized state (fail-static).
+- manager away: reconnect with jittered backoff, to the next manager of the list (agent/managers.py);
+  the kernel keeps the last realized state meanwhile (fail-static), and the feed resumes from the
+  desired revision, so a manager that holds the same state causes no kernel write at all.
 - SIGTERM/SIGINT: stop the loops and exit; the kernel state stays (a stopped agent must not open the
   firewall, and the next one adopts it).
 
@@ -22,6 +24,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -33,6 +36,7 @@ from omniwall.agent.conntrack_usage import ConntrackUsage, ConntrackUsageReader
 from omniwall.agent.feed import Backoff, Delta, FeedError, FeedRejected, Snapshot, read_feed
 from omniwall.agent.flows import FlowCollector
 from omniwall.agent.guard import Guard
+from omniwall.agent.managers import Managers
 from omniwall.agent.metrics import AgentMetrics
 from omniwall.agent.reconciler import Outcome, Reconciler
 from omniwall.agent.reporter import Addresses, Reporter
@@ -55,7 +59,7 @@ def agent_limits() -> httpx.Limits:
 class Agent:
     def __init__(
         self,
-        manager_url: str,
+        manager_url: str | Sequence[str],
         host: str,
         token: str,
         backend: Backend,
@@ -71,7 +75,7 @@ class Agent:
         flows: FlowCollector | None = None,
         metrics: AgentMetrics | None = None,
     ) -> None:
-        self.manager_url = manager_url
+        self.managers = Managers(manager_url, host)  # one URL or a list (failover)
         self.tls = tls  # https: CA + this host's certificate, re-read on reconnect / SIGHUP
         self.host = host
         self.token = token
@@ -86,7 +90,7 @@ class Agent:
         )
         self.reporter = Reporter(
             self.client,
-            manager_url,
+            lambda: self.managers.current,
             host,
             token,
             counters_source=backend.counters if backend.capabilities.counters else None,
@@ -138,7 +142,9 @@ class Agent:
             tasks.append(asyncio.create_task(self._watch_addresses(), name="addresses"))
         if self.flows is not None:
             tasks.append(
-                asyncio.create_task(self.flows.run(self.client, self.manager_url, self.token), name="flows")
+                asyncio.create_task(
+                    self.flows.run(self.client, lambda: self.managers.current, self.token), name="flows"
+                )
             )
         stop = asyncio.create_task(self._stop.wait())
         try:
@@ -163,6 +169,11 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def manager_url(self) -> str:
+        """The manager this agent talks to now."""
+        return self.managers.current
+
     def _conntrack_usage(self) -> ConntrackUsage | None:
         return self._conntrack.read()
 
@@ -173,9 +184,8 @@ class Agent:
             if self.tls is not None:
                 self.tls.reload_if_changed()  # a rotated certificate is used from this connection on
             try:
-                feed = read_feed(
-                    self.client, self.manager_url, self.host, self.token, from_revision, self.idle_timeout
-                )
+                url = self.managers.current
+                feed = read_feed(self.client, url, self.host, self.token, from_revision, self.idle_timeout)
                 # aclosing: leaving the loop early (resync) must close the HTTP stream now, not at GC time
                 async with contextlib.aclosing(feed) as messages:
                     async for msg in messages:
@@ -183,7 +193,8 @@ class Agent:
                             self.connected.set()
                             self.connects += 1
                             self.backoff.reset()
-                            log.info("feed connected (from=%d)", from_revision)
+                            self.reporter.resend()  # this manager may not know our realized revision
+                            log.info("feed connected to %s (from=%d)", url, from_revision)
                         if isinstance(msg, Snapshot):
                             self._want_snapshot = False
                             self._desired(msg.state.revision)
@@ -209,12 +220,18 @@ class Agent:
                     await asyncio.sleep(self.backoff.next())
                     continue
             except FeedRejected as e:
-                log.error("%s", e)
+                log.error("%s: %s", url, e)
             except FeedError as e:
                 log.warning(
-                    "%s; keeping the realized state (revision %d)", e, self.reconciler.realized_revision
+                    "%s: %s; keeping the realized state (revision %d)",
+                    url,
+                    e,
+                    self.reconciler.realized_revision,
                 )
             self.connected.clear()
+            # the next manager of the list (managers on one etcd are interchangeable); the backoff still
+            # grows per failed attempt, so a fleet that lost its manager does not stampede the others
+            self.managers.failover()
             await asyncio.sleep(self.backoff.next())
 
     async def _retry_loop(self) -> None:
@@ -251,7 +268,7 @@ class Agent:
         state = self.reconciler.realized or self.reconciler.desired
         result = run_command(self.backend, state, cmd.op, cmd.args)
         task = asyncio.create_task(
-            post_result(self.client, self.manager_url, self.host, self.token, cmd.id, result)
+            post_result(self.client, self.managers.current, self.host, self.token, cmd.id, result)
         )
         self._posts.add(task)
         task.add_done_callback(self._posts.discard)
@@ -350,7 +367,7 @@ async def run_agent_async(agent: Agent) -> None:
 
 
 def run_agent(
-    manager_url: str,
+    manager_url: str | Sequence[str],
     host: str,
     token: str,
     netns: str | None = None,

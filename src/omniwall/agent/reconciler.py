@@ -74,6 +74,10 @@ class Reconciler:
         self.target: HostDesiredState | None = None
         self.refusals: tuple[Refusal, ...] = ()
         self.write_error: str | None = None  # last write error, None once a write succeeded
+        # The revision the backend holds when it differs from `realized.revision` with the same content:
+        # another manager numbers an unchanged host differently (its own first compile), and a snapshot
+        # equal but for the number is taken without a kernel write (failover: docs/ha.md).
+        self._held_revision: int | None = None
 
     # ---- queries
     @property
@@ -105,6 +109,7 @@ class Reconciler:
             log.warning("cannot read the realized state back (%s); waiting for a snapshot", e)
             self.realized = None
         self.desired = self.target = self.realized
+        self._held_revision = None
         return self.realized
 
     def on_snapshot(self, state: HostDesiredState) -> Outcome:
@@ -113,7 +118,12 @@ class Reconciler:
             return self._fail(f"snapshot is for host {state.host!r}, this agent is {self.host!r}")
         self._set_desired(state)
         assert self.target is not None
-        if self.realized is not None and same_state(self.realized, self.target):
+        realized = self.realized
+        if realized is not None and realized.revision != self.target.revision:
+            realized = dataclasses.replace(realized, revision=self.target.revision)
+        if self.realized is not None and realized is not None and same_state(realized, self.target):
+            if self.realized.revision != self.target.revision and self._held_revision is None:
+                self._held_revision = self.realized.revision
             self.realized = self.target  # equal; keep the manager's ordering: later comparisons are cheap
             self.write_error = None
             return Outcome("unchanged", self.realized_revision)
@@ -141,8 +151,17 @@ class Reconciler:
         else:
             self._set_desired(target)  # something refused before or now: realize the guarded state
         if was_clean and not self.refusals and self.realized == base:
+            held = self._held_revision
             try:
-                self.backend.apply(base, delta, target)  # target computed once, here
+                if held is None:
+                    self.backend.apply(base, delta, target)  # target computed once, here
+                else:  # the backend holds this content under the number it was written with
+                    self.backend.apply(
+                        dataclasses.replace(base, revision=held),
+                        dataclasses.replace(delta, from_revision=held),
+                        target,
+                    )
+                    self._held_revision = None
             except Exception as e:
                 log.warning(
                     "apply %d->%d failed (%s); retrying with a full sync",
@@ -180,6 +199,7 @@ class Reconciler:
             self.realized = self._read_back()
             return self._fail(f"sync to revision {self.target.revision} failed: {e}")
         self.realized = self.target
+        self._held_revision = None
         self.write_error = None
         return Outcome("synced", self.realized_revision, self.error)
 
@@ -190,7 +210,9 @@ class Reconciler:
 
     def _read_back(self) -> HostDesiredState | None:
         try:
-            return self.backend.realized()
+            state = self.backend.realized()
+            self._held_revision = None  # read back: numbered as the backend holds it
+            return state
         except Exception as e:
             log.warning("read-back after a failed write failed too (%s)", e)
             return self.realized

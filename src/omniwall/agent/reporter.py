@@ -41,7 +41,7 @@ class Reporter:
     def __init__(
         self,
         client: httpx.AsyncClient,
-        manager_url: str,
+        manager_url: str | Callable[[], str],
         host: str,
         token: str,
         counters_source: Callable[[], list[RuleCounters]] | None = None,
@@ -50,7 +50,9 @@ class Reporter:
         conntrack_source: Callable[[], ConntrackUsage | None] | None = None,
     ) -> None:
         self.client = client
-        self.url = status_url(manager_url, host)
+        # a callable: the manager the agent talks to now (it changes on failover, agent/managers.py)
+        self._manager = manager_url if callable(manager_url) else (lambda: manager_url)
+        self.host = host
         self.token = token
         self.counters_source = counters_source
         self.counters_interval = counters_interval
@@ -75,6 +77,18 @@ class Reporter:
             self._dirty.set()
         elif self._sent_revision is None:
             self._dirty.set()  # first report after start, even when it says "0, no error"
+
+    @property
+    def url(self) -> str:
+        return status_url(self._manager(), self.host)
+
+    def resend(self) -> None:
+        """Send everything again (a manager we just attached to may know nothing of this host)."""
+        self._sent_revision = self._sent_error = None
+        self._sent_addresses = None
+        self._sent_counters = None
+        self._sent_conntrack = None
+        self._dirty.set()
 
     def set_addresses(self, addresses: Addresses) -> None:
         if addresses != self.addresses:

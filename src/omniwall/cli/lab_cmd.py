@@ -1,6 +1,7 @@
 """`omniwall lab ...`: hosts and workloads as network namespaces on this machine (docs/lab.md).
 
 omniwall lab up -f examples/three-tier/*.yaml [--name N]
+omniwall lab up --managed [--managers 3 --etcd 3] DIR   (manager(s), etcd, one agent per host)
 omniwall lab matrix [--ports tcp/80,udp/81,icmp] [--json] [--expect] [--ipv6]
 omniwall lab exec WORKLOAD -- CMD...        (exit code passed through)
 omniwall lab migrate WORKLOAD --to HOST     (live migration: policy, conntrack, vNIC, routes)
@@ -103,6 +104,13 @@ def up(
     managed: Annotated[
         bool, typer.Option("--managed", help="Policy through a manager and one agent per host.")
     ] = False,
+    managers: Annotated[
+        int, typer.Option("--managers", help="With --managed: this many managers (more than 1 needs --etcd).")
+    ] = 1,
+    etcd: Annotated[
+        int,
+        typer.Option("--etcd", help="With --managed: an etcd cluster of this many members as the store."),
+    ] = 0,
 ) -> None:
     """Build the lab: namespaces, links, addresses, routes, responders, and the policy in each host."""
     _require_root()
@@ -119,6 +127,15 @@ def up(
     from omniwall.lab.netns import ipv6_available
     from omniwall.lab.standalone import standalone_available
 
+    if (managers != 1 or etcd) and not managed:
+        raise _fail("--managers and --etcd need --managed (a manager and agents run the policy)")
+    if managed:
+        from omniwall.lab.control import ManagedError, check_topology
+
+        try:
+            check_topology(managers, etcd)
+        except ManagedError as e:
+            raise _fail(str(e)) from None
     if policy and not managed and not standalone_available():
         err.print("warning: compiler or nftables backend not installed: the lab runs without policy")
     try:
@@ -126,7 +143,7 @@ def up(
         if managed:
             from omniwall.lab.managed import Managed  # manager + agents (lab/managed.py)
 
-            driver = Managed()
+            driver = Managed(managers=managers, etcd=etcd)
         lab = Lab.up(paths, name=name, ipv6=ipv6 and ipv6_available(), policy=driver)
     except KeyboardInterrupt:
         raise _fail("interrupted; the partial lab was removed", 130) from None
@@ -149,6 +166,9 @@ def print_access(cp: Any) -> None:
         f"manager {cp.url}; logs, tokens and certificates in {cp.dir}/ (manager.log, agent-<host>.log, "
         "hypervisor.log: the lab moves the vNIC when `omniwall migrate` asks)"
     )
+    if cp.managers > 1 or cp.record.etcd:
+        print(f"  managers: {' '.join(cp.urls)}")
+        print(f"  etcd:     {cp.store_spec}")
     print(f"  {_export_line(cp)}")
 
 
@@ -364,6 +384,8 @@ def status(
     except state.LabStateError as e:
         raise _fail(str(e)) from None
     print(f"lab {st.name}: {st.status}, prefix {st.prefix}, policy {st.policy}, ipv6 {st.ipv6}")
+    if st.policy == "managed":
+        _control_status(st.prefix)
     if st.plan is None:
         return
     for h in st.plan.hosts:
@@ -382,6 +404,28 @@ def status(
 
             where = vm.describe(w.netns)
         print(f"  workload {w.key} on {w.host}: {addrs}; {where}{resp}")
+
+
+def _control_status(prefix: str) -> None:
+    """The managed lab's processes: managers, etcd members, agents (running or not, by PID)."""
+    from omniwall.lab.control import ControlPlane
+
+    cp = ControlPlane(prefix)
+    if not cp.exists:
+        print("  control plane: not running")
+        return
+
+    def state(alive: bool) -> str:
+        return "running" if alive else "STOPPED"
+
+    for i in range(cp.managers):
+        print(
+            f"  manager {i + 1}: {cp.manager_url(i)} pid {cp.manager_pid(i)} ({state(cp.manager_alive(i))})"
+        )
+    for i, m in enumerate(cp.etcd_members):
+        print(f"  etcd {m.name}: {m.client_url} pid {m.pid} ({state(cp.etcd_alive(i))})")
+    for host, pid in sorted(cp.record.agents.items()):
+        print(f"  agent {host}: pid {pid} ({state(cp.agent_running(host))})")
 
 
 def register(app: typer.Typer) -> None:

@@ -20,6 +20,12 @@ agent reports realized revision == desired (`GET /v1/status`). The processes run
 so they outlive a `lab up` command; `stop()` (lab down) ends them by PID, and only after checking that
 the PID still runs a command line naming this lab's control directory (a recycled PID is never hit).
 
+High availability (`omniwall lab up --managed --managers 3 --etcd 3`, `make demo-ha`, docs/ha.md): an
+etcd cluster of N members on loopback ports (lab/etcd.py; data in `etcd-<i>/` of the control directory)
+and M managers on it, manager i working in `manager-<i>/` (its flow records, and for manager 1 the
+bootstrap admin token `omniwall.admin-token`); every agent gets all the manager URLs and fails over
+between them. SQLite is single-manager: more than one manager needs etcd.
+
 `ControlPlane` is the handle tests, the demo and the benchmark use: `url`, `admin_token`, `api()`,
 `apply()`, `wait_in_sync()`, and `kill_agent()/start_agent()/stop_manager()/start_manager()` for the
 fail-static checks. API calls go through `omniwall.client`, as the CLI's do.
@@ -51,6 +57,7 @@ import httpx
 import yaml
 
 from omniwall.client import Client, ClientError, Retry
+from omniwall.lab import etcd as lab_etcd
 from omniwall.lab import state as lab_state
 from omniwall.lab.errors import LabError
 from omniwall.lab.plan import LabPlan
@@ -85,10 +92,16 @@ class Record:
     netns: dict[str, str] = field(default_factory=dict)  # host -> host namespace
     tls: bool = False  # HTTPS with client certificates (pki/ in the control directory)
     hypervisor_pid: int | None = None  # lab/hypervisor.py: moves vNICs when a migration switches
+    # managers 2..N (manager 1 is `port`/`manager_pid`): {"port": int, "pid": int | None} each
+    replicas: list[dict[str, Any]] = field(default_factory=list)
+    etcd: list[dict[str, Any]] = field(default_factory=list)  # lab_etcd.EtcdMember.to_json() each
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.port}"
+        return self.url_of(self.port)
+
+    def url_of(self, port: int) -> str:
+        return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{port}"
 
 
 def free_port() -> int:
@@ -144,10 +157,11 @@ def stop_pid(pid: int, marker: str, *, sig: int = signal.SIGTERM, grace: float =
     return True
 
 
-def _spawn(argv: Sequence[str], log_path: Path) -> int:
+def _spawn(argv: Sequence[str], log_path: Path, cwd: Path | None = None) -> int:
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             list(argv),
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -163,13 +177,22 @@ def _spawn(argv: Sequence[str], log_path: Path) -> int:
 class ControlPlane:
     """A lab's manager and agents: start, stop, talk to the API."""
 
-    def __init__(self, prefix: str, *, tls: bool | None = None) -> None:
-        """`tls`: for a new control plane (an existing one keeps what its record says)."""
+    def __init__(self, prefix: str, *, tls: bool | None = None, managers: int = 1, etcd: int = 0) -> None:
+        """`tls`, `managers`, `etcd` (members; 0: SQLite): for a new control plane (an existing one keeps
+        what its record says)."""
+        check_topology(managers, etcd)
         self.prefix = prefix
         self.dir = control_dir(prefix)
         self.marker = str(self.dir)  # appears in every command line we start
-        self.record = self._load() or Record(prefix=prefix, port=0, tls=bool(tls))
+        self.record = self._load() or Record(
+            prefix=prefix,
+            port=0,
+            tls=bool(tls),
+            replicas=[{"port": 0, "pid": None} for _ in range(managers - 1)],
+            etcd=[lab_etcd.EtcdMember(f"{prefix}etcd{i + 1}", 0, 0).to_json() for i in range(etcd)],
+        )
         self._client: Client | None = None
+        self._clients: dict[int, Client] = {}  # managers 2..N
         self._verify: Any = None
 
     # ---- record
@@ -190,6 +213,8 @@ class ControlPlane:
             netns=dict(d.get("netns", {})),
             tls=bool(d.get("tls", False)),
             hypervisor_pid=d.get("hypervisor_pid"),
+            replicas=list(d.get("replicas", [])),
+            etcd=list(d.get("etcd", [])),
         )
 
     def save(self) -> None:
@@ -212,7 +237,100 @@ class ControlPlane:
 
     @property
     def admin_token_file(self) -> Path:
+        if self.record.etcd:  # written by manager 1 in its working directory (api/server.py)
+            return self.manager_dir(0) / "omniwall.admin-token"
         return Path(str(self.db) + ".admin-token")
+
+    # ---- several managers (index 0 is the first; docs/ha.md)
+    @property
+    def managers(self) -> int:
+        return 1 + len(self.record.replicas)
+
+    def manager_port(self, i: int) -> int:
+        return self.record.port if i == 0 else int(self.record.replicas[i - 1]["port"])
+
+    def manager_pid(self, i: int) -> int | None:
+        return self.record.manager_pid if i == 0 else self.record.replicas[i - 1]["pid"]
+
+    def _set_manager(self, i: int, port: int, pid: int | None) -> None:
+        if i == 0:
+            self.record.port, self.record.manager_pid = port, pid
+        else:
+            self.record.replicas[i - 1] = {"port": port, "pid": pid}
+
+    def manager_url(self, i: int) -> str:
+        return self.record.url_of(self.manager_port(i))
+
+    @property
+    def urls(self) -> list[str]:
+        """Every manager's URL (what the agents get)."""
+        return [self.manager_url(i) for i in range(self.managers)]
+
+    def manager_dir(self, i: int) -> Path:
+        """Manager i's working directory: the control directory itself with SQLite (one manager)."""
+        return self.dir / f"manager-{i + 1}" if self.record.etcd else self.dir
+
+    def manager_log(self, i: int) -> Path:
+        return self.dir / ("manager.log" if i == 0 else f"manager-{i + 1}.log")
+
+    def manager_alive(self, i: int) -> bool:
+        pid = self.manager_pid(i)
+        return pid is not None and _ours(pid, self.marker)
+
+    # ---- etcd (lab/etcd.py)
+    @property
+    def etcd_members(self) -> list[lab_etcd.EtcdMember]:
+        return [lab_etcd.EtcdMember.from_json(d) for d in self.record.etcd]
+
+    @property
+    def store_spec(self) -> str | None:
+        """The managers' `--store` with etcd; None with SQLite."""
+        return lab_etcd.store_spec(self.etcd_members) if self.record.etcd else None
+
+    def etcd_data_dir(self, i: int) -> Path:
+        return self.dir / f"etcd-{i + 1}"
+
+    def start_etcd(self) -> None:
+        """Start every member (free ports on first start, the same ones after) and wait for a leader."""
+        members = self.etcd_members
+        if not members:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        for m in members:
+            if not m.client_port:
+                m.client_port, m.peer_port = free_port(), free_port()
+        self.record.etcd = [m.to_json() for m in members]
+        for i in range(len(members)):
+            self.start_etcd_member(i, wait=False)
+        lab_etcd.wait_ready(self.etcd_members, lambda m: m.pid is not None and _alive(m.pid))
+
+    def start_etcd_member(self, i: int, *, wait: bool = True) -> int:
+        members = self.etcd_members
+        m = members[i]
+        argv = lab_etcd.member_argv(m, members, self.etcd_data_dir(i), f"{self.prefix}etcd")
+        m.pid = _spawn(argv, self.dir / f"etcd-{i + 1}.log")
+        self.record.etcd[i] = m.to_json()
+        self.save()
+        if wait:
+            lab_etcd.wait_ready([m], lambda x: x.pid is not None and _alive(x.pid))
+        return m.pid
+
+    def stop_etcd_member(self, i: int, sig: int = signal.SIGTERM) -> None:
+        pid = self.record.etcd[i].get("pid")
+        if pid is not None:
+            stop_pid(int(pid), self.marker, sig=sig)
+            self.record.etcd[i]["pid"] = None
+            self.save()
+
+    def etcd_alive(self, i: int) -> bool:
+        pid = self.record.etcd[i].get("pid")
+        return pid is not None and _ours(int(pid), self.marker)
+
+    def etcd_leader(self) -> int | None:
+        """The index of the etcd leader now, or None."""
+        lead = lab_etcd.leader(self.etcd_members)
+        return None if lead is None else [m.name for m in self.etcd_members].index(lead.name)
 
     @property
     def admin_token(self) -> str:
@@ -269,8 +387,19 @@ class ControlPlane:
         return paths.cert, paths.key
 
     # ---- HTTP
-    def api_client(self) -> Client:
-        """The admin's API client (one retry on a refused connection: the lab's callers poll)."""
+    def api_client(self, i: int = 0) -> Client:
+        """The admin's API client of manager i (one retry on a refused connection: the lab's callers
+        poll)."""
+        if i:
+            if i not in self._clients:
+                self._clients[i] = Client(
+                    self.manager_url(i),
+                    self.admin_token,
+                    verify=self.verify,
+                    timeout=30.0,
+                    retry=Retry(attempts=2),
+                )
+            return self._clients[i]
         if self._client is None:
             self._client = Client(
                 self.url, self.admin_token, verify=self.verify, timeout=30.0, retry=Retry(attempts=2)
@@ -285,13 +414,25 @@ class ControlPlane:
         if self._client is not None:
             self._client.close()
             self._client = None
+        for c in self._clients.values():
+            c.close()
+        self._clients.clear()
 
-    def api(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One admin API call; raises ManagedError with the server's message on an HTTP error."""
-        try:
-            return self.api_client().request(method, path, **kwargs)
-        except ClientError as e:
-            raise ManagedError(f"manager at {self.url}: {method} {path}: {e}") from e
+    def api(self, method: str, path: str, *, manager: int | None = None, **kwargs: Any) -> Any:
+        """One admin API call; raises ManagedError with the server's message on an HTTP error.
+        `manager`: that manager only; default: manager 1, or with several the first one running (a
+        manager that does not answer at all passes the call to the next: they share one store)."""
+        order = (
+            [manager] if manager is not None else [i for i in range(self.managers) if self.manager_alive(i)]
+        )
+        for n, i in enumerate(order or [0]):
+            try:
+                return self.api_client(i).request(method, path, **kwargs)
+            except ClientError as e:
+                if e.status is None and n + 1 < len(order):
+                    continue
+                raise ManagedError(f"manager at {self.manager_url(i)}: {method} {path}: {e}") from e
+        raise AssertionError("unreachable")
 
     def apply(self, resources: Catalog | Iterable[dict[str, Any]]) -> int:
         """POST /v1/apply every resource (all or nothing); returns the store revision."""
@@ -306,7 +447,31 @@ class ControlPlane:
         return int(out["revision"])
 
     def status(self) -> dict[str, Any]:
-        return dict(self.api("GET", "/v1/status"))
+        """GET /v1/status; with several managers, their answers merged: the lowest revision, and each
+        host as the manager that has its agent connected sees it (each manager knows the agents attached
+        to it; docs/ha.md)."""
+        if self.managers == 1:
+            return dict(self.api("GET", "/v1/status"))
+        answers = []
+        for i in range(self.managers):
+            if self.manager_alive(i):
+                with contextlib.suppress(ManagedError):
+                    answers.append(dict(self.api("GET", "/v1/status", manager=i)))
+        if not answers:
+            raise ManagedError(f"no manager of the lab answers; logs in {self.dir}")
+        merged = dict(answers[0])
+        merged["revision"] = min(int(a.get("revision", 0)) for a in answers)
+        hosts: dict[str, Any] = {}
+        for a in answers:
+            for h, st in (a.get("hosts") or {}).items():
+                old = hosts.get(h)
+                if old is None or (st.get("connected"), st.get("inSync")) > (
+                    old.get("connected"),
+                    old.get("inSync"),
+                ):
+                    hosts[h] = st
+        merged["hosts"] = hosts
+        return merged
 
     def wait_in_sync(
         self, hosts: Iterable[str] | None = None, *, revision: int = 0, timeout: float = SYNC_TIMEOUT
@@ -332,8 +497,8 @@ class ControlPlane:
             time.sleep(0.02)
 
     # ---- manager
-    def start_manager(self, *, port: int | None = None) -> None:
-        """Start `omniwall manager` (same port as before when restarting) and wait for /healthz."""
+    def start_manager(self, *, port: int | None = None, index: int = 0) -> None:
+        """Start manager `index` (same port as before when restarting) and wait for /healthz."""
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)  # tokens (and the lab CA's key) live here
         tls_args: list[str] = []
@@ -347,52 +512,59 @@ class ControlPlane:
                 "--client-ca",
                 str(self.pki_dir / "ca.crt"),
             ]
-        attempts = 1 if (port or self.record.port) else 3
+        store_args = ["--db", str(self.db)]
+        spec = self.store_spec
+        mdir = self.manager_dir(index)
+        if spec is not None:  # etcd: flow records stay local to each manager (docs/etcd.md)
+            mdir.mkdir(parents=True, exist_ok=True)
+            store_args = ["--store", spec, "--flows-db", str(mdir / "omniwall.flows")]
+        known = port or self.manager_port(index)
+        attempts = 1 if known else 3
         for attempt in range(attempts):
-            self.record.port = port or self.record.port or free_port()
+            chosen = known or free_port()
             argv = [
                 sys.executable,
                 "-m",
                 "omniwall.cli.main",
                 "manager",
-                "--db",
-                str(self.db),
+                *store_args,
                 "--listen",
-                f"{LOOPBACK}:{self.record.port}",
+                f"{LOOPBACK}:{chosen}",
                 *tls_args,
             ]
-            self.record.manager_pid = _spawn(argv, self.dir / "manager.log")
+            self._set_manager(index, chosen, _spawn(argv, self.manager_log(index), cwd=mdir))
             self.save()
             try:
-                self._wait_healthy()
+                self._wait_healthy(index)
                 break
             except ManagedError:
-                self.stop_manager()
+                self.stop_manager(index=index)
                 if attempt == attempts - 1:
                     raise
-                self.record.port = 0  # the free port was taken meanwhile: pick another
+                # the free port was taken meanwhile: pick another
         self.close()  # a restarted manager: new connections
 
-    def _wait_healthy(self) -> None:
+    def _wait_healthy(self, index: int = 0) -> None:
         deadline = time.monotonic() + START_TIMEOUT
-        pid = self.record.manager_pid
+        pid = self.manager_pid(index)
+        log = self.manager_log(index)
+        url = self.manager_url(index)
         while time.monotonic() < deadline:
             if pid is None or not _alive(pid):
-                raise ManagedError(f"manager exited at start: {_tail(self.dir / 'manager.log')}")
+                raise ManagedError(f"manager exited at start: {_tail(log)}")
             with contextlib.suppress(httpx.HTTPError):
-                ok = httpx.get(f"{self.url}/healthz", timeout=1.0, verify=self.verify).status_code == 200
+                ok = httpx.get(f"{url}/healthz", timeout=1.0, verify=self.verify).status_code == 200
                 if ok and self.admin_token_file.exists():
                     return
             time.sleep(0.05)
-        raise ManagedError(
-            f"manager did not answer within {START_TIMEOUT:g} s: {_tail(self.dir / 'manager.log')}"
-        )
+        raise ManagedError(f"manager did not answer within {START_TIMEOUT:g} s: {_tail(log)}")
 
-    def stop_manager(self, sig: int = signal.SIGTERM) -> None:
+    def stop_manager(self, sig: int = signal.SIGTERM, *, index: int = 0) -> None:
         self.close()
-        if self.record.manager_pid is not None:
-            stop_pid(self.record.manager_pid, self.marker, sig=sig)
-            self.record.manager_pid = None
+        pid = self.manager_pid(index)
+        if pid is not None:
+            stop_pid(pid, self.marker, sig=sig)
+            self._set_manager(index, self.manager_port(index), None)
             self.save()
 
     @property
@@ -427,7 +599,7 @@ class ControlPlane:
             "-m",
             "omniwall.agent.cli",
             "--manager",
-            self.url,
+            ",".join(self.urls),  # several: the agent fails over between them (agent/managers.py)
             "--host",
             host,
             "--token-file",
@@ -452,6 +624,27 @@ class ControlPlane:
         if pid is not None:
             stop_pid(pid, self.marker, sig=sig)
         self.save()
+
+    def attached(self, host: str) -> tuple[str, float] | None:
+        """The manager URL `host`'s agent last attached to and when (epoch seconds), from its log's
+        `feed connected to URL` lines (the agent's own account: any manager may report the host)."""
+        last = None
+        try:
+            with open(self.dir / f"agent-{_safe(host)}.log", errors="replace") as f:
+                for line in f:
+                    if "feed connected to " in line:
+                        last = line
+        except OSError:
+            return None
+        if last is None:
+            return None
+        stamp, _, rest = last.partition(" INFO ")
+        url = rest.split("feed connected to ", 1)[1].split()[0]
+        try:
+            when = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) + int(stamp[20:23]) / 1000
+        except ValueError:
+            when = 0.0
+        return url, when
 
     def agent_running(self, host: str) -> bool:
         pid = self.record.agents.get(host)
@@ -489,11 +682,27 @@ class ControlPlane:
     # ---- whole
     def stop_all(self) -> None:
         """The hypervisor and the agents first (they would only log reconnect attempts), then the
-        manager. Idempotent."""
+        managers, then etcd. Idempotent."""
         self.stop_hypervisor()
         for host in sorted(self.record.agents):
             self.kill_agent(host, sig=signal.SIGTERM)
-        self.stop_manager()
+        for i in range(self.managers):
+            self.stop_manager(index=i)
+        for i in range(len(self.record.etcd)):
+            self.stop_etcd_member(i)
+
+
+def check_topology(managers: int, etcd: int) -> None:
+    """Refuse what cannot work: several managers on SQLite (one process owns the file)."""
+    if managers < 1:
+        raise ManagedError(f"--managers: {managers}: at least one manager")
+    if etcd < 0:
+        raise ManagedError(f"--etcd: {etcd}: a number of etcd members (0: SQLite)")
+    if managers > 1 and etcd == 0:
+        raise ManagedError(
+            f"--managers {managers}: several managers need a shared store; SQLite is single-manager. "
+            "Add --etcd 3 (an etcd cluster in the lab)"
+        )
 
 
 def _in_sync(status: dict[str, Any], host: str) -> bool:
@@ -531,18 +740,26 @@ class Managed:
 
     mode = "managed"
 
-    def __init__(self, *, sync_timeout: float = SYNC_TIMEOUT, tls: bool = True) -> None:
+    def __init__(
+        self, *, sync_timeout: float = SYNC_TIMEOUT, tls: bool = True, managers: int = 1, etcd: int = 0
+    ) -> None:
+        check_topology(managers, etcd)
         self.sync_timeout = sync_timeout
         self.tls = tls
+        self.managers = managers
+        self.etcd = etcd
         self.control: ControlPlane | None = None
 
     def start(self, plan: LabPlan, catalog: Catalog, hosts: Sequence[str] | None = None) -> None:
-        cp = ControlPlane(plan.prefix, tls=self.tls)
+        cp = ControlPlane(plan.prefix, tls=self.tls, managers=self.managers, etcd=self.etcd)
         self.control = cp
         fresh = not cp.manager_running
         try:
             if fresh:
-                cp.start_manager()
+                cp.save()  # before any process: a failed start finds and stops what did start
+                cp.start_etcd()
+                for i in range(cp.managers):  # one at a time: manager 1 bootstraps the admin token
+                    cp.start_manager(index=i)
             revision = cp.apply(catalog)
             for h in plan.hosts:
                 if not cp.agent_running(h.name):

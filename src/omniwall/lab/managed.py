@@ -26,10 +26,13 @@ from omniwall.lab.lab import Lab
 
 
 @contextlib.contextmanager
-def managed_lab(source: Any, **lab_options: Any) -> Iterator[tuple[Lab, ControlPlane]]:
+def managed_lab(
+    source: Any, *, managers: int = 1, etcd: int = 0, **lab_options: Any
+) -> Iterator[tuple[Lab, ControlPlane]]:
     """`with managed_lab(["examples/three-tier"]) as (lab, cp):` a lab whose policy comes from a real
-    manager and agents. The control plane is stopped before the lab's namespaces go, whatever happens."""
-    driver = Managed()
+    manager and agents (`managers=3, etcd=3`: three managers on a three-member etcd cluster, docs/ha.md).
+    The control plane is stopped before the lab's namespaces go, whatever happens."""
+    driver = Managed(managers=managers, etcd=etcd)
     lab = Lab.up(source, policy=driver, **lab_options)
     try:
         with lab:
