@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from consistency import History, Read, Write, check, consistency_run
 from etcdhelpers import needs_etcd
+
+from consistency import History, Read, Write, check, consistency_run
 
 
 def test_the_checker_catches_a_lost_write_a_stale_read_and_an_invented_value() -> None:
