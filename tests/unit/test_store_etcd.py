@@ -475,3 +475,22 @@ def test_a_manager_that_loses_etcd_answers_503_and_writes_nothing(etcd: Cluster)
     assert r.headers["Retry-After"] == "1" and "store is unavailable" in r.json()["message"]
     assert m.revision == before  # the model did not move on a write the store never took
     store.close()
+
+
+def test_a_write_larger_than_one_etcd_transaction_is_413_and_writes_nothing(etcd: Cluster) -> None:
+    # the fixture's etcd keeps the default --max-txn-ops (128): one apply of 200 objects is over it
+    store = chained(EtcdStore(etcd.endpoints, timeout=5))
+    m = Manager(store)
+    token, _ = m.tokens.create("provider-admin", name="alice")
+    c = TestClient(create_app(m, watch=False), raise_server_exceptions=False)
+    h = auth(token)
+    before = store.revision()
+    docs = "---\n".join(f"kind: Host\nmetadata: {{name: h{i}}}\n" for i in range(200))
+    r = c.post("/v1/apply", content=docs, headers=h)
+    assert r.status_code == 413, r.text
+    body = r.json()
+    assert "operations" in body["message"] and "--max-txn-ops" in body["message"]
+    assert body["errors"][0]["path"] == "body"
+    assert store.revision() == before  # nothing half applied
+    assert c.get("/v1/hosts", headers=h).json()["items"] == []
+    store.close()

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omniwall.manager.contracts import InvalidResources, Problem
 from omniwall.manager.service import Conflict, NotFound
-from omniwall.store import CompactedError, FutureRevisionError, StoreUnavailable
+from omniwall.store import CompactedError, FutureRevisionError, StoreLimitError, StoreUnavailable
 
 CODES = {
     400: "bad_request",
@@ -103,6 +103,12 @@ def install(app: FastAPI) -> None:
         # the store (etcd) is away: nothing was written; agents keep their last state, clients retry
         e = ApiError(503, f"the store is unavailable: {err}", headers={"Retry-After": "1"})
         return JSONResponse(e.body(), status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(StoreLimitError)
+    async def _too_large(_: Request, err: StoreLimitError) -> JSONResponse:
+        # a cluster store's per-transaction limit: nothing was written; the client splits the request
+        e = ApiError(413, str(err), errors=[{"document": "request", "path": "body", "reason": str(err)}])
+        return JSONResponse(e.body(), status_code=413)
 
     @app.exception_handler(FutureRevisionError)
     async def _future(_: Request, err: FutureRevisionError) -> JSONResponse:

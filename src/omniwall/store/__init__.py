@@ -15,6 +15,7 @@ from omniwall.store.base import (
     Put,
     Store,
     StoreError,
+    StoreLimitError,
     StoreUnavailable,
     TxnResult,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "Put",
     "Store",
     "StoreError",
+    "StoreLimitError",
     "StoreUnavailable",
     "TxnResult",
     "open_store",

@@ -28,6 +28,11 @@ class StoreUnavailable(StoreError):
     by the failed call, and the caller may retry (the API answers 503)."""
 
 
+class StoreLimitError(StoreError):
+    """One write is larger than the store takes in one transaction (etcd's --max-txn-ops or
+    --max-request-bytes); nothing was written (the API answers 413: split the request)."""
+
+
 class CompactedError(StoreError):
     """The requested revision's history was compacted away; callers must resync from a snapshot."""
 

@@ -56,6 +56,7 @@ from omniwall.store.base import (
     Op,
     Put,
     StoreError,
+    StoreLimitError,
     StoreUnavailable,
     TxnResult,
     check_unique_keys,
@@ -167,6 +168,8 @@ class EtcdStore:
                     raise _Compacted()
                 if "required revision is a future revision" in msg:
                     raise _Future()
+                if "too many operations in txn request" in msg or "request is too large" in msg:
+                    raise StoreLimitError(f"etcd {self.endpoints[idx]}: {msg}")
                 if "no leader" in msg or "leader changed" in msg or "timed out" in msg:
                     if write:
                         raise EtcdUnavailable(f"etcd {self.endpoints[idx]}: {msg}")
@@ -417,7 +420,13 @@ class EtcdStore:
             "success": [self._op(op) for op in success],
             "failure": [self._op(op) for op in failure] + probes,
         }
-        data = self._call("kv/txn", body, write=True)
+        try:
+            data = self._call("kv/txn", body, write=True)
+        except StoreLimitError as e:
+            raise StoreLimitError(
+                f"one write of {len(success)} operations is more than the store takes in one "
+                f"transaction ({e}; raise etcd's --max-txn-ops/--max-request-bytes, or split the request)"
+            ) from None
         succeeded = bool(data.get("succeeded"))
         failed: tuple[Compare, ...] = ()
         if not succeeded:
