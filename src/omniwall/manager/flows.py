@@ -324,7 +324,7 @@ class FlowService:
                 ok = self._write(batch)
                 for done in waiting:
                     done(ok)
-            if time.monotonic() >= next_prune:
+            if not self._closed and time.monotonic() >= next_prune:  # shutting down: close() waits
                 self.prune()
                 next_prune = time.monotonic() + self.prune_every
             if stop:
@@ -349,7 +349,10 @@ class FlowService:
         return ok
 
     def prune(self) -> int:
-        """Retention: rows older than `retention` seconds, then the oldest beyond `max_records`."""
+        """Retention: rows older than `retention` seconds, then the oldest beyond `max_records`. Not once
+        `close()` began: the store may be closed under a slow writer (the store also stops mid-prune)."""
+        if self._closed:
+            return 0
         try:
             n = self.store.prune(self.clock() - self.retention, self.max_records)
         except Exception:
