@@ -280,3 +280,36 @@ def test_conntrack_destroy_fast_path_agrees_with_the_generic_walk() -> None:
         assert got == _parse_destroy(body, 0, len(body), fam, {})
         want_port = 8 if proto in (1, 58) else dport
         assert got == (proto, src, dst, sport if proto not in (1, 58) else 0, want_port, 5, 300, mark)
+
+
+def test_guard_drops_are_records_named_after_the_guard() -> None:
+    """Anti-spoofing and the vNIC's connection limits log their drops under their own ids; the agent
+    names them (policy, rule, category "guard", the vNIC's tenant) and counts them like any denial."""
+    from omniwall.flows.record import CONN_LIMIT_RULE_ID, CONN_RATE_RULE_ID, GUARD_CATEGORY, SPOOF_RULE_ID
+
+    st = _state()
+    limited = dataclasses.replace(st.vnic_map()["va"], conn_limit=100, conn_rate=50)
+    st = dataclasses.replace(st, vnics=(limited, st.vnic_map()["vb"]))
+    logs = _logs(render_table(st, flow_group=16))
+    assert {
+        f"owf:{SPOOF_RULE_ID}:d:e",
+        f"owf:{CONN_LIMIT_RULE_ID}:d:e",
+        f"owf:{CONN_RATE_RULE_ID}:d:e",
+    } <= set(logs)
+    assert not any(p.startswith(f"owf:{SPOOF_RULE_ID}") for p in _logs(render_table(st)))  # flows off
+    ag = FlowAggregator("h")
+    ag.set_state(st)
+    ag.on_logs([(SPOOF_RULE_ID, "d", "e", 17, "10.9.9.9", B, 1, 53, 3, 4)] * 5, 1.0, _names)
+    ag.on_logs([(CONN_LIMIT_RULE_ID, "d", "e", 6, A, B, 40000 + i, 80, 3, 4) for i in range(7)], 1.0, _names)
+    recs = {r.rule_id: r for r in ag.flush(_names)}
+    s, c = recs[SPOOF_RULE_ID], recs[CONN_LIMIT_RULE_ID]
+    assert (s.policy, s.rule, s.category, s.rule_tenant, s.workload, s.verdict, s.count) == (
+        "(anti-spoofing)", "spoof", GUARD_CATEGORY, "t", "t/a", "denied", 5,
+    )  # fmt: skip
+    assert (c.policy, c.rule, c.rule_tenant, c.count, c.packets) == (
+        "(connection-limit)",
+        "conn-limit",
+        "t",
+        7,
+        7,
+    )

@@ -6,6 +6,8 @@ Sources (docs/design/flows.md):
   monitor "would deny", the tenant default action included (`IRVnic.default_id`). The hop is in the
   prefix, so both hops of one connection on one host each give their own record: the kernel's
   attribution at both hops, not the ct mark's (which keeps only the last hop).
+- the host's guards log the same way (anti-spoofing, the vNIC's connection count and rate limits), with
+  ids of their own (`flows.record.GUARDS`): their drops are records named after the guard.
 - conntrack DESTROY events (dataplane/ctevents.py): joined by original tuple to the allowed logs, they
   complete the connection with packets, bytes and duration.
 
@@ -45,7 +47,14 @@ from omniwall.compiler.ir import HostDesiredState
 from omniwall.dataplane.ctevents import CtDestroy, CtEventReader, enable_accounting
 from omniwall.dataplane.netns import in_netns
 from omniwall.dataplane.nflog import FlowLog, NflogReader
-from omniwall.flows.record import DEFAULT_CATEGORY, DEFAULT_POLICY, FlowBatch, FlowRecord
+from omniwall.flows.record import (
+    DEFAULT_CATEGORY,
+    DEFAULT_POLICY,
+    GUARD_CATEGORY,
+    GUARDS,
+    FlowBatch,
+    FlowRecord,
+)
 
 log = logging.getLogger("omniwall.agent.flows")
 
@@ -115,6 +124,8 @@ class FlowAggregator:
             rules[v.default_id] = Attribution(
                 v.tenant, DEFAULT_POLICY, v.default_action, DEFAULT_CATEGORY, True
             )
+        for gid, (policy, rule) in GUARDS.items():  # tenant "": the vNIC's (`_record`)
+            rules[gid] = Attribution("", policy, rule, GUARD_CATEGORY, False)
         self._prev_rules, self.rules = self.rules, rules
         self.revision = state.revision
         self.vnics_by_name = {v.ifname: (v.workload, v.tenant) for v in state.vnics}
@@ -245,7 +256,8 @@ class FlowAggregator:
         # positional: keyword construction of this 22-field record cost twice as much (flood path)
         return FlowRecord(
             start, end, self.host, HOP[h], ifname, workload, VERDICT[v], rule_id,  # type: ignore[arg-type]
-            attr.tenant, attr.policy, attr.rule, attr.category, self.revision, PROTO.get(proto, str(proto)),
+            attr.tenant or vtenant, attr.policy, attr.rule, attr.category, self.revision,
+            PROTO.get(proto, str(proto)),
             src, dst, sport, dport, packets, nbytes, count, final,
         )  # fmt: skip
 
