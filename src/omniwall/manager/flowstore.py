@@ -9,7 +9,9 @@ A stored row is a `FlowRecord` plus what the manager added at ingest (`src_workl
 `dst_workload`/`dst_tenant`: the address's workload in the model at that time, NULL for an address no
 workload had) and `id`, the insertion order (newest first pagination). `t` is the record's `end`.
 Per-rule hit counts are kept in a rollup (`hits`, one row per minute x rule x verdict) updated in the same
-transaction as the rows, so hit counts and unused rules over a window do not scan the flows.
+transaction as the rows, so hit counts and unused rules over a window do not scan the flows. The rows
+themselves live in partitions (`_SCHEMA`): an unindexed hot one takes the inserts, sealed ones are
+indexed in one sort, and retention drops them whole.
 """
 
 from __future__ import annotations
