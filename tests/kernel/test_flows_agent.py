@@ -256,3 +256,37 @@ def test_kernel_losses_are_counted_exactly(one_host, backends):
         # every flood message is received or counted; a marker sent while the socket is still congested
         # may vanish unnumbered (seen here once in a few runs), so the markers only bound the total
         assert 2 * n <= len(got) + reader.lost <= offered
+
+
+def test_guard_drops_are_records(one_host, backends):
+    """Anti-spoofing and the vNIC's connection limit drop before any rule: each drop is a record named
+    after the guard (flows.record.GUARDS), with the vNIC's tenant."""
+    from dataclasses import replace
+
+    from omniwall.flows.record import CONN_LIMIT_RULE_ID, GUARD_CATEGORY, SPOOF_RULE_ID
+
+    h, a, b = one_host("a", "b", serve=(("b", 8080),))
+    be = backends(h)
+    st = state(1, [replace(vnic(a, egress=(1,)), conn_limit=1), vnic(b, ingress=(1,))], [rule(1, "allow")])
+    be.sync(st)
+    c = FlowCollector("h", netns=h, group=DEFAULT_FLOW_GROUP)
+    c.set_state(st)
+    c.start()
+    try:
+        first = open_stream(a.ns, b.ip4, 8080)  # the one connection a may hold
+        assert stream_alive(first)
+        assert tcp_connect(a.ns, b.ip4, 8080, timeout=0.3) == "timeout"  # over the limit
+        first.close()
+        nsexec(a.ns, ["ip", "addr", "add", "10.0.0.99/32", "dev", "eth0"])
+        nsexec(a.ns, ["ping", "-n", "-c", "1", "-W", "1", "-I", "10.0.0.99", b.ip4], check=False)
+        recs = wait_for(c, lambda r: {SPOOF_RULE_ID, CONN_LIMIT_RULE_ID} <= {x.rule_id for x in r})
+        by = {r.rule_id: r for r in recs}
+        s, lim = by[SPOOF_RULE_ID], by[CONN_LIMIT_RULE_ID]
+        assert (s.policy, s.rule, s.category, s.rule_tenant, s.hop, s.verdict, s.src, s.proto) == (
+            "(anti-spoofing)", "spoof", GUARD_CATEGORY, "t", "egress", "denied", "10.0.0.99", "icmp",
+        )  # fmt: skip
+        assert (lim.policy, lim.rule, lim.verdict, lim.dport, lim.workload) == (
+            "(connection-limit)", "conn-limit", "denied", 8080, s.workload,
+        )  # fmt: skip
+    finally:
+        c.close()

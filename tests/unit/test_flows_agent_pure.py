@@ -232,3 +232,84 @@ def test_a_new_denied_key_is_fresh_until_flushed_allowed_ones_never() -> None:
     assert ag.fresh == 2
     ag.flush(_names, 1.1)
     assert ag.fresh == 0
+
+
+def _kernel_destroy(src: str, dst: str, proto: int, sport: int, dport: int, mark: int, pad: bool) -> bytes:
+    """A DESTROY message's attributes in the kernel's order: tuples, id, status, counters (64-bit, with
+    an alignment pad attribute when `pad`), timestamp, mark."""
+    fam = socket.AF_INET6 if ":" in src else socket.AF_INET
+
+    def tup(a: str, b: str, sp: int, dp: int) -> bytes:
+        ip = _nla(1 if fam == socket.AF_INET else 3, socket.inet_pton(fam, a))
+        ip += _nla(2 if fam == socket.AF_INET else 4, socket.inet_pton(fam, b))
+        if proto in (1, 58):
+            pr = _nla(1, bytes([proto])) + _nla(4, struct.pack("!H", 7)) + _nla(5, bytes([8]))
+            pr += _nla(6, bytes([0]))
+        else:
+            pr = _nla(1, bytes([proto])) + _nla(2, struct.pack("!H", sp)) + _nla(3, struct.pack("!H", dp))
+        return _nla(1 | 0x8000, ip) + _nla(2 | 0x8000, pr)
+
+    def ctr(p: int, b: int) -> bytes:
+        body = (_nla(3, b"") if pad else b"") + _nla(1, struct.pack("!Q", p))
+        return body + (_nla(3, b"") if pad else b"") + _nla(2, struct.pack("!Q", b))
+
+    body = _nla(1 | 0x8000, tup(src, dst, sport, dport)) + _nla(2 | 0x8000, tup(dst, src, dport, sport))
+    body += _nla(12, struct.pack("!I", 99)) + _nla(3, struct.pack("!I", 0x18E))
+    body += _nla(9 | 0x8000, ctr(3, 180)) + _nla(10 | 0x8000, ctr(2, 120))
+    body += _nla(20 | 0x8000, _nla(1, struct.pack("!Q", 1)) + _nla(2, struct.pack("!Q", 2)))
+    return body + _nla(8, struct.pack("!I", mark))
+
+
+def test_conntrack_destroy_fast_path_agrees_with_the_generic_walk() -> None:
+    """IPv4 port protocols take the fixed-layout path; IPv6, ICMP and padded counters the generic walk:
+    the same answers either way."""
+    from omniwall.dataplane.ctevents import _parse_destroy
+
+    cases = [
+        (A, B, 6, 40000, 8080, 11, False),
+        (A, B, 17, 1, 65535, 0, False),
+        (A, B, 132, 5000, 6000, 2**31 + 5, False),
+        (A, B, 6, 40000, 8080, 11, True),
+        (A, B, 1, 0, 0, 3, False),
+        ("fd00::1", "fd00::2", 6, 40000, 443, 12, False),
+    ]
+    for src, dst, proto, sport, dport, mark, pad in cases:
+        body = _kernel_destroy(src, dst, proto, sport, dport, mark, pad)
+        fam = socket.AF_INET6 if ":" in src else socket.AF_INET
+        got = parse_destroy(body, 0, len(body), fam, {})
+        assert got == _parse_destroy(body, 0, len(body), fam, {})
+        want_port = 8 if proto in (1, 58) else dport
+        assert got == (proto, src, dst, sport if proto not in (1, 58) else 0, want_port, 5, 300, mark)
+
+
+def test_guard_drops_are_records_named_after_the_guard() -> None:
+    """Anti-spoofing and the vNIC's connection limits log their drops under their own ids; the agent
+    names them (policy, rule, category "guard", the vNIC's tenant) and counts them like any denial."""
+    from omniwall.flows.record import CONN_LIMIT_RULE_ID, CONN_RATE_RULE_ID, GUARD_CATEGORY, SPOOF_RULE_ID
+
+    st = _state()
+    limited = dataclasses.replace(st.vnic_map()["va"], conn_limit=100, conn_rate=50)
+    st = dataclasses.replace(st, vnics=(limited, st.vnic_map()["vb"]))
+    logs = _logs(render_table(st, flow_group=16))
+    assert {
+        f"owf:{SPOOF_RULE_ID}:d:e",
+        f"owf:{CONN_LIMIT_RULE_ID}:d:e",
+        f"owf:{CONN_RATE_RULE_ID}:d:e",
+    } <= set(logs)
+    assert not any(p.startswith(f"owf:{SPOOF_RULE_ID}") for p in _logs(render_table(st)))  # flows off
+    ag = FlowAggregator("h")
+    ag.set_state(st)
+    ag.on_logs([(SPOOF_RULE_ID, "d", "e", 17, "10.9.9.9", B, 1, 53, 3, 4)] * 5, 1.0, _names)
+    ag.on_logs([(CONN_LIMIT_RULE_ID, "d", "e", 6, A, B, 40000 + i, 80, 3, 4) for i in range(7)], 1.0, _names)
+    recs = {r.rule_id: r for r in ag.flush(_names)}
+    s, c = recs[SPOOF_RULE_ID], recs[CONN_LIMIT_RULE_ID]
+    assert (s.policy, s.rule, s.category, s.rule_tenant, s.workload, s.verdict, s.count) == (
+        "(anti-spoofing)", "spoof", GUARD_CATEGORY, "t", "t/a", "denied", 5,
+    )  # fmt: skip
+    assert (c.policy, c.rule, c.rule_tenant, c.count, c.packets) == (
+        "(connection-limit)",
+        "conn-limit",
+        "t",
+        7,
+        7,
+    )

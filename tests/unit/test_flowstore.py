@@ -53,9 +53,11 @@ def row(i: int, **kw: object) -> Row:
     return tuple(d[c] for c in COLUMNS)
 
 
-@pytest.fixture(params=["memory", "file"])
+@pytest.fixture(params=["memory", "file", "partitions"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> SqliteFlowStore:
-    s = SqliteFlowStore(":memory:" if request.param == "memory" else str(tmp_path / "f.flows"))
+    """`partitions`: 16 rows a partition: every test crosses sealed (indexed) partitions and the hot one."""
+    path = ":memory:" if request.param == "memory" else str(tmp_path / "f.flows")
+    s = SqliteFlowStore(path, part_rows=16 if request.param == "partitions" else 100_000)
     yield s
     s.close()
 
@@ -79,7 +81,8 @@ QUERIES = [
 @pytest.mark.parametrize("q", QUERIES, ids=range(len(QUERIES)))
 def test_sql_and_python_filters_agree(store: SqliteFlowStore, q: FlowQuery) -> None:
     """The live stream filters with `matches`, the store with `where`: the same rows, newest first."""
-    store.insert(ROWS)
+    for i in range(0, len(ROWS), 10):
+        store.insert(ROWS[i : i + 10])
     got = [r for _, r in store.query(q, 1000)]
     want = [r for r in reversed(ROWS) if q.matches(r)]
     assert got == want
@@ -87,7 +90,8 @@ def test_sql_and_python_filters_agree(store: SqliteFlowStore, q: FlowQuery) -> N
 
 
 def test_pagination_is_newest_first_and_disjoint(store: SqliteFlowStore) -> None:
-    store.insert(ROWS)
+    for i in range(0, len(ROWS), 7):
+        store.insert(ROWS[i : i + 7])
     seen: list[int] = []
     q = FlowQuery(workloads=("a/w2",))
     while True:
@@ -113,7 +117,8 @@ def test_hits_rollup_counts_per_rule_and_verdict(store: SqliteFlowStore) -> None
 
 
 def test_prune_by_age_then_by_count(store: SqliteFlowStore) -> None:
-    store.insert(ROWS)
+    for i in range(0, len(ROWS), 20):
+        store.insert(ROWS[i : i + 20])
     assert store.prune(T0 + 50, 10**9) == 50
     assert store.rows() == 150
     assert min(r[COL["t"]] for _, r in store.query(FlowQuery(), 1000)) == T0 + 50
@@ -124,13 +129,17 @@ def test_prune_by_age_then_by_count(store: SqliteFlowStore) -> None:
     if store.path != ":memory:":  # the count is kept in memory; a reopened store counts once
         again = SqliteFlowStore(store.path)
         assert again.rows() == 40
+        assert [r[COL["t"]] for _, r in again.query(FlowQuery(), 1000)] == [r[COL["t"]] for _, r in kept]
+        again.insert([row(300)])  # ids run on after a reopen
+        assert again.query(FlowQuery(), 1)[0][0] > kept[0][0]
         again.close()
 
 
 def test_aggregate_groups_and_sums(store: SqliteFlowStore) -> None:
-    store.insert([row(0, count=3), row(4, count=2), row(1)])
+    store.insert([row(0, count=3)])
+    store.insert([row(4, count=2), row(1)] + [row(8, verdict="x", count=0)] * 16)
     got = sorted(store.aggregate(FlowQuery(), ("src_workload", "verdict")))
-    assert got == [("a/w0", "allowed", 5), ("a/w1", "denied", 1)]
+    assert got == [("a/w0", "allowed", 5), ("a/w0", "x", 0), ("a/w1", "denied", 1)]
     with pytest.raises(ValueError, match="unknown flow columns"):
         store.aggregate(FlowQuery(), ("src; DROP TABLE flows",))
 
@@ -276,3 +285,46 @@ def test_random_rows_round_trip(store: SqliteFlowStore) -> None:
     store.insert(rows)
     got = [r for _, r in store.query(FlowQuery(), 1000)]
     assert got == list(reversed(rows))
+
+
+def test_retention_drops_whole_partitions(tmp_path: Path) -> None:
+    store = SqliteFlowStore(str(tmp_path / "f.flows"), part_rows=20)
+    for i in range(0, 100, 10):
+        store.insert(ROWS[i : i + 10])
+    assert store.partitions == 5
+    assert store.prune(T0 + 45, 10**9) == 45  # two partitions whole, five rows of the third
+    assert store.partitions == 3 and store.rows() == 55
+    assert store.prune(0, 30) == 25  # the next partition whole (15 rows), then 10 rows by id
+    assert [r[COL["t"]] for _, r in store.query(FlowQuery(), 1000)] == [T0 + i for i in range(99, 69, -1)]
+    assert store.prune(T0 + 1000, 10**9) == 30 and store.rows() == 0 and store.partitions == 0
+    store.insert(ROWS[:3])  # a new hot partition after everything was dropped
+    assert [r for _, r in store.query(FlowQuery(), 10)] == list(reversed(ROWS[:3]))
+    store.close()
+
+
+def test_unpartitioned_store_is_adopted(tmp_path: Path) -> None:
+    """A flow file written before partitions (one indexed `flows` table) is read and pruned as partition 0."""
+    import sqlite3
+
+    path = str(tmp_path / "old.flows")
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE flows (id INTEGER PRIMARY KEY, " + ", ".join(COLUMNS) + ")")
+    conn.executemany(
+        f"INSERT INTO flows ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", ROWS[:50]
+    )
+    conn.close()
+    store = SqliteFlowStore(path, part_rows=20)
+    assert store.rows() == 50
+    store.insert(ROWS[50:60])
+    assert [r for _, r in store.query(FlowQuery(), 1000)] == list(reversed(ROWS[:60]))
+    assert store.prune(T0 + 1000, 10**9) == 60 and store.rows() == 0
+    store.close()
+
+
+def test_prune_after_close_is_a_no_op() -> None:
+    """A slow shutdown: the writer's retention must not run into a closed store."""
+    store = SqliteFlowStore(":memory:")
+    store.insert(ROWS[:10])
+    svc = FlowService(store)
+    svc.close()
+    assert svc.prune() == 0 and store.prune(T0 + 1000, 0) == 0

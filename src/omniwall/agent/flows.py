@@ -6,6 +6,8 @@ Sources (docs/design/flows.md):
   monitor "would deny", the tenant default action included (`IRVnic.default_id`). The hop is in the
   prefix, so both hops of one connection on one host each give their own record: the kernel's
   attribution at both hops, not the ct mark's (which keeps only the last hop).
+- the host's guards log the same way (anti-spoofing, the vNIC's connection count and rate limits), with
+  ids of their own (`flows.record.GUARDS`): their drops are records named after the guard.
 - conntrack DESTROY events (dataplane/ctevents.py): joined by original tuple to the allowed logs, they
   complete the connection with packets, bytes and duration.
 
@@ -45,7 +47,14 @@ from omniwall.compiler.ir import HostDesiredState
 from omniwall.dataplane.ctevents import CtDestroy, CtEventReader, enable_accounting
 from omniwall.dataplane.netns import in_netns
 from omniwall.dataplane.nflog import FlowLog, NflogReader
-from omniwall.flows.record import DEFAULT_CATEGORY, DEFAULT_POLICY, FlowBatch, FlowRecord
+from omniwall.flows.record import (
+    DEFAULT_CATEGORY,
+    DEFAULT_POLICY,
+    GUARD_CATEGORY,
+    GUARDS,
+    FlowBatch,
+    FlowRecord,
+)
 
 log = logging.getLogger("omniwall.agent.flows")
 
@@ -115,6 +124,8 @@ class FlowAggregator:
             rules[v.default_id] = Attribution(
                 v.tenant, DEFAULT_POLICY, v.default_action, DEFAULT_CATEGORY, True
             )
+        for gid, (policy, rule) in GUARDS.items():  # tenant "": the vNIC's (`_record`)
+            rules[gid] = Attribution("", policy, rule, GUARD_CATEGORY, False)
         self._prev_rules, self.rules = self.rules, rules
         self.revision = state.revision
         self.vnics_by_name = {v.ifname: (v.workload, v.tenant) for v in state.vnics}
@@ -127,26 +138,42 @@ class FlowAggregator:
     def on_logs(
         self, logs: Iterable[FlowLog], now: float, ifname_of: Callable[[int], str | None] | None = None
     ) -> None:
-        """Flow logs → the interval's aggregates (`flush` turns them into records)."""
-        open_, refused = self._open, self._refused
+        """Flow logs → the interval's aggregates (`flush` turns them into records). The per-connection
+        path of the agent: lookups as locals, an existing aggregate updated in place."""
+        open_, refused, agg, add = self._open, self._refused, self._agg, self._add
+        rules, prev = self.rules, self._prev_rules
         for rule_id, v, h, proto, src, dst, sport, dport, indev, outdev in logs:
             ifx = indev if h == "e" else outdev
-            if v == "a" and proto not in (1, 58):
-                attr = self.attribution(rule_id)
+            if v == "a" and proto != 1 and proto != 58:
+                attr = rules.get(rule_id) or prev.get(rule_id)
                 if attr is None or attr.stateful:
                     tup = (proto, src, dst, sport, dport)
                     hops = open_.get(tup)
-                    if (hops is not None and any(x[0] == h for x in hops)) or tup in refused:
-                        continue  # a retransmitted first packet (still `ct state new`): same connection
                     if hops is None:
+                        if tup in refused:
+                            continue  # a retry of an attempt the other hop refused
                         if len(open_) >= self.max_open:
                             open_.popitem(last=False)
                             self.dropped[AGENT_OPEN] += 1
-                        hops = open_[tup] = []
-                    hops.append((h, rule_id, ifx, now))
-                    self._add(("o", rule_id, v, h, ifx, proto, src, dst, dport), now, now, sport, 0, 0)
+                        open_[tup] = [(h, rule_id, ifx, now)]
+                    elif any(x[0] == h for x in hops):
+                        continue  # a retransmitted first packet (still `ct state new`): same connection
+                    else:
+                        hops.append((h, rule_id, ifx, now))
+                    key = ("o", rule_id, v, h, ifx, proto, src, dst, dport)
+                    slot = agg.get(key)
+                    if slot is None:
+                        add(key, now, now, sport, 0, 0)
+                    else:  # `_add` of one more connection, inline (a burst between the same ends)
+                        slot[0] += 1
+                        if now < slot[1]:
+                            slot[1] = now
+                        if now > slot[2]:
+                            slot[2] = now
+                        if slot[3] != sport:
+                            slot[3] = 0
                     continue
-            elif v in ("d", "r") and (proto, src, dst, sport, dport) in open_:
+            elif (v == "d" or v == "r") and (proto, src, dst, sport, dport) in open_:
                 # refused at the other hop: never confirmed, no completion will come; its retries are
                 # the same attempt (remembered a while, bounded, so a flood is not one record a packet)
                 tup = (proto, src, dst, sport, dport)
@@ -154,7 +181,7 @@ class FlowAggregator:
                 if len(refused) >= self.max_open:
                     refused.popitem(last=False)
                 refused[tup] = now
-            self._add(("p", rule_id, v, h, ifx, proto, src, dst, dport), now, now, 0, 1, 0)
+            add(("p", rule_id, v, h, ifx, proto, src, dst, dport), now, now, 0, 1, 0)
 
     def on_destroy(self, events: Iterable[CtDestroy], now: float) -> None:
         """Conntrack ends → the completions of the allowed connections we saw begin."""
@@ -245,7 +272,8 @@ class FlowAggregator:
         # positional: keyword construction of this 22-field record cost twice as much (flood path)
         return FlowRecord(
             start, end, self.host, HOP[h], ifname, workload, VERDICT[v], rule_id,  # type: ignore[arg-type]
-            attr.tenant, attr.policy, attr.rule, attr.category, self.revision, PROTO.get(proto, str(proto)),
+            attr.tenant or vtenant, attr.policy, attr.rule, attr.category, self.revision,
+            PROTO.get(proto, str(proto)),
             src, dst, sport, dport, packets, nbytes, count, final,
         )  # fmt: skip
 

@@ -20,6 +20,19 @@ VERDICTS: tuple[str, ...] = ("allowed", "denied", "rejected", "would-deny")
 HOPS: tuple[str, ...] = ("egress", "ingress")
 DEFAULT_CATEGORY = "default"  # a verdict of the tenant's default action
 DEFAULT_POLICY = "(default)"
+# The host's own guards, which judge before any policy rule: anti-spoofing (a vNIC sending from an address
+# that is not its own) and the vNIC's connection limits (count, rate). Their drops are records too, with
+# ids above every 32-bit rule and default-action id (they never travel in a ct mark, only in NFLOG
+# prefixes), `category == GUARD_CATEGORY`, the vNIC's tenant as `rule_tenant`, and these names.
+SPOOF_RULE_ID = 2**32 + 1
+CONN_LIMIT_RULE_ID = 2**32 + 2
+CONN_RATE_RULE_ID = 2**32 + 3
+GUARD_CATEGORY = "guard"
+GUARDS: dict[int, tuple[str, str]] = {  # id -> (policy, rule)
+    SPOOF_RULE_ID: ("(anti-spoofing)", "spoof"),
+    CONN_LIMIT_RULE_ID: ("(connection-limit)", "conn-limit"),
+    CONN_RATE_RULE_ID: ("(connection-limit)", "conn-rate"),
+}
 
 # Bounds of one batch (the manager refuses larger ones with 413 and counts them).
 MAX_BATCH_RECORDS = 10_000
@@ -39,7 +52,7 @@ class FlowRecord:
     rule_tenant: str  # owner of the deciding policy (the vNIC's tenant for a default action)
     policy: str  # policy name, or DEFAULT_POLICY
     rule: str  # rule name, or the default action ("drop", "allow", "reject")
-    category: str  # emergency | infrastructure | environment | application | baseline | default
+    category: str  # emergency | infrastructure | environment | application | baseline | default | guard
     revision: int  # the desired revision the agent had realized when it decided
     proto: str  # tcp | udp | icmp | icmpv6 | another IP protocol number as text
     src: str
@@ -77,11 +90,16 @@ class FlowBatch:
 
 
 __all__ = [
+    "CONN_LIMIT_RULE_ID",
+    "CONN_RATE_RULE_ID",
     "DEFAULT_CATEGORY",
     "DEFAULT_POLICY",
+    "GUARDS",
+    "GUARD_CATEGORY",
     "HOPS",
     "MAX_BATCH_BYTES",
     "MAX_BATCH_RECORDS",
+    "SPOOF_RULE_ID",
     "VERDICTS",
     "FlowBatch",
     "FlowRecord",

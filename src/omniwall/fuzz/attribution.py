@@ -1,7 +1,7 @@
 """Attribution check: the flow logs the kernel wrote for a probe name the same rule as the sim.
 
-For every probe, each hop of the sim's request path that judged the packet (not anti-spoofing, not
-established, not invalid, reached) names a rule id (or its vNIC's default-action id) and a verdict;
+For every probe, each hop of the sim's request path that judged the packet (not established, not invalid,
+reached) names a rule id (its vNIC's default-action id, or `SPOOF_RULE_ID` for anti-spoofing) and a verdict;
 the kernel's flow logs (NFLOG `owf:` prefixes, read per host namespace) for the same packet must name
 exactly those, hop by hop: {(host, hop): (rule id, verdict)} equal. Probes are matched by (protocol,
 src, dst, dport); ICMP by (protocol, src, dst, type): an echo request (other ICMP messages between the
@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from omniwall.compiler.ir import HostDesiredState
 from omniwall.dataplane.nflog import FlowLog, NflogReader
+from omniwall.flows.record import SPOOF_RULE_ID
 from omniwall.sim.evaluate import ConnectionVerdict, HopVerdict
 
 PROTO_NUM = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
@@ -32,6 +33,8 @@ def _key(proto: int, src: str, dst: str, dport: int) -> Key:
 
 def hop_attribution(hop: HopVerdict, states: dict[str, HostDesiredState]) -> tuple[int, str] | None:
     """(rule id, verdict code) the kernel should log at this hop; None: the hop logs no flow."""
+    if hop.reached and hop.antispoof:  # the guard logs its drop under its own id
+        return SPOOF_RULE_ID, "d"
     if not hop.reached or hop.antispoof or hop.established or hop.invalid:
         return None
     if hop.rule is not None:

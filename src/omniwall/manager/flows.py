@@ -73,14 +73,14 @@ class AddressBook:
 
 def to_rows(host: str, records: Iterable[RecordDict], book: AddressBook) -> list[Row]:
     """Stored rows (flowstore.COLUMNS order) of one host's records, each end named from the model."""
-    return rows_of(host, (_values(r) for r in records), book)
+    return rows_of(host, (_values(host, r) for r in records), book)
 
 
-def _values(r: RecordDict) -> tuple[Any, ...]:
+def _values(host: str, r: RecordDict) -> tuple[Any, ...]:
     return (
         r["start"],
         r["end"],
-        r["host"],
+        host,
         r["hop"],
         r["ifname"],
         r["workload"],
@@ -99,42 +99,36 @@ def _values(r: RecordDict) -> tuple[Any, ...]:
         r.get("packets", 0),
         r.get("bytes", 0),
         r.get("count", 1),
-        r.get("final", True),
+        bool(r.get("final", True)),
     )
+
+
+_UNKNOWN = (None, None)  # an address no workload has: (workload, tenant)
 
 
 def rows_of(host: str, records: Iterable[Sequence[Any]], book: AddressBook) -> list[Row]:
     """`to_rows` of records given as value tuples in FlowRecord's field order (the API's decoder yields
-    these): one tuple build per record, no dict. The ingest's hot loop (bench/flows.py)."""
+    these; their `host` is `host`, which the API checked): one tuple build per record, no dict, the
+    record's 22 values kept as they are (`final` a bool, stored as 0/1). The ingest's hot loop
+    (bench/flows.py)."""
     look = book.addresses.get
     host_of = book.hosts.get
+    unknown = _UNKNOWN
     out: list[Row] = []
     append = out.append
     for r in records:
-        s = look(r[14])
-        d = look(r[15])
+        s = look(r[14], unknown)
+        d = look(r[15], unknown)
         if r[3] == "egress":
-            if s is None:
+            if s is unknown:
                 wl = r[5]
                 if host_of(wl) == host:
                     s = (wl, wl.partition("/")[0])
-        elif d is None:
+        elif d is unknown:
             wl = r[5]
             if host_of(wl) == host:
                 d = (wl, wl.partition("/")[0])
-        append(
-            (
-                r[0],
-                r[1],
-                host,
-                *r[3:21],
-                int(r[21]),
-                s[0] if s else None,
-                s[1] if s else None,
-                d[0] if d else None,
-                d[1] if d else None,
-            )
-        )
+        append((*r[:22], *s, *d))
     return out
 
 
@@ -324,7 +318,7 @@ class FlowService:
                 ok = self._write(batch)
                 for done in waiting:
                     done(ok)
-            if time.monotonic() >= next_prune:
+            if not self._closed and time.monotonic() >= next_prune:  # shutting down: close() waits
                 self.prune()
                 next_prune = time.monotonic() + self.prune_every
             if stop:
@@ -349,7 +343,10 @@ class FlowService:
         return ok
 
     def prune(self) -> int:
-        """Retention: rows older than `retention` seconds, then the oldest beyond `max_records`."""
+        """Retention: rows older than `retention` seconds, then the oldest beyond `max_records`. Not once
+        `close()` began: the store may be closed under a slow writer (the store also stops mid-prune)."""
+        if self._closed:
+            return 0
         try:
             n = self.store.prune(self.clock() - self.retention, self.max_records)
         except Exception:

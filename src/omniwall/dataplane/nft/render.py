@@ -80,6 +80,7 @@ from omniwall.dataplane.nft.render_index import (
     render_index_full,
 )
 from omniwall.dataplane.nft.set_signatures import IndexPlan, merge_ranges
+from omniwall.flows.record import CONN_LIMIT_RULE_ID, CONN_RATE_RULE_ID, SPOOF_RULE_ID
 
 DEFAULT_LOG_GROUP = 1
 # flow records (agent/flows.py): every hop verdict of a new connection logs here with a `owf:` prefix
@@ -409,7 +410,7 @@ def has_conn_limits(vnic: IRVnic) -> bool:
     return vnic.conn_limit is not None or vnic.conn_rate is not None
 
 
-def render_conn_limits(vnic: IRVnic) -> list[Json]:
+def render_conn_limits(vnic: IRVnic, flow_group: int | None = None) -> list[Json]:
     """The vNIC's connection limits (chain `e_<if>_l`, jumped to first from its egress entry chain): a
     resource limit, not policy.
     Only `ct state new` packets reach the hop (fwd accepts established ones first); untracked packets
@@ -418,14 +419,19 @@ def render_conn_limits(vnic: IRVnic) -> list[Json]:
     `cl_<if>` and dropped before the rule walk. Both limits are per nft rule, i.e. per vNIC; the
     count's list restarts only when the limit chain is rewritten (docs/conntrack-limits.md)."""
     new = _match({"ct": {"key": "state"}}, ["new"], "in")
-    drop = [{"counter": connlimit_counter(vnic.ifname)}, {"drop": None}]
+
+    def drop(rule_id: int) -> list[Json]:  # a flow record names the limit (flows.record.GUARDS)
+        flow = _flow(rule_id, "drop", "egress", flow_group)
+        return [{"counter": connlimit_counter(vnic.ifname)}, *flow, {"drop": None}]
+
     out: list[Json] = []
     if vnic.conn_rate is not None:
         burst = max(5, vnic.conn_rate // 10)
         rate = {"rate": vnic.conn_rate, "per": "second", "burst": burst, "inv": True}
-        out.append(_rule([new, {"limit": rate}, *drop], "connrate"))
+        out.append(_rule([new, {"limit": rate}, *drop(CONN_RATE_RULE_ID)], "connrate"))
     if vnic.conn_limit is not None:
-        out.append(_rule([new, {"ct count": {"val": vnic.conn_limit, "inv": True}}, *drop], "connlimit"))
+        count = {"ct count": {"val": vnic.conn_limit, "inv": True}}
+        out.append(_rule([new, count, *drop(CONN_LIMIT_RULE_ID)], "connlimit"))
     return out
 
 
@@ -460,19 +466,20 @@ def _hop_rules(vnic: IRVnic, direction: str, rmap: Mapping[int, IRRule]) -> list
     return [rmap[i] for i in ids]
 
 
-def _antispoof(vnic: IRVnic) -> list[Json]:
+def _antispoof(vnic: IRVnic, flow_group: int | None = None) -> list[Json]:
     v4, v6 = split_families(vnic.addresses)
     out = []
+    drop = [_counter(), *_flow(SPOOF_RULE_ID, "drop", "egress", flow_group), {"drop": None}]
     # no IPv4 address: no IPv4 at all
     m = _match(_payload("ip", "saddr"), {"set": sorted(v4)}, "!=") if v4 else _match(_meta("nfproto"), "ipv4")
-    out.append(_rule([m, _counter(), {"drop": None}], "spoof"))
+    out.append(_rule([m, *drop], "spoof"))
     if v6:
         # "::" (DAD) and link-local (neighbour discovery with the host) are never forwarded by the kernel
         own: list[Any] = [*sorted(v6), "::", _prefix_elem("fe80::/10")]
         m = _match(_payload("ip6", "saddr"), {"set": own}, "!=")
     else:
         m = _match(_meta("nfproto"), "ipv6")
-    out.append(_rule([m, _counter(), {"drop": None}], "spoof"))
+    out.append(_rule([m, *drop], "spoof"))
     return out
 
 
@@ -527,7 +534,7 @@ def render_vnic_chains(
             fam: index_chain(direction, vnic.ifname, fam) if hp and fam in hp.families else names[0]
             for fam, names in fam_chains.items()
         }
-        limits = render_conn_limits(vnic) if direction == "egress" else []
+        limits = render_conn_limits(vnic, flow_group) if direction == "egress" else []
         if limits:  # in a chain of their own: see conn_limit_chain
             chains[conn_limit_chain(vnic.ifname)] = limits
         # the forward hook of an inet table sees IPv4 and IPv6 only: not IPv4 is IPv6
@@ -556,7 +563,7 @@ def render_vnic_chains(
         chains[tail] = render_default(vnic, log_group, hop=direction, flow_group=flow_group)
         # raw: anti-spoofing (egress) and notrack for stateless rules; re_<if> is entered by goto (one
         # lookup per packet), so it ends with the ingress dispatch when the host has stateless ingress
-        raw: list[Json] = _antispoof(vnic) if direction == "egress" else []
+        raw: list[Json] = _antispoof(vnic, flow_group) if direction == "egress" else []
         for r in rules:
             if not r.stateful:
                 fm = known.get(r.id)
