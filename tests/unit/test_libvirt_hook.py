@@ -1,6 +1,6 @@
 """The libvirt hook's pure parts (docs/vms.md): domain metadata, host configuration, the decisions
 taken before any call to the manager, and the installed files. The hook against a real libvirtd and
-manager: tests/kernel/test_libvirt_hook.py."""
+manager: tests/kernel/test_libvirt_domains.py."""
 
 from __future__ import annotations
 
