@@ -46,7 +46,7 @@ from omniwall.dataplane.nft.render import (
     DEFAULT_WORKLOAD_PREFIXES,
     check_prefixes,
 )
-from omniwall.dataplane.revocation import Revoker
+from omniwall.dataplane.revocation import Revoker, delta_vnics
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class NftBackend:
             else:
                 self.revoker.involving(target, plan.suspects)
         elif plan.revoke == "after_change":
-            self._revoke(held, target)
+            self._revoke(held, target, delta_vnics(held, delta, target))
 
     def teardown(self) -> None:
         with contextlib.suppress(Exception):
@@ -171,10 +171,12 @@ class NftBackend:
         self.planner.forget()
 
     # --------------------------------------------------------------------------------- revocation
-    def _revoke(self, old: HostDesiredState | None, new: HostDesiredState) -> None:
+    def _revoke(
+        self, old: HostDesiredState | None, new: HostDesiredState, vnics: frozenset[str] | None = None
+    ) -> None:
         with contextlib.suppress(Exception):  # background ones first (their failures are logged)
             self.wait_revocation()
-        self.revoker.after_change(old, new)
+        self.revoker.after_change(old, new, vnics)
 
     def _revoke_later(self, addresses: set[str]) -> None:
         """On the namespace thread, in queue order: judge under the state current *now*, so a member

@@ -25,6 +25,7 @@ book from the base first (correct, just slower).
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
 import logging
 from collections import Counter
@@ -42,6 +43,7 @@ from omniwall.dataplane.nft.names import (
     MAP_ANY,
     RAW_CHAIN,
     REV_OBJ,
+    STATE_BUCKETS,
     STATE_CHAIN,
     addr_set,
 )
@@ -198,7 +200,11 @@ class Membership:
 
 
 def _is_sorted(xs: Sequence[str]) -> bool:
-    return all(xs[i] <= xs[i + 1] for i in range(len(xs) - 1))
+    return list(xs) == sorted(xs)  # in C: ~50x faster than a Python loop over 100k members
+
+
+def _strictly_increasing(xs: list[int]) -> bool:
+    return len(set(xs)) == len(xs) and xs == sorted(xs)
 
 
 @dataclass
@@ -296,8 +302,13 @@ class RulesById(Mapping[int, IRRule]):
         self.rules = rules
         self.ids = [r.id for r in rules]
         self.by: dict[int, IRRule] | None = None
-        if any(self.ids[i] >= self.ids[i + 1] for i in range(len(self.ids) - 1)):
+        if not _strictly_increasing(self.ids):
             self.by = {r.id: r for r in rules}
+
+    def in_bucket(self, k: int, buckets: int) -> list[IRRule]:
+        """The rules whose id is k modulo `buckets` (blob.rule_bucket), in id order."""
+        got = [r for r in self.rules if r.id % buckets == k]
+        return got if self.by is None else sorted(got, key=lambda r: r.id)
 
     def __getitem__(self, rid: int) -> IRRule:
         if self.by is not None:
@@ -736,7 +747,8 @@ class NftPlanner:
         # the stored IR: the buckets of the rules and vNICs the delta changes
         buckets = {blob.rule_bucket(i) for i in changed_rules}
         buckets |= {blob.name_bucket(n) for n in gone_names if old_v.get(n) != new_v.get(n)}
-        cmds += render_bookkeeping(target, structure=bool(buckets), buckets=buckets)
+        rules_in = functools.partial(new_rmap.in_bucket, buckets=STATE_BUCKETS)
+        cmds += render_bookkeeping(target, structure=bool(buckets), buckets=buckets, rules_in=rules_in)
 
         chain_step: dict[str, dict[str, list[Json]] | None] = {n: None for n in removed_names}
         chain_step.update(rendered)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -607,17 +607,21 @@ def revision_cmd(revision: int) -> Json:
 
 
 def render_bookkeeping(
-    state: HostDesiredState, *, structure: bool = True, buckets: set[int] | None = None
+    state: HostDesiredState,
+    *,
+    structure: bool = True,
+    buckets: set[int] | None = None,
+    rules_in: Callable[[int], list[IRRule]] | None = None,
 ) -> list[Json]:
     """Rewrite the stored IR (when the structure changed: every bucket, or only `buckets`) and the
-    revision (blob.py has the layout)."""
+    revision (blob.py has the layout). `rules_in`: see blob.encode_buckets."""
     cmds: list[Json] = []
     if structure:
         if buckets is None:
             cmds.append({"flush": {"chain": {**T, "name": STATE_CHAIN}}})
             header = blob.encode_header(state)
             cmds += _add_rules(STATE_CHAIN, [_rule([{"continue": None}], c) for c in header])
-        for k, chunks in blob.encode_buckets(state, buckets).items():
+        for k, chunks in blob.encode_buckets(state, buckets, rules_in).items():
             name = state_chain(k)
             cmds.append({"flush": {"chain": {**T, "name": name}}})
             cmds += _add_rules(name, [_rule([{"continue": None}], c) for c in chunks])
@@ -934,10 +938,16 @@ def render_vnic_changes(ch: VnicChange, log_group: int, flow_group: int | None) 
         for ifname, chains in old_chains.items()
         if (n := conn_limit_chain(ifname)) in chains and chains[n] == new_chains.get(ifname, {}).get(n)
     }
-    for ifname in old_chains:
-        if conn_limit_chain(ifname) in kept:
-            new_chains[ifname] = {n: r for n, r in new_chains[ifname].items() if n not in kept}
-            old_chains[ifname] = {n: r for n, r in old_chains[ifname].items() if n not in kept}
+    # so is any chain whose rules do not change (a one-rule change rewrites the chains holding it, not
+    # every chain of the vNIC: each rule added is parsed by libnftables and checked by the kernel)
+    for ifname, chains in old_chains.items():
+        now = new_chains.get(ifname)
+        if now is None:
+            continue
+        same = {n for n, r in chains.items() if n in kept or now.get(n) == r}
+        if same:
+            new_chains[ifname] = {n: r for n, r in now.items() if n not in same}
+            old_chains[ifname] = {n: r for n, r in chains.items() if n not in same}
     for chains in old_chains.values():
         cmds += [{"flush": {"chain": {**T, "name": n}}} for n in chains]
     for ifname, chains in old_chains.items():
