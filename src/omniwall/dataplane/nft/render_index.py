@@ -79,7 +79,9 @@ def hop_chains(
         mine: Any = own[0] if len(own) == 1 else {"set": own}
         chains[index_chain(d, v.ifname, fam)] = [
             _rule([_match(_payload(ip, local_field), mine, "!="), _goto(lin)], "foreign"),
-            _rule([_match(_meta("l4proto"), {"set": list(INDEXED_PROTOS)}, "!="), _goto(lin)], "other"),
+            # two compares, not `!= { tcp, udp }`: an anonymous set per hop costs the kernel a walk of
+            # the whole transaction when a rule binds it (quadratic in a full load)
+            _rule([*(_match(_meta("l4proto"), p, "!=") for p in INDEXED_PROTOS), _goto(lin)], "other"),
             _rule([_goto(IPCACHE_CHAIN[(d, fam)])], "ipcache"),
         ]  # fmt: skip
     if plan.families:
