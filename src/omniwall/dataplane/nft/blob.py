@@ -89,12 +89,18 @@ def encode_header(state: HostDesiredState) -> list[str]:
     return _pack(MAGIC2, {"host": state.host, "version": state.version})
 
 
-def encode_bucket(rules: Iterable[IRRule], vnics: Iterable[IRVnic], sets: Iterable[IRSet]) -> list[str]:
-    """One bucket's chunks: its objects, sorted (rules by id, vNICs by ifname, sets by name)."""
+def encode_bucket(
+    rules: Iterable[IRRule],
+    vnics: Iterable[IRVnic],
+    sets: Iterable[IRSet],
+    plain_rule: Callable[[IRRule], Any] = plain,
+) -> list[str]:
+    """One bucket's chunks: its objects, sorted (rules by id, vNICs by ifname, sets by name).
+    `plain_rule`: `ir.plain` of a rule, or a cache of it (planner.py)."""
     return _pack(
         MAGIC2,
         {
-            "rules": [plain(r) for r in sorted(rules, key=lambda r: r.id)],
+            "rules": [plain_rule(r) for r in sorted(rules, key=lambda r: r.id)],
             "vnics": [plain(v) for v in sorted(vnics, key=lambda v: v.ifname)],
             "sets": [{"name": s.name, "cidrs": list(s.cidrs)} for s in sorted(sets, key=lambda s: s.name)],
         },
@@ -105,9 +111,10 @@ def encode_buckets(
     state: HostDesiredState,
     only: set[int] | None = None,
     rules_in: Callable[[int], list[IRRule]] | None = None,
+    plain_rule: Callable[[IRRule], Any] = plain,
 ) -> dict[int, list[str]]:
     """Chunks per bucket: every bucket, or those in `only`. `rules_in(k)`: bucket k's rules, when the
-    caller can find them without a pass over every rule (planner.py: by the sorted rule ids)."""
+    caller can find them without a pass over every rule; `plain_rule`: see encode_bucket."""
     want = set(range(STATE_BUCKETS)) if only is None else only
     rules: dict[int, list[IRRule]] = {k: [] for k in want}
     vnics: dict[int, list[IRVnic]] = {k: [] for k in want}
@@ -124,7 +131,7 @@ def encode_buckets(
     for s in state.sets:
         if (k := name_bucket(s.name)) in want:
             sets[k].append(s)
-    return {k: encode_bucket(rules[k], vnics[k], sets[k]) for k in sorted(want)}
+    return {k: encode_bucket(rules[k], vnics[k], sets[k], plain_rule) for k in sorted(want)}
 
 
 def decode_buckets(header: list[str], buckets: dict[int, list[str]]) -> dict[str, Any] | None:

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch, SetUpdate
+from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch, SetUpdate, plain
 from omniwall.dataplane.nft import blob
 from omniwall.dataplane.nft.expr import Json, T
 from omniwall.dataplane.nft.expr import match as _match
@@ -612,16 +612,17 @@ def render_bookkeeping(
     structure: bool = True,
     buckets: set[int] | None = None,
     rules_in: Callable[[int], list[IRRule]] | None = None,
+    plain_rule: Callable[[IRRule], Any] = plain,
 ) -> list[Json]:
     """Rewrite the stored IR (when the structure changed: every bucket, or only `buckets`) and the
-    revision (blob.py has the layout). `rules_in`: see blob.encode_buckets."""
+    revision (blob.py has the layout). `rules_in`, `plain_rule`: see blob.encode_buckets."""
     cmds: list[Json] = []
     if structure:
         if buckets is None:
             cmds.append({"flush": {"chain": {**T, "name": STATE_CHAIN}}})
             header = blob.encode_header(state)
             cmds += _add_rules(STATE_CHAIN, [_rule([{"continue": None}], c) for c in header])
-        for k, chunks in blob.encode_buckets(state, buckets, rules_in).items():
+        for k, chunks in blob.encode_buckets(state, buckets, rules_in, plain_rule).items():
             name = state_chain(k)
             cmds.append({"flush": {"chain": {**T, "name": name}}})
             cmds += _add_rules(name, [_rule([{"continue": None}], c) for c in chunks])
@@ -657,10 +658,11 @@ def render_table(
     flow_group: int | None = None,
     index: IndexObjects | None = None,
     vnic_chains: dict[str, dict[str, list[Json]]] | None = None,
+    plain_rule: Callable[[IRRule], Any] = plain,
 ) -> list[Json]:
     """The whole table, replacing whatever exists, as one transaction (`add; delete; add table`).
     `index`, `vnic_chains`: the state's hop index objects and per-vNIC chains (render_vnic_chains) when
-    the caller has them already (planner.py).
+    the caller has them already (planner.py); `plain_rule`: see blob.encode_bucket.
     `prefixes`: workload-interface name prefixes; unknown interfaces matching one are dropped.
     `flow_group`: NFLOG group of the flow-record logs (None: none); it is named in the comment of
     `fwd`'s first rule, so adoption (which compares the base chains' comments) notices a change."""
@@ -737,7 +739,7 @@ def render_table(
             *unknown_rules("oifname", prefixes),
         ],
     )  # fmt: skip
-    cmds += render_bookkeeping(state)
+    cmds += render_bookkeeping(state, plain_rule=plain_rule)
     return cmds
 
 
