@@ -608,9 +608,10 @@ def change_worker(args: argparse.Namespace) -> dict[str, Any]:
                 ports=(IPERF_PORT, CONN_PORT), rules=args.rules, members=args.members,
             )  # fmt: skip
             be.teardown()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             be.sync(st)
             full = time.perf_counter() - t0
+            full_cpu = time.process_time() - c0  # this process: Python, libnftables and the kernel's work
             new_api = len(inspect.signature(be.apply).parameters) == 3
             kernel: list[float] = []
             nft = be.nft
@@ -629,6 +630,7 @@ def change_worker(args: argparse.Namespace) -> dict[str, Any]:
             for k, fn in saved.items():
                 setattr(nft, k, timed(fn))
             times: list[float] = []
+            cpus: list[float] = []
             ker: list[float] = []
             s = st
             rmap = s.rule_map()
@@ -644,12 +646,13 @@ def change_worker(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 n = apply_delta(s, d)  # the reconciler's one application (not timed: it is not the backend's)
                 kernel.clear()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 if new_api:
                     be.apply(s, d, n)
                 else:
                     be.apply(d)
                 times.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
                 ker.append(sum(kernel))
                 s = n
                 rmap[r.id] = r2
@@ -664,6 +667,8 @@ def change_worker(args: argparse.Namespace) -> dict[str, Any]:
         subprocess.run(["ip", "netns", "del", ns], check=False)
     return {
         "full_sync_s": full,
+        "full_sync_cpu_s": full_cpu,
+        "change_cpu_ms_median": statistics.median(cpus) * 1e3,
         "change_ms_median": statistics.median(times) * 1e3,
         "change_ms_p90": sorted(times)[int(len(times) * 0.9)] * 1e3,
         "change_kernel_ms_median": statistics.median(ker) * 1e3,
@@ -698,7 +703,8 @@ def change_bench(args: argparse.Namespace) -> dict[str, Any]:
         return [g[tree][key] for g in rounds if tree in g]
 
     out: dict[str, Any] = {"env": {**env, "loadavg_end": os.getloadavg()}, "rounds": rounds}
-    for key in ("full_sync_s", "change_ms_median", "change_kernel_ms_median"):
+    for key in ("full_sync_s", "full_sync_cpu_s", "change_ms_median", "change_cpu_ms_median",
+                "change_kernel_ms_median"):  # fmt: skip
         out[key] = {"after": med(col("after", key))}
         if args.base_src:
             out[key]["before"] = med(col("before", key))

@@ -136,7 +136,16 @@ def run(n: int, hold: float = 1.0, second_copy: bool = False, churn: bool = Fals
                 entries = [e for e in ct.matching([srv_ip]) if cli_ip not in (e.src, e.dst) or h != cli.host]
             finally:
                 ct.close()
-            leftovers[h] = {"chainsLeft": ifname in rules, "entriesLeft": len(entries)}
+            leftovers[h] = {
+                "chainsLeft": ifname in rules,
+                "entriesLeft": len(entries),
+                # what they are (which connection, which TCP state, how long left): the diagnosis
+                "entries": [
+                    f"{e.protocol} {e.src}:{e.sport}->{e.dst}:{e.dport} {e.state} t={e.timeout}s "
+                    f"status={e.status:#x} mark={e.mark}"
+                    for e in entries[:10]
+                ],
+            }
     total = [r["phases"][-1]["ms"] for r in records]
     move = [x for x in (phase_ms(r, "switching", "switched") for r in records) if x is not None]
     prep = [x for x in (phase_ms(r, "prepare", "export") for r in records) if x is not None]

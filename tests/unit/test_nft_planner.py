@@ -117,6 +117,11 @@ def test_one_rule_change_renders_only_what_the_delta_names() -> None:
     # ow1's chains, path chains, and the rule's bucket of the stored IR (ow1 itself is unchanged)
     assert not any(c.startswith(("e_ow0", "e_ow2", "i_ow0")) for c in touched_chains), touched_chains
     assert {c for c in touched_chains if c.startswith("_state")} == {"_state_15"}
+    # of ow1's own chains, only those whose rules changed are rewritten (its ingress, default and
+    # entry chains are as they were)
+    flushed = {c["flush"]["chain"]["name"] for c in plan.commands if "chain" in c.get("flush", {})}
+    assert flushed and not any(c.startswith("i_ow1") or c in ("e_ow1", "e_ow1_d") for c in flushed), flushed
+    assert {c for c in touched_chains if c.startswith("e_ow1")} <= flushed  # no rule appended twice
     # the next change starts from the book the commit left
     n2 = replace(n, revision=3, vnics=tuple(replace(v, default_action="reject") if v.ifname == "ow2" else v
                                             for v in n.vnics))  # fmt: skip

@@ -29,7 +29,7 @@ from pathlib import Path
 from omniwall.compiler.ir import HostDelta, HostDesiredState
 from omniwall.dataplane.backend import Capabilities, ConnEntry, RuleCounters
 from omniwall.dataplane.conntrack import canonical
-from omniwall.dataplane.revocation import Revoker
+from omniwall.dataplane.revocation import Revoker, delta_vnics
 
 
 class MemoryConntrack:
@@ -153,7 +153,7 @@ class MemoryBackend:
         check_references(target)
         old = self._state
         self._commit(target)
-        self.revoker.after_change(old, target)
+        self.revoker.after_change(old, target, delta_vnics(old, delta, target))
 
     def counters(self) -> list[RuleCounters]:
         if self._state is None:

@@ -10,10 +10,10 @@ in-memory one (`MemoryBackend`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Protocol
 
-from omniwall.compiler.ir import HostDesiredState, IRVnic
+from omniwall.compiler.ir import HostDelta, HostDesiredState, IRVnic
 from omniwall.dataplane.backend import ConnEntry
 from omniwall.dataplane.conntrack import canonical
 from omniwall.sim.evaluate import judge_start
@@ -80,18 +80,33 @@ class Revoker:
         if enabled and watch is not None:
             watch()  # the kernel table: mirror it from events, so lookups walk nothing
 
-    def after_change(self, old: HostDesiredState | None, new: HostDesiredState) -> list[ConnEntry]:
+    def after_change(
+        self, old: HostDesiredState | None, new: HostDesiredState, vnics: Collection[str] | None = None
+    ) -> list[ConnEntry]:
         """Delete conntrack entries of affected vNICs that `new` would refuse at a hop still on this host,
-        and those no local vNIC is part of any more (the vNIC left: DESIGN §8 step 5)."""
+        and those no local vNIC is part of any more (the vNIC left: DESIGN §8 step 5).
+
+        `vnics`: the ifnames a delta can have changed verdicts at (`delta_vnics`, computed once from the
+        delta by the caller); None: found by comparing the two whole states (a sync)."""
         self.last_revoked = []
-        if not self.enabled or old == new:
+        if not self.enabled:
             return []
-        self.judge.under(new).prime()
-        affected = _affected_addresses(old, new)
+        if vnics is None:
+            if old == new:
+                return []
+            affected = _affected_addresses(old, new)
+        else:
+            affected = _addresses_of(old, new, vnics)
+        if old is None or old.sets is not new.sets:
+            # new members: build the sets now, so the next member change patches them off the clock
+            self.judge.under(new).prime()
         if not affected:
             return []
+        entries = self.ct.involving(affected)
+        if not entries:
+            return []  # same sets: the judge's index carries them to the next state as they are
         old_by_addr = by_address(old.vnics) if old is not None else {}
-        return self._rejudge(new, self.ct.involving(affected), affected, old_by_addr)
+        return self._rejudge(new, entries, affected, old_by_addr)
 
     def involving(self, new: HostDesiredState, addresses: set[str]) -> list[ConnEntry]:
         """Revocation after a members-only change: only connections from/to `addresses` can have
@@ -153,6 +168,33 @@ def by_address(vnics: tuple[IRVnic, ...]) -> dict[str, IRVnic]:
     return out
 
 
+def delta_vnics(base: HostDesiredState, delta: HostDelta, target: HostDesiredState) -> frozenset[str]:
+    """The vNICs (ifnames) whose verdicts `delta` can change: those it updates or removes, those naming
+    a rule it changes or removes, and those naming a rule (old or new) on a set it changes or removes.
+    From the delta's names alone: no comparison of the two whole states."""
+    out = {u.vnic.ifname for u in delta.vnic_updates} | {r.ifname for r in delta.vnic_removes}
+    rules = {u.rule.id for u in delta.rule_updates} | {r.id for r in delta.rule_removes}
+    sets = {u.name for u in delta.set_updates} | {r.name for r in delta.set_removes}
+    if sets:
+        for st in (base, target):
+            rules.update(r.id for r in st.rules if r.src_set in sets or r.dst_set in sets)
+    if rules:
+        for st in (base, target):
+            out.update(v.ifname for v in st.vnics if not rules.isdisjoint((*v.egress, *v.ingress)))
+    return frozenset(out)
+
+
+def _addresses_of(old: HostDesiredState | None, new: HostDesiredState, vnics: Collection[str]) -> set[str]:
+    """The addresses of the named vNICs, as they were and as they are."""
+    out: set[str] = set()
+    for st in (old, new):
+        if st is not None:
+            for v in st.vnics:
+                if v.ifname in vnics:
+                    out.update(canonical(a) for a in v.addresses)
+    return out
+
+
 def _affected_addresses(old: HostDesiredState | None, new: HostDesiredState) -> set[str]:
     """Addresses of vNICs whose verdicts may have changed: vNIC added/removed/changed, a rule it uses
     changed, or a set one of its rules references changed."""
@@ -182,4 +224,4 @@ def _affected_addresses(old: HostDesiredState | None, new: HostDesiredState) -> 
     return out
 
 
-__all__ = ["ConnTable", "Judge", "Revoker", "by_address", "packet_of"]
+__all__ = ["ConnTable", "Judge", "Revoker", "by_address", "delta_vnics", "packet_of"]

@@ -21,9 +21,10 @@ revokes through `self.revoker` (dataplane/revocation.py). Nothing here builds ke
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -46,9 +47,24 @@ from omniwall.dataplane.nft.render import (
     DEFAULT_WORKLOAD_PREFIXES,
     check_prefixes,
 )
-from omniwall.dataplane.revocation import Revoker
+from omniwall.dataplane.revocation import Revoker, delta_vnics
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Planning a full table allocates ~10^6 dicts and lists, none of them garbage, while the process
+    holds the states' 100k+ members: the cyclic collector traversed them over and over (half the CPU
+    of a full plan on the benchmark's host, and a stray full collection in a one-rule change costs
+    more than the change). Paused while we plan and write; reference counting frees what we drop."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class NftBackend:
@@ -126,6 +142,10 @@ class NftBackend:
         self.planner.committed(plan)
 
     def sync(self, state: HostDesiredState) -> None:
+        with gc_paused():
+            self._sync(state)
+
+    def _sync(self, state: HostDesiredState) -> None:
         listing = self._listing()
         current = self._realized(listing)
         if current is not None and normalized(current) == normalized(state):
@@ -140,6 +160,10 @@ class NftBackend:
         self._revoke(current, state)
 
     def apply(self, base: HostDesiredState, delta: HostDelta, target: HostDesiredState) -> None:
+        with gc_paused():
+            self._apply(base, delta, target)
+
+    def _apply(self, base: HostDesiredState, delta: HostDelta, target: HostDesiredState) -> None:
         held = self._current if self._current is not None else self.realized()
         if held is None:
             raise ValueError("apply: nothing realized yet; sync a full state first")
@@ -160,7 +184,7 @@ class NftBackend:
             else:
                 self.revoker.involving(target, plan.suspects)
         elif plan.revoke == "after_change":
-            self._revoke(held, target)
+            self._revoke(held, target, delta_vnics(held, delta, target))
 
     def teardown(self) -> None:
         with contextlib.suppress(Exception):
@@ -171,10 +195,12 @@ class NftBackend:
         self.planner.forget()
 
     # --------------------------------------------------------------------------------- revocation
-    def _revoke(self, old: HostDesiredState | None, new: HostDesiredState) -> None:
+    def _revoke(
+        self, old: HostDesiredState | None, new: HostDesiredState, vnics: frozenset[str] | None = None
+    ) -> None:
         with contextlib.suppress(Exception):  # background ones first (their failures are logged)
             self.wait_revocation()
-        self.revoker.after_change(old, new)
+        self.revoker.after_change(old, new, vnics)
 
     def _revoke_later(self, addresses: set[str]) -> None:
         """On the namespace thread, in queue order: judge under the state current *now*, so a member

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -89,34 +89,49 @@ def encode_header(state: HostDesiredState) -> list[str]:
     return _pack(MAGIC2, {"host": state.host, "version": state.version})
 
 
-def encode_bucket(rules: Iterable[IRRule], vnics: Iterable[IRVnic], sets: Iterable[IRSet]) -> list[str]:
-    """One bucket's chunks: its objects, sorted (rules by id, vNICs by ifname, sets by name)."""
+def encode_bucket(
+    rules: Iterable[IRRule],
+    vnics: Iterable[IRVnic],
+    sets: Iterable[IRSet],
+    plain_rule: Callable[[IRRule], Any] = plain,
+) -> list[str]:
+    """One bucket's chunks: its objects, sorted (rules by id, vNICs by ifname, sets by name).
+    `plain_rule`: `ir.plain` of a rule, or a cache of it (planner.py)."""
     return _pack(
         MAGIC2,
         {
-            "rules": [plain(r) for r in sorted(rules, key=lambda r: r.id)],
+            "rules": [plain_rule(r) for r in sorted(rules, key=lambda r: r.id)],
             "vnics": [plain(v) for v in sorted(vnics, key=lambda v: v.ifname)],
             "sets": [{"name": s.name, "cidrs": list(s.cidrs)} for s in sorted(sets, key=lambda s: s.name)],
         },
     )
 
 
-def encode_buckets(state: HostDesiredState, only: set[int] | None = None) -> dict[int, list[str]]:
-    """Chunks per bucket: every bucket, or those in `only`."""
+def encode_buckets(
+    state: HostDesiredState,
+    only: set[int] | None = None,
+    rules_in: Callable[[int], list[IRRule]] | None = None,
+    plain_rule: Callable[[IRRule], Any] = plain,
+) -> dict[int, list[str]]:
+    """Chunks per bucket: every bucket, or those in `only`. `rules_in(k)`: bucket k's rules, when the
+    caller can find them without a pass over every rule; `plain_rule`: see encode_bucket."""
     want = set(range(STATE_BUCKETS)) if only is None else only
     rules: dict[int, list[IRRule]] = {k: [] for k in want}
     vnics: dict[int, list[IRVnic]] = {k: [] for k in want}
     sets: dict[int, list[IRSet]] = {k: [] for k in want}
-    for r in state.rules:
-        if (k := rule_bucket(r.id)) in want:
-            rules[k].append(r)
+    if rules_in is not None and only is not None:
+        rules = {k: rules_in(k) for k in want}
+    else:
+        for r in state.rules:
+            if (k := r.id % STATE_BUCKETS) in want:  # rule_bucket, inlined: 10k rules
+                rules[k].append(r)
     for v in state.vnics:
         if (k := name_bucket(v.ifname)) in want:
             vnics[k].append(v)
     for s in state.sets:
         if (k := name_bucket(s.name)) in want:
             sets[k].append(s)
-    return {k: encode_bucket(rules[k], vnics[k], sets[k]) for k in sorted(want)}
+    return {k: encode_bucket(rules[k], vnics[k], sets[k], plain_rule) for k in sorted(want)}
 
 
 def decode_buckets(header: list[str], buckets: dict[int, list[str]]) -> dict[str, Any] | None:

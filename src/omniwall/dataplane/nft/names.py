@@ -44,6 +44,10 @@ IPCACHE = {
     for nets in (False, True)
 }
 MAP_ANY = {"egress": "m_any_egress", "ingress": "m_any_ingress"}
+# one shared lookup chain per direction and family (the ipcache maps, then MAP_ANY): every hop's
+# `<hop>_x4`/`_x6` goes there, so the kernel's commit-time loop check walks each ipcache map once
+# instead of once per hop (render_index.py)
+IPCACHE_CHAIN = {(d, fam): f"ipx_{d[0]}{fam}" for d in ("egress", "ingress") for fam in (4, 6)}
 
 _PLAIN = re.compile(r"[A-Za-z0-9_]+")
 
@@ -112,6 +116,7 @@ __all__ = [
     "FAMILY",
     "FWD_CHAIN",
     "IPCACHE",
+    "IPCACHE_CHAIN",
     "KNOWN_IF",
     "MAP_ANY",
     "MAP_EGRESS",

@@ -35,11 +35,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch, SetUpdate
+from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch, SetUpdate, plain
 from omniwall.dataplane.nft import blob
 from omniwall.dataplane.nft.expr import Json, T
 from omniwall.dataplane.nft.expr import match as _match
@@ -614,17 +614,22 @@ def revision_cmd(revision: int) -> Json:
 
 
 def render_bookkeeping(
-    state: HostDesiredState, *, structure: bool = True, buckets: set[int] | None = None
+    state: HostDesiredState,
+    *,
+    structure: bool = True,
+    buckets: set[int] | None = None,
+    rules_in: Callable[[int], list[IRRule]] | None = None,
+    plain_rule: Callable[[IRRule], Any] = plain,
 ) -> list[Json]:
     """Rewrite the stored IR (when the structure changed: every bucket, or only `buckets`) and the
-    revision (blob.py has the layout)."""
+    revision (blob.py has the layout). `rules_in`, `plain_rule`: see blob.encode_buckets."""
     cmds: list[Json] = []
     if structure:
         if buckets is None:
             cmds.append({"flush": {"chain": {**T, "name": STATE_CHAIN}}})
             header = blob.encode_header(state)
             cmds += _add_rules(STATE_CHAIN, [_rule([{"continue": None}], c) for c in header])
-        for k, chunks in blob.encode_buckets(state, buckets).items():
+        for k, chunks in blob.encode_buckets(state, buckets, rules_in, plain_rule).items():
             name = state_chain(k)
             cmds.append({"flush": {"chain": {**T, "name": name}}})
             cmds += _add_rules(name, [_rule([{"continue": None}], c) for c in chunks])
@@ -660,10 +665,11 @@ def render_table(
     flow_group: int | None = None,
     index: IndexObjects | None = None,
     vnic_chains: dict[str, dict[str, list[Json]]] | None = None,
+    plain_rule: Callable[[IRRule], Any] = plain,
 ) -> list[Json]:
     """The whole table, replacing whatever exists, as one transaction (`add; delete; add table`).
     `index`, `vnic_chains`: the state's hop index objects and per-vNIC chains (render_vnic_chains) when
-    the caller has them already (planner.py).
+    the caller has them already (planner.py); `plain_rule`: see blob.encode_bucket.
     `prefixes`: workload-interface name prefixes; unknown interfaces matching one are dropped.
     `flow_group`: NFLOG group of the flow-record logs (None: none); it is named in the comment of
     `fwd`'s first rule, so adoption (which compares the base chains' comments) notices a change."""
@@ -740,7 +746,7 @@ def render_table(
             *unknown_rules("oifname", prefixes),
         ],
     )  # fmt: skip
-    cmds += render_bookkeeping(state)
+    cmds += render_bookkeeping(state, plain_rule=plain_rule)
     return cmds
 
 
@@ -941,10 +947,16 @@ def render_vnic_changes(ch: VnicChange, log_group: int, flow_group: int | None) 
         for ifname, chains in old_chains.items()
         if (n := conn_limit_chain(ifname)) in chains and chains[n] == new_chains.get(ifname, {}).get(n)
     }
-    for ifname in old_chains:
-        if conn_limit_chain(ifname) in kept:
-            new_chains[ifname] = {n: r for n, r in new_chains[ifname].items() if n not in kept}
-            old_chains[ifname] = {n: r for n, r in old_chains[ifname].items() if n not in kept}
+    # so is any chain whose rules do not change (a one-rule change rewrites the chains holding it, not
+    # every chain of the vNIC: each rule added is parsed by libnftables and checked by the kernel)
+    for ifname, chains in old_chains.items():
+        now = new_chains.get(ifname)
+        if now is None:
+            continue
+        same = {n for n, r in chains.items() if n in kept or now.get(n) == r}
+        if same:
+            new_chains[ifname] = {n: r for n, r in now.items() if n not in same}
+            old_chains[ifname] = {n: r for n, r in chains.items() if n not in same}
     for chains in old_chains.values():
         cmds += [{"flush": {"chain": {**T, "name": n}}} for n in chains]
     for ifname, chains in old_chains.items():

@@ -27,6 +27,7 @@ from omniwall.dataplane.nft.expr import payload as _payload
 from omniwall.dataplane.nft.expr import rule as _rule
 from omniwall.dataplane.nft.names import (
     IPCACHE,
+    IPCACHE_CHAIN,
     MAP_ANY,
     identity_chain,
     identity_map,
@@ -69,7 +70,7 @@ def hop_chains(
     `render_rule(rule, next_chain, shapes, log_group)` is render.render_rule (passed in: no cycle)."""
     v, d = plan.vnic, plan.direction
     chains: dict[str, list[Json]] = {}
-    local_field, remote_field = ("saddr", "daddr") if d == "egress" else ("daddr", "saddr")
+    local_field = "saddr" if d == "egress" else "daddr"
     for fam in plan.families:
         ip = "ip" if fam == 4 else "ip6"
         own = sorted(a for a in v.addresses if (":" in a) == (fam == 6))
@@ -78,12 +79,10 @@ def hop_chains(
         mine: Any = own[0] if len(own) == 1 else {"set": own}
         chains[index_chain(d, v.ifname, fam)] = [
             _rule([_match(_payload(ip, local_field), mine, "!="), _goto(lin)], "foreign"),
-            _rule([_match(_meta("l4proto"), {"set": list(INDEXED_PROTOS)}, "!="), _goto(lin)], "other"),
-            _rule([{"vmap": {"key": _payload(ip, remote_field), "data": f"@{IPCACHE[(d, fam, False)]}"}}],
-                  "ipcache"),
-            _rule([{"vmap": {"key": _payload(ip, remote_field), "data": f"@{IPCACHE[(d, fam, True)]}"}}],
-                  "ipcache"),
-            _rule([_goto(any_chain(d, v.ifname, 0))], "any"),
+            # two compares, not `!= { tcp, udp }`: an anonymous set per hop costs the kernel a walk of
+            # the whole transaction when a rule binds it (quadratic in a full load)
+            _rule([*(_match(_meta("l4proto"), p, "!=") for p in INDEXED_PROTOS), _goto(lin)], "other"),
+            _rule([_goto(IPCACHE_CHAIN[(d, fam)])], "ipcache"),
         ]  # fmt: skip
     if plan.families:
         segs = plan.any_segments
@@ -239,6 +238,7 @@ def index_objects(
     for d in DIRECTIONS:
         out.maps[MAP_ANY[d]] = map_decl(MAP_ANY[d], "ifname", False)
         out.elements[MAP_ANY[d]] = {}
+    out.chains.update(ipcache_chains())
     rmap = state.rule_map()
     used: dict[str, set[Key]] = {d: set() for d in DIRECTIONS}
     for (ifname, d), hp in sorted(plan.hops.items()):
@@ -256,6 +256,27 @@ def index_objects(
             out.maps.update(maps)
             out.chains[chain] = rules
         out.elements.update(ipcache_elements(plan, d))
+    return out
+
+
+def ipcache_chains() -> dict[str, list[Json]]:
+    """The shared lookup chains `ipx_<d><fam>`, entered by goto from every indexed hop's `<hop>_x<fam>`
+    once the local side and the protocol are known: the remote address's identity chain (ipcache, then
+    the networks' ipcache), else the hop's any-remote chains (MAP_ANY: every indexed hop has an entry,
+    keyed by its ifname). Why shared and not in each hop's chain: when a transaction adds a rule with a
+    verdict or a goto element, the kernel checks the table for loops at commit, walking every verdict
+    map once per chain that references it; ~34k ipcache entries referenced by 200 hops made that
+    ~400 ms per commit, one reference per map makes it ~1/100 of that."""
+    out: dict[str, list[Json]] = {}
+    for (d, fam), name in IPCACHE_CHAIN.items():
+        ip = "ip" if fam == 4 else "ip6"
+        remote = _payload(ip, "daddr" if d == "egress" else "saddr")
+        out[name] = [
+            _rule([{"vmap": {"key": remote, "data": f"@{IPCACHE[(d, fam, False)]}"}}], "ipcache"),
+            _rule([{"vmap": {"key": remote, "data": f"@{IPCACHE[(d, fam, True)]}"}}], "ipcache"),
+            _rule([{"vmap": {"key": _meta(_IFKEY[d]), "data": f"@{MAP_ANY[d]}"}}], "any"),
+            _rule([{"counter": None}, {"drop": None}], "unindexed"),  # never reached: fail closed
+        ]
     return out
 
 
@@ -413,6 +434,7 @@ __all__ = [
     "identity_objects",
     "index_chain",
     "index_objects",
+    "ipcache_chains",
     "ipcache_elements",
     "ipcache_target",
     "linear_chain",
