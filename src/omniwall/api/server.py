@@ -213,11 +213,12 @@ def serve(
         metrics.serve(app.state.metrics, metrics_address)
         log.info("metrics on http://%s/metrics", metrics_address)
     log.info(
-        "manager %s on %s://%s:%d, store %s at revision %d, flows in %s%s",
-        manager.id,
+        # "manager on URL" first: operators and the docs tests wait for that text; the id tells replicas apart
+        "manager on %s://%s:%d (id %s), store %s at revision %d, flows in %s%s",
         "https" if tls else "http",
         host,
         port,
+        manager.id,
         db,
         manager.revision,
         flow_opts.path_for(db),
