@@ -44,6 +44,9 @@ def test_the_commands_the_demo_prints_work_as_printed() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # Ctrl-C as on a terminal: a test run started as a background job inherits SIGINT ignored, and
+        # Python then never turns SIGINT into KeyboardInterrupt in the demo.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         out = _read_until(proc, "Ctrl-C tears it down", 240)
