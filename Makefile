@@ -56,8 +56,9 @@ lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/lint-imports --no-cache --no-logo
 
+# --durations=40: every CI log lists the slowest tests, to keep the suite inside its 30 min budget
 test: install lint
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=40 tests
 
 unit: install
 	$(BIN)/pytest -q tests/unit
