@@ -8,7 +8,6 @@ Needs root (network namespaces, nftables); skipped, visibly, otherwise.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -16,7 +15,9 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="e2e tests need root (namespaces, nftables)")
+from labhelpers import NEEDS_ROOT
+
+pytestmark = NEEDS_ROOT
 
 OLD_IP = "10.78.0.1"
 NEW_IP = "10.78.0.9"

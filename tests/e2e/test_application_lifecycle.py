@@ -11,7 +11,6 @@ namespace. Needs root; skipped, visibly, otherwise.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +22,13 @@ import pytest
 # does for topo.py)
 from test_identity_posture import Source, identity, stream
 
+from labhelpers import NEEDS_ROOT
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "vdi"
 OWNED = {("Group", "hr-users"), ("Group", "hr-app"), ("Service", "hr-web"), ("Policy", "hr")}
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="e2e tests need root (namespaces, nftables)")
+pytestmark = NEEDS_ROOT
 
 
 @pytest.fixture(scope="module")

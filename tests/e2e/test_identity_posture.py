@@ -14,7 +14,6 @@ test restores the identity/posture state it changed, so the order does not matte
 from __future__ import annotations
 
 import contextlib
-import os
 import select
 import threading
 import time
@@ -25,12 +24,14 @@ from typing import Any
 import httpx
 import pytest
 
+from labhelpers import NEEDS_ROOT
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "vdi"
 SETTLE = 0.3  # after every host acked: packets already in flight may still land
 QUIET = 1.5  # a cut connection delivers nothing for this long (the live one: ~150 sends each way)
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="e2e tests need root (namespaces, nftables)")
+pytestmark = NEEDS_ROOT
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -3,14 +3,10 @@ built from (issue 13, item 4): after a change through the API, the kernel and th
 
 from __future__ import annotations
 
-import os
-
-import pytest
-
-from labhelpers import TWO_HOSTS
+from labhelpers import NEEDS_ROOT, TWO_HOSTS
 from omniwall.lab.managed import managed_lab
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces (root)")
+pytestmark = NEEDS_ROOT
 
 
 def test_matrix_expectation_follows_the_live_policy() -> None:

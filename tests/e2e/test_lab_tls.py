@@ -15,10 +15,12 @@ from typing import Any
 import httpx
 import pytest
 
+from labhelpers import NEEDS_ROOT
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "three-tier"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="e2e tests need root (namespaces, nftables)")
+pytestmark = NEEDS_ROOT
 
 # (source, destination, proto, port, allowed) of the three-tier example
 PROBES = [

@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="e2e tests need root (namespaces, nftables)")
+from labhelpers import NEEDS_ROOT
+
+pytestmark = NEEDS_ROOT
 
 
 @pytest.fixture(scope="module")

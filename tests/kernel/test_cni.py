@@ -23,45 +23,22 @@ from typing import Any
 
 import pytest
 
+from labhelpers import CLIENTS_TO_WEB, LAB_MARKS, closed_tenants, hosts, yaml_docs
 from omniwall.cni.net import host_ifname
 from omniwall.lab import netns, responder
 from omniwall.lab.probe import Probe, run_probes
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.e2e,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, nftables)"),
-]
+pytestmark = [*LAB_MARKS, pytest.mark.e2e]
 
-LAB = """
-kind: Tenant
-metadata: {name: t1}
-spec: {defaultAction: drop}
----
-kind: Host
-metadata: {name: h1}
----
+PEER = """
 kind: Workload
 metadata: {name: peer, tenant: t1, labels: {app: client}}
 spec:
   host: h1
   vnics: [{name: eth0, ips: [10.92.0.1]}]
   lab: {servers: [tcp/80]}
----
-kind: Group
-metadata: {name: web, tenant: t1}
-spec: {selector: app == "web"}
----
-kind: Group
-metadata: {name: clients, tenant: t1}
-spec: {selector: app == "client"}
----
-kind: Policy
-metadata: {name: p, tenant: t1}
-spec:
-  rules:
-    - {name: clients-to-web, sources: [clients], destinations: [web], services: [tcp/80], action: allow}
 """
+LAB = yaml_docs(closed_tenants("t1"), hosts("h1"), PEER, CLIENTS_TO_WEB)
 
 
 @pytest.fixture(scope="module")

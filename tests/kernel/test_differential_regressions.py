@@ -11,14 +11,12 @@ log's records as they are.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import pytest
 
+from labhelpers import NEEDS_ROOT
 from omniwall.model.loader import load_text
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, nftables)")
 
 INVENTORY = """
 kind: Host
@@ -150,7 +148,7 @@ SCENARIOS = [
 
 
 @pytest.mark.kernel
-@needs_root
+@NEEDS_ROOT
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.id for s in SCENARIOS])
 def test_regression(scenario: Scenario) -> None:
     from omniwall.fuzz.runner import Case, check_scenario

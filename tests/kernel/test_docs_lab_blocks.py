@@ -30,12 +30,10 @@ from pathlib import Path
 import pytest
 
 from docsblocks import ROOT, Block, command_blocks, first_line_agrees, transcript
+from labhelpers import LAB_MARKS
 from omniwall.lab import state as lab_state
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
-]
+pytestmark = LAB_MARKS
 
 BLOCKS = [b for b in command_blocks() if b.illustrative is None and b.root]
 DOCS = list(dict.fromkeys(b.doc for b in BLOCKS))

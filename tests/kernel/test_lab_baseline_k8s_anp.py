@@ -3,22 +3,14 @@ compiler + nftables in host namespaces, real connections between workload namesp
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import pytest
-
-from labhelpers import TWO_HOSTS, netns_list
+from labhelpers import STANDALONE_MARKS, TWO_HOSTS, netns_list
 from omniwall.k8s import import_files
 from omniwall.k8s.output import to_yaml
 from omniwall.lab import Lab
-from omniwall.lab.standalone import standalone_available
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
-    pytest.mark.skipif(not standalone_available(), reason="compiler or nftables backend not installed"),
-]
+pytestmark = STANDALONE_MARKS
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "k8s-anp"
 

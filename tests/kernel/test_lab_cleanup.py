@@ -10,16 +10,13 @@ import time
 
 import pytest
 
-from labhelpers import TWO_HOSTS, netns_list, pid_alive
+from labhelpers import LAB_MARKS, TWO_HOSTS, netns_list, pid_alive
 from omniwall.lab import Lab
 from omniwall.lab import state as lab_state
 from omniwall.lab.plan import LabPlan, PlanError
 from omniwall.model.catalog import Catalog
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
-]
+pytestmark = LAB_MARKS
 
 
 def _ours(prefix: str) -> set[str]:

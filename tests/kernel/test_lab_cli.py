@@ -4,7 +4,6 @@ lines, exec exit codes, down (twice), nothing left behind."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -13,13 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from labhelpers import TWO_HOSTS, netns_list, pid_alive
+from labhelpers import LAB_MARKS, TWO_HOSTS, netns_list, pid_alive
 from omniwall.lab import state as lab_state
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
-]
+pytestmark = LAB_MARKS
 
 
 def ow(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -3,19 +3,12 @@ responder stay; with policy, the matrix still matches the expectation afterwards
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import pytest
-
-from labhelpers import TWO_HOSTS
+from labhelpers import LAB_MARKS, NEEDS_STANDALONE, TWO_HOSTS
 from omniwall.lab import Lab
-from omniwall.lab.standalone import standalone_available
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
-]
+pytestmark = LAB_MARKS
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "three-tier"
 
@@ -38,7 +31,7 @@ def test_move_without_policy() -> None:
         assert Lab.attach(lab.name).plan.workload("c").host == "h1"
 
 
-@pytest.mark.skipif(not standalone_available(), reason="compiler or nftables backend not installed")
+@NEEDS_STANDALONE
 def test_move_with_policy_keeps_the_expectation() -> None:
     with Lab.up([EXAMPLE], policy=True) as lab:
         web = lab.plan.workload("tenant-a/web-1")

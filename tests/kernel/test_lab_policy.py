@@ -3,21 +3,13 @@ probe of the matrix gives the result the sim expects from the same policy."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
-import pytest
-
-from labhelpers import TWO_HOSTS, netns_list
+from labhelpers import STANDALONE_MARKS, TWO_HOSTS, netns_list
 from omniwall.lab import Lab
-from omniwall.lab.standalone import standalone_available
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
-    pytest.mark.skipif(not standalone_available(), reason="compiler or nftables backend not installed"),
-]
+pytestmark = STANDALONE_MARKS
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "three-tier"
 

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from labhelpers import TWO_HOSTS, netns_list, root_links
+from labhelpers import LAB_MARKS, TWO_HOSTS, netns_list, root_links
 from omniwall.lab import Lab
 from omniwall.lab.probe import Probe, run_probes
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
-]
+pytestmark = LAB_MARKS
 
 
 @pytest.fixture(scope="module")

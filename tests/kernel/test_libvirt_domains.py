@@ -31,12 +31,12 @@ from typing import Any
 
 import pytest
 
+from labhelpers import CLIENTS_TO_WEB, LAB_MARKS, closed_tenants, hosts, yaml_docs
 from omniwall.vm import qemu
 
 LIBVIRTD = "/usr/sbin/libvirtd"
 pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, libvirtd, QEMU)"),
+    *LAB_MARKS,
     pytest.mark.skipif(shutil.which(qemu.QEMU) is None, reason="qemu-system-x86 missing (make install)"),
     pytest.mark.skipif(
         not (Path(LIBVIRTD).exists() and shutil.which("virsh")),
@@ -44,18 +44,7 @@ pytestmark = [
     ),
 ]
 
-LAB = """
-kind: Tenant
-metadata: {name: t1}
-spec: {defaultAction: drop}
----
-kind: Tenant
-metadata: {name: t2}
-spec: {defaultAction: drop}
----
-kind: Host
-metadata: {name: h1}
----
+PEERS = """
 kind: Workload
 metadata: {name: peer, tenant: t1, labels: {app: client}}
 spec: {host: h1, vnics: [{name: eth0, ips: [10.93.0.1]}]}
@@ -63,21 +52,8 @@ spec: {host: h1, vnics: [{name: eth0, ips: [10.93.0.1]}]}
 kind: Workload
 metadata: {name: bad, tenant: t1, labels: {app: other}}
 spec: {host: h1, vnics: [{name: eth0, ips: [10.93.0.3]}]}
----
-kind: Group
-metadata: {name: web, tenant: t1}
-spec: {selector: app == "web"}
----
-kind: Group
-metadata: {name: clients, tenant: t1}
-spec: {selector: app == "client"}
----
-kind: Policy
-metadata: {name: p, tenant: t1}
-spec:
-  rules:
-    - {name: clients-to-web, sources: [clients], destinations: [web], services: [tcp/80], action: allow}
 """
+LAB = yaml_docs(closed_tenants("t1", "t2"), hosts("h1"), PEERS, CLIENTS_TO_WEB)
 
 QEMU_CONF = """user = "root"
 group = "root"

@@ -4,20 +4,16 @@ source's temporary fallback route is gone afterwards, and a TCP stream through i
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
-from labhelpers import TWO_HOSTS
+from labhelpers import LAB_MARKS, TWO_HOSTS
 from omniwall.lab import Lab
 from omniwall.lab.migrate import move_vnics
 from omniwall.lab.streams import Flow, wait_port
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
-]
+pytestmark = LAB_MARKS
 
 
 @pytest.mark.parametrize("family", [4, 6])

@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from labhelpers import yaml_docs as yaml_docs  # re-exported: the API tests build their worlds with it
 from omniwall.api.app import create_app
 from omniwall.manager.contracts import load_documents
 from omniwall.manager.service import SYSTEM, Manager
@@ -78,11 +79,6 @@ def serving(app: FastAPI, **config: Any) -> Iterator[str]:
         srv.should_exit = True
         t.join(timeout=10)
         sock.close()
-
-
-def yaml_docs(*parts: str) -> str:
-    """One multi-document YAML text of `parts` (each one or more documents)."""
-    return "\n---\n".join(part.strip("\n") for part in parts) + "\n"
 
 
 # World fragments (YAML) several modules build on, joined with the module's own workloads by `yaml_docs`.
