@@ -18,6 +18,11 @@ before its fence says why it cannot:
 - every other block runs in tests/unit/test_docs_commands.py against a manager on loopback.
 
 A new block is picked up by the next run; an unmarked one is runnable.
+
+Documents that show the same lab share it (`SHARED`, `shared_lab_runs`): a plain root block whose first
+command is `lab up` and whose last is `lab down`, in a later document of the group with the very same
+`lab up` command, runs on the lab the earlier block brought up: the earlier one skips its `lab down`, the
+later one its `lab up` (the same command, already run). Every other line runs as written.
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ COMMAND = re.compile(
 MARKER = re.compile(r"<!--\s*illustrative:\s*(\S.*?)\s*-->")
 DAEMON = re.compile(r"<!--\s*daemon:\s*(\S.*?)\s*-->")
 ROOT_LINE = re.compile(r"^\s*(\$ )?(.*\bsudo |([A-Z_]+=\S+ )*omniwall lab )")
+LAB_UP = re.compile(r"\bomniwall lab up\b")
+LAB_DOWN = re.compile(r"\bomniwall lab down\b")
+# Documents whose root blocks run in one session, in this order, sharing the labs they show alike
+# (the README's lab blocks repeat docs/lab.md's; the README's run last: its blocks migrate app-1).
+SHARED = [("docs/lab.md", "README.md")]
 
 
 @dataclass(frozen=True)
@@ -111,3 +121,52 @@ def first_line_agrees(shown: list[str], printed: str) -> bool:
     first = printed.splitlines()[0] if printed else ""
     parts = [r"\s+".join(map(re.escape, p.split())) for p in shown[0].strip().split("...")]
     return re.fullmatch(r"\s*" + ".*".join(parts) + r"\s*", first) is not None
+
+
+def command(line: str) -> str:
+    """A block line as a command: without its trailing comment, white space folded."""
+    return " ".join(line.split(" #")[0].split())
+
+
+def sessions(docs: list[str]) -> list[tuple[str, ...]]:
+    """`docs` grouped into the sessions that run them: the `SHARED` groups (those of their documents
+    that are in `docs`), every other document alone, in the order of `docs`."""
+    out: list[tuple[str, ...]] = []
+    for doc in docs:
+        group = next((g for g in SHARED if doc in g), (doc,))
+        session = tuple(d for d in group if d in docs)
+        if session not in out:
+            out.append(session)
+    return out
+
+
+def shared_lab_runs(blocks: list[Block]) -> list[tuple[Block, list[str]]]:
+    """The blocks of one session (in the session's document order), each with the lines it runs, in the
+    order they run: a block that shares a lab runs right after the block it shares it with."""
+
+    def up_key(b: Block) -> str | None:
+        lines = [command(x) for x in b.body if command(x)]
+        if b.daemon or b.transcript or len(lines) < 2:
+            return None
+        if LAB_UP.search(lines[0]) and LAB_DOWN.search(lines[-1]):
+            return lines[0]
+        return None
+
+    groups: dict[object, list[Block]] = {}
+    for b in blocks:
+        key = up_key(b)
+        groups.setdefault(key if key is not None else b.id, []).append(b)
+    out: list[tuple[Block, list[str]]] = []
+    for members in groups.values():
+        for i, b in enumerate(members):
+            lines = list(b.body)
+            if len(members) > 1:
+                body = [k for k, x in enumerate(lines) if command(x)]
+                drop = set()
+                if i > 0:
+                    drop.add(body[0])  # its `lab up`: the first block of the group ran the same
+                if i < len(members) - 1:
+                    drop.add(body[-1])  # its `lab down`: the last block of the group runs it
+                lines = [x for k, x in enumerate(lines) if k not in drop]
+            out.append((b, lines))
+    return out

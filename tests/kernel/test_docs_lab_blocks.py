@@ -3,7 +3,10 @@
 
 The blocks of one document run in order, in one scratch directory (where `examples/` and `.venv/` are
 the repository's), each in bash with `set -eo pipefail`; the variables a block exports are carried to
-the next block of the same document (a reader runs them in one shell). `OMNIWALL_LAB` holds a lab name
+the next block of the same document (a reader runs them in one shell). Documents that show the same
+labs (docs/lab.md and the README) run as one session and share those labs (tests/docsblocks.py,
+`shared_lab_runs`: a block runs right after the one whose lab it shares, skipping only the `lab up` that
+block already ran, and the earlier block leaves its `lab down` to it). `OMNIWALL_LAB` holds a lab name
 unique to this run, so `omniwall lab up` without `--name` builds this run's lab; `sudo` is a shim that
 keeps the environment (we are root already; the real sudo would reset it and its PATH). After each
 document the lab is taken down, also on failure, and nothing of it may be left.
@@ -29,14 +32,14 @@ from pathlib import Path
 
 import pytest
 
-from docsblocks import ROOT, Block, command_blocks, first_line_agrees, transcript
+from docsblocks import ROOT, Block, command_blocks, first_line_agrees, sessions, shared_lab_runs, transcript
 from labhelpers import LAB_MARKS
 from omniwall.lab import state as lab_state
 
 pytestmark = LAB_MARKS
 
 BLOCKS = [b for b in command_blocks() if b.illustrative is None and b.root]
-DOCS = list(dict.fromkeys(b.doc for b in BLOCKS))
+SESSIONS = sessions(list(dict.fromkeys(b.doc for b in BLOCKS)))
 # We are root already: run the command with this environment (the real sudo would reset it).
 SUDO = '#!/bin/sh\nexec env "$@"\n'
 
@@ -122,10 +125,10 @@ def _lab_gone(lab: str) -> None:
     assert lab not in lab_state.names()
 
 
-@pytest.mark.parametrize("doc", DOCS)
-def test_root_blocks_run_as_written(doc: str, base: Path) -> None:
+@pytest.mark.parametrize("session", SESSIONS, ids=["+".join(s) for s in SESSIONS])
+def test_root_blocks_run_as_written(session: tuple[str, ...], base: Path) -> None:
     lab = f"docs-{secrets.token_hex(3)}"
-    cwd = base / re.sub(r"\W", "_", doc)
+    cwd = base / re.sub(r"\W", "_", "+".join(session))
     cwd.mkdir()
     for name in ("examples", ".venv"):
         (cwd / name).symlink_to(ROOT / name)
@@ -133,7 +136,7 @@ def test_root_blocks_run_as_written(doc: str, base: Path) -> None:
     carry = cwd / ".exports"
     carry.write_text("")
     try:
-        for block in (b for b in BLOCKS if b.doc == doc):
+        for block, lines in shared_lab_runs([b for doc in session for b in BLOCKS if b.doc == doc]):
             if block.daemon is not None:
                 _daemon(block, cwd, env)
             elif block.transcript:
@@ -146,7 +149,7 @@ def test_root_blocks_run_as_written(doc: str, base: Path) -> None:
                         assert res.returncode == 0, f"{block.id}: {cmd}\n{res.stdout[-2000:]}\n{res.stderr}"
                     assert first_line_agrees(shown, res.stdout), f"{block.id}: {cmd}\n{res.stdout}"
             else:
-                body = "\n".join(block.body)
+                body = "\n".join(lines)
                 script = f"source {carry}\nset -eo pipefail\n{body}\nexport -p > {carry}\n"
                 res = _run(script, cwd, env)
                 assert "Traceback" not in res.stderr, res.stderr
