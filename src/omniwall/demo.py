@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,59 +250,51 @@ def hosts_table(status: Mapping[str, Any], netns: Mapping[str, str]) -> Table:
 
 def run_live(directory: Path, *, once: bool, console: Console) -> int:
     """Bring up the managed lab, measure, print, wait for Ctrl-C (unless `once`), tear down."""
-    from omniwall.lab.managed import ManagedError, managed_lab
-    from omniwall.model.errors import ValidationError
+    from omniwall.lab.demorun import run_demo
 
-    files = sorted(directory.glob("*.yaml")) if directory.is_dir() else [directory]
     console.print(f"[bold]bringing up a managed lab from {directory}[/] (namespaces, manager, agents) ...")
-    started = time.monotonic()
+    return run_demo(
+        directory,
+        lambda lab, cp: show(console, lab, cp),
+        console=console,
+        once=once,
+        gone="lab down: namespaces, manager and agents removed",
+        while_up=lambda lab, cp: staying_up(console, lab, cp),
+    )
+
+
+def show(console: Console, lab: Any, cp: Any) -> bool:
+    """The live demo on an up lab: the agents, the matrix against the sim, the migration, the API's
+    access lines. True when every probe agreed and the migration kept its connection."""
+    plan = lab.plan
+    console.print(hosts_table(cp.status(), {h.name: h.netns for h in plan.hosts}))
+    t0 = time.monotonic()
+    entries = lab.matrix(expect=True)
+    console.print(matrix_grid([w.key for w in plan.workloads], entries))
+    console.print(f"[dim]{len(entries)} probes in {time.monotonic() - t0:.1f} s[/]")
+    console.print(measured_flows_table(entries, demo_flows()))
+    wrong = [e for e in entries if not e.agrees]
+    if wrong:
+        console.print(f"[bold red]{len(wrong)} of {len(entries)} probes differ from the policy:[/]")
+        for e in wrong:
+            console.print(f"  {escape(e.json_line())}")
+    else:
+        console.print(f"[bold green]all {len(entries)} probes agree with the policy[/]")
+    migrated = show_migration(console, lab, cp)
+    _print_access(console, lab.name, cp.url, cp.admin_token, cp.ca_file, cp.dir)
+    return not wrong and migrated
+
+
+@contextlib.contextmanager
+def staying_up(console: Console, lab: Any, cp: Any) -> Iterator[None]:
+    """While the lab waits for Ctrl-C: the console's URL and tokens, and background traffic for it."""
+    _print_console(console, cp)
+    traffic = BackgroundTraffic(lab, demo_flows())
+    traffic.start()
     try:
-        with managed_lab([str(f) for f in files]) as (lab, cp):
-            plan = lab.plan
-            console.print(
-                f"lab [bold]{lab.name}[/] up in {time.monotonic() - started:.1f} s: "
-                f"{len(plan.hosts)} hosts, {len(plan.workloads)} workloads, namespace prefix {lab.prefix}"
-            )
-            console.print(hosts_table(cp.status(), {h.name: h.netns for h in plan.hosts}))
-            t0 = time.monotonic()
-            entries = lab.matrix(expect=True)
-            console.print(matrix_grid([w.key for w in plan.workloads], entries))
-            console.print(f"[dim]{len(entries)} probes in {time.monotonic() - t0:.1f} s[/]")
-            console.print(measured_flows_table(entries, demo_flows()))
-            wrong = [e for e in entries if not e.agrees]
-            if wrong:
-                console.print(f"[bold red]{len(wrong)} of {len(entries)} probes differ from the policy:[/]")
-                for e in wrong:
-                    console.print(f"  {escape(e.json_line())}")
-            else:
-                console.print(f"[bold green]all {len(entries)} probes agree with the policy[/]")
-            migrated = show_migration(console, lab, cp)
-            _print_access(console, lab.name, cp.url, cp.admin_token, cp.ca_file, cp.dir)
-            if not once:
-                _print_console(console, cp)
-                console.print("[bold]the lab stays up; Ctrl-C tears it down[/]")
-                traffic = BackgroundTraffic(lab, demo_flows())
-                traffic.start()
-                try:
-                    with contextlib.suppress(KeyboardInterrupt):
-                        while True:
-                            time.sleep(3600)
-                finally:
-                    traffic.stop()
-                # A second Ctrl-C must not cut the teardown short (it would leave namespaces behind).
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                console.print("\ntearing down ...")
-    except KeyboardInterrupt:
-        print("interrupted; the lab was torn down", file=sys.stderr)
-        return 130
-    except ValidationError as e:
-        print(f"error: {directory}: {e}", file=sys.stderr)
-        return 2
-    except (ManagedError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    console.print("lab down: namespaces, manager and agents removed")
-    return 1 if wrong or not migrated else 0
+        yield
+    finally:
+        traffic.stop()
 
 
 MIGRATING = ("tenant-a/app-1", "host-3", "tenant-a/web-1", 8080)  # workload, to, its client, port

@@ -15,7 +15,6 @@ everything down (agents, managers, etcd members by PID, namespaces).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -95,53 +94,38 @@ def failover(console: Console, lab: Any, cp: Any) -> bool:
     return len(moved) == len(moving) and not wrong
 
 
-def run(directory: Path, *, once: bool, console: Console) -> int:
-    from omniwall.lab.managed import ManagedError, managed_lab
-    from omniwall.model.errors import ValidationError
+def show(console: Console, lab: Any, cp: Any) -> bool:
+    """The HA demo on an up lab: the matrix against the sim, a manager's failover, the cluster's
+    URLs and attachments. True when every check held."""
+    entries = lab.matrix(expect=True)
+    wrong = [e for e in entries if not e.agrees]
+    console.print(
+        f"[bold green]all {len(entries)} probes agree with the policy[/]"
+        if not wrong
+        else f"[bold red]{len(wrong)} of {len(entries)} probes differ from the policy[/]"
+    )
+    ok = not wrong and failover(console, lab, cp)
+    cp.wait_in_sync()
+    print_cluster(console, cp)
+    return ok
 
-    files = sorted(directory.glob("*.yaml")) if directory.is_dir() else [directory]
+
+def run(directory: Path, *, once: bool, console: Console) -> int:
+    from omniwall.lab.demorun import run_demo
+
     console.print(
         f"[bold]bringing up an HA lab from {directory}[/] ({ETCD} etcd members, {MANAGERS} managers, "
         "one agent per host) ..."
     )
-    started = time.monotonic()
-    ok = False
-    try:
-        with managed_lab([str(f) for f in files], managers=MANAGERS, etcd=ETCD) as (lab, cp):
-            plan = lab.plan
-            console.print(
-                f"lab [bold]{lab.name}[/] up in {time.monotonic() - started:.1f} s: "
-                f"{len(plan.hosts)} hosts, {len(plan.workloads)} workloads, namespace prefix {lab.prefix}"
-            )
-            entries = lab.matrix(expect=True)
-            wrong = [e for e in entries if not e.agrees]
-            console.print(
-                f"[bold green]all {len(entries)} probes agree with the policy[/]"
-                if not wrong
-                else f"[bold red]{len(wrong)} of {len(entries)} probes differ from the policy[/]"
-            )
-            ok = not wrong and failover(console, lab, cp)
-            cp.wait_in_sync()
-            print_cluster(console, cp)
-            if not once:
-                console.print("[bold]the HA lab stays up; Ctrl-C tears it down[/]")
-                with contextlib.suppress(KeyboardInterrupt):
-                    while True:
-                        time.sleep(3600)
-                # a second Ctrl-C must not cut the teardown short
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                console.print("\ntearing down ...")
-    except KeyboardInterrupt:
-        print("interrupted; the lab was torn down", file=sys.stderr)
-        return 130
-    except ValidationError as e:
-        print(f"error: {directory}: {e}", file=sys.stderr)
-        return 2
-    except (ManagedError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    console.print("lab down: namespaces, agents, managers and etcd members removed")
-    return 0 if ok else 1
+    return run_demo(
+        directory,
+        lambda lab, cp: show(console, lab, cp),
+        console=console,
+        once=once,
+        gone="lab down: namespaces, agents, managers and etcd members removed",
+        managers=MANAGERS,
+        etcd=ETCD,
+    )
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

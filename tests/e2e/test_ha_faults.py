@@ -8,21 +8,29 @@ etcd cluster (real etcd processes, real namespaces, real traffic), one lab for t
   lost, no revision is acknowledged twice;
 - one etcd member stopped for 30 s and back, while all three managers are restarted: the agents keep
   enforcing, re-attach, the member catches up;
-- conflicting writes to two managers: one wins, the other gets 409.
+- conflicting writes to two managers: one wins, the other gets 409;
+- `make demo-ha`'s checks and printout (`demo_ha.show`, what `python -m omniwall.demo_ha --once` runs
+  on its lab): the matrix agrees, the attached manager is killed and its agents re-attach, every
+  manager URL, etcd member (and the leader) and the sign-in token are printed.
 A watch that falls behind a compaction and resyncs is tested on etcd in tests/unit/test_store_etcd.py
 (test_watch_behind_compaction_raises_and_resync_from_a_snapshot_works, and a manager reloading its model
 after a compaction); it is not repeated here.
 
-Each test leaves the lab as it found it (every manager and member running, agents in sync). Root needed.
+Each test leaves the lab as it found it (every manager and member running, agents in sync); after the
+module nothing of the lab is left (no process naming its control directory, no namespace with its
+prefix). Root needed.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,9 +46,10 @@ from hahelpers import (
     missing,
     wait_attached_elsewhere,
 )
+from labhelpers import NEEDS_ROOT, netns_list, processes_naming
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="e2e tests need root (namespaces, nftables)"),
+    NEEDS_ROOT,
     pytest.mark.skipif(
         not any(os.path.exists(p) for p in ("/usr/bin/etcd", "/usr/local/bin/etcd")), reason="etcd missing"
     ),
@@ -53,7 +62,16 @@ def ha() -> Iterator[tuple[Any, Any]]:
     from omniwall.lab.streams import MOBILITY
 
     with managed_lab(MOBILITY, ipv6=False, managers=3, etcd=3) as (lab, cp):
+        prefix, control = lab.prefix, str(cp.dir)
         yield lab, cp
+    _nothing_left(prefix, control)
+
+
+def _nothing_left(prefix: str, control: str) -> None:
+    """No control directory, no process naming it (agents, managers, etcd members), no namespace."""
+    assert not Path(control).exists()
+    assert processes_naming(control) == []
+    assert [n for n in netns_list() if n.startswith(prefix)] == []
 
 
 def _everything_up(cp: Any) -> None:
@@ -205,3 +223,20 @@ def test_conflicting_writes_to_two_managers_one_wins(ha: tuple[Any, Any]) -> Non
     finally:
         for c in clients:
             c.close()
+
+
+def test_demo_ha_checks_fails_over_and_prints_the_cluster(ha: tuple[Any, Any]) -> None:
+    from rich.console import Console
+
+    from omniwall import demo_ha
+
+    lab, cp = ha
+    console = Console(file=io.StringIO(), width=200, record=True, highlight=False)
+    ok = demo_ha.show(console, lab, cp)
+    text = console.export_text()
+    assert ok, text[-4000:]
+    assert len(re.findall(r"manager \d:\s+https://127\.0\.0\.1:\d+", text)) == 3, text
+    assert len(re.findall(r"etcd \S+: http://127\.0\.0\.1:\d+", text)) == 3, text
+    assert "(leader)" in text and "sign in with:  ow." in text
+    assert re.search(r"re-attached to https://127\.0\.0\.1:\d+ after \d+\.\d+ s", text), text
+    _everything_up(cp)

@@ -20,10 +20,12 @@ from typing import Any
 
 import pytest
 
+from labhelpers import NEEDS_ROOT, TWO_HOSTS, pid_alive
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "three-tier"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="e2e tests need root (namespaces, nftables)")
+pytestmark = NEEDS_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +34,6 @@ def managed() -> Iterator[tuple[Any, Any]]:
 
     with managed_lab([EXAMPLE]) as (lab, cp):
         yield lab, cp
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _disagreements(lab: Any, catalog: Any = None) -> list[str]:
@@ -131,7 +125,7 @@ def test_killed_agent_leaves_the_kernel_enforcing(managed: tuple[Any, Any]) -> N
     pid = cp.record.agents["host-1"]
     cp.kill_agent("host-1", sig=signal.SIGKILL)
     try:
-        assert not _alive(pid)
+        assert not pid_alive(pid)
         time.sleep(0.5)
         assert _ruleset(lab, "host-1") == before  # nothing flushed
         assert _disagreements(lab) == []  # web-1, dns-1 on host-1 still judged as before
@@ -149,13 +143,13 @@ def test_manager_down_agents_keep_enforcing(managed: tuple[Any, Any]) -> None:
     cp.stop_manager(sig=signal.SIGKILL)
     try:
         time.sleep(1.0)  # the agents notice: their feeds broke
-        assert all(_alive(pid) for pid in agents.values())
+        assert all(pid_alive(pid) for pid in agents.values())
         assert {h: _ruleset(lab, h) for h in before} == before
         assert _disagreements(lab) == []
     finally:
         cp.start_manager()
     cp.wait_in_sync(timeout=60)  # the same agents came back (backoff <= 30 s)
-    assert cp.record.agents == agents and all(_alive(pid) for pid in agents.values())
+    assert cp.record.agents == agents and all(pid_alive(pid) for pid in agents.values())
     assert {h: _ruleset(lab, h) for h in before} == before
 
 
@@ -223,43 +217,20 @@ def test_readme_migrate_moves_the_workload_with_a_live_tcp_connection(managed: t
 
 
 def test_teardown_leaves_nothing(tmp_path: Path) -> None:
-    from labhelpers import TWO_HOSTS
     from omniwall.lab import netns
     from omniwall.lab.managed import control_dir, managed_lab
 
     with managed_lab(TWO_HOSTS) as (lab, cp):
         prefix = lab.prefix
         pids = [cp.record.manager_pid, cp.record.hypervisor_pid, *cp.record.agents.values()]
-        assert len(pids) == 4 and all(p and _alive(p) for p in pids)
+        assert len(pids) == 4 and all(p and pid_alive(p) for p in pids)
         assert lab.probe("t1/a", "t1/b", "tcp", 80) is not None
-    assert not any(_alive(p) for p in pids if p)
+    assert not any(pid_alive(p) for p in pids if p)
     assert netns.list_names(prefix) == []
     assert not control_dir(prefix).exists()
 
 
-def test_demo_once_exits_zero() -> None:
-    p = subprocess.run(
-        [sys.executable, "-m", "omniwall.demo", "--once"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-    )
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "probes agree with the policy" in p.stdout
-    assert "admin token: ow." in p.stdout and "URL:" in p.stdout
-    assert "URL:         https://127.0.0.1:" in p.stdout and "OMNIWALL_CA=" in p.stdout  # mutual TLS
-    prefix = re.search(r"namespace prefix (\S+)", p.stdout)
-    assert prefix is not None
-    from omniwall.lab import netns
-    from omniwall.lab.managed import control_dir
-
-    assert netns.list_names(prefix.group(1)) == []
-    assert not control_dir(prefix.group(1)).exists()
-
-
 def test_cli_lab_up_managed_then_down_from_another_process(tmp_path: Path) -> None:
-    from labhelpers import TWO_HOSTS
     from omniwall.lab import netns
     from omniwall.lab.managed import ControlPlane, control_dir
 
@@ -279,7 +250,7 @@ def test_cli_lab_up_managed_then_down_from_another_process(tmp_path: Path) -> No
         assert "policy: managed" in up.stdout and prefix is not None
         cp = ControlPlane(prefix.group(1))
         pids = [cp.record.manager_pid, *cp.record.agents.values()]
-        assert len(pids) == 3 and all(p and _alive(p) for p in pids)  # they outlived `lab up`
+        assert len(pids) == 3 and all(p and pid_alive(p) for p in pids)  # they outlived `lab up`
         # The printed export line works as shown (the token read from its file, as `$(sudo cat ...)`).
         export = re.search(
             r"export (OMNIWALL_SERVER=\S+) (OMNIWALL_CA=\S+) OMNIWALL_TOKEN=\$\(sudo cat (\S+)\)", up.stdout
@@ -302,7 +273,7 @@ def test_cli_lab_up_managed_then_down_from_another_process(tmp_path: Path) -> No
     finally:
         down = subprocess.run([*cli, "down", "--name", name], capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
-    assert not any(_alive(p) for p in pids if p)
+    assert not any(pid_alive(p) for p in pids if p)
     assert prefix is not None
     assert netns.list_names(prefix.group(1)) == []
     assert not control_dir(prefix.group(1)).exists()
