@@ -93,6 +93,43 @@ kind: Host
 metadata: {name: h2}
 """
 
+# acme's web1 (tier=web, 10.0.0.1) on h1 and db1 (tier=db, 10.0.1.1) on h2 (the hosts of ACME_TWO_HOSTS)
+WEB1_DB1 = """
+kind: Workload
+metadata: {name: web1, tenant: acme, labels: {tier: web}}
+spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.1]}]}
+---
+kind: Workload
+metadata: {name: db1, tenant: acme, labels: {tier: db}}
+spec: {host: h2, vnics: [{name: eth0, ips: [10.0.1.1]}]}
+"""
+
+# acme on one host with one workload: web1 (tier=web, 10.0.0.1) on h1
+ACME_WEB1 = """
+kind: Tenant
+metadata: {name: acme}
+---
+kind: Host
+metadata: {name: h1}
+---
+kind: Workload
+metadata: {name: web1, tenant: acme, labels: {tier: web}}
+spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.1]}]}
+"""
+
+# tier=web workloads of acme may reach anything on tcp/80
+WEB_OUT_HTTP = """
+kind: Group
+metadata: {name: web, tenant: acme}
+spec: {selector: 'tier == "web"'}
+---
+kind: Policy
+metadata: {name: p, tenant: acme}
+spec:
+  rules:
+  - {name: r, sources: [web], destinations: [any], services: [tcp/80], action: allow}
+"""
+
 # tier=web workloads of acme may reach tier=db ones on tcp/5432
 WEB_TO_DB_SQL = """
 kind: Group

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from apihelpers import serving
+from apihelpers import ACME_WEB1, seeded_manager, serving
 from typer.testing import CliRunner
 
 from omniwall.api.app import create_app
@@ -18,17 +18,7 @@ from omniwall.manager.contracts import load_documents
 from omniwall.manager.service import SYSTEM, Manager
 from omniwall.store.sqlite import SqliteStore
 
-FILE = """
-kind: Tenant
-metadata: {name: acme}
----
-kind: Host
-metadata: {name: h1}
----
-kind: Workload
-metadata: {name: web1, tenant: acme, labels: {tier: web}}
-spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.1]}]}
-"""
+FILE = ACME_WEB1
 
 
 @pytest.fixture
@@ -144,8 +134,7 @@ def test_a_second_manager_on_the_same_store_converges(tmp_path: Path) -> None:
 def test_incremental_desired_states_match_a_full_compile(tmp_path: Path) -> None:
     from omniwall.compiler.build import compile_catalog
 
-    m = Manager(SqliteStore(tmp_path / "m.db"))
-    m.commit(m.plan_apply(load_documents(FILE, "f")), SYSTEM)
+    m = seeded_manager(SqliteStore(tmp_path / "m.db"), FILE)
     for i in range(4):
         text = (
             f"kind: Workload\nmetadata: {{name: w{i}, tenant: acme, labels: {{tier: web}}}}\n"

@@ -13,7 +13,6 @@ from apihelpers import auth, blank_client, seeded_manager, use_manager
 from fastapi.testclient import TestClient
 
 from omniwall.manager import attributes
-from omniwall.manager.contracts import load_documents
 from omniwall.manager.service import SYSTEM, Manager
 from omniwall.store.memory import MemoryStore
 
@@ -227,8 +226,7 @@ def test_non_object_body_is_422(world: Any) -> None:
 
 
 def test_concurrent_logins_all_land() -> None:
-    m = Manager(MemoryStore())
-    m.commit(m.plan_apply(load_documents(WORLD, "world.yaml")), SYSTEM)
+    m = seeded_manager(MemoryStore(), WORLD)
     users = [f"u{i}" for i in range(24)]
 
     def login(chunk: list[str]) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from apihelpers import auth, issue_tokens, seeded_manager
+from apihelpers import ACME_WEB1, WEB_OUT_HTTP, auth, issue_tokens, seeded_manager, yaml_docs
 from fastapi.testclient import TestClient
 
 from omniwall.api.app import create_app
@@ -24,27 +24,15 @@ from omniwall.store.memory import MemoryStore
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-WORLD = """
-kind: Tenant
-metadata: {name: acme}
----
+WORLD = yaml_docs(
+    ACME_WEB1,
+    """
 kind: Tenant
 metadata: {name: other}
----
-kind: Host
-metadata: {name: h1}
----
-kind: Workload
-metadata: {name: web1, tenant: acme, labels: {tier: web}}
-spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.1]}]}
 ---
 kind: Workload
 metadata: {name: db1, tenant: other}
 spec: {host: h1, vnics: [{name: eth0, ips: [10.0.1.1]}]}
----
-kind: Group
-metadata: {name: web, tenant: acme}
-spec: {selector: 'tier == "web"'}
 ---
 kind: Service
 metadata: {name: http, tenant: acme}
@@ -52,13 +40,9 @@ spec: {protocol: tcp, ports: [80]}
 ---
 kind: Application
 metadata: {name: shop, tenant: acme}
----
-kind: Policy
-metadata: {name: p, tenant: acme}
-spec:
-  rules:
-  - {name: r, sources: [web], destinations: [any], services: [tcp/80], action: allow}
-"""
+""",
+    WEB_OUT_HTTP,
+)
 
 PLURAL = {
     "Tenant": "tenants",

@@ -7,51 +7,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from apihelpers import ACME_TWO_HOSTS, WEB1_DB1, WEB_TO_DB_SQL, seeded_manager, yaml_docs
+
 from omniwall.api.impact import impact, tenant_impact
 from omniwall.compiler.build import compile_catalog
 from omniwall.manager.contracts import load_documents
 from omniwall.manager.service import SYSTEM, Manager
 from omniwall.store.sqlite import SqliteStore
 
-WORLD = """
-kind: Tenant
-metadata: {name: acme}
----
+WORLD = yaml_docs(
+    ACME_TWO_HOSTS,
+    WEB1_DB1,
+    """
 kind: Tenant
 metadata: {name: beta}
----
-kind: Host
-metadata: {name: h1}
----
-kind: Host
-metadata: {name: h2}
----
-kind: Workload
-metadata: {name: web1, tenant: acme, labels: {tier: web}}
-spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.1]}]}
----
-kind: Workload
-metadata: {name: db1, tenant: acme, labels: {tier: db}}
-spec: {host: h2, vnics: [{name: eth0, ips: [10.0.1.1]}]}
 ---
 kind: Workload
 metadata: {name: b1, tenant: beta, labels: {tier: web}}
 spec: {host: h2, vnics: [{name: eth0, ips: [10.0.2.1]}]}
----
-kind: Group
-metadata: {name: web, tenant: acme}
-spec: {selector: 'tier == "web"'}
----
-kind: Group
-metadata: {name: db, tenant: acme}
-spec: {selector: 'tier == "db"'}
----
-kind: Policy
-metadata: {name: web-db, tenant: acme}
-spec:
-  rules:
-  - {name: sql, sources: [web], destinations: [db], services: [tcp/5432], action: allow}
-"""
+""",
+    WEB_TO_DB_SQL,
+)
 
 CHANGES = [
     # a member joins (set elements only)
@@ -101,8 +77,7 @@ def test_impact_from_deltas_equals_impact_of_a_full_compile(tmp_path: Path) -> N
 
 
 def test_a_preview_sends_nothing_to_the_feeds(tmp_path: Path) -> None:
-    m = Manager(SqliteStore(tmp_path / "m.db"))
-    m.commit(m.plan_apply(load_documents(WORLD, "world")), SYSTEM)
+    m = seeded_manager(SqliteStore(tmp_path / "m.db"), WORLD)
     revs = m.desired.revisions()
     assert impact(m, m.plan_apply(load_documents(CHANGES[1], "c")))["hosts"]
     assert m.desired.revisions() == revs

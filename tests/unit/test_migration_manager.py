@@ -4,7 +4,7 @@ conntrack entries carried by feed commands, spec.host moved, audit, rollback. No
 from __future__ import annotations
 
 import asyncio
-import socket
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -13,52 +13,34 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from apihelpers import (
+    ACME_TWO_HOSTS,
+    ADMIN_AND_AGENTS,
+    WEB1_DB1,
+    WEB_TO_DB_SQL,
+    issue_tokens,
+    seeded_manager,
+    serving,
+    yaml_docs,
+)
 
 from omniwall.agent.main import Agent
 from omniwall.api.app import create_app
 from omniwall.dataplane.backend import ConnEntry
 from omniwall.dataplane.memory_backend import MemoryBackend
-from omniwall.manager.contracts import load_documents
 from omniwall.manager.migration import FAULTS_ENV
-from omniwall.manager.service import SYSTEM, Manager
+from omniwall.manager.service import Manager
 from omniwall.store.sqlite import SqliteStore
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-WORLD = """
-kind: Tenant
-metadata: {name: acme}
----
-kind: Host
-metadata: {name: h1}
----
-kind: Host
-metadata: {name: h2}
----
-kind: Workload
-metadata: {name: web1, tenant: acme, labels: {tier: web}}
-spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.1]}]}
----
-kind: Workload
-metadata: {name: db1, tenant: acme, labels: {tier: db}}
-spec: {host: h2, vnics: [{name: eth0, ips: [10.0.1.1]}]}
----
-kind: Group
-metadata: {name: web, tenant: acme}
-spec: {selector: 'tier == "web"'}
----
-kind: Group
-metadata: {name: db, tenant: acme}
-spec: {selector: 'tier == "db"'}
----
-kind: Policy
-metadata: {name: web-db, tenant: acme}
-spec:
-  rules:
-  - {name: sql, sources: [web], destinations: [db], services: [tcp/5432], action: allow}
-  - {name: in, sources: [any], destinations: [web], services: [tcp/80], action: allow}
-"""
+# WEB_TO_DB_SQL's policy with one more rule: anyone may reach web on tcp/80
+WORLD = yaml_docs(
+    ACME_TWO_HOSTS,
+    WEB1_DB1,
+    WEB_TO_DB_SQL.rstrip("\n")
+    + "\n  - {name: in, sources: [any], destinations: [web], services: [tcp/80], action: allow}",
+)
 
 ENTRY = ConnEntry(
     family=2, protocol=6, src="10.9.9.9", dst="10.0.0.1", sport=40000, dport=80, reply_src="10.0.0.1",
@@ -69,18 +51,20 @@ ENTRY = ConnEntry(
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
     store = SqliteStore(tmp_path / "m.db")
-    m = Manager(store)
-    m.commit(m.plan_apply(load_documents(WORLD, "world.yaml")), SYSTEM)
-    admin = m.tokens.create("provider-admin")[0]
-    tokens = {h: m.tokens.create("agent", host=h)[0] for h in ("h1", "h2")}
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv = uvicorn.Server(uvicorn.Config(create_app(m, watch=False), log_level="warning"))
-    t = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    while not srv.started:
-        time.sleep(0.02)
+    m = seeded_manager(store, WORLD)
+    tokens = issue_tokens(m, ADMIN_AND_AGENTS)
+    try:
+        with serving(create_app(m, watch=False)) as url, _agents(m, url, tokens) as (backends, client):
+            yield {"m": m, "client": client, "backends": backends}
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def _agents(
+    m: Manager, url: str, tokens: dict[str, str]
+) -> Iterator[tuple[dict[str, MemoryBackend], httpx.Client]]:
+    """An agent per host (sim backends, h1 holding ENTRY) in one event loop, and an admin client."""
     backends = {h: MemoryBackend(h) for h in ("h1", "h2")}
     backends["h1"].import_connections([ENTRY])
     loop = asyncio.new_event_loop()
@@ -93,20 +77,16 @@ def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
     lt = threading.Thread(target=loop.run_until_complete, args=(run_agents(),))
     lt.start()
-    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=30)
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tokens['admin']}"}, timeout=30)
     try:
         _until(lambda: all(m.host_status(h)["inSync"] and m.host_status(h)["connected"] for h in backends))
-        yield {"m": m, "client": client, "backends": backends}
+        yield backends, client
     finally:
         client.close()
         for a in agents:
             loop.call_soon_threadsafe(a.stop)
         lt.join(timeout=10)
         loop.close()
-        srv.should_exit = True
-        t.join(timeout=10)
-        sock.close()
-        store.close()
 
 
 def _until(cond: Any, timeout: float = 10.0) -> None:
@@ -195,8 +175,7 @@ def test_a_migration_record_is_a_placement_the_compiler_sends_as_deltas(tmp_path
     sets, as one compiler delta; the record's end takes them away again; the source is untouched."""
     import json
 
-    m = Manager(SqliteStore(tmp_path / "m.db"))
-    m.commit(m.plan_apply(load_documents(WORLD, "world.yaml")), SYSTEM)
+    m = seeded_manager(SqliteStore(tmp_path / "m.db"), WORLD)
     h1, h2 = m.desired.snapshot("h1"), m.desired.snapshot("h2")
     assert h1 is not None and h2 is not None
     rec = {

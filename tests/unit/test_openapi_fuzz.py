@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
-from apihelpers import issue_tokens, seeded_manager  # noqa: E402
+from apihelpers import ACME_WEB1, WEB_OUT_HTTP, issue_tokens, seeded_manager, yaml_docs  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import (  # noqa: E402
     content_type_conformance,
@@ -35,27 +35,7 @@ EXAMPLES = int(os.environ.get("OMNIWALL_FUZZ_EXAMPLES", "12"))
 # Endless streams (heartbeats until the client hangs up): their authorization is in the matrix test,
 # their scoping in tests/unit/test_api_flows.py (flows, audit) and the feed tests.
 SKIP = {("GET", "/v1/hosts/{host}/feed"), ("GET", "/v1/flows/watch"), ("GET", "/v1/audit/watch")}
-WORLD = """
-kind: Tenant
-metadata: {name: acme}
----
-kind: Host
-metadata: {name: h1}
----
-kind: Workload
-metadata: {name: web1, tenant: acme, labels: {tier: web}}
-spec: {host: h1, vnics: [{name: eth0, ips: [10.0.0.1]}]}
----
-kind: Group
-metadata: {name: web, tenant: acme}
-spec: {selector: 'tier == "web"'}
----
-kind: Policy
-metadata: {name: p, tenant: acme}
-spec:
-  rules:
-  - {name: r, sources: [web], destinations: [any], services: [tcp/80], action: allow}
-"""
+WORLD = yaml_docs(ACME_WEB1, WEB_OUT_HTTP)
 
 MANAGER = seeded_manager(MemoryStore(), WORLD)
 TOKEN = issue_tokens(MANAGER, {"admin": ("provider-admin", {})})["admin"]
