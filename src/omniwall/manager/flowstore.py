@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -76,6 +77,7 @@ CREATE TABLE IF NOT EXISTS parts (
     n INTEGER PRIMARY KEY, name TEXT NOT NULL, first_id INTEGER NOT NULL, last_id INTEGER NOT NULL,
     rows INTEGER NOT NULL, tmin REAL NOT NULL, tmax REAL NOT NULL, sealed INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hits (
     minute INTEGER NOT NULL, rule_id INTEGER NOT NULL, verdict TEXT NOT NULL,
     rule_tenant TEXT NOT NULL, policy TEXT NOT NULL, rule TEXT NOT NULL, category TEXT NOT NULL,
@@ -246,6 +248,11 @@ class FlowStore(Protocol):
 
     def rows(self) -> int: ...
 
+    @property
+    def store_id(self) -> str:
+        """Unique per store, stable across restarts: the pagination cursor over several stores names it."""
+        ...
+
     def prune(self, older_than: float, max_rows: int) -> int:
         """Delete rows older than `older_than`, then the oldest beyond `max_rows`; returns how many."""
         ...
@@ -272,6 +279,15 @@ class SqliteFlowStore:
         self._parts = self._list(self._write)  # the writer's view, oldest first
         self._rows = sum(p.rows for p in self._parts)
         self._next_id = max((p.last_id for p in self._parts), default=0) + 1
+        self.store_id = self._identity()
+
+    def _identity(self) -> str:
+        """This store's id, made once and kept in the file: row ids are only unique within one store,
+        so a cursor over several managers' stores (manager/flowpeers.py) names each by it; a manager
+        restarted on the same file is the same store."""
+        new = uuid.uuid4().hex[:16]
+        self._write.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('id', ?)", (new,))
+        return str(self._write.execute("SELECT value FROM meta WHERE key = 'id'").fetchone()[0])
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
