@@ -104,6 +104,10 @@ _HIT = (
 )
 
 
+class StoreClosed(RuntimeError):
+    """The flow store was closed (shutdown): nothing more is written or read."""
+
+
 @dataclass(slots=True, eq=False)  # identity: the writer's list holds each once
 class Part:
     """One partition as listed in `parts`. `tmin`/`tmax` bound its rows' `t` (deletes only narrow them)."""
@@ -354,6 +358,7 @@ class SqliteFlowStore:
                 if t > h[8]:
                     h[8] = t
         with self._write_lock:
+            self._open()
             conn = self._write
             hot = self._parts[-1] if self._parts and not self._parts[-1].sealed else None
             first = self._next_id
@@ -394,6 +399,12 @@ class SqliteFlowStore:
             self._next_id = last + 1
             self._rows += len(rows)
 
+    def _open(self) -> None:
+        """Under a lock: a closed store says so (sqlite's own "Cannot operate on a closed database" named
+        neither the store nor why; a reader or a late writer racing shutdown gets this instead)."""
+        if self._closed:
+            raise StoreClosed(f"flow store {self.path} is closed")
+
     # ------------------------------------------------------------------ reads
     def _snapshot(self, q: FlowQuery) -> list[Part]:
         """The partitions a query must read, newest first (call inside a read transaction)."""
@@ -414,6 +425,7 @@ class SqliteFlowStore:
         where, args = q.where()
         out: list[tuple[int, Row]] = []
         with self._read_lock:
+            self._open()
             self._cidr_function(q)
             self._read.execute("BEGIN")  # one snapshot across partitions (retention may drop one)
             try:
@@ -435,6 +447,7 @@ class SqliteFlowStore:
         where, args = q.where()
         sums: dict[tuple[Any, ...], int] = {}
         with self._read_lock:
+            self._open()
             self._cidr_function(q)
             self._read.execute("BEGIN")
             try:
@@ -458,6 +471,7 @@ class SqliteFlowStore:
             "FROM hits WHERE minute >= ? GROUP BY rule_id, verdict"
         )
         with self._read_lock:
+            self._open()
             rows = self._read.execute(sql, (int(since // 60),)).fetchall()
         return [Hit(*r) for r in rows]
 
@@ -559,5 +573,6 @@ __all__ = [
     "Part",
     "Row",
     "SqliteFlowStore",
+    "StoreClosed",
     "in_cidrs",
 ]
