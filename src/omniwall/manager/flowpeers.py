@@ -71,7 +71,7 @@ class Registry:
         self.key = secrets.token_urlsafe(24)  # peers present it back: only managers read the registry
         self.url = ""
         self._cache: tuple[float, list[Peer], dict[str, dict[str, Any]]] | None = None
-        self._keys: dict[str, tuple[float, str]] = {}  # peer id -> (read at, its key)
+        self._keys: dict[str, str] = {}  # live peer id -> its key, as of the last registry read
         self._lock = threading.Lock()
 
     @property
@@ -96,7 +96,9 @@ class Registry:
             if cached is not None and time.monotonic() - cached[0] < PEERS_CACHE:
                 return cached[1], cached[2]
         peers: list[Peer] = []
-        for mid, info in sorted(self.coordination.peers().items()):
+        registered = self.coordination.peers()
+        keys = {mid: str(info.get("peerKey", "")) for mid, info in registered.items()}
+        for mid, info in sorted(registered.items()):
             url = info.get("url")
             if isinstance(url, str) and url:
                 peers.append(Peer(mid, url, str(info.get("flows", ""))))
@@ -111,6 +113,7 @@ class Registry:
                 stores[kv.key[len(STORES) :]] = entry
         with self._lock:
             self._cache = (time.monotonic(), peers, stores)
+            self._keys = keys
         return peers, stores
 
     def missing(
@@ -136,8 +139,9 @@ class Registry:
         return out
 
     def verify(self, header: str) -> str | None:
-        """The manager id a peer header proves, or None. The key is read from the caller's registry entry
-        (so a dead manager's key dies with its lease); reads are cached a few seconds."""
+        """The manager id a peer header proves, or None. Keys come from the registry (so a dead manager's
+        key dies with its lease), read at most once per PEERS_CACHE seconds however many callers guess:
+        a wrong key costs no etcd read beyond that."""
         if self.rt is None:
             return None
         mid, _, key = header.strip().partition(" ")
@@ -145,12 +149,11 @@ class Registry:
             return None
         with self._lock:
             known = self._keys.get(mid)
-        if known is None or time.monotonic() - known[0] > 5 * PEERS_CACHE or not _same(known[1], key):
-            info = self.coordination.peers().get(mid, {})
-            known = (time.monotonic(), str(info.get("peerKey", "")))
+        if known is None or not _same(known, key):
+            self.view()  # refreshes the keys if the cached view is older than PEERS_CACHE
             with self._lock:
-                self._keys[mid] = known
-        return mid if known[1] and _same(known[1], key) else None
+                known = self._keys.get(mid)
+        return mid if known and _same(known, key) else None
 
     def header(self) -> str:
         return f"{self.coordination.id} {self.key}"
