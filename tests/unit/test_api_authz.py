@@ -170,6 +170,8 @@ UNSCOPED = frozenset(
         "GET /v1/flows/hits",
         "GET /v1/flows/unused",
         "GET /v1/flows/stats",
+        # managers only (flows across managers): no role may call it, whatever it names
+        "POST /v1/flows/peer",
     }
 )
 
@@ -855,6 +857,7 @@ def _flow_rows() -> list[Case]:
         Case("rule hits", "GET", "/v1/flows/hits", READERS, read),
         Case("unused rules", "GET", "/v1/flows/unused", READERS, read),
         Case("flow stats", "GET", "/v1/flows/stats", READERS, read),
+        Case("flow peer call", "POST", "/v1/flows/peer", NOBODY, "flows.peer", body={"op": "hits"}),
     ]
     return cases
 

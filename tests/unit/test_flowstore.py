@@ -328,3 +328,39 @@ def test_prune_after_close_is_a_no_op() -> None:
     svc = FlowService(store)
     svc.close()
     assert svc.prune() == 0 and store.prune(T0 + 1000, 0) == 0
+
+
+def test_close_racing_ingest_never_reaches_a_closed_database(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 10's "Cannot operate on a closed database": a submit whose writer starts while close() runs
+    used to start a writer after close() had looked for one, and that writer then wrote into the closed
+    store. Now a writer starts before close() (and is joined) or never; a batch after close is refused
+    (not acknowledged) and counted; reads of a closed store say so."""
+    import logging
+    import threading
+
+    from omniwall.manager.flowstore import StoreClosed
+
+    caplog.set_level(logging.WARNING)
+    for _ in range(30):
+        svc = FlowService(SqliteFlowStore(":memory:"), prune_every=0.001)
+        answers: list[bool] = []
+        go = threading.Barrier(2)
+
+        def post(svc: FlowService = svc) -> None:
+            go.wait()
+            for i in range(0, 40, 4):
+                svc.submit("h1", list(ROWS[i : i + 4]), {}, answers.append)
+
+        t = threading.Thread(target=post)
+        t.start()
+        go.wait()
+        svc.close()
+        t.join(10)
+        st = svc.stats()
+        assert st["offered"] == st["stored"] + sum(st["dropped"].values()) + st["pending"]
+        assert st["pending"] == 0 and svc._writer is None
+    assert not [r for r in caplog.records if "closed database" in r.getMessage()]
+    with pytest.raises(StoreClosed, match="is closed"):
+        svc.store.query(FlowQuery(), 1)
+    refused: list[bool] = []
+    assert svc.submit("h1", list(ROWS[:2]), {}, refused.append) == (0, 2) and refused == [False]

@@ -6,7 +6,11 @@
     GET  /v1/flows/graph          nodes and edges (by workload or group) with counts per verdict
     GET  /v1/flows/hits           per rule and verdict: records over the window, last hit
     GET  /v1/flows/unused         rules of the compiled model with no record over the window
-    GET  /v1/flows/stats          stored rows; offered, stored, dropped by place; per host
+    GET  /v1/flows/stats          stored rows; offered, stored, dropped by place; per host (this manager)
+
+With several managers (etcd), each stores what its own agents ship; the reads above but `stats` ask the
+live peers too and merge (api/flowrelay.py, manager/flowpeers.py; docs/ha.md "Flows across managers").
+An answer that lacks a manager's store says so: `partial: true` and `errors` naming it.
 
 Reads need `resources.read`. Scoping (docs/flows.md): a tenant role sees the rows with one end among its
 own workloads; the other end is an address unless it is theirs too; rules of other tenants (and the
@@ -22,7 +26,8 @@ import ipaddress
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, NotRequired
 
@@ -37,10 +42,20 @@ from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 from omniwall.flows.record import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, VERDICTS
 from omniwall.manager import insight
 from omniwall.manager.flowgraph import build_graph
+from omniwall.manager.flowpeers import (
+    EXHAUSTED,
+    SourceError,
+    decode_cursor,
+    encode_cursor,
+    merge_aggregate,
+    merge_hits,
+    merge_page,
+)
 from omniwall.manager.flows import FlowService, Subscription, rows_of
-from omniwall.manager.flowstore import COLUMNS, FlowQuery, Row
+from omniwall.manager.flowstore import COLUMNS, FlowQuery, Hit, Row
 from omniwall.manager.service import Manager
 
+from . import flowrelay
 from .auth import Perm, Principal, authenticate, check_visible, manager_of, read_tenant, require
 from .errors import ApiError, not_found
 
@@ -190,9 +205,27 @@ class Flow(BaseModel):
     src_tenant: str | None
     dst_workload: str | None
     dst_tenant: str | None
+    store: str | None = Field(
+        None, description="the flow store holding it (several managers: ids are per store)"
+    )
 
 
-class FlowPage(BaseModel):
+class SourceProblem(BaseModel):
+    manager: str = Field(description="the manager's id ('' when unknown)")
+    url: str
+    store: str = Field(description="its flow store's id")
+    error: str
+
+
+class Partial(BaseModel):
+    """With several managers: whether a store's rows are missing from the answer, and why."""
+
+    partial: bool = Field(False, description="true: the rows of the stores in `errors` are not in the answer")
+    errors: list[SourceProblem] = Field(default_factory=list)
+    managers: int = Field(1, description="managers whose stores answered")
+
+
+class FlowPage(Partial):
     model_config = ConfigDict(populate_by_name=True)
 
     items: list[Flow]
@@ -212,7 +245,7 @@ class Edge(BaseModel):
     total: int
 
 
-class Graph(BaseModel):
+class Graph(Partial):
     window: str
     by: Literal["workload", "group"]
     nodes: list[Node]
@@ -230,7 +263,7 @@ class RuleHits(BaseModel):
     last_hit: str = Field(description="RFC 3339, UTC")
 
 
-class HitList(BaseModel):
+class HitList(Partial):
     window: str
     rules: list[RuleHits]
 
@@ -243,7 +276,7 @@ class RuleRef(BaseModel):
     category: str
 
 
-class UnusedList(BaseModel):
+class UnusedList(Partial):
     window: str
     rules: list[RuleRef]
 
@@ -650,7 +683,7 @@ def router() -> APIRouter:
         responses=ERRORS,
         dependencies=[Depends(only(*FILTERS, "limit", "continue"))],
     )
-    def list_flows(
+    async def list_flows(
         request: Request,
         f: Filters = Depends(filters),
         limit: int = Query(100, ge=1, le=MAX_LIMIT),
@@ -658,18 +691,10 @@ def router() -> APIRouter:
         p: Principal = Depends(authenticate),
     ) -> dict[str, Any]:
         m = manager_of(request)
-        q = resolve(p, m, f, time.time())
+        q = await run_in_threadpool(resolve, p, m, f, time.time())
         if q is None:
             return {"items": [], "continue": None}
-        if continue_ is not None:
-            if not continue_.isdigit():
-                raise _bad("continue", "not a token this API gave out")
-            q = _with(q, before_id=int(continue_))
-        found = flows_of(request).store.query(q, limit)
-        scope = q.scope_tenant
-        items = [present(row, rid, scope) for rid, row in found]
-        more = str(found[-1][0]) if len(found) == limit else None
-        return {"items": items, "continue": more}
+        return await page(request, q, limit, continue_)
 
     @r.get(
         "/v1/flows/watch",
@@ -707,7 +732,7 @@ def router() -> APIRouter:
         responses=ERRORS,
         dependencies=[Depends(only(*FILTERS, "window", "by"))],
     )
-    def graph(
+    async def graph(
         request: Request,
         f: Filters = Depends(filters),
         window: str = Query("1h", description="how far back: 5m, 1h, 1d"),
@@ -717,15 +742,19 @@ def router() -> APIRouter:
         m = manager_of(request)
         now = time.time()
         span = parse_duration(window, "window")
-        q = resolve(p, m, f, now)
+        q = await run_in_threadpool(resolve, p, m, f, now)
         if q is None:
             return {"window": window, "by": by, "nodes": [], "edges": []}
         if q.since is None or q.since < now - span:
             q = _with(q, since=now - span)
         cols = ("src", "src_workload", "src_tenant", "dst", "dst_workload", "dst_tenant", "verdict")
-        rows = flows_of(request).store.aggregate(q, cols)
+        local = run_in_threadpool(flows_of(request).store.aggregate, q, cols)
+        body = {"op": "aggregate", "query": asdict(q), "columns": list(cols)}
+        answers, extra = await fan_out(request, local, body)
+        rows = merge_aggregate(a if isinstance(a, list) else a["rows"] for a in answers)
         catalog, _ = m.snapshot_catalog()
-        return {"window": window, "by": by, **build_graph(rows, by, q.scope_tenant, catalog)}
+        out = {"window": window, "by": by, **build_graph(rows, by, q.scope_tenant, catalog)}
+        return {**out, **extra}
 
     @r.get(
         "/v1/flows/hits",
@@ -734,14 +763,15 @@ def router() -> APIRouter:
         responses=ERRORS,
         dependencies=[Depends(only("window"))],
     )
-    def hits(
+    async def hits(
         request: Request, window: str = Query("1h"), p: Principal = Depends(authenticate)
     ) -> dict[str, Any]:
         require(p, Perm.READ)
         span = parse_duration(window, "window")
         scope = p.tenant if p.tenant_scoped else None
+        found, extra = await all_hits(request, time.time() - span)
         by_rule: dict[int, dict[str, Any]] = {}
-        for h in flows_of(request).store.hits(time.time() - span):
+        for h in found:
             if scope is not None and h.rule_tenant != scope:
                 continue
             e = by_rule.setdefault(
@@ -763,7 +793,7 @@ def router() -> APIRouter:
         rules = sorted(by_rule.values(), key=lambda e: (-e["total"], e["rule_id"]))
         for e in rules:
             e["last_hit"] = rfc3339(e.pop("last"))
-        return {"window": window, "rules": rules}
+        return {"window": window, "rules": rules, **extra}
 
     @r.get(
         "/v1/flows/unused",
@@ -772,13 +802,14 @@ def router() -> APIRouter:
         responses=ERRORS,
         dependencies=[Depends(only("window"))],
     )
-    def unused(
+    async def unused(
         request: Request, window: str = Query("1h"), p: Principal = Depends(authenticate)
     ) -> dict[str, Any]:
         require(p, Perm.READ)
         span = parse_duration(window, "window")
         scope = p.tenant if p.tenant_scoped else None
-        hit = {h.rule_id for h in flows_of(request).store.hits(time.time() - span)}
+        found, extra = await all_hits(request, time.time() - span)
+        hit = {h.rule_id for h in found}
         rules: dict[int, dict[str, Any]] = {}
         for st in manager_of(request).desired.all().values():
             for ru in st.rules:
@@ -792,7 +823,8 @@ def router() -> APIRouter:
                     "category": ru.category,
                 }
         out = sorted(rules.values(), key=lambda e: (e["rule_tenant"], e["policy"], e["rule"]))
-        return {"window": window, "rules": out}
+        # a rule is unused only if no store that answered has a hit: a partial answer may overstate it
+        return {"window": window, "rules": out, **extra}
 
     @r.get(
         "/v1/flows/stats",
@@ -809,7 +841,86 @@ def router() -> APIRouter:
             out["hosts"] = {}  # host names do not exist for tenants; the totals are cluster-wide
         return out
 
+    r.include_router(flowrelay.router())  # POST /v1/flows/peer: managers only
     return r
+
+
+# ---------------------------------------------------------------------------------------------- fan-out
+
+
+def _extra(errors: list[SourceError], answered: int) -> dict[str, Any]:
+    return {"partial": bool(errors), "errors": [e.to_json() for e in errors], "managers": answered}
+
+
+async def fan_out(
+    request: Request, local: Awaitable[Any], body: dict[str, Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    """This manager's answer (`local`, awaited) and every live peer's to `body`: (answers, the partial
+    marker fields). Without peers: the local answer alone, complete."""
+    reg, peers, missing = await flowrelay.sources(request)
+    theirs = flowrelay.call_peers(request, reg, peers, body)
+    mine, (answers, errors) = await asyncio.gather(local, theirs)
+    errors = missing + errors
+    return [mine, *answers.values()], _extra(errors, 1 + len(answers))
+
+
+async def all_hits(request: Request, since: float) -> tuple[list[Hit], dict[str, Any]]:
+    local = run_in_threadpool(flows_of(request).store.hits, since)
+    answers, extra = await fan_out(request, local, {"op": "hits", "since": since})
+    return merge_hits(a if isinstance(a, list) else flowrelay.hits_of(a) for a in answers), extra
+
+
+async def page(request: Request, q: FlowQuery, limit: int, continue_: str | None) -> dict[str, Any]:
+    """One page of `q` over every live manager's store, newest first (manager/flowpeers.py). With one
+    manager (no peer, no missing store) the cursor stays a plain row id, as before."""
+    store = flows_of(request).store
+    reg, peers, missing = await flowrelay.sources(request)
+    scope = q.scope_tenant
+    if not peers and not missing and (continue_ is None or continue_.isdigit()):
+        if continue_ is not None:
+            q = _with(q, before_id=int(continue_))
+        found = await run_in_threadpool(store.query, q, limit)
+        items = [{**present(row, rid, scope), "store": store.store_id} for rid, row in found]
+        more = str(found[-1][0]) if len(found) == limit else None
+        return {"items": items, "continue": more}
+    try:
+        cursor = decode_cursor(continue_, store.store_id) if continue_ else {}
+    except ValueError as err:
+        raise _bad("continue", str(err)) from None
+
+    def below(sid: str) -> FlowQuery:
+        pos = cursor.get(sid)
+        return q if pos is None else _with(q, before_id=pos)
+
+    async def local() -> list[tuple[int, Row]]:
+        if cursor.get(store.store_id) == EXHAUSTED:
+            return []
+        return await run_in_threadpool(store.query, below(store.store_id), limit)
+
+    asked = [pr for pr in peers if cursor.get(pr.store) != EXHAUSTED]
+    # each peer gets the query below its own position (one body per peer: positions differ)
+    results = await asyncio.gather(
+        local(),
+        *(
+            flowrelay.call_peers(request, reg, [pr], flowrelay.query_body(below(pr.store), limit))
+            for pr in asked
+        ),
+    )
+    answers = {store.store_id: results[0]}
+    errors = list(missing)
+    for got, errs in results[1:]:
+        errors += errs
+        for a in got.values():
+            answers[str(a["store"])] = flowrelay.found_of(a)
+    failed = [e.store for e in errors if e.store]
+    rows, nxt = merge_page(answers, limit, cursor, failed)
+    items = [{**present(row, rid, scope), "store": sid} for sid, rid, row in rows]
+    done = 1 + sum(1 for pr in asked if pr.store in answers) + sum(1 for pr in peers if pr not in asked)
+    return {
+        "items": items,
+        "continue": encode_cursor(nxt) if nxt is not None else None,
+        **_extra(errors, done),
+    }
 
 
 def _with(q: FlowQuery, **changes: Any) -> FlowQuery:
@@ -828,22 +939,35 @@ async def _watch_events(
     stats_every: float,
     heartbeat: float,
 ) -> AsyncIterator[bytes]:
-    """Catch-up (stored rows since `since`, oldest first) when asked, then live rows as they arrive."""
+    """Catch-up (stored rows since `since`, oldest first) when asked, then live rows as they arrive.
+    With several managers, every live peer's rows too (`PeerFeeds`), and a `peers` event whenever the
+    set of managers streaming changes: {"managers", "errors", "partial"} (partial: some store's rows are
+    not in this stream)."""
     sent = 0
     scope = q.scope_tenant if q is not None else None
+    feeds: flowrelay.PeerFeeds | None = None
     try:
         yield b": omniwall flows\n\n"
+        reg = flowrelay.registry_of(request)
+        if reg.clustered and q is not None:
+            feeds = flowrelay.PeerFeeds(request, reg, sub, q)
+            feeds.start()  # before the catch-up: a row stored meanwhile is streamed, not lost
         if q is not None and q.since is not None:
-            stored = await run_in_threadpool(svc.store.query, q, limit or MAX_LIMIT)
-            for rid, row in reversed(stored):
-                yield _event("flow", present(row, rid, scope))
+            stored = await page(request, q, limit or MAX_LIMIT, None)
+            for item in reversed(stored["items"]):
+                yield _event("flow", item)
                 sent += 1
                 if limit is not None and sent >= limit:
                     return
         last_stats = last_out = time.monotonic()
         while True:
+            if feeds is not None:
+                while not feeds.changes.empty():
+                    yield _event("peers", feeds.changes.get_nowait())
             now = time.monotonic()
             wait = min(stats_every - (now - last_stats), heartbeat - (now - last_out))
+            if feeds is not None:
+                wait = min(wait, 0.5)  # peer changes are told within half a second
             rows = await sub.get(max(0.01, wait))
             if rows is not None and q is not None:
                 for row in rows:
@@ -873,6 +997,8 @@ async def _watch_events(
             if await request.is_disconnected():
                 return
     finally:
+        if feeds is not None:
+            await feeds.stop()
         svc.unsubscribe(sub)
 
 

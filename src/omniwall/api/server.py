@@ -134,9 +134,11 @@ def make_server(
     """A `uvicorn.Server` for the API (tests run it on a thread; `serve` on the main one)."""
     import uvicorn
 
+    from . import flowrelay
     from .app import create_app
 
     app = create_app(manager, flows=flows)
+    flowrelay.advertise(app, "https" if tls else "http", host, port)  # peers find it (flows across managers)
     # Agents must present their host's certificate when the manager can verify one (api/auth.py).
     app.state.agent_cert_required = client_ca
     kwargs: dict[str, Any] = {}

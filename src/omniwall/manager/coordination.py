@@ -12,17 +12,22 @@ the caller leads and cannot be cancelled but by closing the connection, and lead
 as good as the same lease anyway. A create-if-absent txn on a leased key gives the same guarantee with
 two calls this code already uses (a txn, a lease keepalive), and never blocks a thread on etcd.
 
+Registry: the value of `managers/<id>` is JSON, `{"since": epoch seconds, **advertised}`; a manager that
+serves HTTP advertises its URL there (`advertise`, api/flowrelay.py), so others find their live peers
+(`peers()`: the flow fan-out, docs/ha.md "Flows across managers").
+
 A leader acts only while `is_leader` holds: it turns false as soon as a renewal fails or when the last
 successful one is older than the TTL, before etcd can hand the key to another manager.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from omniwall.store.runtime import EtcdRuntime
 
@@ -57,6 +62,14 @@ class Coordination(Protocol):
 
     def stop(self) -> None: ...
 
+    def advertise(self, info: dict[str, str]) -> None:
+        """Publish `info` (url, ...) in this manager's registry entry, for as long as it lives."""
+        ...
+
+    def peers(self) -> dict[str, dict[str, Any]]:
+        """The other live managers: id -> what each advertised (empty without etcd)."""
+        ...
+
 
 class LocalCoordination:
     def __init__(self, manager: str) -> None:
@@ -73,6 +86,12 @@ class LocalCoordination:
 
     def stop(self) -> None:
         pass
+
+    def advertise(self, info: dict[str, str]) -> None:
+        pass
+
+    def peers(self) -> dict[str, dict[str, Any]]:
+        return {}
 
 
 def coordination(store: object, manager: str, jobs: tuple[str, ...]) -> Coordination:
@@ -94,6 +113,32 @@ class EtcdCoordination:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._info: dict[str, str] = {}  # advertised in managers/<id>
+
+    def advertise(self, info: dict[str, str]) -> None:
+        with self._lock:
+            self._info = dict(info)
+            lease = self._lease
+        if lease:  # already registered: update the entry now (else the next registration carries it)
+            self.rt.write([(MANAGERS + self.id, self._entry(), lease)])
+
+    def _entry(self) -> str:
+        with self._lock:
+            return json.dumps({"since": int(time.time()), **self._info})
+
+    def peers(self) -> dict[str, dict[str, Any]]:
+        items, _ = self.rt.range(MANAGERS)
+        out: dict[str, dict[str, Any]] = {}
+        for kv in items:
+            mid = kv.key[len(MANAGERS) :]
+            if mid == self.id:
+                continue
+            try:
+                info = json.loads(kv.value)
+            except ValueError:
+                info = {}
+            out[mid] = info if isinstance(info, dict) else {}
+        return out
 
     def is_leader(self, job: str) -> bool:
         with self._lock:
@@ -132,7 +177,7 @@ class EtcdCoordination:
             with self._lock:
                 self._led.clear()  # the old lease is gone, and the keys with it
             self._lease = self.rt.grant(self.ttl)
-            self.rt.write([(MANAGERS + self.id, str(int(time.time())), self._lease)])
+            self.rt.write([(MANAGERS + self.id, self._entry(), self._lease)])
         with self._lock:
             self._renewed = sent
         for job in self.jobs:

@@ -246,7 +246,10 @@ class FlowService:
             h.last = self.clock()
             if agent_dropped:
                 h.agent_dropped = dict(agent_dropped)
-            if self.pending + n > self.queue_records:
+            if self._closed:  # shutting down: not written, not acknowledged (the agent sends it again)
+                self.dropped["manager-store"] += n
+                accepted = False
+            elif self.pending + n > self.queue_records:
                 self.dropped["manager-queue"] += n
                 accepted = False
             else:
@@ -280,8 +283,8 @@ class FlowService:
     # ------------------------------------------------------------------ writer
     def _ensure_writer(self) -> None:
         if self._writer is None and not self._closed:
-            with self._lock:
-                if self._writer is None:
+            with self._lock:  # close() takes the lock too: a writer starts before it, or never
+                if self._writer is None and not self._closed:
                     self._writer = threading.Thread(
                         target=self._write_loop, name="omniwall-flows", daemon=True
                     )
@@ -368,11 +371,16 @@ class FlowService:
         return True
 
     def close(self) -> None:
-        """Write what is queued, stop the writer, close the store."""
-        self._closed = True
-        if self._writer is not None:
+        """Write what is queued, stop the writer, close the store. Under the lock `_ensure_writer` takes:
+        a writer being started as close begins is joined, not left running into a closed store."""
+        with self._lock:
+            self._closed = True
+            writer = self._writer
+        if writer is not None:
             self._queue.put(None)
-            self._writer.join(timeout=60)
+            writer.join(timeout=60)
+            if writer.is_alive():  # its next write or read fails as StoreClosed, counted, not a crash
+                log.warning("the flow writer is still busy after 60 s; closing the flow store under it")
             self._writer = None
         with contextlib.suppress(Exception):
             self.store.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -76,6 +77,7 @@ CREATE TABLE IF NOT EXISTS parts (
     n INTEGER PRIMARY KEY, name TEXT NOT NULL, first_id INTEGER NOT NULL, last_id INTEGER NOT NULL,
     rows INTEGER NOT NULL, tmin REAL NOT NULL, tmax REAL NOT NULL, sealed INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hits (
     minute INTEGER NOT NULL, rule_id INTEGER NOT NULL, verdict TEXT NOT NULL,
     rule_tenant TEXT NOT NULL, policy TEXT NOT NULL, rule TEXT NOT NULL, category TEXT NOT NULL,
@@ -100,6 +102,10 @@ _HIT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (minute, rule_id, verdict) "
     "DO UPDATE SET count = count + excluded.count, last = max(last, excluded.last)"
 )
+
+
+class StoreClosed(RuntimeError):
+    """The flow store was closed (shutdown): nothing more is written or read."""
 
 
 @dataclass(slots=True, eq=False)  # identity: the writer's list holds each once
@@ -246,6 +252,11 @@ class FlowStore(Protocol):
 
     def rows(self) -> int: ...
 
+    @property
+    def store_id(self) -> str:
+        """Unique per store, stable across restarts: the pagination cursor over several stores names it."""
+        ...
+
     def prune(self, older_than: float, max_rows: int) -> int:
         """Delete rows older than `older_than`, then the oldest beyond `max_rows`; returns how many."""
         ...
@@ -272,6 +283,15 @@ class SqliteFlowStore:
         self._parts = self._list(self._write)  # the writer's view, oldest first
         self._rows = sum(p.rows for p in self._parts)
         self._next_id = max((p.last_id for p in self._parts), default=0) + 1
+        self.store_id = self._identity()
+
+    def _identity(self) -> str:
+        """This store's id, made once and kept in the file: row ids are only unique within one store,
+        so a cursor over several managers' stores (manager/flowpeers.py) names each by it; a manager
+        restarted on the same file is the same store."""
+        new = uuid.uuid4().hex[:16]
+        self._write.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('id', ?)", (new,))
+        return str(self._write.execute("SELECT value FROM meta WHERE key = 'id'").fetchone()[0])
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -338,6 +358,7 @@ class SqliteFlowStore:
                 if t > h[8]:
                     h[8] = t
         with self._write_lock:
+            self._open()
             conn = self._write
             hot = self._parts[-1] if self._parts and not self._parts[-1].sealed else None
             first = self._next_id
@@ -378,6 +399,12 @@ class SqliteFlowStore:
             self._next_id = last + 1
             self._rows += len(rows)
 
+    def _open(self) -> None:
+        """Under a lock: a closed store says so (sqlite's own "Cannot operate on a closed database" named
+        neither the store nor why; a reader or a late writer racing shutdown gets this instead)."""
+        if self._closed:
+            raise StoreClosed(f"flow store {self.path} is closed")
+
     # ------------------------------------------------------------------ reads
     def _snapshot(self, q: FlowQuery) -> list[Part]:
         """The partitions a query must read, newest first (call inside a read transaction)."""
@@ -398,6 +425,7 @@ class SqliteFlowStore:
         where, args = q.where()
         out: list[tuple[int, Row]] = []
         with self._read_lock:
+            self._open()
             self._cidr_function(q)
             self._read.execute("BEGIN")  # one snapshot across partitions (retention may drop one)
             try:
@@ -419,6 +447,7 @@ class SqliteFlowStore:
         where, args = q.where()
         sums: dict[tuple[Any, ...], int] = {}
         with self._read_lock:
+            self._open()
             self._cidr_function(q)
             self._read.execute("BEGIN")
             try:
@@ -442,6 +471,7 @@ class SqliteFlowStore:
             "FROM hits WHERE minute >= ? GROUP BY rule_id, verdict"
         )
         with self._read_lock:
+            self._open()
             rows = self._read.execute(sql, (int(since // 60),)).fetchall()
         return [Hit(*r) for r in rows]
 
@@ -543,5 +573,6 @@ __all__ = [
     "Part",
     "Row",
     "SqliteFlowStore",
+    "StoreClosed",
     "in_cidrs",
 ]

@@ -32,6 +32,8 @@ export function mount(root, ctx) {
   const state = el("span", { id: "flow-state" }, "connecting");
   const shown = el("span", { id: "flow-count" }, "0 flows");
   const lost = el("span", { id: "flow-lost" });
+  // Several managers: a store whose rows are missing (its manager down) is said, never silent.
+  const partial = el("span", { id: "flow-partial", class: "bad" });
   const errors = el("div");
   let paused = false;
   const buffer = [];
@@ -117,13 +119,14 @@ export function mount(root, ctx) {
   replace(root,
     el("h1", "Flows", el("span", { class: "muted small" }, "every verdict at every hop, with the rule that decided it")),
     form,
-    el("div", { class: "status-line" }, el("span", dot, state), shown, pending, lost, pauseBtn),
+    el("div", { class: "status-line" }, el("span", dot, state), shown, pending, lost, partial, pauseBtn),
     errors,
     el("div", { class: "scroll" }, el("table", { id: "flows" }, el("thead", head), tbody)));
 
   const query = { ...filters };
   get("/v1/flows", { ...query, limit: 200 }, { signal: ctx.signal })
     .then((page) => {
+      partial.textContent = partialWords(page);
       const items = recordsOf(page).map((r) => [flowOf(r), r]);
       items.sort((a, b) => Number(new Date(a[0].end)) - Number(new Date(b[0].end)) || (a[0].end > b[0].end ? 1 : -1));
       for (const [, r] of items) add(r, false);
@@ -140,6 +143,7 @@ export function mount(root, ctx) {
   delete live.since;
   follow("/v1/flows/watch", live, (msg) => {
     if (msg.event === "stats") { lost.textContent = lostWords(msg.data); return; }
+    if (msg.event === "peers") { partial.textContent = partialWords(msg.data); return; }
     receive(recordsOf(msg.data));
   }, {
     signal: ctx.signal,
@@ -158,6 +162,14 @@ export function mount(root, ctx) {
     } catch (_) { lost.textContent = ""; }
   });
   return null;
+}
+
+// "partial: ..." when an answer lacks some manager's flow store (GET /v1/flows, the watch's `peers` event).
+function partialWords(answer) {
+  if (!answer || !answer.partial) return "";
+  const errs = answer.errors || [];
+  const who = errs.map((e) => e.manager || e.url || e.store).filter(Boolean).join(", ");
+  return `partial: ${errs.length} manager store(s) not in view${who ? ` (${who})` : ""}`;
 }
 
 // A workload's name when the reader may know it, its address always.
