@@ -346,7 +346,7 @@ def test_close_racing_ingest_never_reaches_a_closed_database(caplog: pytest.LogC
         answers: list[bool] = []
         go = threading.Barrier(2)
 
-        def post(svc: FlowService = svc) -> None:
+        def post(svc: FlowService = svc, go: threading.Barrier = go, answers: list[bool] = answers) -> None:
             go.wait()
             for i in range(0, 40, 4):
                 svc.submit("h1", list(ROWS[i : i + 4]), {}, answers.append)
