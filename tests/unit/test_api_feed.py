@@ -24,6 +24,7 @@ from apihelpers import (
 from fastapi.testclient import TestClient
 
 from doubles.feed_client import FeedClient, FeedError
+from omniwall.api import feed
 from omniwall.api.app import create_app
 from omniwall.compiler.ir import HostDesiredState, apply_delta
 from omniwall.manager.contracts import load_documents
@@ -275,3 +276,36 @@ def test_compile_failure_is_fail_static(tmp_path: Path) -> None:
     c = TestClient(create_app(m, watch=False))
     r = c.get("/v1/hosts/h3/feed", params={"follow": "false"}, headers=auth(token))
     assert r.status_code == 503 and "compiler bug" in r.json()["message"]
+
+
+def test_a_manager_behind_the_agent_catches_up_before_answering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failover to a replica whose watch is behind: the agent's revision came from the other manager, and
+    the lagging one must answer from that revision on (here: nothing to send), never with its older state;
+    one that cannot catch up in time answers 503 and the agent keeps its rules."""
+    path = tmp_path / "m.db"
+    a = seeded_manager(SqliteStore(path), WORLD)
+    tokens = issue_tokens(a, ADMIN_AND_AGENTS)
+    b_store = SqliteStore(path)
+    b = Manager(b_store)  # a replica on the same store, its watch not running: it lags behind a
+    before = b.desired.revision("h1")
+    a.commit(a.plan_apply(load_documents(WEB2, "web2.yaml")), SYSTEM)
+    realized = a.desired.revision("h1")  # what h1's agent realized through manager a
+    assert realized > before == b.desired.revision("h1")
+    c = TestClient(create_app(b, watch=False))
+    assert lines(c, "h1", f"Bearer {tokens['h1']}", **{"from": realized}) == []  # caught up: current
+    assert b.desired_state("h1") == a.desired_state("h1")
+
+    a.commit(a.plan_apply(load_documents(WEB2.replace("web2", "web3").replace(".2]", ".3]"), "w")), SYSTEM)
+    ahead = a.desired.revision("h1")
+    monkeypatch.setattr(feed, "CATCH_UP_BOUND", 0.2)
+    with b.model.sync_lock:  # b is busy syncing (a long compile, a slow store) for longer than the bound
+        r = c.get(
+            "/v1/hosts/h1/feed",
+            params={"from": ahead, "follow": "false"},
+            headers={"Authorization": f"Bearer {tokens['h1']}"},
+        )
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "1" and f"behind revision {ahead}" in r.json()["message"]
+    b_store.close()

@@ -3,6 +3,8 @@
 - `GET /v1/hosts/{host}/feed?from=R`: a snapshot (from=0, unknown, or older than the delta log), else
   the deltas since R; then, while the connection lives, each new delta as the host's state changes, and a
   heartbeat every `heartbeat` seconds of silence. `follow=false` ends the response after the catch-up.
+  An R newer than this manager's state (the agent came from a manager that was ahead) first waits for
+  this manager to catch up, or gets 503 (`catch_up`).
 - `GET /v1/hosts/{host}/desired`: the current desired state (one JSON object).
 - `POST /v1/hosts/{host}/status`: the agent's ack (realized revision, error, counters, addresses).
 - `GET /v1/policies/{name}/stats`: per-rule counters summed over every host's last report.
@@ -26,6 +28,9 @@ from .auth import Perm, Principal, authenticate, check_visible, manager_of, read
 from .errors import ApiError, not_found
 
 NDJSON = "application/x-ndjson"
+# How long a feed request waits for this manager to catch up with a revision the agent realized through
+# another manager, before refusing (the agent keeps its rules and tries the next manager).
+CATCH_UP_BOUND = 5.0
 
 
 def _check_host(p: Principal, host: str, perm: Perm, m: Manager) -> None:
@@ -39,6 +44,26 @@ def _check_host(p: Principal, host: str, perm: Perm, m: Manager) -> None:
         raise ApiError(
             503, f"desired state of host {host} is not computed yet: {m.compile_error or 'starting'}"
         )
+
+
+async def catch_up(m: Manager, host: str, from_revision: int) -> None:
+    """An agent that realized `from_revision` through another manager must never be sent this manager's
+    older state (it would roll its rules back until the next change). When the agent is ahead of this
+    manager's state for the host, sync the model now (which also waits for a sync in flight to finish
+    compiling); a manager that cannot catch up within the bound answers 503 instead. After the sync, an
+    agent still ahead holds a revision this store never had (another history): the snapshot is the truth."""
+    if from_revision <= m.desired.revision(host):
+        return
+    try:
+        await asyncio.wait_for(run_in_threadpool(m.model.sync), timeout=CATCH_UP_BOUND)
+    except Exception as e:  # a slow sync goes on in its thread; the next feed request finds it done
+        reason = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+        raise ApiError(
+            503,
+            f"this manager is at revision {m.revision}, behind revision {from_revision} that host {host} "
+            f"realized, and could not catch up ({reason}); try another manager",
+            headers={"Retry-After": "1"},
+        ) from e
 
 
 async def feed_lines(
@@ -100,6 +125,7 @@ def router() -> APIRouter:
     ) -> StreamingResponse:
         m = manager_of(request)
         _check_host(p, host, Perm.FEED_READ, m)
+        await catch_up(m, host, from_)
         return StreamingResponse(
             feed_lines(m, host, from_, follow=follow, heartbeat=heartbeat),
             media_type=NDJSON,
