@@ -79,14 +79,19 @@ def test_the_commands_the_demo_prints_work_as_printed() -> None:
         assert "admin token: ow." in out and "URL:         https://127.0.0.1:" in out, out[-3000:]
         assert "OMNIWALL_CA=" in out, out[-3000:]
     finally:
+        interrupted = time.monotonic()
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # the demo's own teardown, by its PID
+        killed = False
         try:
             rest, _ = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
+            killed = True
             rest, _ = proc.communicate()
-    assert proc.returncode == 0, rest[-3000:]
+    waited = time.monotonic() - interrupted
+    assert not killed, f"the demo did not end within 120 s of Ctrl-C; its last output:\n{rest[-3000:]}"
+    assert proc.returncode == 0, f"exit {proc.returncode} {waited:.1f} s after Ctrl-C:\n{rest[-3000:]}"
     assert "lab down" in rest, rest[-3000:]
     prefix = re.search(r"namespace prefix (\S+)", out)
     assert prefix is not None, out[:3000]

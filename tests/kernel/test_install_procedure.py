@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from omniwall.lab.control import free_port
 
 BIN = Path(sys.executable).parent
 OMNIWALL = str(BIN / "omniwall")
@@ -39,12 +40,6 @@ def ip(*args: str, ns: str | None = None) -> None:
 
 def sysctl(ns: str, key: str, value: str) -> None:
     subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"], check=True, timeout=20)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

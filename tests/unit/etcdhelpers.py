@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -23,15 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from omniwall.lab.control import free_ports
+
 ETCD = shutil.which("etcd") or ("/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None)
 
 needs_etcd = pytest.mark.skipif(ETCD is None, reason="etcd binary missing (apt-get install etcd-server)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -147,10 +142,13 @@ def etcd_cluster(
 ) -> Iterator[Cluster]:
     run = f"owtest-{uuid.uuid4().hex[:8]}"
     cluster = Cluster(tls=tls)
+    ports = free_ports(2 * size)  # all distinct: picked one at a time they can repeat
     for i in range(size):
         d = tmp / f"etcd-{run}-{i}"
         d.mkdir(parents=True)
-        cluster.members.append(Member(f"{run}-{i}", free_port(), free_port(), d / "data", d / "etcd.log"))
+        cluster.members.append(
+            Member(f"{run}-{i}", ports[2 * i], ports[2 * i + 1], d / "data", d / "etcd.log")
+        )
     try:
         for m in cluster.members:
             cluster.start(m)
@@ -235,11 +233,11 @@ def manager_processes(
     import sys
 
     out: list[ManagerProcess] = []
+    ports = free_ports(count)  # distinct, though no manager has bound its port yet
     try:
-        for i in range(count):
+        for i, port in enumerate(ports):
             d = tmp / f"manager-{uuid.uuid4().hex[:6]}-{i}"
             d.mkdir(parents=True)
-            port = free_port()
             log = d / "manager.log"
             main = "from omniwall.cli.main import app; app()"
             cmd = [

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,8 @@ from typing import Any
 import httpx
 import pytest
 
+from omniwall.lab.control import free_port
+
 THREADS = 3
 KILL_AFTER = 24  # acknowledged applies per round before the kill
 ROUNDS = 2
@@ -38,12 +39,6 @@ MAX_PER_THREAD = 400  # bound on each client loop
 START_TIMEOUT = 30.0
 ROUND_TIMEOUT = 60.0
 KINDS = (("groups", "g"), ("services", "s"), ("policies", "p"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ManagerProcess:

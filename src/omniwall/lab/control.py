@@ -104,10 +104,19 @@ class Record:
         return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{port}"
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports. The sockets are held until all are bound: ports picked one at a
+    time can repeat (the kernel may hand out a just-closed port again), and an etcd member whose client and
+    peer URLs share a port fails to start."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in socks:
+            s.bind((LOOPBACK, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -297,9 +306,10 @@ class ControlPlane:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
-        for m in members:
-            if not m.client_port:
-                m.client_port, m.peer_port = free_port(), free_port()
+        fresh = [m for m in members if not m.client_port]
+        ports = free_ports(2 * len(fresh))
+        for i, m in enumerate(fresh):
+            m.client_port, m.peer_port = ports[2 * i], ports[2 * i + 1]
         self.record.etcd = [m.to_json() for m in members]
         for i in range(len(members)):
             self.start_etcd_member(i, wait=False)
