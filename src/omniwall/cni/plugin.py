@@ -9,6 +9,7 @@ Results and errors are JSON on stdout (CNI spec 1.0); a log line per command goe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +26,7 @@ from omniwall.cni.config import (
     CniError,
     Env,
     NetConf,
+    args_labels,
     parse_env,
     parse_netconf,
     workload_name,
@@ -94,7 +96,7 @@ def workload_doc(conf: NetConf, env: Env, name: str, host_if: str, ip: str, mac:
     return {
         "apiVersion": "omniwall.io/v1",
         "kind": "Workload",
-        "metadata": {"name": name, "tenant": conf.tenant, "labels": conf.labels},
+        "metadata": {"name": name, "tenant": conf.tenant, "labels": {**conf.labels, **args_labels(env)}},
         "spec": {
             "host": conf.host,
             "vnics": [{"name": env.ifname, "hostIfname": host_if, "mac": mac, "ips": [ip]}],
@@ -165,6 +167,8 @@ def run(environ: Mapping[str, str], stdin: str) -> tuple[int, dict[str, Any] | N
             return 0, {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
         conf = parse_netconf(stdin)
         version = conf.cni_version
+        if conf.manager_netns:
+            conf = _enter_manager_netns(conf)
         if env.command == "ADD":
             return 0, cmd_add(conf, env)
         if env.command == "DEL":
@@ -178,6 +182,19 @@ def run(environ: Mapping[str, str], stdin: str) -> tuple[int, dict[str, Any] | N
     except (OSError, net.NetError) as e:
         _log(f"error: {e}")
         return 1, CniError(ERR_INTERNAL, str(e)).to_json(version)
+
+
+def _enter_manager_netns(conf: NetConf) -> NetConf:
+    """`managerNetns` (labs whose manager listens on another namespace's loopback, as the libvirt
+    hook's `managerNetns`): this single-threaded process moves there for its HTTP, and its host-side
+    netlink goes back to the namespace it was started in (held open by a descriptor)."""
+    here = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        net.enter_netns(str(conf.manager_netns))
+    except net.NetError as e:
+        os.close(here)
+        raise CniError(ERR_INTERNAL, f"network config: managerNetns: {e}") from None
+    return dataclasses.replace(conf, host_netns=conf.host_netns or f"/proc/self/fd/{here}")
 
 
 def _log(msg: str) -> None:
