@@ -40,10 +40,20 @@ from omniwall.cni.net import host_ifname
 from omniwall.lab.probe import Probe, run_probes
 
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
+
+
+def _podman_4() -> bool:
+    out = subprocess.run(["podman", "--version"], capture_output=True, text=True).stdout.split()
+    return bool(out) and out[-1].startswith("4.")  # "podman version 4.3.1"
+
+
 pytestmark = [
     *LAB_MARKS,
     pytest.mark.e2e,
     pytest.mark.skipif(shutil.which("podman") is None, reason="podman missing (make install)"),
+    pytest.mark.skipif(
+        shutil.which("podman") is not None and not _podman_4(), reason="podman 4 needed (the CNI backend)"
+    ),
     pytest.mark.skipif(shutil.which("runc") is None, reason="runc missing (make install)"),
     pytest.mark.skipif(not BUSYBOX.exists(), reason="busybox-static missing (make install)"),
 ]
@@ -191,34 +201,50 @@ class Podman:
         ]  # fmt: skip
 
     def cleanup(self) -> None:
-        """After a failure too: our containers removed, then whatever they left (conmon processes of
-        our runroot killed by PID, our mounts, our cgroups)."""
+        """After a failure too: our containers removed, then whatever is left killed by PID: the
+        processes of podman's mount namespace (conmon, podman) and of our cgroup parent (the
+        containers' own), all ours by construction; the holder last; then our cgroups removed."""
         if self.holder is None:
             return
         self("rm", "-a", "-f", "-t", "0", check=False)
-        for pid in _pids_with(f"{self.d}/"):
+        cgroups = [c / self.cgroup_parent.lstrip("/") for c in Path("/sys/fs/cgroup").iterdir()]
+        for pid in _pids_in_mount_ns(self.holder.pid) | _pids_in_cgroups(cgroups):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.holder.kill()
         self.holder.wait()
-        for ctl in Path("/sys/fs/cgroup").iterdir():
-            top = ctl / self.cgroup_parent.lstrip("/")
-            if top.is_dir():
+        deadline = time.monotonic() + 5  # killed processes leave their cgroups once reaped
+        for top in cgroups:
+            while top.is_dir():
                 for sub in sorted(top.rglob("*"), key=lambda p: -len(p.parts)):
                     if sub.is_dir():
                         with contextlib.suppress(OSError):
                             sub.rmdir()
                 with contextlib.suppress(OSError):
                     top.rmdir()
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
 
 
-def _pids_with(marker: str) -> list[int]:
-    out = []
+def _pids_in_mount_ns(holder: int) -> set[int]:
+    """The processes sharing the holder's mount namespace, the holder excepted."""
+    target = os.readlink(f"/proc/{holder}/ns/mnt")
+    out = set()
     for p in Path("/proc").iterdir():
-        if p.name.isdigit() and int(p.name) != os.getpid():
+        if p.name.isdigit() and int(p.name) != holder:
             with contextlib.suppress(OSError):
-                if marker in (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    out.append(int(p.name))
+                if os.readlink(p / "ns" / "mnt") == target:
+                    out.add(int(p.name))
+    return out
+
+
+def _pids_in_cgroups(tops: list[Path]) -> set[int]:
+    out = set()
+    for top in tops:
+        for procs in top.rglob("cgroup.procs") if top.is_dir() else []:
+            with contextlib.suppress(OSError):
+                out.update(int(x) for x in procs.read_text().split())
     return out
 
 
