@@ -15,7 +15,9 @@ test's network config and plugin directories, cgroupfs, file events), private st
   a peer the policy lets it reach, gets its answer;
 - policy holds with real traffic: a client reaches the container's server on tcp/80, another workload
   is dropped and the drop is a denied flow record at the manager;
-- `podman rm -f` -> the Workload is gone from the manager, the veth and the chains from the host.
+- `podman rm -f` -> the Workload is gone from the manager, the veth and the chains from the host;
+- a container name another host's container holds in the tenant: refused with the plugin's message,
+  the other Workload left alone (also by podman's DEL after the failed ADD), nothing left here.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from test_cni import install_plugin, plugin_conf
 
 from labhelpers import CLIENTS_TO_WEB, LAB_MARKS, closed_tenants, hosts, yaml_docs
 from omniwall.cni.net import host_ifname
+from omniwall.lab.control import ManagedError
 from omniwall.lab.probe import Probe, run_probes
 
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
@@ -373,3 +376,40 @@ def test_podman_run_protects_the_container_and_rm_removes_it(site: dict[str, Any
     while host_if in _ruleset(lab):
         assert time.monotonic() < deadline, "the container's chains stayed in the kernel"
         time.sleep(0.2)
+
+
+def test_a_name_another_hosts_container_holds_is_refused_and_left_alone(site: dict[str, Any]) -> None:
+    """podman names containers, so two hosts may both run one name in a tenant: the plugin refuses the
+    name (podman shows its message), podman's DEL after the failed ADD leaves the other host's
+    Workload alone, and nothing of the container is left on this host."""
+    lab, cp, pm = site["lab"], site["cp"], site["podman"]
+    name = f"{lab.prefix}dup"
+    theirs = [
+        {"kind": "Host", "metadata": {"name": "h2"}},
+        {
+            "kind": "Workload",
+            "metadata": {"name": name, "tenant": "t1"},
+            "spec": {
+                "host": "h2",
+                "vnics": [{"name": "eth0", "ips": ["10.94.2.1"]}],
+                "attributes": {"container.id": "0123456789ab"},
+            },
+        },
+    ]
+    cp.apply(theirs)
+    links = lab.exec_host("h1", ["ip", "link"]).stdout
+    try:
+        res = pm(
+            "run", "-d", "--name", name, "--network", pm.network, *pm.run_args(),
+            site["image"], "/bin/start", check=False,
+        )  # fmt: skip
+        assert res.returncode != 0
+        assert "already registered for container 0123456789ab on host h2" in res.stderr, res.stderr
+        wl = cp.api("GET", f"/v1/workloads/{name}", params={"tenant": "t1"})
+        assert wl["spec"]["host"] == "h2" and wl["spec"]["attributes"]["container.id"] == "0123456789ab"
+        assert lab.exec_host("h1", ["ip", "link"]).stdout == links  # no veth left
+        assert not list((site["dir"] / "ipam").glob("*/*"))  # no address left
+    finally:
+        pm("rm", "-f", "-t", "0", name, check=False)
+        with contextlib.suppress(ManagedError):  # gone already when the test failed
+            cp.api("DELETE", f"/v1/workloads/{name}", params={"tenant": "t1"})
