@@ -17,7 +17,8 @@ test's network config and plugin directories, cgroupfs, file events), private st
   is dropped and the drop is a denied flow record at the manager;
 - `podman rm -f` -> the Workload is gone from the manager, the veth and the chains from the host;
 - a container name another host's container holds in the tenant: refused with the plugin's message,
-  the other Workload left alone (also by podman's DEL after the failed ADD), nothing left here.
+  the other Workload left alone (also by podman's DEL after the failed ADD), nothing left here;
+- a container whose process exits is no Workload any more (conmon's cleanup calls DEL).
 """
 
 from __future__ import annotations
@@ -413,3 +414,22 @@ def test_a_name_another_hosts_container_holds_is_refused_and_left_alone(site: di
         pm("rm", "-f", "-t", "0", name, check=False)
         with contextlib.suppress(ManagedError):  # gone already when the test failed
             cp.api("DELETE", f"/v1/workloads/{name}", params={"tenant": "t1"})
+
+
+def test_a_container_that_exits_is_no_workload(site: dict[str, Any]) -> None:
+    """The container's process exits: conmon runs podman's cleanup, which calls DEL."""
+    lab, cp, pm = site["lab"], site["cp"], site["podman"]
+    name = f"{lab.prefix}brief"
+    res = pm(
+        "run", "-d", "--name", name, "--network", pm.network, "--network-alias", "app=web",
+        *pm.run_args(), site["image"], "/bin/sleep", "1",
+    )  # fmt: skip
+    host_if = host_ifname(res.stdout.strip().splitlines()[-1], "eth0")
+    assert _registered(cp, name)
+    try:
+        deadline = time.monotonic() + 20
+        while _registered(cp, name) or host_if in lab.exec_host("h1", ["ip", "link"]).stdout:
+            assert time.monotonic() < deadline, "the exited container is still a Workload, or its veth stayed"
+            time.sleep(0.2)
+    finally:
+        pm("rm", "-f", "-t", "0", name, check=False)
