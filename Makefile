@@ -11,7 +11,12 @@ APT_PACKAGES := nftables libnftables1 conntrack iproute2 iperf3 netcat-openbsd i
 # recommended GUI/firmware extras; libvirt's daemon, QEMU driver and virsh for the libvirt hook's tests
 # (not libvirt-daemon-system: its init script would start a system libvirtd, and its NAT network, in
 # the root namespace; the tests run a private libvirtd inside a lab host namespace).
-VM_APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+# Containers (docs/containers.md, tests/kernel/test_cni_podman.py): podman with runc (crun refuses this
+# machine's hybrid cgroup hierarchy), conmon, and netavark for podman's `container-network-stack`
+# dependency (not containernetworking-plugins, which pulls iptables; the tests use podman's CNI backend
+# with only the omniwall plugin). docs/design/dependencies.md.
+VM_APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
+  podman runc conmon netavark
 STAMP := $(VENV)/.installed
 VM_IMAGE := $(VENV)/share/omniwall/vm/image.json
 

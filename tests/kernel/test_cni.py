@@ -41,32 +41,42 @@ spec:
 LAB = yaml_docs(closed_tenants("t1"), hosts("h1"), PEER, CLIENTS_TO_WEB)
 
 
+def install_plugin(bindir: Path) -> Path:
+    """`<bindir>/omniwall`, what a runtime finds in CNI_PATH (also tests/kernel/test_cni_podman.py)."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    plugin = bindir / "omniwall"
+    plugin.write_text(f'#!/bin/sh\nexec {sys.executable} -m omniwall.cni "$@"\n')
+    plugin.chmod(0o755)
+    return plugin
+
+
+def plugin_conf(d: Path, cp: Any, subnet: str, **more: Any) -> dict[str, Any]:
+    """The plugin's network config for host h1, tenant t1 of a managed lab (token file under `d`)."""
+    token = d / "token"
+    token.write_text(cp.admin_token)
+    return {
+        "cniVersion": "1.0.0",
+        "name": "omniwall-test",
+        "type": "omniwall",
+        "server": cp.url,
+        "tokenFile": str(token),
+        "caFile": str(cp.ca_file) if cp.ca_file else None,
+        "host": "h1",
+        "tenant": "t1",
+        "subnet": subnet,
+        "dataDir": str(d / "ipam"),
+        **more,
+    }
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from omniwall.lab.managed import managed_lab
 
     d = tmp_path_factory.mktemp("cni")
-    bindir = d / "bin"
-    bindir.mkdir()
-    plugin = bindir / "omniwall"  # what a runtime finds in CNI_PATH
-    plugin.write_text(f'#!/bin/sh\nexec {sys.executable} -m omniwall.cni "$@"\n')
-    plugin.chmod(0o755)
+    bindir = install_plugin(d / "bin").parent
     with managed_lab(LAB) as (lab, cp):
-        token = d / "token"
-        token.write_text(cp.admin_token)
-        conf = {
-            "cniVersion": "1.0.0",
-            "name": "omniwall-test",
-            "type": "omniwall",
-            "server": cp.url,
-            "tokenFile": str(token),
-            "caFile": str(cp.ca_file) if cp.ca_file else None,
-            "host": "h1",
-            "tenant": "t1",
-            "subnet": "10.92.1.0/24",
-            "dataDir": str(d / "ipam"),
-            "hostNetns": lab.host_netns("h1"),
-        }
+        conf = plugin_conf(d, cp, "10.92.1.0/24", hostNetns=lab.host_netns("h1"))
         yield {"lab": lab, "cp": cp, "bin": bindir, "conf": conf, "prefix": lab.prefix}
 
 

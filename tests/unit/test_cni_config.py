@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from omniwall.cni import ipam
-from omniwall.cni.config import CniError, parse_env, parse_netconf, workload_name
+from omniwall.cni.config import CniError, args_labels, parse_env, parse_netconf, workload_name
 from omniwall.cni.net import host_ifname
 from omniwall.cni.plugin import run
 
@@ -39,6 +39,8 @@ def test_version_needs_no_config() -> None:
         ({"cniVersion": "0.1.0"}, 1, "cniVersion"),
         ({"timeout": 0}, 7, "timeout"),
         ({"hostNetns": "../x"}, 7, "hostNetns"),
+        ({"managerNetns": "proc/1/ns/net"}, 7, "managerNetns"),
+        ({"runtimeConfig": {"aliases": {"ow": "app=web"}}}, 7, "runtimeConfig.aliases"),
         ({"args": {"cni": {"labels": [{"key": "a"}]}}}, 7, "args.cni.labels[0]"),
     ],
 )
@@ -79,6 +81,25 @@ def test_labels_name_and_interface() -> None:
     assert name.startswith("ow") and len(name) == 12 and name == host_ifname("abc", "eth0")
 
 
+def test_labels_from_podman_aliases_and_cni_args() -> None:
+    """podman 4.3 passes `--network-alias` values as `runtimeConfig.aliases[<network>]` (with the
+    container's short id, which is no label) and its own environment's CNI_ARGS; `--label` never."""
+    conf = parse_netconf(
+        json.dumps(
+            {
+                **CONF,
+                "args": {"cni": {"labels": [{"key": "app", "value": "db"}]}},
+                "runtimeConfig": {"aliases": {"ow": ["app=web", "3f346c71748c"], "other-net": ["x=y"]}},
+            }
+        )
+    )
+    assert conf.labels == {"app": "web"}
+    env = parse_env({**ENV, "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=web1;OMNIWALL_LABELS=tier=front,zone="})
+    assert args_labels(env) == {"tier": "front", "zone": ""} and workload_name(env) == "web1"
+    rc, out = run({**ENV, "CNI_ARGS": "OMNIWALL_LABELS=tier"}, json.dumps(CONF))
+    assert rc == 1 and out["code"] == 4 and "OMNIWALL_LABELS" in out["msg"]
+
+
 def test_ipam_allocates_once_per_container_and_releases(tmp_path: Path) -> None:
     conf = parse_netconf(json.dumps(CONF))
     a = ipam.allocate(tmp_path, "ow", conf.subnet, "c1", "eth0")
@@ -91,3 +112,42 @@ def test_ipam_allocates_once_per_container_and_releases(tmp_path: Path) -> None:
     assert ipam.release(tmp_path, "ow", "c1", "eth0") == a
     assert ipam.release(tmp_path, "ow", "c1", "eth0") is None
     assert ipam.allocate(tmp_path, "ow", conf.subnet, "c3", "eth0") == a
+
+
+class _FakeManager:
+    """The plugin's manager calls, recorded; `have` is the Workload the manager holds under the name."""
+
+    have: dict | None = None
+    deleted: list[str] = []
+
+    def __init__(self, conf: object) -> None:
+        pass
+
+    def workload(self, name: str, tenant: str) -> dict | None:
+        return self.have
+
+    def delete(self, name: str, tenant: str) -> None:
+        self.deleted.append(f"{tenant}/{name}")
+
+
+def test_a_name_held_by_another_container_is_neither_taken_nor_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """podman names containers: `web1` may run on two hosts of one tenant. ADD refuses a name another
+    host's container holds (before any address or veth); DEL leaves a Workload of another container."""
+    from omniwall.cni import plugin
+
+    monkeypatch.setattr(plugin, "Manager", _FakeManager)
+    monkeypatch.setattr(_FakeManager, "deleted", [])
+    env = {**ENV, "CNI_ARGS": "K8S_POD_NAME=web1"}
+    conf = json.dumps({**CONF, "dataDir": str(tmp_path)})
+    other = {"spec": {"host": "h2", "attributes": {"container.id": "def"}}}
+    monkeypatch.setattr(_FakeManager, "have", other)
+    rc, out = run(env, conf)
+    assert rc == 1 and "container def on host h2" in out["msg"], out
+    assert not list(tmp_path.glob("*/*"))  # no address taken
+    rc, out = run({**env, "CNI_COMMAND": "DEL"}, conf)
+    assert rc == 0 and _FakeManager.deleted == []
+    monkeypatch.setattr(_FakeManager, "have", {"spec": {"host": "h1", "attributes": {"container.id": "abc"}}})
+    rc, out = run({**env, "CNI_COMMAND": "DEL"}, conf)
+    assert rc == 0 and _FakeManager.deleted == ["t1/web1"]

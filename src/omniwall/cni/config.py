@@ -47,6 +47,7 @@ class NetConf:
     timeout: float = 30.0  # how long ADD waits for the agent to realize the container's rules
     labels: dict[str, str] = field(default_factory=dict)
     host_netns: str | None = None  # labs: the named namespace playing this host (net.py)
+    manager_netns: Path | None = None  # labs: a handle of the namespace where `server` is reachable
     prev_result: dict[str, Any] | None = None
 
 
@@ -123,6 +124,7 @@ def parse_netconf(text: str) -> NetConf:
         timeout=float(timeout),
         labels=_labels(raw),
         host_netns=_host_netns(raw),
+        manager_netns=_manager_netns(raw),
         prev_result=raw.get("prevResult"),
     )
 
@@ -136,9 +138,20 @@ def _host_netns(raw: dict[str, Any]) -> str | None:
     return v
 
 
+def _manager_netns(raw: dict[str, Any]) -> Path | None:
+    v = raw.get("managerNetns")
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v.startswith("/"):
+        raise CniError(ERR_INVALID_CONFIG, "network config: managerNetns: an absolute path")
+    return Path(v)
+
+
 def _labels(raw: dict[str, Any]) -> dict[str, str]:
-    """Labels from the CNI conventions' `args.cni.labels` ([{key, value}]) and `runtimeConfig.labels`
-    ({key: value}, for runtimes passing pod labels as a capability)."""
+    """Labels from the CNI conventions' `args.cni.labels` ([{key, value}]), podman's network aliases
+    of the form `key=value` (`runtimeConfig.aliases`, {network: [alias]}, sent when the network
+    config declares the `aliases` capability; other aliases are names, not labels), and
+    `runtimeConfig.labels` ({key: value}, for runtimes passing pod labels as a capability)."""
     out: dict[str, str] = {}
     args = (raw.get("args") or {}).get("cni") or {}
     for i, item in enumerate(args.get("labels") or []):
@@ -151,10 +164,29 @@ def _labels(raw: dict[str, Any]) -> dict[str, str]:
                 ERR_INVALID_CONFIG, f"network config: args.cni.labels[{i}]: want {{key, value}} strings"
             )
         out[item["key"]] = item["value"]
+    aliases = ((raw.get("runtimeConfig") or {}).get("aliases") or {}).get(raw.get("name")) or []
+    if not isinstance(aliases, list):
+        raise CniError(ERR_INVALID_CONFIG, "network config: runtimeConfig.aliases: want lists of names")
+    for alias in aliases:
+        key, sep, value = str(alias).partition("=")
+        if sep and key:
+            out[key] = value
     rt = (raw.get("runtimeConfig") or {}).get("labels") or {}
     if not isinstance(rt, dict):
         raise CniError(ERR_INVALID_CONFIG, "network config: runtimeConfig.labels: want an object")
     out.update({str(k): str(v) for k, v in rt.items()})
+    return out
+
+
+def args_labels(env: Env) -> dict[str, str]:
+    """Labels from `CNI_ARGS` key `OMNIWALL_LABELS` (`app=web,tier=front`): podman passes its own
+    environment's CNI_ARGS on to the plugin, so `CNI_ARGS=OMNIWALL_LABELS=app=web podman run ...`."""
+    out: dict[str, str] = {}
+    for part in filter(None, env.args.get("OMNIWALL_LABELS", "").split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise CniError(ERR_INVALID_ENV, f"CNI_ARGS: OMNIWALL_LABELS: {part!r} is not key=value")
+        out[key] = value
     return out
 
 

@@ -55,13 +55,30 @@ def in_netns_path(path: str) -> Iterator[None]:
         os.close(back)
 
 
+def enter_netns(path: str) -> None:
+    """The calling thread (for the plugin: the whole single-threaded process) moves to `path`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise NetError(f"network namespace {path}: {e.strerror}") from None
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise NetError(f"setns {path}: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+
+
 def _sysctl(key: str, value: str) -> None:
     with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
         f.write(value)
 
 
 def _host(host_netns: str | None) -> contextlib.AbstractContextManager[None]:
-    return in_netns_path(f"/run/netns/{host_netns}") if host_netns else contextlib.nullcontext()
+    """`host_netns`: a namespace name (/run/netns/<name>) or a path (the plugin's own handle)."""
+    if not host_netns:
+        return contextlib.nullcontext()
+    return in_netns_path(host_netns if host_netns.startswith("/") else f"/run/netns/{host_netns}")
 
 
 def add(netns: str, ifname: str, host_if: str, ip: str, host_netns: str | None = None) -> tuple[str, str]:

@@ -9,6 +9,7 @@ Results and errors are JSON on stdout (CNI spec 1.0); a log line per command goe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +26,7 @@ from omniwall.cni.config import (
     CniError,
     Env,
     NetConf,
+    args_labels,
     parse_env,
     parse_netconf,
     workload_name,
@@ -91,10 +93,12 @@ def _cni_error(what: str, e: ClientError) -> CniError:
 
 
 def workload_doc(conf: NetConf, env: Env, name: str, host_if: str, ip: str, mac: str) -> dict[str, Any]:
+    """Labels: the network config's (`args.cni.labels`, `key=value` aliases, `runtimeConfig.labels`),
+    then CNI_ARGS' OMNIWALL_LABELS."""
     return {
         "apiVersion": "omniwall.io/v1",
         "kind": "Workload",
-        "metadata": {"name": name, "tenant": conf.tenant, "labels": conf.labels},
+        "metadata": {"name": name, "tenant": conf.tenant, "labels": {**conf.labels, **args_labels(env)}},
         "spec": {
             "host": conf.host,
             "vnics": [{"name": env.ifname, "hostIfname": host_if, "mac": mac, "ips": [ip]}],
@@ -106,7 +110,9 @@ def workload_doc(conf: NetConf, env: Env, name: str, host_if: str, ip: str, mac:
 def cmd_add(conf: NetConf, env: Env) -> dict[str, Any]:
     host_if = net.host_ifname(env.container_id, env.ifname)
     name = workload_name(env)
+    args_labels(env)  # a bad OMNIWALL_LABELS is refused before anything is done
     mgr = Manager(conf)
+    _refuse_if_taken(mgr, conf, env, name)
     ip = ipam.allocate(conf.data_dir, conf.name, conf.subnet, env.container_id, env.ifname)
     try:
         host_mac, mac = net.add(env.netns, env.ifname, host_if, ip, conf.host_netns)
@@ -127,6 +133,26 @@ def cmd_add(conf: NetConf, env: Env) -> dict[str, Any]:
     }
 
 
+def _container_id(wl: dict[str, Any]) -> str | None:
+    return ((wl.get("spec") or {}).get("attributes") or {}).get("container.id")
+
+
+def _refuse_if_taken(mgr: Manager, conf: NetConf, env: Env, name: str) -> None:
+    """A Workload of this name for another host's container (podman names containers, and two hosts
+    may both run `web1` in one tenant): refused, rather than taking it over. One on this host is a
+    stale registration (a DEL that never reached the manager) and is replaced."""
+    have = mgr.workload(name, conf.tenant)
+    if have is None or _container_id(have) == env.container_id:
+        return
+    host = (have.get("spec") or {}).get("host")
+    if host != conf.host:
+        raise CniError(
+            ERR_INTERNAL,
+            f"workload {conf.tenant}/{name} is already registered for container {_container_id(have)} "
+            f"on host {host}: give this container another name",
+        )
+
+
 def _undo(conf: NetConf, env: Env, mgr: Manager, name: str, host_if: str) -> None:
     for step in (lambda: mgr.delete(name, conf.tenant), lambda: net.delete(host_if, conf.host_netns)):
         try:
@@ -137,8 +163,15 @@ def _undo(conf: NetConf, env: Env, mgr: Manager, name: str, host_if: str) -> Non
 
 
 def cmd_del(conf: NetConf, env: Env) -> None:
+    """The Workload is deleted only while it is this container's (its `container.id`): a name reused
+    by a newer container, here or on another host, is left alone."""
     name = workload_name(env)
-    Manager(conf).delete(name, conf.tenant)
+    mgr = Manager(conf)
+    have = mgr.workload(name, conf.tenant)
+    if have is not None and _container_id(have) == env.container_id:
+        mgr.delete(name, conf.tenant)
+    elif have is not None:
+        _log(f"DEL: {conf.tenant}/{name} belongs to container {_container_id(have)}: left alone")
     net.delete(net.host_ifname(env.container_id, env.ifname), conf.host_netns)
     ipam.release(conf.data_dir, conf.name, env.container_id, env.ifname)
 
@@ -165,6 +198,8 @@ def run(environ: Mapping[str, str], stdin: str) -> tuple[int, dict[str, Any] | N
             return 0, {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
         conf = parse_netconf(stdin)
         version = conf.cni_version
+        if conf.manager_netns:
+            conf = _enter_manager_netns(conf)
         if env.command == "ADD":
             return 0, cmd_add(conf, env)
         if env.command == "DEL":
@@ -178,6 +213,19 @@ def run(environ: Mapping[str, str], stdin: str) -> tuple[int, dict[str, Any] | N
     except (OSError, net.NetError) as e:
         _log(f"error: {e}")
         return 1, CniError(ERR_INTERNAL, str(e)).to_json(version)
+
+
+def _enter_manager_netns(conf: NetConf) -> NetConf:
+    """`managerNetns` (labs whose manager listens on another namespace's loopback, as the libvirt
+    hook's `managerNetns`): this single-threaded process moves there for its HTTP, and its host-side
+    netlink goes back to the namespace it was started in (held open by a descriptor)."""
+    here = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        net.enter_netns(str(conf.manager_netns))
+    except net.NetError as e:
+        os.close(here)
+        raise CniError(ERR_INTERNAL, f"network config: managerNetns: {e}") from None
+    return dataclasses.replace(conf, host_netns=conf.host_netns or f"/proc/self/fd/{here}")
 
 
 def _log(msg: str) -> None:
