@@ -80,6 +80,7 @@ class NftBackend:
         revoke: bool = True,
         workload_prefixes: Sequence[str] = DEFAULT_WORKLOAD_PREFIXES,
         revoke_async: bool = False,
+        raw_rules: bool = True,
     ) -> None:
         self.netns = netns
         self.log_group = log_group
@@ -90,7 +91,8 @@ class NftBackend:
         self.revoke_async = revoke_async
         self._revocations: list[Future[None]] = []
         self.planner = NftPlanner(log_group, flow_group, self.workload_prefixes)
-        self.nft = Nft(netns, allow_initial_netns=allow_initial_netns)
+        # raw_rules: transactions as raw nfnetlink where nlrules.py can encode them (False: libnftables)
+        self.nft = Nft(netns, allow_initial_netns=allow_initial_netns, raw_rules=raw_rules)
         self.ct = ConntrackTable(thread=self.nft.thread, allow_initial_netns=allow_initial_netns)
         self._current: HostDesiredState | None = None
         self.revoker = Revoker(self.ct, enabled=revoke)
@@ -125,16 +127,16 @@ class NftBackend:
         the planner moves its book to the target only once the kernel took everything."""
         try:
             if plan.commands:
-                try:
-                    self.nft.transact(plan.commands)
+                try:  # one transaction with the raw batch when both encode raw (a bulk load: atomic)
+                    self.nft.transact(plan.commands, plan.ops)
                 except NftError as e:
                     if plan.fallback is None:
                         raise
                     # an unexpected kernel state: replace the table atomically instead
                     log.warning("incremental %s failed (%s); rebuilding the table", plan.kind, e.message)
-                    self.nft.transact(plan.fallback)
+                    self.nft.transact(plan.fallback, plan.ops)
                     plan.book = None
-            if plan.ops:
+            elif plan.ops:
                 self.nft.elements(FAMILY, TABLE, plan.ops)
         except BaseException:
             self.planner.forget()
@@ -147,6 +149,8 @@ class NftBackend:
 
     def _sync(self, state: HostDesiredState) -> None:
         listing = self._listing()
+        if listing is not None:  # the table's set types: raw batches may name its sets (nlrules.py)
+            self.nft.learn_sets(listing, FAMILY, TABLE)
         current = self._realized(listing)
         if current is not None and normalized(current) == normalized(state):
             self._current = state

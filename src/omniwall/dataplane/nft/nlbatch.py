@@ -258,7 +258,11 @@ def encode(
     """The batch (begin, one message per op and chunk, end) and the sequence numbers that get an ack.
     `ack_all`: ack every message (default: when the batch has at most ACK_ALL_MAX messages), else the
     last one only (the kernel still reports each failed message)."""
-    fam = NFPROTO[family]
+    return frame(family, op_msgs(table, ops), seq0, ack_all=ack_all)
+
+
+def op_msgs(table: str, ops: Sequence[Op]) -> list[tuple[int, int, bytes]]:
+    """The messages (nf_tables type, flags without ACK, body) of `ops`, in order."""
     msgs: list[tuple[int, int, bytes]] = []  # (type, flags without ACK, body)
     for op in ops:
         if isinstance(op, QuotaOp):
@@ -280,6 +284,15 @@ def encode(
             chunk = elems[i : i + step]
             payload = b"".join([prefix + key_bytes(op.keytype, e) for e in chunk])
             msgs.append((typ, flags, head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, payload)))
+    return msgs
+
+
+def frame(
+    family: str, msgs: Sequence[tuple[int, int, bytes]], seq0: int, *, ack_all: bool | None = None
+) -> tuple[bytes, list[int]]:
+    """Messages (nf_tables type, flags without ACK, body) between batch begin and end: the batch and
+    the sequence numbers that get an ack (see `encode`)."""
+    fam = NFPROTO[family]
     if ack_all is None:
         ack_all = len(msgs) <= ACK_ALL_MAX
     out = [_nfmsg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq0, 0, NFNL_SUBSYS_NFTABLES, b"")]
@@ -330,7 +343,13 @@ class ElemSocket:
 
     def commit(self, family: str, table: str, ops: Iterable[Op]) -> int:
         """Returns the number of messages sent (0: nothing to do). Raises BatchError (nothing applied)."""
-        data, seqs = encode(family, table, list(ops), self._seq + 1)
+        return self._send(*encode(family, table, list(ops), self._seq + 1))
+
+    def commit_msgs(self, family: str, msgs: Sequence[tuple[int, int, bytes]]) -> int:
+        """One transaction of prebuilt messages (nlrules.py); as `commit`."""
+        return self._send(*frame(family, msgs, self._seq + 1))
+
+    def _send(self, data: bytes, seqs: list[int]) -> int:
         if not seqs:
             return 0
         begin = self._seq + 1
@@ -381,6 +400,8 @@ __all__ = [
     "Op",
     "QuotaOp",
     "encode",
+    "frame",
     "key_bytes",
     "load_ops",
+    "op_msgs",
 ]
