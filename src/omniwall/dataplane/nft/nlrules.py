@@ -84,21 +84,29 @@ ELEM_F_INTERVAL_END = 1
 _OPEN_END_UDATA = bytes.fromhex("010401000000")  # NFTNL_UDATA_SET_ELEM_FLAGS: interval open to the end
 
 
+_HDR = struct.Struct("=HH").pack
+_U32 = struct.Struct("=HHI").pack
+_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # by length modulo 4
+_ZPAD = tuple(b"\0" + p for p in _PAD)  # a string's NUL, then the padding
+
+
 def _attr(typ: int, payload: bytes) -> bytes:
     n = 4 + len(payload)
-    return struct.pack("=HH", n, typ) + payload + b"\0" * (-n % 4)
+    return _HDR(n, typ) + payload + _PAD[n & 3]
 
 
 def _nest(typ: int, payload: bytes) -> bytes:
-    return _attr(typ | NESTED, payload)
+    return _HDR(4 + len(payload), typ | NESTED) + payload  # nested payloads are attributes: aligned
 
 
 def _strz(typ: int, s: str) -> bytes:
-    return _attr(typ, s.encode() + b"\0")
+    raw = s.encode()
+    n = 5 + len(raw)
+    return _HDR(n, typ) + raw + _ZPAD[n & 3]
 
 
 def _u32(typ: int, v: int) -> bytes:
-    return _attr(typ, struct.pack("!I", v & 0xFFFFFFFF))
+    return _U32(8, typ, socket.htonl(v & 0xFFFFFFFF))
 
 
 def _u64(typ: int, v: int) -> bytes:
@@ -678,6 +686,50 @@ class _Rule:
             raise Unsupported(f"statement {kind!r}")
 
 
+def _part(x: Any) -> Any:
+    """A hashable stand-in for a small JSON value (None: not one worth caching)."""
+    if isinstance(x, str | int) or x is None:
+        return x
+    if isinstance(x, dict) and len(x) == 1:
+        ((k, v),) = x.items()
+        if isinstance(v, dict):
+            items = tuple(sorted(v.items()))
+            if all(isinstance(b, str | int | bool) or b is None for _a, b in items):
+                return (k, items)
+            return None
+        if isinstance(v, list) and k == "range" and len(v) == 2:
+            return (k, v[0], v[1])
+        if v is None or isinstance(v, str | int):
+            return (k, v)
+        return None
+    if isinstance(x, list) and all(isinstance(y, str) for y in x):
+        return ("list", *x)
+    return None
+
+
+def _match_key(m: Any, nfproto: int | None, l4: int | None) -> tuple[Any, ...] | None:
+    """The cache key of a match in a rule context; None for what is not cached: anonymous sets (a
+    set message per rule) and icmp types (merged with the code that follows)."""
+    if not isinstance(m, dict):
+        return None
+    left, right = _part(m.get("left")), _part(m.get("right"))
+    if left is None or (right is None and m.get("right") is not None):
+        return None
+    if left[0] == "payload" and (("protocol", "icmp") in left[1] or ("protocol", "icmpv6") in left[1]):
+        return None
+    return ("m", m.get("op"), left, right, nfproto, l4)
+
+
+def _stmt_key(e: dict[str, Any]) -> tuple[Any, ...] | None:
+    (kind,) = e
+    if kind in ("vmap", "reject", "limit", "ct count"):  # rare, or context dependent
+        return None
+    arg = _part(e[kind])
+    if arg is None and e[kind] is not None:
+        return None
+    return ("s", kind, arg)
+
+
 def _cmp(op: int, data: bytes) -> bytes:
     return _expr("cmp", _u32(1, 1) + _u32(2, op) + _nest(3, _attr(1, data)))
 
@@ -694,6 +746,10 @@ class RuleEncoder:
         self.declared: dict[str, tuple[SetInfo, int]] = {}  # sets of this batch -> (info, id)
         self._id = 0
         self.msgs: list[Msg] = []
+        self._head = _strz(1, table)
+        # expression -> (bytes, rule context after it): a table's 80k matches are a few thousand
+        # distinct ones (the same set lookups, protocols, ports and verdicts in many chains)
+        self._cache: dict[tuple[Any, ...], tuple[bytes, int | None, int | None]] = {}
 
     def next_id(self) -> int:
         self._id += 1
@@ -824,13 +880,26 @@ class RuleEncoder:
             e = exprs[i]
             if not isinstance(e, dict) or len(e) != 1:
                 raise Unsupported(f"expression {e!r}")
-            if "match" in e:
-                nxt = exprs[i + 1] if i + 1 < len(exprs) else None
-                i += 2 if r.match(e["match"], nxt) else 1
+            m = e.get("match")
+            key = _match_key(m, r.nfproto, r.l4) if m is not None else _stmt_key(e)
+            hit = self._cache.get(key) if key is not None else None
+            if hit is not None:  # the same expression in the same context: the same bytes
+                r.out.append(hit[0])
+                if m is not None:  # a match moves the context, as it did when it was encoded
+                    r.nfproto, r.l4 = hit[1], hit[2]
+                i += 1
                 continue
-            r.stmt(e)
-            i += 1
-        msg = _strz(1, self.table) + _strz(2, body["chain"]) + _nest(4, b"".join(r.out))
+            mark = len(r.out)
+            if m is not None:
+                nxt = exprs[i + 1] if i + 1 < len(exprs) else None
+                step = 2 if r.match(m, nxt) else 1
+            else:
+                r.stmt(e)
+                step = 1
+            if key is not None and step == 1 and len(self._cache) < 200_000:
+                self._cache[key] = (b"".join(r.out[mark:]), r.nfproto, r.l4)
+            i += step
+        msg = self._head + _strz(2, body["chain"]) + _nest(4, b"".join(r.out))
         comment = body.get("comment")
         if comment is not None:
             raw = str(comment).encode() + b"\0"
