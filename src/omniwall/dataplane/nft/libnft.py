@@ -24,7 +24,7 @@ import msgspec
 from omniwall.dataplane.netns import NetnsThread, assert_not_initial
 from omniwall.dataplane.nft.names import FAMILY, TABLE
 from omniwall.dataplane.nft.nlbatch import BatchError, ElemSocket, KeyType, Op, load_ops, op_msgs
-from omniwall.dataplane.nft.nlrules import SetInfo, Unsupported, encode_commands, note_sets, set_info
+from omniwall.dataplane.nft.nlrules import Cache, SetInfo, Unsupported, encode_commands, note_sets, set_info
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,8 @@ class Nft:
         # `transact` encodes raw nfnetlink when it can (False: always libnftables, the reference)
         self.raw_rules = raw_rules
         self._known: dict[str, SetInfo] = {}  # sets of the table so far: name -> key type (nlrules.py)
+        self._expr_cache: Cache = {}  # encoded expressions, reused by later batches (nlrules.py)
+        self._cache_table: tuple[str, str] | None = None
         self._elem_sock: ElemSocket | None = None
         try:
             self._raw: _RawContext = self.thread.call(_RawContext)
@@ -162,7 +164,9 @@ class Nft:
             enc = None
             if table is not None:
                 try:
-                    msgs, enc = encode_commands(table[0], table[1], commands, self._known)
+                    if table != self._cache_table:  # cached bytes name this table
+                        self._expr_cache, self._cache_table = {}, table
+                    msgs, enc = encode_commands(table[0], table[1], commands, self._known, self._expr_cache)
                     msgs += op_msgs(table[1], list(ops))
                 except (Unsupported, ValueError) as e:
                     log.debug("raw encoding not possible (%s): libnftables", e)

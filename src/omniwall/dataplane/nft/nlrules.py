@@ -686,48 +686,52 @@ class _Rule:
             raise Unsupported(f"statement {kind!r}")
 
 
-def _part(x: Any) -> Any:
-    """A hashable stand-in for a small JSON value (None: not one worth caching)."""
-    if isinstance(x, str | int) or x is None:
-        return x
-    if isinstance(x, dict) and len(x) == 1:
-        ((k, v),) = x.items()
-        if isinstance(v, dict):
-            items = tuple(sorted(v.items()))
-            if all(isinstance(b, str | int | bool) or b is None for _a, b in items):
-                return (k, items)
-            return None
-        if isinstance(v, list) and k == "range" and len(v) == 2:
-            return (k, v[0], v[1])
-        if v is None or isinstance(v, str | int):
-            return (k, v)
-        return None
-    if isinstance(x, list) and all(isinstance(y, str) for y in x):
-        return ("list", *x)
-    return None
+_LEFT_KEYS = {"payload": ("protocol", "field"), "meta": ("key",), "ct": ("key",)}
 
 
 def _match_key(m: Any, nfproto: int | None, l4: int | None) -> tuple[Any, ...] | None:
     """The cache key of a match in a rule context; None for what is not cached: anonymous sets (a
-    set message per rule) and icmp types (merged with the code that follows)."""
-    if not isinstance(m, dict):
+    set message per rule), icmp types (merged with the code that follows), unusual forms."""
+    try:
+        ((lk, lv),) = m["left"].items()
+        fields = _LEFT_KEYS[lk]
+        if len(lv) != len(fields):
+            return None
+        left = tuple(lv[f] for f in fields)
+        right = m["right"]
+        if not isinstance(right, str | int):
+            if isinstance(right, dict) and len(right) == 1 and "range" in right:
+                lo, hi = right["range"]
+                right = ("range", lo, hi)
+            elif isinstance(right, list) and all(isinstance(x, str) for x in right):
+                right = ("list", *right)
+            else:
+                return None
+        if lk == "payload" and left[0] in ("icmp", "icmpv6"):
+            return None
+        return (m["op"], lk, left, right, nfproto, l4)
+    except (AttributeError, KeyError, TypeError, ValueError):
         return None
-    left, right = _part(m.get("left")), _part(m.get("right"))
-    if left is None or (right is None and m.get("right") is not None):
-        return None
-    if left[0] == "payload" and (("protocol", "icmp") in left[1] or ("protocol", "icmpv6") in left[1]):
-        return None
-    return ("m", m.get("op"), left, right, nfproto, l4)
+
+
+_PLAIN_STMTS = frozenset({"counter", "accept", "drop", "continue", "return", "notrack"})
 
 
 def _stmt_key(e: dict[str, Any]) -> tuple[Any, ...] | None:
-    (kind,) = e
-    if kind in ("vmap", "reject", "limit", "ct count"):  # rare, or context dependent
+    ((kind, arg),) = e.items()
+    if arg is None:
+        return (kind,) if kind in _PLAIN_STMTS else None
+    if isinstance(arg, str):
+        return (kind, arg) if kind == "counter" else None
+    if not isinstance(arg, dict):
         return None
-    arg = _part(e[kind])
-    if arg is None and e[kind] is not None:
-        return None
-    return ("s", kind, arg)
+    if kind in ("goto", "jump") and len(arg) == 1:
+        return (kind, arg.get("target"))
+    if kind == "log" and len(arg) == 2:
+        return (kind, arg.get("prefix"), arg.get("group"))
+    if kind == "mangle" and len(arg) == 2 and arg.get("key") == {"ct": {"key": "mark"}}:
+        return (kind, arg.get("value"))
+    return None
 
 
 def _cmp(op: int, data: bytes) -> bytes:
@@ -749,7 +753,7 @@ class RuleEncoder:
         self._head = _strz(1, table)
         # expression -> (bytes, rule context after it): a table's 80k matches are a few thousand
         # distinct ones (the same set lookups, protocols, ports and verdicts in many chains)
-        self._cache: dict[tuple[Any, ...], tuple[bytes, int | None, int | None]] = {}
+        self._cache: Cache = {}
 
     def next_id(self) -> int:
         self._id += 1
@@ -896,7 +900,7 @@ class RuleEncoder:
             else:
                 r.stmt(e)
                 step = 1
-            if key is not None and step == 1 and len(self._cache) < 200_000:
+            if key is not None and step == 1 and len(self._cache) < CACHE_MAX:
                 self._cache[key] = (b"".join(r.out[mark:]), r.nfproto, r.l4)
             i += step
         msg = self._head + _strz(2, body["chain"]) + _nest(4, b"".join(r.out))
@@ -949,14 +953,37 @@ def note_sets(known: dict[str, SetInfo], commands: Iterable[dict[str, Any]]) -> 
                         known.pop(body["name"], None)
 
 
+Cache = dict[tuple[Any, ...], tuple[bytes, int | None, int | None]]
+CACHE_MAX = 200_000  # encoded expressions kept (~100 bytes each)
+
+
 def encode_commands(
-    family: str, table: str, commands: Iterable[dict[str, Any]], known: dict[str, SetInfo] | None = None
+    family: str,
+    table: str,
+    commands: Iterable[dict[str, Any]],
+    known: dict[str, SetInfo] | None = None,
+    cache: Cache | None = None,
 ) -> tuple[list[Msg], RuleEncoder]:
-    """The messages of one transaction. Raises Unsupported (nothing encoded is usable then)."""
+    """The messages of one transaction. Raises Unsupported (nothing encoded is usable then).
+    `cache`: encoded expressions of earlier batches of the same table (filled here)."""
     enc = RuleEncoder(family, table, dict(known) if known is not None else {})
+    if cache is not None:
+        if len(cache) >= CACHE_MAX:
+            cache.clear()
+        enc._cache = cache
     for cmd in commands:
         enc.command(cmd)
     return enc.msgs, enc
 
 
-__all__ = ["Msg", "RuleEncoder", "SetInfo", "Unsupported", "encode_commands", "note_sets", "set_info"]
+__all__ = [
+    "CACHE_MAX",
+    "Cache",
+    "Msg",
+    "RuleEncoder",
+    "SetInfo",
+    "Unsupported",
+    "encode_commands",
+    "note_sets",
+    "set_info",
+]
