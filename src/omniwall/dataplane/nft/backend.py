@@ -32,6 +32,7 @@ from omniwall.compiler.ir import HostDelta, HostDesiredState
 from omniwall.dataplane import ct_migrate
 from omniwall.dataplane.backend import Capabilities, ConnEntry, RuleCounters
 from omniwall.dataplane.conntrack import ConntrackTable
+from omniwall.dataplane.nft.expr import Json
 from omniwall.dataplane.nft.libnft import Nft, NftError
 from omniwall.dataplane.nft.names import FAMILY, STATE_CHAIN, TABLE
 from omniwall.dataplane.nft.planner import (
@@ -126,6 +127,8 @@ class NftBackend:
         """One plan: its transaction (the fallback if that fails and it has one), then its raw batch;
         the planner moves its book to the target only once the kernel took everything."""
         try:
+            if plan.rewrites:
+                plan.commands = edit_chains(self.nft, plan.commands, plan.rewrites)
             if plan.commands:
                 try:  # one transaction with the raw batch when both encode raw (a bulk load: atomic)
                     self.nft.transact(plan.commands, plan.ops)
@@ -261,4 +264,70 @@ class NftBackend:
         return self.ct.delete(entries)
 
 
-__all__ = ["BULK_LOAD_MIN_ELEMENTS", "FAST_PATH_MAX_ELEMENTS", "NftBackend", "normalized"]
+def _body(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in r.items() if k in ("expr", "comment")}
+
+
+def edit_chains(nft: Nft, commands: list[Json], rewrites: dict[str, list[Json]]) -> list[Json]:
+    """`commands` with each chain of `rewrites` (flushed, then filled with its new rules) edited in
+    place instead: the old rules that differ deleted by handle, the new ones inserted where they were.
+    A one-rule change then adds one or two rules, not the ~140 of its chain (each one the kernel
+    builds and libnftables or nlrules.py encodes), and the chain's other rules keep their counters.
+    The handles come from a dump of the chain, checked rule by rule against the old rules' comments;
+    anything unexpected leaves that chain's flush and re-add as they were."""
+    adds: dict[str, list[int]] = {}
+    flushes: dict[str, int] = {}
+    for i, c in enumerate(commands):
+        add = c.get("add")
+        if add is not None:
+            r = add.get("rule")
+            if r is not None and r.get("chain") in rewrites:
+                adds.setdefault(r["chain"], []).append(i)
+            continue
+        fl = c.get("flush")
+        if fl is not None and fl.get("chain", {}).get("name") in rewrites:
+            flushes[fl["chain"]["name"]] = i
+    drop: set[int] = set()
+    at: dict[int, list[Json]] = {}  # index of a chain's first add -> the edit replacing its adds
+    for chain, old in rewrites.items():
+        idx = adds.get(chain, [])
+        if chain not in flushes or not idx or not old:
+            continue
+        new = [commands[i]["add"]["rule"] for i in idx]
+        p = 0
+        while p < min(len(old), len(new)) and old[p] == _body(new[p]):
+            p += 1
+        s = 0
+        while s < min(len(old), len(new)) - p and old[-1 - s] == _body(new[-1 - s]):
+            s += 1
+        if p + s == 0 or (len(old) - p - s) + (len(new) - p - s) >= len(new):
+            continue  # nothing in common worth a dump
+        got = nft.rule_handles(FAMILY, TABLE, chain)
+        if got is None or [c for _h, c in got] != [o.get("comment") for o in old]:
+            continue  # not the chain the planner remembers: flush and re-add it whole
+        handles = [h for h, _c in got]
+        edit: list[Json] = [
+            {"delete": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "handle": h}}}
+            for h in handles[p : len(old) - s]
+        ]
+        middle = new[p : len(new) - s]
+        if s:  # before the first rule of the common tail, in order
+            anchor = handles[len(old) - s]
+            edit += [{"insert": {"rule": {**r, "handle": anchor}}} for r in middle]
+        else:  # nothing in common at the end: appended, in order
+            edit += [{"add": {"rule": r}} for r in middle]
+        drop.add(flushes[chain])
+        drop.update(idx)
+        at[idx[0]] = edit
+    if not at:
+        return commands
+    out: list[Json] = []
+    for i, c in enumerate(commands):
+        if i in at:
+            out += at[i]
+        if i not in drop:
+            out.append(c)
+    return out
+
+
+__all__ = ["BULK_LOAD_MIN_ELEMENTS", "FAST_PATH_MAX_ELEMENTS", "NftBackend", "edit_chains", "normalized"]

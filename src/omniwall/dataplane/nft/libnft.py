@@ -231,6 +231,14 @@ class Nft:
             self._elem_sock = self.thread.call(open_sock)
         return self._elem_sock
 
+    def rule_handles(self, family: str, table: str, chain: str) -> list[tuple[int, str | None]] | None:
+        """The rules of one chain, in order, as (handle, comment); None when the kernel refuses."""
+        try:
+            return self._sock().dump_rules(family, table, chain)
+        except BatchError as e:
+            log.debug("rule dump of %s refused: %s", chain, e)
+            return None
+
     def elements(self, family: str, table: str, ops: list[Op]) -> None:
         """Set-element changes (and the revision quota) as one transaction, bypassing libnftables
         (nlbatch.py). A bad key or a refused batch raises NftError; nothing is applied then."""

@@ -41,8 +41,10 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWOBJ = 12, 14, 18
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
-NLMSG_ERROR = 2
+NFT_MSG_NEWRULE, NFT_MSG_GETRULE = 6, 7
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x400, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NFTA_RULE_HANDLE, NFTA_RULE_USERDATA = 3, 7
 NLA_F_NESTED = 0x8000
 NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
 # attributes (linux/netfilter/nf_tables.h)
@@ -381,8 +383,63 @@ class ElemSocket:
             raise failure
         return len(seqs)
 
+    def dump_rules(self, family: str, table: str, chain: str) -> list[tuple[int, str | None]]:
+        """The rules of one chain, in order: (handle, comment or None). Raises BatchError (errno) when
+        the kernel refuses (no such table or chain)."""
+        self._seq += 1
+        seq = self._seq
+        body = struct.pack("=BBH", NFPROTO[family], 0, 0) + _str(1, table) + _str(2, chain)
+        hdr = struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE,
+                          NLM_F_REQUEST | NLM_F_DUMP, seq, 0)  # fmt: skip
+        self.sock.settimeout(10.0)
+        self.sock.send(hdr + body)
+        out: list[tuple[int, str | None]] = []
+        while True:
+            try:
+                buf = self.sock.recv(1 << 20)
+            except TimeoutError:
+                raise BatchError(errno.ETIMEDOUT, seq) from None
+            off = 0
+            while off + 16 <= len(buf):
+                ln, typ, _flags, mseq = struct.unpack_from("=IHHI", buf, off)
+                if ln < 16:
+                    break
+                if mseq == seq:
+                    if typ == NLMSG_DONE:
+                        return out
+                    if typ == NLMSG_ERROR:
+                        (err,) = struct.unpack_from("=i", buf, off + 16)
+                        if err:
+                            raise BatchError(-err, seq)
+                    elif typ == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
+                        out.append(_rule_handle(buf[off + 20 : off + ln]))
+                off += (ln + 3) & ~3
+
     def close(self) -> None:
         self.sock.close()
+
+
+def _rule_handle(attrs: bytes) -> tuple[int, str | None]:
+    """(handle, comment) of a rule message's attributes."""
+    handle, comment = -1, None
+    off = 0
+    while off + 4 <= len(attrs):
+        ln, typ = struct.unpack_from("=HH", attrs, off)
+        if ln < 4:
+            break
+        typ &= 0x7FFF
+        if typ == NFTA_RULE_HANDLE:
+            (handle,) = struct.unpack_from("!Q", attrs, off + 4)
+        elif typ == NFTA_RULE_USERDATA:
+            ud = attrs[off + 4 : off + ln]
+            k = 0
+            while k + 2 <= len(ud):  # TLVs: type, length, value (the comment: type 0, NUL ended)
+                t, n = ud[k], ud[k + 1]
+                if t == 0:
+                    comment = ud[k + 2 : k + 2 + n].rstrip(b"\0").decode(errors="replace")
+                k += 2 + n
+        off += (ln + 3) & ~3
+    return handle, comment
 
 
 def load_ops(name: str, keytype: KeyType, elements: Sequence[str], *, replace: bool = False) -> list[Op]:

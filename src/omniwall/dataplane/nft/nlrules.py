@@ -686,6 +686,12 @@ class _Rule:
             raise Unsupported(f"statement {kind!r}")
 
 
+def _handle(h: Any) -> int:
+    if isinstance(h, bool) or not isinstance(h, int) or not 0 < h < 1 << 64:
+        raise Unsupported(f"rule handle {h!r}")
+    return h
+
+
 _LEFT_KEYS = {"payload": ("protocol", "field"), "meta": ("key",), "ct": ("key",)}
 
 
@@ -847,9 +853,22 @@ class RuleEncoder:
             typ = NEWSETELEM if verb == "add" else DELSETELEM
             self.msgs += _elem_msgs(t, name, got[1] if got is not None else None, elems, typ)
         elif kind == "rule":
-            if verb != "add" or set(body) - {"family", "table", "chain", "expr", "comment"}:
+            if verb == "delete" and set(body) == {"family", "table", "chain", "handle"}:
+                msg = _strz(1, t) + _strz(2, body["chain"]) + _u64(3, _handle(body["handle"]))
+                self.msgs.append((DELRULE, F_REQ, msg))
+                return
+            if verb not in ("add", "insert") or set(body) - {
+                "family",
+                "table",
+                "chain",
+                "expr",
+                "comment",
+                "handle",
+            }:
                 raise Unsupported(f"{verb} rule {sorted(body)}")
-            self.rule(body)
+            if verb == "insert" and "handle" not in body:
+                raise Unsupported("insert at the head of a chain")
+            self.rule(body, append=verb == "add")
         elif kind == "counter":
             if set(body) != {"family", "table", "name"}:
                 raise Unsupported(f"counter {body!r}")
@@ -874,7 +893,9 @@ class RuleEncoder:
         else:
             raise Unsupported(f"{verb} {kind}")
 
-    def rule(self, body: dict[str, Any]) -> None:
+    def rule(self, body: dict[str, Any], append: bool = True) -> None:
+        """An added rule: at the end of its chain, or (with `handle`) right after (`append`) or right
+        before that rule."""
         r = _Rule(self, self.table)
         exprs = body.get("expr")
         if not isinstance(exprs, list):
@@ -904,6 +925,8 @@ class RuleEncoder:
                 self._cache[key] = (b"".join(r.out[mark:]), r.nfproto, r.l4)
             i += step
         msg = self._head + _strz(2, body["chain"]) + _nest(4, b"".join(r.out))
+        if "handle" in body:
+            msg += _u64(6, _handle(body["handle"]))  # NFTA_RULE_POSITION
         comment = body.get("comment")
         if comment is not None:
             raw = str(comment).encode() + b"\0"
@@ -911,7 +934,7 @@ class RuleEncoder:
                 raise Unsupported("comment longer than 254 bytes")
             msg += _attr(7, _udata((0, raw)))
         self.msgs += r.pre
-        self.msgs.append((NEWRULE, F_REQ | F_CREATE | F_APPEND, msg))
+        self.msgs.append((NEWRULE, F_REQ | F_CREATE | (F_APPEND if append else 0), msg))
 
     def commit_known(self) -> None:
         """The batch went through: its sets are known to later batches."""

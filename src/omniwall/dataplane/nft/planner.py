@@ -120,6 +120,9 @@ class Plan:
     step: BookStep | None = None  # or the change to the current book, applied on commit
     moves: list[Move] = field(default_factory=list)  # the fast path's identity moves
     index: IndexPlan | None = None  # the fast path's index plan (moved on commit)
+    # chains `commands` flush and fill again -> their old rules: the applier may turn that into an
+    # edit of the rules that differ (it needs the kernel's rule handles, which a pure plan has not)
+    rewrites: dict[str, list[Json]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -759,10 +762,11 @@ class NftPlanner:
         ]
 
         rendered: dict[str, dict[str, list[Json]]] = {}
+        rewrites: dict[str, list[Json]] = {}
         shapes = self._shapes(target)
         change = VnicChange(
             base, target, book.plan, new_plan, touched, removed, dispatch, idiff,
-            old_rmap, new_rmap, shapes, shapes, book.chains, rendered,
+            old_rmap, new_rmap, shapes, shapes, book.chains, rendered, rewrites,
         )  # fmt: skip
         cmds += render_vnic_changes(change, self.log_group, self.flow_group)
         cmds += late
@@ -780,7 +784,7 @@ class NftPlanner:
             target, new_plan, hop_step, chain_step, chain_delta, key_delta, named_delta, port_delta,
             frozenset(stateless),
         )  # fmt: skip
-        return Plan(base, target, cmds, kind="delta", step=step)
+        return Plan(base, target, cmds, kind="delta", step=step, rewrites=rewrites)
 
     def _rules(self, state: HostDesiredState) -> RulesById:
         for got in self._by_id:

@@ -886,6 +886,9 @@ class VnicChange:
     new_shapes: Shapes | None = None
     old_chains: Mapping[str, dict[str, list[Json]]] | None = None  # render_vnic_chains of old vNICs, known
     rendered: dict[str, dict[str, list[Json]]] | None = None  # filled with the touched vNICs' new chains
+    # filled with the chains flushed and filled again: name -> their old rules (the applier may edit
+    # them in place instead: backend.py, `Plan.rewrites`)
+    rewritten: dict[str, list[Json]] | None = None
 
 
 def render_vnic_changes(ch: VnicChange, log_group: int, flow_group: int | None) -> list[Json]:
@@ -962,6 +965,8 @@ def render_vnic_changes(ch: VnicChange, log_group: int, flow_group: int | None) 
     for ifname, chains in old_chains.items():
         keep = new_chains.get(ifname, {})
         cmds += [{"delete": {"chain": {**T, "name": n}}} for n in chains if n not in keep]
+        if ch.rewritten is not None:
+            ch.rewritten.update((n, r) for n, r in chains.items() if n in keep)
     for chains in new_chains.values():
         cmds += [_chain_decl(n) for n in chains]
     for chains in new_chains.values():
