@@ -145,3 +145,21 @@ def test_nothing_in_common_needs_no_dump():
     cmds = _cmds("c", [_r("b")])
     assert edit_chains(nft, cmds, {"c": [_r("a")]}) == cmds  # type: ignore[arg-type]
     assert nft.dumps == 0
+
+
+@pytest.mark.parametrize("name", ["web", "wéb ✓"])
+def test_stored_ir_bytes_do_not_depend_on_the_json_encoder(name):
+    """blob._pack encodes with msgspec; the chunks must stay json.dumps' (read-back compares them)."""
+    import base64
+    import json
+    import zlib
+    from dataclasses import replace
+
+    from omniwall.dataplane.nft import blob
+
+    s = rich_state()
+    s = replace(s, rules=tuple(replace(r, rule=f"{name}{r.id}") for r in s.rules))
+    for data in ({"rules": [r.rule for r in s.rules], "n": 1, "x": None, "t": True}, blob.structure(s)):
+        raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        text = blob.MAGIC2 + base64.b64encode(zlib.compress(raw, 9)).decode()
+        assert "".join(blob._pack(blob.MAGIC2, data)) == text
