@@ -163,3 +163,14 @@ def test_stored_ir_bytes_do_not_depend_on_the_json_encoder(name):
         raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         text = blob.MAGIC2 + base64.b64encode(zlib.compress(raw, 9)).decode()
         assert "".join(blob._pack(blob.MAGIC2, data)) == text
+
+
+def test_the_planners_rule_encoding_is_ir_plain_as_json():
+    import json
+
+    from omniwall.compiler.ir import plain
+    from omniwall.dataplane.nft.planner import PlainRules
+
+    enc = PlainRules()
+    for r in rich_state().rules:
+        assert json.dumps(enc(r), sort_keys=True) == json.dumps(plain(r), sort_keys=True)

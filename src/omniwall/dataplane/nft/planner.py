@@ -29,11 +29,14 @@ import functools
 import ipaddress
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from typing import Any, Literal
 
-from omniwall.compiler.ir import HostDelta, HostDesiredState, IRRule, IRSet, IRVnic, plain
+import msgspec
+
+from omniwall.compiler.ir import HostDelta, HostDesiredState, IRRule, IRSet, IRVnic, ServiceMatch, plain
 from omniwall.dataplane.nft import blob
 from omniwall.dataplane.nft.expr import Json, T
 from omniwall.dataplane.nft.names import (
@@ -345,6 +348,18 @@ class RulesById(Mapping[int, IRRule]):
         return len(self.ids)
 
 
+def _all_on_wire(*types: type) -> bool:
+    return all(f.metadata.get("wire", True) for t in types for f in dataclass_fields(t))
+
+
+# `ir.plain` of a rule is its fields as builtins; msgspec makes the same (tuples where plain makes
+# lists: the same JSON) ~5x faster (10k rules: 0.2 -> 0.04 s), as long as no field of a rule is kept
+# off the wire (`wire: False`), which plain would drop
+_plain_rule: Callable[[IRRule], Any] = (
+    msgspec.to_builtins if _all_on_wire(IRRule, ServiceMatch) else plain  # type: ignore[assignment]
+)
+
+
 class PlainRules:
     """`ir.plain(rule)` by rule id, reused while the rule is the same object: a change re-encodes the
     stored IR's buckets it touches (~160 rules each on a 10k-rule host), and their other rules are
@@ -356,7 +371,7 @@ class PlainRules:
     def __call__(self, rule: IRRule) -> Any:
         got = self._by.get(rule.id)
         if got is None or got[0] is not rule:
-            got = self._by[rule.id] = (rule, plain(rule))
+            got = self._by[rule.id] = (rule, _plain_rule(rule))
         return got[1]
 
     def clear(self) -> None:
