@@ -776,7 +776,8 @@ class RuleEncoder:
 
     def lookup(self, name: str, sreg: int, dreg: int | None, *, inverted: bool = False,
                set_id: int | None = None) -> bytes:  # fmt: skip
-        self.info(name) if set_id is None else None
+        if set_id is None:
+            self.info(name)  # a named set must be one the table has (else: libnftables decides)
         data = _u32(2, sreg)
         if dreg is not None:
             data += _u32(3, dreg)
