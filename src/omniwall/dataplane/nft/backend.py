@@ -32,6 +32,7 @@ from omniwall.compiler.ir import HostDelta, HostDesiredState
 from omniwall.dataplane import ct_migrate
 from omniwall.dataplane.backend import Capabilities, ConnEntry, RuleCounters
 from omniwall.dataplane.conntrack import ConntrackTable
+from omniwall.dataplane.nft.expr import Json
 from omniwall.dataplane.nft.libnft import Nft, NftError
 from omniwall.dataplane.nft.names import FAMILY, STATE_CHAIN, TABLE
 from omniwall.dataplane.nft.planner import (
@@ -57,13 +58,19 @@ def gc_paused() -> Iterator[None]:
     """Planning a full table allocates ~10^6 dicts and lists, none of them garbage, while the process
     holds the states' 100k+ members: the cyclic collector traversed them over and over (half the CPU
     of a full plan on the benchmark's host, and a stray full collection in a one-rule change costs
-    more than the change). Paused while we plan and write; reference counting frees what we drop."""
+    more than the change). Paused while we plan and write; reference counting frees what we drop.
+    On the way out the survivors (the planner's book: ~10^6 containers after a full plan) go straight
+    to the oldest generation (`freeze` + `unfreeze`: a list splice, and the young generations' counts
+    reset), else the first allocation after `enable` traverses them all as young objects (~0.2 s of
+    a full sync's CPU); cyclic garbage among them waits for the next full collection."""
     was = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if was:
+            gc.freeze()
+            gc.unfreeze()
             gc.enable()
 
 
@@ -80,6 +87,7 @@ class NftBackend:
         revoke: bool = True,
         workload_prefixes: Sequence[str] = DEFAULT_WORKLOAD_PREFIXES,
         revoke_async: bool = False,
+        raw_rules: bool = True,
     ) -> None:
         self.netns = netns
         self.log_group = log_group
@@ -90,7 +98,8 @@ class NftBackend:
         self.revoke_async = revoke_async
         self._revocations: list[Future[None]] = []
         self.planner = NftPlanner(log_group, flow_group, self.workload_prefixes)
-        self.nft = Nft(netns, allow_initial_netns=allow_initial_netns)
+        # raw_rules: transactions as raw nfnetlink where nlrules.py can encode them (False: libnftables)
+        self.nft = Nft(netns, allow_initial_netns=allow_initial_netns, raw_rules=raw_rules)
         self.ct = ConntrackTable(thread=self.nft.thread, allow_initial_netns=allow_initial_netns)
         self._current: HostDesiredState | None = None
         self.revoker = Revoker(self.ct, enabled=revoke)
@@ -124,17 +133,19 @@ class NftBackend:
         """One plan: its transaction (the fallback if that fails and it has one), then its raw batch;
         the planner moves its book to the target only once the kernel took everything."""
         try:
+            if plan.rewrites:
+                plan.commands = edit_chains(self.nft, plan.commands, plan.rewrites)
             if plan.commands:
-                try:
-                    self.nft.transact(plan.commands)
+                try:  # one transaction with the raw batch when both encode raw (a bulk load: atomic)
+                    self.nft.transact(plan.commands, plan.ops)
                 except NftError as e:
                     if plan.fallback is None:
                         raise
                     # an unexpected kernel state: replace the table atomically instead
                     log.warning("incremental %s failed (%s); rebuilding the table", plan.kind, e.message)
-                    self.nft.transact(plan.fallback)
+                    self.nft.transact(plan.fallback, plan.ops)
                     plan.book = None
-            if plan.ops:
+            elif plan.ops:
                 self.nft.elements(FAMILY, TABLE, plan.ops)
         except BaseException:
             self.planner.forget()
@@ -147,6 +158,8 @@ class NftBackend:
 
     def _sync(self, state: HostDesiredState) -> None:
         listing = self._listing()
+        if listing is not None:  # the table's set types: raw batches may name its sets (nlrules.py)
+            self.nft.learn_sets(listing, FAMILY, TABLE)
         current = self._realized(listing)
         if current is not None and normalized(current) == normalized(state):
             self._current = state
@@ -257,4 +270,70 @@ class NftBackend:
         return self.ct.delete(entries)
 
 
-__all__ = ["BULK_LOAD_MIN_ELEMENTS", "FAST_PATH_MAX_ELEMENTS", "NftBackend", "normalized"]
+def _body(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in r.items() if k in ("expr", "comment")}
+
+
+def edit_chains(nft: Nft, commands: list[Json], rewrites: dict[str, list[Json]]) -> list[Json]:
+    """`commands` with each chain of `rewrites` (flushed, then filled with its new rules) edited in
+    place instead: the old rules that differ deleted by handle, the new ones inserted where they were.
+    A one-rule change then adds one or two rules, not the ~140 of its chain (each one the kernel
+    builds and libnftables or nlrules.py encodes), and the chain's other rules keep their counters.
+    The handles come from a dump of the chain, checked rule by rule against the old rules' comments;
+    anything unexpected leaves that chain's flush and re-add as they were."""
+    adds: dict[str, list[int]] = {}
+    flushes: dict[str, int] = {}
+    for i, c in enumerate(commands):
+        add = c.get("add")
+        if add is not None:
+            r = add.get("rule")
+            if r is not None and r.get("chain") in rewrites:
+                adds.setdefault(r["chain"], []).append(i)
+            continue
+        fl = c.get("flush")
+        if fl is not None and fl.get("chain", {}).get("name") in rewrites:
+            flushes[fl["chain"]["name"]] = i
+    drop: set[int] = set()
+    at: dict[int, list[Json]] = {}  # index of a chain's first add -> the edit replacing its adds
+    for chain, old in rewrites.items():
+        idx = adds.get(chain, [])
+        if chain not in flushes or not idx or not old:
+            continue
+        new = [commands[i]["add"]["rule"] for i in idx]
+        p = 0
+        while p < min(len(old), len(new)) and old[p] == _body(new[p]):
+            p += 1
+        s = 0
+        while s < min(len(old), len(new)) - p and old[-1 - s] == _body(new[-1 - s]):
+            s += 1
+        if p + s == 0 or (len(old) - p - s) + (len(new) - p - s) >= len(new):
+            continue  # nothing in common worth a dump
+        got = nft.rule_handles(FAMILY, TABLE, chain)
+        if got is None or [c for _h, c in got] != [o.get("comment") for o in old]:
+            continue  # not the chain the planner remembers: flush and re-add it whole
+        handles = [h for h, _c in got]
+        edit: list[Json] = [
+            {"delete": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "handle": h}}}
+            for h in handles[p : len(old) - s]
+        ]
+        middle = new[p : len(new) - s]
+        if s:  # before the first rule of the common tail, in order
+            anchor = handles[len(old) - s]
+            edit += [{"insert": {"rule": {**r, "handle": anchor}}} for r in middle]
+        else:  # nothing in common at the end: appended, in order
+            edit += [{"add": {"rule": r}} for r in middle]
+        drop.add(flushes[chain])
+        drop.update(idx)
+        at[idx[0]] = edit
+    if not at:
+        return commands
+    out: list[Json] = []
+    for i, c in enumerate(commands):
+        if i in at:
+            out += at[i]
+        if i not in drop:
+            out.append(c)
+    return out
+
+
+__all__ = ["BULK_LOAD_MIN_ELEMENTS", "FAST_PATH_MAX_ELEMENTS", "NftBackend", "edit_chains", "normalized"]

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
+import msgspec
+
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, plain
 from omniwall.dataplane.nft.names import STATE_BUCKETS
 
@@ -48,7 +50,13 @@ def same_structure(a: HostDesiredState, b: HostDesiredState) -> bool:
 
 
 def _pack(magic: str, data: Any) -> list[str]:
-    raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    # msgspec (sorted keys): the bytes of json.dumps(sort_keys=True, separators=(",", ":")) for ASCII
+    # text, ~5x faster (a full table's stored IR: 0.075 -> 0.014 s); json.dumps escapes non-ASCII
+    # text, msgspec does not, so such a blob keeps json.dumps' bytes (the chunks are what read-back
+    # compares against a render of the state it decodes)
+    raw = msgspec.json.encode(data, order="sorted")
+    if not raw.isascii():
+        raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     text = magic + base64.b64encode(zlib.compress(raw, 9)).decode()
     return [text[i : i + CHUNK] for i in range(0, len(text), CHUNK)]
 

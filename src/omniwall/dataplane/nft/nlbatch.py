@@ -41,8 +41,10 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWOBJ = 12, 14, 18
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
-NLMSG_ERROR = 2
+NFT_MSG_NEWRULE, NFT_MSG_GETRULE = 6, 7
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x400, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NFTA_RULE_HANDLE, NFTA_RULE_USERDATA = 3, 7
 NLA_F_NESTED = 0x8000
 NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
 # attributes (linux/netfilter/nf_tables.h)
@@ -258,7 +260,11 @@ def encode(
     """The batch (begin, one message per op and chunk, end) and the sequence numbers that get an ack.
     `ack_all`: ack every message (default: when the batch has at most ACK_ALL_MAX messages), else the
     last one only (the kernel still reports each failed message)."""
-    fam = NFPROTO[family]
+    return frame(family, op_msgs(table, ops), seq0, ack_all=ack_all)
+
+
+def op_msgs(table: str, ops: Sequence[Op]) -> list[tuple[int, int, bytes]]:
+    """The messages (nf_tables type, flags without ACK, body) of `ops`, in order."""
     msgs: list[tuple[int, int, bytes]] = []  # (type, flags without ACK, body)
     for op in ops:
         if isinstance(op, QuotaOp):
@@ -280,6 +286,15 @@ def encode(
             chunk = elems[i : i + step]
             payload = b"".join([prefix + key_bytes(op.keytype, e) for e in chunk])
             msgs.append((typ, flags, head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, payload)))
+    return msgs
+
+
+def frame(
+    family: str, msgs: Sequence[tuple[int, int, bytes]], seq0: int, *, ack_all: bool | None = None
+) -> tuple[bytes, list[int]]:
+    """Messages (nf_tables type, flags without ACK, body) between batch begin and end: the batch and
+    the sequence numbers that get an ack (see `encode`)."""
+    fam = NFPROTO[family]
     if ack_all is None:
         ack_all = len(msgs) <= ACK_ALL_MAX
     out = [_nfmsg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq0, 0, NFNL_SUBSYS_NFTABLES, b"")]
@@ -330,7 +345,13 @@ class ElemSocket:
 
     def commit(self, family: str, table: str, ops: Iterable[Op]) -> int:
         """Returns the number of messages sent (0: nothing to do). Raises BatchError (nothing applied)."""
-        data, seqs = encode(family, table, list(ops), self._seq + 1)
+        return self._send(*encode(family, table, list(ops), self._seq + 1))
+
+    def commit_msgs(self, family: str, msgs: Sequence[tuple[int, int, bytes]]) -> int:
+        """One transaction of prebuilt messages (nlrules.py); as `commit`."""
+        return self._send(*frame(family, msgs, self._seq + 1))
+
+    def _send(self, data: bytes, seqs: list[int]) -> int:
         if not seqs:
             return 0
         begin = self._seq + 1
@@ -362,8 +383,63 @@ class ElemSocket:
             raise failure
         return len(seqs)
 
+    def dump_rules(self, family: str, table: str, chain: str) -> list[tuple[int, str | None]]:
+        """The rules of one chain, in order: (handle, comment or None). Raises BatchError (errno) when
+        the kernel refuses (no such table or chain)."""
+        self._seq += 1
+        seq = self._seq
+        body = struct.pack("=BBH", NFPROTO[family], 0, 0) + _str(1, table) + _str(2, chain)
+        hdr = struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE,
+                          NLM_F_REQUEST | NLM_F_DUMP, seq, 0)  # fmt: skip
+        self.sock.settimeout(10.0)
+        self.sock.send(hdr + body)
+        out: list[tuple[int, str | None]] = []
+        while True:
+            try:
+                buf = self.sock.recv(1 << 20)
+            except TimeoutError:
+                raise BatchError(errno.ETIMEDOUT, seq) from None
+            off = 0
+            while off + 16 <= len(buf):
+                ln, typ, _flags, mseq = struct.unpack_from("=IHHI", buf, off)
+                if ln < 16:
+                    break
+                if mseq == seq:
+                    if typ == NLMSG_DONE:
+                        return out
+                    if typ == NLMSG_ERROR:
+                        (err,) = struct.unpack_from("=i", buf, off + 16)
+                        if err:
+                            raise BatchError(-err, seq)
+                    elif typ == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
+                        out.append(_rule_handle(buf[off + 20 : off + ln]))
+                off += (ln + 3) & ~3
+
     def close(self) -> None:
         self.sock.close()
+
+
+def _rule_handle(attrs: bytes) -> tuple[int, str | None]:
+    """(handle, comment) of a rule message's attributes."""
+    handle, comment = -1, None
+    off = 0
+    while off + 4 <= len(attrs):
+        ln, typ = struct.unpack_from("=HH", attrs, off)
+        if ln < 4:
+            break
+        typ &= 0x7FFF
+        if typ == NFTA_RULE_HANDLE:
+            (handle,) = struct.unpack_from("!Q", attrs, off + 4)
+        elif typ == NFTA_RULE_USERDATA:
+            ud = attrs[off + 4 : off + ln]
+            k = 0
+            while k + 2 <= len(ud):  # TLVs: type, length, value (the comment: type 0, NUL ended)
+                t, n = ud[k], ud[k + 1]
+                if t == 0:
+                    comment = ud[k + 2 : k + 2 + n].rstrip(b"\0").decode(errors="replace")
+                k += 2 + n
+        off += (ln + 3) & ~3
+    return handle, comment
 
 
 def load_ops(name: str, keytype: KeyType, elements: Sequence[str], *, replace: bool = False) -> list[Op]:
@@ -381,6 +457,8 @@ __all__ = [
     "Op",
     "QuotaOp",
     "encode",
+    "frame",
     "key_bytes",
     "load_ops",
+    "op_msgs",
 ]

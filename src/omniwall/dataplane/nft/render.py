@@ -212,6 +212,8 @@ def render_set(s: IRSet) -> list[Json]:
 # ------------------------------------------------------------------------------------------ matches
 
 Shapes = Mapping[str, tuple[bool, bool]]
+# rule id -> (rule, shapes, family_matches(rule, shapes)): see render_vnic_chains
+MatchMemo = dict[int, tuple[IRRule, Shapes, list[tuple[int | None, str | None, list[Json]]]]]
 
 
 def _addr_parts(setname: str | None, fam: int, shapes: Shapes) -> list[str | None]:
@@ -510,8 +512,12 @@ def render_vnic_chains(
     plan: IndexPlan | None = None,
     ingress_dispatch: bool = False,
     flow_group: int | None = None,
+    memo: MatchMemo | None = None,
 ) -> dict[str, list[Json]]:
     """Every chain of one vNIC, name -> rules (each {"expr", "comment"}), in a stable order.
+    `memo`: the caller's rule id -> (rule, shapes, family_matches) of earlier renders, reused while
+    the rule and the shapes are the same objects (planner.py: a one-rule change re-renders its vNIC's
+    other rules from it).
 
     Per direction: the entry chain `e_<if>` sends a packet to its family's segments (`e_<if>_0v4`,
     `e_<if>_1v4`, ... / `..._0v6`, ...), each holding only the nft rules a packet of that family can
@@ -520,6 +526,20 @@ def render_vnic_chains(
     segment) and falling off a segment keep their meaning."""
     chains: dict[str, list[Json]] = {}
     known: dict[int, list[tuple[int | None, str | None, list[Json]]]] = {}  # rule id -> family_matches
+    if memo is not None:
+
+        def matches_of(r: IRRule) -> list[tuple[int | None, str | None, list[Json]]]:
+            hit = memo.get(r.id)
+            if hit is not None and hit[0] is r and hit[1] is shapes:
+                return hit[2]
+            fm = family_matches(r, shapes)
+            memo[r.id] = (r, shapes, fm)
+            return fm
+    else:
+
+        def matches_of(r: IRRule) -> list[tuple[int | None, str | None, list[Json]]]:
+            return family_matches(r, shapes)
+
     for direction in DIRECTIONS:
         rules = _hop_rules(vnic, direction, rmap)
         segs = segments(rules)
@@ -552,7 +572,7 @@ def render_vnic_chains(
                 for r in segs[k] if segs else []:
                     fm = known.get(r.id)
                     if fm is None:  # both families' chains render the rule: its matches once
-                        fm = known[r.id] = family_matches(r, shapes)
+                        fm = known[r.id] = matches_of(r)
                     body.extend(
                         render_rule(
                             r, nxt, shapes, log_group, fam, hop=direction, flow_group=flow_group, matches=fm
@@ -567,7 +587,7 @@ def render_vnic_chains(
         for r in rules:
             if not r.stateful:
                 fm = known.get(r.id)
-                for _fam, _proto, match in family_matches(r, shapes) if fm is None else fm:
+                for _fam, _proto, match in matches_of(r) if fm is None else fm:
                     raw.append(_rule([*match, {"notrack": None}, {"return": None}], f"nt:{r.id}"))
         if direction == "egress" and ingress_dispatch:
             raw += raw_ingress_dispatch()
@@ -886,6 +906,10 @@ class VnicChange:
     new_shapes: Shapes | None = None
     old_chains: Mapping[str, dict[str, list[Json]]] | None = None  # render_vnic_chains of old vNICs, known
     rendered: dict[str, dict[str, list[Json]]] | None = None  # filled with the touched vNICs' new chains
+    # filled with the chains flushed and filled again: name -> their old rules (the applier may edit
+    # them in place instead: backend.py, `Plan.rewrites`)
+    rewritten: dict[str, list[Json]] | None = None
+    memo: MatchMemo | None = None  # see render_vnic_chains
 
 
 def render_vnic_changes(ch: VnicChange, log_group: int, flow_group: int | None) -> list[Json]:
@@ -909,7 +933,9 @@ def render_vnic_changes(ch: VnicChange, log_group: int, flow_group: int | None) 
             else render_vnic_chains(v, old_rmap, old_shapes, log_group, ch.old_plan, ch.dispatch, flow_group)
         )
     new_chains = {
-        v.ifname: render_vnic_chains(v, new_rmap, new_shapes, log_group, ch.new_plan, ch.dispatch, flow_group)
+        v.ifname: render_vnic_chains(
+            v, new_rmap, new_shapes, log_group, ch.new_plan, ch.dispatch, flow_group, ch.memo
+        )
         for v in touched
     }
     if ch.rendered is not None:  # the caller keeps them (planner.py: the next change's old chains)
@@ -962,6 +988,8 @@ def render_vnic_changes(ch: VnicChange, log_group: int, flow_group: int | None) 
     for ifname, chains in old_chains.items():
         keep = new_chains.get(ifname, {})
         cmds += [{"delete": {"chain": {**T, "name": n}}} for n in chains if n not in keep]
+        if ch.rewritten is not None:
+            ch.rewritten.update((n, r) for n, r in chains.items() if n in keep)
     for chains in new_chains.values():
         cmds += [_chain_decl(n) for n in chains]
     for chains in new_chains.values():
