@@ -1,5 +1,5 @@
 """The nft tests' "rich" host state: every shape the renderer has, and the expression kinds it emits
-(tests/kernel/test_nft_raw.py, tests/unit/test_nft_raw.py)."""
+(tests/kernel/test_nft_raw_netns.py, tests/unit/test_nft_raw.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Pure tests of the raw nfnetlink encoder (nlrules.py) and of the applier's in-place chain edit
-(backend.edit_chains). The kernel comparison against libnftables is tests/kernel/test_nft_raw.py."""
+(backend.edit_chains). The kernel comparison against libnftables is tests/kernel/test_nft_raw_netns.py."""
 
 from __future__ import annotations
 

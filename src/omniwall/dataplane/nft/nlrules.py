@@ -4,7 +4,7 @@ Why: a full sync of the benchmark's host is ~27k commands; libnftables parses, e
 linearizes each one (~1.7 s of CPU), then the kernel builds them. Encoding the few shapes the
 renderer emits directly is a fraction of that. libnftables stays the reference and the fallback:
 anything this module does not know raises `Unsupported` (before a byte is sent) and the caller sends
-the same commands through libnftables. tests/kernel/test_nft_raw.py loads the same tables both ways
+the same commands through libnftables. tests/kernel/test_nft_raw_netns.py loads the same tables both ways
 and compares the listings.
 
 What it encodes (and only in the forms render.py / render_index.py produce them):
