@@ -12,8 +12,9 @@ Data flow of one update (see docs/design/compiler.md):
 What is touched, and why it is small for a label change: the label index re-evaluates the selectors that
 mention a changed key, for that one workload; membership flips climb only to groups that could contain
 it; the workload's own rule lists are recomputed (cached by signature); the sets whose addresses flipped
-are patched once and handed to the hosts where they are present (`set_hosts`); rule IR changes go to
-`rule_hosts`. Nothing iterates over all workloads, groups, rules or hosts.
+are patched once and handed to the hosts where they are present (the hosts of the rules naming them:
+`rules_by_set`, `rule_hosts`; a host holds a set exactly while it holds a rule naming it); rule IR
+changes go to `rule_hosts`. Nothing iterates over all workloads, groups, rules or hosts.
 
 Placements (migration, docs/design/migration.md): `placements` maps a workload (tenant, name) to one
 extra host. While it is there, the workload's vNICs are compiled onto that host too, exactly as on its
@@ -37,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from omniwall import PROVIDER_TENANT
-from omniwall.compiler.hoststate import ClaimKey, Globals, HostState
+from omniwall.compiler.hoststate import ClaimKey, Globals, HostState, rule_sets
 from omniwall.compiler.ir import (
     HostDelta,
     HostDesiredState,
@@ -80,6 +81,7 @@ class _Wl:
     host: str
     vnics: tuple[tuple[str, tuple[str, ...], str | None], ...]  # (ifname, sorted IPs, mac)
     ips: tuple[str, ...]
+    label: str  # "tenant/name", shared by every IRVnic of the workload
 
 
 @dataclass(slots=True)
@@ -108,7 +110,8 @@ def _workload_info(wid: int, w: Workload) -> _Wl:
         addrs = tuple(sorted(set(v.ips)))
         ips.update(addrs)
         vnics.append((vnic_ifname(w, v), addrs, v.mac))
-    return _Wl(wid, (w.metadata.tenant, w.metadata.name), w.spec.host, tuple(vnics), tuple(sorted(ips)))
+    tenant, name = w.metadata.tenant, w.metadata.name
+    return _Wl(wid, (tenant, name), w.spec.host, tuple(vnics), tuple(sorted(ips)), f"{tenant}/{name}")
 
 
 def effective_limit(spec: TenantSpec, provider: TenantSpec) -> tuple[int | None, int | None]:
@@ -163,6 +166,7 @@ class IncrementalCompiler:
 
         self.rules: dict[RuleKey, CompiledRule] = {}
         self.rule_by_id: dict[int, IRRule] = {}
+        self.rule_sets: dict[int, tuple[str, ...]] = {}  # rule id -> the sets its IR names (rule_sets)
         self.policy_rules: dict[Key, tuple[RuleKey, ...]] = {}
         self.rules_by_group: dict[Key, set[RuleKey]] = {}
         self.rules_by_service: dict[Key, set[RuleKey]] = {}
@@ -173,7 +177,10 @@ class IncrementalCompiler:
 
         self.hosts: dict[str, HostState] = {}
         self.rule_hosts: dict[int, set[str]] = {}
-        self.set_hosts: dict[str, set[str]] = {}
+        # set name -> ids of the rules whose IR names it. No host index per set: a host holds a set exactly
+        # while it holds a rule naming it, so the set's hosts are its rules' hosts (`_set_hosts`); at 1M
+        # workloads a per-set index cost 10M scattered set insertions in the build and ~0.5 GB.
+        self.rules_by_set: dict[str, set[int]] = {}
         self._set_memo: dict[str, IRSet] = {}  # valid during the host phase of one update
         # tenant -> vNIC defaults (action, monitor, connection limits), idem
         self._defaults: dict[str, tuple[str, bool, tuple[int | None, int | None]]] = {}
@@ -215,6 +222,18 @@ class IncrementalCompiler:
     def _group_exists(self, referrer: str, key: Key) -> bool:
         node = self.groups.nodes.get(key)
         return node is not None and visible(referrer, node)
+
+    def _set_hosts(self, name: str) -> Iterable[str]:
+        """The hosts holding set `name` before this update's host phase, as far as the fast path needs:
+        exact for every host whose rules did not change (hosts whose rules changed take the update path,
+        which reads every changed set it holds itself)."""
+        rids = self.rules_by_set.get(name)
+        if not rids:
+            return ()
+        rule_hosts = self.rule_hosts
+        if len(rids) == 1:
+            return rule_hosts.get(next(iter(rids)), ())
+        return set().union(*[rule_hosts.get(i, ()) for i in rids])
 
     def _set_current(self, name: str) -> IRSet:
         s = self._set_memo.get(name)
@@ -282,7 +301,7 @@ class IncrementalCompiler:
         self._defaults.clear()
         host_sets: dict[str, list[str]] = {}  # host -> changed sets it holds, sorted
         for s in set_changes:
-            for h in self.set_hosts.get(s, ()):
+            for h in self._set_hosts(s):
                 host_sets.setdefault(h, []).append(s)
         rule_touched: set[str] = set()
         for i in p.changed_ids:
@@ -292,7 +311,9 @@ class IncrementalCompiler:
 
         # Built per update, not kept: a bound method stored on self would make the compiler a reference
         # cycle, which only the cyclic GC frees (and a frozen one never; see _gc_paused).
-        globals_ = Globals(self.rule_by_id, self._set_current, self.rule_hosts, self.set_hosts)
+        globals_ = Globals(
+            self.rule_by_id, self._set_current, self.rule_hosts, self.rule_sets, self._set_memo
+        )
         out: dict[str, HostDelta] = {}
         for h in sorted(touched):
             hs = self.hosts[h]
@@ -340,7 +361,7 @@ class IncrementalCompiler:
             limit = effective_limit(spec, self._tenant_spec(PROVIDER_TENANT))
             defaults = self._defaults[tenant] = (spec.defaultAction, spec.mode == Mode.MONITOR, limit)
         default_action, monitor, (conn_limit, conn_rate) = defaults
-        label = f"{w.key[0]}/{w.key[1]}"
+        label = w.label
         return [
             (
                 (rank, w.key, i),
@@ -416,12 +437,6 @@ class IncrementalCompiler:
                     s.discard(name)
                     if not s:
                         del self.rule_hosts[i]
-            for n in hs.sets:
-                s2 = self.set_hosts.get(n)
-                if s2 is not None:
-                    s2.discard(name)
-                    if not s2:
-                        del self.set_hosts[n]
         for h in changed:
             assert isinstance(h, Host)
             name = h.metadata.name
@@ -627,12 +642,17 @@ class IncrementalCompiler:
             changes.append((rk, old, new, placement))
             if old is not None:
                 self.rule_by_id.pop(old.ir.id, None)
+                for s in self.rule_sets.pop(old.ir.id, ()):
+                    _index(self.rules_by_set, s, old.ir.id, False)
                 if placement:
                     self.span.remove(old)
                     dirty |= self._span_wids(old)
         for rk, old, new, placement in changes:
             if new is not None:
                 self.rule_by_id[new.ir.id] = new.ir
+                names = self.rule_sets[new.ir.id] = rule_sets(new.ir)
+                for s in names:
+                    _index(self.rules_by_set, s, new.ir.id, True)
                 if placement:
                     self.span.add(new)
                     dirty |= self._span_wids(new)
