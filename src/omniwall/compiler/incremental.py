@@ -264,6 +264,7 @@ class IncrementalCompiler:
         placements: Mapping[Key, str] | None,
     ) -> dict[str, HostDelta]:
         p = _Pending()
+        initial = not self.wl  # the first build: every workload below is new, and touched as such
         if placements is not None:
             self._place(placements, p)
         by_kind: dict[str, list[object]] = {}
@@ -290,10 +291,11 @@ class IncrementalCompiler:
                 set_changes[name] = upd
         self.registry.clear()
 
-        # Workloads whose placement may have changed.
-        for wid in self.groups.dirty_wids:
-            if wid in self.wl:
-                self._touch(p, wid)
+        # Workloads whose placement may have changed (at the first build, all of them: already touched).
+        if not initial:
+            for wid in self.groups.dirty_wids:
+                if wid in self.wl:
+                    self._touch(p, wid)
         self.groups.dirty_wids.clear()
         self.groups.lits_changed.clear()
 

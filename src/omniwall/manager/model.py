@@ -69,7 +69,8 @@ class Model:
             items, rev = self.store.range(RES_PREFIX)
             cat = Catalog()
             for kv in items:
-                r = self.decode(kv.key, kv.value, kv.mod_revision)
+                # trusted: validated when written; constructed without re-validation (objects.decode)
+                r = self.decode(kv.key, kv.value, kv.mod_revision, trusted=True)
                 if r is not None:
                     cat.add(r)
             with self._model_lock:
@@ -169,9 +170,9 @@ class Model:
             self._catalog.add(r)
         return r
 
-    def decode(self, key: str, value: str, revision: int) -> _Resource | None:
+    def decode(self, key: str, value: str, revision: int, *, trusted: bool = False) -> _Resource | None:
         try:
-            return decode(value, revision)
+            return decode(value, revision, trusted=trusted)
         except Exception as err:  # a stored object the current schema rejects: skip it, loudly
             log.error("skipping unreadable stored object %s: %s", key, describe(err))
             return None
