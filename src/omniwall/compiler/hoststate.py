@@ -51,31 +51,47 @@ class Globals:
     set_current: Callable[[str], IRSet]
     rule_hosts: dict[int, set[str]]
     rule_sets: Mapping[int, tuple[str, ...]]  # rule id -> rule_sets(its IRRule)
-    set_memo: Mapping[str, IRSet]  # the sets `set_current` already returned in this update
+    set_memo: Mapping[str, IRSet]  # current IRSet of every set some host holds (and of others)
+    old_rules: Mapping[int, IRRule]  # the IR, before this update, of every rule id whose IR changed
 
 
-@dataclass
+@dataclass(slots=True)
 class HostState:
+    """Which rules and sets the host holds is kept as reference counts only; their content is the
+    compiler's (`rule_by_id`, `set_memo`, shared by every host): after each update, every host holding a
+    rule or set that changed was updated in it, so a host's version of a rule or set is always the
+    current one, and a per-host copy (two more dicts of ~1,000 entries per host) was redundant."""
+
     name: str
     revision: int
+    rule_by_id: Mapping[int, IRRule]
+    set_memo: Mapping[str, IRSet]
     claims: dict[str, dict[ClaimKey, IRVnic]] = field(default_factory=dict)
     by_wid: dict[int, list[tuple[str, ClaimKey]]] = field(default_factory=dict)
     vnics: dict[str, IRVnic] = field(default_factory=dict)
     rule_refs: dict[int, int] = field(default_factory=dict)
-    rules: dict[int, IRRule] = field(default_factory=dict)
     set_refs: dict[str, int] = field(default_factory=dict)
-    sets: dict[str, IRSet] = field(default_factory=dict)
     _cached: HostDesiredState | None = None
+
+    @property
+    def rules(self) -> dict[int, int]:
+        """The ids of the rules the host holds (with their reference counts)."""
+        return self.rule_refs
+
+    @property
+    def sets(self) -> dict[str, int]:
+        """The names of the sets the host holds (with their reference counts)."""
+        return self.set_refs
 
     def state(self) -> HostDesiredState:
         if self._cached is None or self._cached.revision != self.revision:
-            vnics, rules, sets = self.vnics, self.rules, self.sets
+            vnics = self.vnics
             self._cached = HostDesiredState(
                 host=self.name,
                 revision=self.revision,
                 vnics=tuple(map(vnics.__getitem__, sorted(vnics))),
-                rules=tuple(map(rules.__getitem__, sorted(rules))),
-                sets=tuple(map(sets.__getitem__, sorted(sets))),
+                rules=tuple(map(self.rule_by_id.__getitem__, sorted(self.rule_refs))),
+                sets=tuple(map(self.set_memo.__getitem__, sorted(self.set_refs))),
             )
         return self._cached
 
@@ -106,24 +122,17 @@ class HostState:
             ids += v.egress
             ids += v.ingress
         refs = self.rule_refs = Counter(ids)  # one C-level count instead of one call per vNIC
-        self.rules = dict(zip(refs, map(g.rule_by_id.__getitem__, refs), strict=True))
         srefs = self.set_refs = Counter(chain.from_iterable(map(g.rule_sets.__getitem__, refs)))
-        memo = g.set_memo
-        for s in list(filterfalse(memo.__contains__, srefs)):
+        for s in list(filterfalse(g.set_memo.__contains__, srefs)):
             g.set_current(s)
-        self.sets = dict(zip(srefs, map(memo.__getitem__, srefs), strict=True))
         _add_host(g.rule_hosts, refs, self.name)
 
     def sets_changed(self, names: list[str], changes: Mapping[str, SetUpdate], revision: int) -> HostDelta:
         """Fast path, the common one for label and IP changes: only the content of sets this host holds
         changed (`names`, sorted). Each SetUpdate is shared with every other host holding the set."""
-        ups = []
-        for name in names:
-            u = changes[name]
-            self.sets[name] = u.after(self.sets.get(name))
-            ups.append(u)
         self._cached = None
-        delta = HostDelta(self.name, self.revision, revision, set_updates=tuple(ups))
+        ups = tuple(map(changes.__getitem__, names))
+        delta = HostDelta(self.name, self.revision, revision, set_updates=ups)
         self.revision = revision
         return delta
 
@@ -156,12 +165,12 @@ class HostState:
             if mine:
                 self.by_wid[wid] = mine
 
-        rules_here = self.rules
-        touched_rules = {i for i in changed_rules if i in rules_here}
-        ir_changed = set(touched_rules)
+        refs = self.rule_refs
+        # present before this update? (the first transition of a rule's count says it)
+        was: dict[int, bool] = {i: True for i in changed_rules if i in refs}
+        ir_changed = set(was)
         vnic_updates: dict[str, IRVnic] = {}
         vnic_removes: list[str] = []
-        refs = self.rule_refs
         for ifname in touched_if:
             c = self.claims.get(ifname)
             new = c[min(c)] if c else None
@@ -175,13 +184,13 @@ class HostState:
                         refs[i] = n
                     else:
                         del refs[i]
-                        touched_rules.add(i)
+                        was.setdefault(i, True)
             if new is not None:
                 for i in new.egress + new.ingress:
                     n = refs.get(i, 0)
                     refs[i] = n + 1
                     if not n:
-                        touched_rules.add(i)
+                        was.setdefault(i, False)
                 self.vnics[ifname] = new
                 vnic_updates[ifname] = new
             else:
@@ -190,15 +199,15 @@ class HostState:
 
         rule_updates: list[IRRule] = []
         rule_removes: list[int] = []
-        sets_here = self.sets
-        if len(changed_sets) < len(sets_here):
-            touched_sets = {s for s in changed_sets if s in sets_here}
-        else:
-            touched_sets = {s for s in sets_here if s in changed_sets}
         srefs = self.set_refs
-        for i in touched_rules:
-            old_r = self.rules.get(i)
-            new_r = g.rule_by_id.get(i) if i in refs else None
+        if len(changed_sets) < len(srefs):
+            swas = {s: True for s in changed_sets if s in srefs}
+        else:
+            swas = {s: True for s in srefs if s in changed_sets}
+        rule_by_id, old_rules = g.rule_by_id, g.old_rules
+        for i, present in was.items():
+            old_r = (old_rules.get(i) or rule_by_id.get(i)) if present else None
+            new_r = rule_by_id.get(i) if i in refs else None
             if old_r is new_r:
                 continue
             for s in rule_sets(old_r):
@@ -207,14 +216,13 @@ class HostState:
                     srefs[s] = n
                 else:
                     del srefs[s]
-                    touched_sets.add(s)
+                    swas.setdefault(s, True)
             for s in rule_sets(new_r):
                 n = srefs.get(s, 0)
                 srefs[s] = n + 1
                 if not n:
-                    touched_sets.add(s)
+                    swas.setdefault(s, False)
             if new_r is None:
-                del self.rules[i]
                 rule_removes.append(i)
                 hs = g.rule_hosts.get(i)
                 if hs is not None:
@@ -222,7 +230,6 @@ class HostState:
                     if not hs:
                         del g.rule_hosts[i]
             else:
-                self.rules[i] = new_r
                 if old_r is None:
                     _add_host(g.rule_hosts, (i,), self.name)
                 if emit and old_r != new_r:
@@ -230,23 +237,15 @@ class HostState:
 
         set_updates: list[SetUpdate] = []
         set_removes: list[str] = []
-        for s in touched_sets:
-            old_s = self.sets.get(s)
+        for s, present in swas.items():
             if s in srefs:
-                new_s = g.set_current(s)
-                if old_s is new_s:
-                    continue
-                self.sets[s] = new_s
-                if old_s is None:
+                if not present:
+                    new_s = g.set_current(s)
                     if emit:
                         set_updates.append(created_update(new_s))
-                elif emit and old_s != new_s:
-                    upd = changed_sets.get(s)
-                    set_updates.append(
-                        upd if upd is not None and upd.result is new_s else _set_diff(old_s, new_s)
-                    )
-            elif old_s is not None:
-                del self.sets[s]
+                elif emit and s in changed_sets:
+                    set_updates.append(changed_sets[s])
+            elif present:
                 set_removes.append(s)
 
         if not emit:
@@ -291,15 +290,3 @@ def _add_host(index: dict[Any, set[str]], keys: Collection[Any], host: str) -> N
     for k in list(filterfalse(index.__contains__, keys)):
         index[k] = set()
     deque(map(set.add, map(index.__getitem__, keys), repeat(host)), maxlen=0)
-
-
-def _set_diff(old: IRSet, new: IRSet) -> SetUpdate:
-    pa, na, pc, nc = set(old.addresses), set(new.addresses), set(old.cidrs), set(new.cidrs)
-    return SetUpdate(
-        name=new.name,
-        result=new,
-        added_addresses=tuple(sorted(na - pa)),
-        removed_addresses=tuple(sorted(pa - na)),
-        added_cidrs=tuple(sorted(nc - pc)),
-        removed_cidrs=tuple(sorted(pc - nc)),
-    )

@@ -181,7 +181,10 @@ class IncrementalCompiler:
         # while it holds a rule naming it, so the set's hosts are its rules' hosts (`_set_hosts`); at 1M
         # workloads a per-set index cost 10M scattered set insertions in the build and ~0.5 GB.
         self.rules_by_set: dict[str, set[int]] = {}
-        self._set_memo: dict[str, IRSet] = {}  # valid during the host phase of one update
+        # name -> current IRSet of every set some host holds (hosts read their sets' content here): filled
+        # on first use, replaced when a set is flushed, dropped with the set
+        self._set_memo: dict[str, IRSet] = {}
+        self._old_rules: dict[int, IRRule] = {}  # during one update: the previous IR of changed rule ids
         # tenant -> vNIC defaults (action, monitor, connection limits), idem
         self._defaults: dict[str, tuple[str, bool, tuple[int | None, int | None]]] = {}
 
@@ -264,6 +267,7 @@ class IncrementalCompiler:
         placements: Mapping[Key, str] | None,
     ) -> dict[str, HostDelta]:
         p = _Pending()
+        self._old_rules.clear()  # (left over only by an update that raised)
         initial = not self.wl  # the first build: every workload below is new, and touched as such
         if placements is not None:
             self._place(placements, p)
@@ -285,10 +289,13 @@ class IncrementalCompiler:
 
         # Address sets: flush each stale IRSet once; the SetUpdate is shared by every host holding it.
         set_changes: dict[str, SetUpdate] = {}
+        memo = self._set_memo
         for name, a in sorted(self.registry.items()):
             upd = a.flush()
             if upd is not None:
                 set_changes[name] = upd
+            if name in memo:
+                memo[name] = a.current()
         self.registry.clear()
 
         # Workloads whose placement may have changed (at the first build, all of them: already touched).
@@ -299,7 +306,6 @@ class IncrementalCompiler:
         self.groups.dirty_wids.clear()
         self.groups.lits_changed.clear()
 
-        self._set_memo.clear()
         self._defaults.clear()
         host_sets: dict[str, list[str]] = {}  # host -> changed sets it holds, sorted
         for s in set_changes:
@@ -314,7 +320,12 @@ class IncrementalCompiler:
         # Built per update, not kept: a bound method stored on self would make the compiler a reference
         # cycle, which only the cyclic GC frees (and a frozen one never; see _gc_paused).
         globals_ = Globals(
-            self.rule_by_id, self._set_current, self.rule_hosts, self.rule_sets, self._set_memo
+            self.rule_by_id,
+            self._set_current,
+            self.rule_hosts,
+            self.rule_sets,
+            self._set_memo,
+            self._old_rules,
         )
         out: dict[str, HostDelta] = {}
         for h in sorted(touched):
@@ -343,6 +354,7 @@ class IncrementalCompiler:
             if emit:
                 out[h] = diff(last, empty_state(h, revision))
         self.revision = revision
+        self._old_rules.clear()
         return dict(sorted(out.items()))
 
     def _vnics_of(self, wid: int, host: str) -> list[tuple[ClaimKey, IRVnic]]:
@@ -444,7 +456,7 @@ class IncrementalCompiler:
             name = h.metadata.name
             self.host_res[name] = h
             if name not in self.hosts:
-                self.hosts[name] = HostState(name, self.revision)
+                self.hosts[name] = HostState(name, self.revision, self.rule_by_id, self._set_memo)
                 p.gone_hosts.pop(name, None)
                 p.new_hosts.add(name)
                 p.host_wids.setdefault(name, set()).update(self.host_wids.get(name, ()))
@@ -531,7 +543,9 @@ class IncrementalCompiler:
                 continue
             if self.group_res.pop(key, None) is None:
                 continue
-            g.remove_group(key)
+            node = g.remove_group(key)
+            if node is not None:
+                self._set_memo.pop(node.addr.name, None)
             p.rules |= self.rules_by_group.get(key, set())
         for res in changed:
             assert isinstance(res, Group)
@@ -638,6 +652,8 @@ class IncrementalCompiler:
             ir_changed = old is None or new is None or old_id != new_id or old.ir != new.ir
             if ir_changed and old_id is not None:
                 p.changed_ids.add(old_id)
+                if old is not None:
+                    self._old_rules.setdefault(old.ir.id, old.ir)
             if ir_changed and new_id is not None:
                 p.changed_ids.add(new_id)
             placement = old is None or new is None or old.span_key() != new.span_key() or old_id != new_id
@@ -725,6 +741,7 @@ class IncrementalCompiler:
                 node.addr.listeners.remove(u.addr)
         del self.unions[name]
         self.registry.pop(name, None)
+        self._set_memo.pop(name, None)
 
     def _union_net_list(self, spec: UnionSpec) -> list[str]:
         nets = list(spec.nets)
