@@ -3,6 +3,7 @@
     .venv/bin/python bench/manager_startup.py                          # 100k workloads (compile.py's shape)
     .venv/bin/python bench/manager_startup.py --workloads 1000000      # the 1M point
     .venv/bin/python bench/manager_startup.py --workloads 25000 --db /tmp/s.db --keep
+    .venv/bin/python bench/manager_startup.py --baseline /tmp/base/src   # paired with another tree
 
 The store is the SQLite store a single manager runs on, filled with bench/compile.py's synthetic data
 centre (groups and rules = workloads/10, hosts = workloads/100 unless given), each object encoded as the
@@ -139,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--db", help="store file (default /tmp/omniwall-startup-<workloads>-<seed>.db)")
     ap.add_argument("--keep", action="store_true", help="reuse --db when it exists, and keep it afterwards")
     ap.add_argument("--batch", type=int, default=5000, help="puts per transaction while writing the store")
+    ap.add_argument(
+        "--baseline",
+        metavar="PYTHONPATH",
+        help="also measure the start-up with the omniwall package found there (e.g. an exported main: "
+        "git archive main src | tar -x -C /tmp/base; --baseline /tmp/base/src), before this tree's, on "
+        "the same store",
+    )
     ap.add_argument("--bound", type=float, help="exit 1 when start-up takes more than this many wall seconds")
     ap.add_argument("--_write", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
@@ -154,31 +162,47 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(path)))
         return 0
 
-    def sub(flag: str) -> dict[str, Any]:
+    def sub(flag: str, pythonpath: str | None = None) -> dict[str, Any]:
         cmd = [sys.executable, __file__, flag, f"--workloads={n}", f"--groups={groups}", f"--rules={rules}"]
         cmd += [f"--hosts={hosts}", f"--seed={args.seed}", f"--db={path}", f"--batch={args.batch}"]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        env = dict(os.environ)
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath  # another tree's omniwall, ahead of this tree's editable install
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    def show(label: str, res: dict[str, Any]) -> None:
+        print(
+            f"{label}start-up, {n} workloads / {groups} groups / {rules} rules / {hosts} hosts: "
+            f"{res['startup_wall_s']:.2f} s wall, {res['startup_cpu_s']:.2f} s CPU, peak RSS "
+            f"{res['peak_rss_mb']:,} MB, {res['hosts_ready']} hosts ready (load {res['loadavg_1m']})"
+        )
+        for k, v in res["phases"].items():
+            print(f"  {k:<24} {v['wall_s']:8.2f} s wall {v['cpu_s']:8.2f} s CPU")
 
     setup = None
     if not (args.keep and os.path.exists(path)):
         setup = sub("--_write")
         print(f"store written: {json.dumps(setup)}", flush=True)
+    old = None
     try:
+        if args.baseline:
+            old = sub("--_measure", args.baseline)
+            show("baseline ", old)
         res = sub("--_measure")
     finally:
         if not args.keep:
             for suffix in ("", "-wal", "-shm"):
                 if os.path.exists(path + suffix):
                     os.unlink(path + suffix)
-    res.update({"setup": setup, "hosts": hosts, "rules": rules, "db": path})
-    print(
-        f"start-up, {n} workloads / {groups} groups / {rules} rules / {hosts} hosts: "
-        f"{res['startup_wall_s']:.2f} s wall, {res['startup_cpu_s']:.2f} s CPU, peak RSS "
-        f"{res['peak_rss_mb']:,} MB, {res['hosts_ready']} hosts ready (load {res['loadavg_1m']})"
-    )
-    for k, v in res["phases"].items():
-        print(f"  {k:<24} {v['wall_s']:8.2f} s wall {v['cpu_s']:8.2f} s CPU")
+    res.update({"setup": setup, "hosts": hosts, "rules": rules, "db": path, "baseline": old})
+    show("", res)
+    if old is not None:
+        print(
+            f"ratio this/baseline: wall {res['startup_wall_s'] / old['startup_wall_s']:.2f}, CPU "
+            f"{res['startup_cpu_s'] / old['startup_cpu_s']:.2f}, peak RSS "
+            f"{res['peak_rss_mb'] / old['peak_rss_mb']:.2f}"
+        )
     print(json.dumps(res, sort_keys=True))
     if args.bound is not None and res["startup_wall_s"] > args.bound:
         print(f"start-up {res['startup_wall_s']:.2f} s is over the bound of {args.bound} s", file=sys.stderr)
