@@ -127,12 +127,12 @@ class HostState:
             g.set_current(s)
         _add_host(g.rule_hosts, refs, self.name)
 
-    def sets_changed(self, names: list[str], changes: Mapping[str, SetUpdate], revision: int) -> HostDelta:
+    def sets_changed(self, updates: tuple[SetUpdate, ...], revision: int) -> HostDelta:
         """Fast path, the common one for label and IP changes: only the content of sets this host holds
-        changed (`names`, sorted). Each SetUpdate is shared with every other host holding the set."""
+        changed (`updates`, sorted by name, the same tuple for every host with the same changed sets).
+        The host's sets are the compiler's, already current: only the revision moves."""
         self._cached = None
-        ups = tuple(map(changes.__getitem__, names))
-        delta = HostDelta(self.name, self.revision, revision, set_updates=ups)
+        delta = HostDelta(self.name, self.revision, revision, set_updates=updates)
         self.revision = revision
         return delta
 

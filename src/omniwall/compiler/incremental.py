@@ -284,7 +284,7 @@ class IncrementalCompiler:
         self._groups(by_kind.get("Group", []), gone.get("Group", []), p)
         self._services(by_kind.get("Service", []), gone.get("Service", []), p)
         self._policies(by_kind.get("Policy", []), gone.get("Policy", []), p)
-        self._recompile(p)
+        self._recompile(p, initial)
         self._union_nets()
 
         # Address sets: flush each stale IRSet once; the SetUpdate is shared by every host holding it.
@@ -307,10 +307,15 @@ class IncrementalCompiler:
         self.groups.lits_changed.clear()
 
         self._defaults.clear()
-        host_sets: dict[str, list[str]] = {}  # host -> changed sets it holds, sorted
+        host_sets: dict[str, tuple[str, ...]] = {}  # host -> changed sets it holds, sorted
         for s in set_changes:
+            one = (s,)
+            if not host_sets:
+                host_sets = dict.fromkeys(self._set_hosts(s), one)
+                continue
             for h in self._set_hosts(s):
-                host_sets.setdefault(h, []).append(s)
+                have = host_sets.get(h)
+                host_sets[h] = one if have is None else (*have, s)
         rule_touched: set[str] = set()
         for i in p.changed_ids:
             rule_touched.update(self.rule_hosts.get(i, ()))
@@ -328,12 +333,23 @@ class IncrementalCompiler:
             self._old_rules,
         )
         out: dict[str, HostDelta] = {}
+        if emit and host_sets:
+            # Hosts touched only through set content (env or quarantine changes reach every host): one
+            # delta each, their SetUpdates shared, nothing else done per host.
+            fast = host_sets.keys() - rule_touched - p.new_hosts
+            fast.difference_update(h for h, wids in p.host_wids.items() if wids)
+            shared: dict[tuple[str, ...], tuple[SetUpdate, ...]] = {}
+            hosts = self.hosts
+            for h in fast:
+                names = host_sets[h]
+                ups = shared.get(names)
+                if ups is None:
+                    ups = shared[names] = tuple(map(set_changes.__getitem__, names))
+                out[h] = hosts[h].sets_changed(ups, revision)
+            touched -= fast
         for h in sorted(touched):
             hs = self.hosts[h]
             wids = p.host_wids.get(h)
-            if emit and not wids and h not in rule_touched and h not in p.new_hosts:
-                out[h] = hs.sets_changed(host_sets[h], set_changes, revision)
-                continue
             entries = {wid: self._vnics_of(wid, h) for wid in wids or ()}
             if not hs.vnics and not hs.claims:
                 # Holds nothing yet (no vNIC means no rule and no set): count in bulk, diff against empty.
@@ -624,7 +640,9 @@ class IncrementalCompiler:
                 out |= self.tenant_wids.get(cr.tenant, set())
         return out
 
-    def _recompile(self, p: _Pending) -> None:
+    def _recompile(self, p: _Pending, initial: bool = False) -> None:
+        """`initial`: the first build, where every workload is new and touched already: the spans of
+        the rules placed need not be collected (a provider `any` rule's span is every workload)."""
         if not p.rules:
             return
         compiled = {rk: self._compile(rk) for rk in sorted(p.rules)}
@@ -673,7 +691,8 @@ class IncrementalCompiler:
                     _index(self.rules_by_set, s, new.ir.id, True)
                 if placement:
                     self.span.add(new)
-                    dirty |= self._span_wids(new)
+                    if not initial:
+                        dirty |= self._span_wids(new)
             self._reindex(old, new)
             if new is None:
                 del self.rules[rk]
