@@ -26,6 +26,7 @@ from omniwall.compiler.ir import (
     SetUpdate,
     VnicRemove,
     VnicUpdate,
+    set_updates_delta,
 )
 from omniwall.compiler.sets import created_update
 
@@ -132,7 +133,7 @@ class HostState:
         changed (`updates`, sorted by name, the same tuple for every host with the same changed sets).
         The host's sets are the compiler's, already current: only the revision moves."""
         self._cached = None
-        delta = HostDelta(self.name, self.revision, revision, set_updates=updates)
+        delta = set_updates_delta(self.name, self.revision, revision, updates)
         self.revision = revision
         return delta
 
