@@ -574,3 +574,21 @@ def test_group_removed_and_recreated_in_one_update_keeps_unions_current() -> Non
     world[w("db").key] = w("db")
     ic.update([w("db")], [], 3)
     check_against_full(ic, world, 3)
+
+
+def test_set_updates_delta_is_the_dataclass_delta() -> None:
+    import dataclasses
+
+    import pytest
+
+    from omniwall.compiler.ir import HostDelta, SetUpdate, set_updates_delta
+
+    ups = (SetUpdate("g.t.a", added_addresses=("10.0.0.1",)),)
+    fast = set_updates_delta("h1", 3, 4, ups)
+    slow = HostDelta("h1", 3, 4, set_updates=ups)
+    assert type(fast) is HostDelta
+    assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+    assert fast.to_json() == slow.to_json()
+    assert dataclasses.replace(fast, from_revision=2) == dataclasses.replace(slow, from_revision=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.host = "h2"  # type: ignore[misc]

@@ -8,9 +8,10 @@ equal `ir.diff(old, new)`; the full `HostDesiredState` is only built when asked 
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import chain, filterfalse, repeat
 from typing import Any
 
 from omniwall.compiler.ir import (
@@ -25,6 +26,7 @@ from omniwall.compiler.ir import (
     SetUpdate,
     VnicRemove,
     VnicUpdate,
+    set_updates_delta,
 )
 from omniwall.compiler.sets import created_update
 
@@ -49,74 +51,89 @@ class Globals:
     rule_by_id: Mapping[int, IRRule]
     set_current: Callable[[str], IRSet]
     rule_hosts: dict[int, set[str]]
-    set_hosts: dict[str, set[str]]
+    rule_sets: Mapping[int, tuple[str, ...]]  # rule id -> rule_sets(its IRRule)
+    set_memo: Mapping[str, IRSet]  # current IRSet of every set some host holds (and of others)
+    old_rules: Mapping[int, IRRule]  # the IR, before this update, of every rule id whose IR changed
 
 
-@dataclass
+@dataclass(slots=True)
 class HostState:
+    """Which rules and sets the host holds is kept as reference counts only; their content is the
+    compiler's (`rule_by_id`, `set_memo`, shared by every host): after each update, every host holding a
+    rule or set that changed was updated in it, so a host's version of a rule or set is always the
+    current one, and a per-host copy (two more dicts of ~1,000 entries per host) was redundant."""
+
     name: str
     revision: int
+    rule_by_id: Mapping[int, IRRule]
+    set_memo: Mapping[str, IRSet]
     claims: dict[str, dict[ClaimKey, IRVnic]] = field(default_factory=dict)
     by_wid: dict[int, list[tuple[str, ClaimKey]]] = field(default_factory=dict)
     vnics: dict[str, IRVnic] = field(default_factory=dict)
     rule_refs: dict[int, int] = field(default_factory=dict)
-    rules: dict[int, IRRule] = field(default_factory=dict)
     set_refs: dict[str, int] = field(default_factory=dict)
-    sets: dict[str, IRSet] = field(default_factory=dict)
     _cached: HostDesiredState | None = None
+
+    @property
+    def rules(self) -> dict[int, int]:
+        """The ids of the rules the host holds (with their reference counts)."""
+        return self.rule_refs
+
+    @property
+    def sets(self) -> dict[str, int]:
+        """The names of the sets the host holds (with their reference counts)."""
+        return self.set_refs
 
     def state(self) -> HostDesiredState:
         if self._cached is None or self._cached.revision != self.revision:
+            vnics = self.vnics
             self._cached = HostDesiredState(
                 host=self.name,
                 revision=self.revision,
-                vnics=tuple(v for _, v in sorted(self.vnics.items())),
-                rules=tuple(r for _, r in sorted(self.rules.items())),
-                sets=tuple(s for _, s in sorted(self.sets.items())),
+                vnics=tuple(map(vnics.__getitem__, sorted(vnics))),
+                rules=tuple(map(self.rule_by_id.__getitem__, sorted(self.rule_refs))),
+                sets=tuple(map(self.set_memo.__getitem__, sorted(self.set_refs))),
             )
         return self._cached
 
     def fill(self, g: Globals, workloads: Mapping[int, Iterable[tuple[ClaimKey, IRVnic]]]) -> None:
         """Bulk path for a host that holds nothing yet (initial build, new host): same result as
-        `update`, with the counting done by Counter in C."""
+        `update`, with the counting, lookups and index updates done by C-level iteration (Counter, map,
+        zip): at 10k hosts of ~700 rules and ~1,000 sets each, a Python-level loop per rule and set per
+        host was most of the build."""
         assert not self.vnics and not self.claims
         self._cached = None
+        claims = self.claims
         for wid, entries in workloads.items():
             mine = []
             for ck, v in entries:
-                self.claims.setdefault(v.ifname, {})[ck] = v
+                c = claims.get(v.ifname)
+                if c is None:
+                    claims[v.ifname] = {ck: v}
+                else:
+                    c[ck] = v
                 mine.append((v.ifname, ck))
             if mine:
                 self.by_wid[wid] = mine
+        vnics = self.vnics
         ids: list[int] = []
-        for ifname, c in self.claims.items():
+        for ifname, c in claims.items():
             v = c[min(c)] if len(c) > 1 else next(iter(c.values()))
-            self.vnics[ifname] = v
+            vnics[ifname] = v
             ids += v.egress
             ids += v.ingress
-        refs = Counter(ids)  # one C-level count instead of one call per vNIC
-        self.rule_refs = dict(refs)
-        rule_by_id = g.rule_by_id
-        rules = self.rules = {i: rule_by_id[i] for i in refs}
-        names: list[str] = []
-        for r in rules.values():
-            names += rule_sets(r)
-        srefs = Counter(names)
-        self.set_refs = dict(srefs)
-        self.sets = {s: g.set_current(s) for s in srefs}
-        _add_host(g.rule_hosts, rules, self.name)
-        _add_host(g.set_hosts, srefs, self.name)
+        refs = self.rule_refs = Counter(ids)  # one C-level count instead of one call per vNIC
+        srefs = self.set_refs = Counter(chain.from_iterable(map(g.rule_sets.__getitem__, refs)))
+        for s in list(filterfalse(g.set_memo.__contains__, srefs)):
+            g.set_current(s)
+        _add_host(g.rule_hosts, refs, self.name)
 
-    def sets_changed(self, names: list[str], changes: Mapping[str, SetUpdate], revision: int) -> HostDelta:
+    def sets_changed(self, updates: tuple[SetUpdate, ...], revision: int) -> HostDelta:
         """Fast path, the common one for label and IP changes: only the content of sets this host holds
-        changed (`names`, sorted). Each SetUpdate is shared with every other host holding the set."""
-        ups = []
-        for name in names:
-            u = changes[name]
-            self.sets[name] = u.after(self.sets.get(name))
-            ups.append(u)
+        changed (`updates`, sorted by name, the same tuple for every host with the same changed sets).
+        The host's sets are the compiler's, already current: only the revision moves."""
         self._cached = None
-        delta = HostDelta(self.name, self.revision, revision, set_updates=tuple(ups))
+        delta = set_updates_delta(self.name, self.revision, revision, updates)
         self.revision = revision
         return delta
 
@@ -149,12 +166,12 @@ class HostState:
             if mine:
                 self.by_wid[wid] = mine
 
-        rules_here = self.rules
-        touched_rules = {i for i in changed_rules if i in rules_here}
-        ir_changed = set(touched_rules)
+        refs = self.rule_refs
+        # present before this update? (the first transition of a rule's count says it)
+        was: dict[int, bool] = {i: True for i in changed_rules if i in refs}
+        ir_changed = set(was)
         vnic_updates: dict[str, IRVnic] = {}
         vnic_removes: list[str] = []
-        refs = self.rule_refs
         for ifname in touched_if:
             c = self.claims.get(ifname)
             new = c[min(c)] if c else None
@@ -168,13 +185,13 @@ class HostState:
                         refs[i] = n
                     else:
                         del refs[i]
-                        touched_rules.add(i)
+                        was.setdefault(i, True)
             if new is not None:
                 for i in new.egress + new.ingress:
                     n = refs.get(i, 0)
                     refs[i] = n + 1
                     if not n:
-                        touched_rules.add(i)
+                        was.setdefault(i, False)
                 self.vnics[ifname] = new
                 vnic_updates[ifname] = new
             else:
@@ -183,15 +200,15 @@ class HostState:
 
         rule_updates: list[IRRule] = []
         rule_removes: list[int] = []
-        sets_here = self.sets
-        if len(changed_sets) < len(sets_here):
-            touched_sets = {s for s in changed_sets if s in sets_here}
-        else:
-            touched_sets = {s for s in sets_here if s in changed_sets}
         srefs = self.set_refs
-        for i in touched_rules:
-            old_r = self.rules.get(i)
-            new_r = g.rule_by_id.get(i) if i in refs else None
+        if len(changed_sets) < len(srefs):
+            swas = {s: True for s in changed_sets if s in srefs}
+        else:
+            swas = {s: True for s in srefs if s in changed_sets}
+        rule_by_id, old_rules = g.rule_by_id, g.old_rules
+        for i, present in was.items():
+            old_r = (old_rules.get(i) or rule_by_id.get(i)) if present else None
+            new_r = rule_by_id.get(i) if i in refs else None
             if old_r is new_r:
                 continue
             for s in rule_sets(old_r):
@@ -200,14 +217,13 @@ class HostState:
                     srefs[s] = n
                 else:
                     del srefs[s]
-                    touched_sets.add(s)
+                    swas.setdefault(s, True)
             for s in rule_sets(new_r):
                 n = srefs.get(s, 0)
                 srefs[s] = n + 1
                 if not n:
-                    touched_sets.add(s)
+                    swas.setdefault(s, False)
             if new_r is None:
-                del self.rules[i]
                 rule_removes.append(i)
                 hs = g.rule_hosts.get(i)
                 if hs is not None:
@@ -215,7 +231,6 @@ class HostState:
                     if not hs:
                         del g.rule_hosts[i]
             else:
-                self.rules[i] = new_r
                 if old_r is None:
                     _add_host(g.rule_hosts, (i,), self.name)
                 if emit and old_r != new_r:
@@ -223,30 +238,16 @@ class HostState:
 
         set_updates: list[SetUpdate] = []
         set_removes: list[str] = []
-        for s in touched_sets:
-            old_s = self.sets.get(s)
+        for s, present in swas.items():
             if s in srefs:
-                new_s = g.set_current(s)
-                if old_s is new_s:
-                    continue
-                self.sets[s] = new_s
-                if old_s is None:
-                    _add_host(g.set_hosts, (s,), self.name)
+                if not present:
+                    new_s = g.set_current(s)
                     if emit:
                         set_updates.append(created_update(new_s))
-                elif emit and old_s != new_s:
-                    upd = changed_sets.get(s)
-                    set_updates.append(
-                        upd if upd is not None and upd.result is new_s else _set_diff(old_s, new_s)
-                    )
-            elif old_s is not None:
-                del self.sets[s]
+                elif emit and s in changed_sets:
+                    set_updates.append(changed_sets[s])
+            elif present:
                 set_removes.append(s)
-                hs = g.set_hosts.get(s)
-                if hs is not None:
-                    hs.discard(self.name)
-                    if not hs:
-                        del g.set_hosts[s]
 
         if not emit:
             return None
@@ -275,23 +276,18 @@ class HostState:
         return delta
 
 
-def _add_host(index: dict[Any, set[str]], keys: Iterable[Any], host: str) -> None:
-    # get-or-create without setdefault's throwaway set() per call (hot: once per rule/set per host)
-    for k in keys:
-        hs = index.get(k)
-        if hs is None:
-            index[k] = {host}
-        else:
-            hs.add(host)
-
-
-def _set_diff(old: IRSet, new: IRSet) -> SetUpdate:
-    pa, na, pc, nc = set(old.addresses), set(new.addresses), set(old.cidrs), set(new.cidrs)
-    return SetUpdate(
-        name=new.name,
-        result=new,
-        added_addresses=tuple(sorted(na - pa)),
-        removed_addresses=tuple(sorted(pa - na)),
-        added_cidrs=tuple(sorted(nc - pc)),
-        removed_cidrs=tuple(sorted(pc - nc)),
-    )
+def _add_host(index: dict[Any, set[str]], keys: Collection[Any], host: str) -> None:
+    """`host` into index[k] for every k of `keys` (hot: once per rule and set per host). The missing
+    entries are created first, then every add runs as one C-level map, no Python call per key."""
+    if len(keys) < 8:
+        for k in keys:
+            hs = index.get(k)
+            if hs is None:
+                index[k] = {host}
+            else:
+                hs.add(host)
+        return
+    # (not `keys.keys() - index.keys()`: that iterates over the whole index, once per host)
+    for k in list(filterfalse(index.__contains__, keys)):
+        index[k] = set()
+    deque(map(set.add, map(index.__getitem__, keys), repeat(host)), maxlen=0)

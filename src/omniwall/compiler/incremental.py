@@ -12,8 +12,9 @@ Data flow of one update (see docs/design/compiler.md):
 What is touched, and why it is small for a label change: the label index re-evaluates the selectors that
 mention a changed key, for that one workload; membership flips climb only to groups that could contain
 it; the workload's own rule lists are recomputed (cached by signature); the sets whose addresses flipped
-are patched once and handed to the hosts where they are present (`set_hosts`); rule IR changes go to
-`rule_hosts`. Nothing iterates over all workloads, groups, rules or hosts.
+are patched once and handed to the hosts where they are present (the hosts of the rules naming them:
+`rules_by_set`, `rule_hosts`; a host holds a set exactly while it holds a rule naming it); rule IR
+changes go to `rule_hosts`. Nothing iterates over all workloads, groups, rules or hosts.
 
 Placements (migration, docs/design/migration.md): `placements` maps a workload (tenant, name) to one
 extra host. While it is there, the workload's vNICs are compiled onto that host too, exactly as on its
@@ -37,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from omniwall import PROVIDER_TENANT
-from omniwall.compiler.hoststate import ClaimKey, Globals, HostState
+from omniwall.compiler.hoststate import ClaimKey, Globals, HostState, rule_sets
 from omniwall.compiler.ir import (
     HostDelta,
     HostDesiredState,
@@ -80,6 +81,7 @@ class _Wl:
     host: str
     vnics: tuple[tuple[str, tuple[str, ...], str | None], ...]  # (ifname, sorted IPs, mac)
     ips: tuple[str, ...]
+    label: str  # "tenant/name", shared by every IRVnic of the workload
 
 
 @dataclass(slots=True)
@@ -108,7 +110,8 @@ def _workload_info(wid: int, w: Workload) -> _Wl:
         addrs = tuple(sorted(set(v.ips)))
         ips.update(addrs)
         vnics.append((vnic_ifname(w, v), addrs, v.mac))
-    return _Wl(wid, (w.metadata.tenant, w.metadata.name), w.spec.host, tuple(vnics), tuple(sorted(ips)))
+    tenant, name = w.metadata.tenant, w.metadata.name
+    return _Wl(wid, (tenant, name), w.spec.host, tuple(vnics), tuple(sorted(ips)), f"{tenant}/{name}")
 
 
 def effective_limit(spec: TenantSpec, provider: TenantSpec) -> tuple[int | None, int | None]:
@@ -163,6 +166,7 @@ class IncrementalCompiler:
 
         self.rules: dict[RuleKey, CompiledRule] = {}
         self.rule_by_id: dict[int, IRRule] = {}
+        self.rule_sets: dict[int, tuple[str, ...]] = {}  # rule id -> the sets its IR names (rule_sets)
         self.policy_rules: dict[Key, tuple[RuleKey, ...]] = {}
         self.rules_by_group: dict[Key, set[RuleKey]] = {}
         self.rules_by_service: dict[Key, set[RuleKey]] = {}
@@ -173,8 +177,14 @@ class IncrementalCompiler:
 
         self.hosts: dict[str, HostState] = {}
         self.rule_hosts: dict[int, set[str]] = {}
-        self.set_hosts: dict[str, set[str]] = {}
-        self._set_memo: dict[str, IRSet] = {}  # valid during the host phase of one update
+        # set name -> ids of the rules whose IR names it. No host index per set: a host holds a set exactly
+        # while it holds a rule naming it, so the set's hosts are its rules' hosts (`_set_hosts`); at 1M
+        # workloads a per-set index cost 10M scattered set insertions in the build and ~0.5 GB.
+        self.rules_by_set: dict[str, set[int]] = {}
+        # name -> current IRSet of every set some host holds (hosts read their sets' content here): filled
+        # on first use, replaced when a set is flushed, dropped with the set
+        self._set_memo: dict[str, IRSet] = {}
+        self._old_rules: dict[int, IRRule] = {}  # during one update: the previous IR of changed rule ids
         # tenant -> vNIC defaults (action, monitor, connection limits), idem
         self._defaults: dict[str, tuple[str, bool, tuple[int | None, int | None]]] = {}
 
@@ -216,6 +226,18 @@ class IncrementalCompiler:
         node = self.groups.nodes.get(key)
         return node is not None and visible(referrer, node)
 
+    def _set_hosts(self, name: str) -> Iterable[str]:
+        """The hosts holding set `name` before this update's host phase, as far as the fast path needs:
+        exact for every host whose rules did not change (hosts whose rules changed take the update path,
+        which reads every changed set it holds itself)."""
+        rids = self.rules_by_set.get(name)
+        if not rids:
+            return ()
+        rule_hosts = self.rule_hosts
+        if len(rids) == 1:
+            return rule_hosts.get(next(iter(rids)), ())
+        return set().union(*[rule_hosts.get(i, ()) for i in rids])
+
     def _set_current(self, name: str) -> IRSet:
         s = self._set_memo.get(name)
         if s is None:
@@ -245,6 +267,8 @@ class IncrementalCompiler:
         placements: Mapping[Key, str] | None,
     ) -> dict[str, HostDelta]:
         p = _Pending()
+        self._old_rules.clear()  # (left over only by an update that raised)
+        initial = not self.wl  # the first build: every workload below is new, and touched as such
         if placements is not None:
             self._place(placements, p)
         by_kind: dict[str, list[object]] = {}
@@ -260,30 +284,38 @@ class IncrementalCompiler:
         self._groups(by_kind.get("Group", []), gone.get("Group", []), p)
         self._services(by_kind.get("Service", []), gone.get("Service", []), p)
         self._policies(by_kind.get("Policy", []), gone.get("Policy", []), p)
-        self._recompile(p)
+        self._recompile(p, initial)
         self._union_nets()
 
         # Address sets: flush each stale IRSet once; the SetUpdate is shared by every host holding it.
         set_changes: dict[str, SetUpdate] = {}
+        memo = self._set_memo
         for name, a in sorted(self.registry.items()):
             upd = a.flush()
             if upd is not None:
                 set_changes[name] = upd
+            if name in memo:
+                memo[name] = a.current()
         self.registry.clear()
 
-        # Workloads whose placement may have changed.
-        for wid in self.groups.dirty_wids:
-            if wid in self.wl:
-                self._touch(p, wid)
+        # Workloads whose placement may have changed (at the first build, all of them: already touched).
+        if not initial:
+            for wid in self.groups.dirty_wids:
+                if wid in self.wl:
+                    self._touch(p, wid)
         self.groups.dirty_wids.clear()
         self.groups.lits_changed.clear()
 
-        self._set_memo.clear()
         self._defaults.clear()
-        host_sets: dict[str, list[str]] = {}  # host -> changed sets it holds, sorted
+        host_sets: dict[str, tuple[str, ...]] = {}  # host -> changed sets it holds, sorted
         for s in set_changes:
-            for h in self.set_hosts.get(s, ()):
-                host_sets.setdefault(h, []).append(s)
+            one = (s,)
+            if not host_sets:
+                host_sets = dict.fromkeys(self._set_hosts(s), one)
+                continue
+            for h in self._set_hosts(s):
+                have = host_sets.get(h)
+                host_sets[h] = one if have is None else (*have, s)
         rule_touched: set[str] = set()
         for i in p.changed_ids:
             rule_touched.update(self.rule_hosts.get(i, ()))
@@ -292,14 +324,32 @@ class IncrementalCompiler:
 
         # Built per update, not kept: a bound method stored on self would make the compiler a reference
         # cycle, which only the cyclic GC frees (and a frozen one never; see _gc_paused).
-        globals_ = Globals(self.rule_by_id, self._set_current, self.rule_hosts, self.set_hosts)
+        globals_ = Globals(
+            self.rule_by_id,
+            self._set_current,
+            self.rule_hosts,
+            self.rule_sets,
+            self._set_memo,
+            self._old_rules,
+        )
         out: dict[str, HostDelta] = {}
+        if emit and host_sets:
+            # Hosts touched only through set content (env or quarantine changes reach every host): one
+            # delta each, their SetUpdates shared, nothing else done per host.
+            fast = host_sets.keys() - rule_touched - p.new_hosts
+            fast.difference_update(h for h, wids in p.host_wids.items() if wids)
+            shared: dict[tuple[str, ...], tuple[SetUpdate, ...]] = {}
+            hosts = self.hosts
+            for h in fast:
+                names = host_sets[h]
+                ups = shared.get(names)
+                if ups is None:
+                    ups = shared[names] = tuple(map(set_changes.__getitem__, names))
+                out[h] = hosts[h].sets_changed(ups, revision)
+            touched -= fast
         for h in sorted(touched):
             hs = self.hosts[h]
             wids = p.host_wids.get(h)
-            if emit and not wids and h not in rule_touched and h not in p.new_hosts:
-                out[h] = hs.sets_changed(host_sets[h], set_changes, revision)
-                continue
             entries = {wid: self._vnics_of(wid, h) for wid in wids or ()}
             if not hs.vnics and not hs.claims:
                 # Holds nothing yet (no vNIC means no rule and no set): count in bulk, diff against empty.
@@ -320,6 +370,7 @@ class IncrementalCompiler:
             if emit:
                 out[h] = diff(last, empty_state(h, revision))
         self.revision = revision
+        self._old_rules.clear()
         return dict(sorted(out.items()))
 
     def _vnics_of(self, wid: int, host: str) -> list[tuple[ClaimKey, IRVnic]]:
@@ -340,7 +391,7 @@ class IncrementalCompiler:
             limit = effective_limit(spec, self._tenant_spec(PROVIDER_TENANT))
             defaults = self._defaults[tenant] = (spec.defaultAction, spec.mode == Mode.MONITOR, limit)
         default_action, monitor, (conn_limit, conn_rate) = defaults
-        label = f"{w.key[0]}/{w.key[1]}"
+        label = w.label
         return [
             (
                 (rank, w.key, i),
@@ -416,18 +467,12 @@ class IncrementalCompiler:
                     s.discard(name)
                     if not s:
                         del self.rule_hosts[i]
-            for n in hs.sets:
-                s2 = self.set_hosts.get(n)
-                if s2 is not None:
-                    s2.discard(name)
-                    if not s2:
-                        del self.set_hosts[n]
         for h in changed:
             assert isinstance(h, Host)
             name = h.metadata.name
             self.host_res[name] = h
             if name not in self.hosts:
-                self.hosts[name] = HostState(name, self.revision)
+                self.hosts[name] = HostState(name, self.revision, self.rule_by_id, self._set_memo)
                 p.gone_hosts.pop(name, None)
                 p.new_hosts.add(name)
                 p.host_wids.setdefault(name, set()).update(self.host_wids.get(name, ()))
@@ -514,7 +559,9 @@ class IncrementalCompiler:
                 continue
             if self.group_res.pop(key, None) is None:
                 continue
-            g.remove_group(key)
+            node = g.remove_group(key)
+            if node is not None:
+                self._set_memo.pop(node.addr.name, None)
             p.rules |= self.rules_by_group.get(key, set())
         for res in changed:
             assert isinstance(res, Group)
@@ -593,7 +640,9 @@ class IncrementalCompiler:
                 out |= self.tenant_wids.get(cr.tenant, set())
         return out
 
-    def _recompile(self, p: _Pending) -> None:
+    def _recompile(self, p: _Pending, initial: bool = False) -> None:
+        """`initial`: the first build, where every workload is new and touched already: the spans of
+        the rules placed need not be collected (a provider `any` rule's span is every workload)."""
         if not p.rules:
             return
         compiled = {rk: self._compile(rk) for rk in sorted(p.rules)}
@@ -621,21 +670,29 @@ class IncrementalCompiler:
             ir_changed = old is None or new is None or old_id != new_id or old.ir != new.ir
             if ir_changed and old_id is not None:
                 p.changed_ids.add(old_id)
+                if old is not None:
+                    self._old_rules.setdefault(old.ir.id, old.ir)
             if ir_changed and new_id is not None:
                 p.changed_ids.add(new_id)
             placement = old is None or new is None or old.span_key() != new.span_key() or old_id != new_id
             changes.append((rk, old, new, placement))
             if old is not None:
                 self.rule_by_id.pop(old.ir.id, None)
+                for s in self.rule_sets.pop(old.ir.id, ()):
+                    _index(self.rules_by_set, s, old.ir.id, False)
                 if placement:
                     self.span.remove(old)
                     dirty |= self._span_wids(old)
         for rk, old, new, placement in changes:
             if new is not None:
                 self.rule_by_id[new.ir.id] = new.ir
+                names = self.rule_sets[new.ir.id] = rule_sets(new.ir)
+                for s in names:
+                    _index(self.rules_by_set, s, new.ir.id, True)
                 if placement:
                     self.span.add(new)
-                    dirty |= self._span_wids(new)
+                    if not initial:
+                        dirty |= self._span_wids(new)
             self._reindex(old, new)
             if new is None:
                 del self.rules[rk]
@@ -703,6 +760,7 @@ class IncrementalCompiler:
                 node.addr.listeners.remove(u.addr)
         del self.unions[name]
         self.registry.pop(name, None)
+        self._set_memo.pop(name, None)
 
     def _union_net_list(self, spec: UnionSpec) -> list[str]:
         nets = list(spec.nets)

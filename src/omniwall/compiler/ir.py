@@ -301,6 +301,40 @@ class HostDelta:
         return plain(self)  # type: ignore[no-any-return]
 
 
+def _slot_setters(cls: type, names: tuple[str, ...]) -> list[Callable[[Any, Any], None]]:
+    if tuple(f.name for f in fields(cls)) != names:
+        raise RuntimeError(f"{cls.__name__}'s fields changed: update set_updates_delta")
+    return [cls.__dict__[n].__set__ for n in names]
+
+
+_HD_DEFAULTS = ("rule_updates", "vnic_updates", "vnic_removes", "rule_removes", "set_removes")
+_hd_host, _hd_from, _hd_to, _hd_sets, *_hd_rest = _slot_setters(
+    HostDelta, ("host", "from_revision", "to_revision", "set_updates", *_HD_DEFAULTS)
+)
+_hd_r1, _hd_r2, _hd_r3, _hd_r4, _hd_r5 = _hd_rest
+_new = object.__new__
+
+
+def set_updates_delta(
+    host: str, from_revision: int, to_revision: int, set_updates: tuple[SetUpdate, ...]
+) -> HostDelta:
+    """`HostDelta(host, from_revision, to_revision, set_updates)`, the same frozen object, built ~2x
+    faster: the slots are written through their descriptors, not by the dataclass __init__'s
+    `object.__setattr__` per field. The compiler makes one per host for set-only changes (an env or
+    quarantine label reaches every host: 10k of them per change at 1M workloads)."""
+    d = _new(HostDelta)
+    _hd_host(d, host)
+    _hd_from(d, from_revision)
+    _hd_to(d, to_revision)
+    _hd_sets(d, set_updates)
+    _hd_r1(d, ())
+    _hd_r2(d, ())
+    _hd_r3(d, ())
+    _hd_r4(d, ())
+    _hd_r5(d, ())
+    return d
+
+
 def plain(obj: Any) -> Any:
     """The IR as JSON-ready lists and dicts, without the fields marked `wire: False`; like
     `dataclasses.asdict` but ~4x faster (no deep copies). With a thousand agents, this is most of the
@@ -473,4 +507,5 @@ __all__ = [
     "diff",
     "empty_state",
     "plain",
+    "set_updates_delta",
 ]

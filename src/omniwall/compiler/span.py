@@ -73,7 +73,7 @@ class SpanIndex:
 
     def lists(self, tenant: str, groups: Iterable[Key]) -> Lists:
         by_group = self.by_group
-        sig = (tenant, frozenset(g for g in groups if g in by_group))
+        sig = (tenant, frozenset(filter(by_group.__contains__, groups)))
         hit = self._cache.get(sig)
         if hit is not None:
             return hit

@@ -9,6 +9,7 @@ which serialises syncs with whatever the listener does (the compile). Readers ne
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from .tokens import TokenBook
 log = logging.getLogger(__name__)
 
 Removed = tuple[str, str, str]  # (kind, tenant, name)
+_FREEZE_AFTER = 200_000  # young containers left by a load: freeze them (as the compiler's build does)
 
 
 class Listener(Protocol):
@@ -64,18 +66,33 @@ class Model:
         return self._catalog
 
     def load_all(self) -> None:
-        """Rebuild the model from the store (at start, or when the watch fell behind a compaction)."""
-        with self.sync_lock:
-            items, rev = self.store.range(RES_PREFIX)
-            cat = Catalog()
-            for kv in items:
-                r = self.decode(kv.key, kv.value, kv.mod_revision)
-                if r is not None:
-                    cat.add(r)
-            with self._model_lock:
-                self._catalog, self._rev = cat, rev
-            if self.listener is not None:
-                self.listener.reloaded(cat, rev)
+        """Rebuild the model from the store (at start, or when the watch fell behind a compaction).
+
+        The cyclic collector is paused meanwhile: a million objects decoded with it on meant its full
+        collections re-traversing the growing catalog, over and over (decode cost per object grew with
+        the store). Nothing built here is a reference cycle; what is long-lived is frozen at the end
+        (the compiler's first build, run by the listener, freezes it already: see compiler/incremental)."""
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            with self.sync_lock:
+                items, rev = self.store.range(RES_PREFIX)
+                cat = Catalog()
+                for kv in items:
+                    # trusted: validated when written; constructed without re-validation (objects.decode)
+                    r = self.decode(kv.key, kv.value, kv.mod_revision, trusted=True)
+                    if r is not None:
+                        cat.add(r)
+                del items  # the raw rows (~0.5 GB at a million objects) are not kept through the compile
+                with self._model_lock:
+                    self._catalog, self._rev = cat, rev
+                if self.listener is not None:
+                    self.listener.reloaded(cat, rev)
+        finally:
+            if gc.get_count()[0] > _FREEZE_AFTER:
+                gc.freeze()
+            if was:
+                gc.enable()
 
     def sync(self) -> int:
         """Apply every store change since the model's revision; tell the listener what changed."""
@@ -169,9 +186,9 @@ class Model:
             self._catalog.add(r)
         return r
 
-    def decode(self, key: str, value: str, revision: int) -> _Resource | None:
+    def decode(self, key: str, value: str, revision: int, *, trusted: bool = False) -> _Resource | None:
         try:
-            return decode(value, revision)
+            return decode(value, revision, trusted=trusted)
         except Exception as err:  # a stored object the current schema rejects: skip it, loudly
             log.error("skipping unreadable stored object %s: %s", key, describe(err))
             return None

@@ -9,10 +9,13 @@ Key layout (one keyspace, so an etcd store is a drop-in):
 
 from __future__ import annotations
 
+import enum
 import json
+import types
+import typing
 from typing import Any
 
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 
 from omniwall import PROVIDER_TENANT
 from omniwall.model.resources import KINDS, Resource, _Resource
@@ -84,10 +87,108 @@ def encode(r: _Resource) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
-def decode(value: str, revision: int) -> _Resource:
+def decode(value: str, revision: int, *, trusted: bool = False) -> _Resource:
+    """A stored object. `trusted` (the bulk load at start-up): the object was validated when it was
+    written, so it is constructed without running the validators again (~3x cheaper, a minute at a
+    million objects); anything the current schema does not know in its structure (an unknown or
+    missing field, a nested object that is not one, an enum value it does not have) falls back to
+    full validation, which rejects it as before. Field values are not re-checked (names, addresses):
+    that was done at write time."""
     data = json.loads(value)
     data.setdefault("metadata", {})["revision"] = revision
+    if trusted:
+        try:
+            return _construct(KINDS[data["kind"]], data)
+        except (_Untrusted, KeyError, TypeError, ValueError):
+            pass
     return _ADAPTER.validate_python(data)  # type: ignore[no-any-return]
+
+
+class _Untrusted(Exception):
+    pass
+
+
+# Per model class, a constructor generated once (like dataclasses' __init__): one dict display, no
+# Python-level loop per field; a generic loop cost as much as pydantic's validation itself.
+_CONSTRUCTORS: dict[type, Any] = {}
+
+
+def _converter(ann: Any) -> Any:
+    """How to turn a JSON value into the field's value: None = as it is (str, int, bool, list[str],
+    dict[str, str]...), else a callable (nested model, list of models, enum)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return lambda v, cls=ann: _construct(cls, v)
+    if isinstance(ann, type) and issubclass(ann, enum.Enum):
+        return ann
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin in (typing.Union, types.UnionType):
+        convs = [c for a in args if a is not type(None) if (c := _converter(a)) is not None]
+        if len(convs) > 1:
+            raise TypeError(f"no trusted construction for {ann}")
+        if convs:
+            c = convs[0]
+            return lambda v, c=c: None if v is None else c(v)
+        return None
+    if origin is list and args:
+        inner = _converter(args[0])
+        if inner is not None:
+            return lambda v, c=inner: [c(x) for x in v]
+    if origin is dict and args and _converter(args[1]) is not None:
+        raise TypeError(f"no trusted construction for {ann}")
+    return None
+
+
+def _constructor(cls: type[BaseModel]) -> Any:
+    env: dict[str, Any] = {"cls": cls, "Untrusted": _Untrusted, "new": cls.__new__, "put": object.__setattr__}
+    names = frozenset(cls.model_fields)
+    env["names"] = names
+    required = [n for n, f in cls.model_fields.items() if f.is_required()]
+    items = []
+    for i, (name, f) in enumerate(cls.model_fields.items()):
+        if f.alias is not None and f.alias != name:
+            raise TypeError(f"{cls.__name__}.{name}: aliases need validation")
+        conv = _converter(f.annotation)
+        if conv is not None:
+            env[f"c{i}"] = conv
+        if f.is_required():
+            value = f"data[{name!r}]"
+        elif f.default_factory is not None:
+            env[f"f{i}"] = f.default_factory
+            value = f"(data[{name!r}] if {name!r} in data else f{i}())"
+        else:
+            d = f.default
+            if not (d is None or isinstance(d, str | int | float | bool | enum.Enum | tuple | frozenset)):
+                raise TypeError(f"{cls.__name__}.{name}: mutable default {d!r}")
+            env[f"d{i}"] = d
+            value = f"data.get({name!r}, d{i})"
+        if conv is not None:
+            value = f"c{i}({value})" if f.is_required() or f.default_factory is None else value
+            if f.default_factory is not None:
+                value = f"(c{i}(data[{name!r}]) if {name!r} in data else f{i}())"
+            elif not f.is_required():
+                value = f"(c{i}(data[{name!r}]) if {name!r} in data else d{i})"
+        items.append(f"{name!r}: {value}")
+    src = (
+        "def construct(data):\n"
+        "    if type(data) is not dict or not names.issuperset(data)"
+        + "".join(f" or {n!r} not in data" for n in required)
+        + ":\n        raise Untrusted(cls.__name__)\n"
+        f"    obj = new(cls)\n"
+        f"    put(obj, '__dict__', {{{', '.join(items)}}})\n"
+        "    put(obj, '__pydantic_fields_set__', set(data))\n"
+        "    put(obj, '__pydantic_extra__', None)\n"
+        "    put(obj, '__pydantic_private__', None)\n"
+        "    return obj\n"
+    )
+    exec(src, env)  # generated from the model's own field list, nothing external
+    return env["construct"]
+
+
+def _construct(cls: type[BaseModel], data: Any) -> Any:
+    c = _CONSTRUCTORS.get(cls)
+    if c is None:
+        c = _CONSTRUCTORS[cls] = _constructor(cls)
+    return c(data)
 
 
 def parse_resource(data: Any) -> _Resource:
