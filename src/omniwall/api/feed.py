@@ -114,7 +114,8 @@ async def feed_lines(
             for cmd in m.migrations.commands.take(host):  # after the deltas they may depend on
                 yield command_line(cmd)
             try:
-                await asyncio.wait_for(changed.wait(), timeout=heartbeat)
+                async with asyncio.timeout(heartbeat):  # no task per wait, unlike wait_for (3.11)
+                    await changed.wait()
             except TimeoutError:
                 m.hosts.seen(host, m.now_iso())
                 yield heartbeat_line(sent)
