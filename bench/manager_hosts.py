@@ -404,6 +404,7 @@ def sitting(
                         port += 1
                         c0, s0 = m.cpu(), m.cpu("system")
                         rev, wall0 = change(m, port)
+                        res.setdefault("put_at", []).append(round(wall0, 3))
                         if workers is not None:
                             last = workers.wait_acked(rev, timeout=600)
                             res["wall_ms"].append(round((last - wall0) * 1000, 1))
