@@ -375,3 +375,57 @@ def test_lean_ack_route_answers_like_the_full_route(
 
     text = render(c.app.state.metrics).decode()  # type: ignore[attr-defined]
     assert 'route="/v1/hosts/{host}/status",status="200"' in text
+
+
+def test_cached_principal_takes_every_check_of_authenticate(
+    env: tuple[TestClient, Manager, dict[str, str]],
+) -> None:
+    """The lean ack route's authentication: a principal only when `authenticate` would give the same one
+    with nothing to record; None (take the full route) for a rate-limited address, an audit due, a token
+    not cached, another host's certificate, or no certificate where one is required."""
+    from types import SimpleNamespace
+
+    from omniwall.api.auth import agent_certificates, cached_principal
+    from omniwall.api.auth_guard import AuthGuard
+    from omniwall.pki import HOST_URI_PREFIX
+
+    _, m, h = env
+    token = h["h1"].split(" ", 1)[1]
+    state = SimpleNamespace(manager=m)
+
+    def scope(
+        tok: str | None = token, cert_host: str | None = None, scheme: str = "Bearer"
+    ) -> dict[str, Any]:
+        s: dict[str, Any] = {"client": ("10.9.9.9", 1234), "headers": []}
+        if tok is not None:
+            s["headers"].append((b"authorization", f"{scheme} {tok}".encode()))
+        if cert_host is not None:
+            peer = {"subjectAltName": (("URI", HOST_URI_PREFIX + cert_host),), "serialNumber": "AB"}
+            s["extensions"] = {"tls": {"peercert": peer}}
+        return s
+
+    m.tokens.cache = True
+    assert cached_principal(state, scope()) is None  # not cached yet: the full route verifies it
+    assert m.tokens.verify(token) is not None  # ... and caches it
+    p = cached_principal(state, scope())
+    assert p is not None and p.host == "h1" and p.role.value == "agent"
+    assert cached_principal(state, scope(scheme="Basic")) is None
+    assert cached_principal(state, scope(tok=None)) is None
+    assert cached_principal(state, scope(tok=token[:-2] + "xx")) is None  # wrong secret
+    # certificate binding
+    assert cached_principal(state, scope(cert_host="h2")) is None
+    bound = cached_principal(state, scope(cert_host="h1"))
+    assert bound is not None and agent_certificates(state)["h1"]["serial"] == "ab"
+    state.agent_cert_required = True
+    assert cached_principal(state, scope()) is None
+    assert cached_principal(state, scope(cert_host="h1")) is not None
+    # the guard: a blocked address, or failures waiting to be audited, go the full way
+    guard = state.auth_guard = AuthGuard()
+    for _ in range(guard.max_failures):
+        guard.failed("10.9.9.9")
+    assert cached_principal(state, scope(cert_host="h1")) is None
+    state.auth_guard = AuthGuard()
+    state.auth_guard.failed("10.1.1.1")
+    assert state.auth_guard.due() and cached_principal(state, scope(cert_host="h1")) is None
+    m.tokens.cache = False
+    assert cached_principal(state, scope(cert_host="h1")) is None  # no cache: never decided here
