@@ -309,3 +309,123 @@ def test_a_manager_behind_the_agent_catches_up_before_answering(
     assert r.status_code == 503, r.text
     assert r.headers["retry-after"] == "1" and f"behind revision {ahead}" in r.json()["message"]
     b_store.close()
+
+
+LEAN_CASES = [  # (body, answered by the lean route)
+    ({"realized_revision": 1}, True),
+    ({"realized_revision": 2, "error": "nft: boom"}, True),
+    ({"realized_revision": 3, "counters": [{"rule_id": 1, "packets": 2, "bytes": 3}]}, True),
+    ({"realized_revision": 3, "conntrack": {"count": 5, "max": 100}}, True),
+    ({"realized_revision": "4"}, False),  # pydantic's lax reading accepts it: the route does
+    ({"realized_revision": 5, "addresses": {"eth0": ["10.0.0.1"]}}, False),  # reconciled in the pool
+    ({"realized": 1}, False),  # 422 from the route
+    ({"realized_revision": -1}, False),
+    ({"realized_revision": 1, "counters": [{"rule_id": 0, "packets": 1, "bytes": 1}]}, False),
+]
+
+
+def _comparable(r: Any) -> tuple[int, Any]:
+    body = r.json()
+    if isinstance(body, dict):
+        body.pop("lastSeen", None)
+    return r.status_code, body
+
+
+def test_lean_ack_route_answers_like_the_full_route(
+    env: tuple[TestClient, Manager, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`AgentPath` answers the common ack from the token cache, without FastAPI; every other request goes to
+    the route with its body replayed. Same status, same body, same host status, either way."""
+    c, m, h = env
+    answered: list[bool] = []
+    lean = feed.AgentPath._status
+
+    async def spy(self: Any, *args: Any) -> Any:
+        rest = await lean(self, *args)
+        answered.append(rest is None)
+        return rest
+
+    monkeypatch.setattr(feed.AgentPath, "_status", spy)
+
+    def post(host: str, body: Any, token: str | None) -> Any:
+        headers = {"Authorization": token} if token else {}
+        return c.post(f"/v1/hosts/{host}/status", json=body, headers=headers)
+
+    for body, by_lean in LEAN_CASES:
+        m.tokens.cache = False  # as without the store watch: the full route
+        answered.clear()
+        full = post("h1", body, h["h1"])
+        assert answered == [False]
+        m.tokens.cache = True
+        post("h1", body, h["h1"])  # the full route caches the token
+        answered.clear()
+        r = post("h1", body, h["h1"])
+        assert answered == [by_lean], body
+        assert _comparable(r) == _comparable(full), body
+        if r.status_code == 200:
+            assert m.host_status("h1")["realizedRevision"] == r.json()["realizedRevision"]
+    # refusals come from the route, with its messages
+    m.tokens.cache = True
+    for host, token, status in (("h1", h["h2"], 403), ("h1", None, 401), ("h1", "Bearer ow.x.y", 401)):
+        answered.clear()
+        r = post(host, {"realized_revision": 1}, token)
+        assert r.status_code == status and answered == [False], r.text
+    # the ack is timed like the route's (api/metrics.py)
+    from omniwall.api.metrics import render
+
+    text = render(c.app.state.metrics).decode()  # type: ignore[attr-defined]
+    assert 'route="/v1/hosts/{host}/status",status="200"' in text
+
+
+def test_cached_principal_takes_every_check_of_authenticate(
+    env: tuple[TestClient, Manager, dict[str, str]],
+) -> None:
+    """The lean ack route's authentication: a principal only when `authenticate` would give the same one
+    with nothing to record; None (take the full route) for a rate-limited address, an audit due, a token
+    not cached, another host's certificate, or no certificate where one is required."""
+    from types import SimpleNamespace
+
+    from omniwall.api.auth import agent_certificates, cached_principal
+    from omniwall.api.auth_guard import AuthGuard
+    from omniwall.pki import HOST_URI_PREFIX
+
+    _, m, h = env
+    token = h["h1"].split(" ", 1)[1]
+    state = SimpleNamespace(manager=m)
+
+    def scope(
+        tok: str | None = token, cert_host: str | None = None, scheme: str = "Bearer"
+    ) -> dict[str, Any]:
+        s: dict[str, Any] = {"client": ("10.9.9.9", 1234), "headers": []}
+        if tok is not None:
+            s["headers"].append((b"authorization", f"{scheme} {tok}".encode()))
+        if cert_host is not None:
+            peer = {"subjectAltName": (("URI", HOST_URI_PREFIX + cert_host),), "serialNumber": "AB"}
+            s["extensions"] = {"tls": {"peercert": peer}}
+        return s
+
+    m.tokens.cache = True
+    assert cached_principal(state, scope()) is None  # not cached yet: the full route verifies it
+    assert m.tokens.verify(token) is not None  # ... and caches it
+    p = cached_principal(state, scope())
+    assert p is not None and p.host == "h1" and p.role.value == "agent"
+    assert cached_principal(state, scope(scheme="Basic")) is None
+    assert cached_principal(state, scope(tok=None)) is None
+    assert cached_principal(state, scope(tok=token[:-2] + "xx")) is None  # wrong secret
+    # certificate binding
+    assert cached_principal(state, scope(cert_host="h2")) is None
+    bound = cached_principal(state, scope(cert_host="h1"))
+    assert bound is not None and agent_certificates(state)["h1"]["serial"] == "ab"
+    state.agent_cert_required = True
+    assert cached_principal(state, scope()) is None
+    assert cached_principal(state, scope(cert_host="h1")) is not None
+    # the guard: a blocked address, or failures waiting to be audited, go the full way
+    guard = state.auth_guard = AuthGuard()
+    for _ in range(guard.max_failures):
+        guard.failed("10.9.9.9")
+    assert cached_principal(state, scope(cert_host="h1")) is None
+    state.auth_guard = AuthGuard()
+    state.auth_guard.failed("10.1.1.1")
+    assert state.auth_guard.due() and cached_principal(state, scope(cert_host="h1")) is None
+    m.tokens.cache = False
+    assert cached_principal(state, scope(cert_host="h1")) is None  # no cache: never decided here

@@ -53,6 +53,7 @@ def create_app(manager: Manager, *, watch: bool = True, flows: FlowService | Non
     openapi.install(app)
     limits.install(app)
     errors.install(app)
+    feed_api.install(app)  # the agents' lean ack route, inside the request timer (api/feed.py)
     metrics_api.install(app)  # request latency; served apart (api/metrics.py)
     # Host feeds and acks first: they are the bulk of the requests (one per agent per change), and
     # routing tries every route in order. Their paths collide with no route of the routers below.

@@ -191,14 +191,49 @@ async def authenticate(request: Request) -> Principal:
             permission=Perm.FEED_READ.value,
         )
     if cert_host is not None and p.role == Role.AGENT:
-        peer = _peercert(request) or {}
-        seen = {
-            "serial": str(peer.get("serialNumber", "")).lower(),
-            "notAfter": str(peer.get("notAfter", "")),
-        }
-        certs = agent_certificates(request.app.state)
-        if certs.get(cert_host) != seen:
-            certs[cert_host] = seen
+        _record_certificate(request.app.state, cert_host, _peercert(request) or {})
+    return p
+
+
+def _record_certificate(state: Any, cert_host: str, peer: dict[str, Any]) -> None:
+    seen = {"serial": str(peer.get("serialNumber", "")).lower(), "notAfter": str(peer.get("notAfter", ""))}
+    certs = agent_certificates(state)
+    if certs.get(cert_host) != seen:
+        certs[cert_host] = seen
+
+
+def cached_principal(state: Any, scope: Any) -> Principal | None:
+    """`authenticate` for the agents' lean routes (api/feed.py `AgentPath`), decided on the event loop from
+    the token cache alone: the principal when the request passes every check of `authenticate` with
+    nothing to record (no failure, no audit due, no rate limit); None when it does not or cannot be
+    decided so: the caller then takes the full route, which answers exactly as before."""
+    guard = getattr(state, "auth_guard", None)
+    if guard is not None:
+        client = scope.get("client")
+        if guard.retry_after(client[0] if client else "unknown") is not None or (guard.audit and guard.due()):
+            return None
+    token = ""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer":
+                return None
+            break
+    if not token.strip():
+        return None
+    rec = state.manager.tokens.verify_cached(token)
+    if rec is None:
+        return None
+    p = Principal(rec.id, rec.name, Role(rec.role), rec.tenant, rec.host)
+    peer = ((scope.get("extensions") or {}).get("tls") or {}).get("peercert")
+    cert_host = host_of_peercert(peer)
+    if p.role == Role.AGENT:
+        if cert_host is not None and cert_host != p.host:
+            return None
+        if cert_host is None and getattr(state, "agent_cert_required", False):
+            return None
+        if cert_host is not None:
+            _record_certificate(state, cert_host, peer)
     return p
 
 

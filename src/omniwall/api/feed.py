@@ -8,24 +8,52 @@
 - `GET /v1/hosts/{host}/desired`: the current desired state (one JSON object).
 - `POST /v1/hosts/{host}/status`: the agent's ack (realized revision, error, counters, addresses).
 - `GET /v1/policies/{name}/stats`: per-rule counters summed over every host's last report.
+
+An ack is the request every agent makes for every change, so a change to N hosts costs the manager N of
+them: `AgentPath` (an ASGI middleware, installed by `install`) answers the common case of the status
+POST (a cached agent token, a body msgspec reads, no addresses) without FastAPI's routing, dependency
+injection and pydantic (bench/manager_hosts.py, BENCHMARKS.md "The manager's cost per host"). Anything
+else (an error to answer, a token not cached, addresses to reconcile, a body only pydantic accepts) goes
+to the route below unchanged, with the body replayed: both answer alike.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from omniwall.compiler.ir import empty_state
 from omniwall.manager.service import Manager
-from omniwall.stream.wire import StatusReport, command_line, delta_line, heartbeat_line, snapshot_line
+from omniwall.stream.wire import (
+    StatusIn,
+    StatusReport,
+    command_line,
+    decode_status,
+    delta_line,
+    heartbeat_line,
+    snapshot_line,
+)
 
-from .auth import Perm, Principal, authenticate, check_visible, manager_of, read_tenant, require
+from .auth import (
+    ROLE_PERMS,
+    Perm,
+    Principal,
+    authenticate,
+    cached_principal,
+    check_visible,
+    manager_of,
+    read_tenant,
+    require,
+)
 from .errors import ApiError, not_found
+from .limits import Limits
 
 NDJSON = "application/x-ndjson"
 # How long a feed request waits for this manager to catch up with a revision the agent realized through
@@ -86,7 +114,8 @@ async def feed_lines(
             for cmd in m.migrations.commands.take(host):  # after the deltas they may depend on
                 yield command_line(cmd)
             try:
-                await asyncio.wait_for(changed.wait(), timeout=heartbeat)
+                async with asyncio.timeout(heartbeat):  # no task per wait, unlike wait_for (3.11)
+                    await changed.wait()
             except TimeoutError:
                 m.hosts.seen(host, m.now_iso())
                 yield heartbeat_line(sent)
@@ -104,6 +133,143 @@ async def feed_lines(
     finally:
         m.desired.changed.unsubscribe(changed)
         m.hosts.disconnect(host, m.now_iso())
+
+
+def record(m: Manager, host: str, report: StatusReport | StatusIn) -> None:
+    """An agent's status report into the host book (both ack routes)."""
+    m.hosts.report(
+        host,
+        m.now_iso(),
+        report.realized_revision,
+        report.error,
+        [(c.rule_id, c.packets, c.bytes) for c in report.counters] if report.counters is not None else None,
+        report.addresses,
+        (report.conntrack.count, report.conntrack.max) if report.conntrack is not None else None,
+    )
+
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+STATUS_PATH = "/v1/hosts/{host}/status"
+
+
+class _StatusRoute:
+    """What `RequestTimer` (api/metrics.py) reads of `scope["route"]`: acks answered by `AgentPath` are
+    timed under the status route's template, like the ones the route answers."""
+
+    path = STATUS_PATH
+
+
+def _replay(chunks: list[bytes], receive: Receive, more: bool) -> Receive:
+    """`receive` for the full route after `AgentPath` read (part of) the body: that part first."""
+    pending = True
+
+    async def again() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": more}
+        return await receive()
+
+    return again
+
+
+class AgentPath:
+    """ASGI middleware: the lean route of `POST /v1/hosts/{host}/status` (module docstring)."""
+
+    def __init__(self, app: ASGIApp, state: Any) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            if path.startswith("/v1/hosts/") and path.endswith("/status"):
+                host = path[len("/v1/hosts/") : -len("/status")]
+                if host and "/" not in host:
+                    rest = await self._status(scope, receive, send, host)
+                    if rest is None:
+                        return
+                    receive = rest
+        await self.app(scope, receive, send)
+
+    async def _status(self, scope: Scope, receive: Receive, send: Send, host: str) -> Receive | None:
+        """None: answered here; else the `receive` the full route reads the body from."""
+        m: Manager = self.state.manager
+        p = cached_principal(self.state, scope)
+        if (
+            p is None
+            or Perm.STATUS_WRITE not in ROLE_PERMS[p.role]
+            or (p.host is not None and p.host != host)
+            or not m.host_known(host)
+            or m.desired.snapshot(host) is None
+        ):
+            return receive
+        limits = getattr(self.state, "limits", None)
+        limit = (limits if isinstance(limits, Limits) else Limits()).max_apply_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                return receive  # BodyLimit answers 413 without reading it
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # the agent left: nothing to answer
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            more = bool(message.get("more_body", False))
+            if size > limit:
+                return _replay(chunks, receive, more)
+            if not more:
+                break
+        report = decode_status(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if report is None or report.addresses is not None:  # the route judges it / reconciles them
+            return _replay(chunks, receive, False)
+        record(m, host, report)
+        body = json.dumps({"host": host, **m.host_status(host)}, separators=(",", ":")).encode()
+        scope["route"] = _StatusRoute
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+        return None
+
+
+class QuietAcks(logging.Filter):
+    """uvicorn's access log without the line of each successful ack: that was one line per host per
+    change (10,000 for one change to 10,000 hosts), and formatting and writing it cost a tenth of the
+    ack. Refused acks are still logged; accepted ones show in GET /v1/status and the request metrics."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        a = record.args  # uvicorn: (client, method, path and query, HTTP version, status)
+        return not (
+            isinstance(a, tuple)
+            and len(a) == 5
+            and a[1] == "POST"
+            and a[4] == 200
+            and isinstance(a[2], str)
+            and a[2].startswith("/v1/hosts/")
+            and a[2].endswith("/status")
+        )
+
+
+QUIET_ACKS = QuietAcks()
+
+
+def install(app: FastAPI) -> None:
+    """`AgentPath` in front of the routes (create_app, before the request timer so acks are timed), and
+    `QuietAcks` on uvicorn's access log (added once, whatever the number of apps)."""
+    app.add_middleware(AgentPath, state=app.state)  # type: ignore[arg-type]
+    logging.getLogger("uvicorn.access").addFilter(QUIET_ACKS)
 
 
 def router() -> APIRouter:
@@ -146,17 +312,7 @@ def router() -> APIRouter:
     ) -> dict[str, Any]:
         m = manager_of(request)
         _check_host(p, host, Perm.STATUS_WRITE, m)
-        m.hosts.report(
-            host,
-            m.now_iso(),
-            report.realized_revision,
-            report.error,
-            [(c.rule_id, c.packets, c.bytes) for c in report.counters]
-            if report.counters is not None
-            else None,
-            report.addresses,
-            (report.conntrack.count, report.conntrack.max) if report.conntrack is not None else None,
-        )
+        record(m, host, report)
         if report.addresses:  # addresses follow the workload (manager/addresses.py)
             from omniwall.manager.addresses import agent_actor, reconcile
 

@@ -19,6 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import replace
+from itertools import islice
 
 from omniwall.compiler.ir import HostDelta, HostDesiredState, apply_delta, diff, empty_state
 
@@ -159,8 +160,12 @@ class DesiredStates:
                 return None
             if from_revision == state.revision:
                 return []
-            log = list(self._log.get(host, ()))
-        for i, d in enumerate(log):
-            if d.from_revision == from_revision:
-                return log[i:]
+            log = self._log.get(host)
+            if not log:
+                return None
+            # From the newest: a following feed is one delta behind, not `max_log` (no copy of the log
+            # per host per change either).
+            for i in range(len(log) - 1, -1, -1):
+                if log[i].from_revision == from_revision:
+                    return list(islice(log, i, None))
         return None

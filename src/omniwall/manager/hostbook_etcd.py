@@ -11,9 +11,12 @@ Runtime keys (store/runtime.py), outside the store's objects:
   `ttl` seconds later.
 
 Writes never happen on the caller's thread (the API's event loop): they mark the host dirty and one
-flusher thread writes. A change of realized revision, error, addresses or liveness is written at once
-(coalesced with whatever else is dirty, in one txn); counters, conntrack usage and last-seen alone are
-written at most once per `interval` seconds per host. Reads come from a local copy kept by a watch of
+flusher thread writes. A change of liveness is written at once; a change of realized revision, error or
+addresses (an ack) within `gather` seconds (50 ms), with every other ack that came meanwhile, in as few
+txns as they fill: a change acked by a thousand hosts over a second is then a few dozen txns instead of
+one per few acks (each txn costs every etcd member and every manager's watch far more than its keys;
+bench/hoststatus.py --trickle). Counters, conntrack usage and last-seen alone are written at most once
+per `interval` seconds per host. Reads come from a local copy kept by a watch of
 `hosts/`, overlaid with this manager's own writes not yet echoed by the watch.
 """
 
@@ -40,6 +43,7 @@ STATUS = "hosts/status/"
 SEEN = "hosts/seen/"
 LIVE = "hosts/live/"
 INTERVAL = 1.0  # seconds between two writes of one host's counters (the write volume bound)
+GATHER = 0.05  # seconds an ack waits for others to share its txn
 MAX_OPS = 100  # per etcd txn (etcd's default limit is 128)
 WRITERS = 4  # txns in flight at once
 
@@ -86,12 +90,20 @@ def _decode(value: str) -> HostStatus:
 
 class EtcdHostStatusBook:
     def __init__(
-        self, runtime: EtcdRuntime, manager: str, *, ttl: int = 0, interval: float = INTERVAL
+        self,
+        runtime: EtcdRuntime,
+        manager: str,
+        *,
+        ttl: int = 0,
+        interval: float = INTERVAL,
+        gather: float = GATHER,
     ) -> None:
         self.rt = runtime
         self.manager = manager
         self.ttl = ttl or lease_ttl()  # a killed manager's agents show disconnected this long after
         self.interval = interval
+        self.gather = gather
+        self._urgent_at: float | None = None  # monotonic time the oldest unwritten ack came
         self._cond = threading.Condition()
         # from the watch: every manager's writes
         self._remote: dict[str, tuple[int, HostStatus]] = {}  # host -> (mod revision, status)
@@ -213,6 +225,8 @@ class EtcdHostStatusBook:
 
     def _mark(self, host: str, urgent: bool) -> None:
         self._dirty[host] = self._dirty.get(host, False) or urgent
+        if urgent and self._urgent_at is None:
+            self._urgent_at = time.monotonic()
         self._start_flusher()
         self._cond.notify_all()
 
@@ -275,12 +289,17 @@ class EtcdHostStatusBook:
     def _due(self, now: float) -> tuple[list[str], float]:
         """Under the lock: the hosts to write now, and how long until the next one is due."""
         due, wait = [], self.ttl / 3
+        gathered = self._urgent_at is None or now - self._urgent_at >= self.gather
         for host, urgent in self._dirty.items():
             left = self._written.get(host, 0.0) + self.interval - now
-            if urgent or self._force or host in self._live_dirty or left <= 0:
+            if self._force or host in self._live_dirty or (gathered if urgent else left <= 0):
                 due.append(host)
+            elif urgent:  # an ack waits for the window, however long ago the host was last written
+                wait = min(wait, self._urgent_at + self.gather - now)  # type: ignore[operator]
             else:
                 wait = min(wait, left)
+        if gathered or self._force:
+            self._urgent_at = None  # every ack so far is due: the next one opens a new window
         return due, wait
 
     def _run(self) -> None:

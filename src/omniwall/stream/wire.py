@@ -21,11 +21,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from omniwall.compiler.ir import HostDelta, HostDesiredState, delta_from_json, plain
+
+# Feed lines are encoded by msgspec straight from the IR's dataclasses (sorted keys, like
+# `json.dumps(plain(x), sort_keys=True)` did, and the same JSON values): a delta line for each host
+# of a change was a good part of the manager's cost per host (bench/manager_hosts.py). The one field
+# kept off the wire (`SetUpdate.result`, `wire: False`) lives in a delta's set updates: those alone
+# go through `plain`.
+_ENCODER = msgspec.json.Encoder(order="sorted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +79,18 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 
 def snapshot_line(state: HostDesiredState) -> bytes:
-    return _line({"type": "snapshot", "revision": state.revision, "state": plain(state)})
+    return _ENCODER.encode({"type": "snapshot", "revision": state.revision, "state": state}) + b"\n"
 
 
 def delta_line(delta: HostDelta) -> bytes:
-    return _line({"type": "delta", "delta": plain(delta)})
+    body: Any = delta
+    if delta.set_updates:
+        body = {f: getattr(delta, f) for f in _DELTA_FIELDS}
+        body["set_updates"] = plain(delta.set_updates)
+    return _ENCODER.encode({"type": "delta", "delta": body}) + b"\n"
+
+
+_DELTA_FIELDS = tuple(HostDelta.__dataclass_fields__)
 
 
 def heartbeat_line(revision: int) -> bytes:
@@ -149,3 +164,39 @@ class StatusReport(BaseModel):
     counters: list[RuleCount] | None = None  # cumulative per-rule counters (replace the previous report)
     addresses: dict[str, Any] | None = None  # observed workload addresses (inventory), free-form for now
     conntrack: ConntrackReport | None = None  # conntrack table usage (the 80%/95% alarms)
+
+
+# The same report for the manager's lean ack route (api/feed.py `AgentPath`): msgspec decodes and checks
+# it in a few microseconds, where pydantic through FastAPI took a good part of the ack's cost. Strict
+# (no "5" for 5): a report it refuses goes to the full route, which judges it with `StatusReport`.
+_NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _RuleCountIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    rule_id: Annotated[int, msgspec.Meta(ge=1)]
+    packets: _NonNeg
+    bytes: _NonNeg
+
+
+class _ConntrackIn(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    count: _NonNeg
+    max: _NonNeg
+
+
+class StatusIn(msgspec.Struct, forbid_unknown_fields=True):
+    realized_revision: _NonNeg
+    error: str | None = None
+    counters: list[_RuleCountIn] | None = None
+    addresses: dict[str, Any] | None = None
+    conntrack: _ConntrackIn | None = None
+
+
+_STATUS_DECODER = msgspec.json.Decoder(StatusIn)
+
+
+def decode_status(body: bytes) -> StatusIn | None:
+    """A status report's JSON body, or None when it is not a valid one by msgspec's strict reading."""
+    try:
+        return _STATUS_DECODER.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
