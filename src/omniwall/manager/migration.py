@@ -467,7 +467,7 @@ class Migrations:
         res = self.m.store.txn([Compare(_key(tenant, name), mod)], [Put(_key(tenant, name), _dump(rec))])
         if not res.succeeded:
             raise Conflict(f"migration {mid} changed meanwhile; try again")
-        self.m.sync()
+        self.m.sync(res.revision)
         return mig
 
     def wait(self, tenant: str, name: str, mid: str, timeout: float) -> Migration | None:
@@ -605,7 +605,7 @@ class Migrations:
         res = self.m.store.txn(compares, [Put(key, _dump(mig)), audit_put(entry, time.time_ns())])
         if not res.succeeded:
             raise Conflict(f"Workload/{mig.tenant}/{mig.name}: a migration was started concurrently")
-        self.m.sync()
+        self.m.sync(res.revision)
 
     def _run(self, mig: Migration, actor: Actor, opts: Options) -> None:
         switched = False

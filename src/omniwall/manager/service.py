@@ -100,8 +100,8 @@ class Manager:
     def load_all(self) -> None:
         self.model.load_all()
 
-    def sync(self) -> int:
-        return self.model.sync()
+    def sync(self, written: int | None = None) -> int:
+        return self.model.sync(written)
 
     def start_watch(self, poll: float = 0.25) -> None:
         """Follow the store, take part in the elections, adopt the migrations of managers that died."""

@@ -160,7 +160,7 @@ class Writes:
         if not res.succeeded:
             names = ", ".join(split_key(f.key)[0] + "/" + split_key(f.key)[2] for f in res.failed)
             raise Conflict(f"changed concurrently, nothing written: {names}; read it again and retry")
-        self.model.sync()  # a client reads its own writes
+        self.model.sync(res.revision)  # a client reads its own writes
         return res.revision
 
     def object_diffs(self, plan: Plan) -> list[dict[str, Any]]:

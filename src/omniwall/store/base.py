@@ -134,8 +134,10 @@ class Store(Protocol):
         """Compare-and-swap: all compares hold -> apply `success`, else `failure`; one revision, atomic."""
         ...
 
-    def events(self, from_revision: int, *, limit: int | None = None) -> list[Event]:
-        """Every change with revision >= from_revision, oldest first (CompactedError if compacted)."""
+    def events(self, from_revision: int, *, limit: int | None = None, head: int | None = None) -> list[Event]:
+        """Every change with revision >= from_revision, oldest first (CompactedError if compacted).
+        `head`: the store revision the caller already knows is reached (it read it, or wrote it): a
+        store that must otherwise ask its server for it (etcd) reads up to there without asking."""
         ...
 
     def watch(

@@ -280,10 +280,11 @@ class EtcdStore:
         data = self._call("kv/range", body)
         return [self._kv(kv) for kv in data.get("kvs") or []], self._rev(data)
 
-    def events(self, from_revision: int, *, limit: int | None = None) -> list[Event]:
+    def events(self, from_revision: int, *, limit: int | None = None, head: int | None = None) -> list[Event]:
         if from_revision < self._compacted_floor:
             raise CompactedError(from_revision, self._compacted_floor)
-        head = self.revision()
+        if head is None:
+            head = self.revision()  # one round trip; a caller that knows it (its own write) saves it
         cached = self._tail.events(from_revision, head, limit)
         if cached is not None:
             return cached

@@ -76,7 +76,7 @@ class MemoryStore:
                 i += 1
             return out, self._rev
 
-    def events(self, from_revision: int, *, limit: int | None = None) -> list[Event]:
+    def events(self, from_revision: int, *, limit: int | None = None, head: int | None = None) -> list[Event]:
         with self._cond:
             if from_revision < self._compacted:
                 raise CompactedError(from_revision, self._compacted)

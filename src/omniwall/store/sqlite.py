@@ -140,7 +140,7 @@ class SqliteStore:
             rev = self._meta("revision")
         return [KeyValue(*r) for r in rows if r[0].startswith(prefix)], rev
 
-    def events(self, from_revision: int, *, limit: int | None = None) -> list[Event]:
+    def events(self, from_revision: int, *, limit: int | None = None, head: int | None = None) -> list[Event]:
         sql = "SELECT revision, type, key, value FROM events WHERE revision >= ? ORDER BY revision, seq"
         args: tuple[object, ...] = (from_revision,)
         with self._lock, self._read():
