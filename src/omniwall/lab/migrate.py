@@ -194,7 +194,7 @@ def migrate(
             raise LabError(f"migration {mid} ended {rec['result']}: {rec.get('error')}")
         return rec
     except ClientError as e:
-        raise LabError(f"migration of {w.key}: {e}") from e
+        raise LabError(f"migration of {w.key}: {'; '.join(line.strip() for line in e.lines())}") from e
     finally:
         cp.close()
         lab.reload()
