@@ -718,30 +718,37 @@ def _handle(h: Any) -> int:
     return h
 
 
-_LEFT_KEYS = {"payload": ("protocol", "field"), "meta": ("key",), "ct": ("key",)}
-
-
 def _match_key(m: Any, nfproto: int | None, l4: int | None) -> tuple[Any, ...] | None:
     """The cache key of a match in a rule context; None for what is not cached: anonymous sets (a
     set message per rule), icmp types (merged with the code that follows), unusual forms."""
     try:
-        ((lk, lv),) = m["left"].items()
-        fields = _LEFT_KEYS[lk]
-        if len(lv) != len(fields):
+        left = m["left"]
+        if len(left) != 1:
             return None
-        left = tuple(lv[f] for f in fields)
+        lv = left.get("payload")
+        if lv is not None:
+            if len(lv) != 2:
+                return None
+            proto = lv["protocol"]
+            if proto == "icmp" or proto == "icmpv6":
+                return None
+            lk, lt = "payload", (proto, lv["field"])
+        else:
+            ((lk, lv),) = left.items()
+            if (lk != "meta" and lk != "ct") or len(lv) != 1:
+                return None
+            lt = (lv["key"],)
         right = m["right"]
-        if not isinstance(right, str | int):
-            if isinstance(right, dict) and len(right) == 1 and "range" in right:
+        tr = type(right)
+        if tr is not str and tr is not int:
+            if tr is dict and len(right) == 1 and "range" in right:
                 lo, hi = right["range"]
                 right = ("range", lo, hi)
-            elif isinstance(right, list) and all(isinstance(x, str) for x in right):
+            elif tr is list and all(type(x) is str for x in right):
                 right = ("list", *right)
             else:
                 return None
-        if lk == "payload" and left[0] in ("icmp", "icmpv6"):
-            return None
-        return (m["op"], lk, left, right, nfproto, l4)
+        return (m["op"], lk, lt, right, nfproto, l4)
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
 
@@ -964,7 +971,10 @@ class RuleEncoder:
         if not isinstance(exprs, list):
             raise Unsupported("rule without expressions")
         i = 0
-        while i < len(exprs):
+        n = len(exprs)
+        out = r.out
+        cache = self._cache
+        while i < n:
             e = exprs[i]
             if not isinstance(e, dict) or len(e) != 1:
                 raise Unsupported(f"expression {e!r}")
@@ -973,26 +983,26 @@ class RuleEncoder:
                 ((kind, arg),) = e.items()
                 fast = _fast_stmt(kind, arg)
                 if fast is not None:
-                    r.out.append(fast)
+                    out.append(fast)
                     i += 1
                     continue
             key = _match_key(m, r.nfproto, r.l4) if m is not None else _stmt_key(e)
-            hit = self._cache.get(key) if key is not None else None
+            hit = cache.get(key) if key is not None else None
             if hit is not None:  # the same expression in the same context: the same bytes
-                r.out.append(hit[0])
+                out.append(hit[0])
                 if m is not None:  # a match moves the context, as it did when it was encoded
                     r.nfproto, r.l4 = hit[1], hit[2]
                 i += 1
                 continue
-            mark = len(r.out)
+            mark = len(out)
             if m is not None:
                 nxt = exprs[i + 1] if i + 1 < len(exprs) else None
                 step = 2 if r.match(m, nxt) else 1
             else:
                 r.stmt(e)
                 step = 1
-            if key is not None and step == 1 and len(self._cache) < CACHE_MAX:
-                self._cache[key] = (b"".join(r.out[mark:]), r.nfproto, r.l4)
+            if key is not None and step == 1 and len(cache) < CACHE_MAX:
+                cache[key] = (b"".join(out[mark:]), r.nfproto, r.l4)
             i += step
         chain = body["chain"]
         head = self._chains.get(chain)
