@@ -981,7 +981,7 @@ class RuleEncoder:
             m = e.get("match")
             if m is None:
                 ((kind, arg),) = e.items()
-                fast = _fast_stmt(kind, arg)
+                fast = _CONST_STMTS.get(kind) if arg is None else _fast_stmt(kind, arg)
                 if fast is not None:
                     out.append(fast)
                     i += 1
@@ -1017,7 +1017,8 @@ class RuleEncoder:
             if len(raw) > 255:
                 raise Unsupported("comment longer than 254 bytes")
             msg += _attr(7, _udata((0, raw)))
-        self.msgs += r.pre
+        if r.pre:
+            self.msgs += r.pre
         self.msgs.append((NEWRULE, F_REQ | F_CREATE | (F_APPEND if append else 0), msg))
 
     def commit_known(self) -> None:
