@@ -85,6 +85,49 @@ def test_the_expression_cache_keeps_the_rule_context():
     assert cache
 
 
+@pytest.mark.parametrize(
+    "stmt",
+    [
+        {"counter": None},
+        {"accept": None},
+        {"drop": None},
+        {"continue": None},
+        {"return": None},
+        {"notrack": None},
+        {"log": {"prefix": "owf:370:a:i", "group": 16}},
+        {"log": {"prefix": "ow:7:drop ", "group": 0}},
+        {"mangle": {"key": {"ct": {"key": "mark"}}, "value": 370}},
+        {"mangle": {"key": {"ct": {"key": "mark"}}, "value": 0xFFFFFFFF}},
+    ],
+)
+def test_statement_fast_path_is_the_general_encoding(stmt: dict[str, Any]) -> None:
+    """Every rule's own statements skip the cache (nlrules._fast_stmt): the same bytes as the general
+    path (_Rule.stmt), and no cache entry for them."""
+    ((kind, arg),) = stmt.items()
+    fast = nlrules._fast_stmt(kind, arg)
+    r = nlrules._Rule(nlrules.RuleEncoder("inet", "omniwall", {}), "omniwall")
+    r.stmt(stmt)
+    assert fast is not None and fast == b"".join(r.out)
+    cache: nlrules.Cache = {}
+    msgs, _ = encode_commands("inet", "omniwall", [{"add": {"rule": {**T, "chain": "c", "expr": [stmt]}}}],
+                              cache=cache)  # fmt: skip
+    assert attrs(attrs(msgs[0][2])[4]) == attrs(fast) and not cache
+
+
+@pytest.mark.parametrize(
+    "stmt",
+    [
+        {"log": {"prefix": "x", "group": 70000}},  # out of range: the general path decides (refuses)
+        {"mangle": {"key": {"ct": {"key": "mark"}}, "value": True}},
+        {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 1}},
+        {"goto": {"target": "c"}},  # cached by the general path
+    ],
+)
+def test_statement_fast_path_leaves_other_forms_alone(stmt: dict[str, Any]) -> None:
+    ((kind, arg),) = stmt.items()
+    assert nlrules._fast_stmt(kind, arg) is None
+
+
 class FakeNft:
     def __init__(self, rules: list[tuple[int, str | None]]) -> None:
         self.rules = rules

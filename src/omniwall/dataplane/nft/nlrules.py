@@ -117,11 +117,16 @@ def _udata(*tlvs: tuple[int, bytes]) -> bytes:
     return b"".join(struct.pack("BB", t, len(v)) + v for t, v in tlvs)
 
 
+_EXPR_NAMES: dict[str, bytes] = {}  # expression name -> its NFTA_EXPR_NAME attribute
+
+
 def _expr(name: str, data: bytes | None) -> bytes:
-    body = _strz(1, name)
+    body = _EXPR_NAMES.get(name)
+    if body is None:
+        body = _EXPR_NAMES[name] = _strz(1, name)
     if data is not None:
-        body += _nest(2, data)
-    return _nest(1, body)  # NFTA_LIST_ELEM
+        body += _HDR(4 + len(data), 2 | NESTED) + data
+    return _HDR(4 + len(body), 1 | NESTED) + body  # NFTA_LIST_ELEM
 
 
 def _reg(word: int) -> int:
@@ -304,6 +309,26 @@ def _verdict_elem_data(v: Any) -> bytes:
     raise Unsupported(f"map element data {v!r}")
 
 
+def _verdict_data_memo() -> Any:
+    """`_verdict_elem_data` remembering each jump/goto target's bytes (one call's elements: the ~34k
+    ipcache elements of the benchmark's host name a few hundred chains)."""
+    memo: dict[tuple[str, str], bytes] = {}
+
+    def data(v: Any) -> bytes:
+        if type(v) is dict and len(v) == 1:
+            ((kind, arg),) = v.items()
+            if type(arg) is dict and len(arg) == 1:
+                target = arg.get("target")
+                if type(target) is str:
+                    got = memo.get((kind, target))
+                    if got is None:
+                        got = memo[kind, target] = _verdict_elem_data(v)
+                    return got
+        return _verdict_elem_data(v)
+
+    return data
+
+
 def _interval_elems(t: str, items: list[tuple[int, int, bytes]], *, merge: bool) -> list[bytes]:
     """Start/end elements of (first, last, data) intervals in libnftables' form: sorted; a leading
     interval-end at 0 when the first interval does not start there; an interval reaching the last
@@ -390,11 +415,12 @@ def _elements(info: SetInfo, elems: Sequence[Any], verb: str, fresh: bool, name:
             lo, hi = _interval_of(t, key)
             items.append((lo, hi, data))
         return _interval_elems(t, items, merge=False)
+    vdata = _verdict_data_memo()
     for e in elems:
         if info.is_map and verb == "add":
             if not isinstance(e, list) or len(e) != 2:
                 raise Unsupported(f"map element {e!r}")
-            out.append(_elem(_key_bytes(t, e[0]), data=_verdict_elem_data(e[1])))
+            out.append(_elem(_key_bytes(t, e[0]), data=vdata(e[1])))
         else:
             key = e[0] if info.is_map and isinstance(e, list) else e
             if isinstance(key, dict):
@@ -692,35 +718,77 @@ def _handle(h: Any) -> int:
     return h
 
 
-_LEFT_KEYS = {"payload": ("protocol", "field"), "meta": ("key",), "ct": ("key",)}
-
-
 def _match_key(m: Any, nfproto: int | None, l4: int | None) -> tuple[Any, ...] | None:
     """The cache key of a match in a rule context; None for what is not cached: anonymous sets (a
     set message per rule), icmp types (merged with the code that follows), unusual forms."""
     try:
-        ((lk, lv),) = m["left"].items()
-        fields = _LEFT_KEYS[lk]
-        if len(lv) != len(fields):
+        left = m["left"]
+        if len(left) != 1:
             return None
-        left = tuple(lv[f] for f in fields)
+        lv = left.get("payload")
+        if lv is not None:
+            if len(lv) != 2:
+                return None
+            proto = lv["protocol"]
+            if proto == "icmp" or proto == "icmpv6":
+                return None
+            lk, lt = "payload", (proto, lv["field"])
+        else:
+            ((lk, lv),) = left.items()
+            if (lk != "meta" and lk != "ct") or len(lv) != 1:
+                return None
+            lt = (lv["key"],)
         right = m["right"]
-        if not isinstance(right, str | int):
-            if isinstance(right, dict) and len(right) == 1 and "range" in right:
+        tr = type(right)
+        if tr is not str and tr is not int:
+            if tr is dict and len(right) == 1 and "range" in right:
                 lo, hi = right["range"]
                 right = ("range", lo, hi)
-            elif isinstance(right, list) and all(isinstance(x, str) for x in right):
+            elif tr is list and all(type(x) is str for x in right):
                 right = ("list", *right)
             else:
                 return None
-        if lk == "payload" and left[0] in ("icmp", "icmpv6"):
-            return None
-        return (m["op"], lk, left, right, nfproto, l4)
+        return (m["op"], lk, lt, right, nfproto, l4)
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
 
 
 _PLAIN_STMTS = frozenset({"counter", "accept", "drop", "continue", "return", "notrack"})
+# statements without an argument: their bytes (what _Rule.stmt encodes them as), no cache key needed
+_CONST_STMTS: dict[str, bytes] = {
+    **{k: _imm_verdict(v) for k, v in VERDICTS.items()},
+    "counter": _expr("counter", b""),
+    "notrack": _expr("notrack", None),
+}
+# `ct mark set <value>` (immediate into register 1, then ct set mark): the bytes around the value;
+# every rule's mark is its own id, so these are encoded per rule, not cached
+_MARK_HEAD = _expr("immediate", _u32(1, 1) + _nest(2, _attr(1, bytes(4))))[:-4]
+_MARK_TAIL = _expr("ct", _u32(2, 3) + _u32(4, 1))
+_PACK_U32 = struct.Struct("=I").pack
+_PACK_PORT = struct.Struct("!H").pack
+
+
+def _fast_stmt(kind: str, arg: Any) -> bytes | None:
+    """The bytes of the statements every rule has (counter, verdict, its own flow log and ct mark) in
+    the forms the renderer writes them; None: anything else (the general path encodes/refuses it).
+    Logs and marks name the rule, so they never repeat: caching them only filled the cache."""
+    if arg is None:
+        return _CONST_STMTS.get(kind)
+    if type(arg) is not dict or len(arg) != 2:
+        return None
+    if kind == "log":
+        prefix, group = arg.get("prefix"), arg.get("group")
+        if type(prefix) is not str or type(group) is not int or not 0 <= group <= 0xFFFF:
+            return None
+        return _expr("log", _strz(2, prefix) + _attr(1, _PACK_PORT(group)))
+    if kind == "mangle":
+        value = arg.get("value")
+        if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
+            return None
+        if arg.get("key") != {"ct": {"key": "mark"}}:
+            return None
+        return _MARK_HEAD + _PACK_U32(value) + _MARK_TAIL
+    return None
 
 
 def _stmt_key(e: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -757,6 +825,7 @@ class RuleEncoder:
         self._id = 0
         self.msgs: list[Msg] = []
         self._head = _strz(1, table)
+        self._chains: dict[str, bytes] = {}  # chain name -> a rule message's table and chain attributes
         # expression -> (bytes, rule context after it): a table's 80k matches are a few thousand
         # distinct ones (the same set lookups, protocols, ports and verdicts in many chains)
         self._cache: Cache = {}
@@ -902,30 +971,44 @@ class RuleEncoder:
         if not isinstance(exprs, list):
             raise Unsupported("rule without expressions")
         i = 0
-        while i < len(exprs):
+        n = len(exprs)
+        out = r.out
+        cache = self._cache
+        while i < n:
             e = exprs[i]
             if not isinstance(e, dict) or len(e) != 1:
                 raise Unsupported(f"expression {e!r}")
             m = e.get("match")
+            if m is None:
+                ((kind, arg),) = e.items()
+                fast = _CONST_STMTS.get(kind) if arg is None else _fast_stmt(kind, arg)
+                if fast is not None:
+                    out.append(fast)
+                    i += 1
+                    continue
             key = _match_key(m, r.nfproto, r.l4) if m is not None else _stmt_key(e)
-            hit = self._cache.get(key) if key is not None else None
+            hit = cache.get(key) if key is not None else None
             if hit is not None:  # the same expression in the same context: the same bytes
-                r.out.append(hit[0])
+                out.append(hit[0])
                 if m is not None:  # a match moves the context, as it did when it was encoded
                     r.nfproto, r.l4 = hit[1], hit[2]
                 i += 1
                 continue
-            mark = len(r.out)
+            mark = len(out)
             if m is not None:
                 nxt = exprs[i + 1] if i + 1 < len(exprs) else None
                 step = 2 if r.match(m, nxt) else 1
             else:
                 r.stmt(e)
                 step = 1
-            if key is not None and step == 1 and len(self._cache) < CACHE_MAX:
-                self._cache[key] = (b"".join(r.out[mark:]), r.nfproto, r.l4)
+            if key is not None and step == 1 and len(cache) < CACHE_MAX:
+                cache[key] = (b"".join(out[mark:]), r.nfproto, r.l4)
             i += step
-        msg = self._head + _strz(2, body["chain"]) + _nest(4, b"".join(r.out))
+        chain = body["chain"]
+        head = self._chains.get(chain)
+        if head is None:
+            head = self._chains[chain] = self._head + _strz(2, chain)
+        msg = head + _nest(4, b"".join(r.out))
         if "handle" in body:
             msg += _u64(6, _handle(body["handle"]))  # NFTA_RULE_POSITION
         comment = body.get("comment")
@@ -934,7 +1017,8 @@ class RuleEncoder:
             if len(raw) > 255:
                 raise Unsupported("comment longer than 254 bytes")
             msg += _attr(7, _udata((0, raw)))
-        self.msgs += r.pre
+        if r.pre:
+            self.msgs += r.pre
         self.msgs.append((NEWRULE, F_REQ | F_CREATE | (F_APPEND if append else 0), msg))
 
     def commit_known(self) -> None:

@@ -142,11 +142,12 @@ def _names_of(hp: HopPlan) -> Counter[str]:
 
 def _port_sets_of(rule: IRRule) -> dict[str, list[tuple[int, int]]]:
     """The named port sets one rule's nft rules use, name -> ranges (render.port_sets, per rule)."""
-    if not rule.services or any(s.protocol == "any" for s in rule.services):
+    protos = {s.protocol for s in rule.services}
+    if not rule.services or "any" in protos:
         return {}
     out = {}
     for proto in ("tcp", "udp"):
-        if any(s.protocol == proto for s in rule.services):
+        if proto in protos:
             ranges = proto_ranges(rule.services, proto)
             if ranges is not None and len(ranges) > 1:
                 out[port_set_name(ranges)] = ranges

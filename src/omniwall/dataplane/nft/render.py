@@ -244,6 +244,15 @@ def _port_set(ranges: list[tuple[int, int]]) -> Any:
 
 def _proto_ranges(services: tuple[ServiceMatch, ...], proto: str) -> list[tuple[int, int]] | None:
     """Merged port ranges of the tcp/udp services of `proto`; None: that protocol with any port."""
+    if len(services) == 1:  # the common case: one service, one range
+        s = services[0]
+        if s.protocol != proto:
+            return []
+        if not s.ports:
+            return None
+        if len(s.ports) == 1:
+            a, b = s.ports[0]
+            return [(a, b) if a <= b else (b, a)]
     svcs = [s for s in services if s.protocol == proto]
     if any(not s.ports for s in svcs):
         return None
@@ -254,10 +263,11 @@ def port_sets(state: HostDesiredState) -> dict[str, list[tuple[int, int]]]:
     """Every named port set the state's rules use: name -> merged ranges."""
     out: dict[str, list[tuple[int, int]]] = {}
     for r in state.rules:
-        if not r.services or any(s.protocol == "any" for s in r.services):
+        protos = {s.protocol for s in r.services}
+        if not r.services or "any" in protos:
             continue
         for proto in ("tcp", "udp"):
-            if any(s.protocol == proto for s in r.services):
+            if proto in protos:
                 ranges = _proto_ranges(r.services, proto)
                 if ranges is not None and len(ranges) > 1:
                     out.setdefault(port_set_name(ranges), ranges)
@@ -277,17 +287,20 @@ Variant = tuple[int | None, str | None, list[Json]]
 
 def service_variants(services: tuple[ServiceMatch, ...]) -> list[Variant]:
     """One variant per nft rule needed to match 'any of these services'."""
-    if not services or any(s.protocol == "any" for s in services):
+    protos = {s.protocol for s in services}
+    if not services or "any" in protos:
         return [(None, None, [])]
     out: list[Variant] = []
     for proto in ("tcp", "udp"):
-        if not any(s.protocol == proto for s in services):
+        if proto not in protos:
             continue
         ranges = _proto_ranges(services, proto)
         if ranges is None:
             out.append((None, proto, [_l4(proto)]))
         else:
             out.append((None, proto, [_l4(proto), _match(_payload("th", "dport"), _port_set(ranges))]))
+    if "icmp" not in protos and "icmpv6" not in protos:
+        return out
     seen: set[tuple[str, int | None, int | None]] = set()
     for s in services:
         if s.protocol not in ("icmp", "icmpv6"):

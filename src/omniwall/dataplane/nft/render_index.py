@@ -284,13 +284,22 @@ def ipcache_elements(plan: IndexPlan, d: str) -> dict[str, dict[Any, str]]:
     """The ipcache maps of direction `d`: address (or network range) -> its identity's chain."""
     out: dict[str, dict[Any, str]] = {IPCACHE[(d, fam, nets)]: {} for fam in (4, 6) for nets in (False, True)}
     ids = plan.identities
+    targets: dict[Key, str | None] = {}  # many addresses share an identity: its chain once
+
+    def target(key: Key | None) -> str | None:
+        if key is None:
+            return None
+        if key not in targets:
+            targets[key] = ipcache_target(plan, key, d)
+        return targets[key]
+
     for addr, key in ids.exact.items():
-        if (chain := ipcache_target(plan, key, d)) is not None:
+        if (chain := target(key)) is not None:
             fam = 6 if ":" in addr else 4
             out[IPCACHE[(d, fam, False)]][addr] = chain
     for fam, ranges in ids.nets.items():
         for lo, hi, key in ranges:
-            if (chain := ipcache_target(plan, key, d)) is not None:
+            if (chain := target(key)) is not None:
                 rk = ("net", _int_to_addr(fam, lo), _int_to_addr(fam, hi))
                 out[IPCACHE[(d, fam, True)]][rk] = chain
     return out
