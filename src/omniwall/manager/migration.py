@@ -734,7 +734,10 @@ class Migrations:
                 self.m.commit(plan, actor, request=mig.id)
                 break
             except Conflict:
+                self.m.sync()  # the model may be behind the write that beat us: read it before retrying
                 continue
+        else:  # never silently "succeeded" with spec.host still on the source
+            raise MigrationError("spec.host could not be moved: the workload kept changing (5 tries)")
         src = self.m.desired.snapshot(mig.source)
         if src is not None:
             try:
