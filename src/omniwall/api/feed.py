@@ -42,7 +42,6 @@ from omniwall.stream.wire import (
 )
 
 from .auth import (
-    ROLE_PERMS,
     Perm,
     Principal,
     authenticate,
@@ -61,17 +60,29 @@ NDJSON = "application/x-ndjson"
 CATCH_UP_BOUND = 5.0
 
 
-def _check_host(p: Principal, host: str, perm: Perm, m: Manager) -> None:
-    require(p, perm)
+def _host_refusal(p: Principal, host: str, perm: Perm, m: Manager) -> ApiError | None:
+    """Why `p` may not use `host`'s feed or status routes with `perm` (None: it may). Both ack routes and
+    the feed ask this one question."""
+    try:
+        require(p, perm)
+    except ApiError as e:
+        return e
     if p.host is not None and p.host != host:
-        raise ApiError(403, f"this token is scoped to host {p.host}, not {host}", permission=perm.value)
+        return ApiError(403, f"this token is scoped to host {p.host}, not {host}", permission=perm.value)
     if not m.host_known(host):
-        raise not_found(f"host {host}")
+        return not_found(f"host {host}")
     if m.desired.snapshot(host) is None:
         # Never send an empty state for a host we could not compile: the agent would wipe its rules.
-        raise ApiError(
+        return ApiError(
             503, f"desired state of host {host} is not computed yet: {m.compile_error or 'starting'}"
         )
+    return None
+
+
+def _check_host(p: Principal, host: str, perm: Perm, m: Manager) -> None:
+    refusal = _host_refusal(p, host, perm, m)
+    if refusal is not None:
+        raise refusal
 
 
 async def catch_up(m: Manager, host: str, from_revision: int) -> None:
@@ -200,14 +211,8 @@ class AgentPath:
         """None: answered here; else the `receive` the full route reads the body from."""
         m: Manager = self.state.manager
         p = cached_principal(self.state, scope)
-        if (
-            p is None
-            or Perm.STATUS_WRITE not in ROLE_PERMS[p.role]
-            or (p.host is not None and p.host != host)
-            or not m.host_known(host)
-            or m.desired.snapshot(host) is None
-        ):
-            return receive
+        if p is None or _host_refusal(p, host, Perm.STATUS_WRITE, m) is not None:
+            return receive  # the full route answers the refusal
         limits = getattr(self.state, "limits", None)
         limit = (limits if isinstance(limits, Limits) else Limits()).max_apply_bytes
         for name, value in scope["headers"]:
