@@ -30,6 +30,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from omniwall.dataplane.conntrack import ConntrackTable
-from omniwall.lab.managed import managed_lab
+from omniwall.lab.managed import control_dir, managed_lab
 from omniwall.lab.migrate import migrate
 from omniwall.lab.streams import MOBILITY, Flow, wait_port
 
@@ -77,7 +78,13 @@ def versions() -> dict[str, str]:
     }
 
 
-def run(n: int, hold: float = 1.0, second_copy: bool = False, churn: bool = False) -> dict[str, Any]:
+def run(
+    n: int,
+    hold: float = 1.0,
+    second_copy: bool = False,
+    churn: bool = False,
+    keep_logs: Path | None = None,
+) -> dict[str, Any]:
     with managed_lab(MOBILITY, ipv6=False) as (lab, _cp):
         cli, srv, bad = (lab.plan.workload(f"t1/{x}") for x in ("cli", "srv", "bad"))
         srv_ip, cli_ip = srv.vnics[0].ips[0], cli.vnics[0].ips[0]
@@ -103,6 +110,7 @@ def run(n: int, hold: float = 1.0, second_copy: bool = False, churn: bool = Fals
         records: list[dict[str, Any]] = []
         wall: list[float] = []
         failures: list[str] = []
+        starts: list[float] = []  # seconds after the start: to place a stream's break among migrations
         t_start = time.monotonic()
         try:
             time.sleep(hold)
@@ -110,6 +118,7 @@ def run(n: int, hold: float = 1.0, second_copy: bool = False, churn: bool = Fals
                 here = lab.plan.workload("t1/srv").host
                 dst = hosts[(hosts.index(here) + 1) % len(hosts)]
                 t0 = time.monotonic()
+                starts.append(round(t0 - t_start, 2))
                 try:
                     rec = migrate(lab, "t1/srv", dst, api_options={"secondCopy": second_copy})
                 except Exception as e:  # keep soaking; count it
@@ -123,6 +132,19 @@ def run(n: int, hold: float = 1.0, second_copy: bool = False, churn: bool = Fals
             results = {k: f.stop() for k, f in flows.items()}
             for s in servers:
                 s.stop(timeout=5)
+            broken = failures or not all(v.get("ok") for k, v in results.items() if k.startswith("tcp"))
+            if broken and keep_logs is not None:  # the diagnosis goes with the lab: logs, tables, routes
+                shutil.copytree(control_dir(lab.prefix), keep_logs, dirs_exist_ok=True)
+                for h in hosts:
+                    for what, argv in (
+                        ("nft", ["nft", "-a", "list", "ruleset"]),
+                        ("ip", ["ip", "-d", "addr"]),
+                        ("route", ["ip", "route"]),
+                        ("neigh", ["ip", "neigh"]),
+                        ("conntrack", ["conntrack", "-L"]),
+                    ):
+                        out = lab.exec_host(h, argv)
+                        (keep_logs / f"{h}.{what}.txt").write_text(out.stdout + out.stderr)
         elapsed = time.monotonic() - t_start
         final = lab.plan.workload("t1/srv").host
         ifname = srv.vnics[0].host_ifname
@@ -158,6 +180,7 @@ def run(n: int, hold: float = 1.0, second_copy: bool = False, churn: bool = Fals
             "succeeded": len(records),
             "failed": failures,
             "elapsedS": round(elapsed, 1),
+            "startsS": starts,
         },
         "migrationMs": {
             "p50": pct(total, 50),
@@ -199,10 +222,13 @@ def main() -> None:
     )
     ap.add_argument("--second-copy", action="store_true", help="copy the entries again after the switch")
     ap.add_argument("--hold", type=float, default=1.0, help="seconds of traffic before the first migration")
+    ap.add_argument(
+        "--keep-logs", type=Path, default=None, help="copy the control plane's logs here if a migration fails"
+    )
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces, nftables)")
-    out = run(a.migrations, a.hold, a.second_copy, a.churn)
+    out = run(a.migrations, a.hold, a.second_copy, a.churn, a.keep_logs)
     text = json.dumps(out, indent=1)
     print(text)
     if a.json:

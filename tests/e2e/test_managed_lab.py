@@ -216,6 +216,30 @@ def test_readme_migrate_moves_the_workload_with_a_live_tcp_connection(managed: t
     assert lab.plan.workload("tenant-a/app-1").host == "host-2"
 
 
+def test_a_switch_order_read_late_moves_nothing(managed: tuple[Any, Any]) -> None:
+    """The hypervisor reads `switching` orders from the audit stream, which replays entries after a
+    reconnection, and may lag behind migrations driven by another process. An order whose migration
+    has ended must not move the vNIC: here app-1 went to host-3 and back, and the first migration's
+    order, read late, would put app-1 on host-3 again, where no policy holds it (the churn soak's
+    black-holed streams and 422 refusals)."""
+    from omniwall.lab.hypervisor import Hypervisor
+    from omniwall.lab.managed import control_dir
+    from omniwall.lab.migrate import migrate
+
+    lab, cp = managed
+    assert lab.plan.workload("tenant-a/app-1").host == "host-2"
+    there = migrate(lab, "tenant-a/app-1", "host-3")
+    back = migrate(lab, "tenant-a/app-1", "host-2")
+    assert there["id"] != back["id"] and lab.plan.workload("tenant-a/app-1").host == "host-2"
+    late = {"id": there["id"], "tenant": "tenant-a", "name": "app-1", "destination": "host-3"}
+    Hypervisor(control_dir(lab.prefix)).switch(late)
+    lab.reload()
+    assert lab.plan.workload("tenant-a/app-1").host == "host-2"
+    wl = cp.api("GET", "/v1/workloads/app-1", params={"tenant": "tenant-a"})
+    assert wl["spec"]["host"] == "host-2" and wl["status"]["migration"]["id"] == back["id"]
+    assert _disagreements(lab) == []
+
+
 def test_teardown_leaves_nothing(tmp_path: Path) -> None:
     from omniwall.lab import netns
     from omniwall.lab.managed import control_dir, managed_lab

@@ -37,7 +37,7 @@ from typing import Any
 from omniwall.client import Client, ClientError, Retry
 from omniwall.lab import state as lab_state
 from omniwall.lab.errors import LabError
-from omniwall.lab.migrate import switch_vnics
+from omniwall.lab.migrate import StaleSwitch, switch_vnics, waits_for_vnic
 from omniwall.lab.vm import GuestMigrationError
 
 log = logging.getLogger("omniwall.lab.hypervisor")
@@ -71,11 +71,19 @@ class Hypervisor:
             log.info("migration %s of %s to %s: not a workload or host of this lab, left alone", mid, key, to)
             self.done.add(mid)
             return
+        if not self.waits(key, mid):
+            log.info("migration %s of %s: no longer waits in switching, left alone", mid, key)
+            self.done.add(mid)
+            return
         self.moving = True
         try:
             t0 = time.monotonic()
-            moved = switch_vnics(st.name, key, to)
+            moved = switch_vnics(st.name, key, to, waiting=lambda: self.waits(key, mid))
             ms = (time.monotonic() - t0) * 1000
+        except StaleSwitch:  # it ended between the two looks: someone else moved the vNIC
+            log.info("migration %s of %s: ended before the move, left alone", mid, key)
+            self.done.add(mid)
+            return
         except GuestMigrationError as e:
             # The guest still runs on its source. No `switched`: the manager rolls back after its
             # switch timeout (there is no abort verb); not retried, a new `omniwall migrate` is.
@@ -86,10 +94,26 @@ class Hypervisor:
             self.moving = False
             if self.stop.is_set():
                 sys.exit(0)
-        rec = self.api.switched(key, mid)
+        try:
+            rec = self.api.switched(key, mid)
+        except ClientError as e:
+            if e.status not in (404, 409):
+                raise
+            rec = {"phase": f"gone ({e})"}  # it ended meanwhile: whoever moved the vNIC said so
         self.done.add(mid)
         what = f"moved the vNIC to {to} in {ms:.0f} ms" if moved else f"vNIC already on {to}"
         log.info("migration %s of %s: %s; manager: phase %s", mid, key, what, rec.get("phase"))
+
+    def waits(self, key: str, mid: str) -> bool:
+        """Whether migration `mid` is `key`'s current one and waits for its vNIC right now: the audit
+        stream replays entries after a reconnection, and an entry read late must not move anything."""
+        try:
+            r = self.api.migration(key)
+        except ClientError as e:
+            if e.status == 404:
+                return False
+            raise
+        return waits_for_vnic(r, mid)
 
     def waiting(self) -> list[dict[str, Any]]:
         """Migrations that wait for their vNIC to move right now."""

@@ -120,9 +120,20 @@ def move_vnics(plan: LabPlan, workload: str, to_host: str, *, ipv6: bool = True)
     return new_plan
 
 
-def switch_vnics(name: str, workload: str, to_host: str) -> bool:
+class StaleSwitch(LabError):
+    """The migration that asked for this move no longer waits for it: nothing was moved."""
+
+
+def switch_vnics(
+    name: str, workload: str, to_host: str, *, waiting: Callable[[], bool] | None = None
+) -> bool:
     """Lab `name`'s hypervisor act: move `workload`'s vNICs to `to_host` and record it in the state file,
-    unless they are there already. Safe to call from several processes. Returns whether it moved."""
+    unless they are there already. Safe to call from several processes. Returns whether it moved.
+
+    `waiting` is asked under the lock, just before a move: whether the migration that orders it still
+    waits in `switching`. An order seen late (the audit stream replays, a lagging follower) must not
+    move a vNIC that later migrations have moved on since: that would put it on a host whose
+    policy no longer holds it (StaleSwitch instead)."""
     with lab_state.locked(name):
         st = lab_state.load(name)
         if st.plan is None:
@@ -131,10 +142,17 @@ def switch_vnics(name: str, workload: str, to_host: str) -> bool:
         st.plan.host(to_host)
         if w.host == to_host:
             return False
+        if waiting is not None and not waiting():
+            raise StaleSwitch(f"{workload}: its migration to {to_host} no longer waits in switching")
         st.plan = move_vnics(st.plan, w.key, to_host, ipv6=st.ipv6)
         st.resources = dump_catalog(_with_host(catalog_from_dump(st.resources), w.tenant, w.name, to_host))
         lab_state.save(st)
         return True
+
+
+def waits_for_vnic(rec: Any, mid: str) -> bool:
+    """Whether the migration record `rec` (the workload's current one) is `mid`, waiting for its vNIC."""
+    return bool(rec["id"] == mid and rec["result"] == "running" and rec["phase"] == "switching")
 
 
 def migrate(
@@ -187,7 +205,8 @@ def migrate(
             rec = poll(lambda r: r["result"] != "running")
             raise LabError(f"migration {mid} failed before the move: {rec.get('error')}")
         if rec["result"] == "running" and rec["phase"] == "switching":
-            switch_vnics(lab.name, w.key, to_host)  # unless the lab's hypervisor was first
+            # unless the lab's hypervisor was first; never for a migration that has rolled back since
+            switch_vnics(lab.name, w.key, to_host, waiting=lambda: waits_for_vnic(api.migration(w.key), mid))
             api.switched(w.key, mid)
         rec = poll(lambda r: r["result"] != "running")
         if rec["result"] != "succeeded":
@@ -200,4 +219,4 @@ def migrate(
         lab.reload()
 
 
-__all__ = ["migrate", "move_vnics", "switch_vnics"]
+__all__ = ["StaleSwitch", "migrate", "move_vnics", "switch_vnics", "waits_for_vnic"]
