@@ -131,8 +131,9 @@ elif role == "tcp-churn":
                 got += d
             c.close(); st["ok"] += 1
             if time.monotonic() - t0 > 0.5: st["slow"] += 1
-        except OSError:
-            st["failed"] += 1
+        except OSError as e:  # which error says where it failed: refused, reset, timed out
+            st["failed"] += 1; why = st.setdefault("errors", {}); k = f"{type(e).__name__}: {e}"[:60]
+            why[k] = why.get(k, 0) + 1
         time.sleep(0.01)
     out(st)
 elif role == "tcp-prober":
