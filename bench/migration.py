@@ -130,9 +130,10 @@ def run(
             time.sleep(1.0)
         finally:
             results = {k: f.stop() for k, f in flows.items()}
-            for s in servers:
-                s.stop(timeout=5)
-            broken = failures or not all(v.get("ok") for k, v in results.items() if k.startswith("tcp"))
+            servers_out = [s.stop(timeout=5) for s in servers]
+            broken = failures or any(
+                not v.get("ok") if k.startswith("tcp") else v.get("failed") for k, v in results.items()
+            )
             if broken and keep_logs is not None:  # the diagnosis goes with the lab: logs, tables, routes
                 shutil.copytree(control_dir(lab.prefix), keep_logs, dirs_exist_ok=True)
                 for h in hosts:
@@ -201,6 +202,7 @@ def run(
         "tcp": tcp,
         "tcpSurviving": f"{sum(1 for v in tcp.values() if v.get('ok'))}/{len(tcp)}",
         "churn": {k: v for k, v in results.items() if k.startswith("churn")},
+        "serverErrors": [x.get("errors") for x in servers_out],
         "secondCopy": second_copy,
         "udp": results["udp cli->srv"],
         "denied": denied,

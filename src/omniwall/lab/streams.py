@@ -40,13 +40,15 @@ def out(d):
 if role == "tcp-echo":
     s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); s.bind(("::", int(args[0]))); s.listen(64)
+    errors = {}  # how connections ended other than by the client's close: what a churn failure was
     def serve(c):
         try:
             while True:
                 d = c.recv(65536)
                 if not d: break
                 c.sendall(d)
-        except OSError: pass
+        except OSError as e:
+            k = f"{type(e).__name__}: {e}"[:60]; errors[k] = errors.get(k, 0) + 1
         finally: c.close()
     s.settimeout(0.2)
     out({"ready": True})
@@ -54,6 +56,7 @@ if role == "tcp-echo":
         try: c, _ = s.accept()
         except socket.timeout: continue
         threading.Thread(target=serve, args=(c,), daemon=True).start()
+    out({"errors": errors})
 elif role == "udp-echo":
     s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
