@@ -131,7 +131,7 @@ class Podman:
         shim = self.plugins / "omniwall"
         shim.write_text(
             f'#!/bin/sh\nout=$({real} "$@")\nrc=$?\nif [ "$CNI_COMMAND" = ADD ] && [ $rc = 0 ]; then\n'
-            f'  nft list table inet omniwall > {d}/ruleset-at-add.$CNI_CONTAINERID 2>&1\nfi\n'
+            f"  nft list table inet omniwall > {d}/ruleset-at-add.$CNI_CONTAINERID 2>&1\nfi\n"
             'printf "%s\\n" "$out"\nexit $rc\n'
         )
         shim.chmod(0o755)
