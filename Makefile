@@ -56,9 +56,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# ruff, then the import contracts of pyproject.toml (package layers, no cycles: docs/design/packages.md)
+# ruff (checks and formatting), then the import contracts of pyproject.toml (package layers, no cycles:
+# docs/design/packages.md)
 lint: install
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/lint-imports --no-cache --no-logo
 
 # --durations=40: every CI log lists the slowest tests, to keep the suite inside its 30 min budget
