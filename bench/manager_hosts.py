@@ -220,9 +220,29 @@ def worker_main(spec_file: str) -> None:
 
 
 def more_descriptors() -> None:
-    """preexec_fn: 65,536 descriptors (a manager with 10,000 hosts holds two connections per host)."""
+    """preexec_fn: 65,536 descriptors (a manager with 10,000 hosts holds two connections per host), or
+    the hard limit when raising it is not allowed (no CAP_SYS_RESOURCE: see `descriptor_room`)."""
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+        return
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def descriptor_room(n: int, acks: str) -> None:
+    """With status streams the manager holds two connections per host (feed, stream): more than its
+    descriptor limit, and libuv accepts and closes the excess (the hosts see resets). Said up front."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+        hard = 65536
+    need = 2 * n + 64
+    if acks == "stream" and need > hard:
+        raise SystemExit(
+            f"--hosts {n}: with status streams the manager needs ~{need} descriptors, its limit here is "
+            f"{hard} (raising it needs CAP_SYS_RESOURCE): at most {(hard - 64) // 2} hosts, or --acks post"
+        )
 
 
 # ------------------------------------------------------------------------------ the manager
@@ -470,6 +490,12 @@ def sitting(
                         workers.stop()
                 out["arms"][arm] = res
                 print(json.dumps({"hosts": n, "arm": arm, **res}), flush=True)
+        except BaseException:
+            log = tmp / "manager.log"
+            if log.exists():  # what the manager said, before its directory goes
+                lines = [x for x in log.read_text(errors="replace").splitlines() if '" 200 OK' not in x]
+                sys.stderr.write("--- manager log (no access lines):\n" + "\n".join(lines[-80:]) + "\n")
+            raise
         finally:
             m.stop()
     hosts_arm, idle_arm = out["arms"].get("hosts"), out["arms"].get("idle")
@@ -521,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     for n in [int(x) for x in args.hosts.split(",")]:
+        if not args.src:  # a baseline tree has no status streams: its hosts POST
+            descriptor_room(n, args.acks)
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         results["runs"].append(
             sitting(n, args.changes, args.procs, args.settle, args.src, arms, args.py_spy, args.acks)
