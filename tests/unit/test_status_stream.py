@@ -186,3 +186,35 @@ def test_a_lost_stream_makes_the_reporter_resend_by_post(world: World) -> None:
 def test_the_upstream_rejects_a_url_that_is_not_http() -> None:
     with pytest.raises(ValueError, match="not http"):
         StatusUpstream("ftp://x", "h1", "t", lambda _: None)
+
+
+def test_the_end_of_a_replaced_stream_leaves_the_reporter_on_its_new_one(world: World) -> None:
+    url, m, tokens, _ = world
+
+    async def go() -> None:
+        async with httpx.AsyncClient() as client:
+            rep = Reporter(client, url, "h1", tokens["h1"])
+            rep.use_stream(True)
+            task = asyncio.create_task(rep.run())
+            try:
+                rep.set_realized(3, None)
+                await until(lambda: m.hosts.get("h1").realized_revision == 3, "revision 3 recorded")
+                old = rep._upstream
+                assert old is not None and old._writer is not None
+                # a failover: the feed reconnects (resend), and the old stream's reader then finds its
+                # connection dead (before its own close ran): not the reporter's stream any more
+                rep.resend()
+                old.on_closed("connection lost: ConnectionResetError")
+                assert rep._stream_ok
+                await until(lambda: rep.streamed == 2, "the whole report on a new stream")
+                await asyncio.sleep(0.1)
+                assert rep._stream_ok and rep.posts == 0
+                rep.set_realized(4, None)
+                await until(lambda: m.hosts.get("h1").realized_revision == 4, "revision 4 recorded")
+                assert rep.streamed == 3 and rep.posts == 0
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await rep.aclose()
+
+    asyncio.run(go())

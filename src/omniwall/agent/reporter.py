@@ -193,9 +193,8 @@ class Reporter:
         the reporter goes back to POSTs until the feed next advertises streams."""
         try:
             if self._upstream is None or self._upstream.closed:
-                up = StatusUpstream(
-                    self._manager(), self.host, self.token, self._stream_closed, self.ssl_context
-                )
+                up = StatusUpstream(self._manager(), self.host, self.token, lambda _: None, self.ssl_context)
+                up.on_closed = lambda reason, up=up: self._stream_closed(up, reason)  # type: ignore[misc]
                 await up.open()
                 self._upstream = up
             await self._upstream.send(json.dumps(body, separators=(",", ":")).encode())
@@ -207,9 +206,12 @@ class Reporter:
         self.streamed += 1
         return True
 
-    def _stream_closed(self, reason: str) -> None:
+    def _stream_closed(self, up: StatusUpstream, reason: str) -> None:
         """The stream ended (refused, ended, lost): POSTs from now on, and the whole report again, since
-        its last lines may not have been recorded."""
+        its last lines may not have been recorded. A stream already replaced (resend: a failover) is
+        not the reporter's concern any more: its end must not send the new manager's agent to POSTs."""
+        if up is not self._upstream:
+            return
         self.last_stream_close = reason
         if reason != "closed by the agent":
             log.warning("status stream to %s ended: %s; reporting by POST", self._manager(), reason)
