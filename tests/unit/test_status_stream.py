@@ -218,3 +218,28 @@ def test_the_end_of_a_replaced_stream_leaves_the_reporter_on_its_new_one(world: 
                 await rep.aclose()
 
     asyncio.run(go())
+
+
+def test_an_idle_stream_gets_empty_lines_that_the_manager_skips(world: World) -> None:
+    url, m, tokens, state = world
+
+    async def go() -> None:
+        async with httpx.AsyncClient() as client:
+            rep = Reporter(client, url, "h1", tokens["h1"], counters_interval=3600.0)
+            rep.stream_idle = 0.1
+            rep.use_stream(True)
+            task = asyncio.create_task(rep.run())
+            try:
+                rep.set_realized(2, None)
+                await until(lambda: m.hosts.get("h1").realized_revision == 2, "revision 2 recorded")
+                up = rep._upstream
+                assert up is not None
+                await until(lambda: up.lines >= 4, "keep-alive lines on the idle stream")
+                assert rep.streamed == 1 and stream_stats(state).lines == 1  # empty lines are no reports
+                assert not up.closed and stream_stats(state).refused == 0
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await rep.aclose()
+
+    asyncio.run(go())

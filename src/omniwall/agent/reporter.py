@@ -41,6 +41,7 @@ from omniwall.dataplane.backend import RuleCounters
 log = logging.getLogger("omniwall.agent")
 
 Addresses = dict[str, list[str]]
+STREAM_IDLE = 30.0  # seconds: an idle status stream gets an empty line (`Reporter._keep_stream`)
 
 
 def status_url(manager_url: str, host: str) -> str:
@@ -88,6 +89,7 @@ class Reporter:
         self._epoch = 0  # bumped by resend(): a report sent before it must not count as known
         self.last_stream_close: str | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self.stream_idle = STREAM_IDLE
 
     def set_realized(self, revision: int, error: str | None) -> None:
         if (revision, error) != (self.revision, self.error):
@@ -142,6 +144,8 @@ class Reporter:
         next_counters = loop.time()
         while True:
             wait = max(0.0, next_counters - loop.time())
+            if self._upstream is not None:  # wake for the stream's keep-alive too
+                wait = min(wait, self.stream_idle)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), timeout=wait)
             self._dirty.clear()
@@ -153,6 +157,7 @@ class Reporter:
                 conntrack = self._read_conntrack()
             body = self.build(counters, conntrack)
             if body is None:
+                await self._keep_stream()
                 continue
             epoch = self._epoch
             sent = await self._stream(body) if self._stream_ok else await self._post(body)
@@ -205,6 +210,17 @@ class Reporter:
             return False
         self.streamed += 1
         return True
+
+    async def _keep_stream(self) -> None:
+        """An idle status stream gets an empty line every `stream_idle` seconds (the manager skips it):
+        a middlebox that drops idle connections keeps it, and a dead one is found now, not at the next
+        ack (its end sends the whole report by POST)."""
+        up = self._upstream
+        if up is None or up.closed or not self._stream_ok:
+            return
+        if asyncio.get_running_loop().time() - up.last_write >= self.stream_idle:
+            with contextlib.suppress(UpstreamClosed):
+                await up.send(b"")
 
     def _stream_closed(self, up: StatusUpstream, reason: str) -> None:
         """The stream ended (refused, ended, lost): POSTs from now on, and the whole report again, since

@@ -60,6 +60,7 @@ class StatusUpstream:
         self.closed = False
         self.refused = 0  # lines the manager refused (each logged with its reason)
         self.lines = 0
+        self.last_write = 0.0  # loop time of the last line written (the reporter's keep-alive)
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
 
@@ -82,6 +83,7 @@ class StatusUpstream:
             ).encode()
         )
         self._writer = writer
+        self.last_write = asyncio.get_running_loop().time()
         self._reader_task = asyncio.create_task(self._read(reader), name=f"status-stream-{self.host}")
 
     async def send(self, line: bytes) -> None:
@@ -98,6 +100,7 @@ class StatusUpstream:
             self._closed(f"write failed: {type(e).__name__}: {e}")
             raise UpstreamClosed("status stream lost") from e
         self.lines += 1
+        self.last_write = asyncio.get_running_loop().time()
 
     async def close(self) -> None:
         """End the body (the manager answers its summary) and the connection."""
