@@ -10,6 +10,10 @@ stream (`GET /v1/hosts/{host}/feed`, the host's own token) and the acks the agen
 (`POST /v1/hosts/{host}/status` with `{"realized_revision": R, "error": null}`), each host on its own
 keep-alive connection (above 9,000 hosts two hosts share one ack connection: the manager may hold
 20,000 descriptors). No kernel, no agent code: a host acks a revision as soon as its feed line is read.
+When the feed advertises status streams (`X-Omniwall-Status-Stream: 1`, agent/upstream.py) a host
+writes its acks as lines on its own `POST /v1/hosts/{host}/status/stream` instead, as the agent does
+(`--acks post` keeps the POSTs); its ack then counts when written (the stream answers only refusals,
+which fail the run). The manager and the workers get a descriptor limit of 65,536 (root).
 
 A change = PUT of the policy with another port: every host gets a delta. Measured per change:
 - wall: PUT sent -> the last host's ack answered (the simulated hosts' clock, same machine);
@@ -30,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -73,8 +78,9 @@ def free_port() -> int:
 class Hosts:
     """One worker's hosts: feed streams, acks, and the count of hosts that acked each revision."""
 
-    def __init__(self, port: int, hosts: list[list[str]], share: int) -> None:
+    def __init__(self, port: int, hosts: list[list[str]], share: int, acks: str = "stream") -> None:
         self.port = port
+        self.acks = acks
         self.hosts = hosts
         self.share = share
         self.acked: dict[int, int] = {}
@@ -115,6 +121,25 @@ class Hosts:
             return
         self._done(rev)
 
+    async def _stream_refusals(self, host: str, r: asyncio.StreamReader) -> None:
+        """The status stream's answer: only refusals and its end come back; any is an error here."""
+        head = await r.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"status stream of {host}: {head[:200]!r}")
+        data = await r.read(65536)
+        if data:
+            self.errors += 1
+            print(f"error stream {host}: {data[:300]!r}", file=sys.stderr, flush=True)
+
+    async def _open_stream(self, host: str, token: str) -> asyncio.StreamWriter:
+        r, w = await asyncio.open_connection("127.0.0.1", self.port)
+        w.write(
+            f"POST /v1/hosts/{host}/status/stream HTTP/1.1\r\nHost: manager\r\nAuthorization: Bearer {token}"
+            "\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        self._readers.append(asyncio.create_task(self._stream_refusals(host, r)))
+        return w
+
     async def _host(self, i: int, host: str, token: str, gate: asyncio.Semaphore) -> None:
         slot = i // self.share
         await gate.acquire()  # a few hosts connect at a time (the snapshot costs the most)
@@ -128,6 +153,9 @@ class Hosts:
             head = await r.readuntil(b"\r\n\r\n")
             if int(head.split(b" ", 2)[1]) != 200:
                 raise RuntimeError(f"feed of {host}: {head[:200]!r}")
+            stream = None
+            if self.acks == "stream" and b"\r\nx-omniwall-status-stream: 1\r\n" in head.lower():
+                stream = await self._open_stream(host, token)
             buf = b""
             while True:
                 size = int((await r.readuntil(b"\r\n"))[:-2], 16)
@@ -144,7 +172,13 @@ class Hosts:
                         rev = int(msg["delta"]["to_revision"])
                     else:
                         continue
-                    await self._ack(slot, host, token, rev)
+                    if stream is not None:
+                        line = b'{"realized_revision":%d,"error":null}\n' % rev
+                        stream.write(b"%x\r\n%s\r\n" % (len(line), line))
+                        await stream.drain()
+                        self._done(rev)
+                    else:
+                        await self._ack(slot, host, token, rev)
                     if held:
                         held = False
                         self.ready += 1
@@ -154,6 +188,7 @@ class Hosts:
                 gate.release()
 
     async def run(self) -> None:
+        self._readers: list[asyncio.Task[None]] = []
         n_slots = (len(self.hosts) + self.share - 1) // self.share
         self._ack_locks = [asyncio.Lock() for _ in range(n_slots)]
         self._ack_conns = [None] * n_slots
@@ -181,7 +216,33 @@ def worker_main(spec_file: str) -> None:
         import uvloop
 
         uvloop.install()
-    asyncio.run(Hosts(spec["port"], spec["hosts"], spec["share"]).run())
+    asyncio.run(Hosts(spec["port"], spec["hosts"], spec["share"], spec.get("acks", "stream")).run())
+
+
+def more_descriptors() -> None:
+    """preexec_fn: 65,536 descriptors (a manager with 10,000 hosts holds two connections per host), or
+    the hard limit when raising it is not allowed (no CAP_SYS_RESOURCE: see `descriptor_room`)."""
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+        return
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def descriptor_room(n: int, acks: str) -> None:
+    """With status streams the manager holds two connections per host (feed, stream): more than its
+    descriptor limit, and libuv accepts and closes the excess (the hosts see resets). Said up front."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+        hard = 65536
+    need = 2 * n + 64
+    if acks == "stream" and need > hard:
+        raise SystemExit(
+            f"--hosts {n}: with status streams the manager needs ~{need} descriptors, its limit here is "
+            f"{hard} (raising it needs CAP_SYS_RESOURCE): at most {(hard - 64) // 2} hosts, or --acks post"
+        )
 
 
 # ------------------------------------------------------------------------------ the manager
@@ -216,6 +277,7 @@ class ManagerProcess:
             stderr=subprocess.STDOUT,
             env=env,
             cwd=tmp,
+            preexec_fn=more_descriptors,
         )
         token_file = Path(str(self.db) + ".admin-token")
         deadline = time.monotonic() + 60
@@ -285,19 +347,22 @@ def agent_tokens(db: Path, hosts: list[str]) -> list[list[str]]:
 
 
 class Workers:
-    def __init__(self, tmp: Path, port: int, tokens: list[list[str]], procs: int) -> None:
+    def __init__(self, tmp: Path, port: int, tokens: list[list[str]], procs: int, acks: str) -> None:
         share = 2 if len(tokens) > SHARE_ABOVE else 1
         self.procs: list[subprocess.Popen[str]] = []
         self.acked: dict[int, list[float]] = {}
         for k in range(procs):
             spec = tmp / f"worker-{k}.json"
-            spec.write_text(json.dumps({"port": port, "hosts": tokens[k::procs], "share": share}))
+            spec.write_text(
+                json.dumps({"port": port, "hosts": tokens[k::procs], "share": share, "acks": acks})
+            )
             self.procs.append(
                 subprocess.Popen(
                     [sys.executable, __file__, "--worker", str(spec)],
                     stdout=subprocess.PIPE,
                     text=True,
                     bufsize=1,
+                    preexec_fn=more_descriptors,
                 )
             )
         self._lines: asyncio.Queue[tuple[int, str]] | None = None
@@ -360,9 +425,10 @@ def sitting(
     src: str | None,
     arms: list[str],
     profile: str | None = None,
+    acks: str = "stream",
 ) -> dict[str, Any]:
     """One manager, N hosts; rounds of `changes` changes per arm, alternating."""
-    out: dict[str, Any] = {"hosts": n, "changes": changes, "src": src or "worktree", "arms": {}}
+    out: dict[str, Any] = {"hosts": n, "changes": changes, "src": src or "worktree", "acks": acks, "arms": {}}
     with tempfile.TemporaryDirectory(prefix="ow-mh-") as tmp_s:
         tmp = Path(tmp_s)
         t = time.perf_counter()
@@ -382,7 +448,7 @@ def sitting(
                 workers = None
                 if arm == "hosts":
                     t = time.perf_counter()
-                    workers = Workers(tmp, m.port, tokens, procs)
+                    workers = Workers(tmp, m.port, tokens, procs, acks)
                     out["connect_s"] = round(time.perf_counter() - t, 1)
                     out["manager_rss_mb_connected"] = _rss_mb(m.pid)
                 time.sleep(1.0)
@@ -412,6 +478,10 @@ def sitting(
                         time.sleep(settle)
                         res["cpu_settled_s"].append(round(m.cpu() - c0, 3))
                         res["sys_settled_s"].append(round(m.cpu("system") - s0, 3))
+                    if workers is not None:  # every host's last ack recorded by the manager
+                        st = m.client.get("/v1/status").json()
+                        res["in_sync"] = st["summary"]["inSync"]
+                        res["status_streams"] = st.get("statusStreams")
                 finally:
                     if spy is not None:
                         spy.send_signal(signal.SIGINT)
@@ -420,6 +490,12 @@ def sitting(
                         workers.stop()
                 out["arms"][arm] = res
                 print(json.dumps({"hosts": n, "arm": arm, **res}), flush=True)
+        except BaseException:
+            log = tmp / "manager.log"
+            if log.exists():  # what the manager said, before its directory goes
+                lines = [x for x in log.read_text(errors="replace").splitlines() if '" 200 OK' not in x]
+                sys.stderr.write("--- manager log (no access lines):\n" + "\n".join(lines[-80:]) + "\n")
+            raise
         finally:
             m.stop()
     hosts_arm, idle_arm = out["arms"].get("hosts"), out["arms"].get("idle")
@@ -454,6 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--src", help="run the manager from this source tree (PYTHONPATH), e.g. a baseline")
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--py-spy", help="record the manager's stacks during the hosts arm (py-spy, raw format)")
+    ap.add_argument(
+        "--acks",
+        choices=["stream", "post"],
+        default="stream",
+        help="status streams when advertised, or POSTs",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -465,8 +547,12 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     for n in [int(x) for x in args.hosts.split(",")]:
+        if not args.src:  # a baseline tree has no status streams: its hosts POST
+            descriptor_room(n, args.acks)
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-        results["runs"].append(sitting(n, args.changes, args.procs, args.settle, args.src, arms, args.py_spy))
+        results["runs"].append(
+            sitting(n, args.changes, args.procs, args.settle, args.src, arms, args.py_spy, args.acks)
+        )
         print(json.dumps(results["runs"][-1]), flush=True)
     results["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(results, indent=1))

@@ -333,6 +333,8 @@ def worker_main(spec_file: str) -> None:  # spec["url"]: one manager URL or a li
             ]
             for a in agents:
                 a.reporter._post = _timed_post(a.reporter._post, acked)  # type: ignore[method-assign]
+                if hasattr(a.reporter, "_stream"):  # a status stream: acked = the line written on it
+                    a.reporter._stream = _timed_post(a.reporter._stream, acked)  # type: ignore[method-assign]
             tasks = [asyncio.create_task(a.run()) for a in agents]
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -349,7 +351,9 @@ def worker_main(spec_file: str) -> None:  # spec["url"]: one manager URL or a li
 
 
 def _timed_post(post: Any, acked: dict[int, float]) -> Any:
-    """Wrap Reporter._post: the POST of a realized revision returned 200 = the manager recorded it."""
+    """Wrap Reporter._post: the POST of a realized revision returned 200 = the manager recorded it. On a
+    status stream (`Reporter._stream`) no line is answered: the time is the line's write (the manager
+    records it on arrival; the polling of GET /v1/status checks that it did)."""
 
     async def timed(body: dict[str, Any]) -> bool:
         ok = await post(body)

@@ -38,3 +38,25 @@ def test_a_new_host_gets_its_state_without_a_log_entry_and_a_removed_one_an_empt
     assert ds.deltas_since("n", 1) is None  # unknown revision: the feed sends a snapshot
     (gone,) = ds.apply({"n": diff(new, empty_state("n", 4))})
     assert ds.snapshot("n") == empty_state("n", 4) and gone.from_revision == 3
+
+
+def test_a_change_to_many_hosts_freezes_what_it_left_and_a_small_one_does_not() -> None:
+    import gc
+
+    from omniwall.manager.desired import FREEZE_HOSTS
+
+    ds = DesiredStates()
+    hosts = [f"h{i}" for i in range(FREEZE_HOSTS)]
+    ds.update({h: HostDesiredState(h, 1, sets=(S1,)) for h in hosts}, 1)
+    before = gc.get_freeze_count()
+    try:
+        up = SetUpdate("s", added_addresses=("10.0.0.2",), result=S2)
+        assert (
+            len(ds.apply({h: HostDelta(h, 1, 2, set_updates=(up,)) for h in hosts[:-1]})) == FREEZE_HOSTS - 1
+        )
+        assert gc.get_freeze_count() == before  # one host short: left to the collector
+        assert len(ds.apply({h: HostDelta(h, 2, 3, set_updates=(up,)) for h in hosts})) == FREEZE_HOSTS
+        frozen = gc.get_freeze_count()
+        assert frozen > before
+    finally:
+        gc.unfreeze()  # the test process's other objects back to the collector

@@ -121,6 +121,42 @@ def test_a_host_certificate_reads_only_its_own_feed(
         assert _get(c, f"{url}/v1/hosts/h2/desired", tokens["h1"]).status_code == 403
 
 
+def test_the_status_stream_is_bound_to_the_certificates_host(
+    world: tuple[str, Manager, dict[str, str], Any], ca: Path
+) -> None:
+    """The agent's status stream (agent/upstream.py) over mTLS: its own host's lines are recorded; with
+    host-1's certificate, host-2's (stolen) token is refused at the start, with the reason."""
+    import asyncio
+
+    from omniwall.agent.upstream import StatusUpstream
+
+    url, m, tokens, _ = world
+    ctx = client_context(ca / "ca.crt", ca / "hosts" / "h1.crt", ca / "hosts" / "h1.key").context
+
+    async def go() -> tuple[str, str]:
+        ended: dict[str, str] = {}
+        own = StatusUpstream(url, "h1", tokens["h1"], lambda r: ended.setdefault("h1", r), ctx)
+        await own.open()
+        await own.send(b'{"realized_revision":%d,"error":null}' % m.desired.revision("h1"))
+        stolen = StatusUpstream(url, "h2", tokens["h2"], lambda r: ended.setdefault("h2", r), ctx)
+        await stolen.open()
+        await stolen.send(b'{"realized_revision":99}')
+        deadline = time.monotonic() + 10
+        while ("h2" not in ended or m.hosts.get("h1").realized_revision != m.desired.revision("h1")) and (
+            time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.02)
+        await own.close()
+        await stolen.close()
+        return ended.get("h2", ""), ended.get("h1", "")
+
+    stolen_end, own_end = asyncio.run(go())
+    assert "HTTP 403" in stolen_end and "h1" in stolen_end, stolen_end
+    assert m.hosts.get("h1").realized_revision == m.desired.revision("h1")
+    assert m.hosts.get("h2").realized_revision != 99
+    assert own_end == "closed by the agent"
+
+
 def test_agent_tokens_need_their_certificate_people_do_not(
     world: tuple[str, Manager, dict[str, str], Any], ca: Path
 ) -> None:

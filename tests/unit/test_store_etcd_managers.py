@@ -294,3 +294,25 @@ def test_agent_commands_reach_the_manager_holding_the_feed_and_answers_come_back
     assert m1.store.runtime().range("commands/")[0] == []  # type: ignore[attr-defined]
     eventually(lambda: not m2.migrations.commands._pending, what="relayed command dropped")
     close(m1, m2)
+
+
+def test_watched_statuses_are_decoded_when_read_and_an_unreadable_one_is_skipped(etcd: Cluster) -> None:
+    m1, m2 = managers(etcd, 2)
+    b1, b2 = m1.hosts, m2.hosts
+    assert isinstance(b1, EtcdHostStatusBook) and isinstance(b2, EtcdHostStatusBook)
+    b2.get("h1")  # m2 follows the host keys
+    b1.report("h1", m1.now_iso(), 5, "boom", [(3, 1, 2)], None)
+    assert b1.flush()
+    eventually(lambda: "h1" in b2._remote, what="the report watched by m2")
+    with b2._cond:
+        assert isinstance(b2._remote["h1"][1], str)  # kept as JSON: m2 did not need it yet
+    st = b2.get("h1")
+    assert (st.realized_revision, st.last_error, st.counters) == (5, "boom", {3: (1, 2)})
+    with b2._cond:
+        assert not isinstance(b2._remote["h1"][1], str)  # decoded once, kept
+        assert not isinstance(b1._remote["h1"][1], str)  # the writer kept what it wrote
+    # a value no manager wrote: skipped with its key named, the host reads as unknown
+    b1.rt.write([("hosts/status/h2", "{not json", 0)], [])
+    eventually(lambda: "h2" in b2._remote, what="the bad value watched")
+    assert b2.get("h2").realized_revision == 0 and "h2" not in b2._remote
+    close(m1, m2)

@@ -8,6 +8,8 @@ the server so the two cannot drift):
        {"type": "delta", "delta": <HostDelta JSON>}
        {"type": "heartbeat", "revision": R}                                    (after S s of silence)
        {"type": "command", "id": ID, "op": OP, "args": {...}}                   (agent/commands.py)
+    The response header `X-Omniwall-Status-Stream: 1` says the manager takes status streams
+    (agent/upstream.py); `Opened.status_stream` carries it to the reporter.
 
 The transport is here rather than in the tests' `FeedClient` (tests/doubles): the agent needs what that client
 does not offer: a caller-supplied `httpx.AsyncClient` (1,000 agents share one in the fan-out benchmark),
@@ -25,6 +27,8 @@ import httpx
 
 from omniwall.stream.wire import Command, Delta, Heartbeat, Snapshot, Unknown, decode
 
+STATUS_STREAM_HEADER = "X-Omniwall-Status-Stream"  # api/feed.py STREAM_HEADER
+
 
 class FeedError(Exception):
     """The feed could not be read: connection lost, refused, or a line we cannot parse."""
@@ -40,7 +44,11 @@ class FeedRejected(FeedError):
 
 class Opened:
     """Not a line: the manager accepted the feed (HTTP 200). An agent already at the manager's revision
-    gets no line until the first heartbeat, yet it is attached (failover is timed from here)."""
+    gets no line until the first heartbeat, yet it is attached (failover is timed from here).
+    `status_stream`: the manager takes the agent's reports on a status stream (agent/upstream.py)."""
+
+    def __init__(self, status_stream: bool = False) -> None:
+        self.status_stream = status_stream
 
 
 FeedMessage = Snapshot | Delta | Heartbeat | Command | Opened
@@ -88,7 +96,7 @@ async def read_feed(
             if resp.status_code != 200:
                 body = (await resp.aread()).decode(errors="replace")
                 raise FeedRejected(resp.status_code, body)
-            yield Opened()
+            yield Opened(resp.headers.get(STATUS_STREAM_HEADER) == "1")
             async for line in resp.aiter_lines():
                 msg = parse_line(line)
                 if msg is not None:

@@ -33,7 +33,7 @@ from omniwall import sdnotify
 from omniwall.agent.addresses import AddressWatcher
 from omniwall.agent.commands import post_result, run_command
 from omniwall.agent.conntrack_usage import ConntrackUsage, ConntrackUsageReader
-from omniwall.agent.feed import Backoff, Delta, FeedError, FeedRejected, Snapshot, read_feed
+from omniwall.agent.feed import Backoff, Delta, FeedError, FeedRejected, Opened, Snapshot, read_feed
 from omniwall.agent.flows import FlowCollector
 from omniwall.agent.guard import Guard
 from omniwall.agent.managers import Managers
@@ -96,6 +96,7 @@ class Agent:
             counters_source=backend.counters if backend.capabilities.counters else None,
             counters_interval=counters_interval,
             conntrack_source=self._conntrack_usage,
+            ssl_context=tls.context if tls is not None else None,
         )
         self.watcher = (
             AddressWatcher(self._vnic_names, self._on_addresses, netns=netns) if watch_addresses else None
@@ -160,6 +161,7 @@ class Agent:
             for t in (stop, *tasks):
                 t.cancel()
             await asyncio.gather(stop, *tasks, return_exceptions=True)
+            await self.reporter.aclose()
             if self.flows is not None:
                 self.flows.close()
             if self._own_client:
@@ -189,6 +191,8 @@ class Agent:
                 # aclosing: leaving the loop early (resync) must close the HTTP stream now, not at GC time
                 async with contextlib.aclosing(feed) as messages:
                     async for msg in messages:
+                        if isinstance(msg, Opened):
+                            self.reporter.use_stream(msg.status_stream)
                         if not self.connected.is_set():
                             self.connected.set()
                             self.connects += 1

@@ -11,13 +11,22 @@ One loop per agent. A change of revision, error or addresses is sent at once; co
 nothing. The conntrack table's usage is read on the same tick and sent when its alarm level (80%, 95%:
 agent/conntrack_usage.py) or its maximum changed, or the count moved by 1% of the maximum.
 A failed POST is retried with backoff; the manager being away never blocks the data plane.
+
+A manager whose feed advertises it (`use_stream(True)`, from the feed's `X-Omniwall-Status-Stream`
+header) gets the same reports as lines on one long-lived status stream instead (agent/upstream.py):
+no request per ack. Every new stream, feed connection or failover starts with the whole report
+(`resend`), and a stream that ends for any reason makes the reporter fall back to POSTs and re-send the
+whole report: a line lost with its connection is superseded, never lost silently. An older manager (no
+header) keeps getting POSTs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -26,11 +35,13 @@ import httpx
 
 from omniwall.agent.conntrack_usage import ConntrackUsage
 from omniwall.agent.feed import Backoff
+from omniwall.agent.upstream import StatusUpstream, UpstreamClosed
 from omniwall.dataplane.backend import RuleCounters
 
 log = logging.getLogger("omniwall.agent")
 
 Addresses = dict[str, list[str]]
+STREAM_IDLE = 30.0  # seconds: an idle status stream gets an empty line (`Reporter._keep_stream`)
 
 
 def status_url(manager_url: str, host: str) -> str:
@@ -48,6 +59,7 @@ class Reporter:
         counters_interval: float = 5.0,
         backoff: Backoff | None = None,
         conntrack_source: Callable[[], ConntrackUsage | None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.client = client
         # a callable: the manager the agent talks to now (it changes on failover, agent/managers.py)
@@ -70,6 +82,14 @@ class Reporter:
         self._sent_conntrack: ConntrackUsage | None = None
         self._dirty = asyncio.Event()
         self.posts = 0  # successful POSTs (tests, bench)
+        self.streamed = 0  # reports written on a status stream (tests, bench)
+        self.ssl_context = ssl_context
+        self._stream_ok = False  # the current manager takes status streams (its feed said so)
+        self._upstream: StatusUpstream | None = None
+        self._epoch = 0  # bumped by resend(): a report sent before it must not count as known
+        self.last_stream_close: str | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self.stream_idle = STREAM_IDLE
 
     def set_realized(self, revision: int, error: str | None) -> None:
         if (revision, error) != (self.revision, self.error):
@@ -82,8 +102,15 @@ class Reporter:
     def url(self) -> str:
         return status_url(self._manager(), self.host)
 
+    def use_stream(self, ok: bool) -> None:
+        """Whether the manager the feed just opened on takes status streams (its feed's header)."""
+        self._stream_ok = ok
+
     def resend(self) -> None:
-        """Send everything again (a manager we just attached to may know nothing of this host)."""
+        """Send everything again (a manager we just attached to may know nothing of this host), on a new
+        stream: the open one may lead to the manager we left."""
+        self._drop_upstream()
+        self._epoch += 1
         self._sent_revision = self._sent_error = None
         self._sent_addresses = None
         self._sent_counters = None
@@ -117,6 +144,8 @@ class Reporter:
         next_counters = loop.time()
         while True:
             wait = max(0.0, next_counters - loop.time())
+            if self._upstream is not None:  # wake for the stream's keep-alive too
+                wait = min(wait, self.stream_idle)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), timeout=wait)
             self._dirty.clear()
@@ -128,8 +157,13 @@ class Reporter:
                 conntrack = self._read_conntrack()
             body = self.build(counters, conntrack)
             if body is None:
+                await self._keep_stream()
                 continue
-            if await self._post(body):
+            epoch = self._epoch
+            sent = await self._stream(body) if self._stream_ok else await self._post(body)
+            if sent and epoch != self._epoch:
+                continue  # resend() meanwhile: the new manager or stream gets the whole report
+            if sent:
                 self.backoff.reset()
                 self._sent_revision, self._sent_error = body["realized_revision"], body["error"]
                 self._sent_addresses = body.get("addresses", self._sent_addresses)
@@ -158,6 +192,65 @@ class Reporter:
         except (OSError, ValueError) as e:
             log.warning("reading conntrack usage failed: %s", e)
             return None
+
+    async def _stream(self, body: dict[str, Any]) -> bool:
+        """Write the report on the status stream, opening one when there is none. False: not sent, and
+        the reporter goes back to POSTs until the feed next advertises streams."""
+        try:
+            if self._upstream is None or self._upstream.closed:
+                up = StatusUpstream(self._manager(), self.host, self.token, lambda _: None, self.ssl_context)
+                up.on_closed = lambda reason, up=up: self._stream_closed(up, reason)  # type: ignore[misc]
+                await up.open()
+                self._upstream = up
+            await self._upstream.send(json.dumps(body, separators=(",", ":")).encode())
+        except (UpstreamClosed, ValueError) as e:
+            log.info("status stream: %s; reporting by POST", e)
+            self._stream_ok = False
+            self._drop_upstream()
+            return False
+        self.streamed += 1
+        return True
+
+    async def _keep_stream(self) -> None:
+        """An idle status stream gets an empty line every `stream_idle` seconds (the manager skips it):
+        a middlebox that drops idle connections keeps it, and a dead one is found now, not at the next
+        ack (its end sends the whole report by POST)."""
+        up = self._upstream
+        if up is None or up.closed or not self._stream_ok:
+            return
+        if asyncio.get_running_loop().time() - up.last_write >= self.stream_idle:
+            with contextlib.suppress(UpstreamClosed):
+                await up.send(b"")
+
+    def _stream_closed(self, up: StatusUpstream, reason: str) -> None:
+        """The stream ended (refused, ended, lost): POSTs from now on, and the whole report again, since
+        its last lines may not have been recorded. A stream already replaced (resend: a failover) is
+        not the reporter's concern any more: its end must not send the new manager's agent to POSTs."""
+        if up is not self._upstream:
+            return
+        self.last_stream_close = reason
+        if reason != "closed by the agent":
+            log.warning("status stream to %s ended: %s; reporting by POST", self._manager(), reason)
+            self._stream_ok = False
+            self._epoch += 1
+            self._sent_revision = self._sent_error = None
+            self._sent_addresses = None
+            self._sent_counters = None
+            self._sent_conntrack = None
+            self._dirty.set()
+
+    def _drop_upstream(self) -> None:
+        up, self._upstream = self._upstream, None
+        if up is not None and not up.closed:
+            task = asyncio.get_running_loop().create_task(up.close())  # an open one: a loop runs
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        """Close the status stream (the agent stops)."""
+        up, self._upstream = self._upstream, None
+        if up is not None:
+            await up.close()
 
     async def _post(self, body: dict[str, Any]) -> bool:
         try:

@@ -15,6 +15,7 @@ from omniwall.manager.tokens import TokenError, check_name, parse_duration
 
 from .auth import Perm, Principal, agent_certificates, authenticate, manager_of, require
 from .errors import ApiError, not_found
+from .feed import stream_stats
 from .filters import decode_continue, encode_continue
 
 
@@ -42,6 +43,8 @@ def router() -> APIRouter:
                     st["clientCertificate"] = certs[h]
             out["compileError"] = m.compile_error
             out["hosts"] = hosts
+            streams = stream_stats(request.app.state)  # agents' status streams (api/feed.py)
+            out["statusStreams"] = {"open": streams.open, "lines": streams.lines, "refused": streams.refused}
             out["summary"] = {
                 "hosts": len(hosts),
                 "connected": sum(1 for s in hosts.values() if s["connected"]),

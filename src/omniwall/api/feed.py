@@ -7,6 +7,8 @@
   this manager to catch up, or gets 503 (`catch_up`).
 - `GET /v1/hosts/{host}/desired`: the current desired state (one JSON object).
 - `POST /v1/hosts/{host}/status`: the agent's ack (realized revision, error, counters, addresses).
+- `POST /v1/hosts/{host}/status/stream`: the same reports as NDJSON lines on one long-lived chunked
+  request (`StatusStream`); the feed advertises it with the `X-Omniwall-Status-Stream` header.
 - `GET /v1/policies/{name}/stats`: per-rule counters summed over every host's last report.
 
 An ack is the request every agent makes for every change, so a change to N hosts costs the manager N of
@@ -15,6 +17,16 @@ POST (a cached agent token, a body msgspec reads, no addresses) without FastAPI'
 injection and pydantic (bench/manager_hosts.py, BENCHMARKS.md "The manager's cost per host"). Anything
 else (an error to answer, a token not cached, addresses to reconcile, a body only pydantic accepts) goes
 to the route below unchanged, with the body replayed: both answer alike.
+
+Even the lean route leaves uvicorn's work per request (a task, the header parse, two writes: ~58 us for
+a trivial app), more than half the budget of 0.1 ms per host per change. So an agent whose feed
+advertises it keeps one status request open instead (`StatusStream`): its body is the agent's reports,
+one JSON object per line, and the manager records each line as it arrives, answering nothing for a good
+line. The response, sent as soon as the stream is accepted, carries only the bad news: a refused line
+(`{"type":"refused","line":N,"error":...}`, counted in `refused_reports`, the stream goes on) or the
+end of the stream (`{"type":"closed","status":S,"error":...}`: the token was revoked, the host removed).
+An agent re-sends its whole report on every new stream, so a line lost with a broken connection is
+superseded, never lost silently (agent/reporter.py).
 """
 
 from __future__ import annotations
@@ -55,6 +67,7 @@ from .errors import ApiError, not_found
 from .limits import Limits
 
 NDJSON = "application/x-ndjson"
+log = logging.getLogger("omniwall.api")
 # How long a feed request waits for this manager to catch up with a revision the agent realized through
 # another manager, before refusing (the agent keeps its rules and tries the next manager).
 CATCH_UP_BOUND = 5.0
@@ -110,6 +123,23 @@ async def feed_lines(
 ) -> AsyncIterator[bytes]:
     changed = m.desired.changed.subscribe()  # before reading, so no change slips between read and wait
     m.hosts.connect(host, m.now_iso())
+    # The heartbeat: one timer per stream, re-armed when it fires, not a timeout per wait (that was a
+    # timer created and cancelled per host per change, a tenth of the event loop's time with 1,000
+    # hosts). It sets `changed` too; `beat` says the silence lasted `heartbeat` seconds.
+    loop = asyncio.get_running_loop()
+    last_line = loop.time()
+    beat = False
+
+    def tick() -> None:
+        nonlocal timer, beat
+        left = last_line + heartbeat - loop.time()
+        if left > 0:
+            timer = loop.call_later(left, tick)
+        else:
+            beat = True
+            changed.set()
+
+    timer = loop.call_later(heartbeat, tick)
     try:
         sent = from_revision
         deltas = m.desired.deltas_since(host, from_revision)
@@ -124,24 +154,28 @@ async def feed_lines(
         while follow:
             for cmd in m.migrations.commands.take(host):  # after the deltas they may depend on
                 yield command_line(cmd)
-            try:
-                async with asyncio.timeout(heartbeat):  # no task per wait, unlike wait_for (3.11)
-                    await changed.wait()
-            except TimeoutError:
+                last_line = loop.time()
+            await changed.wait()
+            changed.clear()
+            if beat:
+                beat = False
                 m.hosts.seen(host, m.now_iso())
                 yield heartbeat_line(sent)
-                continue
-            changed.clear()
+                last_line = loop.time()
+                timer = loop.call_later(heartbeat, tick)
             deltas = m.desired.deltas_since(host, sent)
             if deltas is None:  # fell behind the delta log: start over from a snapshot
                 state = m.desired.snapshot(host) or empty_state(host, 0)
                 yield snapshot_line(state)
                 sent = state.revision
+                last_line = loop.time()
                 continue
             for d in deltas:
                 yield delta_line(d)
                 sent = d.to_revision
+                last_line = loop.time()
     finally:
+        timer.cancel()
         m.desired.changed.unsubscribe(changed)
         m.hosts.disconnect(host, m.now_iso())
 
@@ -165,6 +199,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 STATUS_PATH = "/v1/hosts/{host}/status"
+STREAM_SUFFIX = "/status/stream"
+STREAM_HEADER = "X-Omniwall-Status-Stream"  # on the feed's response: this manager takes status streams
 
 
 class _StatusRoute:
@@ -172,6 +208,44 @@ class _StatusRoute:
     timed under the status route's template, like the ones the route answers."""
 
     path = STATUS_PATH
+
+
+class _StreamRoute:
+    path = STATUS_PATH + "/stream"
+
+
+class StreamStats:
+    """Counts of the status streams (app.state.status_streams): tests, GET /v1/status, the log."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.lines = 0
+        self.refused = 0
+
+
+def stream_stats(state: Any) -> StreamStats:
+    stats = getattr(state, "status_streams", None)
+    if not isinstance(stats, StreamStats):
+        stats = StreamStats()
+        state.status_streams = stats
+    return stats
+
+
+def _json_line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def _line_problem(line: bytes) -> tuple[StatusReport | None, str]:
+    """A line `decode_status` refused, judged by the full route's model: the report it accepts, or the
+    reason naming the field."""
+    from pydantic import ValidationError
+
+    try:
+        return StatusReport.model_validate_json(line), ""
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or "line"
+        return None, f"{where}: {err.get('msg', 'invalid')}"
 
 
 def _replay(chunks: list[bytes], receive: Receive, more: bool) -> Receive:
@@ -205,6 +279,11 @@ class AgentPath:
                     if rest is None:
                         return
                     receive = rest
+            elif path.startswith("/v1/hosts/") and path.endswith(STREAM_SUFFIX):
+                host = path[len("/v1/hosts/") : -len(STREAM_SUFFIX)]
+                if host and "/" not in host:
+                    await StatusStream(self.state, scope, receive, send, host).run()
+                    return
         await self.app(scope, receive, send)
 
     async def _status(self, scope: Scope, receive: Receive, send: Send, host: str) -> Receive | None:
@@ -246,6 +325,117 @@ class AgentPath:
             }
         )
         await send({"type": "http.response.body", "body": body})
+        return None
+
+
+class StatusStream:
+    """One agent's status stream (module docstring): authorized once like the status route, then every
+    line is checked like a report (msgspec, else pydantic for the reason), and the token and the host
+    before each line is recorded: a token revoked or a host removed ends the stream."""
+
+    def __init__(self, state: Any, scope: Scope, receive: Receive, send: Send, host: str) -> None:
+        self.state, self.scope, self.receive, self.send, self.host = state, scope, receive, send, host
+        self.m: Manager = state.manager
+        self.stats = stream_stats(state)
+        limits = getattr(state, "limits", None)
+        self.limit = (limits if isinstance(limits, Limits) else Limits()).max_apply_bytes
+        self.token = ""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                self.token = value.decode("latin-1").partition(" ")[2]
+        self.line_no = 0
+
+    async def _refuse_start(self, e: ApiError) -> None:
+        body = json.dumps(e.body(), separators=(",", ":")).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        headers += [(k.lower().encode(), v.encode()) for k, v in (e.headers or {}).items()]
+        headers.append((b"connection", b"close"))  # the agent may still be writing its body
+        await self.send({"type": "http.response.start", "status": e.status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def _out(self, obj: dict[str, Any], more: bool = True) -> None:
+        await self.send({"type": "http.response.body", "body": _json_line(obj), "more_body": more})
+
+    async def run(self) -> None:
+        self.scope["route"] = _StreamRoute
+        p = cached_principal(self.state, self.scope)
+        try:
+            if p is None:
+                from starlette.requests import Request as _Request
+
+                p = await authenticate(_Request(self.scope, self.receive))
+            refusal = _host_refusal(p, self.host, Perm.STATUS_WRITE, self.m)
+            if refusal is not None:
+                raise refusal
+        except ApiError as e:
+            await self._refuse_start(e)
+            return
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", NDJSON.encode()), (b"cache-control", b"no-store")],
+            }
+        )
+        self.stats.open += 1
+        try:
+            closed = await self._lines(p)
+        finally:
+            self.stats.open -= 1
+        if closed is not None:
+            log.warning("status stream of host %s closed: %s", self.host, closed.message)
+            await self._out({"type": "closed", "status": closed.status, "error": closed.message}, more=False)
+        else:
+            await self._out({"type": "closed", "status": 200, "lines": self.line_no}, more=False)
+
+    async def _lines(self, p: Principal) -> ApiError | None:
+        """Read and record lines until the agent ends its body (None) or the stream must end (why)."""
+        buf = b""
+        while True:
+            message = await self.receive()
+            if message["type"] != "http.request":
+                return None  # the agent left
+            buf += message.get("body", b"")
+            if b"\n" in buf:
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        why = await self._line(p, line)
+                        if why is not None:
+                            return why
+            if len(buf) > self.limit:
+                return ApiError(413, f"status line {self.line_no + 1} exceeds {self.limit} bytes")
+            if not message.get("more_body", False):
+                if buf.strip():
+                    return await self._line(p, buf)
+                return None
+
+    async def _line(self, p: Principal, line: bytes) -> ApiError | None:
+        self.line_no += 1
+        self.stats.lines += 1
+        m = self.m
+        tokens = m.tokens
+        if (
+            tokens.verify_cached(self.token) is None
+            and await run_in_threadpool(tokens.verify, self.token) is None
+        ):
+            return ApiError(401, "invalid, expired or revoked token")
+        refusal = _host_refusal(p, self.host, Perm.STATUS_WRITE, m)
+        if refusal is not None:
+            return refusal
+        report: StatusIn | StatusReport | None = decode_status(line)
+        if report is None:
+            report, why = _line_problem(line)
+            if report is None:
+                self.stats.refused += 1
+                log.warning("host %s: status line %d refused: %s", self.host, self.line_no, why)
+                await self._out({"type": "refused", "line": self.line_no, "error": why})
+                return None
+        record(m, self.host, report)
+        if report.addresses:  # as the status route: addresses follow the workload (may write the store)
+            from omniwall.manager.addresses import agent_actor, reconcile
+
+            await run_in_threadpool(reconcile, m, self.host, report.addresses, agent_actor(self.host, p.id))
         return None
 
 
@@ -300,7 +490,7 @@ def router() -> APIRouter:
         return StreamingResponse(
             feed_lines(m, host, from_, follow=follow, heartbeat=heartbeat),
             media_type=NDJSON,
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", STREAM_HEADER: "1"},
         )
 
     @r.get("/v1/hosts/{host}/desired", summary="the host's current desired state (HostDesiredState JSON)")

@@ -10,11 +10,19 @@ Two ways in (docs/design/delta-path.md):
   every part the delta does not touch. No full state is built or compared.
 - `update(states)`: a full rebuild (first load, a compiler failure, the reload after a compaction) hands
   complete states, which are diffed against the previous ones, so agents still get deltas.
+
+A change to many hosts leaves many long-lived objects (a delta in each host's log, a new state), which
+the cyclic collector would otherwise traverse again in each full collection, and those grow with the
+hosts: at 10,000 hosts a full collection landing in a change's window doubled its CPU (bench/
+manager_hosts.py, BENCHMARKS.md). So after such a change they are moved to the permanent generation
+(`_freeze`), like the compiler's first build (compiler/incremental.py `_gc_paused`). They hold no
+reference cycle: a delta pushed out of the log, a state replaced, are freed by reference counting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -22,6 +30,17 @@ from dataclasses import replace
 from itertools import islice
 
 from omniwall.compiler.ir import HostDelta, HostDesiredState, apply_delta, diff, empty_state
+
+FREEZE_HOSTS = 256  # a change to at least this many hosts freezes what it left (module docstring)
+
+
+def _freeze(hosts: int) -> None:
+    """Freeze the objects of a change to `hosts` hosts. The young generations are collected first, so
+    the cyclic garbage of the moment (a request's exception, say) is freed, not pinned; what a full
+    collection would have found in the old generation is pinned, as by every `gc.freeze`."""
+    if hosts >= FREEZE_HOSTS and gc.isenabled():
+        gc.collect(1)
+        gc.freeze()
 
 
 class Broadcaster:
@@ -98,6 +117,7 @@ class DesiredStates:
                     self._states[host] = target
         if changed:
             self.changed.notify()
+            _freeze(len(changed))
         return out
 
     def update(
@@ -131,6 +151,7 @@ class DesiredStates:
                     self._states[host] = target
         if deltas:
             self.changed.notify()
+            _freeze(len(changed))
         return deltas
 
     def snapshot(self, host: str) -> HostDesiredState | None:

@@ -18,6 +18,11 @@ one per few acks (each txn costs every etcd member and every manager's watch far
 bench/hoststatus.py --trickle). Counters, conntrack usage and last-seen alone are written at most once
 per `interval` seconds per host. Reads come from a local copy kept by a watch of
 `hosts/`, overlaid with this manager's own writes not yet echoed by the watch.
+
+The watch brings every manager's acks to every manager: with three managers, each would decode all
+the fleet's reports to read a third of them (its own hosts' before a write, `GET /v1/status` now and
+then). So a watched status is kept as its JSON text and decoded when first read (`_status`); the echo
+of this manager's own write is not even kept (it has the status already, at that revision).
 """
 
 from __future__ import annotations
@@ -106,7 +111,8 @@ class EtcdHostStatusBook:
         self._urgent_at: float | None = None  # monotonic time the oldest unwritten ack came
         self._cond = threading.Condition()
         # from the watch: every manager's writes
-        self._remote: dict[str, tuple[int, HostStatus]] = {}  # host -> (mod revision, status)
+        # host -> (mod revision, status or its JSON not decoded yet)
+        self._remote: dict[str, tuple[int, HostStatus | str]] = {}
         self._live: dict[str, dict[str, int]] = {}  # host -> manager -> streams
         # this manager's: the newest status of hosts it wrote to or must write, and its streams
         self._local: dict[str, HostStatus] = {}  # reports not yet written
@@ -161,8 +167,8 @@ class EtcdHostStatusBook:
             if key.startswith(STATUS):
                 host = key[len(STATUS) :]
                 cur = self._remote.get(host)
-                if cur is None or cur[0] <= rev:
-                    self._remote[host] = (rev, _decode(value))
+                if cur is None or cur[0] < rev:  # the same revision: our own write, decoded already
+                    self._remote[host] = (rev, value)
             elif key.startswith(LIVE):
                 host, _, mgr = key[len(LIVE) :].rpartition("/")
                 live.setdefault(host, {})[mgr] = int(value)
@@ -170,6 +176,22 @@ class EtcdHostStatusBook:
                 self._saw(key[len(SEEN) :], value)
         except (ValueError, KeyError, TypeError, IndexError) as err:
             log.error("skipping unreadable host status key %s: %s", key, err)
+
+    def _status(self, host: str) -> HostStatus | None:
+        """Under the lock: the watched status of `host`, decoded now if it was not yet."""
+        cur = self._remote.get(host)
+        if cur is None:
+            return None
+        rev, st = cur
+        if isinstance(st, str):
+            try:
+                st = _decode(st)
+            except (ValueError, KeyError, TypeError, IndexError) as err:
+                log.error("skipping unreadable host status key %s%s: %s", STATUS, host, err)
+                del self._remote[host]
+                return None
+            self._remote[host] = (rev, st)
+        return st
 
     def _saw(self, host: str, when: str) -> None:
         if when > self._seen.get(host, ""):  # ISO 8601 UTC, one format: text order is time order
@@ -180,8 +202,7 @@ class EtcdHostStatusBook:
         every manager's live keys (this manager's own streams counted locally, without delay)."""
         st = self._local.get(host)
         if st is None:
-            remote = self._remote.get(host)
-            st = remote[1] if remote is not None else HostStatus()
+            st = self._status(host) or HostStatus()
         st = copy_status(st)
         seen = self._seen.get(host)
         if seen is not None and (st.last_seen is None or seen > st.last_seen):
@@ -218,8 +239,8 @@ class EtcdHostStatusBook:
     def _mine(self, host: str) -> HostStatus:
         st = self._local.get(host)
         if st is None:
-            remote = self._remote.get(host)
-            st = copy_status(remote[1]) if remote is not None else HostStatus()
+            remote = self._status(host)
+            st = copy_status(remote) if remote is not None else HostStatus()
             self._local[host] = st
         return st
 
@@ -367,7 +388,8 @@ class EtcdHostStatusBook:
 
     def _write_chunk(self, chunk: list[str]) -> None:
         with self._cond:
-            snap = {h: _encode(self._local[h]) for h in chunk if h in self._local}
+            sent = {h: copy_status(self._local[h]) for h in chunk if h in self._local}
+            snap = {h: _encode(st) for h, st in sent.items()}
             live = {h: self._streams.get(h, 0) for h in chunk if h in self._live_dirty}
             seen = {h: self._seen[h] for h in chunk if h in self._seen_dirty and h not in snap}
             for h in chunk:
@@ -391,11 +413,11 @@ class EtcdHostStatusBook:
         with self._cond:
             self.write_count += 1
             self.status_puts += len(snap)
-            for h, v in snap.items():
+            for h in snap:
                 self._written[h] = now
                 cur = self._remote.get(h)
                 if cur is None or cur[0] <= rev:
-                    self._remote[h] = (rev, _decode(v))
+                    self._remote[h] = (rev, sent[h])
                 if h not in self._dirty:  # nothing newer: the watched copy is ours
                     self._local.pop(h, None)
             for h, n in live.items():

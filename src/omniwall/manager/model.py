@@ -153,7 +153,9 @@ class Model:
             while not self._watch_stop.is_set():
                 try:
                     if self.store.wait(self._rev + 1, poll):
-                        self.sync()
+                        # etcd: up to what the store's own watch holds, not a head read (store/etcd.py)
+                        watched = getattr(self.store, "watched_revision", None)
+                        self.sync(watched() if watched is not None else None)
                     if away:
                         log.warning("store reachable again; the model follows it from revision %d", self._rev)
                         away = False

@@ -372,8 +372,21 @@ class EtcdStore:
     ) -> Iterator[Event]:
         return follow(self, from_revision, stop, poll)
 
+    def watched_revision(self) -> int | None:
+        """The revision up to which this store's own watch (`_Tail`) holds every event, or None when it
+        is not following. A watcher woken by `wait` syncs up to it (`Model.sync(written=)`) instead of
+        reading the head again: every txn of any key (each gathered batch of acks too) wakes every
+        manager, and the head read was a round trip to etcd each time."""
+        return self._tail.complete()
+
     def wait(self, revision: int, timeout: float) -> bool:
-        """Block on an etcd watch (not a poll) until any write reaches `revision`."""
+        """Block on an etcd watch (not a poll) until any write reaches `revision`. While the tail
+        follows, it alone answers (a write it has seen); the head is read only when it times out, so an
+        unreachable etcd still shows (StoreUnavailable)."""
+        if self._tail.running():
+            if self._tail.wait(revision, timeout):
+                return True
+            return self.revision() >= revision
         if self.revision() >= revision:
             return True
         if self._tail.wait(revision, timeout):
@@ -529,6 +542,11 @@ class _Tail:
             if not self._start:
                 return False
             return self._cond.wait_for(lambda: self._rev >= revision, timeout)
+
+    def complete(self) -> int | None:
+        """The store revision the buffer is complete up to, while following (None otherwise)."""
+        with self._cond:
+            return self._rev if self.running() and self._rev >= self._start - 1 else None
 
     def drop_before(self, revision: int) -> None:
         with self._cond:
