@@ -378,3 +378,29 @@ def test_a_flood_is_counted_not_one_object_per_packet() -> None:
     ag.on_log_counts(got, 1.0)
     (rec,) = ag.flush(_names)
     assert (rec.verdict, rec.rule_id, rec.count, rec.packets, rec.dport) == ("denied", 3, 100, 100, log[7])
+
+
+# A DESTROY event as this kernel (6.18) sent it: a TCP connection 10.99.0.1:36482 -> 10.99.1.1:5300 that
+# ended after 4 + 3 packets (216 + 164 bytes), ct mark 2 (ID, status, timeout, counters, TCP state, mark).
+_KERNEL_DESTROY = bytes.fromhex(
+    "e40000000201000000000000ac46f9e9020000003400018014000180080001000a630001080002000a6301011c000280"
+    "0500010006000000060002008e8200000600030014b400003400028014000180080001000a630101080002000a630001"
+    "1c00028005000100060000000600020014b40000060003008e82000008000c0068dfb7a6080003000000020e08000700"
+    "000000001c0009800c00010000000000000000040c00020000000000000000d81c000a800c0001000000000000000003"
+    "0c00020000000000000000a4100004800c00018005000100070000000800080000000002"
+)
+
+
+def test_conntrack_destroy_fast_path_reads_the_kernels_layout() -> None:
+    from omniwall.dataplane import ctevents
+
+    data = _KERNEL_DESTROY
+    assert ctevents._V4_DESTROY(data, 20, len(data)) is not None  # the usual shape: one regex match
+    want = (6, "10.99.0.1", "10.99.1.1", 36482, 5300, 7, 380, 2)
+    assert parse_destroy(data, 20, len(data), data[16], {}) == want
+    assert ctevents._parse_destroy(data, 20, len(data), data[16], {}) == want
+    # an attribute the fast path does not know (here a zone, after the mark): the generic walk
+    longer = data + _nla(18, struct.pack("!H", 7))
+    longer = struct.pack("=I", len(longer)) + longer[4:]
+    assert ctevents._V4_DESTROY(longer, 20, len(longer)) is None
+    assert parse_destroy(longer, 20, len(longer), data[16], {}) == want
