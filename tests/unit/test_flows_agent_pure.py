@@ -339,7 +339,7 @@ def _reader():  # the parser only: no socket
     from omniwall.dataplane.nflog import NflogReader
 
     r = NflogReader.__new__(NflogReader)
-    r._prefixes, r._addrs, r._next_seq, r.lost = {}, {}, None, 0
+    r._prefixes, r._addrs, r._next_seq, r.lost, r._seq = {}, {}, None, 0, 0  # _seq: its netlink requests'
     return r
 
 
@@ -362,6 +362,13 @@ def test_nflog_fast_path_reads_the_kernels_layout_like_the_attribute_walk() -> N
         slow._parse_one(_KERNEL_DATAGRAM, off, off + ln, walked)
         off += (ln + 3) & ~3
     assert walked == got and slow.lost == 2
+    # a message of another shape amid the usual ones (here IPv4 with options) takes the walk, and the
+    # sequence numbers stay counted across both paths
+    first = _KERNEL_DATAGRAM.index(bytes.fromhex("4500003c"))
+    mixed = _KERNEL_DATAGRAM[:first] + b"\x46" + _KERNEL_DATAGRAM[first + 1 :]
+    r, got2 = _reader(), {}
+    r._parse_flows(mixed, got2)
+    assert sum(got2.values()) == 3 and r.lost == 2 and len(got2.keys() & got.keys()) == 2
 
 
 def test_a_flood_is_counted_not_one_object_per_packet() -> None:

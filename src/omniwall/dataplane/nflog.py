@@ -363,7 +363,7 @@ class NflogReader:
     def _overrun(self) -> None:
         self.overruns += 1
 
-    def _seq(self, seq: int) -> None:
+    def _count_seq(self, seq: int) -> None:
         if self._next_seq is not None and seq != self._next_seq:
             self.lost += (seq - self._next_seq) & 0xFFFFFFFF
         self._next_seq = (seq + 1) & 0xFFFFFFFF
@@ -442,7 +442,7 @@ class NflogReader:
                 seq = be32(data, a + 4)[0]
             a += (alen + 3) & ~3
         if seq >= 0:
-            self._seq(seq)
+            self._count_seq(seq)
         head = self._prefixes.get(prefix)
         if head is None:
             head = self._prefixes[prefix] = _flow_prefix(prefix) or ()
