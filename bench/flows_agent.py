@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} CPUs")
     rates: dict[str, list[float]] = {"on": [], "off": []}
     cpu_us: list[float] = []
+    cpu_off_us: list[float] = []
     loads: list[float] = []  # 1-minute load at each round's start
     with Lab.up(LAB, policy=False, responders=False, ipv6=False) as lab:
         bench = Bench(lab, args)
@@ -321,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.monotonic()
                     rates[arm].append(bench.connrate())
                     conns = rates[arm][-1] * (time.monotonic() - t0)
-                    if arm == "on":  # the agents' CPU per connection (robust to a busy machine)
-                        cpu_us.append(
-                            sum(_cpu(p.pid) - cpu0[h] for h, p in bench.agents.items()) / conns * 1e6
-                        )
+                    # the agents' CPU per connection, both arms (robust to a busy machine): flows' own
+                    # share is on - off (the off arm still runs the agent: feed, conntrack mirror)
+                    used = sum(_cpu(p.pid) - cpu0[h] for h, p in bench.agents.items()) / conns * 1e6
+                    (cpu_us if arm == "on" else cpu_off_us).append(used)
                     log(f"round {r} flows {arm}: {rates[arm][-1]:.0f} conn/s")
             flood = bench.flood()
             flood_off = bench.flood(flows=False)
@@ -342,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": [round(x, 3) for x in ratios],
         "round_loads": loads,
         "agents_cpu_us_per_connection": round(statistics.median(cpu_us), 1),
+        "agents_cpu_us_per_connection_flows_off": round(statistics.median(cpu_off_us), 1),
         "flood": flood,
         "flood_flows_off": {k: flood_off[k] for k in ("pps_sent", "agent_cpu_cores", "agent_rss_mb")},
         "loadavg_end": os.getloadavg(),
@@ -349,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"new connections/s: flows on {result['conn_rate_on']:.0f}, off {result['conn_rate_off']:.0f}, "
           f"ratio {result['ratio_on_off']} (quartiles {result['ratio_quartiles']}; per round "
           f"{result['ratios']}; load per round {loads}); both agents' CPU "
-          f"{result['agents_cpu_us_per_connection']} us per connection")  # fmt: skip
+          f"{result['agents_cpu_us_per_connection']} us per connection with flows on, "
+          f"{result['agents_cpu_us_per_connection_flows_off']} off")  # fmt: skip
     print(f"denied flood: {flood}")
     print(f"same flood, flows off: {result['flood_flows_off']}")
     print(json.dumps(result, separators=(",", ":")))

@@ -2,6 +2,7 @@
 connection of each step, over synthetic messages in the kernel's layout.
 
     .venv/bin/python bench/flows_agent_path.py [--connections 20000]
+    PYTHONPATH=/tmp/base/src .venv/bin/python bench/flows_agent_path.py   # another package, same messages
 
 Per connection and agent: the NFLOG parse of its first packet's log (`NflogReader._parse_flows`, 64
 messages a datagram as with `qthresh`), `FlowAggregator.on_log_counts`, the conntrack DESTROY parse (as
@@ -78,20 +79,21 @@ def main() -> None:
     n = ap.parse_args().connections
     out: dict[str, float] = {}
     reader = NflogReader.__new__(NflogReader)  # the parser only: no socket
-    reader._prefixes, reader._addrs, reader._next_seq, reader.lost = {}, {}, None, 0
+    reader._prefixes, reader._addrs, reader._next_seq, reader.lost, reader._seq = {}, {}, None, 0, 0
     grams = [b"".join(nflog_message(i) for i in range(k, min(n, k + 64))) for k in range(0, n, 64)]
-    parts: list[dict] = []
+    counted = hasattr(FlowAggregator, "on_log_counts")  # False: an older package (PYTHONPATH), per log
+    parts: list = []
     t0 = time.process_time()
-    for d in grams:  # as the agent's reader: one datagram's logs, counted
-        parts.append({})
+    for d in grams:  # as the agent's reader: one datagram's logs
+        parts.append({} if counted else [])
         reader._parse_flows(d, parts[-1])
-    nlogs = sum(sum(p.values()) for p in parts)
+    nlogs = sum(sum(p.values()) if counted else len(p) for p in parts)
     out["nflog_parse"] = (time.process_time() - t0) / nlogs * 1e6
     ag = FlowAggregator("h")
     ag.set_state(_state())
     t0 = time.process_time()
     for p in parts:
-        ag.on_log_counts(p, 10.0)
+        ag.on_log_counts(p, 10.0) if counted else ag.on_logs(p, 10.0)
     out["on_logs"] = (time.process_time() - t0) / nlogs * 1e6
     grams = [b"".join(destroy_message(i) for i in range(k, min(n, k + 64))) for k in range(0, n, 64)]
     events = []
