@@ -64,12 +64,13 @@ def destroy_message(i: int) -> bytes:
     def ctr(p: int, b: int) -> bytes:
         return _nla(1, struct.pack("!Q", p)) + _nla(2, struct.pack("!Q", b))
 
+    # the attribute order of a DESTROY event on this kernel (tests/unit/test_flows_agent_pure.py
+    # _KERNEL_DESTROY): tuples, id, status, timeout, counters, TCP state, mark
     body = _nla(1 | 0x8000, tup(A, B, sport, 8080)) + _nla(2 | 0x8000, tup(B, A, 8080, sport))
-    body += (
-        _nla(3, struct.pack("!I", 0x18E)) + _nla(9 | 0x8000, ctr(5, 300)) + _nla(10 | 0x8000, ctr(4, 1000))
-    )
-    body += _nla(20 | 0x8000, _nla(1, struct.pack("!Q", 1)) + _nla(2, struct.pack("!Q", 2)))
-    body += _nla(8, struct.pack("!I", 11)) + _nla(12, struct.pack("!I", i))
+    body += _nla(12, struct.pack("!I", i)) + _nla(3, struct.pack("!I", 0x18E)) + _nla(7, bytes(4))
+    body += _nla(9 | 0x8000, ctr(5, 300)) + _nla(10 | 0x8000, ctr(4, 1000))
+    body += _nla(4 | 0x8000, _nla(1 | 0x8000, _nla(1, bytes([7]))))  # CTA_PROTOINFO: TCP state
+    body += _nla(8, struct.pack("!I", 11))
     return struct.pack("=IHHII", 20 + len(body), (1 << 8) | 2, 0, 0, 0) + struct.pack("!BBH", 2, 0, 0) + body
 
 

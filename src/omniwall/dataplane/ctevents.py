@@ -62,7 +62,8 @@ def _counters(data: bytes, off: int, end: int) -> tuple[int, int]:
 # directions' counters (PACKETS then BYTES, 64-bit each), the timestamps (`nf_conntrack_timestamp`), TCP's
 # state (CTA_PROTOINFO) and CTA_MARK, each optional one fixed-size. One regex match over the whole message
 # checks the fixed bytes and captures what the record needs, in C; anything else (IPv6, ICMP, a zone,
-# labels, another attribute) takes the generic walk. The DESTROY parse was the largest share of the
+# labels, another attribute) takes `_parse_destroy_v4` (IPv4 ports: the original tuple by one struct, the
+# rest walked) or the generic walk. The DESTROY parse was the largest share of the
 # agent's CPU per connection (bench/flows_agent.py).
 _V4_DESTROY = re.compile(
     rb"\x34\x00\x01\x80\x14\x00\x01\x80\x08\x00\x01\x00(.{4})\x08\x00\x02\x00(.{4})"
@@ -84,7 +85,7 @@ def parse_destroy(
     without building dicts (this runs once per connection that ends on the host)."""
     m = _V4_DESTROY(data, off, end)
     if m is None:
-        return _parse_destroy(data, off, end, family, addrs)
+        return _parse_destroy_v4(data, off, end, family, addrs)
     src, dst, proto, sport, dport, po, bo, pr, br, mark = m.groups()
     cache = addrs if addrs is not None else {}
     s = cache.get(src)
@@ -98,6 +99,55 @@ def parse_destroy(
         int.from_bytes(po) + int.from_bytes(pr), int.from_bytes(bo) + int.from_bytes(br),
         int.from_bytes(mark) if mark else 0,
     )  # fmt: skip
+
+
+# The original tuple alone (52 bytes: the IP nest with V4_SRC and V4_DST, the proto nest with PROTO_NUM,
+# SRC_PORT and DST_PORT, no zone), for an event whose tail `_V4_DESTROY` does not know.
+_V4_ORIG = re.compile(
+    rb"\x34\x00\x01\x80\x14\x00\x01\x80\x08\x00\x01\x00.{4}\x08\x00\x02\x00.{4}"
+    rb"\x1c\x00\x02\x80\x05\x00\x01\x00.{4}\x06\x00\x02\x00.{4}\x06\x00\x03\x00.{4}",
+    re.S,
+).match
+_V4_FIELDS = struct.Struct("!12x4s4x4s8xB7xH6xH2x").unpack_from
+# counters nest: PACKETS then BYTES, each a 64-bit attribute (28 bytes with the nest header)
+_CTR = re.compile(rb"\x1c\x00.\x80\x0c\x00\x01\x00.{8}\x0c\x00\x02\x00.{8}", re.S).match
+_CTR_FIELDS = struct.Struct("!8xQ4xQ").unpack_from
+
+
+def _parse_destroy_v4(
+    data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str] | None = None
+) -> CtDestroy | None:
+    """`parse_destroy` of an IPv4 port-protocol event whose tail `_V4_DESTROY` does not know: the
+    original tuple by one struct, the rest by an attribute walk; other shapes: the generic walk."""
+    if _V4_ORIG(data, off) is None:
+        return _parse_destroy(data, off, end, family, addrs)
+    src, dst, proto, sport, dport = _V4_FIELDS(data, off)
+    cache = addrs if addrs is not None else {}
+    s = cache.get(src)
+    if s is None:
+        s = cache[src] = socket.inet_ntop(socket.AF_INET, src)
+    d = cache.get(dst)
+    if d is None:
+        d = cache[dst] = socket.inet_ntop(socket.AF_INET, dst)
+    packets = nbytes = mark = 0
+    off += 52
+    hh, ctr, fields = _HH, _CTR, _CTR_FIELDS
+    while off + 4 <= end:
+        ln, typ = hh(data, off)
+        if ln < 4:
+            break
+        typ &= 0x3FFF
+        if typ in (CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY):
+            if ctr(data, off) is not None:
+                p, b = fields(data, off)
+            else:
+                p, b = _counters(data, off + 4, off + ln)
+            packets += p
+            nbytes += b
+        elif typ == CTA_MARK:
+            mark = _BE32(data, off + 4)[0]
+        off += (ln + 3) & ~3
+    return (proto, s, d, sport, dport, packets, nbytes, mark)
 
 
 def _parse_destroy(
