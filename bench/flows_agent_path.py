@@ -2,9 +2,10 @@
 connection of each step, over synthetic messages in the kernel's layout.
 
     .venv/bin/python bench/flows_agent_path.py [--connections 20000]
+    PYTHONPATH=/tmp/base/src .venv/bin/python bench/flows_agent_path.py   # another package, same messages
 
 Per connection and agent: the NFLOG parse of its first packet's log (`NflogReader._parse_flows`, 64
-messages a datagram as with `qthresh`), `FlowAggregator.on_logs`, the conntrack DESTROY parse (as
+messages a datagram as with `qthresh`), `FlowAggregator.on_log_counts`, the conntrack DESTROY parse (as
 `CtEventReader.read` does, 64 events a datagram), `FlowAggregator.on_destroy`. Load-independent in the
 sense that it counts only this process's CPU; the connection-rate ratio itself is bench/flows_agent.py.
 Prints one JSON line (µs per connection per step, and the total).
@@ -34,11 +35,18 @@ def _ipv4_tcp(sport: int) -> bytes:
 
 
 def nflog_message(i: int) -> bytes:
+    """A flow log as the kernel lays it out for a forwarded packet from an Ethernet device (attribute
+    order of __build_packet_message, captured on this kernel)."""
     attrs = [
         (1, struct.pack("!HBB", 0x0800, 2, 0)),  # NFULA_PACKET_HDR
+        (10, b"owf:11:a:e\0"),  # prefix
         (4, struct.pack("!I", 3)),  # indev
         (5, struct.pack("!I", 4)),  # outdev
-        (10, b"owf:11:a:e\0"),  # prefix
+        (8, struct.pack("!H2x8s", 6, bytes(8))),  # NFULA_HWADDR
+        (15, struct.pack("!H", 1)),  # NFULA_HWTYPE
+        (17, struct.pack("!H", 14)),  # NFULA_HWLEN
+        (16, bytes(14)),  # NFULA_HWHEADER
+        (3, struct.pack("!QQ", 1_700_000_000, 1)),  # NFULA_TIMESTAMP
         (12, struct.pack("!I", i)),  # seq
         (9, _ipv4_tcp(10000 + i % 50000)),  # payload
     ]
@@ -56,12 +64,13 @@ def destroy_message(i: int) -> bytes:
     def ctr(p: int, b: int) -> bytes:
         return _nla(1, struct.pack("!Q", p)) + _nla(2, struct.pack("!Q", b))
 
+    # the attribute order of a DESTROY event on this kernel (tests/unit/test_flows_agent_pure.py
+    # _KERNEL_DESTROY): tuples, id, status, timeout, counters, TCP state, mark
     body = _nla(1 | 0x8000, tup(A, B, sport, 8080)) + _nla(2 | 0x8000, tup(B, A, 8080, sport))
-    body += (
-        _nla(3, struct.pack("!I", 0x18E)) + _nla(9 | 0x8000, ctr(5, 300)) + _nla(10 | 0x8000, ctr(4, 1000))
-    )
-    body += _nla(20 | 0x8000, _nla(1, struct.pack("!Q", 1)) + _nla(2, struct.pack("!Q", 2)))
-    body += _nla(8, struct.pack("!I", 11)) + _nla(12, struct.pack("!I", i))
+    body += _nla(12, struct.pack("!I", i)) + _nla(3, struct.pack("!I", 0x18E)) + _nla(7, bytes(4))
+    body += _nla(9 | 0x8000, ctr(5, 300)) + _nla(10 | 0x8000, ctr(4, 1000))
+    body += _nla(4 | 0x8000, _nla(1 | 0x8000, _nla(1, bytes([7]))))  # CTA_PROTOINFO: TCP state
+    body += _nla(8, struct.pack("!I", 11))
     return struct.pack("=IHHII", 20 + len(body), (1 << 8) | 2, 0, 0, 0) + struct.pack("!BBH", 2, 0, 0) + body
 
 
@@ -71,19 +80,22 @@ def main() -> None:
     n = ap.parse_args().connections
     out: dict[str, float] = {}
     reader = NflogReader.__new__(NflogReader)  # the parser only: no socket
-    reader._prefixes, reader._addrs, reader._next_seq, reader.lost = {}, {}, None, 0
+    reader._prefixes, reader._addrs, reader._next_seq, reader.lost, reader._seq = {}, {}, None, 0, 0
     grams = [b"".join(nflog_message(i) for i in range(k, min(n, k + 64))) for k in range(0, n, 64)]
-    logs: list = []
+    counted = hasattr(FlowAggregator, "on_log_counts")  # False: an older package (PYTHONPATH), per log
+    parts: list = []
     t0 = time.process_time()
-    for d in grams:
-        reader._parse_flows(d, logs)
-    out["nflog_parse"] = (time.process_time() - t0) / len(logs) * 1e6
+    for d in grams:  # as the agent's reader: one datagram's logs
+        parts.append({} if counted else [])
+        reader._parse_flows(d, parts[-1])
+    nlogs = sum(sum(p.values()) if counted else len(p) for p in parts)
+    out["nflog_parse"] = (time.process_time() - t0) / nlogs * 1e6
     ag = FlowAggregator("h")
     ag.set_state(_state())
     t0 = time.process_time()
-    for k in range(0, len(logs), 64):
-        ag.on_logs(logs[k : k + 64], 10.0)
-    out["on_logs"] = (time.process_time() - t0) / len(logs) * 1e6
+    for p in parts:
+        ag.on_log_counts(p, 10.0) if counted else ag.on_logs(p, 10.0)
+    out["on_logs"] = (time.process_time() - t0) / nlogs * 1e6
     grams = [b"".join(destroy_message(i) for i in range(k, min(n, k + 64))) for k in range(0, n, 64)]
     events = []
     addrs: dict[bytes, str] = {}

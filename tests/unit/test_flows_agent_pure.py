@@ -313,3 +313,101 @@ def test_guard_drops_are_records_named_after_the_guard() -> None:
         7,
         7,
     )
+
+
+# Three flow logs as this kernel (6.18) delivered them in one datagram: two TCP SYNs allowed at an
+# ingress hop (sequence numbers 0, 1) and a denied UDP packet (sequence number 4: 2 and 3 were lost),
+# forwarded between two veths (Ethernet attributes and a timestamp).
+_KERNEL_DATAGRAM = bytes.fromhex(
+    "cc0000000004000000000000000000000200001008000100080002000e000a006f77663a323a613a6900000008000400"
+    "0000000208000500000000031000080000060000de8e6be58937000006000f000001000006001100000e000012001000"
+    "f2ff20914892de8e6be589370800000014000300000000006b16d6b6000000000008006308000c000000000040000900"
+    "4500003c812240003f06a4d20a6300010a6301018e8214b4e933dd6100000000a002faf015f60000020405b40402080a"
+    "0ed7f452000000000103030acc0000000004000000000000000000000200001008000100080002000e000a006f77663a"
+    "323a613a69000000080004000000000208000500000000031000080000060000de8e6be58937000006000f0000010000"
+    "06001100000e000012001000f2ff20914892de8e6be589370800000014000300000000006b16d6b600000000000800e5"
+    "08000c0000000001400009004500003c43ff40003f06e1f50a6300010a6301018e8a14b482404ffe00000000a002faf0"
+    "15f60000020405b40402080af550d839000000000103030ac00000000004000000000000000000000200001008000100"
+    "080002000e000a006f77663a333a643a69000000080004000000000208000500000000031000080000060000de8e6be5"
+    "8937000006000f000001000006001100000e000012001000f2ff20914892de8e6be58937080000001400030000000000"
+    "6b16d6b600000000000801b908000c0000000004320009004500002e758240003f11b0750a6300010a630101d820157c"
+    "001a15f37878787878787878787878787878787878780000"
+)
+
+
+def _reader():  # the parser only: no socket
+    from omniwall.dataplane.nflog import NflogReader
+
+    r = NflogReader.__new__(NflogReader)
+    r._prefixes, r._addrs, r._next_seq, r.lost, r._seq = {}, {}, None, 0, 0  # _seq: its netlink requests'
+    return r
+
+
+def test_nflog_fast_path_reads_the_kernels_layout_like_the_attribute_walk() -> None:
+    from omniwall.dataplane import nflog
+
+    fast, slow = _reader(), _reader()
+    got: dict = {}
+    fast._parse_flows(_KERNEL_DATAGRAM, got)
+    assert got == {
+        (2, "a", "i", 6, "10.99.0.1", "10.99.1.1", 36482, 5300, 2, 3): 1,
+        (2, "a", "i", 6, "10.99.0.1", "10.99.1.1", 36490, 5300, 2, 3): 1,
+        (3, "d", "i", 17, "10.99.0.1", "10.99.1.1", 55328, 5500, 2, 3): 1,
+    }
+    assert fast.lost == 2  # the sequence gap 1 -> 4
+    off, walked = 0, {}
+    while off < len(_KERNEL_DATAGRAM):  # every message through the generic walk
+        ln = struct.unpack_from("=I", _KERNEL_DATAGRAM, off)[0]
+        assert nflog._FAST(_KERNEL_DATAGRAM, off, off + ln) is not None  # the usual shape: the fast path
+        slow._parse_one(_KERNEL_DATAGRAM, off, off + ln, walked)
+        off += (ln + 3) & ~3
+    assert walked == got and slow.lost == 2
+    # a message of another shape amid the usual ones (here IPv4 with options) takes the walk, and the
+    # sequence numbers stay counted across both paths
+    first = _KERNEL_DATAGRAM.index(bytes.fromhex("4500003c"))
+    mixed = _KERNEL_DATAGRAM[:first] + b"\x46" + _KERNEL_DATAGRAM[first + 1 :]
+    r, got2 = _reader(), {}
+    r._parse_flows(mixed, got2)
+    assert sum(got2.values()) == 3 and r.lost == 2 and len(got2.keys() & got.keys()) == 2
+
+
+def test_a_flood_is_counted_not_one_object_per_packet() -> None:
+    udp = _KERNEL_DATAGRAM[-0xC0:]  # the denied UDP log: one message
+    assert struct.unpack_from("=I", udp)[0] == 0xC0
+    seq_at = udp.index(bytes.fromhex("08000c00")) + 4
+    flood = b"".join(udp[:seq_at] + struct.pack("!I", i) + udp[seq_at + 4 :] for i in range(100))
+    r, got = _reader(), {}
+    r._parse_flows(flood, got)
+    assert list(got.values()) == [100] and r.lost == 0
+    log = next(iter(got))
+    ag = FlowAggregator("h")
+    ag.set_state(_state())
+    ag.on_log_counts(got, 1.0)
+    (rec,) = ag.flush(_names)
+    assert (rec.verdict, rec.rule_id, rec.count, rec.packets, rec.dport) == ("denied", 3, 100, 100, log[7])
+
+
+# A DESTROY event as this kernel (6.18) sent it: a TCP connection 10.99.0.1:36482 -> 10.99.1.1:5300 that
+# ended after 4 + 3 packets (216 + 164 bytes), ct mark 2 (ID, status, timeout, counters, TCP state, mark).
+_KERNEL_DESTROY = bytes.fromhex(
+    "e40000000201000000000000ac46f9e9020000003400018014000180080001000a630001080002000a6301011c000280"
+    "0500010006000000060002008e8200000600030014b400003400028014000180080001000a630101080002000a630001"
+    "1c00028005000100060000000600020014b40000060003008e82000008000c0068dfb7a6080003000000020e08000700"
+    "000000001c0009800c00010000000000000000040c00020000000000000000d81c000a800c0001000000000000000003"
+    "0c00020000000000000000a4100004800c00018005000100070000000800080000000002"
+)
+
+
+def test_conntrack_destroy_fast_path_reads_the_kernels_layout() -> None:
+    from omniwall.dataplane import ctevents
+
+    data = _KERNEL_DESTROY
+    assert ctevents._V4_DESTROY(data, 20, len(data)) is not None  # the usual shape: one regex match
+    want = (6, "10.99.0.1", "10.99.1.1", 36482, 5300, 7, 380, 2)
+    assert parse_destroy(data, 20, len(data), data[16], {}) == want
+    assert ctevents._parse_destroy(data, 20, len(data), data[16], {}) == want
+    # an attribute the fast path does not know (here a zone, after the mark): the generic walk
+    longer = data + _nla(18, struct.pack("!H", 7))
+    longer = struct.pack("=I", len(longer)) + longer[4:]
+    assert ctevents._V4_DESTROY(longer, 20, len(longer)) is None
+    assert parse_destroy(longer, 20, len(longer), data[16], {}) == want

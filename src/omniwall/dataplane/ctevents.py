@@ -17,7 +17,7 @@ import socket
 import struct
 
 from omniwall.dataplane.netns import in_netns
-from omniwall.dataplane.nflog import queued_datagrams
+from omniwall.dataplane.nflog import RECV_SIZE, queued_datagrams
 
 NETLINK_NETFILTER = 12
 NFNLGRP_CONNTRACK_DESTROY = 3
@@ -56,11 +56,53 @@ def _counters(data: bytes, off: int, end: int) -> tuple[int, int]:
     return packets, nbytes
 
 
-# The original tuple of an IPv4 TCP/UDP/SCTP connection, as ctnetlink lays it out (CTA_TUPLE_ORIG, 52 bytes:
-# the IP nest with V4_SRC and V4_DST, the proto nest with PROTO_NUM, SRC_PORT and DST_PORT, no zone) — the
-# shape of nearly every DESTROY event. Recognized by one regex match over its fixed bytes, read by one
-# struct; anything else takes the generic walk. The DESTROY parse was the largest share of the agent's
-# CPU per connection (bench/flows_agent.py).
+# A DESTROY event of an IPv4 TCP/UDP/SCTP connection as ctnetlink lays it out — the shape of nearly
+# every event: the original tuple (52 bytes: the IP nest with V4_SRC and V4_DST, the proto nest with
+# PROTO_NUM, SRC_PORT and DST_PORT), the reply tuple (52), CTA_ID, CTA_STATUS, CTA_TIMEOUT, both
+# directions' counters (PACKETS then BYTES, 64-bit each), the timestamps (`nf_conntrack_timestamp`), TCP's
+# state (CTA_PROTOINFO) and CTA_MARK, each optional one fixed-size. One regex match over the whole message
+# checks the fixed bytes and captures what the record needs, in C; anything else (IPv6, ICMP, a zone,
+# labels, another attribute) takes `_parse_destroy_v4` (IPv4 ports: the original tuple by one struct, the
+# rest walked) or the generic walk. The DESTROY parse was the largest share of the
+# agent's CPU per connection (bench/flows_agent.py).
+_V4_DESTROY = re.compile(
+    rb"\x34\x00\x01\x80\x14\x00\x01\x80\x08\x00\x01\x00(.{4})\x08\x00\x02\x00(.{4})"
+    rb"\x1c\x00\x02\x80\x05\x00\x01\x00(.)...\x06\x00\x02\x00(..)..\x06\x00\x03\x00(..).."
+    rb"\x34\x00\x02\x80.{48}"  # the reply tuple
+    rb"(?:\x08\x00\x0c\x00.{4})?\x08\x00\x03\x00.{4}(?:\x08\x00\x07\x00.{4})?"  # CTA_ID, _STATUS, _TIMEOUT
+    rb"\x1c\x00\x09\x80\x0c\x00\x01\x00(.{8})\x0c\x00\x02\x00(.{8})"  # CTA_COUNTERS_ORIG
+    rb"\x1c\x00\x0a\x80\x0c\x00\x01\x00(.{8})\x0c\x00\x02\x00(.{8})"  # CTA_COUNTERS_REPLY
+    rb"(?:\x1c\x00\x14\x80.{24})?(?:\x10\x00\x04\x80.{12})?"  # CTA_TIMESTAMP, CTA_PROTOINFO (TCP state)
+    rb"(?:\x08\x00\x08\x00(.{4}))?\Z",  # CTA_MARK, then the end of the message
+    re.S,
+).match
+
+
+def parse_destroy(
+    data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str] | None = None
+) -> CtDestroy | None:
+    """One DESTROY message's attributes (`data[off:end]`) -> CtDestroy. Walks only what it needs,
+    without building dicts (this runs once per connection that ends on the host)."""
+    m = _V4_DESTROY(data, off, end)
+    if m is None:
+        return _parse_destroy_v4(data, off, end, family, addrs)
+    src, dst, proto, sport, dport, po, bo, pr, br, mark = m.groups()
+    cache = addrs if addrs is not None else {}
+    s = cache.get(src)
+    if s is None:
+        s = cache[src] = socket.inet_ntop(socket.AF_INET, src)
+    d = cache.get(dst)
+    if d is None:
+        d = cache[dst] = socket.inet_ntop(socket.AF_INET, dst)
+    return (
+        proto[0], s, d, int.from_bytes(sport), int.from_bytes(dport),
+        int.from_bytes(po) + int.from_bytes(pr), int.from_bytes(bo) + int.from_bytes(br),
+        int.from_bytes(mark) if mark else 0,
+    )  # fmt: skip
+
+
+# The original tuple alone (52 bytes: the IP nest with V4_SRC and V4_DST, the proto nest with PROTO_NUM,
+# SRC_PORT and DST_PORT, no zone), for an event whose tail `_V4_DESTROY` does not know.
 _V4_ORIG = re.compile(
     rb"\x34\x00\x01\x80\x14\x00\x01\x80\x08\x00\x01\x00.{4}\x08\x00\x02\x00.{4}"
     rb"\x1c\x00\x02\x80\x05\x00\x01\x00.{4}\x06\x00\x02\x00.{4}\x06\x00\x03\x00.{4}",
@@ -72,11 +114,11 @@ _CTR = re.compile(rb"\x1c\x00.\x80\x0c\x00\x01\x00.{8}\x0c\x00\x02\x00.{8}", re.
 _CTR_FIELDS = struct.Struct("!8xQ4xQ").unpack_from
 
 
-def parse_destroy(
+def _parse_destroy_v4(
     data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str] | None = None
 ) -> CtDestroy | None:
-    """One DESTROY message's attributes (`data[off:end]`) -> CtDestroy. Walks only what it needs,
-    without building dicts (this runs once per connection that ends on the host)."""
+    """`parse_destroy` of an IPv4 port-protocol event whose tail `_V4_DESTROY` does not know: the
+    original tuple by one struct, the rest by an attribute walk; other shapes: the generic walk."""
     if _V4_ORIG(data, off) is None:
         return _parse_destroy(data, off, end, family, addrs)
     src, dst, proto, sport, dport = _V4_FIELDS(data, off)
@@ -201,6 +243,7 @@ class CtEventReader:
     def __init__(self, netns: str | None = None, rcvbuf: int = 4 << 20) -> None:
         self.overruns = 0
         self._addrs: dict[bytes, str] = {}  # raw -> text, bounded (cleared past 65,536)
+        self._buf = bytearray(RECV_SIZE)
         with in_netns(netns):
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
@@ -212,7 +255,7 @@ class CtEventReader:
 
     def read(self, timeout: float = 0.2) -> list[CtDestroy]:
         out: list[CtDestroy] = []
-        for data in queued_datagrams(self.sock, timeout, self._overrun):
+        for data in queued_datagrams(self.sock, timeout, self._overrun, self._buf):
             off = 0
             while off + 20 <= len(data):
                 ln, typ = _IH(data, off)

@@ -45,6 +45,7 @@ CTA_TUPLE_ORIG, CTA_ZONE = 1, 18
 RCVBUF = 16 << 20
 READER_BATCH = 16  # datagrams the background reader applies per hold of the lock
 LOOKUP_BATCH = 4096  # datagrams a lookup applies at most (what was queued before it)
+READ_PAUSE = 0.05  # s: the reader's pause after each drain (a close ends it at once)
 RESEED_AFTER = 300.0  # s: past TIME_WAIT (120 s) and UDP timeouts of the entries seen before us
 
 # (family, proto, src, dst, sport, dport, icmp_id, icmp_type, icmp_code, zone): one entry's identity
@@ -118,6 +119,9 @@ class ConntrackMirror:
         self._dumper = dumper  # opened in the namespace too: a dump needs no hop to its thread
         self._lock = threading.Lock()
         self._addrs: dict[bytes, str] = {}
+        # received into, copied out per datagram: recv(256 KB) allocates its result anew (an mmap and an
+        # munmap, ~10 us a call here) for each event of a few hundred bytes
+        self._buf = bytearray(1 << 18)
         self._by_addr: dict[str, set[Orig]] = {}
         self.resyncs = 0  # seeds after the first (lost events)
         self.events = 0
@@ -213,6 +217,11 @@ class ConntrackMirror:
                             more = self._drain(READER_BATCH)
                         except OSError:
                             return
+                # let events gather before the next wakeup (they come one datagram each: waking per
+                # event cost this thread ~6 us an event); lookups drain what is queued first, so
+                # this delays nothing they see, and RCVBUF holds far more than a pause's worth
+                with contextlib.suppress(OSError, ValueError):
+                    select.select([self._wake_r], [], [], READ_PAUSE)
 
     def _add(self, o: Orig) -> None:
         for a in {o[2], o[3]}:
@@ -235,7 +244,7 @@ class ConntrackMirror:
         for good (a lookup needs the events queued before it, not those arriving while it drains)."""
         for _ in range(limit):
             try:
-                data = self._sock.recv(1 << 18, socket.MSG_DONTWAIT)
+                n = self._sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return False
             except OSError as e:
@@ -244,7 +253,7 @@ class ConntrackMirror:
                 self.resyncs += 1
                 self._seed()
                 continue
-            self._apply(data)
+            self._apply(memoryview(self._buf)[:n].tobytes())
         return True
 
     def _apply(self, data: bytes) -> None:
@@ -270,7 +279,7 @@ class ConntrackMirror:
         this point are replayed over it by the next drain."""
         for _ in range(LOOKUP_BATCH):  # bounded: an older event replayed later is harmless
             try:
-                self._sock.recv(1 << 18, socket.MSG_DONTWAIT)
+                self._sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except OSError as e:
