@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 SERVER_KEEPALIVE = 90  # seconds an idle HTTP connection stays open (see serve())
 RELOAD_INTERVAL = 5.0  # seconds between checks of the certificate files
+# On SIGTERM uvicorn waits for open requests to end, and agents' feeds and status streams, and the
+# console's watches, never end by themselves: without a bound a manager never stopped while an agent
+# was attached (systemd killed it after TimeoutStopSec). After this long they are cancelled; agents
+# fail over to another manager and keep enforcing meanwhile.
+SHUTDOWN_GRACE = 2.0
 
 
 def build(db: str, token_dir: Path | None = None) -> tuple[Manager, Path | None]:
@@ -121,6 +126,56 @@ def _base_protocol() -> type:
         return H11Protocol
 
 
+class EndStreams:
+    """The app, with every open response ended cleanly when the manager stops.
+
+    Agents' feeds and status streams and the console's watches never end by themselves, and uvicorn
+    waits for open requests on SIGTERM: a manager never stopped while an agent was attached. At
+    shutdown (`end`, after the listening sockets are closed, so nobody reconnects here) each request
+    still running is cancelled; a response already started gets its last, empty chunk (the client
+    sees a clean end of stream and goes to another manager), one not started gets a 503."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.state = app.state  # what callers read through `server.config.app`
+        self.running: set[asyncio.Task[Any]] = set()
+        self.ending = False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        sent = {"started": False, "done": False}
+
+        async def tracked(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                sent["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                sent["done"] = True
+            await send(message)
+
+        self.running.add(task)
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if not self.ending:
+                raise
+            with contextlib.suppress(Exception):  # the peer may be gone already
+                if not sent["started"]:
+                    await send({"type": "http.response.start", "status": 503, "headers": []})
+                if not sent["done"]:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.running.discard(task)
+
+    def end(self) -> None:
+        self.ending = True
+        for task in list(self.running):
+            task.cancel()
+
+
 def make_server(
     manager: Manager,
     host: str,
@@ -150,8 +205,9 @@ def make_server(
             "ssl_keyfile": str(tls.key),
             "http": tls_protocol(_base_protocol()),
         }
+    streams = EndStreams(app)
     config = uvicorn.Config(
-        app,
+        streams,
         host=host,
         port=port,
         log_level=log_level,
@@ -159,12 +215,21 @@ def make_server(
         # a fresh TCP (TLS) connection per ack cost both sides more than the ack. Longer than the
         # agents' own keep-alive (AGENT_KEEPALIVE), so the client always closes first (no reuse race).
         timeout_keep_alive=SERVER_KEEPALIVE,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
         **kwargs,
     )
     if tls is not None:
         config.load()
         config.ssl = tls.context
-    return uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            for listening in self.servers:  # first, so no agent reconnects to a manager that stops
+                listening.close()
+            streams.end()  # then uvicorn's wait for open requests is short
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 async def _reload_loop(tls: ReloadingContext, interval: float) -> None:

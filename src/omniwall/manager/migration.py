@@ -619,8 +619,11 @@ class Migrations:
             self._write(mig, "import", actor, entries=len(entries))
             mig.stats["imported"] = self._import(mig.destination, entries, opts)
             self._fault(mig, opts, "import")
+            # what the destination's agent reports before anyone may move the vNIC: a workload that left
+            # that host a moment ago may still be listed there (the agent's report lags)
+            before = dict(self.m.hosts.get(mig.destination).addresses)
             self._write(mig, "switching", actor, imported=mig.stats["imported"])
-            how = self._wait_switch(mig, opts)
+            how = self._wait_switch(mig, opts, before)
             switched = True
             mig.stats["switchedBy"] = how
             self._write(mig, "switched", actor, by=how)
@@ -700,16 +703,23 @@ class Migrations:
         if opts.fail_at == phase:
             raise MigrationError(f"injected failure after phase {phase} ({FAULTS_ENV})")
 
-    def _wait_switch(self, mig: Migration, opts: Options) -> str:
+    def _wait_switch(self, mig: Migration, opts: Options, before: dict[str, Any] | None = None) -> str:
+        """Until the vNIC is on the destination: "api" (a hypervisor said `switched`) or "route" (the
+        destination's agent sees the vNIC's addresses). An interface the destination already listed in
+        `before` counts only once a report has shown it gone: migrating back to the host a workload
+        just left, its agent's last report may still list it, and taking that for the move finalized
+        migrations whose vNIC never moved (spec.host on one host, the vNIC on another)."""
         ev = self._switch[mig.id]
         ifnames = {v.ifname for v in workload_vnics(self.m.desired.snapshot(mig.destination), mig.workload)}
+        stale = {i for i in ifnames if (before or {}).get(i)}
         deadline = time.monotonic() + opts.switch_timeout
         while True:
             rec = self.get(mig.tenant, mig.name)
             if ev.is_set() or (rec is not None and rec.id == mig.id and rec.stats.get("switchRequested")):
                 return "api"
             seen = self.m.hosts.get(mig.destination).addresses
-            if ifnames and all(seen.get(i) for i in ifnames):
+            stale = {i for i in stale if seen.get(i)}
+            if ifnames and not stale and all(seen.get(i) for i in ifnames):
                 return "route"
             if time.monotonic() > deadline:
                 raise MigrationError(
