@@ -107,7 +107,7 @@ async def catch_up(m: Manager, host: str, from_revision: int) -> None:
     if from_revision <= m.desired.revision(host):
         return
     try:
-        await asyncio.wait_for(run_in_threadpool(m.model.sync), timeout=CATCH_UP_BOUND)
+        await asyncio.wait_for(run_in_threadpool(m.sync), timeout=CATCH_UP_BOUND)
     except Exception as e:  # a slow sync goes on in its thread; the next feed request finds it done
         reason = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
         raise ApiError(
