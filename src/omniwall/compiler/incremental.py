@@ -285,6 +285,8 @@ class IncrementalCompiler:
         self._services(by_kind.get("Service", []), gone.get("Service", []), p)
         self._policies(by_kind.get("Policy", []), gone.get("Policy", []), p)
         self._recompile(p, initial)
+        if initial:
+            self.span.rank()  # every rule is in: the lists of every vNIC follow, sorted by int
         self._union_nets()
 
         # Address sets: flush each stale IRSet once; the SetUpdate is shared by every host holding it.
