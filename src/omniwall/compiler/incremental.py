@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 
 from omniwall import PROVIDER_TENANT
 from omniwall.compiler.hoststate import ClaimKey, Globals, HostState, rule_sets
@@ -754,14 +756,14 @@ class IncrementalCompiler:
         if u is None:
             a = AddrSet(spec.name, self.registry)
             u = self.unions[spec.name] = _Union(spec, a)
-            for addr in spec.addresses:
-                a.inc(addr)
+            # A new AddrSet has no IRSet and no listener yet: its counts are all `inc` would do.
+            parts: list[Iterable[str]] = [spec.addresses]
             for gk in spec.groups:
                 self.unions_by_group.setdefault(gk, set()).add(spec.name)
                 node = self.groups.nodes[gk]
                 node.addr.listeners.append(a)
-                for addr in node.addr.counts:
-                    a.inc(addr)
+                parts.append(node.addr.counts)
+            a.counts = dict(Counter(chain.from_iterable(parts)))
             a.set_nets(self._union_net_list(spec))
         u.refs += 1
 
