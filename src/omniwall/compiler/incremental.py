@@ -330,11 +330,11 @@ class IncrementalCompiler:
         self.groups.lits_changed.clear()
 
         self._defaults.clear()
-        host_sets: dict[str, tuple[str, ...]] = {}  # host -> changed sets it holds, sorted
+        hosts = self.hosts
+        host_sets: dict[str, tuple[str, ...]] = {}  # host -> changed sets it may hold, sorted
         for s in set_changes:
             one = (s,)
-            holders = self._set_hosts(s)
-            holders &= self.hosts.keys()
+            holders = set(filter(hosts.__contains__, self._set_hosts(s)))
             if not host_sets:
                 host_sets = dict.fromkeys(holders, one)
                 continue
@@ -342,9 +342,11 @@ class IncrementalCompiler:
                 have = host_sets.get(h)
                 host_sets[h] = one if have is None else (*have, s)
         rule_touched: set[str] = set()
-        for i in p.changed_ids:
-            self._rule_hosts(i, rule_touched)
-        rule_touched &= self.hosts.keys()
+        if not initial:  # (at the first build every host is new, hence touched)
+            for i in p.changed_ids:
+                self._rule_hosts(i, rule_touched)
+            # (not `&= hosts.keys()`: that iterates over every host)
+            rule_touched = set(filter(hosts.__contains__, rule_touched))
         touched = set(p.new_hosts) | rule_touched | host_sets.keys()
         touched.update(h for h, wids in p.host_wids.items() if wids and h in self.hosts)
 
@@ -364,7 +366,6 @@ class IncrementalCompiler:
             fast = host_sets.keys() - rule_touched - p.new_hosts
             fast.difference_update(h for h, wids in p.host_wids.items() if wids)
             shared: dict[tuple[str, ...], tuple[SetUpdate, ...]] = {}
-            hosts = self.hosts
             for h in fast:
                 hs = hosts[h]
                 names = host_sets[h]
