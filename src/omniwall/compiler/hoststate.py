@@ -8,10 +8,11 @@ equal `ir.diff(old, new)`; the full `HostDesiredState` is only built when asked 
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import chain, filterfalse
+from itertools import chain, filterfalse, repeat
+from typing import Any
 
 from omniwall.compiler.ir import (
     HostDelta,
@@ -49,6 +50,7 @@ class Globals:
 
     rule_by_id: Mapping[int, IRRule]
     set_current: Callable[[str], IRSet]
+    rule_hosts: dict[int, set[str]]
     rule_sets: Mapping[int, tuple[str, ...]]  # rule id -> rule_sets(its IRRule)
     set_memo: Mapping[str, IRSet]  # current IRSet of every set some host holds (and of others)
     old_rules: Mapping[int, IRRule]  # the IR, before this update, of every rule id whose IR changed
@@ -129,6 +131,7 @@ class HostState:
         srefs = self.set_refs = Counter(chain.from_iterable(map(g.rule_sets.__getitem__, refs)))
         for s in list(filterfalse(g.set_memo.__contains__, srefs)):
             g.set_current(s)
+        _add_host(g.rule_hosts, refs, self.name)
         if revision is not None and vnics:
             self.revision = revision
         # Every host's state is asked for next (a build, a new host's delta): take it now, while this
@@ -233,8 +236,16 @@ class HostState:
                     swas.setdefault(s, False)
             if new_r is None:
                 rule_removes.append(i)
-            elif emit and old_r != new_r:
-                rule_updates.append(new_r)
+                hs = g.rule_hosts.get(i)
+                if hs is not None:
+                    hs.discard(self.name)
+                    if not hs:
+                        del g.rule_hosts[i]
+            else:
+                if old_r is None:
+                    _add_host(g.rule_hosts, (i,), self.name)
+                if emit and old_r != new_r:
+                    rule_updates.append(new_r)
 
         set_updates: list[SetUpdate] = []
         set_removes: list[str] = []
@@ -274,3 +285,20 @@ class HostState:
         )
         self.revision = revision
         return delta
+
+
+def _add_host(index: dict[Any, set[str]], keys: Collection[Any], host: str) -> None:
+    """`host` into index[k] for every k of `keys` (hot: once per rule and set per host). The missing
+    entries are created first, then every add runs as one C-level map, no Python call per key."""
+    if len(keys) < 8:
+        for k in keys:
+            hs = index.get(k)
+            if hs is None:
+                index[k] = {host}
+            else:
+                hs.add(host)
+        return
+    # (not `keys.keys() - index.keys()`: that iterates over the whole index, once per host)
+    for k in list(filterfalse(index.__contains__, keys)):
+        index[k] = set()
+    deque(map(set.add, map(index.__getitem__, keys), repeat(host)), maxlen=0)

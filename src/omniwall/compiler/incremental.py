@@ -12,10 +12,9 @@ Data flow of one update (see docs/design/compiler.md):
 What is touched, and why it is small for a label change: the label index re-evaluates the selectors that
 mention a changed key, for that one workload; membership flips climb only to groups that could contain
 it; the workload's own rule lists are recomputed (cached by signature); the sets whose addresses flipped
-are patched once and handed to the hosts where they are present (the hosts of the rules naming them,
-derived from the rules' spans: `rules_by_set`, `_rule_hosts`; a host holds a set exactly while it holds
-a rule naming it); rule IR changes go to the hosts of their spans. Nothing iterates over all workloads,
-groups, rules or hosts.
+are patched once and handed to the hosts where they are present (the hosts of the rules naming them:
+`rules_by_set`, `rule_hosts`; a host holds a set exactly while it holds a rule naming it); rule IR
+changes go to `rule_hosts`. Nothing iterates over all workloads, groups, rules or hosts.
 
 Placements (migration, docs/design/migration.md): `placements` maps a workload (tenant, name) to one
 extra host. While it is there, the workload's vNICs are compiled onto that host too, exactly as on its
@@ -53,7 +52,7 @@ from omniwall.compiler.ir import (
     empty_state,
 )
 from omniwall.compiler.labelindex import LabelIndex
-from omniwall.compiler.membership import Groups, count_hosts, visible
+from omniwall.compiler.membership import Groups, visible
 from omniwall.compiler.ruleids import RuleIds
 from omniwall.compiler.rules import CompiledRule, UnionSpec, compile_rule
 from omniwall.compiler.sets import AddrSet, split_literal
@@ -179,13 +178,11 @@ class IncrementalCompiler:
         self._idle_unions: set[str] = set()  # refs fell to 0 during this update's recompile
 
         self.hosts: dict[str, HostState] = {}
-        # No host index per rule or per set. A host holds a set exactly while it holds a rule naming it,
-        # and a rule while one of its vNICs lists it: a rule's hosts are among the hosts of its span's
-        # workloads, counted per group (`GroupNode.hosts`) and per tenant (`tenant_hosts`), so
-        # `_rule_hosts` and `_set_hosts` derive them. At 1M workloads the per-rule index cost 6.9M
-        # scattered set insertions in the build (and a per-set one 10M more).
-        self.tenant_hosts: dict[str, dict[str, int]] = {}  # tenant -> host -> its workloads there
-        self.rules_by_set: dict[str, set[int]] = {}  # set name -> ids of the rules whose IR names it
+        self.rule_hosts: dict[int, set[str]] = {}
+        # set name -> ids of the rules whose IR names it. No host index per set: a host holds a set exactly
+        # while it holds a rule naming it, so the set's hosts are its rules' hosts (`_set_hosts`); at 1M
+        # workloads a per-set index cost 10M scattered set insertions in the build and ~0.5 GB.
+        self.rules_by_set: dict[str, set[int]] = {}
         # name -> current IRSet of every set some host holds (hosts read their sets' content here): filled
         # on first use, replaced when a set is flushed, dropped with the set
         self._set_memo: dict[str, IRSet] = {}
@@ -231,33 +228,17 @@ class IncrementalCompiler:
         node = self.groups.nodes.get(key)
         return node is not None and visible(referrer, node)
 
-    def _rule_hosts(self, rid: int, out: set[str]) -> None:
-        """Adds to `out` the hosts that may hold rule `rid`: those of its span's workloads (a superset:
-        a tenant rule sits only on its tenant's vNICs, a vNIC that lost its ifname holds nothing; and
-        possibly hosts that do not exist). Every host that holds it, or held it before this update's
-        host phase, is there or touched by this update anyway: a workload that left the span is dirty,
-        and a rule whose span or id changed has touched its old span's workloads (`_recompile`)."""
-        ir = self.rule_by_id.get(rid)
-        cr = None if ir is None else self.rules.get((ir.tenant, ir.policy, ir.rule))
-        if cr is None or cr.ir is not ir:
-            return
-        if cr.any_dirs:
-            if cr.tenant == PROVIDER_TENANT:
-                out.update(self.hosts)
-                return
-            out.update(self.tenant_hosts.get(cr.tenant, ()))
-        nodes = self.groups.nodes
-        for gk, _ in cr.span_groups:
-            node = nodes.get(gk)
-            if node is not None:
-                out.update(node.hosts)
-
-    def _set_hosts(self, name: str) -> set[str]:
-        """The hosts that may hold set `name` (those of the rules naming it, `_rule_hosts`)."""
-        out: set[str] = set()
-        for rid in self.rules_by_set.get(name, ()):
-            self._rule_hosts(rid, out)
-        return out
+    def _set_hosts(self, name: str) -> Iterable[str]:
+        """The hosts holding set `name` before this update's host phase, as far as the fast path needs:
+        exact for every host whose rules did not change (hosts whose rules changed take the update path,
+        which reads every changed set it holds itself)."""
+        rids = self.rules_by_set.get(name)
+        if not rids:
+            return ()
+        rule_hosts = self.rule_hosts
+        if len(rids) == 1:
+            return rule_hosts.get(next(iter(rids)), ())
+        return set().union(*[rule_hosts.get(i, ()) for i in rids])
 
     def _set_current(self, name: str) -> IRSet:
         s = self._set_memo.get(name)
@@ -330,23 +311,18 @@ class IncrementalCompiler:
         self.groups.lits_changed.clear()
 
         self._defaults.clear()
-        hosts = self.hosts
-        host_sets: dict[str, tuple[str, ...]] = {}  # host -> changed sets it may hold, sorted
+        host_sets: dict[str, tuple[str, ...]] = {}  # host -> changed sets it holds, sorted
         for s in set_changes:
             one = (s,)
-            holders = set(filter(hosts.__contains__, self._set_hosts(s)))
             if not host_sets:
-                host_sets = dict.fromkeys(holders, one)
+                host_sets = dict.fromkeys(self._set_hosts(s), one)
                 continue
-            for h in holders:
+            for h in self._set_hosts(s):
                 have = host_sets.get(h)
                 host_sets[h] = one if have is None else (*have, s)
         rule_touched: set[str] = set()
-        if not initial:  # (at the first build every host is new, hence touched)
-            for i in p.changed_ids:
-                self._rule_hosts(i, rule_touched)
-            # (not `&= hosts.keys()`: that iterates over every host)
-            rule_touched = set(filter(hosts.__contains__, rule_touched))
+        for i in p.changed_ids:
+            rule_touched.update(self.rule_hosts.get(i, ()))
         touched = set(p.new_hosts) | rule_touched | host_sets.keys()
         touched.update(h for h, wids in p.host_wids.items() if wids and h in self.hosts)
 
@@ -355,6 +331,7 @@ class IncrementalCompiler:
         globals_ = Globals(
             self.rule_by_id,
             self._set_current,
+            self.rule_hosts,
             self.rule_sets,
             self._set_memo,
             self._old_rules,
@@ -366,18 +343,13 @@ class IncrementalCompiler:
             fast = host_sets.keys() - rule_touched - p.new_hosts
             fast.difference_update(h for h, wids in p.host_wids.items() if wids)
             shared: dict[tuple[str, ...], tuple[SetUpdate, ...]] = {}
+            hosts = self.hosts
             for h in fast:
-                hs = hosts[h]
                 names = host_sets[h]
-                held = tuple(filter(hs.set_refs.__contains__, names))  # (the hosts are a superset)
-                if len(held) != len(names):
-                    if not held:
-                        continue
-                    names = held
                 ups = shared.get(names)
                 if ups is None:
                     ups = shared[names] = tuple(map(set_changes.__getitem__, names))
-                out[h] = hs.sets_changed(ups, revision)
+                out[h] = hosts[h].sets_changed(ups, revision)
             touched -= fast
         for h in sorted(touched):
             hs = self.hosts[h]
@@ -457,11 +429,6 @@ class IncrementalCompiler:
     def _rehost(self, wid: int, before: tuple[str, ...], p: _Pending) -> None:
         """The workload was on `before`; index and touch it where it is now, and where it left."""
         after = self._hosts_of(wid)
-        if after != before:
-            counts = self.tenant_hosts[self.wl[wid].key[0]]
-            count_hosts(counts, before, -1)
-            count_hosts(counts, after, 1)
-            self.groups.move_hosts(wid, after)
         for h in before:
             if h not in after:
                 self.host_wids[h].discard(wid)
@@ -497,6 +464,12 @@ class IncrementalCompiler:
             if hs is None:
                 continue
             p.gone_hosts[name] = hs.state()
+            for i in hs.rules:
+                s = self.rule_hosts.get(i)
+                if s is not None:
+                    s.discard(name)
+                    if not s:
+                        del self.rule_hosts[i]
         for h in changed:
             assert isinstance(h, Host)
             name = h.metadata.name
@@ -539,7 +512,6 @@ class IncrementalCompiler:
                 continue
             wid = g.wid_of[key]
             hosts = self._hosts_of(wid)
-            count_hosts(self.tenant_hosts[tenant], hosts, -1)
             self.wl.pop(wid)
             self.extra.pop(wid, None)
             self.labels.remove_workload(wid)
@@ -562,12 +534,10 @@ class IncrementalCompiler:
                 self.tenant_wids.setdefault(key[0], set()).add(wid)
                 if key in self.placements:
                     self.extra[wid] = self.placements[key]
-                hosts = self._hosts_of(wid)
-                for h in hosts:
+                for h in self._hosts_of(wid):
                     self.host_wids.setdefault(h, set()).add(wid)
-                count_hosts(self.tenant_hosts.setdefault(key[0], {}), hosts, 1)
                 changes = self.labels.add_workload(wid, key[0], facts)
-                g.add_workload(wid, key, w.ips, hosts)
+                g.add_workload(wid, key, w.ips)
                 g.selector_changes(changes)
             else:
                 wid = g.wid_of[key]

@@ -44,9 +44,6 @@ class GroupNode:
     eff_nested: tuple[Key, ...] = ()  # existing, visible, cycle-free
     wids: set[int] = field(default_factory=set)
     lits: frozenset[str] = frozenset()
-    # host -> how many of its members are compiled there (`Groups.hosts_of`): the hosts of a rule placed
-    # through this group are among these keys
-    hosts: dict[str, int] = field(default_factory=dict)
 
 
 def visible(referrer_tenant: str, target: GroupNode) -> bool:
@@ -71,9 +68,6 @@ class Groups:
         self.key_of: dict[int, Key] = {}
         self.ips_of: dict[int, tuple[str, ...]] = {}
         self.groups_of: dict[int, set[Key]] = {}
-        # wid -> the hosts its vNICs are compiled on (the compiler's `_hosts_of`), counted in `hosts`
-        # of every group holding it
-        self.hosts_of: dict[int, tuple[str, ...]] = {}
         # Out, drained by the caller: workloads whose group set changed; groups whose literals changed.
         self.dirty_wids: set[int] = set()
         self.lits_changed: set[Key] = set()
@@ -94,13 +88,11 @@ class Groups:
             self.groups_of[w].add(g.key)
             for ip in self.ips_of[w]:
                 g.addr.inc(ip)
-            count_hosts(g.hosts, self.hosts_of[w], 1)
         else:
             g.wids.discard(w)
             self.groups_of[w].discard(g.key)
             for ip in self.ips_of[w]:
                 g.addr.dec(ip)
-            count_hosts(g.hosts, self.hosts_of[w], -1)
         self.dirty_wids.add(w)
 
     def recheck(self, key: Key, cands: Iterable[int]) -> None:
@@ -130,7 +122,6 @@ class Groups:
             # C-level iteration (map, chain, Counter): Σ group sizes is millions at 1M workloads
             deque(map(set.add, map(self.groups_of.__getitem__, new), repeat(key)), maxlen=0)
             a.counts = dict(Counter(chain.from_iterable(map(self.ips_of.__getitem__, new))))
-            g.hosts = dict(Counter(chain.from_iterable(map(self.hosts_of.__getitem__, new))))
             self.dirty_wids |= new
         else:
             flipped = new ^ g.wids
@@ -161,11 +152,10 @@ class Groups:
             self._recompute_lits(self.nodes[p])
 
     # ---------------------------------------------------------------------------------- workloads
-    def add_workload(self, wid: int, key: Key, ips: tuple[str, ...], hosts: tuple[str, ...]) -> None:
+    def add_workload(self, wid: int, key: Key, ips: tuple[str, ...]) -> None:
         self.wid_of[key] = wid
         self.key_of[wid] = key
         self.ips_of[wid] = ips
-        self.hosts_of[wid] = hosts
         self.groups_of.setdefault(wid, set())
         for g in self.static_idx.get(key, ()):
             self.recheck(g, (wid,))
@@ -187,31 +177,18 @@ class Groups:
                 g.addr.dec(ip)
         self.ips_of[wid] = ips
 
-    def move_hosts(self, wid: int, hosts: tuple[str, ...]) -> None:
-        """The workload's vNICs are now compiled on `hosts` (it moved, or its placement changed)."""
-        old = self.hosts_of[wid]
-        if old == hosts:
-            return
-        for gk in self.groups_of.get(wid, ()):
-            counts = self.nodes[gk].hosts
-            count_hosts(counts, old, -1)
-            count_hosts(counts, hosts, 1)
-        self.hosts_of[wid] = hosts
-
     def remove_workload(self, wid: int) -> None:
         """Call after the label index dropped it (its selector memberships are already gone)."""
         key = self.key_of[wid]
         groups = sorted(self.groups_of.get(wid, ()))
         # Out of existence first, so `_contains` is false everywhere; then flip it out of every group.
         ips = self.ips_of.pop(wid)
-        hosts = self.hosts_of.pop(wid)
         for gk in groups:
             g = self.nodes[gk]
             if wid in g.wids:
                 g.wids.discard(wid)
                 for ip in ips:
                     g.addr.dec(ip)
-                count_hosts(g.hosts, hosts, -1)
         self.groups_of.pop(wid, None)
         del self.wid_of[key]
         del self.key_of[wid]
@@ -333,16 +310,6 @@ class Groups:
             if k not in seen:
                 visit(k)
         return out
-
-
-def count_hosts(counts: dict[str, int], hosts: tuple[str, ...], step: int) -> None:
-    """Adds `step` (1 or -1) to the count of each of `hosts`; a count that falls to 0 goes."""
-    for h in hosts:
-        n = counts.get(h, 0) + step
-        if n:
-            counts[h] = n
-        else:
-            del counts[h]
 
 
 def _scc(edges: dict[Key, list[Key]]) -> dict[Key, int]:
