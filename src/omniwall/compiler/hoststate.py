@@ -134,10 +134,6 @@ class HostState:
         _add_host(g.rule_hosts, refs, self.name)
         if revision is not None and vnics:
             self.revision = revision
-        # Every host's state is asked for next (a build, a new host's delta): take it now, while this
-        # host's rule ids and set names are still in the CPU caches (at 10k hosts, a separate pass
-        # re-fetched each of them from memory).
-        self.state()
 
     def sets_changed(self, updates: tuple[SetUpdate, ...], revision: int) -> HostDelta:
         """Fast path, the common one for label and IP changes: only the content of sets this host holds
