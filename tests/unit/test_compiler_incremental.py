@@ -592,3 +592,45 @@ def test_set_updates_delta_is_the_dataclass_delta() -> None:
     assert dataclasses.replace(fast, from_revision=2) == dataclasses.replace(slow, from_revision=2)
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.host = "h2"  # type: ignore[misc]
+
+
+def test_set_change_skips_hosts_that_only_share_the_span_group_with_another_tenant() -> None:
+    """A tenant rule on a shared provider group sits only on that tenant's vNICs: a host with another
+    tenant's member of the group holds neither the rule nor its set, and gets no delta when the set
+    changes (the compiler derives a rule's hosts from its span's groups, a superset it must filter)."""
+
+    def w(t: str, name: str, h: str, ip: str, tier: str) -> Workload:
+        return workload(t, name, h, [Vnic(ips=[ip])], {"tier": tier})
+
+    res = [
+        host("h1"),
+        host("h2"),
+        host("h3"),
+        tenant("a"),
+        tenant("b"),
+        w("a", "web", "h1", "10.0.0.1", "web"),
+        w("b", "web", "h2", "10.0.0.2", "web"),
+        w("a", "db", "h3", "10.0.0.3", "db"),
+        w("a", "x", "h3", "10.0.0.4", "cache"),
+        group("infra", "web", selector='tier == "web"', shareWith=["*"]),
+        group("a", "db", selector='tier == "db"'),
+        Policy(
+            metadata=md("p", "a"),
+            spec=PolicySpec(
+                rules=[Rule(name="r", sources=["infra/web"], destinations=["db"], action="allow")]
+            ),
+        ),
+    ]
+    ic = IncrementalCompiler(Catalog.of(res), 1)
+    assert [s.name for s in ic.state("h2").sets] == []
+    before = {h: ic.state(h) for h in ic.hosts}
+    # a's x (on h3) joins the shared group: h1 (a's web, egress) holds the rule and its sets, h3 changes
+    # (x's own rules, and the set); h2 holds nothing of tenant a's, though b's web there is in the group
+    deltas = ic.update([w("a", "x", "h3", "10.0.0.4", "web")], [], 2)
+    assert sorted(deltas) == ["h1", "h3"]
+    assert [u.added_addresses for u in deltas["h1"].set_updates] == [("10.0.0.4",)]
+    for h, d in deltas.items():
+        assert apply_delta(before[h], d) == ic.state(h)
+    full = compile_catalog(Catalog.of([*res[:-4], w("a", "x", "h3", "10.0.0.4", "web"), *res[-3:]]), 2)
+    assert {h: s.rules for h, s in full.items()} == {h: ic.state(h).rules for h in ic.hosts}
+    assert {h: s.sets for h, s in full.items()} == {h: ic.state(h).sets for h in ic.hosts}

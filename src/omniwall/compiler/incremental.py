@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 
 from omniwall import PROVIDER_TENANT
 from omniwall.compiler.hoststate import ClaimKey, Globals, HostState, rule_sets
@@ -285,6 +287,8 @@ class IncrementalCompiler:
         self._services(by_kind.get("Service", []), gone.get("Service", []), p)
         self._policies(by_kind.get("Policy", []), gone.get("Policy", []), p)
         self._recompile(p, initial)
+        if initial:
+            self.span.rank()  # every rule is in: the lists of every vNIC follow, sorted by int
         self._union_nets()
 
         # Address sets: flush each stale IRSet once; the SetUpdate is shared by every host holding it.
@@ -354,10 +358,9 @@ class IncrementalCompiler:
             if not hs.vnics and not hs.claims:
                 # Holds nothing yet (no vNIC means no rule and no set): count in bulk, diff against empty.
                 prev = hs.revision
-                hs.fill(globals_, entries)
+                hs.fill(globals_, entries, revision if emit else None)
                 delta = None
                 if emit and hs.vnics:
-                    hs.revision = revision
                     delta = diff(empty_state(h, prev), hs.state())
             else:
                 delta = hs.update(globals_, entries, p.changed_ids, set_changes, revision, emit)
@@ -723,14 +726,14 @@ class IncrementalCompiler:
         if u is None:
             a = AddrSet(spec.name, self.registry)
             u = self.unions[spec.name] = _Union(spec, a)
-            for addr in spec.addresses:
-                a.inc(addr)
+            # A new AddrSet has no IRSet and no listener yet: its counts are all `inc` would do.
+            parts: list[Iterable[str]] = [spec.addresses]
             for gk in spec.groups:
                 self.unions_by_group.setdefault(gk, set()).add(spec.name)
                 node = self.groups.nodes[gk]
                 node.addr.listeners.append(a)
-                for addr in node.addr.counts:
-                    a.inc(addr)
+                parts.append(node.addr.counts)
+            a.counts = dict(Counter(chain.from_iterable(parts)))
             a.set_nets(self._union_net_list(spec))
         u.refs += 1
 

@@ -191,7 +191,7 @@ class LabelIndex:
                     cands = {w for w in cands if any(w in ws for ws in sets)}
             for e in negative:
                 for ws in self._having(e.key, e.values):
-                    cands = {w for w in cands if w not in ws}
+                    cands = cands - ws  # iterates over the smaller side, like the filter it replaces
             if len(positive) + len(negative) == len(items):
                 # A conjunction of `in`/`not in` is exactly this: `In.matches` is "some canonical fact
                 # value is among the values" (negated: none is), which is what the index is keyed by.

@@ -17,9 +17,10 @@ group that is missing or not visible to the nesting group's tenant contributes n
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 
 from omniwall import PROVIDER_TENANT
 from omniwall.compiler.labelindex import Change, LabelIndex
@@ -118,10 +119,9 @@ class Groups:
             # A fresh group (the initial build): fill it in bulk, nobody is watching its addresses yet.
             flipped = new
             g.wids = set(new)
-            ips_of, groups_of = self.ips_of, self.groups_of
-            for w in new:
-                groups_of[w].add(key)
-            a.counts = dict(Counter(ip for w in new for ip in ips_of[w]))
+            # C-level iteration (map, chain, Counter): Σ group sizes is millions at 1M workloads
+            deque(map(set.add, map(self.groups_of.__getitem__, new), repeat(key)), maxlen=0)
+            a.counts = dict(Counter(chain.from_iterable(map(self.ips_of.__getitem__, new))))
             self.dirty_wids |= new
         else:
             flipped = new ^ g.wids

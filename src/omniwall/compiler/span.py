@@ -19,20 +19,29 @@ from omniwall.compiler.rules import EGRESS, INGRESS, CompiledRule
 Key = tuple[str, str]
 RuleKey = tuple[str, str, str]
 Lists = tuple[tuple[int, ...], tuple[int, ...]]  # (egress ids, ingress ids), in evaluation order
+_E, _I = 1, 2  # direction bits
+
+
+def _mask(dirs: frozenset[str]) -> int:
+    return (_E if EGRESS in dirs else 0) | (_I if INGRESS in dirs else 0)
 
 
 class SpanIndex:
     """Keyed by rule id (ints hash for free; rule keys are 3-tuples whose hash is recomputed each time).
-    A rule whose id moves is removed under the old id and added under the new one."""
+    A rule whose id moves is removed under the old id and added under the new one. Directions are kept
+    as bit masks (`_E`, `_I`): or-ing and testing them is cheaper than frozensets of strings."""
 
     def __init__(self) -> None:
-        self.by_group: dict[Key, dict[int, frozenset[str]]] = {}
+        self.by_group: dict[Key, dict[int, int]] = {}
         # scope None: provider `any` rules (every vNIC); scope tenant: that tenant's `any` rules
-        self.any_by_scope: dict[str | None, dict[int, frozenset[str]]] = {}
+        self.any_by_scope: dict[str | None, dict[int, int]] = {}
         self.order: dict[int, OrderKey] = {}
         self.tenant_of: dict[int, str] = {}
         self._cache: dict[tuple[str, frozenset[Key]], Lists] = {}
-        self._base: dict[str, dict[int, frozenset[str]]] = {}  # tenant -> the `any` rules it gets
+        self._base: dict[str, dict[int, int]] = {}  # tenant -> the `any` rules it gets
+        # rule id -> its position in evaluation order: set by `rank()` (a bulk build, after every rule
+        # is in), dropped by any add/remove; while set, lists sort by an int instead of an OrderKey
+        self._rank: dict[int, int] | None = None
 
     def add(self, cr: CompiledRule) -> None:
         rid = cr.ir.id
@@ -42,10 +51,10 @@ class SpanIndex:
             rules = self.by_group.get(g)
             if rules is None:
                 rules = self.by_group[g] = {}
-            rules[rid] = dirs
+            rules[rid] = _mask(dirs)
         if cr.any_dirs:
             scope = None if cr.tenant == PROVIDER_TENANT else cr.tenant
-            self.any_by_scope.setdefault(scope, {})[rid] = cr.any_dirs
+            self.any_by_scope.setdefault(scope, {})[rid] = _mask(cr.any_dirs)
         self.clear_cache()
 
     def remove(self, cr: CompiledRule) -> None:
@@ -70,6 +79,14 @@ class SpanIndex:
     def clear_cache(self) -> None:
         self._cache.clear()
         self._base.clear()
+        self._rank = None
+
+    def rank(self) -> None:
+        """Number the rules in evaluation order (one sort of every rule), so that the lists computed
+        next sort by int. Worth it before computing many lists at once (the initial build); OrderKeys
+        are unique per rule (tenant, policy, index), so the order is the same either way."""
+        order = self.order
+        self._rank = {rid: i for i, rid in enumerate(sorted(order, key=order.__getitem__))}
 
     def lists(self, tenant: str, groups: Iterable[Key]) -> Lists:
         by_group = self.by_group
@@ -93,10 +110,16 @@ class SpanIndex:
                     continue
                 have = dirs.get(rid)
                 dirs[rid] = d if have is None else have | d
-        ordered = sorted(dirs, key=self.order.__getitem__)
-        out = (
-            tuple(i for i in ordered if EGRESS in dirs[i]),
-            tuple(i for i in ordered if INGRESS in dirs[i]),
-        )
+        rank = self._rank
+        ordered = sorted(dirs, key=(self.order if rank is None else rank).__getitem__)
+        egress: list[int] = []
+        ingress: list[int] = []
+        for i in ordered:
+            d = dirs[i]
+            if d & _E:
+                egress.append(i)
+            if d & _I:
+                ingress.append(i)
+        out = (tuple(egress), tuple(ingress))
         self._cache[sig] = out
         return out
