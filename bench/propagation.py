@@ -366,7 +366,14 @@ def _timed_post(post: Any, acked: dict[int, float]) -> Any:
 
 
 def bench_fanout(
-    n: int, procs: int, changes: int, api_seconds: float, api_threads: int, store: str = "sqlite"
+    n: int,
+    procs: int,
+    changes: int,
+    api_seconds: float,
+    api_threads: int,
+    store: str = "sqlite",
+    poll: float = 0.25,
+    poll_after: float = 0.25,
 ) -> dict[str, Any]:
     from omniwall.lab.managed import ControlPlane, stop_control_plane
 
@@ -433,8 +440,11 @@ def bench_fanout(
             # Done when GET /v1/status shows every host at `rev`. Polled slowly: with N hosts the call
             # is not free, and polling fast would slow down the acks it waits for. The latency itself
             # comes from the agents' own clocks (the ack POST answered), so polling adds nothing to it.
+            first = True
             while True:
-                time.sleep(0.25)
+                # the first look after `poll_after` (no change is acked sooner), then every `poll`
+                time.sleep(poll_after if first else poll)
+                first = False
                 # several managers: merged, each host as the manager its agent is attached to sees it
                 hs = client.get("/v1/status").json()["hosts"] if cp.managers == 1 else cp.status()["hosts"]
                 if all(hs[h]["realizedRevision"] >= rev for h in hosts):
@@ -603,6 +613,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--agents", type=int, default=1000, help="(b) agents")
     ap.add_argument("--procs", type=int, default=4, help="(b) agent processes")
     ap.add_argument("--fanout-changes", type=int, default=30, help="(b) changes")
+    ap.add_argument(
+        "--poll", type=float, default=0.25, help="(b) s between GET /v1/status looks (each costs CPU)"
+    )
+    ap.add_argument("--poll-after", type=float, default=0.25, help="(b) s before the first look")
     ap.add_argument("--api-seconds", type=float, default=10.0, help="(c) seconds per phase")
     ap.add_argument("--api-threads", type=int, default=4, help="(c) client threads")
     ap.add_argument(
@@ -640,6 +654,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.api_seconds if "c" in parts else 0,
                 args.api_threads,
                 store,
+                args.poll,
+                args.poll_after,
             )
             api = fan.pop("api", None)
             if "b" in parts:
