@@ -110,12 +110,7 @@ class Reporter:
         """Send everything again (a manager we just attached to may know nothing of this host), on a new
         stream: the open one may lead to the manager we left."""
         self._drop_upstream()
-        self._epoch += 1
-        self._sent_revision = self._sent_error = None
-        self._sent_addresses = None
-        self._sent_counters = None
-        self._sent_conntrack = None
-        self._dirty.set()
+        self._forget_sent()
 
     def set_addresses(self, addresses: Addresses) -> None:
         if addresses != self.addresses:
@@ -232,12 +227,16 @@ class Reporter:
         if reason != "closed by the agent":
             log.warning("status stream to %s ended: %s; reporting by POST", self._manager(), reason)
             self._stream_ok = False
-            self._epoch += 1
-            self._sent_revision = self._sent_error = None
-            self._sent_addresses = None
-            self._sent_counters = None
-            self._sent_conntrack = None
-            self._dirty.set()
+            self._forget_sent()
+
+    def _forget_sent(self) -> None:
+        """Report everything again, in a new epoch: the manager may have missed what was sent."""
+        self._epoch += 1
+        self._sent_revision = self._sent_error = None
+        self._sent_addresses = None
+        self._sent_counters = None
+        self._sent_conntrack = None
+        self._dirty.set()
 
     def _drop_upstream(self) -> None:
         up, self._upstream = self._upstream, None

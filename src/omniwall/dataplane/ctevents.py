@@ -78,6 +78,17 @@ _V4_DESTROY = re.compile(
 ).match
 
 
+def _texts4(src: bytes, dst: bytes, cache: dict[bytes, str]) -> tuple[str, str]:
+    """Two IPv4 addresses as text, through `cache` (a host sees few distinct addresses)."""
+    s = cache.get(src)
+    if s is None:
+        s = cache[src] = socket.inet_ntop(socket.AF_INET, src)
+    d = cache.get(dst)
+    if d is None:
+        d = cache[dst] = socket.inet_ntop(socket.AF_INET, dst)
+    return s, d
+
+
 def parse_destroy(
     data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str] | None = None
 ) -> CtDestroy | None:
@@ -87,13 +98,7 @@ def parse_destroy(
     if m is None:
         return _parse_destroy_v4(data, off, end, family, addrs)
     src, dst, proto, sport, dport, po, bo, pr, br, mark = m.groups()
-    cache = addrs if addrs is not None else {}
-    s = cache.get(src)
-    if s is None:
-        s = cache[src] = socket.inet_ntop(socket.AF_INET, src)
-    d = cache.get(dst)
-    if d is None:
-        d = cache[dst] = socket.inet_ntop(socket.AF_INET, dst)
+    s, d = _texts4(src, dst, addrs if addrs is not None else {})
     return (
         proto[0], s, d, int.from_bytes(sport), int.from_bytes(dport),
         int.from_bytes(po) + int.from_bytes(pr), int.from_bytes(bo) + int.from_bytes(br),
@@ -122,13 +127,7 @@ def _parse_destroy_v4(
     if _V4_ORIG(data, off) is None:
         return _parse_destroy(data, off, end, family, addrs)
     src, dst, proto, sport, dport = _V4_FIELDS(data, off)
-    cache = addrs if addrs is not None else {}
-    s = cache.get(src)
-    if s is None:
-        s = cache[src] = socket.inet_ntop(socket.AF_INET, src)
-    d = cache.get(dst)
-    if d is None:
-        d = cache[dst] = socket.inet_ntop(socket.AF_INET, dst)
+    s, d = _texts4(src, dst, addrs if addrs is not None else {})
     packets = nbytes = mark = 0
     off += 52
     hh, ctr, fields = _HH, _CTR, _CTR_FIELDS
