@@ -22,6 +22,7 @@ in aggregate: at most one audit entry per window, however many failures.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -149,6 +150,16 @@ def agent_certificates(state: Any) -> dict[str, dict[str, str]]:
     return seen  # type: ignore[no-any-return]
 
 
+def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The token of the request's first `Authorization: Bearer <token>` header (ASGI's raw headers);
+    None without one, with another scheme, or an empty token."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
 async def authenticate(request: Request) -> Principal:
     """FastAPI dependency: the caller's principal, or 401 / 403 / 429. Async: a cached token is checked
     on the event loop (no thread hop per request); otherwise the store read runs in the threadpool."""
@@ -162,9 +173,8 @@ async def authenticate(request: Request) -> Principal:
             headers={"Retry-After": str(wait)},
             retryAfter=wait,
         )
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(request.scope["headers"])
+    if token is None:
         raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
     tokens = manager_of(request).tokens
     rec = tokens.verify_cached(token) or await run_in_threadpool(tokens.verify, token)
@@ -212,14 +222,8 @@ def cached_principal(state: Any, scope: Any) -> Principal | None:
         client = scope.get("client")
         if guard.retry_after(client[0] if client else "unknown") is not None or (guard.audit and guard.due()):
             return None
-    token = ""
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer":
-                return None
-            break
-    if not token.strip():
+    token = bearer_token(scope["headers"])
+    if token is None:
         return None
     rec = state.manager.tokens.verify_cached(token)
     if rec is None:

@@ -57,6 +57,7 @@ from .auth import (
     Perm,
     Principal,
     authenticate,
+    bearer_token,
     cached_principal,
     check_visible,
     manager_of,
@@ -231,6 +232,22 @@ def stream_stats(state: Any) -> StreamStats:
     return stats
 
 
+def _body_limit(state: Any) -> int:
+    """The largest status report taken, in bytes (the app's `Limits`)."""
+    limits = getattr(state, "limits", None)
+    return (limits if isinstance(limits, Limits) else Limits()).max_apply_bytes
+
+
+async def _take_report(m: Manager, host: str, report: StatusIn | StatusReport, p: Principal) -> None:
+    """Record an agent's report; its addresses follow the workload (manager/addresses.py; may write the
+    store: in the threadpool). The status route and the status stream both take reports so."""
+    record(m, host, report)
+    if report.addresses:
+        from omniwall.manager.addresses import agent_actor, reconcile
+
+        await run_in_threadpool(reconcile, m, host, report.addresses, agent_actor(host, p.id))
+
+
 def _json_line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
@@ -292,8 +309,7 @@ class AgentPath:
         p = cached_principal(self.state, scope)
         if p is None or _host_refusal(p, host, Perm.STATUS_WRITE, m) is not None:
             return receive  # the full route answers the refusal
-        limits = getattr(self.state, "limits", None)
-        limit = (limits if isinstance(limits, Limits) else Limits()).max_apply_bytes
+        limit = _body_limit(self.state)
         for name, value in scope["headers"]:
             if name == b"content-length" and (not value.isdigit() or int(value) > limit):
                 return receive  # BodyLimit answers 413 without reading it
@@ -337,12 +353,8 @@ class StatusStream:
         self.state, self.scope, self.receive, self.send, self.host = state, scope, receive, send, host
         self.m: Manager = state.manager
         self.stats = stream_stats(state)
-        limits = getattr(state, "limits", None)
-        self.limit = (limits if isinstance(limits, Limits) else Limits()).max_apply_bytes
-        self.token = ""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                self.token = value.decode("latin-1").partition(" ")[2]
+        self.limit = _body_limit(state)
+        self.token = bearer_token(scope["headers"]) or ""  # checked again before each line
         self.line_no = 0
 
     async def _refuse_start(self, e: ApiError) -> None:
@@ -431,11 +443,7 @@ class StatusStream:
                 log.warning("host %s: status line %d refused: %s", self.host, self.line_no, why)
                 await self._out({"type": "refused", "line": self.line_no, "error": why})
                 return None
-        record(m, self.host, report)
-        if report.addresses:  # as the status route: addresses follow the workload (may write the store)
-            from omniwall.manager.addresses import agent_actor, reconcile
-
-            await run_in_threadpool(reconcile, m, self.host, report.addresses, agent_actor(self.host, p.id))
+        await _take_report(m, self.host, report, p)
         return None
 
 
@@ -507,11 +515,7 @@ def router() -> APIRouter:
     ) -> dict[str, Any]:
         m = manager_of(request)
         _check_host(p, host, Perm.STATUS_WRITE, m)
-        record(m, host, report)
-        if report.addresses:  # addresses follow the workload (manager/addresses.py)
-            from omniwall.manager.addresses import agent_actor, reconcile
-
-            await run_in_threadpool(reconcile, m, host, report.addresses, agent_actor(host, p.id))
+        await _take_report(m, host, report, p)
         return {"host": host, **m.host_status(host)}
 
     @r.get("/v1/policies/{name}/stats", tags=["Policy"], summary="per-rule counters summed across hosts")
