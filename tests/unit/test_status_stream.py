@@ -17,9 +17,10 @@ from apihelpers import ACME_TWO_HOSTS, ADMIN_AND_AGENTS, issue_tokens, seeded_ma
 from omniwall.agent.reporter import Reporter
 from omniwall.agent.upstream import StatusUpstream
 from omniwall.api.app import create_app
-from omniwall.api.feed import STREAM_HEADER, stream_stats
+from omniwall.api.feed import stream_stats
 from omniwall.manager.service import SYSTEM, Manager
 from omniwall.store.memory import MemoryStore
+from omniwall.stream.wire import STATUS_STREAM_HEADER
 
 World = tuple[str, Manager, dict[str, str], object]
 
@@ -72,7 +73,7 @@ def test_the_feed_advertises_status_streams(world: World) -> None:
         params={"follow": "false"},
         headers={"Authorization": f"Bearer {tokens['h1']}"},
     )
-    assert r.status_code == 200 and r.headers[STREAM_HEADER] == "1"
+    assert r.status_code == 200 and r.headers[STATUS_STREAM_HEADER] == "1"
 
 
 def test_lines_are_recorded_as_they_come_and_a_bad_line_is_refused_and_counted(world: World) -> None:

@@ -25,9 +25,15 @@ from urllib.parse import quote
 
 import httpx
 
-from omniwall.stream.wire import Command, Delta, Heartbeat, Snapshot, Unknown, decode
-
-STATUS_STREAM_HEADER = "X-Omniwall-Status-Stream"  # api/feed.py STREAM_HEADER
+from omniwall.stream.wire import (
+    STATUS_STREAM_HEADER,
+    Command,
+    Delta,
+    Heartbeat,
+    Snapshot,
+    Unknown,
+    decode,
+)
 
 
 class FeedError(Exception):

@@ -44,6 +44,7 @@ from starlette.concurrency import run_in_threadpool
 from omniwall.compiler.ir import empty_state
 from omniwall.manager.service import Manager
 from omniwall.stream.wire import (
+    STATUS_STREAM_HEADER,
     StatusIn,
     StatusReport,
     command_line,
@@ -201,7 +202,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 STATUS_PATH = "/v1/hosts/{host}/status"
 STREAM_SUFFIX = "/status/stream"
-STREAM_HEADER = "X-Omniwall-Status-Stream"  # on the feed's response: this manager takes status streams
 
 
 class _StatusRoute:
@@ -498,7 +498,7 @@ def router() -> APIRouter:
         return StreamingResponse(
             feed_lines(m, host, from_, follow=follow, heartbeat=heartbeat),
             media_type=NDJSON,
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", STREAM_HEADER: "1"},
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", STATUS_STREAM_HEADER: "1"},
         )
 
     @r.get("/v1/hosts/{host}/desired", summary="the host's current desired state (HostDesiredState JSON)")

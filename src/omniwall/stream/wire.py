@@ -10,6 +10,8 @@ Agent -> manager (`POST /v1/hosts/{host}/status`), one JSON object:
     {"realized_revision":R, "error":null, "counters":[{"rule_id":1,"packets":2,"bytes":3}],
      "addresses":{...}}
 Unknown message types must be ignored by readers (forward compatibility).
+A feed response with the header `X-Omniwall-Status-Stream: 1` (`STATUS_STREAM_HEADER`) says the
+manager also takes those reports as lines on one long-lived `POST /v1/hosts/{host}/status/stream`.
 
 A delta's set updates carry added and removed elements only (`SetUpdate`; its in-memory `result` is
 marked `wire: False` and `plain()` leaves it out), so a member change costs the same bytes whatever the
@@ -34,6 +36,8 @@ from omniwall.compiler.ir import HostDelta, HostDesiredState, delta_from_json, p
 # kept off the wire (`SetUpdate.result`, `wire: False`) lives in a delta's set updates: those alone
 # go through `plain`.
 _ENCODER = msgspec.json.Encoder(order="sorted")
+
+STATUS_STREAM_HEADER = "X-Omniwall-Status-Stream"  # on a feed response: this manager takes status streams
 
 
 @dataclass(frozen=True, slots=True)
