@@ -154,8 +154,7 @@ class Model:
                 try:
                     if self.store.wait(self._rev + 1, poll):
                         # etcd: up to what the store's own watch holds, not a head read (store/etcd.py)
-                        watched = getattr(self.store, "watched_revision", None)
-                        self.sync(watched() if watched is not None else None)
+                        self.sync(self.store.watched_revision())
                     if away:
                         log.warning("store reachable again; the model follows it from revision %d", self._rev)
                         away = False

@@ -150,6 +150,12 @@ class Store(Protocol):
         """Block until the store revision is >= `revision` or `timeout` passes; True if reached."""
         ...
 
+    def watched_revision(self) -> int | None:
+        """The revision up to which this store already holds every change without asking its server
+        (etcd: its own watch), for a woken watcher to read up to; None when it has no such view (a
+        local store reads its head for free)."""
+        ...
+
     def history(self, key: str) -> list[Event]:
         """Every retained change of one key, oldest first."""
         ...

@@ -97,6 +97,9 @@ class MemoryStore:
     ) -> Iterator[Event]:
         return follow(self, from_revision, stop, poll)
 
+    def watched_revision(self) -> None:
+        return None  # its head is a local read
+
     def wait(self, revision: int, timeout: float) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self._rev >= revision, timeout)

@@ -171,6 +171,9 @@ class SqliteStore:
     ) -> Iterator[Event]:
         return follow(self, from_revision, stop, poll)
 
+    def watched_revision(self) -> None:
+        return None  # its head is a local read
+
     def wait(self, revision: int, timeout: float) -> bool:
         # Writes from this process notify the condition; writes from other processes are seen by polling.
         step = min(timeout, 0.1) if timeout > 0 else 0
