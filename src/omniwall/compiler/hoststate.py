@@ -96,16 +96,11 @@ class HostState:
             )
         return self._cached
 
-    def fill(
-        self,
-        g: Globals,
-        workloads: Mapping[int, Iterable[tuple[ClaimKey, IRVnic]]],
-        revision: int | None = None,
-    ) -> None:
+    def fill(self, g: Globals, workloads: Mapping[int, Iterable[tuple[ClaimKey, IRVnic]]]) -> None:
         """Bulk path for a host that holds nothing yet (initial build, new host): same result as
         `update`, with the counting, lookups and index updates done by C-level iteration (Counter, map,
         zip): at 10k hosts of ~700 rules and ~1,000 sets each, a Python-level loop per rule and set per
-        host was most of the build. `revision`: the host's new revision if it now holds a vNIC."""
+        host was most of the build."""
         assert not self.vnics and not self.claims
         self._cached = None
         claims = self.claims
@@ -132,8 +127,6 @@ class HostState:
         for s in list(filterfalse(g.set_memo.__contains__, srefs)):
             g.set_current(s)
         _add_host(g.rule_hosts, refs, self.name)
-        if revision is not None and vnics:
-            self.revision = revision
 
     def sets_changed(self, updates: tuple[SetUpdate, ...], revision: int) -> HostDelta:
         """Fast path, the common one for label and IP changes: only the content of sets this host holds

@@ -358,9 +358,10 @@ class IncrementalCompiler:
             if not hs.vnics and not hs.claims:
                 # Holds nothing yet (no vNIC means no rule and no set): count in bulk, diff against empty.
                 prev = hs.revision
-                hs.fill(globals_, entries, revision if emit else None)
+                hs.fill(globals_, entries)
                 delta = None
                 if emit and hs.vnics:
+                    hs.revision = revision
                     delta = diff(empty_state(h, prev), hs.state())
             else:
                 delta = hs.update(globals_, entries, p.changed_ids, set_changes, revision, emit)
