@@ -17,7 +17,7 @@ import socket
 import struct
 
 from omniwall.dataplane.netns import in_netns
-from omniwall.dataplane.nflog import RECV_SIZE, queued_datagrams
+from omniwall.dataplane.nflog import RECV_SIZE, addr_text, queued_datagrams
 
 NETLINK_NETFILTER = 12
 NFNLGRP_CONNTRACK_DESTROY = 3
@@ -78,17 +78,6 @@ _V4_DESTROY = re.compile(
 ).match
 
 
-def _texts4(src: bytes, dst: bytes, cache: dict[bytes, str]) -> tuple[str, str]:
-    """Two IPv4 addresses as text, through `cache` (a host sees few distinct addresses)."""
-    s = cache.get(src)
-    if s is None:
-        s = cache[src] = socket.inet_ntop(socket.AF_INET, src)
-    d = cache.get(dst)
-    if d is None:
-        d = cache[dst] = socket.inet_ntop(socket.AF_INET, dst)
-    return s, d
-
-
 def parse_destroy(
     data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str] | None = None
 ) -> CtDestroy | None:
@@ -98,7 +87,8 @@ def parse_destroy(
     if m is None:
         return _parse_destroy_v4(data, off, end, family, addrs)
     src, dst, proto, sport, dport, po, bo, pr, br, mark = m.groups()
-    s, d = _texts4(src, dst, addrs if addrs is not None else {})
+    cache = addrs if addrs is not None else {}
+    s, d = addr_text(cache, src), addr_text(cache, dst)
     return (
         proto[0], s, d, int.from_bytes(sport), int.from_bytes(dport),
         int.from_bytes(po) + int.from_bytes(pr), int.from_bytes(bo) + int.from_bytes(br),
@@ -127,7 +117,8 @@ def _parse_destroy_v4(
     if _V4_ORIG(data, off) is None:
         return _parse_destroy(data, off, end, family, addrs)
     src, dst, proto, sport, dport = _V4_FIELDS(data, off)
-    s, d = _texts4(src, dst, addrs if addrs is not None else {})
+    cache = addrs if addrs is not None else {}
+    s, d = addr_text(cache, src), addr_text(cache, dst)
     packets = nbytes = mark = 0
     off += 52
     hh, ctr, fields = _HH, _CTR, _CTR_FIELDS
@@ -227,13 +218,7 @@ def parse_tuple(data: bytes, a: int, e: int, addrs: dict[bytes, str]) -> Tuple |
         a += (ln + 3) & ~3
     if src is None or dst is None or len(src) not in _AF or len(dst) not in _AF:
         return None
-    s = addrs.get(src)
-    if s is None:
-        s = addrs[src] = socket.inet_ntop(_AF[len(src)], src)
-    d = addrs.get(dst)
-    if d is None:
-        d = addrs[dst] = socket.inet_ntop(_AF[len(dst)], dst)
-    return (proto, s, d, sport, dport, icmp_id, icmp_type, icmp_code)
+    return (proto, addr_text(addrs, src), addr_text(addrs, dst), sport, dport, icmp_id, icmp_type, icmp_code)
 
 
 class CtEventReader:

@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from omniwall.dataplane.backend import ConnEntry
 from omniwall.dataplane.ctevents import parse_tuple
 from omniwall.dataplane.netns import NetnsThread
+from omniwall.dataplane.nflog import RECV_SIZE
 
 NETLINK_NETFILTER = 12
 NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
@@ -121,7 +122,7 @@ class ConntrackMirror:
         self._addrs: dict[bytes, str] = {}
         # received into, copied out per datagram: recv(256 KB) allocates its result anew (an mmap and an
         # munmap, ~10 us a call here) for each event of a few hundred bytes
-        self._buf = bytearray(1 << 18)
+        self._buf = bytearray(RECV_SIZE)
         self._by_addr: dict[str, set[Orig]] = {}
         self.resyncs = 0  # seeds after the first (lost events)
         self.events = 0

@@ -163,7 +163,9 @@ def _flow_log(prefix: bytes, p: bytes, indev: int, outdev: int) -> FlowLog | Non
     return _flow_headers(head, p, indev, outdev, {})
 
 
-def _addr(addrs: dict[bytes, str], raw: bytes) -> str:
+def addr_text(addrs: dict[bytes, str], raw: bytes) -> str:
+    """A 4- or 16-byte address as text, through the cache `addrs` (a host sees few distinct addresses;
+    the NFLOG and conntrack-event readers each keep one, bounded)."""
     s = addrs.get(raw)
     if s is None:
         s = addrs[raw] = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
@@ -176,9 +178,9 @@ def _flow_headers(
     rule_id, verdict, hop = head
     ver = p[0] >> 4
     if ver == 4 and len(p) >= 20:
-        proto, src, dst, l4 = p[9], _addr(addrs, p[12:16]), _addr(addrs, p[16:20]), (p[0] & 0xF) * 4
+        proto, src, dst, l4 = p[9], addr_text(addrs, p[12:16]), addr_text(addrs, p[16:20]), (p[0] & 0xF) * 4
     elif ver == 6 and len(p) >= 40:
-        proto, src, dst, l4 = p[6], _addr(addrs, p[8:24]), _addr(addrs, p[24:40]), 40
+        proto, src, dst, l4 = p[6], addr_text(addrs, p[8:24]), addr_text(addrs, p[24:40]), 40
     else:
         return None
     sport = dport = 0
@@ -403,13 +405,7 @@ class NflogReader:
                 head = prefixes[prefix] = _flow_prefix(prefix) or ()
             if not head:
                 continue
-            src, dst = ips[:4], ips[4:]
-            s = addrs.get(src)
-            if s is None:
-                s = addrs[src] = socket.inet_ntop(socket.AF_INET, src)
-            d = addrs.get(dst)
-            if d is None:
-                d = addrs[dst] = socket.inet_ntop(socket.AF_INET, dst)
+            s, d = addr_text(addrs, ips[:4]), addr_text(addrs, ips[4:])
             sport, dport = _PORTS(ports)
             log = (*head, proto[0], s, d, sport, dport, int.from_bytes(indev), int.from_bytes(outdev))
             out[log] = out.get(log, 0) + k  # type: ignore[index]
