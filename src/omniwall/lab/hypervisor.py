@@ -71,17 +71,13 @@ class Hypervisor:
             log.info("migration %s of %s to %s: not a workload or host of this lab, left alone", mid, key, to)
             self.done.add(mid)
             return
-        if not self.waits(key, mid):
-            log.info("migration %s of %s: no longer waits in switching, left alone", mid, key)
-            self.done.add(mid)
-            return
         self.moving = True
         try:
             t0 = time.monotonic()
             moved = switch_vnics(st.name, key, to, waiting=lambda: self.waits(key, mid))
             ms = (time.monotonic() - t0) * 1000
-        except StaleSwitch:  # it ended between the two looks: someone else moved the vNIC
-            log.info("migration %s of %s: ended before the move, left alone", mid, key)
+        except StaleSwitch:  # read late: it no longer waits (asked under the lock, before a move)
+            log.info("migration %s of %s: no longer waits in switching, left alone", mid, key)
             self.done.add(mid)
             return
         except GuestMigrationError as e:
