@@ -37,6 +37,8 @@ fam = lambda h: socket.AF_INET6 if ":" in h else socket.AF_INET
 PAT = bytes(range(251)) * 300
 def out(d):
     sys.stdout.write(json.dumps(d) + "\n"); sys.stdout.flush()
+def tally(d, e):  # errors counted by kind: refused, reset, timed out, no route
+    k = f"{type(e).__name__}: {e}"[:60]; d[k] = d.get(k, 0) + 1
 if role == "tcp-echo":
     s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); s.bind(("::", int(args[0]))); s.listen(64)
@@ -47,8 +49,7 @@ if role == "tcp-echo":
                 d = c.recv(65536)
                 if not d: break
                 c.sendall(d)
-        except OSError as e:
-            k = f"{type(e).__name__}: {e}"[:60]; errors[k] = errors.get(k, 0) + 1
+        except OSError as e: tally(errors, e)
         finally: c.close()
     s.settimeout(0.2)
     out({"ready": True})
@@ -134,9 +135,8 @@ elif role == "tcp-churn":
                 got += d
             c.close(); st["ok"] += 1
             if time.monotonic() - t0 > 0.5: st["slow"] += 1
-        except OSError as e:  # which error says where it failed: refused, reset, timed out
-            st["failed"] += 1; why = st.setdefault("errors", {}); k = f"{type(e).__name__}: {e}"[:60]
-            why[k] = why.get(k, 0) + 1
+        except OSError as e:
+            st["failed"] += 1; tally(st.setdefault("errors", {}), e)
         time.sleep(0.01)
     out(st)
 elif role == "tcp-prober":
