@@ -6,9 +6,11 @@ token ends the stream, and an agent whose stream ends re-sends its report by POS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -40,6 +42,21 @@ async def until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def streaming_reporter(url: str, host: str, token: str, **kw: Any) -> AsyncIterator[Reporter]:
+    """A running Reporter whose manager advertised status streams; stopped and closed after."""
+    async with httpx.AsyncClient() as client:
+        rep = Reporter(client, url, host, token, **kw)
+        rep.use_stream(True)
+        task = asyncio.create_task(rep.run())
+        try:
+            yield rep
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await rep.aclose()
 
 
 def raw_stream(url: str, host: str, token: str) -> socket.socket:
@@ -128,28 +145,20 @@ def test_the_reporter_streams_and_falls_back_to_post_when_the_token_is_revoked(w
     url, m, tokens, _ = world
 
     async def go() -> None:
-        async with httpx.AsyncClient() as client:
-            rep = Reporter(client, url, "h1", tokens["h1"])
-            rep.use_stream(True)
-            task = asyncio.create_task(rep.run())
-            try:
-                rep.set_realized(3, None)
-                await until(lambda: m.hosts.get("h1").realized_revision == 3, "revision 3 recorded")
-                rep.set_realized(4, None)
-                await until(lambda: m.hosts.get("h1").realized_revision == 4, "revision 4 recorded")
-                assert (rep.streamed, rep.posts) == (2, 0)
-                # revoked: the manager ends the stream with the reason; the reporter goes back to POSTs
-                tid = tokens["h1"].split(".")[1]
-                m.tokens.revoke(tid, SYSTEM)
-                rep.set_realized(5, None)
-                await until(lambda: rep.last_stream_close is not None, "the stream's end")
-                assert "401" in (rep.last_stream_close or "") and "revoked" in (rep.last_stream_close or "")
-                assert m.hosts.get("h1").realized_revision == 4  # never recorded with a revoked token
-                assert not rep._stream_ok
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                await rep.aclose()
+        async with streaming_reporter(url, "h1", tokens["h1"]) as rep:
+            rep.set_realized(3, None)
+            await until(lambda: m.hosts.get("h1").realized_revision == 3, "revision 3 recorded")
+            rep.set_realized(4, None)
+            await until(lambda: m.hosts.get("h1").realized_revision == 4, "revision 4 recorded")
+            assert (rep.streamed, rep.posts) == (2, 0)
+            # revoked: the manager ends the stream with the reason; the reporter goes back to POSTs
+            tid = tokens["h1"].split(".")[1]
+            m.tokens.revoke(tid, SYSTEM)
+            rep.set_realized(5, None)
+            await until(lambda: rep.last_stream_close is not None, "the stream's end")
+            assert "401" in (rep.last_stream_close or "") and "revoked" in (rep.last_stream_close or "")
+            assert m.hosts.get("h1").realized_revision == 4  # never recorded with a revoked token
+            assert not rep._stream_ok
 
     asyncio.run(go())
 
@@ -158,28 +167,20 @@ def test_a_lost_stream_makes_the_reporter_resend_by_post(world: World) -> None:
     url, m, tokens, _ = world
 
     async def go() -> None:
-        async with httpx.AsyncClient() as client:
-            rep = Reporter(client, url, "h2", tokens["h2"])
+        async with streaming_reporter(url, "h2", tokens["h2"]) as rep:
+            rep.set_realized(6, None)
+            await until(lambda: m.hosts.get("h2").realized_revision == 6, "revision 6 recorded")
+            # the connection breaks (a manager killed): the whole report goes again, by POST
+            m.hosts.report("h2", m.now_iso(), 0, None, None, None, None)  # as if never recorded
+            assert rep._upstream is not None and rep._upstream._writer is not None
+            rep._upstream._writer.transport.abort()
+            await until(lambda: m.hosts.get("h2").realized_revision == 6, "revision 6 re-sent")
+            assert rep.posts == 1 and "connection lost" in (rep.last_stream_close or "")
+            # the next feed connection advertises streams again: a new stream, whole report first
             rep.use_stream(True)
-            task = asyncio.create_task(rep.run())
-            try:
-                rep.set_realized(6, None)
-                await until(lambda: m.hosts.get("h2").realized_revision == 6, "revision 6 recorded")
-                # the connection breaks (a manager killed): the whole report goes again, by POST
-                m.hosts.report("h2", m.now_iso(), 0, None, None, None, None)  # as if never recorded
-                assert rep._upstream is not None and rep._upstream._writer is not None
-                rep._upstream._writer.transport.abort()
-                await until(lambda: m.hosts.get("h2").realized_revision == 6, "revision 6 re-sent")
-                assert rep.posts == 1 and "connection lost" in (rep.last_stream_close or "")
-                # the next feed connection advertises streams again: a new stream, whole report first
-                rep.use_stream(True)
-                rep.resend()
-                streamed = rep.streamed
-                await until(lambda: rep.streamed == streamed + 1, "the report on a new stream")
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                await rep.aclose()
+            rep.resend()
+            streamed = rep.streamed
+            await until(lambda: rep.streamed == streamed + 1, "the report on a new stream")
 
     asyncio.run(go())
 
@@ -193,30 +194,22 @@ def test_the_end_of_a_replaced_stream_leaves_the_reporter_on_its_new_one(world: 
     url, m, tokens, _ = world
 
     async def go() -> None:
-        async with httpx.AsyncClient() as client:
-            rep = Reporter(client, url, "h1", tokens["h1"])
-            rep.use_stream(True)
-            task = asyncio.create_task(rep.run())
-            try:
-                rep.set_realized(3, None)
-                await until(lambda: m.hosts.get("h1").realized_revision == 3, "revision 3 recorded")
-                old = rep._upstream
-                assert old is not None and old._writer is not None
-                # a failover: the feed reconnects (resend), and the old stream's reader then finds its
-                # connection dead (before its own close ran): not the reporter's stream any more
-                rep.resend()
-                old.on_closed("connection lost: ConnectionResetError")
-                assert rep._stream_ok
-                await until(lambda: rep.streamed == 2, "the whole report on a new stream")
-                await asyncio.sleep(0.1)
-                assert rep._stream_ok and rep.posts == 0
-                rep.set_realized(4, None)
-                await until(lambda: m.hosts.get("h1").realized_revision == 4, "revision 4 recorded")
-                assert rep.streamed == 3 and rep.posts == 0
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                await rep.aclose()
+        async with streaming_reporter(url, "h1", tokens["h1"]) as rep:
+            rep.set_realized(3, None)
+            await until(lambda: m.hosts.get("h1").realized_revision == 3, "revision 3 recorded")
+            old = rep._upstream
+            assert old is not None and old._writer is not None
+            # a failover: the feed reconnects (resend), and the old stream's reader then finds its
+            # connection dead (before its own close ran): not the reporter's stream any more
+            rep.resend()
+            old.on_closed("connection lost: ConnectionResetError")
+            assert rep._stream_ok
+            await until(lambda: rep.streamed == 2, "the whole report on a new stream")
+            await asyncio.sleep(0.1)
+            assert rep._stream_ok and rep.posts == 0
+            rep.set_realized(4, None)
+            await until(lambda: m.hosts.get("h1").realized_revision == 4, "revision 4 recorded")
+            assert rep.streamed == 3 and rep.posts == 0
 
     asyncio.run(go())
 
@@ -225,22 +218,14 @@ def test_an_idle_stream_gets_empty_lines_that_the_manager_skips(world: World) ->
     url, m, tokens, state = world
 
     async def go() -> None:
-        async with httpx.AsyncClient() as client:
-            rep = Reporter(client, url, "h1", tokens["h1"], counters_interval=3600.0)
+        async with streaming_reporter(url, "h1", tokens["h1"], counters_interval=3600.0) as rep:
             rep.stream_idle = 0.1
-            rep.use_stream(True)
-            task = asyncio.create_task(rep.run())
-            try:
-                rep.set_realized(2, None)
-                await until(lambda: m.hosts.get("h1").realized_revision == 2, "revision 2 recorded")
-                up = rep._upstream
-                assert up is not None
-                await until(lambda: up.lines >= 4, "keep-alive lines on the idle stream")
-                assert rep.streamed == 1 and stream_stats(state).lines == 1  # empty lines are no reports
-                assert not up.closed and stream_stats(state).refused == 0
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                await rep.aclose()
+            rep.set_realized(2, None)
+            await until(lambda: m.hosts.get("h1").realized_revision == 2, "revision 2 recorded")
+            up = rep._upstream
+            assert up is not None
+            await until(lambda: up.lines >= 4, "keep-alive lines on the idle stream")
+            assert rep.streamed == 1 and stream_stats(state).lines == 1  # empty lines are no reports
+            assert not up.closed and stream_stats(state).refused == 0
 
     asyncio.run(go())
