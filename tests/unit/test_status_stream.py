@@ -175,6 +175,8 @@ def test_a_lost_stream_makes_the_reporter_resend_by_post(world: World) -> None:
             assert rep._upstream is not None and rep._upstream._writer is not None
             rep._upstream._writer.transport.abort()
             await until(lambda: m.hosts.get("h2").realized_revision == 6, "revision 6 re-sent")
+            # the manager records the report before its answer reaches the reporter, which counts it then
+            await until(lambda: rep.posts == 1, "the POST's answer")
             assert rep.posts == 1 and "connection lost" in (rep.last_stream_close or "")
             # the next feed connection advertises streams again: a new stream, whole report first
             rep.use_stream(True)
