@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from apihelpers import ACME_TWO_HOSTS, ADMIN_AND_AGENTS, issue_tokens, seeded_manager, serving
+from apihelpers import ACME_TWO_HOSTS, ADMIN_AND_AGENTS, Grants, auth, issue_tokens, seeded_manager, serving
 
 from omniwall.agent.reporter import Reporter
 from omniwall.agent.upstream import StatusUpstream
@@ -122,6 +122,41 @@ def test_lines_are_recorded_as_they_come_and_a_bad_line_is_refused_and_counted(w
         assert b'"type":"closed","status":200,"lines":4' in tail, tail
     finally:
         s.close()
+
+
+# Every kind of caller (the authorization matrix's principals, test_api_authz.py): the stream is not a
+# FastAPI route, so the matrix's route enumeration does not see it; here it must answer at its start
+# exactly as the status route it replaces does.
+CALLERS: Grants = {
+    "provider-admin": ("provider-admin", {}),
+    "auditor": ("auditor", {}),
+    "tenant-admin": ("tenant-admin", {"tenant": "acme"}),
+    "tenant-viewer": ("tenant-viewer", {"tenant": "acme"}),
+    "identity-source": ("identity-source", {}),
+    "agent of h1": ("agent", {"host": "h1"}),
+    "agent of h2": ("agent", {"host": "h2"}),
+}
+
+
+@pytest.mark.parametrize("caller", [*CALLERS, "a revoked token", "no such token"])
+def test_every_caller_gets_at_the_start_what_the_status_route_answers(world: World, caller: str) -> None:
+    url, m, _, _ = world
+    tokens = issue_tokens(m, CALLERS)
+    tokens["a revoked token"] = revoked = issue_tokens(m, {"r": ("agent", {"host": "h1"})})["r"]
+    m.tokens.revoke(revoked.split(".")[1], SYSTEM)
+    tokens["no such token"] = "ow.000000000000.nothing"
+    token = tokens[caller]
+    route = httpx.post(
+        f"{url}/v1/hosts/h1/status", json={"realized_revision": 0, "error": None}, headers=auth(token)
+    ).status_code
+    s = raw_stream(url, "h1", token)
+    try:
+        head = read_until(s, b"\r\n\r\n")
+    finally:
+        s.close()
+    stream = int(head.split(b" ", 2)[1])
+    assert stream == route, (caller, head)
+    assert (route == 200) == (caller == "agent of h1"), (caller, route)
 
 
 def test_another_hosts_token_is_refused_at_the_start(world: World) -> None:
