@@ -4,33 +4,19 @@ for every expression kind the renderer emits, for whole tables and for increment
 
 from __future__ import annotations
 
-import json
 import random
 import subprocess
 from dataclasses import replace
-from typing import Any
 
 import pytest
-from topo import state
+from nftcheck import canonical, mutate
 
 from nft_rich import ALL_KINDS, kinds, rich_state
-from omniwall.compiler.ir import HostDesiredState, IRVnic, ServiceMatch, diff
+from omniwall.compiler.ir import ServiceMatch, diff
 from omniwall.dataplane.nft.libnft import Nft, NftError
 from omniwall.dataplane.nft.render import render_table
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("root_untouched")]
-
-
-def canonical(listing: list[dict[str, Any]]) -> list[str]:
-    """A JSON listing without handles, set elements sorted (hash order is not ours)."""
-    out = []
-    for obj in listing:
-        ((kind, body),) = obj.items()
-        body = {k: v for k, v in body.items() if k != "handle"}
-        if "elem" in body:
-            body["elem"] = sorted(json.dumps(e, sort_keys=True) for e in body["elem"])
-        out.append(json.dumps({kind: body}, sort_keys=True))
-    return out
 
 
 def text(nft: Nft) -> str:
@@ -73,49 +59,6 @@ def test_whole_table_lists_like_libnftables(pair, flow_group):
     assert raw.raw_writes == 2 and text(raw) == text(ref)
 
 
-def _mutate(s: HostDesiredState, rnd: random.Random) -> HostDesiredState:
-    sets, rules, vnics = (
-        {x.name: x for x in s.sets},
-        {r.id: r for r in s.rules},
-        {v.ifname: v for v in s.vnics},
-    )
-    k = rnd.randrange(7)
-    if k == 0:
-        name = rnd.choice(sorted(sets))
-        addrs = {f"10.1.{rnd.randrange(3)}.{rnd.randrange(200)}" for _ in range(rnd.randrange(4))}
-        sets[name] = replace(sets[name], addresses=tuple(sorted(addrs | {"fd00:1::1"})))
-    elif k == 1:
-        name = rnd.choice(sorted(sets))
-        cidrs = rnd.choice(
-            [(), ("10.8.0.0/16",), ("fd00:8::/64", "10.8.0.0/16"), ("10.8.0.0/16", "10.9.1.0/24")]
-        )
-        sets[name] = replace(sets[name], cidrs=tuple(sorted(cidrs)))
-    elif k == 2:
-        rid = rnd.choice(sorted(rules))
-        rules[rid] = replace(rules[rid], action=rnd.choice(["allow", "drop", "reject", "pass"]))
-    elif k == 3:
-        rid = rnd.choice(sorted(rules))
-        port = rnd.randrange(1, 60000)
-        svc = rnd.choice(
-            [ServiceMatch("tcp", ((port, port),)), ServiceMatch("udp", ((port, port + 9), (9, 9)))]
-        )
-        rules[rid] = replace(rules[rid], services=(svc,))
-    elif k == 4:
-        n = rnd.randrange(3, 6)
-        ids = tuple(rnd.sample(sorted(rules), 2))
-        vnics[f"owx{n}"] = IRVnic(f"owx{n}", f"t/x{n}", "t", (f"10.0.9.{n}", f"fd00:9::{n:x}"), ids, ids[:1])
-    elif k == 5 and len(vnics) > 2:
-        del vnics[rnd.choice(sorted(vnics))]
-    else:
-        name = rnd.choice(sorted(vnics))
-        ids = sorted(rules)
-        vnics[name] = replace(vnics[name], ingress=tuple(rnd.sample(ids, rnd.randint(0, len(ids)))))
-    used = {i for v in vnics.values() for i in (*v.egress, *v.ingress)}
-    rules = {i: r for i, r in rules.items() if i in used}
-    used_sets = {x for r in rules.values() for x in (r.src_set, r.dst_set) if x}
-    return state(s.revision + 1, list(vnics.values()), list(rules.values()), [sets[x] for x in used_sets])
-
-
 def test_incremental_changes_list_like_libnftables(topo, backends):
     """The backend's own plans (whole table, rule/vNIC deltas, whole-state differences, members-only
     batches), applied raw in one namespace and through libnftables in the other."""
@@ -126,7 +69,7 @@ def test_incremental_changes_list_like_libnftables(topo, backends):
     raw.sync(s)
     ref.sync(s)
     for step in range(30):
-        n = _mutate(s, rnd)
+        n = mutate(s, rnd)
         d = diff(s, n)
         raw.apply(s, d, n)
         ref.apply(s, d, n)
