@@ -44,7 +44,8 @@ from typing import Any
 import httpx
 
 from omniwall.compiler.ir import HostDesiredState
-from omniwall.dataplane.ctevents import CtDestroy, CtEventReader, enable_accounting
+from omniwall.dataplane.ctevents import CtDestroy, CtEventReader, destroy_events, enable_accounting
+from omniwall.dataplane.ctmirror import ConntrackMirror
 from omniwall.dataplane.netns import in_netns
 from omniwall.dataplane.nflog import FlowLog, NflogReader
 from omniwall.flows.record import (
@@ -339,6 +340,7 @@ class FlowCollector:
         max_keys: int = 65_536,
         max_open: int = 65_536,
         on_records: Callable[[list[FlowRecord]], None] | None = None,
+        ct_feed: ConntrackMirror | None = None,
     ) -> None:
         self.host = host
         self.netns = netns
@@ -357,6 +359,12 @@ class FlowCollector:
         self._ifnames: dict[int, str | None] = {}
         self.nflog: NflogReader | None = None
         self.ct: CtEventReader | None = None
+        # DESTROY events from the conntrack mirror's socket (revocation's, dataplane/ctmirror.py) when
+        # there is one: no second subscription (the kernel copied and queued every event once more, and
+        # a thread of ours woke for them); else our own reader (`ct`)
+        self.ct_feed = ct_feed
+        self._ct_addrs: dict[bytes, str] = {}
+        self._ct_overflows0 = 0
         self._pending = threading.Event()
         self._backoff_until = 0.0  # monotonic: the shipper backs off (manager away) until then
         self._sent_dropped: dict[str, int] = {}
@@ -370,14 +378,22 @@ class FlowCollector:
             self.group, self.netns, copy_range=64, rcvbuf=16 << 20, qthresh=512, batch_ms=50,
             nlbufsiz=128 << 10, seq=True,
         )  # fmt: skip
-        self.ct = CtEventReader(self.netns)
-        for name, fn in (("flows-nflog", self._nflog_loop), ("flows-ct", self._ct_loop)):
+        loops: list[tuple[str, Callable[[], None]]] = [("flows-nflog", self._nflog_loop)]
+        if self.ct_feed is not None:
+            self._ct_overflows0 = self.ct_feed.overflows
+            self.ct_feed.subscribe_destroy(self._on_ct_datagrams)
+        else:
+            self.ct = CtEventReader(self.netns)
+            loops.append(("flows-ct", self._ct_loop))
+        for name, fn in loops:
             t = threading.Thread(target=self._in_netns, args=(fn,), name=name, daemon=True)
             t.start()
             self._threads.append(t)
 
     def close(self) -> None:
         self._stop.set()
+        if self.ct_feed is not None:
+            self.ct_feed.subscribe_destroy(None)
         for t in self._threads:
             t.join(timeout=2)
         for r in (self.nflog, self.ct):
@@ -399,6 +415,8 @@ class FlowCollector:
             d[KERNEL_NFLOG_OVERRUN] += self.nflog.overruns
         if self.ct is not None:
             d[KERNEL_CT] += self.ct.overruns
+        if self.ct_feed is not None:
+            d[KERNEL_CT] += self.ct_feed.overflows - self._ct_overflows0
         d[AGENT_BUFFER] += self.buffer.dropped
         return {k: v for k, v in sorted(d.items()) if v}
 
@@ -449,6 +467,15 @@ class FlowCollector:
             with self._lock:
                 self.agg.on_destroy(events, time.time())
             self._stop.wait(READ_PAUSE)
+
+    def _on_ct_datagrams(self, datagrams: list[bytes]) -> None:
+        """The mirror's datagrams with DESTROY events (its thread, once per drain)."""
+        events: list[CtDestroy] = []
+        for data in datagrams:
+            destroy_events(data, self._ct_addrs, events)
+        if events:
+            with self._lock:
+                self.agg.on_destroy(events, time.time())
 
     def _emit(self, recs: list[FlowRecord]) -> None:
         if not recs:
