@@ -44,7 +44,7 @@ from typing import Any
 import httpx
 
 from omniwall.compiler.ir import HostDesiredState
-from omniwall.dataplane.ctevents import CtDestroy, CtEventReader, destroy_events, enable_accounting
+from omniwall.dataplane.ctevents import CtDestroy, CtEventReader, enable_accounting
 from omniwall.dataplane.ctmirror import ConntrackMirror
 from omniwall.dataplane.netns import in_netns
 from omniwall.dataplane.nflog import FlowLog, NflogReader
@@ -363,7 +363,6 @@ class FlowCollector:
         # there is one: no second subscription (the kernel copied and queued every event once more, and
         # a thread of ours woke for them); else our own reader (`ct`)
         self.ct_feed = ct_feed
-        self._ct_addrs: dict[bytes, str] = {}
         self._ct_overflows0 = 0
         self._pending = threading.Event()
         self._backoff_until = 0.0  # monotonic: the shipper backs off (manager away) until then
@@ -381,7 +380,7 @@ class FlowCollector:
         loops: list[tuple[str, Callable[[], None]]] = [("flows-nflog", self._nflog_loop)]
         if self.ct_feed is not None:
             self._ct_overflows0 = self.ct_feed.overflows
-            self.ct_feed.subscribe_destroy(self._on_ct_datagrams)
+            self.ct_feed.subscribe_destroy(self._on_ct_events)
         else:
             self.ct = CtEventReader(self.netns)
             loops.append(("flows-ct", self._ct_loop))
@@ -468,14 +467,10 @@ class FlowCollector:
                 self.agg.on_destroy(events, time.time())
             self._stop.wait(READ_PAUSE)
 
-    def _on_ct_datagrams(self, datagrams: list[bytes]) -> None:
-        """The mirror's datagrams with DESTROY events (its thread, once per drain)."""
-        events: list[CtDestroy] = []
-        for data in datagrams:
-            destroy_events(data, self._ct_addrs, events)
-        if events:
-            with self._lock:
-                self.agg.on_destroy(events, time.time())
+    def _on_ct_events(self, events: list[CtDestroy]) -> None:
+        """The mirror's DESTROY events (its thread, once per drain)."""
+        with self._lock:
+            self.agg.on_destroy(events, time.time())
 
     def _emit(self, recs: list[FlowRecord]) -> None:
         if not recs:

@@ -83,12 +83,19 @@ def parse_destroy(
 ) -> CtDestroy | None:
     """One DESTROY message's attributes (`data[off:end]`) -> CtDestroy. Walks only what it needs,
     without building dicts (this runs once per connection that ends on the host)."""
+    ev = parse_destroy_v4(data, off, end, addrs if addrs is not None else {})
+    return ev if ev is not None else _parse_destroy_v4(data, off, end, family, addrs)
+
+
+def parse_destroy_v4(data: bytes, off: int, end: int, addrs: dict[bytes, str]) -> CtDestroy | None:
+    """`parse_destroy` of the usual shape only (`_V4_DESTROY`: IPv4, a port protocol, no zone), one
+    regex match; None for any other shape. The conntrack mirror reads its DESTROY events with it too
+    (its own attribute walk cost more than this whole parse)."""
     m = _V4_DESTROY(data, off, end)
     if m is None:
-        return _parse_destroy_v4(data, off, end, family, addrs)
+        return None
     src, dst, proto, sport, dport, po, bo, pr, br, mark = m.groups()
-    cache = addrs if addrs is not None else {}
-    s, d = addr_text(cache, src), addr_text(cache, dst)
+    s, d = addr_text(addrs, src), addr_text(addrs, dst)
     return (
         proto[0], s, d, int.from_bytes(sport), int.from_bytes(dport),
         int.from_bytes(po) + int.from_bytes(pr), int.from_bytes(bo) + int.from_bytes(br),
@@ -279,4 +286,11 @@ def enable_accounting(netns: str | None) -> bool:
         return False
 
 
-__all__ = ["CtDestroy", "CtEventReader", "destroy_events", "enable_accounting", "parse_destroy"]
+__all__ = [
+    "CtDestroy",
+    "CtEventReader",
+    "destroy_events",
+    "enable_accounting",
+    "parse_destroy",
+    "parse_destroy_v4",
+]

@@ -34,7 +34,13 @@ import time
 from collections.abc import Callable, Iterable
 
 from omniwall.dataplane.backend import ConnEntry
-from omniwall.dataplane.ctevents import parse_tuple
+from omniwall.dataplane.ctevents import (
+    CtDestroy,
+    destroy_events,
+    parse_destroy,
+    parse_destroy_v4,
+    parse_tuple,
+)
 from omniwall.dataplane.netns import NetnsThread
 from omniwall.dataplane.nflog import RECV_SIZE
 
@@ -130,10 +136,11 @@ class ConntrackMirror:
         self.resyncs = 0  # seeds after the first (lost events)
         self.overflows = 0  # ENOBUFS seen (each: at least one event lost), during a seed's discard too
         self.events = 0
-        # the flow collector's DESTROY events (agent/flows.py) come from this socket too: a second
-        # subscription cost the kernel a copy, a queueing and the reader a wakeup per event
-        self._destroy_sink: Callable[[list[bytes]], None] | None = None
-        self._destroyed: list[bytes] = []  # datagrams with a DESTROY event, for the sink, this drain
+        # the flow collector's DESTROY events (agent/flows.py) come from this socket too, parsed once
+        # for both: a second subscription cost the kernel a copy and a queueing per event, and its
+        # reader a wakeup and a second parse of every event
+        self._destroy_sink: Callable[[list[CtDestroy]], None] | None = None
+        self._destroyed: list[CtDestroy] = []  # this drain's DESTROY events, for the sink
         self._stop = False
         with self._lock:
             self._seed()
@@ -186,11 +193,12 @@ class ConntrackMirror:
                 found.update(self._by_addr.get(a, ()))
         return [entry_of(o) for o in found]
 
-    def subscribe_destroy(self, sink: Callable[[list[bytes]], None] | None) -> None:
-        """Hand every received datagram that holds a DESTROY event to `sink`, once per drain (a list),
-        on the draining thread with the mirror's lock held (`sink` must not call the mirror). Datagrams
-        a resync throws away are handed too (they are real events); the events an overflow lost are
-        not knowable: `overflows` counts them (each at least one event). None: no subscriber."""
+    def subscribe_destroy(self, sink: Callable[[list[CtDestroy]], None] | None) -> None:
+        """Hand every DESTROY event received (`ctevents.CtDestroy`: tuple, both directions' counters,
+        mark) to `sink`, once per drain (a list), on the draining thread with the mirror's lock held
+        (`sink` must not call the mirror). Events a resync throws away are handed too (they are real);
+        the events an overflow lost are not knowable: `overflows` counts them (each at least one
+        event). None: no subscriber."""
         with self._lock:
             self._destroy_sink = sink
 
@@ -273,7 +281,7 @@ class ConntrackMirror:
             try:
                 self._destroy_sink(batch)
             except Exception:  # the subscriber's failure must not stop the mirror
-                log.exception("conntrack mirror: the DESTROY subscriber failed on %d datagrams", len(batch))
+                log.exception("conntrack mirror: the DESTROY subscriber failed on %d events", len(batch))
 
     def _drain_some(self, limit: int) -> bool:
         for _ in range(limit):
@@ -293,22 +301,31 @@ class ConntrackMirror:
 
     def _apply(self, data: bytes) -> None:
         off = 0
-        handed = False
         while off + 20 <= len(data):
             ln, typ = _MSG(data, off)
             if ln < 16:
                 return
-            if typ in (_CT_NEW, _CT_DELETE):
-                if typ == _CT_DELETE and self._destroy_sink is not None and not handed:
-                    self._destroyed.append(data)
-                    handed = True
+            if typ == _CT_DELETE:
+                # the usual event by one regex (for the subscriber's counters and mark too); other
+                # shapes (IPv6, ICMP, a zone) by the walks
+                ev = parse_destroy_v4(data, off + 20, off + ln, self._addrs)
+                if ev is not None:
+                    proto, s, d, sport, dport = ev[:5]
+                    o: Orig | None = (data[off + 16], proto, s, d, sport, dport, None, None, None, 0)
+                else:
+                    o = parse_orig(data, off + 20, off + ln, data[off + 16], self._addrs)
+                    if self._destroy_sink is not None:
+                        ev = parse_destroy(data, off + 20, off + ln, data[off + 16], self._addrs)
+                if ev is not None and self._destroy_sink is not None:
+                    self._destroyed.append(ev)
+                if o is not None:
+                    self.events += 1
+                    self._remove(o)
+            elif typ == _CT_NEW:
                 o = parse_orig(data, off + 20, off + ln, data[off + 16], self._addrs)
                 if o is not None:
                     self.events += 1
-                    if typ == _CT_NEW:
-                        self._add(o)
-                    else:
-                        self._remove(o)
+                    self._add(o)
             off += (ln + 3) & ~3
         if len(self._addrs) > 65_536:
             self._addrs.clear()
@@ -327,7 +344,7 @@ class ConntrackMirror:
                 self.overflows += 1
                 continue
             if self._destroy_sink is not None:  # the dump supersedes them here, not for the subscriber
-                self._destroyed.append(memoryview(self._buf)[:n].tobytes())
+                destroy_events(memoryview(self._buf)[:n].tobytes(), self._addrs, self._destroyed)
         self._by_addr.clear()
         for o in _dump(self._dumper, self._addrs):
             self._add(o)
