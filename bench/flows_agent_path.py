@@ -81,6 +81,7 @@ def main() -> None:
     out: dict[str, float] = {}
     reader = NflogReader.__new__(NflogReader)  # the parser only: no socket
     reader._prefixes, reader._addrs, reader._next_seq, reader.lost, reader._seq = {}, {}, None, 0, 0
+    reader._heads = {}  # (this branch's decode cache; unused by older packages)
     grams = [b"".join(nflog_message(i) for i in range(k, min(n, k + 64))) for k in range(0, n, 64)]
     counted = hasattr(FlowAggregator, "on_log_counts")  # False: an older package (PYTHONPATH), per log
     parts: list = []

@@ -340,6 +340,7 @@ def _reader():  # the parser only: no socket
 
     r = NflogReader.__new__(NflogReader)
     r._prefixes, r._addrs, r._next_seq, r.lost, r._seq = {}, {}, None, 0, 0  # _seq: its netlink requests'
+    r._heads = {}
     return r
 
 

@@ -36,7 +36,7 @@ import operator
 import socket
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -108,8 +108,9 @@ class FlowAggregator:
         # [n, first, last, sport (0 when several), packets, bytes]; kind: o(pened), c(ompleted), p(ackets)
         self._agg: dict[tuple[Any, ...], list[Any]] = {}
         # open allowed connections: (proto, src, dst, sport, dport) -> [(hop, rule id, ifindex, start)]
-        self._open: OrderedDict[tuple[Any, ...], list[tuple[str, int, int, float]]] = OrderedDict()
-        self._refused: OrderedDict[tuple[object, ...], float] = OrderedDict()
+        # (plain dicts, oldest first: insertion order; cheaper than OrderedDict on the per-connection path)
+        self._open: dict[tuple[Any, ...], list[tuple[str, int, int, float]]] = {}
+        self._refused: dict[tuple[object, ...], float] = {}
         self.dropped: Counter[str] = Counter()
         self.fresh = 0  # keys of a non-allowed verdict first seen since the last flush (ship early)
         self.emitted = 0
@@ -151,7 +152,7 @@ class FlowAggregator:
         aggregate updated in place; a repeated log (a flood, a retransmitted first packet) costs one
         step, not one per packet."""
         open_, refused, agg, add = self._open, self._refused, self._agg, self._add
-        rules, prev = self.rules, self._prev_rules
+        rules, prev, max_open = self.rules, self._prev_rules, self.max_open
         for (rule_id, v, h, proto, src, dst, sport, dport, indev, outdev), n in counts.items():
             ifx = indev if h == "e" else outdev
             if v == "a" and proto != 1 and proto != 58:
@@ -162,8 +163,8 @@ class FlowAggregator:
                     if hops is None:
                         if tup in refused:
                             continue  # a retry of an attempt the other hop refused
-                        if len(open_) >= self.max_open:
-                            open_.popitem(last=False)
+                        if len(open_) >= max_open:
+                            del open_[next(iter(open_))]
                             self.dropped[AGENT_OPEN] += 1
                         open_[tup] = [(h, rule_id, ifx, now)]
                     elif any(x[0] == h for x in hops):
@@ -188,8 +189,8 @@ class FlowAggregator:
                 # the same attempt (remembered a while, bounded, so a flood is not one record a packet)
                 tup = (proto, src, dst, sport, dport)
                 del open_[tup]
-                if len(refused) >= self.max_open:
-                    refused.popitem(last=False)
+                if len(refused) >= max_open:
+                    del refused[next(iter(refused))]
                 refused[tup] = now
             add(("p", rule_id, v, h, ifx, proto, src, dst, dport), now, now, 0, n, 0, n)
 
@@ -228,7 +229,7 @@ class FlowAggregator:
         agg, self._agg = self._agg, {}
         self.fresh = 0
         while self._refused and next(iter(self._refused.values())) < now - REFUSED_TTL:
-            self._refused.popitem(last=False)
+            del self._refused[next(iter(self._refused))]
         out = []
         for (kind, rule_id, v, h, ifx, proto, src, dst, dport), (
             n,
