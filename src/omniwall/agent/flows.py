@@ -108,8 +108,10 @@ class FlowAggregator:
         # [n, first, last, sport (0 when several), packets, bytes]; kind: o(pened), c(ompleted), p(ackets)
         self._agg: dict[tuple[Any, ...], list[Any]] = {}
         # open allowed connections: (proto, src, dst, sport, dport) -> [(hop, rule id, ifindex, start)]
-        # (plain dicts, oldest first: insertion order; cheaper than OrderedDict on the per-connection path)
-        self._open: dict[tuple[Any, ...], list[tuple[str, int, int, float]]] = {}
+        # (plain dicts, oldest first: insertion order; cheaper than OrderedDict on the per-connection path).
+        # The hops are a tuple of tuples of atoms, not a list: the garbage collector stops tracking those,
+        # where a list per open connection stayed tracked, and every full collection walked them all
+        self._open: dict[tuple[Any, ...], tuple[tuple[str, int, int, float], ...]] = {}
         self._refused: dict[tuple[object, ...], float] = {}
         self.dropped: Counter[str] = Counter()
         self.fresh = 0  # keys of a non-allowed verdict first seen since the last flush (ship early)
@@ -166,11 +168,11 @@ class FlowAggregator:
                         if len(open_) >= max_open:
                             del open_[next(iter(open_))]
                             self.dropped[AGENT_OPEN] += 1
-                        open_[tup] = [(h, rule_id, ifx, now)]
+                        open_[tup] = ((h, rule_id, ifx, now),)
                     elif any(x[0] == h for x in hops):
                         continue  # a retransmitted first packet (still `ct state new`): same connection
                     else:
-                        hops.append((h, rule_id, ifx, now))
+                        open_[tup] = (*hops, (h, rule_id, ifx, now))
                     key = ("o", rule_id, v, h, ifx, proto, src, dst, dport)
                     slot = agg.get(key)
                     if slot is None:
