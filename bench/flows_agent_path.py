@@ -11,7 +11,8 @@ handling of the same DESTROY event (`mirror_destroy`, revocation's, with flows o
 hands its events to the flow collector, the flow reader's own parse is not run: `destroy_parse` 0).
 Load-independent in the sense that it counts only this process's CPU; the connection-rate ratio itself
 is bench/flows_agent.py. The agent's modules are imported first, so the garbage collector walks a heap
-like the agent's (its cost falls on the steps that allocate). Prints one JSON line (µs per connection per step, and the total).
+like the agent's (its cost falls on the steps that allocate). Prints one JSON line (µs per connection
+per step, and the total).
 """
 
 from __future__ import annotations
