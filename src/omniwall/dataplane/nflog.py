@@ -413,13 +413,13 @@ class NflogReader:
             sport, dport = ports_of(ports)
             log = (rule_id, v, h, p, s, d, sport, dport, i, o)
             out[log] = out.get(log, 0) + k  # type: ignore[index]
+        for cache in (self._prefixes, self._addrs, heads):  # bounded (the walk below fills two)
+            if len(cache) > 65_536:
+                cache.clear()
 
     def _head(self, prefix: bytes, indev: bytes, outdev: bytes, proto: bytes, ips: bytes) -> tuple[Any, ...]:
         """Decode and cache (bounded) what a flow log's fields other than its ports say."""
         prefixes, addrs, heads = self._prefixes, self._addrs, self._heads
-        for cache in (prefixes, addrs, heads):
-            if len(cache) > 65_536:
-                cache.clear()
         rule = prefixes.get(prefix)
         if rule is None:
             rule = prefixes[prefix] = _flow_prefix(prefix) or ()
