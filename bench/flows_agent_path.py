@@ -6,9 +6,13 @@ connection of each step, over synthetic messages in the kernel's layout.
 
 Per connection and agent: the NFLOG parse of its first packet's log (`NflogReader._parse_flows`, 64
 messages a datagram as with `qthresh`), `FlowAggregator.on_log_counts`, the conntrack DESTROY parse (as
-`CtEventReader.read` does, 64 events a datagram), `FlowAggregator.on_destroy`. Load-independent in the
-sense that it counts only this process's CPU; the connection-rate ratio itself is bench/flows_agent.py.
-Prints one JSON line (µs per connection per step, and the total).
+`CtEventReader.read` does, 64 events a datagram), `FlowAggregator.on_destroy`, and the conntrack mirror's
+handling of the same DESTROY event (`mirror_destroy`, revocation's, with flows on or off; where the mirror
+hands its events to the flow collector, the flow reader's own parse is not run: `destroy_parse` 0).
+Load-independent in the sense that it counts only this process's CPU; the connection-rate ratio itself
+is bench/flows_agent.py. The agent's modules are imported first, so the garbage collector walks a heap
+like the agent's (its cost falls on the steps that allocate). Prints one JSON line (µs per connection
+per step, and the total).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))  # the pure test's state
 from test_flows_agent_pure import A, B, _nla, _state
 
+import omniwall.agent.main  # noqa: F401 - the agent's heap: the garbage collector's full passes walk it
 from omniwall.agent.flows import FlowAggregator
 from omniwall.dataplane import ctevents
+from omniwall.dataplane.ctmirror import ConntrackMirror, parse_orig
 from omniwall.dataplane.nflog import NflogReader, _msg
 
 
@@ -81,6 +87,7 @@ def main() -> None:
     out: dict[str, float] = {}
     reader = NflogReader.__new__(NflogReader)  # the parser only: no socket
     reader._prefixes, reader._addrs, reader._next_seq, reader.lost, reader._seq = {}, {}, None, 0, 0
+    reader._heads = {}  # (this branch's decode cache; unused by older packages)
     grams = [b"".join(nflog_message(i) for i in range(k, min(n, k + 64))) for k in range(0, n, 64)]
     counted = hasattr(FlowAggregator, "on_log_counts")  # False: an older package (PYTHONPATH), per log
     parts: list = []
@@ -110,6 +117,27 @@ def main() -> None:
                     events.append(ev)
             off += (ln + 3) & ~3
     out["destroy_parse"] = (time.process_time() - t0) / len(events) * 1e6
+    # the conntrack mirror (revocation's) reads every DESTROY event too, one datagram each: with a
+    # subscriber (this branch) it parses each once for both, and the flow reader's parse above is not run
+    m = ConntrackMirror.__new__(ConntrackMirror)  # the parser only: no socket, no thread
+    m._addrs, m._by_addr, m.events, m._destroyed = {}, {}, 0, []
+    sink: list = []
+    shared = hasattr(m, "subscribe_destroy")
+    m._destroy_sink = sink.extend if shared else None
+    singles = [destroy_message(i) for i in range(n)]
+    for d in singles:  # what their NEW events added
+        o = parse_orig(d, 20, len(d), d[16], {})
+        assert o is not None
+        m._add(o)
+    t0 = time.process_time()
+    for d in singles:
+        m._apply(d)
+        if shared:  # handed once per drain (here per event: the most it costs)
+            m._hand_destroyed()
+    out["mirror_destroy"] = (time.process_time() - t0) / n * 1e6
+    assert not m._by_addr and (len(sink) == n or not shared)
+    if shared:  # the flow reader's own parse is not run: its DESTROY events come from the mirror
+        out["destroy_parse"] = 0.0
     t0 = time.process_time()
     for k in range(0, len(events), 64):
         ag.on_destroy(events[k : k + 64], 11.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from omniwall.dataplane import ctmirror
 from omniwall.dataplane.backend import ConnEntry
 from omniwall.dataplane.conntrack import ConntrackTable
 from omniwall.dataplane.ct_migrate import import_batched
@@ -52,5 +53,42 @@ def test_mirror_seeds_follows_events_and_answers_by_address(topo):
         assert ct.dumps == dumps  # no lookup dumped
         # deleting what is already gone counts nothing and is forgotten
         assert ct.delete([after[0]]) == 0
+    finally:
+        ct.close()
+
+
+def test_mirror_hands_destroy_events_to_its_subscriber_and_counts_overflows(topo, monkeypatch):
+    """The flow collector reads DESTROY events from the mirror's socket (agent/flows.py `ct_feed`): every
+    end the mirror receives reaches the subscriber, and an overflowed socket is counted, never silent."""
+    ns = topo.add_host("ctd")
+    ct = ConntrackTable(ns)
+    try:
+        assert ct.watch() and ct.mirror is not None
+        got: list = []
+        ct.mirror.subscribe_destroy(got.extend)
+        ends = [entry("10.128.1.1", 3000 + k) for k in range(20)]
+        assert ct.thread.call(import_batched, ends) == 20
+        assert ct.delete(ends) == 20
+        assert eventually(lambda: len(got) == 20)
+        assert sorted((g[1], g[2], g[3], g[4]) for g in got) == sorted(
+            (e.src, e.dst, e.sport, e.dport) for e in ends
+        )
+        assert ct.mirror.overflows == 0
+        ct.mirror.subscribe_destroy(None)
+        ct.delete(ct.involving(["10.128.1.1"]))
+    finally:
+        ct.close()
+    monkeypatch.setattr(ctmirror, "RCVBUF", 4096)  # a few events' worth: a burst overflows it
+    ct = ConntrackTable(ns)
+    try:
+        assert ct.watch() and ct.mirror is not None
+        got = []
+        ct.mirror.subscribe_destroy(got.extend)
+        many = [entry("10.128.1.2", 1024 + k) for k in range(3000)]
+        assert ct.thread.call(import_batched, many) == 3000
+        assert ct.delete(many) == 3000
+        assert eventually(lambda: ct.mirror is not None and ct.mirror.overflows > 0, timeout=5)
+        time.sleep(0.3)
+        assert len(got) < 3000  # lost ends, and their loss counted above
     finally:
         ct.close()

@@ -37,7 +37,11 @@ def lab(one_host, backends):
     be.sync(st)
     made = []
 
-    def collector(**kw: object) -> FlowCollector:
+    def collector(feed: bool = False, **kw: object) -> FlowCollector:
+        """`feed`: DESTROY events from the backend's conntrack mirror (the agent's way), not our own."""
+        if feed:
+            assert be.ct.mirror is not None
+            kw["ct_feed"] = be.ct.mirror
         c = FlowCollector("h", netns=h, group=DEFAULT_FLOW_GROUP, **kw)  # type: ignore[arg-type]
         c.set_state(st)
         c.start()
@@ -61,9 +65,11 @@ def wait_for(c: FlowCollector, pred, timeout: float = 3.0) -> list[FlowRecord]:
         time.sleep(0.05)
 
 
-def test_allowed_connection_both_hops_then_completed(lab):
+@pytest.mark.parametrize("feed", [False, True], ids=["own-reader", "mirror-feed"])
+def test_allowed_connection_both_hops_then_completed(lab, feed):
     h, a, b, _st, collector = lab
-    c = collector()
+    c = collector(feed=feed)
+    assert (c.ct is None) == feed  # the mirror's feed: no second subscription, no thread of ours
     assert c.accounting
     assert nsexec(h, ["sysctl", "-n", "net.netfilter.nf_conntrack_acct"]).stdout.strip() == "1"
     s = open_stream(a.ns, b.ip4, 8080)

@@ -340,6 +340,7 @@ def _reader():  # the parser only: no socket
 
     r = NflogReader.__new__(NflogReader)
     r._prefixes, r._addrs, r._next_seq, r.lost, r._seq = {}, {}, None, 0, 0  # _seq: its netlink requests'
+    r._heads = {}
     return r
 
 
@@ -411,3 +412,35 @@ def test_conntrack_destroy_fast_path_reads_the_kernels_layout() -> None:
     longer = struct.pack("=I", len(longer)) + longer[4:]
     assert ctevents._V4_DESTROY(longer, 20, len(longer)) is None
     assert parse_destroy(longer, 20, len(longer), data[16], {}) == want
+
+
+def test_mirror_reads_a_destroy_event_once_for_itself_and_the_flow_collector() -> None:
+    """The conntrack mirror parses a DESTROY event of the usual shape by the flow path's regex and hands
+    it to its subscriber (agent/flows.py `ct_feed`); the tuple it forgets is exactly the one its own walk
+    (and so a NEW event, a dump) gives; other shapes take the walks, with the same answers."""
+    from omniwall.dataplane.ctmirror import ConntrackMirror, parse_orig
+
+    def mirror() -> tuple[ConntrackMirror, list]:
+        m = ConntrackMirror.__new__(ConntrackMirror)  # the parser only: no socket, no thread
+        m._addrs, m._by_addr, m._destroyed, m.events = {}, {}, [], 0
+        got: list = []
+        m._destroy_sink = got.extend
+        return m, got
+
+    data = _KERNEL_DESTROY
+    longer = data + _nla(18, struct.pack("!H", 7))  # a zone: not the usual shape
+    longer = struct.pack("=I", len(longer)) + longer[4:]
+    for msg, zone in ((data, 0), (longer, 7)):
+        m, got = mirror()
+        orig = parse_orig(msg, 20, len(msg), msg[16], {})
+        assert orig is not None and orig[-1] == zone
+        m._add(orig)
+        assert m._by_addr
+        m._apply(msg)
+        m._hand_destroyed()
+        assert m._by_addr == {} and m.events == 1  # forgotten: the same tuple as the NEW event's
+        assert got == [(6, "10.99.0.1", "10.99.1.1", 36482, 5300, 7, 380, 2)]
+    m, got = mirror()
+    m._destroy_sink = None
+    m._apply(data)
+    assert m._destroyed == [] and m.events == 1  # nobody subscribed: nothing kept

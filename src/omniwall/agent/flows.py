@@ -36,7 +36,7 @@ import operator
 import socket
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -45,6 +45,7 @@ import httpx
 
 from omniwall.compiler.ir import HostDesiredState
 from omniwall.dataplane.ctevents import CtDestroy, CtEventReader, enable_accounting
+from omniwall.dataplane.ctmirror import ConntrackMirror
 from omniwall.dataplane.netns import in_netns
 from omniwall.dataplane.nflog import FlowLog, NflogReader
 from omniwall.flows.record import (
@@ -107,8 +108,11 @@ class FlowAggregator:
         # [n, first, last, sport (0 when several), packets, bytes]; kind: o(pened), c(ompleted), p(ackets)
         self._agg: dict[tuple[Any, ...], list[Any]] = {}
         # open allowed connections: (proto, src, dst, sport, dport) -> [(hop, rule id, ifindex, start)]
-        self._open: OrderedDict[tuple[Any, ...], list[tuple[str, int, int, float]]] = OrderedDict()
-        self._refused: OrderedDict[tuple[object, ...], float] = OrderedDict()
+        # (plain dicts, oldest first: insertion order; cheaper than OrderedDict on the per-connection path).
+        # The hops are a tuple of tuples of atoms, not a list: the garbage collector stops tracking those,
+        # where a list per open connection stayed tracked, and every full collection walked them all
+        self._open: dict[tuple[Any, ...], tuple[tuple[str, int, int, float], ...]] = {}
+        self._refused: dict[tuple[object, ...], float] = {}
         self.dropped: Counter[str] = Counter()
         self.fresh = 0  # keys of a non-allowed verdict first seen since the last flush (ship early)
         self.emitted = 0
@@ -150,7 +154,7 @@ class FlowAggregator:
         aggregate updated in place; a repeated log (a flood, a retransmitted first packet) costs one
         step, not one per packet."""
         open_, refused, agg, add = self._open, self._refused, self._agg, self._add
-        rules, prev = self.rules, self._prev_rules
+        rules, prev, max_open = self.rules, self._prev_rules, self.max_open
         for (rule_id, v, h, proto, src, dst, sport, dport, indev, outdev), n in counts.items():
             ifx = indev if h == "e" else outdev
             if v == "a" and proto != 1 and proto != 58:
@@ -161,14 +165,14 @@ class FlowAggregator:
                     if hops is None:
                         if tup in refused:
                             continue  # a retry of an attempt the other hop refused
-                        if len(open_) >= self.max_open:
-                            open_.popitem(last=False)
+                        if len(open_) >= max_open:
+                            del open_[next(iter(open_))]
                             self.dropped[AGENT_OPEN] += 1
-                        open_[tup] = [(h, rule_id, ifx, now)]
+                        open_[tup] = ((h, rule_id, ifx, now),)
                     elif any(x[0] == h for x in hops):
                         continue  # a retransmitted first packet (still `ct state new`): same connection
                     else:
-                        hops.append((h, rule_id, ifx, now))
+                        open_[tup] = (*hops, (h, rule_id, ifx, now))
                     key = ("o", rule_id, v, h, ifx, proto, src, dst, dport)
                     slot = agg.get(key)
                     if slot is None:
@@ -187,8 +191,8 @@ class FlowAggregator:
                 # the same attempt (remembered a while, bounded, so a flood is not one record a packet)
                 tup = (proto, src, dst, sport, dport)
                 del open_[tup]
-                if len(refused) >= self.max_open:
-                    refused.popitem(last=False)
+                if len(refused) >= max_open:
+                    del refused[next(iter(refused))]
                 refused[tup] = now
             add(("p", rule_id, v, h, ifx, proto, src, dst, dport), now, now, 0, n, 0, n)
 
@@ -227,7 +231,7 @@ class FlowAggregator:
         agg, self._agg = self._agg, {}
         self.fresh = 0
         while self._refused and next(iter(self._refused.values())) < now - REFUSED_TTL:
-            self._refused.popitem(last=False)
+            del self._refused[next(iter(self._refused))]
         out = []
         for (kind, rule_id, v, h, ifx, proto, src, dst, dport), (
             n,
@@ -339,6 +343,7 @@ class FlowCollector:
         max_keys: int = 65_536,
         max_open: int = 65_536,
         on_records: Callable[[list[FlowRecord]], None] | None = None,
+        ct_feed: ConntrackMirror | None = None,
     ) -> None:
         self.host = host
         self.netns = netns
@@ -357,6 +362,11 @@ class FlowCollector:
         self._ifnames: dict[int, str | None] = {}
         self.nflog: NflogReader | None = None
         self.ct: CtEventReader | None = None
+        # DESTROY events from the conntrack mirror's socket (revocation's, dataplane/ctmirror.py) when
+        # there is one: no second subscription (the kernel copied and queued every event once more, and
+        # a thread of ours woke for them); else our own reader (`ct`)
+        self.ct_feed = ct_feed
+        self._ct_overflows0 = 0
         self._pending = threading.Event()
         self._backoff_until = 0.0  # monotonic: the shipper backs off (manager away) until then
         self._sent_dropped: dict[str, int] = {}
@@ -370,14 +380,22 @@ class FlowCollector:
             self.group, self.netns, copy_range=64, rcvbuf=16 << 20, qthresh=512, batch_ms=50,
             nlbufsiz=128 << 10, seq=True,
         )  # fmt: skip
-        self.ct = CtEventReader(self.netns)
-        for name, fn in (("flows-nflog", self._nflog_loop), ("flows-ct", self._ct_loop)):
+        loops: list[tuple[str, Callable[[], None]]] = [("flows-nflog", self._nflog_loop)]
+        if self.ct_feed is not None:
+            self._ct_overflows0 = self.ct_feed.overflows
+            self.ct_feed.subscribe_destroy(self._on_ct_events)
+        else:
+            self.ct = CtEventReader(self.netns)
+            loops.append(("flows-ct", self._ct_loop))
+        for name, fn in loops:
             t = threading.Thread(target=self._in_netns, args=(fn,), name=name, daemon=True)
             t.start()
             self._threads.append(t)
 
     def close(self) -> None:
         self._stop.set()
+        if self.ct_feed is not None:
+            self.ct_feed.subscribe_destroy(None)
         for t in self._threads:
             t.join(timeout=2)
         for r in (self.nflog, self.ct):
@@ -399,6 +417,8 @@ class FlowCollector:
             d[KERNEL_NFLOG_OVERRUN] += self.nflog.overruns
         if self.ct is not None:
             d[KERNEL_CT] += self.ct.overruns
+        if self.ct_feed is not None:
+            d[KERNEL_CT] += self.ct_feed.overflows - self._ct_overflows0
         d[AGENT_BUFFER] += self.buffer.dropped
         return {k: v for k, v in sorted(d.items()) if v}
 
@@ -449,6 +469,11 @@ class FlowCollector:
             with self._lock:
                 self.agg.on_destroy(events, time.time())
             self._stop.wait(READ_PAUSE)
+
+    def _on_ct_events(self, events: list[CtDestroy]) -> None:
+        """The mirror's DESTROY events (its thread, once per drain)."""
+        with self._lock:
+            self.agg.on_destroy(events, time.time())
 
     def _emit(self, recs: list[FlowRecord]) -> None:
         if not recs:

@@ -392,7 +392,11 @@ def run_agent(
     )
     agent_kwargs: dict = dict(agent_options)
     group = getattr(be, "flow_group", None)
-    collector = FlowCollector(host, netns=netns, group=group) if flows and group is not None else None
+    # the conntrack mirror (revocation's) is subscribed to DESTROY events already: flows read them there
+    mirror = getattr(getattr(be, "ct", None), "mirror", None)
+    collector = (
+        FlowCollector(host, netns=netns, group=group, ct_feed=mirror) if flows and group is not None else None
+    )
     metrics = AgentMetrics(host) if metrics_address else None
     if metrics is not None and metrics_address:
         bound = metrics.serve(metrics_address)

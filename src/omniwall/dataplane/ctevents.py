@@ -83,12 +83,19 @@ def parse_destroy(
 ) -> CtDestroy | None:
     """One DESTROY message's attributes (`data[off:end]`) -> CtDestroy. Walks only what it needs,
     without building dicts (this runs once per connection that ends on the host)."""
+    ev = parse_destroy_v4(data, off, end, addrs if addrs is not None else {})
+    return ev if ev is not None else _parse_destroy_v4(data, off, end, family, addrs)
+
+
+def parse_destroy_v4(data: bytes, off: int, end: int, addrs: dict[bytes, str]) -> CtDestroy | None:
+    """`parse_destroy` of the usual shape only (`_V4_DESTROY`: IPv4, a port protocol, no zone), one
+    regex match; None for any other shape. The conntrack mirror reads its DESTROY events with it too
+    (its own attribute walk cost more than this whole parse)."""
     m = _V4_DESTROY(data, off, end)
     if m is None:
-        return _parse_destroy_v4(data, off, end, family, addrs)
+        return None
     src, dst, proto, sport, dport, po, bo, pr, br, mark = m.groups()
-    cache = addrs if addrs is not None else {}
-    s, d = addr_text(cache, src), addr_text(cache, dst)
+    s, d = addr_text(addrs, src), addr_text(addrs, dst)
     return (
         proto[0], s, d, int.from_bytes(sport), int.from_bytes(dport),
         int.from_bytes(po) + int.from_bytes(pr), int.from_bytes(bo) + int.from_bytes(br),
@@ -221,6 +228,24 @@ def parse_tuple(data: bytes, a: int, e: int, addrs: dict[bytes, str]) -> Tuple |
     return (proto, addr_text(addrs, src), addr_text(addrs, dst), sport, dport, icmp_id, icmp_type, icmp_code)
 
 
+def destroy_events(data: bytes, addrs: dict[bytes, str], out: list[CtDestroy]) -> None:
+    """The DESTROY events of one ctnetlink datagram, appended to `out` (other messages skipped).
+    `addrs` caches address text by raw bytes (cleared here past 65,536). Shared by `CtEventReader` and
+    the flow collector's feed from the conntrack mirror's socket (agent/flows.py)."""
+    off = 0
+    while off + 20 <= len(data):
+        ln, typ = _IH(data, off)
+        if ln < 16:
+            break
+        if typ == _DELETE:
+            ev = parse_destroy(data, off + 20, off + ln, data[off + 16], addrs)
+            if ev is not None:
+                out.append(ev)
+        off += (ln + 3) & ~3
+    if len(addrs) > 65_536:
+        addrs.clear()
+
+
 class CtEventReader:
     """Subscribes to conntrack DESTROY events of `netns` (opened there: events are per namespace)."""
 
@@ -240,18 +265,7 @@ class CtEventReader:
     def read(self, timeout: float = 0.2) -> list[CtDestroy]:
         out: list[CtDestroy] = []
         for data in queued_datagrams(self.sock, timeout, self._overrun, self._buf):
-            off = 0
-            while off + 20 <= len(data):
-                ln, typ = _IH(data, off)
-                if ln < 16:
-                    break
-                if typ == _DELETE:
-                    ev = parse_destroy(data, off + 20, off + ln, data[off + 16], self._addrs)
-                    if ev is not None:
-                        out.append(ev)
-                off += (ln + 3) & ~3
-            if len(self._addrs) > 65_536:
-                self._addrs.clear()
+            destroy_events(data, self._addrs, out)
         return out
 
     def _overrun(self) -> None:
@@ -272,4 +286,11 @@ def enable_accounting(netns: str | None) -> bool:
         return False
 
 
-__all__ = ["CtDestroy", "CtEventReader", "enable_accounting", "parse_destroy"]
+__all__ = [
+    "CtDestroy",
+    "CtEventReader",
+    "destroy_events",
+    "enable_accounting",
+    "parse_destroy",
+    "parse_destroy_v4",
+]

@@ -24,18 +24,27 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from omniwall.dataplane.backend import ConnEntry
-from omniwall.dataplane.ctevents import parse_tuple
+from omniwall.dataplane.ctevents import (
+    CtDestroy,
+    destroy_events,
+    parse_destroy,
+    parse_destroy_v4,
+    parse_tuple,
+)
 from omniwall.dataplane.netns import NetnsThread
 from omniwall.dataplane.nflog import RECV_SIZE
+
+log = logging.getLogger("omniwall.dataplane.ctmirror")
 
 NETLINK_NETFILTER = 12
 NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
@@ -125,7 +134,13 @@ class ConntrackMirror:
         self._buf = bytearray(RECV_SIZE)
         self._by_addr: dict[str, set[Orig]] = {}
         self.resyncs = 0  # seeds after the first (lost events)
+        self.overflows = 0  # ENOBUFS seen (each: at least one event lost), during a seed's discard too
         self.events = 0
+        # the flow collector's DESTROY events (agent/flows.py) come from this socket too, parsed once
+        # for both: a second subscription cost the kernel a copy and a queueing per event, and its
+        # reader a wakeup and a second parse of every event
+        self._destroy_sink: Callable[[list[CtDestroy]], None] | None = None
+        self._destroyed: list[CtDestroy] = []  # this drain's DESTROY events, for the sink
         self._stop = False
         with self._lock:
             self._seed()
@@ -178,6 +193,15 @@ class ConntrackMirror:
                 found.update(self._by_addr.get(a, ()))
         return [entry_of(o) for o in found]
 
+    def subscribe_destroy(self, sink: Callable[[list[CtDestroy]], None] | None) -> None:
+        """Hand every DESTROY event received (`ctevents.CtDestroy`: tuple, both directions' counters,
+        mark) to `sink`, once per drain (a list), on the draining thread with the mirror's lock held
+        (`sink` must not call the mirror). Events a resync throws away are handed too (they are real);
+        the events an overflow lost are not knowable: `overflows` counts them (each at least one
+        event). None: no subscriber."""
+        with self._lock:
+            self._destroy_sink = sink
+
     def forget(self, entries: Iterable[ConnEntry]) -> None:
         """Drop entries the kernel no longer has (a delete found them gone)."""
         with self._lock:
@@ -210,6 +234,7 @@ class ConntrackMirror:
                         self._seed()
                     except OSError:
                         return
+                    self._hand_destroyed()
             if self._sock in ready:
                 more = True
                 while more and not self._stop:
@@ -243,6 +268,22 @@ class ConntrackMirror:
         """Apply the queued events, at most `limit` datagrams (lock held); True: more may be queued.
         Lost events: seed again. Bounded so that churn faster than this thread can never hold the lock
         for good (a lookup needs the events queued before it, not those arriving while it drains)."""
+        try:
+            return self._drain_some(limit)
+        finally:
+            self._hand_destroyed()
+
+    def _hand_destroyed(self) -> None:
+        if not self._destroyed:
+            return
+        batch, self._destroyed = self._destroyed, []
+        if self._destroy_sink is not None:
+            try:
+                self._destroy_sink(batch)
+            except Exception:  # the subscriber's failure must not stop the mirror
+                log.exception("conntrack mirror: the DESTROY subscriber failed on %d events", len(batch))
+
+    def _drain_some(self, limit: int) -> bool:
         for _ in range(limit):
             try:
                 n = self._sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
@@ -251,6 +292,7 @@ class ConntrackMirror:
             except OSError as e:
                 if e.errno != errno.ENOBUFS:
                     raise
+                self.overflows += 1
                 self.resyncs += 1
                 self._seed()
                 continue
@@ -263,14 +305,27 @@ class ConntrackMirror:
             ln, typ = _MSG(data, off)
             if ln < 16:
                 return
-            if typ in (_CT_NEW, _CT_DELETE):
+            if typ == _CT_DELETE:
+                # the usual event by one regex (for the subscriber's counters and mark too); other
+                # shapes (IPv6, ICMP, a zone) by the walks
+                ev = parse_destroy_v4(data, off + 20, off + ln, self._addrs)
+                if ev is not None:
+                    proto, s, d, sport, dport = ev[:5]
+                    o: Orig | None = (data[off + 16], proto, s, d, sport, dport, None, None, None, 0)
+                else:
+                    o = parse_orig(data, off + 20, off + ln, data[off + 16], self._addrs)
+                    if self._destroy_sink is not None:
+                        ev = parse_destroy(data, off + 20, off + ln, data[off + 16], self._addrs)
+                if ev is not None and self._destroy_sink is not None:
+                    self._destroyed.append(ev)
+                if o is not None:
+                    self.events += 1
+                    self._remove(o)
+            elif typ == _CT_NEW:
                 o = parse_orig(data, off + 20, off + ln, data[off + 16], self._addrs)
                 if o is not None:
                     self.events += 1
-                    if typ == _CT_NEW:
-                        self._add(o)
-                    else:
-                        self._remove(o)
+                    self._add(o)
             off += (ln + 3) & ~3
         if len(self._addrs) > 65_536:
             self._addrs.clear()
@@ -280,12 +335,16 @@ class ConntrackMirror:
         this point are replayed over it by the next drain."""
         for _ in range(LOOKUP_BATCH):  # bounded: an older event replayed later is harmless
             try:
-                self._sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
+                n = self._sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except OSError as e:
                 if e.errno != errno.ENOBUFS:
                     raise
+                self.overflows += 1
+                continue
+            if self._destroy_sink is not None:  # the dump supersedes them here, not for the subscriber
+                destroy_events(memoryview(self._buf)[:n].tobytes(), self._addrs, self._destroyed)
         self._by_addr.clear()
         for o in _dump(self._dumper, self._addrs):
             self._add(o)

@@ -23,6 +23,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from omniwall.dataplane.netns import in_netns
 
@@ -256,6 +257,9 @@ class NflogReader:
         self._buf = bytearray(RECV_SIZE)
         self._prefixes: dict[bytes, tuple[int, str, str] | tuple[()]] = {}
         self._addrs: dict[bytes, str] = {}
+        # (prefix, indev, outdev, protocol, addresses), raw -> (id, verdict, hop, protocol, src, dst, indev,
+        # outdev) decoded, or () (not ours): the connections between two ends differ in ports only
+        self._heads: dict[tuple[bytes, ...], tuple[Any, ...]] = {}
         with in_netns(netns):
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:  # root: beyond rmem_max (flood headroom); else what the sysctl allows
@@ -398,21 +402,33 @@ class NflogReader:
                     next_seq = self._next_seq
             off += (ln + 3) & ~3
         self._next_seq, self.lost = next_seq, self.lost + lost
-        prefixes, addrs = self._prefixes, self._addrs
+        heads, ports_of = self._heads, _PORTS
         for (prefix, indev, outdev, proto, ips, ports), k in raw.items():
-            head = prefixes.get(prefix)
+            head = heads.get((prefix, indev, outdev, proto, ips))
             if head is None:
-                head = prefixes[prefix] = _flow_prefix(prefix) or ()
+                head = self._head(prefix, indev, outdev, proto, ips)
             if not head:
                 continue
-            s, d = addr_text(addrs, ips[:4]), addr_text(addrs, ips[4:])
-            sport, dport = _PORTS(ports)
-            log = (*head, proto[0], s, d, sport, dport, int.from_bytes(indev), int.from_bytes(outdev))
+            rule_id, v, h, p, s, d, i, o = head
+            sport, dport = ports_of(ports)
+            log = (rule_id, v, h, p, s, d, sport, dport, i, o)
             out[log] = out.get(log, 0) + k  # type: ignore[index]
-        if len(prefixes) > 65_536:
-            prefixes.clear()
-        if len(addrs) > 65_536:
-            addrs.clear()
+        for cache in (self._prefixes, self._addrs, heads):  # bounded (the walk below fills two)
+            if len(cache) > 65_536:
+                cache.clear()
+
+    def _head(self, prefix: bytes, indev: bytes, outdev: bytes, proto: bytes, ips: bytes) -> tuple[Any, ...]:
+        """Decode and cache (bounded) what a flow log's fields other than its ports say."""
+        prefixes, addrs, heads = self._prefixes, self._addrs, self._heads
+        rule = prefixes.get(prefix)
+        if rule is None:
+            rule = prefixes[prefix] = _flow_prefix(prefix) or ()
+        head: tuple[Any, ...] = ()
+        if rule:
+            s, d = addr_text(addrs, ips[:4]), addr_text(addrs, ips[4:])
+            head = (*rule, proto[0], s, d, int.from_bytes(indev), int.from_bytes(outdev))
+        heads[(prefix, indev, outdev, proto, ips)] = head
+        return head
 
     def _parse_one(self, data: bytes, a: int, end: int, out: dict[FlowLog, int]) -> None:
         """One message of any shape: the attribute walk."""
