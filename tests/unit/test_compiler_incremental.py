@@ -594,6 +594,25 @@ def test_set_updates_delta_is_the_dataclass_delta() -> None:
         fast.host = "h2"  # type: ignore[misc]
 
 
+def test_make_vnic_is_the_dataclass_vnic() -> None:
+    import dataclasses
+
+    import pytest
+
+    from omniwall.compiler.ir import IRVnic, make_vnic
+    from omniwall.compiler.ruleids import default_rule_id
+
+    args = ("ow1", "t/a", "t", ("10.0.0.1",), (3, 1), (2,), "reject", True, "02:00:00:00:00:01", 5, 7)
+    fast = make_vnic(*args, default_rule_id("t", "reject"))
+    slow = IRVnic(*args)
+    assert type(fast) is IRVnic
+    assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+    assert fast.default_id == slow.default_id != 0
+    assert dataclasses.replace(fast, egress=()) == dataclasses.replace(slow, egress=())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.ifname = "ow2"  # type: ignore[misc]
+
+
 def test_set_change_skips_hosts_that_only_share_the_span_group_with_another_tenant() -> None:
     """A tenant rule on a shared provider group sits only on that tenant's vNICs: a host with another
     tenant's member of the group holds neither the rule nor its set, and gets no delta when the set
