@@ -613,6 +613,21 @@ def test_make_vnic_is_the_dataclass_vnic() -> None:
         fast.ifname = "ow2"  # type: ignore[misc]
 
 
+def test_stamped_is_replace_twice() -> None:
+    import dataclasses
+
+    from omniwall.compiler.rules import stamped
+
+    ic = IncrementalCompiler(Catalog.of(_union_takeover_world("a").values()), revision=1)
+    assert ic.rules
+    for cr in ic.rules.values():
+        zero = dataclasses.replace(cr, ir=dataclasses.replace(cr.ir, id=0))
+        fast, slow = stamped(zero, 77), dataclasses.replace(zero, ir=dataclasses.replace(zero.ir, id=77))
+        assert type(fast) is type(slow) and type(fast.ir) is type(slow.ir)
+        assert fast == slow and fast.ir == slow.ir and hash(fast.ir) == hash(slow.ir)
+        assert zero.ir.id == 0  # the original is left alone
+
+
 def test_set_change_skips_hosts_that_only_share_the_span_group_with_another_tenant() -> None:
     """A tenant rule on a shared provider group sits only on that tenant's vNICs: a host with another
     tenant's member of the group holds neither the rule nor its set, and gets no delta when the set

@@ -31,7 +31,6 @@ delta to an empty state and is forgotten.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -55,7 +54,7 @@ from omniwall.compiler.ir import (
 from omniwall.compiler.labelindex import LabelIndex
 from omniwall.compiler.membership import Groups, visible
 from omniwall.compiler.ruleids import RuleIds, default_rule_id
-from omniwall.compiler.rules import CompiledRule, UnionSpec, compile_rule
+from omniwall.compiler.rules import CompiledRule, UnionSpec, compile_rule, stamped
 from omniwall.compiler.sets import AddrSet, split_literal
 from omniwall.compiler.span import SpanIndex
 from omniwall.model.catalog import Catalog
@@ -676,7 +675,7 @@ class IncrementalCompiler:
             new_id = self.rule_ids.get(rk) if new is not None else None
             if new is not None:
                 assert new_id is not None
-                new = dataclasses.replace(new, ir=dataclasses.replace(new.ir, id=new_id))
+                new = stamped(new, new_id)
             ir_changed = old is None or new is None or old_id != new_id or old.ir != new.ir
             if ir_changed and old_id is not None:
                 p.changed_ids.add(old_id)

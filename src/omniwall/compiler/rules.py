@@ -12,7 +12,8 @@ vNIC to the span: span is never invented. A missing appliedTo group contributes 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from operator import attrgetter
 
 from omniwall import PROVIDER_TENANT
 from omniwall.compiler.ir import IRRule, ServiceMatch
@@ -72,6 +73,33 @@ class CompiledRule:
 
     def span_key(self) -> tuple[object, ...]:
         return (self.order, self.span_groups, self.any_dirs)
+
+
+def _slots_of(
+    cls: type, field_name: str
+) -> tuple[Callable[[object], tuple[object, ...]], list[Callable[[object, object], None]], int]:
+    """Getter of every field (one C call), a setter per field, and the index of `field_name`."""
+    names = tuple(f.name for f in fields(cls))
+    return attrgetter(*names), [cls.__dict__[n].__set__ for n in names], names.index(field_name)
+
+
+_IR_GET, _IR_SET, _IR_ID = _slots_of(IRRule, "id")
+_CR_GET, _CR_SET, _CR_IR = _slots_of(CompiledRule, "ir")
+_new = object.__new__
+
+
+def stamped(cr: CompiledRule, rule_id: int) -> CompiledRule:
+    """`cr` with its IR's id set to `rule_id`: what `dataclasses.replace` twice gives, the same frozen
+    objects, ~2x cheaper (slots copied through their descriptors; 100k rules at 1M workloads)."""
+    ir = _new(IRRule)
+    for put, value in zip(_IR_SET, _IR_GET(cr.ir), strict=True):
+        put(ir, value)
+    _IR_SET[_IR_ID](ir, rule_id)
+    out = _new(CompiledRule)
+    for put, value in zip(_CR_SET, _CR_GET(cr), strict=True):
+        put(out, value)
+    _CR_SET[_CR_IR](out, ir)
+    return out
 
 
 def _service_match(spec: ServiceSpec) -> ServiceMatch:
