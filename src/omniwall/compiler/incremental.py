@@ -271,6 +271,7 @@ class IncrementalCompiler:
         p = _Pending()
         self._old_rules.clear()  # (left over only by an update that raised)
         initial = not self.wl  # the first build: every workload below is new, and touched as such
+        self.groups.track_dirty = not initial
         if placements is not None:
             self._place(placements, p)
         by_kind: dict[str, list[object]] = {}
@@ -308,6 +309,7 @@ class IncrementalCompiler:
                 if wid in self.wl:
                     self._touch(p, wid)
         self.groups.dirty_wids.clear()
+        self.groups.track_dirty = True
         self.groups.lits_changed.clear()
 
         self._defaults.clear()
@@ -512,6 +514,7 @@ class IncrementalCompiler:
 
     def _workloads(self, changed: list[object], removed: list[Removed], p: _Pending) -> None:
         g = self.groups
+        bulk = not self.wl  # the first build: every workload is new, touched in one pass at the end
         for _, tenant, name in removed:
             key = (tenant, name)
             if self.workloads.pop(key, None) is None:
@@ -555,7 +558,11 @@ class IncrementalCompiler:
                     g.selector_changes(self.labels.update_workload(wid, facts))
                 self._rehost(wid, before, p)
                 continue
-            self._touch(p, wid)
+            if not bulk:
+                self._touch(p, wid)
+        if bulk:  # what `_touch` does for each, one C-level set update per host
+            for h, ws in self.host_wids.items():
+                p.host_wids.setdefault(h, set()).update(ws)
 
     def _groups(self, changed: list[object], removed: list[Removed], p: _Pending) -> None:
         g = self.groups
