@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from operator import attrgetter
 
 from omniwall import PROVIDER_TENANT
@@ -113,6 +114,14 @@ def _service_match(spec: ServiceSpec) -> ServiceMatch:
     )
 
 
+@lru_cache(maxsize=4096)
+def _inline_match(ref: str) -> ServiceMatch:
+    """An inline service (`tcp/443`) as a ServiceMatch, memoised: rules repeat a handful of them, and
+    parsing one builds a pydantic ServiceSpec (~60 µs; 100k rules at 1M workloads). ValueError (not
+    cached) for one that does not parse."""
+    return _service_match(parse_inline_service(ref))
+
+
 def _service_sort(s: ServiceMatch) -> tuple[object, ...]:
     return (
         s.protocol,
@@ -185,7 +194,7 @@ def compile_rule(
     for ref in rule.services:
         if is_inline_service(ref):
             try:
-                spec = parse_inline_service(ref)
+                m = _inline_match(ref)
             except ValueError:
                 svc_failed = True
                 continue
@@ -196,12 +205,11 @@ def compile_rule(
             if svc is None or not (sk[0] == tenant or sk[0] == PROVIDER_TENANT or tenant == PROVIDER_TENANT):
                 svc_failed = True
                 continue
-            spec = svc.spec
-        try:
-            m = _service_match(spec)
-        except ValueError:  # a Service that skipped validation: fail closed
-            svc_failed = True
-            continue
+            try:
+                m = _service_match(svc.spec)
+            except ValueError:  # a Service that skipped validation: fail closed
+                svc_failed = True
+                continue
         if m.protocol == "any":
             any_service = True
         matches.add(m)
