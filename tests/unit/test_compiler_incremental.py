@@ -594,6 +594,40 @@ def test_set_updates_delta_is_the_dataclass_delta() -> None:
         fast.host = "h2"  # type: ignore[misc]
 
 
+def test_make_vnic_is_the_dataclass_vnic() -> None:
+    import dataclasses
+
+    import pytest
+
+    from omniwall.compiler.ir import IRVnic, make_vnic
+    from omniwall.compiler.ruleids import default_rule_id
+
+    args = ("ow1", "t/a", "t", ("10.0.0.1",), (3, 1), (2,), "reject", True, "02:00:00:00:00:01", 5, 7)
+    fast = make_vnic(*args, default_rule_id("t", "reject"))
+    slow = IRVnic(*args)
+    assert type(fast) is IRVnic
+    assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+    assert fast.default_id == slow.default_id != 0
+    assert dataclasses.replace(fast, egress=()) == dataclasses.replace(slow, egress=())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.ifname = "ow2"  # type: ignore[misc]
+
+
+def test_stamped_is_replace_twice() -> None:
+    import dataclasses
+
+    from omniwall.compiler.rules import stamped
+
+    ic = IncrementalCompiler(Catalog.of(_union_takeover_world("a").values()), revision=1)
+    assert ic.rules
+    for cr in ic.rules.values():
+        zero = dataclasses.replace(cr, ir=dataclasses.replace(cr.ir, id=0))
+        fast, slow = stamped(zero, 77), dataclasses.replace(zero, ir=dataclasses.replace(zero.ir, id=77))
+        assert type(fast) is type(slow) and type(fast.ir) is type(slow.ir)
+        assert fast == slow and fast.ir == slow.ir and hash(fast.ir) == hash(slow.ir)
+        assert zero.ir.id == 0  # the original is left alone
+
+
 def test_set_change_skips_hosts_that_only_share_the_span_group_with_another_tenant() -> None:
     """A tenant rule on a shared provider group sits only on that tenant's vNICs: a host with another
     tenant's member of the group holds neither the rule nor its set, and gets no delta when the set

@@ -303,7 +303,7 @@ class HostDelta:
 
 def _slot_setters(cls: type, names: tuple[str, ...]) -> list[Callable[[Any, Any], None]]:
     if tuple(f.name for f in fields(cls)) != names:
-        raise RuntimeError(f"{cls.__name__}'s fields changed: update set_updates_delta")
+        raise RuntimeError(f"{cls.__name__}'s fields changed: update its fast constructor below")
     return [cls.__dict__[n].__set__ for n in names]
 
 
@@ -333,6 +333,59 @@ def set_updates_delta(
     _hd_r4(d, ())
     _hd_r5(d, ())
     return d
+
+
+_VNIC_FIELDS = (
+    "ifname",
+    "workload",
+    "tenant",
+    "addresses",
+    "egress",
+    "ingress",
+    "default_action",
+    "default_monitor",
+    "mac",
+    "conn_limit",
+    "conn_rate",
+    "default_id",
+)
+_v_if, _v_wl, _v_tn, _v_ad, _v_eg, _v_in, _v_da, _v_dm, _v_mac, _v_cl, _v_cr, _v_did = _slot_setters(
+    IRVnic, _VNIC_FIELDS
+)
+
+
+def make_vnic(
+    ifname: str,
+    workload: str,
+    tenant: str,
+    addresses: tuple[str, ...],
+    egress: tuple[int, ...],
+    ingress: tuple[int, ...],
+    default_action: DefaultAction,
+    default_monitor: bool,
+    mac: str | None,
+    conn_limit: int | None,
+    conn_rate: int | None,
+    default_id: int,
+) -> IRVnic:
+    """`IRVnic(...)`, the same frozen object, built ~3x faster through the slot descriptors (the
+    dataclass __init__ calls `object.__setattr__` per field, then `__post_init__`): the compiler makes
+    one per vNIC, a million at 1M workloads. `default_id` must be `default_rule_id(tenant,
+    default_action)` (what `__post_init__` derives); the caller memoises it per tenant."""
+    v = _new(IRVnic)
+    _v_if(v, ifname)
+    _v_wl(v, workload)
+    _v_tn(v, tenant)
+    _v_ad(v, addresses)
+    _v_eg(v, egress)
+    _v_in(v, ingress)
+    _v_da(v, default_action)
+    _v_dm(v, default_monitor)
+    _v_mac(v, mac)
+    _v_cl(v, conn_limit)
+    _v_cr(v, conn_rate)
+    _v_did(v, default_id)
+    return v
 
 
 def plain(obj: Any) -> Any:
@@ -506,6 +559,7 @@ __all__ = [
     "delta_from_json",
     "diff",
     "empty_state",
+    "make_vnic",
     "plain",
     "set_updates_delta",
 ]

@@ -70,6 +70,10 @@ class Groups:
         self.groups_of: dict[int, set[Key]] = {}
         # Out, drained by the caller: workloads whose group set changed; groups whose literals changed.
         self.dirty_wids: set[int] = set()
+        # False while the compiler's first build runs: every workload is new and placed anyway, so the
+        # build drops `dirty_wids` unread (collecting it cost Σ group sizes insertions into a set of
+        # every workload, cache misses at 1M workloads)
+        self.track_dirty = True
         self.lits_changed: set[Key] = set()
 
     # ---------------------------------------------------------------------------------- membership test
@@ -93,7 +97,8 @@ class Groups:
             self.groups_of[w].discard(g.key)
             for ip in self.ips_of[w]:
                 g.addr.dec(ip)
-        self.dirty_wids.add(w)
+        if self.track_dirty:
+            self.dirty_wids.add(w)
 
     def recheck(self, key: Key, cands: Iterable[int]) -> None:
         g = self.nodes[key]
@@ -117,12 +122,12 @@ class Groups:
         a = g.addr
         if not g.wids and not a.counts and a.irset is None and not a.listeners:
             # A fresh group (the initial build): fill it in bulk, nobody is watching its addresses yet.
-            flipped = new
-            g.wids = set(new)
+            flipped = g.wids = new  # (built above for this group alone: no copy; parents only read it)
             # C-level iteration (map, chain, Counter): Σ group sizes is millions at 1M workloads
             deque(map(set.add, map(self.groups_of.__getitem__, new), repeat(key)), maxlen=0)
             a.counts = dict(Counter(chain.from_iterable(map(self.ips_of.__getitem__, new))))
-            self.dirty_wids |= new
+            if self.track_dirty:
+                self.dirty_wids |= new
         else:
             flipped = new ^ g.wids
             for w in flipped:

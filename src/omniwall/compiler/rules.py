@@ -12,7 +12,9 @@ vNIC to the span: span is never invented. A missing appliedTo group contributes 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from operator import attrgetter
 
 from omniwall import PROVIDER_TENANT
 from omniwall.compiler.ir import IRRule, ServiceMatch
@@ -74,6 +76,33 @@ class CompiledRule:
         return (self.order, self.span_groups, self.any_dirs)
 
 
+def _slots_of(
+    cls: type, field_name: str
+) -> tuple[Callable[[object], tuple[object, ...]], list[Callable[[object, object], None]], int]:
+    """Getter of every field (one C call), a setter per field, and the index of `field_name`."""
+    names = tuple(f.name for f in fields(cls))
+    return attrgetter(*names), [cls.__dict__[n].__set__ for n in names], names.index(field_name)
+
+
+_IR_GET, _IR_SET, _IR_ID = _slots_of(IRRule, "id")
+_CR_GET, _CR_SET, _CR_IR = _slots_of(CompiledRule, "ir")
+_new = object.__new__
+
+
+def stamped(cr: CompiledRule, rule_id: int) -> CompiledRule:
+    """`cr` with its IR's id set to `rule_id`: what `dataclasses.replace` twice gives, the same frozen
+    objects, ~2x cheaper (slots copied through their descriptors; 100k rules at 1M workloads)."""
+    ir = _new(IRRule)
+    for put, value in zip(_IR_SET, _IR_GET(cr.ir), strict=True):
+        put(ir, value)
+    _IR_SET[_IR_ID](ir, rule_id)
+    out = _new(CompiledRule)
+    for put, value in zip(_CR_SET, _CR_GET(cr), strict=True):
+        put(out, value)
+    _CR_SET[_CR_IR](out, ir)
+    return out
+
+
 def _service_match(spec: ServiceSpec) -> ServiceMatch:
     proto = str(spec.protocol)  # StrEnum (or its value, when validation was skipped)
     ports = spec.port_ranges() if proto in ("tcp", "udp") else ()
@@ -83,6 +112,14 @@ def _service_match(spec: ServiceSpec) -> ServiceMatch:
         icmp_type=spec.icmpType,
         icmp_code=spec.icmpCode,
     )
+
+
+@lru_cache(maxsize=4096)
+def _inline_match(ref: str) -> ServiceMatch:
+    """An inline service (`tcp/443`) as a ServiceMatch, memoised: rules repeat a handful of them, and
+    parsing one builds a pydantic ServiceSpec (~60 µs; 100k rules at 1M workloads). ValueError (not
+    cached) for one that does not parse."""
+    return _service_match(parse_inline_service(ref))
 
 
 def _service_sort(s: ServiceMatch) -> tuple[object, ...]:
@@ -157,7 +194,7 @@ def compile_rule(
     for ref in rule.services:
         if is_inline_service(ref):
             try:
-                spec = parse_inline_service(ref)
+                m = _inline_match(ref)
             except ValueError:
                 svc_failed = True
                 continue
@@ -168,12 +205,11 @@ def compile_rule(
             if svc is None or not (sk[0] == tenant or sk[0] == PROVIDER_TENANT or tenant == PROVIDER_TENANT):
                 svc_failed = True
                 continue
-            spec = svc.spec
-        try:
-            m = _service_match(spec)
-        except ValueError:  # a Service that skipped validation: fail closed
-            svc_failed = True
-            continue
+            try:
+                m = _service_match(svc.spec)
+            except ValueError:  # a Service that skipped validation: fail closed
+                svc_failed = True
+                continue
         if m.protocol == "any":
             any_service = True
         matches.add(m)

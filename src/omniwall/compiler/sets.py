@@ -13,22 +13,27 @@ import hashlib
 import ipaddress
 from bisect import bisect_left
 from collections.abc import Iterable
+from sys import intern
 
 from omniwall.compiler.ir import IRSet, SetUpdate
+
+# Set names are interned: every rule naming a set, every host's set counts and the set memo then hold
+# one string object per name, so their dict lookups and sorts match by identity, not by comparing the
+# bytes of two copies (a host's ~1,000 set names, looked up in dicts of ~200k names, at 1M workloads).
 
 
 def group_set_name(tenant: str, name: str) -> str:
     """`g.<tenant>.<group>`; names may contain dots, so a tenant with a dot (where `g.a.b.c` would be
     ambiguous) gets `g.<hash>` instead: one dot, never equal to a two-dot name."""
     if "." in tenant:
-        return "g." + hashlib.blake2b(f"{tenant}/{name}".encode(), digest_size=8).hexdigest()
-    return f"g.{tenant}.{name}"
+        return intern("g." + hashlib.blake2b(f"{tenant}/{name}".encode(), digest_size=8).hexdigest())
+    return intern(f"g.{tenant}.{name}")
 
 
 def union_set_name(tokens: Iterable[str]) -> str:
     """`u.<hash>` of the sorted, resolved peer tokens (`g:tenant/name`, `a:10.0.0.0/8`)."""
     text = "\n".join(sorted(set(tokens)))
-    return "u." + hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    return intern("u." + hashlib.blake2b(text.encode(), digest_size=8).hexdigest())
 
 
 def split_literal(net: str) -> tuple[str | None, str | None]:

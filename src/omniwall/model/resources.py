@@ -6,6 +6,7 @@ cross-object checks (references, cycles, tenancy) live in `model.validate`, whic
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from enum import StrEnum
@@ -536,9 +537,8 @@ def vnic_ifname(workload: Workload, vnic: Vnic) -> str:
     """Host-side interface name of a vNIC: explicit, or a stable hash (Linux limits names to 15 chars)."""
     if vnic.hostIfname:
         return vnic.hostIfname
-    import hashlib
-
-    digest = hashlib.sha1(f"{workload.tenant}/{workload.name}/{vnic.name}".encode()).hexdigest()
+    md = workload.metadata  # (not the `tenant`/`name` properties: the compiler calls this per vNIC)
+    digest = hashlib.sha1(f"{md.tenant}/{md.name}/{vnic.name}".encode()).hexdigest()
     return f"ow{digest[:10]}"
 
 
