@@ -147,7 +147,7 @@ class FeedResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         m, host, heartbeat = self.m, self.host, self.heartbeat
-        changed = m.desired.changed.subscribe()  # before reading, so no change slips between read and wait
+        changed = m.desired.changed.subscribe(host)  # before reading: no change slips between read and wait
         m.hosts.connect(host, m.now_iso())
         # The heartbeat: one timer per stream, re-armed when it fires, not a timeout per wait (that was a
         # timer created and cancelled per host per change, a tenth of the event loop's time with 1,000
