@@ -455,7 +455,19 @@ def sitting(
                 spy = None
                 if profile and arm == "hosts":  # py-spy's collapsed stacks of the manager, hosts arm only
                     spy = subprocess.Popen(
-                        ["py-spy", "record", "-p", str(m.pid), "-f", "raw", "-r", "200", "-o", profile],
+                        [
+                            "py-spy",
+                            "record",
+                            "--nonblocking",
+                            "-p",
+                            str(m.pid),
+                            "-f",
+                            "raw",
+                            "-r",
+                            "200",
+                            "-o",
+                            profile,
+                        ],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )

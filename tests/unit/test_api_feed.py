@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,32 @@ def test_status_ack_and_host_list(env: tuple[TestClient, Manager, dict[str, str]
     bad = c.post("/v1/hosts/h1/status", json={"realized": 1}, headers={"Authorization": h["h1"]})
     assert bad.status_code == 422
     assert {e["path"] for e in bad.json()["errors"]} >= {"body.realized_revision", "body.realized"}
+
+
+def test_realized_at_is_when_the_manager_recorded_the_revisions_first_ack(
+    env: tuple[TestClient, Manager, dict[str, str]],
+) -> None:
+    c, m, h = env
+    desired = m.desired.revision("h1")
+    t0 = datetime(2026, 12, 7, 12, 0, 0, 250000, tzinfo=UTC)
+
+    def ack(rev: int, at: datetime, **more: Any) -> dict[str, Any]:
+        m.clock = lambda: at
+        r = c.post(
+            "/v1/hosts/h1/status", json={"realized_revision": rev, **more}, headers={"Authorization": h["h1"]}
+        )
+        assert r.status_code == 200, r.text
+        return c.get("/v1/status", headers={"Authorization": h["admin"]}).json()["hosts"]["h1"]
+
+    assert (
+        c.get("/v1/status", headers={"Authorization": h["admin"]}).json()["hosts"]["h1"]["realizedAt"] is None
+    )
+    assert ack(desired - 1, t0)["realizedAt"] == "2026-12-07T12:00:00.250Z"
+    st = ack(desired, t0 + timedelta(seconds=2))
+    assert st["realizedAt"] == "2026-12-07T12:00:02.250Z" and st["inSync"] is True
+    # the same revision again (counters, an error, a re-sent report) is not a new ack of it
+    st = ack(desired, t0 + timedelta(seconds=9), counters=[{"rule_id": 1, "packets": 1, "bytes": 1}])
+    assert st["realizedAt"] == "2026-12-07T12:00:02.250Z" and st["lastSeen"] == "2026-12-07T12:00:09.250Z"
 
 
 def test_policy_stats_sum_counters_across_hosts(env: tuple[TestClient, Manager, dict[str, str]]) -> None:

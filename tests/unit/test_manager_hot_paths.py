@@ -86,6 +86,29 @@ def test_broadcaster_wakes_every_subscriber_with_one_call_per_loop() -> None:
     asyncio.run(main())
 
 
+def test_a_change_wakes_the_feeds_of_the_hosts_it_changed_and_no_other() -> None:
+    """A host's feed subscribes with its host: a change elsewhere must not wake it (with N feeds, every
+    change woke N tasks that found nothing to send); a subscriber without a key, and a notify without
+    keys (an agent command), still wake every one."""
+    ds = DesiredStates()
+    ds.update({h: HostDesiredState(h, 1) for h in ("a", "b")}, 1)
+
+    async def main() -> None:
+        a, b, anyone = ds.changed.subscribe("a"), ds.changed.subscribe("b"), ds.changed.subscribe()
+        sets = (IRSet("s2", ("10.0.0.1",)),)
+        await asyncio.to_thread(ds.update, {"a": HostDesiredState("a", 2, sets=sets)}, 2, only={"a"})
+        await asyncio.wait_for(asyncio.gather(a.wait(), anyone.wait()), timeout=5)
+        await asyncio.sleep(0.05)  # b's wake-up, if any, would have run by now
+        assert not b.is_set()
+        await asyncio.to_thread(ds.changed.notify)
+        await asyncio.wait_for(b.wait(), timeout=5)
+        for e in (a, b, anyone):
+            ds.changed.unsubscribe(e)
+
+    asyncio.run(main())
+    assert ds.revisions() == {"a": 2, "b": 1}
+
+
 def test_bulk_host_statuses_equal_per_host_ones(tmp_path: Path) -> None:
     m = Manager(open_store(str(tmp_path / "ow.db")))
     m.desired.update({h: empty_state(h, 3) for h in ("a", "b")}, 3)

@@ -82,6 +82,8 @@ def test_host_status_is_shared_and_liveness_follows_the_lease(etcd: Cluster) -> 
         lambda: on_m2()["connected"] is True and on_m2()["realizedRevision"] == desired, what="m2 sees h1"
     )
     assert on_m2()["inSync"] is True and on_m2()["conntrack"]["alarm"] == "warning"
+    acked_at = on_m2()["realizedAt"]  # m1's time of the ack, shared
+    assert acked_at is not None and acked_at == m1.hosts.get("h1").realized_at
     assert m2.hosts.counters()["h1"] == {7: (3, 90)}
     assert b"omniwall_hosts_connected 1.0" in render(c2.app.state.metrics)  # type: ignore[attr-defined]
     # counters alone are coalesced: 50 reports within a second are at most a couple of writes
@@ -91,6 +93,7 @@ def test_host_status_is_shared_and_liveness_follows_the_lease(etcd: Cluster) -> 
         c1.post("/v1/hosts/h1/status", json=body, headers=auth(agent))
     assert m1.hosts.write_count - writes <= 2  # type: ignore[attr-defined]
     eventually(lambda: m2.hosts.counters()["h1"] == {7: (53, 149)}, what="coalesced counters reach m2")
+    assert on_m2()["realizedAt"] == acked_at  # later reports of the same revision leave it
     # a clean disconnect shows at once elsewhere
     m1.hosts.disconnect("h1", m1.now_iso())
     took = eventually(lambda: on_m2()["connected"] is False, what="clean disconnect")

@@ -34,15 +34,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from omniwall.compiler.ir import empty_state
 from omniwall.manager.service import Manager
+from omniwall.manager.tokens import TokenRecord
 from omniwall.stream.wire import (
     STATUS_STREAM_HEADER,
     StatusIn,
@@ -120,66 +121,107 @@ async def catch_up(m: Manager, host: str, from_revision: int) -> None:
         ) from e
 
 
-async def feed_lines(
-    m: Manager, host: str, from_revision: int, *, follow: bool, heartbeat: float
-) -> AsyncIterator[bytes]:
-    changed = m.desired.changed.subscribe()  # before reading, so no change slips between read and wait
-    m.hosts.connect(host, m.now_iso())
-    # The heartbeat: one timer per stream, re-armed when it fires, not a timeout per wait (that was a
-    # timer created and cancelled per host per change, a tenth of the event loop's time with 1,000
-    # hosts). It sets `changed` too; `beat` says the silence lasted `heartbeat` seconds.
-    loop = asyncio.get_running_loop()
-    last_line = loop.time()
-    beat = False
+class FeedResponse(Response):
+    """The feed written from the ASGI level: one coroutine per feed sends each line itself, instead of a
+    StreamingResponse pulling an async generator through a second task (with 1,000 hosts a line per host
+    per change went through the generator, the task group and StreamingResponse's loop: bench
+    manager_hosts.py, BENCHMARKS.md "Manager per-host cost, part 3"). The bytes are the same lines;
+    deltas found together (a catch-up, or several changes between two wake-ups) go in one write. A
+    second task per feed only waits for the agent to leave (as StreamingResponse's did), and wakes the
+    feed when it does."""
 
-    def tick() -> None:
-        nonlocal timer, beat
-        left = last_line + heartbeat - loop.time()
-        if left > 0:
-            timer = loop.call_later(left, tick)
-        else:
-            beat = True
+    media_type = NDJSON
+
+    def __init__(self, m: Manager, host: str, from_revision: int, *, follow: bool, heartbeat: float) -> None:
+        # Response.__init__ is not called: it would add a content-length; the body is chunked.
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"cache-control", b"no-store"),
+            (b"x-accel-buffering", b"no"),
+            (STATUS_STREAM_HEADER.lower().encode(), b"1"),
+            (b"content-type", NDJSON.encode()),
+        ]
+        self.m, self.host, self.from_revision = m, host, from_revision
+        self.follow, self.heartbeat = follow, heartbeat
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        m, host, heartbeat = self.m, self.host, self.heartbeat
+        changed = m.desired.changed.subscribe(host)  # before reading: no change slips between read and wait
+        m.hosts.connect(host, m.now_iso())
+        # The heartbeat: one timer per stream, re-armed when it fires, not a timeout per wait (that was a
+        # timer created and cancelled per host per change, a tenth of the event loop's time with 1,000
+        # hosts). It sets `changed` too; `beat` says the silence lasted `heartbeat` seconds.
+        loop = asyncio.get_running_loop()
+        last_line = loop.time()
+        beat = gone = False
+
+        def tick() -> None:
+            nonlocal timer, beat
+            left = last_line + heartbeat - loop.time()
+            if left > 0:
+                timer = loop.call_later(left, tick)
+            else:
+                beat = True
+                changed.set()
+
+        async def listen() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
             changed.set()
 
-    timer = loop.call_later(heartbeat, tick)
-    try:
-        sent = from_revision
-        deltas = m.desired.deltas_since(host, from_revision)
-        if deltas is None:
-            state = m.desired.snapshot(host) or empty_state(host, 0)  # present: checked before the stream
-            yield snapshot_line(state)
-            sent = state.revision
-        else:
-            for d in deltas:
-                yield delta_line(d)
-                sent = d.to_revision
-        while follow:
-            for cmd in m.migrations.commands.take(host):  # after the deltas they may depend on
-                yield command_line(cmd)
-                last_line = loop.time()
-            await changed.wait()
-            changed.clear()
-            if beat:
-                beat = False
-                m.hosts.seen(host, m.now_iso())
-                yield heartbeat_line(sent)
-                last_line = loop.time()
-                timer = loop.call_later(heartbeat, tick)
-            deltas = m.desired.deltas_since(host, sent)
-            if deltas is None:  # fell behind the delta log: start over from a snapshot
-                state = m.desired.snapshot(host) or empty_state(host, 0)
-                yield snapshot_line(state)
+        def body(chunk: bytes) -> Message:
+            return {"type": "http.response.body", "body": chunk, "more_body": True}
+
+        timer = loop.call_later(heartbeat, tick)
+        listener = asyncio.create_task(listen()) if self.follow else None
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            deltas = m.desired.deltas_since(host, self.from_revision)
+            if deltas is None:
+                state = m.desired.snapshot(host) or empty_state(host, 0)  # present: checked before the stream
+                await send(body(snapshot_line(state)))
                 sent = state.revision
-                last_line = loop.time()
-                continue
-            for d in deltas:
-                yield delta_line(d)
-                sent = d.to_revision
-                last_line = loop.time()
-    finally:
-        timer.cancel()
-        m.desired.changed.unsubscribe(changed)
-        m.hosts.disconnect(host, m.now_iso())
+            else:
+                sent = self.from_revision
+                if deltas:
+                    await send(body(b"".join(map(delta_line, deltas))))
+                    sent = deltas[-1].to_revision
+            while self.follow:
+                for cmd in m.migrations.commands.take(host):  # after the deltas they may depend on
+                    await send(body(command_line(cmd)))
+                    last_line = loop.time()
+                await changed.wait()
+                changed.clear()
+                if gone:
+                    return
+                if beat:
+                    beat = False
+                    m.hosts.seen(host, m.now_iso())
+                    await send(body(heartbeat_line(sent)))
+                    last_line = loop.time()
+                    timer = loop.call_later(heartbeat, tick)
+                deltas = m.desired.deltas_since(host, sent)
+                if deltas is None:  # fell behind the delta log: start over from a snapshot
+                    state = m.desired.snapshot(host) or empty_state(host, 0)
+                    await send(body(snapshot_line(state)))
+                    sent = state.revision
+                    last_line = loop.time()
+                elif deltas:
+                    await send(
+                        body(delta_line(deltas[0]) if len(deltas) == 1 else b"".join(map(delta_line, deltas)))
+                    )
+                    sent = deltas[-1].to_revision
+                    last_line = loop.time()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            timer.cancel()
+            if listener is not None:
+                listener.cancel()
+            m.desired.changed.unsubscribe(changed)
+            m.hosts.disconnect(host, m.now_iso())
 
 
 def record(m: Manager, host: str, report: StatusReport | StatusIn) -> None:
@@ -355,6 +397,7 @@ class StatusStream:
         self.stats = stream_stats(state)
         self.limit = _body_limit(state)
         self.token = bearer_token(scope["headers"]) or ""  # checked again before each line
+        self.rec: TokenRecord | None = None  # what it last verified as (`TokenBook.still_cached`)
         self.line_no = 0
 
     async def _refuse_start(self, e: ApiError) -> None:
@@ -427,11 +470,10 @@ class StatusStream:
         self.stats.lines += 1
         m = self.m
         tokens = m.tokens
-        if (
-            tokens.verify_cached(self.token) is None
-            and await run_in_threadpool(tokens.verify, self.token) is None
-        ):
-            return ApiError(401, "invalid, expired or revoked token")
+        if self.rec is None or not tokens.still_cached(self.rec):
+            self.rec = tokens.verify_cached(self.token) or await run_in_threadpool(tokens.verify, self.token)
+            if self.rec is None:
+                return ApiError(401, "invalid, expired or revoked token")
         refusal = _host_refusal(p, self.host, Perm.STATUS_WRITE, m)
         if refusal is not None:
             return refusal
@@ -491,15 +533,11 @@ def router() -> APIRouter:
         follow: bool = Query(True, description="keep the stream open for new deltas"),
         heartbeat: float = Query(15.0, ge=0.05, le=300, description="seconds of silence between heartbeats"),
         p: Principal = Depends(authenticate),
-    ) -> StreamingResponse:
+    ) -> Response:
         m = manager_of(request)
         _check_host(p, host, Perm.FEED_READ, m)
         await catch_up(m, host, from_)
-        return StreamingResponse(
-            feed_lines(m, host, from_, follow=follow, heartbeat=heartbeat),
-            media_type=NDJSON,
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", STATUS_STREAM_HEADER: "1"},
-        )
+        return FeedResponse(m, host, from_, follow=follow, heartbeat=heartbeat)
 
     @r.get("/v1/hosts/{host}/desired", summary="the host's current desired state (HostDesiredState JSON)")
     def desired(request: Request, host: str, p: Principal = Depends(authenticate)) -> dict[str, Any]:

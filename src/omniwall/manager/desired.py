@@ -25,7 +25,7 @@ import asyncio
 import gc
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from itertools import islice
 
@@ -44,29 +44,34 @@ def _freeze(hosts: int) -> None:
 
 
 class Broadcaster:
-    """Wakes every subscribed asyncio task (on whatever loop it runs) from any thread."""
+    """Wakes subscribed asyncio tasks (on whatever loop they run) from any thread: every one, or those
+    subscribed to one of the given keys (a host's feed subscribes with its host: a change that leaves a
+    host's state alone does not wake its feed, which would only find nothing to send)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._subs: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+        self._subs: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event, str | None]] = {}
 
-    def subscribe(self) -> asyncio.Event:
+    def subscribe(self, key: str | None = None) -> asyncio.Event:
+        """`key` None: woken by every notify."""
         ev = asyncio.Event()
         with self._lock:
-            self._subs[id(ev)] = (asyncio.get_running_loop(), ev)
+            self._subs[id(ev)] = (asyncio.get_running_loop(), ev, key)
         return ev
 
     def unsubscribe(self, ev: asyncio.Event) -> None:
         with self._lock:
             self._subs.pop(id(ev), None)
 
-    def notify(self) -> None:
+    def notify(self, keys: Collection[str] | None = None) -> None:
+        """Wake the subscribers of `keys` and those of no key (`keys` None: all of them)."""
         # One wake-up per loop, not per subscriber: call_soon_threadsafe writes to the loop's self-pipe,
         # and a thousand feeds on one loop would mean a thousand syscalls and callbacks per change.
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
         with self._lock:
-            for loop, ev in self._subs.values():
-                by_loop.setdefault(loop, []).append(ev)
+            for loop, ev, key in self._subs.values():
+                if keys is None or key is None or key in keys:
+                    by_loop.setdefault(loop, []).append(ev)
         for loop, events in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_set_all, events)
@@ -116,7 +121,7 @@ class DesiredStates:
                         out.append(d)
                     self._states[host] = target
         if changed:
-            self.changed.notify()
+            self.changed.notify({host for host, _, _ in changed})
             _freeze(len(changed))
         return out
 
@@ -150,7 +155,7 @@ class DesiredStates:
                         deltas.append(d)
                     self._states[host] = target
         if deltas:
-            self.changed.notify()
+            self.changed.notify({host for host, _, _ in changed})
             _freeze(len(changed))
         return deltas
 

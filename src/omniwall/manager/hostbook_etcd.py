@@ -72,6 +72,7 @@ def _encode(st: HostStatus) -> str:
             "realizedRevision": st.realized_revision,
             "lastError": st.last_error,
             "lastSeen": st.last_seen,
+            "realizedAt": st.realized_at,
             "counters": [[rid, p, b] for rid, (p, b) in sorted(st.counters.items())],
             "addresses": st.addresses,
             "conntrack": list(st.conntrack) if st.conntrack else None,
@@ -87,6 +88,7 @@ def _decode(value: str) -> HostStatus:
         realized_revision=int(d.get("realizedRevision", 0)),
         last_error=d.get("lastError"),
         last_seen=d.get("lastSeen"),
+        realized_at=d.get("realizedAt"),
         counters={int(r): (int(p), int(b)) for r, p, b in d.get("counters") or []},
         addresses=dict(d.get("addresses") or {}),
         conntrack=(int(ct[0]), int(ct[1])) if ct else None,
@@ -287,6 +289,8 @@ class EtcdHostStatusBook:
         with self._cond:
             st = self._mine(host)
             urgent = st.realized_revision != realized_revision or st.last_error != error
+            if st.realized_revision != realized_revision or st.realized_at is None:
+                st.realized_at = now
             st.realized_revision = realized_revision
             st.last_error = error
             st.last_seen = now

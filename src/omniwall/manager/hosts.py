@@ -32,6 +32,9 @@ class HostStatus:
     realized_revision: int = 0
     last_error: str | None = None
     last_seen: str | None = None  # ISO 8601, UTC
+    # when a manager recorded the first report of `realized_revision` (ISO 8601, UTC, its clock): the
+    # moment the host's ack of that revision arrived, whatever came later (counters, heartbeats)
+    realized_at: str | None = None
     counters: dict[int, tuple[int, int]] = field(default_factory=dict)  # rule id -> (packets, bytes)
     addresses: dict[str, Any] = field(default_factory=dict)
     conntrack: tuple[int, int] | None = None  # (entries, nf_conntrack_max), last reported
@@ -44,6 +47,7 @@ class HostStatus:
             "inSync": self.realized_revision == desired_revision and self.last_error is None,
             "lastError": self.last_error,
             "lastSeen": self.last_seen,
+            "realizedAt": self.realized_at,
             "conntrack": None if self.conntrack is None else conntrack_json(*self.conntrack),
         }
 
@@ -120,6 +124,8 @@ class MemoryHostStatusBook:
     ) -> None:
         with self._lock:
             st = self._hosts.setdefault(host, HostStatus())
+            if st.realized_revision != realized_revision or st.realized_at is None:
+                st.realized_at = now
             st.realized_revision = realized_revision
             st.last_error = error
             st.last_seen = now
@@ -156,6 +162,7 @@ def copy_status(st: HostStatus) -> HostStatus:
         st.realized_revision,
         st.last_error,
         st.last_seen,
+        st.realized_at,
         dict(st.counters),
         dict(st.addresses),
         st.conntrack,
