@@ -288,20 +288,8 @@ class EtcdHostStatusBook:
     ) -> None:
         with self._cond:
             st = self._mine(host)
-            urgent = st.realized_revision != realized_revision or st.last_error != error
-            if st.realized_revision != realized_revision or st.realized_at is None:
-                st.realized_at = now
-            st.realized_revision = realized_revision
-            st.last_error = error
-            st.last_seen = now
+            urgent = st.take_report(now, realized_revision, error, counters, addresses, conntrack)
             self._saw(host, now)
-            if counters is not None:
-                st.counters = {rid: (p, b) for rid, p, b in counters}
-            if addresses is not None:
-                urgent = urgent or st.addresses != addresses
-                st.addresses = dict(addresses)
-            if conntrack is not None:
-                st.conntrack = conntrack
             self._mark(host, urgent)
 
     # ------------------------------------------------------------------ the flusher

@@ -51,6 +51,32 @@ class HostStatus:
             "conntrack": None if self.conntrack is None else conntrack_json(*self.conntrack),
         }
 
+    def take_report(
+        self,
+        now: str,
+        realized_revision: int,
+        error: str | None,
+        counters: list[tuple[int, int, int]] | None,
+        addresses: dict[str, Any] | None,
+        conntrack: tuple[int, int] | None,
+    ) -> bool:
+        """Record an agent's report (what every host book does with one). True: it changed what other
+        managers should see soon (the realized revision, the error, the addresses)."""
+        changed = self.realized_revision != realized_revision or self.last_error != error
+        if self.realized_revision != realized_revision or self.realized_at is None:
+            self.realized_at = now
+        self.realized_revision = realized_revision
+        self.last_error = error
+        self.last_seen = now
+        if counters is not None:
+            self.counters = {rid: (p, b) for rid, p, b in counters}
+        if addresses is not None:
+            changed = changed or self.addresses != addresses
+            self.addresses = dict(addresses)
+        if conntrack is not None:
+            self.conntrack = conntrack
+        return changed
+
 
 class HostStatusBook(Protocol):
     """Agents' feed streams and status reports. Writers (`connect` ... `report`) are called on the
@@ -123,18 +149,9 @@ class MemoryHostStatusBook:
         conntrack: tuple[int, int] | None = None,
     ) -> None:
         with self._lock:
-            st = self._hosts.setdefault(host, HostStatus())
-            if st.realized_revision != realized_revision or st.realized_at is None:
-                st.realized_at = now
-            st.realized_revision = realized_revision
-            st.last_error = error
-            st.last_seen = now
-            if counters is not None:
-                st.counters = {rid: (p, b) for rid, p, b in counters}
-            if addresses is not None:
-                st.addresses = dict(addresses)
-            if conntrack is not None:
-                st.conntrack = conntrack
+            self._hosts.setdefault(host, HostStatus()).take_report(
+                now, realized_revision, error, counters, addresses, conntrack
+            )
 
     def statuses(self, desired: dict[str, int], hosts: list[str]) -> dict[str, dict[str, Any]]:
         """`to_json` of each of `hosts` under one lock acquisition (GET /v1/status with many hosts)."""
