@@ -466,12 +466,11 @@ class FlowCollector:
         assert self.ct is not None
         events = self.ct.read(0.2)
         if events:
-            with self._lock:
-                self.agg.on_destroy(events, time.time())
+            self._on_ct_events(events)
             self._stop.wait(READ_PAUSE)
 
     def _on_ct_events(self, events: list[CtDestroy]) -> None:
-        """The mirror's DESTROY events (its thread, once per drain)."""
+        """DESTROY events: our reader's, or the conntrack mirror's (its thread, once per drain)."""
         with self._lock:
             self.agg.on_destroy(events, time.time())
 
