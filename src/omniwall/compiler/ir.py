@@ -22,6 +22,7 @@ import json
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, is_dataclass
+from operator import attrgetter
 from typing import Any, Literal, TypeVar
 
 from omniwall.compiler.ruleids import default_rule_id
@@ -301,10 +302,31 @@ class HostDelta:
         return plain(self)  # type: ignore[no-any-return]
 
 
+_new = object.__new__
+
+
 def _slot_setters(cls: type, names: tuple[str, ...]) -> list[Callable[[Any, Any], None]]:
     if tuple(f.name for f in fields(cls)) != names:
         raise RuntimeError(f"{cls.__name__}'s fields changed: update its fast constructor below")
     return [cls.__dict__[n].__set__ for n in names]
+
+
+def slot_replacer(cls: type[T], name: str) -> Callable[[T, Any], T]:
+    """`dataclasses.replace(obj, name=value)` for the frozen slotted dataclass `cls`, ~2x cheaper: the
+    other slots are copied through their descriptors (one C-level getter for all of them), without the
+    dataclass __init__ or __post_init__ (so only for a field that nothing else is derived from)."""
+    names = tuple(f.name for f in fields(cls))
+    get, setters = attrgetter(*names), _slot_setters(cls, names)
+    put = setters[names.index(name)]
+
+    def replaced(obj: T, value: Any) -> T:
+        out = _new(cls)
+        for set_, v in zip(setters, get(obj), strict=True):
+            set_(out, v)
+        put(out, value)
+        return out
+
+    return replaced
 
 
 _HD_DEFAULTS = ("rule_updates", "vnic_updates", "vnic_removes", "rule_removes", "set_removes")
@@ -312,7 +334,6 @@ _hd_host, _hd_from, _hd_to, _hd_sets, *_hd_rest = _slot_setters(
     HostDelta, ("host", "from_revision", "to_revision", "set_updates", *_HD_DEFAULTS)
 )
 _hd_r1, _hd_r2, _hd_r3, _hd_r4, _hd_r5 = _hd_rest
-_new = object.__new__
 
 
 def set_updates_delta(
@@ -562,4 +583,5 @@ __all__ = [
     "make_vnic",
     "plain",
     "set_updates_delta",
+    "slot_replacer",
 ]

@@ -12,12 +12,11 @@ vNIC to the span: span is never invented. A missing appliedTo group contributes 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
-from operator import attrgetter
 
 from omniwall import PROVIDER_TENANT
-from omniwall.compiler.ir import IRRule, ServiceMatch
+from omniwall.compiler.ir import IRRule, ServiceMatch, slot_replacer
 from omniwall.compiler.order import OrderKey, order_key
 from omniwall.compiler.sets import group_set_name, split_literal, union_set_name
 from omniwall.model.catalog import is_address_literal as _is_address_literal
@@ -76,31 +75,15 @@ class CompiledRule:
         return (self.order, self.span_groups, self.any_dirs)
 
 
-def _slots_of(
-    cls: type, field_name: str
-) -> tuple[Callable[[object], tuple[object, ...]], list[Callable[[object, object], None]], int]:
-    """Getter of every field (one C call), a setter per field, and the index of `field_name`."""
-    names = tuple(f.name for f in fields(cls))
-    return attrgetter(*names), [cls.__dict__[n].__set__ for n in names], names.index(field_name)
-
-
-_IR_GET, _IR_SET, _IR_ID = _slots_of(IRRule, "id")
-_CR_GET, _CR_SET, _CR_IR = _slots_of(CompiledRule, "ir")
-_new = object.__new__
+# the rule's IR with another id, the compiled rule with another IR (what `dataclasses.replace` gives)
+_with_id = slot_replacer(IRRule, "id")
+_with_ir = slot_replacer(CompiledRule, "ir")
 
 
 def stamped(cr: CompiledRule, rule_id: int) -> CompiledRule:
     """`cr` with its IR's id set to `rule_id`: what `dataclasses.replace` twice gives, the same frozen
-    objects, ~2x cheaper (slots copied through their descriptors; 100k rules at 1M workloads)."""
-    ir = _new(IRRule)
-    for put, value in zip(_IR_SET, _IR_GET(cr.ir), strict=True):
-        put(ir, value)
-    _IR_SET[_IR_ID](ir, rule_id)
-    out = _new(CompiledRule)
-    for put, value in zip(_CR_SET, _CR_GET(cr), strict=True):
-        put(out, value)
-    _CR_SET[_CR_IR](out, ir)
-    return out
+    objects, ~2x cheaper (100k rules at 1M workloads)."""
+    return _with_ir(cr, _with_id(cr.ir, rule_id))
 
 
 def _service_match(spec: ServiceSpec) -> ServiceMatch:
