@@ -140,3 +140,26 @@ def test_feed_lines_encode_exactly_like_asdict() -> None:
         d = diff(empty_state(host, 6), st)
         assert delta_line(d) == reference({"type": "delta", "delta": d.to_json()})
         assert decode(delta_line(d)).delta == d  # type: ignore[union-attr]
+
+
+def test_now_iso_is_the_real_clock_to_the_millisecond(tmp_path: Path) -> None:
+    """now_iso's cached text (the second's prefix formatted once, the milliseconds added) is the wall
+    clock's ISO 8601 UTC text, across millisecond and second boundaries."""
+    import time
+    from datetime import UTC, datetime
+
+    m = Manager(open_store(str(tmp_path / "ow.db")))
+    seconds = set()
+    end = time.monotonic() + 1.3  # crosses at least one second boundary
+    while time.monotonic() < end:
+        before = time.time_ns() // 1_000_000
+        text = m.now_iso()
+        after = time.time_ns() // 1_000_000
+        assert text.endswith("Z") and len(text) == len("2026-12-07T23:00:00.123Z"), text
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        assert when.tzinfo is not None and when.utcoffset() == UTC.utcoffset(None)
+        ms = int(when.timestamp() * 1000 + 0.5)
+        assert before <= ms <= after, (text, before, after)
+        seconds.add(ms // 1000)
+        time.sleep(0.0003)
+    assert len(seconds) >= 2

@@ -57,6 +57,7 @@ class Manager:
         self.store = store
         self.clock = clock
         self._iso_ms, self._iso = -1, ""  # now_iso's last millisecond and its text
+        self._iso_s, self._iso_prefix = -1, ""  # ... and its last second's text, up to the milliseconds
         self.tokens = TokenBook(store)
         self.desired = DesiredStates(max_delta_log)
         self.id = manager_id()  # this manager process, among the replicas sharing the store
@@ -100,11 +101,15 @@ class Manager:
         if self.clock is not _now:
             return self.clock().isoformat(timespec="milliseconds").replace("+00:00", "Z")
         # Every ack and feed event records this: with the real clock, one text per millisecond (a fleet's
-        # acks arrive many to the millisecond; formatting a datetime for each was ~5% of the loop's time).
+        # acks arrive many to the millisecond; formatting a datetime for each was ~5% of the loop's time),
+        # and a datetime formatted once a second: the milliseconds are three digits added to its text.
         ms = time.time_ns() // 1_000_000
         if ms != self._iso_ms:
-            when = datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
-            self._iso_ms, self._iso = ms, when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            s, milli = divmod(ms, 1000)
+            if s != self._iso_s:
+                self._iso_s = s
+                self._iso_prefix = datetime.fromtimestamp(s, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+            self._iso_ms, self._iso = ms, f"{self._iso_prefix}{milli:03d}Z"
         return self._iso
 
     def load_all(self) -> None:
