@@ -407,3 +407,39 @@ def test_existing_catalog_change_checks_addresses_and_interfaces() -> None:
     ]
     assert errs[0].message == "address 10.1.0.1 is already in use"
     assert "already used by this workload (spec.vnics[0].hostIfname)" in errs[1].message
+
+
+def test_a_change_is_judged_on_the_addresses_and_interfaces_it_brings() -> None:
+    """Stored clashes (two workloads on one address and one host interface) do not block a change that
+    touches no workload, nor a workload change on other addresses; a changed workload that wants a taken
+    address, or one address twice, is still refused."""
+    clash = (
+        "kind: Workload\nmetadata: {name: c1, tenant: tenant-b}\n"
+        "spec: {host: host-1, vnics: [{name: eth0, ips: [10.9.0.1], hostIfname: tapc}]}\n---\n"
+        "kind: Workload\nmetadata: {name: c2, tenant: tenant-b}\n"
+        "spec: {host: host-1, vnics: [{name: eth0, ips: [10.9.0.1], hostIfname: tapc}]}"
+    )
+    stored = Catalog.of([*base(), *load_text(clash)])
+    merged = validate(
+        load_text(policy("tenant-a", "{name: r, destinations: [web], action: allow}")), existing=stored
+    )
+    assert ("tenant-a", "p") in merged.policies
+    merged = validate(
+        load_text(
+            "kind: Workload\nmetadata: {name: n, tenant: tenant-b}\n"
+            "spec: {host: host-1, vnics: [{ips: [10.9.0.7]}]}"
+        ),
+        existing=stored,
+    )
+    assert ("tenant-b", "n") in merged.workloads
+    errs = errors_for(
+        "kind: Workload\nmetadata: {name: m, tenant: tenant-b}\n"
+        "spec: {host: host-1, vnics: [{name: eth0, ips: [10.9.0.1]},"
+        " {name: eth1, ips: [10.9.0.8, 10.9.0.8]}]}",
+        existing=stored,
+    )
+    assert [(e.resource, e.path) for e in errs] == [
+        ("Workload/tenant-b/m", "spec.vnics[0].ips[0]"),
+        ("Workload/tenant-b/m", "spec.vnics[1].ips[1]"),
+    ]
+    assert "already used by Workload/tenant-b/c1" in errs[0].message

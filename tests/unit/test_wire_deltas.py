@@ -4,6 +4,9 @@ manager's states (the set's `result` never goes on the wire, the receiver patche
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from omniwall.compiler.ir import SetUpdate, apply_delta, plain
 from omniwall.compiler.testing import group
 from omniwall.manager.contracts import load_documents
@@ -83,3 +86,26 @@ def test_one_member_of_a_100k_group_costs_under_1kb_per_host_and_round_trips() -
     assert all(
         next(s for s in agent[h].sets if s.name == web[h].name).addresses == web[h].addresses for h in hosts
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.lists(st.integers(0, 60), max_size=40, unique=True),
+    puts=st.lists(st.tuples(st.integers(0, 70), st.integers(0, 3)), max_size=12),
+    drops=st.lists(st.integers(0, 70), max_size=6),
+)
+def test_merged_in_place_equals_the_rebuild(
+    base: list[int], puts: list[tuple[int, int]], drops: list[int]
+) -> None:
+    """`ir._merged`'s binary-search path (a few changes) and its dict-and-sort path agree: a put replaces
+    the entry of its key (the last put of a key wins) or is inserted in key order, a drop removes its
+    key's entry, and the result is sorted by key with one entry a key."""
+    from omniwall.compiler.ir import _merged
+
+    old = tuple(sorted((k, 0) for k in base))
+    got = _merged(old, lambda x: x[0], puts, drops)
+    want = dict(old)
+    want.update(puts)
+    for k in drops:
+        want.pop(k, None)
+    assert got == tuple(sorted(want.items()))

@@ -512,6 +512,22 @@ def _merged(
     puts, drops = list(puts), list(drops)
     if not puts and not drops:
         return base
+    if len(puts) + len(drops) <= max(8, len(base) >> 4):
+        # A few changes to a large state (the manager applies every host's delta of a change, mostly one
+        # rule each): binary searches in `base`'s sorted order instead of a dict and a sort of all of it.
+        out = list(base)
+        for x in puts:
+            k = key(x)
+            i = bisect_left(out, k, key=key)  # type: ignore[arg-type]
+            if i < len(out) and key(out[i]) == k:
+                out[i] = x
+            else:
+                out.insert(i, x)
+        for k in drops:
+            i = bisect_left(out, k, key=key)  # type: ignore[arg-type]
+            if i < len(out) and key(out[i]) == k:
+                del out[i]
+        return tuple(out)
     by_key = {key(x): x for x in base}
     by_key.update((key(x), x) for x in puts)
     for k in drops:

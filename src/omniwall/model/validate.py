@@ -241,11 +241,18 @@ def _used_by(w: Workload, other: Workload, other_path: str) -> str:
 
 
 def _check_addresses(c: Catalog, errors: _Errors, report: list[Workload] | None) -> None:
+    if report is not None and not report:
+        return  # no workload changed: no address clash can be this change's (a policy write at 1M
+        # workloads walked them all)
+    # With a report, only the addresses the changed workloads want can clash with theirs.
+    wanted = None if report is None else {ip for w in report for v in w.spec.vnics for ip in v.ips}
     owner: dict[str, tuple[Workload, str]] = {}
     order, ids = _ordered(c, report)
     for w in order:
         for i, vnic in enumerate(w.spec.vnics):
             for j, ip in enumerate(vnic.ips):
+                if wanted is not None and ip not in wanted:
+                    continue
                 path = f"spec.vnics[{i}].ips[{j}]"
                 if ip not in owner:
                     owner[ip] = (w, path)
@@ -255,6 +262,8 @@ def _check_addresses(c: Catalog, errors: _Errors, report: list[Workload] | None)
 
 
 def _check_ifnames(c: Catalog, errors: _Errors, report: list[Workload] | None) -> None:
+    if report is not None and not report:
+        return  # no workload changed (as in _check_addresses)
     owner: dict[tuple[str, str], tuple[Workload, str]] = {}
     order, ids = _ordered(c, report)
     hosts = None if report is None else {w.spec.host for w in report}
