@@ -15,9 +15,13 @@ flusher thread writes. A change of liveness is written at once; a change of real
 addresses (an ack) within `gather` seconds (50 ms), with every other ack that came meanwhile, in as few
 txns as they fill: a change acked by a thousand hosts over a second is then a few dozen txns instead of
 one per few acks (each txn costs every etcd member and every manager's watch far more than its keys;
-bench/hoststatus.py --trickle). Counters, conntrack usage and last-seen alone are written at most once
-per `interval` seconds per host. Reads come from a local copy kept by a watch of
-`hosts/`, overlaid with this manager's own writes not yet echoed by the watch.
+bench/hoststatus.py --trickle). Counters, conntrack usage and last-seen alone (no ack among them) are
+written together, at most once per `interval` seconds (1 s): the first after a quiet second at once, the
+ones that come within the next second in one txn when it ends. A thousand agents' heartbeats and
+counters, spread over time, are then about one txn a second per manager instead of one each (each txn
+wakes every manager's two watches of etcd's keyspace: the idle fleet cost etcd and the managers more
+CPU than a change did; BENCHMARKS.md "Fan-out on etcd, part 2"). Reads come from a local copy kept by a
+watch of `hosts/`, overlaid with this manager's own writes not yet echoed by the watch.
 
 The watch brings every manager's acks to every manager: with three managers, each would decode all
 the fleet's reports to read a third of them (its own hosts' before a write, `GET /v1/status` now and
@@ -123,7 +127,7 @@ class EtcdHostStatusBook:
         self._streams: dict[str, int] = {}
         self._dirty: dict[str, bool] = {}  # host -> urgent
         self._live_dirty: set[str] = set()
-        self._written: dict[str, float] = {}  # host -> monotonic time of its last status write
+        self._lazy_next = 0.0  # monotonic time from which the changes without an ack may be written
         self._lease = 0
         self._renewed = 0.0
         self._follower: Follower | None = None
@@ -303,16 +307,20 @@ class EtcdHostStatusBook:
         """Under the lock: the hosts to write now, and how long until the next one is due."""
         due, wait = [], self.ttl / 3
         gathered = self._urgent_at is None or now - self._urgent_at >= self.gather
+        ticked = now >= self._lazy_next
+        lazy = False  # a change without an ack is written now
         for host, urgent in self._dirty.items():
-            left = self._written.get(host, 0.0) + self.interval - now
-            if self._force or host in self._live_dirty or (gathered if urgent else left <= 0):
+            if self._force or host in self._live_dirty or (gathered if urgent else ticked):
                 due.append(host)
+                lazy = lazy or not urgent
             elif urgent:  # an ack waits for the window, however long ago the host was last written
                 wait = min(wait, self._urgent_at + self.gather - now)  # type: ignore[operator]
-            else:
-                wait = min(wait, left)
+            else:  # the others wait for the next tick, all together
+                wait = min(wait, self._lazy_next - now)
         if gathered or self._force:
             self._urgent_at = None  # every ack so far is due: the next one opens a new window
+        if lazy:
+            self._lazy_next = now + self.interval
         return due, wait
 
     def _run(self) -> None:
@@ -401,12 +409,10 @@ class EtcdHostStatusBook:
                 self._live_dirty.update(live)
                 self._seen_dirty.update(seen)
             raise
-        now = time.monotonic()
         with self._cond:
             self.write_count += 1
             self.status_puts += len(snap)
             for h in snap:
-                self._written[h] = now
                 cur = self._remote.get(h)
                 if cur is None or cur[0] <= rev:
                     self._remote[h] = (rev, sent[h])
