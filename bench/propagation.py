@@ -443,6 +443,7 @@ def bench_fanout(
             {k: round((_cpu_seconds(v) - cpu0[k]) / idle, 3) for k, v in pids.items()} if idle > 0 else None
         )
         cpu0 = {k: _cpu_seconds(v) for k, v in pids.items()}
+        loop0 = time.perf_counter()
         recorded: list[float] = []
         for i in range(changes):
             port += 1
@@ -480,9 +481,16 @@ def bench_fanout(
         out["all_acked_seen_by_polling"] = summary(lat) if lat else None
         out["all_acked_recorded_by_manager"] = summary(recorded) if recorded else None
         if changes:  # CPU time per change (incl. the status polling and the sleeps' idle heartbeats)
+            cycle = (time.perf_counter() - loop0) / changes
+            out["seconds_per_change"] = round(cycle, 3)
             out["cpu_s_per_change"] = {
                 k: round((_cpu_seconds(v) - cpu0[k]) / changes, 3) for k, v in pids.items()
             }
+            if out["idle_cpu_s_per_s"]:  # what the change itself cost, beyond the idle rate
+                out["cpu_s_per_change_above_idle"] = {
+                    k: round(v - out["idle_cpu_s_per_s"][k] * cycle, 3)
+                    for k, v in out["cpu_s_per_change"].items()
+                }
         out["api"] = bench_api(cp, n, api_seconds, api_threads) if api_seconds > 0 else None
         _stop_workers(workers)  # they write the times their agents applied each revision
         last: dict[str, dict[int, float]] = {"applied": {}, "acked": {}}
