@@ -437,13 +437,15 @@ def bench_fanout(
             pids["etcd"] = [m.pid for m in cp.etcd_members]
         # the control plane's CPU with nothing changing (heartbeats, leases, the store's watch): part of
         # every change's CPU below, whatever the change costs itself
-        cpu0 = {k: _cpu_seconds(v) for k, v in pids.items()}
+        cpu0, etcd0 = {k: _cpu_seconds(v) for k, v in pids.items()}, _etcd_revision(cp)
         time.sleep(idle)
+        if etcd0 is not None and idle > 0:
+            out["idle_etcd_txns_per_s"] = round((_etcd_revision(cp) - etcd0) / idle, 1)  # type: ignore[operator]
         out["idle_cpu_s_per_s"] = (
             {k: round((_cpu_seconds(v) - cpu0[k]) / idle, 3) for k, v in pids.items()} if idle > 0 else None
         )
         cpu0 = {k: _cpu_seconds(v) for k, v in pids.items()}
-        loop0 = time.perf_counter()
+        loop0, etcd0 = time.perf_counter(), _etcd_revision(cp)
         recorded: list[float] = []
         for i in range(changes):
             port += 1
@@ -483,6 +485,8 @@ def bench_fanout(
         if changes:  # CPU time per change (incl. the status polling and the sleeps' idle heartbeats)
             cycle = (time.perf_counter() - loop0) / changes
             out["seconds_per_change"] = round(cycle, 3)
+            if etcd0 is not None:  # every etcd txn (store writes, acks, heartbeats) is one revision
+                out["etcd_txns_per_change"] = round((_etcd_revision(cp) - etcd0) / changes, 1)  # type: ignore[operator]
             out["cpu_s_per_change"] = {
                 k: round((_cpu_seconds(v) - cpu0[k]) / changes, 3) for k, v in pids.items()
             }
@@ -509,6 +513,15 @@ def bench_fanout(
             f.unlink()
         tmp.rmdir()
     return out
+
+
+def _etcd_revision(cp: Any) -> int | None:
+    """etcd's current revision (None without etcd)."""
+    if not cp.record.etcd:
+        return None
+    m = cp.etcd_members[0]
+    r = httpx.post(f"{m.client_url}/v3/kv/range", json={"key": "AA==", "count_only": True}, timeout=5)
+    return int(r.json()["header"]["revision"])
 
 
 def _cpu_seconds(pids: list[int | None]) -> float:
