@@ -370,11 +370,12 @@ class EtcdHostStatusBook:
                     self._dirty.setdefault(host, True)
 
     def _write(self, hosts: list[str]) -> None:
-        """Up to three keys per host (status, seen, live): chunks of MAX_OPS // 3 hosts, one txn each,
-        `WRITERS` at a time (a burst of a thousand acks is twenty txns, not twenty round trips)."""
+        """Up to two keys per host (status or seen, never both: seen goes with a status; live):
+        chunks of MAX_OPS // 2 hosts, one txn each, `WRITERS` at a time (a burst of a thousand acks is
+        twenty txns, not twenty round trips)."""
         if any(self._streams.get(h, 0) for h in hosts) and not self._lease:
             self._renew()
-        size = MAX_OPS // 3
+        size = MAX_OPS // 2
         chunks = [hosts[i : i + size] for i in range(0, len(hosts), size)]
         if len(chunks) == 1:
             self._write_chunk(chunks[0])
