@@ -379,7 +379,7 @@ def bench_fanout(
     store: str = "sqlite",
     poll: float = 1.0,
     poll_after: float = 1.5,
-    idle: float = 5.0,
+    idle: float = 15.0,
 ) -> dict[str, Any]:
     from omniwall.lab.managed import ControlPlane, stop_control_plane
 
@@ -672,7 +672,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="(b) s before the first look (main had 0.5: the look then competed with the acks it waits for)",
     )
     ap.add_argument(
-        "--idle-seconds", type=float, default=5.0, help="(b) s of CPU measured with nothing changing"
+        "--idle-seconds",
+        type=float,
+        default=15.0,
+        help="(b) s of CPU measured with nothing changing (15: one period of the feeds' heartbeats)",
     )
     ap.add_argument("--api-seconds", type=float, default=10.0, help="(c) seconds per phase")
     ap.add_argument("--api-threads", type=int, default=4, help="(c) client threads")
