@@ -12,7 +12,7 @@ Runtime keys (store/runtime.py), outside the store's objects:
 
 Writes never happen on the caller's thread (the API's event loop): they mark the host dirty and one
 flusher thread writes. A change of liveness is written at once; a change of realized revision, error or
-addresses (an ack) within `gather` seconds (50 ms), with every other ack that came meanwhile, in as few
+addresses (an ack) within `gather` seconds (100 ms), with every other ack that came meanwhile, in as few
 txns as they fill: a change acked by a thousand hosts over a second is then a few dozen txns instead of
 one per few acks (each txn costs every etcd member and every manager's watch far more than its keys;
 bench/hoststatus.py --trickle). Counters, conntrack usage and last-seen alone (no ack among them) are
@@ -52,7 +52,10 @@ STATUS = "hosts/status/"
 SEEN = "hosts/seen/"
 LIVE = "hosts/live/"
 INTERVAL = 1.0  # seconds between two writes of one host's counters (the write volume bound)
-GATHER = 0.05  # seconds an ack waits for others to share its txn
+# seconds an ack waits for others to share its txn. Each txn costs etcd ~11 ms of CPU over 3 members
+# (raft, WAL, every watch), each key in it ~0.3 ms: 100 ms rather than 50 is ~30% fewer txns and etcd CPU
+# for a fleet's acks of one change (bench/hoststatus.py --trickle; BENCHMARKS.md "Fan-out on etcd, part 2")
+GATHER = 0.1
 MAX_OPS = 100  # per etcd txn (etcd's default limit is 128)
 WRITERS = 4  # txns in flight at once
 
