@@ -19,8 +19,10 @@
     several processes, each process one asyncio loop and one shared HTTP client. A change = PUT the policy
     with another port: every host gets a delta. Latencies, PUT sent -> the last host: applied and acked
     on the agents' clocks (their processes write them), the ack recorded by the manager (each host's
-    `realizedAt` in GET /v1/status, the manager's clock), and seen by polling GET /v1/status (every
-    `--poll` s: the poll only says when the change is done, so it can be slow and cheap).
+    `realizedAt` in GET /v1/status, the manager's clock), and seen by polling GET /v1/status (first
+    `--poll-after` s after the PUT, then every `--poll` s: the poll only says when the change is done;
+    a look costs the managers CPU, so none comes within the 1 s target). Before the changes, the CPU
+    of the idle control plane is measured for `--idle-seconds` (heartbeats, leases, watches).
 (c) **API throughput.** Against the manager of (b) (N hosts, N workloads, the agents connected): K
     client threads PUT workload labels (a label no selector mentions: the write, its audit entry, the
     model update, no data-plane change) for S seconds, then GET workloads for S seconds.
@@ -376,7 +378,8 @@ def bench_fanout(
     api_threads: int,
     store: str = "sqlite",
     poll: float = 1.0,
-    poll_after: float = 0.5,
+    poll_after: float = 1.5,
+    idle: float = 15.0,
 ) -> dict[str, Any]:
     from omniwall.lab.managed import ControlPlane, stop_control_plane
 
@@ -432,7 +435,18 @@ def bench_fanout(
         }
         if cp.record.etcd:
             pids["etcd"] = [m.pid for m in cp.etcd_members]
+        # the control plane's CPU with nothing changing (leases, the store's watch, and the feeds'
+        # heartbeats: one per agent after 15 s without a line, so none during the changes below, which
+        # come every few seconds; this is the idle fleet's cost, not a part of each change's)
+        cpu0, etcd0 = {k: _cpu_seconds(v) for k, v in pids.items()}, _etcd_revision(cp)
+        time.sleep(idle)
+        if etcd0 is not None and idle > 0:
+            out["idle_etcd_txns_per_s"] = round((_etcd_revision(cp) - etcd0) / idle, 1)  # type: ignore[operator]
+        out["idle_cpu_s_per_s"] = (
+            {k: round((_cpu_seconds(v) - cpu0[k]) / idle, 3) for k, v in pids.items()} if idle > 0 else None
+        )
         cpu0 = {k: _cpu_seconds(v) for k, v in pids.items()}
+        loop0, etcd0 = time.perf_counter(), _etcd_revision(cp)
         recorded: list[float] = []
         for i in range(changes):
             port += 1
@@ -442,11 +456,15 @@ def bench_fanout(
             rev = int(resp.json()["metadata"]["revision"])
             sent[rev] = wall0
             # Done when GET /v1/status shows every host at `rev`. Polled slowly: with N hosts the call
-            # is not free, and polling fast would slow down the acks it waits for. The latency itself
-            # comes from the agents' own clocks (the ack POST answered), so polling adds nothing to it.
+            # is not free (each manager builds and serializes N host statuses, this process parses and
+            # merges them), and a look while the
+            # change is still fanning out takes that CPU from the acks it waits for. The latencies
+            # themselves are the managers' `realizedAt` and the agents' clocks, not the polling's, so
+            # the first look waits `poll_after` (past the 1 s target): a change acked sooner is
+            # measured without any look competing with it.
             first = True
             while True:
-                # the first look after `poll_after` (no change is acked sooner), then every `poll`
+                # the first look after `poll_after`, then every `poll`
                 time.sleep(poll_after if first else poll)
                 first = False
                 # several managers: merged, each host as the manager its agent is attached to sees it
@@ -465,7 +483,11 @@ def bench_fanout(
             time.sleep(0.5)
         out["all_acked_seen_by_polling"] = summary(lat) if lat else None
         out["all_acked_recorded_by_manager"] = summary(recorded) if recorded else None
-        if changes:  # CPU time per change (incl. the status polling and the sleeps' idle heartbeats)
+        if changes:  # CPU time per change (incl. the status polling, and leases and watches in the pauses)
+            cycle = (time.perf_counter() - loop0) / changes
+            out["seconds_per_change"] = round(cycle, 3)
+            if etcd0 is not None:  # every etcd txn (store writes, acks, heartbeats) is one revision
+                out["etcd_txns_per_change"] = round((_etcd_revision(cp) - etcd0) / changes, 1)  # type: ignore[operator]
             out["cpu_s_per_change"] = {
                 k: round((_cpu_seconds(v) - cpu0[k]) / changes, 3) for k, v in pids.items()
             }
@@ -487,6 +509,15 @@ def bench_fanout(
             f.unlink()
         tmp.rmdir()
     return out
+
+
+def _etcd_revision(cp: Any) -> int | None:
+    """etcd's current revision (None without etcd)."""
+    if not cp.record.etcd:
+        return None
+    m = cp.etcd_members[0]
+    r = httpx.post(f"{m.client_url}/v3/kv/range", json={"key": "AA==", "count_only": True}, timeout=5)
+    return int(r.json()["header"]["revision"])
 
 
 def _cpu_seconds(pids: list[int | None]) -> float:
@@ -630,7 +661,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1.0,
         help="(b) s between GET /v1/status looks (each costs CPU; the managers' realizedAt times the acks)",
     )
-    ap.add_argument("--poll-after", type=float, default=0.5, help="(b) s before the first look")
+    ap.add_argument(
+        "--poll-after",
+        type=float,
+        default=1.5,
+        help="(b) s before the first look (main had 0.5: the look then competed with the acks it waits for)",
+    )
+    ap.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=15.0,
+        help="(b) s of CPU measured with nothing changing (15: one period of the feeds' heartbeats)",
+    )
     ap.add_argument("--api-seconds", type=float, default=10.0, help="(c) seconds per phase")
     ap.add_argument("--api-threads", type=int, default=4, help="(c) client threads")
     ap.add_argument(
@@ -670,6 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 store,
                 args.poll,
                 args.poll_after,
+                args.idle_seconds,
             )
             api = fan.pop("api", None)
             if "b" in parts:

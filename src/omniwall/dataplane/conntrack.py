@@ -14,6 +14,7 @@ bound") and the CONFIRMED/SEEN_REPLY/ASSURED status bits; the mark is carried ex
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -121,8 +122,11 @@ def entry_from_msg(msg: Any) -> ConnEntry:
     )
 
 
+@functools.lru_cache(maxsize=65536)
 def canonical(addr: str) -> str:
-    """An address's one text form (what conntrack reports and the sets are keyed by)."""
+    """An address's one text form (what conntrack reports and the sets are keyed by). Cached: every
+    delta asks again for the addresses of the vNICs it touches (revocation.py `_addresses_of`), and
+    parsing them was half of the revoker's cost per delta (bench/propagation.py (b), agents' profile)."""
     return str(ipaddress.ip_address(addr))
 
 

@@ -12,11 +12,15 @@ Runtime keys (store/runtime.py), outside the store's objects:
 
 Writes never happen on the caller's thread (the API's event loop): they mark the host dirty and one
 flusher thread writes. A change of liveness is written at once; a change of realized revision, error or
-addresses (an ack) within `gather` seconds (50 ms), with every other ack that came meanwhile, in as few
+addresses (an ack) within `gather` seconds (100 ms), with every other ack that came meanwhile, in as few
 txns as they fill: a change acked by a thousand hosts over a second is then a few dozen txns instead of
 one per few acks (each txn costs every etcd member and every manager's watch far more than its keys;
-bench/hoststatus.py --trickle). Counters, conntrack usage and last-seen alone are written at most once
-per `interval` seconds per host. Reads come from a local copy kept by a watch of
+bench/hoststatus.py --trickle). Counters, conntrack usage and last-seen alone (no ack among them) are
+written together, at most once per `interval` seconds (1 s): the first after a quiet second at once, the
+ones that come within the next second in one txn when it ends. A thousand agents' heartbeats and
+counters, spread over time, are then about one txn a second per manager instead of one each (each txn
+wakes every manager's two watches of etcd's keyspace; 1,000 idle agents' heartbeats were ~20 txns/s,
+now ~2: BENCHMARKS.md "Fan-out on etcd, part 2"). Reads come from a local copy kept by a watch of
 `hosts/`, overlaid with this manager's own writes not yet echoed by the watch.
 
 The watch brings every manager's acks to every manager: with three managers, each would decode all
@@ -47,8 +51,11 @@ log = logging.getLogger(__name__)
 STATUS = "hosts/status/"
 SEEN = "hosts/seen/"
 LIVE = "hosts/live/"
-INTERVAL = 1.0  # seconds between two writes of one host's counters (the write volume bound)
-GATHER = 0.05  # seconds an ack waits for others to share its txn
+INTERVAL = 1.0  # seconds between two writes of the changes without an ack (all hosts' together)
+# seconds an ack waits for others to share its txn. Each txn costs etcd ~11 ms of CPU over 3 members
+# (raft, WAL, every watch), each key in it ~0.3 ms: 100 ms rather than 50 is ~30% fewer txns and etcd CPU
+# for a fleet's acks of one change (bench/hoststatus.py --trickle; BENCHMARKS.md "Fan-out on etcd, part 2")
+GATHER = 0.1
 MAX_OPS = 100  # per etcd txn (etcd's default limit is 128)
 WRITERS = 4  # txns in flight at once
 
@@ -123,7 +130,7 @@ class EtcdHostStatusBook:
         self._streams: dict[str, int] = {}
         self._dirty: dict[str, bool] = {}  # host -> urgent
         self._live_dirty: set[str] = set()
-        self._written: dict[str, float] = {}  # host -> monotonic time of its last status write
+        self._lazy_next = 0.0  # monotonic time from which the changes without an ack may be written
         self._lease = 0
         self._renewed = 0.0
         self._follower: Follower | None = None
@@ -303,16 +310,20 @@ class EtcdHostStatusBook:
         """Under the lock: the hosts to write now, and how long until the next one is due."""
         due, wait = [], self.ttl / 3
         gathered = self._urgent_at is None or now - self._urgent_at >= self.gather
+        ticked = now >= self._lazy_next
+        lazy = False  # a change without an ack is written now
         for host, urgent in self._dirty.items():
-            left = self._written.get(host, 0.0) + self.interval - now
-            if self._force or host in self._live_dirty or (gathered if urgent else left <= 0):
+            if self._force or host in self._live_dirty or (gathered if urgent else ticked):
                 due.append(host)
+                lazy = lazy or not urgent
             elif urgent:  # an ack waits for the window, however long ago the host was last written
                 wait = min(wait, self._urgent_at + self.gather - now)  # type: ignore[operator]
-            else:
-                wait = min(wait, left)
+            else:  # the others wait for the next tick, all together
+                wait = min(wait, self._lazy_next - now)
         if gathered or self._force:
             self._urgent_at = None  # every ack so far is due: the next one opens a new window
+        if lazy:
+            self._lazy_next = now + self.interval
         return due, wait
 
     def _run(self) -> None:
@@ -362,11 +373,12 @@ class EtcdHostStatusBook:
                     self._dirty.setdefault(host, True)
 
     def _write(self, hosts: list[str]) -> None:
-        """Up to three keys per host (status, seen, live): chunks of MAX_OPS // 3 hosts, one txn each,
-        `WRITERS` at a time (a burst of a thousand acks is twenty txns, not twenty round trips)."""
+        """Up to two keys per host (status or seen, never both: seen goes with a status; live):
+        chunks of MAX_OPS // 2 hosts, one txn each, `WRITERS` at a time (a burst of a thousand acks is
+        twenty txns, not twenty round trips)."""
         if any(self._streams.get(h, 0) for h in hosts) and not self._lease:
             self._renew()
-        size = MAX_OPS // 3
+        size = MAX_OPS // 2
         chunks = [hosts[i : i + size] for i in range(0, len(hosts), size)]
         if len(chunks) == 1:
             self._write_chunk(chunks[0])
@@ -401,12 +413,10 @@ class EtcdHostStatusBook:
                 self._live_dirty.update(live)
                 self._seen_dirty.update(seen)
             raise
-        now = time.monotonic()
         with self._cond:
             self.write_count += 1
             self.status_puts += len(snap)
             for h in snap:
-                self._written[h] = now
                 cur = self._remote.get(h)
                 if cur is None or cur[0] <= rev:
                     self._remote[h] = (rev, sent[h])
