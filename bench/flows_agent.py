@@ -191,7 +191,10 @@ class Bench:
         deadline = time.monotonic() + 30
         for h, ns in self.hosts.items():
             # this agent's own ack (an adopted table matches at once), then its table
-            while len(self.fm.statuses.get(h, [])) <= acks[h] or want not in _fwd_comments(ns):
+            # flows on: "established flows:16", or ".../ct-new" (ingress allowed records from conntrack)
+            while len(self.fm.statuses.get(h, [])) <= acks[h] or not any(
+                c == want or c.startswith(want + "/") for c in _fwd_comments(ns)
+            ):
                 if time.monotonic() > deadline:
                     logs = "".join(Path(self.tmp.name, f"agent-h{h}.log").read_text()[-800:] for h in "12")
                     raise RuntimeError(f"agent did not program {ns} (flows={flows}): {logs}")

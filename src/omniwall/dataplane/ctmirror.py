@@ -36,7 +36,10 @@ from collections.abc import Callable, Iterable
 from omniwall.dataplane.backend import ConnEntry
 from omniwall.dataplane.ctevents import (
     CtDestroy,
-    destroy_events,
+    CtNew,
+    ct_events,
+    flow_new,
+    new_fields,
     parse_destroy,
     parse_destroy_v4,
     parse_tuple,
@@ -64,6 +67,21 @@ Orig = tuple[int, int, str, str, int, int, int | None, int | None, int | None, i
 _HH = struct.Struct("=HH").unpack_from
 _BE16 = struct.Struct("!H").unpack_from
 _MSG = struct.Struct("=IH").unpack_from
+
+
+def parse_new(
+    data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str]
+) -> tuple[Orig, CtNew | None] | None:
+    """A NEW event's original tuple and zone, and its flow view (`ctevents.flow_new`: the marked
+    connections) from the same walk. `addrs` caches address text."""
+    f = new_fields(data, off, end)
+    if f is None:
+        return None
+    tup = parse_tuple(data, f[0], f[1], addrs)
+    if tup is None:
+        return None
+    proto, s, d, sport, dport, icmp_id, icmp_type, icmp_code = tup
+    return (family, proto, s, d, sport, dport, icmp_id, icmp_type, icmp_code, f[2]), flow_new(tup, f[3], f[4])
 
 
 def parse_orig(data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str]) -> Orig | None:
@@ -136,11 +154,11 @@ class ConntrackMirror:
         self.resyncs = 0  # seeds after the first (lost events)
         self.overflows = 0  # ENOBUFS seen (each: at least one event lost), during a seed's discard too
         self.events = 0
-        # the flow collector's DESTROY events (agent/flows.py) come from this socket too, parsed once
-        # for both: a second subscription cost the kernel a copy and a queueing per event, and its
-        # reader a wakeup and a second parse of every event
-        self._destroy_sink: Callable[[list[CtDestroy]], None] | None = None
-        self._destroyed: list[CtDestroy] = []  # this drain's DESTROY events, for the sink
+        # the flow collector's events (agent/flows.py: DESTROY, and NEW of marked connections) come from
+        # this socket too, parsed once for both: a second subscription cost the kernel a copy and a
+        # queueing per event, and its reader a wakeup and a second parse of every event
+        self._destroy_sink: Callable[[list[CtNew | CtDestroy]], None] | None = None
+        self._destroyed: list[CtNew | CtDestroy] = []  # this drain's events for the sink, in order
         self._stop = False
         with self._lock:
             self._seed()
@@ -193,9 +211,10 @@ class ConntrackMirror:
                 found.update(self._by_addr.get(a, ()))
         return [entry_of(o) for o in found]
 
-    def subscribe_destroy(self, sink: Callable[[list[CtDestroy]], None] | None) -> None:
+    def subscribe_events(self, sink: Callable[[list[CtNew | CtDestroy]], None] | None) -> None:
         """Hand every DESTROY event received (`ctevents.CtDestroy`: tuple, both directions' counters,
-        mark) to `sink`, once per drain (a list), on the draining thread with the mirror's lock held
+        mark) and every NEW event of a marked connection (`ctevents.CtNew`: tuple, mark), in the order
+        received, to `sink`, once per drain (a list), on the draining thread with the mirror's lock held
         (`sink` must not call the mirror). Events a resync throws away are handed too (they are real);
         the events an overflow lost are not knowable: `overflows` counts them (each at least one
         event). None: no subscriber."""
@@ -322,10 +341,12 @@ class ConntrackMirror:
                     self.events += 1
                     self._remove(o)
             elif typ == _CT_NEW:
-                o = parse_orig(data, off + 20, off + ln, data[off + 16], self._addrs)
-                if o is not None:
+                got = parse_new(data, off + 20, off + ln, data[off + 16], self._addrs)
+                if got is not None:
                     self.events += 1
-                    self._add(o)
+                    self._add(got[0])
+                    if got[1] is not None and self._destroy_sink is not None:
+                        self._destroyed.append(got[1])
             off += (ln + 3) & ~3
         if len(self._addrs) > 65_536:
             self._addrs.clear()
@@ -344,7 +365,7 @@ class ConntrackMirror:
                 self.overflows += 1
                 continue
             if self._destroy_sink is not None:  # the dump supersedes them here, not for the subscriber
-                destroy_events(memoryview(self._buf)[:n].tobytes(), self._addrs, self._destroyed)
+                ct_events(memoryview(self._buf)[:n].tobytes(), self._addrs, self._destroyed)
         self._by_addr.clear()
         for o in _dump(self._dumper, self._addrs):
             self._add(o)
@@ -373,4 +394,4 @@ def _dump(sk: socket.socket, addrs: dict[bytes, str]) -> list[Orig]:
             off += (ln + 3) & ~3
 
 
-__all__ = ["ConntrackMirror", "Orig", "entry_of", "events_enabled", "orig_of", "parse_orig"]
+__all__ = ["ConntrackMirror", "Orig", "entry_of", "events_enabled", "orig_of", "parse_new", "parse_orig"]
