@@ -341,12 +341,16 @@ class ConntrackMirror:
                     self.events += 1
                     self._remove(o)
             elif typ == _CT_NEW:
-                got = parse_new(data, off + 20, off + ln, data[off + 16], self._addrs)
-                if got is not None:
-                    self.events += 1
-                    self._add(got[0])
-                    if got[1] is not None and self._destroy_sink is not None:
+                if self._destroy_sink is None:  # no flow collector: the tuple only (status, mark cost)
+                    o = parse_orig(data, off + 20, off + ln, data[off + 16], self._addrs)
+                else:
+                    got = parse_new(data, off + 20, off + ln, data[off + 16], self._addrs)
+                    o = None if got is None else got[0]
+                    if got is not None and got[1] is not None:
                         self._destroyed.append(got[1])
+                if o is not None:
+                    self.events += 1
+                    self._add(o)
             off += (ln + 3) & ~3
         if len(self._addrs) > 65_536:
             self._addrs.clear()
