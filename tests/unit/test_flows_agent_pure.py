@@ -555,3 +555,44 @@ def test_mirror_hands_marked_new_events_with_its_own_walk() -> None:
     out: list = []
     ct_events(gram, {}, out)  # the collector's own reader: the same
     assert out == got
+
+
+# NEW events captured from this kernel (a TCP and a UDP connection over lo, `ct mark set 7` in output):
+# orig, reply, CTA_ID, CTA_STATUS, CTA_TIMEOUT, (TCP) CTA_PROTOINFO, CTA_MARK
+_KERNEL_NEW_TCP = bytes.fromhex(
+    "cc000000000100060000000000000000020000003400018014000180080001007f000001080002007f0000011c000280"
+    "050001000600000006000200b27e00000600030014b400003400028014000180080001007f000001080002007f000001"
+    "1c00028005000100060000000600020014b4000006000300b27e000008000c00b1739ef3080003000000000808000700"
+    "00000078300004802c0001800500010001000000050002000a0000000500030000000000060004000300000006000500"
+    "000000000800080000000007"
+)
+_KERNEL_NEW_UDP = bytes.fromhex(
+    "9c000000000100060000000000000000020000003400018014000180080001007f000001080002007f0000011c000280"
+    "050001001100000006000200b66000000600030014b500003400028014000180080001007f000001080002007f000001"
+    "1c00028005000100110000000600020014b5000006000300b660000008000c00c8bdfea5080003000000000808000700"
+    "0000001e0800080000000007"
+)
+
+
+def test_conntrack_new_fast_path_reads_the_kernels_layout() -> None:
+    """The usual NEW event (IPv4, a port protocol) by one regex match, with the walks' answers; the
+    mirror indexes the same tuple either way and hands the same flow view."""
+    from omniwall.dataplane import ctevents
+    from omniwall.dataplane.ctmirror import parse_new, parse_orig
+
+    for data, proto, sport, dport in ((_KERNEL_NEW_TCP, 6, 45694, 5300), (_KERNEL_NEW_UDP, 17, 46688, 5301)):
+        got = ctevents.parse_new_v4(data, 20, len(data), {})
+        assert got == (proto, "127.0.0.1", "127.0.0.1", sport, dport, 8, 7)
+        f = ctevents.new_fields(data, 20, len(data))
+        assert f is not None and (f[3], f[4]) == (8, 7)
+        t = ctevents.parse_tuple(data, f[0], f[1], {})
+        assert t is not None
+        assert ctevents.flow_new(t, f[3], f[4]) == ctevents.new_event(data, 20, len(data), {})
+        new = parse_new(data, 20, len(data), 2, {})
+        assert new is not None and new[0] == parse_orig(data, 20, len(data), 2, {})
+        assert new[1] == (proto, "127.0.0.1", "127.0.0.1", sport, dport, 7)
+        longer = data + _nla(18, struct.pack("!H", 7))  # a zone: not the usual shape, the walks
+        longer = struct.pack("=I", len(longer)) + longer[4:]
+        assert ctevents.parse_new_v4(longer, 20, len(longer), {}) is None
+        new2 = parse_new(longer, 20, len(longer), 2, {})
+        assert new2 is not None and new2[0][-1] == 7 and new2[1] == new[1]

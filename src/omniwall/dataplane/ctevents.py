@@ -234,6 +234,45 @@ def parse_tuple(data: bytes, a: int, e: int, addrs: dict[bytes, str]) -> Tuple |
     return (proto, addr_text(addrs, src), addr_text(addrs, dst), sport, dport, icmp_id, icmp_type, icmp_code)
 
 
+# A NEW event of an IPv4 TCP/UDP/SCTP connection as ctnetlink lays it out (captured from the kernel: see
+# the unit test): both tuples as in `_V4_DESTROY`, then CTA_ID, CTA_STATUS, CTA_TIMEOUT, TCP's protoinfo
+# (state, window scales, flags: 48 bytes) and CTA_MARK, each optional one fixed-size, up to the end of the
+# message. One regex match captures the tuple, the status and the mark; any other shape takes the walks.
+_V4_NEW = re.compile(
+    rb"\x34\x00\x01\x80\x14\x00\x01\x80\x08\x00\x01\x00(.{4})\x08\x00\x02\x00(.{4})"
+    rb"\x1c\x00\x02\x80\x05\x00\x01\x00(.)...\x06\x00\x02\x00(..)..\x06\x00\x03\x00(..).."
+    rb"\x34\x00\x02\x80.{48}"  # the reply tuple
+    rb"(?:\x08\x00\x0c\x00.{4})?\x08\x00\x03\x00(.{4})(?:\x08\x00\x07\x00.{4})?"  # CTA_ID, _STATUS, _TIMEOUT
+    rb"(?:\x30\x00\x04\x80.{44})?"  # CTA_PROTOINFO (TCP)
+    rb"(?:\x08\x00\x08\x00(.{4}))?\Z",  # CTA_MARK, then the end of the message
+    re.S,
+).match
+
+
+def parse_new_v4(
+    data: bytes, off: int, end: int, addrs: dict[bytes, str]
+) -> tuple[int, str, str, int, int, int, int] | None:
+    """A NEW event of the usual shape (`_V4_NEW`): (proto, src, dst, sport, dport, status, mark) by one
+    regex match; None for any other shape (the walks: `new_fields`)."""
+    m = _V4_NEW(data, off, end)
+    if m is None:
+        return None
+    src, dst, proto, sport, dport, status, mark = m.groups()
+    return (
+        proto[0], addr_text(addrs, src), addr_text(addrs, dst), int.from_bytes(sport), int.from_bytes(dport),
+        int.from_bytes(status), int.from_bytes(mark) if mark else 0,
+    )  # fmt: skip
+
+
+def flow_new_v4(proto: int, s: str, d: str, sport: int, dport: int, status: int, mark: int) -> CtNew | None:
+    """`flow_new` of a `parse_new_v4` result."""
+    if not mark or status & IPS_EXPECTED:
+        return None
+    if proto not in PORT_PROTOS:
+        return (proto, s, d, 0, 0, mark)
+    return (proto, s, d, sport, dport, mark)
+
+
 def new_fields(data: bytes, off: int, end: int) -> tuple[int, int, int, int, int] | None:
     """One NEW message's top-level attributes (`data[off:end]`): (start and end of the original tuple's
     attributes, zone, status, mark); None without an original tuple. One walk (it runs once per
@@ -274,6 +313,9 @@ def flow_new(t: Tuple, status: int, mark: int) -> CtNew | None:
 
 def new_event(data: bytes, off: int, end: int, addrs: dict[bytes, str]) -> CtNew | None:
     """One NEW message's attributes -> CtNew (None: see `flow_new`, or no tuple)."""
+    v4 = parse_new_v4(data, off, end, addrs)
+    if v4 is not None:
+        return flow_new_v4(*v4)
     f = new_fields(data, off, end)
     if f is None or not f[4]:
         return None
@@ -378,8 +420,10 @@ __all__ = [
     "destroy_events",
     "enable_accounting",
     "flow_new",
+    "flow_new_v4",
     "new_event",
     "new_fields",
     "parse_destroy",
     "parse_destroy_v4",
+    "parse_new_v4",
 ]

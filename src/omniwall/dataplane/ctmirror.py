@@ -39,9 +39,11 @@ from omniwall.dataplane.ctevents import (
     CtNew,
     ct_events,
     flow_new,
+    flow_new_v4,
     new_fields,
     parse_destroy,
     parse_destroy_v4,
+    parse_new_v4,
     parse_tuple,
 )
 from omniwall.dataplane.netns import NetnsThread
@@ -73,7 +75,11 @@ def parse_new(
     data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str]
 ) -> tuple[Orig, CtNew | None] | None:
     """A NEW event's original tuple and zone, and its flow view (`ctevents.flow_new`: the marked
-    connections) from the same walk. `addrs` caches address text."""
+    connections) from the same walk (the usual shape by one regex match). `addrs` caches address text."""
+    v4 = parse_new_v4(data, off, end, addrs)
+    if v4 is not None:
+        proto, s, d, sport, dport = v4[:5]
+        return (family, proto, s, d, sport, dport, None, None, None, 0), flow_new_v4(*v4)
     f = new_fields(data, off, end)
     if f is None:
         return None
@@ -341,8 +347,12 @@ class ConntrackMirror:
                     self.events += 1
                     self._remove(o)
             elif typ == _CT_NEW:
-                if self._destroy_sink is None:  # no flow collector: the tuple only (status, mark cost)
-                    o = parse_orig(data, off + 20, off + ln, data[off + 16], self._addrs)
+                if self._destroy_sink is None:  # no flow collector: the tuple only
+                    v4 = parse_new_v4(data, off + 20, off + ln, self._addrs)
+                    if v4 is not None:
+                        o = (data[off + 16], v4[0], v4[1], v4[2], v4[3], v4[4], None, None, None, 0)
+                    else:
+                        o = parse_orig(data, off + 20, off + ln, data[off + 16], self._addrs)
                 else:
                     got = parse_new(data, off + 20, off + ln, data[off + 16], self._addrs)
                     o = None if got is None else got[0]
