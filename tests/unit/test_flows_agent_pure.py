@@ -555,6 +555,11 @@ def test_mirror_hands_marked_new_events_with_its_own_walk() -> None:
     out: list = []
     ct_events(gram, {}, out)  # the collector's own reader: the same
     assert out == got
+    got.clear()
+    m._new_dst = frozenset({"10.9.9.9"})  # the subscriber's local addresses: not this destination
+    m._apply(gram)
+    m._hand_destroyed()
+    assert got == [(6, "10.99.0.1", "10.99.1.1", 36482, 5300, 7, 380, 2)]  # the DESTROY only
 
 
 # NEW events captured from this kernel (a TCP and a UDP connection over lo, `ct mark set 7` in output):

@@ -429,7 +429,7 @@ class FlowCollector:
         loops: list[tuple[str, Callable[[], None]]] = [("flows-nflog", self._nflog_loop)]
         if self.ct_feed is not None:
             self._ct_overflows0 = self.ct_feed.overflows
-            self.ct_feed.subscribe_events(self._on_ct_events)
+            self.ct_feed.subscribe_events(self._on_ct_events, self._new_dst())
         else:
             self.ct = CtEventReader(self.netns, new=True)
             loops.append(("flows-ct", self._ct_loop))
@@ -453,6 +453,13 @@ class FlowCollector:
         with self._lock:
             self.agg.set_state(state)
             self._ifnames.clear()
+        if self.ct_feed is not None and self._threads and not self._stop.is_set():  # the NEW filter follows
+            self.ct_feed.subscribe_events(self._on_ct_events, self._new_dst())
+
+    def _new_dst(self) -> frozenset[str]:
+        """The destinations of the NEW events the mirror hands us (`FlowAggregator.ingress_log`'s):
+        the local vNICs' addresses where ingress allowed records come from conntrack, else none."""
+        return frozenset(self.agg.vnics_by_addr) if self.agg.ct_new else frozenset()
 
     @property
     def dropped(self) -> dict[str, int]:

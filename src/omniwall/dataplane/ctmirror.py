@@ -148,6 +148,9 @@ class ConntrackMirror:
     """The original tuples of one namespace's conntrack table, by address. Open it on the namespace's
     thread (`ConntrackMirror.open(thread)`); read it from any thread."""
 
+    # the NEW events the subscriber wants: those whose destination is one of these addresses (None: all)
+    _new_dst: frozenset[str] | None = None
+
     def __init__(self, sock: socket.socket, dumper: socket.socket) -> None:
         self._sock = sock
         self._dumper = dumper  # opened in the namespace too: a dump needs no hop to its thread
@@ -217,15 +220,20 @@ class ConntrackMirror:
                 found.update(self._by_addr.get(a, ()))
         return [entry_of(o) for o in found]
 
-    def subscribe_events(self, sink: Callable[[list[CtNew | CtDestroy]], None] | None) -> None:
+    def subscribe_events(
+        self, sink: Callable[[list[CtNew | CtDestroy]], None] | None, new_dst: frozenset[str] | None = None
+    ) -> None:
         """Hand every DESTROY event received (`ctevents.CtDestroy`: tuple, both directions' counters,
         mark) and every NEW event of a marked connection (`ctevents.CtNew`: tuple, mark), in the order
         received, to `sink`, once per drain (a list), on the draining thread with the mirror's lock held
         (`sink` must not call the mirror). Events a resync throws away are handed too (they are real);
         the events an overflow lost are not knowable: `overflows` counts them (each at least one
-        event). None: no subscriber."""
+        event). None: no subscriber. `new_dst`: hand only the NEW events whose destination is one of
+        these addresses (the flow collector's local vNICs: on a source host the others would each be
+        built, handed and rejected); None: every marked one. Called again to change it (atomically)."""
         with self._lock:
             self._destroy_sink = sink
+            self._new_dst = new_dst
 
     def forget(self, entries: Iterable[ConnEntry]) -> None:
         """Drop entries the kernel no longer has (a delete found them gone)."""
@@ -357,7 +365,9 @@ class ConntrackMirror:
                     got = parse_new(data, off + 20, off + ln, data[off + 16], self._addrs)
                     o = None if got is None else got[0]
                     if got is not None and got[1] is not None:
-                        self._destroyed.append(got[1])
+                        want = self._new_dst
+                        if want is None or got[1][2] in want:
+                            self._destroyed.append(got[1])
                 if o is not None:
                     self.events += 1
                     self._add(o)
