@@ -191,7 +191,10 @@ class Bench:
         deadline = time.monotonic() + 30
         for h, ns in self.hosts.items():
             # this agent's own ack (an adopted table matches at once), then its table
-            while len(self.fm.statuses.get(h, [])) <= acks[h] or want not in _fwd_comments(ns):
+            # flows on: "established flows:16", or ".../ct-new" (ingress allowed records from conntrack)
+            while len(self.fm.statuses.get(h, [])) <= acks[h] or not any(
+                c == want or c.startswith(want + "/") for c in _fwd_comments(ns)
+            ):
                 if time.monotonic() > deadline:
                     logs = "".join(Path(self.tmp.name, f"agent-h{h}.log").read_text()[-800:] for h in "12")
                     raise RuntimeError(f"agent did not program {ns} (flows={flows}): {logs}")
@@ -309,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[str, list[float]] = {"on": [], "off": []}
     cpu_us: list[float] = []
     cpu_off_us: list[float] = []
+    # per host and arm: flows' cost moved between the hosts (ingress allowed records from conntrack)
+    by_host: dict[str, list[float]] = {f"{h}_{a}": [] for h in ("h1", "h2") for a in ("on", "off")}
     loads: list[float] = []  # 1-minute load at each round's start
     with Lab.up(LAB, policy=False, responders=False, ipv6=False) as lab:
         bench = Bench(lab, args)
@@ -326,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                     # share is on - off (the off arm still runs the agent: feed, conntrack mirror)
                     used = sum(_cpu(p.pid) - cpu0[h] for h, p in bench.agents.items()) / conns * 1e6
                     (cpu_us if arm == "on" else cpu_off_us).append(used)
+                    for h, p in bench.agents.items():
+                        by_host[f"{h}_{arm}"].append((_cpu(p.pid) - cpu0[h]) / conns * 1e6)
                     log(f"round {r} flows {arm}: {rates[arm][-1]:.0f} conn/s")
             flood = bench.flood()
             flood_off = bench.flood(flows=False)
@@ -344,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         "round_loads": loads,
         "agents_cpu_us_per_connection": round(statistics.median(cpu_us), 1),
         "agents_cpu_us_per_connection_flows_off": round(statistics.median(cpu_off_us), 1),
+        "agent_cpu_us_per_connection_by_host": {
+            k: round(statistics.median(v), 1) for k, v in by_host.items()
+        },
         "flood": flood,
         "flood_flows_off": {k: flood_off[k] for k in ("pps_sent", "agent_cpu_cores", "agent_rss_mb")},
         "loadavg_end": os.getloadavg(),

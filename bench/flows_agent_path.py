@@ -122,7 +122,7 @@ def main() -> None:
     m = ConntrackMirror.__new__(ConntrackMirror)  # the parser only: no socket, no thread
     m._addrs, m._by_addr, m.events, m._destroyed = {}, {}, 0, []
     sink: list = []
-    shared = hasattr(m, "subscribe_destroy")
+    shared = hasattr(m, "subscribe_events")
     m._destroy_sink = sink.extend if shared else None
     singles = [destroy_message(i) for i in range(n)]
     for d in singles:  # what their NEW events added

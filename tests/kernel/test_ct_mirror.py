@@ -65,7 +65,7 @@ def test_mirror_hands_destroy_events_to_its_subscriber_and_counts_overflows(topo
     try:
         assert ct.watch() and ct.mirror is not None
         got: list = []
-        ct.mirror.subscribe_destroy(got.extend)
+        ct.mirror.subscribe_events(got.extend)
         ends = [entry("10.128.1.1", 3000 + k) for k in range(20)]
         assert ct.thread.call(import_batched, ends) == 20
         assert ct.delete(ends) == 20
@@ -74,7 +74,7 @@ def test_mirror_hands_destroy_events_to_its_subscriber_and_counts_overflows(topo
             (e.src, e.dst, e.sport, e.dport) for e in ends
         )
         assert ct.mirror.overflows == 0
-        ct.mirror.subscribe_destroy(None)
+        ct.mirror.subscribe_events(None)
         ct.delete(ct.involving(["10.128.1.1"]))
     finally:
         ct.close()
@@ -83,7 +83,7 @@ def test_mirror_hands_destroy_events_to_its_subscriber_and_counts_overflows(topo
     try:
         assert ct.watch() and ct.mirror is not None
         got = []
-        ct.mirror.subscribe_destroy(got.extend)
+        ct.mirror.subscribe_events(got.extend)
         many = [entry("10.128.1.2", 1024 + k) for k in range(3000)]
         assert ct.thread.call(import_batched, many) == 3000
         assert ct.delete(many) == 3000

@@ -444,3 +444,160 @@ def test_mirror_reads_a_destroy_event_once_for_itself_and_the_flow_collector() -
     m._destroy_sink = None
     m._apply(data)
     assert m._destroyed == [] and m.events == 1  # nobody subscribed: nothing kept
+
+
+def _stateful_state(default: str = "allow", monitor: bool = False) -> HostDesiredState:
+    st = _state(monitor=monitor, default=default)
+    return dataclasses.replace(
+        st,
+        rules=st.rules[:2],
+        vnics=(st.vnics[0], dataclasses.replace(st.vnics[1], ingress=(12, 11))),
+    )
+
+
+def test_ingress_allowed_records_come_from_conntrack_where_no_rule_is_stateless() -> None:
+    """Flows on and every rule of the host stateful: an ingress allow (a stateful rule or the default)
+    logs nothing and marks the connection (the default with its id), the egress hop and every other
+    verdict still log; a host with a stateless rule logs every allowed hop, and the adoption marker
+    tells the two apart."""
+    from omniwall.dataplane.nft.render import allowed_from_conntrack
+
+    def ctmarks(cmds: list[dict]) -> set[int]:
+        return {
+            e["mangle"]["value"]
+            for c in cmds
+            for e in c.get("add", {}).get("rule", {}).get("expr", [])
+            if "mangle" in e and e["mangle"]["key"] == {"ct": {"key": "mark"}}
+        }
+
+    def fwd0(cmds: list[dict]) -> str:
+        return next(
+            c["add"]["rule"]["comment"]
+            for c in cmds
+            if c.get("add", {}).get("rule", {}).get("chain") == "fwd"
+        )
+
+    st = _stateful_state(monitor=True)
+    assert allowed_from_conntrack(st, 16) and not allowed_from_conntrack(st, None)
+    assert not allowed_from_conntrack(_state(), 16)  # rule 13 is stateless
+    cmds = render_table(st, flow_group=16)
+    logs = set(_logs(cmds))
+    va, vb = st.vnic_map()["va"], st.vnic_map()["vb"]
+    assert "owf:11:a:e" in logs and "owf:11:a:i" not in logs
+    assert f"owf:{vb.default_id}:a:i" not in logs and f"owf:{vb.default_id}:a:e" in logs
+    assert f"owf:{va.default_id}:d:e" in logs  # a drop logs at either hop
+    assert "owf:12:w:i" in logs  # a would-deny still logs at ingress
+    assert ctmarks(cmds) == {11, 12, vb.default_id}  # a monitored drop marks too, a drop nothing
+    assert fwd0(cmds) == "established flows:16/ct-new"
+    old = render_table(_state(monitor=True), flow_group=16)
+    assert fwd0(old) == "established flows:16" and "owf:11:a:i" in set(_logs(old))
+    assert not ctmarks(render_table(_state(), flow_group=16)) - {11}  # defaults mark only in ct mode
+    assert fwd0(render_table(st)) == "established" and not _logs(render_table(st))
+
+
+def test_new_events_make_the_ingress_records_once_and_destroy_completes_both_hops() -> None:
+    st = _stateful_state(monitor=True)
+    dv = st.vnic_map()["vb"].default_id
+    ag = FlowAggregator("h")
+    ag.set_state(st)
+    assert ag.ct_new
+    ag.on_logs([(11, "a", "e", 6, A, B, 40000, 8080, 3, 4)], 10.0, _names)  # the egress hop logs
+    ag.on_ct_events(
+        [
+            (6, A, B, 40000, 8080, 11),  # the ingress hop: mark 11, destination local
+            (6, A, B, 40001, 22, 12),  # a would-deny's mark: its hop logged it
+            (6, B, "10.9.9.9", 5000, 80, 11),  # destination not local: its egress hop logged
+            (17, "10.9.9.9", B, 5000, 53, dv),  # the default allowed it
+            (6, A, B, 40000, 8080, 9, 1300, 11),  # then the first one ends
+        ],
+        12.0,
+    )
+    out = ag.flush(_names)
+    got = sorted((r.hop, r.ifname, r.rule_id, r.verdict, r.final, r.count, r.packets) for r in out)
+    assert got == [
+        ("egress", "va", 11, "allowed", False, 1, 0), ("egress", "va", 11, "allowed", True, 0, 9),
+        ("ingress", "vb", 11, "allowed", False, 1, 0), ("ingress", "vb", 11, "allowed", True, 0, 9),
+        ("ingress", "vb", dv, "allowed", False, 1, 0),
+    ]  # fmt: skip
+    assert ag.open_connections == 1  # the UDP one, until its DESTROY
+    ag.set_state(_state())  # a stateless rule: the table logs ingress allows, NEW events say nothing
+    ag.on_ct_events([(6, A, B, 40002, 8080, 11)], 13.0)
+    assert ag.flush(_names) == []
+
+
+def test_mirror_hands_marked_new_events_with_its_own_walk() -> None:
+    """A NEW event (the kernel's layout: orig, reply, id, status, timeout, mark): the mirror indexes its
+    tuple and hands the flow collector (proto, src, dst, sport, dport, mark) in order with DESTROY events;
+    unmarked or related (expected) connections are not handed."""
+    from omniwall.dataplane.ctevents import ct_events
+    from omniwall.dataplane.ctmirror import ConntrackMirror
+
+    d = _KERNEL_DESTROY
+    orig_reply = d[20:124]  # the original and reply tuples of the captured event
+
+    def new_msg(status: int, mark: int | None) -> bytes:
+        body = orig_reply + _nla(12, b"\x00\x00\x00\x01") + _nla(3, struct.pack("!I", status))
+        body += _nla(7, struct.pack("!I", 120)) + (
+            _nla(8, struct.pack("!I", mark)) if mark is not None else b""
+        )
+        return struct.pack("=IHHII", 20 + len(body), 0x100, 0, 0, 0) + bytes([2, 0, 0, 0]) + body
+
+    m = ConntrackMirror.__new__(ConntrackMirror)  # the parser only: no socket, no thread
+    m._addrs, m._by_addr, m._destroyed, m.events = {}, {}, [], 0
+    got: list = []
+    m._destroy_sink = got.extend
+    gram = new_msg(0x8, 7) + new_msg(0x8, None) + new_msg(0x9, 7) + d
+    m._apply(gram)
+    m._hand_destroyed()
+    assert m.events == 4 and m._by_addr == {}  # three NEW (one tuple), then its DESTROY
+    new = (6, "10.99.0.1", "10.99.1.1", 36482, 5300, 7)
+    assert got == [new, (6, "10.99.0.1", "10.99.1.1", 36482, 5300, 7, 380, 2)]
+    out: list = []
+    ct_events(gram, {}, out)  # the collector's own reader: the same
+    assert out == got
+    got.clear()
+    m._new_dst = frozenset({"10.9.9.9"})  # the subscriber's local addresses: not this destination
+    m._apply(gram)
+    m._hand_destroyed()
+    assert got == [(6, "10.99.0.1", "10.99.1.1", 36482, 5300, 7, 380, 2)]  # the DESTROY only
+
+
+# NEW events captured from this kernel (a TCP and a UDP connection over lo, `ct mark set 7` in output):
+# orig, reply, CTA_ID, CTA_STATUS, CTA_TIMEOUT, (TCP) CTA_PROTOINFO, CTA_MARK
+_KERNEL_NEW_TCP = bytes.fromhex(
+    "cc000000000100060000000000000000020000003400018014000180080001007f000001080002007f0000011c000280"
+    "050001000600000006000200b27e00000600030014b400003400028014000180080001007f000001080002007f000001"
+    "1c00028005000100060000000600020014b4000006000300b27e000008000c00b1739ef3080003000000000808000700"
+    "00000078300004802c0001800500010001000000050002000a0000000500030000000000060004000300000006000500"
+    "000000000800080000000007"
+)
+_KERNEL_NEW_UDP = bytes.fromhex(
+    "9c000000000100060000000000000000020000003400018014000180080001007f000001080002007f0000011c000280"
+    "050001001100000006000200b66000000600030014b500003400028014000180080001007f000001080002007f000001"
+    "1c00028005000100110000000600020014b5000006000300b660000008000c00c8bdfea5080003000000000808000700"
+    "0000001e0800080000000007"
+)
+
+
+def test_conntrack_new_fast_path_reads_the_kernels_layout() -> None:
+    """The usual NEW event (IPv4, a port protocol) by one regex match, with the walks' answers; the
+    mirror indexes the same tuple either way and hands the same flow view."""
+    from omniwall.dataplane import ctevents
+    from omniwall.dataplane.ctmirror import parse_new, parse_orig
+
+    for data, proto, sport, dport in ((_KERNEL_NEW_TCP, 6, 45694, 5300), (_KERNEL_NEW_UDP, 17, 46688, 5301)):
+        got = ctevents.parse_new_v4(data, 20, len(data), {})
+        assert got == (proto, "127.0.0.1", "127.0.0.1", sport, dport, 8, 7)
+        f = ctevents.new_fields(data, 20, len(data))
+        assert f is not None and (f[3], f[4]) == (8, 7)
+        t = ctevents.parse_tuple(data, f[0], f[1], {})
+        assert t is not None
+        assert ctevents.flow_new(t, f[3], f[4]) == ctevents.new_event(data, 20, len(data), {})
+        new = parse_new(data, 20, len(data), 2, {})
+        assert new is not None and new[0] == parse_orig(data, 20, len(data), 2, {})
+        assert new[1] == (proto, "127.0.0.1", "127.0.0.1", sport, dport, 7)
+        longer = data + _nla(18, struct.pack("!H", 7))  # a zone: not the usual shape, the walks
+        longer = struct.pack("=I", len(longer)) + longer[4:]
+        assert ctevents.parse_new_v4(longer, 20, len(longer), {}) is None
+        new2 = parse_new(longer, 20, len(longer), 2, {})
+        assert new2 is not None and new2[0][-1] == 7 and new2[1] == new[1]

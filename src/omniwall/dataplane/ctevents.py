@@ -1,4 +1,5 @@
-"""Conntrack DESTROY events over raw ctnetlink: the end of every connection, with its counters.
+"""Conntrack events over raw ctnetlink: DESTROY (the end of every connection, with its counters) and
+NEW (its beginning, with the ct mark: the rule that let it in at its last local hop).
 
 The flow collector (agent/flows.py) joins them by original tuple to the allowed-connection logs it saw
 at the connection's first packet, to complete those records with packets, bytes and duration. Counters
@@ -20,9 +21,11 @@ from omniwall.dataplane.netns import in_netns
 from omniwall.dataplane.nflog import RECV_SIZE, addr_text, queued_datagrams
 
 NETLINK_NETFILTER = 12
-NFNLGRP_CONNTRACK_DESTROY = 3
-_DELETE = (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_DELETE
-CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 1, 2
+NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
+_NEW, _DELETE = (1 << 8) | 0, (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW / _DELETE
+CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_TUPLE_PROTO, CTA_STATUS, CTA_ZONE = 1, 1, 2, 3, 18
+IPS_EXPECTED = 1  # a related connection (a helper's expectation): its mark is its master's
+PORT_PROTOS = frozenset((6, 17, 132, 136))  # the protocols whose ports a flow log reads (nflog.py)
 CTA_MARK, CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY = 8, 9, 10
 CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
@@ -32,6 +35,9 @@ SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NETLINK_NO_ENOBUFS = 270, 1, 5
 
 # (proto, src, dst, sport, dport or ICMP type, packets, bytes, mark): both directions' counters summed
 CtDestroy = tuple[int, str, str, int, int, int, int, int]
+# (proto, src, dst, sport, dport or ICMP type, mark): a NEW event of a marked connection, in a flow log's
+# terms (ports of the protocols a flow log reads them of, else 0; ICMP: the type where the port goes)
+CtNew = tuple[int, str, str, int, int, int]
 
 
 _HH = struct.Struct("=HH").unpack_from
@@ -228,6 +234,117 @@ def parse_tuple(data: bytes, a: int, e: int, addrs: dict[bytes, str]) -> Tuple |
     return (proto, addr_text(addrs, src), addr_text(addrs, dst), sport, dport, icmp_id, icmp_type, icmp_code)
 
 
+# A NEW event of an IPv4 TCP/UDP/SCTP connection as ctnetlink lays it out (captured from the kernel: see
+# the unit test): both tuples as in `_V4_DESTROY`, then CTA_ID, CTA_STATUS, CTA_TIMEOUT, TCP's protoinfo
+# (state, window scales, flags: 48 bytes) and CTA_MARK, each optional one fixed-size, up to the end of the
+# message. One regex match captures the tuple, the status and the mark; any other shape takes the walks.
+_V4_NEW = re.compile(
+    rb"\x34\x00\x01\x80\x14\x00\x01\x80\x08\x00\x01\x00(.{4})\x08\x00\x02\x00(.{4})"
+    rb"\x1c\x00\x02\x80\x05\x00\x01\x00(.)...\x06\x00\x02\x00(..)..\x06\x00\x03\x00(..).."
+    rb"\x34\x00\x02\x80.{48}"  # the reply tuple
+    rb"(?:\x08\x00\x0c\x00.{4})?\x08\x00\x03\x00(.{4})(?:\x08\x00\x07\x00.{4})?"  # CTA_ID, _STATUS, _TIMEOUT
+    rb"(?:\x30\x00\x04\x80.{44})?"  # CTA_PROTOINFO (TCP)
+    rb"(?:\x08\x00\x08\x00(.{4}))?\Z",  # CTA_MARK, then the end of the message
+    re.S,
+).match
+
+
+def parse_new_v4(
+    data: bytes, off: int, end: int, addrs: dict[bytes, str]
+) -> tuple[int, str, str, int, int, int, int] | None:
+    """A NEW event of the usual shape (`_V4_NEW`): (proto, src, dst, sport, dport, status, mark) by one
+    regex match; None for any other shape (the walks: `new_fields`)."""
+    m = _V4_NEW(data, off, end)
+    if m is None:
+        return None
+    src, dst, proto, sport, dport, status, mark = m.groups()
+    return (
+        proto[0], addr_text(addrs, src), addr_text(addrs, dst), int.from_bytes(sport), int.from_bytes(dport),
+        int.from_bytes(status), int.from_bytes(mark) if mark else 0,
+    )  # fmt: skip
+
+
+def flow_new_v4(proto: int, s: str, d: str, sport: int, dport: int, status: int, mark: int) -> CtNew | None:
+    """`flow_new` of a `parse_new_v4` result."""
+    if not mark or status & IPS_EXPECTED:
+        return None
+    if proto not in PORT_PROTOS:
+        return (proto, s, d, 0, 0, mark)
+    return (proto, s, d, sport, dport, mark)
+
+
+def new_fields(data: bytes, off: int, end: int) -> tuple[int, int, int, int, int] | None:
+    """One NEW message's top-level attributes (`data[off:end]`): (start and end of the original tuple's
+    attributes, zone, status, mark); None without an original tuple. One walk (it runs once per
+    connection that starts on the host), shared by the conntrack mirror and `new_event`."""
+    orig = None
+    zone = status = mark = 0
+    while off + 4 <= end:
+        ln, typ = _HH(data, off)
+        if ln < 4:
+            break
+        typ &= 0x3FFF
+        if typ == CTA_TUPLE_ORIG:
+            orig = (off + 4, off + ln)
+        elif typ == CTA_STATUS:
+            status = _BE32(data, off + 4)[0]
+        elif typ == CTA_MARK:
+            mark = _BE32(data, off + 4)[0]
+        elif typ == CTA_ZONE:
+            zone = _BE16(data, off + 4)[0]
+        off += (ln + 3) & ~3
+    if orig is None:
+        return None
+    return orig[0], orig[1], zone, status, mark
+
+
+def flow_new(t: Tuple, status: int, mark: int) -> CtNew | None:
+    """The flow collector's view of a NEW event (its original tuple `t`): None when it names no rule
+    (no mark) or its mark is not its own decision (a related connection inherits its master's)."""
+    if not mark or status & IPS_EXPECTED:
+        return None
+    proto, src, dst, sport, dport, _id, icmp_type, _code = t
+    if icmp_type is not None:
+        return (proto, src, dst, 0, icmp_type, mark)
+    if proto not in PORT_PROTOS:
+        return (proto, src, dst, 0, 0, mark)
+    return (proto, src, dst, sport, dport, mark)
+
+
+def new_event(data: bytes, off: int, end: int, addrs: dict[bytes, str]) -> CtNew | None:
+    """One NEW message's attributes -> CtNew (None: see `flow_new`, or no tuple)."""
+    v4 = parse_new_v4(data, off, end, addrs)
+    if v4 is not None:
+        return flow_new_v4(*v4)
+    f = new_fields(data, off, end)
+    if f is None or not f[4]:
+        return None
+    t = parse_tuple(data, f[0], f[1], addrs)
+    return None if t is None else flow_new(t, f[3], f[4])
+
+
+def ct_events(data: bytes, addrs: dict[bytes, str], out: list[CtNew | CtDestroy]) -> None:
+    """The NEW (marked, `flow_new`) and DESTROY events of one ctnetlink datagram, in order, appended to
+    `out` (other messages skipped; a CtNew has 6 fields, a CtDestroy 8). `addrs` caches address text
+    by raw bytes (cleared here past 65,536)."""
+    off = 0
+    while off + 20 <= len(data):
+        ln, typ = _IH(data, off)
+        if ln < 16:
+            break
+        if typ == _DELETE:
+            ev: CtNew | CtDestroy | None = parse_destroy(data, off + 20, off + ln, data[off + 16], addrs)
+            if ev is not None:
+                out.append(ev)
+        elif typ == _NEW:
+            ev = new_event(data, off + 20, off + ln, addrs)
+            if ev is not None:
+                out.append(ev)
+        off += (ln + 3) & ~3
+    if len(addrs) > 65_536:
+        addrs.clear()
+
+
 def destroy_events(data: bytes, addrs: dict[bytes, str], out: list[CtDestroy]) -> None:
     """The DESTROY events of one ctnetlink datagram, appended to `out` (other messages skipped).
     `addrs` caches address text by raw bytes (cleared here past 65,536). Shared by `CtEventReader` and
@@ -247,9 +364,12 @@ def destroy_events(data: bytes, addrs: dict[bytes, str], out: list[CtDestroy]) -
 
 
 class CtEventReader:
-    """Subscribes to conntrack DESTROY events of `netns` (opened there: events are per namespace)."""
+    """Subscribes to conntrack DESTROY events of `netns` (opened there: events are per namespace), and
+    NEW events too with `new=True` (the flow collector without a conntrack mirror: ingress allowed
+    records come from them, docs/design/flows.md)."""
 
-    def __init__(self, netns: str | None = None, rcvbuf: int = 4 << 20) -> None:
+    def __init__(self, netns: str | None = None, rcvbuf: int = 4 << 20, new: bool = False) -> None:
+        self.new = new
         self.overruns = 0
         self._addrs: dict[bytes, str] = {}  # raw -> text, bounded (cleared past 65,536)
         self._buf = bytearray(RECV_SIZE)
@@ -260,12 +380,18 @@ class CtEventReader:
         except OSError:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.bind((0, 0))
+        if new:
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_CONNTRACK_NEW)
         self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_CONNTRACK_DESTROY)
 
-    def read(self, timeout: float = 0.2) -> list[CtDestroy]:
-        out: list[CtDestroy] = []
+    def read(self, timeout: float = 0.2) -> list[CtNew | CtDestroy]:
+        """The queued events in order: DESTROY, and with `new` the NEW ones (`ct_events`)."""
+        out: list[CtNew | CtDestroy] = []
         for data in queued_datagrams(self.sock, timeout, self._overrun, self._buf):
-            destroy_events(data, self._addrs, out)
+            if self.new:
+                ct_events(data, self._addrs, out)
+            else:
+                destroy_events(data, self._addrs, out)  # type: ignore[arg-type]
         return out
 
     def _overrun(self) -> None:
@@ -289,8 +415,15 @@ def enable_accounting(netns: str | None) -> bool:
 __all__ = [
     "CtDestroy",
     "CtEventReader",
+    "CtNew",
+    "ct_events",
     "destroy_events",
     "enable_accounting",
+    "flow_new",
+    "flow_new_v4",
+    "new_event",
+    "new_fields",
     "parse_destroy",
     "parse_destroy_v4",
+    "parse_new_v4",
 ]

@@ -36,9 +36,14 @@ from collections.abc import Callable, Iterable
 from omniwall.dataplane.backend import ConnEntry
 from omniwall.dataplane.ctevents import (
     CtDestroy,
-    destroy_events,
+    CtNew,
+    ct_events,
+    flow_new,
+    flow_new_v4,
+    new_fields,
     parse_destroy,
     parse_destroy_v4,
+    parse_new_v4,
     parse_tuple,
 )
 from omniwall.dataplane.netns import NetnsThread
@@ -64,6 +69,25 @@ Orig = tuple[int, int, str, str, int, int, int | None, int | None, int | None, i
 _HH = struct.Struct("=HH").unpack_from
 _BE16 = struct.Struct("!H").unpack_from
 _MSG = struct.Struct("=IH").unpack_from
+
+
+def parse_new(
+    data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str]
+) -> tuple[Orig, CtNew | None] | None:
+    """A NEW event's original tuple and zone, and its flow view (`ctevents.flow_new`: the marked
+    connections) from the same walk (the usual shape by one regex match). `addrs` caches address text."""
+    v4 = parse_new_v4(data, off, end, addrs)
+    if v4 is not None:
+        proto, s, d, sport, dport = v4[:5]
+        return (family, proto, s, d, sport, dport, None, None, None, 0), flow_new_v4(*v4)
+    f = new_fields(data, off, end)
+    if f is None:
+        return None
+    tup = parse_tuple(data, f[0], f[1], addrs)
+    if tup is None:
+        return None
+    proto, s, d, sport, dport, icmp_id, icmp_type, icmp_code = tup
+    return (family, proto, s, d, sport, dport, icmp_id, icmp_type, icmp_code, f[2]), flow_new(tup, f[3], f[4])
 
 
 def parse_orig(data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str]) -> Orig | None:
@@ -124,6 +148,9 @@ class ConntrackMirror:
     """The original tuples of one namespace's conntrack table, by address. Open it on the namespace's
     thread (`ConntrackMirror.open(thread)`); read it from any thread."""
 
+    # the NEW events the subscriber wants: those whose destination is one of these addresses (None: all)
+    _new_dst: frozenset[str] | None = None
+
     def __init__(self, sock: socket.socket, dumper: socket.socket) -> None:
         self._sock = sock
         self._dumper = dumper  # opened in the namespace too: a dump needs no hop to its thread
@@ -136,11 +163,11 @@ class ConntrackMirror:
         self.resyncs = 0  # seeds after the first (lost events)
         self.overflows = 0  # ENOBUFS seen (each: at least one event lost), during a seed's discard too
         self.events = 0
-        # the flow collector's DESTROY events (agent/flows.py) come from this socket too, parsed once
-        # for both: a second subscription cost the kernel a copy and a queueing per event, and its
-        # reader a wakeup and a second parse of every event
-        self._destroy_sink: Callable[[list[CtDestroy]], None] | None = None
-        self._destroyed: list[CtDestroy] = []  # this drain's DESTROY events, for the sink
+        # the flow collector's events (agent/flows.py: DESTROY, and NEW of marked connections) come from
+        # this socket too, parsed once for both: a second subscription cost the kernel a copy and a
+        # queueing per event, and its reader a wakeup and a second parse of every event
+        self._destroy_sink: Callable[[list[CtNew | CtDestroy]], None] | None = None
+        self._destroyed: list[CtNew | CtDestroy] = []  # this drain's events for the sink, in order
         self._stop = False
         with self._lock:
             self._seed()
@@ -193,14 +220,20 @@ class ConntrackMirror:
                 found.update(self._by_addr.get(a, ()))
         return [entry_of(o) for o in found]
 
-    def subscribe_destroy(self, sink: Callable[[list[CtDestroy]], None] | None) -> None:
+    def subscribe_events(
+        self, sink: Callable[[list[CtNew | CtDestroy]], None] | None, new_dst: frozenset[str] | None = None
+    ) -> None:
         """Hand every DESTROY event received (`ctevents.CtDestroy`: tuple, both directions' counters,
-        mark) to `sink`, once per drain (a list), on the draining thread with the mirror's lock held
+        mark) and every NEW event of a marked connection (`ctevents.CtNew`: tuple, mark), in the order
+        received, to `sink`, once per drain (a list), on the draining thread with the mirror's lock held
         (`sink` must not call the mirror). Events a resync throws away are handed too (they are real);
         the events an overflow lost are not knowable: `overflows` counts them (each at least one
-        event). None: no subscriber."""
+        event). None: no subscriber. `new_dst`: hand only the NEW events whose destination is one of
+        these addresses (the flow collector's local vNICs: on a source host the others would each be
+        built, handed and rejected); None: every marked one. Called again to change it (atomically)."""
         with self._lock:
             self._destroy_sink = sink
+            self._new_dst = new_dst
 
     def forget(self, entries: Iterable[ConnEntry]) -> None:
         """Drop entries the kernel no longer has (a delete found them gone)."""
@@ -322,7 +355,19 @@ class ConntrackMirror:
                     self.events += 1
                     self._remove(o)
             elif typ == _CT_NEW:
-                o = parse_orig(data, off + 20, off + ln, data[off + 16], self._addrs)
+                if self._destroy_sink is None:  # no flow collector: the tuple only
+                    v4 = parse_new_v4(data, off + 20, off + ln, self._addrs)
+                    if v4 is not None:
+                        o = (data[off + 16], v4[0], v4[1], v4[2], v4[3], v4[4], None, None, None, 0)
+                    else:
+                        o = parse_orig(data, off + 20, off + ln, data[off + 16], self._addrs)
+                else:
+                    got = parse_new(data, off + 20, off + ln, data[off + 16], self._addrs)
+                    o = None if got is None else got[0]
+                    if got is not None and got[1] is not None:
+                        want = self._new_dst
+                        if want is None or got[1][2] in want:
+                            self._destroyed.append(got[1])
                 if o is not None:
                     self.events += 1
                     self._add(o)
@@ -344,7 +389,7 @@ class ConntrackMirror:
                 self.overflows += 1
                 continue
             if self._destroy_sink is not None:  # the dump supersedes them here, not for the subscriber
-                destroy_events(memoryview(self._buf)[:n].tobytes(), self._addrs, self._destroyed)
+                ct_events(memoryview(self._buf)[:n].tobytes(), self._addrs, self._destroyed)
         self._by_addr.clear()
         for o in _dump(self._dumper, self._addrs):
             self._add(o)
@@ -373,4 +418,4 @@ def _dump(sk: socket.socket, addrs: dict[bytes, str]) -> list[Orig]:
             off += (ln + 3) & ~3
 
 
-__all__ = ["ConntrackMirror", "Orig", "entry_of", "events_enabled", "orig_of", "parse_orig"]
+__all__ = ["ConntrackMirror", "Orig", "entry_of", "events_enabled", "orig_of", "parse_new", "parse_orig"]

@@ -3,7 +3,10 @@
 For every probe, each hop of the sim's request path that judged the packet (not established, not invalid,
 reached) names a rule id (its vNIC's default-action id, or `SPOOF_RULE_ID` for anti-spoofing) and a verdict;
 the kernel's flow logs (NFLOG `owf:` prefixes, read per host namespace) for the same packet must name
-exactly those, hop by hop: {(host, hop): (rule id, verdict)} equal. Probes are matched by (protocol,
+exactly those, hop by hop: {(host, hop): (rule id, verdict)} equal. Where the host's table takes ingress
+allowed records from conntrack NEW events instead (`render.allowed_from_conntrack`), the kernel's word for
+that hop is the NEW event's mark, read per host namespace too and turned into a log exactly as the agent
+does (`FlowAggregator.ingress_log`). Probes are matched by (protocol,
 src, dst, dport); ICMP by (protocol, src, dst, type): an echo request (other ICMP messages between the
 same two addresses, e.g. errors, are other packets).
 """
@@ -14,7 +17,9 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Iterable
 
+from omniwall.agent.flows import FlowAggregator
 from omniwall.compiler.ir import HostDesiredState
+from omniwall.dataplane.ctevents import CtEventReader
 from omniwall.dataplane.nflog import FlowLog, NflogReader
 from omniwall.flows.record import SPOOF_RULE_ID
 from omniwall.sim.evaluate import ConnectionVerdict, HopVerdict
@@ -64,12 +69,15 @@ def sim_key(cv: ConnectionVerdict) -> Key:
 
 
 class KernelFlows:
-    """One NFLOG reader per host namespace; `collect()` drains them into {key: attribution}."""
+    """One NFLOG reader and one conntrack event reader (NEW, DESTROY) per host namespace; `collect()`
+    drains them into {key: attribution}."""
 
     def __init__(self, netns_by_host: dict[str, str], group: int) -> None:
         self.readers: dict[str, NflogReader] = {}
+        self.ct: dict[str, CtEventReader] = {}
         try:
             for host, ns in netns_by_host.items():
+                self.ct[host] = CtEventReader(ns, rcvbuf=32 << 20, new=True)
                 # batched (one datagram per 32 logs) and a large buffer: a round's burst of probes must
                 # not overrun it (single-log datagrams cost ~4 KB of buffer each); losses are counted
                 self.readers[host] = NflogReader(
@@ -83,14 +91,30 @@ class KernelFlows:
         for r in self.readers.values():
             while r.read_flows(0.0):
                 pass
+        for c in self.ct.values():
+            while c.read(0.0):
+                pass
 
-    def collect(self, timeout: float = 0.3) -> dict[Key, Attribution]:
+    def collect(self, states: dict[str, HostDesiredState], timeout: float = 0.3) -> dict[Key, Attribution]:
+        """`states`: each host's realized state (which NEW events stand for an ingress allowed log)."""
         out: dict[Key, Attribution] = defaultdict(dict)
         conflicts: set[Key] = set()
         for host, r in self.readers.items():
             logs: list[FlowLog] = r.read_flows(timeout)
             while batch := r.read_flows(0.05):
                 logs += batch
+            c = self.ct.get(host)
+            if c is not None and host in states:
+                agg = FlowAggregator(host)
+                agg.set_state(states[host])
+                events = c.read(0.05)
+                while batch2 := c.read(0.05):
+                    events += batch2
+                for ev in events:
+                    if len(ev) == 6:
+                        k = agg.ingress_log(ev)  # type: ignore[arg-type]
+                        if k is not None:
+                            logs.append(k)
             for rid, v, h, proto, src, dst, _sport, dport, _i, _o in logs:
                 k = _key(proto, src, dst, dport)
                 prev = out[k].get((host, h))
@@ -103,13 +127,15 @@ class KernelFlows:
 
     @property
     def lost(self) -> int:
-        return sum(r.lost + r.overruns for r in self.readers.values())
+        nflog = sum(r.lost + r.overruns for r in self.readers.values())
+        return nflog + sum(c.overruns for c in self.ct.values())
 
     def close(self) -> None:
-        for r in self.readers.values():
+        for r in [*self.readers.values(), *self.ct.values()]:
             with contextlib.suppress(OSError):
                 r.close()
         self.readers.clear()
+        self.ct.clear()
 
 
 def agreement(pairs: Iterable[tuple[Attribution, Attribution]]) -> tuple[int, int]:

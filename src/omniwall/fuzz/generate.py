@@ -383,7 +383,9 @@ def _applied_to(rng: random.Random, names: _Names, tenant: str, n: int) -> list[
     return sorted(rng.sample(refs, min(n, len(refs)))) if refs else []
 
 
-def _policy(rng: random.Random, inv: Inventory, names: _Names, tenant: str, name: str) -> Any:
+def _policy(
+    rng: random.Random, inv: Inventory, names: _Names, tenant: str, name: str, stateless: bool = True
+) -> Any:
     if tenant == PROVIDER_TENANT:
         category = rng.choice(
             ("emergency", "infrastructure", "infrastructure", "environment", "application", "baseline")
@@ -393,7 +395,7 @@ def _policy(rng: random.Random, inv: Inventory, names: _Names, tenant: str, name
     spec: dict[str, Any] = {
         "category": category,
         "priority": rng.choice((100, 500, 1000, 1000, 2000)),
-        "stateful": rng.random() >= 0.2,
+        "stateful": rng.random() >= 0.2 or not stateless,
     }
     if rng.random() < 0.25:
         spec["appliedTo"] = _applied_to(rng, names, tenant, rng.randint(1, 2))
@@ -444,8 +446,12 @@ def generate_policy(inv: Inventory, seed: int | str) -> list[Any]:
     # One sequence across tenants, so a tenant group can nest a provider group made before it, and back.
     for i in range(rng.randint(3, 8)):
         out.append(_group(rng, inv, names, rng.choice(tenants), f"g{i + 1}"))
+    # Half the rounds have no stateless policy at all: only then do the hosts take their ingress allowed
+    # flow records from conntrack NEW events (render.allowed_from_conntrack), which attribution checks.
+    # A coin of its own, so the other draws (and every other case of a seed) stay as they were.
+    stateless = random.Random(f"stateless/{inv.seed}/{seed}").random() < 0.5
     for i in range(rng.randint(2, 7)):
-        out.append(_policy(rng, inv, names, rng.choice(tenants), f"p{i + 1}"))
+        out.append(_policy(rng, inv, names, rng.choice(tenants), f"p{i + 1}", stateless))
     return out
 
 

@@ -177,7 +177,7 @@ class FuzzLab:
         if self.flows is not None:
             self.flows.drain()
         results = run_probes(probes, timeout=self.timeout)
-        kflows = self.flows.collect() if self.flows is not None else None
+        kflows = self.flows.collect(self.states) if self.flows is not None else None
         for o, r in zip(outcomes, results, strict=True):
             o.kernel, o.detail = r.allowed, r.detail
             if kflows is not None:

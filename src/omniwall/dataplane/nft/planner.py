@@ -59,13 +59,12 @@ from omniwall.dataplane.nft.render import (
     index_plan,
     port_set_name,
     render_bookkeeping,
-    render_default,
     render_delta,
     render_port_set,
-    render_rule,
     render_table,
     render_vnic_chains,
     render_vnic_changes,
+    renderers,
     segments,
     shapes_of,
     split_families,
@@ -158,6 +157,10 @@ def _stateless_in(v: IRVnic, rmap: Mapping[int, IRRule]) -> bool:
     return any(not rmap[i].stateful for i in v.ingress if i in rmap)
 
 
+def _stateless_any(v: IRVnic, rmap: Mapping[int, IRRule]) -> bool:
+    return any(not rmap[i].stateful for i in (*v.egress, *v.ingress) if i in rmap)
+
+
 class Membership:
     """Which IR sets hold an address, for the local side of the touched hops only: a binary search
     per set in its sorted addresses, instead of SetMembership's index of every member (1-2 s at 100k
@@ -231,6 +234,7 @@ class Book:
     port_refs: Counter[str]
     stateless_in: frozenset[str]
     objs: IndexObjects | None = None  # the whole index, when built (full renders)
+    stateless_any: frozenset[str] = frozenset()  # vNICs with a stateless rule at either hop
 
 
 @dataclass
@@ -247,9 +251,11 @@ class BookStep:
     named_refs: dict[str, Counter[str]]
     port_refs: Counter[str]
     stateless_in: frozenset[str]
+    stateless_any: frozenset[str] = frozenset()
 
     def apply(self, book: Book) -> None:
         book.state, book.plan, book.stateless_in = self.target, self.plan, self.stateless_in
+        book.stateless_any = self.stateless_any
         for hk, ho in self.hops.items():
             if ho is None:
                 book.hops.pop(hk, None)
@@ -286,7 +292,11 @@ def build_book(
 ) -> Book:
     plan = index_plan(state)
     hops: dict[HopKey, HopObjects] = {}
-    objs = index_objects(state, plan, render_rule, render_default, log_group, flow_group, hops=hops)
+    rmap = state.rule_map()
+    stateless_any = frozenset(v.ifname for v in state.vnics if _stateless_any(v, rmap))
+    ct_new = flow_group is not None and not stateless_any  # render.allowed_from_conntrack
+    rr, rd = renderers(ct_new)
+    objs = index_objects(state, plan, rr, rd, log_group, flow_group, hops=hops)
     chain_refs: Counter[str] = Counter()
     key_refs: dict[str, Counter[Key]] = {d: Counter() for d in DIRECTIONS}
     for (_, d), ho in hops.items():
@@ -298,14 +308,17 @@ def build_book(
     port_refs: Counter[str] = Counter()
     for r in state.rules:
         port_refs.update(_port_sets_of(r).keys())
-    rmap = state.rule_map()
     stateless = frozenset(v.ifname for v in state.vnics if _stateless_in(v, rmap))
     shapes = shapes_of(state) if shapes is None else shapes
     chains = {
-        v.ifname: render_vnic_chains(v, rmap, shapes, log_group, plan, bool(stateless), flow_group, memo)
+        v.ifname: render_vnic_chains(
+            v, rmap, shapes, log_group, plan, bool(stateless), flow_group, memo, ct_new
+        )
         for v in state.vnics
     }
-    return Book(state, plan, hops, chains, chain_refs, key_refs, named_refs, port_refs, stateless, objs)
+    return Book(
+        state, plan, hops, chains, chain_refs, key_refs, named_refs, port_refs, stateless, objs, stateless_any
+    )
 
 
 class RulesById(Mapping[int, IRRule]):
@@ -703,6 +716,13 @@ class NftPlanner:
         dispatch = bool(stateless)
         if dispatch != bool(book.stateless_in):
             raise RawLayoutChanged("the raw chain's destination dispatch appears or goes: render the table")
+        # where ingress allowed records come from (render.allowed_from_conntrack): the same, or render
+        stateless_any = set(book.stateless_any) - gone_names
+        stateless_any |= {v.ifname for v in touched if _stateless_any(v, new_rmap)}
+        if bool(stateless_any) != bool(book.stateless_any):
+            raise RawLayoutChanged("ingress allowed records change source (a first or last stateless rule)")
+        ct_new = self.flow_group is not None and not stateless_any
+        rr, rd = renderers(ct_new)
 
         # the hop index: re-plan the touched hops; identities stay when the named remote sets do
         hop_keys = [(n, d) for n in sorted(gone_names) for d in DIRECTIONS]
@@ -749,7 +769,7 @@ class NftPlanner:
             hp = new_hops.get(hk)
             ho = None
             if hp is not None:
-                ho = hop_objects(hp, new_rmap, render_rule, render_default, self.log_group, self.flow_group)
+                ho = hop_objects(hp, new_rmap, rr, rd, self.log_group, self.flow_group)
                 _merge(new_part, ho)
                 chain_delta.update(ho.chains.keys())
                 key_delta[hk[1]].update(ho.keys)
@@ -796,7 +816,7 @@ class NftPlanner:
         shapes = self._shapes(target)
         change = VnicChange(
             base, target, book.plan, new_plan, touched, removed, dispatch, idiff,
-            old_rmap, new_rmap, shapes, shapes, book.chains, rendered, rewrites, self.matches,
+            old_rmap, new_rmap, shapes, shapes, book.chains, rendered, rewrites, self.matches, ct_new,
         )  # fmt: skip
         cmds += render_vnic_changes(change, self.log_group, self.flow_group)
         cmds += late
@@ -812,7 +832,7 @@ class NftPlanner:
         chain_step.update(rendered)
         step = BookStep(
             target, new_plan, hop_step, chain_step, chain_delta, key_delta, named_delta, port_delta,
-            frozenset(stateless),
+            frozenset(stateless), frozenset(stateless_any),
         )  # fmt: skip
         return Plan(base, target, cmds, kind="delta", step=step, rewrites=rewrites)
 

@@ -33,6 +33,7 @@ logged drops/rejects and monitor-mode would-drops go to NFLOG group `log_group` 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -372,18 +373,23 @@ def render_rule(
     hop: str = "egress",
     flow_group: int | None = None,
     matches: list[tuple[int | None, str | None, list[Json]]] | None = None,
+    ct_new: bool = False,
 ) -> list[Json]:
     """The nft rules realizing one IR rule at one hop (same verdict on each); `family` 4 or 6: only
     those a packet of that family can match (for the hop's per-family chains), None: all.
-    `flow_group`: every verdict also logs a flow record there (`_flow`)."""
+    `flow_group`: every verdict also logs a flow record there (`_flow`), except, with `ct_new`, an
+    ingress allow by a stateful rule: the agent takes that record from the conntrack NEW event (the
+    ct mark names the rule; `allowed_from_conntrack`)."""
     out: list[Json] = []
     comment = str(rule.id)
     would_drop = rule.monitor and rule.action in ("drop", "reject")
+    silent = ct_new and hop == "ingress" and rule.stateful and not would_drop
     for fam, proto, match in family_matches(rule, shapes) if matches is None else matches:
         if family is not None and fam is not None and fam != family:
             continue
         if rule.action == "allow" or would_drop:
-            stmts = [_counter(), *_flow(rule.id, "would-drop" if would_drop else "allow", hop, flow_group)]
+            verdict = "would-drop" if would_drop else "allow"
+            stmts = [_counter(), *_flow(rule.id, verdict, hop, None if silent else flow_group)]
             if would_drop:
                 stmts.append(_log(rule.id, "would-drop", log_group))
             if rule.stateful:
@@ -405,15 +411,22 @@ def render_rule(
 
 
 def render_default(
-    vnic: IRVnic, log_group: int, *, hop: str = "egress", flow_group: int | None = None
+    vnic: IRVnic, log_group: int, *, hop: str = "egress", flow_group: int | None = None, ct_new: bool = False
 ) -> list[Json]:
-    """The vNIC's default action at one hop; its flow records name `vnic.default_id`."""
+    """The vNIC's default action at one hop; its flow records name `vnic.default_id`. With `ct_new`
+    (`allowed_from_conntrack`), a default that lets the packet through marks the connection with
+    `vnic.default_id` (as a stateful rule marks it with its id) and, at ingress, an allow logs nothing:
+    the agent reads it from the NEW event. A monitored default marks it too, so that the mark of a
+    connection is always its last hop's (never the egress hop's of the same host)."""
     act = vnic.default_action
     if act == "allow" or vnic.default_monitor:
         verdict = "allow" if act == "allow" else "would-drop"
-        stmts = [_counter(), *_flow(vnic.default_id, verdict, hop, flow_group)]
+        silent = ct_new and hop == "ingress" and act == "allow"
+        stmts = [_counter(), *_flow(vnic.default_id, verdict, hop, None if silent else flow_group)]
         if act != "allow":
             stmts.append(_log(0, "would-drop", log_group))
+        if ct_new:
+            stmts.append(_ctmark(vnic.default_id))
         return [_rule([*stmts, {"return": None}], "default")]
     pre = [_counter(), *_flow(vnic.default_id, act, hop, flow_group)]
     if act == "drop":
@@ -514,7 +527,27 @@ def index_plan(state: HostDesiredState) -> IndexPlan:
 
 
 def index_objects_of(state: HostDesiredState, log_group: int, flow_group: int | None = None) -> IndexObjects:
-    return index_objects(state, index_plan(state), render_rule, render_default, log_group, flow_group)
+    rr, rd = renderers(allowed_from_conntrack(state, flow_group))
+    return index_objects(state, index_plan(state), rr, rd, log_group, flow_group)
+
+
+def allowed_from_conntrack(state: HostDesiredState, flow_group: int | None) -> bool:
+    """Do this host's ingress allowed records come from conntrack NEW events (no allowed log at
+    ingress; defaults set the ct mark)? Yes with flows on, unless some vNIC of the host has a
+    stateless rule: its raw `notrack` (either hop, either vNIC of a same-host connection) can leave a
+    connection that a stateful rule or a default allows untracked, with no NEW event to tell it, so
+    such a host logs every allowed hop (docs/design/flows.md)."""
+    if flow_group is None:
+        return False
+    rmap = state.rule_map()
+    return all(rmap[i].stateful for v in state.vnics for i in (*v.egress, *v.ingress) if i in rmap)
+
+
+def renderers(ct_new: bool) -> tuple[Any, Any]:
+    """render_rule and render_default with `ct_new` bound (for render_index, which takes them)."""
+    if not ct_new:
+        return render_rule, render_default
+    return functools.partial(render_rule, ct_new=True), functools.partial(render_default, ct_new=True)
 
 
 def render_vnic_chains(
@@ -526,6 +559,7 @@ def render_vnic_chains(
     ingress_dispatch: bool = False,
     flow_group: int | None = None,
     memo: MatchMemo | None = None,
+    ct_new: bool = False,
 ) -> dict[str, list[Json]]:
     """Every chain of one vNIC, name -> rules (each {"expr", "comment"}), in a stable order.
     `memo`: the caller's rule id -> (rule, shapes, family_matches) of earlier renders, reused while
@@ -577,7 +611,7 @@ def render_vnic_chains(
             _rule([{"goto": {"target": first[6]}}], "v6"),
         ]
         if hp is not None:
-            chains.update(hop_chains(hp, render_rule, shapes, log_group, flow_group))
+            chains.update(hop_chains(hp, renderers(ct_new)[0], shapes, log_group, flow_group))
         for fam, names in fam_chains.items():
             for k, name in enumerate(names):
                 nxt = names[k + 1] if k + 1 < len(names) else tail
@@ -588,12 +622,20 @@ def render_vnic_chains(
                         fm = known[r.id] = matches_of(r)
                     body.extend(
                         render_rule(
-                            r, nxt, shapes, log_group, fam, hop=direction, flow_group=flow_group, matches=fm
+                            r,
+                            nxt,
+                            shapes,
+                            log_group,
+                            fam,
+                            hop=direction,
+                            flow_group=flow_group,
+                            matches=fm,
+                            ct_new=ct_new,
                         )
                     )
                 body.append(_rule([{"goto": {"target": nxt}}], "next"))
                 chains[name] = body
-        chains[tail] = render_default(vnic, log_group, hop=direction, flow_group=flow_group)
+        chains[tail] = render_default(vnic, log_group, hop=direction, flow_group=flow_group, ct_new=ct_new)
         # raw: anti-spoofing (egress) and notrack for stateless rules; re_<if> is entered by goto (one
         # lookup per packet), so it ends with the ingress dispatch when the host has stateless ingress
         raw: list[Json] = _antispoof(vnic, flow_group) if direction == "egress" else []
@@ -670,6 +712,16 @@ def render_bookkeeping(
     return cmds
 
 
+def fwd_marker(flow_group: int | None, ct_new: bool) -> str:
+    """The comment of `fwd`'s first rule: names the flow group and whether ingress allowed records come
+    from conntrack (`allowed_from_conntrack`), so that adoption (which compares the base chains'
+    comments) rebuilds a table that logs differently instead of adopting it (both sources would then
+    count the ingress hop once each)."""
+    if flow_group is None:
+        return "established"
+    return f"established flows:{flow_group}" + ("/ct-new" if ct_new else "")
+
+
 def stateless_ingress(state: HostDesiredState) -> bool:
     """Does some vNIC have a stateless ingress rule (then raw dispatches on destination addresses)?"""
     rmap = state.rule_map()
@@ -709,9 +761,12 @@ def render_table(
     rmap, shapes = state.rule_map(), shapes_of(state)
     plan = index_plan(state)
     dispatch = stateless_ingress(state)
+    ct_new = allowed_from_conntrack(state, flow_group)
     if vnic_chains is None:
         vnic_chains = {
-            v.ifname: render_vnic_chains(v, rmap, shapes, log_group, plan, dispatch, flow_group)
+            v.ifname: render_vnic_chains(
+                v, rmap, shapes, log_group, plan, dispatch, flow_group, ct_new=ct_new
+            )
             for v in state.vnics
         }
     if index is None:
@@ -771,7 +826,7 @@ def render_table(
         FWD_CHAIN,
         [
             _rule([_match({"ct": {"key": "state"}}, ["established", "related"], "in"), {"accept": None}],
-                  "established" if flow_group is None else f"established flows:{flow_group}"),
+                  fwd_marker(flow_group, ct_new)),
             _rule([_match({"ct": {"key": "state"}}, ["invalid"], "in"), _counter(), {"drop": None}],
                   "invalid"),
             _rule([{"vmap": {"key": _meta("iifname"), "data": f"@{MAP_EGRESS}"}}], "dispatch"),
@@ -879,6 +934,9 @@ def render_delta(
     dispatch = stateless_ingress(new)
     if dispatch != stateless_ingress(old):
         raise RawLayoutChanged("the raw chain's destination dispatch appears or goes: render the table")
+    ct_new = allowed_from_conntrack(new, flow_group)
+    if ct_new != allowed_from_conntrack(old, flow_group):
+        raise RawLayoutChanged("ingress allowed records change source (a first or last stateless rule)")
     idiff = diff_index(
         index_objects_of(old, log_group, flow_group), index_objects_of(new, log_group, flow_group)
     )
@@ -893,7 +951,9 @@ def render_delta(
     ]
     removed = [old_v[n] for n in sorted(old_v.keys() - new_v.keys())]
     cmds += render_vnic_changes(
-        VnicChange(old, new, old_plan, new_plan, touched, removed, dispatch, idiff), log_group, flow_group
+        VnicChange(old, new, old_plan, new_plan, touched, removed, dispatch, idiff, ct_new=ct_new),
+        log_group,
+        flow_group,
     )
     cmds += late_deletes
     cmds += render_bookkeeping(new, structure=structure_changed(old, new))
@@ -923,6 +983,7 @@ class VnicChange:
     # them in place instead: backend.py, `Plan.rewrites`)
     rewritten: dict[str, list[Json]] | None = None
     memo: MatchMemo | None = None  # see render_vnic_chains
+    ct_new: bool = False  # allowed_from_conntrack (the same in both states: else the table is rendered)
 
 
 def render_vnic_changes(ch: VnicChange, log_group: int, flow_group: int | None) -> list[Json]:
@@ -943,11 +1004,13 @@ def render_vnic_changes(ch: VnicChange, log_group: int, flow_group: int | None) 
         old_chains[v.ifname] = (
             known
             if known is not None
-            else render_vnic_chains(v, old_rmap, old_shapes, log_group, ch.old_plan, ch.dispatch, flow_group)
+            else render_vnic_chains(
+                v, old_rmap, old_shapes, log_group, ch.old_plan, ch.dispatch, flow_group, ct_new=ch.ct_new
+            )
         )
     new_chains = {
         v.ifname: render_vnic_chains(
-            v, new_rmap, new_shapes, log_group, ch.new_plan, ch.dispatch, flow_group, ch.memo
+            v, new_rmap, new_shapes, log_group, ch.new_plan, ch.dispatch, flow_group, ch.memo, ch.ct_new
         )
         for v in touched
     }
@@ -1029,10 +1092,12 @@ __all__ = [
     "DEFAULT_WORKLOAD_PREFIXES",
     "RawLayoutChanged",
     "VnicChange",
+    "allowed_from_conntrack",
     "check_prefixes",
     "collapse_cidrs",
     "conn_limit_chain",
     "family_matches",
+    "fwd_marker",
     "has_conn_limits",
     "hop_segments",
     "index_plan",
@@ -1050,6 +1115,7 @@ __all__ = [
     "render_table",
     "render_vnic_chains",
     "render_vnic_changes",
+    "renderers",
     "revision_cmd",
     "rule_matches",
     "segments",
