@@ -9,7 +9,7 @@ equal `ir.diff(old, new)`; the full `HostDesiredState` is only built when asked 
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from itertools import chain, filterfalse, repeat
 from typing import Any
@@ -33,6 +33,8 @@ from omniwall.compiler.sets import created_update
 # (rank, workload key, vNIC index): the lowest wins a duplicate ifname; rank 0 = the host's own workload,
 # 1 = a workload placed there (migration), so a placed vNIC never displaces a local one
 ClaimKey = tuple[int, tuple[str, str], int]
+# One vNIC a workload puts on the host: its claim on the vNIC's ifname
+Entry = tuple[ClaimKey, IRVnic]
 
 
 def rule_sets(r: IRRule | None) -> tuple[str, ...]:
@@ -61,14 +63,20 @@ class HostState:
     """Which rules and sets the host holds is kept as reference counts only; their content is the
     compiler's (`rule_by_id`, `set_memo`, shared by every host): after each update, every host holding a
     rule or set that changed was updated in it, so a host's version of a rule or set is always the
-    current one, and a per-host copy (two more dicts of ~1,000 entries per host) was redundant."""
+    current one, and a per-host copy (two more dicts of ~1,000 entries per host) was redundant.
+
+    Claims: almost every ifname has one claim, so `claims[ifname]` is that claim's entry itself (the
+    (ClaimKey, IRVnic) tuple the compiler made) and `by_wid[wid]` the compiler's list of the workload's
+    entries; only an ifname claimed twice (a placed workload sharing an ifname with a local one) gets a
+    dict ClaimKey -> IRVnic. At 1M vNICs a 1-entry dict, a list and a tuple per vNIC were ~300 MB and a
+    few allocations each in the build."""
 
     name: str
     revision: int
     rule_by_id: Mapping[int, IRRule]
     set_memo: Mapping[str, IRSet]
-    claims: dict[str, dict[ClaimKey, IRVnic]] = field(default_factory=dict)
-    by_wid: dict[int, list[tuple[str, ClaimKey]]] = field(default_factory=dict)
+    claims: dict[str, Entry | dict[ClaimKey, IRVnic]] = field(default_factory=dict)
+    by_wid: dict[int, list[Entry]] = field(default_factory=dict)  # the lists given to fill/update
     vnics: dict[str, IRVnic] = field(default_factory=dict)
     rule_refs: dict[int, int] = field(default_factory=dict)
     set_refs: dict[str, int] = field(default_factory=dict)
@@ -96,29 +104,53 @@ class HostState:
             )
         return self._cached
 
-    def fill(self, g: Globals, workloads: Mapping[int, Iterable[tuple[ClaimKey, IRVnic]]]) -> None:
+    def _claim(self, entries: list[Entry]) -> None:
+        claims = self.claims
+        for e in entries:
+            ifname = e[1].ifname
+            c = claims.get(ifname)
+            if c is None:
+                claims[ifname] = e
+            elif type(c) is dict:
+                c[e[0]] = e[1]
+            else:
+                claims[ifname] = {c[0]: c[1], e[0]: e[1]}
+
+    def _unclaim(self, entries: list[Entry], touched: set[str]) -> None:
+        claims = self.claims
+        for ck, v in entries:
+            ifname = v.ifname
+            c = claims[ifname]
+            if type(c) is dict:
+                del c[ck]
+                if not c:
+                    del claims[ifname]
+            else:
+                del claims[ifname]  # its only claim: this entry
+            touched.add(ifname)
+
+    def _winner(self, ifname: str) -> IRVnic | None:
+        c = self.claims.get(ifname)
+        if c is None:
+            return None
+        return c[min(c)] if type(c) is dict else c[1]
+
+    def fill(self, g: Globals, workloads: Mapping[int, list[Entry]]) -> None:
         """Bulk path for a host that holds nothing yet (initial build, new host): same result as
         `update`, with the counting, lookups and index updates done by C-level iteration (Counter, map,
         zip): at 10k hosts of ~700 rules and ~1,000 sets each, a Python-level loop per rule and set per
-        host was most of the build."""
+        host was most of the build. The lists of `workloads` are kept (`by_wid`): not to be changed."""
         assert not self.vnics and not self.claims
         self._cached = None
-        claims = self.claims
+        by_wid = self.by_wid
         for wid, entries in workloads.items():
-            mine = []
-            for ck, v in entries:
-                c = claims.get(v.ifname)
-                if c is None:
-                    claims[v.ifname] = {ck: v}
-                else:
-                    c[ck] = v
-                mine.append((v.ifname, ck))
-            if mine:
-                self.by_wid[wid] = mine
+            if entries:
+                by_wid[wid] = entries
+                self._claim(entries)
         vnics = self.vnics
         ids: list[int] = []
-        for ifname, c in claims.items():
-            v = c[min(c)] if len(c) > 1 else next(iter(c.values()))
+        for ifname, c in self.claims.items():
+            v = c[min(c)] if type(c) is dict else c[1]
             vnics[ifname] = v
             ids += v.egress
             ids += v.ingress
@@ -140,7 +172,7 @@ class HostState:
     def update(
         self,
         g: Globals,
-        workloads: Mapping[int, Iterable[tuple[ClaimKey, IRVnic]]],
+        workloads: Mapping[int, list[Entry]],
         changed_rules: Collection[int],
         changed_sets: Mapping[str, SetUpdate],
         revision: int,
@@ -148,23 +180,17 @@ class HostState:
     ) -> HostDelta | None:
         """Replace the vNICs of `workloads` (wid -> its vNICs here, empty when gone), take the new global
         IR of `changed_rules` and the new content of `changed_sets`. Returns the delta (None when nothing
-        changed, or when `emit` is false)."""
+        changed, or when `emit` is false). The lists of `workloads` are kept (`by_wid`)."""
         self._cached = None
         touched_if: set[str] = set()
         for wid, entries in workloads.items():
-            for ifname, ck in self.by_wid.pop(wid, ()):
-                c = self.claims[ifname]
-                del c[ck]
-                if not c:
-                    del self.claims[ifname]
-                touched_if.add(ifname)
-            mine = []
-            for ck, v in entries:
-                self.claims.setdefault(v.ifname, {})[ck] = v
-                mine.append((v.ifname, ck))
-                touched_if.add(v.ifname)
-            if mine:
-                self.by_wid[wid] = mine
+            old = self.by_wid.pop(wid, None)
+            if old:
+                self._unclaim(old, touched_if)
+            if entries:
+                self.by_wid[wid] = entries
+                self._claim(entries)
+                touched_if.update(v.ifname for _, v in entries)
 
         refs = self.rule_refs
         # present before this update? (the first transition of a rule's count says it)
@@ -173,8 +199,7 @@ class HostState:
         vnic_updates: dict[str, IRVnic] = {}
         vnic_removes: list[str] = []
         for ifname in touched_if:
-            c = self.claims.get(ifname)
-            new = c[min(c)] if c else None
+            new = self._winner(ifname)
             old = self.vnics.get(ifname)
             if new == old:
                 continue

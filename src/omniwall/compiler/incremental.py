@@ -156,7 +156,7 @@ class IncrementalCompiler:
         self.registry: dict[str, AddrSet] = {}  # address sets with a stale IRSet
         self.labels = LabelIndex()
         self.groups = Groups(self.labels, self.registry)
-        self.span = SpanIndex()
+        self.span = SpanIndex(self.groups.gid)
         self.rule_ids = RuleIds()
 
         self._next_wid = 1

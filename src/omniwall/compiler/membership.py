@@ -35,6 +35,7 @@ Key = tuple[str, str]
 class GroupNode:
     key: Key
     addr: AddrSet
+    gid: int = -1  # Groups.gid(key)
     sid: int | None = None
     selector: str | None = None
     static: frozenset[Key] = frozenset()
@@ -67,7 +68,12 @@ class Groups:
         self.wid_of: dict[Key, int] = {}
         self.key_of: dict[int, Key] = {}
         self.ips_of: dict[int, tuple[str, ...]] = {}
-        self.groups_of: dict[int, set[Key]] = {}
+        # wid -> gids (`gid`) of the groups containing it. Ints, not keys: a (tenant, name) tuple's hash
+        # is recomputed at every set insertion and lookup (Σ group sizes of them in the build, and every
+        # workload's span signature hashes its groups twice), an int's is itself.
+        self.groups_of: dict[int, set[int]] = {}
+        self.gids: dict[Key, int] = {}
+        self.gkeys: list[Key] = []  # gid -> key
         # Out, drained by the caller: workloads whose group set changed; groups whose literals changed.
         self.dirty_wids: set[int] = set()
         # False while the compiler's first build runs: every workload is new and placed anyway, so the
@@ -75,6 +81,16 @@ class Groups:
         # every workload, cache misses at 1M workloads)
         self.track_dirty = True
         self.lits_changed: set[Key] = set()
+
+    def gid(self, key: Key) -> int:
+        """The group's int id, stable for the compiler's lifetime (kept when the group goes and comes
+        back, so the span index may hold ids of groups that are gone). Never freed: bounded by the
+        distinct group keys ever named."""
+        i = self.gids.get(key)
+        if i is None:
+            i = self.gids[key] = len(self.gkeys)
+            self.gkeys.append(key)
+        return i
 
     # ---------------------------------------------------------------------------------- membership test
     def _contains(self, g: GroupNode, w: int) -> bool:
@@ -89,12 +105,12 @@ class Groups:
     def _toggle(self, g: GroupNode, w: int, member: bool) -> None:
         if member:
             g.wids.add(w)
-            self.groups_of[w].add(g.key)
+            self.groups_of[w].add(g.gid)
             for ip in self.ips_of[w]:
                 g.addr.inc(ip)
         else:
             g.wids.discard(w)
-            self.groups_of[w].discard(g.key)
+            self.groups_of[w].discard(g.gid)
             for ip in self.ips_of[w]:
                 g.addr.dec(ip)
         if self.track_dirty:
@@ -124,7 +140,7 @@ class Groups:
             # A fresh group (the initial build): fill it in bulk, nobody is watching its addresses yet.
             flipped = g.wids = new  # (built above for this group alone: no copy; parents only read it)
             # C-level iteration (map, chain, Counter): Σ group sizes is millions at 1M workloads
-            deque(map(set.add, map(self.groups_of.__getitem__, new), repeat(key)), maxlen=0)
+            deque(map(set.add, map(self.groups_of.__getitem__, new), repeat(g.gid)), maxlen=0)
             a.counts = dict(Counter(chain.from_iterable(map(self.ips_of.__getitem__, new))))
             if self.track_dirty:
                 self.dirty_wids |= new
@@ -174,8 +190,9 @@ class Groups:
         old = self.ips_of[wid]
         if old == ips:
             return
-        for gk in self.groups_of.get(wid, ()):
-            g = self.nodes[gk]
+        nodes, gkeys = self.nodes, self.gkeys
+        for gi in self.groups_of.get(wid, ()):
+            g = nodes[gkeys[gi]]
             for ip in ips:
                 g.addr.inc(ip)
             for ip in old:
@@ -185,7 +202,7 @@ class Groups:
     def remove_workload(self, wid: int) -> None:
         """Call after the label index dropped it (its selector memberships are already gone)."""
         key = self.key_of[wid]
-        groups = sorted(self.groups_of.get(wid, ()))
+        groups = sorted(map(self.gkeys.__getitem__, self.groups_of.get(wid, ())))
         # Out of existence first, so `_contains` is false everywhere; then flip it out of every group.
         ips = self.ips_of.pop(wid)
         for gk in groups:
@@ -205,7 +222,7 @@ class Groups:
         g = self.nodes.get(key)
         if g is None:
             name = group_set_name(*key)
-            g = self.nodes[key] = GroupNode(key, AddrSet(name, self.registry))
+            g = self.nodes[key] = GroupNode(key, AddrSet(name, self.registry), self.gid(key))
             self.set_by_name[name] = g.addr
         # selector
         if g.selector != spec.selector or (spec.selector is not None and g.sid is None):

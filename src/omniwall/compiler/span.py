@@ -10,7 +10,7 @@ because the caller re-computes exactly the workloads a placement change reaches.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from omniwall import PROVIDER_TENANT
 from omniwall.compiler.order import OrderKey
@@ -29,15 +29,17 @@ def _mask(dirs: frozenset[str]) -> int:
 class SpanIndex:
     """Keyed by rule id (ints hash for free; rule keys are 3-tuples whose hash is recomputed each time).
     A rule whose id moves is removed under the old id and added under the new one. Directions are kept
-    as bit masks (`_E`, `_I`): or-ing and testing them is cheaper than frozensets of strings."""
+    as bit masks (`_E`, `_I`): or-ing and testing them is cheaper than frozensets of strings. Groups
+    are their int ids (`gid`, membership's `Groups.gid`), as in a workload's `groups_of`."""
 
-    def __init__(self) -> None:
-        self.by_group: dict[Key, dict[int, int]] = {}
+    def __init__(self, gid: Callable[[Key], int]) -> None:
+        self._gid = gid
+        self.by_group: dict[int, dict[int, int]] = {}  # gid -> rule id -> direction bits
         # scope None: provider `any` rules (every vNIC); scope tenant: that tenant's `any` rules
         self.any_by_scope: dict[str | None, dict[int, int]] = {}
         self.order: dict[int, OrderKey] = {}
         self.tenant_of: dict[int, str] = {}
-        self._cache: dict[tuple[str, frozenset[Key]], Lists] = {}
+        self._cache: dict[tuple[str, frozenset[int]], Lists] = {}
         self._base: dict[str, dict[int, int]] = {}  # tenant -> the `any` rules it gets
         # rule id -> its position in evaluation order: set by `rank()` (a bulk build, after every rule
         # is in), dropped by any add/remove; while set, lists sort by an int instead of an OrderKey
@@ -48,9 +50,10 @@ class SpanIndex:
         self.order[rid] = cr.order
         self.tenant_of[rid] = cr.tenant
         for g, dirs in cr.span_groups:
-            rules = self.by_group.get(g)
+            gi = self._gid(g)
+            rules = self.by_group.get(gi)
             if rules is None:
-                rules = self.by_group[g] = {}
+                rules = self.by_group[gi] = {}
             rules[rid] = _mask(dirs)
         if cr.any_dirs:
             scope = None if cr.tenant == PROVIDER_TENANT else cr.tenant
@@ -62,11 +65,12 @@ class SpanIndex:
         self.order.pop(rid, None)
         self.tenant_of.pop(rid, None)
         for g, _ in cr.span_groups:
-            rules = self.by_group.get(g)
+            gi = self._gid(g)
+            rules = self.by_group.get(gi)
             if rules is not None:
                 rules.pop(rid, None)
                 if not rules:
-                    del self.by_group[g]
+                    del self.by_group[gi]
         if cr.any_dirs:
             scope = None if cr.tenant == PROVIDER_TENANT else cr.tenant
             rules = self.any_by_scope.get(scope)
@@ -88,7 +92,8 @@ class SpanIndex:
         order = self.order
         self._rank = {rid: i for i, rid in enumerate(sorted(order, key=order.__getitem__))}
 
-    def lists(self, tenant: str, groups: Iterable[Key]) -> Lists:
+    def lists(self, tenant: str, groups: Iterable[int]) -> Lists:
+        """`groups`: the gids of the groups containing the workload."""
         by_group = self.by_group
         sig = (tenant, frozenset(filter(by_group.__contains__, groups)))
         hit = self._cache.get(sig)
