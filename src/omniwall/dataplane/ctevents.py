@@ -47,6 +47,20 @@ _BE32 = struct.Struct("!I").unpack_from
 _BE64 = struct.Struct("!Q").unpack_from
 
 
+def top_attrs(data: bytes, off: int, end: int) -> dict[int, tuple[int, int]]:
+    """The top-level attributes of one ctnetlink message (`data[off:end]`): type -> (start, end) of its
+    payload (a repeated type: the last). The generic walk behind the parsers of unusual shapes (IPv6,
+    ICMP, a zone) and of dumps; the usual events go through the regex fast paths."""
+    at: dict[int, tuple[int, int]] = {}
+    while off + 4 <= end:
+        ln, typ = _HH(data, off)
+        if ln < 4:
+            break
+        at[typ & 0x3FFF] = (off + 4, off + ln)
+        off += (ln + 3) & ~3
+    return at
+
+
 def _counters(data: bytes, off: int, end: int) -> tuple[int, int]:
     packets = nbytes = 0
     while off + 4 <= end:
@@ -157,24 +171,12 @@ def _parse_destroy(
     data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str] | None = None
 ) -> CtDestroy | None:
     """`parse_destroy` of any shape (IPv6, ICMP, a zone): the generic attribute walk."""
-    orig = co = cr = None
-    mark = 0
-    while off + 4 <= end:
-        ln, typ = _HH(data, off)
-        if ln < 4:
-            break
-        typ &= 0x3FFF
-        if typ == CTA_TUPLE_ORIG:
-            orig = (off + 4, off + ln)
-        elif typ == CTA_COUNTERS_ORIG:
-            co = (off + 4, off + ln)
-        elif typ == CTA_COUNTERS_REPLY:
-            cr = (off + 4, off + ln)
-        elif typ == CTA_MARK:
-            mark = _BE32(data, off + 4)[0]
-        off += (ln + 3) & ~3
+    at = top_attrs(data, off, end)
+    orig = at.get(CTA_TUPLE_ORIG)
     if orig is None:
         return None
+    co, cr, m = at.get(CTA_COUNTERS_ORIG), at.get(CTA_COUNTERS_REPLY), at.get(CTA_MARK)
+    mark = _BE32(data, m[0])[0] if m else 0
     t = parse_tuple(data, *orig, addrs if addrs is not None else {})
     if t is None:
         return None
@@ -277,24 +279,14 @@ def new_fields(data: bytes, off: int, end: int) -> tuple[int, int, int, int, int
     """One NEW message's top-level attributes (`data[off:end]`): (start and end of the original tuple's
     attributes, zone, status, mark); None without an original tuple. One walk (it runs once per
     connection that starts on the host), shared by the conntrack mirror and `new_event`."""
-    orig = None
-    zone = status = mark = 0
-    while off + 4 <= end:
-        ln, typ = _HH(data, off)
-        if ln < 4:
-            break
-        typ &= 0x3FFF
-        if typ == CTA_TUPLE_ORIG:
-            orig = (off + 4, off + ln)
-        elif typ == CTA_STATUS:
-            status = _BE32(data, off + 4)[0]
-        elif typ == CTA_MARK:
-            mark = _BE32(data, off + 4)[0]
-        elif typ == CTA_ZONE:
-            zone = _BE16(data, off + 4)[0]
-        off += (ln + 3) & ~3
+    at = top_attrs(data, off, end)
+    orig = at.get(CTA_TUPLE_ORIG)
     if orig is None:
         return None
+    z, st, m = at.get(CTA_ZONE), at.get(CTA_STATUS), at.get(CTA_MARK)
+    zone = _BE16(data, z[0])[0] if z else 0
+    status = _BE32(data, st[0])[0] if st else 0
+    mark = _BE32(data, m[0])[0] if m else 0
     return orig[0], orig[1], zone, status, mark
 
 
@@ -426,4 +418,5 @@ __all__ = [
     "parse_destroy",
     "parse_destroy_v4",
     "parse_new_v4",
+    "top_attrs",
 ]

@@ -35,6 +35,13 @@ from collections.abc import Callable, Iterable
 
 from omniwall.dataplane.backend import ConnEntry
 from omniwall.dataplane.ctevents import (
+    CTA_TUPLE_ORIG,
+    CTA_ZONE,
+    NETLINK_ADD_MEMBERSHIP,
+    NETLINK_NETFILTER,
+    NFNLGRP_CONNTRACK_DESTROY,
+    NFNLGRP_CONNTRACK_NEW,
+    SOL_NETLINK,
     CtDestroy,
     CtNew,
     ct_events,
@@ -45,18 +52,15 @@ from omniwall.dataplane.ctevents import (
     parse_destroy_v4,
     parse_new_v4,
     parse_tuple,
+    top_attrs,
 )
 from omniwall.dataplane.netns import NetnsThread
 from omniwall.dataplane.nflog import RECV_SIZE
 
 log = logging.getLogger("omniwall.dataplane.ctmirror")
 
-NETLINK_NETFILTER = 12
-NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
-SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
 _CT_NEW, _CT_DELETE = (1 << 8) | 0, (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK messages (dump replies: NEW)
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-CTA_TUPLE_ORIG, CTA_ZONE = 1, 18
 RCVBUF = 16 << 20
 READER_BATCH = 16  # datagrams the background reader applies per hold of the lock
 LOOKUP_BATCH = 4096  # datagrams a lookup applies at most (what was queued before it)
@@ -66,7 +70,6 @@ RESEED_AFTER = 300.0  # s: past TIME_WAIT (120 s) and UDP timeouts of the entrie
 # (family, proto, src, dst, sport, dport, icmp_id, icmp_type, icmp_code, zone): one entry's identity
 Orig = tuple[int, int, str, str, int, int, int | None, int | None, int | None, int]
 
-_HH = struct.Struct("=HH").unpack_from
 _BE16 = struct.Struct("!H").unpack_from
 _MSG = struct.Struct("=IH").unpack_from
 
@@ -91,22 +94,13 @@ def parse_new(
 
 
 def parse_orig(data: bytes, off: int, end: int, family: int, addrs: dict[bytes, str]) -> Orig | None:
-    """The original tuple and zone of one ctnetlink message's attributes (`data[off:end]`); walks only
-    those (this runs once per connection that starts or ends on the host). `addrs` caches address text."""
-    orig = None
-    zone = 0
-    while off + 4 <= end:
-        ln, typ = _HH(data, off)
-        if ln < 4:
-            break
-        typ &= 0x3FFF
-        if typ == CTA_TUPLE_ORIG:
-            orig = (off + 4, off + ln)
-        elif typ == CTA_ZONE:
-            zone = _BE16(data, off + 4)[0]
-        off += (ln + 3) & ~3
+    """The original tuple and zone of one ctnetlink message's attributes (`data[off:end]`), by the generic
+    walk (`ctevents.top_attrs`: dumps, and events the fast paths do not read). `addrs` caches address text."""
+    at = top_attrs(data, off, end)
+    orig, z = at.get(CTA_TUPLE_ORIG), at.get(CTA_ZONE)
     if orig is None:
         return None
+    zone = _BE16(data, z[0])[0] if z else 0
     tup = parse_tuple(data, *orig, addrs)
     if tup is None:
         return None
