@@ -422,9 +422,9 @@ def test_mirror_reads_a_destroy_event_once_for_itself_and_the_flow_collector() -
 
     def mirror() -> tuple[ConntrackMirror, list]:
         m = ConntrackMirror.__new__(ConntrackMirror)  # the parser only: no socket, no thread
-        m._addrs, m._by_addr, m._destroyed, m.events = {}, {}, [], 0
+        m._addrs, m._by_addr, m._pending, m.events = {}, {}, [], 0
         got: list = []
-        m._destroy_sink = got.extend
+        m._sink = got.extend
         return m, got
 
     data = _KERNEL_DESTROY
@@ -437,13 +437,13 @@ def test_mirror_reads_a_destroy_event_once_for_itself_and_the_flow_collector() -
         m._add(orig)
         assert m._by_addr
         m._apply(msg)
-        m._hand_destroyed()
+        m._hand_events()
         assert m._by_addr == {} and m.events == 1  # forgotten: the same tuple as the NEW event's
         assert got == [(6, "10.99.0.1", "10.99.1.1", 36482, 5300, 7, 380, 2)]
     m, got = mirror()
-    m._destroy_sink = None
+    m._sink = None
     m._apply(data)
-    assert m._destroyed == [] and m.events == 1  # nobody subscribed: nothing kept
+    assert m._pending == [] and m.events == 1  # nobody subscribed: nothing kept
 
 
 def _stateful_state(default: str = "allow", monitor: bool = False) -> HostDesiredState:
@@ -543,12 +543,12 @@ def test_mirror_hands_marked_new_events_with_its_own_walk() -> None:
         return struct.pack("=IHHII", 20 + len(body), 0x100, 0, 0, 0) + bytes([2, 0, 0, 0]) + body
 
     m = ConntrackMirror.__new__(ConntrackMirror)  # the parser only: no socket, no thread
-    m._addrs, m._by_addr, m._destroyed, m.events = {}, {}, [], 0
+    m._addrs, m._by_addr, m._pending, m.events = {}, {}, [], 0
     got: list = []
-    m._destroy_sink = got.extend
+    m._sink = got.extend
     gram = new_msg(0x8, 7) + new_msg(0x8, None) + new_msg(0x9, 7) + d
     m._apply(gram)
-    m._hand_destroyed()
+    m._hand_events()
     assert m.events == 4 and m._by_addr == {}  # three NEW (one tuple), then its DESTROY
     new = (6, "10.99.0.1", "10.99.1.1", 36482, 5300, 7)
     assert got == [new, (6, "10.99.0.1", "10.99.1.1", 36482, 5300, 7, 380, 2)]
@@ -558,7 +558,7 @@ def test_mirror_hands_marked_new_events_with_its_own_walk() -> None:
     got.clear()
     m._new_dst = frozenset({"10.9.9.9"})  # the subscriber's local addresses: not this destination
     m._apply(gram)
-    m._hand_destroyed()
+    m._hand_events()
     assert got == [(6, "10.99.0.1", "10.99.1.1", 36482, 5300, 7, 380, 2)]  # the DESTROY only
 
 

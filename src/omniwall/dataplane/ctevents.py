@@ -293,14 +293,12 @@ def new_fields(data: bytes, off: int, end: int) -> tuple[int, int, int, int, int
 def flow_new(t: Tuple, status: int, mark: int) -> CtNew | None:
     """The flow collector's view of a NEW event (its original tuple `t`): None when it names no rule
     (no mark) or its mark is not its own decision (a related connection inherits its master's)."""
+    proto, src, dst, sport, dport, _id, icmp_type, _code = t
+    if icmp_type is None:
+        return flow_new_v4(proto, src, dst, sport, dport, status, mark)
     if not mark or status & IPS_EXPECTED:
         return None
-    proto, src, dst, sport, dport, _id, icmp_type, _code = t
-    if icmp_type is not None:
-        return (proto, src, dst, 0, icmp_type, mark)
-    if proto not in PORT_PROTOS:
-        return (proto, src, dst, 0, 0, mark)
-    return (proto, src, dst, sport, dport, mark)
+    return (proto, src, dst, 0, icmp_type, mark)
 
 
 def new_event(data: bytes, off: int, end: int, addrs: dict[bytes, str]) -> CtNew | None:

@@ -160,8 +160,8 @@ class ConntrackMirror:
         # the flow collector's events (agent/flows.py: DESTROY, and NEW of marked connections) come from
         # this socket too, parsed once for both: a second subscription cost the kernel a copy and a
         # queueing per event, and its reader a wakeup and a second parse of every event
-        self._destroy_sink: Callable[[list[CtNew | CtDestroy]], None] | None = None
-        self._destroyed: list[CtNew | CtDestroy] = []  # this drain's events for the sink, in order
+        self._sink: Callable[[list[CtNew | CtDestroy]], None] | None = None
+        self._pending: list[CtNew | CtDestroy] = []  # this drain's events for the sink, in order
         self._stop = False
         with self._lock:
             self._seed()
@@ -226,7 +226,7 @@ class ConntrackMirror:
         these addresses (the flow collector's local vNICs: on a source host the others would each be
         built, handed and rejected); None: every marked one. Called again to change it (atomically)."""
         with self._lock:
-            self._destroy_sink = sink
+            self._sink = sink
             self._new_dst = new_dst
 
     def forget(self, entries: Iterable[ConnEntry]) -> None:
@@ -261,7 +261,7 @@ class ConntrackMirror:
                         self._seed()
                     except OSError:
                         return
-                    self._hand_destroyed()
+                    self._hand_events()
             if self._sock in ready:
                 more = True
                 while more and not self._stop:
@@ -298,15 +298,15 @@ class ConntrackMirror:
         try:
             return self._drain_some(limit)
         finally:
-            self._hand_destroyed()
+            self._hand_events()
 
-    def _hand_destroyed(self) -> None:
-        if not self._destroyed:
+    def _hand_events(self) -> None:
+        if not self._pending:
             return
-        batch, self._destroyed = self._destroyed, []
-        if self._destroy_sink is not None:
+        batch, self._pending = self._pending, []
+        if self._sink is not None:
             try:
-                self._destroy_sink(batch)
+                self._sink(batch)
             except Exception:  # the subscriber's failure must not stop the mirror
                 log.exception("conntrack mirror: the DESTROY subscriber failed on %d events", len(batch))
 
@@ -341,27 +341,22 @@ class ConntrackMirror:
                     o: Orig | None = (data[off + 16], proto, s, d, sport, dport, None, None, None, 0)
                 else:
                     o = parse_orig(data, off + 20, off + ln, data[off + 16], self._addrs)
-                    if self._destroy_sink is not None:
+                    if self._sink is not None:
                         ev = parse_destroy(data, off + 20, off + ln, data[off + 16], self._addrs)
-                if ev is not None and self._destroy_sink is not None:
-                    self._destroyed.append(ev)
+                if ev is not None and self._sink is not None:
+                    self._pending.append(ev)
                 if o is not None:
                     self.events += 1
                     self._remove(o)
             elif typ == _CT_NEW:
-                if self._destroy_sink is None:  # no flow collector: the tuple only
-                    v4 = parse_new_v4(data, off + 20, off + ln, self._addrs)
-                    if v4 is not None:
-                        o = (data[off + 16], v4[0], v4[1], v4[2], v4[3], v4[4], None, None, None, 0)
-                    else:
-                        o = parse_orig(data, off + 20, off + ln, data[off + 16], self._addrs)
-                else:
-                    got = parse_new(data, off + 20, off + ln, data[off + 16], self._addrs)
-                    o = None if got is None else got[0]
-                    if got is not None and got[1] is not None:
-                        want = self._new_dst
-                        if want is None or got[1][2] in want:
-                            self._destroyed.append(got[1])
+                # one parse for both (the usual shape by one regex: the status and mark come with the
+                # tuple); the flow view is kept only for a subscriber that wants its destination
+                got = parse_new(data, off + 20, off + ln, data[off + 16], self._addrs)
+                o = None if got is None else got[0]
+                if got is not None and got[1] is not None and self._sink is not None:
+                    want = self._new_dst
+                    if want is None or got[1][2] in want:
+                        self._pending.append(got[1])
                 if o is not None:
                     self.events += 1
                     self._add(o)
@@ -382,8 +377,8 @@ class ConntrackMirror:
                     raise
                 self.overflows += 1
                 continue
-            if self._destroy_sink is not None:  # the dump supersedes them here, not for the subscriber
-                ct_events(memoryview(self._buf)[:n].tobytes(), self._addrs, self._destroyed)
+            if self._sink is not None:  # the dump supersedes them here, not for the subscriber
+                ct_events(memoryview(self._buf)[:n].tobytes(), self._addrs, self._pending)
         self._by_addr.clear()
         for o in _dump(self._dumper, self._addrs):
             self._add(o)
