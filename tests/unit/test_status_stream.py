@@ -222,6 +222,38 @@ def test_a_lost_stream_makes_the_reporter_resend_by_post(world: World) -> None:
     asyncio.run(go())
 
 
+def test_closing_a_stream_the_manager_stopped_reading_ends_within_the_bound() -> None:
+    """A manager that accepts the stream and then reads nothing must not keep a stopping agent alive:
+    close() gives up after CLOSE_TIMEOUT and aborts the connection."""
+    from omniwall.agent import upstream
+
+    async def go() -> None:
+        held: list[asyncio.StreamWriter] = []
+
+        async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)  # never reads, never answers
+
+        server = await asyncio.start_server(deaf, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reasons: list[str] = []
+        up = StatusUpstream(f"http://127.0.0.1:{port}", "h1", "t", reasons.append)
+        await up.open()
+        assert up._writer is not None
+        up._writer.transport.set_write_buffer_limits(high=1)
+        up._writer.write(b"x" * 64 * 1024 * 1024)  # more than the socket buffers take: drain would block
+        t0 = time.monotonic()
+        await up.close()
+        took = time.monotonic() - t0
+        assert upstream.CLOSE_TIMEOUT - 0.1 <= took < upstream.CLOSE_TIMEOUT + 2, took
+        assert up.closed and len(reasons) == 1 and "did not take" in reasons[0]
+        for w in held:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(go())
+
+
 def test_the_upstream_rejects_a_url_that_is_not_http() -> None:
     with pytest.raises(ValueError, match="not http"):
         StatusUpstream("ftp://x", "h1", "t", lambda _: None)

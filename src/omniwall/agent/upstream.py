@@ -24,6 +24,9 @@ from urllib.parse import quote, urlsplit
 log = logging.getLogger("omniwall.agent")
 
 CONNECT_TIMEOUT = 10.0
+# How long closing may wait for the manager to take the stream's last bytes: a manager that stopped
+# reading must not keep a stopping agent alive (the transport is aborted after it).
+CLOSE_TIMEOUT = 2.0
 
 
 def stream_path(host: str) -> str:
@@ -103,21 +106,29 @@ class StatusUpstream:
         self.last_write = asyncio.get_running_loop().time()
 
     async def close(self) -> None:
-        """End the body (the manager answers its summary) and the connection."""
+        """End the body (the manager answers its summary) and the connection, within CLOSE_TIMEOUT."""
         w = self._writer
-        if w is not None and not w.is_closing():
-            with contextlib.suppress(OSError, RuntimeError):
-                w.write(b"0\r\n\r\n")
-                await w.drain()
-        self._closed("closed by the agent")
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader_task
-        if w is not None:
-            w.close()
-            with contextlib.suppress(Exception):
-                await w.wait_closed()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                if w is not None and not w.is_closing():
+                    with contextlib.suppress(OSError, RuntimeError):
+                        w.write(b"0\r\n\r\n")
+                        await w.drain()
+                self._closed("closed by the agent")
+                if self._reader_task is not None:
+                    self._reader_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await self._reader_task
+                if w is not None:
+                    w.close()
+                    with contextlib.suppress(Exception):
+                        await w.wait_closed()
+        except TimeoutError:
+            self._closed("closed by the agent (the manager did not take the last bytes)")
+            if self._reader_task is not None:
+                self._reader_task.cancel()
+            if w is not None:
+                w.transport.abort()
 
     def _closed(self, reason: str) -> None:
         if not self.closed:

@@ -20,7 +20,7 @@ import typer
 from rich.markup import escape
 
 from omniwall.cli.connect import CliClient, connect
-from omniwall.cli.output import EXIT_USAGE, cli_errors, echo, emit_json, err, fail, out, table
+from omniwall.cli.output import EXIT_USAGE, cli_errors, echo, emit_json, err, fail, out, print_rich, table
 from omniwall.cli.server_cmds import ServerOpt, TokenOpt
 from omniwall.client.sse import sse_events
 
@@ -149,7 +149,7 @@ def register(app: typer.Typer) -> None:
             t = table(*COLUMNS)
             for f in items:
                 t.add_row(*(escape(c) for c in cells(f)), style=VERDICT_STYLE.get(f["verdict"]))
-            out.print(t)
+            print_rich(t)
 
 
 __all__ = ["cells", "register", "sse_events"]

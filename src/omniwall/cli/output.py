@@ -116,6 +116,19 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def _stdout_console() -> Console:
+    """A console for stdout as it is now: the terminal's width, or, when stdout is not a terminal (a
+    pipe, a test), wide enough that no row is wrapped or cut (`| grep` sees whole rows). The module's
+    `out` keeps the width it found at import."""
+    tty = sys.stdout.isatty()
+    return Console(highlight=False, width=None if tty else 10_000, force_terminal=tty or None)
+
+
+def print_rich(renderable: Any) -> None:
+    """A rich renderable (a bordered table) to stdout, never wrapped when stdout is not a terminal."""
+    _stdout_console().print(renderable)
+
+
 def table_lines(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = None) -> list[str]:
     """Rows aligned in columns by rich (two spaces between columns, no borders, no trailing blanks),
     as lines: for tables that are part of a larger text (explain's hops)."""
@@ -124,8 +137,7 @@ def table_lines(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = N
         t.add_column(h, overflow="fold")
     for r in rows:
         t.add_row(*(_cell(c) for c in r))
-    tty = sys.stdout.isatty()
-    console = Console(highlight=False, width=None if tty else 10_000, force_terminal=tty or None)
+    console = _stdout_console()
     with console.capture() as cap:
         console.print(t, markup=False)
     return [line.rstrip() for line in cap.get().splitlines()]
