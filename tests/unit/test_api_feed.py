@@ -31,7 +31,7 @@ from omniwall.compiler.ir import HostDesiredState, apply_delta
 from omniwall.manager.contracts import load_documents
 from omniwall.manager.service import SYSTEM, Manager
 from omniwall.store.sqlite import SqliteStore
-from omniwall.stream.wire import Delta, Heartbeat, Snapshot, StatusReport, Unknown, decode, encode
+from omniwall.stream.wire import Command, Delta, Heartbeat, Snapshot, StatusReport, Unknown, decode, encode
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -456,3 +456,68 @@ def test_cached_principal_takes_every_check_of_authenticate(
     assert state.auth_guard.due() and cached_principal(state, scope(cert_host="h1")) is None
     m.tokens.cache = False
     assert cached_principal(state, scope(cert_host="h1")) is None  # no cache: never decided here
+
+
+def test_deltas_are_pushed_to_the_connection_in_order_and_a_waiting_command_goes_first(
+    env: tuple[TestClient, Manager, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Served as `omniwall manager` serves it (uvicorn, the app inside `EndStreams`), a feed's deltas
+    are written from the broadcaster's push (no task wake-up per change): they still chain revision to
+    revision and end in the desired state, and a command queued for the host before a change reaches the
+    agent before that change's delta."""
+    from omniwall.api.server import EndStreams
+
+    c, m, h = env
+    tokens = {k: v.split(" ", 1)[1] for k, v in h.items()}
+    pushed: list[int] = []
+    write = feed.DirectChunks.write
+
+    def counted(self: feed.DirectChunks, data: bytes) -> None:
+        pushed.append(len(data))
+        write(self, data)
+
+    monkeypatch.setattr(feed.DirectChunks, "write", counted)
+    with serving(EndStreams(c.app), timeout_graceful_shutdown=1) as url:  # type: ignore[arg-type]
+        _pushed_in_order(url, m, tokens)
+    assert pushed, "no delta went through the direct path"
+
+
+def _pushed_in_order(url: str, m: Manager, tokens: dict[str, str]) -> None:
+    got: queue.Queue[Any] = queue.Queue()
+    client = FeedClient(url, tokens["h1"], "h1", heartbeat=30)
+
+    def consume() -> None:
+        try:
+            for msg in client.messages(0):
+                got.put(msg)
+        except Exception as err:  # the client closed at the end, or a real failure: the test reads it
+            got.put(err)
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+
+    def next_message() -> Any:
+        msg = got.get(timeout=10)
+        while isinstance(msg, Heartbeat):
+            msg = got.get(timeout=10)
+        assert not isinstance(msg, Exception), msg
+        return msg
+
+    snap = next_message()
+    assert isinstance(snap, Snapshot)
+    state: HostDesiredState = snap.state
+    for i in range(2, 8):
+        doc = WEB2.replace("web2", f"web{i}").replace("10.0.0.2", f"10.0.0.{i}")
+        m.commit(m.plan_apply(load_documents(doc, f"web{i}.yaml")), SYSTEM)
+        msg = next_message()
+        assert isinstance(msg, Delta) and msg.delta.from_revision == state.revision
+        state = apply_delta(state, msg.delta)
+    assert state == m.desired_state("h1")
+    cid = m.migrations.commands.send("h1", "ping", {"n": 1})
+    m.commit(m.plan_apply(load_documents(WEB2.replace("10.0.0.2", "10.0.0.99"), "web2.yaml")), SYSTEM)
+    first, second = next_message(), next_message()
+    assert isinstance(first, Command) and first.id == cid, first
+    assert isinstance(second, Delta) and second.delta.from_revision == state.revision
+    assert apply_delta(state, second.delta) == m.desired_state("h1")
+    client.close()
+    t.join(timeout=5)

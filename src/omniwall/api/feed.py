@@ -74,6 +74,45 @@ log = logging.getLogger("omniwall.api")
 # How long a feed request waits for this manager to catch up with a revision the agent realized through
 # another manager, before refusing (the agent keeps its rules and tries the next manager).
 CATCH_UP_BOUND = 5.0
+# Scope key: the server's own `send`, before any middleware wraps it (set by `EndStreams`, api/server.py,
+# which wraps the whole app in `omniwall manager`; without it a feed sends as any response does).
+RAW_SEND = "omniwall.raw_send"
+_HTTPTOOLS_CYCLE = ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle")
+
+
+class DirectChunks:
+    """Body chunks of a started chunked response written straight to its connection from a plain
+    callback, not through an awaited `send` (a feed's deltas, from the broadcaster's push: no task
+    wake-up per host per change). Only uvicorn's httptools cycle is written to so (its `send` is its
+    bound method; the chunk framing is its own); with any other server `of` gives None and the feed
+    sends as every response does."""
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: Any) -> None:
+        self._cycle = cycle
+
+    @classmethod
+    def of(cls, send: Any) -> DirectChunks | None:
+        cycle = getattr(send, "__self__", None)
+        kind = type(cycle)
+        if (kind.__module__, kind.__name__) != _HTTPTOOLS_CYCLE:
+            return None
+        return cls(cycle)
+
+    def ready(self) -> bool:
+        """Written now without waiting: started, chunked, not ended, not paused by flow control."""
+        c = self._cycle
+        return (
+            c.chunked_encoding is True
+            and c.response_started
+            and not c.response_complete
+            and not c.disconnected
+            and not c.flow.write_paused
+        )
+
+    def write(self, data: bytes) -> None:
+        self._cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
 
 
 def _host_refusal(p: Principal, host: str, perm: Perm, m: Manager) -> ApiError | None:
@@ -147,7 +186,30 @@ class FeedResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         m, host, heartbeat = self.m, self.host, self.heartbeat
-        changed = m.desired.changed.subscribe(host)  # before reading: no change slips between read and wait
+        direct = DirectChunks.of(scope.get(RAW_SEND)) if self.follow else None
+        # The task parks in `changed.wait()` between lines; only then may `push` write (no line of the
+        # task's is half sent), and `sent` is shared: whichever writes a delta moves it on.
+        parked = False
+
+        def push() -> bool:
+            """The broadcaster's call on a change of this host: its deltas written here and now (True),
+            or the task woken for anything else (a command first, flow control, a snapshot)."""
+            nonlocal sent, last_line
+            if not parked or gone or direct is None or not direct.ready():
+                return False
+            if m.migrations.commands.waiting(host):
+                return False
+            deltas = m.desired.deltas_since(host, sent)
+            if deltas is None:
+                return False
+            if deltas:
+                direct.write(delta_line(deltas[0]) if len(deltas) == 1 else b"".join(map(delta_line, deltas)))
+                sent = deltas[-1].to_revision
+                last_line = loop.time()
+            return True
+
+        # before reading: no change slips between read and wait
+        changed = m.desired.changed.subscribe(host, push if direct is not None else None)
         m.hosts.connect(host, m.now_iso())
         # The heartbeat: one timer per stream, re-armed when it fires, not a timeout per wait (that was a
         # timer created and cancelled per host per change, a tenth of the event loop's time with 1,000
@@ -193,7 +255,11 @@ class FeedResponse(Response):
                 for cmd in m.migrations.commands.take(host):  # after the deltas they may depend on
                     await send(body(command_line(cmd)))
                     last_line = loop.time()
-                await changed.wait()
+                parked = True
+                try:
+                    await changed.wait()
+                finally:
+                    parked = False
                 changed.clear()
                 if gone:
                     return
@@ -455,38 +521,59 @@ class StatusStream:
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
                     if line.strip():
-                        why = await self._line(p, line)
+                        why = self._line(p, line)
+                        if why is not None and not isinstance(why, ApiError):
+                            why = await why
                         if why is not None:
                             return why
             if len(buf) > self.limit:
                 return ApiError(413, f"status line {self.line_no + 1} exceeds {self.limit} bytes")
             if not message.get("more_body", False):
                 if buf.strip():
-                    return await self._line(p, buf)
+                    why = self._line(p, buf)
+                    return why if why is None or isinstance(why, ApiError) else await why
                 return None
 
-    async def _line(self, p: Principal, line: bytes) -> ApiError | None:
+    def _line(self, p: Principal, line: bytes) -> ApiError | Awaitable[ApiError | None] | None:
+        """Record one line. The common one (its token still cached, a report msgspec reads, no addresses)
+        is recorded here, without a coroutine (one per host per change); anything else gives back the
+        awaitable that finishes it: a token to verify again, a refusal to write, addresses to reconcile."""
         self.line_no += 1
         self.stats.lines += 1
+        if self.rec is None or not self.m.tokens.still_cached(self.rec):
+            return self._verified_line(p, line)
+        return self._checked_line(p, line)
+
+    async def _verified_line(self, p: Principal, line: bytes) -> ApiError | None:
+        tokens = self.m.tokens
+        self.rec = tokens.verify_cached(self.token) or await run_in_threadpool(tokens.verify, self.token)
+        if self.rec is None:
+            return ApiError(401, "invalid, expired or revoked token")
+        why = self._checked_line(p, line)
+        return why if why is None or isinstance(why, ApiError) else await why
+
+    def _checked_line(self, p: Principal, line: bytes) -> ApiError | Awaitable[None] | None:
         m = self.m
-        tokens = m.tokens
-        if self.rec is None or not tokens.still_cached(self.rec):
-            self.rec = tokens.verify_cached(self.token) or await run_in_threadpool(tokens.verify, self.token)
-            if self.rec is None:
-                return ApiError(401, "invalid, expired or revoked token")
         refusal = _host_refusal(p, self.host, Perm.STATUS_WRITE, m)
         if refusal is not None:
             return refusal
-        report: StatusIn | StatusReport | None = decode_status(line)
+        report = decode_status(line)
         if report is None:
-            report, why = _line_problem(line)
-            if report is None:
-                self.stats.refused += 1
-                log.warning("host %s: status line %d refused: %s", self.host, self.line_no, why)
-                await self._out({"type": "refused", "line": self.line_no, "error": why})
-                return None
-        await _take_report(m, self.host, report, p)
+            return self._refused_line(p, line)
+        if report.addresses:
+            return _take_report(m, self.host, report, p)
+        record(m, self.host, report)
         return None
+
+    async def _refused_line(self, p: Principal, line: bytes) -> None:
+        """A line msgspec refused: recorded if the full route's model takes it, else answered refused."""
+        report, why = _line_problem(line)
+        if report is None:
+            self.stats.refused += 1
+            log.warning("host %s: status line %d refused: %s", self.host, self.line_no, why)
+            await self._out({"type": "refused", "line": self.line_no, "error": why})
+            return
+        await _take_report(self.m, self.host, report, p)
 
 
 class QuietAcks(logging.Filter):

@@ -27,6 +27,7 @@ from omniwall.manager.tokens import token_file_for
 from omniwall.store import open_store, sqlite_path
 from omniwall.tls import ReloadingContext, server_context
 
+from .feed import RAW_SEND
 from .listen import parse_listen, plain_http_warning
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class EndStreams:
             return
         task = asyncio.current_task()
         assert task is not None
+        scope.setdefault(RAW_SEND, send)  # the server's own: a feed writes its deltas to it (api/feed.py)
         sent = {"started": False, "done": False}
 
         async def tracked(message: dict[str, Any]) -> None:

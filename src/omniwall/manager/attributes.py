@@ -31,7 +31,9 @@ tenants use is refused as ambiguous (422), an unknown one answers 404.
 from __future__ import annotations
 
 import json
+import random
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -122,7 +124,11 @@ def _update(
     tenant: str | None,
     change: Callable[[dict[str, AttrValue]], dict[str, AttrValue]],
 ) -> AttributeUpdate:
-    for _ in range(MAX_RETRIES):
+    for attempt in range(MAX_RETRIES):
+        if attempt:
+            # jittered, growing pause: writers that keep colliding on one workload (a login storm on a
+            # shared desktop host) spread out instead of retrying in lockstep until the retries run out
+            time.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
         w = find_workload(m, workload, tenant)
         key = f"{w.metadata.tenant}/{w.metadata.name}"
         attrs = change(dict(w.spec.attributes))

@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import threading
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from itertools import islice
 
 from omniwall.compiler.ir import HostDelta, HostDesiredState, apply_delta, diff, empty_state
+
+log = logging.getLogger("omniwall.manager")
 
 FREEZE_HOSTS = 256  # a change to at least this many hosts freezes what it left (module docstring)
 
@@ -46,17 +49,22 @@ def _freeze(hosts: int) -> None:
 class Broadcaster:
     """Wakes subscribed asyncio tasks (on whatever loop they run) from any thread: every one, or those
     subscribed to one of the given keys (a host's feed subscribes with its host: a change that leaves a
-    host's state alone does not wake its feed, which would only find nothing to send)."""
+    host's state alone does not wake its feed, which would only find nothing to send).
+
+    A subscriber may also give a `push`: called on its loop instead of waking the task, it does the
+    task's work itself when it can (a feed writes the host's new deltas to its connection) and returns
+    True; False (or an exception) wakes the task as usual. With a thousand feeds on one loop, that is one
+    callback for the change instead of a thousand task wake-ups (bench/manager_hosts.py)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._subs: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event, str | None]] = {}
+        self._subs: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event, str | None, Push | None]] = {}
 
-    def subscribe(self, key: str | None = None) -> asyncio.Event:
+    def subscribe(self, key: str | None = None, push: Push | None = None) -> asyncio.Event:
         """`key` None: woken by every notify."""
         ev = asyncio.Event()
         with self._lock:
-            self._subs[id(ev)] = (asyncio.get_running_loop(), ev, key)
+            self._subs[id(ev)] = (asyncio.get_running_loop(), ev, key, push)
         return ev
 
     def unsubscribe(self, ev: asyncio.Event) -> None:
@@ -67,21 +75,30 @@ class Broadcaster:
         """Wake the subscribers of `keys` and those of no key (`keys` None: all of them)."""
         # One wake-up per loop, not per subscriber: call_soon_threadsafe writes to the loop's self-pipe,
         # and a thousand feeds on one loop would mean a thousand syscalls and callbacks per change.
-        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Event, Push | None]]] = {}
         with self._lock:
-            for loop, ev, key in self._subs.values():
+            for loop, ev, key, push in self._subs.values():
                 if keys is None or key is None or key in keys:
-                    by_loop.setdefault(loop, []).append(ev)
-        for loop, events in by_loop.items():
+                    by_loop.setdefault(loop, []).append((ev, push))
+        for loop, subs in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_set_all, events)
+                loop.call_soon_threadsafe(_set_all, subs)
             except RuntimeError:  # loop closed: its subscribers are gone
-                for ev in events:
+                for ev, _ in subs:
                     self.unsubscribe(ev)
 
 
-def _set_all(events: list[asyncio.Event]) -> None:
-    for ev in events:
+Push = Callable[[], bool]
+
+
+def _set_all(subs: list[tuple[asyncio.Event, Push | None]]) -> None:
+    for ev, push in subs:
+        if push is not None:
+            try:
+                if push():
+                    continue
+            except Exception:  # the task does it, and meets the error itself
+                log.exception("a subscriber's push failed; waking its task instead")
         ev.set()
 
 

@@ -245,6 +245,11 @@ class HostCommands:
         self._wake()
         return cid
 
+    def waiting(self, host: str) -> bool:
+        """A command not yet sent to `host`: its feed must send it before any later delta."""
+        with self._lock:
+            return any(p.host == host and not p.taken for p in self._pending.values())
+
     def take(self, host: str) -> list[dict[str, Any]]:
         """The command lines not yet sent to `host` (each goes to one feed stream)."""
         with self._lock:
