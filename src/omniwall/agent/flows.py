@@ -72,6 +72,9 @@ PROTO = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 KERNEL_NFLOG = "kernel-nflog"  # NFLOG messages the kernel numbered but could not deliver
 KERNEL_NFLOG_OVERRUN = "kernel-nflog-overrun"  # receive-buffer overruns (the gaps above count them)
 KERNEL_CT = "kernel-ctevents"  # conntrack event overruns (each: at least one lost completion)
+# same-host egress allows the kernel could not name (the packet had a mark of its own: fwd logs
+# `owf:marked:` instead of setting it; render.same_host_egress_rules)
+KERNEL_UNNAMED = "kernel-unnamed"
 AGENT_AGGREGATION = "agent-aggregation"  # denied packets with no room in the aggregation table
 AGENT_OPEN = "agent-open"  # completions lost: the open-connection table was full
 AGENT_BUFFER = "agent-buffer"  # records with no room in the outgoing buffer (manager away)
@@ -500,6 +503,7 @@ class FlowCollector:
             if r is not None:
                 d[KERNEL_NFLOG] += r.lost
                 d[KERNEL_NFLOG_OVERRUN] += r.overruns
+                d[KERNEL_UNNAMED] += r.unnamed
         if self.ct is not None:
             d[KERNEL_CT] += self.ct.overruns
         if self.ct_feed is not None:
