@@ -565,6 +565,7 @@ def test_new_events_make_the_ingress_records_once_and_destroy_completes_both_hop
             (6, A, B, 40001, 22, 12),  # a would-deny's mark: its hop logged it
             (6, A, "10.9.9.9", 5000, 80, 11),  # destination not local: the egress hop's mark
             (6, "10.8.8.8", "10.9.9.9", 5000, 80, 11),  # neither end local: forwarded only
+            (1, A, "10.9.9.9", 0, 8, 11),  # ICMP: a count of packets, not an open connection
             (17, "10.9.9.9", B, 5000, 53, dv),  # the default allowed it
             (6, A, B, 40000, 8080, 9, 1300, 11),  # then the first one ends
         ],
@@ -574,7 +575,7 @@ def test_new_events_make_the_ingress_records_once_and_destroy_completes_both_hop
     got = sorted((r.hop, r.ifname, r.rule_id, r.verdict, r.final, r.count, r.packets) for r in out)
     assert got == [
         ("egress", "va", 11, "allowed", False, 1, 0), ("egress", "va", 11, "allowed", False, 1, 0),
-        ("egress", "va", 11, "allowed", True, 0, 9),
+        ("egress", "va", 11, "allowed", True, 0, 9), ("egress", "va", 11, "allowed", True, 1, 1),
         ("ingress", "vb", 11, "allowed", False, 1, 0), ("ingress", "vb", 11, "allowed", True, 0, 9),
         ("ingress", "vb", dv, "allowed", False, 1, 0),
     ]  # fmt: skip

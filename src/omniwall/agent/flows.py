@@ -212,21 +212,59 @@ class FlowAggregator:
             add(("p", rule_id, v, h, ifx, proto, src, dst, dport), now, now, 0, n, 0, n)
 
     def on_ct_events(self, events: Iterable[CtNew | CtDestroy], now: float) -> None:
-        """Conntrack events in the kernel's order: NEW (6 fields) → allowed records (`ct_log`; `ct_new`
-        only: else the table logs them), DESTROY (8) → completions. The NEW events go first
-        (a connection's NEW always precedes its DESTROY; one drain of a short connection holds both)."""
-        counts: dict[FlowLog, int] = {}
+        """Conntrack events in the kernel's order: NEW (6 fields) → allowed records (`ct_log`'s, `ct_new`
+        only: else the table logs them), DESTROY (8) → completions. The NEW events go first (a
+        connection's NEW always precedes its DESTROY; one drain of a short connection holds both).
+        The per-connection path of a host whose allowed records come from conntrack: `ct_log` and
+        `on_log_counts`' opening of an allowed connection inline, without a log tuple or a count per
+        event (a NEW event is one confirmed connection: never a retransmission nor a refused retry)."""
         ends: list[CtDestroy] = []
-        ct_log = self.ct_log
+        if not self.ct_new:
+            ends = [ev for ev in events if len(ev) == 8]  # type: ignore[misc]
+            if ends:
+                self.on_destroy(ends, now)
+            return
+        open_, agg, add, addrs = self._open, self._agg, self._add, self.vnics_by_addr
+        rules, prev, max_open = self.rules, self._prev_rules, self.max_open
         for ev in events:
             if len(ev) == 8:
                 ends.append(ev)  # type: ignore[arg-type]
                 continue
-            k = ct_log(ev)  # type: ignore[arg-type]
-            if k is not None:
-                counts[k] = counts.get(k, 0) + 1
-        if counts:
-            self.on_log_counts(counts, now)
+            proto, src, dst, sport, dport, mark = ev  # type: ignore[misc]
+            if dst in addrs:
+                h = "i"
+            elif src in addrs:
+                h = "e"
+            else:
+                continue  # neither end is a local vNIC (ct_log)
+            attr = rules.get(mark) or prev.get(mark)
+            if (attr is not None and not (attr.allows and attr.stateful)) or proto == 1 or proto == 58:
+                if attr is None or attr.allows:  # ICMP (or a stale stateless mark): packets, like a log
+                    add(("p", mark, "a", h, 0, proto, src, dst, dport), now, now, 0, 1, 0, 1)
+                continue
+            tup = (proto, src, dst, sport, dport)
+            hops = open_.get(tup)
+            if hops is None:
+                if len(open_) >= max_open:
+                    del open_[next(iter(open_))]
+                    self.dropped[AGENT_OPEN] += 1
+                open_[tup] = ((h, mark, 0, now),)
+            elif hops[0][0] == h or len(hops) > 1:
+                continue  # this hop is open already
+            else:
+                open_[tup] = (hops[0], (h, mark, 0, now))
+            key = ("o", mark, "a", h, 0, proto, src, dst, dport)
+            slot = agg.get(key)
+            if slot is None:
+                add(key, now, now, sport, 0, 0)
+            else:  # `_add` of one more connection, inline (a burst between the same ends)
+                slot[0] += 1
+                if now < slot[1]:
+                    slot[1] = now
+                if now > slot[2]:
+                    slot[2] = now
+                if slot[3] != sport:
+                    slot[3] = 0
         if ends:
             self.on_destroy(ends, now)
 
@@ -268,13 +306,28 @@ class FlowAggregator:
         return keep
 
     def on_destroy(self, events: Iterable[CtDestroy], now: float) -> None:
-        """Conntrack ends → the completions of the allowed connections we saw begin."""
+        """Conntrack ends → the completions of the allowed connections we saw begin (`_add`, inline:
+        once per connection and hop)."""
+        open_, agg, add = self._open, self._agg, self._add
         for proto, src, dst, sport, dport, packets, nbytes, _mark in events:
-            hops = self._open.pop((proto, src, dst, sport, dport), None)
-            for h, rule_id, ifx, start in hops or ():
-                self._add(
-                    ("c", rule_id, "a", h, ifx, proto, src, dst, dport), start, now, sport, packets, nbytes
-                )
+            hops = open_.pop((proto, src, dst, sport, dport), None)
+            if hops is None:
+                continue
+            for h, rule_id, ifx, start in hops:
+                key = ("c", rule_id, "a", h, ifx, proto, src, dst, dport)
+                slot = agg.get(key)
+                if slot is None:
+                    add(key, start, now, sport, packets, nbytes)
+                    continue
+                slot[0] += 1
+                if start < slot[1]:
+                    slot[1] = start
+                if now > slot[2]:
+                    slot[2] = now
+                if slot[3] != sport:
+                    slot[3] = 0
+                slot[4] += packets
+                slot[5] += nbytes
 
     def _add(
         self, key: tuple[Any, ...], first: float, last: float, sport: int, packets: int, nbytes: int,

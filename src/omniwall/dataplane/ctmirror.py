@@ -278,19 +278,21 @@ class ConntrackMirror:
                     select.select([self._wake_r], [], [], READ_PAUSE)
 
     def _add(self, o: Orig) -> None:
-        for a in {o[2], o[3]}:
-            got = self._by_addr.get(a)
+        by_addr = self._by_addr
+        for a in (o[2], o[3]) if o[2] != o[3] else (o[2],):  # a tuple: no set built per event
+            got = by_addr.get(a)
             if got is None:
-                got = self._by_addr[a] = set()
+                got = by_addr[a] = set()
             got.add(o)
 
     def _remove(self, o: Orig) -> None:
-        for a in {o[2], o[3]}:
-            got = self._by_addr.get(a)
+        by_addr = self._by_addr
+        for a in (o[2], o[3]) if o[2] != o[3] else (o[2],):
+            got = by_addr.get(a)
             if got is not None:
                 got.discard(o)
                 if not got:
-                    del self._by_addr[a]
+                    del by_addr[a]
 
     def _drain(self, limit: int = LOOKUP_BATCH) -> bool:
         """Apply the queued events, at most `limit` datagrams (lock held); True: more may be queued.
