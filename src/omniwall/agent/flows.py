@@ -8,10 +8,12 @@ Sources (docs/design/flows.md):
   attribution at both hops, not the ct mark's (which keeps only the last hop).
 - the host's guards log the same way (anti-spoofing, the vNIC's connection count and rate limits), with
   ids of their own (`flows.record.GUARDS`): their drops are records named after the guard.
-- conntrack NEW events (dataplane/ctevents.py): the *ingress* hop's allowed record of a connection whose
-  destination is a local vNIC (the ct mark names the rule or default that let it in: the last local
-  hop's), on hosts whose table does not log those (`render.allowed_from_conntrack`: flows on and no
-  stateless rule on the host). One NFLOG message less per connection and host: the agent's Python per
+- conntrack NEW events (dataplane/ctevents.py): the allowed record of a connection's last local hop (the
+  ct mark names the rule or default that let it through): the ingress hop's where the destination is a
+  local vNIC, else the egress hop's where the source is, on hosts whose table does not log allows
+  (`render.allowed_from_conntrack`: flows on and no stateless rule on the host); a same-host
+  connection's egress hop logs in `fwd` instead (group flow+1, the rule id in the packet mark:
+  render.same_host_egress_rules). No NFLOG message per connection between hosts: the agent's Python per
   message was flows' cost.
 - conntrack DESTROY events: joined by original tuple to the allowed logs, they complete the connection
   with packets, bytes and duration.
@@ -291,10 +293,10 @@ class FlowAggregator:
         return (mark, "a", h, proto, src, dst, sport, dport, 0, 0)  # ifindex 0: the vNIC by address
 
     def same_host_logs(self, counts: dict[FlowLog, int]) -> dict[FlowLog, int]:
-        """`fwd`'s same-host egress logs (render.same_host_egress_rule; `NflogReader(conntrack=True)`:
-        the rule id is the connection's mark) that are records: not those whose mark is a monitored
-        drop's (its would-deny logged), none where the host logs its allows (`ct_new` off: a stale
-        table). The fuzzer's attribution check reads them through it too."""
+        """`fwd`'s same-host egress logs (render.same_host_egress_rules; `NflogReader(mark_id=True)`:
+        the rule id is the connection's mark, carried by the packet mark) that are records: not those
+        whose mark is a monitored drop's (its would-deny logged), none where the host logs its allows
+        (`ct_new` off: a stale table). The fuzzer's attribution check reads them through it too."""
         if not self.ct_new:
             return {}
         rules, prev = self.rules, self._prev_rules
@@ -485,8 +487,8 @@ class FlowCollector:
         self._threads: list[threading.Thread] = []
         self._ifnames: dict[int, str | None] = {}
         self.nflog: NflogReader | None = None
-        # fwd's same-host egress logs (render.same_host_egress_rule): their own group, with the
-        # conntrack entry attached (the rule id is its mark); few (one per same-host connection)
+        # fwd's same-host egress logs (render.same_host_egress_rules): their own group, the rule id is
+        # the packet mark (set from the ct mark for the log); few (one per same-host connection)
         self.nflog_ct: NflogReader | None = None
         self.ct: CtEventReader | None = None
         # DESTROY events from the conntrack mirror's socket (revocation's, dataplane/ctmirror.py) when
