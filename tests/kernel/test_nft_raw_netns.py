@@ -14,7 +14,7 @@ from nftcheck import canonical, mutate
 from nft_rich import ALL_KINDS, kinds, rich_state
 from omniwall.compiler.ir import ServiceMatch, diff
 from omniwall.dataplane.nft.libnft import Nft, NftError
-from omniwall.dataplane.nft.render import render_table
+from omniwall.dataplane.nft.render import allowed_from_conntrack, render_table
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("root_untouched")]
 
@@ -45,10 +45,17 @@ def test_rich_state_covers_every_kind_the_renderer_emits():
     assert kinds(cmds) == ALL_KINDS
 
 
-@pytest.mark.parametrize("flow_group", [16, None])
+@pytest.mark.parametrize("flow_group", [16, None, "ct"])
 def test_whole_table_lists_like_libnftables(pair, flow_group):
+    """The "ct" case: every rule stateful, so allowed records come from conntrack (`fwd`'s same-host
+    egress rules: the packet mark's load, compare and set)."""
     raw, ref = pair
-    cmds = render_table(rich_state(), flow_group=flow_group)
+    st = rich_state()
+    if flow_group == "ct":
+        st = replace(st, rules=tuple(replace(r, stateful=True) for r in st.rules))
+        assert allowed_from_conntrack(st, 16)
+        flow_group = 16
+    cmds = render_table(st, flow_group=flow_group)
     raw.transact(cmds)
     ref.transact(cmds)
     assert raw.raw_writes == 1 and ref.raw_writes == 0  # really both ways
@@ -100,11 +107,12 @@ def test_unknown_forms_fall_back_to_libnftables(pair):
     cmds = render_table(rich_state())
     raw.transact(cmds)
     mark = {"add": {"rule": {"family": "inet", "table": "omniwall", "chain": "_state",
-                             "expr": [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 7}},
+                             "expr": [{"match": {"op": "==", "left": {"meta": {"key": "length"}},
+                                                 "right": 7}},
                                       {"accept": None}]}}}  # fmt: skip
     raw.transact([mark])
     assert raw.raw_writes == 1 and raw.writes == 2  # the second went through libnftables
-    assert "meta mark 0x00000007 accept" in text(raw)
+    assert "meta length 7 accept" in text(raw)
 
 
 def test_refused_raw_batch_raises_libnftables_error(pair):

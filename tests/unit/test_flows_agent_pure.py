@@ -344,6 +344,42 @@ def _reader():  # the parser only: no socket
     return r
 
 
+def _attrs_of(msg: bytes) -> list[tuple[int, bytes]]:
+    out, a = [], 20
+    while a + 4 <= len(msg):
+        ln, typ = struct.unpack_from("=HH", msg, a)
+        out.append((typ, msg[a + 4 : a + ln]))
+        a += (ln + 3) & ~3
+    return out
+
+
+def test_same_host_egress_logs_name_the_rule_by_the_packet_mark() -> None:
+    """A `owf:ct:` log (fwd's same-host egress rule, group 17) takes its rule id from NFULA_MARK, only
+    in a `mark_id` reader; `owf:marked:` (the packet had its own mark) is counted as unnamed. Built from
+    the kernel's layout of the captured datagram's first message, with the prefix and the mark changed."""
+    first = _KERNEL_DATAGRAM[: struct.unpack_from("=I", _KERNEL_DATAGRAM)[0]]
+
+    def msg(prefix: bytes, mark: int) -> bytes:
+        body = b""
+        for typ, val in _attrs_of(first):
+            body += _nla(typ, prefix + b"\0" if typ == 10 else val)
+            if typ == 5:  # NFULA_IFINDEX_OUTDEV, then NFULA_MARK (the kernel's order)
+                body += _nla(2, struct.pack("!I", mark))
+        head = struct.pack("=IHHII", 20 + len(body), *struct.unpack_from("=HHII", first, 4))
+        return head + first[16:20] + body
+
+    gram = msg(b"owf:ct:a:e", 11) + msg(b"owf:ct:a:e", 0) + msg(b"owf:marked:a:e", 0x4000)
+    r = _reader()
+    r.mark_id = True
+    got: dict = {}
+    r._parse_flows(gram, got)
+    assert got == {(11, "a", "e", 6, "10.99.0.1", "10.99.1.1", 36482, 5300, 2, 3): 1}  # unmarked: no rule
+    assert r.unnamed == 1
+    plain: dict = {}
+    _reader()._parse_flows(gram, plain)  # the flow group's reader: a `ct` log names no rule there
+    assert plain == {}
+
+
 def test_nflog_fast_path_reads_the_kernels_layout_like_the_attribute_walk() -> None:
     from omniwall.dataplane import nflog
 
@@ -483,14 +519,31 @@ def test_ingress_allowed_records_come_from_conntrack_where_no_rule_is_stateless(
     cmds = render_table(st, flow_group=16)
     logs = set(_logs(cmds))
     va, vb = st.vnic_map()["va"], st.vnic_map()["vb"]
-    assert "owf:11:a:e" in logs and "owf:11:a:i" not in logs
-    assert f"owf:{vb.default_id}:a:i" not in logs and f"owf:{vb.default_id}:a:e" in logs
+    assert "owf:11:a:e" not in logs and "owf:11:a:i" not in logs  # both hops: from conntrack
+    assert f"owf:{vb.default_id}:a:i" not in logs and f"owf:{vb.default_id}:a:e" not in logs
     assert f"owf:{va.default_id}:d:e" in logs  # a drop logs at either hop
     assert "owf:12:w:i" in logs  # a would-deny still logs at ingress
+    # fwd's same-host egress logs, between the egress and the ingress dispatch: the rule named by the
+    # packet mark (set from the ct mark, logged in group 17, set back to 0), or unnamed when it had one
+    fwd = [c["add"]["rule"] for c in cmds if c.get("add", {}).get("rule", {}).get("chain") == "fwd"]
+    assert [r["comment"] for r in fwd][2:6] == [
+        "dispatch", "flows:same-host-egress", "flows:same-host-egress-marked", "dispatch",
+    ]  # fmt: skip
+    mm = {"meta": {"key": "mark"}}
+    assert fwd[3]["expr"][2:] == [
+        {"match": {"op": "==", "left": mm, "right": 0}},
+        {"mangle": {"key": mm, "value": {"ct": {"key": "mark"}}}},
+        {"log": {"prefix": "owf:ct:a:e", "group": 17}},
+        {"mangle": {"key": mm, "value": 0}},
+    ]
+    assert fwd[4]["expr"][2:] == [
+        {"match": {"op": "!=", "left": mm, "right": 0}}, {"log": {"prefix": "owf:marked:a:e", "group": 17}},
+    ]  # fmt: skip
     assert ctmarks(cmds) == {11, 12, vb.default_id}  # a monitored drop marks too, a drop nothing
-    assert fwd0(cmds) == "established flows:16/ct-new"
+    assert fwd0(cmds) == "established flows:16/ct-new2"
     old = render_table(_state(monitor=True), flow_group=16)
-    assert fwd0(old) == "established flows:16" and "owf:11:a:i" in set(_logs(old))
+    assert fwd0(old) == "established flows:16" and {"owf:11:a:i", "owf:11:a:e"} <= set(_logs(old))
+    assert not any("same-host" in c["add"]["rule"]["comment"] for c in old if "rule" in c.get("add", {}))
     assert not ctmarks(render_table(_state(), flow_group=16)) - {11}  # defaults mark only in ct mode
     assert fwd0(render_table(st)) == "established" and not _logs(render_table(st))
 
@@ -501,12 +554,18 @@ def test_new_events_make_the_ingress_records_once_and_destroy_completes_both_hop
     ag = FlowAggregator("h")
     ag.set_state(st)
     assert ag.ct_new
-    ag.on_logs([(11, "a", "e", 6, A, B, 40000, 8080, 3, 4)], 10.0, _names)  # the egress hop logs
+    # the same-host connection's egress hop: fwd's log, the rule named by the packet mark; a monitored
+    # drop's mark there is not an allow (its would-deny logged)
+    same = {(11, "a", "e", 6, A, B, 40000, 8080, 3, 4): 1, (12, "a", "e", 6, A, B, 40001, 22, 3, 4): 1}
+    assert ag.same_host_logs(same) == {(11, "a", "e", 6, A, B, 40000, 8080, 3, 4): 1}
+    ag.on_log_counts(ag.same_host_logs(same), 10.0)
     ag.on_ct_events(
         [
             (6, A, B, 40000, 8080, 11),  # the ingress hop: mark 11, destination local
             (6, A, B, 40001, 22, 12),  # a would-deny's mark: its hop logged it
-            (6, B, "10.9.9.9", 5000, 80, 11),  # destination not local: its egress hop logged
+            (6, A, "10.9.9.9", 5000, 80, 11),  # destination not local: the egress hop's mark
+            (6, "10.8.8.8", "10.9.9.9", 5000, 80, 11),  # neither end local: forwarded only
+            (1, A, "10.9.9.9", 0, 8, 11),  # ICMP: a count of packets, not an open connection
             (17, "10.9.9.9", B, 5000, 53, dv),  # the default allowed it
             (6, A, B, 40000, 8080, 9, 1300, 11),  # then the first one ends
         ],
@@ -515,13 +574,15 @@ def test_new_events_make_the_ingress_records_once_and_destroy_completes_both_hop
     out = ag.flush(_names)
     got = sorted((r.hop, r.ifname, r.rule_id, r.verdict, r.final, r.count, r.packets) for r in out)
     assert got == [
-        ("egress", "va", 11, "allowed", False, 1, 0), ("egress", "va", 11, "allowed", True, 0, 9),
+        ("egress", "va", 11, "allowed", False, 1, 0), ("egress", "va", 11, "allowed", False, 1, 0),
+        ("egress", "va", 11, "allowed", True, 0, 9), ("egress", "va", 11, "allowed", True, 1, 1),
         ("ingress", "vb", 11, "allowed", False, 1, 0), ("ingress", "vb", 11, "allowed", True, 0, 9),
         ("ingress", "vb", dv, "allowed", False, 1, 0),
     ]  # fmt: skip
-    assert ag.open_connections == 1  # the UDP one, until its DESTROY
-    ag.set_state(_state())  # a stateless rule: the table logs ingress allows, NEW events say nothing
-    ag.on_ct_events([(6, A, B, 40002, 8080, 11)], 13.0)
+    assert ag.open_connections == 2  # the UDP one and the one leaving the host, until their DESTROY
+    ag.set_state(_state())  # a stateless rule: the table logs allows, NEW events and fwd say nothing
+    ag.on_ct_events([(6, A, B, 40002, 8080, 11), (6, A, "10.9.9.9", 5001, 80, 11)], 13.0)
+    assert ag.same_host_logs(same) == {}
     assert ag.flush(_names) == []
 
 
@@ -560,6 +621,11 @@ def test_mirror_hands_marked_new_events_with_its_own_walk() -> None:
     m._apply(gram)
     m._hand_events()
     assert got == [(6, "10.99.0.1", "10.99.1.1", 36482, 5300, 7, 380, 2)]  # the DESTROY only
+    got.clear()
+    m._new_dst = frozenset({"10.99.0.1"})  # a local source: the NEW event stands for its egress hop
+    m._apply(gram)
+    m._hand_events()
+    assert got == [new, (6, "10.99.0.1", "10.99.1.1", 36482, 5300, 7, 380, 2)]
 
 
 # NEW events captured from this kernel (a TCP and a UDP connection over lo, `ct mark set 7` in output):

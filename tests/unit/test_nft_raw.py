@@ -38,7 +38,7 @@ def test_every_kind_of_the_rich_table_encodes():
 @pytest.mark.parametrize(
     "expr",
     [
-        {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 1}},
+        {"match": {"op": "==", "left": {"meta": {"key": "length"}}, "right": 1}},
         {"match": {"op": "<", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 1}},
         {
             "match": {"op": "==", "left": {"payload": {"protocol": "icmp", "field": "type"}}, "right": 8}

@@ -8,10 +8,12 @@ Sources (docs/design/flows.md):
   attribution at both hops, not the ct mark's (which keeps only the last hop).
 - the host's guards log the same way (anti-spoofing, the vNIC's connection count and rate limits), with
   ids of their own (`flows.record.GUARDS`): their drops are records named after the guard.
-- conntrack NEW events (dataplane/ctevents.py): the *ingress* hop's allowed record of a connection whose
-  destination is a local vNIC (the ct mark names the rule or default that let it in: the last local
-  hop's), on hosts whose table does not log those (`render.allowed_from_conntrack`: flows on and no
-  stateless rule on the host). One NFLOG message less per connection and host: the agent's Python per
+- conntrack NEW events (dataplane/ctevents.py): the allowed record of a connection's last local hop (the
+  ct mark names the rule or default that let it through): the ingress hop's where the destination is a
+  local vNIC, else the egress hop's where the source is, on hosts whose table does not log allows
+  (`render.allowed_from_conntrack`: flows on and no stateless rule on the host); a same-host
+  connection's egress hop logs in `fwd` instead (group flow+1, the rule id in the packet mark:
+  render.same_host_egress_rules). No NFLOG message per connection between hosts: the agent's Python per
   message was flows' cost.
 - conntrack DESTROY events: joined by original tuple to the allowed logs, they complete the connection
   with packets, bytes and duration.
@@ -53,7 +55,7 @@ from omniwall.dataplane.ctevents import CtDestroy, CtEventReader, CtNew, enable_
 from omniwall.dataplane.ctmirror import ConntrackMirror
 from omniwall.dataplane.netns import in_netns
 from omniwall.dataplane.nflog import FlowLog, NflogReader
-from omniwall.dataplane.nft.render import allowed_from_conntrack
+from omniwall.dataplane.nft.render import allowed_from_conntrack, ct_flow_group
 from omniwall.flows.record import (
     DEFAULT_CATEGORY,
     DEFAULT_POLICY,
@@ -72,6 +74,9 @@ PROTO = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 KERNEL_NFLOG = "kernel-nflog"  # NFLOG messages the kernel numbered but could not deliver
 KERNEL_NFLOG_OVERRUN = "kernel-nflog-overrun"  # receive-buffer overruns (the gaps above count them)
 KERNEL_CT = "kernel-ctevents"  # conntrack event overruns (each: at least one lost completion)
+# same-host egress allows the kernel could not name (the packet had a mark of its own: fwd logs
+# `owf:marked:` instead of setting it; render.same_host_egress_rules)
+KERNEL_UNNAMED = "kernel-unnamed"
 AGENT_AGGREGATION = "agent-aggregation"  # denied packets with no room in the aggregation table
 AGENT_OPEN = "agent-open"  # completions lost: the open-connection table was full
 AGENT_BUFFER = "agent-buffer"  # records with no room in the outgoing buffer (manager away)
@@ -209,47 +214,122 @@ class FlowAggregator:
             add(("p", rule_id, v, h, ifx, proto, src, dst, dport), now, now, 0, n, 0, n)
 
     def on_ct_events(self, events: Iterable[CtNew | CtDestroy], now: float) -> None:
-        """Conntrack events in the kernel's order: NEW (6 fields) → the ingress hop's allowed records
-        (`ct_new` only: else the table logs them), DESTROY (8) → completions. The NEW events go first
-        (a connection's NEW always precedes its DESTROY; one drain of a short connection holds both)."""
-        counts: dict[FlowLog, int] = {}
+        """Conntrack events in the kernel's order: NEW (6 fields) → allowed records (`ct_log`'s, `ct_new`
+        only: else the table logs them), DESTROY (8) → completions. The NEW events go first (a
+        connection's NEW always precedes its DESTROY; one drain of a short connection holds both).
+        The per-connection path of a host whose allowed records come from conntrack: `ct_log` and
+        `on_log_counts`' opening of an allowed connection inline, without a log tuple or a count per
+        event (a NEW event is one confirmed connection: never a retransmission nor a refused retry)."""
         ends: list[CtDestroy] = []
-        ingress = self.ingress_log
+        if not self.ct_new:
+            ends = [ev for ev in events if len(ev) == 8]  # type: ignore[misc]
+            if ends:
+                self.on_destroy(ends, now)
+            return
+        open_, agg, add, addrs = self._open, self._agg, self._add, self.vnics_by_addr
+        rules, prev, max_open = self.rules, self._prev_rules, self.max_open
         for ev in events:
             if len(ev) == 8:
                 ends.append(ev)  # type: ignore[arg-type]
                 continue
-            k = ingress(ev)  # type: ignore[arg-type]
-            if k is not None:
-                counts[k] = counts.get(k, 0) + 1
-        if counts:
-            self.on_log_counts(counts, now)
+            proto, src, dst, sport, dport, mark = ev  # type: ignore[misc]
+            if dst in addrs:
+                h = "i"
+            elif src in addrs:
+                h = "e"
+            else:
+                continue  # neither end is a local vNIC (ct_log)
+            attr = rules.get(mark) or prev.get(mark)
+            if (attr is not None and not (attr.allows and attr.stateful)) or proto == 1 or proto == 58:
+                if attr is None or attr.allows:  # ICMP (or a stale stateless mark): packets, like a log
+                    add(("p", mark, "a", h, 0, proto, src, dst, dport), now, now, 0, 1, 0, 1)
+                continue
+            tup = (proto, src, dst, sport, dport)
+            hops = open_.get(tup)
+            if hops is None:
+                if len(open_) >= max_open:
+                    del open_[next(iter(open_))]
+                    self.dropped[AGENT_OPEN] += 1
+                open_[tup] = ((h, mark, 0, now),)
+            elif hops[0][0] == h or len(hops) > 1:
+                continue  # this hop is open already
+            else:
+                open_[tup] = (hops[0], (h, mark, 0, now))
+            key = ("o", mark, "a", h, 0, proto, src, dst, dport)
+            slot = agg.get(key)
+            if slot is None:
+                add(key, now, now, sport, 0, 0)
+            else:  # `_add` of one more connection, inline (a burst between the same ends)
+                slot[0] += 1
+                if now < slot[1]:
+                    slot[1] = now
+                if now > slot[2]:
+                    slot[2] = now
+                if slot[3] != sport:
+                    slot[3] = 0
         if ends:
             self.on_destroy(ends, now)
 
-    def ingress_log(self, ev: CtNew) -> FlowLog | None:
-        """The ingress hop's allowed log a NEW event stands for (None: none, or its hop logged it):
-        only where the table logs no ingress allow (`ct_new`), for a connection to a local vNIC (else
-        the mark is the egress hop's, which logged), and not for a monitored drop's mark (would-deny:
-        logged, like denials). The fuzzer's attribution check reads NEW events through it too."""
+    def ct_log(self, ev: CtNew) -> FlowLog | None:
+        """The allowed log a NEW event stands for (None: none, or its hop logged it), only where the
+        table logs no allow (`ct_new`): the ingress hop's for a connection to a local vNIC (the mark is
+        the last local hop's: the ingress one), else the egress hop's for one from a local vNIC (the
+        only local hop: a same-host connection's egress hop comes from `fwd`'s log, `same_host_logs`); not
+        for a monitored drop's mark (would-deny: logged, like denials). The fuzzer's attribution check
+        reads NEW events through it too."""
         if not self.ct_new:
             return None
         proto, src, dst, sport, dport, mark = ev
-        if dst not in self.vnics_by_addr:
+        addrs = self.vnics_by_addr
+        if dst in addrs:
+            h = "i"
+        elif src in addrs:
+            h = "e"
+        else:
             return None
         attr = self.rules.get(mark) or self._prev_rules.get(mark)
         if attr is not None and not attr.allows:
             return None
-        return (mark, "a", "i", proto, src, dst, sport, dport, 0, 0)  # ifindex 0: the vNIC by address
+        return (mark, "a", h, proto, src, dst, sport, dport, 0, 0)  # ifindex 0: the vNIC by address
+
+    def same_host_logs(self, counts: dict[FlowLog, int]) -> dict[FlowLog, int]:
+        """`fwd`'s same-host egress logs (render.same_host_egress_rules; `NflogReader(mark_id=True)`:
+        the rule id is the connection's mark, carried by the packet mark) that are records: not those
+        whose mark is a monitored drop's (its would-deny logged), none where the host logs its allows
+        (`ct_new` off: a stale table). The fuzzer's attribution check reads them through it too."""
+        if not self.ct_new:
+            return {}
+        rules, prev = self.rules, self._prev_rules
+        keep: dict[FlowLog, int] = {}
+        for k, n in counts.items():
+            attr = rules.get(k[0]) or prev.get(k[0])
+            if attr is None or attr.allows:
+                keep[k] = n
+        return keep
 
     def on_destroy(self, events: Iterable[CtDestroy], now: float) -> None:
-        """Conntrack ends → the completions of the allowed connections we saw begin."""
+        """Conntrack ends → the completions of the allowed connections we saw begin (`_add`, inline:
+        once per connection and hop)."""
+        open_, agg, add = self._open, self._agg, self._add
         for proto, src, dst, sport, dport, packets, nbytes, _mark in events:
-            hops = self._open.pop((proto, src, dst, sport, dport), None)
-            for h, rule_id, ifx, start in hops or ():
-                self._add(
-                    ("c", rule_id, "a", h, ifx, proto, src, dst, dport), start, now, sport, packets, nbytes
-                )
+            hops = open_.pop((proto, src, dst, sport, dport), None)
+            if hops is None:
+                continue
+            for h, rule_id, ifx, start in hops:
+                key = ("c", rule_id, "a", h, ifx, proto, src, dst, dport)
+                slot = agg.get(key)
+                if slot is None:
+                    add(key, start, now, sport, packets, nbytes)
+                    continue
+                slot[0] += 1
+                if start < slot[1]:
+                    slot[1] = start
+                if now > slot[2]:
+                    slot[2] = now
+                if slot[3] != sport:
+                    slot[3] = 0
+                slot[4] += packets
+                slot[5] += nbytes
 
     def _add(
         self, key: tuple[Any, ...], first: float, last: float, sport: int, packets: int, nbytes: int,
@@ -407,6 +487,9 @@ class FlowCollector:
         self._threads: list[threading.Thread] = []
         self._ifnames: dict[int, str | None] = {}
         self.nflog: NflogReader | None = None
+        # fwd's same-host egress logs (render.same_host_egress_rules): their own group, the rule id is
+        # the packet mark (set from the ct mark for the log); few (one per same-host connection)
+        self.nflog_ct: NflogReader | None = None
         self.ct: CtEventReader | None = None
         # DESTROY events from the conntrack mirror's socket (revocation's, dataplane/ctmirror.py) when
         # there is one: no second subscription (the kernel copied and queued every event once more, and
@@ -426,7 +509,13 @@ class FlowCollector:
             self.group, self.netns, copy_range=64, rcvbuf=16 << 20, qthresh=512, batch_ms=50,
             nlbufsiz=128 << 10, seq=True,
         )  # fmt: skip
-        loops: list[tuple[str, Callable[[], None]]] = [("flows-nflog", self._nflog_loop)]
+        self.nflog_ct = NflogReader(
+            ct_flow_group(self.group), self.netns, copy_range=64, rcvbuf=4 << 20, qthresh=64, batch_ms=50,
+            nlbufsiz=64 << 10, seq=True, mark_id=True,
+        )  # fmt: skip
+        loops: list[tuple[str, Callable[[], None]]] = [
+            ("flows-nflog", self._nflog_loop), ("flows-nflog-ct", self._nflog_ct_loop),
+        ]  # fmt: skip
         if self.ct_feed is not None:
             self._ct_overflows0 = self.ct_feed.overflows
             self.ct_feed.subscribe_events(self._on_ct_events, self._new_dst())
@@ -444,7 +533,7 @@ class FlowCollector:
             self.ct_feed.subscribe_events(None)
         for t in self._threads:
             t.join(timeout=2)
-        for r in (self.nflog, self.ct):
+        for r in (self.nflog, self.nflog_ct, self.ct):
             if r is not None:
                 with contextlib.suppress(OSError):
                     r.close()
@@ -457,17 +546,19 @@ class FlowCollector:
             self.ct_feed.subscribe_events(self._on_ct_events, self._new_dst())
 
     def _new_dst(self) -> frozenset[str]:
-        """The destinations of the NEW events the mirror hands us (`FlowAggregator.ingress_log`'s):
-        the local vNICs' addresses where ingress allowed records come from conntrack, else none."""
+        """The addresses of the NEW events the mirror hands us (`FlowAggregator.ct_log`'s: from or to
+        one of them): the local vNICs' where allowed records come from conntrack, else none."""
         return frozenset(self.agg.vnics_by_addr) if self.agg.ct_new else frozenset()
 
     @property
     def dropped(self) -> dict[str, int]:
         """Cumulative losses by place (FlowBatch.dropped)."""
         d = Counter(self.agg.dropped)
-        if self.nflog is not None:
-            d[KERNEL_NFLOG] += self.nflog.lost
-            d[KERNEL_NFLOG_OVERRUN] += self.nflog.overruns
+        for r in (self.nflog, self.nflog_ct):
+            if r is not None:
+                d[KERNEL_NFLOG] += r.lost
+                d[KERNEL_NFLOG_OVERRUN] += r.overruns
+                d[KERNEL_UNNAMED] += r.unnamed
         if self.ct is not None:
             d[KERNEL_CT] += self.ct.overruns
         if self.ct_feed is not None:
@@ -513,6 +604,20 @@ class FlowCollector:
                     self.agg.fresh and time.monotonic() >= self._backoff_until  # manager away: wait
                 ):
                     self._pending.set()
+            self._stop.wait(READ_PAUSE)
+
+    def _nflog_ct_loop(self) -> None:
+        assert self.nflog_ct is not None
+        logs = self.nflog_ct.read_flow_counts(0.2)
+        if logs:
+            names = self._ifnames
+            for log_ in logs:
+                if log_[8] not in names:
+                    self._resolve(log_[8])
+                if log_[9] not in names:
+                    self._resolve(log_[9])
+            with self._lock:
+                self.agg.on_log_counts(self.agg.same_host_logs(logs), time.time())
             self._stop.wait(READ_PAUSE)
 
     def _ct_loop(self) -> None:

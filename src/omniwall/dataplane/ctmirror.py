@@ -142,7 +142,7 @@ class ConntrackMirror:
     """The original tuples of one namespace's conntrack table, by address. Open it on the namespace's
     thread (`ConntrackMirror.open(thread)`); read it from any thread."""
 
-    # the NEW events the subscriber wants: those whose destination is one of these addresses (None: all)
+    # the NEW events the subscriber wants: those from or to one of these addresses (None: all)
     _new_dst: frozenset[str] | None = None
 
     def __init__(self, sock: socket.socket, dumper: socket.socket) -> None:
@@ -222,9 +222,10 @@ class ConntrackMirror:
         received, to `sink`, once per drain (a list), on the draining thread with the mirror's lock held
         (`sink` must not call the mirror). Events a resync throws away are handed too (they are real);
         the events an overflow lost are not knowable: `overflows` counts them (each at least one
-        event). None: no subscriber. `new_dst`: hand only the NEW events whose destination is one of
-        these addresses (the flow collector's local vNICs: on a source host the others would each be
-        built, handed and rejected); None: every marked one. Called again to change it (atomically)."""
+        event). None: no subscriber. `new_dst`: hand only the NEW events whose destination or source is
+        one of these addresses (the flow collector's local vNICs: a connection the host only forwards,
+        or one of its own, would be built, handed and rejected); None: every marked one. Called again
+        to change it (atomically)."""
         with self._lock:
             self._sink = sink
             self._new_dst = new_dst
@@ -277,19 +278,21 @@ class ConntrackMirror:
                     select.select([self._wake_r], [], [], READ_PAUSE)
 
     def _add(self, o: Orig) -> None:
-        for a in {o[2], o[3]}:
-            got = self._by_addr.get(a)
+        by_addr = self._by_addr
+        for a in (o[2], o[3]) if o[2] != o[3] else (o[2],):  # a tuple: no set built per event
+            got = by_addr.get(a)
             if got is None:
-                got = self._by_addr[a] = set()
+                got = by_addr[a] = set()
             got.add(o)
 
     def _remove(self, o: Orig) -> None:
-        for a in {o[2], o[3]}:
-            got = self._by_addr.get(a)
+        by_addr = self._by_addr
+        for a in (o[2], o[3]) if o[2] != o[3] else (o[2],):
+            got = by_addr.get(a)
             if got is not None:
                 got.discard(o)
                 if not got:
-                    del self._by_addr[a]
+                    del by_addr[a]
 
     def _drain(self, limit: int = LOOKUP_BATCH) -> bool:
         """Apply the queued events, at most `limit` datagrams (lock held); True: more may be queued.
@@ -355,7 +358,7 @@ class ConntrackMirror:
                 o = None if got is None else got[0]
                 if got is not None and got[1] is not None and self._sink is not None:
                     want = self._new_dst
-                    if want is None or got[1][2] in want:
+                    if want is None or got[1][2] in want or got[1][1] in want:
                         self._pending.append(got[1])
                 if o is not None:
                     self.events += 1

@@ -48,6 +48,9 @@ NFULA_CFG_TIMEOUT = 4
 NFULA_CFG_QTHRESH = 5
 NFULA_CFG_FLAGS = 6
 NFULNL_CFG_F_SEQ = 1
+# the rule id of a log whose prefix says `owf:ct:…` (render.same_host_egress_rules): the packet's mark
+# (NFULA_MARK), which the rule set to the connection's ct mark for the log (and back to 0 after it)
+CT_MARK_ID = -1
 NLM_F_REQUEST = 1
 NLM_F_ACK = 4
 NLMSG_ERROR = 2
@@ -146,12 +149,12 @@ def parse_payload(payload: bytes) -> dict[str, object]:
 
 
 def _flow_prefix(prefix: bytes) -> tuple[int, str, str] | None:
-    """`owf:<id>:<v>:<h>` -> (id, v, h); None: not a flow log."""
+    """`owf:<id>:<v>:<h>` -> (id, v, h); `owf:ct:<v>:<h>` -> (CT_MARK_ID, v, h); None: not a flow log."""
     if not prefix.startswith(b"owf:"):
         return None
     try:
         _, rid, verdict, hop = prefix.decode().split(":")
-        return int(rid), verdict, hop
+        return (CT_MARK_ID if rid == "ct" else int(rid)), verdict, hop
     except ValueError:
         return None
 
@@ -236,7 +239,13 @@ class NflogReader:
     """`batch_ms`/`qthresh`: let the kernel pack up to `qthresh` messages into one skb, flushed at the
     latest after `batch_ms` (fewer wakeups under a flood). `nlbufsiz`: the size of that skb (the kernel's
     default, ~4 KB, holds only ~20 flow logs and flushes on full long before `qthresh`; at most 128 KB).
-    `seq`: number the messages (loss = gaps)."""
+    `seq`: number the messages (loss = gaps). `mark_id`: a log whose prefix names no rule (`owf:ct:…`,
+    render.same_host_egress_rules) takes the packet's mark as its rule id (no mark: no log), and
+    `owf:marked:…` (the packet had a mark of its own: the rule could not name itself) counts in
+    `unnamed`; every message takes the attribute walk (this group's messages are few)."""
+
+    mark_id = False
+    unnamed = 0  # `owf:marked:` logs (`mark_id`): records the kernel could not name
 
     def __init__(
         self,
@@ -249,8 +258,10 @@ class NflogReader:
         batch_ms: int = 0,
         nlbufsiz: int = 0,
         seq: bool = False,
+        mark_id: bool = False,
     ) -> None:
         self.group = group
+        self.mark_id = mark_id
         self.lost = 0  # messages the kernel numbered but we never received (seq gaps)
         self.overruns = 0  # ENOBUFS: the socket's receive buffer overflowed
         self._next_seq: int | None = None
@@ -379,7 +390,7 @@ class NflogReader:
         # usual shape (`_FAST`), counted by its raw fields, decoded once per distinct log; the attribute
         # walk for any other shape. Caches for the prefix and the addresses (a flood repeats them), bounded.
         off, n = 0, len(data)
-        fast, ih = _FAST, _IH
+        fast, ih, walk_all = _FAST, _IH, self.mark_id
         raw: dict[tuple[bytes, ...], int] = {}
         next_seq, lost = self._next_seq, 0
         while off + 16 <= n:
@@ -387,7 +398,7 @@ class NflogReader:
             if ln < 16:
                 break
             if typ == _PACKET:
-                m = fast(data, off, off + ln)
+                m = None if walk_all else fast(data, off, off + ln)
                 if m is not None:
                     seq = int.from_bytes(m.group(4))
                     if next_seq is not None and seq != next_seq:
@@ -424,7 +435,7 @@ class NflogReader:
         if rule is None:
             rule = prefixes[prefix] = _flow_prefix(prefix) or ()
         head: tuple[Any, ...] = ()
-        if rule:
+        if rule and rule[0] != CT_MARK_ID:  # (a `ct` log without its entry names no rule)
             s, d = addr_text(addrs, ips[:4]), addr_text(addrs, ips[4:])
             head = (*rule, proto[0], s, d, int.from_bytes(indev), int.from_bytes(outdev))
         heads[(prefix, indev, outdev, proto, ips)] = head
@@ -434,7 +445,7 @@ class NflogReader:
         """One message of any shape: the attribute walk."""
         hh, be32 = _HH, _BE32
         prefix = payload = b""
-        indev = outdev = 0
+        indev = outdev = mark = 0
         seq = -1
         a += 20
         while a + 4 <= end:
@@ -452,12 +463,19 @@ class NflogReader:
                 outdev = be32(data, a + 4)[0]
             elif atyp == NFULA_SEQ:
                 seq = be32(data, a + 4)[0]
+            elif atyp == NFULA_MARK:
+                mark = be32(data, a + 4)[0]
             a += (alen + 3) & ~3
         if seq >= 0:
             self._count_seq(seq)
         head = self._prefixes.get(prefix)
         if head is None:
             head = self._prefixes[prefix] = _flow_prefix(prefix) or ()
+        if head and head[0] == CT_MARK_ID:
+            # `owf:ct:` names the rule by the packet's mark (`mark_id` readers only: else none)
+            head = (mark, *head[1:]) if mark and self.mark_id else ()
+        elif not head and self.mark_id and prefix.startswith(b"owf:marked:"):
+            self.unnamed += 1
         if head and payload:
             log = _flow_headers(head, payload, indev, outdev, self._addrs)  # type: ignore[arg-type]
             if log is not None:

@@ -3,10 +3,12 @@
 For every probe, each hop of the sim's request path that judged the packet (not established, not invalid,
 reached) names a rule id (its vNIC's default-action id, or `SPOOF_RULE_ID` for anti-spoofing) and a verdict;
 the kernel's flow logs (NFLOG `owf:` prefixes, read per host namespace) for the same packet must name
-exactly those, hop by hop: {(host, hop): (rule id, verdict)} equal. Where the host's table takes ingress
-allowed records from conntrack NEW events instead (`render.allowed_from_conntrack`), the kernel's word for
-that hop is the NEW event's mark, read per host namespace too and turned into a log exactly as the agent
-does (`FlowAggregator.ingress_log`). Probes are matched by (protocol,
+exactly those, hop by hop: {(host, hop): (rule id, verdict)} equal. Where the host's table takes allowed
+records from conntrack NEW events instead (`render.allowed_from_conntrack`), the kernel's word for that
+hop is the NEW event's mark, read per host namespace too and turned into a log exactly as the agent does
+(`FlowAggregator.ct_log`), and for the egress hop of a connection between two vNICs of one host, `fwd`'s
+log with the entry's mark (group `render.ct_flow_group`, `FlowAggregator.on_ct_logs`). Probes are matched
+by (protocol,
 src, dst, dport); ICMP by (protocol, src, dst, type): an echo request (other ICMP messages between the
 same two addresses, e.g. errors, are other packets).
 """
@@ -21,6 +23,7 @@ from omniwall.agent.flows import FlowAggregator
 from omniwall.compiler.ir import HostDesiredState
 from omniwall.dataplane.ctevents import CtEventReader
 from omniwall.dataplane.nflog import FlowLog, NflogReader
+from omniwall.dataplane.nft.render import ct_flow_group
 from omniwall.flows.record import SPOOF_RULE_ID
 from omniwall.sim.evaluate import ConnectionVerdict, HopVerdict
 
@@ -74,6 +77,7 @@ class KernelFlows:
 
     def __init__(self, netns_by_host: dict[str, str], group: int) -> None:
         self.readers: dict[str, NflogReader] = {}
+        self.ct_readers: dict[str, NflogReader] = {}  # fwd's same-host egress logs (NFULA_CT marks)
         self.ct: dict[str, CtEventReader] = {}
         try:
             for host, ns in netns_by_host.items():
@@ -83,12 +87,16 @@ class KernelFlows:
                 self.readers[host] = NflogReader(
                     group, ns, copy_range=96, rcvbuf=32 << 20, qthresh=32, batch_ms=20, seq=True
                 )
+                self.ct_readers[host] = NflogReader(
+                    ct_flow_group(group), ns, copy_range=96, rcvbuf=8 << 20, qthresh=32, batch_ms=20,
+                    seq=True, mark_id=True,
+                )  # fmt: skip
         except BaseException:
             self.close()
             raise
 
     def drain(self) -> None:
-        for r in self.readers.values():
+        for r in [*self.readers.values(), *self.ct_readers.values()]:
             while r.read_flows(0.0):
                 pass
         for c in self.ct.values():
@@ -103,8 +111,8 @@ class KernelFlows:
             logs: list[FlowLog] = r.read_flows(timeout)
             while batch := r.read_flows(0.05):
                 logs += batch
-            c = self.ct.get(host)
-            if c is not None and host in states:
+            c, rc = self.ct.get(host), self.ct_readers.get(host)
+            if c is not None and rc is not None and host in states:
                 agg = FlowAggregator(host)
                 agg.set_state(states[host])
                 events = c.read(0.05)
@@ -112,9 +120,14 @@ class KernelFlows:
                     events += batch2
                 for ev in events:
                     if len(ev) == 6:
-                        k = agg.ingress_log(ev)  # type: ignore[arg-type]
+                        k = agg.ct_log(ev)  # type: ignore[arg-type]
                         if k is not None:
                             logs.append(k)
+                same_host: dict[FlowLog, int] = {}
+                while batch3 := rc.read_flow_counts(0.05):
+                    for k3, n3 in batch3.items():
+                        same_host[k3] = same_host.get(k3, 0) + n3
+                logs += agg.same_host_logs(same_host)
             for rid, v, h, proto, src, dst, _sport, dport, _i, _o in logs:
                 k = _key(proto, src, dst, dport)
                 prev = out[k].get((host, h))
@@ -127,14 +140,15 @@ class KernelFlows:
 
     @property
     def lost(self) -> int:
-        nflog = sum(r.lost + r.overruns for r in self.readers.values())
+        nflog = sum(r.lost + r.overruns for r in [*self.readers.values(), *self.ct_readers.values()])
         return nflog + sum(c.overruns for c in self.ct.values())
 
     def close(self) -> None:
-        for r in [*self.readers.values(), *self.ct.values()]:
+        for r in [*self.readers.values(), *self.ct_readers.values(), *self.ct.values()]:
             with contextlib.suppress(OSError):
                 r.close()
         self.readers.clear()
+        self.ct_readers.clear()
         self.ct.clear()
 
 

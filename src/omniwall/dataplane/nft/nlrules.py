@@ -49,6 +49,7 @@ NESTED = 0x8000
 VERDICTS = {"accept": 1, "drop": 0, "continue": -1, "return": -5}
 _HOOKS = {"prerouting": 0, "input": 1, "forward": 2, "output": 3, "postrouting": 4}
 _META = {"iifname": 6, "oifname": 7, "nfproto": 15, "l4proto": 16}
+_META_MARK, _META_MARK_KEY = {"meta": {"key": "mark"}}, 3  # NFT_META_MARK
 _NFPROTO_VAL = {"ipv4": 2, "ipv6": 10}
 _L4 = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
 _CT_STATE = {"invalid": 1, "established": 2, "related": 4, "new": 8}
@@ -506,6 +507,12 @@ class _Rule:
         if set(m) != {"op", "left", "right"}:
             raise Unsupported(f"match {m!r}")
         op, left, right = m["op"], m["left"], m["right"]
+        if left == _META_MARK:  # the packet mark (render.same_host_egress_rules): a u32 in host order
+            if op not in ("==", "!=") or isinstance(right, bool) or not isinstance(right, int):
+                raise Unsupported(f"meta mark match {m!r}")
+            self.out.append(_expr("meta", _u32(2, _META_MARK_KEY) + _u32(1, 1)))
+            self.out.append(_cmp(_CMP[op], struct.pack("=I", right & 0xFFFFFFFF)))
+            return False
         if left == {"ct": {"key": "state"}}:
             if op != "in" or not isinstance(right, list) or not right:
                 raise Unsupported(f"ct state match {m!r}")
@@ -669,6 +676,17 @@ class _Rule:
                 data += _strz(2, arg["prefix"])
             data += _attr(1, struct.pack("!H", arg["group"]))
             self.out.append(_expr("log", data))
+        elif kind == "mangle" and isinstance(arg, dict) and arg.get("key") == _META_MARK:
+            value = arg.get("value")
+            if value == {"ct": {"key": "mark"}}:
+                self.out.append(_expr("ct", _u32(2, 3) + _u32(1, 1)))  # ct load mark => reg 1
+            elif isinstance(value, int) and not isinstance(value, bool):
+                self.out.append(
+                    _expr("immediate", _u32(1, 1) + _nest(2, _attr(1, struct.pack("=I", value & 0xFFFFFFFF))))
+                )
+            else:
+                raise Unsupported(f"mangle {arg!r}")
+            self.out.append(_expr("meta", _u32(2, _META_MARK_KEY) + _u32(3, 1)))  # meta set mark with reg 1
         elif kind == "mangle":
             if (
                 not isinstance(arg, dict) or arg.get("key") != {"ct": {"key": "mark"}}

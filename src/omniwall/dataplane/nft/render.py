@@ -378,12 +378,13 @@ def render_rule(
     """The nft rules realizing one IR rule at one hop (same verdict on each); `family` 4 or 6: only
     those a packet of that family can match (for the hop's per-family chains), None: all.
     `flow_group`: every verdict also logs a flow record there (`_flow`), except, with `ct_new`, an
-    ingress allow by a stateful rule: the agent takes that record from the conntrack NEW event (the
-    ct mark names the rule; `allowed_from_conntrack`)."""
+    allow by a stateful rule (either hop): the agent takes that record from the conntrack NEW event (the
+    ct mark names the rule; `allowed_from_conntrack`), or, for the egress hop of a connection between
+    two vNICs of the host, from `fwd`'s same-host log (`same_host_egress_rules`)."""
     out: list[Json] = []
     comment = str(rule.id)
     would_drop = rule.monitor and rule.action in ("drop", "reject")
-    silent = ct_new and hop == "ingress" and rule.stateful and not would_drop
+    silent = ct_new and rule.stateful and not would_drop
     for fam, proto, match in family_matches(rule, shapes) if matches is None else matches:
         if family is not None and fam is not None and fam != family:
             continue
@@ -415,13 +416,13 @@ def render_default(
 ) -> list[Json]:
     """The vNIC's default action at one hop; its flow records name `vnic.default_id`. With `ct_new`
     (`allowed_from_conntrack`), a default that lets the packet through marks the connection with
-    `vnic.default_id` (as a stateful rule marks it with its id) and, at ingress, an allow logs nothing:
-    the agent reads it from the NEW event. A monitored default marks it too, so that the mark of a
-    connection is always its last hop's (never the egress hop's of the same host)."""
+    `vnic.default_id` (as a stateful rule marks it with its id) and an allow logs nothing: the agent
+    reads it from the NEW event (or `fwd`'s same-host log). A monitored default marks it too, so that
+    the mark of a connection is always its last hop's (never the egress hop's of the same host)."""
     act = vnic.default_action
     if act == "allow" or vnic.default_monitor:
         verdict = "allow" if act == "allow" else "would-drop"
-        silent = ct_new and hop == "ingress" and act == "allow"
+        silent = ct_new and act == "allow"
         stmts = [_counter(), *_flow(vnic.default_id, verdict, hop, None if silent else flow_group)]
         if act != "allow":
             stmts.append(_log(0, "would-drop", log_group))
@@ -712,6 +713,43 @@ def render_bookkeeping(
     return cmds
 
 
+def ct_flow_group(flow_group: int) -> int:
+    """The NFLOG group of `fwd`'s same-host egress logs (`same_host_egress_rules`): the flow group's next
+    one. A group of its own: its messages are read by the attribute walk (the rule id is the packet's
+    mark), the flow group's by its fast path."""
+    return flow_group + 1
+
+
+def _meta_mark() -> Json:
+    return {"meta": {"key": "mark"}}
+
+
+def same_host_egress_rules(flow_group: int) -> list[Json]:
+    """`fwd`, between the egress and the ingress dispatch, with `ct_new`: a packet from a vNIC of this
+    host (its egress hop let it through: its chain returned) to another one (the ingress hop follows)
+    logs the egress hop's allowed record. Only such a connection needs it: for any other, the NEW
+    event's mark is the egress hop's (the ingress hop overwrites it here). The log cannot name the rule
+    in its prefix (a constant), so it names it by the packet mark: set to the ct mark the egress
+    verdict set, logged (group `ct_flow_group`, NFULA_MARK), set back to 0. Only a packet without a mark
+    of its own (a workload's packets lose theirs crossing the veth; another tool of the host may set
+    one) takes that path; one with a mark logs `owf:marked:`: a record the kernel cannot name, counted
+    as lost (never its mark clobbered). Rules without a verdict: nothing they fail to match changes
+    one. Only a connection's first packets get here (`fwd` accepts established and related first)."""
+    both = [_match(_meta("iifname"), f"@{KNOWN_IF}"), _match(_meta("oifname"), f"@{KNOWN_IF}")]
+    group = ct_flow_group(flow_group)
+    allow, egress = FLOW_VERDICT["allow"], HOP_CODE["egress"]
+    named = [
+        *both,
+        _match(_meta_mark(), 0),
+        {"mangle": {"key": _meta_mark(), "value": {"ct": {"key": "mark"}}}},
+        {"log": {"prefix": f"owf:ct:{allow}:{egress}", "group": group}},
+        {"mangle": {"key": _meta_mark(), "value": 0}},
+    ]
+    marked = {"log": {"prefix": f"owf:marked:{allow}:{egress}", "group": group}}
+    unnamed = [*both, _match(_meta_mark(), 0, "!="), marked]
+    return [_rule(named, "flows:same-host-egress"), _rule(unnamed, "flows:same-host-egress-marked")]
+
+
 def fwd_marker(flow_group: int | None, ct_new: bool) -> str:
     """The comment of `fwd`'s first rule: names the flow group and whether ingress allowed records come
     from conntrack (`allowed_from_conntrack`), so that adoption (which compares the base chains'
@@ -719,7 +757,7 @@ def fwd_marker(flow_group: int | None, ct_new: bool) -> str:
     count the ingress hop once each)."""
     if flow_group is None:
         return "established"
-    return f"established flows:{flow_group}" + ("/ct-new" if ct_new else "")
+    return f"established flows:{flow_group}" + ("/ct-new2" if ct_new else "")
 
 
 def stateless_ingress(state: HostDesiredState) -> bool:
@@ -830,6 +868,7 @@ def render_table(
             _rule([_match({"ct": {"key": "state"}}, ["invalid"], "in"), _counter(), {"drop": None}],
                   "invalid"),
             _rule([{"vmap": {"key": _meta("iifname"), "data": f"@{MAP_EGRESS}"}}], "dispatch"),
+            *(same_host_egress_rules(flow_group) if ct_new and flow_group is not None else []),
             _rule([{"vmap": {"key": _meta("oifname"), "data": f"@{MAP_INGRESS}"}}], "dispatch"),
             *unknown_rules("oifname", prefixes),
         ],
