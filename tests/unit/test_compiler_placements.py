@@ -34,9 +34,16 @@ def overlay_reference(
         w = world.get(("Workload", t, n))
         if w is None or dest not in states or w.spec.host == dest:
             continue
-        src = states.get(w.spec.host)
-        if src is None:  # its own host is not (yet) a Host: compiled as it will be there
-            src = compile_catalog(Catalog.of([*world.values(), host(w.spec.host)]))[w.spec.host]
+        # Its vNICs as compiled on its own host with no other workload there: a vNIC that loses its
+        # ifname to a neighbour at home still goes to the extra host, where that neighbour is absent.
+        # (Moving the neighbours away changes no rule list or set: those do not depend on the host.)
+        alone = [
+            r.model_copy(update={"spec": r.spec.model_copy(update={"host": "elsewhere"})})
+            if r.kind == "Workload" and r.spec.host == w.spec.host and r is not w
+            else r
+            for r in world.values()
+        ]
+        src = compile_catalog(Catalog.of([*alone, host(w.spec.host)]))[w.spec.host]
         dst = states[dest]
         have = dst.vnic_map()
         add = [v for v in src.vnics if v.workload == f"{t}/{n}" and v.ifname not in have]
