@@ -207,6 +207,9 @@ def check_against_full(ic: IncrementalCompiler, world: dict[Any, Any], revision:
     for h, s in full.items():
         assert normalized(ic.state(h)) == normalized(s), h
     assert group_view(ic) == group_view(fresh)
+    # `rule_hosts` is a cache: every entry it has is exact (the hosts holding that rule id)
+    for i, hosts in ic.rule_hosts.items():
+        assert hosts == {h for h, hs in ic.hosts.items() if i in hs.rule_refs}, i
 
 
 def run_steps(world: dict[Any, Any], steps: Iterable[list[Any]]) -> None:

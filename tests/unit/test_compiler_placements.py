@@ -116,6 +116,8 @@ def test_placements_incremental_equals_full_compile_and_the_overlay(
                 assert ic.state(h) == before[h], h
         full = compile_catalog(Catalog.of(world.values()), revision, placements)
         assert {h: normalized(ic.state(h)) for h in ic.hosts} == {h: normalized(s) for h, s in full.items()}
+        for i, holders in ic.rule_hosts.items():  # a cache: every entry it has is exact
+            assert holders == {h for h, hs in ic.hosts.items() if i in hs.rule_refs}, i
         plain = compile_catalog(Catalog.of(world.values()), revision)
         overlay_reference(plain, world, placements)
         assert plain == full
@@ -150,3 +152,35 @@ def test_placing_a_workload_sends_the_extra_host_its_vnic_rules_and_sets_and_cle
     assert not back["h2"].vnic_updates and [r.ifname for r in back["h2"].vnic_removes] == [
         u.vnic.ifname for u in d.vnic_updates
     ]
+
+
+def test_a_set_change_reaches_a_host_holding_the_set_only_through_a_placed_workload() -> None:
+    """The hosts of a rule are derived from its span when an update first needs them
+    (`IncrementalCompiler._rule_hosts`): a placed workload's extra host is one of them."""
+    from omniwall.compiler.testing import group, policy
+    from omniwall.model.resources import Rule
+
+    db2 = workload("a", "db2", "h1", [Vnic(name="eth0", ips=["10.0.0.3"])], {"tier": "x"})
+    world = [
+        host("h1"),
+        host("h2"),
+        host("h3"),
+        workload("a", "web", "h1", [Vnic(name="eth0", ips=["10.0.0.1"])], {"tier": "web"}),
+        workload("a", "db", "h3", [Vnic(name="eth0", ips=["10.0.0.2"])], {"tier": "db"}),
+        db2,
+        group("a", "web", 'tier == "web"'),
+        group("a", "db", 'tier == "db"'),
+        policy(
+            "a", "p", Rule(name="r", sources=["web"], destinations=["db"], action="allow", direction="out")
+        ),
+    ]
+    ic = IncrementalCompiler(Catalog.of(world), revision=1, placements={("a", "web"): "h2"})
+    assert "g.a.db" in ic.state("h2").set_map()  # h2 holds the rule and its set through the placed web
+    h2 = ic.state("h2")
+    moved = workload("a", "db2", "h1", [Vnic(name="eth0", ips=["10.0.0.3"])], {"tier": "db"})
+    deltas = ic.update([moved], [], 2)  # db2 joins db: the set changes on h1 and h2, not on h3
+    assert sorted(deltas) == ["h1", "h2"]
+    assert [u.added_addresses for u in deltas["h2"].set_updates] == [("10.0.0.3",)]
+    assert ic.state("h2") == apply_delta(h2, deltas["h2"])
+    rid = next(iter(ic.state("h2").rule_map()))
+    assert ic.rule_hosts[rid] == {"h1", "h2"}

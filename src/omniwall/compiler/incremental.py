@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import gc
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
@@ -235,10 +235,40 @@ class IncrementalCompiler:
         rids = self.rules_by_set.get(name)
         if not rids:
             return ()
-        rule_hosts = self.rule_hosts
         if len(rids) == 1:
-            return rule_hosts.get(next(iter(rids)), ())
-        return set().union(*[rule_hosts.get(i, ()) for i in rids])
+            return self._rule_hosts(next(iter(rids)))
+        return set().union(*map(self._rule_hosts, rids))
+
+    def _rule_hosts(self, i: int) -> Collection[str]:
+        """The hosts holding rule id `i` before this update's host phase, as far as the update needs:
+        exact for every host none of whose workloads this update touches (the others take the update
+        path, which finds the rules they hold itself).
+
+        `rule_hosts` is a cache, not an index kept for every rule: the build does not fill it (one set
+        insertion per rule per host, 8M at 1M workloads, for entries most of which no update reads). A
+        missing entry is derived from the rule's span: the hosts of the workloads it spans (every host
+        for a provider `any` rule), kept where the host holds the rule. The span is this update's, the
+        hosts' rules the previous one's: a host that held the rule through a workload the span no longer
+        reaches (or that left it) is missing from the entry, but that workload is touched (its lists
+        changed), so its host takes the update path and drops the rule there. From then on the entry is
+        kept exact by the hosts (`HostState.update`, `fill`: only entries that exist)."""
+        hs = self.rule_hosts.get(i)
+        if hs is not None:
+            return hs
+        r = self.rule_by_id.get(i)
+        cr = None if r is None else self.rules.get((r.tenant, r.policy, r.rule))
+        if cr is None or cr.ir.id != i:
+            return ()  # an id no rule has now: every host holding it has a touched workload
+        hosts = self.hosts
+        if cr.any_dirs and cr.tenant == PROVIDER_TENANT:
+            candidates: Iterable[str] = hosts.keys()
+        else:
+            wl, extra, wids = self.wl, self.extra, self._span_wids(cr)
+            candidates = {wl[wid].host for wid in wids}
+            if extra:  # placed workloads: their extra hosts too
+                candidates.update(filter(None, map(extra.get, wids)))
+        out = self.rule_hosts[i] = {h for h in candidates if h in hosts and i in hosts[h].rule_refs}
+        return out
 
     def _set_current(self, name: str) -> IRSet:
         s = self._set_memo.get(name)
@@ -314,7 +344,8 @@ class IncrementalCompiler:
 
         self._defaults.clear()
         host_sets: dict[str, tuple[str, ...]] = {}  # host -> changed sets it holds, sorted
-        for s in set_changes:
+        # (at the first build every host is new, hence touched: no rule or set has hosts to look up)
+        for s in () if initial else set_changes:
             one = (s,)
             if not host_sets:
                 host_sets = dict.fromkeys(self._set_hosts(s), one)
@@ -323,8 +354,8 @@ class IncrementalCompiler:
                 have = host_sets.get(h)
                 host_sets[h] = one if have is None else (*have, s)
         rule_touched: set[str] = set()
-        for i in p.changed_ids:
-            rule_touched.update(self.rule_hosts.get(i, ()))
+        for i in () if initial else p.changed_ids:
+            rule_touched.update(self._rule_hosts(i))
         touched = set(p.new_hosts) | rule_touched | host_sets.keys()
         touched.update(h for h, wids in p.host_wids.items() if wids and h in self.hosts)
 
