@@ -36,7 +36,8 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, compress, repeat
+from operator import attrgetter, contains
 
 from omniwall import PROVIDER_TENANT
 from omniwall.compiler.hoststate import ClaimKey, Globals, HostState, rule_sets, sets_changed
@@ -73,6 +74,7 @@ from omniwall.selectors import facts_of
 
 Key = tuple[str, str]
 RuleKey = tuple[str, str, str]
+_wl_host, _rule_refs = attrgetter("host"), attrgetter("rule_refs")
 Removed = tuple[str, str, str]  # (kind, tenant, name)
 
 
@@ -261,14 +263,28 @@ class IncrementalCompiler:
             return ()  # an id no rule has now: every host holding it has a touched workload
         hosts = self.hosts
         if cr.any_dirs and cr.tenant == PROVIDER_TENANT:
-            candidates: Iterable[str] = hosts.keys()
+            candidates = list(hosts)
         else:
-            wl, extra, wids = self.wl, self.extra, self._span_wids(cr)
-            candidates = {wl[wid].host for wid in wids}
-            if extra:  # placed workloads: their extra hosts too
-                candidates.update(filter(None, map(extra.get, wids)))
-        out = self.rule_hosts[i] = {h for h in candidates if h in hosts and i in hosts[h].rule_refs}
+            wids = self._span_wids(cr)
+            found = set(map(_wl_host, map(self.wl.__getitem__, wids)))
+            if self.extra:  # placed workloads: their extra hosts too
+                found.update(filter(None, map(self.extra.get, wids)))
+            candidates = list(filter(hosts.__contains__, found))
+        # (C-level: the candidates whose host holds rule `i`)
+        held = map(contains, map(_rule_refs, map(hosts.__getitem__, candidates)), repeat(i))
+        out = self.rule_hosts[i] = set(compress(candidates, held))
         return out
+
+    def _wide_rule_hosts(self) -> None:
+        """At the first build, before any host holds anything: an empty (so exact) `rule_hosts` entry
+        for every rule whose span is wide (an `any` span, or more than `WIDE_SPAN` workloads), which the
+        hosts then fill (`fill` keeps the entries that exist). Deriving those on first use would cost a
+        label change a walk over thousands of workloads; the narrow ones (most rules: an app's) are
+        cheap to derive and most of the build's (rule, host) pairs."""
+        nodes = self.groups.nodes
+        for cr in self.rules.values():
+            if cr.any_dirs or sum(len(n.wids) for g, _ in cr.span_groups if (n := nodes.get(g))) > WIDE_SPAN:
+                self.rule_hosts[cr.ir.id] = set()
 
     def _set_current(self, name: str) -> IRSet:
         s = self._set_memo.get(name)
@@ -320,6 +336,7 @@ class IncrementalCompiler:
         self._recompile(p, initial)
         if initial:
             self.span.rank()  # every rule is in: the lists of every vNIC follow, sorted by int
+            self._wide_rule_hosts()
         self._union_nets()
 
         # Address sets: flush each stale IRSet once; the SetUpdate is shared by every host holding it.
@@ -834,6 +851,10 @@ class IncrementalCompiler:
             if any(gk in self.groups.lits_changed for gk in u.spec.groups):
                 u.addr.set_nets(self._union_net_list(u.spec))
 
+
+# A rule spanning more workloads than this gets its `rule_hosts` entry at the first build (see
+# _wide_rule_hosts); the others' are derived when an update first needs them.
+WIDE_SPAN = 200
 
 # A build that leaves more young container objects than this freezes them (see _gc_paused).
 FREEZE_AFTER = 200_000
