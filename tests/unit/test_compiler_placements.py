@@ -116,7 +116,7 @@ def test_placements_incremental_equals_full_compile_and_the_overlay(
                 assert ic.state(h) == before[h], h
         full = compile_catalog(Catalog.of(world.values()), revision, placements)
         assert {h: normalized(ic.state(h)) for h in ic.hosts} == {h: normalized(s) for h, s in full.items()}
-        for i, holders in ic.rule_hosts.items():  # a cache: every entry it has is exact
+        for i, holders in ic.rule_hosts.items():  # every entry is exact
             assert holders == {h for h, hs in ic.hosts.items() if i in hs.rule_refs}, i
         plain = compile_catalog(Catalog.of(world.values()), revision)
         overlay_reference(plain, world, placements)
@@ -155,8 +155,8 @@ def test_placing_a_workload_sends_the_extra_host_its_vnic_rules_and_sets_and_cle
 
 
 def test_a_set_change_reaches_a_host_holding_the_set_only_through_a_placed_workload() -> None:
-    """The hosts of a rule are derived from its span when an update first needs them
-    (`IncrementalCompiler._rule_hosts`): a placed workload's extra host is one of them."""
+    """A placed workload's extra host holds the rules of its vNICs, so a set they name reaches it
+    (`rule_hosts`), through the set-only fast path."""
     from omniwall.compiler.testing import group, policy
     from omniwall.model.resources import Rule
 

@@ -159,8 +159,7 @@ class HostState:
         srefs = self.set_refs = Counter(chain.from_iterable(map(g.rule_sets.__getitem__, refs)))
         for s in list(filterfalse(g.set_memo.__contains__, srefs)):
             g.set_current(s)
-        if g.rule_hosts:  # a cache (IncrementalCompiler._rule_hosts): only entries that exist are kept
-            _add_host(g.rule_hosts, refs, self.name)
+        _add_host(g.rule_hosts, refs, self.name)
 
     def update(
         self,
@@ -250,9 +249,7 @@ class HostState:
                         del g.rule_hosts[i]
             else:
                 if old_r is None:
-                    hs = g.rule_hosts.get(i)
-                    if hs is not None:  # (a cache: only entries that exist are kept)
-                        hs.add(self.name)
+                    _add_host(g.rule_hosts, (i,), self.name)
                 if emit and old_r != new_r:
                     rule_updates.append(new_r)
 
@@ -316,5 +313,17 @@ def sets_changed(
 
 
 def _add_host(index: dict[Any, set[str]], keys: Collection[Any], host: str) -> None:
-    """`host` into index[k] for every k of `keys` that has an entry, as one C-level map."""
-    _consume(map(set.add, map(index.__getitem__, filter(index.__contains__, keys)), repeat(host)))
+    """`host` into index[k] for every k of `keys` (hot: once per rule and set per host). The missing
+    entries are created first, then every add runs as one C-level map, no Python call per key."""
+    if len(keys) < 8:
+        for k in keys:
+            hs = index.get(k)
+            if hs is None:
+                index[k] = {host}
+            else:
+                hs.add(host)
+        return
+    # (not `keys.keys() - index.keys()`: that iterates over the whole index, once per host)
+    for k in list(filterfalse(index.__contains__, keys)):
+        index[k] = set()
+    deque(map(set.add, map(index.__getitem__, keys), repeat(host)), maxlen=0)

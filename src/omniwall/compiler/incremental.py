@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import gc
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import chain, compress, repeat
-from operator import attrgetter, contains
+from itertools import chain
 
 from omniwall import PROVIDER_TENANT
 from omniwall.compiler.hoststate import ClaimKey, Globals, HostState, rule_sets, sets_changed
@@ -74,7 +73,6 @@ from omniwall.selectors import facts_of
 
 Key = tuple[str, str]
 RuleKey = tuple[str, str, str]
-_wl_host, _rule_refs = attrgetter("host"), attrgetter("rule_refs")
 Removed = tuple[str, str, str]  # (kind, tenant, name)
 
 
@@ -237,54 +235,10 @@ class IncrementalCompiler:
         rids = self.rules_by_set.get(name)
         if not rids:
             return ()
+        rule_hosts = self.rule_hosts
         if len(rids) == 1:
-            return self._rule_hosts(next(iter(rids)))
-        return set().union(*map(self._rule_hosts, rids))
-
-    def _rule_hosts(self, i: int) -> Collection[str]:
-        """The hosts holding rule id `i` before this update's host phase, as far as the update needs:
-        exact for every host none of whose workloads this update touches (the others take the update
-        path, which finds the rules they hold itself).
-
-        `rule_hosts` is a cache, not an index kept for every rule: the build does not fill it (one set
-        insertion per rule per host, 8M at 1M workloads, for entries most of which no update reads). A
-        missing entry is derived from the rule's span: the hosts of the workloads it spans (every host
-        for a provider `any` rule), kept where the host holds the rule. The span is this update's, the
-        hosts' rules the previous one's: a host that held the rule through a workload the span no longer
-        reaches (or that left it) is missing from the entry, but that workload is touched (its lists
-        changed), so its host takes the update path and drops the rule there. From then on the entry is
-        kept exact by the hosts (`HostState.update`, `fill`: only entries that exist)."""
-        hs = self.rule_hosts.get(i)
-        if hs is not None:
-            return hs
-        r = self.rule_by_id.get(i)
-        cr = None if r is None else self.rules.get((r.tenant, r.policy, r.rule))
-        if cr is None or cr.ir.id != i:
-            return ()  # an id no rule has now: every host holding it has a touched workload
-        hosts = self.hosts
-        if cr.any_dirs and cr.tenant == PROVIDER_TENANT:
-            candidates = list(hosts)
-        else:
-            wids = self._span_wids(cr)
-            found = set(map(_wl_host, map(self.wl.__getitem__, wids)))
-            if self.extra:  # placed workloads: their extra hosts too
-                found.update(filter(None, map(self.extra.get, wids)))
-            candidates = list(filter(hosts.__contains__, found))
-        # (C-level: the candidates whose host holds rule `i`)
-        held = map(contains, map(_rule_refs, map(hosts.__getitem__, candidates)), repeat(i))
-        out = self.rule_hosts[i] = set(compress(candidates, held))
-        return out
-
-    def _wide_rule_hosts(self) -> None:
-        """At the first build, before any host holds anything: an empty (so exact) `rule_hosts` entry
-        for every rule whose span is wide (an `any` span, or more than `WIDE_SPAN` workloads), which the
-        hosts then fill (`fill` keeps the entries that exist). Deriving those on first use would cost a
-        label change a walk over thousands of workloads; the narrow ones (most rules: an app's) are
-        cheap to derive and most of the build's (rule, host) pairs."""
-        nodes = self.groups.nodes
-        for cr in self.rules.values():
-            if cr.any_dirs or sum(len(n.wids) for g, _ in cr.span_groups if (n := nodes.get(g))) > WIDE_SPAN:
-                self.rule_hosts[cr.ir.id] = set()
+            return rule_hosts.get(next(iter(rids)), ())
+        return set().union(*[rule_hosts.get(i, ()) for i in rids])
 
     def _set_current(self, name: str) -> IRSet:
         s = self._set_memo.get(name)
@@ -336,7 +290,6 @@ class IncrementalCompiler:
         self._recompile(p, initial)
         if initial:
             self.span.rank()  # every rule is in: the lists of every vNIC follow, sorted by int
-            self._wide_rule_hosts()
         self._union_nets()
 
         # Address sets: flush each stale IRSet once; the SetUpdate is shared by every host holding it.
@@ -361,8 +314,7 @@ class IncrementalCompiler:
 
         self._defaults.clear()
         host_sets: dict[str, tuple[str, ...]] = {}  # host -> changed sets it holds, sorted
-        # (at the first build every host is new, hence touched: no rule or set has hosts to look up)
-        for s in () if initial else set_changes:
+        for s in set_changes:
             one = (s,)
             if not host_sets:
                 host_sets = dict.fromkeys(self._set_hosts(s), one)
@@ -371,8 +323,8 @@ class IncrementalCompiler:
                 have = host_sets.get(h)
                 host_sets[h] = one if have is None else (*have, s)
         rule_touched: set[str] = set()
-        for i in () if initial else p.changed_ids:
-            rule_touched.update(self._rule_hosts(i))
+        for i in p.changed_ids:
+            rule_touched.update(self.rule_hosts.get(i, ()))
         touched = set(p.new_hosts) | rule_touched | host_sets.keys()
         touched.update(h for h, wids in p.host_wids.items() if wids and h in self.hosts)
 
@@ -851,10 +803,6 @@ class IncrementalCompiler:
             if any(gk in self.groups.lits_changed for gk in u.spec.groups):
                 u.addr.set_nets(self._union_net_list(u.spec))
 
-
-# A rule spanning more workloads than this gets its `rule_hosts` entry at the first build (see
-# _wide_rule_hosts); the others' are derived when an update first needs them.
-WIDE_SPAN = 200
 
 # A build that leaves more young container objects than this freezes them (see _gc_paused).
 FREEZE_AFTER = 200_000
