@@ -207,6 +207,9 @@ def check_against_full(ic: IncrementalCompiler, world: dict[Any, Any], revision:
     for h, s in full.items():
         assert normalized(ic.state(h)) == normalized(s), h
     assert group_view(ic) == group_view(fresh)
+    # every `rule_hosts` entry is exact (the hosts holding that rule id)
+    for i, hosts in ic.rule_hosts.items():
+        assert hosts == {h for h, hs in ic.hosts.items() if i in hs.rule_refs}, i
 
 
 def run_steps(world: dict[Any, Any], steps: Iterable[list[Any]]) -> None:
@@ -582,22 +585,29 @@ def test_group_removed_and_recreated_in_one_update_keeps_unions_current() -> Non
     check_against_full(ic, world, 3)
 
 
-def test_set_updates_delta_is_the_dataclass_delta() -> None:
+def test_set_updates_deltas_are_the_dataclass_deltas() -> None:
     import dataclasses
 
     import pytest
 
-    from omniwall.compiler.ir import HostDelta, SetUpdate, set_updates_delta
+    from omniwall.compiler.ir import HostDelta, SetUpdate, set_updates_deltas
 
     ups = (SetUpdate("g.t.a", added_addresses=("10.0.0.1",)),)
-    fast = set_updates_delta("h1", 3, 4, ups)
-    slow = HostDelta("h1", 3, 4, set_updates=ups)
-    assert type(fast) is HostDelta
-    assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
-    assert fast.to_json() == slow.to_json()
-    assert dataclasses.replace(fast, from_revision=2) == dataclasses.replace(slow, from_revision=2)
+    other = (SetUpdate("g.t.b", removed_cidrs=("10.1.0.0/16",)),)
+    fast = set_updates_deltas(["h1", "h2", "h3"], [3, 1, 2], 4, [ups, other, ups])
+    slow = [
+        HostDelta("h1", 3, 4, set_updates=ups),
+        HostDelta("h2", 1, 4, set_updates=other),
+        HostDelta("h3", 2, 4, set_updates=ups),
+    ]
+    assert [type(d) for d in fast] == [HostDelta] * 3
+    assert fast == slow and list(map(hash, fast)) == list(map(hash, slow))
+    assert list(map(repr, fast)) == list(map(repr, slow))
+    assert [d.to_json() for d in fast] == [d.to_json() for d in slow]
+    assert dataclasses.replace(fast[0], from_revision=2) == dataclasses.replace(slow[0], from_revision=2)
+    assert set_updates_deltas([], [], 4, []) == []
     with pytest.raises(dataclasses.FrozenInstanceError):
-        fast.host = "h2"  # type: ignore[misc]
+        fast[0].host = "h2"  # type: ignore[misc]
 
 
 def test_make_vnic_is_the_dataclass_vnic() -> None:

@@ -34,9 +34,16 @@ def overlay_reference(
         w = world.get(("Workload", t, n))
         if w is None or dest not in states or w.spec.host == dest:
             continue
-        src = states.get(w.spec.host)
-        if src is None:  # its own host is not (yet) a Host: compiled as it will be there
-            src = compile_catalog(Catalog.of([*world.values(), host(w.spec.host)]))[w.spec.host]
+        # Its vNICs as compiled on its own host with no other workload there: a vNIC that loses its
+        # ifname to a neighbour at home still goes to the extra host, where that neighbour is absent.
+        # (Moving the neighbours away changes no rule list or set: those do not depend on the host.)
+        alone = [
+            r.model_copy(update={"spec": r.spec.model_copy(update={"host": "elsewhere"})})
+            if r.kind == "Workload" and r.spec.host == w.spec.host and r is not w
+            else r
+            for r in world.values()
+        ]
+        src = compile_catalog(Catalog.of([*alone, host(w.spec.host)]))[w.spec.host]
         dst = states[dest]
         have = dst.vnic_map()
         add = [v for v in src.vnics if v.workload == f"{t}/{n}" and v.ifname not in have]
@@ -109,6 +116,8 @@ def test_placements_incremental_equals_full_compile_and_the_overlay(
                 assert ic.state(h) == before[h], h
         full = compile_catalog(Catalog.of(world.values()), revision, placements)
         assert {h: normalized(ic.state(h)) for h in ic.hosts} == {h: normalized(s) for h, s in full.items()}
+        for i, holders in ic.rule_hosts.items():  # every entry is exact
+            assert holders == {h for h, hs in ic.hosts.items() if i in hs.rule_refs}, i
         plain = compile_catalog(Catalog.of(world.values()), revision)
         overlay_reference(plain, world, placements)
         assert plain == full
@@ -143,3 +152,35 @@ def test_placing_a_workload_sends_the_extra_host_its_vnic_rules_and_sets_and_cle
     assert not back["h2"].vnic_updates and [r.ifname for r in back["h2"].vnic_removes] == [
         u.vnic.ifname for u in d.vnic_updates
     ]
+
+
+def test_a_set_change_reaches_a_host_holding_the_set_only_through_a_placed_workload() -> None:
+    """A placed workload's extra host holds the rules of its vNICs, so a set they name reaches it
+    (`rule_hosts`), through the set-only fast path."""
+    from omniwall.compiler.testing import group, policy
+    from omniwall.model.resources import Rule
+
+    db2 = workload("a", "db2", "h1", [Vnic(name="eth0", ips=["10.0.0.3"])], {"tier": "x"})
+    world = [
+        host("h1"),
+        host("h2"),
+        host("h3"),
+        workload("a", "web", "h1", [Vnic(name="eth0", ips=["10.0.0.1"])], {"tier": "web"}),
+        workload("a", "db", "h3", [Vnic(name="eth0", ips=["10.0.0.2"])], {"tier": "db"}),
+        db2,
+        group("a", "web", 'tier == "web"'),
+        group("a", "db", 'tier == "db"'),
+        policy(
+            "a", "p", Rule(name="r", sources=["web"], destinations=["db"], action="allow", direction="out")
+        ),
+    ]
+    ic = IncrementalCompiler(Catalog.of(world), revision=1, placements={("a", "web"): "h2"})
+    assert "g.a.db" in ic.state("h2").set_map()  # h2 holds the rule and its set through the placed web
+    h2 = ic.state("h2")
+    moved = workload("a", "db2", "h1", [Vnic(name="eth0", ips=["10.0.0.3"])], {"tier": "db"})
+    deltas = ic.update([moved], [], 2)  # db2 joins db: the set changes on h1 and h2, not on h3
+    assert sorted(deltas) == ["h1", "h2"]
+    assert [u.added_addresses for u in deltas["h2"].set_updates] == [("10.0.0.3",)]
+    assert ic.state("h2") == apply_delta(h2, deltas["h2"])
+    rid = next(iter(ic.state("h2").rule_map()))
+    assert ic.rule_hosts[rid] == {"h1", "h2"}

@@ -12,6 +12,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from itertools import chain, filterfalse, repeat
+from operator import attrgetter
 from typing import Any
 
 from omniwall.compiler.ir import (
@@ -26,7 +27,7 @@ from omniwall.compiler.ir import (
     SetUpdate,
     VnicRemove,
     VnicUpdate,
-    set_updates_delta,
+    set_updates_deltas,
 )
 from omniwall.compiler.sets import created_update
 
@@ -160,15 +161,6 @@ class HostState:
             g.set_current(s)
         _add_host(g.rule_hosts, refs, self.name)
 
-    def sets_changed(self, updates: tuple[SetUpdate, ...], revision: int) -> HostDelta:
-        """Fast path, the common one for label and IP changes: only the content of sets this host holds
-        changed (`updates`, sorted by name, the same tuple for every host with the same changed sets).
-        The host's sets are the compiler's, already current: only the revision moves."""
-        self._cached = None
-        delta = set_updates_delta(self.name, self.revision, revision, updates)
-        self.revision = revision
-        return delta
-
     def update(
         self,
         g: Globals,
@@ -299,6 +291,25 @@ class HostState:
         )
         self.revision = revision
         return delta
+
+
+_hs_revision = HostState.__dict__["revision"].__set__
+_hs_cached = HostState.__dict__["_cached"].__set__
+_name, _revision = attrgetter("name"), attrgetter("revision")
+_consume = deque(maxlen=0).extend  # runs an iterator to its end in C
+
+
+def sets_changed(
+    states: list[HostState], updates: list[tuple[SetUpdate, ...]], revision: int
+) -> list[HostDelta]:
+    """Fast path, the common one for label and IP changes: for each host of `states`, only the content
+    of sets it holds changed (`updates[i]`, sorted by name; hosts with the same changed sets share one
+    tuple). A host's sets are the compiler's, already current: only its revision moves. One C-level map
+    per field over all the hosts (an env or quarantine change reaches every host)."""
+    deltas = set_updates_deltas(list(map(_name, states)), list(map(_revision, states)), revision, updates)
+    _consume(map(_hs_cached, states, repeat(None)))
+    _consume(map(_hs_revision, states, repeat(revision)))
+    return deltas
 
 
 def _add_host(index: dict[Any, set[str]], keys: Collection[Any], host: str) -> None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 
 from omniwall import PROVIDER_TENANT
-from omniwall.compiler.hoststate import ClaimKey, Globals, HostState, rule_sets
+from omniwall.compiler.hoststate import ClaimKey, Globals, HostState, rule_sets, sets_changed
 from omniwall.compiler.ir import (
     HostDelta,
     HostDesiredState,
@@ -341,18 +341,26 @@ class IncrementalCompiler:
         out: dict[str, HostDelta] = {}
         if emit and host_sets:
             # Hosts touched only through set content (env or quarantine changes reach every host): one
-            # delta each, their SetUpdates shared, nothing else done per host.
+            # delta each, their SetUpdates shared, made for all of them at once (C-level maps), nothing
+            # else done per host. Inserted first, in host order: the final sort finds them in one run.
             fast = host_sets.keys() - rule_touched - p.new_hosts
             fast.difference_update(h for h, wids in p.host_wids.items() if wids)
-            shared: dict[tuple[str, ...], tuple[SetUpdate, ...]] = {}
-            hosts = self.hosts
-            for h in fast:
-                names = host_sets[h]
-                ups = shared.get(names)
-                if ups is None:
-                    ups = shared[names] = tuple(map(set_changes.__getitem__, names))
-                out[h] = hosts[h].sets_changed(ups, revision)
-            touched -= fast
+            if fast:
+                fast_hosts = sorted(fast)
+                names_of = list(map(host_sets.__getitem__, fast_hosts))
+                shared = {names: tuple(map(set_changes.__getitem__, names)) for names in set(names_of)}
+                out = dict(
+                    zip(
+                        fast_hosts,
+                        sets_changed(
+                            list(map(self.hosts.__getitem__, fast_hosts)),
+                            list(map(shared.__getitem__, names_of)),
+                            revision,
+                        ),
+                        strict=True,
+                    )
+                )
+                touched -= fast
         for h in sorted(touched):
             hs = self.hosts[h]
             wids = p.host_wids.get(h)
@@ -377,7 +385,9 @@ class IncrementalCompiler:
                 out[h] = diff(last, empty_state(h, revision))
         self.revision = revision
         self._old_rules.clear()
-        return dict(sorted(out.items()))
+        # (sorting the keys alone: nearly sorted already, timsort merges the runs in ~one pass)
+        order = sorted(out)
+        return dict(zip(order, map(out.__getitem__, order), strict=True))
 
     def _vnics_of(self, wid: int, host: str) -> list[tuple[ClaimKey, IRVnic]]:
         w = self.wl.get(wid)

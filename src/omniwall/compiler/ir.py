@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, is_dataclass
+from itertools import repeat
 from operator import attrgetter
 from typing import Any, Literal, TypeVar
 
@@ -303,6 +305,7 @@ class HostDelta:
 
 
 _new = object.__new__
+_consume = deque(maxlen=0).extend  # runs an iterator to its end in C
 
 
 def _slot_setters(cls: type, names: tuple[str, ...]) -> list[Callable[[Any, Any], None]]:
@@ -333,27 +336,26 @@ _HD_DEFAULTS = ("rule_updates", "vnic_updates", "vnic_removes", "rule_removes", 
 _hd_host, _hd_from, _hd_to, _hd_sets, *_hd_rest = _slot_setters(
     HostDelta, ("host", "from_revision", "to_revision", "set_updates", *_HD_DEFAULTS)
 )
-_hd_r1, _hd_r2, _hd_r3, _hd_r4, _hd_r5 = _hd_rest
 
 
-def set_updates_delta(
-    host: str, from_revision: int, to_revision: int, set_updates: tuple[SetUpdate, ...]
-) -> HostDelta:
-    """`HostDelta(host, from_revision, to_revision, set_updates)`, the same frozen object, built ~2x
-    faster: the slots are written through their descriptors, not by the dataclass __init__'s
-    `object.__setattr__` per field. The compiler makes one per host for set-only changes (an env or
-    quarantine label reaches every host: 10k of them per change at 1M workloads)."""
-    d = _new(HostDelta)
-    _hd_host(d, host)
-    _hd_from(d, from_revision)
-    _hd_to(d, to_revision)
-    _hd_sets(d, set_updates)
-    _hd_r1(d, ())
-    _hd_r2(d, ())
-    _hd_r3(d, ())
-    _hd_r4(d, ())
-    _hd_r5(d, ())
-    return d
+def set_updates_deltas(
+    hosts: list[str], from_revisions: list[int], to_revision: int, set_updates: list[tuple[SetUpdate, ...]]
+) -> list[HostDelta]:
+    """`[HostDelta(h, f, to_revision, set_updates=u) for h, f, u in zip(hosts, from_revisions,
+    set_updates)]`, the same frozen objects, built several times faster: the slots are written through
+    their descriptors (not the dataclass __init__'s `object.__setattr__` per field), each slot for every
+    delta by one C-level map, no Python-level call per host. The compiler makes one per host for
+    set-only changes (an env or quarantine label reaches every host: 10k of them per change at 1M
+    workloads)."""
+    n = len(hosts)
+    out = list(map(_new, repeat(HostDelta, n)))
+    _consume(map(_hd_host, out, hosts))
+    _consume(map(_hd_from, out, from_revisions))
+    _consume(map(_hd_to, out, repeat(to_revision, n)))
+    _consume(map(_hd_sets, out, set_updates))
+    for put in _hd_rest:
+        _consume(map(put, out, repeat((), n)))
+    return out
 
 
 _VNIC_FIELDS = (
@@ -598,6 +600,6 @@ __all__ = [
     "empty_state",
     "make_vnic",
     "plain",
-    "set_updates_delta",
+    "set_updates_deltas",
     "slot_replacer",
 ]
