@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from doubles.fake_manager import FakeManager
-from omniwall.agent.feed import Backoff, FeedError, Heartbeat, Snapshot, parse_line
+from omniwall.agent.feed import Backoff, FeedError, Heartbeat, Opened, Snapshot, parse_line, read_feed
 from omniwall.agent.main import Agent
 from omniwall.compiler.ir import HostDesiredState, IRRule, IRSet, IRVnic, diff
 from omniwall.dataplane.memory_backend import MemoryBackend
@@ -242,3 +242,63 @@ def test_backoff_is_jittered_capped_and_resets() -> None:
     assert len(set(delays)) == len(delays)  # jittered
     b.reset()
     assert b.next() <= 1.0
+
+
+async def _serve_once(response: bytes, pause: float = 0.0) -> tuple[asyncio.Server, str, list[bytes]]:
+    """A one-shot HTTP server on 127.0.0.1 that answers every request with `response`, written a few
+    bytes at a time (lines and chunk framing split across reads), then keeps the connection open."""
+    requests: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readuntil(b"\r\n\r\n"))
+        for i in range(0, len(response), 7):
+            writer.write(response[i : i + 7])
+            await writer.drain()
+            await asyncio.sleep(0)
+        await asyncio.sleep(pause)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/base", requests
+
+
+def _chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+def test_the_feed_reader_takes_chunked_sized_and_refused_responses() -> None:
+    """The agent's raw HTTP/1.1 feed reader: a chunked body whose lines span chunks, a sized one, a
+    refusal with its text, and the idle watchdog; every end raises FeedError."""
+    hb = b'{"type":"heartbeat","revision":3}'
+
+    async def read(response: bytes, idle: float = 5.0, pause: float = 0.0) -> tuple[list[object], str, bytes]:
+        server, url, requests = await _serve_once(response, pause)
+        got: list[object] = []
+        try:
+            async for msg in read_feed(url, "h/1", "tok", 2, idle):
+                got.append(msg)
+        except FeedError as e:
+            return got, str(e), requests[0]
+        finally:
+            server.close()
+        raise AssertionError("the feed ended without FeedError")
+
+    async def go() -> None:
+        head = b"HTTP/1.1 200 OK\r\nX-Omniwall-Status-Stream: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        got, err, req = await read(head + _chunked(hb[:10], hb[10:] + b"\n\n" + hb, b"\n"))
+        assert req.startswith(b"GET /base/v1/hosts/h%2F1/feed?from=2&heartbeat=1.25 HTTP/1.1\r\n")
+        assert b"Authorization: Bearer tok\r\n" in req
+        assert isinstance(got[0], Opened) and got[0].status_stream
+        assert got[1:] == [Heartbeat(3), Heartbeat(3)] and err == "feed ended by the manager"
+        sized = hb + b"\n"
+        got, err, _ = await read(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(sized), sized))
+        assert isinstance(got[0], Opened) and not got[0].status_stream and got[1:] == [Heartbeat(3)]
+        got, err, _ = await read(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 13\r\n\r\ntoken revoked")
+        assert got == [] and err == "feed refused: HTTP 401: token revoked"
+        got, err, _ = await read(head + b"5\r\nab", idle=0.3, pause=2.0)  # a chunk that never completes
+        assert len(got) == 1 and "TimeoutError" in err
+        got, err, _ = await read(head + b"zz\r\n")
+        assert "bad feed" not in err and "ValueError" in err  # broken framing: a connection error
+
+    asyncio.run(go())

@@ -319,3 +319,42 @@ def test_watched_statuses_are_decoded_when_read_and_an_unreadable_one_is_skipped
     eventually(lambda: "h2" in b2._remote, what="the bad value watched")
     assert b2.get("h2").realized_revision == 0 and "h2" not in b2._remote
     close(m1, m2)
+
+
+def _etcd_watchers(etcd: Cluster) -> int:
+    """The watches open on the member the stores talk to (etcd's own gauge)."""
+    text = etcd.client().get(f"{etcd.scheme}://{etcd.members[0].endpoint}/metrics").text
+    return sum(
+        int(float(line.split()[-1]))
+        for line in text.splitlines()
+        if line.startswith("etcd_debugging_mvcc_watcher_total")
+    )
+
+
+def test_a_manager_follows_the_store_and_its_runtime_keys_on_one_etcd_watch(etcd: Cluster) -> None:
+    """Host status and agent commands ride on the store's watch of etcd's keyspace (each watch of it
+    gets every ack of the fleet); a watch that starts over hands its followers a new snapshot."""
+    before = _etcd_watchers(etcd)
+    (m,) = managers(etcd, 1)
+    book = m.hosts
+    assert isinstance(book, EtcdHostStatusBook)
+    snapshots: list[int] = []
+    real = book._on_snapshot
+    book._on_snapshot = lambda items: (snapshots.append(len(items)), real(items))  # type: ignore[method-assign]
+    m.start_watch(poll=0.1)  # the model's watch and the agent commands'
+    book.get("h1")  # the host keys are followed
+    ostore = EtcdStore(etcd.endpoints)
+    other = EtcdHostStatusBook(ostore.runtime(), "other")  # another manager's writes
+    other.report("h1", m.now_iso(), 7, None, None, None)
+    assert other.flush()
+    eventually(lambda: book.get("h1").realized_revision == 7, what="the other manager's report")
+    assert _etcd_watchers(etcd) - before == 1  # the model's, the host book's and the commands': one
+    assert len(snapshots) == 1
+    m.store._tail._reset_subs()  # type: ignore[attr-defined]  # as after a compaction: events may be lost
+    eventually(lambda: len(snapshots) == 2, what="a new snapshot after the reset")
+    other.report("h1", m.now_iso(), 8, None, None, None)
+    assert other.flush()
+    eventually(lambda: book.get("h1").realized_revision == 8, what="changes after the new snapshot")
+    other.stop()
+    ostore.close()
+    close(m)

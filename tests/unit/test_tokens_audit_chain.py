@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 from omniwall.api.app import create_app
 from omniwall.api.auth_guard import AuthGuard
 from omniwall.cli.main import app as cli
-from omniwall.manager.audit import SYSTEM, AuditQuery, chained, query, verify
+from omniwall.manager.audit import SYSTEM, AuditEntry, AuditQuery, audit_put, chained, now_iso, query, verify
 from omniwall.manager.objects import TOKEN_PREFIX
 from omniwall.manager.service import Manager
 from omniwall.manager.tokens import TokenError, parse_duration
@@ -269,3 +270,37 @@ def test_two_writers_on_one_file_keep_one_chain(tmp_path: Path) -> None:
         t.join()
     report = verify(SqliteStore(db))
     assert report.ok and report.entries == 30, report
+
+
+def test_two_writers_chain_without_reading_the_head_before_each_of_their_own_writes(tmp_path: Path) -> None:
+    """A chaining store remembers the head it wrote: its next write compares on it instead of reading
+    the head; when another writer moved the head, the compare fails on the head alone and it reads it."""
+    m, db = _sqlite_world(tmp_path)
+    a, b = m.store, chained(SqliteStore(db))  # b: another process on the same file
+    reads = {"a": 0, "b": 0}
+    for name, st in (("a", a), ("b", b)):
+        inner = st.inner  # type: ignore[attr-defined]
+
+        def counted(key: str, *, revision: int | None = None, _g=inner.get, _n=name) -> Any:
+            reads[_n] += key == "auditchain/head"
+            return _g(key, revision=revision)
+
+        inner.get = counted
+    entries = verify(a).entries
+    for who, st in (("a", a), ("a", a), ("b", b), ("b", b), ("a", a), ("b", b)):
+        entry = AuditEntry(
+            time=now_iso(),
+            actor=who,
+            actor_id=who,
+            role="system",
+            action="update",
+            kind="Note",
+            tenant="acme",
+            name=who,
+        )
+        assert st.txn([], [audit_put(entry, time.time_ns())]).succeeded
+    # a: verify's read, then only its fifth write's (b wrote meanwhile; a remembers the head of its
+    # seeding writes); b: its first write's and its sixth's (a wrote meanwhile)
+    assert reads == {"a": 2, "b": 2}
+    report = verify(a)
+    assert report.ok and report.entries == entries + 6

@@ -187,7 +187,8 @@ class Agent:
                 self.tls.reload_if_changed()  # a rotated certificate is used from this connection on
             try:
                 url = self.managers.current
-                feed = read_feed(self.client, url, self.host, self.token, from_revision, self.idle_timeout)
+                ctx = self.tls.context if self.tls is not None else None
+                feed = read_feed(url, self.host, self.token, from_revision, self.idle_timeout, ctx)
                 # aclosing: leaving the loop early (resync) must close the HTTP stream now, not at GC time
                 async with contextlib.aclosing(feed) as messages:
                     async for msg in messages:

@@ -174,6 +174,11 @@ def with_posture_records(m: Manager, plan: Plan) -> Plan:
     for c in plan.writes:
         if isinstance(c.new, Workload):
             posture = posture_of(c.new.spec.attributes)
+            if isinstance(c.old, Workload) and posture_of(c.old.spec.attributes) == posture:
+                # the record was written with the workload's posture, which this write keeps (and the
+                # txn compares the workload): nothing to record, no store read (a round trip on etcd,
+                # in every label change's PUT)
+                continue
             recorded = last_posture(m, c.tenant, c.name)
             if posture != (recorded or {}) and (posture or recorded is not None):
                 puts.append(Put(posture_key(c.tenant, c.name), json.dumps(posture, sort_keys=True)))

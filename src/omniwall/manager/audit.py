@@ -173,6 +173,10 @@ class ChainedStore:
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self._lock = threading.Lock()  # one chaining txn at a time in this process; the compare does the rest
+        # (seq, chain, mod revision) of the head this process wrote last: the next txn compares on it
+        # instead of reading the head first (on etcd a round trip per write, ~4 ms of a PUT's ~35);
+        # when another process wrote meanwhile, the compare fails on the head alone and it is read
+        self._head: tuple[int, str, int] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -189,11 +193,18 @@ class ChainedStore:
             return self.inner.txn(compares, success, failure)
         with self._lock:
             for _ in range(self.MAX_ATTEMPTS):
-                head = self.inner.get(CHAIN_HEAD)
-                seq, chain = (0, GENESIS)
-                if head is not None:
-                    h = json.loads(head.value)
-                    seq, chain = int(h["seq"]), str(h["hash"])
+                # the remembered head only without failure ops: a txn failing on a stale head alone
+                # must not run them (it is retried instead)
+                known = self._head if not failure else None
+                self._head = None  # kept only when this txn writes the head
+                if known is not None:
+                    seq, chain, head_rev = known
+                else:
+                    head = self.inner.get(CHAIN_HEAD)
+                    seq, chain, head_rev = (0, GENESIS, 0)
+                    if head is not None:
+                        h = json.loads(head.value)
+                        seq, chain, head_rev = int(h["seq"]), str(h["hash"]), head.mod_revision
                 ops = list(success)
                 for key, i in slots:
                     body = json.loads(ops[i].value)  # type: ignore[union-attr]
@@ -203,9 +214,11 @@ class ChainedStore:
                     body["chain"] = chain
                     ops[i] = Put(key, json.dumps(body, sort_keys=True))
                 ops.append(Put(CHAIN_HEAD, json.dumps({"seq": seq, "hash": chain, "key": slots[-1][0]})))
-                mine = Compare(CHAIN_HEAD, head.mod_revision if head is not None else 0)
+                mine = Compare(CHAIN_HEAD, head_rev)
                 res = self.inner.txn([*compares, mine], ops, failure)
                 theirs = tuple(c for c in res.failed if c.key != CHAIN_HEAD)
+                if res.succeeded:
+                    self._head = (seq, chain, res.revision)
                 if res.succeeded or theirs or failure:
                     return TxnResult(res.succeeded, res.revision, theirs)
                 # only the head moved (another process wrote entries) and nothing was written: again

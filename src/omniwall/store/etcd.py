@@ -42,7 +42,7 @@ import json
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -68,6 +68,7 @@ from omniwall.store.runtime import EtcdRuntime, b64, range_end
 DEFAULT_PREFIX = "/omniwall/"
 REQUEST_TIMEOUT = 10.0  # seconds for one unary request (an election takes ~1 s)
 HEAD_CHECK = 1.0  # seconds between two head reads of an idle `wait` while the tail follows
+SUBSCRIBE_WAIT = 2.0  # seconds `subscribe_outside` waits for the tail to follow (etcd away: retried)
 
 
 class EtcdUnavailable(StoreUnavailable):
@@ -481,6 +482,22 @@ class EtcdStore:
         self._compacted_floor = max(self._compacted_floor, revision)
         self._tail.drop_before(revision)
 
+    def subscribe_outside(
+        self, prefix: bytes, deliver: Callable[[list[dict[str, Any]] | None], None]
+    ) -> object:
+        """Have the store's own watch (`_Tail`) hand `deliver` the raw etcd events of the keys below
+        `prefix` (outside the store's prefix: the runtime keys), in order, each batch from one watch
+        message; `deliver(None)` when events may have been missed (the tail started over). Returns the
+        handle for `unsubscribe_outside` once the tail follows, so every event after a read made from
+        now on is delivered; raises EtcdUnavailable when it does not follow within SUBSCRIBE_WAIT s
+        (etcd away). One watch per store then serves the model and the runtime keys' followers alike: each
+        watch of etcd's keyspace gets every ack of the fleet, and a manager had three (BENCHMARKS.md
+        "Fan-out on etcd, part 3")."""
+        return self._tail.subscribe(prefix, deliver, SUBSCRIBE_WAIT)
+
+    def unsubscribe_outside(self, handle: object) -> None:
+        self._tail.unsubscribe(handle)
+
     def runtime(self) -> EtcdRuntime:
         """Runtime keys with leases, beside the store (host status, liveness, elections)."""
         return EtcdRuntime(self)
@@ -522,6 +539,8 @@ class _Tail:
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._client: httpx.Client | None = None
+        # runtime keys' followers: (prefix, deliver); a tuple replaced whole, read without the lock
+        self._subs: tuple[tuple[bytes, Callable[[list[dict[str, Any]] | None], None]], ...] = ()
 
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._start > 0
@@ -552,6 +571,28 @@ class _Tail:
                 return False
             return self._cond.wait_for(lambda: self._rev >= revision, timeout)
 
+    def subscribe(
+        self, prefix: bytes, deliver: Callable[[list[dict[str, Any]] | None], None], timeout: float
+    ) -> object:
+        handle = (prefix, deliver)
+        with self._cond:
+            self._subs = (*self._subs, handle)
+        self._ensure()
+        with self._cond:
+            if self._stopped.is_set() or not self._cond.wait_for(self.running, timeout):
+                self._subs = tuple(h for h in self._subs if h is not handle)
+                raise EtcdUnavailable("the store's etcd watch is not following")
+        return handle
+
+    def unsubscribe(self, handle: object) -> None:
+        with self._cond:
+            self._subs = tuple(h for h in self._subs if h is not handle)
+
+    def _reset_subs(self) -> None:
+        """Events may have been missed (the tail starts over, or stops): each follower re-reads."""
+        for _, deliver in self._subs:
+            deliver(None)
+
     def complete(self) -> int | None:
         """The store revision the buffer is complete up to, while following (None otherwise)."""
         with self._cond:
@@ -568,6 +609,7 @@ class _Tail:
         self._stopped.set()
         if self._client is not None:
             self._client.close()  # ends the blocking read of the stream
+        self._reset_subs()
 
     def _run(self) -> None:
         store = self._store
@@ -579,11 +621,14 @@ class _Tail:
                         self._start, self._rev = head + 1, head
                         self._events.clear()
                         self._revs.clear()
+                        self._cond.notify_all()  # a subscriber waits for the tail to follow
                     start = self._rev + 1  # store revision = etcd revision - 1
                 self._follow(start + 1)
             except CompactedError:
                 with self._cond:
                     self._rev = -1  # fell behind a compaction while disconnected: start over
+                    self._start = 0  # not following until then (a subscriber waits for it)
+                self._reset_subs()
             except Exception:  # etcd unreachable or idle timeout: retry; the fallback serves meanwhile
                 if self._stopped.wait(0.5):
                     return
@@ -615,6 +660,8 @@ class _Tail:
 
     def _add(self, raw_events: list[dict[str, Any]]) -> None:
         ns = self._store._ns
+        subs = self._subs
+        outside: dict[int, list[dict[str, Any]]] = {}  # subscriber index -> its events of this message
         new: list[Event] = []
         last = -1
         for raw in raw_events:
@@ -623,12 +670,17 @@ class _Tail:
             last = max(last, rev)
             k = _unb64(kv["key"])
             if not k.startswith(ns):
+                for i, (prefix, _) in enumerate(subs):
+                    if k.startswith(prefix):
+                        outside.setdefault(i, []).append(raw)
                 continue
             key = k[len(ns) :].decode()
             if raw.get("type") == "DELETE":
                 new.append(Event(rev, "delete", key, None))
             else:
                 new.append(Event(rev, "put", key, _unb64(kv.get("value")).decode()))
+        for i, batch in outside.items():
+            subs[i][1](batch)
         if last < 0:
             return
         with self._cond:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from .base import StoreError
 
 log = logging.getLogger(__name__)
 
+_STOP = object()  # queued by `Follower.stop` for a follower fed by the store's watch
+
 
 @dataclass(frozen=True, slots=True)
 class RuntimeKV:
@@ -36,17 +39,21 @@ class RuntimeKV:
 
 
 class Follower:
-    """The handle of `EtcdRuntime.follow`: `stop()` ends its thread (closes the open stream)."""
+    """The handle of `EtcdRuntime.follow`: `stop()` ends its thread (closes the open stream, or wakes
+    the thread waiting for the store's watch)."""
 
     def __init__(self) -> None:
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
         self.client: httpx.Client | None = None
+        self.wake: Callable[[], None] | None = None
 
     def stop(self) -> None:
         self.stopped.set()
         if self.client is not None:
             self.client.close()
+        if self.wake is not None:
+            self.wake()
         if self.thread is not None:
             self.thread.join(timeout=5)
 
@@ -159,16 +166,25 @@ class EtcdRuntime:
         name: str = "omniwall-runtime-watch",
     ) -> Follower:
         """A thread: a snapshot of `prefix` (`on_snapshot`), then each change (`on_event`), until `stop`.
-        After a broken stream it takes a new snapshot (nothing is missed: each snapshot is complete)."""
+        After a broken stream it takes a new snapshot (nothing is missed: each snapshot is complete).
+
+        The changes come from the store's own watch of etcd's keyspace when it has one
+        (`EtcdStore.subscribe_outside`), not from a watch of `prefix`: that watch receives every key of
+        the runtime already (each ack of the fleet), and a second and third watch per manager (host
+        status, agent commands) cost etcd and the manager the same events again."""
         f = Follower()
+        subscribe = getattr(self._store, "subscribe_outside", None)
 
         def run() -> None:
             while not f.stopped.is_set():
                 try:
-                    items, rev = self.range(prefix)
-                    on_snapshot(items)
-                    for ev in self._watch(prefix, rev + 1, f):
-                        on_event(ev)
+                    if subscribe is not None:
+                        self._follow_tail(prefix, on_snapshot, on_event, f)
+                    else:
+                        items, rev = self.range(prefix)
+                        on_snapshot(items)
+                        for ev in self._watch(prefix, rev + 1, f):
+                            on_event(ev)
                 except Exception as e:  # etcd away: retry; readers keep the last known state
                     log.debug("runtime watch of %s: %s", prefix, e)
                 if f.stopped.wait(0.5):
@@ -177,6 +193,43 @@ class EtcdRuntime:
         f.thread = threading.Thread(target=run, name=name, daemon=True)
         f.thread.start()
         return f
+
+    def _follow_tail(
+        self,
+        prefix: str,
+        on_snapshot: Callable[[list[RuntimeKV]], None],
+        on_event: Callable[[RuntimeEvent], None],
+        f: Follower,
+    ) -> None:
+        """One snapshot and the changes after it, from the store's watch, until the store says events
+        may have been missed (a new snapshot then) or `f` stops. The store's watch thread only queues
+        the raw events: decoding them and the callbacks run here."""
+        q: queue.SimpleQueue[list[dict[str, Any]] | object | None] = queue.SimpleQueue()
+        f.wake = lambda: q.put(_STOP)
+        if f.stopped.is_set():
+            return
+        handle = self._store.subscribe_outside(self.ns + prefix.encode(), q.put)
+        try:
+            # subscribed first: every change after this read is queued (the watch follows already)
+            items, rev = self.range(prefix)
+            on_snapshot(items)
+            while True:
+                batch = q.get()
+                if batch is None or batch is _STOP or f.stopped.is_set():
+                    return
+                for raw in batch:  # type: ignore[union-attr]
+                    ev = self._event(raw)
+                    if ev.mod_revision > rev:  # queued before the snapshot's read: in it already
+                        on_event(ev)
+        finally:
+            self._store.unsubscribe_outside(handle)
+
+    def _event(self, raw: dict[str, Any]) -> RuntimeEvent:
+        kv = raw["kv"]
+        key = base64.b64decode(kv["key"])[len(self.ns) :].decode()
+        if raw.get("type") == "DELETE":
+            return RuntimeEvent("delete", key, None, int(kv["mod_revision"]))
+        return RuntimeEvent("put", key, self._value(kv), int(kv["mod_revision"]))
 
     def _watch(self, prefix: str, start: int, f: Follower) -> Iterator[RuntimeEvent]:
         full = self.ns + prefix.encode()
@@ -198,11 +251,6 @@ class EtcdRuntime:
                     if result.get("canceled") or result.get("compact_revision"):
                         return  # start over from a snapshot
                     for raw in result.get("events") or []:
-                        kv = raw["kv"]
-                        key = base64.b64decode(kv["key"])[len(self.ns) :].decode()
-                        if raw.get("type") == "DELETE":
-                            yield RuntimeEvent("delete", key, None, int(kv["mod_revision"]))
-                        else:
-                            yield RuntimeEvent("put", key, self._value(kv), int(kv["mod_revision"]))
+                        yield self._event(raw)
         finally:
             client.close()
