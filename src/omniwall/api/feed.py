@@ -41,7 +41,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from omniwall.compiler.ir import empty_state
+from omniwall.compiler.ir import HostDelta, empty_state
 from omniwall.manager.service import Manager
 from omniwall.manager.tokens import TokenRecord
 from omniwall.stream.wire import (
@@ -160,6 +160,11 @@ async def catch_up(m: Manager, host: str, from_revision: int) -> None:
         ) from e
 
 
+def _deltas_chunk(deltas: list[HostDelta]) -> bytes:
+    """Deltas found together, as one write (the feed's task and its push both send them so)."""
+    return delta_line(deltas[0]) if len(deltas) == 1 else b"".join(map(delta_line, deltas))
+
+
 class FeedResponse(Response):
     """The feed written from the ASGI level: one coroutine per feed sends each line itself, instead of a
     StreamingResponse pulling an async generator through a second task (with 1,000 hosts a line per host
@@ -203,7 +208,7 @@ class FeedResponse(Response):
             if deltas is None:
                 return False
             if deltas:
-                direct.write(delta_line(deltas[0]) if len(deltas) == 1 else b"".join(map(delta_line, deltas)))
+                direct.write(_deltas_chunk(deltas))
                 sent = deltas[-1].to_revision
                 last_line = loop.time()
             return True
@@ -249,7 +254,7 @@ class FeedResponse(Response):
             else:
                 sent = self.from_revision
                 if deltas:
-                    await send(body(b"".join(map(delta_line, deltas))))
+                    await send(body(_deltas_chunk(deltas)))
                     sent = deltas[-1].to_revision
             while self.follow:
                 for cmd in m.migrations.commands.take(host):  # after the deltas they may depend on
@@ -276,9 +281,7 @@ class FeedResponse(Response):
                     sent = state.revision
                     last_line = loop.time()
                 elif deltas:
-                    await send(
-                        body(delta_line(deltas[0]) if len(deltas) == 1 else b"".join(map(delta_line, deltas)))
-                    )
+                    await send(body(_deltas_chunk(deltas)))
                     sent = deltas[-1].to_revision
                     last_line = loop.time()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
